@@ -1,0 +1,399 @@
+"""The aten -> program-op registry. Each aten op maps to one small function.
+
+The table ``ATEN`` *is* the exporter's coverage list: keys are the torch op names as
+they print in an exported graph (``aten.linear.default``), values lower one fx node
+into schema ops via ``Lowering.emit`` and return the program value that stands for the
+node's result (a name, a list of names, or a literal for housekeeping ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from exporter.lower import INT64_MAX, Lowering, dtype_name
+from interp.errors import ExportError
+
+ATEN: dict[str, Callable[[Lowering, torch.fx.Node], Any]] = {}
+
+
+def aten(*names: str):
+    def register(fn):
+        for name in names:
+            if name in ATEN:
+                raise KeyError(f"{name} registered twice")
+            ATEN[name] = fn
+        return fn
+
+    return register
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _rank(node: Any) -> int:
+    return len(node.meta["val"].shape)
+
+
+def _out_dtype(node: torch.fx.Node) -> str:
+    return dtype_name(node.meta["val"].dtype)
+
+
+# ----------------------------------------------------------------------------- housekeeping
+
+
+@aten("aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
+      "aten.sym_constrain_range_for_size.default", "aten._assert_async.msg")
+def _drop(low: Lowering, node):
+    return None
+
+
+@aten("aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.detach.default",
+      "aten.lift_fresh_copy.default", "aten.dropout.default")
+def _identity(low: Lowering, node):
+    return low.ref(node.args[0])
+
+
+@aten("aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout")
+def _to_copy(low: Lowering, node):
+    src = node.args[0]
+    want = node.meta["val"].dtype
+    if src.meta["val"].dtype == want:
+        return low.ref(src)
+    return low.emit("cast", [low.ref(src)], {"dtype": dtype_name(want)})
+
+
+@aten("aten.type_as.default")
+def _type_as(low: Lowering, node):
+    return low.emit("cast", [low.ref(node.args[0])], {"dtype": _out_dtype(node)})
+
+
+@aten("getitem")
+def _getitem(low: Lowering, node):
+    container, index = node.args
+    return low.ref(container)[index]
+
+
+# ----------------------------------------------------------------------------- symbolic ints
+
+
+@aten("aten.sym_size.int")
+def _sym_size(low: Lowering, node):
+    return low.emit("sym_size", [low.ref(node.args[0])], {"dim": node.args[1]})
+
+
+for _py, _op in [("add", "sym_add"), ("sub", "sym_sub"), ("mul", "sym_mul"), ("floordiv", "sym_floordiv")]:
+    def _make(op_name):
+        def lower_sym(low: Lowering, node):
+            return low.emit(op_name, [low.ref(node.args[0]), low.ref(node.args[1])])
+        return lower_sym
+    aten(f"operator.{_py}")(_make(_op))
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+
+def _binary(op: str):
+    def lower_binary(low: Lowering, node):
+        a, b = low.ref(node.args[0]), low.ref(node.args[1])
+        alpha = node.kwargs.get("alpha", 1)
+        if alpha != 1:
+            b = low.emit("mul", [b, alpha])
+        if op == "div" and node.kwargs.get("rounding_mode") is not None:
+            raise ExportError(f"div with rounding_mode={node.kwargs['rounding_mode']!r} (node {node.name}) is not supported")
+        return low.emit(op, [a, b])
+
+    return lower_binary
+
+
+for _aten_name, _op in [
+    ("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"), ("maximum", "maximum"), ("minimum", "minimum"),
+    ("eq", "eq"), ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
+    ("logical_and", "logical_and"), ("logical_or", "logical_or"),
+]:
+    aten(f"aten.{_aten_name}.Tensor", f"aten.{_aten_name}.Scalar", f"aten.{_aten_name}.default")(_binary(_op))
+
+aten("aten.pow.Tensor_Scalar", "aten.pow.Tensor_Tensor", "aten.pow.Scalar")(_binary("pow"))
+
+
+@aten("aten.rsub.Scalar", "aten.rsub.Tensor")
+def _rsub(low: Lowering, node):
+    return low.emit("sub", [low.ref(node.args[1]), low.ref(node.args[0])])
+
+
+def _unary(op: str):
+    def lower_unary(low: Lowering, node):
+        return low.emit(op, [low.ref(node.args[0])])
+
+    return lower_unary
+
+
+for _name in ["neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
+              "silu", "relu", "erf", "logical_not"]:
+    aten(f"aten.{_name}.default")(_unary(_name))
+
+
+@aten("aten.gelu.default")
+def _gelu(low: Lowering, node):
+    return low.emit("gelu", [low.ref(node.args[0])], {"approximate": node.kwargs.get("approximate", _arg(node, 1, "approximate", "none"))})
+
+
+@aten("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar")
+def _where(low: Lowering, node):
+    return low.emit("where", [low.ref(a) for a in node.args[:3]])
+
+
+@aten("aten.masked_fill.Scalar", "aten.masked_fill.Tensor")
+def _masked_fill(low: Lowering, node):
+    x, mask, value = node.args
+    return low.emit("where", [low.ref(mask), low.ref(value), low.ref(x)])
+
+
+@aten("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default")
+def _clamp(low: Lowering, node):
+    name = str(node.target)
+    if "clamp_min" in name:
+        lo, hi = node.args[1], None
+    elif "clamp_max" in name:
+        lo, hi = None, node.args[1]
+    else:
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+    return low.emit("clamp", [low.ref(node.args[0])], {"min": lo, "max": hi})
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def _reduction(op: str):
+    def lower_reduction(low: Lowering, node):
+        x = node.args[0]
+        dims = _arg(node, 1, "dim", None)
+        if dims is None:
+            dims = list(range(_rank(x)))
+        elif isinstance(dims, int):
+            dims = [dims]
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        out = low.emit(op, [low.ref(x)], {"dims": list(dims), "keepdim": keepdim})
+        want = node.kwargs.get("dtype")
+        if want is not None:
+            out = low.emit("cast", [out], {"dtype": dtype_name(want)})
+        return out
+
+    return lower_reduction
+
+
+aten("aten.mean.dim", "aten.mean.default")(_reduction("mean"))
+aten("aten.sum.dim_IntList", "aten.sum.default")(_reduction("sum"))
+aten("aten.amax.default")(_reduction("amax"))
+
+
+@aten("aten.softmax.int", "aten._softmax.default")
+def _softmax(low: Lowering, node):
+    out = low.emit("softmax", [low.ref(node.args[0])], {"dim": node.args[1]})
+    want = node.meta["val"].dtype
+    if want != node.args[0].meta["val"].dtype:
+        out = low.emit("cast", [out], {"dtype": dtype_name(want)})
+    return out
+
+
+@aten("aten.argmax.default")
+def _argmax(low: Lowering, node):
+    return low.emit("argmax", [low.ref(node.args[0])], {"dim": _arg(node, 1, "dim"), "keepdim": bool(_arg(node, 2, "keepdim", False))})
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@aten("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
+def _reshape(low: Lowering, node):
+    return low.emit("reshape", [low.ref(node.args[0])], {"shape": low.ref(list(node.args[1]))})
+
+
+@aten("aten.transpose.int")
+def _transpose(low: Lowering, node):
+    return low.emit("transpose", [low.ref(node.args[0])], {"dim0": node.args[1], "dim1": node.args[2]})
+
+
+@aten("aten.t.default")
+def _t(low: Lowering, node):
+    return low.emit("transpose", [low.ref(node.args[0])], {"dim0": 0, "dim1": 1})
+
+
+@aten("aten.permute.default")
+def _permute(low: Lowering, node):
+    return low.emit("permute", [low.ref(node.args[0])], {"dims": list(node.args[1])})
+
+
+@aten("aten.unsqueeze.default")
+def _unsqueeze(low: Lowering, node):
+    return low.emit("unsqueeze", [low.ref(node.args[0])], {"dim": node.args[1]})
+
+
+@aten("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default")
+def _squeeze(low: Lowering, node):
+    dims = _arg(node, 1, "dim", [])
+    if isinstance(dims, int):
+        dims = [dims]
+    return low.emit("squeeze", [low.ref(node.args[0])], {"dims": list(dims)})
+
+
+@aten("aten.expand.default")
+def _expand(low: Lowering, node):
+    return low.emit("expand", [low.ref(node.args[0])], {"shape": low.ref(list(node.args[1]))})
+
+
+@aten("aten.slice.Tensor")
+def _slice(low: Lowering, node):
+    x = node.args[0]
+    dim = _arg(node, 1, "dim", 0)
+    start = _arg(node, 2, "start", None)
+    end = _arg(node, 3, "end", None)
+    step = _arg(node, 4, "step", 1)
+    if isinstance(end, int) and end >= INT64_MAX // 2:  # open slice ends arrive as INT64_MAX
+        end = None
+    if start is None:
+        start = 0
+    # A full slice is a no-op; skip the node.
+    if start == 0 and end is None and step == 1:
+        return low.ref(x)
+    return low.emit("slice", [low.ref(x)], {"dim": dim, "start": low.ref(start), "end": low.ref(end), "step": step})
+
+
+@aten("aten.select.int")
+def _select(low: Lowering, node):
+    return low.emit("select", [low.ref(node.args[0])], {"dim": node.args[1], "index": low.ref(node.args[2])})
+
+
+@aten("aten.cat.default")
+def _cat(low: Lowering, node):
+    tensors = [t for t in node.args[0] if not (len(t.meta["val"].shape) == 1 and t.meta["val"].shape[0] == 0)]
+    dim = _arg(node, 1, "dim", 0)
+    if len(tensors) == 1:
+        return low.ref(tensors[0])
+    return low.emit("cat", [low.ref(tensors)], {"dim": dim})
+
+
+@aten("aten.split.Tensor", "aten.split_with_sizes.default")
+def _split(low: Lowering, node):
+    sizes = [int(v.shape[_arg(node, 2, "dim", 0)]) for v in node.meta["val"]]
+    return low.emit("split", [low.ref(node.args[0])], {"sizes": sizes, "dim": _arg(node, 2, "dim", 0)},
+                    outputs=len(sizes))
+
+
+@aten("aten.flip.default")
+def _flip(low: Lowering, node):
+    return low.emit("flip", [low.ref(node.args[0])], {"dims": list(node.args[1])})
+
+
+@aten("aten.index_select.default")
+def _index_select(low: Lowering, node):
+    return low.emit("take", [low.ref(node.args[0]), low.ref(node.args[2])], {"dim": node.args[1]})
+
+
+@aten("aten.gather.default")
+def _gather(low: Lowering, node):
+    return low.emit("gather", [low.ref(node.args[0]), low.ref(node.args[2])], {"dim": node.args[1]})
+
+
+@aten("aten.tril.default")
+def _tril(low: Lowering, node):
+    return low.emit("tril", [low.ref(node.args[0])], {"k": _arg(node, 1, "diagonal", 0)})
+
+
+@aten("aten.triu.default")
+def _triu(low: Lowering, node):
+    return low.emit("triu", [low.ref(node.args[0])], {"k": _arg(node, 1, "diagonal", 0)})
+
+
+# ----------------------------------------------------------------------------- creation
+
+
+@aten("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
+def _arange(low: Lowering, node):
+    args = list(node.args)
+    if str(node.target).endswith("default"):
+        start, end, step = 0, args[0], 1
+    else:
+        start, end = args[0], args[1]
+        step = args[2] if len(args) > 2 else 1
+    return low.emit("arange", [], {"start": low.ref(start), "end": low.ref(end), "step": step,
+                                   "dtype": _out_dtype(node)})
+
+
+@aten("aten.full.default")
+def _full(low: Lowering, node):
+    return low.emit("full", [], {"shape": low.ref(list(node.args[0])), "value": float(node.args[1]),
+                                 "dtype": _out_dtype(node)})
+
+
+@aten("aten.full_like.default", "aten.zeros_like.default", "aten.ones_like.default")
+def _full_like(low: Lowering, node):
+    name = str(node.target)
+    value = 0.0 if "zeros" in name else 1.0 if "ones" in name else float(node.args[1])
+    return low.emit("full_like", [low.ref(node.args[0])], {"value": value, "dtype": _out_dtype(node)})
+
+
+@aten("aten.cumsum.default")
+def _cumsum(low: Lowering, node):
+    out = low.emit("cumsum", [low.ref(node.args[0])], {"dim": node.args[1]})
+    if node.kwargs.get("dtype") is not None:
+        out = low.emit("cast", [out], {"dtype": dtype_name(node.kwargs["dtype"])})
+    return out
+
+
+# ----------------------------------------------------------------------------- neural network
+
+
+@aten("aten.embedding.default")
+def _embedding(low: Lowering, node):
+    return low.emit("embedding", [low.ref(node.args[0]), low.ref(node.args[1])])
+
+
+@aten("aten.linear.default")
+def _linear(low: Lowering, node):
+    bias = _arg(node, 2, "bias", None)
+    return low.emit("linear", [low.ref(node.args[0]), low.ref(node.args[1]), low.ref(bias)])
+
+
+@aten("aten.addmm.default")
+def _addmm(low: Lowering, node):
+    bias, x, w = node.args[:3]
+    out = low.emit("matmul", [low.ref(x), low.ref(w)])
+    return low.emit("add", [out, low.ref(bias)])
+
+
+@aten("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
+def _matmul(low: Lowering, node):
+    return low.emit("matmul", [low.ref(node.args[0]), low.ref(node.args[1])])
+
+
+@aten("aten.layer_norm.default")
+def _layer_norm(low: Lowering, node):
+    x, shape = node.args[:2]
+    weight = _arg(node, 2, "weight", None)
+    bias = _arg(node, 3, "bias", None)
+    eps = _arg(node, 4, "eps", 1e-5)
+    return low.emit("layer_norm", [low.ref(x), low.ref(weight), low.ref(bias)],
+                    {"normalized_shape": list(shape), "eps": float(eps)})
+
+
+@aten("aten.rms_norm.default")
+def _rms_norm(low: Lowering, node):
+    x = node.args[0]
+    weight = _arg(node, 2, "weight", None)
+    eps = _arg(node, 3, "eps", None)
+    if eps is None:
+        eps = torch.finfo(x.meta["val"].dtype).eps
+    return low.emit("rms_norm", [low.ref(x), low.ref(weight)], {"eps": float(eps)})
+
+
+@aten("paw.attention.default")
+def _attention(low: Lowering, node):
+    q, k, v, layer, scale, window, softcap = node.args
+    return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v)],
+                    {"layer": int(layer), "scale": float(scale), "window": int(window), "softcap": float(softcap)})

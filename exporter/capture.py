@@ -1,0 +1,161 @@
+"""Capture a Hugging Face causal LM with torch.export, attention as one op of ours.
+
+transformers routes every attention call through its attention interface. We register
+an implementation named "paw" that calls the custom op ``paw::attention`` with only the
+new positions' q, k, v; the model runs with ``use_cache=False``. The exported graph
+therefore holds no cache at all: the interpreter owns it and appends to it inside the
+attention op, and the sequence length can stay dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import torch
+from torch.export import Dim
+
+from interp.errors import ExportError
+
+ATTN_IMPLEMENTATION = "paw"
+
+
+@torch.library.custom_op("paw::attention", mutates_args=())
+def paw_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float
+) -> torch.Tensor:
+    """Reference semantics of the program's ``attention`` op, without a cache."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = (q.float() * scale) @ k.float().transpose(-1, -2)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    length, total = q.shape[2], k.shape[2]
+    rows = torch.arange(total - length, total)[:, None]
+    cols = torch.arange(total)[None, :]
+    allowed = cols <= rows
+    if window > 0:
+        allowed = allowed & (cols > rows - window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).contiguous()
+
+
+@paw_attention.register_fake
+def _paw_attention_fake(q, k, v, layer, scale, window, softcap):
+    return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+
+
+def _paw_attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, softcap=None, **kwargs):
+    """transformers attention-interface entry: hands q, k, v to ``paw::attention``."""
+    if kwargs.get("s_aux") is not None:
+        raise ExportError("attention sinks (s_aux) are not supported by the paw attention op")
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise ExportError(f"attention module {type(module).__name__} has no layer_idx; cannot assign a cache slot")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.ops.paw.attention(query, key, value, int(layer), scale, int(sliding_window or 0), float(softcap or 0.0))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    """Mask interface for "paw": the attention op applies causality (and windows) itself."""
+    return None
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Make attn_implementation="paw" known to transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _paw_attention_interface)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    _registered = True
+
+
+class _LogitsOnly(torch.nn.Module):
+    """(input_ids, position_ids) -> logits, the signature every program has."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def use_paw_attention(model: torch.nn.Module) -> None:
+    register_attention()
+    if hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            return
+        except Exception:  # older/newer transformers may refuse unknown names; fall back
+            pass
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def context_length(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4096
+
+
+def capture(model: torch.nn.Module) -> torch.export.ExportedProgram:
+    """torch.export the model with dynamic batch and sequence length."""
+    use_paw_attention(model)
+    model.eval()
+    max_len = context_length(model.config)
+    wrapper = _LogitsOnly(model)
+    # Length >= 2 examples avoid torch specialising the dims to 0/1.
+    ids = torch.zeros((2, 4), dtype=torch.long)
+    pos = torch.arange(4).unsqueeze(0).expand(2, 4).contiguous()
+    batch = Dim("batch", min=1, max=1024)
+    seq = Dim("seq", min=1, max=max(2, max_len - 1))
+    shapes = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
+    quiet = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), _quiet_torch_logs(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(wrapper, (ids, pos), dynamic_shapes=shapes, strict=True)
+            # An empty table keeps composite ops (linear, silu, ...) that map 1:1 onto ours.
+            exported = exported.run_decompositions({})
+    except ExportError:
+        raise
+    except Exception as exc:  # torch raises many types; report the construct that failed
+        raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from None
+    return exported
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch._export", "torch.export", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line[:300]
+    return type(exc).__name__

@@ -1,0 +1,152 @@
+"""Export a transformers causal LM into a program directory: capture, lower, write."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from exporter.capture import capture, context_length
+from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
+from exporter.sources import Source, load_source, resolve_source
+from exporter.writer import atomic_directory, write_manifest, write_program
+from interp import schema
+from interp.errors import ExportError
+
+EXPORTER_VERSION = "paw-exporter 0.1.0"
+DTYPES = ("float32", "float16", "bfloat16")
+
+Progress = Callable[[str], None]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, (list, tuple)):
+            ids.extend(int(v) for v in value)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return sorted(set(ids))
+
+
+def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_info: dict) -> dict:
+    """prog.json contents from a lowering."""
+    if len(outputs) != 1:
+        raise ExportError(f"expected one graph output (logits), got {len(outputs)}")
+    # Name the output value "logits".
+    for node in low.nodes:
+        if outputs[0] in node["outputs"]:
+            node["outputs"] = ["logits" if o == outputs[0] else o for o in node["outputs"]]
+    layers = sorted({n["attrs"]["layer"] for n in low.nodes if n["op"] == "attention"})
+    if layers != list(range(len(layers))):
+        raise ExportError(f"attention layers are not numbered 0..n-1: {layers}")
+    config = model.config
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    return {
+        "format": schema.FORMAT_NAME,
+        "version": schema.FORMAT_VERSION,
+        "model": {
+            "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+            "model_type": getattr(config, "model_type", ""),
+            "dtype": dtype,
+            "vocab_size": vocab,
+            "context_length": context_length(config),
+            "eos_token_ids": _eos_ids(model, tokenizer),
+            "bos_token_id": getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None,
+            "source": source_info,
+        },
+        "inputs": [{"name": name, "dtype": "int32", "shape": ["batch", "seq"]} for name in PROGRAM_INPUTS],
+        "outputs": [{"name": "logits", "dtype": dtype, "shape": ["batch", "seq", vocab]}],
+        "state": {"kv_cache": {"layers": len(layers)}},
+        "consts": {
+            name: {"dtype": _dtype_name(t), "shape": list(t.shape)} for name, t in sorted(low.consts.items())
+        },
+        "nodes": low.nodes,
+    }
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    from exporter.lower import dtype_name
+
+    return dtype_name(t.dtype)
+
+
+def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
+    if tokenizer is None:
+        return None
+
+    def save(directory: Path) -> None:
+        tokenizer.save_pretrained(str(directory))
+        # Drop the keys that record where the tokenizer came from (a temp path makes
+        # the export non-deterministic and leaks local paths).
+        config_path = directory / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            for key in ("name_or_path", "_name_or_path", "tokenizer_file"):
+                config.pop(key, None)
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+
+    return save
+
+
+def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
+                 force: bool = False, progress: Progress | None = None) -> Path:
+    """Export an in-memory transformers model (and its tokenizer) to ``out_dir``."""
+    say = progress or (lambda msg: None)
+    first = next(model.parameters(), None)
+    dtype = dtype or (str(first.dtype).removeprefix("torch.") if first is not None else "float32")
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model = model.to(getattr(torch, dtype))
+    say("capturing the graph with torch.export")
+    exported = capture(model)
+    say("lowering aten ops to program ops")
+    low, outputs = lower(exported)
+    eliminate_dead_code(low, outputs)
+    spec = build_spec(model, tokenizer, low, outputs, dtype, source_info or {})
+    out = Path(out_dir)
+    say(f"writing {out}")
+    with atomic_directory(out, force=force) as tmp:
+        write_program(tmp, spec, low.consts, _tokenizer_saver(tokenizer))
+        write_manifest(tmp, {
+            "exporter": EXPORTER_VERSION,
+            "source": source_info or {},
+            "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
+                         "python": platform.python_version()},
+        })
+    return out
+
+
+def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", force: bool = False,
+                  progress: Progress | None = None) -> Path:
+    """Export a model named by alias, GGUF path, folder or hub id."""
+    say = progress or (lambda msg: None)
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    source: Source = resolve_source(src, progress=progress is not None)
+    say(f"loading {source.info.get('id') or source.location}")
+    model, tokenizer = load_source(source, dtype)
+    info = dict(source.info)
+    revision = getattr(model.config, "_commit_hash", None)
+    if revision:
+        info["revision"] = revision
+    return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,155 @@
+"""Lower an ExportedProgram's fx graph into program nodes.
+
+Walks the graph once. Placeholders become consts (parameters, buffers, lifted
+constants, named by their module path) or program inputs; every call_function node is
+handed to the aten registry (``exporter.aten_ops``), which emits schema ops through
+``Lowering.emit``. ``emit`` checks each node against the schema, so the exporter cannot
+write a program the interpreter's validator would refuse.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from interp import schema
+from interp.errors import ExportError
+
+INT64_MAX = 2**63 - 1
+
+TORCH_DTYPES = {
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
+    torch.int32: "int32", torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool",
+    torch.uint16: "uint16", torch.uint32: "uint32",
+}
+
+PROGRAM_INPUTS = ("input_ids", "position_ids")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return TORCH_DTYPES[dtype]
+    except KeyError:
+        raise ExportError(f"dtype {dtype} has no program equivalent") from None
+
+
+@dataclass
+class Lowering:
+    """The program under construction."""
+
+    nodes: list[dict] = field(default_factory=list)
+    consts: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[Any, Any] = field(default_factory=dict)  # fx node -> value name(s) / literal
+    _counter: int = 0
+
+    def fresh(self) -> str:
+        self._counter += 1
+        return f"v{self._counter}"
+
+    def ref(self, arg: Any) -> Any:
+        """The program value for an fx argument: a name, a literal, or a list of them."""
+        if isinstance(arg, torch.fx.Node):
+            if arg not in self.values:
+                raise ExportError(f"node {arg.name} is used before it is lowered")
+            return self.values[arg]
+        if isinstance(arg, (list, tuple)):
+            return [self.ref(a) for a in arg]
+        if isinstance(arg, torch.dtype):
+            return dtype_name(arg)
+        if isinstance(arg, (int, float, bool)) or arg is None:
+            return arg
+        raise ExportError(f"cannot represent argument {arg!r} of type {type(arg).__name__}")
+
+    def emit(self, op: str, inputs: list, attrs: dict | None = None, outputs: int = 1) -> Any:
+        """Append one schema op; returns its output name (or list of names)."""
+        spec = schema.OPS.get(op)
+        if spec is None:
+            raise ExportError(f"internal: op {op!r} is not in the schema")
+        if len(inputs) != len(spec.inputs):
+            raise ExportError(f"internal: op {op!r} takes {len(spec.inputs)} inputs, got {len(inputs)}")
+        attrs = {k: v for k, v in (attrs or {}).items()}
+        for key in attrs:
+            if key not in spec.attr_by_name:
+                raise ExportError(f"internal: op {op!r} has no attribute {key!r}")
+        names = [self.fresh() for _ in range(outputs)]
+        self.nodes.append({"op": op, "inputs": inputs, "attrs": attrs, "outputs": names})
+        return names[0] if outputs == 1 else names
+
+
+def lower(exported: ExportedProgram, strip_prefix: str = "model.") -> tuple[Lowering, list[str]]:
+    """Lower ``exported``; returns the lowering and the names of the graph outputs."""
+    from exporter.aten_ops import ATEN  # the registry; imported here to keep import order simple
+
+    low = Lowering()
+    sig = exported.graph_signature
+    state = dict(exported.state_dict)
+    state.update(exported.constants)
+    user_inputs = iter(PROGRAM_INPUTS)
+    placeholder_specs = {spec.arg.name: spec for spec in sig.input_specs}
+
+    for node in exported.graph.nodes:
+        if node.op == "placeholder":
+            spec = placeholder_specs[node.name]
+            if spec.kind == InputKind.USER_INPUT:
+                low.values[node] = next(user_inputs)
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                name = spec.target.removeprefix(strip_prefix)
+                tensor = state[spec.target]
+                low.consts[name] = tensor.detach()
+                low.values[node] = name
+            else:
+                raise ExportError(f"unsupported graph input kind {spec.kind.name} ({node.name})")
+        elif node.op == "call_function":
+            target = node.target
+            key = _target_name(target)
+            handler = ATEN.get(key)
+            if handler is None:
+                raise ExportError(
+                    f"cannot export: op {key} (graph node {node.name}) has no mapping to a paw program op"
+                )
+            low.values[node] = handler(low, node)
+        elif node.op == "output":
+            outputs = [low.ref(arg) for arg in node.args[0]]
+        else:
+            raise ExportError(f"unsupported graph node kind {node.op} ({node.name})")
+    return low, outputs
+
+
+def _target_name(target: Any) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        return f"operator.{target.__name__}"
+    name = str(target)
+    return name
+
+
+def eliminate_dead_code(low: Lowering, outputs: list[str]) -> None:
+    """Drop nodes whose results nothing uses, then consts nothing reads."""
+    live: set[str] = set(outputs)
+
+    def uses(value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return [v for item in value for v in uses(item)]
+        return []
+
+    kept = []
+    for node in reversed(low.nodes):
+        if not any(out in live for out in node["outputs"]):
+            continue
+        kept.append(node)
+        for value in node["inputs"]:
+            live.update(uses(value))
+        for value in node["attrs"].values():
+            live.update(uses(value))
+    kept.reverse()
+    # Attribute strings such as dtype names land in `live` too; harmless.
+    low.nodes = kept
+    low.consts = {k: v for k, v in low.consts.items() if k in live}

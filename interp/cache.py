@@ -1,0 +1,78 @@
+"""The KV cache the interpreter owns.
+
+Same protocol as mlx-lm's cache classes (``update_and_fetch``, ``offset``, ``state``),
+so an mlx-lm cache can be passed in instead. Written here rather than imported because
+importing anything from mlx_lm imports transformers and, through it, torch: ``paw run``
+must start without either.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Keys and values of one attention layer, grown in steps of ``step`` positions.
+
+    Growing in steps keeps decoding from reallocating every token; writes go into the
+    preallocated buffer with slice assignment.
+    """
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start = self.offset
+        new = keys.shape[2]
+        if self.keys is None or start + new > self.keys.shape[2]:
+            batch, heads, _, k_dim = keys.shape
+            v_dim = values.shape[3]
+            grow = ((new + self.step - 1) // self.step) * self.step
+            k_more = mx.zeros((batch, heads, grow, k_dim), keys.dtype)
+            v_more = mx.zeros((batch, heads, grow, v_dim), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = k_more, v_more
+            else:
+                self.keys = mx.concatenate([self.keys[..., :start, :], k_more], axis=2)
+                self.values = mx.concatenate([self.values[..., :start, :], v_more], axis=2)
+        self.offset = start + new
+        self.keys[..., start : self.offset, :] = keys
+        self.values[..., start : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, value: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = value
+        self.offset = self.keys.shape[2]
+
+    def trim(self, count: int) -> int:
+        """Forget the last ``count`` positions; returns how many were forgotten."""
+        count = min(self.offset, count)
+        self.offset -= count
+        return count
+
+    def copy(self) -> KVCache:
+        """An independent cache holding the same positions (the buffers are shared lazily)."""
+        clone = KVCache()
+        if self.keys is not None:
+            clone.keys, clone.values = self.state
+            clone.offset = self.offset
+        return clone
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(num_layers: int) -> list[KVCache]:
+    return [KVCache() for _ in range(num_layers)]

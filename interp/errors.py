@@ -1,0 +1,31 @@
+"""The error hierarchy. The CLI turns any PawError into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class PawError(Exception):
+    """Base of every error paw reports to a user as one clear line."""
+
+
+class ProgramError(PawError):
+    """A program directory or file is missing, malformed, or of an unknown version."""
+
+
+class UnknownOpError(ProgramError):
+    """A program uses an op this interpreter does not implement."""
+
+
+class WeightsError(ProgramError):
+    """consts.safetensors is missing, truncated, or disagrees with prog.json."""
+
+
+class ExportError(PawError):
+    """The exporter could not capture or lower a model."""
+
+
+class SourceError(PawError):
+    """A model source (hub id, folder, GGUF file, alias) cannot be resolved."""
+
+
+class ArtifactError(PawError):
+    """A programs-as-weights artifact is malformed or made for another base model."""

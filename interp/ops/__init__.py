@@ -1,0 +1,15 @@
+"""MLX implementations of the schema's ops, one small function per op.
+
+Importing this package fills ``REGISTRY`` (op name -> handler). A handler takes the
+node's inputs positionally (tensors as ``mx.array``, literals as Python numbers) and its
+attributes as keywords. Handlers that need the run's context (the KV cache) are marked
+with ``needs_context`` and take it as their first argument.
+"""
+
+from __future__ import annotations
+
+from interp.ops.registry import REGISTRY, Handler, implementation
+
+from interp.ops import elementwise, nn, reduction, shape, symbolic  # noqa: E402,F401  (fill the registry)
+
+__all__ = ["REGISTRY", "Handler", "implementation"]

@@ -1,0 +1,83 @@
+"""Neural-network ops: each boils down to one MLX call (or mx.fast kernel)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from interp.ops.registry import implementation
+
+
+@implementation("embedding")
+def embedding(weight, indices):
+    return mx.take(weight, indices, axis=0)
+
+
+@implementation("linear")
+def linear(x, weight, bias=None):
+    if bias is None:
+        return x @ weight.T
+    return mx.addmm(bias, x, weight.T)
+
+
+@implementation("matmul")
+def matmul(a, b):
+    return a @ b
+
+
+@implementation("layer_norm")
+def layer_norm(x, weight=None, bias=None, *, normalized_shape, eps):
+    if len(normalized_shape) == 1:
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    axes = list(range(-len(normalized_shape), 0))
+    mean = mx.mean(x, axis=axes, keepdims=True)
+    var = mx.var(x, axis=axes, keepdims=True)
+    y = (x - mean) * mx.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@implementation("rms_norm")
+def rms_norm(x, weight=None, *, eps):
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+@implementation("attention", needs_context=True)
+def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0):
+    cache = ctx.cache[layer] if ctx.cache is not None else None
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    length = q.shape[2]
+    if window <= 0 and softcap <= 0:
+        # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
+        # cache needs (torch's is_causal aligns to the start).
+        mask = "causal" if length > 1 else None
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return _attention_explicit(q, k, v, scale=scale, window=window, softcap=softcap)
+
+
+def causal_mask(length: int, total: int, window: int = 0) -> mx.array:
+    """Boolean [length, total] mask: query i (at absolute position total-length+i) sees key j."""
+    rows = mx.arange(total - length, total)[:, None]
+    cols = mx.arange(total)[None, :]
+    mask = cols <= rows
+    if window > 0:
+        mask = mask & (cols > rows - window)
+    return mask
+
+
+def _attention_explicit(q, k, v, *, scale, window, softcap):
+    """Attention with a sliding window and/or logit soft-capping, in float32 scores."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = mx.repeat(k, groups, axis=1)
+        v = mx.repeat(v, groups, axis=1)
+    scores = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
+    if softcap > 0:
+        scores = mx.tanh(scores / softcap) * softcap
+    mask = causal_mask(q.shape[2], k.shape[2], window)
+    scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=mx.float32))
+    weights = mx.softmax(scores, axis=-1).astype(v.dtype)
+    return weights @ v

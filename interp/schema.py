@@ -1,0 +1,247 @@
+"""The op schema: the one contract between the exporter and the interpreter.
+
+Every program op has exactly one entry here (name, inputs, attributes, outputs, doc).
+The exporter maps aten ops onto these entries, the interpreter implements each entry in
+MLX, the format documentation is generated from this table, and tests walk it so that a
+new op without an implementation, a parity test or documentation fails the suite.
+
+This module must stay free of torch and MLX imports: both sides read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+FORMAT_NAME = "paw.program"
+FORMAT_VERSION = 1
+#: Versions this code base can read. A loader refuses anything else by name.
+READABLE_VERSIONS = (1,)
+
+#: dtypes a program may use, by their names on disk (safetensors names in parentheses
+#: are mapped by the loader).
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint32", "uint16", "uint8", "bool")
+
+# Kinds of node inputs (values that flow through the graph).
+TENSOR = "tensor"  #: a reference to a tensor value (a string)
+OPTIONAL_TENSOR = "tensor?"  #: a tensor reference or null
+TENSOR_LIST = "tensor[]"  #: a list of tensor references
+TENSOR_OR_SCALAR = "tensor|scalar"  #: a tensor reference or a number literal (int/float/bool)
+SYMINT = "symint"  #: a symbolic integer: an int literal or a reference to an int value
+
+# Kinds of node attributes (literals fixed at export time).
+INT = "int"  #: int literal, or a string naming a symbolic int value
+INTS = "int[]"  #: list whose items are int literals or names of symbolic int values
+FLOAT = "float"
+BOOL = "bool"
+DTYPE = "dtype"  #: one of DTYPES
+STR = "str"
+
+INPUT_KINDS = (TENSOR, OPTIONAL_TENSOR, TENSOR_LIST, TENSOR_OR_SCALAR, SYMINT)
+ATTR_KINDS = (INT, INTS, FLOAT, BOOL, DTYPE, STR)
+
+_NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One input or attribute of an op."""
+
+    name: str
+    kind: str
+    doc: str = ""
+    default: object = _NO_DEFAULT
+
+    @property
+    def required(self) -> bool:
+        return self.default is _NO_DEFAULT
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One program op: what it takes, what it gives, what it means."""
+
+    name: str
+    category: str
+    doc: str
+    inputs: tuple[Arg, ...] = ()
+    attrs: tuple[Arg, ...] = ()
+    outputs: tuple[str, ...] = ("out",)
+    #: outputs are symbolic ints (Python ints at run time), not tensors
+    symbolic: bool = False
+    attr_by_name: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attr_by_name", {a.name: a for a in self.attrs})
+
+
+def _t(name: str, doc: str = "") -> Arg:
+    return Arg(name, TENSOR, doc)
+
+
+def _opt(name: str, doc: str = "") -> Arg:
+    return Arg(name, OPTIONAL_TENSOR, doc)
+
+
+def _ts(name: str, doc: str = "") -> Arg:
+    return Arg(name, TENSOR_OR_SCALAR, doc)
+
+
+def _attr(name: str, kind: str, doc: str = "", default: object = _NO_DEFAULT) -> Arg:
+    return Arg(name, kind, doc, default)
+
+
+_SPECS: list[OpSpec] = []
+
+
+def _op(name: str, category: str, doc: str, inputs=(), attrs=(), outputs=("out",), symbolic=False) -> None:
+    _SPECS.append(OpSpec(name, category, doc, tuple(inputs), tuple(attrs), tuple(outputs), symbolic))
+
+
+# ----------------------------------------------------------------------------- elementwise
+for _name, _doc in [
+    ("add", "a + b, numpy broadcasting; a number operand takes the tensor's dtype"),
+    ("sub", "a - b"),
+    ("mul", "a * b"),
+    ("div", "a / b (true division)"),
+    ("pow", "a ** b"),
+    ("maximum", "elementwise max(a, b)"),
+    ("minimum", "elementwise min(a, b)"),
+    ("eq", "a == b, bool result"),
+    ("ne", "a != b, bool result"),
+    ("lt", "a < b, bool result"),
+    ("le", "a <= b, bool result"),
+    ("gt", "a > b, bool result"),
+    ("ge", "a >= b, bool result"),
+    ("logical_and", "a and b on bool tensors"),
+    ("logical_or", "a or b on bool tensors"),
+]:
+    _op(_name, "elementwise", _doc, [_ts("a"), _ts("b")])
+
+for _name, _doc in [
+    ("neg", "-x"),
+    ("abs", "|x|"),
+    ("exp", "e ** x"),
+    ("log", "natural log"),
+    ("sqrt", "square root"),
+    ("rsqrt", "1 / sqrt(x)"),
+    ("reciprocal", "1 / x"),
+    ("sin", "sine"),
+    ("cos", "cosine"),
+    ("tanh", "hyperbolic tangent"),
+    ("sigmoid", "1 / (1 + exp(-x))"),
+    ("silu", "x * sigmoid(x)"),
+    ("relu", "max(x, 0)"),
+    ("erf", "Gauss error function"),
+    ("logical_not", "not x on bool tensors"),
+]:
+    _op(_name, "elementwise", _doc, [_t("x")])
+
+_op("gelu", "elementwise", "Gaussian error linear unit; approximate is 'none' (erf) or 'tanh'",
+    [_t("x")], [_attr("approximate", STR, "'none' or 'tanh'", "none")])
+_op("where", "elementwise", "cond ? a : b", [_t("cond"), _ts("a"), _ts("b")])
+_op("clamp", "elementwise", "clip x to [min, max]; a null bound is open",
+    [_t("x")], [_attr("min", FLOAT, "lower bound or null", None), _attr("max", FLOAT, "upper bound or null", None)])
+
+# ----------------------------------------------------------------------------- reductions
+for _name, _doc in [
+    ("mean", "mean over dims"),
+    ("sum", "sum over dims"),
+    ("amax", "max over dims"),
+]:
+    _op(_name, "reduction", _doc, [_t("x")],
+        [_attr("dims", INTS, "axes to reduce"), _attr("keepdim", BOOL, "keep reduced axes as size 1", False)])
+_op("softmax", "reduction", "softmax along dim, computed in float32 when the input is lower precision",
+    [_t("x")], [_attr("dim", INT)])
+_op("argmax", "reduction", "index of the max along dim", [_t("x")],
+    [_attr("dim", INT), _attr("keepdim", BOOL, default=False)])
+
+# ----------------------------------------------------------------------------- shapes
+_op("reshape", "shape", "reshape to shape; one entry may be -1", [_t("x")], [_attr("shape", INTS)])
+_op("transpose", "shape", "swap two axes", [_t("x")], [_attr("dim0", INT), _attr("dim1", INT)])
+_op("permute", "shape", "reorder axes", [_t("x")], [_attr("dims", INTS)])
+_op("unsqueeze", "shape", "insert a size-1 axis at dim", [_t("x")], [_attr("dim", INT)])
+_op("squeeze", "shape", "remove size-1 axes dims (all size-1 axes when dims is empty)", [_t("x")],
+    [_attr("dims", INTS, default=[])])
+_op("expand", "shape", "broadcast to shape; -1 keeps an axis", [_t("x")], [_attr("shape", INTS)])
+_op("slice", "shape", "x[start:end:step] along dim; end is clamped to the axis length", [_t("x")],
+    [_attr("dim", INT), _attr("start", INT, default=0), _attr("end", INT, "null means the axis length", None),
+     _attr("step", INT, default=1)])
+_op("select", "shape", "x[index] along dim (the axis is removed); negative index counts from the end",
+    [_t("x")], [_attr("dim", INT), _attr("index", INT)])
+_op("cat", "shape", "concatenate along dim", [Arg("xs", TENSOR_LIST)], [_attr("dim", INT)])
+_op("split", "shape", "split into pieces of the given sizes along dim", [_t("x")],
+    [_attr("sizes", INTS), _attr("dim", INT)], outputs=("outs...",))
+_op("flip", "shape", "reverse along dims", [_t("x")], [_attr("dims", INTS)])
+_op("take", "shape", "gather x[..., index, ...] along dim with an integer index tensor (index_select)",
+    [_t("x"), _t("index")], [_attr("dim", INT)])
+_op("gather", "shape", "torch.gather: out[i][j] = x[i][index[i][j]] along dim",
+    [_t("x"), _t("index")], [_attr("dim", INT)])
+_op("tril", "shape", "lower triangle (diagonal offset k), zeros elsewhere", [_t("x")], [_attr("k", INT, default=0)])
+_op("triu", "shape", "upper triangle (diagonal offset k), zeros elsewhere", [_t("x")], [_attr("k", INT, default=0)])
+
+# ----------------------------------------------------------------------------- creation and types
+_op("cast", "type", "convert to dtype", [_t("x")], [_attr("dtype", DTYPE)])
+_op("arange", "creation", "[start, end) with step", [],
+    [_attr("start", INT, default=0), _attr("end", INT), _attr("step", INT, default=1), _attr("dtype", DTYPE, default="int64")])
+_op("full", "creation", "a tensor of shape filled with value", [],
+    [_attr("shape", INTS), _attr("value", FLOAT), _attr("dtype", DTYPE)])
+_op("full_like", "creation", "a tensor like x filled with value", [_t("x")],
+    [_attr("value", FLOAT), _attr("dtype", DTYPE, "null keeps x's dtype", None)])
+_op("cumsum", "creation", "cumulative sum along dim", [_t("x")], [_attr("dim", INT)])
+
+# ----------------------------------------------------------------------------- neural network
+_op("embedding", "nn", "rows of weight picked by integer indices", [_t("weight"), _t("indices")])
+_op("linear", "nn", "x @ weight.T + bias", [_t("x"), _t("weight"), _opt("bias")])
+_op("matmul", "nn", "batched matrix product a @ b", [_t("a"), _t("b")])
+_op("layer_norm", "nn", "LayerNorm over the last len(normalized_shape) axes",
+    [_t("x"), _opt("weight"), _opt("bias")], [_attr("normalized_shape", INTS), _attr("eps", FLOAT)])
+_op("rms_norm", "nn", "x * rsqrt(mean(x^2, -1) + eps) * weight, in x's dtype (fused by the exporter)",
+    [_t("x"), _opt("weight")], [_attr("eps", FLOAT)])
+_op("attention", "nn",
+    "causal attention with the interpreter's KV cache. q: [B, Hq, L, D], k and v: [B, Hkv, L, D] "
+    "for the L new positions only. The interpreter appends k, v to the cache of `layer` and "
+    "attends over cache + new, causally aligned to the end (the last query sees every key). "
+    "Hq must be a multiple of Hkv (grouped-query attention). window > 0 limits each query to "
+    "the last `window` keys; softcap > 0 applies softcap * tanh(scores / softcap). Output [B, Hq, L, D].",
+    [_t("q"), _t("k"), _t("v")],
+    [_attr("layer", INT, "KV cache slot"), _attr("scale", FLOAT, "score scale"),
+     _attr("window", INT, "sliding window, 0 for none", 0), _attr("softcap", FLOAT, "0 for none", 0.0)])
+
+# ----------------------------------------------------------------------------- symbolic ints
+_op("sym_size", "symbolic", "the size of axis dim of x, as a symbolic int", [_t("x")], [_attr("dim", INT)],
+    symbolic=True)
+for _name, _doc in [("sym_add", "a + b"), ("sym_sub", "a - b"), ("sym_mul", "a * b"), ("sym_floordiv", "a // b")]:
+    _op(_name, "symbolic", _doc + " on symbolic ints", [Arg("a", SYMINT), Arg("b", SYMINT)], symbolic=True)
+
+
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}
+if len(OPS) != len(_SPECS):  # pragma: no cover - guards the table itself
+    raise RuntimeError("duplicate op name in the schema")
+
+
+def op_names() -> list[str]:
+    """All op names, sorted, for tests and documentation."""
+    return sorted(OPS)
+
+
+def render_markdown() -> str:
+    """The op reference section of docs/program-format.md, generated from this table."""
+    lines = [
+        "| op | category | inputs | attributes | outputs | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def fmt(arg: Arg) -> str:
+        text = f"`{arg.name}: {arg.kind}`"
+        if not arg.required:
+            text += f" = `{json.dumps(arg.default)}`"
+        return text
+
+    for spec in sorted(_SPECS, key=lambda s: (s.category, s.name)):
+        ins = ", ".join(fmt(a) for a in spec.inputs) or "-"
+        attrs = ", ".join(fmt(a) for a in spec.attrs) or "-"
+        outs = ", ".join(spec.outputs) + (" (symbolic int)" if spec.symbolic else "")
+        doc = spec.doc.replace("|", "\\|")
+        lines.append(f"| `{spec.name}` | {spec.category} | {ins} | {attrs} | {outs} | {doc} |")
+    return "\n".join(lines) + "\n"
