@@ -1,0 +1,96 @@
+"""``paw inspect``: a program's shape at a glance, from prog.json and the consts header."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from interp.errors import ProgramError
+from interp.program import read_program, read_safetensors_header
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+          "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1}
+
+
+def program_summary(path: str | Path, verify: bool = False) -> dict:
+    """Numbers shown by ``paw inspect`` (also used by tests)."""
+    program = read_program(path)
+    header = read_safetensors_header(program.consts_path)
+    ops = Counter(node.op for node in program.nodes)
+    params = 0
+    by_dtype: Counter = Counter()
+    for meta in program.spec["consts"].values():
+        count = 1
+        for dim in meta["shape"]:
+            count *= dim
+        params += count
+        by_dtype[meta["dtype"]] += count * _BYTES[meta["dtype"]]
+    summary = {
+        "path": str(program.directory),
+        "format": f"{program.spec['format']} v{program.spec['version']}",
+        "model": program.model_info,
+        "nodes": len(program.nodes),
+        "ops": dict(ops.most_common()),
+        "parameters": params,
+        "bytes_by_dtype": dict(by_dtype),
+        "tensors": len(header),
+        "layers": program.num_layers,
+        "fingerprint": program.fingerprint or "(no manifest)",
+    }
+    if verify:
+        summary["verified"] = verify_files(program.directory, program.manifest)
+    return summary
+
+
+def verify_files(directory: Path, manifest: dict) -> int:
+    from hashlib import sha256
+
+    files = manifest.get("files")
+    if not files:
+        raise ProgramError(f"{directory} has no manifest with file hashes to verify")
+    for name, expected in files.items():
+        digest = sha256()
+        path = directory / name
+        if not path.is_file():
+            raise ProgramError(f"{path} is listed in the manifest but missing")
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise ProgramError(f"{path} does not match its sha256 in manifest.json (modified or corrupt)")
+    return len(files)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def show_program(path: str | Path, verify: bool = False) -> None:
+    s = program_summary(path, verify=verify)
+    console = Console()
+    model = s["model"]
+    console.print(f"[bold]{s['path']}[/bold]  ({s['format']})")
+    console.print(f"model: {model.get('architecture', '?')} ({model.get('model_type', '?')}), dtype {model.get('dtype')}, "
+                  f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
+    console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors; {s['layers']} attention layers; "
+                  f"{s['nodes']} nodes")
+    console.print(f"fingerprint: {s['fingerprint']}" + (f" (verified {s['verified']} files)" if verify else ""))
+    sizes = Table(title="bytes by dtype", show_header=True)
+    sizes.add_column("dtype")
+    sizes.add_column("bytes", justify="right")
+    for dtype, nbytes in sorted(s["bytes_by_dtype"].items()):
+        sizes.add_row(dtype, _human(nbytes))
+    console.print(sizes)
+    ops = Table(title="ops", show_header=True)
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in s["ops"].items():
+        ops.add_row(op, str(count))
+    console.print(ops)

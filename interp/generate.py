@@ -1,0 +1,93 @@
+"""The generation loop: prefill in chunks, then decode one token at a time.
+
+Like mlx-lm's ``generate_step``: the next token's graph is built and handed to
+``mx.async_eval`` before the current token is returned, so Python's work overlaps
+the computation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from interp.sampling import Sampler, greedy
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0  # prefill, until the first token is known (time to first token)
+    generation_tokens: int = 0
+    generation_seconds: float = 0.0
+    peak_memory_gb: float = 0.0
+    _start: float = field(default=0.0, repr=False)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        # The first token belongs to the prefill; the rate counts the ones decoded after it.
+        if self.generation_tokens < 2 or not self.generation_seconds:
+            return 0.0
+        return (self.generation_tokens - 1) / self.generation_seconds
+
+    @property
+    def ttft(self) -> float:
+        return self.prompt_seconds
+
+
+def prefill(model, tokens: mx.array, cache: list, step: int = 512) -> mx.array:
+    """Feed all but the last token into the cache in chunks; return the last token(s)."""
+    while tokens.shape[-1] > 1:
+        n = min(step, tokens.shape[-1] - 1)
+        model(tokens[..., :n], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[..., n:]
+    return tokens
+
+
+def generate_step(model, prompt: list[int] | mx.array, cache: list, *, sampler: Sampler | None = None,
+                  max_tokens: int = 256, prefill_step: int = 512,
+                  stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield generated token ids (batch of one) until ``max_tokens``; the caller stops at EOS."""
+    sampler = sampler or greedy
+    stats = stats if stats is not None else GenerationStats()
+    tokens = mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.shape[-1] == 0:
+        raise ValueError("the prompt is empty")
+    stats.prompt_tokens = tokens.shape[-1]
+    start = time.perf_counter()
+
+    def step(x: mx.array) -> mx.array:
+        logits = model(x, cache=cache)[:, -1, :]
+        return sampler(logits)
+
+    last = prefill(model, tokens, cache, prefill_step)
+    y = step(last)
+    mx.async_eval(y)
+    produced = 0
+    decode_start = None
+    while produced < max_tokens:
+        next_y = step(y[:, None]) if produced + 1 < max_tokens else None
+        if next_y is not None:
+            mx.async_eval(next_y)
+        token = y.item()
+        now = time.perf_counter()
+        if decode_start is None:
+            stats.prompt_seconds = now - start
+            decode_start = now
+        produced += 1
+        stats.generation_tokens = produced
+        stats.generation_seconds = now - decode_start
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        yield token
+        if next_y is None:
+            break
+        y = next_y

@@ -1,0 +1,40 @@
+"""paw on MLX: load exported programs and generate with them.
+
+    import paw_mlx
+    prog = paw_mlx.load("smollm2/prog.json")
+    print(paw_mlx.generate(prog, "What is the capital of France?"))
+
+Nothing here imports torch; ``paw_mlx.export`` loads the exporter (and torch) lazily.
+"""
+
+from __future__ import annotations
+
+from interp.errors import PawError
+from paw_mlx.runtime import (
+    LoadedProgram,
+    TextChunk,
+    generate,
+    load,
+    prompt_ids,
+    stream_generate,
+    stream_tokens,
+)
+
+__all__ = [
+    "LoadedProgram",
+    "PawError",
+    "TextChunk",
+    "export",
+    "generate",
+    "load",
+    "prompt_ids",
+    "stream_generate",
+    "stream_tokens",
+]
+
+
+def export(src: str, out_dir: str, **opts):
+    """Export a Hugging Face model to a program directory (needs the export extra: torch)."""
+    from exporter.export import export_source
+
+    return export_source(src, out_dir, **opts)
