@@ -71,6 +71,7 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+        _publish_permissions(tmp)
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, trash / "old")
@@ -79,6 +80,16 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_permissions(directory: Path) -> None:
+    """mkdtemp makes a private 0700 directory; a program is an ordinary shared artifact."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def write_program(directory: Path, spec: dict, consts: dict[str, torch.Tensor],
