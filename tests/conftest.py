@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny exported Llama with a real tokenizer and chat template."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tests.tiny import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_program(tmp_path_factory, tiny_tokenizer):
+    """Directory of an exported tiny random Llama (float32) with tokenizer files."""
+    from tests.tiny import export_tiny, tiny_llama_config
+
+    out = tmp_path_factory.mktemp("programs") / "tiny-llama"
+    return export_tiny(tiny_llama_config(), out, tokenizer=tiny_tokenizer)
