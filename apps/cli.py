@@ -115,19 +115,19 @@ def run(
     ids = paw_mlx.prompt_ids(prog, source, raw=raw, system=system)
     produced: list[int] = []
     last = None
-    detok = prog.tokenizer.detokenizer()
+    detok = prog.tokenizer.detokenizer() if prog.has_tokenizer else None
     from interp.generate import GenerationStats
 
     run_stats = GenerationStats()
     for token in paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                        top_k=top_k, seed=seed, stats=run_stats):
         produced.append(token)
-        piece = detok.add_token(token)
+        piece = detok.add_token(token) if detok is not None else f"{token} "
         if piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
         last = token
-    sys.stdout.write(detok.finalize() + "\n")
+    sys.stdout.write((detok.finalize() if detok is not None else "") + "\n")
     sys.stdout.flush()
     del last
     if output_ids is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from interp.errors import PawError
+from interp.errors import PawError, ProgramError
 from interp.generate import GenerationStats, generate_step
 from interp.graph import GraphModel
 from interp.ops import REGISTRY
@@ -24,7 +24,7 @@ class LoadedProgram:
 
     program: Program
     model: GraphModel
-    tokenizer: Tokenizer
+    _tokenizer: Tokenizer | None
     #: serialises generation on this program (the KV caches are per call, MLX is not
     #: re-entrant across threads building graphs on the same stream)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -47,8 +47,21 @@ class LoadedProgram:
         return int(self.program.model_info.get("context_length", 2048))
 
     @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise ProgramError(f"{self.path} has no tokenizer.json: only token ids can be used with it")
+        return self._tokenizer
+
+    @property
     def eos_token_ids(self) -> set[int]:
-        return set(self.tokenizer.eos_token_ids)
+        ids = set(self.program.model_info.get("eos_token_ids", []))
+        if self._tokenizer is not None:
+            ids |= set(self._tokenizer.eos_token_ids)
+        return ids
 
     def make_cache(self) -> list:
         return self.model.make_cache()
@@ -58,8 +71,10 @@ def load(path: str | Path) -> LoadedProgram:
     """Load and validate a program directory (or its prog.json) for generation."""
     program = read_program(path, known_ops=set(REGISTRY))
     model = GraphModel.from_program(program)
-    tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))
-    return LoadedProgram(program=program, model=model, tokenizer=tokenizer)
+    tokenizer = None
+    if (program.directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))
+    return LoadedProgram(program=program, model=model, _tokenizer=tokenizer)
 
 
 class TextChunk(str):
