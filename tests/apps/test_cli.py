@@ -1,0 +1,151 @@
+"""The CLI end to end on a tiny program: generation, seed-compatible ids files, inspect,
+and bad input answered with one line and a non-zero exit (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def paw(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apps.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          input=stdin, timeout=300)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("paw: error: "), lines[0]
+    assert "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def program_copy(tiny_program, tmp_path):
+    target = tmp_path / "prog"
+    shutil.copytree(tiny_program, target)
+    return target
+
+
+def test_run_streams_text_and_writes_output_ids(tiny_program, tmp_path):
+    out_ids = tmp_path / "output_ids.txt"
+    done = paw("run", str(tiny_program / "prog.json"), "--prompt", "Hello", "--max-tokens", "8",
+               "--output-ids", str(out_ids))
+    assert done.returncode == 0, done.stderr
+    ids = [int(t) for t in out_ids.read_text().split()]
+    assert 1 <= len(ids) <= 8
+    decoded = paw("decode", str(out_ids), "--program", str(tiny_program))
+    assert decoded.returncode == 0
+    assert decoded.stdout.strip() == done.stdout.strip()
+
+
+def test_prompt_ids_file_gives_the_same_tokens_as_python(tiny_program, tmp_path):
+    import paw_mlx
+
+    prompt = tmp_path / "prompt_ids.txt"
+    prompt.write_text("1 335 201 74 75 2 201 1 67 330 378 201\n")
+    out_ids = tmp_path / "output_ids.txt"
+    done = paw("run", str(tiny_program), "--prompt-ids", str(prompt), "--output-ids", str(out_ids), "-n", "6")
+    assert done.returncode == 0, done.stderr
+    prog = paw_mlx.load(tiny_program)
+    expected = list(paw_mlx.stream_tokens(prog, [1, 335, 201, 74, 75, 2, 201, 1, 67, 330, 378, 201], max_tokens=6))
+    assert [int(t) for t in out_ids.read_text().split()] == expected
+
+
+def test_run_does_not_import_torch(tiny_program):
+    code = (
+        "import sys\n"
+        f"sys.argv = ['paw', 'run', {str(tiny_program)!r}, '--prompt', 'Hi', '-n', '3']\n"
+        "from apps.cli import main\n"
+        "main()\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+        "print('TRANSFORMERS' if 'transformers' in sys.modules else 'NO-TRANSFORMERS')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "NO-TORCH" in done.stdout
+    assert "NO-TRANSFORMERS" in done.stdout
+
+
+def test_inspect_shows_histogram_and_fingerprint(tiny_program):
+    done = paw("inspect", str(tiny_program), "--verify")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tiny_program / "manifest.json").read_text())
+    assert manifest["fingerprint"] in done.stdout
+    assert "attention" in done.stdout and "linear" in done.stdout
+    assert "verified" in done.stdout
+
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(paw("run", str(tmp_path / "nowhere"), "--prompt", "x"), "no such file or directory")
+
+
+def test_directory_that_is_not_a_program(tmp_path):
+    assert_one_line_error(paw("run", str(tmp_path), "--prompt", "x"), "not a program directory")
+
+
+def test_unknown_format_version(program_copy):
+    spec_path = program_copy / "prog.json"
+    spec = json.loads(spec_path.read_text())
+    spec["version"] = 99
+    spec_path.write_text(json.dumps(spec))
+    assert_one_line_error(paw("run", str(program_copy), "--prompt", "x"), "version 99", "reads version 1")
+
+
+def test_unknown_op_is_named(program_copy):
+    spec_path = program_copy / "prog.json"
+    spec = json.loads(spec_path.read_text())
+    spec["nodes"][3]["op"] = "frobnicate"
+    spec_path.write_text(json.dumps(spec))
+    assert_one_line_error(paw("run", str(program_copy), "--prompt", "x"), "'frobnicate'")
+
+
+def test_truncated_weights(program_copy):
+    consts = program_copy / "consts.safetensors"
+    data = consts.read_bytes()
+    consts.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(paw("run", str(program_copy), "--prompt", "x"), "truncated")
+
+
+def test_const_shape_mismatch_is_reported(program_copy):
+    spec_path = program_copy / "prog.json"
+    spec = json.loads(spec_path.read_text())
+    name = next(iter(spec["consts"]))
+    spec["consts"][name]["shape"][0] += 1
+    spec_path.write_text(json.dumps(spec))
+    assert_one_line_error(paw("inspect", str(program_copy)), name)
+
+
+def test_bad_ids_file(tiny_program, tmp_path):
+    bad = tmp_path / "ids.txt"
+    bad.write_text("1 2 three")
+    assert_one_line_error(paw("run", str(tiny_program), "--prompt-ids", str(bad)), "integers")
+
+
+def test_export_of_a_missing_source(tmp_path):
+    done = paw("export", "llama", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, "no such GGUF file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_folder_without_config(tmp_path):
+    (tmp_path / "model").mkdir()
+    done = paw("export", "llama", str(tmp_path / "model"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, "no config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_teaches():
+    done = paw("--help")
+    assert done.returncode == 0
+    for command in ("export", "run", "decode", "inspect"):
+        assert command in done.stdout

@@ -1,0 +1,103 @@
+"""Export behaviour: determinism, atomic writes, clear errors, manifest contents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exporter import aten_ops
+from exporter.export import export_model
+from exporter.sources import resolve_source
+from interp.errors import ExportError, SourceError
+from interp.program import read_program
+from tests.tiny import tiny_llama_config, tiny_model
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_export_is_deterministic(tmp_path, tiny_tokenizer):
+    config = tiny_llama_config()
+    a = export_model(tiny_model(config), tiny_tokenizer, tmp_path / "a")
+    b = export_model(tiny_model(config), tiny_tokenizer, tmp_path / "b")
+    files_a, files_b = _files(a), _files(b)
+    assert sorted(files_a) == ["chat_template.jinja", "consts.safetensors", "manifest.json", "prog.json",
+                               "tokenizer.json", "tokenizer_config.json"]
+    for name in files_a:
+        assert files_a[name] == files_b[name], f"{name} differs between two exports"
+
+
+def test_manifest_records_hashes_source_and_versions(tmp_path):
+    out = export_model(tiny_model(tiny_llama_config()), None, tmp_path / "p", source_info={"id": "tiny"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"prog.json", "consts.safetensors"}
+    assert manifest["source"] == {"id": "tiny"}
+    assert {"torch", "transformers"} <= set(manifest["versions"])
+    assert read_program(out).fingerprint == manifest["fingerprint"]
+
+
+def test_unsupported_op_is_named_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.delitem(aten_ops.ATEN, "aten.silu.default")
+    with pytest.raises(ExportError, match=r"aten\.silu\.default"):
+        export_model(tiny_model(tiny_llama_config()), None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    import exporter.export as export_module
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "write_manifest", explode)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny_model(tiny_llama_config()), None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_directory_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(ExportError, match="--force"):
+        export_model(tiny_model(tiny_llama_config()), None, out)
+    assert (out / "keep.txt").read_text() == "precious"
+    export_model(tiny_model(tiny_llama_config()), None, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "prog.json").is_file()
+
+
+def test_capture_failure_names_the_construct(tmp_path):
+    model = tiny_model(tiny_llama_config())
+
+    class Branchy(type(model.model.layers[0].mlp)):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export cannot capture it
+                return x
+            return -x
+
+    model.model.layers[0].mlp.__class__ = Branchy
+    with pytest.raises(ExportError, match="torch.export could not capture"):
+        export_model(model, None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sources_are_resolved_with_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="no such GGUF"):
+        resolve_source(str(tmp_path / "x.gguf"))
+    with pytest.raises(SourceError, match="not a file, a folder, a hub id"):
+        resolve_source("definitely-not-a-model")
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert resolve_source(str(folder)).kind == "folder"
+
+
+def test_dtype_export_stores_that_dtype(tmp_path):
+    out = export_model(tiny_model(tiny_llama_config()), None, tmp_path / "bf16", dtype="bfloat16")
+    spec = read_program(out).spec
+    assert spec["model"]["dtype"] == "bfloat16"
+    dtypes = {meta["dtype"] for name, meta in spec["consts"].items() if name.endswith("proj.weight")}
+    assert dtypes == {"bfloat16"}

@@ -1,0 +1,78 @@
+"""The real default model, SmolLM2-135M-Instruct: paw's greedy tokens equal transformers'.
+
+Uses the program named by $PAW_SMOLLM2_PROGRAM (CI exports it once with the README's
+command); otherwise exports it here from the PyPI package (about two minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def smollm2_program(tmp_path_factory) -> Path:
+    given = os.environ.get("PAW_SMOLLM2_PROGRAM")
+    if given:
+        return Path(given)
+    from exporter.export import export_source
+
+    return export_source("smollm2", tmp_path_factory.mktemp("smollm2") / "prog")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from exporter.sources import load_source, resolve_source
+
+    model, tokenizer = load_source(resolve_source("smollm2", progress=False), "float32")
+    model.eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prog(smollm2_program):
+    import paw_mlx
+
+    return paw_mlx.load(smollm2_program)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_equal_transformers(prompt, prog, hf_model):
+    import torch
+
+    import paw_mlx
+
+    model, tokenizer = hf_model
+    hf_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    paw_ids = paw_mlx.prompt_ids(prog, prompt)
+    assert paw_ids == list(hf_ids), "chat template rendering differs from transformers'"
+    with torch.no_grad():
+        out = model.generate(torch.tensor([hf_ids]), max_new_tokens=MAX_NEW, do_sample=False)
+    expected = out[0, len(hf_ids):].tolist()
+    eos = set(prog.eos_token_ids)
+    if expected and expected[-1] in eos:
+        expected = expected[:-1]
+    got = list(paw_mlx.stream_tokens(prog, paw_ids, max_tokens=MAX_NEW))
+    assert got == expected, (tokenizer.decode(got), tokenizer.decode(expected))
+
+
+def test_paw_run_answers_the_capital_of_france(smollm2_program):
+    done = subprocess.run([sys.executable, "-m", "apps.cli", "run", str(smollm2_program / "prog.json"),
+                           "--prompt", "What is the capital of France?"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "The capital of France is Paris."
