@@ -37,8 +37,38 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _progress(message: str) -> None:
-    typer.echo(f"  {message}", err=True)
+class StepReporter:
+    """Shows the current export step with a spinner and prints each finished step with its time."""
+
+    def __init__(self) -> None:
+        import time
+
+        from rich.console import Console
+
+        self._clock = time.perf_counter
+        self._console = Console(stderr=True)
+        self._status = None
+        self._message: str | None = None
+        self._started = 0.0
+
+    def __call__(self, message: str) -> None:
+        self._finish_step()
+        self._message, self._started = message, self._clock()
+        if self._status is None:
+            self._status = self._console.status(message)
+            self._status.start()
+        else:
+            self._status.update(message)
+
+    def _finish_step(self) -> None:
+        if self._message is not None:
+            self._console.print(f"  [green]✓[/green] {self._message} ({self._clock() - self._started:.1f} s)")
+
+    def close(self) -> None:
+        self._finish_step()
+        self._message = None
+        if self._status is not None:
+            self._status.stop()
 
 
 # ----------------------------------------------------------------------------- export
@@ -62,7 +92,11 @@ def export_llama(
         from exporter.export import export_source
     except ImportError as exc:
         fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
-    path = export_source(src, out, dtype=dtype, force=force, progress=_progress)
+    reporter = StepReporter()
+    try:
+        path = export_source(src, out, dtype=dtype, force=force, progress=reporter)
+    finally:
+        reporter.close()
     typer.echo(f"exported {src} -> {path}/prog.json in {time.perf_counter() - start:.1f} s", err=True)
 
 
