@@ -50,8 +50,8 @@ class TernaryWeight:
     out_features: int
     path: str  # "metal" | "affine"
     codes: mx.array  # metal: uint8 [out, ceil(in/4)]; affine: uint32 [out, padded_in/16]
-    scale: mx.array  # metal: [out] or [1]; affine: scales [out, padded_in/G]
-    biases: mx.array | None = None  # affine only: -scales
+    scale: mx.array  # metal: [out] or [1]; affine: float32 scales [out, padded_in/G]
+    biases: mx.array | None = None  # affine only: -scales (float32)
     group_size: int = 0
     padded_in: int = 0
 
@@ -79,7 +79,7 @@ class TernaryWeight:
             wide[:, : rows.shape[1]] = rows
             rows = wide
         words = mx.array(np.ascontiguousarray(rows).view(np.dtype("<u4")))
-        scales = mx.broadcast_to(scale.reshape(-1, 1), (out_features, padded // group))
+        scales = mx.broadcast_to(scale.astype(mx.float32).reshape(-1, 1), (out_features, padded // group))
         scales = mx.contiguous(scales)
         mx.eval(words, scales)
         return cls(in_features, out_features, "affine", words, scales, -scales, group, padded)
@@ -91,10 +91,11 @@ class TernaryWeight:
         if self.padded_in != self.in_features:
             pad = [(0, 0)] * (x.ndim - 1) + [(0, self.padded_in - self.in_features)]
             x = mx.pad(x, pad)
-        scales, biases = self.scale, self.biases
-        if scales.dtype != x.dtype:
-            scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
-        return mx.quantized_matmul(x, self.codes, scales, biases, transpose=True, group_size=self.group_size, bits=2)
+        # Always float32: MLX's half-precision quantized matmul accumulates in half and
+        # drifts; in float32 the result is bit-identical to x @ (t * s).T (then rounded).
+        y = mx.quantized_matmul(x.astype(mx.float32), self.codes, self.scale, self.biases, transpose=True,
+                                group_size=self.group_size, bits=2)
+        return y.astype(x.dtype)
 
 
 @cache
