@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -118,7 +119,7 @@ def decode_speed(model: GraphModel, prompt: list[int], tokens: int) -> tuple[flo
     logits = model(mx.array([prompt]), cache=cache)
     token = mx.argmax(logits[:, -1], axis=-1)
     mx.eval(token)
-    produced = []
+    produced = [token.item()]
     for _ in range(3):  # warm up
         token = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
         mx.eval(token)
@@ -146,6 +147,7 @@ def main() -> None:
     prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     results: dict = {"machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, "
                                 f"backend {'metal' if mx.metal.is_available() else 'cpu'}",
+                     "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                      "decode_tokens": args.tokens, "prompt_tokens": len(prompt), "sizes": {}, "decode": {}}
     results["sizes"]["ternary"] = ternary_bits(args.ternary)
     if args.base3:
