@@ -83,6 +83,9 @@ def export_llama(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")] = Path("smollm2"),
     dtype: Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    weights: Annotated[str, typer.Option(
+        "--weights", help="Linear-layer weights: float (as the dtype), ternary (2 bits each) or "
+        "ternary-base3 (1.6 bits each); BitNet checkpoints are always packed ternary.")] = "float",
 ) -> None:
     """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
     import time
@@ -94,7 +97,7 @@ def export_llama(
         fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
     reporter = StepReporter()
     try:
-        path = export_source(src, out, dtype=dtype, force=force, progress=reporter)
+        path = export_source(src, out, dtype=dtype, force=force, progress=reporter, weights=weights)
     finally:
         reporter.close()
     typer.echo(f"exported {src} -> {path}/prog.json in {time.perf_counter() - start:.1f} s", err=True)

@@ -12,6 +12,7 @@ import torch
 from exporter.capture import capture, context_length
 from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
 from exporter.sources import Source, load_source, resolve_source
+from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
 from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
 from interp.errors import ExportError
@@ -97,8 +98,12 @@ def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
 
 
 def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
-                 force: bool = False, progress: Progress | None = None) -> Path:
-    """Export an in-memory transformers model (and its tokenizer) to ``out_dir``."""
+                 force: bool = False, progress: Progress | None = None, weights: str = "float") -> Path:
+    """Export an in-memory transformers model (and its tokenizer) to ``out_dir``.
+
+    ``weights``: "float", or "ternary" / "ternary-base3" to pack linear layers as ternary
+    (exporter/ternary.py); BitNet checkpoints are packed exactly in every mode.
+    """
     say = progress or (lambda msg: None)
     first = next(model.parameters(), None)
     dtype = dtype or (str(first.dtype).removeprefix("torch.") if first is not None else "float32")
@@ -106,11 +111,17 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model = model.to(getattr(torch, dtype))
     say("capturing the graph with torch.export")
-    exported = capture(model)
+    with ternary_capture(model, weights) as ternary_plan:
+        exported = capture(model)
     say("lowering aten ops to program ops")
     low, outputs = lower(exported)
     eliminate_dead_code(low, outputs)
+    packed = ternarize_program(low, outputs, ternary_plan) if ternary_plan.active else 0
+    if packed:
+        say(f"packed {packed} linear weights as ternary ({ternary_plan.packing})")
     spec = build_spec(model, tokenizer, low, outputs, dtype, source_info or {})
+    if packed:
+        spec["model"]["ternary"] = {"packing": ternary_plan.packing, "linear_weights": packed}
     out = Path(out_dir)
     say(f"writing {out}")
     with atomic_directory(out, force=force) as tmp:
@@ -125,11 +136,13 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
 
 
 def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", force: bool = False,
-                  progress: Progress | None = None) -> Path:
+                  progress: Progress | None = None, weights: str = "float") -> Path:
     """Export a model named by alias, GGUF path, folder or hub id."""
     say = progress or (lambda msg: None)
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if weights not in WEIGHT_MODES:
+        raise ExportError(f"unknown weights mode {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
     out = Path(out_dir)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -140,7 +153,8 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
         info["revision"] = revision
-    return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress)
+    return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
+                        weights=weights)
 
 
 def _version(package: str) -> str:

@@ -19,6 +19,7 @@ from interp import schema
 from interp.cache import KVCache, make_cache
 from interp.errors import WeightsError
 from interp.ops import REGISTRY
+from interp.ops.ternary import prepare_ternary_consts
 from interp.program import Program
 
 
@@ -89,7 +90,7 @@ class GraphModel:
 
     def __init__(self, program: Program, consts: dict[str, mx.array]):
         self.program = program
-        self.consts = consts
+        self.consts = prepare_ternary_consts(program.nodes, consts)  # packed ternary weights, laid out once
         self.input_names = [i["name"] for i in program.spec["inputs"]]
         self.output_names = [o["name"] for o in program.spec["outputs"]]
         self._steps = [_compile_node(node) for node in program.nodes]

@@ -214,6 +214,22 @@ _op("sym_size", "symbolic", "the size of axis dim of x, as a symbolic int", [_t(
 for _name, _doc in [("sym_add", "a + b"), ("sym_sub", "a - b"), ("sym_mul", "a * b"), ("sym_floordiv", "a // b")]:
     _op(_name, "symbolic", _doc + " on symbolic ints", [Arg("a", SYMINT), Arg("b", SYMINT)], symbolic=True)
 
+# ----------------------------------------------------------------------------- ternary
+# Weights in {-1, 0, +1} times a scale, stored packed (docs/ternary.md; the packing is
+# defined in interp/kernels/ternary.py).
+_op("ternary_linear", "ternary",
+    "x @ (t * scale[:, None]).T + bias, with t the [out_features, in_features] trits unpacked "
+    "from packed (uint8 [out_features, ceil(in_features / k)]: k = 4 for packing '2bit', codes t + 1 "
+    "at bits 2i..2i+1 of byte j for trit 4j + i; k = 5 for 'base3', byte = sum((t_i + 1) * 3**i)). "
+    "scale: float [out_features] (per row) or [1] (per tensor). Never materialises float weights.",
+    [_t("x"), _t("packed"), _t("scale"), _opt("bias")],
+    [_attr("in_features", INT), _attr("out_features", INT), _attr("packing", STR, "'2bit' or 'base3'", "2bit")])
+_op("act_quant", "ternary",
+    "BitNet activation fake-quantization, symmetric absmax per token (last axis): "
+    "s = (2**(bits-1) - 1) / max(max(|x|), 1e-5); out = clip(round_half_even(x * s), -2**(bits-1), "
+    "2**(bits-1) - 1) / s, in x's dtype",
+    [_t("x")], [_attr("bits", INT, "activation bits", 8)])
+
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}
 if len(OPS) != len(_SPECS):  # pragma: no cover - guards the table itself

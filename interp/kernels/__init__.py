@@ -1,0 +1,1 @@
+"""Kernels and weight layouts the interpreter runs: Metal sources and portable fallbacks."""

@@ -1,0 +1,93 @@
+"""The ternary ops on MLX: exact affine 2-bit path, act_quant parity with torch.
+
+"Exact" here means bit-identical to the reference MLX computes in float32 for the float
+weights the trits stand for: ``x @ (t * s[:, None]).T`` with the same x on the same
+device, rounded to x's dtype at the end (max |difference| == 0.0).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from interp.kernels import ternary as tp
+from interp.kernels.ternary_mlx import TernaryWeight, group_size_for
+from interp.ops import REGISTRY
+
+
+def _case(out_features, in_features, per_row, seed=0):
+    rng = np.random.default_rng(seed)
+    t = rng.integers(-1, 2, size=(out_features, in_features)).astype(np.int8)
+    s = (rng.random(out_features if per_row else 1) + 0.05).astype(np.float32)
+    return t, s
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+@pytest.mark.parametrize(("out_features", "in_features", "per_row"),
+                         [(96, 576, True), (64, 1536, True), (48, 128, False), (17, 70, True), (5, 33, False)])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_affine_path_is_exact(packing, out_features, in_features, per_row, tokens):
+    t, s = _case(out_features, in_features, per_row)
+    x = mx.array(np.random.default_rng(1).standard_normal((2, tokens, in_features)).astype(np.float32))
+    packed = mx.array(tp.pack(t, packing))
+    scale = mx.array(s)
+    y = REGISTRY["ternary_linear"].fn(x, packed, scale, None, in_features=in_features,
+                                      out_features=out_features, packing=packing)
+    w = mx.array(t.astype(np.float32)) * scale.reshape(-1, 1)
+    reference = x @ w.T
+    assert y.shape == (2, tokens, out_features)
+    assert mx.abs(y - reference).max().item() == 0.0
+
+
+def test_affine_path_is_exact_in_float16_with_bias():
+    t, s = _case(64, 256, True)
+    scale = mx.array(s).astype(mx.float16)
+    bias = mx.array(np.random.default_rng(2).standard_normal(64).astype(np.float16))
+    x = mx.array(np.random.default_rng(3).standard_normal((3, 256)).astype(np.float16))
+    y = REGISTRY["ternary_linear"].fn(x, mx.array(tp.pack_ternary(t)), scale, bias, in_features=256, out_features=64)
+    w = mx.array(t.astype(np.float32)) * scale.astype(mx.float32).reshape(-1, 1)
+    reference = (x.astype(mx.float32) @ w.T).astype(mx.float16) + bias  # float32 accumulation, then rounded
+    assert y.dtype == mx.float16
+    assert mx.abs(y - reference).max().item() == 0.0
+
+
+def test_prepared_layout_is_the_packed_bytes_read_as_words():
+    t, s = _case(8, 64, True)
+    packed = tp.pack_ternary(t)
+    weight = TernaryWeight.prepare(packed, s, 64, 8, path="affine")
+    assert weight.codes.dtype == mx.uint32 and weight.codes.shape == (8, 4)
+    np.testing.assert_array_equal(np.array(weight.codes).view(np.uint8), packed)
+    assert group_size_for(64) == 64 and group_size_for(576) == 64 and group_size_for(70) == 32
+
+
+def test_wrong_scale_size_is_refused():
+    t, _ = _case(8, 64, True)
+    with pytest.raises(ValueError, match="1 or 8 entries"):
+        TernaryWeight.prepare(tp.pack_ternary(t), np.ones(3, np.float32), 64, 8)
+
+
+def test_act_quant_matches_torch_bitnet_quantizer():
+    torch = pytest.importorskip("torch")
+    from exporter.ternary import paw_act_quant  # the torch reference of the op
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 5, 96)) * rng.random((2, 5, 1)) * 4).astype(np.float32)
+    x[0, 0] = 0.0  # an all-zero token takes the 1e-5 floor
+    want = paw_act_quant(torch.from_numpy(x), 8).numpy()
+    got = np.array(REGISTRY["act_quant"].fn(mx.array(x), bits=8))
+    np.testing.assert_array_equal(got, want)
+    # at most 256 distinct levels per token
+    assert max(len(np.unique(row)) for row in got.reshape(-1, 96)) <= 256
+
+
+def test_act_quant_matches_transformers_bitlinear():
+    torch = pytest.importorskip("torch")
+    from transformers.integrations.bitnet import BitLinear
+
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32))
+    with torch._dynamo.config.patch(disable=True):
+        q, scale = BitLinear.activation_quant(None, x)
+    want = (q.float() / scale).numpy()
+    got = np.array(REGISTRY["act_quant"].fn(mx.array(x.numpy()), bits=8))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
