@@ -146,6 +146,31 @@ CASES: dict[str, Case] = {
     "sym_mul": Case(lambda a, b: a * b, [3, 4]),
     "sym_floordiv": Case(lambda a, b: a // b, [11, 4]),
 }
+
+
+def _ternary_case(packing: str) -> Case:
+    from interp.kernels.ternary import pack_ternary, pack_ternary_base3
+
+    trits = RNG.integers(-1, 2, (6, 13)).astype(np.int8)
+    scale = positive(6)
+    packed = pack_ternary(trits) if packing == "2bit" else pack_ternary_base3(trits)
+
+    def reference(x, packed_t, scale_t, bias, in_features, out_features, packing):
+        weight = torch.from_numpy(trits.astype(np.float32)) * scale_t[:, None]
+        return F.linear(x, weight, bias)
+
+    return Case(reference, [randn(2, 3, 13), packed, scale, randn(6)],
+                {"in_features": 13, "out_features": 6, "packing": packing})
+
+
+def _act_quant_ref(x, bits):
+    qmax = 2 ** (bits - 1) - 1
+    s = qmax / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    return (x * s).round().clamp(-qmax - 1, qmax) / s
+
+
+CASES["ternary_linear"] = _ternary_case("2bit")
+CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
 # F.embedding takes (indices, weight); the program op takes (weight, indices).
 CASES["embedding"] = Case(lambda w, i: F.embedding(i, w), [randn(10, 4), ints(10, 2, 3)])
 EXTRA_CASES = {
@@ -154,6 +179,7 @@ EXTRA_CASES = {
         {"layer": 0, "scale": 0.3, "window": 4, "softcap": 5.0}),
     "attention decoding one query over many keys": Case(
         _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8)], {"layer": 0, "scale": 0.35}),
+    "ternary_linear base3": _ternary_case("base3"),
     "gelu erf": Case(lambda x, approximate: F.gelu(x, approximate=approximate), [randn(3, 4)], {"approximate": "none"}),
     "slice with open end": Case(lambda x, dim, start, end, step: x[..., start:], [randn(2, 6)],
                                 {"dim": -1, "start": 3, "end": None, "step": 1}),
