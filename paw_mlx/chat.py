@@ -41,6 +41,7 @@ class ChatSession:
         self.stats: GenerationStats | None = None  # of the last turn
         self.prefilled = 0  # tokens the last turn had to prefill (the rest came from the cache)
         self.generated = 0  # tokens the last turn generated
+        self._turn_length: int | None = None  # prompt length of the turn under way
 
     # ------------------------------------------------------------------ conversation
 
@@ -66,6 +67,9 @@ class ChatSession:
 
     @property
     def context_used(self) -> int:
+        """Positions of the context in use (during a turn: the prompt and the reply so far)."""
+        if self._turn_length is not None:
+            return self._turn_length + self.generated
         return len(self.cached_ids)
 
     @property
@@ -94,13 +98,15 @@ class ChatSession:
         except BaseException:
             self.messages.pop()
             raise
+        self.stats = GenerationStats()
+        self.prefilled = len(ids) - keep
+        self.generated = 0
+        self._turn_length = len(ids)
         return self._stream(ids, keep, stop)
 
     def _stream(self, ids: list[int], keep: int, stop: threading.Event | None) -> Iterator[str]:
         budget = min(self.max_tokens, self.context_size - len(ids))
-        self.stats = stats = GenerationStats()
-        self.prefilled = len(ids) - keep
-        self.generated = 0
+        stats = self.stats
         produced: list[int] = []
         detok = self.prog.tokenizer.detokenizer()
         tokens = stream_tokens(self.prog, ids[keep:], max_tokens=budget, temperature=self.temperature,
@@ -131,6 +137,7 @@ class ChatSession:
                 self.reset_cache()
             else:
                 self._settle_cache(ids + produced)
+            self._turn_length = None
 
     def _reuse_prefix(self, ids: list[int]) -> int:
         """Cut the cache back to its longest prefix shared with ``ids``, leaving one id to feed."""
