@@ -39,7 +39,8 @@ class ChatSession:
         self.cache = prog.make_cache()
         self.cached_ids: list[int] = []  # the token ids whose keys and values the cache holds
         self.stats: GenerationStats | None = None  # of the last turn
-        self.prefilled = 0  # tokens the last turn had to prefill (the rest came from the cache)
+        self.prompt_tokens = 0  # the last turn's whole prompt (the conversation so far)
+        self.prefilled = 0  # how many of those it had to prefill (the rest came from the cache)
         self.generated = 0  # tokens the last turn generated
         self._turn_length: int | None = None  # prompt length of the turn under way
 
@@ -99,6 +100,7 @@ class ChatSession:
             self.messages.pop()
             raise
         self.stats = GenerationStats()
+        self.prompt_tokens = len(ids)
         self.prefilled = len(ids) - keep
         self.generated = 0
         self._turn_length = len(ids)
