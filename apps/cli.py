@@ -203,6 +203,19 @@ def inspect(
     show_program(program, verify=verify)
 
 
+@app.command()
+def chat(
+    program: Annotated[Path | None, typer.Argument(help="Program directory. Default: the smollm2 program in paw's cache ($PAW_CACHE/programs/smollm2).")] = None,
+    system: Annotated[str | None, typer.Option(help="System message to start with.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Longest reply in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy (the default).")] = 0.0,
+) -> None:
+    """Chat with a program in a terminal app: streaming, multi-turn, slash commands (/help)."""
+    from apps.chat.app import run_chat
+
+    run_chat(program, system=system, max_tokens=max_tokens, temperature=temperature)
+
+
 def main() -> None:
     """Console-script entry: one line per error, never a traceback (unless PAW_DEBUG=1)."""
     try:

@@ -10,6 +10,7 @@ Nothing here imports torch; ``paw_mlx.export`` loads the exporter (and torch) la
 from __future__ import annotations
 
 from interp.errors import PawError
+from paw_mlx.chat import ChatSession
 from paw_mlx.runtime import (
     LoadedProgram,
     TextChunk,
@@ -21,6 +22,7 @@ from paw_mlx.runtime import (
 )
 
 __all__ = [
+    "ChatSession",
     "LoadedProgram",
     "PawError",
     "TextChunk",

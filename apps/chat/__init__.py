@@ -1,0 +1,1 @@
+"""The ``paw chat`` terminal app (Textual). Imported only by the ``chat`` command."""

@@ -1,0 +1,269 @@
+"""Multi-turn chat over one program, reusing the KV cache between turns.
+
+Each turn renders the whole conversation through the chat template, keeps the part
+of the cache that matches the new token ids (the common prefix) and prefills only the
+rest. The rendered assistant message may tokenize differently from the ids that were
+generated; the common-prefix rule makes that harmless (the cache is simply cut back a
+little further). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from interp.errors import ArtifactError, PawError
+from interp.generate import GenerationStats
+from paw_mlx.runtime import LoadedProgram, stream_tokens
+
+CHAT_FORMAT = "paw-chat"
+CHAT_VERSION = 1
+ROLES = ("system", "user", "assistant")
+
+
+class ChatSession:
+    """A conversation with one loaded program: its messages, its cache and the ids in it."""
+
+    def __init__(self, prog: LoadedProgram, *, system: str | None = None, max_tokens: int = 512,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+        self.prog = prog
+        self.system = system
+        self.messages: list[dict] = []  # user and assistant turns; the system text lives apart
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.seed = seed
+        self.cache = prog.make_cache()
+        self.cached_ids: list[int] = []  # the token ids whose keys and values the cache holds
+        self.stats: GenerationStats | None = None  # of the last turn
+        self.prompt_tokens = 0  # the last turn's whole prompt (the conversation so far)
+        self.prefilled = 0  # how many of those it had to prefill (the rest came from the cache)
+        self.generated = 0  # tokens the last turn generated
+        self._turn_length: int | None = None  # prompt length of the turn under way
+
+    # ------------------------------------------------------------------ conversation
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template sees them, system message first."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [dict(m) for m in self.messages]
+
+    def prompt_ids(self) -> list[int]:
+        """Token ids of the whole conversation, ending with the assistant's turn to speak."""
+        tok = self.prog.tokenizer
+        messages = self.conversation()
+        if tok.has_chat_template:
+            try:
+                return tok.encode_chat(messages)
+            except PawError:
+                raise
+            except Exception as exc:  # a template's own raise_exception or a jinja error
+                raise PawError(f"the chat template rejected the conversation: {exc}") from None
+        # No template (a base model): a plain transcript, as a reasonable fallback.
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        return tok.encode(text, add_special_tokens=True)
+
+    @property
+    def context_used(self) -> int:
+        """Positions of the context in use (during a turn: the prompt and the reply so far)."""
+        if self._turn_length is not None:
+            return self._turn_length + self.generated
+        return len(self.cached_ids)
+
+    @property
+    def context_size(self) -> int:
+        return self.prog.context_length
+
+    def clear(self) -> None:
+        """Forget the turns (the system message stays; its cached prefix is reused)."""
+        self.messages.clear()
+
+    # ------------------------------------------------------------------ generation
+
+    def send(self, text: str, stop: threading.Event | None = None) -> Iterator[str]:
+        """Add a user message and stream the reply as text pieces.
+
+        The reply is recorded as an assistant message when the stream ends, also when
+        it is stopped early (``stop`` set, or the iterator closed): nothing written is lost.
+        """
+        self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt_ids()
+            if len(ids) >= self.context_size:
+                raise PawError(f"the conversation ({len(ids)} tokens) fills the model's context of "
+                               f"{self.context_size}; /clear to start again")
+            keep = self._reuse_prefix(ids)
+        except BaseException:
+            self.messages.pop()
+            raise
+        self.stats = GenerationStats()
+        self.prompt_tokens = len(ids)
+        self.prefilled = len(ids) - keep
+        self.generated = 0
+        self._turn_length = len(ids)
+        return self._stream(ids, keep, stop)
+
+    def _stream(self, ids: list[int], keep: int, stop: threading.Event | None) -> Iterator[str]:
+        budget = min(self.max_tokens, self.context_size - len(ids))
+        stats = self.stats
+        produced: list[int] = []
+        detok = self.prog.tokenizer.detokenizer()
+        tokens = stream_tokens(self.prog, ids[keep:], max_tokens=budget, temperature=self.temperature,
+                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, cache=self.cache,
+                               stats=stats, stop=stop)
+        failed = True
+        try:
+            for token in tokens:
+                produced.append(token)
+                self.generated = len(produced)
+                piece = detok.add_token(token)
+                if piece:
+                    yield piece
+            tail = detok.finalize()
+            if tail:
+                yield tail
+            failed = False
+        except GeneratorExit:
+            failed = False
+            raise
+        finally:
+            tokens.close()  # releases the program's lock before the cache is touched
+            if failed and not produced:
+                self.messages.pop()  # the turn never happened
+            else:
+                self.messages.append({"role": "assistant", "content": self.prog.tokenizer.decode(produced)})
+            if failed:
+                self.reset_cache()
+            else:
+                self._settle_cache(ids + produced)
+            self._turn_length = None
+
+    def _reuse_prefix(self, ids: list[int]) -> int:
+        """Cut the cache back to its longest prefix shared with ``ids``, leaving one id to feed."""
+        keep = 0
+        for cached, new in zip(self.cached_ids, ids, strict=False):
+            if cached != new:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)
+        self._trim_to(keep)
+        self.cached_ids = self.cached_ids[:keep]
+        return keep
+
+    def _settle_cache(self, fed: list[int]) -> None:
+        """After a turn, make ``cached_ids`` describe the cache exactly.
+
+        The generation loop may or may not have fed the last token (or the EOS token it
+        does not yield) into the cache; whatever lies beyond ``fed`` is cut off.
+        """
+        offset = self._offset()
+        keep = min(offset, len(fed))
+        self._trim_to(keep)
+        self.cached_ids = list(fed[:keep])
+
+    def _offset(self) -> int:
+        return int(self.cache[0].offset) if self.cache else 0
+
+    def _trim_to(self, length: int) -> None:
+        for layer in self.cache:
+            extra = layer.offset - length
+            if extra > 0:
+                layer.trim(extra)
+
+    def reset_cache(self) -> None:
+        self.cache = self.prog.make_cache()
+        self.cached_ids = []
+
+    # ------------------------------------------------------------------ files
+
+    def to_json(self) -> dict:
+        return {"format": CHAT_FORMAT, "version": CHAT_VERSION, "model": self.prog.name,
+                "fingerprint": self.prog.fingerprint, "system": self.system, "messages": self.messages}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation as JSON (atomically: a temporary file, then a rename)."""
+        path = Path(path).expanduser()
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise PawError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation with one saved by :meth:`save` (the cache is reused where it matches)."""
+        system, messages = read_conversation(path)
+        self.system, self.messages = system, messages
+
+
+def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
+    """The system text and messages of a saved conversation, checked; PawError if malformed."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PawError(f"no such file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PawError(f"{path} is not a JSON conversation: {exc}") from None
+    if isinstance(data, list):  # a bare message list is accepted too
+        data = {"messages": data}
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise PawError(f"{path} holds no 'messages' list")
+    if data.get("format", CHAT_FORMAT) != CHAT_FORMAT or data.get("version", CHAT_VERSION) > CHAT_VERSION:
+        raise PawError(f"{path} is not a {CHAT_FORMAT} file of version <= {CHAT_VERSION}")
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise PawError(f"{path}: 'system' must be text")
+    messages = []
+    for i, message in enumerate(data["messages"]):
+        if (not isinstance(message, dict) or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)):
+            raise PawError(f"{path}: message {i} needs a role ({', '.join(ROLES)}) and text content")
+        if message["role"] == "system":
+            if i != 0:
+                raise PawError(f"{path}: a system message may only come first")
+            system = message["content"]
+            continue
+        messages.append({"role": message["role"], "content": message["content"]})
+    return system or None, messages
+
+
+def read_program_spec(directory: str | Path, base: LoadedProgram) -> tuple[str, str]:
+    """Name and spec text of a programs-as-weights artifact made for ``base``.
+
+    This is the chat view of a program: the spec becomes the system message. The fast
+    path, a precompiled KV-cache prefix, lives in ``paw_mlx.function``.
+    """
+    directory = Path(directory).expanduser()
+    path = directory / "program.json" if directory.is_dir() else directory
+    if not path.is_file():
+        raise ArtifactError(f"no program.json in {directory}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("spec"), str) or not data["spec"].strip():
+        raise ArtifactError(f"{path} holds no 'spec' text")
+    name = data.get("name") if isinstance(data.get("name"), str) else path.parent.name
+    made_for = _base_fingerprint(data)
+    if not made_for:
+        raise ArtifactError(f"{path} does not say which base model it was made for (no base fingerprint)")
+    if made_for != base.fingerprint:
+        raise ArtifactError(f"program {name} was made for base model {made_for}, this chat runs {base.fingerprint}")
+    return name, data["spec"]
+
+
+def _base_fingerprint(data: dict) -> str | None:
+    """The base model's fingerprint, under the names an artifact may use for it."""
+    if isinstance(data.get("base_fingerprint"), str):
+        return data["base_fingerprint"]
+    for key in ("base", "base_model", "base_program"):
+        value = data.get(key)
+        if isinstance(value, dict) and isinstance(value.get("fingerprint"), str):
+            return value["fingerprint"]
+    return None
