@@ -111,7 +111,8 @@ async def test_escape_stops_the_reply_and_keeps_what_was_written(make_app, prog,
             yield token
 
     monkeypatch.setattr(paw_mlx.chat, "stream_tokens", slow_stream_tokens)
-    monkeypatch.setattr(prog.tokenizer, "eos_token_ids", set())  # the random model may end early
+    # The random model may end early: no token ends this reply.
+    monkeypatch.setattr(type(prog), "eos_token_ids", property(lambda self: set()))
     app = make_app(max_tokens=200)
     async with app.run_test(size=(80, 24)) as pilot:
         app.query_one(PromptInput).text = "Tell me a long story."
@@ -140,7 +141,8 @@ async def test_input_while_generating_is_refused_not_lost(make_app, prog, monkey
             yield token
 
     monkeypatch.setattr(paw_mlx.chat, "stream_tokens", slow_stream_tokens)
-    monkeypatch.setattr(prog.tokenizer, "eos_token_ids", set())  # the random model may end early
+    # The random model may end early: no token ends this reply.
+    monkeypatch.setattr(type(prog), "eos_token_ids", property(lambda self: set()))
     app = make_app(max_tokens=100)
     async with app.run_test(size=(80, 24)) as pilot:
         app.query_one(PromptInput).text = "first"
