@@ -71,6 +71,9 @@ def load(path: str | Path) -> LoadedProgram:
     """Load and validate a program directory (or its prog.json) for generation."""
     program = read_program(path, known_ops=set(REGISTRY))
     model = GraphModel.from_program(program)
+    # mx.load's arrays are lazy and tied to the loading thread's stream; evaluating them
+    # here lets any thread (a chat worker, a thread pool of function calls) run the model.
+    mx.eval(model.consts)
     tokenizer = None
     if (program.directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))

@@ -75,3 +75,24 @@ def test_mlx_lm_generate_step_drives_the_program(prog):
     ours = list(generate_step(prog.model, ids, prog.make_cache(), max_tokens=8))
     theirs = [tok for tok, _ in mlx_lm_generate.generate_step(mx.array(ids), prog.model, max_tokens=8)]
     assert ours == theirs
+
+
+def test_a_program_loaded_on_one_thread_runs_on_others(tiny_program):
+    import threading
+
+    prog = paw_mlx.load(tiny_program)
+    expected = paw_mlx.generate(prog, "Hello", max_tokens=6)
+    results: list = []
+
+    def work():
+        try:
+            results.append(paw_mlx.generate(prog, "Hello", max_tokens=6))
+        except Exception as exc:  # collected and asserted below
+            results.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
