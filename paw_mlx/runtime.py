@@ -67,13 +67,24 @@ class LoadedProgram:
         return self.model.make_cache()
 
 
+def _arrays(consts: dict) -> list[mx.array]:
+    """Every array in the consts, including those inside prepared weights (e.g. ternary layouts)."""
+    found = []
+    for value in consts.values():
+        if isinstance(value, mx.array):
+            found.append(value)
+        elif hasattr(value, "__dict__"):
+            found.extend(v for v in vars(value).values() if isinstance(v, mx.array))
+    return found
+
+
 def load(path: str | Path) -> LoadedProgram:
     """Load and validate a program directory (or its prog.json) for generation."""
     program = read_program(path, known_ops=set(REGISTRY))
     model = GraphModel.from_program(program)
     # mx.load's arrays are lazy and tied to the loading thread's stream; evaluating them
     # here lets any thread (a chat worker, a thread pool of function calls) run the model.
-    mx.eval(model.consts)
+    mx.eval(_arrays(model.consts))
     tokenizer = None
     if (program.directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))
