@@ -112,6 +112,11 @@ class _LogitsOnly(torch.nn.Module):
 
 def use_paw_attention(model: torch.nn.Module) -> None:
     register_attention()
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        # Hand-written attention (BLOOM): exporter/recipes.py routes it to paw::attention.
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        return
     if hasattr(model, "set_attn_implementation"):
         try:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -115,3 +115,33 @@ def test_greedy_tokens_match_generate(cases, arch):
     got = list(generate_step(case.model, prompt, case.model.make_cache(), max_tokens=NEW_TOKENS))
     _record(arch, "greedy", got == case.greedy)
     assert got == case.greedy
+
+
+def _attention_attrs(case: Case) -> list[dict]:
+    spec = json.loads((case.dir / "prog.json").read_text())
+    return [node["attrs"] for node in spec["nodes"] if node["op"] == "attention"]
+
+
+#: What must reach the program's attention ops for the family's special attention to be
+#: captured by the op (rather than lost): per-layer windows, soft-caps, ALiBi.
+ATTENTION_FEATURES = {
+    "mistral": [{"window": 5}, {"window": 5}],
+    "ministral": [{"window": 5}, {"window": 0}],
+    "qwen2": [{"window": 0}, {"window": 5}],
+    "gemma2": [{"window": 5, "softcap": 5.0}, {"window": 0, "softcap": 5.0}],
+    "gemma3_text": [{"window": 5}, {"window": 0}],
+    "starcoder2": [{"window": 5}, {"window": 5}],
+    "exaone4": [{"window": 5}, {"window": 0}],
+    "bloom": [{"alibi_max_bias": 8.0}, {"alibi_max_bias": 8.0}],
+    "llama": [{"window": 0, "softcap": 0.0}, {"window": 0, "softcap": 0.0}],
+}
+
+
+@pytest.mark.parametrize("arch", [a for a in ATTENTION_FEATURES if a in ARCH_NAMES])
+def test_attention_features_reach_the_program(cases, arch):
+    attrs = _attention_attrs(cases(arch))
+    want = ATTENTION_FEATURES[arch]
+    assert len(attrs) == len(want)
+    for layer, (got, expected) in enumerate(zip(attrs, want, strict=True)):
+        assert got["layer"] == layer
+        assert {key: got.get(key, 0.0) for key in expected} == expected
