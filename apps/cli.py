@@ -88,6 +88,21 @@ def export_llama(
         "ternary-base3 (1.6 bits each); BitNet checkpoints are always packed ternary.")] = "float",
 ) -> None:
     """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
+    _export(src, out, dtype, force)
+
+
+@export_app.command("hf")
+def export_hf(
+    src: Annotated[str, typer.Argument(help=SRC_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")],
+    dtype: Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."""
+    _export(src, out, dtype, force)
+
+
+def _export(src: str, out: Path, dtype: str, force: bool) -> None:
     import time
 
     start = time.perf_counter()

@@ -394,6 +394,62 @@ def _rms_norm(low: Lowering, node):
 
 @aten("paw.attention.default")
 def _attention(low: Lowering, node):
-    q, k, v, layer, scale, window, softcap = node.args
-    return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v)],
-                    {"layer": int(layer), "scale": float(scale), "window": int(window), "softcap": float(softcap)})
+    q, k, v, layer, scale, window, softcap = node.args[:7]
+    attrs = {"layer": int(layer), "scale": float(scale), "window": int(window), "softcap": float(softcap)}
+    alibi = float(_arg(node, 7, "alibi_max_bias", 0.0))
+    if alibi > 0:
+        attrs["alibi_max_bias"] = alibi
+    return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v)], attrs)
+
+
+# ----------------------------------------------------------------------------- architecture coverage
+# (repeat, interleaved RoPE, MoE routing, stacking: what the families in tests/archs.py add)
+
+
+@aten("aten.repeat_interleave.self_int")
+def _repeat_interleave(low: Lowering, node):
+    x, repeats = node.args[:2]
+    dim = _arg(node, 2, "dim", None)
+    if not isinstance(repeats, int):
+        raise ExportError(f"repeat_interleave with a symbolic repeat count (node {node.name}) is not supported")
+    src = low.ref(x)
+    if dim is None:  # torch flattens first
+        src, dim = low.emit("reshape", [src], {"shape": [-1]}), 0
+    return low.emit("repeat_interleave", [src], {"repeats": repeats, "dim": dim})
+
+
+@aten("aten.repeat.default")
+def _repeat(low: Lowering, node):
+    return low.emit("tile", [low.ref(node.args[0])], {"reps": low.ref(list(node.args[1]))})
+
+
+@aten("aten.topk.default")
+def _topk(low: Lowering, node):
+    k = node.args[1]
+    dim = _arg(node, 2, "dim", -1)
+    largest = bool(_arg(node, 3, "largest", True))
+    return low.emit("topk", [low.ref(node.args[0])], {"k": low.ref(k), "dim": dim, "largest": largest}, outputs=2)
+
+
+@aten("aten.stack.default")
+def _stack(low: Lowering, node):
+    dim = _arg(node, 1, "dim", 0)
+    if dim < 0:
+        dim += _rank(node)
+    parts = [low.emit("unsqueeze", [low.ref(t)], {"dim": dim}) for t in node.args[0]]
+    return parts[0] if len(parts) == 1 else low.emit("cat", [parts], {"dim": dim})
+
+
+@aten("aten.zeros.default", "aten.ones.default")
+def _zeros(low: Lowering, node):
+    value = 1.0 if "ones" in str(node.target) else 0.0
+    return low.emit("full", [], {"shape": low.ref(list(node.args[0])), "value": value, "dtype": _out_dtype(node)})
+
+
+@aten("aten.one_hot.default")
+def _one_hot(low: Lowering, node):
+    x = node.args[0]
+    classes = int(node.meta["val"].shape[-1])
+    grid = low.emit("arange", [], {"start": 0, "end": classes, "step": 1, "dtype": _out_dtype(node)})
+    hit = low.emit("eq", [low.emit("unsqueeze", [low.ref(x)], {"dim": -1}), grid])
+    return low.emit("cast", [hit], {"dtype": _out_dtype(node)})

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
 
 import torch
 from torch.export import Dim
 
+from exporter import recipes
+from exporter.experts import use_paw_experts
 from interp.errors import ExportError
 
 ATTN_IMPLEMENTATION = "paw"
@@ -24,7 +27,8 @@ ATTN_IMPLEMENTATION = "paw"
 
 @torch.library.custom_op("paw::attention", mutates_args=())
 def paw_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float,
+    alibi_max_bias: float = 0.0,
 ) -> torch.Tensor:
     """Reference semantics of the program's ``attention`` op, without a cache."""
     groups = q.shape[1] // k.shape[1]
@@ -35,6 +39,8 @@ def paw_attention(
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
     length, total = q.shape[2], k.shape[2]
+    if alibi_max_bias > 0:
+        scores = scores + _alibi_slopes(q.shape[1], alibi_max_bias)[:, None, None] * torch.arange(total).float()
     rows = torch.arange(total - length, total)[:, None]
     cols = torch.arange(total)[None, :]
     allowed = cols <= rows
@@ -44,8 +50,18 @@ def paw_attention(
     return (scores.softmax(-1).to(v.dtype) @ v).contiguous()
 
 
+def _alibi_slopes(heads: int, max_bias: float) -> torch.Tensor:
+    """ALiBi's per-head slopes, as the interpreter computes them (interp/ops/nn.py)."""
+    closest = 2 ** math.floor(math.log2(heads))
+    slopes = [(2.0 ** (-max_bias / closest)) ** i for i in range(1, closest + 1)]
+    if closest != heads:
+        extra = 2.0 ** (-max_bias / (2 * closest))
+        slopes += [extra**i for i in range(1, 1 + 2 * min(closest, heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 @paw_attention.register_fake
-def _paw_attention_fake(q, k, v, layer, scale, window, softcap):
+def _paw_attention_fake(q, k, v, layer, scale, window, softcap, alibi_max_bias=0.0):
     return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
 
 
@@ -96,6 +112,11 @@ class _LogitsOnly(torch.nn.Module):
 
 def use_paw_attention(model: torch.nn.Module) -> None:
     register_attention()
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        # Hand-written attention (BLOOM): exporter/recipes.py routes it to paw::attention.
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        return
     if hasattr(model, "set_attn_implementation"):
         try:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -116,6 +137,7 @@ def context_length(config) -> int:
 def capture(model: torch.nn.Module) -> torch.export.ExportedProgram:
     """torch.export the model with dynamic batch and sequence length."""
     use_paw_attention(model)
+    use_paw_experts(model)
     model.eval()
     max_len = context_length(model.config)
     wrapper = _LogitsOnly(model)
@@ -127,7 +149,8 @@ def capture(model: torch.nn.Module) -> torch.export.ExportedProgram:
     shapes = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
     quiet = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), _quiet_torch_logs(), torch.no_grad():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), _quiet_torch_logs(), torch.no_grad(), \
+                recipes.applied(model):
             warnings.simplefilter("ignore")
             exported = torch.export.export(wrapper, (ids, pos), dynamic_shapes=shapes, strict=True)
             # An empty table keeps composite ops (linear, silu, ...) that map 1:1 onto ours.

@@ -179,6 +179,13 @@ _op("gather", "shape", "torch.gather: out[i][j] = x[i][index[i][j]] along dim",
     [_t("x"), _t("index")], [_attr("dim", INT)])
 _op("tril", "shape", "lower triangle (diagonal offset k), zeros elsewhere", [_t("x")], [_attr("k", INT, default=0)])
 _op("triu", "shape", "upper triangle (diagonal offset k), zeros elsewhere", [_t("x")], [_attr("k", INT, default=0)])
+_op("repeat_interleave", "shape", "repeat each element `repeats` times along dim (torch.repeat_interleave)",
+    [_t("x")], [_attr("repeats", INT), _attr("dim", INT)])
+_op("tile", "shape", "repeat the whole tensor `reps` times per axis (torch.Tensor.repeat); reps may be longer "
+    "than x's rank, adding leading axes", [_t("x")], [_attr("reps", INTS)])
+_op("topk", "shape", "the k largest (or smallest) entries along dim, sorted, and their int64 indices",
+    [_t("x")], [_attr("k", INT), _attr("dim", INT, default=-1), _attr("largest", BOOL, default=True)],
+    outputs=("values", "indices"))
 
 # ----------------------------------------------------------------------------- creation and types
 _op("cast", "type", "convert to dtype", [_t("x")], [_attr("dtype", DTYPE)])
@@ -203,10 +210,13 @@ _op("attention", "nn",
     "for the L new positions only. The interpreter appends k, v to the cache of `layer` and "
     "attends over cache + new, causally aligned to the end (the last query sees every key). "
     "Hq must be a multiple of Hkv (grouped-query attention). window > 0 limits each query to "
-    "the last `window` keys; softcap > 0 applies softcap * tanh(scores / softcap). Output [B, Hq, L, D].",
+    "the last `window` keys; softcap > 0 applies softcap * tanh(scores / softcap). alibi_max_bias > 0 adds "
+    "ALiBi: slope_h * key_position to head h's scores, with slopes 2 ** (-alibi_max_bias * (h + 1) / Hq) "
+    "(ALiBi's interleaving rule when Hq is not a power of two). Output [B, Hq, L, D].",
     [_t("q"), _t("k"), _t("v")],
     [_attr("layer", INT, "KV cache slot"), _attr("scale", FLOAT, "score scale"),
-     _attr("window", INT, "sliding window, 0 for none", 0), _attr("softcap", FLOAT, "0 for none", 0.0)])
+     _attr("window", INT, "sliding window, 0 for none", 0), _attr("softcap", FLOAT, "0 for none", 0.0),
+     _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0)])
 
 # ----------------------------------------------------------------------------- symbolic ints
 _op("sym_size", "symbolic", "the size of axis dim of x, as a symbolic int", [_t("x")], [_attr("dim", INT)],

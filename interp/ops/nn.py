@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from interp.ops.registry import implementation
@@ -45,11 +47,14 @@ def rms_norm(x, weight=None, *, eps):
 
 
 @implementation("attention", needs_context=True)
-def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0):
+def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0):
     cache = ctx.cache[layer] if ctx.cache is not None else None
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
     length = q.shape[2]
+    if alibi_max_bias > 0:
+        return _attention_explicit(q, k, v, scale=scale, window=window, softcap=softcap,
+                                   alibi=alibi_slopes(q.shape[1], alibi_max_bias))
     if window <= 0 and softcap <= 0:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
@@ -68,8 +73,19 @@ def causal_mask(length: int, total: int, window: int = 0) -> mx.array:
     return mask
 
 
-def _attention_explicit(q, k, v, *, scale, window, softcap):
-    """Attention with a sliding window and/or logit soft-capping, in float32 scores."""
+def alibi_slopes(heads: int, max_bias: float) -> mx.array:
+    """ALiBi's per-head slopes (Press et al.; BLOOM uses max_bias 8), float32 [heads]."""
+    closest = 2 ** math.floor(math.log2(heads))
+    base = 2.0 ** (-max_bias / closest)
+    slopes = [base**i for i in range(1, closest + 1)]
+    if closest != heads:
+        extra = 2.0 ** (-max_bias / (2 * closest))
+        slopes += [extra**i for i in range(1, 1 + 2 * min(closest, heads - closest), 2)]
+    return mx.array(slopes, dtype=mx.float32)
+
+
+def _attention_explicit(q, k, v, *, scale, window, softcap, alibi=None):
+    """Attention with a sliding window, logit soft-capping and/or ALiBi, in float32 scores."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = mx.repeat(k, groups, axis=1)
@@ -77,6 +93,10 @@ def _attention_explicit(q, k, v, *, scale, window, softcap):
     scores = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
     if softcap > 0:
         scores = mx.tanh(scores / softcap) * softcap
+    if alibi is not None:
+        # slope * key position; the query's own position would add a per-row constant,
+        # which softmax ignores.
+        scores = scores + alibi[:, None, None] * mx.arange(k.shape[2], dtype=mx.float32)
     mask = causal_mask(q.shape[2], k.shape[2], window)
     scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=mx.float32))
     weights = mx.softmax(scores, axis=-1).astype(v.dtype)

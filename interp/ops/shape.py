@@ -122,3 +122,23 @@ def full_like(x, *, value, dtype=None):
 @implementation("cumsum")
 def cumsum(x, *, dim):
     return mx.cumsum(x, axis=dim)
+
+
+@implementation("repeat_interleave")
+def repeat_interleave(x, *, repeats, dim):
+    return mx.repeat(x, repeats, axis=dim)
+
+
+@implementation("tile")
+def tile(x, *, reps):
+    return mx.tile(x, list(reps))
+
+
+@implementation("topk")
+def topk(x, *, k, dim=-1, largest=True):
+    # A full sort, then the first k: sorted like torch.topk (MoE routers sort over a few experts).
+    order = mx.argsort(-x if largest else x, axis=dim)
+    index = [slice(None)] * x.ndim
+    index[dim] = slice(0, k)
+    indices = order[tuple(index)]
+    return mx.take_along_axis(x, indices, axis=dim), indices.astype(mx.int64)

@@ -1,0 +1,60 @@
+"""Tiny random configs of every architecture paw is tested on (no download).
+
+Each entry is a model_type and the config overrides that make it tiny (hidden 64, two
+layers, vocab 384) while still exercising what is special about the family: sliding
+windows short enough to matter, soft-capping, partial rotary, MoE routing, ALiBi.
+"""
+
+from __future__ import annotations
+
+VOCAB = 384
+WINDOW = 5  # shorter than the test prompts, so sliding-window layers really slide
+
+_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+
+# Gemma and BLOOM untie their embeddings here: tied, these random models greedily repeat one
+# token, which makes the greedy comparison weak. Tied embeddings stay covered by gpt2, opt, ...
+ARCHS: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=WINDOW),
+    "ministral": dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention"]),
+    "qwen3": dict(head_dim=16),
+    "gemma": dict(head_dim=16, tie_word_embeddings=False),
+    "gemma2": dict(head_dim=16, tie_word_embeddings=False, sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   query_pre_attn_scalar=16),
+    "gemma3_text": dict(head_dim=16, tie_word_embeddings=False, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "phi": dict(partial_rotary_factor=0.5),
+    "phi3": dict(partial_rotary_factor=0.5),
+    "gpt2": dict(n_inner=128),
+    "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True),
+    "olmo": dict(clip_qkv=4.0),
+    "olmo2": {},
+    "stablelm": dict(partial_rotary_factor=0.25, use_qkv_bias=True, qk_layernorm=True),
+    "starcoder2": dict(sliding_window=WINDOW, use_bias=True),
+    "granite": dict(embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.2),
+    "cohere": dict(logit_scale=0.5, use_qk_norm=False),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, decoder_sparse_step=1, norm_topk_prob=False),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "bloom": dict(n_head=4, tie_word_embeddings=False),
+    "helium": dict(head_dim=16),
+    "exaone4": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    "smollm3": dict(no_rope_layers=[1, 0]),
+}
+
+
+def arch_config(model_type: str):
+    """The tiny float32 config of ``model_type``."""
+    from transformers import AutoConfig
+
+    params = dict(_BASE)
+    params.update(ARCHS[model_type])
+    config = AutoConfig.for_model(model_type, **params)
+    config.dtype = "float32"
+    return config
