@@ -1,7 +1,7 @@
 """Print (or write into docs/architectures.md) the architecture coverage table, from test results.
 
     python scripts/coverage_table.py            # run the parity tests, print the table
-    python scripts/coverage_table.py --write    # ... and rewrite the block in docs/architectures.md
+    python scripts/coverage_table.py --write    # ... and rewrite the block in docs/architectures.md and README.md
     python scripts/coverage_table.py --results results.json   # use results a test run already wrote
 
 The numbers come from tests/exporter/test_architectures.py (which writes them to the file
@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architectures.md"
+README = ROOT / "README.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 TEST = "tests/exporter/test_architectures.py"
 
@@ -73,7 +74,7 @@ def write_block(table: str, doc: Path = DOC) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, help="JSON written by the tests (PAW_ARCH_RESULTS); default: run them")
-    parser.add_argument("--write", action="store_true", help=f"rewrite the table block in {DOC.relative_to(ROOT)}")
+    parser.add_argument("--write", action="store_true", help="rewrite the table block in docs/architectures.md and README.md")
     args = parser.parse_args()
     if args.results is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +86,8 @@ def main() -> None:
     table = render(results)
     print(table, end="")
     if args.write:
-        write_block(table)
+        for doc in (DOC, README):
+            write_block(table, doc)
 
 
 if __name__ == "__main__":
