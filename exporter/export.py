@@ -97,8 +97,14 @@ def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
 
 
 def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
-                 force: bool = False, progress: Progress | None = None) -> Path:
-    """Export an in-memory transformers model (and its tokenizer) to ``out_dir``."""
+                 force: bool = False, progress: Progress | None = None, fuse: bool = True,
+                 quantize: int = 0, group_size: int = 64) -> Path:
+    """Export an in-memory transformers model (and its tokenizer) to ``out_dir``.
+
+    ``fuse`` runs the fusion passes (exporter/fuse.py: RMSNorm, RoPE -> mx.fast ops);
+    ``quantize`` > 0 stores linear and embedding weights affine-quantized to that many
+    bits in groups of ``group_size`` (exporter/quantize.py).
+    """
     say = progress or (lambda msg: None)
     first = next(model.parameters(), None)
     dtype = dtype or (str(first.dtype).removeprefix("torch.") if first is not None else "float32")
@@ -110,6 +116,17 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     say("lowering aten ops to program ops")
     low, outputs = lower(exported)
     eliminate_dead_code(low, outputs)
+    if fuse:
+        from exporter.fuse import fuse as run_fusion
+
+        fused = run_fusion(low)
+        say("fused " + ", ".join(f"{count} {name}" for name, count in fused.items()))
+        eliminate_dead_code(low, outputs)
+    if quantize:
+        from exporter.quantize import quantize_weights
+
+        count = quantize_weights(low, quantize, group_size)
+        say(f"quantized {count} weights to {quantize} bits (groups of {group_size})")
     spec = build_spec(model, tokenizer, low, outputs, dtype, source_info or {})
     out = Path(out_dir)
     say(f"writing {out}")
@@ -125,7 +142,7 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
 
 
 def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", force: bool = False,
-                  progress: Progress | None = None) -> Path:
+                  progress: Progress | None = None, **options) -> Path:
     """Export a model named by alias, GGUF path, folder or hub id."""
     say = progress or (lambda msg: None)
     if dtype not in DTYPES:
@@ -140,7 +157,8 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
         info["revision"] = revision
-    return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress)
+    return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
+                        **options)
 
 
 def _version(package: str) -> str:

@@ -8,7 +8,7 @@ with ``needs_context`` and take it as their first argument.
 
 from __future__ import annotations
 
-from interp.ops import elementwise, nn, reduction, shape, symbolic  # noqa: E402,F401  (fill the registry)
+from interp.ops import elementwise, fused, nn, reduction, shape, symbolic  # noqa: E402,F401  (fill the registry)
 from interp.ops.registry import REGISTRY, Handler, implementation
 
 __all__ = ["REGISTRY", "Handler", "implementation"]
