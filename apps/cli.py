@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from apps.bench_cmd import bench
 from interp.errors import PawError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ export_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(export_app, name="export")
+app.command("bench")(bench)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -53,6 +55,9 @@ def export_llama(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")] = Path("smollm2"),
     dtype: Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fuse RMSNorm and RoPE patterns into mx.fast ops.")] = True,
+    quantize: Annotated[int, typer.Option("--quantize", help="Store linear/embedding weights as N-bit affine (4 or 8); 0 keeps floats.")] = 0,
+    group_size: Annotated[int, typer.Option("--group-size", help="Quantization group size (32, 64, 128).")] = 64,
 ) -> None:
     """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
     import time
@@ -62,7 +67,8 @@ def export_llama(
         from exporter.export import export_source
     except ImportError as exc:
         fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
-    path = export_source(src, out, dtype=dtype, force=force, progress=_progress)
+    path = export_source(src, out, dtype=dtype, force=force, progress=_progress, fuse=fuse, quantize=quantize,
+                         group_size=group_size)
     typer.echo(f"exported {src} -> {path}/prog.json in {time.perf_counter() - start:.1f} s", err=True)
 
 

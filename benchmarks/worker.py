@@ -63,7 +63,7 @@ def run_paw(args) -> dict:
     from interp.generate import generate_step
 
     start = time.perf_counter()
-    prog = paw_mlx.load(args.path, **({} if not args.no_compile else {"compile": False}))
+    prog = paw_mlx.load(args.path, compile=not args.no_compile)
     load_s = time.perf_counter() - start
     vocab = int(prog.program.model_info.get("vocab_size") or 0)
 

@@ -54,10 +54,14 @@ class LoadedProgram:
         return self.model.make_cache()
 
 
-def load(path: str | Path) -> LoadedProgram:
-    """Load and validate a program directory (or its prog.json) for generation."""
+def load(path: str | Path, *, compile: bool = True) -> LoadedProgram:  # noqa: A002 - mx.compile's name
+    """Load and validate a program directory (or its prog.json) for generation.
+
+    ``compile`` runs one-token decode steps through mx.compile'd segments
+    (interp/compiled.py); turn it off to measure or debug the plain interpreter.
+    """
     program = read_program(path, known_ops=set(REGISTRY))
-    model = GraphModel.from_program(program)
+    model = GraphModel.from_program(program, compile_decode=compile)
     tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))
     return LoadedProgram(program=program, model=model, tokenizer=tokenizer)
 
