@@ -215,11 +215,15 @@ def _frequencies(g: _Graph, emb: Any):
     mul = g.node(f, "mul")
     if f != f2 or mul is None:
         return None
-    for inv in mul["inputs"]:
+    for factor in mul["inputs"]:
+        inv = factor
+        upcast = g.node(factor, "cast")  # a bf16/f16 model keeps inv_freq in its dtype and upcasts it
+        if upcast is not None and upcast["attrs"].get("dtype") == "float32":
+            inv = upcast["inputs"][0]
         const = g.low.consts.get(inv) if isinstance(inv, str) else None
         if const is None or const.dim() != 1:
             continue
-        pos = _other(mul, inv)
+        pos = _other(mul, factor)
         cast = g.node(pos, "cast")
         if cast is not None and cast["attrs"].get("dtype") == "float32":
             pos = cast["inputs"][0]

@@ -29,7 +29,7 @@ def _logits(path, ids=IDS, compile_decode=False) -> np.ndarray:
     outs = [model(mx.array([row[:-3] for row in ids]), cache=cache)]
     for i in range(3, 0, -1):
         outs.append(model(mx.array([[row[-i]] for row in ids]), cache=cache))
-    return np.array(mx.concatenate(outs, axis=1))
+    return np.array(mx.concatenate(outs, axis=1).astype(mx.float32))
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,13 @@ def test_quantized_program_matches_mlx_quantized_reference(programs):
     ref = ref_model(mx.array(IDS), cache=ref_model.make_cache())
     got = GraphModel.from_program(program)(mx.array(IDS), cache=None)
     np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_program_fuses_rope_with_upcast_frequencies(tmp_path):
+    """A bf16 model keeps inv_freq in bf16 and upcasts it: the pattern still fuses."""
+    config = tiny_llama_config(num_hidden_layers=1)
+    path = export_tiny(config, tmp_path / "bf16", dtype="bfloat16")
+    ops = _ops(path)
+    assert ops["rope"] == 2 and ops["rms_norm"] == 3 and ops["cos"] == 0
+    plain = export_tiny(config, tmp_path / "bf16-plain", dtype="bfloat16", fuse=False)
+    np.testing.assert_allclose(_logits(path), _logits(plain), atol=0.1, rtol=0)
