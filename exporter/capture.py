@@ -134,8 +134,18 @@ def context_length(config) -> int:
     return 4096
 
 
-def capture(model: torch.nn.Module) -> torch.export.ExportedProgram:
-    """torch.export the model with dynamic batch and sequence length."""
+#: Capture modes tried in order. Non-strict export traces with the real Python (no
+#: dynamo bytecode analysis) and is about 3x faster; it produced a node-for-node
+#: identical program for Llama here. Strict stays as the fallback for models whose
+#: Python non-strict tracing cannot follow.
+CAPTURE_MODES = (False, True)
+
+
+def capture(model: torch.nn.Module, strict: bool | None = None) -> torch.export.ExportedProgram:
+    """torch.export the model with dynamic batch and sequence length.
+
+    ``strict`` None tries non-strict capture first and falls back to strict.
+    """
     use_paw_attention(model)
     use_paw_experts(model)
     model.eval()
@@ -147,19 +157,23 @@ def capture(model: torch.nn.Module) -> torch.export.ExportedProgram:
     batch = Dim("batch", min=1, max=1024)
     seq = Dim("seq", min=1, max=max(2, max_len - 1))
     shapes = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
-    quiet = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), _quiet_torch_logs(), torch.no_grad(), \
-                recipes.applied(model):
-            warnings.simplefilter("ignore")
-            exported = torch.export.export(wrapper, (ids, pos), dynamic_shapes=shapes, strict=True)
-            # An empty table keeps composite ops (linear, silu, ...) that map 1:1 onto ours.
-            exported = exported.run_decompositions({})
-    except ExportError:
-        raise
-    except Exception as exc:  # torch raises many types; report the construct that failed
-        raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from None
-    return exported
+    modes = CAPTURE_MODES if strict is None else (strict,)
+    for attempt, mode in enumerate(modes):
+        quiet = io.StringIO()
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), _quiet_torch_logs(), torch.no_grad(), \
+                    recipes.applied(model):
+                warnings.simplefilter("ignore")
+                exported = torch.export.export(wrapper, (ids, pos), dynamic_shapes=shapes, strict=mode)
+                # An empty table keeps composite ops (linear, silu, ...) that map 1:1 onto ours.
+                return exported.run_decompositions({})
+        except ExportError:
+            raise
+        except Exception as exc:  # torch raises many types; report the construct that failed
+            if attempt + 1 < len(modes):
+                continue
+            raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from None
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

@@ -98,13 +98,19 @@ def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
 
 
 def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
-                 force: bool = False, progress: Progress | None = None, weights: str = "float") -> Path:
+                 force: bool = False, progress: Progress | None = None, weights: str = "float",
+                 fuse: bool = True, quantize: int = 0, group_size: int = 64) -> Path:
     """Export an in-memory transformers model (and its tokenizer) to ``out_dir``.
 
     ``weights``: "float", or "ternary" / "ternary-base3" to pack linear layers as ternary
     (exporter/ternary.py); BitNet checkpoints are packed exactly in every mode.
+    ``fuse`` runs the fusion passes (exporter/fuse.py: RMSNorm, RoPE -> mx.fast ops);
+    ``quantize`` > 0 stores linear and embedding weights affine-quantized to that many
+    bits in groups of ``group_size`` (exporter/quantize.py).
     """
     say = progress or (lambda msg: None)
+    if quantize and weights != "float":
+        raise ExportError("--quantize and --weights ternary are exclusive: choose one weight format")
     first = next(model.parameters(), None)
     dtype = dtype or (str(first.dtype).removeprefix("torch.") if first is not None else "float32")
     if dtype not in DTYPES:
@@ -119,6 +125,17 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     packed = ternarize_program(low, outputs, ternary_plan) if ternary_plan.active else 0
     if packed:
         say(f"packed {packed} linear weights as ternary ({ternary_plan.packing})")
+    if fuse:
+        from exporter.fuse import fuse as run_fusion
+
+        fused = run_fusion(low)
+        say("fused " + ", ".join(f"{count} {name}" for name, count in fused.items()))
+        eliminate_dead_code(low, outputs)
+    if quantize:
+        from exporter.quantize import quantize_weights
+
+        count = quantize_weights(low, quantize, group_size)
+        say(f"quantized {count} weights to {quantize} bits (groups of {group_size})")
     spec = build_spec(model, tokenizer, low, outputs, dtype, source_info or {})
     if packed:
         spec["model"]["ternary"] = {"packing": ternary_plan.packing, "linear_weights": packed}
@@ -136,8 +153,8 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
 
 
 def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", force: bool = False,
-                  progress: Progress | None = None, weights: str = "float") -> Path:
-    """Export a model named by alias, GGUF path, folder or hub id."""
+                  progress: Progress | None = None, weights: str = "float", **options) -> Path:
+    """Export a model named by alias, GGUF path, folder or hub id (options as ``export_model``)."""
     say = progress or (lambda msg: None)
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -154,7 +171,7 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     if revision:
         info["revision"] = revision
     return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
-                        weights=weights)
+                        weights=weights, **options)
 
 
 def _version(package: str) -> str:

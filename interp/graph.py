@@ -28,6 +28,10 @@ class RunContext:
     """What context-needing ops (attention) see during one call."""
 
     cache: list | None
+    #: the position of every row's first new token when positions are offset + arange(L)
+    #: (the graph model made them); None when the caller gave positions. Lets ``rope``
+    #: use mx.fast.rope. An int, or a scalar array inside compiled segments.
+    offset: Any = None
 
 
 _Step = Callable[[dict, RunContext], None]
@@ -88,7 +92,7 @@ def _compile_node(node) -> _Step:
 class GraphModel:
     """An executable program. Call it like an mlx-lm model: ``logits = model(ids, cache)``."""
 
-    def __init__(self, program: Program, consts: dict[str, mx.array]):
+    def __init__(self, program: Program, consts: dict[str, mx.array], compile_decode: bool = True):
         self.program = program
         self.consts = prepare_ternary_consts(program.nodes, consts)  # packed ternary weights, laid out once
         self.input_names = [i["name"] for i in program.spec["inputs"]]
@@ -97,23 +101,26 @@ class GraphModel:
         self.num_layers = program.num_layers
         # mlx-lm sizes its default cache with len(model.layers).
         self.layers = [None] * self.num_layers
+        #: run one-token steps through mx.compile'd segments (interp/compiled.py)
+        self.compile_decode = compile_decode
+        self._decoder = None
 
     @classmethod
-    def from_program(cls, program: Program) -> GraphModel:
+    def from_program(cls, program: Program, compile_decode: bool = True) -> GraphModel:
         try:
             consts = mx.load(str(program.consts_path))
         except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
             raise WeightsError(f"cannot read {program.consts_path}: {exc}") from None
-        return cls(program, consts)
+        return cls(program, consts, compile_decode=compile_decode)
 
     def make_cache(self) -> list[KVCache]:
         return make_cache(self.num_layers)
 
-    def run(self, inputs: dict[str, mx.array], cache: list | None = None) -> dict[str, Any]:
+    def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None) -> dict[str, Any]:
         """Evaluate the graph on named inputs; returns the named outputs (lazy arrays)."""
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
-        ctx = RunContext(cache=cache)
+        ctx = RunContext(cache=cache, offset=offset)
         for step in self._steps:
             step(env, ctx)
         return {name: env[name] for name in self.output_names}
@@ -123,10 +130,22 @@ class GraphModel:
         if tokens.ndim == 1:
             tokens = tokens[None]
         batch, length = tokens.shape
+        offset = None
         if positions is None:
             offset = cache[0].offset if cache else 0
             positions = mx.broadcast_to(mx.arange(offset, offset + length, dtype=mx.int32), (batch, length))
         inputs = {"input_ids": tokens.astype(mx.int32)}
         if "position_ids" in self.input_names:
             inputs["position_ids"] = positions
-        return self.run(inputs, cache)["logits"]
+        if self.compile_decode and length == 1 and offset is not None and cache:
+            decoder = self._compiled()
+            if decoder is not None:
+                return decoder.run(inputs, cache, offset)["logits"]
+        return self.run(inputs, cache, offset)["logits"]
+
+    def _compiled(self):
+        if self._decoder is None:
+            from interp.compiled import CompiledDecoder
+
+            self._decoder = CompiledDecoder(self)
+        return self._decoder if self._decoder.supported else None

@@ -218,6 +218,25 @@ _op("attention", "nn",
      _attr("window", INT, "sliding window, 0 for none", 0), _attr("softcap", FLOAT, "0 for none", 0.0),
      _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0)])
 
+_op("rope", "nn",
+    "rotate-half rotary position embedding (fused by the exporter from HF's pattern). x: [B, H, L, D] "
+    "with D = 2 * len(inv_freq); positions: [B, L] integer positions; angle = positions * inv_freq; "
+    "out = (x * cos(cat(angle, angle)) + rotate_half(x) * sin(cat(angle, angle))) * mscale, "
+    "where rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]).",
+    [_t("x"), _t("positions"), _t("inv_freq")],
+    [_attr("mscale", FLOAT, "factor on cos and sin (HF's attention_scaling)", 1.0)])
+_op("quantized_linear", "nn",
+    "x @ dequantize(weight).T + bias with MLX's affine layout: weight uint32 [out, in * bits / 32] "
+    "packs `bits`-bit codes q (lowest bits first), scales and biases [out, in / group_size]; "
+    "w = q * scale + bias per group of group_size inputs (mx.quantized_matmul).",
+    [_t("x"), _t("weight"), _t("scales"), _t("biases"), _opt("bias")],
+    [_attr("group_size", INT), _attr("bits", INT)])
+_op("quantized_embedding", "nn",
+    "rows of an affine-quantized weight (layout as quantized_linear) picked by integer indices, "
+    "dequantized to scales' dtype",
+    [_t("weight"), _t("scales"), _t("biases"), _t("indices")],
+    [_attr("group_size", INT), _attr("bits", INT)])
+
 # ----------------------------------------------------------------------------- symbolic ints
 _op("sym_size", "symbolic", "the size of axis dim of x, as a symbolic int", [_t("x")], [_attr("dim", INT)],
     symbolic=True)

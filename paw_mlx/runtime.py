@@ -78,10 +78,14 @@ def _arrays(consts: dict) -> list[mx.array]:
     return found
 
 
-def load(path: str | Path) -> LoadedProgram:
-    """Load and validate a program directory (or its prog.json) for generation."""
+def load(path: str | Path, *, compile: bool = True) -> LoadedProgram:  # noqa: A002 - mx.compile's name
+    """Load and validate a program directory (or its prog.json) for generation.
+
+    ``compile`` runs one-token decode steps through mx.compile'd segments
+    (interp/compiled.py); turn it off to measure or debug the plain interpreter.
+    """
     program = read_program(path, known_ops=set(REGISTRY))
-    model = GraphModel.from_program(program)
+    model = GraphModel.from_program(program, compile_decode=compile)
     # mx.load's arrays are lazy and tied to the loading thread's stream; evaluating them
     # here lets any thread (a chat worker, a thread pool of function calls) run the model.
     mx.eval(_arrays(model.consts))

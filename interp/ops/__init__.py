@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from interp.ops import (  # noqa: E402,F401  (fill the registry)
     elementwise,
+    fused,
     nn,
     reduction,
     shape,
     symbolic,
-    ternary,  # noqa: E402,F401
+    ternary,
 )
 from interp.ops.registry import REGISTRY, Handler, implementation
 

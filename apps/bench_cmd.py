@@ -1,0 +1,48 @@
+"""``paw bench``: paw against mlx-lm and transformers on the same weights, one table.
+
+The work lives in the ``benchmarks`` package (harness, per-engine workers); this is the
+Typer face. Heavy imports happen inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _split(values: list[str]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def bench(
+    src: Annotated[str, typer.Argument(help="The model: 'smollm2', a .gguf file or a Hugging Face folder.")] = "smollm2",
+    dtypes: Annotated[list[str], typer.Option("--dtypes", help="Variants: float32, bfloat16, q4 (comma list).")] = ["float32,bfloat16,q4"],  # noqa: B006
+    engines: Annotated[list[str], typer.Option("--engines", help="paw, paw-nocompile, paw-nofuse, mlx-lm, transformers, ceiling.")] = ["paw,mlx-lm,transformers,ceiling"],  # noqa: B006
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length (prefill).")] = 512,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Tokens to decode greedily.")] = 256,
+    group_size: Annotated[int, typer.Option("--group-size", help="Group size of the q4 variant.")] = 64,
+    program: Annotated[list[str], typer.Option("--program", help="Use an existing paw program: VARIANT=PATH.")] = [],  # noqa: B006
+    results: Annotated[Path, typer.Option("--results", help="Directory for the JSON and markdown results.")] = Path("benchmarks/results"),
+    docs: Annotated[Path | None, typer.Option("--docs", help="Also rewrite the table in this markdown page (e.g. docs/benchmarks.md).")] = None,
+) -> None:
+    """Measure prefill, decode, time to first token, peak memory and load time per engine."""
+    from benchmarks.harness import BenchConfig, print_table, run_bench, write_results
+    from interp.errors import PawError
+
+    programs = {}
+    for item in program:
+        variant, sep, path = item.partition("=")
+        if not sep:
+            raise PawError(f"--program takes VARIANT=PATH, got {item!r}")
+        programs[variant] = path
+    config = BenchConfig(src=src, dtypes=_split(dtypes), engines=_split(engines), prompt_tokens=prompt_tokens,
+                         decode_tokens=decode_tokens, group_size=group_size, programs=programs, results_dir=results)
+    try:
+        report = run_bench(config, say=lambda msg: typer.echo(f"  {msg}", err=True))
+    except ValueError as exc:
+        raise PawError(str(exc)) from None
+    print_table(report)
+    json_path, md_path = write_results(report, results, docs)
+    typer.echo(f"wrote {json_path} and {md_path}", err=True)

@@ -1,0 +1,247 @@
+"""Plan a benchmark run, run every engine in its own process, and report the table.
+
+Variants (``--dtypes``): ``float32``, ``bfloat16`` and ``q4`` (4-bit affine weights in
+groups of 64 over float32, for paw and mlx-lm alike; transformers has no CPU
+equivalent and runs only the float variants). Engines (``--engines``):
+
+- ``paw``: paw's interpreter (fused program, compiled decode)
+- ``paw-nocompile``: the same program with decode compilation off
+- ``paw-nofuse``: a program exported with ``--no-fuse``, decode compilation off
+- ``mlx-lm``: ``mlx_lm.convert`` of the same weights, run by mlx-lm's ``generate_step``
+- ``transformers``: transformers eager (torch, CPU)
+- ``ceiling``: MLX matvec over exactly the weights a decoded token reads (a bound, not a model)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks import prepare
+
+VARIANTS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0), "q4": ("float32", 4)}
+ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "mlx-lm", "transformers", "ceiling")
+DEFAULT_ENGINES = ("paw", "mlx-lm", "transformers", "ceiling")
+RESULTS_DIR = Path(__file__).parent / "results"
+RESULT_TAG = "PAW-BENCH-RESULT "
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    src: str = "smollm2"
+    dtypes: list[str] = field(default_factory=lambda: list(VARIANTS))
+    engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
+    prompt_tokens: int = 512
+    decode_tokens: int = 256
+    group_size: int = 64
+    programs: dict[str, str] = field(default_factory=dict)  # variant -> existing paw program
+    timeout_s: float = 3600.0
+    results_dir: Path = RESULTS_DIR
+
+
+def machine() -> dict:
+    """Where the numbers come from."""
+    import mlx.core as mx
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "mlx": _version("mlx"),
+            "mlx_lm": _version("mlx-lm"), "torch": _version("torch"), "transformers": _version("transformers"),
+            "device": str(mx.default_device()), "metal": bool(mx.metal.is_available())}
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def run_engine(engine: str, path: Path, dtype: str, config: BenchConfig) -> dict:
+    """Start one worker process and return its parsed result (or an error record)."""
+    worker_engine = "paw" if engine.startswith("paw") else engine
+    cmd = [sys.executable, "-m", "benchmarks.worker", "--engine", worker_engine, "--path", str(path),
+           "--dtype", dtype, "--prompt-tokens", str(config.prompt_tokens),
+           "--decode-tokens", str(config.decode_tokens)]
+    if engine in ("paw-nocompile", "paw-nofuse"):
+        cmd.append("--no-compile")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=config.timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {config.timeout_s:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            result["wall_s"] = time.perf_counter() - start
+            return result
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {done.returncode}: {tail[:300]}"}
+
+
+def _paths(variant: str, engine: str, config: BenchConfig, root: Path, hf: Path, say: Say) -> Path | None:
+    dtype, bits = VARIANTS[variant]
+    if engine == "transformers":
+        return hf if not bits else None
+    if engine == "mlx-lm":
+        return prepare.mlx_lm_model(hf, root, dtype, bits, config.group_size, say)
+    if engine == "paw-nofuse":
+        return prepare.paw_program(hf, root, dtype, bits, config.group_size, say, fuse=False)
+    if variant in config.programs:
+        return Path(config.programs[variant])
+    return prepare.paw_program(hf, root, dtype, bits, config.group_size, say)
+
+
+def run_bench(config: BenchConfig, say: Say = print) -> dict:
+    """Prepare every engine's weights, measure each engine, and return the report."""
+    unknown = [d for d in config.dtypes if d not in VARIANTS] + [e for e in config.engines if e not in ENGINES]
+    if unknown:
+        raise ValueError(f"unknown dtype or engine: {', '.join(unknown)}")
+    root = prepare.bench_dir() / prepare.source_key(config.src)
+    hf = prepare.hf_folder(config.src, root, say)
+    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    for variant in config.dtypes:
+        dtype = VARIANTS[variant][0]
+        paths = {e: _paths(variant, e, config, root, hf, say) for e in config.engines}
+        for engine in config.engines:
+            if paths[engine] is None:
+                continue
+            say(f"{variant}: {engine}")
+            ceiling_path = paths.get("paw") or paths.get("paw-nocompile") or paths.get("paw-nofuse")
+            path = ceiling_path if engine == "ceiling" else paths[engine]
+            if path is None:
+                path = prepare.paw_program(hf, root, dtype, VARIANTS[variant][1], config.group_size, say)
+            result = run_engine(engine, path, dtype, config)
+            report["rows"].append({"dtype": variant, "engine": engine, **result})
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    _add_ratios(report["rows"])
+    return report
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """paw-vs-mlx-lm ratios and decode as a fraction of the matvec ceiling, per dtype."""
+    by = {(r["dtype"], r["engine"]): r for r in rows}
+    for row in rows:
+        ref = by.get((row["dtype"], "mlx-lm"))
+        ceiling = by.get((row["dtype"], "ceiling"))
+        if "error" in row or row["engine"] == "ceiling":
+            continue
+        if ref and "error" not in ref and row["engine"] != "mlx-lm":
+            row["decode_vs_mlx_lm"] = row["decode_tps"] / ref["decode_tps"]
+            row["prefill_vs_mlx_lm"] = ref["ttft_s"] / row["ttft_s"]
+            row["memory_vs_mlx_lm"] = row["peak_memory_gb"] / ref["peak_memory_gb"]
+            if "tokens" in row:
+                same = 0
+                for a, b in zip(row["tokens"], ref["tokens"], strict=False):
+                    if a != b:
+                        break
+                    same += 1
+                row["same_tokens_as_mlx_lm"] = same
+        if ceiling and "error" not in ceiling:
+            row["decode_vs_ceiling"] = row["decode_tps"] / ceiling["decode_tps"]
+
+
+COLUMNS = [  # (key, header, format)
+    ("dtype", "dtype", "{}"), ("engine", "engine", "{}"), ("load_s", "load s", "{:.2f}"),
+    ("ttft_s", "TTFT s", "{:.2f}"), ("prefill_tps", "prefill tok/s", "{:.1f}"),
+    ("decode_tps", "decode tok/s", "{:.2f}"), ("peak_memory_gb", "peak mem GB", "{:.3f}"),
+    ("decode_vs_mlx_lm", "decode / mlx-lm", "{:.2f}x"), ("prefill_vs_mlx_lm", "prefill / mlx-lm", "{:.2f}x"),
+    ("memory_vs_mlx_lm", "mem / mlx-lm", "{:.2f}x"), ("decode_vs_ceiling", "decode / ceiling", "{:.2f}"),
+    ("same_tokens_as_mlx_lm", "same tokens", "{}"),
+]
+
+
+def table_cells(report: dict) -> list[list[str]]:
+    prompt = report["config"]["prompt_tokens"]
+    cells = []
+    for row in report["rows"]:
+        row = dict(row)
+        if "ttft_s" in row:
+            row["prefill_tps"] = prompt / row["ttft_s"]
+        if "error" in row:
+            cells.append([row["dtype"], row["engine"], "error: " + row["error"]] + [""] * (len(COLUMNS) - 3))
+            continue
+        cells.append([fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS])
+    return cells
+
+
+def markdown(report: dict) -> str:
+    m, c = report["machine"], report["config"]
+    lines = [f"Run {report['started']} on {m['processor']} ({m['cpus']} CPUs, {m['machine']}), "
+             f"MLX {m['mlx']} on {m['device']}{' (Metal)' if m['metal'] else ''}, mlx-lm {m['mlx_lm']}, "
+             f"torch {m['torch']}, transformers {m['transformers']}; load average at start "
+             f"{', '.join(f'{x:.1f}' for x in m.get('load_average', []))}.",
+             f"Prompt {c['prompt_tokens']} tokens, {c['decode_tokens']} tokens decoded greedily; "
+             f"source `{c['src']}`.", "",
+             "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_cells(report)]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="paw bench")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="left" if header in ("dtype", "engine") else "right")
+    for row in table_cells(report):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_results(report: dict, directory: Path, docs: Path | None = None) -> tuple[Path, Path]:
+    """results/bench-<time>.json and .md, plus latest.json/latest.md; optionally the docs page's table."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = report["started"].replace(" ", "_").replace(":", "")
+    text = markdown(report)
+    json_path, md_path = directory / f"bench-{stamp}.json", directory / f"bench-{stamp}.md"
+    for path, content in ((json_path, json.dumps(report, indent=1) + "\n"), (md_path, text)):
+        path.write_text(content, encoding="utf-8")
+        (directory / f"latest{path.suffix}").write_text(content, encoding="utf-8")
+    if docs is not None:
+        update_docs(docs, text)
+    return json_path, md_path
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_docs(path: Path, table: str) -> None:
+    """Replace the text between the bench markers of a markdown page with the table."""
+    page = path.read_text(encoding="utf-8")
+    if START not in page or END not in page:
+        raise ValueError(f"{path} has no {START} ... {END} section")
+    head, rest = page.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{table}{END}{tail}", encoding="utf-8")

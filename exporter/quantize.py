@@ -1,0 +1,69 @@
+"""Affine weight quantization at export (``--quantize 4|8``): MLX's own layout, made by MLX.
+
+Linear weights become ``quantized_linear`` and embedding tables ``quantized_embedding``
+(a tied lm_head shares the embedding's quantized tensors, as mlx-lm does). The codes,
+scales and biases come from ``mx.quantize`` itself, so they are bit-identical to what
+``mlx_lm.convert -q`` writes and to what ``mx.quantized_matmul`` expects: the exporter
+imports MLX for this one transform rather than re-deriving MLX's rounding in torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from exporter.lower import Lowering
+from interp.errors import ExportError
+
+BITS = (2, 3, 4, 5, 6, 8)
+
+
+def _quantizable(weight: torch.Tensor, group_size: int) -> bool:
+    return weight.dim() == 2 and weight.is_floating_point() and weight.shape[1] % group_size == 0
+
+
+def _mlx_quantize(weight: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, ...]:
+    import mlx.core as mx
+
+    dtype = {torch.float32: mx.float32, torch.bfloat16: mx.bfloat16, torch.float16: mx.float16}[weight.dtype]
+    w = mx.array(weight.detach().float().numpy()).astype(dtype)
+    q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    packed = torch.from_numpy(np.array(q, copy=True))
+    as_torch = [torch.from_numpy(np.array(a.astype(mx.float32), copy=True)).to(weight.dtype) for a in (scales, biases)]
+    return packed, as_torch[0], as_torch[1]
+
+
+def quantize_weights(low: Lowering, bits: int, group_size: int) -> int:
+    """Quantize every linear/embedding weight whose input width divides into groups.
+
+    A const read by any other kind of op stays in floating point. Returns the number of
+    weights quantized.
+    """
+    if bits not in BITS:
+        raise ExportError(f"--quantize takes {', '.join(map(str, BITS))} bits, not {bits}")
+    if group_size not in (32, 64, 128):
+        raise ExportError(f"--group-size must be 32, 64 or 128, not {group_size}")
+    readers: dict[str, set[str]] = {}
+    for node in low.nodes:
+        for i, value in enumerate(node["inputs"]):
+            if isinstance(value, str) and value in low.consts:
+                role = "weight" if (node["op"], i) in (("linear", 1), ("embedding", 0)) else "other"
+                readers.setdefault(value, set()).add(role)
+    chosen = [name for name, roles in readers.items()
+              if roles == {"weight"} and _quantizable(low.consts[name], group_size)]
+    packed: dict[str, tuple[str, str, str]] = {}
+    for name in sorted(chosen):
+        base = name.removesuffix(".weight")
+        names = (f"{base}.qweight", f"{base}.scales", f"{base}.biases")
+        for new, tensor in zip(names, _mlx_quantize(low.consts.pop(name), group_size, bits), strict=True):
+            low.consts[new] = tensor
+        packed[name] = names
+    attrs = {"group_size": group_size, "bits": bits}
+    for node in low.nodes:
+        if node["op"] == "linear" and node["inputs"][1] in packed:
+            x, w, bias = node["inputs"]
+            node.update(op="quantized_linear", inputs=[x, *packed[w], bias], attrs=dict(attrs))
+        elif node["op"] == "embedding" and node["inputs"][0] in packed:
+            w, indices = node["inputs"]
+            node.update(op="quantized_embedding", inputs=[*packed[w], indices], attrs=dict(attrs))
+    return len(packed)

@@ -1,0 +1,49 @@
+"""Ops the exporter's fusion and quantization passes produce: one mx.fast / quantized call each.
+
+``rope`` takes the fast path (``mx.fast.rope``) when the graph model knows every batch
+row's positions run contiguously from one offset (it made them itself); with positions
+given by the caller (padded batches) it computes the rotation explicitly, so any
+positions stay correct.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from interp.ops.registry import implementation
+
+
+@implementation("rope", needs_context=True)
+def rope(ctx, x, positions, inv_freq, *, mscale=1.0):
+    dims = 2 * inv_freq.shape[-1]
+    offset = getattr(ctx, "offset", None)
+    if offset is not None and x.shape[-1] == dims:
+        # mx.fast.rope wants wavelengths (1 / inv_freq), as mlx-lm's scaled RoPEs pass them.
+        out = mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
+                           freqs=1.0 / inv_freq.astype(mx.float32))
+    else:
+        out = rope_reference(x, positions, inv_freq)
+    return out * mscale if mscale != 1.0 else out
+
+
+def rope_reference(x, positions, inv_freq):
+    """HF's rotate-half RoPE, for arbitrary per-row positions (float32 angles)."""
+    angle = positions.astype(mx.float32)[:, None, :, None] * inv_freq.astype(mx.float32)
+    angle = mx.concatenate([angle, angle], axis=-1)
+    cos, sin = mx.cos(angle).astype(x.dtype), mx.sin(angle).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+@implementation("quantized_linear")
+def quantized_linear(x, weight, scales, biases, bias=None, *, group_size, bits):
+    out = mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    return out if bias is None else out + bias
+
+
+@implementation("quantized_embedding")
+def quantized_embedding(weight, scales, biases, indices, *, group_size, bits):
+    rows = mx.take(weight, indices, axis=0)
+    return mx.dequantize(rows, mx.take(scales, indices, axis=0), mx.take(biases, indices, axis=0),
+                         group_size=group_size, bits=bits)

@@ -1,0 +1,49 @@
+"""`paw bench` smoke run: a tiny model, a few tokens, every part of the report produced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.tiny import make_tokenizer, tiny_llama_config, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench") / "tiny-hf"
+    tiny_model(tiny_llama_config(hidden_size=64, intermediate_size=128)).save_pretrained(str(folder))
+    make_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from apps.cli import app
+
+    monkeypatch.setenv("PAW_BENCH_CACHE", str(tmp_path / "cache"))
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nafter\n")
+    results = tmp_path / "results"
+    out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
+                                   "paw,mlx-lm,ceiling", "--prompt-tokens", "8", "--decode-tokens", "4",
+                                   "--results", str(results), "--docs", str(docs)])
+    assert out.exit_code == 0, out.output
+    assert "paw bench" in out.output and "mlx-lm" in out.output  # the rich table
+    report = json.loads((results / "latest.json").read_text())
+    rows = {row["engine"]: row for row in report["rows"]}
+    assert set(rows) == {"paw", "mlx-lm", "ceiling"}
+    assert not any("error" in row for row in rows.values()), rows
+    for engine in ("paw", "mlx-lm"):
+        row = rows[engine]
+        assert row["generated"] == 4 and row["decode_tps"] > 0 and row["ttft_s"] > 0
+        assert row["peak_memory_gb"] > 0 and row["load_s"] > 0
+    assert rows["ceiling"]["weight_bytes"] > 0 and rows["ceiling"]["decode_tps"] > 0
+    # Same weights, same greedy decoding: paw's tokens are mlx-lm's.
+    assert rows["paw"]["same_tokens_as_mlx_lm"] == 4
+    assert {"decode_vs_mlx_lm", "prefill_vs_mlx_lm", "memory_vs_mlx_lm", "decode_vs_ceiling"} <= set(rows["paw"])
+    assert report["machine"]["device"] and report["config"]["prompt_tokens"] == 8
+    page = docs.read_text()
+    assert "old" not in page and "| float32 | paw |" in page and page.endswith("after\n")
+    assert (results / "latest.md").read_text().count("| float32 |") == 3

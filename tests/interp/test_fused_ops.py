@@ -1,0 +1,62 @@
+"""The ops fusion and quantization produce, against torch / dequantized references.
+
+(Kept here until the shared tests/interp/test_op_parity.py CASES table exists in this branch.)
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from interp.graph import RunContext
+from interp.ops import REGISTRY
+
+
+def _hf_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, mscale: float) -> torch.Tensor:
+    freqs = positions[:, :, None].float() * inv_freq[None, None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = (emb.cos() * mscale)[:, None], (emb.sin() * mscale)[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@pytest.mark.parametrize("offset", [0, 5, 300])
+@pytest.mark.parametrize("mscale", [1.0, 0.75])
+def test_rope_fast_and_explicit_paths_match_hf(offset, mscale):
+    rng = np.random.default_rng(offset)
+    x = rng.standard_normal((2, 3, 4, 16)).astype(np.float32)
+    inv_freq = (1.0 / (10000 ** (np.arange(0, 16, 2) / 16))).astype(np.float32)
+    inv_freq[-2:] *= 0.25  # a "scaled" frequency table (llama3-style) must stay exact
+    pos = np.broadcast_to(np.arange(offset, offset + 4), (2, 4)).astype(np.int32)
+    ref = _hf_rope(torch.tensor(x), torch.tensor(pos), torch.tensor(inv_freq), mscale).numpy()
+    rope = REGISTRY["rope"].fn
+    for ctx_offset in (offset, mx.array(offset, dtype=mx.int32), None):
+        got = rope(RunContext(cache=None, offset=ctx_offset), mx.array(x), mx.array(pos), mx.array(inv_freq),
+                   mscale=mscale)
+        np.testing.assert_allclose(np.array(got), ref, atol=2e-5, rtol=0)
+
+
+def test_rope_explicit_path_handles_rows_at_different_positions():
+    x = np.random.default_rng(1).standard_normal((2, 1, 3, 8)).astype(np.float32)
+    inv_freq = (1.0 / (10000 ** (np.arange(0, 8, 2) / 8))).astype(np.float32)
+    pos = np.array([[0, 1, 2], [7, 8, 9]], dtype=np.int32)
+    ref = _hf_rope(torch.tensor(x), torch.tensor(pos), torch.tensor(inv_freq), 1.0).numpy()
+    got = REGISTRY["rope"].fn(RunContext(cache=None, offset=None), mx.array(x), mx.array(pos), mx.array(inv_freq))
+    np.testing.assert_allclose(np.array(got), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_linear_and_embedding_match_dequantized_weights(bits):
+    w = mx.random.normal((48, 128), key=mx.random.key(bits))
+    q, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+    dense = mx.dequantize(q, scales, biases, group_size=64, bits=bits)
+    x = mx.random.normal((2, 5, 128), key=mx.random.key(3))
+    bias = mx.arange(48, dtype=mx.float32)
+    got = REGISTRY["quantized_linear"].fn(x, q, scales, biases, bias, group_size=64, bits=bits)
+    np.testing.assert_allclose(np.array(got), np.array(x @ dense.T + bias), atol=1e-4, rtol=1e-5)
+    ids = mx.array([[3, 0, 47], [5, 5, 1]])
+    rows = REGISTRY["quantized_embedding"].fn(q, scales, biases, ids, group_size=64, bits=bits)
+    np.testing.assert_array_equal(np.array(rows), np.array(mx.take(dense, ids, axis=0)))
