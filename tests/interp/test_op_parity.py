@@ -174,6 +174,33 @@ CASES["repeat_interleave"] = Case(lambda x, repeats, dim: x.repeat_interleave(re
 CASES["tile"] = Case(lambda x, reps: x.repeat(reps), [randn(2, 3)], {"reps": [2, 1, 3]})
 CASES["topk"] = Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [randn(3, 9)],
                      {"k": 3, "dim": -1, "largest": True})
+
+
+def _rope_ref(x, positions, inv_freq, mscale):
+    freqs = positions[:, :, None].float() * inv_freq[None, None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = (emb.cos() * mscale)[:, None], (emb.sin() * mscale)[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _quantized(bits: int):
+    """MLX affine-quantized weights and their dequantized float twin (the torch reference's weight)."""
+    w = mx.array(randn(12, 128))
+    q, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+    dense = np.array(mx.dequantize(q, scales, biases, group_size=64, bits=bits))
+    return np.array(q), np.array(scales), np.array(biases), torch.from_numpy(dense)
+
+
+_Q4 = _quantized(4)
+_Q8 = _quantized(8)
+_INV_FREQ = (1.0 / (10000 ** (np.arange(0, 16, 2) / 16))).astype(np.float32)
+CASES["rope"] = Case(lambda x, p, f, mscale: _rope_ref(x, p, f, mscale),
+                     [randn(2, 3, 4, 16), ints(50, 2, 4).astype(np.int32), _INV_FREQ], {"mscale": 1.0}, tol=2e-5)
+CASES["quantized_linear"] = Case(lambda x, q, s, b, bias, group_size, bits: F.linear(x, _Q4[3], bias),
+                                 [randn(2, 3, 128), *_Q4[:3], randn(12)], {"group_size": 64, "bits": 4}, tol=1e-4)
+CASES["quantized_embedding"] = Case(lambda q, s, b, ids, group_size, bits: F.embedding(ids, _Q8[3]),
+                                    [*_Q8[:3], ints(12, 2, 5)], {"group_size": 64, "bits": 8})
 CASES["ternary_linear"] = _ternary_case("2bit")
 CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
 # F.embedding takes (indices, weight); the program op takes (weight, indices).
@@ -185,6 +212,9 @@ EXTRA_CASES = {
     "attention decoding one query over many keys": Case(
         _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8)], {"layer": 0, "scale": 0.35}),
     "ternary_linear base3": _ternary_case("base3"),
+    "rope with scaling factor": Case(lambda x, p, f, mscale: _rope_ref(x, p, f, mscale),
+                                     [randn(1, 2, 3, 16), ints(9, 1, 3).astype(np.int32), _INV_FREQ],
+                                     {"mscale": 0.75}, tol=2e-5),
     "topk smallest": Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [randn(4, 6)],
                           {"k": 2, "dim": 0, "largest": False}),
     "gelu erf": Case(lambda x, approximate: F.gelu(x, approximate=approximate), [randn(3, 4)], {"approximate": "none"}),
