@@ -27,6 +27,9 @@ class RunContext:
     """What context-needing ops (attention) see during one call."""
 
     cache: list | None
+    #: optional boolean [batch, keys] mask of which key positions (cache included) are real
+    #: tokens; attention combines it with causality. Used for left-padded batches.
+    key_mask: mx.array | None = None
 
 
 _Step = Callable[[dict, RunContext], None]
@@ -108,17 +111,22 @@ class GraphModel:
     def make_cache(self) -> list[KVCache]:
         return make_cache(self.num_layers)
 
-    def run(self, inputs: dict[str, mx.array], cache: list | None = None) -> dict[str, Any]:
+    def run(self, inputs: dict[str, mx.array], cache: list | None = None,
+            key_mask: mx.array | None = None) -> dict[str, Any]:
         """Evaluate the graph on named inputs; returns the named outputs (lazy arrays)."""
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
-        ctx = RunContext(cache=cache)
+        ctx = RunContext(cache=cache, key_mask=key_mask)
         for step in self._steps:
             step(env, ctx)
         return {name: env[name] for name in self.output_names}
 
-    def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None) -> mx.array:
-        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset."""
+    def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
+                 key_mask: mx.array | None = None) -> mx.array:
+        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset.
+
+        ``key_mask`` ([batch, cached + length] booleans) hides padding from attention.
+        """
         if tokens.ndim == 1:
             tokens = tokens[None]
         batch, length = tokens.shape
@@ -128,4 +136,4 @@ class GraphModel:
         inputs = {"input_ids": tokens.astype(mx.int32)}
         if "position_ids" in self.input_names:
             inputs["position_ids"] = positions
-        return self.run(inputs, cache)["logits"]
+        return self.run(inputs, cache, key_mask)["logits"]

@@ -10,6 +10,7 @@ Nothing here imports torch; ``paw_mlx.export`` loads the exporter (and torch) la
 from __future__ import annotations
 
 from interp.errors import PawError
+from paw_mlx.programs import ProgramFunction, compile, function
 from paw_mlx.runtime import (
     LoadedProgram,
     TextChunk,
@@ -23,8 +24,11 @@ from paw_mlx.runtime import (
 __all__ = [
     "LoadedProgram",
     "PawError",
+    "ProgramFunction",
     "TextChunk",
+    "compile",
     "export",
+    "function",
     "generate",
     "load",
     "prompt_ids",

@@ -50,6 +50,12 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0):
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
     length = q.shape[2]
+    if ctx.key_mask is not None:
+        # Padded batch: causality and the per-row mask of real keys, as one boolean mask.
+        mask = causal_mask(length, k.shape[2], window)[None, None] & ctx.key_mask[:, None, None, :]
+        if softcap <= 0:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _attention_explicit(q, k, v, scale=scale, window=window, softcap=softcap, mask=mask)
     if window <= 0 and softcap <= 0:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
@@ -68,7 +74,7 @@ def causal_mask(length: int, total: int, window: int = 0) -> mx.array:
     return mask
 
 
-def _attention_explicit(q, k, v, *, scale, window, softcap):
+def _attention_explicit(q, k, v, *, scale, window, softcap, mask=None):
     """Attention with a sliding window and/or logit soft-capping, in float32 scores."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -77,7 +83,8 @@ def _attention_explicit(q, k, v, *, scale, window, softcap):
     scores = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
     if softcap > 0:
         scores = mx.tanh(scores / softcap) * softcap
-    mask = causal_mask(q.shape[2], k.shape[2], window)
+    if mask is None:
+        mask = causal_mask(q.shape[2], k.shape[2], window)
     scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=mx.float32))
     weights = mx.softmax(scores, axis=-1).astype(v.dtype)
     return weights @ v
