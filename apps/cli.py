@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from apps.programs_cmd import register as register_program_commands
 from interp.errors import PawError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ export_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(export_app, name="export")
+register_program_commands(app, export_app)  # paw compile / call / eval-programs / export program
 
 
 def fail(message: str, code: int = 1) -> None:

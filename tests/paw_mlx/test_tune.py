@@ -43,7 +43,7 @@ def test_tuning_lowers_the_loss_and_round_trips(tiny_program, tmp_path):
                           progress=lambda step, total, loss: seen.append(step))
     info = art.tuning
     assert seen == list(range(1, 9))
-    assert info["train_loss"][1] < info["train_loss"][0]
+    assert info["first_batch_loss"][1] < info["first_batch_loss"][0]
     assert info["tuned_layers"] == [0, 1] and info["heldout_examples"] == 2
     back = read_artifact(tmp_path / "prog")
     assert back.tuning == json.loads(json.dumps(info))
