@@ -72,7 +72,7 @@ def evaluate(tasks: Path, base: str | Path = DEFAULT_BASE, options: TuneOptions 
 
     options = options or TuneOptions()
     console = Console(stderr=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     results = []
     dirs = [d for d in task_dirs(tasks) if not only or d.name in only]
     base_prog = interpreter(base)
@@ -83,6 +83,7 @@ def evaluate(tasks: Path, base: str | Path = DEFAULT_BASE, options: TuneOptions 
             result = evaluate_task(task, base, options, max_new_tokens,
                                    progress=lambda step, total, loss, tid=tid: bar.update(tid, completed=step, loss=loss))
             results.append(result)
+            console.log(f"{task.name}: spec-only {result.spec_only_accuracy:.2f}, tuned {result.tuned_accuracy:.2f}")
     table = Table(title=f"programs on {base_prog.name}: exact match on held-out inputs")
     for col in ("task", "held-out", "spec only", "tuned", "held-out loss", "tune s"):
         table.add_column(col, justify="left" if col == "task" else "right")
@@ -97,6 +98,8 @@ def evaluate(tasks: Path, base: str | Path = DEFAULT_BASE, options: TuneOptions 
         "base": base_prog.name, "base_fingerprint": base_prog.fingerprint, "options": asdict(options),
         "max_new_tokens": max_new_tokens, "machine": f"{platform.machine()} {platform.system()}",
         "total_seconds": round(time.perf_counter() - started, 1),
+        # CPU seconds of this process: the wall time depends on what else shares the machine.
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "mean_spec_only_accuracy": mean_plain, "mean_tuned_accuracy": mean_tuned,
         "tasks": [asdict(r) for r in results],
     }
