@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from apps.bench_cmd import bench
+from apps.programs_cmd import register as register_program_commands
 from interp.errors import PawError
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ export_app = typer.Typer(
 )
 app.add_typer(export_app, name="export")
 app.command("bench")(bench)
+register_program_commands(app, export_app)  # paw compile / call / eval-programs / export program
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -32,6 +32,9 @@ class RunContext:
     #: (the graph model made them); None when the caller gave positions. Lets ``rope``
     #: use mx.fast.rope. An int, or a scalar array inside compiled segments.
     offset: Any = None
+    #: optional boolean [batch, keys] mask of which key positions (cache included) are real
+    #: tokens; attention combines it with causality. Used for left-padded batches.
+    key_mask: mx.array | None = None
 
 
 _Step = Callable[[dict, RunContext], None]
@@ -121,12 +124,22 @@ class GraphModel:
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
         ctx = RunContext(cache=cache, offset=offset)
+    def run(self, inputs: dict[str, mx.array], cache: list | None = None,
+            key_mask: mx.array | None = None) -> dict[str, Any]:
+        """Evaluate the graph on named inputs; returns the named outputs (lazy arrays)."""
+        env: dict[str, Any] = dict(self.consts)
+        env.update(inputs)
+        ctx = RunContext(cache=cache, key_mask=key_mask)
         for step in self._steps:
             step(env, ctx)
         return {name: env[name] for name in self.output_names}
 
-    def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None) -> mx.array:
-        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset."""
+    def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
+                 key_mask: mx.array | None = None) -> mx.array:
+        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset.
+
+        ``key_mask`` ([batch, cached + length] booleans) hides padding from attention.
+        """
         if tokens.ndim == 1:
             tokens = tokens[None]
         batch, length = tokens.shape
@@ -137,11 +150,11 @@ class GraphModel:
         inputs = {"input_ids": tokens.astype(mx.int32)}
         if "position_ids" in self.input_names:
             inputs["position_ids"] = positions
-        if self.compile_decode and length == 1 and offset is not None and cache:
+        if self.compile_decode and length == 1 and offset is not None and cache and key_mask is None:
             decoder = self._compiled()
             if decoder is not None:
                 return decoder.run(inputs, cache, offset)["logits"]
-        return self.run(inputs, cache, offset)["logits"]
+        return self.run(inputs, cache, offset, key_mask)["logits"]
 
     def _compiled(self):
         if self._decoder is None:

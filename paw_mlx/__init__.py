@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from interp.errors import PawError
 from paw_mlx.chat import ChatSession
+from paw_mlx.programs import ProgramFunction, compile, function
 from paw_mlx.runtime import (
     LoadedProgram,
     TextChunk,
@@ -25,8 +26,11 @@ __all__ = [
     "ChatSession",
     "LoadedProgram",
     "PawError",
+    "ProgramFunction",
     "TextChunk",
+    "compile",
     "export",
+    "function",
     "generate",
     "load",
     "prompt_ids",

@@ -52,6 +52,13 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
     length = q.shape[2]
+    if ctx.key_mask is not None:
+        # Padded batch: causality and the per-row mask of real keys, as one boolean mask.
+        mask = causal_mask(length, k.shape[2], window)[None, None] & ctx.key_mask[:, None, None, :]
+        if softcap <= 0 and alibi_max_bias <= 0:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
+        return _attention_explicit(q, k, v, scale=scale, window=window, softcap=softcap, mask=mask, alibi=alibi)
     if alibi_max_bias > 0:
         return _attention_explicit(q, k, v, scale=scale, window=window, softcap=softcap,
                                    alibi=alibi_slopes(q.shape[1], alibi_max_bias))
@@ -84,7 +91,7 @@ def alibi_slopes(heads: int, max_bias: float) -> mx.array:
     return mx.array(slopes, dtype=mx.float32)
 
 
-def _attention_explicit(q, k, v, *, scale, window, softcap, alibi=None):
+def _attention_explicit(q, k, v, *, scale, window, softcap, alibi=None, mask=None):
     """Attention with a sliding window, logit soft-capping and/or ALiBi, in float32 scores."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -97,7 +104,8 @@ def _attention_explicit(q, k, v, *, scale, window, softcap, alibi=None):
         # slope * key position; the query's own position would add a per-row constant,
         # which softmax ignores.
         scores = scores + alibi[:, None, None] * mx.arange(k.shape[2], dtype=mx.float32)
-    mask = causal_mask(q.shape[2], k.shape[2], window)
+    if mask is None:
+        mask = causal_mask(q.shape[2], k.shape[2], window)
     scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=mx.float32))
     weights = mx.softmax(scores, axis=-1).astype(v.dtype)
     return weights @ v

@@ -1,0 +1,101 @@
+"""Greedy generation for a batch of inputs that share one KV prefix.
+
+Inputs of different lengths are left-padded *after* the shared prefix:
+
+    row 0:  [prefix ...] [pad pad] [input 0 ........]
+    row 1:  [prefix ...] [input 1 ..................]
+
+A per-row key mask hides the pads from attention, and each row's position ids skip
+them, so every row sees exactly the keys and positions it would see alone. Each row
+then decodes in lockstep until it emits EOS or reaches its token budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from interp.cache import KVCache
+from interp.sampling import make_sampler
+from paw_mlx.runtime import LoadedProgram
+
+
+def prefix_cache(prefix: Sequence[tuple[mx.array, mx.array]], batch: int) -> list[KVCache]:
+    """A fresh cache per layer holding the prefix, copied to ``batch`` rows."""
+    caches = []
+    for k, v in prefix:
+        cache = KVCache()
+        if batch != k.shape[0]:
+            k = mx.broadcast_to(k, (batch, *k.shape[1:]))
+            v = mx.broadcast_to(v, (batch, *v.shape[1:]))
+        cache.state = (k, v)
+        caches.append(cache)
+    return caches
+
+
+@dataclass
+class BatchState:
+    """A batch after its prefill: the last logits and what decoding continues from."""
+
+    logits: mx.array  # [batch, vocab] at each row's last input token
+    cache: list[KVCache]
+    next_positions: mx.array  # [batch]: each row's next position id
+    key_mask: mx.array | None  # [batch, keys], or None when no row is padded
+
+
+def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
+                  pad_id: int = 0) -> BatchState:
+    """Run every row's input after the shared prefix in one call (left padding, masked)."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("a batch needs at least one non-empty row")
+    batch = len(rows)
+    start = prefix[0][0].shape[2] if prefix else 0
+    width = max(len(r) for r in rows)
+    pads = [width - len(r) for r in rows]
+    tokens = mx.array([[pad_id] * p + list(r) for p, r in zip(pads, rows, strict=True)], dtype=mx.int32)
+    positions = mx.array([[start] * p + list(range(start, start + len(r))) for p, r in zip(pads, rows, strict=True)],
+                         dtype=mx.int32)
+    key_mask = None
+    if any(pads):
+        key_mask = mx.array([[True] * start + [False] * p + [True] * len(r) for p, r in zip(pads, rows, strict=True)])
+    cache = prefix_cache(prefix, batch)
+    logits = prog.model(tokens, cache=cache, positions=positions, key_mask=key_mask)[:, -1, :]
+    next_positions = mx.array([start + len(r) for r in rows], dtype=mx.int32)
+    return BatchState(logits, cache, next_positions, key_mask)
+
+
+def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
+                   *, max_new_tokens: int, temperature: float = 0.0, pad_id: int = 0) -> list[list[int]]:
+    """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``."""
+    if not rows:
+        return []
+    batch = len(rows)
+    start = prefix[0][0].shape[2] if prefix else 0
+    budget = min(max_new_tokens, max(0, prog.context_length - start - max(len(r) for r in rows)))
+    sampler = make_sampler(temperature)
+    eos = prog.eos_token_ids
+    outputs: list[list[int]] = [[] for _ in rows]
+    done = [False] * batch
+    with prog.lock:
+        state = prefill_batch(prog, prefix, rows, pad_id)
+        logits, key_mask = state.logits, state.key_mask
+        for step in range(budget):
+            y = sampler(logits)
+            mx.eval(y)
+            for i, token in enumerate(y.tolist()):
+                if done[i]:
+                    continue
+                if token in eos:
+                    done[i] = True
+                else:
+                    outputs[i].append(token)
+            if all(done) or step + 1 == budget:
+                break
+            if key_mask is not None:
+                key_mask = mx.concatenate([key_mask, mx.ones((batch, 1), dtype=mx.bool_)], axis=1)
+            positions = (state.next_positions + step)[:, None]
+            logits = prog.model(y[:, None].astype(mx.int32), cache=state.cache, positions=positions,
+                                key_mask=key_mask)[:, -1, :]
+    return outputs

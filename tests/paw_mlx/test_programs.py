@@ -1,0 +1,157 @@
+"""Programs as weights on the tiny model: compile, call, batch, round-trip, threads."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import paw_mlx
+from interp.errors import ArtifactError, PawError
+from interp.generate import generate_step
+from paw_mlx.programs.artifact import read_artifact, write_artifact
+from paw_mlx.programs.batch import prefill_batch
+from paw_mlx.programs.compile import layout_prefix_ids
+from paw_mlx.programs.interpreter import interpreter
+
+SPEC = "Parse the options into a JSON list. (A) cat (B) dog"
+INPUTS = ["(A) cat (B) dog (C) bird", "(A) 1", "Hello, how are you today?", "2024-01-05"]
+
+
+def one_prompt_greedy(prog, ids: list[int], max_tokens: int) -> list[int]:
+    """The reference: the whole prompt through the plain generation loop, no prefix cache."""
+    out = []
+    for token in generate_step(prog.model, ids, prog.make_cache(), max_tokens=max_tokens):
+        if token in prog.eos_token_ids:
+            break
+        out.append(token)
+    return out
+
+
+def check_call_equals_one_prompt(base_dir: Path, spec: str, inputs: list[str], max_tokens: int) -> None:
+    f = paw_mlx.function(paw_mlx.compile(spec, base=base_dir), base=base_dir, max_new_tokens=max_tokens)
+    prog = interpreter(base_dir)
+    for text in inputs:
+        ids = f.token_ids(text)
+        got = f.call_ids([ids])[0]
+        want = one_prompt_greedy(prog, f.artifact.prefix_ids + ids, max_tokens)
+        assert got == want, text
+        assert f(text) == prog.tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_call_equals_spec_and_input_as_one_prompt(tiny_program):
+    check_call_equals_one_prompt(tiny_program, SPEC, INPUTS, max_tokens=12)
+
+
+def test_layout_puts_the_spec_in_the_system_message(tiny_program):
+    art = paw_mlx.compile(SPEC, base=tiny_program)
+    tok = interpreter(tiny_program).tokenizer
+    assert art.layout.kind == "chat"
+    assert art.layout.prefix_text == f"<|im_start|>system\n{SPEC}<|im_end|>\n<|im_start|>user\n"
+    assert art.layout.suffix_text == "<|im_end|>\n<|im_start|>assistant\n"
+    assert art.prefix_ids == layout_prefix_ids(tok, art.layout)
+    assert art.prefix[0][0].shape[2] == len(art.prefix_ids)
+
+
+def test_batch_rows_equal_single_rows(tiny_program):
+    f = paw_mlx.function(paw_mlx.compile(SPEC, base=tiny_program), max_new_tokens=10)
+    rows = [f.token_ids(t) for t in INPUTS]
+    assert len({len(r) for r in rows}) > 1  # really padded
+    prog = interpreter(tiny_program)
+    batched = prefill_batch(prog, f.artifact.prefix, rows).logits
+    for i, row in enumerate(rows):
+        alone = prefill_batch(prog, f.artifact.prefix, [row]).logits[0]
+        assert mx.allclose(batched[i], alone, atol=1e-4, rtol=1e-4).item(), i
+    assert f(INPUTS) == [f(t) for t in INPUTS]
+
+
+def test_round_trip_through_disk(tiny_program, tmp_path):
+    art = paw_mlx.compile(SPEC, base=tiny_program, out_dir=tmp_path / "prog", max_new_tokens=7)
+    back = read_artifact(tmp_path / "prog")
+    meta = json.loads((tmp_path / "prog" / "program.json").read_text())
+    assert meta["format"] == "paw.kvprogram" and meta["prefix_length"] == len(art.prefix_ids)
+    assert back.spec == SPEC and back.layout == art.layout and back.prefix_ids == art.prefix_ids
+    assert back.generation.max_new_tokens == 7
+    for (k1, v1), (k2, v2) in zip(art.prefix, back.prefix, strict=True):
+        assert mx.array_equal(k1, k2).item() and mx.array_equal(v1, v2).item()
+    assert paw_mlx.function(tmp_path / "prog")(INPUTS[0]) == paw_mlx.function(art)(INPUTS[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["prog"]  # no temporary directory left
+
+
+def test_existing_output_is_refused_without_force(tiny_program, tmp_path):
+    out = tmp_path / "prog"
+    paw_mlx.compile(SPEC, base=tiny_program, out_dir=out)
+    with pytest.raises(ArtifactError, match="already exists"):
+        paw_mlx.compile("another spec", base=tiny_program, out_dir=out)
+    paw_mlx.compile("another spec", base=tiny_program, out_dir=out, force=True)
+    assert read_artifact(out).spec == "another spec"
+
+
+def test_program_for_another_base_is_a_clear_error(tiny_program, tmp_path):
+    art = paw_mlx.compile(SPEC, base=tiny_program)
+    art.base_fingerprint = "0123456789abcdef"
+    write_artifact(art, tmp_path / "prog")
+    with pytest.raises(ArtifactError, match="compiled for base model 0123456789abcdef"):
+        paw_mlx.function(tmp_path / "prog", base=tiny_program)
+
+
+def test_text_file_is_a_program(tiny_program, tmp_path):
+    spec_file = tmp_path / "spec.txt"
+    spec_file.write_text(SPEC + "\n", encoding="utf-8")
+    f = paw_mlx.function(spec_file, base=tiny_program, max_new_tokens=8)
+    g = paw_mlx.function(paw_mlx.compile(SPEC, base=tiny_program), max_new_tokens=8)
+    assert f.spec == SPEC
+    assert f(INPUTS[1]) == g(INPUTS[1])
+
+
+def test_bad_artifacts_are_clear_errors(tmp_path):
+    with pytest.raises(ArtifactError, match="no such program"):
+        paw_mlx.function(tmp_path / "missing")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "program.json").write_text('{"format": "paw.kvprogram", "version": 99}')
+    with pytest.raises(ArtifactError, match="version 99"):
+        read_artifact(tmp_path / "p")
+
+
+def test_missing_default_base_says_how_to_export(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAW_CACHE", str(tmp_path))
+    with pytest.raises(PawError, match="paw export llama smollm2 -o"):
+        paw_mlx.compile(SPEC)
+
+
+def test_one_interpreter_per_base_and_threads_agree(tiny_program):
+    f = paw_mlx.function(paw_mlx.compile(SPEC, base=tiny_program), max_new_tokens=6)
+    g = paw_mlx.function(paw_mlx.compile("Label the sentiment.", base=tiny_program), max_new_tokens=6)
+    assert f.base is g.base
+    inputs = [f"{t} #{i}" for i, t in enumerate(INPUTS * 2)]
+    sequential = [f(t) for t in inputs]
+    results: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        results[i] = f(inputs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(8)] == sequential
+
+
+def smollm2_program() -> Path | None:
+    path = os.environ.get("PAW_SMOLLM2_PROGRAM")
+    return Path(path) if path and (Path(path) / "prog.json").is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_program() is None, reason="set PAW_SMOLLM2_PROGRAM to an exported SmolLM2 program")
+def test_smollm2_call_equals_one_prompt():
+    spec = "Extract every number from the text and answer with them as a comma-separated list."
+    inputs = ["I bought 3 apples and 12 pears.", "No numbers here at all, none."]
+    check_call_equals_one_prompt(smollm2_program(), spec, inputs, 16)
+    f = paw_mlx.function(paw_mlx.compile(spec, base=smollm2_program()), max_new_tokens=16)
+    assert f(inputs) == [f(x) for x in inputs]  # a padded batch gives each row's own answer
