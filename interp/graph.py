@@ -119,17 +119,16 @@ class GraphModel:
     def make_cache(self) -> list[KVCache]:
         return make_cache(self.num_layers)
 
-    def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None) -> dict[str, Any]:
-        """Evaluate the graph on named inputs; returns the named outputs (lazy arrays)."""
-        env: dict[str, Any] = dict(self.consts)
-        env.update(inputs)
-        ctx = RunContext(cache=cache, offset=offset)
-    def run(self, inputs: dict[str, mx.array], cache: list | None = None,
+    def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
             key_mask: mx.array | None = None) -> dict[str, Any]:
-        """Evaluate the graph on named inputs; returns the named outputs (lazy arrays)."""
+        """Evaluate the graph on named inputs; returns the named outputs (lazy arrays).
+
+        ``offset`` (positions are offset + arange) lets ``rope`` use mx.fast.rope;
+        ``key_mask`` ([batch, keys] booleans) hides padding from attention.
+        """
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
-        ctx = RunContext(cache=cache, key_mask=key_mask)
+        ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask)
         for step in self._steps:
             step(env, ctx)
         return {name: env[name] for name in self.output_names}
