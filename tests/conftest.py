@@ -23,3 +23,16 @@ def tiny_program(tmp_path_factory, tiny_tokenizer):
 
     out = tmp_path_factory.mktemp("programs") / "tiny-llama"
     return export_tiny(tiny_llama_config(), out, tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2_program(tmp_path_factory):
+    """The real default model as a program: $PAW_SMOLLM2_PROGRAM, or exported here (about a minute)."""
+    from pathlib import Path
+
+    given = os.environ.get("PAW_SMOLLM2_PROGRAM")
+    if given:
+        return Path(given)
+    from exporter.export import export_source
+
+    return export_source("smollm2", tmp_path_factory.mktemp("smollm2") / "prog")

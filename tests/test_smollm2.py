@@ -6,7 +6,6 @@ command); otherwise exports it here from the PyPI package (about two minutes).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +20,6 @@ PROMPTS = [
     "Write one sentence about the sea.",
 ]
 MAX_NEW = 24
-
-
-@pytest.fixture(scope="module")
-def smollm2_program(tmp_path_factory) -> Path:
-    given = os.environ.get("PAW_SMOLLM2_PROGRAM")
-    if given:
-        return Path(given)
-    from exporter.export import export_source
-
-    return export_source("smollm2", tmp_path_factory.mktemp("smollm2") / "prog")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -142,16 +141,10 @@ def test_one_interpreter_per_base_and_threads_agree(tiny_program):
     assert [results[i] for i in range(8)] == sequential
 
 
-def smollm2_program() -> Path | None:
-    path = os.environ.get("PAW_SMOLLM2_PROGRAM")
-    return Path(path) if path and (Path(path) / "prog.json").is_file() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(smollm2_program() is None, reason="set PAW_SMOLLM2_PROGRAM to an exported SmolLM2 program")
-def test_smollm2_call_equals_one_prompt():
+def test_smollm2_call_equals_one_prompt(smollm2_program):
     spec = "Extract every number from the text and answer with them as a comma-separated list."
     inputs = ["I bought 3 apples and 12 pears.", "No numbers here at all, none."]
-    check_call_equals_one_prompt(smollm2_program(), spec, inputs, 16)
-    f = paw_mlx.function(paw_mlx.compile(spec, base=smollm2_program()), max_new_tokens=16)
+    check_call_equals_one_prompt(smollm2_program, spec, inputs, 16)
+    f = paw_mlx.function(paw_mlx.compile(spec, base=smollm2_program), max_new_tokens=16)
     assert f(inputs) == [f(x) for x in inputs]  # a padded batch gives each row's own answer
