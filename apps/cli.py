@@ -186,7 +186,6 @@ def run(
         source = prompt
     ids = paw_mlx.prompt_ids(prog, source, raw=raw, system=system)
     produced: list[int] = []
-    last = None
     detok = prog.tokenizer.detokenizer() if prog.has_tokenizer else None
     from interp.generate import GenerationStats
 
@@ -198,10 +197,8 @@ def run(
         if piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
-        last = token
     sys.stdout.write((detok.finalize() if detok is not None else "") + "\n")
     sys.stdout.flush()
-    del last
     if output_ids is not None:
         output_ids.write_text(" ".join(str(t) for t in produced) + "\n", encoding="utf-8")
     if stats:
