@@ -234,36 +234,22 @@ def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
 
 
 def read_program_spec(directory: str | Path, base: LoadedProgram) -> tuple[str, str]:
-    """Name and spec text of a programs-as-weights artifact made for ``base``.
+    """Name and spec text of a compiled program (``paw compile``) made for ``base``.
 
     This is the chat view of a program: the spec becomes the system message. The fast
-    path, a precompiled KV-cache prefix, lives in ``paw_mlx.function``.
+    path, the precompiled KV-cache prefix, lives in ``paw_mlx.function``.
     """
-    directory = Path(directory).expanduser()
-    path = directory / "program.json" if directory.is_dir() else directory
-    if not path.is_file():
-        raise ArtifactError(f"no program.json in {directory}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("spec"), str) or not data["spec"].strip():
-        raise ArtifactError(f"{path} holds no 'spec' text")
-    name = data.get("name") if isinstance(data.get("name"), str) else path.parent.name
-    made_for = _base_fingerprint(data)
+    from paw_mlx.programs.artifact import read_artifact_metadata
+
+    directory, meta = read_artifact_metadata(directory)
+    name = directory.name
+    spec = meta.get("spec")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ArtifactError(f"{directory / 'program.json'} holds no 'spec' text")
+    base_info = meta.get("base")
+    made_for = base_info.get("fingerprint") if isinstance(base_info, dict) else None
     if not made_for:
-        raise ArtifactError(f"{path} does not say which base model it was made for (no base fingerprint)")
+        raise ArtifactError(f"{directory / 'program.json'} does not say which base model it was made for")
     if made_for != base.fingerprint:
         raise ArtifactError(f"program {name} was made for base model {made_for}, this chat runs {base.fingerprint}")
-    return name, data["spec"]
-
-
-def _base_fingerprint(data: dict) -> str | None:
-    """The base model's fingerprint, under the names an artifact may use for it."""
-    if isinstance(data.get("base_fingerprint"), str):
-        return data["base_fingerprint"]
-    for key in ("base", "base_model", "base_program"):
-        value = data.get(key)
-        if isinstance(value, dict) and isinstance(value.get("fingerprint"), str):
-            return value["fingerprint"]
-    return None
+    return name, spec

@@ -109,9 +109,12 @@ def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool =
     return out
 
 
-def read_artifact(path: str | Path) -> ProgramArtifact:
-    """Load and check a program directory (or its program.json)."""
-    path = Path(path)
+def read_artifact_metadata(path: str | Path) -> tuple[Path, dict]:
+    """(directory, program.json contents) of a program directory (or its program.json), checked.
+
+    Reads no tensors: enough for the chat's view of a program (its spec and base).
+    """
+    path = Path(path).expanduser()
     directory = path.parent if path.name == PROGRAM_FILE else path
     meta_path = directory / PROGRAM_FILE
     if not meta_path.is_file():
@@ -124,6 +127,13 @@ def read_artifact(path: str | Path) -> ProgramArtifact:
         raise ArtifactError(f"{meta_path} is not a {FORMAT} file")
     if meta.get("version") != VERSION:
         raise ArtifactError(f"{meta_path} has version {meta.get('version')!r}; this paw reads version {VERSION}")
+    return directory, meta
+
+
+def read_artifact(path: str | Path) -> ProgramArtifact:
+    """Load and check a program directory (or its program.json)."""
+    directory, meta = read_artifact_metadata(path)
+    meta_path = directory / PROGRAM_FILE
     try:
         layout = PromptLayout(**meta["layout"])
         prefix_ids = [int(t) for t in meta["prefix_ids"]]

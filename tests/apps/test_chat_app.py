@@ -13,6 +13,7 @@ from apps.chat.app import ChatApp, run_chat
 from apps.chat.mlx_thread import MLXThread
 from apps.chat.widgets import AssistantMessage, Notice, PromptInput, StatusBar, UserMessage
 from interp.errors import PawError
+from tests.tiny import program_json
 
 MODEL_NAME = "tiny-random-llama"
 
@@ -203,13 +204,13 @@ async def test_slash_commands(make_app, tmp_path, prog, tiny_program):
 
         artifact = tmp_path / "french"
         artifact.mkdir()
-        (artifact / "program.json").write_text(json.dumps({"spec": "Answer in French.", "base_fingerprint": prog.fingerprint}))
+        (artifact / "program.json").write_text(json.dumps(program_json("Answer in French.", prog.fingerprint)))
         await submit(app, pilot, f"/program {artifact}")
         assert app.session.system == "Answer in French." and app.program_name == "french"
         assert app.session.messages == [] and "french" in status_text(app)
         foreign = tmp_path / "foreign"
         foreign.mkdir()
-        (foreign / "program.json").write_text(json.dumps({"spec": "x", "base_fingerprint": "feedface"}))
+        (foreign / "program.json").write_text(json.dumps(program_json("x", "feedface")))
         await submit(app, pilot, f"/program {foreign}")
         assert errors(app)[-1] == f"error: program foreign was made for base model feedface, this chat runs {prog.fingerprint}"
 

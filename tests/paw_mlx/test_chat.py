@@ -10,6 +10,7 @@ import pytest
 import paw_mlx
 from interp.errors import ArtifactError, PawError
 from paw_mlx.chat import ChatSession, read_conversation, read_program_spec
+from tests.tiny import program_json
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +126,11 @@ def test_bad_conversation_files_are_one_line_errors(tmp_path, content, message):
 def test_program_spec_checks_the_base_fingerprint(prog, tmp_path):
     good = tmp_path / "good"
     good.mkdir()
-    (good / "program.json").write_text(json.dumps({"spec": "Answer in French.", "base_fingerprint": prog.fingerprint}))
+    (good / "program.json").write_text(json.dumps(program_json("Answer in French.", prog.fingerprint)))
     assert read_program_spec(good, prog) == ("good", "Answer in French.")
     other = tmp_path / "other"
     other.mkdir()
-    (other / "program.json").write_text(json.dumps({"spec": "x", "base": {"fingerprint": "0123abcd"}}))
+    (other / "program.json").write_text(json.dumps(program_json("x", "0123abcd")))
     with pytest.raises(ArtifactError, match=f"program other was made for base model 0123abcd, this chat runs {prog.fingerprint}"):
         read_program_spec(other, prog)
     with pytest.raises(ArtifactError, match="no program.json"):
@@ -145,3 +146,8 @@ def test_cache_dir_rule_matches_the_exporter(monkeypatch, tmp_path):
     assert default_program_dir() == tmp_path / "programs" / "smollm2"
     monkeypatch.delenv("PAW_CACHE")
     assert cache_dir() == exporter_cache_dir()
+
+
+def test_program_spec_reads_a_compiled_program(prog, tiny_program, tmp_path):
+    paw_mlx.compile("Answer in one word.", base=tiny_program, out_dir=tmp_path / "oneword")
+    assert read_program_spec(tmp_path / "oneword", prog) == ("oneword", "Answer in one word.")
