@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from exporter.lower import Lowering
+from exporter.lower import Lowering, value_names
 
 
 class _Graph:
@@ -32,10 +32,10 @@ class _Graph:
             for out in node["outputs"]:
                 self.producer[out] = node
             for value in node["inputs"]:
-                for name in _names(value):
+                for name in value_names(value):
                     self.uses[name] += 1
             for value in node["attrs"].values():
-                for name in _names(value):
+                for name in value_names(value):
                     self.uses[name] += 1
 
     def node(self, value: Any, op: str | tuple[str, ...]) -> dict | None:
@@ -48,14 +48,6 @@ class _Graph:
 
     def single_use(self, *values: str) -> bool:
         return all(self.uses[v] == 1 for v in values)
-
-
-def _names(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [n for item in value for n in _names(item)]
-    return []
 
 
 def _other(node: dict, value: Any) -> Any:

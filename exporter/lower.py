@@ -129,16 +129,18 @@ def _target_name(target: Any) -> str:
     return name
 
 
+def value_names(value: Any) -> list[str]:
+    """The value names a node input or attribute refers to (strings, possibly in lists)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [name for item in value for name in value_names(item)]
+    return []
+
+
 def eliminate_dead_code(low: Lowering, outputs: list[str]) -> None:
     """Drop nodes whose results nothing uses, then consts nothing reads."""
     live: set[str] = set(outputs)
-
-    def uses(value: Any) -> list[str]:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list):
-            return [v for item in value for v in uses(item)]
-        return []
 
     kept = []
     for node in reversed(low.nodes):
@@ -146,9 +148,9 @@ def eliminate_dead_code(low: Lowering, outputs: list[str]) -> None:
             continue
         kept.append(node)
         for value in node["inputs"]:
-            live.update(uses(value))
+            live.update(value_names(value))
         for value in node["attrs"].values():
-            live.update(uses(value))
+            live.update(value_names(value))
     kept.reverse()
     # Attribute strings such as dtype names land in `live` too; harmless.
     low.nodes = kept
