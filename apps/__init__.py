@@ -1,0 +1,3 @@
+"""paw's command line and chat app."""
+
+import interp  # noqa: F401  (first: puts a fast BLAS under MLX before MLX loads)

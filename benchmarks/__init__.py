@@ -4,3 +4,5 @@
 the weights (cached); ``worker`` measures one engine in its own process, so imports and
 memory of one engine never touch another's numbers.
 """
+
+import interp  # noqa: F401  (first: puts a fast BLAS under MLX before MLX loads)

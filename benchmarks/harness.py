@@ -10,6 +10,9 @@ equivalent and runs only the float variants). Engines (``--engines``):
 - ``mlx-lm``: ``mlx_lm.convert`` of the same weights, run by mlx-lm's ``generate_step``
 - ``transformers``: transformers eager (torch, CPU)
 - ``ceiling``: MLX matvec over exactly the weights a decoded token reads (a bound, not a model)
+- ``paw-stock``, ``mlx-lm-stock``: paw and mlx-lm on the BLAS bundled in MLX's Linux
+  wheel (``PAW_BLAS=reference``), which is what plain mlx-lm gets there; every other MLX
+  engine runs on the OpenBLAS that ``interp.blas`` puts under MLX (see ``machine.blas``)
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 from benchmarks import prepare
 
 VARIANTS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0), "q4": ("float32", 4)}
-ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "mlx-lm", "transformers", "ceiling")
+ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "paw-stock", "mlx-lm", "mlx-lm-stock", "transformers", "ceiling")
+STOCK_BLAS = ("paw-stock", "mlx-lm-stock")
 DEFAULT_ENGINES = ("paw", "mlx-lm", "transformers", "ceiling")
 RESULTS_DIR = Path(__file__).parent / "results"
 RESULT_TAG = "PAW-BENCH-RESULT "
@@ -52,10 +56,13 @@ def machine() -> dict:
     """Where the numbers come from."""
     import mlx.core as mx
 
+    from interp import blas
+
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "mlx": _version("mlx"),
             "mlx_lm": _version("mlx-lm"), "torch": _version("torch"), "transformers": _version("transformers"),
-            "device": str(mx.default_device()), "metal": bool(mx.metal.is_available())}
+            "device": str(mx.default_device()), "metal": bool(mx.metal.is_available()),
+            "blas": blas.status()}
     try:
         info["load_average"] = list(os.getloadavg())
     except OSError:
@@ -84,13 +91,15 @@ def _version(package: str) -> str:
 
 def run_engine(engine: str, path: Path, dtype: str, config: BenchConfig) -> dict:
     """Start one worker process and return its parsed result (or an error record)."""
-    worker_engine = "paw" if engine.startswith("paw") else engine
+    worker_engine = "paw" if engine.startswith("paw") else engine.removesuffix("-stock")
     cmd = [sys.executable, "-m", "benchmarks.worker", "--engine", worker_engine, "--path", str(path),
            "--dtype", dtype, "--prompt-tokens", str(config.prompt_tokens),
            "--decode-tokens", str(config.decode_tokens)]
     if engine in ("paw-nocompile", "paw-nofuse"):
         cmd.append("--no-compile")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if engine in STOCK_BLAS:
+        env["PAW_BLAS"] = "reference"
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
     start = time.perf_counter()
@@ -111,7 +120,7 @@ def _paths(variant: str, engine: str, config: BenchConfig, root: Path, hf: Path,
     dtype, bits = VARIANTS[variant]
     if engine == "transformers":
         return hf if not bits else None
-    if engine == "mlx-lm":
+    if engine.startswith("mlx-lm"):
         return prepare.mlx_lm_model(hf, root, dtype, bits, config.group_size, say)
     if engine == "paw-nofuse":
         return prepare.paw_program(hf, root, dtype, bits, config.group_size, say, fuse=False)
@@ -148,14 +157,18 @@ def run_bench(config: BenchConfig, say: Say = print) -> dict:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """paw-vs-mlx-lm ratios and decode as a fraction of the matvec ceiling, per dtype."""
+    """paw-vs-mlx-lm ratios and decode as a fraction of the matvec ceiling, per dtype.
+
+    The ceiling is measured on the OpenBLAS that paw installs, so stock-BLAS rows get none.
+    """
     by = {(r["dtype"], r["engine"]): r for r in rows}
     for row in rows:
-        ref = by.get((row["dtype"], "mlx-lm"))
-        ceiling = by.get((row["dtype"], "ceiling"))
+        stock = row["engine"] in STOCK_BLAS  # compared with mlx-lm on the same (bundled) BLAS
+        ref = by.get((row["dtype"], "mlx-lm-stock" if stock else "mlx-lm"))
+        ceiling = None if stock else by.get((row["dtype"], "ceiling"))
         if "error" in row or row["engine"] == "ceiling":
             continue
-        if ref and "error" not in ref and row["engine"] != "mlx-lm":
+        if ref and "error" not in ref and ref is not row:
             row["decode_vs_mlx_lm"] = row["decode_tps"] / ref["decode_tps"]
             row["prefill_vs_mlx_lm"] = ref["ttft_s"] / row["ttft_s"]
             row["memory_vs_mlx_lm"] = row["peak_memory_gb"] / ref["peak_memory_gb"]
@@ -197,7 +210,8 @@ def table_cells(report: dict) -> list[list[str]]:
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
     lines = [f"Run {report['started']} on {m['processor']} ({m['cpus']} CPUs, {m['machine']}), "
-             f"MLX {m['mlx']} on {m['device']}{' (Metal)' if m['metal'] else ''}, mlx-lm {m['mlx_lm']}, "
+             f"MLX {m['mlx']} on {m['device']}{' (Metal)' if m['metal'] else ''}"
+             f"{', BLAS under MLX: ' + m['blas'] if m.get('blas') else ''}, mlx-lm {m['mlx_lm']}, "
              f"torch {m['torch']}, transformers {m['transformers']}; load average at start "
              f"{', '.join(f'{x:.1f}' for x in m.get('load_average', []))}.",
              f"Prompt {c['prompt_tokens']} tokens, {c['decode_tokens']} tokens decoded greedily; "

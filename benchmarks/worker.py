@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
     result = ENGINES[args.engine](args)
+    from interp import blas
+
+    result["blas"] = blas.status()
     sys.stdout.write("PAW-BENCH-RESULT " + json.dumps(result) + "\n")
 
 

@@ -11,6 +11,9 @@ dead-code pass.
 - ``fuse_rope``: q * unsqueeze(cos, 1) + cat(-q[..., h:], q[..., :h]) * unsqueeze(sin, 1), with
   cos/sin = [cast](mul(cos|sin(cat(f, f)), s)) and f = position_ids * inv_freq  =>
   rope(q, position_ids, inv_freq, mscale=s)
+- ``fuse_projections``: linear(x, W1[, b1]), linear(x, W2[, b2]), ... reading the same x
+  (q/k/v; gate/up)  =>  split(linear(x, cat(W1, W2, ...)[, cat(b1, ...)]), sizes). One
+  matmul instead of several: fewer dispatches per token and wider BLAS calls.
 """
 
 from __future__ import annotations
@@ -228,7 +231,96 @@ def _frequencies(g: _Graph, emb: Any):
     return None
 
 
-PASSES = {"rms_norm": fuse_rms_norm, "rope": fuse_rope}
+# ----------------------------------------------------------------------------- projections
+
+
+def fuse_projections(low: Lowering) -> int:
+    """Merge float ``linear`` nodes that read the same input into one; returns merges made.
+
+    Only constant weights of one dtype and input width merge, with all biases present or
+    all absent; the fused node takes the place of the group's first member, where its
+    input already exists, and a ``split`` restores the members' output names.
+    """
+    groups: dict[str, list[dict]] = {}
+    for node in low.nodes:
+        if _projection(low, node):
+            groups.setdefault(node["inputs"][0], []).append(node)
+    merged = 0
+    replaced: dict[int, list[dict]] = {}
+    removed: set[int] = set()
+    for members in groups.values():
+        members = _compatible(low, members)
+        if len(members) < 2:
+            continue
+        replaced[id(members[0])] = _merge(low, members)
+        removed.update(id(m) for m in members[1:])
+        merged += 1
+    nodes = []
+    for node in low.nodes:
+        if id(node) in removed:
+            continue
+        nodes.extend(replaced.get(id(node), [node]))
+    low.nodes = nodes
+    return merged
+
+
+def _projection(low: Lowering, node: dict) -> bool:
+    if node["op"] != "linear" or not isinstance(node["inputs"][0], str):
+        return False
+    weight, bias = node["inputs"][1], node["inputs"][2]
+    w = low.consts.get(weight) if isinstance(weight, str) else None
+    if w is None or w.dim() != 2 or not w.dtype.is_floating_point:
+        return False
+    return bias is None or (isinstance(bias, str) and bias in low.consts)
+
+
+def _compatible(low: Lowering, members: list[dict]) -> list[dict]:
+    """The members that can share one matmul with the first one."""
+    first = low.consts[members[0]["inputs"][1]]
+    has_bias = members[0]["inputs"][2] is not None
+    return [m for m in members
+            if low.consts[m["inputs"][1]].dtype == first.dtype
+            and low.consts[m["inputs"][1]].shape[1] == first.shape[1]
+            and (m["inputs"][2] is not None) == has_bias]
+
+
+def _merge(low: Lowering, members: list[dict]) -> list[dict]:
+    import torch
+
+    weights = [m["inputs"][1] for m in members]
+    name = _joined_name(weights)
+    while name in low.consts:
+        name += "_"
+    low.consts[name] = torch.cat([low.consts[w] for w in weights], dim=0)
+    bias = None
+    if members[0]["inputs"][2] is not None:
+        bias = _joined_name([m["inputs"][2] for m in members])
+        while bias in low.consts:
+            bias += "_"
+        low.consts[bias] = torch.cat([low.consts[m["inputs"][2]] for m in members], dim=0)
+    fused = low.fresh()
+    sizes = [low.consts[w].shape[0] for w in weights]
+    return [
+        {"op": "linear", "inputs": [members[0]["inputs"][0], name, bias], "attrs": {}, "outputs": [fused]},
+        {"op": "split", "inputs": [fused], "attrs": {"sizes": sizes, "dim": -1},
+         "outputs": [m["outputs"][0] for m in members]},
+    ]
+
+
+def _joined_name(names: list[str]) -> str:
+    """``a.q_proj.weight``, ``a.k_proj.weight`` -> ``a.q_proj+k_proj.weight`` (readable in inspect)."""
+    parts = [n.split(".") for n in names]
+    head = 0
+    while all(len(p) > head + 1 and p[head] == parts[0][head] for p in parts):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
+        tail += 1
+    middles = [".".join(p[head:len(p) - tail]) for p in parts]
+    return ".".join(parts[0][:head] + ["+".join(middles)] + (parts[0][len(parts[0]) - tail:] if tail else []))
+
+
+PASSES = {"rms_norm": fuse_rms_norm, "rope": fuse_rope, "projections": fuse_projections}
 
 
 def fuse(low: Lowering) -> dict[str, int]:

@@ -9,6 +9,7 @@ Nothing here imports torch; ``paw_mlx.export`` loads the exporter (and torch) la
 
 from __future__ import annotations
 
+import interp  # noqa: F401  (first: puts a fast BLAS under MLX before MLX loads)
 from interp.errors import PawError
 from paw_mlx.chat import ChatSession
 from paw_mlx.programs import ProgramFunction, compile, function

@@ -1,22 +1,18 @@
-"""Where paw keeps things on disk, without importing torch or the exporter.
+"""Where the run-time API finds things on disk, without importing torch or the exporter.
 
-``exporter.sources.cache_dir`` follows the same rule (``$PAW_CACHE`` or ``~/.cache/paw``);
-a test keeps the two in step. The exporter is not imported here because importing it
-must not be needed to start ``paw chat``.
+The cache rule itself (``$PAW_CACHE`` or ``~/.cache/paw``) is ``interp.paths.cache_dir``,
+shared with the exporter; importing the exporter must not be needed to start ``paw chat``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from interp.paths import cache_dir
 
 DEFAULT_MODEL_ALIAS = "smollm2"
 
-
-def cache_dir() -> Path:
-    """paw's cache: $PAW_CACHE or ~/.cache/paw."""
-    root = os.environ.get("PAW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "paw")
-    return Path(root)
+__all__ = ["DEFAULT_MODEL_ALIAS", "cache_dir", "default_program_dir"]
 
 
 def default_program_dir() -> Path:

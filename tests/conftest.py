@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import interp  # noqa: F401  (first: the fast BLAS must load before any test imports MLX)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

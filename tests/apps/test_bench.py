@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -27,15 +28,15 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     docs.write_text("# Benchmarks\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nafter\n")
     results = tmp_path / "results"
     out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
-                                   "paw,mlx-lm,ceiling", "--prompt-tokens", "8", "--decode-tokens", "4",
+                                   "paw,mlx-lm,mlx-lm-stock,ceiling", "--prompt-tokens", "8", "--decode-tokens", "4",
                                    "--results", str(results), "--docs", str(docs)])
     assert out.exit_code == 0, out.output
     assert "paw bench" in out.output and "mlx-lm" in out.output  # the rich table
     report = json.loads((results / "latest.json").read_text())
     rows = {row["engine"]: row for row in report["rows"]}
-    assert set(rows) == {"paw", "mlx-lm", "ceiling"}
+    assert set(rows) == {"paw", "mlx-lm", "mlx-lm-stock", "ceiling"}
     assert not any("error" in row for row in rows.values()), rows
-    for engine in ("paw", "mlx-lm"):
+    for engine in ("paw", "mlx-lm", "mlx-lm-stock"):
         row = rows[engine]
         assert row["generated"] == 4 and row["decode_tps"] > 0 and row["ttft_s"] > 0
         assert row["peak_memory_gb"] > 0 and row["load_s"] > 0
@@ -44,6 +45,11 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     assert rows["paw"]["same_tokens_as_mlx_lm"] == 4
     assert {"decode_vs_mlx_lm", "prefill_vs_mlx_lm", "memory_vs_mlx_lm", "decode_vs_ceiling"} <= set(rows["paw"])
     assert report["machine"]["device"] and report["config"]["prompt_tokens"] == 8
+    if sys.platform == "linux":  # the stock engine really runs on MLX's bundled BLAS
+        assert rows["paw"]["blas"] == rows["mlx-lm"]["blas"] == report["machine"]["blas"]
+        assert report["machine"]["blas"].startswith("OpenBLAS")
+        assert rows["mlx-lm-stock"]["blas"] == "reference (PAW_BLAS=reference)"
+    assert "decode_vs_mlx_lm" not in rows["mlx-lm-stock"] and "decode_vs_ceiling" not in rows["mlx-lm-stock"]
     page = docs.read_text()
     assert "old" not in page and "| float32 | paw |" in page and page.endswith("after\n")
-    assert (results / "latest.md").read_text().count("| float32 |") == 3
+    assert (results / "latest.md").read_text().count("| float32 |") == 4

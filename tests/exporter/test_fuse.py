@@ -51,6 +51,13 @@ def test_fusion_replaces_norm_and_rope_patterns(programs):
     assert fused["rope"] == 2 * layers and plain["rope"] == 0
     assert fused["rsqrt"] == 0 and fused["neg"] == 0 and fused["cos"] == 0
     assert sum(fused.values()) < sum(plain.values()) / 2
+    # q/k/v and gate/up read the same input: one matmul each, split afterwards
+    assert plain["linear"] == 7 * layers + 1 and fused["linear"] == 4 * layers + 1
+    assert fused["split"] == 2 * layers and plain["split"] == 0
+    names = read_program(programs["fused"]).spec["consts"]
+    assert "model.layers.0.self_attn.q_proj+k_proj+v_proj.weight" in names
+    assert "model.layers.0.mlp.gate_proj+up_proj.weight" in names
+    assert not any(n.startswith("model.layers.0.self_attn.q_proj.") for n in names)
 
 
 def test_fused_program_matches_unfused_and_transformers(programs):
@@ -80,7 +87,7 @@ def test_rope_explicit_positions_match_fast_path(programs):
 
 def test_quantized_program_matches_mlx_quantized_reference(programs):
     ops = _ops(programs["q4"])
-    assert ops["quantized_linear"] == 7 * programs["config"].num_hidden_layers + 1
+    assert ops["quantized_linear"] == 4 * programs["config"].num_hidden_layers + 1
     assert ops["quantized_embedding"] == 1 and ops["linear"] == 0
     # Same model, weights round-tripped through mx.quantize/dequantize: the float program
     # with dequantized weights must give the quantized program's logits.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -137,15 +138,14 @@ def test_program_spec_checks_the_base_fingerprint(prog, tmp_path):
         read_program_spec(tmp_path / "nowhere", prog)
 
 
-def test_cache_dir_rule_matches_the_exporter(monkeypatch, tmp_path):
-    from exporter.sources import cache_dir as exporter_cache_dir
+def test_cache_dir_follows_paw_cache(monkeypatch, tmp_path):
     from paw_mlx.paths import cache_dir, default_program_dir
 
     monkeypatch.setenv("PAW_CACHE", str(tmp_path))
-    assert cache_dir() == exporter_cache_dir() == tmp_path
+    assert cache_dir() == tmp_path
     assert default_program_dir() == tmp_path / "programs" / "smollm2"
     monkeypatch.delenv("PAW_CACHE")
-    assert cache_dir() == exporter_cache_dir()
+    assert cache_dir() == Path.home() / ".cache" / "paw"
 
 
 def test_program_spec_reads_a_compiled_program(prog, tiny_program, tmp_path):

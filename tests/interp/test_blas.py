@@ -1,0 +1,92 @@
+"""The OpenBLAS shim under MLX: in use on Linux, and every gemm it forwards is right."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from interp import blas
+
+ROOT = Path(__file__).resolve().parents[2]
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the shim is for MLX's Linux CPU wheel")
+
+
+def _status_in_fresh_process(code: str, **env: str) -> str:
+    """Run ``code`` in a new interpreter (the shim must load before MLX) and return its last line."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@linux_only
+def test_openblas_is_in_use_under_this_test_process():
+    assert blas.status().startswith("OpenBLAS"), blas.status()
+
+
+@linux_only
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float64, mx.complex64])
+@pytest.mark.parametrize("shape", [(1, 37, 53), (16, 64, 96), (130, 77, 190)])
+def test_forwarded_gemm_matches_numpy(dtype, shape):
+    """sgemm/dgemm/cgemm with every transpose combination MLX passes (row-major, strided)."""
+    m, k, n = shape
+    rng = np.random.default_rng(m * k + n)
+    a_np = rng.standard_normal((m, k))
+    b_np = rng.standard_normal((k, n))
+    if dtype == mx.complex64:
+        a_np = a_np + 1j * rng.standard_normal((m, k))
+        b_np = b_np + 1j * rng.standard_normal((k, n))
+    a = mx.array(a_np).astype(dtype)
+    b = mx.array(b_np).astype(dtype)
+    at = mx.array(np.ascontiguousarray(a_np.T)).astype(dtype)  # a stored transposed
+    bt = mx.array(np.ascontiguousarray(b_np.T)).astype(dtype)
+    # the values MLX holds (it may round on the way in), multiplied in double precision
+    want = np.array(a).astype(np.complex128) @ np.array(b).astype(np.complex128)
+    if dtype != mx.complex64:
+        want = want.real
+    tol = 1e-10 if dtype == mx.float64 else 1e-4
+    for got in (a @ b, at.T @ b, a @ bt.T, at.T @ bt.T):
+        np.testing.assert_allclose(np.array(got), want, rtol=tol, atol=tol * np.sqrt(k))
+
+
+@linux_only
+def test_batched_matmul_through_the_shim():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 5, 8, 16), dtype=np.float32), rng.standard_normal((3, 5, 16, 4), dtype=np.float32)
+    np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, rtol=1e-4, atol=1e-4)
+
+
+@linux_only
+def test_paw_blas_reference_keeps_mlx_own_blas():
+    code = "import interp, interp.blas as b; print(b.status())"
+    assert _status_in_fresh_process(code, PAW_BLAS="reference") == "reference (PAW_BLAS=reference)"
+
+
+@linux_only
+def test_unusable_library_falls_back_with_the_reason(tmp_path):
+    missing = tmp_path / "libnothing.so"
+    code = "import interp, interp.blas as b, mlx.core as mx; print(b.status(), (mx.ones((2, 3)) @ mx.ones((3, 2))).sum().item())"
+    line = _status_in_fresh_process(code, PAW_BLAS=str(missing))
+    assert line.startswith(f"reference (PAW_BLAS={missing} unusable") and line.endswith(" 12.0")
+
+
+@linux_only
+def test_mlx_imported_first_is_reported_not_hidden():
+    code = "import mlx.core, interp.blas as b; print(b.install())"
+    assert _status_in_fresh_process(code) == "reference (mlx was imported before paw)"
+
+
+@linux_only
+def test_shim_is_cached_and_rebuilt_into_a_fresh_cache(tmp_path):
+    code = "import interp, interp.blas as b; print(b.status())"
+    assert _status_in_fresh_process(code, PAW_CACHE=str(tmp_path)).startswith("OpenBLAS")
+    built = list((tmp_path / "blas").glob("libpaw_cblas_*.so"))
+    assert len(built) == 1 and not [p for p in (tmp_path / "blas").iterdir() if p.is_dir()]
+    assert _status_in_fresh_process(code, PAW_CACHE=str(tmp_path)).startswith("OpenBLAS")
+    assert list((tmp_path / "blas").glob("libpaw_cblas_*.so")) == built
