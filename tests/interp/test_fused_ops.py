@@ -60,3 +60,27 @@ def test_quantized_linear_and_embedding_match_dequantized_weights(bits):
     ids = mx.array([[3, 0, 47], [5, 5, 1]])
     rows = REGISTRY["quantized_embedding"].fn(q, scales, biases, ids, group_size=64, bits=bits)
     np.testing.assert_array_equal(np.array(rows), np.array(mx.take(dense, ids, axis=0)))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_fast_sdpa(heads, kv_heads, masked):
+    """The CPU decode path (GQA folded into matmul rows) computes what mx.fast's SDPA does."""
+    from interp.ops.nn import decode_attention
+
+    keys = 37
+    rng = np.random.default_rng(heads * 10 + kv_heads)
+    q = mx.array(rng.standard_normal((2, heads, 1, 16)).astype(np.float32))
+    k = mx.array(rng.standard_normal((2, kv_heads, keys, 16)).astype(np.float32))
+    v = mx.array(rng.standard_normal((2, kv_heads, keys, 16)).astype(np.float32))
+    key_mask = None
+    if masked:  # row 1 is padded: its first 5 keys are not real
+        key_mask = mx.array(np.arange(keys)[None, :] >= np.array([[0], [5]]))
+    got = decode_attention(q, k, v, scale=0.25, key_mask=key_mask)
+    mask = key_mask[:, None, None, :] if masked else None
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    assert got.shape == want.shape == (2, heads, 1, 16)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6, rtol=0)
+    if masked:  # and the padded keys really are ignored
+        alone = decode_attention(q[1:], k[1:, :, 5:], v[1:, :, 5:], scale=0.25)
+        np.testing.assert_allclose(np.array(got[1:]), np.array(alone), atol=1e-6, rtol=0)
