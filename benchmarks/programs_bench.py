@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import interp  # noqa: E402, F401  (before MLX: puts the fast BLAS under it)
+
+# isort: split
+import mlx.core as mx  # noqa: E402
 
 from interp.sampling import greedy  # noqa: E402
 from paw_mlx.programs import compile, function  # noqa: E402

@@ -23,10 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import interp  # noqa: E402, F401  (before MLX: puts the fast BLAS under it)
+
+# isort: split
+import mlx.core as mx  # noqa: E402
 
 from interp.graph import GraphModel  # noqa: E402
 from interp.ops import REGISTRY, Handler  # noqa: E402

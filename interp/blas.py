@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from interp.paths import cache_dir
@@ -67,6 +68,8 @@ def install() -> str:
         _status = "platform default"
     elif "mlx.core" in sys.modules:
         _status = "reference (mlx was imported before paw)"
+        warnings.warn("mlx.core was imported before paw, so MLX's CPU matmuls keep the slow reference "
+                      "BLAS of MLX's Linux wheel; import paw_mlx (or interp) first", stacklevel=2)
     elif choice == "reference":
         _status = "reference (PAW_BLAS=reference)"
     elif choice not in ("", "auto"):
