@@ -20,9 +20,9 @@ def compile_cmd(
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
     examples: Annotated[Path | None, typer.Option("--examples", "-e",
                                                   help="JSON lines of {\"input\", \"output\"}: tune the prefix on them.")] = None,
-    steps: Annotated[int, typer.Option(help="Tuning steps (with --examples).")] = 12,
+    steps: Annotated[int, typer.Option(help="Tuning steps (with --examples).")] = 36,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate for tuning.")] = 3e-2,
-    layers: Annotated[int, typer.Option(help="Tune the prefix of this many top layers (0: all).")] = 6,
+    layers: Annotated[int, typer.Option(help="Tune the prefix of this many top layers (0: all).")] = 12,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -75,13 +75,15 @@ def eval_cmd(
     tasks: Annotated[Path, typer.Option(help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
     only: Annotated[list[str] | None, typer.Option(help="Run only these tasks.")] = None,
-    steps: Annotated[int, typer.Option(help="Tuning steps per task.")] = 12,
+    steps: Annotated[int, typer.Option(help="Tuning steps per task.")] = 36,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate for tuning.")] = 3e-2,
+    layers: Annotated[int, typer.Option(help="Tune the prefix of this many top layers (0: all).")] = 12,
     out: Annotated[Path | None, typer.Option("--out", help="Write the JSON report here.")] = None,
 ) -> None:
     """Exact-match accuracy of spec-only vs tuned programs on each task's held-out inputs."""
     from paw_mlx.programs.evaluate import main
 
-    argv = ["--tasks", str(tasks), "--base", base, "--steps", str(steps)]
+    argv = ["--tasks", str(tasks), "--base", base, "--steps", str(steps), "--lr", str(lr), "--layers", str(layers)]
     if only:
         argv += ["--only", *only]
     if out is not None:

@@ -45,3 +45,18 @@ def test_errors_are_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"paw: error: no such program: {tmp_path / 'nope'}"
+
+
+def test_cli_tuning_defaults_are_the_tuners():
+    """The CLI spells its defaults out (so `--help` shows them without importing MLX); they must
+    stay the tuner's own."""
+    import inspect
+
+    from apps.programs_cmd import compile_cmd, eval_cmd
+    from paw_mlx.programs.tune import TuneOptions
+
+    for command in (compile_cmd, eval_cmd):
+        params = inspect.signature(command).parameters
+        assert params["steps"].default == TuneOptions.steps
+        assert params["lr"].default == TuneOptions.learning_rate
+        assert params["layers"].default == TuneOptions.layers
