@@ -84,3 +84,42 @@ def test_decode_attention_matches_fast_sdpa(heads, kv_heads, masked):
     if masked:  # and the padded keys really are ignored
         alone = decode_attention(q[1:], k[1:, :, 5:], v[1:, :, 5:], scale=0.25)
         np.testing.assert_allclose(np.array(got[1:]), np.array(alone), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 40])  # a decode row, and a prefill over the threshold
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_linear_both_paths_match_dequantized_weights(bits, tokens, monkeypatch):
+    """Many rows take the float32 BLAS route (dequantize, then gemm), one row MLX's own
+    quantized kernel; both compute x @ dequantize(w).T + bias."""
+    import interp.ops.nn as nn
+
+    w = mx.random.normal((96, 128), key=mx.random.key(bits + tokens))
+    q, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+    dense = mx.dequantize(q, scales, biases, group_size=64, bits=bits)
+    x = mx.random.normal((1, tokens, 128), key=mx.random.key(7))
+    bias = mx.arange(96, dtype=mx.float32)
+    want = np.array(x @ dense.T + bias)
+    route = nn.gemm_in_float32(x)
+    assert route == (tokens >= nn.FLOAT32_GEMM_ROWS and nn.fast_cpu_gemm())
+    got = REGISTRY["quantized_linear"].fn(x, q, scales, biases, bias, group_size=64, bits=bits)
+    np.testing.assert_allclose(np.array(got), want, atol=1e-4, rtol=1e-5)
+    monkeypatch.setattr(nn, "FLOAT32_GEMM_ROWS", 10**9)  # force MLX's own kernel: same numbers
+    own = REGISTRY["quantized_linear"].fn(x, q, scales, biases, bias, group_size=64, bits=bits)
+    np.testing.assert_allclose(np.array(own), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_precision_linear_prefill_runs_in_float32_and_matches(dtype, monkeypatch):
+    import interp.ops.nn as nn
+
+    w = mx.random.normal((64, 96), key=mx.random.key(1)).astype(dtype)
+    x = mx.random.normal((2, 20, 96), key=mx.random.key(2)).astype(dtype)
+    bias = mx.random.normal((64,), key=mx.random.key(3)).astype(dtype)
+    want = (x.astype(mx.float32) @ w.astype(mx.float32).T + bias.astype(mx.float32))
+    got = REGISTRY["linear"].fn(x, w, bias)
+    assert got.dtype == dtype
+    tol = 0.1 if dtype == mx.bfloat16 else 0.02  # one rounding of the output to half precision
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=0.02)
+    monkeypatch.setattr(nn, "FLOAT32_GEMM_ROWS", 10**9)
+    own = REGISTRY["linear"].fn(x, w, bias)
+    np.testing.assert_allclose(np.array(own.astype(mx.float32)), np.array(want), atol=tol, rtol=0.02)
