@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks import prepare
+from interp.docblock import replace_block
 
 VARIANTS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0), "q4": ("float32", 4)}
 ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "paw-stock", "mlx-lm", "mlx-lm-stock", "transformers", "ceiling")
@@ -253,9 +254,4 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def update_docs(path: Path, table: str) -> None:
     """Replace the text between the bench markers of a markdown page with the table."""
-    page = path.read_text(encoding="utf-8")
-    if START not in page or END not in page:
-        raise ValueError(f"{path} has no {START} ... {END} section")
-    head, rest = page.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{table}{END}{tail}", encoding="utf-8")
+    replace_block(path, START, END, table)

@@ -300,11 +300,9 @@ def write_docs(path: str = "docs/program-format.md") -> None:
     """Replace the generated op table in the format document."""
     from pathlib import Path
 
-    doc = Path(path)
-    text = doc.read_text(encoding="utf-8")
-    head, _, rest = text.partition(DOC_START)
-    _, _, tail = rest.partition(DOC_END)
-    doc.write_text(f"{head}{DOC_START}\n{render_markdown()}{DOC_END}{tail}", encoding="utf-8")
+    from interp.docblock import replace_block
+
+    replace_block(Path(path), DOC_START, DOC_END, render_markdown())
 
 
 if __name__ == "__main__":

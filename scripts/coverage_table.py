@@ -63,12 +63,13 @@ def render(results: dict) -> str:
 
 
 def write_block(table: str, doc: Path = DOC) -> None:
-    text = doc.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{doc} lacks the markers {START} / {END}")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{START}\n{table}{END}{tail}", encoding="utf-8")
+    sys.path.insert(0, str(ROOT))
+    from interp.docblock import replace_block
+
+    try:
+        replace_block(doc, START, END, table)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main() -> None:
