@@ -36,16 +36,40 @@ from pathlib import Path
 from interp.paths import cache_dir
 
 # The gemm entry points libmlx.so imports (float32, float64, complex64). CBLAS enums are
-# int-sized, so they pass as int.
+# int-sized, so they pass as int. MLX calls gemm for every product, matrix-vector ones
+# included (a decode step is all one-row products); OpenBLAS's gemm kernels handle one row
+# 5-6x slower than its gemv (8 vs 45 GFLOP/s for a 1728x576 float32 weight here), so the
+# shim sends real one-row or one-column row-major products to gemv. For C = op(A) op(B):
+# one row of C is op(B)^T times A's row; one column is op(A) times B's column.
 _SHIM_SOURCE = """\
 #define GEMM_ARGS(T, S) int order, int ta, int tb, int m, int n, int k, S alpha, const T *a, \\
     int lda, const T *b, int ldb, S beta, T *c, int ldc
 #define GEMM_CALL order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc
+#define GEMV_ARGS(T) int order, int trans, int rows, int cols, T alpha, const T *w, int ldw, \\
+    const T *x, int incx, T beta, T *y, int incy
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 void scipy_cblas_sgemm(GEMM_ARGS(float, float));
 void scipy_cblas_dgemm(GEMM_ARGS(double, double));
 void scipy_cblas_cgemm(GEMM_ARGS(void, const void *));
-void cblas_sgemm(GEMM_ARGS(float, float)) { scipy_cblas_sgemm(GEMM_CALL); }
-void cblas_dgemm(GEMM_ARGS(double, double)) { scipy_cblas_dgemm(GEMM_CALL); }
+void scipy_cblas_sgemv(GEMV_ARGS(float));
+void scipy_cblas_dgemv(GEMV_ARGS(double));
+#define REAL_GEMM(P, T) \\
+void cblas_##P##gemm(GEMM_ARGS(T, T)) { \\
+    int plain = order == ROW_MAJOR && (ta == NO_TRANS || ta == TRANS) && (tb == NO_TRANS || tb == TRANS); \\
+    if (plain && m == 1) { \\
+        int inc_a = ta == NO_TRANS ? 1 : lda; \\
+        if (tb == TRANS) scipy_cblas_##P##gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1); \\
+        else scipy_cblas_##P##gemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1); \\
+    } else if (plain && n == 1) { \\
+        int inc_b = tb == NO_TRANS ? ldb : 1; \\
+        if (ta == NO_TRANS) scipy_cblas_##P##gemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc); \\
+        else scipy_cblas_##P##gemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc); \\
+    } else { \\
+        scipy_cblas_##P##gemm(GEMM_CALL); \\
+    } \\
+}
+REAL_GEMM(s, float)
+REAL_GEMM(d, double)
 void cblas_cgemm(GEMM_ARGS(void, const void *)) { scipy_cblas_cgemm(GEMM_CALL); }
 """
 
