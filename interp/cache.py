@@ -25,21 +25,31 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
+    def reserve(self, new: int, like: tuple[mx.array, mx.array] | None = None) -> None:
+        """Make room for ``new`` more positions after ``offset``, growing by whole steps.
+
+        ``like`` (keys, values of the new positions) gives the shapes and dtype when
+        nothing is allocated yet.
+        """
+        start = self.offset
+        if self.keys is not None and start + new <= self.keys.shape[2]:
+            return
+        keys, values = (self.keys, self.values) if like is None else like
+        batch, heads, _, k_dim = keys.shape
+        v_dim = values.shape[3]
+        grow = ((new + self.step - 1) // self.step) * self.step
+        k_more = mx.zeros((batch, heads, grow, k_dim), keys.dtype)
+        v_more = mx.zeros((batch, heads, grow, v_dim), values.dtype)
+        if self.keys is None:
+            self.keys, self.values = k_more, v_more
+        else:
+            self.keys = mx.concatenate([self.keys[..., :start, :], k_more], axis=2)
+            self.values = mx.concatenate([self.values[..., :start, :], v_more], axis=2)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         start = self.offset
-        new = keys.shape[2]
-        if self.keys is None or start + new > self.keys.shape[2]:
-            batch, heads, _, k_dim = keys.shape
-            v_dim = values.shape[3]
-            grow = ((new + self.step - 1) // self.step) * self.step
-            k_more = mx.zeros((batch, heads, grow, k_dim), keys.dtype)
-            v_more = mx.zeros((batch, heads, grow, v_dim), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = k_more, v_more
-            else:
-                self.keys = mx.concatenate([self.keys[..., :start, :], k_more], axis=2)
-                self.values = mx.concatenate([self.values[..., :start, :], v_more], axis=2)
-        self.offset = start + new
+        self.reserve(keys.shape[2], like=(keys, values))
+        self.offset = start + keys.shape[2]
         self.keys[..., start : self.offset, :] = keys
         self.values[..., start : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]

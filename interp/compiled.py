@@ -22,7 +22,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from interp import schema
+from interp import compiled_step, schema
+from interp.compiled_step import CompiledStep
 from interp.ops import REGISTRY
 
 
@@ -89,6 +90,8 @@ class CompiledDecoder:
             self._segments.append(current)
         self._sym_names = sym_names
         self._link(set(model.consts), sym_names)
+        #: the whole step as one compiled function, for programs and caches that allow it
+        self.whole_step = CompiledStep(model, self._prelude, sym_names) if compiled_step.supports(model.program) else None
 
     def _link(self, consts: set[str], syms: set[str]) -> None:
         needed_later = set(self.model.output_names)
@@ -121,6 +124,8 @@ class CompiledDecoder:
     def run(self, inputs: dict[str, mx.array], cache: list, offset: int) -> dict[str, Any]:
         from interp.graph import RunContext
 
+        if self.whole_step is not None and CompiledStep.accepts(cache):
+            return self.whole_step.run(inputs, cache, offset)
         env: dict[str, Any] = dict(inputs)
         ctx = RunContext(cache=cache, offset=offset)
         for step in self._prelude:

@@ -1,0 +1,119 @@
+"""The whole decode step as one ``mx.compile``: fixed-capacity KV buffers and a key mask.
+
+Why: MLX runs every primitive of a graph as its own task, and the Python that builds the
+graph runs on the same cores. A SmolLM2 decode step built node by node holds about 3,200
+primitives (on the CPU, ``mx.fast.rope`` and ``rms_norm`` fall back to a dozen ops each);
+cut into compiled segments between the attention ops it still builds 31 graphs per token.
+Traced as one function, MLX fuses every elementwise chain of the step and the step is one
+call: about 2,000 primitives, and building it takes 6-7 ms of Python instead of 12.
+
+A traced step must keep its shapes from token to token, so the cache is read at its
+capacity, not its length: every layer's keys and values stay in the ``KVCache`` buffers,
+which grow 256 positions at a time; the new token is written at ``offset`` with
+``mx.slice_update`` (the offset is an array, so a new position does not retrace), and
+attention sees a key mask of the positions written so far. The step retraces only when the
+buffers grow (every 256 tokens) or the batch changes. The old buffers are dropped before
+the new ones are evaluated, so MLX updates them in place rather than copying.
+
+Only plain causal attention takes this path: sliding windows, logit soft-capping and ALiBi
+need the real key count, so such programs keep the segment compilation of
+``interp/compiled.py``. So do caches other than paw's own ``KVCache`` (an mlx-lm cache
+passed in) and a first step with nothing cached yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from interp.cache import KVCache
+
+
+class _Slot:
+    """One layer's cache inside the traced step: capacity buffers written at ``offset``."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+        self.keys, self.values, self._start = keys, values, offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, keys, self._start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self._start, axes=(2,))
+        return self.keys, self.values
+
+
+def supports(program) -> bool:
+    """Whether every attention op of ``program`` is plain causal attention (see module doc)."""
+    for node in program.nodes:
+        if node.op == "attention" and any(node.attrs.get(name, 0) for name in ("window", "softcap", "alibi_max_bias")):
+            return False
+    return True
+
+
+class CompiledStep:
+    """Runs one-token steps of a GraphModel as a single compiled function."""
+
+    def __init__(self, model, prelude: list, sym_names: set[str]):
+        self.model = model
+        self._prelude = prelude
+        self._sym_names = sym_names
+        self._syms: dict[str, int] = {}
+        self._fn = mx.compile(self._trace_target())
+
+    @staticmethod
+    def accepts(cache: list) -> bool:
+        return all(type(c) is KVCache and c.keys is not None for c in cache)
+
+    def _trace_target(self) -> Callable:
+        model, syms = self.model, self._syms
+        consts = model.consts
+        steps = model._steps
+        input_names = list(model.input_names)
+        output_names = list(model.output_names)
+        from interp.graph import RunContext
+
+        def step(offset: mx.array, *arrays: mx.array) -> list[mx.array]:
+            inputs = dict(zip(input_names, arrays[: len(input_names)], strict=True))
+            buffers = arrays[len(input_names):]
+            layers = len(buffers) // 2
+            slots = [_Slot(k, v, offset) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
+            batch, capacity = buffers[0].shape[0], buffers[0].shape[2]
+            written = mx.arange(capacity, dtype=mx.int32) <= offset
+            env: dict[str, Any] = dict(consts)
+            env.update(syms)
+            env.update(inputs)
+            ctx = RunContext(cache=slots, offset=offset, key_mask=mx.broadcast_to(written, (batch, capacity)))
+            for run_node in steps:
+                run_node(env, ctx)
+            return ([env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots])
+
+        return step
+
+    def run(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int) -> dict[str, Any]:
+        from interp.graph import RunContext
+
+        env: dict[str, Any] = dict(inputs)
+        ctx = RunContext(cache=cache, offset=offset)
+        for node_step in self._prelude:
+            node_step(env, ctx)
+        self._syms.clear()
+        self._syms.update({name: env[name] for name in self._sym_names})
+        for c in cache:
+            c.reserve(1)
+        arrays = [inputs[name] for name in self.model.input_names]
+        buffers = [c.keys for c in cache] + [c.values for c in cache]
+        for c in cache:  # drop the cache's references so the update happens in place
+            c.keys = c.values = None
+        try:
+            outs = self._fn(mx.array(offset, dtype=mx.int32), *arrays, *buffers)
+        except BaseException:
+            for i, c in enumerate(cache):
+                c.keys, c.values = buffers[i], buffers[len(cache) + i]
+            raise
+        del buffers
+        n_out, layers = len(self.model.output_names), len(cache)
+        for i, c in enumerate(cache):
+            c.keys, c.values = outs[n_out + i], outs[n_out + layers + i]
+            c.offset = offset + 1
+        return dict(zip(self.model.output_names, outs[:n_out], strict=True))
