@@ -108,18 +108,32 @@ def test_quantized_linear_both_paths_match_dequantized_weights(bits, tokens, mon
     np.testing.assert_allclose(np.array(own), want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 20])  # a decode row (small weight), and a prefill
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_half_precision_linear_prefill_runs_in_float32_and_matches(dtype, monkeypatch):
+def test_half_precision_linear_runs_in_float32_and_matches(dtype, tokens, monkeypatch):
     import interp.ops.nn as nn
 
     w = mx.random.normal((64, 96), key=mx.random.key(1)).astype(dtype)
-    x = mx.random.normal((2, 20, 96), key=mx.random.key(2)).astype(dtype)
+    x = mx.random.normal((2, tokens, 96), key=mx.random.key(2)).astype(dtype)
     bias = mx.random.normal((64,), key=mx.random.key(3)).astype(dtype)
     want = (x.astype(mx.float32) @ w.astype(mx.float32).T + bias.astype(mx.float32))
+    assert nn.half_in_float32(x, w) == nn.fast_cpu_gemm()
     got = REGISTRY["linear"].fn(x, w, bias)
     assert got.dtype == dtype
     tol = 0.1 if dtype == mx.bfloat16 else 0.02  # one rounding of the output to half precision
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=0.02)
     monkeypatch.setattr(nn, "FLOAT32_GEMM_ROWS", 10**9)
+    monkeypatch.setattr(nn, "FLOAT32_MATVEC_ELEMENTS", 0)
+    assert not nn.half_in_float32(x, w)
     own = REGISTRY["linear"].fn(x, w, bias)
     np.testing.assert_allclose(np.array(own.astype(mx.float32)), np.array(want), atol=tol, rtol=0.02)
+
+
+def test_large_half_precision_weight_keeps_mlx_kernel_for_one_row(monkeypatch):
+    """Converting a large weight costs more than MLX's bfloat16 matvec; many rows still convert."""
+    import interp.ops.nn as nn
+
+    monkeypatch.setattr(nn, "FLOAT32_MATVEC_ELEMENTS", 64 * 95)
+    w = mx.zeros((64, 96), dtype=mx.bfloat16)
+    assert not nn.half_in_float32(mx.zeros((1, 1, 96), dtype=mx.bfloat16), w)
+    assert nn.half_in_float32(mx.zeros((1, 16, 96), dtype=mx.bfloat16), w) == nn.fast_cpu_gemm()
