@@ -29,11 +29,11 @@ def linear(x, weight, bias=None):
 # through BLAS instead (prefill, batches).
 FLOAT32_GEMM_ROWS = 16
 # Up to this many weight elements, a half-precision product of fewer rows (a decode step)
-# runs in float32 too: the converted weight (at most 16 MB) stays in the CPU's caches, and
+# runs in float32 too: the converted weight (at most 8 MB) stays in the CPU's caches, and
 # OpenBLAS's gemv reads it 3-4x faster than MLX's own bfloat16 kernel runs (SmolLM2's
 # 3072x576 gate/up: 0.53 vs 1.78 ms). Larger weights (a 49152x576 lm_head) convert slower
 # than they multiply, so they keep MLX's kernel.
-FLOAT32_MATVEC_ELEMENTS = 4 << 20
+FLOAT32_MATVEC_ELEMENTS = 2 << 20
 
 
 def _cpu_blas() -> bool:
