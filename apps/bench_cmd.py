@@ -25,6 +25,7 @@ def bench(
     group_size: Annotated[int, typer.Option("--group-size", help="Group size of the q4 variant.")] = 64,
     program: Annotated[list[str], typer.Option("--program", help="Use an existing paw program: VARIANT=PATH.")] = [],  # noqa: B006
     results: Annotated[Path, typer.Option("--results", help="Directory for the JSON and markdown results.")] = Path("benchmarks/results"),
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Runs per engine, order reversed each round; each row keeps its best (a shared machine's noise only slows runs down).")] = 2,
     docs: Annotated[Path | None, typer.Option("--docs", help="Also rewrite the table in this markdown page (e.g. docs/benchmarks.md).")] = None,
 ) -> None:
     """Measure prefill, decode, time to first token, peak memory and load time per engine."""
@@ -38,7 +39,8 @@ def bench(
             raise PawError(f"--program takes VARIANT=PATH, got {item!r}")
         programs[variant] = path
     config = BenchConfig(src=src, dtypes=_split(dtypes), engines=_split(engines), prompt_tokens=prompt_tokens,
-                         decode_tokens=decode_tokens, group_size=group_size, programs=programs, results_dir=results)
+                         decode_tokens=decode_tokens, group_size=group_size, programs=programs, results_dir=results,
+                         rounds=rounds)
     try:
         report = run_bench(config, say=lambda msg: typer.echo(f"  {msg}", err=True))
     except ValueError as exc:

@@ -40,6 +40,7 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
         row = rows[engine]
         assert row["generated"] == 4 and row["decode_tps"] > 0 and row["ttft_s"] > 0
         assert row["peak_memory_gb"] > 0 and row["load_s"] > 0
+    assert [len(row["rounds"]) for row in rows.values()] == [2] * 4  # the default: two rounds each
     assert rows["ceiling"]["weight_bytes"] > 0 and rows["ceiling"]["decode_tps"] > 0
     # Same weights, same greedy decoding: paw's tokens are mlx-lm's.
     assert rows["paw"]["same_tokens_as_mlx_lm"] == 4
@@ -53,3 +54,16 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     page = docs.read_text()
     assert "old" not in page and "| float32 | paw |" in page and page.endswith("after\n")
     assert (results / "latest.md").read_text().count("| float32 |") == 4
+
+
+def test_best_of_rounds_keeps_best_timings_and_worst_memory():
+    from benchmarks.harness import best_of
+
+    runs = [{"ttft_s": 2.0, "decode_tps": 10.0, "load_s": 0.5, "peak_memory_gb": 0.30, "tokens": [1, 2]},
+            {"ttft_s": 1.5, "decode_tps": 9.0, "load_s": 0.7, "peak_memory_gb": 0.31, "tokens": [1, 2]}]
+    row = best_of(runs)
+    assert (row["ttft_s"], row["decode_tps"], row["load_s"], row["peak_memory_gb"]) == (1.5, 10.0, 0.5, 0.31)
+    assert row["rounds"] == [{"ttft_s": 2.0, "decode_tps": 10.0}, {"ttft_s": 1.5, "decode_tps": 9.0}]
+    assert "tokens_differ_between_rounds" not in row
+    assert best_of([runs[0], {**runs[1], "tokens": [1, 3]}])["tokens_differ_between_rounds"]
+    assert best_of([runs[0], {"error": "exit 1: boom"}]) == {"error": "exit 1: boom"}
