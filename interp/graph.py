@@ -104,7 +104,7 @@ class GraphModel:
         self.num_layers = program.num_layers
         # mlx-lm sizes its default cache with len(model.layers).
         self.layers = [None] * self.num_layers
-        #: run one-token steps through mx.compile'd segments (interp/compiled.py)
+        #: run one-token steps compiled (interp/compiled_step.py, or segments: interp/compiled.py)
         self.compile_decode = compile_decode
         self._decoder = None
 
