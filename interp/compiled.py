@@ -1,8 +1,10 @@
-"""mx.compile for the decode step: the program cut into pure segments between cache ops.
+"""mx.compile for the decode step: the whole step where it can be, else pure segments.
 
-A decode step (one new token per row) has the same shapes every time, but attention
-reads a cache whose length grows, so compiling the whole step would retrace every token.
-Instead the node list is cut at every op that needs the run's context (``attention``):
+``CompiledDecoder.run`` first computes the step's symbolic ints, then hands the step to
+``interp/compiled_step.py`` (one compiled function over fixed-capacity KV buffers) when
+the program and cache allow it. Otherwise (sliding windows, soft-capping, ALiBi, a
+foreign cache) attention must see the real key count, so the whole step would retrace
+every token. Then the node list is cut at every op that needs the run's context (``attention``):
 the pieces between are pure functions of their live-in tensors and are each wrapped in
 ``mx.compile`` (traced once, elementwise chains fused, no Python per node afterwards);
 the attention ops run as usual between them and own the cache.
@@ -91,7 +93,7 @@ class CompiledDecoder:
         self._sym_names = sym_names
         self._link(set(model.consts), sym_names)
         #: the whole step as one compiled function, for programs and caches that allow it
-        self.whole_step = CompiledStep(model, self._prelude, sym_names) if compiled_step.supports(model.program) else None
+        self.whole_step = CompiledStep(model, self._syms) if compiled_step.supports(model.program) else None
 
     def _link(self, consts: set[str], syms: set[str]) -> None:
         needed_later = set(self.model.output_names)
@@ -124,14 +126,14 @@ class CompiledDecoder:
     def run(self, inputs: dict[str, mx.array], cache: list, offset: int) -> dict[str, Any]:
         from interp.graph import RunContext
 
-        if self.whole_step is not None and CompiledStep.accepts(cache):
-            return self.whole_step.run(inputs, cache, offset)
         env: dict[str, Any] = dict(inputs)
         ctx = RunContext(cache=cache, offset=offset)
         for step in self._prelude:
             step(env, ctx)
         self._syms.clear()
         self._syms.update({name: env[name] for name in self._sym_names})
+        if self.whole_step is not None and CompiledStep.accepts(cache):
+            return self.whole_step.run(inputs, cache, offset)
         offset_array = mx.array(offset, dtype=mx.int32)
         ids = inputs["input_ids"]
         for seg in self._segments:

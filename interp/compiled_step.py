@@ -54,11 +54,14 @@ def supports(program) -> bool:
 class CompiledStep:
     """Runs one-token steps of a GraphModel as a single compiled function."""
 
-    def __init__(self, model, prelude: list, sym_names: set[str]):
+    def __init__(self, model, syms: dict[str, int]):
+        """``syms``: the symbolic ints of the current call, kept up to date by the caller.
+
+        They are sizes of the inputs, so a change of them is a change of input shape, on
+        which MLX retraces anyway.
+        """
         self.model = model
-        self._prelude = prelude
-        self._sym_names = sym_names
-        self._syms: dict[str, int] = {}
+        self._syms = syms
         self._fn = mx.compile(self._trace_target())
 
     @staticmethod
@@ -91,14 +94,6 @@ class CompiledStep:
         return step
 
     def run(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int) -> dict[str, Any]:
-        from interp.graph import RunContext
-
-        env: dict[str, Any] = dict(inputs)
-        ctx = RunContext(cache=cache, offset=offset)
-        for node_step in self._prelude:
-            node_step(env, ctx)
-        self._syms.clear()
-        self._syms.update({name: env[name] for name in self._sym_names})
         for c in cache:
             c.reserve(1)
         arrays = [inputs[name] for name in self.model.input_names]
