@@ -58,11 +58,13 @@ class _Segment:
 
 
 class CompiledDecoder:
-    """Runs a GraphModel's program with its pure segments compiled."""
+    """Runs a GraphModel's one-token steps compiled: whole where it can, else in segments."""
 
     def __init__(self, model):
         self.model = model
         self.supported = True
+        #: the whole step as one compiled function, for programs and caches that allow it
+        self.whole_step: CompiledStep | None = None
         self._syms: dict[str, int] = {}
         self._prelude: list = []
         self._segments: list[_Segment] = []
@@ -92,8 +94,8 @@ class CompiledDecoder:
             self._segments.append(current)
         self._sym_names = sym_names
         self._link(set(model.consts), sym_names)
-        #: the whole step as one compiled function, for programs and caches that allow it
-        self.whole_step = CompiledStep(model, self._syms) if compiled_step.supports(model.program) else None
+        if compiled_step.supports(model.program):
+            self.whole_step = CompiledStep(model, self._syms)
 
     def _link(self, consts: set[str], syms: set[str]) -> None:
         needed_later = set(self.model.output_names)

@@ -5,7 +5,7 @@ graph runs on the same cores. A SmolLM2 decode step cut into compiled segments b
 its attention ops (``interp/compiled.py``) holds about 3,200 primitives (on the CPU,
 ``mx.fast.rope`` and ``rms_norm`` fall back to a dozen ops each) and builds 31 graphs.
 Traced as one function, MLX fuses every elementwise chain of the step and the step is one
-call: about 2,000 primitives, and building it takes 6-7 ms of Python instead of 12.
+call: about 2,000 primitives, and building it takes 6-7 ms per token instead of 12.
 
 A traced step must keep its shapes from token to token, so the cache is read at its
 capacity, not its length: every layer's keys and values stay in the ``KVCache`` buffers,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from interp.ops.nn import gemm_in_float32
+from interp.ops.nn import float32_product, gemm_in_float32
 from interp.ops.registry import implementation
 
 
@@ -40,9 +40,8 @@ def rope_reference(x, positions, inv_freq):
 @implementation("quantized_linear")
 def quantized_linear(x, weight, scales, biases, bias=None, *, group_size, bits):
     if gemm_in_float32(x):
-        full = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
-        out = (x.astype(mx.float32) @ full.T).astype(x.dtype)
-        return out if bias is None else out + bias
+        full = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
+        return float32_product(x, full.astype(mx.float32), bias)
     out = mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
     return out if bias is None else out + bias
 

@@ -18,8 +18,7 @@ def embedding(weight, indices):
 @implementation("linear")
 def linear(x, weight, bias=None):
     if weight.dtype != mx.float32 and half_in_float32(x, weight):
-        out = (x.astype(mx.float32) @ weight.astype(mx.float32).T).astype(x.dtype)
-        return out if bias is None else out + bias
+        return float32_product(x, weight.astype(mx.float32), bias)
     if bias is None:
         return x @ weight.T
     return mx.addmm(bias, x, weight.T)
@@ -40,6 +39,10 @@ def _cpu_blas() -> bool:
     return fast_cpu_gemm() and mx.default_device() == mx.cpu
 
 
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1] if x.ndim else 0
+
+
 def gemm_in_float32(x: mx.array) -> bool:
     """Whether a product with ``x`` on the left should be computed as a float32 BLAS gemm.
 
@@ -47,8 +50,7 @@ def gemm_in_float32(x: mx.array) -> bool:
     GFLOP/s here while MLX's own bfloat16 and quantized CPU kernels run at 2-5 GFLOP/s; for
     many rows, converting the weight to float32 on the fly (a few ms) is far cheaper.
     """
-    rows = x.size // x.shape[-1] if x.ndim else 0
-    return rows >= FLOAT32_GEMM_ROWS and _cpu_blas()
+    return _rows(x) >= FLOAT32_GEMM_ROWS and _cpu_blas()
 
 
 def half_in_float32(x: mx.array, weight: mx.array) -> bool:
@@ -56,7 +58,13 @@ def half_in_float32(x: mx.array, weight: mx.array) -> bool:
 
     Quantized weights do not: dequantizing costs more than MLX's quantized matvec.
     """
-    return gemm_in_float32(x) or (weight.size <= FLOAT32_MATVEC_ELEMENTS and _cpu_blas())
+    return (_rows(x) >= FLOAT32_GEMM_ROWS or weight.size <= FLOAT32_MATVEC_ELEMENTS) and _cpu_blas()
+
+
+def float32_product(x: mx.array, weight32: mx.array, bias: mx.array | None = None) -> mx.array:
+    """``x @ weight32.T (+ bias)`` computed in float32 (BLAS), returned in ``x``'s dtype."""
+    out = (x.astype(mx.float32) @ weight32.T).astype(x.dtype)
+    return out if bias is None else out + bias
 
 
 @implementation("matmul")
