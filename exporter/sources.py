@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,9 +125,42 @@ def load_source(source: Source, dtype: str):
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        with parse_gguf_once():
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"could not load {source.location}: {first}") from None
     return model, tokenizer
+
+
+@contextmanager
+def parse_gguf_once() -> Iterator[None]:
+    """Within the block, opening the same GGUF file again reuses the first ``GGUFReader``.
+
+    transformers parses a GGUF file's header three times when it loads a model and its
+    tokenizer from it (for the config, the weights and the tokenizer). For SmolLM2 each
+    parse takes 4-5 s, mostly in the 49,152-entry vocabulary, so a third of loading went
+    there. The reader is a read-only view of a memory-mapped file, so sharing it is safe;
+    transformers imports ``gguf.GGUFReader`` at call time, which is what makes this work.
+    Without the ``gguf`` package the block runs unchanged.
+    """
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original = gguf.GGUFReader
+    readers: dict[tuple, object] = {}
+
+    def shared_reader(path, *args, **kwargs):
+        key = (os.path.realpath(os.fspath(path)), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original

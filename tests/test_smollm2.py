@@ -22,13 +22,34 @@ PROMPTS = [
 MAX_NEW = 24
 
 
+GGUF_PARSES: list[str] = []  # the GGUF reads of the fixture's load, counted below
+
+
 @pytest.fixture(scope="module")
 def hf_model():
+    import gguf
+
     from exporter.sources import load_source, resolve_source
 
-    model, tokenizer = load_source(resolve_source("smollm2", progress=False), "float32")
+    real = gguf.GGUFReader
+
+    def counted(path, *args, **kwargs):
+        GGUF_PARSES.append(str(path))
+        return real(path, *args, **kwargs)
+
+    source = resolve_source("smollm2", progress=False)
+    gguf.GGUFReader = counted
+    try:
+        model, tokenizer = load_source(source, "float32")
+    finally:
+        gguf.GGUFReader = real
     model.eval()
     return model, tokenizer
+
+
+def test_loading_the_gguf_parses_it_once(hf_model):
+    """transformers would parse it three times (config, weights, tokenizer): 4-5 s each."""
+    assert len(GGUF_PARSES) == 1, GGUF_PARSES
 
 
 @pytest.fixture(scope="module")

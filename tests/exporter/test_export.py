@@ -101,3 +101,29 @@ def test_dtype_export_stores_that_dtype(tmp_path):
     assert spec["model"]["dtype"] == "bfloat16"
     dtypes = {meta["dtype"] for name, meta in spec["consts"].items() if name.endswith("proj.weight")}
     assert dtypes == {"bfloat16"}
+
+
+def test_a_gguf_file_is_parsed_once_per_load(tmp_path):
+    """Inside ``parse_gguf_once`` the same file shares one reader; outside, nothing changes."""
+    import gguf
+    import numpy as np
+
+    from exporter.sources import parse_gguf_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with parse_gguf_once():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(tmp_path / "." / "tiny.gguf") is first  # the same file by another spelling
+        assert int(first.fields["llama.block_count"].parts[-1][0]) == 2
+        np.testing.assert_array_equal(np.array(first.tensors[0].data).reshape(3, 4),
+                                      np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(str(path)) is not first
