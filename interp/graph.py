@@ -10,7 +10,7 @@ same object runs under paw's loop or mlx-lm's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -35,6 +35,8 @@ class RunContext:
     #: optional boolean [batch, keys] mask of which key positions (cache included) are real
     #: tokens; attention combines it with causality. Used for left-padded batches.
     key_mask: mx.array | None = None
+    #: values one call computes once and every layer reuses (the RoPE cos/sin table)
+    shared: dict = field(default_factory=dict)
 
 
 _Step = Callable[[dict, RunContext], None]

@@ -9,6 +9,7 @@ with ``needs_context`` and take it as their first argument.
 from __future__ import annotations
 
 from interp.ops import (  # noqa: E402,F401  (fill the registry)
+    attention,
     elementwise,
     fused,
     nn,

@@ -6,6 +6,7 @@ import math
 
 import mlx.core as mx
 
+from interp.ops import fastmath
 from interp.ops.registry import implementation
 
 implementation("add")(lambda a, b: a + b)
@@ -34,7 +35,6 @@ def pow_(a, b):
 
 implementation("neg")(lambda x: -x)
 implementation("abs")(mx.abs)
-implementation("exp")(mx.exp)
 implementation("log")(mx.log)
 implementation("sqrt")(mx.sqrt)
 implementation("rsqrt")(mx.rsqrt)
@@ -42,15 +42,26 @@ implementation("reciprocal")(mx.reciprocal)
 implementation("sin")(mx.sin)
 implementation("cos")(mx.cos)
 implementation("tanh")(mx.tanh)
-implementation("sigmoid")(mx.sigmoid)
 implementation("relu")(lambda x: mx.maximum(x, 0))
 implementation("erf")(mx.erf)
 implementation("logical_not")(mx.logical_not)
 
 
+# exp and the activations built on it take interp/ops/fastmath.py's vectorized exp on the
+# CPU, where MLX's own is computed one element at a time.
+@implementation("exp")
+def exp(x):
+    return fastmath.exp(x) if fastmath.use_fast_math(x) else mx.exp(x)
+
+
+@implementation("sigmoid")
+def sigmoid(x):
+    return fastmath.sigmoid(x) if fastmath.use_fast_math(x) else mx.sigmoid(x)
+
+
 @implementation("silu")
 def silu(x):
-    return x * mx.sigmoid(x)
+    return fastmath.silu(x) if fastmath.use_fast_math(x) else x * mx.sigmoid(x)
 
 
 @implementation("gelu")

@@ -18,13 +18,39 @@ from interp.ops.registry import implementation
 def rope(ctx, x, positions, inv_freq, *, mscale=1.0):
     dims = 2 * inv_freq.shape[-1]
     offset = getattr(ctx, "offset", None)
-    if offset is not None and x.shape[-1] == dims:
-        # mx.fast.rope wants wavelengths (1 / inv_freq), as mlx-lm's scaled RoPEs pass them.
-        out = mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
-                           freqs=1.0 / inv_freq.astype(mx.float32))
-    else:
+    if offset is None or x.shape[-1] != dims:
         out = rope_reference(x, positions, inv_freq)
+        return out * mscale if mscale != 1.0 else out
+    if mx.default_device() == mx.cpu:
+        return rope_from_table(x, *rope_table(ctx, x.shape[2], offset, inv_freq, mscale))
+    # mx.fast.rope wants wavelengths (1 / inv_freq), as mlx-lm's scaled RoPEs pass them.
+    out = mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
+                       freqs=1.0 / inv_freq.astype(mx.float32))
     return out * mscale if mscale != 1.0 else out
+
+
+def rope_table(ctx, length: int, offset, inv_freq: mx.array, mscale: float) -> tuple[mx.array, mx.array]:
+    """float32 [length, dims / 2] cos and sin (times ``mscale``) at ``offset + arange(length)``.
+
+    On the CPU, ``mx.fast.rope`` falls back to about ten ops per call, computing the same
+    cos/sin for every layer's queries and keys (SmolLM2: 60 times a token). The table is
+    computed once per call and kept in the run context for the other layers.
+    """
+    key = ("rope", id(inv_freq), length, mscale)
+    if key not in ctx.shared:
+        positions = mx.arange(length, dtype=mx.float32) + mx.array(offset).astype(mx.float32)
+        angle = positions[:, None] * inv_freq.astype(mx.float32)
+        ctx.shared[key] = (mx.cos(angle) * mscale, mx.sin(angle) * mscale)
+    return ctx.shared[key]
+
+
+def rope_from_table(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half RoPE (HF's layout: pairs are i and i + dims / 2) with a precomputed table."""
+    half = cos.shape[-1]
+    x32 = x.astype(mx.float32)
+    first, second = x32[..., :half], x32[..., half:]
+    out = mx.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 def rope_reference(x, positions, inv_freq):

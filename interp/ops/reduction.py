@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from interp.ops import fastmath
 from interp.ops.registry import implementation
 
 
@@ -24,7 +25,12 @@ def amax(x, *, dims, keepdim=False):
 
 @implementation("softmax")
 def softmax(x, *, dim):
-    return mx.softmax(x, axis=dim, precise=True)
+    if not fastmath.use_fast_math(x):
+        return mx.softmax(x, axis=dim, precise=True)
+    last = x.ndim - 1
+    if dim in (-1, last):
+        return fastmath.softmax(x).astype(x.dtype)
+    return mx.swapaxes(fastmath.softmax(mx.swapaxes(x, dim, -1)), dim, -1).astype(x.dtype)
 
 
 @implementation("argmax")

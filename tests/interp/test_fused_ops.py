@@ -48,6 +48,20 @@ def test_rope_explicit_path_handles_rows_at_different_positions():
     np.testing.assert_allclose(np.array(got), ref, atol=2e-5, rtol=0)
 
 
+def test_rope_table_is_computed_once_per_call_and_shared_by_layers():
+    """On the CPU every layer's queries and keys reuse one cos/sin table per call."""
+    inv_freq = mx.array((1.0 / (10000 ** (np.arange(0, 8, 2) / 8))).astype(np.float32))
+    ctx = RunContext(cache=None, offset=3)
+    rope = REGISTRY["rope"].fn
+    q, k = mx.ones((1, 4, 2, 8)), mx.ones((1, 2, 2, 8))
+    first, second = rope(ctx, q, None, inv_freq), rope(ctx, k, None, inv_freq)
+    if mx.default_device() == mx.cpu:
+        assert len(ctx.shared) == 1
+    explicit = REGISTRY["rope"].fn(RunContext(cache=None, offset=None), k, mx.array([[3, 4]]), inv_freq)
+    np.testing.assert_allclose(np.array(second), np.array(explicit), atol=1e-6)
+    np.testing.assert_allclose(np.array(first[:, :2]), np.array(second), atol=0)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_linear_and_embedding_match_dequantized_weights(bits):
     w = mx.random.normal((48, 128), key=mx.random.key(bits))
@@ -64,26 +78,43 @@ def test_quantized_linear_and_embedding_match_dequantized_weights(bits):
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_matches_fast_sdpa(heads, kv_heads, masked):
-    """The CPU decode path (GQA folded into matmul rows) computes what mx.fast's SDPA does."""
-    from interp.ops.nn import decode_attention
+@pytest.mark.parametrize("length", [1, 6])  # a decode step, and a chunk of prompt after 31 cached keys
+def test_explicit_attention_matches_fast_sdpa(heads, kv_heads, masked, length):
+    """The written-out attention (grouped heads as a broadcast axis, fast softmax on the CPU)
+    computes what mx.fast's SDPA does, with causality, key masks and grouped-query heads."""
+    from interp.ops.attention import causal_mask, explicit_attention
 
     keys = 37
-    rng = np.random.default_rng(heads * 10 + kv_heads)
-    q = mx.array(rng.standard_normal((2, heads, 1, 16)).astype(np.float32))
+    rng = np.random.default_rng(heads * 10 + kv_heads + length)
+    q = mx.array(rng.standard_normal((2, heads, length, 16)).astype(np.float32))
     k = mx.array(rng.standard_normal((2, kv_heads, keys, 16)).astype(np.float32))
     v = mx.array(rng.standard_normal((2, kv_heads, keys, 16)).astype(np.float32))
-    key_mask = None
+    mask = causal_mask(length, keys)[None, None] if length > 1 else None
     if masked:  # row 1 is padded: its first 5 keys are not real
-        key_mask = mx.array(np.arange(keys)[None, :] >= np.array([[0], [5]]))
-    got = decode_attention(q, k, v, scale=0.25, key_mask=key_mask)
-    mask = key_mask[:, None, None, :] if masked else None
+        real = mx.array(np.arange(keys)[None, :] >= np.array([[0], [5]]))[:, None, None, :]
+        mask = real if mask is None else mask & real
+    got = explicit_attention(q, k, v, scale=0.25, mask=mask)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
-    assert got.shape == want.shape == (2, heads, 1, 16)
-    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6, rtol=0)
+    assert got.shape == want.shape == (2, heads, length, 16)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6, rtol=0)
     if masked:  # and the padded keys really are ignored
-        alone = decode_attention(q[1:], k[1:, :, 5:], v[1:, :, 5:], scale=0.25)
-        np.testing.assert_allclose(np.array(got[1:]), np.array(alone), atol=1e-6, rtol=0)
+        alone_mask = mask[1:, :, :, 5:] if length > 1 else None
+        alone = explicit_attention(q[1:], k[1:, :, 5:], v[1:, :, 5:], scale=0.25, mask=alone_mask)
+        np.testing.assert_allclose(np.array(got[1:]), np.array(alone), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_attention_op_on_half_precision_matches_float32(length):
+    """bfloat16 attention (products in float32 for a prompt, in bfloat16 for a decode row)
+    stays within bfloat16's rounding of the float32 result."""
+    rng = np.random.default_rng(length)
+    q, k, v = (mx.array(rng.standard_normal((1, 6, n, 8)).astype(np.float32)) for n in (length, 9, 9))
+    attention = REGISTRY["attention"].fn
+    want = attention(RunContext(cache=None), q, k[:, :2], v[:, :2], layer=0, scale=0.3)
+    half = [a.astype(mx.bfloat16) for a in (q, k[:, :2], v[:, :2])]
+    got = attention(RunContext(cache=None), *half, layer=0, scale=0.3)
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("tokens", [1, 40])  # a decode row, and a prefill over the threshold
