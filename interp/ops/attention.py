@@ -19,6 +19,9 @@ from interp.ops import fastmath
 from interp.ops.nn import cpu_has_fast_blas
 from interp.ops.registry import implementation
 
+#: Queries per block of a long prompt's attention (see ``attention``).
+QUERY_BLOCK = 64
+
 
 @implementation("attention", needs_context=True)
 def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0):
@@ -39,7 +42,18 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     if not on_cpu and not special:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
-    return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi)
+    if length <= QUERY_BLOCK:
+        return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi)
+    # A long prompt in blocks of queries: each block's scores are all that is alive at once
+    # (a 512-token SmolLM2 prompt kept 60 MB of float32 scores and softmax temporaries
+    # otherwise), and a block skips the keys after its last query, which causality masks.
+    blocks = []
+    for start in range(0, length, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, length)
+        seen = total - length + stop
+        blocks.append(explicit_attention(q[:, :, start:stop], k[:, :, :seen], v[:, :, :seen], scale=scale,
+                                         mask=mask[..., start:stop, :seen], softcap=softcap, alibi=alibi))
+    return mx.concatenate(blocks, axis=2)
 
 
 def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None):

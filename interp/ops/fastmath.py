@@ -9,9 +9,9 @@ degree-8 Taylor polynomial for ``e^r``, and ``2^n`` built from its IEEE-754 bits
 ``mx.compile`` fuses that into a few loops the C++ compiler vectorizes: about 3x faster,
 with a relative error below 2e-7 (float32's own rounding is 6e-8).
 
-Only for large arrays on the CPU: on a GPU ``mx.exp`` is a native instruction, and callers
-check ``use_fast_math()`` first. Inputs of other float dtypes are computed in float32 and cast
-back.
+Only for large float32 arrays on the CPU: on a GPU ``mx.exp`` is a native instruction, and
+callers check ``use_fast_math()`` first. Called directly, the functions take any float
+dtype, compute in float32 and return the input's dtype.
 """
 
 from __future__ import annotations
@@ -137,5 +137,9 @@ def softmax(x: mx.array) -> mx.array:
 
 
 def use_fast_math(x: mx.array) -> bool:
-    """Whether ``x`` should take this module's functions: a large floating array on the CPU."""
-    return x.size >= MIN_ELEMENTS and mx.default_device() == mx.cpu and mx.issubdtype(x.dtype, mx.floating)
+    """Whether ``x`` should take this module's functions: a large float32 array on the CPU.
+
+    Half-precision activations keep MLX's kernels: the float32 round trip of a 512-token
+    bfloat16 prompt's SiLU alone raised its peak memory by 6% (0.33 -> 0.35 GB).
+    """
+    return x.size >= MIN_ELEMENTS and x.dtype == mx.float32 and mx.default_device() == mx.cpu

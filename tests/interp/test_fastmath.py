@@ -56,10 +56,11 @@ def test_half_precision_in_half_precision_out():
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), want, rtol=2**-8)
 
 
-def test_fast_math_only_for_large_floating_arrays_on_the_cpu():
+def test_fast_math_only_for_large_float32_arrays_on_the_cpu():
     assert fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,))) == (mx.default_device() == mx.cpu)
     assert not fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS - 1,)))
     assert not fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,), dtype=mx.int32))
+    assert not fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,), dtype=mx.bfloat16))
 
 
 @pytest.mark.parametrize("op", ["exp", "sigmoid", "silu"])

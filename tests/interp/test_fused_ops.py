@@ -103,6 +103,26 @@ def test_explicit_attention_matches_fast_sdpa(heads, kv_heads, masked, length):
         np.testing.assert_allclose(np.array(got[1:]), np.array(alone), atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_long_prompt_attention_in_query_blocks_matches_fast_sdpa(padded, monkeypatch):
+    """A prompt longer than a block (here 3.3 blocks, after 20 cached keys) is attended in
+    blocks that each skip the keys after their last query: the same result."""
+    import interp.ops.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 30)
+    rng = np.random.default_rng(7)
+    length, total = 100, 120
+    q = mx.array(rng.standard_normal((2, 6, length, 8)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((2, 2, total, 8)).astype(np.float32)) for _ in range(2))
+    key_mask = mx.array(np.arange(total)[None, :] >= np.array([[0], [9]])) if padded else None
+    got = REGISTRY["attention"].fn(RunContext(cache=None, key_mask=key_mask), q, k, v, layer=0, scale=0.4)
+    mask = attention_module.causal_mask(length, total)[None, None]
+    if padded:
+        mask = mask & key_mask[:, None, None, :]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.4, mask=mask)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("length", [1, 5])
 def test_attention_op_on_half_precision_matches_float32(length):
     """bfloat16 attention (products in float32 for a prompt, in bfloat16 for a decode row)
