@@ -1,8 +1,9 @@
 """The attention op: scaled dot-product attention of new queries over the KV cache.
 
 On a GPU, plain causal attention is one ``mx.fast`` kernel. On the CPU that kernel is a
-generic fallback whose softmax runs MLX's one-element-at-a-time ``exp``: about half the
-time of a float32 SmolLM2 prefill, and a third of a decode step's attention. So on the
+generic fallback whose softmax runs MLX's one-element-at-a-time ``exp``: most of the third
+of a float32 SmolLM2 prefill's CPU time that went to ``exp``, and about a third of a
+decode step's attention. So on the
 CPU every attention is written out (``explicit_attention``): the scores as BLAS matmuls,
 the vectorized softmax of ``interp/ops/fastmath.py``, then the weighted values. The GPU
 takes the written-out form too for what ``mx.fast`` cannot do: sliding windows, logit
