@@ -117,9 +117,9 @@ def _silu_vjp(primal, cotangent, output):
     return cotangent * s * (1 + primal * (1 - s))
 
 
-exp = _with_vjp(lambda x: _exp_compiled(x), _exp_vjp)
-sigmoid = _with_vjp(lambda x: _sigmoid_compiled(x), _sigmoid_vjp)
-silu = _with_vjp(lambda x: _silu_compiled(x), _silu_vjp)
+exp = _with_vjp(_exp_compiled, _exp_vjp)
+sigmoid = _with_vjp(_sigmoid_compiled, _sigmoid_vjp)
+silu = _with_vjp(_silu_compiled, _silu_vjp)
 
 
 def softmax(x: mx.array) -> mx.array:

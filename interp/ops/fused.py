@@ -18,15 +18,18 @@ from interp.ops.registry import implementation
 def rope(ctx, x, positions, inv_freq, *, mscale=1.0):
     dims = 2 * inv_freq.shape[-1]
     offset = getattr(ctx, "offset", None)
-    if offset is None or x.shape[-1] != dims:
-        out = rope_reference(x, positions, inv_freq)
+    contiguous = offset is not None and x.shape[-1] == dims
+    if contiguous and mx.default_device() != mx.cpu:
+        # mx.fast.rope wants wavelengths (1 / inv_freq), as mlx-lm's scaled RoPEs pass them.
+        out = mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
+                           freqs=1.0 / inv_freq.astype(mx.float32))
         return out * mscale if mscale != 1.0 else out
-    if mx.default_device() == mx.cpu:
-        return rope_from_table(x, *rope_table(ctx, x.shape[2], offset, inv_freq, mscale))
-    # mx.fast.rope wants wavelengths (1 / inv_freq), as mlx-lm's scaled RoPEs pass them.
-    out = mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
-                       freqs=1.0 / inv_freq.astype(mx.float32))
-    return out * mscale if mscale != 1.0 else out
+    if contiguous:
+        cos, sin = rope_table(ctx, x.shape[2], offset, inv_freq, mscale)
+    else:  # the caller's positions, per row: [batch, 1, length, dims / 2] angles
+        angle = positions.astype(mx.float32)[:, None, :, None] * inv_freq.astype(mx.float32)
+        cos, sin = mx.cos(angle) * mscale, mx.sin(angle) * mscale
+    return rotate_half(x, cos, sin)
 
 
 def rope_table(ctx, length: int, offset, inv_freq: mx.array, mscale: float) -> tuple[mx.array, mx.array]:
@@ -44,23 +47,14 @@ def rope_table(ctx, length: int, offset, inv_freq: mx.array, mscale: float) -> t
     return ctx.shared[key]
 
 
-def rope_from_table(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate-half RoPE (HF's layout: pairs are i and i + dims / 2) with a precomputed table."""
+def rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """HF's rotate-half RoPE (pairs i and i + dims / 2) in float32, given cos and sin of the
+    angles ([..., dims / 2], broadcasting against ``x``'s halves); returns ``x``'s dtype."""
     half = cos.shape[-1]
     x32 = x.astype(mx.float32)
     first, second = x32[..., :half], x32[..., half:]
     out = mx.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-def rope_reference(x, positions, inv_freq):
-    """HF's rotate-half RoPE, for arbitrary per-row positions (float32 angles)."""
-    angle = positions.astype(mx.float32)[:, None, :, None] * inv_freq.astype(mx.float32)
-    angle = mx.concatenate([angle, angle], axis=-1)
-    cos, sin = mx.cos(angle).astype(x.dtype), mx.sin(angle).astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
 
 
 @implementation("quantized_linear")
