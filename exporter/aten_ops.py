@@ -54,12 +54,19 @@ def _drop(low: Lowering, node):
 
 
 @aten("aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.detach.default",
-      "aten.lift_fresh_copy.default", "aten.dropout.default")
+      "aten.lift_fresh_copy.default")
 def _identity(low: Lowering, node):
     return low.ref(node.args[0])
 
 
-@aten("aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout")
+@aten("aten.dropout.default")
+def _dropout(low: Lowering, node):
+    if _arg(node, 2, "train", False) and _arg(node, 1, "p", 0.0):
+        raise ExportError(f"dropout in training mode (node {node.name}); export the model in eval mode")
+    return low.ref(node.args[0])
+
+
+@aten("aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout", "aten.to.device")
 def _to_copy(low: Lowering, node):
     src = node.args[0]
     want = node.meta["val"].dtype
@@ -214,6 +221,36 @@ def _reshape(low: Lowering, node):
     return low.emit("reshape", [low.ref(node.args[0])], {"shape": low.ref(list(node.args[1]))})
 
 
+@aten("aten.flatten.using_ints")
+def _flatten(low: Lowering, node):
+    x = node.args[0]
+    shape = list(x.meta["val"].shape)
+    rank = max(len(shape), 1)
+    start, end = _arg(node, 1, "start_dim", 0) % rank, _arg(node, 2, "end_dim", -1) % rank
+    if start >= end:
+        return low.ref(x)
+    sizes = [_dim_size(low, x, i) for i in range(len(shape))]
+    merged = sizes[start]
+    for size in sizes[start + 1 : end + 1]:
+        merged = merged * size if isinstance(merged, int) and isinstance(size, int) else low.emit("sym_mul", [merged, size])
+    return low.emit("reshape", [low.ref(x)], {"shape": sizes[:start] + [merged] + sizes[end + 1 :]})
+
+
+def _dim_size(low: Lowering, x: torch.fx.Node, dim: int) -> Any:
+    """Dimension ``dim`` of ``x``: an int if static, else a symbolic-size program value.
+
+    A size the graph already measured (the batch, the sequence) reuses that value, so the
+    program is the same as the one a decomposed graph gives.
+    """
+    size = x.meta["val"].shape[dim]
+    if isinstance(size, int):
+        return size
+    for node, value in low.values.items():
+        if getattr(node, "target", None) is torch.ops.aten.sym_size.int and str(node.meta.get("val")) == str(size):
+            return value
+    return low.emit("sym_size", [low.ref(x)], {"dim": dim})
+
+
 @aten("aten.transpose.int")
 def _transpose(low: Lowering, node):
     return low.emit("transpose", [low.ref(node.args[0])], {"dim0": node.args[1], "dim1": node.args[2]})
@@ -278,7 +315,7 @@ def _cat(low: Lowering, node):
     return low.emit("cat", [low.ref(tensors)], {"dim": dim})
 
 
-@aten("aten.split.Tensor", "aten.split_with_sizes.default")
+@aten("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default")
 def _split(low: Lowering, node):
     sizes = [int(v.shape[_arg(node, 2, "dim", 0)]) for v in node.meta["val"]]
     return low.emit("split", [low.ref(node.args[0])], {"sizes": sizes, "dim": _arg(node, 2, "dim", 0)},

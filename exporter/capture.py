@@ -141,10 +141,13 @@ def context_length(config) -> int:
 CAPTURE_MODES = (False, True)
 
 
-def capture(model: torch.nn.Module, strict: bool | None = None) -> torch.export.ExportedProgram:
+def capture(model: torch.nn.Module, strict: bool | None = None,
+            decompose: bool | None = None) -> torch.export.ExportedProgram:
     """torch.export the model with dynamic batch and sequence length.
 
-    ``strict`` None tries non-strict capture first and falls back to strict.
+    ``strict`` None tries non-strict capture first and falls back to strict. ``decompose``
+    None runs ``run_decompositions`` only when the captured graph needs it
+    (``needs_decomposition``); True always runs it.
     """
     use_paw_attention(model)
     use_paw_experts(model)
@@ -165,8 +168,12 @@ def capture(model: torch.nn.Module, strict: bool | None = None) -> torch.export.
                     recipes.applied(model):
                 warnings.simplefilter("ignore")
                 exported = torch.export.export(wrapper, (ids, pos), dynamic_shapes=shapes, strict=mode)
-                # An empty table keeps composite ops (linear, silu, ...) that map 1:1 onto ours.
-                return exported.run_decompositions({})
+                exported.graph_module.graph.eliminate_dead_code()  # transformers' unused mask helpers
+                exported.graph_module.recompile()
+                if decompose or needs_decomposition(exported):
+                    # An empty table keeps composite ops (linear, silu, ...) that map 1:1 onto ours.
+                    return exported.run_decompositions({})
+                return exported
         except ExportError:
             raise
         except Exception as exc:  # torch raises many types; report the construct that failed
@@ -174,6 +181,32 @@ def capture(model: torch.nn.Module, strict: bool | None = None) -> torch.export.
                 continue
             raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from None
     raise AssertionError("unreachable")
+
+
+def needs_decomposition(exported: torch.export.ExportedProgram) -> bool:
+    """Whether the graph torch.export captured must go through ``run_decompositions``.
+
+    ``run_decompositions({})`` traces the whole model a second time, only to turn the
+    captured graph into functional ATen ops: about two thirds of SmolLM2's capture time.
+    Most models' captured graphs are functional already, and every op in them has a
+    lowering: then the lowered program is node for node the one the decomposed graph
+    gives (tested for every architecture paw covers), and the second trace is skipped.
+    It is needed for a graph with an in-place op (OLMo's ``clamp_``, Mixtral's ``div_``)
+    or an op the lowering does not know (a higher-order op, or one that decomposes into
+    known ones).
+    """
+    from exporter.aten_ops import ATEN
+    from exporter.lower import target_name
+
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target_name(target) not in ATEN:
+            return True
+        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            return True
+    return False
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.") -> tuple[Lowe
                 raise ExportError(f"unsupported graph input kind {spec.kind.name} ({node.name})")
         elif node.op == "call_function":
             target = node.target
-            key = _target_name(target)
+            key = target_name(target)
             handler = ATEN.get(key)
             if handler is None:
                 raise ExportError(
@@ -120,7 +120,7 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.") -> tuple[Lowe
     return low, outputs
 
 
-def _target_name(target: Any) -> str:
+def target_name(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
     if getattr(target, "__module__", None) in ("_operator", "operator"):
