@@ -136,31 +136,43 @@ def load_source(source: Source, dtype: str):
 
 @contextmanager
 def parse_gguf_once() -> Iterator[None]:
-    """Within the block, opening the same GGUF file again reuses the first ``GGUFReader``.
+    """Within the block, a GGUF file is parsed once and its tensor-name map built once.
 
     transformers parses a GGUF file's header three times when it loads a model and its
     tokenizer from it (for the config, the weights and the tokenizer). For SmolLM2 each
     parse takes 4-5 s, mostly in the 49,152-entry vocabulary, so a third of loading went
-    there. The reader is a read-only view of a memory-mapped file, so sharing it is safe;
-    transformers imports ``gguf.GGUFReader`` at call time, which is what makes this work.
-    Without the ``gguf`` package the block runs unchanged.
+    there. The reader is a read-only view of a memory-mapped file, so sharing it is safe.
+
+    To name the weights, transformers also builds ``gguf``'s ``TensorNameMap`` (every
+    tensor name of every block, formatted) once per module of the model, recursively: a
+    few hundred times for SmolLM2, about 7 s, a third of what was left. The map is only
+    read, so one per (architecture, block count) serves them all.
+
+    transformers imports both names from ``gguf`` at call time, which is what makes this
+    work. Without the ``gguf`` package the block runs unchanged.
     """
     try:
         import gguf
     except ImportError:
         yield
         return
-    original = gguf.GGUFReader
+    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple, object] = {}
+    name_maps: dict[tuple, object] = {}
 
     def shared_reader(path, *args, **kwargs):
         key = (os.path.realpath(os.fspath(path)), args, tuple(sorted(kwargs.items())))
         if key not in readers:
-            readers[key] = original(path, *args, **kwargs)
+            readers[key] = original_reader(path, *args, **kwargs)
         return readers[key]
 
-    gguf.GGUFReader = shared_reader
+    def shared_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = original_name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map

@@ -127,3 +127,18 @@ def test_a_gguf_file_is_parsed_once_per_load(tmp_path):
                                       np.arange(12, dtype=np.float32).reshape(3, 4))
     assert gguf.GGUFReader is original
     assert gguf.GGUFReader(str(path)) is not first
+
+
+def test_a_tensor_name_map_is_built_once_per_load():
+    """transformers builds gguf's TensorNameMap once per module; inside the block it is shared."""
+    import gguf
+
+    from exporter.sources import parse_gguf_once
+
+    original = gguf.get_tensor_name_map
+    with parse_gguf_once():
+        first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not first
+        assert first.get_name("model.layers.1.self_attn.q_proj") == "blk.1.attn_q"
+    assert gguf.get_tensor_name_map is original
