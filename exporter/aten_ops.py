@@ -225,8 +225,9 @@ def _reshape(low: Lowering, node):
 def _flatten(low: Lowering, node):
     x = node.args[0]
     shape = list(x.meta["val"].shape)
-    rank = max(len(shape), 1)
-    start, end = _arg(node, 1, "start_dim", 0) % rank, _arg(node, 2, "end_dim", -1) % rank
+    if not shape:  # a scalar flattens to one element
+        return low.emit("reshape", [low.ref(x)], {"shape": [1]})
+    start, end = _arg(node, 1, "start_dim", 0) % len(shape), _arg(node, 2, "end_dim", -1) % len(shape)
     if start >= end:
         return low.ref(x)
     sizes = [_dim_size(low, x, i) for i in range(len(shape))]
