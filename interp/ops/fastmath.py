@@ -65,7 +65,8 @@ def _sigmoid(x: mx.array) -> mx.array:
 
 
 def _silu(x: mx.array) -> mx.array:
-    return (x.astype(mx.float32) / (1.0 + _exp(-x.astype(mx.float32)))).astype(x.dtype)
+    x32 = x.astype(mx.float32)
+    return (x32 / (1.0 + _exp(-x32))).astype(x.dtype)
 
 
 class _PerShape:
