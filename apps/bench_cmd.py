@@ -19,7 +19,7 @@ def _split(values: list[str]) -> list[str]:
 def bench(
     src: Annotated[str, typer.Argument(help="The model: 'smollm2', a .gguf file or a Hugging Face folder.")] = "smollm2",
     dtypes: Annotated[list[str], typer.Option("--dtypes", help="Variants: float32, bfloat16, q4 (comma list).")] = ["float32,bfloat16,q4"],  # noqa: B006
-    engines: Annotated[list[str], typer.Option("--engines", help="paw, paw-nocompile, paw-nofuse, paw-stock, mlx-lm, mlx-lm-stock, transformers, ceiling (-stock: MLX's bundled BLAS on Linux).")] = ["paw,mlx-lm,transformers,ceiling"],  # noqa: B006
+    engines: Annotated[list[str], typer.Option("--engines", help="paw, paw-nocompile, paw-nofuse, paw-stock, mlx-lm, mlx-lm-stock, transformers, ceiling, ceiling-stock, export (-stock: MLX's bundled BLAS on Linux; export: times `paw export llama SRC`).")] = ["paw,mlx-lm,transformers,ceiling,export"],  # noqa: B006
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length (prefill).")] = 512,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Tokens to decode greedily.")] = 256,
     group_size: Annotated[int, typer.Option("--group-size", help="Group size of the q4 variant.")] = 64,
@@ -28,7 +28,7 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Runs per engine, order reversed each round; each row keeps its best (a shared machine's noise only slows runs down).")] = 2,
     docs: Annotated[Path | None, typer.Option("--docs", help="Also rewrite the table in this markdown page (e.g. docs/benchmarks.md).")] = None,
 ) -> None:
-    """Measure prefill, decode, time to first token, peak memory and load time per engine."""
+    """Measure prefill, decode, time to first token, peak memory, load and export time per engine."""
     from benchmarks.harness import BenchConfig, print_table, run_bench, write_results
     from interp.errors import PawError
 

@@ -10,9 +10,12 @@ equivalent and runs only the float variants). Engines (``--engines``):
 - ``mlx-lm``: ``mlx_lm.convert`` of the same weights, run by mlx-lm's ``generate_step``
 - ``transformers``: transformers eager (torch, CPU)
 - ``ceiling``: MLX matvec over exactly the weights a decoded token reads (a bound, not a model)
-- ``paw-stock``, ``mlx-lm-stock``: paw and mlx-lm on the BLAS bundled in MLX's Linux
-  wheel (``PAW_BLAS=reference``), which is what plain mlx-lm gets there; every other MLX
-  engine runs on the OpenBLAS that ``interp.blas`` puts under MLX (see ``machine.blas``)
+- ``export``: ``paw export llama`` of the source itself (``smollm2``: the GGUF), timed as a
+  user runs it, from a new process to the finished program
+- ``paw-stock``, ``mlx-lm-stock``, ``ceiling-stock``: paw, mlx-lm and the ceiling on the
+  BLAS bundled in MLX's Linux wheel (``PAW_BLAS=reference``), which is what plain mlx-lm
+  gets there; every other MLX engine runs on the OpenBLAS that ``interp.blas`` puts under
+  MLX (see ``machine.blas``)
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,9 +36,10 @@ from benchmarks import prepare
 from interp.docblock import replace_block
 
 VARIANTS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0), "q4": ("float32", 4)}
-ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "paw-stock", "mlx-lm", "mlx-lm-stock", "transformers", "ceiling")
-STOCK_BLAS = ("paw-stock", "mlx-lm-stock")
-DEFAULT_ENGINES = ("paw", "mlx-lm", "transformers", "ceiling")
+ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "paw-stock", "mlx-lm", "mlx-lm-stock", "transformers", "ceiling",
+           "ceiling-stock", "export")
+STOCK_BLAS = ("paw-stock", "mlx-lm-stock", "ceiling-stock")
+DEFAULT_ENGINES = ("paw", "mlx-lm", "transformers", "ceiling", "export")
 RESULTS_DIR = Path(__file__).parent / "results"
 RESULT_TAG = "PAW-BENCH-RESULT "
 
@@ -105,8 +111,7 @@ def run_engine(engine: str, path: Path, dtype: str, config: BenchConfig) -> dict
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if engine in STOCK_BLAS:
         env["PAW_BLAS"] = "reference"
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+    env["PYTHONPATH"] = _with_repo_on_path(env.get("PYTHONPATH"))
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=config.timeout_s, env=env)
@@ -121,8 +126,44 @@ def run_engine(engine: str, path: Path, dtype: str, config: BenchConfig) -> dict
     return {"error": f"exit {done.returncode}: {tail[:300]}"}
 
 
+def run_export(variant: str, config: BenchConfig, root: Path) -> dict:
+    """Time ``paw export llama SRC`` in the variant's dtype and quantization, as a user runs it.
+
+    The program is written to a scratch folder under the bench cache and removed after:
+    only the time (interpreter start, imports and the export itself) and its size are kept.
+    """
+    dtype, bits = VARIANTS[variant]
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+    out = scratch / "program"
+    cmd = [sys.executable, "-m", "apps.cli", "export", "llama", config.src, "-o", str(out), "--dtype", dtype]
+    if bits:
+        cmd += ["--quantize", str(bits), "--group-size", str(config.group_size)]
+    env = dict(os.environ, PYTHONPATH=_with_repo_on_path(os.environ.get("PYTHONPATH")))
+    try:
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=config.timeout_s, env=env)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"error": f"exit {done.returncode}: {tail[:300]}"}
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        return {"export_s": seconds, "program_gb": size / 1e9}
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {config.timeout_s:.0f} s"}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _with_repo_on_path(pythonpath: str | None) -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    return root + os.pathsep + pythonpath if pythonpath else root
+
+
 def _paths(variant: str, engine: str, config: BenchConfig, root: Path, hf: Path, say: Say) -> Path | None:
     dtype, bits = VARIANTS[variant]
+    if engine == "export":
+        return root  # exports config.src itself, see run_export
     if engine == "transformers":
         return hf if not bits else None
     if engine.startswith("mlx-lm"):
@@ -155,7 +196,10 @@ def run_bench(config: BenchConfig, say: Say = print) -> dict:
         for round_index in range(config.rounds):
             for engine in engines if round_index % 2 == 0 else engines[::-1]:
                 say(f"{variant}: {engine} (round {round_index + 1}/{config.rounds})")
-                path = (ceiling_path or paths[engine]) if engine == "ceiling" else paths[engine]
+                if engine == "export":
+                    runs[engine].append(run_export(variant, config, root))
+                    continue
+                path = (ceiling_path or paths[engine]) if engine.startswith("ceiling") else paths[engine]
                 runs[engine].append(run_engine(engine, path, dtype, config))
         report["rows"] += [{"dtype": variant, "engine": e, **best_of(runs[e])} for e in engines]
     report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -165,7 +209,7 @@ def run_bench(config: BenchConfig, say: Say = print) -> dict:
 
 # How rounds combine: the fastest prefill and decode, the quickest load, the largest memory.
 _BEST = {"decode_tps": max, "seconds_per_token": min, "ttft_s": min, "decode_s": min, "load_s": min,
-         "peak_memory_gb": max, "max_rss_gb": max, "gb_per_s": max, "wall_s": min}
+         "peak_memory_gb": max, "max_rss_gb": max, "gb_per_s": max, "wall_s": min, "export_s": min}
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -182,7 +226,7 @@ def best_of(runs: list[dict]) -> dict:
     for key, pick in _BEST.items():
         if key in row:
             row[key] = pick(run[key] for run in runs)
-    row["rounds"] = [{k: run[k] for k in ("ttft_s", "decode_tps") if k in run} for run in runs]
+    row["rounds"] = [{k: run[k] for k in ("ttft_s", "decode_tps", "export_s") if k in run} for run in runs]
     if any(run.get("tokens") != row.get("tokens") for run in runs):
         row["tokens_differ_between_rounds"] = True
     return row
@@ -191,14 +235,15 @@ def best_of(runs: list[dict]) -> dict:
 def _add_ratios(rows: list[dict]) -> None:
     """paw-vs-mlx-lm ratios and decode as a fraction of the matvec ceiling, per dtype.
 
-    The ceiling is measured on the OpenBLAS that paw installs, so stock-BLAS rows get none.
+    Each row is held against the mlx-lm and ceiling of its own BLAS: stock-BLAS rows against
+    ``mlx-lm-stock`` and ``ceiling-stock``, the others against those on paw's OpenBLAS.
     """
     by = {(r["dtype"], r["engine"]): r for r in rows}
     for row in rows:
         stock = row["engine"] in STOCK_BLAS  # compared with mlx-lm on the same (bundled) BLAS
         ref = by.get((row["dtype"], "mlx-lm-stock" if stock else "mlx-lm"))
-        ceiling = None if stock else by.get((row["dtype"], "ceiling"))
-        if "error" in row or row["engine"] == "ceiling":
+        ceiling = by.get((row["dtype"], "ceiling-stock" if stock else "ceiling"))
+        if "error" in row or "ttft_s" not in row:  # the ceiling and export rows hold no generation
             continue
         if ref and "error" not in ref and ref is not row:
             row["decode_vs_mlx_lm"] = row["decode_tps"] / ref["decode_tps"]
@@ -221,7 +266,7 @@ COLUMNS = [  # (key, header, format)
     ("decode_tps", "decode tok/s", "{:.2f}"), ("peak_memory_gb", "peak mem GB", "{:.3f}"),
     ("decode_vs_mlx_lm", "decode / mlx-lm", "{:.2f}x"), ("prefill_vs_mlx_lm", "prefill / mlx-lm", "{:.2f}x"),
     ("memory_vs_mlx_lm", "mem / mlx-lm", "{:.2f}x"), ("decode_vs_ceiling", "decode / ceiling", "{:.2f}"),
-    ("same_tokens_as_mlx_lm", "same tokens", "{}"),
+    ("same_tokens_as_mlx_lm", "same tokens", "{}"), ("export_s", "export s", "{:.1f}"),
 ]
 
 

@@ -28,20 +28,23 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     docs.write_text("# Benchmarks\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nafter\n")
     results = tmp_path / "results"
     out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
-                                   "paw,mlx-lm,mlx-lm-stock,ceiling", "--prompt-tokens", "8", "--decode-tokens", "4",
+                                   "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8", "--decode-tokens", "4",
                                    "--results", str(results), "--docs", str(docs)])
     assert out.exit_code == 0, out.output
     assert "paw bench" in out.output and "mlx-lm" in out.output  # the rich table
     report = json.loads((results / "latest.json").read_text())
     rows = {row["engine"]: row for row in report["rows"]}
-    assert set(rows) == {"paw", "mlx-lm", "mlx-lm-stock", "ceiling"}
+    assert set(rows) == {"paw", "mlx-lm", "mlx-lm-stock", "ceiling", "export"}
     assert not any("error" in row for row in rows.values()), rows
     for engine in ("paw", "mlx-lm", "mlx-lm-stock"):
         row = rows[engine]
         assert row["generated"] == 4 and row["decode_tps"] > 0 and row["ttft_s"] > 0
         assert row["peak_memory_gb"] > 0 and row["load_s"] > 0
-    assert [len(row["rounds"]) for row in rows.values()] == [2] * 4  # the default: two rounds each
+    assert [len(row["rounds"]) for row in rows.values()] == [2] * 5  # the default: two rounds each
     assert rows["ceiling"]["weight_bytes"] > 0 and rows["ceiling"]["decode_tps"] > 0
+    # The export row is a real `paw export` of the source, timed and then removed.
+    assert rows["export"]["export_s"] > 0 and rows["export"]["program_gb"] > 0
+    assert not list((tmp_path / "cache").rglob(".export-*"))
     # Same weights, same greedy decoding: paw's tokens are mlx-lm's.
     assert rows["paw"]["same_tokens_as_mlx_lm"] == 4
     assert {"decode_vs_mlx_lm", "prefill_vs_mlx_lm", "memory_vs_mlx_lm", "decode_vs_ceiling"} <= set(rows["paw"])
@@ -53,7 +56,7 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     assert "decode_vs_mlx_lm" not in rows["mlx-lm-stock"] and "decode_vs_ceiling" not in rows["mlx-lm-stock"]
     page = docs.read_text()
     assert "old" not in page and "| float32 | paw |" in page and page.endswith("after\n")
-    assert (results / "latest.md").read_text().count("| float32 |") == 4
+    assert (results / "latest.md").read_text().count("| float32 |") == 5
 
 
 def test_best_of_rounds_keeps_best_timings_and_worst_memory():
@@ -67,3 +70,23 @@ def test_best_of_rounds_keeps_best_timings_and_worst_memory():
     assert "tokens_differ_between_rounds" not in row
     assert best_of([runs[0], {**runs[1], "tokens": [1, 3]}])["tokens_differ_between_rounds"]
     assert best_of([runs[0], {"error": "exit 1: boom"}]) == {"error": "exit 1: boom"}
+
+
+def test_stock_rows_are_held_against_the_stock_ceiling_and_mlx_lm():
+    from benchmarks.harness import _add_ratios
+
+    def generation(tps):
+        return {"decode_tps": tps, "ttft_s": 1.0, "peak_memory_gb": 0.5}
+
+    rows = [{"dtype": "float32", "engine": "paw", **generation(16.0)},
+            {"dtype": "float32", "engine": "mlx-lm", **generation(8.0)},
+            {"dtype": "float32", "engine": "ceiling", "decode_tps": 32.0},
+            {"dtype": "float32", "engine": "paw-stock", **generation(12.0)},
+            {"dtype": "float32", "engine": "mlx-lm-stock", **generation(10.0)},
+            {"dtype": "float32", "engine": "ceiling-stock", "decode_tps": 15.0},
+            {"dtype": "float32", "engine": "export", "export_s": 30.0}]
+    _add_ratios(rows)
+    paw, paw_stock = rows[0], rows[3]
+    assert (paw["decode_vs_mlx_lm"], paw["decode_vs_ceiling"]) == (2.0, 0.5)
+    assert (paw_stock["decode_vs_mlx_lm"], paw_stock["decode_vs_ceiling"]) == (1.2, 0.8)
+    assert "decode_vs_ceiling" not in rows[2] and "decode_vs_ceiling" not in rows[6]
