@@ -4,7 +4,7 @@ On a GPU, plain causal attention is one ``mx.fast`` kernel. On the CPU that kern
 generic fallback whose softmax runs MLX's one-element-at-a-time ``exp``: most of the third
 of a float32 SmolLM2 prefill's CPU time that went to ``exp``, and about a third of a
 decode step's attention. So on the CPU every attention is written out
-(``explicit_attention``): the scores as BLAS matmuls, the vectorized softmax of
+(``explicit_attention``): the scores as BLAS matmuls, the polynomial-``exp`` softmax of
 ``interp/ops/fastmath.py``, then the weighted values. The GPU takes the written-out form
 too for what ``mx.fast`` cannot do: sliding windows, logit soft-capping and ALiBi.
 """

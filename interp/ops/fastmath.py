@@ -1,4 +1,4 @@
-"""exp, sigmoid and softmax for MLX's CPU backend, vectorized.
+"""exp, sigmoid and softmax for MLX's CPU backend, without libm calls.
 
 Why: MLX's CPU kernels compute ``exp`` one element at a time (its x86 SIMD width is 1)
 with a polynomial whose ``fma`` calls go through libm: 15-25 ns per element here. A
@@ -27,7 +27,7 @@ LOG2E = 1.4426950408889634
 LN2_HI = 0.693359375
 LN2_LO = -2.12194440e-4
 # Adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest
-# integer with plain additions, which vectorize; floor() here is a libm call per element.
+# integer with plain additions; floor() here is a libm call per element.
 ROUNDER = 12582912.0
 # exp overflows float32 above EXP_MAX and is below float32's smallest normal under EXP_MIN
 # (where this returns 0 rather than a denormal).

@@ -1,4 +1,4 @@
-"""The vectorized exp, sigmoid, SiLU and softmax of interp/ops/fastmath.py, against float64."""
+"""The polynomial exp, sigmoid, SiLU and softmax of interp/ops/fastmath.py, against float64."""
 
 from __future__ import annotations
 
