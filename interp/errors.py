@@ -29,3 +29,7 @@ class SourceError(PawError):
 
 class ArtifactError(PawError):
     """A programs-as-weights artifact is malformed or made for another base model."""
+
+
+class ConstraintError(PawError):
+    """An output constraint (choices, regex, JSON schema) is invalid or cannot be met."""

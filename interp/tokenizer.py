@@ -73,6 +73,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what grammar engines build their token tables from)."""
+        return self._tok.to_str()
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
