@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,9 @@ def prompt_ids(count: int, vocab: int) -> list[int]:
 
 
 def _max_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+    from interp import device
+
+    return device.max_rss_bytes() / 1e9
 
 
 def time_stream(tokens: Iterator[int], decode_tokens: int) -> dict:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from interp import device
 from tests.tiny import make_tokenizer, tiny_llama_config, tiny_model
 
 
@@ -49,7 +49,7 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     assert rows["paw"]["same_tokens_as_mlx_lm"] == 4
     assert {"decode_vs_mlx_lm", "prefill_vs_mlx_lm", "memory_vs_mlx_lm", "decode_vs_ceiling"} <= set(rows["paw"])
     assert report["machine"]["device"] and report["config"]["prompt_tokens"] == 8
-    if sys.platform == "linux":  # the stock engine really runs on MLX's bundled BLAS
+    if device.needs_blas_shim():  # the stock engine really runs on MLX's bundled BLAS
         assert rows["paw"]["blas"] == rows["mlx-lm"]["blas"] == report["machine"]["blas"]
         assert report["machine"]["blas"].startswith("OpenBLAS")
         assert rows["mlx-lm-stock"]["blas"] == "reference (PAW_BLAS=reference)"
