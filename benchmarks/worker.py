@@ -196,11 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where MLX engines compute (transformers always runs on torch's CPU)")
     args = parser.parse_args(argv)
-    result = ENGINES[args.engine](args)
-    from interp import blas
+    from interp import blas, device
 
+    if args.engine != "transformers":
+        device.use_device(args.device)
+    result = ENGINES[args.engine](args)
     result["blas"] = blas.status()
+    result["device"] = "cpu" if args.engine == "transformers" else device.backend()
     sys.stdout.write("PAW-BENCH-RESULT " + json.dumps(result) + "\n")
 
 

@@ -77,12 +77,20 @@ def backend() -> str:
     return "metal" if has_metal() else "cuda" if has_cuda() else "gpu"
 
 
+def describe() -> str:
+    """Where paw's ops run now, for a person: ``the CPU``, ``the GPU (Metal)``, ``the GPU (CUDA)``."""
+    where = backend()
+    return "the CPU" if where == "cpu" else f"the GPU ({where.upper() if where == 'cuda' else where.title()})"
+
+
 def use_device(name: str) -> None:
-    """Make ``name`` (``cpu`` or ``gpu``) MLX's default device, or say why it cannot be."""
+    """Make ``name`` (``cpu``, ``gpu``, or ``auto``: MLX's own default) MLX's default device, or say why not."""
     import mlx.core as mx
 
+    if name == "auto":
+        return
     if name not in DEVICES:
-        raise PawError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+        raise PawError(f"unknown device {name!r}; choose one of auto, {', '.join(DEVICES)}")
     if name == "gpu" and not mx.is_available(mx.gpu):
         raise PawError("no GPU: this MLX has neither Metal (Apple-Silicon Macs) nor CUDA "
                        "(install paw with the 'cuda' extra on an NVIDIA machine); use --device cpu")
