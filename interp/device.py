@@ -100,6 +100,19 @@ def use_device(name: str) -> None:
 # ----------------------------------------------------------------------------- the platform
 
 
+#: What to install when MLX has no backend (Linux wheels ship it as an extra).
+MISSING_BACKEND = ("MLX is installed without a backend: install paw with one, "
+                   "pip install -e '.[cpu]' (MLX on the CPU) or -e '.[cuda]' (NVIDIA GPUs, Linux)")
+
+
+def require_mlx() -> None:
+    """Import MLX, or say which extra brings its backend (on Linux ``mlx`` alone has none)."""
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{MISSING_BACKEND} ({exc})") from exc
+
+
 def is_macos() -> bool:
     """Whether this process runs on macOS."""
     return sys.platform == "darwin"

@@ -58,6 +58,7 @@ def _greedy(program_dir, path: str) -> tuple[list[int], np.ndarray]:
     return tokens, logits
 
 
+@pytest.mark.skipif(FAKE_MAC_RUN, reason="compares both paths itself: runs in the normal pass, on shared exports")
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_float32_mac_path_decodes_the_cpu_path_tokens(arch_program, arch):
     cpu_tokens, cpu_logits = _greedy(arch_program(arch), "cpu")
