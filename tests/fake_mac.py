@@ -17,7 +17,9 @@ MLX 0.32's as far as a caller can tell without a GPU:
 - it has no VJP: differentiating through it raises MLX's error.
 
 ``device_path("cpu")`` forces the CPU answers (the real ones on this machine), so a
-test can compare both paths in one process. ``PAW_FAKE_MAC=1`` makes tests/conftest.py
+test can compare both paths in one process. On a real Mac ``device_path("metal")``
+keeps MLX's real ``metal_kernel``, and ``device_path("cpu")`` takes the CPU branches
+while MLX computes on the GPU. ``PAW_FAKE_MAC=1`` makes tests/conftest.py
 install the Metal path for a whole run (docs/devices.md).
 """
 
@@ -48,8 +50,10 @@ FAKE_MAC_RUN = os.environ.get("PAW_FAKE_MAC", "").strip() not in ("", "0")
 MAX_THREADS_PER_THREADGROUP = 1024  # Apple GPUs' maxTotalThreadsPerThreadgroup, at most
 SIMD_WIDTH = 32
 REAL_METAL_KERNEL = mx.fast.metal_kernel
-#: The real answers of this machine, for tests that need the truth under any path.
-REAL = {name: getattr(device, name) for name in PATHS["metal"]}
+#: What this machine really has, read when this module is imported (before tests/conftest.py
+#: replaces any predicate), for tests that need the truth under any path.
+REAL_METAL = device.has_metal()
+REAL_CUDA = device.has_cuda()
 
 
 @contextmanager
@@ -59,7 +63,9 @@ def device_path(path: str) -> Iterator[None]:
     saved_kernel = mx.fast.metal_kernel
     for name, answer in PATHS[path].items():
         setattr(device, name, lambda answer=answer: answer)
-    mx.fast.metal_kernel = metal_kernel if path == "metal" else REAL_METAL_KERNEL
+    # on a real Mac the real kernels run: MLX compiles and checks them itself
+    stand_in = path == "metal" and not REAL_METAL
+    mx.fast.metal_kernel = metal_kernel if stand_in else REAL_METAL_KERNEL
     ternary_mlx._metal_kernel.cache_clear()  # built by the factory in force at first use
     try:
         yield

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from interp import device
-from tests.fake_mac import REAL
+from tests.fake_mac import REAL_CUDA, REAL_METAL
 from tests.tiny import make_tokenizer, tiny_llama_config, tiny_model
 
 
@@ -108,7 +108,7 @@ def test_gpu_results_are_named_after_their_backend(tmp_path):
     assert "MLX 0.32.4 on the GPU (Metal), mlx-lm" in (tmp_path / "latest-metal.md").read_text()
 
 
-@pytest.mark.skipif(REAL["has_metal"]() or REAL["has_cuda"](), reason="this machine has a GPU")
+@pytest.mark.skipif(REAL_METAL or REAL_CUDA, reason="this machine has a GPU")
 def test_bench_on_a_missing_gpu_is_one_line_before_any_work(tmp_path):
     import os
     import subprocess

@@ -30,7 +30,7 @@ import pytest
 
 from interp.kernels import ternary as tp
 from interp.kernels.ternary_mlx import KERNEL_ROWS, KERNEL_SOURCE, TernaryWeight, kernel_launch
-from tests.fake_mac import REAL
+from tests.fake_mac import REAL_METAL
 
 KERNELS = KERNEL_SOURCE.parent
 SHAPES = [(1, 64, 128), (1, 96, 576), (3, 40, 100), (5, 17, 1536), (2, 8, 3), (1, 1, 5)]  # (M tokens, N out, K in)
@@ -142,7 +142,7 @@ def test_launch_covers_every_output_row_once():
         assert (row_blocks - 1) * KERNEL_ROWS < n <= row_blocks * KERNEL_ROWS
 
 
-@pytest.mark.skipif(not REAL["metal_kernels"](), reason="needs Metal (this MLX has no Metal GPU)")
+@pytest.mark.skipif(not REAL_METAL, reason="needs Metal (this MLX has no Metal GPU)")
 def test_real_metal_kernel():
     rng = np.random.default_rng(11)
     for m, n, k in SHAPES:
