@@ -121,6 +121,7 @@ typedef float float2 __attribute__((ext_vector_type(2)));
 typedef float float4 __attribute__((ext_vector_type(4)));
 typedef half half2 __attribute__((ext_vector_type(2)));
 typedef half half4 __attribute__((ext_vector_type(4)));
+typedef bfloat16_t bfloat4 __attribute__((ext_vector_type(4)));
 typedef uint uint2 __attribute__((ext_vector_type(2)));
 typedef uint uint4 __attribute__((ext_vector_type(4)));
 struct uint3 { uint x, y, z; };

@@ -3,7 +3,7 @@
 //  - the thread position is a variable the harness sets for every grid point;
 //  - simd_sum is emulated with 32 std::threads (one per lane) meeting at a barrier, and
 //    adds the lanes' values in lane order 0..31;
-//  - the Metal types the kernels use (half, bfloat16_t, float4, half4) and min() are
+//  - the Metal types the kernels use (half, bfloat16_t, float4, half4, bfloat4) and min() are
 //    given C++ stand-ins;
 //  - Metal address-space qualifiers (device, threadgroup, constant, thread) are defined
 //    away at the end of this header, so include it after every standard header. (The
@@ -49,6 +49,7 @@ struct vec4 {
 };
 typedef vec4<float> float4;
 typedef vec4<half> half4;
+typedef vec4<bfloat16_t> bfloat4;
 
 namespace metal_shim {
 constexpr int kSimdWidth = 32;

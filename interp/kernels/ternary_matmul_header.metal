@@ -1,10 +1,9 @@
 // Helpers of the ternary matmul kernel (ternary_matmul.metal), given to
 // mx.fast.metal_kernel as its header: MLX places them before the kernel's signature.
 
-// Loads 16 activations from x (16-element aligned: the caller's rows are multiples of 32),
-// stores x[i] * 4^-(i % 4) in xs and returns the plain sum of the 16. float and half load
-// four at a time; bfloat16_t loads one at a time, because it is a struct, not a vector
-// element type, on Metal versions before 3.1.
+// Loads 16 activations from x (16-element aligned: the caller's rows are multiples of 32)
+// four at a time, stores x[i] * 4^-(i % 4) in xs and returns the plain sum of the 16.
+// (MLX 0.32's bfloat16_t is Metal 3.1's bfloat, which has vector types like half.)
 inline float load_scaled_activations(const device float* x, thread float* xs) {
   float sum = 0.0f;
   for (int i = 0; i < 4; ++i) {
@@ -35,7 +34,8 @@ inline float load_scaled_activations(const device half* x, thread float* xs) {
 inline float load_scaled_activations(const device bfloat16_t* x, thread float* xs) {
   float sum = 0.0f;
   for (int i = 0; i < 4; ++i) {
-    const float a = (float)x[4 * i], b = (float)x[4 * i + 1], c = (float)x[4 * i + 2], d = (float)x[4 * i + 3];
+    const bfloat4 v = ((const device bfloat4*)x)[i];
+    const float a = (float)v[0], b = (float)v[1], c = (float)v[2], d = (float)v[3];
     sum += (a + b) + (c + d);
     xs[4 * i] = a;
     xs[4 * i + 1] = b * 0.25f;

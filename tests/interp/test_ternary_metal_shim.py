@@ -37,34 +37,49 @@ SHAPES = [(1, 64, 128), (1, 96, 576), (3, 40, 100), (5, 17, 1536), (2, 8, 3), (1
 PRESCALE = np.array([1.0, 0.25, 0.0625, 0.015625] * 4, dtype=np.float32)  # 4^-(i % 4)
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory):
+def _build_shim(tmp_path_factory, element: str = "float"):
+    """The kernel compiled as C++ for activations of type ``element``; returns run(x, packed, scale, k, n)."""
     gxx = shutil.which("g++")
     assert gxx is not None, "g++ is required to verify the Metal kernel on the CPU"
     build = tmp_path_factory.mktemp("metal-shim")
-    lib = build / "libternary_shim.so"
+    lib = build / f"libternary_shim_{element}.so"
     cmd = [gxx, "-std=c++20", "-O1", "-fno-strict-aliasing", "-Wall", "-Werror", "-shared", "-fPIC", "-pthread",
-           f"-I{KERNELS}", str(KERNELS / "ternary_matmul_shim.cpp"), "-o", str(lib)]
+           f"-DSHIM_T={element}", f"-I{KERNELS}", str(KERNELS / "ternary_matmul_shim.cpp"), "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    so = ctypes.CDLL(str(lib))
-    fn = so.ternary_matmul_grid
+    fn = ctypes.CDLL(str(lib)).ternary_matmul_grid
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_uint32] * 2
+    storage = {"float": np.float32, "half": np.float16, "bfloat16_t": np.uint16}[element]
 
     def run(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, k: int, n: int) -> np.ndarray:
         weight = TernaryWeight.prepare(packed, scale, k, n, path="metal")
         codes = np.ascontiguousarray(np.array(weight.codes))
-        x = np.ascontiguousarray(np.pad(np.asarray(x, np.float32), [(0, 0), (0, weight.padded_in - k)]))
+        x = np.ascontiguousarray(np.pad(np.asarray(x), [(0, 0), (0, weight.padded_in - k)]).astype(storage))
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         dims = np.array([weight.padded_in, n, 1 if scale.size > 1 else 0], dtype=np.uint32)
         (_, row_blocks, _), _ = kernel_launch(x.shape[0], n)
-        out = np.full((x.shape[0], n), np.nan, dtype=np.float32)
+        out = np.zeros((x.shape[0], n), dtype=storage)
         fn(x.ctypes.data, codes.ctypes.data, scale.ctypes.data, dims.ctypes.data, out.ctypes.data, x.shape[0],
            row_blocks)
         return out
 
     return run
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    return _build_shim(tmp_path_factory)
+
+
+def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounded to nearest even (as Metal and the shim convert)."""
+    words = np.asarray(values, np.float32).view(np.uint32).astype(np.uint64)
+    return ((words + 0x7FFF + ((words >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _kernel_order_reference(x: np.ndarray, t: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -124,6 +139,29 @@ def test_shim_equals_kernel_order_model_on_random_floats(shim, m, n, k):
     np.testing.assert_array_equal(got, _kernel_order_reference(x, t, s))
     # and it is the matmul it claims to be
     np.testing.assert_allclose(got, x @ (t * s[:, None]).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("element", ["half", "bfloat16_t"])
+def test_half_precision_loaders_follow_the_same_order(tmp_path_factory, element):
+    """The half and bfloat16 activation loaders: the kernel's float32 sums of the converted
+    activations, rounded once to the output type."""
+    run = _build_shim(tmp_path_factory, element)
+    rng = np.random.default_rng(13)
+    m, n, k = 3, 9, 100
+    t = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    s = (rng.random(n) + 0.1).astype(np.float32)
+    x32 = rng.standard_normal((m, k)).astype(np.float32)
+    if element == "half":
+        x = x32.astype(np.float16)
+        got = run(x, tp.pack_ternary(t), s, k, n)
+        want = _kernel_order_reference(x.astype(np.float32), t, s).astype(np.float16)
+        np.testing.assert_array_equal(got, want)
+    else:
+        bits = _to_bfloat16_bits(x32)
+        got = run(bits, tp.pack_ternary(t), s, k, n)
+        want = _to_bfloat16_bits(_kernel_order_reference(_from_bfloat16_bits(bits), t, s))
+        np.testing.assert_array_equal(got, want)
+    assert np.abs(_from_bfloat16_bits(got) if element != "half" else got.astype(np.float32)).max() > 0
 
 
 def test_shim_reads_base3_weights_after_the_load_time_repack(shim):
