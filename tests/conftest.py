@@ -53,13 +53,6 @@ def on_mac_path():
         yield
 
 
-@pytest.fixture
-def on_cpu_path():
-    """The test body runs down the CPU branches (the reference path), whatever the run's mode."""
-    with device_path("cpu"):
-        yield
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tests.tiny import make_tokenizer
