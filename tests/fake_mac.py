@@ -44,6 +44,9 @@ PATHS: dict[str, dict[str, object]] = {
               "backend": "metal"},
     "cpu": {"on_cpu": True, "on_gpu": False, "has_metal": False, "has_cuda": False, "metal_kernels": False,
             "backend": "cpu"},
+    # MLX's CUDA backend: the GPU branches, no Metal kernels (ternary layers on the affine path)
+    "cuda": {"on_cpu": False, "on_gpu": True, "has_metal": False, "has_cuda": True, "metal_kernels": False,
+             "backend": "cuda"},
 }
 #: Whether this test run goes down the Mac branches throughout (tests/conftest.py installs them).
 FAKE_MAC_RUN = os.environ.get("PAW_FAKE_MAC", "").strip() not in ("", "0")
@@ -58,7 +61,7 @@ REAL_CUDA = device.has_cuda()
 
 @contextmanager
 def device_path(path: str) -> Iterator[None]:
-    """Within the block, paw's ops take the ``metal`` (stand-in kernels) or ``cpu`` branches."""
+    """Within the block, paw's ops take the ``metal`` (stand-in kernels), ``cuda`` or ``cpu`` branches."""
     saved = {name: getattr(device, name) for name in PATHS[path]}
     saved_kernel = mx.fast.metal_kernel
     for name, answer in PATHS[path].items():

@@ -63,7 +63,8 @@ def test_use_device_checks_its_argument_and_the_machine():
 
 
 @pytest.mark.parametrize(("path", "backend", "described"), [("cpu", "cpu", "the CPU"),
-                                                             ("metal", "metal", "the GPU (Metal)")])
+                                                             ("metal", "metal", "the GPU (Metal)"),
+                                                             ("cuda", "cuda", "the GPU (CUDA)")])
 def test_paths_answer_every_predicate_consistently(path, backend, described):
     before = device.on_cpu
     with device_path(path):
@@ -73,9 +74,23 @@ def test_paths_answer_every_predicate_consistently(path, backend, described):
     assert device.on_cpu is before  # and everything is put back
 
 
-@pytest.mark.parametrize("path", ["cpu", "metal"])
+def test_cuda_takes_the_gpu_branches_and_the_affine_ternary_path():
+    import numpy as np
+
+    from interp.kernels import ternary as tp
+    from interp.kernels.ternary_mlx import TernaryWeight
+    from interp.ops import fastmath
+
+    t = np.random.default_rng(0).integers(-1, 2, size=(8, 64))
+    with device_path("cuda"):
+        weight = TernaryWeight.prepare(tp.pack_ternary(t), np.ones(8, np.float32), 64, 8)
+        assert weight.path == "affine" and weight.affine is not None
+        assert not fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,)))
+
+
+@pytest.mark.parametrize("path", ["cpu", "metal", "cuda"])
 def test_ops_follow_the_predicates_at_call_time(tiny_program, monkeypatch, path):
-    """Down the Mac path attention and RoPE are mx.fast kernels; down the CPU path never."""
+    """On a GPU (Metal or CUDA) attention and RoPE are mx.fast kernels; down the CPU path never."""
     from interp.graph import GraphModel
     from interp.program import read_program
 
@@ -92,4 +107,4 @@ def test_ops_follow_the_predicates_at_call_time(tiny_program, monkeypatch, path)
         model = GraphModel.from_program(read_program(tiny_program))
         mx.eval(model(mx.array([[5, 9, 33, 70]]), cache=model.make_cache()))
     layers = model.num_layers
-    assert calls == ({"sdpa": layers, "rope": 2 * layers} if path == "metal" else {"sdpa": 0, "rope": 0})
+    assert calls == ({"sdpa": 0, "rope": 0} if path == "cpu" else {"sdpa": layers, "rope": 2 * layers})
