@@ -155,13 +155,12 @@ def test_half_precision_loaders_follow_the_same_order(tmp_path_factory, element)
         x = x32.astype(np.float16)
         got = run(x, tp.pack_ternary(t), s, k, n)
         want = _kernel_order_reference(x.astype(np.float32), t, s).astype(np.float16)
-        np.testing.assert_array_equal(got, want)
     else:
         bits = _to_bfloat16_bits(x32)
         got = run(bits, tp.pack_ternary(t), s, k, n)
         want = _to_bfloat16_bits(_kernel_order_reference(_from_bfloat16_bits(bits), t, s))
-        np.testing.assert_array_equal(got, want)
-    assert np.abs(_from_bfloat16_bits(got) if element != "half" else got.astype(np.float32)).max() > 0
+    np.testing.assert_array_equal(got, want)
+    assert np.count_nonzero(got) > got.size // 2  # real results, not an untouched output buffer
 
 
 def test_shim_reads_base3_weights_after_the_load_time_repack(shim):
