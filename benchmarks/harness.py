@@ -16,6 +16,10 @@ equivalent and runs only the float variants). Engines (``--engines``):
   BLAS bundled in MLX's Linux wheel (``PAW_BLAS=reference``), which is what plain mlx-lm
   gets there; every other MLX engine runs on the OpenBLAS that ``interp.blas`` puts under
   MLX (see ``machine.blas``)
+
+``device`` (``--device``) says where the MLX engines compute: ``auto`` (MLX's default:
+the GPU on a Mac or with MLX's CUDA backend, else the CPU), ``cpu`` or ``gpu``.
+transformers always runs on torch's CPU, so it is not among a GPU run's default engines.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "paw-stock", "mlx-lm", "mlx-lm-
            "ceiling-stock", "export")
 STOCK_BLAS = ("paw-stock", "mlx-lm-stock", "ceiling-stock")
 DEFAULT_ENGINES = ("paw", "mlx-lm", "transformers", "ceiling", "export")
+GPU_DEFAULT_ENGINES = ("paw", "mlx-lm", "ceiling", "export")  # transformers (torch's CPU build) left out
 RESULTS_DIR = Path(__file__).parent / "results"
 RESULT_TAG = "PAW-BENCH-RESULT "
 
@@ -61,18 +66,26 @@ class BenchConfig:
     #: best of its rounds (see ``best_of``), so a neighbour's burst on a shared machine does
     #: not decide a ratio
     rounds: int = 2
+    device: str = "auto"  # where MLX engines compute: auto (MLX's default), cpu or gpu
 
 
-def machine() -> dict:
-    """Where the numbers come from."""
-    import mlx.core as mx
+def default_engines(device_name: str) -> list[str]:
+    """The engines a run on ``device_name`` measures unless told otherwise."""
+    from interp import device
 
-    from interp import blas
+    device.use_device(device_name)
+    return list(DEFAULT_ENGINES if device.on_cpu() else GPU_DEFAULT_ENGINES)
 
+
+def machine(device_name: str = "auto") -> dict:
+    """Where the numbers come from (MLX engines on ``device_name``)."""
+    from interp import blas, device
+
+    device.use_device(device_name)
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "mlx": _version("mlx"),
             "mlx_lm": _version("mlx-lm"), "torch": _version("torch"), "transformers": _version("transformers"),
-            "device": str(mx.default_device()), "metal": bool(mx.metal.is_available()),
+            "device": device.backend(), "device_description": device.describe(), "metal": device.has_metal(),
             "blas": blas.status()}
     try:
         info["load_average"] = list(os.getloadavg())
@@ -105,7 +118,7 @@ def run_engine(engine: str, path: Path, dtype: str, config: BenchConfig) -> dict
     worker_engine = "paw" if engine.startswith("paw") else engine.removesuffix("-stock")
     cmd = [sys.executable, "-m", "benchmarks.worker", "--engine", worker_engine, "--path", str(path),
            "--dtype", dtype, "--prompt-tokens", str(config.prompt_tokens),
-           "--decode-tokens", str(config.decode_tokens)]
+           "--decode-tokens", str(config.decode_tokens), "--device", config.device]
     if engine in ("paw-nocompile", "paw-nofuse"):
         cmd.append("--no-compile")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -180,10 +193,11 @@ def run_bench(config: BenchConfig, say: Say = print) -> dict:
     unknown = [d for d in config.dtypes if d not in VARIANTS] + [e for e in config.engines if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown dtype or engine: {', '.join(unknown)}")
+    described = machine(config.device)  # before any heavy work: says so if there is no such device
     root = prepare.bench_dir() / prepare.source_key(config.src)
     hf = prepare.hf_folder(config.src, root, say)
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+              "machine": described, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
     if config.rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {config.rounds}")
     for variant in config.dtypes:
@@ -287,8 +301,9 @@ def table_cells(report: dict) -> list[list[str]]:
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
     lines = [f"Run {report['started']} on {m['processor']} ({m['cpus']} CPUs, {m['machine']}), "
-             f"MLX {m['mlx']} on {m['device']}{' (Metal)' if m['metal'] else ''}"
-             f"{', BLAS under MLX: ' + m['blas'] if m.get('blas') else ''}, mlx-lm {m['mlx_lm']}, "
+             f"MLX {m['mlx']} on {m.get('device_description', m['device'])}"
+             f"{', BLAS under MLX: ' + m['blas'] if m.get('blas') and m['device'] == 'cpu' else ''}, "
+             f"mlx-lm {m['mlx_lm']}, "
              f"torch {m['torch']}, transformers {m['transformers']}; load average at start "
              f"{', '.join(f'{x:.1f}' for x in m.get('load_average', []))}.",
              f"Prompt {c['prompt_tokens']} tokens, {c['decode_tokens']} tokens decoded greedily; "
@@ -312,14 +327,20 @@ def print_table(report: dict) -> None:
 
 
 def write_results(report: dict, directory: Path, docs: Path | None = None) -> tuple[Path, Path]:
-    """results/bench-<time>.json and .md, plus latest.json/latest.md; optionally the docs page's table."""
+    """results/bench-<time>.json and .md, plus latest.json/latest.md; optionally the docs page's table.
+
+    A GPU run's files carry its backend (``bench-<time>-metal.json``, ``latest-cuda.md``), so
+    runs on a Mac or an NVIDIA GPU never replace the CPU's latest results.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     stamp = report["started"].replace(" ", "_").replace(":", "")
+    backend = report["machine"].get("device", "cpu")
+    suffix = "" if backend == "cpu" else f"-{backend}"
     text = markdown(report)
-    json_path, md_path = directory / f"bench-{stamp}.json", directory / f"bench-{stamp}.md"
+    json_path, md_path = directory / f"bench-{stamp}{suffix}.json", directory / f"bench-{stamp}{suffix}.md"
     for path, content in ((json_path, json.dumps(report, indent=1) + "\n"), (md_path, text)):
         path.write_text(content, encoding="utf-8")
-        (directory / f"latest{path.suffix}").write_text(content, encoding="utf-8")
+        (directory / f"latest{suffix}{path.suffix}").write_text(content, encoding="utf-8")
     if docs is not None:
         update_docs(docs, text)
     return json_path, md_path

@@ -31,6 +31,7 @@ import interp  # noqa: E402, F401  (before MLX: puts the fast BLAS under it)
 # isort: split
 import mlx.core as mx  # noqa: E402
 
+from interp import device  # noqa: E402
 from interp.graph import GraphModel  # noqa: E402
 from interp.ops import REGISTRY, Handler  # noqa: E402
 from interp.program import read_program, read_safetensors_header  # noqa: E402
@@ -149,7 +150,7 @@ def main() -> None:
     tokenizer = Tokenizer(args.ternary)
     prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     results: dict = {"machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, "
-                                f"backend {'metal' if mx.metal.is_available() else 'cpu'}",
+                                f"backend {device.backend()}",
                      "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                      "decode_tokens": args.tokens, "prompt_tokens": len(prompt), "sizes": {}, "decode": {}}
     results["sizes"]["ternary"] = ternary_bits(args.ternary)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,9 @@ def prompt_ids(count: int, vocab: int) -> list[int]:
 
 
 def _max_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+    from interp import device
+
+    return device.max_rss_bytes() / 1e9
 
 
 def time_stream(tokens: Iterator[int], decode_tokens: int) -> dict:
@@ -195,11 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where MLX engines compute (transformers always runs on torch's CPU)")
     args = parser.parse_args(argv)
-    result = ENGINES[args.engine](args)
-    from interp import blas
+    from interp import blas, device
 
+    if args.engine != "transformers":
+        device.use_device(args.device)
+    result = ENGINES[args.engine](args)
     result["blas"] = blas.status()
+    result["device"] = "cpu" if args.engine == "transformers" else device.backend()
     sys.stdout.write("PAW-BENCH-RESULT " + json.dumps(result) + "\n")
 
 

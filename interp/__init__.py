@@ -6,5 +6,7 @@ package imports ``interp`` before anything that imports MLX.
 """
 
 from interp.blas import install as _install_blas
+from interp.device import require_mlx as _require_mlx
 
 _install_blas()
+_require_mlx()

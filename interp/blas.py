@@ -33,6 +33,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from interp import device
 from interp.paths import cache_dir
 
 # The gemm entry points libmlx.so imports (float32, float64, complex64). CBLAS enums are
@@ -98,7 +99,7 @@ def install() -> str:
     if _status != "not installed":
         return _status
     choice = os.environ.get("PAW_BLAS", "auto").strip()
-    if sys.platform != "linux":
+    if not device.needs_blas_shim():
         _status = "platform default"
     elif "mlx.core" in sys.modules:
         _status = "reference (mlx was imported before paw)"

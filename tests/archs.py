@@ -7,6 +7,8 @@ windows short enough to matter, soft-capping, partial rotary, MoE routing, ALiBi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 VOCAB = 384
 WINDOW = 5  # shorter than the test prompts, so sliding-window layers really slide
 
@@ -58,3 +60,12 @@ def arch_config(model_type: str):
     config = AutoConfig.for_model(model_type, **params)
     config.dtype = "float32"
     return config
+
+
+def export_arch(model_type: str, dtype: str, out: Path) -> Path:
+    """Export the tiny random ``model_type`` (seed 0, the weights every test of it sees) in ``dtype``."""
+    from exporter.export import export_model
+    from tests.tiny import tiny_model
+
+    model = tiny_model(arch_config(model_type), seed=0)
+    return export_model(model, None, out, dtype=dtype, source_info={"id": f"tiny-{model_type}"})

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny exported Llama with a real tokenizer and chat template."""
+"""Shared fixtures (a tiny exported Llama with a real tokenizer and chat template) and the device path.
+
+``PAW_FAKE_MAC=1`` runs the tests down the Mac (Metal) branches on this CPU
+(tests/fake_mac.py, docs/devices.md). Tests marked ``cpu_path`` assert what only MLX's
+CPU path does; they are skipped wherever paw's ops do not run on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,45 @@ import os
 import pytest
 
 import interp  # noqa: F401  (first: the fast BLAS must load before any test imports MLX)
+from interp import device
+from tests.fake_mac import FAKE_MAC_RUN, device_path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_fake_mac_path = None
+
+
+def pytest_configure(config):
+    global _fake_mac_path
+    if FAKE_MAC_RUN:
+        _fake_mac_path = device_path("metal")
+        _fake_mac_path.__enter__()
+
+
+def pytest_unconfigure(config):
+    if _fake_mac_path is not None:
+        _fake_mac_path.__exit__(None, None, None)
+
+
+def pytest_report_header(config):
+    if FAKE_MAC_RUN:
+        return "paw: fake-Mac run (PAW_FAKE_MAC=1): Metal branches and stand-in kernels, MLX on the CPU"
+    return f"paw: ops run on MLX's {device.backend()} path"
+
+
+def pytest_collection_modifyitems(config, items):
+    if device.on_cpu():
+        return
+    skip = pytest.mark.skip(reason=f"assumes MLX's CPU path; this run takes the {device.backend()} branches")
+    for item in items:
+        if item.get_closest_marker("cpu_path"):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def on_mac_path():
+    """The test body runs down the Mac (Metal) branches, with the stand-in Metal kernels."""
+    with device_path("metal"):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +67,23 @@ def tiny_program(tmp_path_factory, tiny_tokenizer):
 
     out = tmp_path_factory.mktemp("programs") / "tiny-llama"
     return export_tiny(tiny_llama_config(), out, tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def arch_program(tmp_path_factory):
+    """``arch_program(model_type, dtype="float32")``: the directory of that tiny architecture's
+    program (tests/archs.py), exported once per session and shared by every test module."""
+    from tests.archs import export_arch
+
+    root = tmp_path_factory.mktemp("arch-programs")
+    made: dict[tuple[str, str], object] = {}
+
+    def get(model_type: str, dtype: str = "float32"):
+        if (model_type, dtype) not in made:
+            made[model_type, dtype] = export_arch(model_type, dtype, root / f"{model_type}-{dtype}")
+        return made[model_type, dtype]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,53 @@
 //  - the thread position is a variable the harness sets for every grid point;
 //  - simd_sum is emulated with 32 std::threads (one per lane) meeting at a barrier, and
 //    adds the lanes' values in lane order 0..31;
-//  - Metal address-space qualifiers (device, threadgroup, constant) are defined away at
-//    the end of this header, so include it after every standard header.
+//  - the Metal types the kernels use (half, bfloat16_t, float4, half4, bfloat4) and min() are
+//    given C++ stand-ins;
+//  - Metal address-space qualifiers (device, threadgroup, constant, thread) are defined
+//    away at the end of this header, so include it after every standard header. (The
+//    address spaces are checked separately: tests/interp/test_metal_address_spaces.py.)
 #pragma once
+#include <algorithm>
 #include <barrier>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <thread>
 #include <vector>
 
 typedef unsigned int uint;
 struct uint3 { uint x, y, z; };
+using std::min;
+
+typedef _Float16 half;
+
+// bfloat16 as Metal stores it: the top 16 bits of a float32, rounded to nearest even.
+struct bfloat16_t {
+  uint16_t bits;
+  bfloat16_t() = default;
+  bfloat16_t(float value) {
+    uint32_t word;
+    std::memcpy(&word, &value, sizeof word);
+    bits = (uint16_t)((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
+  }
+  operator float() const {
+    const uint32_t word = (uint32_t)bits << 16;
+    float value;
+    std::memcpy(&value, &word, sizeof value);
+    return value;
+  }
+};
+
+// Metal's vectors as far as the kernels use them: loaded whole, read by index.
+template <typename T>
+struct vec4 {
+  T v[4];
+  T operator[](int i) const { return v[i]; }
+};
+typedef vec4<float> float4;
+typedef vec4<half> half4;
+typedef vec4<bfloat16_t> bfloat4;
 
 namespace metal_shim {
 constexpr int kSimdWidth = 32;
@@ -48,3 +83,4 @@ inline float simd_sum(float value) {
 #define device
 #define threadgroup
 #define constant
+#define thread

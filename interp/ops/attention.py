@@ -15,6 +15,7 @@ import math
 
 import mlx.core as mx
 
+from interp import device
 from interp.ops import fastmath
 from interp.ops.nn import cpu_has_fast_blas
 from interp.ops.registry import implementation
@@ -30,7 +31,7 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
         k, v = cache.update_and_fetch(k, v)
     length, total = q.shape[2], k.shape[2]
     special = window > 0 or softcap > 0 or alibi_max_bias > 0
-    on_cpu = mx.default_device() == mx.cpu
+    on_cpu = device.on_cpu()
     if not on_cpu and not special and ctx.key_mask is None:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
@@ -73,7 +74,7 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None):
     group = heads // kv_heads
     rows = q.reshape(batch, kv_heads, group, length, dim)
     k, v = k[:, :, None], v[:, :, None]
-    on_cpu = mx.default_device() == mx.cpu
+    on_cpu = device.on_cpu()
     upcast = q.dtype != mx.float32 and not (length == 1 and on_cpu)
     if upcast:
         rows, k = rows.astype(mx.float32), k.astype(mx.float32)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from interp import device
+
 LOG2E = 1.4426950408889634
 # ln 2 split so that n * LN2_HI is exact for |n| < 2^9 (Cody and Waite).
 LN2_HI = 0.693359375
@@ -145,4 +147,4 @@ def use_fast_math(x: mx.array) -> bool:
     Half-precision activations keep MLX's kernels: the float32 round trip of a 512-token
     bfloat16 prompt's SiLU alone raised its peak memory by 6% (0.33 -> 0.35 GB).
     """
-    return x.size >= MIN_ELEMENTS and x.dtype == mx.float32 and mx.default_device() == mx.cpu
+    return x.size >= MIN_ELEMENTS and x.dtype == mx.float32 and device.on_cpu()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from interp import device
 from interp.ops.nn import float32_product, gemm_in_float32
 from interp.ops.registry import implementation
 
@@ -19,7 +20,7 @@ def rope(ctx, x, positions, inv_freq, *, mscale=1.0):
     dims = 2 * inv_freq.shape[-1]
     offset = getattr(ctx, "offset", None)
     contiguous = offset is not None and x.shape[-1] == dims
-    if contiguous and mx.default_device() != mx.cpu:
+    if contiguous and device.on_gpu():
         # mx.fast.rope wants wavelengths (1 / inv_freq), as mlx-lm's scaled RoPEs pass them.
         out = mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
                            freqs=1.0 / inv_freq.astype(mx.float32))

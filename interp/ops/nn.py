@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from interp import device
 from interp.blas import fast_cpu_gemm
 from interp.ops.registry import implementation
 
@@ -35,7 +36,7 @@ FLOAT32_MATVEC_ELEMENTS = 2 << 20
 
 def cpu_has_fast_blas() -> bool:
     """Whether MLX runs on the CPU here with an optimized BLAS under it (``interp.blas``)."""
-    return fast_cpu_gemm() and mx.default_device() == mx.cpu
+    return fast_cpu_gemm() and device.on_cpu()
 
 
 def _rows(x: mx.array) -> int:

@@ -2,8 +2,9 @@
 
 The layout work lives in ``interp.kernels.ternary_mlx``. ``prepare_ternary_consts``
 runs once when a program is loaded and replaces each packed weight by a
-``TernaryWeight`` laid out for this machine (Metal kernel or MLX's exact 2-bit affine
-layout); a handler called with raw arrays (tests, ad-hoc graphs) prepares on the fly.
+``TernaryWeight`` laid out for this machine (MLX's 2-bit layout, run by paw's Metal
+kernel or MLX's exact affine matmul); a handler called with raw arrays (tests, ad-hoc
+graphs) prepares on the fly.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def prepare_ternary_consts(nodes, consts: dict[str, mx.array]) -> dict[str, obje
         packed_name, scale_name = node.inputs[1], node.inputs[2]
         if packed_name not in consts or scale_name not in consts:
             continue  # computed at run time: the handler prepares it per call
+        if isinstance(consts[packed_name], TernaryWeight):
+            continue  # laid out already: the consts of a loaded model, shared by a sub-graph of it
         key = (scale_name, node.attrs["in_features"], node.attrs["out_features"], node.attrs.get("packing", "2bit"))
         if packed_name in done:
             if done[packed_name] != key:  # the same bytes read two ways: leave them raw

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from interp import device
+from tests.fake_mac import REAL_CUDA, REAL_METAL
 from tests.tiny import make_tokenizer, tiny_llama_config, tiny_model
 
 
@@ -28,7 +29,7 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     docs.write_text("# Benchmarks\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nafter\n")
     results = tmp_path / "results"
     out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
-                                   "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8", "--decode-tokens", "4",
+                                   "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8", "--decode-tokens", "4", "--device", "cpu",
                                    "--results", str(results), "--docs", str(docs)])
     assert out.exit_code == 0, out.output
     assert "paw bench" in out.output and "mlx-lm" in out.output  # the rich table
@@ -48,8 +49,9 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     # Same weights, same greedy decoding: paw's tokens are mlx-lm's.
     assert rows["paw"]["same_tokens_as_mlx_lm"] == 4
     assert {"decode_vs_mlx_lm", "prefill_vs_mlx_lm", "memory_vs_mlx_lm", "decode_vs_ceiling"} <= set(rows["paw"])
-    assert report["machine"]["device"] and report["config"]["prompt_tokens"] == 8
-    if sys.platform == "linux":  # the stock engine really runs on MLX's bundled BLAS
+    assert report["machine"]["device"] == "cpu" and report["config"]["prompt_tokens"] == 8
+    assert {row["device"] for row in rows.values() if "decode_tps" in row} == {"cpu"}
+    if device.needs_blas_shim():  # the stock engine really runs on MLX's bundled BLAS
         assert rows["paw"]["blas"] == rows["mlx-lm"]["blas"] == report["machine"]["blas"]
         assert report["machine"]["blas"].startswith("OpenBLAS")
         assert rows["mlx-lm-stock"]["blas"] == "reference (PAW_BLAS=reference)"
@@ -90,3 +92,34 @@ def test_stock_rows_are_held_against_the_stock_ceiling_and_mlx_lm():
     assert (paw["decode_vs_mlx_lm"], paw["decode_vs_ceiling"]) == (2.0, 0.5)
     assert (paw_stock["decode_vs_mlx_lm"], paw_stock["decode_vs_ceiling"]) == (1.2, 0.8)
     assert "decode_vs_ceiling" not in rows[2] and "decode_vs_ceiling" not in rows[6]
+
+
+def test_gpu_results_are_named_after_their_backend(tmp_path):
+    from benchmarks.harness import write_results
+
+    report = {"started": "2026-11-24 10:00:00", "config": {"prompt_tokens": 8, "decode_tokens": 4, "src": "x"},
+              "machine": {"processor": "Apple M3", "cpus": 8, "machine": "arm64", "mlx": "0.32.4", "device": "metal",
+                          "device_description": "the GPU (Metal)", "metal": True, "blas": "platform default",
+                          "mlx_lm": "0.32.2", "torch": "-", "transformers": "-", "load_average": [1.0]},
+              "rows": [{"dtype": "float32", "engine": "paw", "ttft_s": 0.1, "decode_tps": 100.0}]}
+    json_path, md_path = write_results(report, tmp_path)
+    assert json_path.name == "bench-2026-11-24_100000-metal.json" and md_path.suffix == ".md"
+    assert (tmp_path / "latest-metal.json").is_file() and not (tmp_path / "latest.json").exists()
+    assert "MLX 0.32.4 on the GPU (Metal), mlx-lm" in (tmp_path / "latest-metal.md").read_text()
+
+
+@pytest.mark.skipif(REAL_METAL or REAL_CUDA, reason="this machine has a GPU")
+def test_bench_on_a_missing_gpu_is_one_line_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "PAW_BENCH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "apps.cli", "bench", "--device", "gpu", "--results",
+                           str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("paw: error: no GPU") and "--device cpu" in done.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()

@@ -48,8 +48,7 @@ def _record(arch: str, check: str, ok: bool, error: float | None = None) -> None
 class Case:
     """One architecture: transformers' reference results and the exported program."""
 
-    def __init__(self, arch: str, root: Path):
-        from exporter.export import export_model
+    def __init__(self, arch: str, program_dir: Path):
         from interp.graph import GraphModel
         from interp.program import read_program
 
@@ -64,18 +63,17 @@ class Case:
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                  max_new_tokens=NEW_TOKENS, pad_token_id=0)
         self.greedy = out[0, PROMPT_LEN:].tolist()
-        self.dir = export_model(model, None, root / arch, source_info={"id": f"tiny-{arch}"})
+        self.dir = program_dir  # the export of this same seed-0 model (tests/archs.py)
         self.model = GraphModel.from_program(read_program(self.dir))
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archs")
+def cases(arch_program):
     built: dict[str, Case] = {}
 
     def get(arch: str) -> Case:
         if arch not in built:
-            built[arch] = Case(arch, root)
+            built[arch] = Case(arch, arch_program(arch))
         return built[arch]
 
     return get

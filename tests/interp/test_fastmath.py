@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from interp import device
 from interp.ops import REGISTRY, fastmath
 
 
@@ -57,19 +58,34 @@ def test_half_precision_in_half_precision_out():
 
 
 def test_fast_math_only_for_large_float32_arrays_on_the_cpu():
-    assert fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,))) == (mx.default_device() == mx.cpu)
+    assert fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,))) == device.on_cpu()
     assert not fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS - 1,)))
     assert not fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,), dtype=mx.int32))
     assert not fastmath.use_fast_math(mx.zeros((fastmath.MIN_ELEMENTS,), dtype=mx.bfloat16))
 
 
 @pytest.mark.parametrize("op", ["exp", "sigmoid", "silu"])
-def test_ops_take_the_fast_path_on_large_arrays_and_agree_with_mlx(op):
+def test_ops_take_the_fast_path_on_large_arrays_on_the_cpu_and_agree_with_mlx(op):
+    """On the CPU the ops are this module's functions; on a GPU they are MLX's own."""
     x = mx.random.normal((3, fastmath.MIN_ELEMENTS), key=mx.random.key(1)) * 5
     got = REGISTRY[op].fn(x)
-    np.testing.assert_array_equal(np.array(got), np.array(getattr(fastmath, op)(x)))
     want = {"exp": mx.exp, "sigmoid": mx.sigmoid, "silu": lambda v: v * mx.sigmoid(v)}[op](x)
+    taken = getattr(fastmath, op)(x) if device.on_cpu() else want
+    np.testing.assert_array_equal(np.array(got), np.array(taken))
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("path", ["cpu", "metal"])
+def test_fast_math_follows_the_device_predicate(path):
+    from tests.fake_mac import device_path
+
+    x = mx.random.normal((3, fastmath.MIN_ELEMENTS), key=mx.random.key(1)) * 5
+    fast, mlx_exp = np.array(fastmath.exp(x)), np.array(mx.exp(x))
+    assert not np.array_equal(fast, mlx_exp)  # the two paths are told apart by their last bits
+    with device_path(path):
+        assert fastmath.use_fast_math(x) == (path == "cpu")
+        got = np.array(REGISTRY["exp"].fn(x))
+    np.testing.assert_array_equal(got, fast if path == "cpu" else mlx_exp)
 
 
 @pytest.mark.parametrize("dim", [-1, 0, 1])

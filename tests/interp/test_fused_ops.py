@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from interp import device
 from interp.graph import RunContext
 from interp.ops import REGISTRY
 
@@ -55,8 +56,7 @@ def test_rope_table_is_computed_once_per_call_and_shared_by_layers():
     rope = REGISTRY["rope"].fn
     q, k = mx.ones((1, 4, 2, 8)), mx.ones((1, 2, 2, 8))
     first, second = rope(ctx, q, None, inv_freq), rope(ctx, k, None, inv_freq)
-    if mx.default_device() == mx.cpu:
-        assert len(ctx.shared) == 1
+    assert len(ctx.shared) == (1 if device.on_cpu() else 0)  # a GPU takes mx.fast.rope: no table
     explicit = REGISTRY["rope"].fn(RunContext(cache=None, offset=None), k, mx.array([[3, 4]]), inv_freq)
     np.testing.assert_allclose(np.array(second), np.array(explicit), atol=1e-6)
     np.testing.assert_allclose(np.array(first[:, :2]), np.array(second), atol=0)
@@ -151,7 +151,7 @@ def test_quantized_linear_both_paths_match_dequantized_weights(bits, tokens, mon
     bias = mx.arange(96, dtype=mx.float32)
     want = np.array(x @ dense.T + bias)
     route = nn.gemm_in_float32(x)
-    assert route == (tokens >= nn.FLOAT32_GEMM_ROWS and nn.fast_cpu_gemm())
+    assert route == (tokens >= nn.FLOAT32_GEMM_ROWS and nn.cpu_has_fast_blas())
     got = REGISTRY["quantized_linear"].fn(x, q, scales, biases, bias, group_size=64, bits=bits)
     np.testing.assert_allclose(np.array(got), want, atol=1e-4, rtol=1e-5)
     monkeypatch.setattr(nn, "FLOAT32_GEMM_ROWS", 10**9)  # force MLX's own kernel: same numbers
@@ -168,7 +168,7 @@ def test_half_precision_linear_runs_in_float32_and_matches(dtype, tokens, monkey
     x = mx.random.normal((2, tokens, 96), key=mx.random.key(2)).astype(dtype)
     bias = mx.random.normal((64,), key=mx.random.key(3)).astype(dtype)
     want = (x.astype(mx.float32) @ w.astype(mx.float32).T + bias.astype(mx.float32))
-    assert nn.half_in_float32(x, w) == nn.fast_cpu_gemm()
+    assert nn.half_in_float32(x, w) == nn.cpu_has_fast_blas()
     got = REGISTRY["linear"].fn(x, w, bias)
     assert got.dtype == dtype
     tol = 0.1 if dtype == mx.bfloat16 else 0.02  # one rounding of the output to half precision
@@ -187,4 +187,4 @@ def test_large_half_precision_weight_keeps_mlx_kernel_for_one_row(monkeypatch):
     monkeypatch.setattr(nn, "FLOAT32_MATVEC_ELEMENTS", 64 * 95)
     w = mx.zeros((64, 96), dtype=mx.bfloat16)
     assert not nn.half_in_float32(mx.zeros((1, 1, 96), dtype=mx.bfloat16), w)
-    assert nn.half_in_float32(mx.zeros((1, 16, 96), dtype=mx.bfloat16), w) == nn.fast_cpu_gemm()
+    assert nn.half_in_float32(mx.zeros((1, 16, 96), dtype=mx.bfloat16), w) == nn.cpu_has_fast_blas()

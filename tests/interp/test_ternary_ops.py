@@ -1,4 +1,4 @@
-"""The ternary ops on MLX: exact affine 2-bit path, act_quant parity with torch.
+"""The ternary ops on MLX: the exact affine 2-bit path, the Mac path within its tolerance, act_quant parity.
 
 "Exact" here means bit-identical to the reference MLX computes in float32 for the float
 weights the trits stand for: ``x @ (t * s[:, None]).T`` with the same x on the same
@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from interp import device
 from interp.kernels import ternary as tp
 from interp.kernels.ternary_mlx import TernaryWeight, group_size_for
 from interp.ops import REGISTRY
@@ -23,17 +24,19 @@ def _case(out_features, in_features, per_row, seed=0):
     return t, s
 
 
+SHAPES = [(96, 576, True), (64, 1536, True), (48, 128, False), (17, 70, True), (5, 33, False)]
+
+
+@pytest.mark.cpu_path  # MLX's CPU quantized matmul sums in order; a GPU's does not
 @pytest.mark.parametrize("packing", ["2bit", "base3"])
-@pytest.mark.parametrize(("out_features", "in_features", "per_row"),
-                         [(96, 576, True), (64, 1536, True), (48, 128, False), (17, 70, True), (5, 33, False)])
+@pytest.mark.parametrize(("out_features", "in_features", "per_row"), SHAPES)
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_affine_path_is_exact(packing, out_features, in_features, per_row, tokens):
     t, s = _case(out_features, in_features, per_row)
     x = mx.array(np.random.default_rng(1).standard_normal((2, tokens, in_features)).astype(np.float32))
-    packed = mx.array(tp.pack(t, packing))
     scale = mx.array(s)
-    y = REGISTRY["ternary_linear"].fn(x, packed, scale, None, in_features=in_features,
-                                      out_features=out_features, packing=packing)
+    weight = TernaryWeight.prepare(tp.pack(t, packing), scale, in_features, out_features, packing, path="affine")
+    y = weight(x)
     w = np.array(mx.array(t.astype(np.float32)) * scale.reshape(-1, 1))
     assert y.shape == (2, tokens, out_features)
     assert np.array_equal(np.array(y), _sequential_matmul(np.array(x), w))
@@ -49,12 +52,48 @@ def _sequential_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return acc
 
 
+#: How far the Metal path may be from the exact product, relative to the largest |output|:
+#: its simdgroup sums add in another order than the affine path's sequential float32 sum
+#: (float32), and the result is rounded once to the activations' type (float16, bfloat16).
+MAC_TOLERANCE = {mx.float32: 1e-5, mx.float16: 1e-3, mx.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+@pytest.mark.parametrize(("out_features", "in_features", "per_row"), SHAPES)
+@pytest.mark.parametrize("tokens", [1, 7])  # 2 rows: paw's Metal kernel; 14 rows: MLX's quantized matmul
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_op_on_the_mac_path_is_within_the_metal_tolerance(on_mac_path, packing, out_features, in_features, per_row,
+                                                          tokens, dtype):
+    t, s = _case(out_features, in_features, per_row)
+    x = mx.array(np.random.default_rng(1).standard_normal((2, tokens, in_features)).astype(np.float32)).astype(dtype)
+    y = REGISTRY["ternary_linear"].fn(x, mx.array(tp.pack(t, packing)), mx.array(s), None, in_features=in_features,
+                                      out_features=out_features, packing=packing)
+    assert y.shape == (2, tokens, out_features) and y.dtype == dtype
+    exact = _sequential_matmul(np.array(x.astype(mx.float32)), t.astype(np.float32) * s.reshape(-1, 1))
+    error = np.abs(np.array(y.astype(mx.float32)) - exact).max()
+    assert error <= MAC_TOLERANCE[dtype] * np.abs(exact).max()
+
+
+def test_op_on_this_machine_is_exact_on_the_cpu_and_within_the_tolerance_elsewhere():
+    t, s = _case(24, 96, True)
+    x = mx.array(np.random.default_rng(1).standard_normal((3, 96)).astype(np.float32))
+    y = REGISTRY["ternary_linear"].fn(x, mx.array(tp.pack_ternary(t)), mx.array(s), None, in_features=96,
+                                      out_features=24)
+    exact = _sequential_matmul(np.array(x), t.astype(np.float32) * s.reshape(-1, 1))
+    if device.on_cpu():
+        np.testing.assert_array_equal(np.array(y), exact)
+    else:  # Metal (either kernel) or CUDA: the GPU's sum order
+        np.testing.assert_allclose(np.array(y), exact, rtol=0, atol=MAC_TOLERANCE[mx.float32] * np.abs(exact).max())
+
+
+@pytest.mark.cpu_path
 def test_affine_path_is_exact_in_float16_with_bias():
     t, s = _case(64, 256, True)
     scale = mx.array(s).astype(mx.float16)
     bias = mx.array(np.random.default_rng(2).standard_normal(64).astype(np.float16))
     x = mx.array(np.random.default_rng(3).standard_normal((3, 256)).astype(np.float16))
-    y = REGISTRY["ternary_linear"].fn(x, mx.array(tp.pack_ternary(t)), scale, bias, in_features=256, out_features=64)
+    weight = TernaryWeight.prepare(tp.pack_ternary(t), scale, 256, 64, path="affine")
+    y = weight(x) + bias
     w = mx.array(t.astype(np.float32)) * scale.astype(mx.float32).reshape(-1, 1)
     reference = (x.astype(mx.float32) @ w.T).astype(mx.float16) + bias  # float32 accumulation, then rounded
     assert y.dtype == mx.float16
@@ -64,9 +103,14 @@ def test_affine_path_is_exact_in_float16_with_bias():
 def test_prepared_layout_is_the_packed_bytes_read_as_words():
     t, s = _case(8, 64, True)
     packed = tp.pack_ternary(t)
-    weight = TernaryWeight.prepare(packed, s, 64, 8, path="affine")
-    assert weight.codes.dtype == mx.uint32 and weight.codes.shape == (8, 4)
-    np.testing.assert_array_equal(np.array(weight.codes).view(np.uint8), packed)
+    for path in ("affine", "metal"):  # both kernels read the same words
+        weight = TernaryWeight.prepare(packed, s, 64, 8, path=path)
+        assert weight.codes.dtype == mx.uint32 and weight.codes.shape == (8, 4)
+        np.testing.assert_array_equal(np.array(weight.codes).view(np.uint8), packed)
+        assert (weight.affine is not None) == (path == "affine")  # the Metal path builds them on demand
+    odd = TernaryWeight.prepare(tp.pack_ternary(t[:, :33]), s, 33, 8, path="metal")
+    assert odd.padded_in == 64 and odd.codes.shape == (8, 4)
+    np.testing.assert_array_equal(np.array(odd.codes).view(np.uint8)[:, 9:], 0b01010101)  # padding: t = 0
     assert group_size_for(64) == 64 and group_size_for(576) == 64 and group_size_for(70) == 32
 
 
