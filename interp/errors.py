@@ -29,3 +29,7 @@ class SourceError(PawError):
 
 class ArtifactError(PawError):
     """A programs-as-weights artifact is malformed or made for another base model."""
+
+
+class DistributedError(PawError):
+    """A run over several processes cannot start, or lost one of its ranks."""

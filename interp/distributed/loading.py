@@ -1,0 +1,59 @@
+"""Read only the consts a rank needs, and measure what the rank holds.
+
+``mx.load`` of a safetensors file is lazy: it reads the header and returns arrays that
+read their bytes when first evaluated. So a rank loads the file, keeps the names its
+stages use, drops the rest unevaluated and evaluates what it kept: the other ranks'
+weights are never read (resident memory grows by the kept bytes only; docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import mlx.core as mx
+
+from interp.errors import WeightsError
+from interp.program import Program
+
+
+def const_files(program: Program) -> list[Path]:
+    """Every safetensors file holding ``program``'s consts: the one place that lists them."""
+    return [program.consts_path]
+
+
+def load_consts(program: Program, names: Iterable[str]) -> dict[str, mx.array]:
+    """The named consts of ``program``, evaluated; nothing else is read from disk."""
+    wanted = set(names)
+    found: dict[str, mx.array] = {}
+    for path in const_files(program):
+        try:
+            arrays = mx.load(str(path))
+        except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
+            raise WeightsError(f"cannot read {path}: {exc}") from None
+        found.update({name: array for name, array in arrays.items() if name in wanted})
+        del arrays
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise WeightsError(f"{program.directory} lacks the const {missing[0]!r}")
+    mx.eval(list(found.values()))
+    return found
+
+
+def held_bytes(arrays: Iterable) -> int:
+    """Bytes of the arrays (and of arrays inside prepared weights such as ternary layouts)."""
+    total = 0
+    for value in arrays:
+        if isinstance(value, mx.array):
+            total += value.nbytes
+        elif hasattr(value, "__dict__"):
+            total += sum(v.nbytes for v in vars(value).values() if isinstance(v, mx.array))
+    return total
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set size in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
