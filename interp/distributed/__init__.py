@@ -2,8 +2,9 @@
 
 - ``world.py``: whether this process is a rank of a launched run, and connecting to the others.
 - ``stages.py``: the cut of a program into contiguous layer ranges, from its graph.
-- ``pipeline.py``: pipeline parallelism: rank 0's model and the other ranks' loop.
-- ``tensor.py`` / ``sharding.py``: tensor parallelism (split heads and MLP widths, all_sum).
+- ``driver.py``: rank 0's model and the other ranks' loop, shared by both modes; the KV cache.
+- ``pipeline.py``: pipeline parallelism (send/recv of activations around the ring).
+- ``sharding.py`` / ``tensor.py``: tensor parallelism (split heads and MLP widths, all_sum).
 - ``loader.py``: loading one rank's share and checking in with the others.
 - ``wire.py``: the messages ranks exchange; ``watchdog.py``: deadlines no hang can dodge.
 

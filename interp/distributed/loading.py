@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,8 +24,13 @@ def const_files(program: Program) -> list[Path]:
     return [program.consts_path]
 
 
-def load_consts(program: Program, names: Iterable[str]) -> dict[str, mx.array]:
-    """The named consts of ``program``, evaluated; nothing else is read from disk."""
+def load_consts(program: Program, names: Iterable[str],
+                cut: Callable[[str, mx.array], mx.array] | None = None) -> dict[str, mx.array]:
+    """The named consts of ``program``, evaluated; nothing else is read from disk.
+
+    ``cut(name, array)`` keeps a part of a const (tensor parallelism): each is then
+    copied out and evaluated on its own, so one whole const at a time is in memory.
+    """
     wanted = set(names)
     found: dict[str, mx.array] = {}
     for path in const_files(program):
@@ -38,7 +43,15 @@ def load_consts(program: Program, names: Iterable[str]) -> dict[str, mx.array]:
     missing = sorted(wanted - found.keys())
     if missing:
         raise WeightsError(f"{program.directory} lacks the const {missing[0]!r}")
-    mx.eval(list(found.values()))
+    if cut is None:
+        mx.eval(list(found.values()))
+        return found
+    for name in sorted(found):
+        part = cut(name, found[name])
+        if part is not found[name]:
+            part = mx.contiguous(part)  # a copy: a view would keep the whole const alive
+        mx.eval(part)
+        found[name] = part
     return found
 
 

@@ -143,6 +143,21 @@ def recv_header(src: int, group) -> Header:
     return header
 
 
+def broadcast_header(header: Header | None, group) -> Header:
+    """Rank 0's header (``header``) on every rank: an all_sum to which the other ranks add zeros."""
+    raw = encode(header) if header is not None else mx.zeros((HEADER_INTS,), mx.int32)
+    total = mx.distributed.all_sum(raw, group=group)
+    mx.eval(total)
+    received, follow = decode(total)
+    if follow:
+        size = received.payload_size
+        ints = mx.array(header.ints) if header is not None else mx.zeros((size,), mx.int32)
+        ints = mx.distributed.all_sum(ints, group=group)
+        mx.eval(ints)
+        received.ints = np.array(ints, copy=True)
+    return received
+
+
 def send_tensors(arrays: list[mx.array], dst: int, group) -> None:
     for array in arrays:
         mx.eval(mx.distributed.send(array, dst, group=group))
