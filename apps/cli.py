@@ -233,7 +233,7 @@ def show_ranks(prog) -> None:
     lines = [f"paw: {mode} parallel over {len(ranks)} ranks:"]
     for report in ranks:
         lines.append(f"  rank {report.rank}: {report.share}, weights {report.weight_bytes / 1e6:.1f} MB, "
-                     f"peak resident {report.peak_resident_bytes / 1e6:.0f} MB")
+                     f"resident {report.resident_bytes / 1e6:.0f} MB")
     typer.echo("\n".join(lines), err=True)
 
 

@@ -144,7 +144,6 @@ class Driver:
                 pass  # a rank is gone already: nothing left to tell
             finally:
                 self._closed = True
-                self.world.watchdog.close()
 
     def _command(self, header: Header) -> None:
         """Deliver a header-only command to every rank and wait until it has gone round."""
@@ -184,7 +183,7 @@ class Driver:
                 if not self._closed:
                     self.ping()
             except DistributedError as exc:
-                fail_rank(str(exc))
+                fail_rank(str(exc), self.world)
             finally:
                 self._lock.release()
 
@@ -201,7 +200,7 @@ class Worker:
         """Handle commands until SHUTDOWN; a lost or silent peer ends the process with one line."""
         world = self.world
         me, timeout = world.me, world.timeout
-        quiet = f"{me}: no word from rank 0 for {timeout:g} s (it died, hung, or lost its network)"
+        quiet = f"{me}: no command from rank 0 for {timeout:g} s (a rank died, hung, or lost its network)"
         busy = f"{me}: a step took the other ranks more than {timeout:g} s (a rank hung, or the network failed)"
         while True:
             try:
@@ -213,7 +212,7 @@ class Worker:
             except RuntimeError as exc:
                 if not lost_connection(exc):
                     raise
-                fail_rank(f"{me}: lost the connection to another rank (a rank died, or the network failed)")
+                fail_rank(f"{me}: lost the connection to another rank (a rank died, or the network failed)", world)
 
     def _receive(self) -> Header:
         raise NotImplementedError
@@ -283,8 +282,10 @@ def lost_connection(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(word in text for word in ("[ring]", "peer", "connection", "mpi"))
 
 
-def fail_rank(message: str) -> None:
-    """End this rank now with ``paw: error: message``, from any thread."""
+def fail_rank(message: str, world: World | None = None) -> None:
+    """End this rank now with ``paw: error: message``, from any thread (the watchdog stands down)."""
+    if world is not None:
+        world.watchdog.disarm()
     sys.stderr.flush()
     os.write(2, f"paw: error: {message}\n".encode())
     os._exit(1)

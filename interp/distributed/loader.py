@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from interp.distributed.driver import lost_connection
-from interp.distributed.loading import held_bytes, load_consts, peak_resident_bytes
+from interp.distributed.loading import held_bytes, load_consts, resident_bytes
 from interp.distributed.pipeline import PipelineModel, PipelineWorker
 from interp.distributed.stages import plan_pipeline, stage_program
 from interp.distributed.world import World
@@ -43,14 +43,16 @@ class RankReport:
     rank: int
     share: str  #: e.g. 'layers 0-14 + output head'
     weight_bytes: int
-    peak_resident_bytes: int
+    resident_bytes: int  #: the process's resident memory once loaded (weights, code, buffers)
 
 
-def load_parallel(path: str | Path, world: World, mode: str, *, compile: bool = True):  # noqa: A002 - mx.compile's name
+def load_parallel(path: str | Path, world: World, mode: str, *, compile: bool = True,  # noqa: A002 - mx.compile's name
+                  exit_when_done: bool = True):
     """(program, model) on rank 0; on the other ranks serve rank 0, then ``SystemExit``.
 
     ``mode`` is ``pipeline`` or ``tensor``. The model has ``ranks``, the check-in report
-    of every rank.
+    of every rank. With ``exit_when_done=False`` the other ranks return (program, None)
+    once rank 0 has closed the model, so one process can serve several models in turn.
     """
     failure: BaseException | None = None
     build: Callable | None = None
@@ -75,16 +77,17 @@ def load_parallel(path: str | Path, world: World, mode: str, *, compile: bool = 
             raise DistributedError(f"{world.me}: rank {who} could not load the program (its own line says why)")
         model = build()
     except PawError as exc:
+        text = str(exc) if str(exc).startswith(world.me) else f"{world.me}: {exc}"
         if world.rank == 0:
-            world.watchdog.close()
-            raise
-        text = str(exc)
-        _exit_rank(world, 1, text if text.startswith(world.me) else f"{world.me}: {text}")
+            raise type(exc)(text) from None
+        _exit_rank(world, 1, text)
     if world.rank != 0:
         try:
             model.serve()
         except PawError as exc:
             _exit_rank(world, 1, str(exc))
+        if not exit_when_done:
+            return program, None
         _exit_rank(world, 0)
     model.ranks = [RankReport(rank, shares[rank], int(table[rank, 1]), int(table[rank, 2]))
                    for rank in range(world.size)]
@@ -110,9 +113,9 @@ def _load_pipeline(program: Program, world: World, compile: bool):
 
 
 def _check_in(world: World, *, failed: bool, weight: int) -> np.ndarray:
-    """Every rank's [failed, weight bytes, peak resident bytes], once all ranks have loaded."""
+    """Every rank's [failed, weight bytes, resident bytes], once all ranks have loaded."""
     row = np.zeros((world.size, 3), dtype=np.int64)
-    row[world.rank] = [int(failed), weight, peak_resident_bytes()]
+    row[world.rank] = [int(failed), weight, resident_bytes()]
     timeout = world.timeout
     try:
         with world.watchdog.deadline(timeout, f"{world.me}: the other ranks did not finish loading within "

@@ -80,7 +80,7 @@ class PipelineModel(Driver):
         self._reply()
 
     def _reply(self) -> Header:
-        reply = wire.recv_header(self.world.previous, self.world.group)
+        reply = wire.recv_header(self.world.previous, self.world.group, self.world.wait_for_message)
         if reply.op == Op.ERROR:
             raise DistributedError(reply.text)
         return reply
@@ -94,7 +94,7 @@ class PipelineWorker(Worker):
         self.stage = stage
 
     def _receive(self) -> Header:
-        return wire.recv_header(self.world.previous, self.world.group)
+        return wire.recv_header(self.world.previous, self.world.group, self.world.wait_for_message)
 
     def _handle(self, header: Header) -> bool:
         world = self.world

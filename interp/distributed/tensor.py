@@ -76,7 +76,7 @@ class TensorWorker(Worker):
     """A rank other than 0: runs its share of every step rank 0 broadcasts."""
 
     def _receive(self) -> Header:
-        return wire.broadcast_header(None, self.world.group)
+        return wire.broadcast_header(None, self.world.group, self.world.wait_for_message)
 
     def _handle(self, header: Header) -> bool:
         if header.op == Op.FORWARD:
@@ -88,7 +88,7 @@ class TensorWorker(Worker):
             except Exception as exc:  # noqa: BLE001 - the lockstep is broken: end this rank with one line
                 if lost_connection(exc):
                     raise
-                fail_rank(f"{self.world.me}: could not run a step: {exc}")
+                fail_rank(f"{self.world.me}: could not run a step: {exc}", self.world)
         elif header.op == Op.FORK:
             self._fork(header)
         return header.op == Op.SHUTDOWN

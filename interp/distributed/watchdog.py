@@ -9,7 +9,11 @@ a deadline passes, the child prints ``paw: error: MESSAGE`` on the rank's stderr
 kills the rank. When the rank exits, the pipe closes and the child exits with it.
 
 A peer that *dies* is noticed sooner: MLX's ring raises "connection to a peer was lost"
-within a second, and ``interp.distributed.pipeline`` turns that into one line itself.
+within a second, and ``interp.distributed.driver`` turns that into one line itself. MLX
+first prints a dozen "[ring] Socket N was closed by the peer" lines of its own; so the
+rank's stderr runs through this child too, which drops those lines (unless
+MLX_RING_VERBOSE is set) and passes everything else on. Output written to the pipe before
+a rank dies still comes out: the child drains it before it exits.
 """
 
 from __future__ import annotations
@@ -25,14 +29,28 @@ from contextlib import contextmanager
 
 
 class Watchdog:
-    """The rank's side of the child process: ``arm`` a deadline, ``disarm`` it, ``close``."""
+    """The rank's side of the child process: ``arm`` a deadline, ``disarm`` it, ``close``.
 
-    def __init__(self) -> None:
-        self._child = subprocess.Popen(
-            [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
-        )
+    ``filter_stderr`` routes this process's stderr (file descriptor 2) through the child.
+    """
+
+    def __init__(self, filter_stderr: bool = True) -> None:
+        read_end = write_end = None
+        if filter_stderr and not os.environ.get("MLX_RING_VERBOSE"):
+            read_end, write_end = os.pipe()
+        command = [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid())]
+        if read_end is not None:
+            command.append(str(read_end))
+        self._child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
+                                       pass_fds=() if read_end is None else (read_end,))
         self._pipe = self._child.stdin
+        self._stderr: int | None = None
+        if read_end is not None:
+            os.close(read_end)
+            sys.stderr.flush()
+            self._stderr = os.dup(2)
+            os.dup2(write_end, 2)
+            os.close(write_end)
 
     def arm(self, seconds: float, message: str) -> None:
         """Kill this process with ``paw: error: message`` unless disarmed within ``seconds``."""
@@ -50,9 +68,19 @@ class Watchdog:
             self.disarm()
 
     def close(self) -> None:
-        if self._pipe is not None and not self._pipe.closed:
-            self._pipe.close()
+        """Stop the child; stderr goes straight out again, after what the child still holds."""
+        if self._pipe is None or self._pipe.closed:
+            return
+        if self._stderr is not None:
+            sys.stderr.flush()
+            os.dup2(self._stderr, 2)
+            os.close(self._stderr)
+            self._stderr = None
+        self._pipe.close()
+        try:
             self._child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
 
     def _send(self, line: str) -> None:
         try:
@@ -62,35 +90,83 @@ class Watchdog:
             pass  # the child is gone: the process is already on its way out
 
 
-def _watch(parent: int) -> int:
-    """The child's loop: read commands from stdin, enforce the current deadline."""
+#: MLX's ring logs a line per failed socket read before it raises; paw says it once, better
+_NOISE = b"[ring] "
+#: seconds past a deadline before the watchdog acts: a rank that is failing with its own line
+#: (a lost connection found at the same moment) exits in that time, and its line says more
+GRACE = 0.2
+
+
+def _watch(parent: int, stderr: int | None) -> int:
+    """The child's loop: enforce the current deadline, pass the rank's stderr on (without ring noise)."""
     deadline: float | None = None
     message = ""
-    pending = b""
+    commands = b""
+    text = b""
+    sources = [0] if stderr is None else [0, stderr]
+
+    def forward(final: bool = False) -> None:
+        nonlocal text
+        while b"\n" in text:
+            line, text = text.split(b"\n", 1)
+            if not line.startswith(_NOISE):
+                os.write(2, line + b"\n")
+        if text and (final or not _NOISE.startswith(text[: len(_NOISE)])):
+            os.write(2, text)  # a partial line that cannot be ring noise
+            text = b""
+
+    def drain(seconds: float) -> None:
+        nonlocal text
+        end = time.monotonic() + seconds
+        while stderr is not None and stderr in sources:
+            ready, _, _ = select.select([stderr], [], [], max(0.0, end - time.monotonic()))
+            chunk = os.read(stderr, 65536) if ready else b""
+            if not chunk:
+                break
+            text += chunk
+            forward()
+        forward(final=True)
+
+    expiring = False  # the deadline passed: a short grace for the rank's own line or a late disarm
     while True:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select([0], [], [], wait)
+        ready, _, _ = select.select(sources, [], [], wait)
         if not ready:
+            if not expiring:
+                expiring, deadline = True, time.monotonic() + GRACE
+                continue
+            drain(0.1)
             os.write(2, f"paw: error: {message}\n".encode())
             try:
                 os.kill(parent, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            drain(1.0)
             return 1
-        chunk = os.read(0, 65536)
-        if not chunk:  # the rank closed the pipe or exited
-            return 0
-        pending += chunk
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            command, _, rest = line.decode(errors="replace").partition(" ")
-            if command == "arm":
-                seconds, _, message = rest.partition(" ")
-                deadline = time.monotonic() + float(seconds)
-            elif command == "disarm":
-                deadline = None
+        if stderr in ready:
+            chunk = os.read(stderr, 65536)
+            if chunk:
+                text += chunk
+                forward()
+            else:
+                sources.remove(stderr)
+                forward(final=True)
+        if 0 in ready:
+            chunk = os.read(0, 65536)
+            if not chunk:  # the rank closed the pipe or exited: pass on what it wrote last
+                drain(1.0)
+                return 0
+            commands += chunk
+            while b"\n" in commands:
+                line, commands = commands.split(b"\n", 1)
+                command, _, rest = line.decode(errors="replace").partition(" ")
+                if command == "arm":
+                    seconds, _, message = rest.partition(" ")
+                    deadline, expiring = time.monotonic() + float(seconds), False
+                elif command == "disarm":
+                    deadline, expiring = None, False
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the rank's business, not the watchdog's
-    sys.exit(_watch(int(sys.argv[1])))
+    sys.exit(_watch(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -13,6 +13,7 @@ on its own, in order: two receives evaluated together could read each other's by
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -132,7 +133,10 @@ def send_header(header: Header, dst: int, group) -> None:
         mx.eval(mx.distributed.send(mx.array(header.ints), dst, group=group))
 
 
-def recv_header(src: int, group) -> Header:
+def recv_header(src: int, group, wait: Callable[[], None] | None = None) -> Header:
+    """The next header from ``src`` (and its ints); ``wait`` sleeps until bytes arrive."""
+    if wait is not None:
+        wait()
     raw = mx.distributed.recv((HEADER_INTS,), mx.int32, src, group=group)
     mx.eval(raw)
     header, follow = decode(raw)
@@ -143,8 +147,13 @@ def recv_header(src: int, group) -> Header:
     return header
 
 
-def broadcast_header(header: Header | None, group) -> Header:
-    """Rank 0's header (``header``) on every rank: an all_sum to which the other ranks add zeros."""
+def broadcast_header(header: Header | None, group, wait: Callable[[], None] | None = None) -> Header:
+    """Rank 0's header (``header``) on every rank: an all_sum to which the other ranks add zeros.
+
+    ``wait`` (the other ranks) sleeps until rank 0's part of the sum starts to arrive.
+    """
+    if wait is not None:
+        wait()
     raw = encode(header) if header is not None else mx.zeros((HEADER_INTS,), mx.int32)
     total = mx.distributed.all_sum(raw, group=group)
     mx.eval(total)

@@ -9,11 +9,15 @@ rank whose peers never come up says so in one line instead of hanging.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
 import signal
+import socket
+import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -36,6 +40,8 @@ class World:
     group: mx.distributed.Group
     watchdog: Watchdog
     timeout: float
+    #: the ring backend's sockets to this rank's neighbours (empty when unknown: MPI, JACCL)
+    sockets: list[int] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -49,6 +55,16 @@ class World:
     def me(self) -> str:
         """'rank R of N', the start of every message this rank prints."""
         return f"rank {self.rank} of {self.size}"
+
+    def wait_for_message(self) -> None:
+        """Sleep until a neighbour has sent something (or hung up), before posting a receive.
+
+        MLX's ring polls a socket with a posted receive in a busy loop, so a rank that waits
+        for the next step (or rank 0 for its reply) would keep a core at 100%; ``select``
+        waits for the first bytes without using the CPU.
+        """
+        if self.sockets:
+            select.select(self.sockets, [], [])
 
     @property
     def previous(self) -> int:
@@ -111,7 +127,8 @@ def connect(timeout: float | None = None) -> World | None:
         if group.size() == 1:
             watchdog.close()
             return None
-        _world = World(group, watchdog, timeout)
+        _world = World(group, watchdog, timeout, _ring_sockets(group.rank(), group.size()))
+        atexit.register(watchdog.close)
         _report_termination(_world)
         return _world
 
@@ -130,6 +147,35 @@ def _expected_size() -> int:
         except (OSError, ValueError):
             return 0
     return 0
+
+
+def _ring_sockets(rank: int, size: int) -> list[int]:
+    """File descriptors of the ring's connections: from this rank's address or to the next rank's."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    try:
+        with open(hostfile or "", encoding="utf-8") as fh:
+            hosts = json.load(fh)
+        mine = {_address(entry) for entry in hosts[rank]}
+        theirs = {_address(entry) for entry in hosts[(rank + 1) % size]}
+    except (OSError, ValueError, IndexError, TypeError):
+        return []
+    found = []
+    for fd in range(3, 4096):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
+        except OSError:
+            continue
+        if local in mine or peer in theirs:
+            found.append(fd)
+    return found
+
+
+def _address(entry: str) -> tuple[str, int]:
+    host, _, port = entry.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _report_termination(world: World) -> None:
