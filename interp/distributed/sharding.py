@@ -881,8 +881,14 @@ def _tensor_inputs(node: Node) -> list:
 
 
 def describe_plan(plan: ShardPlan) -> str:
-    """'12 column- and 12 row-parallel projections' for a summary line."""
-    return f"{len(plan.column)} column- and {len(plan.row)} row-parallel projections"
+    """'12 column- and 12 row-parallel projections' for a summary line.
+
+    A fused projection whose every section stays whole is not counted: no rank holds less of it.
+    """
+    split = [i for i in plan.column if any(
+        (plan.owner[plan.axes.find(var)] != ALL).any() for name, (_, var, _, sources) in plan.const_cuts.items()
+        if i in sources)]
+    return f"{len(split)} column- and {len(plan.row)} row-parallel projections"
 
 
 __all__ = ["ALL", "ShardPlan", "describe_plan", "plan_tensor_parallel", "probe_shapes", "references"]
