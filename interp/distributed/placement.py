@@ -95,11 +95,11 @@ class Trace:
                 self._sum(out["name"], at=end)
             elif isinstance(placement, Split):
                 self.conflicts.append(SplitConflict("a program output would stay split", placement.sources,
-                                                placement.section))
+                                                    placement.section))
         for name in self.const_whole:
             if name in self.const_cuts:
                 self.conflicts.append(SplitConflict(f"const {name!r} is read both split and whole",
-                                                self.const_cuts[name][3]))
+                                                    self.const_cuts[name][3]))
 
     def _get(self, value):
         if not isinstance(value, str) or value in self.summed:
@@ -115,7 +115,7 @@ class Trace:
             self._sum(name)
         elif isinstance(placement, Split):
             raise SplitConflict(f"node {self.index} ({self.program.nodes[self.index].op}) needs the whole of {name!r}",
-                            placement.sources, placement.section)
+                                placement.sources, placement.section)
         elif isinstance(placement, Weight):
             self.const_whole.add(placement.const)
 
@@ -168,7 +168,7 @@ class Trace:
         if handler is None:
             split = next(p for p in places.values() if isinstance(p, Split))
             raise SplitConflict(f"node {self.index} ({op}) cannot run on a share of its input", split.sources,
-                            split.section)
+                                split.section)
         return handler(node)
 
     def _partial(self, node: Node, places: dict) -> list | None:
@@ -227,11 +227,16 @@ class Trace:
                         self._whole(name)
                 return None
             const, out_axis_const, in_axis_const = w_name, 0, 1
+            bias = node.inputs[-1] if op == "linear" else None
+            if bias is not None and bias not in self.consts:  # a computed bias: keep the projection whole
+                for name in node.inputs:
+                    self._whole(name)
+                return None
         consts_of_node = [v for v in node.inputs[1:] if isinstance(v, str) and v in self.consts]
         if isinstance(x, Split):
             if x.axis != len(self._shape(x_name)) - 1:
                 raise SplitConflict(f"node {index} ({op}) reads a share of an axis it does not contract", x.sources,
-                                x.section)
+                                    x.section)
             self._cut_input_axis(node, x.var, const, in_axis_const, x.sources)
             self.row.add(index)
             bias = node.inputs[-1] if op in ("linear", "quantized_linear") else None
@@ -313,7 +318,7 @@ class Trace:
                 self._cut(value, at, found.var, 1, sources)  # a bias added on its own: cut it like the share
                 continue
             raise SplitConflict(f"node {self.index} ({node.op}) mixes a share with the whole of {value!r}", sources,
-                            found.section)
+                                found.section)
         return found
 
     def _moved(self, split: Split, axis: int) -> Split:
@@ -417,7 +422,7 @@ class Trace:
             if linear:
                 return [Partial(split.sources)]  # each rank sums its share: a partial sum of the whole
             raise SplitConflict(f"node {self.index} ({node.op}) reduces across a split axis", split.sources,
-                            split.section)
+                                split.section)
         keep = node.attrs.get("keepdim", False)
         return [self._moved(split, split.axis - (0 if keep else sum(1 for d in dims if d < split.axis)))]
 
@@ -495,7 +500,7 @@ class Trace:
         end = size if end is None else min(end + size if end < 0 else end, size)
         if step != 1 or not isinstance(start, int) or not isinstance(end, int) or end <= start:
             raise SplitConflict(f"node {self.index} (slice) slices a split axis with a step", split.sources,
-                            split.section)
+                                split.section)
         part = self._new_split(end - start, split.axis, split.sources, split.section)
         self.axes.views.append((split.var, part.var, start))
         self.edits.setdefault(self.index, []).append(("slice", split.var, start, end))
@@ -557,7 +562,7 @@ class Trace:
         if not all(isinstance(p, Split) and p.axis == 1 for p in (q, k, v)):
             split = next(p for p in (q, k, v) if isinstance(p, Split))
             raise SplitConflict(f"node {self.index} (attention) needs its queries, keys and values split by head",
-                            split.sources, split.section)
+                                split.sources, split.section)
         sources = q.sources | k.sources | v.sources
         if node.attrs.get("alibi_max_bias", 0):
             raise SplitConflict("ALiBi's slopes depend on each head's global index", sources)
