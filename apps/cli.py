@@ -155,6 +155,12 @@ def read_ids_file(path: Path) -> list[int]:
     return ids
 
 
+PARALLEL_HELP = ("Under mlx.launch: split the program over the ranks by layers (pipeline; auto means this), "
+                 "by attention heads and MLP widths (tensor), or not at all (none).")
+DIST_TIMEOUT_HELP = ("Under mlx.launch: seconds to wait for another rank (connecting, loading, each step) "
+                     "before giving up with one line. Default: $PAW_DIST_TIMEOUT or 60.")
+
+
 @app.command()
 def run(
     program: Annotated[Path, typer.Argument(help="Program directory or its prog.json.")],
@@ -216,12 +222,6 @@ def run(
             f"{run_stats.generation_tps:.1f} tok/s | peak memory {run_stats.peak_memory_gb:.2f} GB",
             err=True,
         )
-
-
-PARALLEL_HELP = ("Under mlx.launch: split the program over the ranks by layers (pipeline; auto means this), "
-                 "by attention heads and MLP widths (tensor), or not at all (none).")
-DIST_TIMEOUT_HELP = ("Under mlx.launch: seconds to wait for another rank (connecting, loading, each step) "
-                     "before giving up with one line. Default: $PAW_DIST_TIMEOUT or 60.")
 
 
 def show_ranks(prog) -> None:
