@@ -22,6 +22,7 @@ from paw_mlx.runtime import LoadedProgram, stream_tokens
 
 PROMPT = [5, 17, 33, 90, 12, 7, 101]
 SHORT = [9, 4, 250, 31]
+LONG = [(7 * i + 3) % 380 + 3 for i in range(150)]  # its ids and positions outgrow the header: a message of their own
 
 
 def _decode(model, token: int, cache, count: int) -> list[int]:
@@ -34,7 +35,7 @@ def _decode(model, token: int, cache, count: int) -> list[int]:
 
 
 def exercise(prog: LoadedProgram) -> dict:
-    """Greedy generation, a copied and a trimmed cache, and a left-padded batch with a key mask."""
+    """Greedy generation, a copied and a trimmed cache, a left-padded batch with a key mask, a long prompt."""
     greedy = list(stream_tokens(prog, PROMPT, max_tokens=8))
     model = prog.model
     cache = prog.make_cache()
@@ -53,7 +54,8 @@ def exercise(prog: LoadedProgram) -> dict:
     positions = mx.array([[0] + [1] * pad + list(range(1, len(SHORT) + 1)), list(range(len(PROMPT)))], dtype=mx.int32)
     mask = mx.array([[True] + [False] * pad + [True] * len(SHORT), [True] * len(PROMPT)])
     logits = model(tokens, cache=prog.make_cache(), positions=positions, key_mask=mask)[:, -1, :]
-    return {"greedy": greedy, "copies": [first, second, third], "batch": logits.tolist()}
+    long = model(mx.array([LONG], dtype=mx.int32), cache=prog.make_cache())[:, -1, :]
+    return {"greedy": greedy, "copies": [first, second, third], "batch": logits.tolist(), "long": long.tolist()}
 
 
 def main(out: str, jobs: list[str]) -> None:

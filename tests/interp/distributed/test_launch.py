@@ -81,6 +81,7 @@ def test_ranks_give_the_same_tokens_as_one_process(layered_programs, tmp_path, r
         assert result["copies"] == expected["copies"], (mode, path.name)
         assert result["copies"][0] == result["copies"][1] == result["copies"][2]
         np.testing.assert_allclose(result["batch"], expected["batch"], atol=1e-4)
+        np.testing.assert_allclose(result["long"], expected["long"], atol=1e-4)
         total = sum(const_bytes(meta) for meta in read_program(path).spec["consts"].values())
         held = result["ranks"]
         print(f"{mode} over {ranks} ranks, {path.name}: weight bytes per rank {held} of {total}")
