@@ -180,7 +180,11 @@ def plan_tensor_parallel(program: Program, ranks: int, *, first_head: int | None
         try:
             owner = trace.axes.solve(ranks)
         except SplitConflict as exc:
-            raise DistributedError(f"tensor parallelism cannot split this program over {ranks} ranks: {exc}") from None
+            heads = set().union(*trace.head_sources.values()) - excluded
+            if not heads:
+                raise DistributedError(f"tensor parallelism cannot split this program over {ranks} ranks: {exc}") from None
+            excluded |= heads  # heads that cannot be dealt out (quantization groups across heads): keep attention whole
+            continue
         plan = ShardPlan(program, ranks, owner, trace.axes, trace.const_cuts, trace.edits, trace.sums,
                          trace.partial_reads, trace.column, trace.row)
         starved = _starved(plan, trace)

@@ -25,3 +25,15 @@ def layered_programs(tmp_path_factory, tiny_tokenizer) -> dict:
         tokenizer = tiny_tokenizer if arch == "llama" else None
         found[arch] = export_model(tiny_model(config), tokenizer, root / arch, source_info={"id": f"tiny-{arch}"})
     return found
+
+
+@pytest.fixture(scope="session")
+def quantized_program(tmp_path_factory) -> object:
+    """A tiny llama with 4-bit affine weights in groups of 32 (two heads' worth of o_proj inputs)."""
+    from exporter.export import export_model
+    from tests.archs import arch_config
+    from tests.tiny import tiny_model
+
+    out = tmp_path_factory.mktemp("quantized") / "llama-q4"
+    return export_model(tiny_model(arch_config("llama")), None, out, source_info={"id": "tiny-llama-q4"},
+                        quantize=4, group_size=32)

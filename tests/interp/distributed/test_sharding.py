@@ -59,6 +59,17 @@ def test_too_few_kv_heads_keep_attention_whole(layered_programs):
     assert shapes["model.layers.0.self_attn.q_proj+k_proj+v_proj.weight"]["shape"] == [128, 64]
 
 
+def test_quantized_weights_split_by_whole_groups(quantized_program):
+    """4-bit weights: rows split freely, input features only by whole quantization groups."""
+    program = read_program(quantized_program)
+    consts = dict(mx.load(str(program.consts_path)))
+    expected, feeds = whole_logits(program, consts, PROMPT, steps=3)
+    assert max_difference(expected, tensor_logits(program, consts, 2, feeds)) < 1e-5
+    shapes = plan_tensor_parallel(program, 2).rank_program(1).spec["consts"]
+    assert shapes["model.layers.0.self_attn.o_proj.qweight"]["shape"] == [64, 4]  # 32 of 64 inputs, 8 per uint32
+    assert shapes["model.layers.0.self_attn.o_proj.scales"]["shape"] == [64, 1]  # one group of 32
+
+
 def test_nothing_to_split_is_one_clear_error(layered_programs):
     program = read_program(layered_programs["llama"])
     with pytest.raises(DistributedError, match="nothing in this program to split over 200 ranks"):
