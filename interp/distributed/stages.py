@@ -76,6 +76,7 @@ class PipelinePlan:
 
 
 def const_bytes(meta: dict) -> int:
+    """Bytes of a const from its prog.json entry (dtype and shape)."""
     return DTYPE_BYTES[meta["dtype"]] * math.prod(meta["shape"])
 
 
@@ -107,8 +108,8 @@ class _Facts:
         return name in self.consts and len(self.consts[name]["shape"]) < 2
 
     def _recomputable(self) -> set[int]:
-        """Nodes every stage can recompute: symbolic sizes, and anything computed only from
-        the inputs and small consts (vectors, scalars) without the run context."""
+        """Nodes every stage can recompute: symbolic sizes, and anything but a cache op computed
+        only from the inputs and small consts (vectors, scalars)."""
         found: set[int] = set()
         cheap: set[str] = set(self.inputs)
         anchors = set(self.attention)
@@ -207,12 +208,15 @@ def _balance(facts: _Facts, blocks: list[set[str]], tail: set[str], ranks: int) 
     """
     count = len(blocks)
     size = {name: const_bytes(meta) for name, meta in facts.consts.items()}
-
-    def cost(first: int, stop: int, with_tail: bool) -> int:
-        names = set(tail) if with_tail else set()
-        for block in blocks[first:stop]:
-            names |= block
-        return sum(size[name] for name in names)
+    costs: dict[tuple[int, int], int] = {}  # (first, stop) -> bytes of blocks first..stop-1 (rank 0: + tail)
+    for first in range(count):
+        names = set(tail) if first == 0 else set()
+        total = sum(size[name] for name in names)
+        for stop in range(first + 1, count + 1):
+            new = blocks[stop - 1] - names
+            names |= new
+            total += sum(size[name] for name in new)
+            costs[first, stop] = total
 
     inf = float("inf")
     # best[r][j]: the smallest possible largest load when ranks 0..r-1 hold blocks 0..j-1
@@ -224,7 +228,7 @@ def _balance(facts: _Facts, blocks: list[set[str]], tail: set[str], ranks: int) 
             for i in range(r - 1, j):
                 if best[r - 1][i] == inf:
                     continue
-                load = max(best[r - 1][i], cost(i, j, with_tail=(r == 1)))
+                load = max(best[r - 1][i], costs[i, j])
                 if load < best[r][j]:
                     best[r][j], choice[r][j] = load, i
     starts, j = [], count
@@ -300,7 +304,7 @@ def stage_program(program: Program, stage: Stage, final: bool) -> Program:
     nodes = []
     for i in stage.nodes:
         node = program.nodes[i]
-        if "layer" in node.attrs and node.op == "attention":
+        if "layer" in schema.OPS[node.op].attr_by_name:
             node = Node(node.op, node.inputs, dict(node.attrs, layer=local[node.attrs["layer"]]), node.outputs)
         nodes.append(node)
     outputs = program.spec["outputs"] if final else [{"name": n} for n in (*stage.sends, *stage.keeps)]
