@@ -10,7 +10,9 @@ MLX's ring backend allows.
 
 Every command goes round the whole ring and comes back to rank 0, so rank 0 always
 waits for one reply, and a rank that cannot run a step (out of memory, a cache out of
-step) sends an ERROR header round instead, which rank 0 raises as one line.
+step) sends an ERROR header round instead, which rank 0 raises as one line. Rank 0 then
+trims its layers back to the length before the step, and with the next step every other
+rank trims to it too, so the cache stays usable.
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ class PipelineModel(Driver):
             header.tensors = wire.describe(outgoing)
             wire.send_header(header, world.next, world.group)
             wire.send_tensors(outgoing, world.next, world.group)
-            reply = self._reply()
+            try:
+                reply = self._reply()
+            except DistributedError:
+                if cache is not None:  # back to where every rank can return: the ranks trim to it next step
+                    for layer in cache.local:
+                        layer.trim(layer.offset - header.cache_offset)
+                raise
             arrived = wire.recv_tensors(reply, world.previous, world.group)
         tail_inputs = dict(inputs)
         tail_inputs.update(zip(self.tail_stage.receives, arrived, strict=True))
