@@ -58,6 +58,26 @@ def exercise(prog: LoadedProgram) -> dict:
     return {"greedy": greedy, "copies": [first, second, third], "batch": logits.tolist(), "long": long.tolist()}
 
 
+def refused_step(model) -> str:
+    """A step one rank cannot run (rank 0's cache claims positions the others never saw): the
+    error that rank 0 raises; then a fresh step, which must still work."""
+    from interp.errors import DistributedError
+
+    cache = model.make_cache()
+    model(mx.array([PROMPT], dtype=mx.int32), cache=cache)
+    for layer in cache.local:
+        keys, values = layer.state
+        layer.state = (mx.concatenate([keys, keys], axis=2), mx.concatenate([values, values], axis=2))
+    try:
+        model(mx.array([[PROMPT[0]]], dtype=mx.int32), cache=cache)
+    except DistributedError as exc:
+        message = str(exc)
+    else:
+        message = "no error"
+    mx.eval(model(mx.array([PROMPT], dtype=mx.int32), cache=model.make_cache()))
+    return message
+
+
 def main(out: str, jobs: list[str]) -> None:
     world = distributed.connect()
     results = []
@@ -67,6 +87,8 @@ def main(out: str, jobs: list[str]) -> None:
         if model is None:
             continue  # not rank 0: served this program until rank 0 closed it
         result = exercise(LoadedProgram(program, model, None))
+        if not model.tensor_parallel:  # under tensor parallelism such a step breaks the lockstep: fatal
+            result["refused"] = refused_step(model)
         result["ranks"] = [report.weight_bytes for report in model.ranks]
         results.append(result)
         model.close()

@@ -82,6 +82,9 @@ def test_ranks_give_the_same_tokens_as_one_process(layered_programs, tmp_path, r
         assert result["copies"][0] == result["copies"][1] == result["copies"][2]
         np.testing.assert_allclose(result["batch"], expected["batch"], atol=1e-4)
         np.testing.assert_allclose(result["long"], expected["long"], atol=1e-4)
+        if mode == "pipeline":  # a rank that cannot run a step tells rank 0, and the ring goes on
+            assert result["refused"].startswith("rank 1 of") and "holds 7 positions but rank 0's holds 14" in \
+                result["refused"], result["refused"]
         total = sum(const_bytes(meta) for meta in read_program(path).spec["consts"].values())
         held = result["ranks"]
         print(f"{mode} over {ranks} ranks, {path.name}: weight bytes per rank {held} of {total}")
