@@ -159,6 +159,8 @@ PARALLEL_HELP = ("Under mlx.launch: split the program over the ranks by layers (
                  "by attention heads and MLP widths (tensor), or not at all (none).")
 DIST_TIMEOUT_HELP = ("Under mlx.launch: seconds to wait for another rank (connecting, loading, each step) "
                      "before giving up with one line. Default: $PAW_DIST_TIMEOUT or 60.")
+SHARES_HELP = ("Under mlx.launch, pipeline: how much of the weights each rank takes, relative, one number per rank "
+               "(3,1 for a Mac with three times the other's memory). Default: equal.")
 
 
 @app.command()
@@ -177,6 +179,7 @@ def run(
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and memory to stderr at the end.")] = False,
     parallel: Annotated[str, typer.Option("--parallel", help=PARALLEL_HELP)] = "auto",
     dist_timeout: Annotated[float | None, typer.Option("--dist-timeout", help=DIST_TIMEOUT_HELP)] = None,
+    pipeline_shares: Annotated[str | None, typer.Option("--pipeline-shares", help=SHARES_HELP)] = None,
 ) -> None:
     """Generate text with a program: streams tokens to stdout, greedy by default.
 
@@ -188,7 +191,7 @@ def run(
 
     if prompt_ids is not None and prompt is not None:
         fail("give either --prompt or --prompt-ids, not both")
-    prog = paw_mlx.load(program, parallel=parallel, timeout=dist_timeout)
+    prog = paw_mlx.load(program, parallel=parallel, timeout=dist_timeout, pipeline_shares=parse_shares(pipeline_shares))
     show_ranks(prog)
     if prompt_ids is not None:
         source: str | list[int] = read_ids_file(prompt_ids)
@@ -222,6 +225,16 @@ def run(
             f"{run_stats.generation_tps:.1f} tok/s | peak memory {run_stats.peak_memory_gb:.2f} GB",
             err=True,
         )
+
+
+def parse_shares(text: str | None) -> list[float] | None:
+    """'3,1' -> [3.0, 1.0]."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise PawError(f"--pipeline-shares takes numbers separated by commas (like 3,1), got {text!r}") from None
 
 
 def show_ranks(prog) -> None:

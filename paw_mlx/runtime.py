@@ -79,7 +79,7 @@ def _arrays(consts: dict) -> list[mx.array]:
 
 
 def load(path: str | Path, *, compile: bool = True, parallel: str = "auto",  # noqa: A002 - mx.compile's name
-         timeout: float | None = None) -> LoadedProgram:
+         timeout: float | None = None, pipeline_shares: list[float] | None = None) -> LoadedProgram:
     """Load and validate a program directory (or its prog.json) for generation.
 
     ``compile`` runs each one-token decode step as one mx.compile'd function
@@ -90,7 +90,8 @@ def load(path: str | Path, *, compile: bool = True, parallel: str = "auto",  # n
     over the ranks: ``parallel`` is ``auto`` (= ``pipeline``), ``pipeline``, ``tensor``
     or ``none`` (every rank loads the whole program). Rank 0 gets the model; the other
     ranks serve it inside this call and exit when rank 0 is done. ``timeout`` (seconds,
-    default $PAW_DIST_TIMEOUT or 60) bounds every wait on another rank.
+    default $PAW_DIST_TIMEOUT or 60) bounds every wait on another rank;
+    ``pipeline_shares`` (``[3, 1]``) gives a rank with more memory more layers.
     """
     from interp import distributed
 
@@ -101,7 +102,7 @@ def load(path: str | Path, *, compile: bool = True, parallel: str = "auto",  # n
         raise PawError(f"parallel={parallel!r} needs several ranks: start paw with mlx.launch (see docs/distributed.md)")
     if world is not None:
         mode = "pipeline" if parallel == "auto" else parallel
-        program, model = distributed.load_parallel(path, world, mode, compile=compile)
+        program, model = distributed.load_parallel(path, world, mode, compile=compile, shares=pipeline_shares)
     else:
         program = read_program(path, known_ops=set(REGISTRY))
         model = GraphModel.from_program(program, compile_decode=compile)

@@ -47,24 +47,27 @@ class RankReport:
 
 
 def load_parallel(path: str | Path, world: World, mode: str, *, compile: bool = True,  # noqa: A002 - mx.compile's name
-                  exit_when_done: bool = True):
+                  shares: list[float] | None = None, exit_when_done: bool = True):
     """(program, model) on rank 0; on the other ranks serve rank 0, then ``SystemExit``.
 
-    ``mode`` is ``pipeline`` or ``tensor``. The model has ``ranks``, the check-in report
-    of every rank. With ``exit_when_done=False`` the other ranks return (program, None)
-    once rank 0 has closed the model, so one process can serve several models in turn.
+    ``mode`` is ``pipeline`` or ``tensor``; ``shares`` weighs how much of the weights each
+    rank takes in a pipeline (see ``plan_pipeline``). The model has ``ranks``, the check-in
+    report of every rank. With ``exit_when_done=False`` the other ranks return (program,
+    None) once rank 0 has closed the model, so one process can serve several models in turn.
     """
     failure: BaseException | None = None
     build: Callable | None = None
-    weight, shares, program = 0, [""] * world.size, None
+    weight, described, program = 0, [""] * world.size, None
     try:
         program = read_program(path, known_ops=set(REGISTRY))
         if mode == "pipeline":
-            build, weight, shares = _load_pipeline(program, world, compile)
+            build, weight, described = _load_pipeline(program, world, compile, shares)
+        elif shares:
+            raise DistributedError("pipeline shares apply to pipeline parallelism; tensor parallelism splits evenly")
         else:
             from interp.distributed.tensor import load_tensor_parallel
 
-            build, weight, shares = load_tensor_parallel(program, world, compile)
+            build, weight, described = load_tensor_parallel(program, world, compile)
     except Exception as exc:  # noqa: BLE001 - any failure must reach the check-in, or the others wait for it
         failure = exc
     table = _check_in(world, failed=failure is not None, weight=weight)
@@ -89,14 +92,14 @@ def load_parallel(path: str | Path, world: World, mode: str, *, compile: bool = 
         if not exit_when_done:
             return program, None
         _exit_rank(world, 0)
-    model.ranks = [RankReport(rank, shares[rank], int(table[rank, 1]), int(table[rank, 2]))
+    model.ranks = [RankReport(rank, described[rank], int(table[rank, 1]), int(table[rank, 2]))
                    for rank in range(world.size)]
     atexit.register(model.close)
     return program, model
 
 
-def _load_pipeline(program: Program, world: World, compile: bool):
-    plan = plan_pipeline(program, world.size)
+def _load_pipeline(program: Program, world: World, compile: bool, shares: list[float] | None):  # noqa: A002
+    plan = plan_pipeline(program, world.size, shares)
     stages = plan.for_rank(world.rank)
     consts = load_consts(program, {name for stage in stages for name in stage.consts})
     models = [GraphModel(stage_program(program, stage, final=stage is plan.stages[-1]),
@@ -108,8 +111,7 @@ def _load_pipeline(program: Program, world: World, compile: bool):
     else:
         def build():
             return PipelineWorker(world, stages[0], models[0])
-    shares = [plan.describe(rank) for rank in range(world.size)]
-    return build, held_bytes(consts.values()), shares
+    return build, held_bytes(consts.values()), [plan.describe(rank) for rank in range(world.size)]
 
 
 def _check_in(world: World, *, failed: bool, weight: int) -> np.ndarray:

@@ -179,8 +179,16 @@ def _check_layers(facts: _Facts) -> None:
         raise DistributedError("the program's attention nodes share KV cache slots; it cannot be split into stages")
 
 
-def plan_pipeline(program: Program, ranks: int) -> PipelinePlan:
-    """Stages of ``program`` for ``ranks`` processes, balancing the weight bytes each rank holds."""
+def plan_pipeline(program: Program, ranks: int, shares: list[float] | None = None) -> PipelinePlan:
+    """Stages of ``program`` for ``ranks`` processes, balancing the weight bytes each rank holds.
+
+    ``shares``: how much each rank should hold relative to the others (``[3, 1]`` for a Mac with
+    three times the other's memory); equal by default.
+    """
+    shares = list(shares) if shares else [1.0] * ranks
+    if len(shares) != ranks or not all(share > 0 for share in shares):
+        raise DistributedError(f"pipeline shares must be {ranks} positive numbers, one per rank; got "
+                               f"{', '.join(f'{share:g}' for share in shares)}")
     facts = _Facts(program)
     cuts, tail = _layer_cuts(facts)
     layer_count = len(facts.attention)
@@ -191,7 +199,7 @@ def plan_pipeline(program: Program, ranks: int) -> PipelinePlan:
     bounds = [0, *cuts, tail]
     blocks = [_owned_consts(facts, range(bounds[i], bounds[i + 1])) for i in range(layer_count)]
     tail_consts = _owned_consts(facts, range(tail, len(facts.nodes)))
-    starts = _balance(facts, blocks, tail_consts, ranks)
+    starts = _balance(facts, blocks, tail_consts, shares)
     ranges = [range(bounds[starts[r]], bounds[starts[r + 1]] if r + 1 < ranks else tail) for r in range(ranks)]
     ranges.append(range(tail, len(facts.nodes)))
     return _link(facts, ranges, ranks)
@@ -201,12 +209,13 @@ def _owned_consts(facts: _Facts, nodes: range) -> set[str]:
     return {name for i in nodes if i not in facts.recomputed for name in facts.refs[i] if name in facts.consts}
 
 
-def _balance(facts: _Facts, blocks: list[set[str]], tail: set[str], ranks: int) -> list[int]:
-    """First block of each rank: contiguous, at least one each, minimising the largest rank's bytes.
+def _balance(facts: _Facts, blocks: list[set[str]], tail: set[str], shares: list[float]) -> list[int]:
+    """First block of each rank: contiguous, at least one each, minimising the largest rank's bytes
+    per share.
 
     Rank 0 also holds the tail. Exact over unions (a const two blocks share counts once per rank).
     """
-    count = len(blocks)
+    count, ranks = len(blocks), len(shares)
     size = {name: const_bytes(meta) for name, meta in facts.consts.items()}
     costs: dict[tuple[int, int], int] = {}  # (first, stop) -> bytes of blocks first..stop-1 (rank 0: + tail)
     for first in range(count):
@@ -228,7 +237,7 @@ def _balance(facts: _Facts, blocks: list[set[str]], tail: set[str], ranks: int) 
             for i in range(r - 1, j):
                 if best[r - 1][i] == inf:
                     continue
-                load = max(best[r - 1][i], costs[i, j])
+                load = max(best[r - 1][i], costs[i, j] / shares[r - 1])
                 if load < best[r][j]:
                     best[r][j], choice[r][j] = load, i
     starts, j = [], count

@@ -47,6 +47,7 @@ def test_stages_cover_every_node_and_layer_once(layered_programs, arch):
     assert plan.stages[-1].receives and "logits" not in plan.stages[-1].receives
 
 
+@pytest.mark.slow
 def test_smollm2_split_balances_weight_bytes(smollm2_program):
     """Reading prog.json only: each rank holds about 1/n of the weights, whole layers each."""
     program = read_program(smollm2_program)
@@ -68,6 +69,16 @@ def test_smollm2_split_balances_weight_bytes(smollm2_program):
             owned = {int(m.group(1)) for name in stage.consts if (m := re.search(r"layers\.(\d+)\.", name))}
             assert owned == set(stage.layers)
         assert plan.stages[-1].consts == ("lm_head.weight",)
+
+
+@pytest.mark.slow
+def test_pipeline_shares_give_a_bigger_mac_more_layers(smollm2_program):
+    program = read_program(smollm2_program)
+    plan = plan_pipeline(program, 2, shares=[3, 1])
+    assert [plan.describe(rank) for rank in (0, 1)] == ["layers 0-20 + output head", "layers 21-29"]
+    assert plan.weight_bytes[0] > 3 * plan.weight_bytes[1] * 0.9
+    with pytest.raises(DistributedError, match="pipeline shares must be 2 positive numbers, one per rank; got 3, 0"):
+        plan_pipeline(program, 2, shares=[3, 0])
 
 
 def test_cuts_fall_after_each_layers_last_add(layered_programs):
