@@ -206,3 +206,13 @@ def test_a_rank_whose_peers_never_come_up_gives_one_line(layered_programs, tmp_p
     assert codes[0], codes
     assert time.monotonic() - start < 10
     assert_one_line(ranks.errors[0], "rank 0 of 2: could not connect to the other ranks within 2 s")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--parallel", "tensor"], "parallel='tensor' needs several ranks: start paw with mlx.launch"),
+    (["--pipeline-shares", "3,x"], "--pipeline-shares takes numbers separated by commas"),
+])
+def test_parallel_options_without_a_launcher_are_one_line(layered_programs, args, fragment):
+    from tests.apps.test_cli import assert_one_line_error, paw
+
+    assert_one_line_error(paw("run", str(layered_programs["llama"]), "-p", "Hi", *args), fragment)
