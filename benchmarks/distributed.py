@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
+DOCS_START, DOCS_END = "<!-- distributed-bench:start -->", "<!-- distributed-bench:end -->"
 COLUMNS = [("ranks", "processes", "{}"), ("mode", "split", "{}"), ("prefill_tps", "prefill tok/s", "{:.1f}"),
            ("decode_tps", "decode tok/s", "{:.2f}"), ("decode_ratio", "decode / 1 process", "{:.2f}x"),
            ("weights", "weights per rank MB", "{}"), ("share", "largest share of weights", "{:.2f}"),
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900, help="Seconds one configuration may take.")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="Also rewrite the table between the distributed-bench markers of this page "
+                             "(docs/distributed.md).")
     args = parser.parse_args(argv)
     report = run(args.program, [int(n) for n in args.ranks.split(",")], args.modes.split(","), args.prompt_tokens,
                  args.decode_tokens, args.rounds, args.timeout, say=lambda msg: print(f"  {msg}", file=sys.stderr))
@@ -181,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, content in ((f"distributed-{stamp}.json", json.dumps(report, indent=1) + "\n"),
                           (f"distributed-{stamp}.md", text), ("distributed-latest.md", text)):
         (args.results / name).write_text(content, encoding="utf-8")
+    if args.docs is not None:
+        from interp.docblock import replace_block
+
+        replace_block(args.docs, DOCS_START, DOCS_END, text)
 
 
 if __name__ == "__main__":
