@@ -107,6 +107,10 @@ class Driver:
         self._keepalive = threading.Thread(target=self._keep_alive, name="paw-distributed-keepalive", daemon=True)
         self._keepalive.start()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def make_cache(self) -> DistributedCache:
         return DistributedCache(self, next(self._ids))
 

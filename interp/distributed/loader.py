@@ -55,6 +55,9 @@ def load_parallel(path: str | Path, world: World, mode: str, *, compile: bool = 
     report of every rank. With ``exit_when_done=False`` the other ranks return (program,
     None) once rank 0 has closed the model, so one process can serve several models in turn.
     """
+    if world.active is not None and not world.active.closed:
+        raise DistributedError(f"{world.me}: another distributed model is open; the other ranks serve one at a "
+                               "time: close it first (model.close())")
     failure: BaseException | None = None
     build: Callable | None = None
     weight, described, program = 0, [""] * world.size, None
@@ -94,6 +97,7 @@ def load_parallel(path: str | Path, world: World, mode: str, *, compile: bool = 
         _exit_rank(world, 0)
     model.ranks = [RankReport(rank, described[rank], int(table[rank, 1]), int(table[rank, 2]))
                    for rank in range(world.size)]
+    world.active = model
     atexit.register(model.close)
     return program, model
 

@@ -42,6 +42,8 @@ class World:
     timeout: float
     #: the ring backend's sockets to this rank's neighbours (empty when unknown: MPI, JACCL)
     sockets: list[int] = field(default_factory=list)
+    #: rank 0's open distributed model: the other ranks serve one model at a time
+    active: object | None = None
 
     @property
     def rank(self) -> int:
@@ -115,7 +117,8 @@ def connect(timeout: float | None = None) -> World | None:
         if timeout <= 0:
             raise DistributedError(f"the distributed timeout must be positive, got {timeout:g} s")
         watchdog = Watchdog()
-        rank, size = os.environ.get("MLX_RANK", "?"), _expected_size()
+        rank = next((os.environ[n] for n in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if n in os.environ), "?")
+        size = _expected_size()
         where = f"rank {rank} of {size}" if size else f"rank {rank}"
         try:
             with watchdog.deadline(timeout, f"{where}: could not connect to the other ranks within {timeout:g} s "
