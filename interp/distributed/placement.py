@@ -75,6 +75,8 @@ class Trace:
         self.column: set[int] = set()
         self.column_vars: dict[int, frozenset] = {}  # a projection's output axis -> the projection
         self.head_sources: dict[int, frozenset] = {}  # an attention's KV-head axis -> its projections
+        #: an attention's KV-head axis -> the sections of fused projections its q, k and v are
+        self.head_sections: dict[int, set] = {}
         self.row: set[int] = set()
 
     # ------------------------------------------------------------------ driver
@@ -303,7 +305,8 @@ class Trace:
                     raise SplitConflict(f"node {self.index} ({node.op}) combines shares of different axes", sources)
                 else:
                     self.axes.same(found.var, placement.var, sources)
-                    found = replace(found, section=None, sources=sources)
+                    section = found.section if found.section == placement.section else None
+                    found = replace(found, section=section, sources=sources)
         assert found is not None
         found = replace(found, sources=sources)
         for value in node.inputs:
@@ -519,7 +522,8 @@ class Trace:
         if dim != places[0].axis:
             for p in places[1:]:
                 self.axes.same(places[0].var, p.var, sources)
-            return [replace(places[0], sources=sources, section=None)]
+            section = places[0].section if all(p.section == places[0].section for p in places) else None
+            return [replace(places[0], sources=sources, section=section)]
         whole = self._new_split(sum(self.axes.size[p.var] for p in places), dim, sources)
         start = 0
         for p in places:
@@ -571,6 +575,7 @@ class Trace:
         self.axes.expand.append((q.var, k.var, heads // kv_heads))
         self.axes.heads.add(k.var)
         self.head_sources[k.var] = sources
+        self.head_sections[k.var] = {p.section for p in (q, k, v)} - {None}
         return [Split(1, q.var, sources)]
 
 

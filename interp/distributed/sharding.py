@@ -180,27 +180,43 @@ def plan_tensor_parallel(program: Program, ranks: int, *, first_head: int | None
         try:
             owner = trace.axes.solve(ranks)
         except SplitConflict as exc:
-            heads = set().union(*trace.head_sources.values()) - excluded
-            if not heads:
+            # heads that cannot be dealt out in whole quantization groups: keep attention whole
+            if not _keep_whole(trace, set(trace.head_sources), excluded, whole_sections):
                 raise DistributedError(f"tensor parallelism cannot split this program over {ranks} ranks: {exc}") from None
-            excluded |= heads  # heads that cannot be dealt out (quantization groups across heads): keep attention whole
             continue
         plan = ShardPlan(program, ranks, owner, trace.axes, trace.const_cuts, trace.edits, trace.sums,
                          trace.partial_reads, trace.column, trace.row)
-        starved = _starved(plan, trace)
-        if not starved:
+        heads, columns = _starved(plan, trace)
+        if not heads and not columns:
             return plan
-        excluded |= starved  # too few heads (or too narrow a projection) for every rank: keep those whole
+        # too few heads (or too narrow a projection) for every rank: keep those whole
+        _keep_whole(trace, heads, excluded, whole_sections)
+        excluded |= columns
     raise DistributedError("tensor parallelism could not settle how to split this program")
 
 
-def _starved(plan: ShardPlan, trace: Trace) -> set[int]:
-    """Projections to keep whole because some rank would get none of their heads or features."""
-    starved: set[int] = set()
-    for var, sources in (*trace.head_sources.items(), *trace.column_vars.items()):
-        if min(plan.local_size(var, rank) for rank in range(plan.ranks)) == 0:
-            starved |= sources
-    return starved
+def _starved(plan: ShardPlan, trace: Trace) -> tuple[set[int], set[int]]:
+    """(KV-head axes, projections) of which some rank would get nothing."""
+    def empty(var: int) -> bool:
+        return min(plan.local_size(var, rank) for rank in range(plan.ranks)) == 0
+
+    heads = {var for var in trace.head_sources if empty(var)}
+    columns = set().union(*(sources for var, sources in trace.column_vars.items() if empty(var)))
+    return heads, columns
+
+
+def _keep_whole(trace: Trace, heads: set[int], excluded: set[int], whole_sections: set) -> bool:
+    """Keep the attention of ``heads`` whole: its q/k/v sections of a fused projection where it
+    has them (the projection's other sections still split), else its projections. False when
+    that changes nothing."""
+    before = len(excluded) + len(whole_sections)
+    for var in heads:
+        sections = trace.head_sections.get(var, set())
+        if sections and not sections <= whole_sections:
+            whole_sections |= sections
+        else:
+            excluded |= trace.head_sources[var]
+    return len(excluded) + len(whole_sections) > before
 
 
 def describe_plan(plan: ShardPlan) -> str:
