@@ -34,6 +34,7 @@ from interp.distributed.wire import Header, Op
 from interp.distributed.world import World
 from interp.errors import DistributedError
 from interp.graph import GraphModel
+from interp.program import Program
 
 
 class RemoteLayer:
@@ -91,10 +92,12 @@ class DistributedCache(list):
 class Driver:
     """Rank 0's side: commands to the other ranks, serialised and bounded in time."""
 
-    def __init__(self, world: World, num_layers: int, local_layers: list[int]):
+    def __init__(self, program: Program, world: World, local_layers: list[int]):
+        self.program = program
         self.world = world
-        self.num_layers = num_layers
-        self.layers = [None] * num_layers  # mlx-lm sizes its default cache with len(model.layers)
+        self.num_layers = program.num_layers
+        self.layers = [None] * self.num_layers  # mlx-lm sizes its default cache with len(model.layers)
+        self.input_names = [i["name"] for i in program.spec["inputs"]]
         self.local_layers = local_layers
         #: every rank's check-in report (``interp/distributed/loader.py`` fills it in)
         self.ranks: list = []
@@ -113,6 +116,32 @@ class Driver:
 
     def make_cache(self) -> DistributedCache:
         return DistributedCache(self, next(self._ids))
+
+    def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
+                 key_mask: mx.array | None = None) -> mx.array:
+        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        cache = self.cache_of(cache)
+        batch, length = tokens.shape
+        offset = None
+        if positions is None:
+            offset = cache.offset if cache is not None else 0
+            positions = mx.broadcast_to(mx.arange(offset, offset + length, dtype=mx.int32), (batch, length))
+        inputs = {"input_ids": tokens.astype(mx.int32)}
+        if "position_ids" in self.input_names:
+            inputs["position_ids"] = positions.astype(mx.int32)
+        with self._exchange("running a step"):
+            header = Header(Op.FORWARD, cache.id if cache is not None else 0, batch, length,
+                            -1 if offset is None else offset, cache.offset if cache is not None else 0,
+                            0 if key_mask is None else key_mask.shape[-1], released=self._take_released(),
+                            ints=wire.pack_ints(tokens, positions, key_mask))
+            return self._step(header, inputs, cache, offset, key_mask)
+
+    def _step(self, header: Header, inputs: dict[str, mx.array], cache: DistributedCache | None,
+              offset: int | None, key_mask: mx.array | None) -> mx.array:
+        """Run one FORWARD command with every rank (under the exchange); the logits."""
+        raise NotImplementedError
 
     def cache_of(self, cache: list | None) -> DistributedCache | None:
         if cache is not None and not (isinstance(cache, DistributedCache) and cache.model is self):
@@ -255,29 +284,6 @@ def step_inputs(header: Header) -> tuple[dict[str, mx.array], int | None, mx.arr
     tokens, positions, key_mask = wire.unpack_ints(header)
     offset = None if header.offset < 0 else header.offset
     return {"input_ids": tokens, "position_ids": positions}, offset, key_mask
-
-
-def forward_header(cache: DistributedCache | None, tokens: mx.array, positions: mx.array, offset: int | None,
-                   key_mask: mx.array | None, released: tuple[int, ...]) -> Header:
-    """The FORWARD command rank 0 sends for one call of the model."""
-    batch, length = tokens.shape
-    return Header(Op.FORWARD, cache.id if cache is not None else 0, batch, length, -1 if offset is None else offset,
-                  cache.offset if cache is not None else 0, 0 if key_mask is None else key_mask.shape[-1],
-                  released=released, ints=wire.pack_ints(tokens, positions, key_mask))
-
-
-def model_inputs(tokens: mx.array, cache: DistributedCache | None, positions: mx.array | None,
-                 input_names: list[str]) -> tuple[dict[str, mx.array], mx.array, int | None]:
-    """(inputs, positions, offset) for rank 0's call, as ``GraphModel.__call__`` makes them."""
-    batch, length = tokens.shape
-    offset = None
-    if positions is None:
-        offset = cache.offset if cache is not None else 0
-        positions = mx.broadcast_to(mx.arange(offset, offset + length, dtype=mx.int32), (batch, length))
-    inputs = {"input_ids": tokens.astype(mx.int32)}
-    if "position_ids" in input_names:
-        inputs["position_ids"] = positions.astype(mx.int32)
-    return inputs, positions, offset
 
 
 def lost_connection(exc: BaseException) -> bool:

@@ -20,14 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from interp.distributed import wire
-from interp.distributed.driver import (
-    Driver,
-    Worker,
-    forward_header,
-    lost_connection,
-    model_inputs,
-    step_inputs,
-)
+from interp.distributed.driver import DistributedCache, Driver, Worker, lost_connection, step_inputs
 from interp.distributed.stages import PipelinePlan, Stage
 from interp.distributed.wire import Header, Op
 from interp.distributed.world import World
@@ -42,11 +35,9 @@ class PipelineModel(Driver):
     tensor_parallel = False
 
     def __init__(self, program: Program, plan: PipelinePlan, world: World, head: GraphModel, tail: GraphModel):
-        super().__init__(world, program.num_layers, list(plan.stages[0].layers))
-        self.program = program
+        super().__init__(program, world, list(plan.stages[0].layers))
         self.plan = plan
         self.head_stage, self.tail_stage = plan.stages[0], plan.stages[-1]
-        self.input_names = [i["name"] for i in program.spec["inputs"]]
         self._head, self._tail = head, tail
 
     @property
@@ -54,30 +45,23 @@ class PipelineModel(Driver):
         """The weights rank 0 holds (its first layers and the output head)."""
         return {**self._head.consts, **self._tail.consts}
 
-    def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
-                 key_mask: mx.array | None = None) -> mx.array:
-        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset."""
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        cache = self.cache_of(cache)
-        inputs, positions, offset = model_inputs(tokens, cache, positions, self.input_names)
+    def _step(self, header: Header, inputs: dict[str, mx.array], cache: DistributedCache | None,
+              offset: int | None, key_mask: mx.array | None) -> mx.array:
         world = self.world
-        with self._exchange("running a step"):
-            header = forward_header(cache, tokens, positions, offset, key_mask, self._take_released())
-            head = self._head.forward(inputs, cache.local if cache is not None else None, offset, key_mask)
-            outgoing = [head[name] for name in self.head_stage.sends]
-            mx.eval(outgoing)  # a failure to compute is raised here, before the ring hears of the step
-            header.tensors = wire.describe(outgoing)
-            wire.send_header(header, world.next, world.group)
-            wire.send_tensors(outgoing, world.next, world.group)
-            try:
-                reply = self._reply()
-            except DistributedError:
-                if cache is not None:  # back to where every rank can return: the ranks trim to it next step
-                    for layer in cache.local:
-                        layer.trim(layer.offset - header.cache_offset)
-                raise
-            arrived = wire.recv_tensors(reply, world.previous, world.group)
+        head = self._head.forward(inputs, cache.local if cache is not None else None, offset, key_mask)
+        outgoing = [head[name] for name in self.head_stage.sends]
+        mx.eval(outgoing)  # a failure to compute is raised here, before the ring hears of the step
+        header.tensors = wire.describe(outgoing)
+        wire.send_header(header, world.next, world.group)
+        wire.send_tensors(outgoing, world.next, world.group)
+        try:
+            reply = self._reply()
+        except DistributedError:
+            if cache is not None:  # back to where every rank can return: the ranks trim to it next step
+                for layer in cache.local:
+                    layer.trim(layer.offset - header.cache_offset)
+            raise
+        arrived = wire.recv_tensors(reply, world.previous, world.group)
         tail_inputs = dict(inputs)
         tail_inputs.update(zip(self.tail_stage.receives, arrived, strict=True))
         tail_inputs.update({name: head[name] for name in self.tail_stage.local})

@@ -21,12 +21,11 @@ import mlx.core as mx
 from interp.compiled import references
 from interp.distributed import wire
 from interp.distributed.driver import (
+    DistributedCache,
     Driver,
     Worker,
     fail_rank,
-    forward_header,
     lost_connection,
-    model_inputs,
     step_inputs,
 )
 from interp.distributed.loading import held_bytes, load_consts
@@ -43,29 +42,19 @@ class TensorParallelModel(Driver):
     tensor_parallel = True
 
     def __init__(self, program: Program, plan: ShardPlan, world: World, model: GraphModel):
-        super().__init__(world, program.num_layers, list(range(program.num_layers)))
-        self.program = program
+        super().__init__(program, world, list(range(program.num_layers)))
         self.plan = plan
-        self.input_names = [i["name"] for i in program.spec["inputs"]]
         self._model = model
 
     @property
     def consts(self) -> dict:
         return self._model.consts
 
-    def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
-                 key_mask: mx.array | None = None) -> mx.array:
-        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset."""
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        cache = self.cache_of(cache)
-        inputs, positions, offset = model_inputs(tokens, cache, positions, self.input_names)
-        with self._exchange("running a step"):
-            wire.broadcast_header(forward_header(cache, tokens, positions, offset, key_mask, self._take_released()),
-                                  self.world.group)
-            logits = self._model.forward(inputs, cache.local if cache is not None else None, offset,
-                                         key_mask)["logits"]
-            mx.eval(logits)  # the all_sums run here, under the watchdog
+    def _step(self, header: Header, inputs: dict[str, mx.array], cache: DistributedCache | None,
+              offset: int | None, key_mask: mx.array | None) -> mx.array:
+        wire.broadcast_header(header, self.world.group)
+        logits = self._model.forward(inputs, cache.local if cache is not None else None, offset, key_mask)["logits"]
+        mx.eval(logits)  # the all_sums run here, under the watchdog
         return logits
 
     def _command(self, header: Header) -> None:
