@@ -155,6 +155,14 @@ def read_ids_file(path: Path) -> list[int]:
     return ids
 
 
+PARALLEL_HELP = ("Under mlx.launch: split the program over the ranks by layers (pipeline; auto means this), "
+                 "by attention heads and MLP widths (tensor), or not at all (none).")
+DIST_TIMEOUT_HELP = ("Under mlx.launch: seconds to wait for another rank (connecting, loading, each step) "
+                     "before giving up with one line. Default: $PAW_DIST_TIMEOUT or 60.")
+SHARES_HELP = ("Under mlx.launch, pipeline: how much of the weights each rank takes, relative, one number per rank "
+               "(3,1 for a Mac with three times the other's memory). Default: equal.")
+
+
 @app.command()
 def run(
     program: Annotated[Path, typer.Argument(help="Program directory or its prog.json.")],
@@ -169,13 +177,22 @@ def run(
     prompt_ids: Annotated[Path | None, typer.Option("--prompt-ids", help="Read the prompt as token ids from this file.")] = None,
     output_ids: Annotated[Path | None, typer.Option("--output-ids", help="Also write the generated ids to this file.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and memory to stderr at the end.")] = False,
+    parallel: Annotated[str, typer.Option("--parallel", help=PARALLEL_HELP)] = "auto",
+    dist_timeout: Annotated[float | None, typer.Option("--dist-timeout", help=DIST_TIMEOUT_HELP)] = None,
+    pipeline_shares: Annotated[str | None, typer.Option("--pipeline-shares", help=SHARES_HELP)] = None,
 ) -> None:
-    """Generate text with a program: streams tokens to stdout, greedy by default."""
+    """Generate text with a program: streams tokens to stdout, greedy by default.
+
+    Under mlx.launch with several ranks (several Macs) the program is split over them and
+    only rank 0 prints: mlx.launch --hostfile hosts.json -- paw run PROGRAM -p "Hi"
+    (see docs/distributed.md).
+    """
     import paw_mlx
 
     if prompt_ids is not None and prompt is not None:
         fail("give either --prompt or --prompt-ids, not both")
-    prog = paw_mlx.load(program)
+    prog = paw_mlx.load(program, parallel=parallel, timeout=dist_timeout, pipeline_shares=parse_shares(pipeline_shares))
+    show_ranks(prog)
     if prompt_ids is not None:
         source: str | list[int] = read_ids_file(prompt_ids)
     else:
@@ -208,6 +225,29 @@ def run(
             f"{run_stats.generation_tps:.1f} tok/s | peak memory {run_stats.peak_memory_gb:.2f} GB",
             err=True,
         )
+
+
+def parse_shares(text: str | None) -> list[float] | None:
+    """'3,1' -> [3.0, 1.0]."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise PawError(f"--pipeline-shares takes numbers separated by commas (like 3,1), got {text!r}") from None
+
+
+def show_ranks(prog) -> None:
+    """On a distributed run, say on stderr what each rank holds (rank 0 is the only rank that gets here)."""
+    ranks = getattr(prog.model, "ranks", None)
+    if not ranks:
+        return
+    mode = "tensor" if getattr(prog.model, "tensor_parallel", False) else "pipeline"
+    lines = [f"paw: {mode} parallel over {len(ranks)} ranks:"]
+    for report in ranks:
+        lines.append(f"  rank {report.rank}: {report.share}, weights {report.weight_bytes / 1e6:.1f} MB, "
+                     f"resident {report.resident_bytes / 1e6:.0f} MB")
+    typer.echo("\n".join(lines), err=True)
 
 
 @app.command()

@@ -37,8 +37,9 @@ def _names(value: Any) -> list[str]:
     return []
 
 
-def _references(spec: schema.OpSpec, node) -> set[str]:
+def references(node) -> set[str]:
     """Names of the values a node reads (attribute strings such as dtypes excluded)."""
+    spec = schema.OPS[node.op]
     refs = set(_names(list(node.inputs)))
     for name, value in node.attrs.items():
         if spec.attr_by_name[name].kind in (schema.INT, schema.INTS):
@@ -73,7 +74,7 @@ class CompiledDecoder:
         current = _Segment()
         for node, step in zip(model.program.nodes, model._steps, strict=True):
             spec = schema.OPS[node.op]
-            refs = _references(spec, node)
+            refs = references(node)
             if spec.symbolic:
                 if not refs <= inputs | sym_names:
                     self.supported = False  # a size of an intermediate tensor

@@ -33,3 +33,7 @@ class ArtifactError(PawError):
 
 class ConstraintError(PawError):
     """An output constraint (choices, regex, JSON schema) is invalid or cannot be met."""
+
+
+class DistributedError(PawError):
+    """A run over several processes cannot start, or lost one of its ranks."""

@@ -151,11 +151,17 @@ class GraphModel:
         inputs = {"input_ids": tokens.astype(mx.int32)}
         if "position_ids" in self.input_names:
             inputs["position_ids"] = positions
+        return self.forward(inputs, cache, offset, key_mask)["logits"]
+
+    def forward(self, inputs: dict[str, mx.array], cache: list | None = None, offset: int | None = None,
+                key_mask: mx.array | None = None) -> dict[str, Any]:
+        """Like ``run``, but a one-token step with a cache runs compiled when ``compile_decode`` allows."""
+        length = inputs["input_ids"].shape[-1]
         if self.compile_decode and length == 1 and offset is not None and cache and key_mask is None:
             decoder = self._compiled()
             if decoder is not None:
-                return decoder.run(inputs, cache, offset)["logits"]
-        return self.run(inputs, cache, offset, key_mask)["logits"]
+                return decoder.run(inputs, cache, offset)
+        return self.run(inputs, cache, offset, key_mask)
 
     def _compiled(self):
         if self._decoder is None:

@@ -259,6 +259,13 @@ _op("act_quant", "ternary",
     "2**(bits-1) - 1) / s, in x's dtype",
     [_t("x")], [_attr("bits", INT, "activation bits", 8)])
 
+# ----------------------------------------------------------------------------- distributed
+_op("all_sum", "distributed",
+    "x summed over every rank of the distributed group (mx.distributed.all_sum): the reduction after a "
+    "row-parallel projection under tensor parallelism. Exported programs never hold it; "
+    "interp/distributed/sharding.py inserts it into each rank's program. In one process it is x.",
+    [_t("x")])
+
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}
 if len(OPS) != len(_SPECS):  # pragma: no cover - guards the table itself

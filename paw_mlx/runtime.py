@@ -78,18 +78,37 @@ def _arrays(consts: dict) -> list[mx.array]:
     return found
 
 
-def load(path: str | Path, *, compile: bool = True) -> LoadedProgram:  # noqa: A002 - mx.compile's name
+def load(path: str | Path, *, compile: bool = True, parallel: str = "auto",  # noqa: A002 - mx.compile's name
+         timeout: float | None = None, pipeline_shares: list[float] | None = None) -> LoadedProgram:
     """Load and validate a program directory (or its prog.json) for generation.
 
     ``compile`` runs each one-token decode step as one mx.compile'd function
     (interp/compiled_step.py; segments, interp/compiled.py, where the whole step cannot
     be); turn it off to measure or debug the plain interpreter.
+
+    Started by ``mlx.launch`` (or mpirun) with more than one rank, the program is split
+    over the ranks: ``parallel`` is ``auto`` (= ``pipeline``), ``pipeline``, ``tensor``
+    or ``none`` (every rank loads the whole program). Rank 0 gets the model; the other
+    ranks serve it inside this call and exit when rank 0 is done. ``timeout`` (seconds,
+    default $PAW_DIST_TIMEOUT or 60) bounds every wait on another rank;
+    ``pipeline_shares`` (``[3, 1]``) gives a rank with more memory more layers.
     """
-    program = read_program(path, known_ops=set(REGISTRY))
-    model = GraphModel.from_program(program, compile_decode=compile)
-    # mx.load's arrays are lazy and tied to the loading thread's stream; evaluating them
-    # here lets any thread (a chat worker, a thread pool of function calls) run the model.
-    mx.eval(_arrays(model.consts))
+    from interp import distributed
+
+    if parallel not in distributed.PARALLEL_MODES:
+        raise PawError(f"unknown parallel mode {parallel!r}: use one of {', '.join(distributed.PARALLEL_MODES)}")
+    world = distributed.connect(timeout) if parallel != "none" else None
+    if parallel in ("pipeline", "tensor") and world is None:
+        raise PawError(f"parallel={parallel!r} needs several ranks: start paw with mlx.launch (see docs/distributed.md)")
+    if world is not None:
+        mode = "pipeline" if parallel == "auto" else parallel
+        program, model = distributed.load_parallel(path, world, mode, compile=compile, shares=pipeline_shares)
+    else:
+        program = read_program(path, known_ops=set(REGISTRY))
+        model = GraphModel.from_program(program, compile_decode=compile)
+        # mx.load's arrays are lazy and tied to the loading thread's stream; evaluating them
+        # here lets any thread (a chat worker, a thread pool of function calls) run the model.
+        mx.eval(_arrays(model.consts))
     tokenizer = None
     if (program.directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))

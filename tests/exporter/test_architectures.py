@@ -143,3 +143,27 @@ def test_attention_features_reach_the_program(cases, arch):
     for layer, (got, expected) in enumerate(zip(attrs, want, strict=True)):
         assert got["layer"] == layer
         assert {key: got.get(key, 0.0) for key in expected} == expected
+
+
+#: Architectures whose attention tensor parallelism keeps whole (only the MLP splits), and why.
+WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "bloom": "ALiBi's slopes depend on each head's index"}
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_pipeline_and_tensor_splits_give_the_same_logits(cases, arch):
+    """Split over two ranks (simulated in one process), every architecture computes what it does whole."""
+    from interp.distributed.sharding import plan_tensor_parallel, probe_shapes
+    from tests.interp.distributed.simulate import (
+        max_difference,
+        pipeline_logits,
+        tensor_logits,
+        whole_logits,
+    )
+
+    program, consts = cases(arch).model.program, cases(arch).model.consts
+    expected, feeds = whole_logits(program, consts, cases(arch).ids[0, :PROMPT_LEN].tolist(), steps=2)
+    assert max_difference(expected, pipeline_logits(program, consts, 2, feeds)) < TOLERANCE
+    assert max_difference(expected, tensor_logits(program, consts, 2, feeds)) < TOLERANCE
+    query = next(node.inputs[0] for node in program.nodes if node.op == "attention")
+    heads = probe_shapes(program)[query][1], probe_shapes(plan_tensor_parallel(program, 2).rank_program(0))[query][1]
+    assert (heads[1] == heads[0]) == (arch in WHOLE_ATTENTION), heads

@@ -205,6 +205,8 @@ CASES["ternary_linear"] = _ternary_case("2bit")
 CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
 # F.embedding takes (indices, weight); the program op takes (weight, indices).
 CASES["embedding"] = Case(lambda w, i: F.embedding(i, w), [randn(10, 4), ints(10, 2, 3)])
+# In one process (the test's) the sum over the ranks is x itself; tests/interp/distributed runs it over several.
+CASES["all_sum"] = Case(lambda x: x.clone(), [randn(2, 3, 4)])
 EXTRA_CASES = {
     "attention with window, softcap and a cache-like longer key": Case(
         _attention_ref, [randn(1, 4, 3, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)],

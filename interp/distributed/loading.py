@@ -1,0 +1,84 @@
+"""Read only the consts a rank needs, and measure what the rank holds.
+
+``mx.load`` of a safetensors file is lazy: it reads the header and returns arrays that
+read their bytes when first evaluated. So a rank loads the file, keeps the names its
+stages use, drops the rest unevaluated and evaluates what it kept: the other ranks'
+weights are never read (resident memory grows by the kept bytes only; docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import mlx.core as mx
+
+from interp.errors import WeightsError
+from interp.program import Program
+
+
+def const_files(program: Program) -> list[Path]:
+    """Every safetensors file holding ``program``'s consts: the one place that lists them."""
+    return [program.consts_path]
+
+
+def load_consts(program: Program, names: Iterable[str],
+                cut: Callable[[str, mx.array], mx.array] | None = None) -> dict[str, mx.array]:
+    """The named consts of ``program``, evaluated; nothing else is read from disk.
+
+    ``cut(name, array)`` keeps a part of a const (tensor parallelism): each is then
+    copied out and evaluated on its own, so one whole const at a time is in memory.
+    """
+    wanted = set(names)
+    found: dict[str, mx.array] = {}
+    for path in const_files(program):
+        try:
+            arrays = mx.load(str(path))
+        except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
+            raise WeightsError(f"cannot read {path}: {exc}") from None
+        found.update({name: array for name, array in arrays.items() if name in wanted})
+        del arrays
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise WeightsError(f"{program.directory} lacks the const {missing[0]!r}")
+    if cut is None:
+        mx.eval(list(found.values()))
+        return found
+    for name in sorted(found):
+        part = cut(name, found[name])
+        if part is not found[name]:
+            part = mx.contiguous(part)  # a copy: a view would keep the whole const alive
+        mx.eval(part)
+        found[name] = part
+    return found
+
+
+def held_bytes(arrays: Iterable) -> int:
+    """Bytes of the arrays (and of arrays inside prepared weights such as ternary layouts)."""
+    total = 0
+    for value in arrays:
+        if isinstance(value, mx.array):
+            total += value.nbytes
+        elif hasattr(value, "__dict__"):
+            total += sum(v.nbytes for v in vars(value).values() if isinstance(v, mx.array))
+    return total
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now, in bytes (0 when the platform will not say).
+
+    Not ``ru_maxrss``: on Linux a process started from a large one (a test runner) inherits
+    its peak across exec.
+    """
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    try:  # macOS and the BSDs
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip()) * 1024
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0
