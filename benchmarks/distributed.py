@@ -38,7 +38,8 @@ def worker(out: str, program: str, mode: str, prompt_tokens: int, decode_tokens:
     """One configuration, on every rank; rank 0 (or the only process) writes ``out``."""
     import paw_mlx
     from benchmarks.worker import prompt_ids, time_stream
-    from interp.distributed.loading import held_bytes, resident_bytes
+    from interp.device import resident_bytes
+    from interp.distributed.loading import held_bytes
     from interp.generate import generate_step
 
     start = time.perf_counter()

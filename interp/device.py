@@ -20,6 +20,7 @@ This module must not import ``mlx.core`` at import time: ``interp.blas`` asks
 
 from __future__ import annotations
 
+import os
 import sys
 
 from interp.errors import PawError
@@ -130,3 +131,23 @@ def max_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if is_macos() else int(peak) * 1024
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now, in bytes (0 when the platform will not say).
+
+    Not ``max_rss_bytes``: on Linux a process started from a large one (a test runner)
+    inherits its peak across exec.
+    """
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    import subprocess
+
+    try:  # macOS and the BSDs
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip()) * 1024
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0

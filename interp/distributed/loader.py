@@ -20,8 +20,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from interp.device import resident_bytes
 from interp.distributed.driver import lost_connection
-from interp.distributed.loading import held_bytes, load_consts, resident_bytes
+from interp.distributed.loading import held_bytes, load_consts
 from interp.distributed.pipeline import PipelineModel, PipelineWorker
 from interp.distributed.stages import plan_pipeline, stage_program
 from interp.distributed.world import World

@@ -8,8 +8,6 @@ weights are never read (resident memory grows by the kept bytes only; docs/distr
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -64,21 +62,3 @@ def held_bytes(arrays: Iterable) -> int:
         elif hasattr(value, "__dict__"):
             total += sum(v.nbytes for v in vars(value).values() if isinstance(v, mx.array))
     return total
-
-
-def resident_bytes() -> int:
-    """This process's resident set size now, in bytes (0 when the platform will not say).
-
-    Not ``ru_maxrss``: on Linux a process started from a large one (a test runner) inherits
-    its peak across exec.
-    """
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pass
-    try:  # macOS and the BSDs
-        out = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())], capture_output=True, text=True, timeout=5)
-        return int(out.stdout.strip()) * 1024
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return 0
