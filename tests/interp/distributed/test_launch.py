@@ -42,9 +42,31 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (mlx.launch's ``--starting-port``
+    gives rank i the port start + i, so every one of them must be free, not just the first)."""
+    for _ in range(50):
+        start = free_ports(1)[0]
+        if start + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return start
+    raise RuntimeError(f"no {count} consecutive free loopback ports")
+
+
 def launch(ranks: int, *command: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``mlx.launch -n RANKS --backend ring`` of COMMAND (a script path, or the paw console script)."""
-    port = free_ports(1)[0]
+    port = free_port_run(ranks)
     args = [LAUNCH, "-n", str(ranks), "--backend", "ring", "--starting-port", str(port), "--python",
             sys.executable, "--", *command]
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
