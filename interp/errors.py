@@ -29,3 +29,11 @@ class SourceError(PawError):
 
 class ArtifactError(PawError):
     """A programs-as-weights artifact is malformed or made for another base model."""
+
+
+class InputError(PawError):
+    """What a caller feeds a program is out of range: token ids outside the vocabulary, an empty prompt."""
+
+
+class TemplateError(PawError):
+    """A chat template failed to render, or hit a limit on time or output size."""
