@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from interp.errors import ArtifactError, PawError
-from paw_mlx.programs.artifact import ProgramArtifact, read_artifact
+from interp.errors import ArtifactError, InputError, PawError
+from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_artifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import DEFAULT_BASE, compile, input_ids
 from paw_mlx.programs.interpreter import interpreter
@@ -16,14 +16,9 @@ class ProgramFunction:
     """Calls a program: a string in, a string out; a list in, a list out (one batch)."""
 
     def __init__(self, artifact: ProgramArtifact, base: LoadedProgram, max_new_tokens: int | None = None):
-        if artifact.base_fingerprint and artifact.base_fingerprint != base.fingerprint:
-            raise ArtifactError(
-                f"this program was compiled for base model {artifact.base_fingerprint} "
-                f"({artifact.base_hint or 'unknown path'}), not for {base.fingerprint} ({base.path}); "
-                "recompile it with `paw compile` for this base")
-        if len(artifact.prefix) != base.model.num_layers:
-            raise ArtifactError(f"the program has {len(artifact.prefix)} layers, the base model "
-                                f"{base.model.num_layers}")
+        check_against_base(artifact, base)
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r:.40}")
         self.artifact = artifact
         self.base = base
         self.max_new_tokens = max_new_tokens or artifact.generation.max_new_tokens
@@ -37,6 +32,12 @@ class ProgramFunction:
         return input_ids(self.base.tokenizer, self.artifact.layout, text)
 
     def call_ids(self, rows: list[list[int]]) -> list[list[int]]:
+        """Output ids for each row of input ids (each checked against the vocabulary and context)."""
+        rows = [self.base.check_ids(row, f"input {i} ids") for i, row in enumerate(rows)]
+        longest = max((len(row) for row in rows), default=0)
+        if self.artifact.prefix_length + longest >= self.base.context_length:
+            raise InputError(f"an input of {longest} tokens after the {self.artifact.prefix_length}-token prefix "
+                             f"fills the base model's context of {self.base.context_length}")
         return generate_batch(self.base, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
                               temperature=self.artifact.generation.temperature)
 
@@ -61,11 +62,12 @@ def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgr
 
 
 def function(program: str | Path | ProgramArtifact, base: str | Path | None = None,
-             max_new_tokens: int | None = None) -> ProgramFunction:
+             max_new_tokens: int | None = None, *, verify: bool = False) -> ProgramFunction:
     """A callable for a compiled program directory, an in-memory artifact, or a .txt spec.
 
     The base model is ``base`` if given, else the one the program was compiled on (its
     recorded path), else the default 'smollm2'; a mismatch of fingerprints is an error.
+    ``verify`` checks the program's files against the sha256 in its manifest.json first.
     """
     if isinstance(program, ProgramArtifact):
         artifact = program
@@ -76,5 +78,5 @@ def function(program: str | Path | ProgramArtifact, base: str | Path | None = No
         elif not path.exists():
             raise ArtifactError(f"no such program: {path}")
         else:
-            artifact = read_artifact(path)
+            artifact = read_artifact(path, verify=verify)
     return ProgramFunction(artifact, _base_for(artifact, base), max_new_tokens)
