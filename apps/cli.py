@@ -16,7 +16,7 @@ import typer
 
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
-from interp.errors import PawError
+from interp.errors import PawError, first_line
 
 app = typer.Typer(
     name="paw",
@@ -277,7 +277,7 @@ def main() -> None:
         # typer.Exit (and turns Ctrl-C into Exit(130)) instead of exiting with it.
         code = app(standalone_mode=False)
     except PawError as exc:
-        typer.echo(f"paw: error: {exc}", err=True)
+        typer.echo(f"paw: error: {first_line(exc)}", err=True)
         sys.exit(1)
     except typer.Exit as exc:
         code = exc.exit_code

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from interp import schema
 from interp.cache import KVCache, make_cache
-from interp.errors import PawError, ProgramError, WeightsError
+from interp.errors import PawError, ProgramError, WeightsError, first_line
 from interp.limits import RunBudget
 from interp.ops import REGISTRY
 from interp.ops.ternary import prepare_ternary_consts
@@ -116,7 +116,7 @@ def _compile_node(index: int, node) -> _Step:
         except PawError:
             raise
         except Exception as exc:  # MLX raises ValueError, IndexError, TypeError, OverflowError, ...
-            raise ProgramError(f"{where} failed: {exc}") from exc
+            raise ProgramError(f"{where} failed: {first_line(exc)}") from exc
         for name, value in zip(outputs, values, strict=True):
             if isinstance(value, mx.array):
                 ctx.budget.spend(value.shape, value.itemsize, where)
@@ -133,7 +133,7 @@ class GraphModel:
         try:
             self.consts = prepare_ternary_consts(program.nodes, consts)  # packed ternary weights, laid out once
         except Exception as exc:  # numpy and MLX refuse malformed packed weights in several ways
-            raise WeightsError(f"{program.directory}: cannot lay out its ternary weights: {exc}") from exc
+            raise WeightsError(f"{program.directory}: cannot lay out its ternary weights: {first_line(exc)}") from exc
         self.input_names = [i["name"] for i in program.spec["inputs"]]
         self.output_names = [o["name"] for o in program.spec["outputs"]]
         self._steps = [_compile_node(index, node) for index, node in enumerate(program.nodes)]
@@ -149,7 +149,7 @@ class GraphModel:
         try:
             consts = mx.load(str(program.consts_path))
         except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-            raise WeightsError(f"cannot read {program.consts_path}: {exc}") from None
+            raise WeightsError(f"cannot read {program.consts_path}: {first_line(exc)}") from None
         return cls(program, consts, compile_decode=compile_decode)
 
     def make_cache(self) -> list[KVCache]:

@@ -382,7 +382,7 @@ def read_safetensors_header(path: Path, error: type[PawError] = WeightsError) ->
     spans = []
     for name, meta in header.items():
         what = f"{path}: tensor {name!r:.60}"
-        if not isinstance(meta, dict) or meta.get("dtype") not in ST_DTYPES:
+        if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or meta["dtype"] not in ST_DTYPES:
             raise error(f"{what} has no dtype paw reads")
         shape, offsets = meta.get("shape"), meta.get("data_offsets")
         if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= schema.INT32_MAX for d in shape):

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlx.core as mx
+
 from interp.atomic import atomic_write_text
 from interp.errors import ArtifactError, PawError
 from interp.generate import GenerationStats
@@ -165,6 +167,8 @@ class ChatSession:
         keep = min(offset, len(fed))
         self._trim_to(keep)
         self.cached_ids = list(fed[:keep])
+        # evaluated, the cache can be continued from any thread (MLX ties lazy arrays to a thread's stream)
+        mx.eval([c.state for c in self.cache])
 
     def _offset(self) -> int:
         return int(self.cache[0].offset) if self.cache else 0

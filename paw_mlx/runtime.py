@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from interp.errors import InputError, ProgramError
+from interp.errors import InputError, ProgramError, first_line
 from interp.generate import GenerationStats, generate_step
 from interp.graph import GraphModel
 from interp.manifest import verify_manifest
@@ -213,7 +213,7 @@ def stream_tokens(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256,
                 if stop is not None and stop.is_set():
                     break
         except (RuntimeError, ValueError, MemoryError) as exc:  # MLX's errors while evaluating the graph
-            raise ProgramError(f"running {prog.path} failed: {exc}") from exc
+            raise ProgramError(f"running {prog.path} failed: {first_line(exc)}") from exc
         finally:
             steps.close()
 

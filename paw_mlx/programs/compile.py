@@ -66,7 +66,10 @@ def read_spec(spec: str) -> str:
         path = Path(spec[1:])
         if not path.is_file():
             raise PawError(f"no such spec file: {path}")
-        spec = path.read_text(encoding="utf-8")
+        try:
+            spec = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PawError(f"cannot read the spec file {path}: {exc}") from None
     spec = spec.strip()
     if not spec:
         raise PawError("the spec is empty")
