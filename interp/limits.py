@@ -4,7 +4,8 @@ MLX does not survive an allocation it cannot make: a buffer larger than the memo
 process may map ends in a segfault, and a shape whose element count overflows aborts.
 So every size a program asks for is checked here first, in bytes, against one budget:
 the physical memory of the machine, or less when the process runs under an address-space
-limit (``ulimit -v``), or ``PAW_MEMORY_LIMIT`` (bytes, or with a K/M/G/T suffix).
+limit (``ulimit -v``) or a container's memory limit (cgroups), or ``PAW_MEMORY_LIMIT``
+(bytes, or with a K/M/G/T suffix).
 
 The interpreter calls ``check_shape`` before an op allocates from its attributes
 (``full``, ``arange``, ``expand``, ...) and ``RunBudget.spend`` for every node's outputs,
@@ -61,11 +62,31 @@ def _mapped_bytes() -> int:
         return 0
 
 
+#: cgroup memory limits (v2, then v1) and the usage they count, for processes in containers
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cgroup_room() -> int | None:
+    """Bytes the container's memory limit leaves (Linux cgroups; None without a limit)."""
+    for limit_path, usage_path in _CGROUP_FILES:
+        try:
+            with open(limit_path, encoding="ascii") as fh:
+                limit = fh.read().strip()
+            with open(usage_path, encoding="ascii") as fh:
+                usage = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            return max(int(limit) - usage, 0)
+    return None
+
+
 def memory_budget() -> int:
     """Bytes one run's tensors may take in this process (worked out once)."""
     global _budget
     if _budget is None:
-        limits = [_physical_memory()]
+        limits = [_physical_memory(), _cgroup_room()]
         given = os.environ.get("PAW_MEMORY_LIMIT")
         if given:
             limits.append(_parse_size(given))
