@@ -113,6 +113,8 @@ def _compile_node(index: int, node) -> _Step:
             values = (result,) if single else tuple(result)
             if len(values) != len(outputs):
                 raise ValueError(f"it gave {len(values)} outputs for {len(outputs)} names")
+        except ProgramError as exc:  # an op's own check: say which node
+            raise ProgramError(f"{where}: {exc}") from exc
         except PawError:
             raise
         except Exception as exc:  # MLX raises ValueError, IndexError, TypeError, OverflowError, ...

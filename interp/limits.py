@@ -115,17 +115,18 @@ def human_bytes(n: float) -> str:
 
 
 def check_shape(shape: Sequence, itemsize: int, what: str) -> int:
-    """The bytes of a tensor of ``shape``; ProgramError naming ``what`` if it cannot be made.
+    """The bytes of a tensor of ``shape``; ProgramError naming ``what`` ("node 3 (full): its output")
+    if it cannot be made.
 
     Each entry must be an integer in [0, 2**31) (MLX's shapes are 32-bit) and the whole
     must fit the memory budget.
     """
     for size in shape:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= INT32_MAX:
-            raise ProgramError(f"{what}: shape {list(shape)} has an entry outside [0, 2**31)")
+            raise ProgramError(f"{what} would have shape {list(shape)}, with an entry outside [0, 2**31)")
     nbytes = math.prod(shape) * itemsize
     if nbytes > memory_budget():
-        raise ProgramError(f"{what}: a tensor of shape {list(shape)} needs {human_bytes(nbytes)}, "
+        raise ProgramError(f"{what} of shape {list(shape)} needs {human_bytes(nbytes)}, "
                            f"more than the {human_bytes(memory_budget())} this process may use")
     return nbytes
 
@@ -133,7 +134,7 @@ def check_shape(shape: Sequence, itemsize: int, what: str) -> int:
 def arange_length(start: int, end: int, step: int) -> int:
     """Elements of arange(start, end, step) (0 when empty); step must not be 0."""
     if step == 0:
-        raise ProgramError("arange: step must not be 0")
+        raise ProgramError("arange's step must not be 0")
     return max(0, -((start - end) // step))
 
 
@@ -150,5 +151,5 @@ class RunBudget:
         self.spent += math.prod(shape) * itemsize
         if self.spent > self.limit:
             raise ProgramError(f"{where}: the run's tensors would need {human_bytes(self.spent)} by this node "
-                               f"(its output is {list(shape)}), more than the {human_bytes(self.limit)} this "
-                               "process may use")
+                               f"(its output has shape {list(shape)}), more than the {human_bytes(self.limit)} "
+                               "this process may use")

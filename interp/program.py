@@ -248,10 +248,10 @@ def _check_node_attrs(op: str, attrs: dict, layers: int, where: str) -> None:
     if op == "attention" and _is_int(attrs.get("layer")) and attrs["layer"] >= layers:
         raise ProgramError(f"{where}: layer {attrs['layer']} is not below state.kv_cache.layers ({layers})")
     if op == "full" and all(_is_int(d) for d in attrs["shape"]):
-        limits.check_shape(attrs["shape"], limits.dtype_bytes(attrs["dtype"]), where)
+        limits.check_shape(attrs["shape"], limits.dtype_bytes(attrs["dtype"]), f"{where}: its output")
     if op == "arange" and all(_is_int(attrs.get(k, 0)) for k in ("start", "end", "step")):
         length = limits.arange_length(attrs.get("start", 0), attrs["end"], attrs.get("step", 1))
-        limits.check_shape([length], limits.dtype_bytes(attrs.get("dtype", "int64")), where)
+        limits.check_shape([length], limits.dtype_bytes(attrs.get("dtype", "int64")), f"{where}: its output")
 
 
 def _check_dtype(dtype: Any, what: str) -> None:

@@ -42,7 +42,7 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
         k, v = cache.update_and_fetch(k, v)
     length, total = q.shape[2], k.shape[2]
     # the largest temporary: one block's float32 scores
-    check_shape([q.shape[0], q.shape[1], min(length, QUERY_BLOCK), total], 4, "attention scores")
+    check_shape([q.shape[0], q.shape[1], min(length, QUERY_BLOCK), total], 4, "its block of scores")
     special = window > 0 or softcap > 0 or alibi_max_bias > 0
     on_cpu = mx.default_device() == mx.cpu
     if not on_cpu and not special and ctx.key_mask is None:

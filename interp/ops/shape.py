@@ -34,8 +34,8 @@ def clip_indices(indices: mx.array, length: int) -> mx.array:
     return mx.clip(indices, 0, length - 1)
 
 
-def _allocates(shape, x: mx.array, what: str) -> None:
-    check_shape(list(shape), x.itemsize, what)
+def _allocates(shape, x: mx.array) -> None:
+    check_shape(list(shape), x.itemsize, "its output")
 
 
 @implementation("reshape")
@@ -74,7 +74,7 @@ def expand(x, *, shape):
     if lead < 0 or any(s == -1 for s in shape[:lead]):
         raise ProgramError(f"cannot expand a tensor of shape {list(x.shape)} to {shape}")
     target = [x.shape[i - lead] if s == -1 else s for i, s in enumerate(shape)]
-    _allocates(target, x, "expand")
+    _allocates(target, x)
     return mx.broadcast_to(x, target)
 
 
@@ -156,13 +156,13 @@ def cast(x, *, dtype):
 
 @implementation("arange")
 def arange(*, start=0, end, step=1, dtype="int64"):
-    check_shape([arange_length(start, end, step)], dtype_bytes(dtype), "arange")
+    check_shape([arange_length(start, end, step)], dtype_bytes(dtype), "its output")
     return mx.arange(start, end, step, dtype=to_mlx(dtype))
 
 
 @implementation("full")
 def full(*, shape, value, dtype):
-    check_shape(shape, dtype_bytes(dtype), "full")
+    check_shape(shape, dtype_bytes(dtype), "its output")
     return mx.full(shape, value, dtype=to_mlx(dtype))
 
 
@@ -179,7 +179,7 @@ def cumsum(x, *, dim):
 @implementation("repeat_interleave")
 def repeat_interleave(x, *, repeats, dim):
     axis = axis_index(x, dim)
-    _allocates([*x.shape[:axis], x.shape[axis] * repeats, *x.shape[axis + 1:]], x, "repeat_interleave")
+    _allocates([*x.shape[:axis], x.shape[axis] * repeats, *x.shape[axis + 1:]], x)
     return mx.repeat(x, repeats, axis=axis)
 
 
@@ -188,7 +188,7 @@ def tile(x, *, reps):
     reps = list(reps)
     shape = [1] * (len(reps) - x.ndim) + list(x.shape)
     reps = [1] * (len(shape) - len(reps)) + reps
-    _allocates([s * r for s, r in zip(shape, reps, strict=True)], x, "tile")
+    _allocates([s * r for s, r in zip(shape, reps, strict=True)], x)
     return mx.tile(x, reps)
 
 
