@@ -86,8 +86,8 @@ class LoadedProgram:
         """
         if self._kv_layout is None:
             cache = self.make_cache()
-            with self.lock:
-                self.model(mx.array([[0]], dtype=mx.int32), cache=cache)
+            with self.lock:  # positions given: the plain interpreter, no decode step compiled for this
+                self.model(mx.array([[0]], dtype=mx.int32), cache=cache, positions=mx.array([[0]], dtype=mx.int32))
                 mx.eval([c.state for c in cache])
             for i, c in enumerate(cache):
                 if c.keys is None:
