@@ -89,6 +89,35 @@ def _predicted_size(operator: str, left, right) -> int:
     return 0
 
 
+def _call_size(name: str, args: tuple, kwargs: dict) -> int:
+    """An upper bound on the result of the string operation ``name`` (a str method or a
+    filter of the same name), for those whose result can dwarf their arguments."""
+    text = args[0] if args and isinstance(args[0], str) else ""
+    rest = args[1:]
+    if name == "replace" and len(rest) >= 2 and isinstance(rest[0], str) and isinstance(rest[1], str):
+        count = rest[2] if len(rest) > 2 and isinstance(rest[2], int) and rest[2] >= 0 else None
+        matches = len(text) + 1 if not rest[0] else len(text) // len(rest[0])
+        return len(text) + min(matches, count if count is not None else matches) * len(rest[1])
+    if name == "join":
+        items = args[1] if text and len(args) > 1 else args[0] if args else ()
+        separator = text if text else (rest[0] if rest and isinstance(rest[0], str) else kwargs.get("d", ""))
+        sizes = [_size(item) or 20 for item in items] if isinstance(items, (list, tuple, str, range)) else [0]
+        return sum(sizes) + len(separator if isinstance(separator, str) else "") * len(sizes)
+    if name == "indent":
+        width = rest[0] if rest else kwargs.get("width", 4)
+        width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        return len(text) + (text.count("\n") + 1) * max(width, 0)
+    if name == "expandtabs":
+        tab = rest[0] if rest and isinstance(rest[0], int) else kwargs.get("tabsize", 8)
+        return len(text) + text.count("\t") * max(tab if isinstance(tab, int) else 8, 0)
+    if name == "translate" and rest and isinstance(rest[0], dict):
+        longest = max((_size(v) for v in rest[0].values()), default=1)
+        return len(text) * max(longest, 1)
+    if name == "format":
+        return _formatted_size(text, [*rest, *kwargs.values()])
+    return 0
+
+
 def _formatted_size(pattern: str, args) -> int:
     """An upper bound on the length of ``pattern`` formatted with ``args`` (% or str.format):
     every run of digits in the pattern may be a field width."""
@@ -114,7 +143,8 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
     def __init__(self) -> None:
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         self.filters["tojson"] = _tojson
-        self.filters = {name: _limited(fn) for name, fn in self.filters.items()}
+        self.filters = {name: _limited(name, fn) for name, fn in self.filters.items()}
+        self.globals.pop("lipsum", None)  # paragraphs of filler on demand: no template needs it
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
 
@@ -129,20 +159,22 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
         _check_arguments(args, kwargs)
-        pattern = getattr(getattr(__obj, "__wrapped__", None), "__self__", None)
-        if (getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(pattern, str)
-                and _formatted_size(pattern, [*args, *kwargs.values()]) > TEMPLATE_MAX_CHARS):
-            raise _Limit(f"str.format would build a value beyond the limit of {TEMPLATE_MAX_CHARS:,}")
+        name = getattr(__obj, "__name__", "")
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # str.format comes wrapped
+        if isinstance(owner, str) and _call_size(name, (owner, *args), kwargs) > TEMPLATE_MAX_CHARS:
+            raise _Limit(f"str.{name} would build a value beyond the limit of {TEMPLATE_MAX_CHARS:,}")
         return _check_value(super().call(__context, __obj, *args, **kwargs))
 
 
-def _limited(fn: Callable) -> Callable:
+def _limited(name: str, fn: Callable) -> Callable:
     """A filter whose parameters (not the value it filters) and result are checked."""
-    pass_arg = getattr(fn, "jinja_pass_arg", None)  # jinja passes context/environment first
+    skip = 1 if getattr(fn, "jinja_pass_arg", None) else 0  # jinja passes context/environment first
 
     @wraps(fn)
     def filter_(*args, **kwargs):
-        _check_arguments(args[2 if pass_arg else 1:], kwargs)
+        _check_arguments(args[skip + 1:], kwargs)
+        if _call_size(name, args[skip:], kwargs) > TEMPLATE_MAX_CHARS:
+            raise _Limit(f"the filter {name} would build a value beyond the limit of {TEMPLATE_MAX_CHARS:,}")
         return _check_value(fn(*args, **kwargs))
 
     return filter_
