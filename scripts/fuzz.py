@@ -16,13 +16,14 @@ import json
 import shutil
 import sys
 import tempfile
+import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fuzzing import RandomChooser, fuzz_case, make_bases  # noqa: E402
+from tests.fuzzing import Case, Outcome, RandomChooser, fuzz_case, make_bases  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             kind = "artifact" if chooser.below(1000) < args.artifact_share * 1000 else "program"
             work = root / f"case-{seed}"
             work.mkdir()
-            case, outcome, command = fuzz_case(kind, program, artifact, work, chooser, 1 + chooser.below(args.mutations))
+            try:
+                case, outcome, command = fuzz_case(kind, program, artifact, work, chooser,
+                                                   1 + chooser.below(args.mutations))
+            except Exception:  # a bug of the fuzzer itself: report it, keep going
+                case, outcome, command = Case(kind), Outcome("harness", traceback.format_exc()), []
             if not outcome.acceptable and args.keep is not None:
                 kept = args.keep / f"case-{seed}"
                 shutil.copytree(work, kept, dirs_exist_ok=True)

@@ -148,10 +148,11 @@ def _focus(chooser: Chooser, table) -> list:
     return []
 
 
-def _values_before(tree, index: int) -> list[str]:
+def _values_before(tree: dict, index: int) -> list[str]:
     """Names of the values defined before node ``index`` (inputs, consts, earlier outputs)."""
-    names = [i.get("name") for i in tree.get("inputs", []) if isinstance(i, dict)]
-    names += list(tree.get("consts", {})) if isinstance(tree.get("consts"), dict) else []
+    inputs, consts = tree.get("inputs"), tree.get("consts")
+    names = [i.get("name") for i in inputs if isinstance(i, dict)] if isinstance(inputs, list) else []
+    names += list(consts) if isinstance(consts, dict) else []
     for node in tree["nodes"][:index]:
         if isinstance(node, dict) and isinstance(node.get("outputs"), list):
             names += node["outputs"]
@@ -188,8 +189,9 @@ def _swap_op(node: dict, chooser: Chooser) -> str:
     return f"op -> {spec.name} {attrs}"
 
 
-def mutate_json(tree, chooser: Chooser, focus_table=PROGRAM_FOCUS) -> str:
-    """Apply one mutation to ``tree`` in place; returns a short description of it."""
+def mutate_json(tree: dict, chooser: Chooser, focus_table=PROGRAM_FOCUS) -> str:
+    """Apply one mutation to ``tree`` (whatever earlier mutations made of it) in place;
+    returns a short description of it."""
     focus = list(_focus(chooser, focus_table))
     if focus[:2] == ["consts", None] and isinstance(tree.get("consts"), dict) and tree["consts"]:
         focus[1] = chooser.pick(list(tree["consts"]))
@@ -208,7 +210,7 @@ def mutate_json(tree, chooser: Chooser, focus_table=PROGRAM_FOCUS) -> str:
             return f"rewire {node.get('op')} input {slot} -> {node['inputs'][slot]}"
     if focus == ["nodes", "*", "attrs"] and wellformed:  # one attribute (or one item of it)
         attrs = nodes[chooser.pick(wellformed)].get("attrs", {})
-        if attrs:
+        if isinstance(attrs, dict) and attrs:
             key = chooser.pick(list(attrs))
             value = attrs[key]
             if isinstance(value, list) and value and chooser.chance(60):
