@@ -20,7 +20,7 @@ import os
 import resource
 from collections.abc import Sequence
 
-from interp.errors import ProgramError
+from interp.errors import PawError, ProgramError
 from interp.schema import INT32_MAX
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -34,15 +34,15 @@ def dtype_bytes(dtype: str) -> int:
     return _BYTES[dtype]
 
 
-def _parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B")
+def _parse_size(given: str) -> int:
+    text = given.strip().upper().removesuffix("B")
     unit = text[-1:] if text[-1:] in _SUFFIXES else ""
     try:
         value = float(text[: len(text) - len(unit)])
     except ValueError:
-        raise ProgramError(f"PAW_MEMORY_LIMIT={text!r} is not a size (bytes, or a number with K, M, G or T)") from None
+        raise PawError(f"PAW_MEMORY_LIMIT={given!r} is not a size (bytes, or a number with K, M, G or T)") from None
     if not value > 0:
-        raise ProgramError("PAW_MEMORY_LIMIT must be positive")
+        raise PawError("PAW_MEMORY_LIMIT must be positive")
     return int(value * _SUFFIXES[unit])
 
 
