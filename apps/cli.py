@@ -16,7 +16,7 @@ import typer
 
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
-from interp.errors import PawError
+from interp.errors import PawError, first_line
 
 app = typer.Typer(
     name="paw",
@@ -142,10 +142,17 @@ def _export(src: str, out: Path, **options) -> None:
 
 
 def read_ids_file(path: Path) -> list[int]:
-    """Token ids from a text file: integers separated by spaces, commas or newlines."""
+    """Token ids from a text file: integers separated by spaces, commas or newlines.
+
+    Only the syntax is checked here; the ids are checked against the program's
+    vocabulary where they are used (``interp.token_ids``).
+    """
     if not path.is_file():
         raise PawError(f"no such ids file: {path}")
-    text = path.read_text(encoding="utf-8").replace(",", " ")
+    try:
+        text = path.read_text(encoding="utf-8").replace(",", " ")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PawError(f"cannot read {path}: {exc}") from None
     try:
         ids = [int(tok) for tok in text.split()]
     except ValueError:
@@ -217,7 +224,12 @@ def run(
     sys.stdout.write((detok.finalize() if detok is not None else "") + "\n")
     sys.stdout.flush()
     if output_ids is not None:
-        output_ids.write_text(" ".join(str(t) for t in produced) + "\n", encoding="utf-8")
+        from interp.atomic import atomic_write_text
+
+        try:
+            atomic_write_text(output_ids, " ".join(str(t) for t in produced) + "\n")
+        except OSError as exc:
+            raise PawError(f"cannot write {output_ids}: {exc.strerror or exc}") from None
     if stats:
         typer.echo(
             f"prompt: {run_stats.prompt_tokens} tokens, {run_stats.prompt_tps:.1f} tok/s, "
@@ -258,18 +270,20 @@ def decode(
 ) -> None:
     """Turn a file of token ids back into text."""
     from interp.program import resolve_program_dir
+    from interp.token_ids import check_token_ids
     from interp.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(resolve_program_dir(program))
-    typer.echo(tokenizer.decode(read_ids_file(ids_file), skip_special_tokens=skip_special))
+    ids = check_token_ids(read_ids_file(ids_file), tokenizer.vocab_size, what=str(ids_file))
+    typer.echo(tokenizer.decode(ids, skip_special_tokens=skip_special))
 
 
 @app.command()
 def inspect(
-    program: Annotated[Path, typer.Argument(help="Program directory or its prog.json.")],
-    verify: Annotated[bool, typer.Option("--verify", help="Also check every file's sha256 against the manifest.")] = False,
+    program: Annotated[Path, typer.Argument(help="Program directory (or its prog.json), or a compiled program (paw compile).")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also check every file's sha256 and the fingerprint against manifest.json.")] = False,
 ) -> None:
-    """Show a program's op histogram, parameter count, bytes by dtype and fingerprint."""
+    """Show a program's op histogram, parameter count, bytes by dtype and fingerprint (or a compiled program's prefix and base)."""
     from apps.inspect_view import show_program
 
     show_program(program, verify=verify)
@@ -288,18 +302,27 @@ def chat(
     run_chat(program, system=system, max_tokens=max_tokens, temperature=temperature)
 
 
+#: the exit code of a run stopped with Ctrl-C (128 + SIGINT), as shells report it
+INTERRUPTED = 130
+
+
 def main() -> None:
-    """Console-script entry: one line per error, never a traceback (unless PAW_DEBUG=1)."""
+    """Console-script entry: one line per error, never a traceback (unless PAW_DEBUG=1).
+
+    Exit codes: 0 success, 1 an error (one ``paw: error:`` line), 2 a usage error,
+    130 interrupted (Ctrl-C).
+    """
     try:
-        app(standalone_mode=False)
+        # Not standalone, so errors come here; typer then *returns* the code of a
+        # typer.Exit (and turns Ctrl-C into Exit(130)) instead of exiting with it.
+        code = app(standalone_mode=False)
     except PawError as exc:
-        typer.echo(f"paw: error: {exc}", err=True)
+        typer.echo(f"paw: error: {first_line(exc)}", err=True)
         sys.exit(1)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("paw: interrupted", err=True)
-        sys.exit(130)
+        code = INTERRUPTED
     except Exception as exc:  # click usage errors and anything unexpected
         import click
 
@@ -310,6 +333,10 @@ def main() -> None:
             raise
         typer.echo(f"paw: error: {type(exc).__name__}: {exc} (set PAW_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
+    if code == INTERRUPTED:
+        typer.echo("paw: interrupted", err=True)
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

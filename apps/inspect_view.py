@@ -1,4 +1,5 @@
-"""``paw inspect``: a program's shape at a glance, from prog.json and the consts header."""
+"""``paw inspect``: a program's shape at a glance, from prog.json and the consts header
+(or, for a compiled program, its spec, base and prefix)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from interp.errors import ProgramError
-from interp.program import read_program, read_safetensors_header
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-          "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1}
+from interp.limits import dtype_bytes, human_bytes
+from interp.manifest import verify_manifest
+from interp.program import CONSTS_FILE, PROGRAM_FILE, read_program, read_safetensors_header
+from interp.tokenizer import TOKENIZER_FILES
 
 
 def program_summary(path: str | Path, verify: bool = False) -> dict:
@@ -27,7 +27,7 @@ def program_summary(path: str | Path, verify: bool = False) -> dict:
         for dim in meta["shape"]:
             count *= dim
         params += count
-        by_dtype[meta["dtype"]] += count * _BYTES[meta["dtype"]]
+        by_dtype[meta["dtype"]] += count * dtype_bytes(meta["dtype"])
     summary = {
         "path": str(program.directory),
         "format": f"{program.spec['format']} v{program.spec['version']}",
@@ -41,38 +41,42 @@ def program_summary(path: str | Path, verify: bool = False) -> dict:
         "fingerprint": program.fingerprint or "(no manifest)",
     }
     if verify:
-        summary["verified"] = verify_files(program.directory, program.manifest)
+        summary["verified"] = verify_manifest(program.directory, program.manifest, (PROGRAM_FILE, CONSTS_FILE),
+                                              TOKENIZER_FILES)
     return summary
 
 
-def verify_files(directory: Path, manifest: dict) -> int:
-    from hashlib import sha256
+def artifact_summary(path: str | Path, verify: bool = False) -> dict:
+    """What ``paw inspect`` shows of a compiled program (``paw compile``)."""
+    from paw_mlx.programs.artifact import read_artifact
 
-    files = manifest.get("files")
-    if not files:
-        raise ProgramError(f"{directory} has no manifest with file hashes to verify")
-    for name, expected in files.items():
-        digest = sha256()
-        path = directory / name
-        if not path.is_file():
-            raise ProgramError(f"{path} is listed in the manifest but missing")
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise ProgramError(f"{path} does not match its sha256 in manifest.json (modified or corrupt)")
-    return len(files)
+    artifact = read_artifact(path, verify=verify)
+    keys = artifact.prefix[0][0]
+    summary = {
+        "path": str(artifact.directory),
+        "spec": artifact.spec,
+        "base": f"{artifact.base_fingerprint} ({artifact.base_hint or 'path unknown'})",
+        "prefix_tokens": artifact.prefix_length,
+        "layers": len(artifact.prefix),
+        "prefix": f"{keys.shape[1]} KV heads x {keys.shape[3]}, {str(keys.dtype).removeprefix('mlx.core.')}",
+        "tuning": (artifact.tuning or {}).get("method", "none (spec only)"),
+    }
+    if verify:
+        summary["verified"] = True
+    return summary
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
+def _is_compiled_program(path: Path) -> bool:
+    from paw_mlx.programs.artifact import PROGRAM_FILE as ARTIFACT_FILE
+
+    path = path.expanduser()
+    return path.name == ARTIFACT_FILE or ((path / ARTIFACT_FILE).is_file() and not (path / PROGRAM_FILE).is_file())
 
 
 def show_program(path: str | Path, verify: bool = False) -> None:
+    if _is_compiled_program(Path(path)):
+        show_artifact(path, verify)
+        return
     s = program_summary(path, verify=verify)
     console = Console()
     model = s["model"]
@@ -86,7 +90,7 @@ def show_program(path: str | Path, verify: bool = False) -> None:
     sizes.add_column("dtype")
     sizes.add_column("bytes", justify="right")
     for dtype, nbytes in sorted(s["bytes_by_dtype"].items()):
-        sizes.add_row(dtype, _human(nbytes))
+        sizes.add_row(dtype, human_bytes(nbytes))
     console.print(sizes)
     ops = Table(title="ops", show_header=True)
     ops.add_column("op")
@@ -94,3 +98,16 @@ def show_program(path: str | Path, verify: bool = False) -> None:
     for op, count in s["ops"].items():
         ops.add_row(op, str(count))
     console.print(ops)
+
+
+def show_artifact(path: str | Path, verify: bool = False) -> None:
+    s = artifact_summary(path, verify=verify)
+    console = Console()
+    console.print(f"[bold]{s['path']}[/bold]  (compiled program)")
+    spec = s["spec"].strip().splitlines()[0] if s["spec"].strip() else ""
+    console.print(f"spec: {spec[:100]}{'...' if len(spec) > 100 or len(s['spec'].strip().splitlines()) > 1 else ''}",
+                  markup=False)
+    console.print(f"base model: {s['base']}", markup=False)
+    console.print(f"prefix: {s['prefix_tokens']} tokens in {s['layers']} layers, {s['prefix']}; tuning: {s['tuning']}")
+    if verify:
+        console.print("verified: every file matches manifest.json")

@@ -11,11 +11,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from exporter.sources import cache_dir, resolve_source
+from interp.atomic import atomic_directory
+from interp.errors import PawError
 
 Say = Callable[[str], None]
 
@@ -34,18 +35,23 @@ def source_key(src: str) -> str:
     return f"{stem}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
+class _BuiltMeanwhile(PawError):
+    """Another process published the same cached folder first."""
+
+
 def _publish(build: Callable[[Path], None], target: Path) -> Path:
-    """Run ``build`` into a temp dir and rename it to ``target`` (nothing half-made)."""
+    """Run ``build`` into a temp dir and rename it to ``target`` (nothing half-made).
+
+    A cache: an existing ``target`` is used as it is, also one another run finished first.
+    """
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        build(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(target, error=_BuiltMeanwhile) as tmp:
+            build(tmp)
+    except _BuiltMeanwhile:
+        if not target.is_dir():
+            raise
     return target
 
 

@@ -21,7 +21,6 @@ and its length must match the tensors'.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from interp.errors import ArtifactError
+from interp.jsonfile import read_json_object
+from interp.token_ids import check_token_ids
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact, write_artifact
 from paw_mlx.programs.compile import compute_prefix, layout_prefix_ids, prompt_layout
 from paw_mlx.programs.interpreter import interpreter, resolve_base
@@ -61,22 +62,34 @@ def _to_mx(tensor, where: str, dtype) -> mx.array:
     return mx.array(np.ascontiguousarray(tensor.detach().to(torch.float32).numpy())).astype(dtype)
 
 
+def _prefix_file(src: Path, name, meta_path: Path) -> Path:
+    """The tensor file named by program.json: a file directly inside ``src``, never elsewhere."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ArtifactError(f"{meta_path}: prefix_file must be a file name inside {src}, not {name!r:.80}")
+    path = src / name
+    if not path.is_file():
+        raise ArtifactError(f"{src} has no {name}")
+    if not path.resolve().is_relative_to(src.resolve()):
+        raise ArtifactError(f"{meta_path}: prefix_file {name!r} leads outside {src}")
+    return path
+
+
 def convert_program(src: str | Path, out: str | Path, base: str | Path = "smollm2", force: bool = False) -> ProgramArtifact:
     """Read an original artifact, check it against ``base``, write it in paw's format."""
     src = Path(src)
     meta_path = src / "program.json"
     if not meta_path.is_file():
         raise ArtifactError(f"{src} has no program.json")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ArtifactError(f"cannot read {meta_path}: {exc}") from None
-    spec = meta.get("spec") or meta.get("prompt") if isinstance(meta, dict) else None
+    meta = read_json_object(meta_path, ArtifactError)
+    spec = meta.get("spec") or meta.get("prompt")
     if not isinstance(spec, str) or not spec.strip():
         raise ArtifactError(f'{meta_path} has no "spec" (or "prompt") text')
-    tensor_path = src / meta.get("prefix_file", "prefix.pt")
-    if not tensor_path.is_file():
-        raise ArtifactError(f"{src} has no {tensor_path.name}")
+    tensor_path = _prefix_file(src, meta.get("prefix_file", "prefix.pt"), meta_path)
+    max_new_tokens = meta.get("max_new_tokens", 64)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ArtifactError(f"{meta_path}: max_new_tokens must be a positive integer")
+    if "prefix_ids" in meta and not isinstance(meta["prefix_ids"], list):
+        raise ArtifactError(f"{meta_path}: prefix_ids must be a list of token ids")
     try:
         loaded = torch.load(tensor_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
@@ -84,7 +97,10 @@ def convert_program(src: str | Path, out: str | Path, base: str | Path = "smollm
     base_path = resolve_base(base)
     prog = interpreter(base_path)
     layout = prompt_layout(prog.tokenizer, spec.strip())
-    ids = [int(t) for t in meta["prefix_ids"]] if "prefix_ids" in meta else layout_prefix_ids(prog.tokenizer, layout)
+    if "prefix_ids" in meta:
+        ids = check_token_ids(meta["prefix_ids"], prog.vocab_size, what=f"{meta_path} prefix_ids")
+    else:
+        ids = layout_prefix_ids(prog.tokenizer, layout)
     probe = compute_prefix(prog, ids[:1])  # the base's per-layer key/value shapes and dtype
     pairs = _pairs(loaded, str(tensor_path))
     if len(pairs) != len(probe):
@@ -102,7 +118,7 @@ def convert_program(src: str | Path, out: str | Path, base: str | Path = "smollm
         prefix.append((k, v))
     artifact = ProgramArtifact(spec=spec.strip(), base_fingerprint=prog.fingerprint, base_hint=str(base_path),
                                layout=layout, prefix_ids=ids, prefix=prefix,
-                               generation=GenerationSettings(max_new_tokens=int(meta.get("max_new_tokens", 64))),
+                               generation=GenerationSettings(max_new_tokens=max_new_tokens),
                                tuning={"method": "converted", "source": str(src)})
     write_artifact(artifact, out, force=force)
     return artifact

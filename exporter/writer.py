@@ -1,17 +1,14 @@
 """Write a program directory atomically and deterministically.
 
 Everything goes into a temporary sibling directory that is renamed into place at the
-end, so an interrupted export leaves nothing half-made. Nothing time-dependent is
-written: exporting the same source twice gives byte-identical files.
+end (``interp.atomic``), so an interrupted export leaves nothing half-made and two
+exports to the same place cannot silently replace each other. Nothing time-dependent
+is written: exporting the same source twice gives byte-identical files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from interp import atomic
 from interp.errors import ExportError
+from interp.manifest import file_hashes, fingerprint
 from interp.program import CONSTS_FILE, MANIFEST_FILE, PROGRAM_FILE
 
 
@@ -28,34 +27,18 @@ def canonical_json(data: dict) -> str:
     return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_consts(tensors: dict[str, torch.Tensor], path: Path) -> None:
     ordered = {name: tensors[name].contiguous() for name in sorted(tensors)}
     save_file(ordered, str(path), metadata={"format": "pt"})
 
 
-def fingerprint(directory: Path, hashes: dict[str, str]) -> str:
-    """Identity of a program: its graph and its weights (not its tokenizer files' layout)."""
-    digest = hashlib.sha256()
-    digest.update(hashes[PROGRAM_FILE].encode())
-    digest.update(hashes[CONSTS_FILE].encode())
-    return digest.hexdigest()[:16]
-
-
 def write_manifest(directory: Path, info: dict) -> dict:
-    hashes = {
-        p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
-    }
+    """manifest.json: ``info``, every file's sha256, and the fingerprint (graph + weights,
+    not the tokenizer files' layout)."""
+    hashes = file_hashes(directory, skip=MANIFEST_FILE)
     manifest = dict(info)
     manifest["files"] = hashes
-    manifest["fingerprint"] = fingerprint(directory, hashes)
+    manifest["fingerprint"] = fingerprint(hashes, (PROGRAM_FILE, CONSTS_FILE))
     (directory / MANIFEST_FILE).write_text(canonical_json(manifest), encoding="utf-8")
     return manifest
 
@@ -63,33 +46,8 @@ def write_manifest(directory: Path, info: dict) -> dict:
 @contextmanager
 def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``target`` only if the block succeeds."""
-    target = Path(target)
-    if target.exists() and not force:
-        if not target.is_dir() or any(target.iterdir()):
-            raise ExportError(f"{target} already exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    with atomic.atomic_directory(target, replace=force, error=ExportError) as tmp:
         yield tmp
-        _publish_permissions(tmp)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish_permissions(directory: Path) -> None:
-    """mkdtemp makes a private 0700 directory; a program is an ordinary shared artifact."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
 
 
 def write_program(directory: Path, spec: dict, consts: dict[str, torch.Tensor],

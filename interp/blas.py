@@ -15,6 +15,10 @@ dependencies. That only works if it happens before ``mlx.core`` is first importe
 why ``interp/__init__.py`` calls ``install()`` and why every paw package imports ``interp``
 first.
 
+The compiled shim is cached in ``$PAW_CACHE/blas`` (a directory only its user may write)
+with its sha256 beside it; a cached file that does not match, or does not load, is
+rebuilt rather than trusted.
+
 ``PAW_BLAS=reference`` keeps MLX's own BLAS; ``PAW_BLAS=/path/libopenblas.so`` loads a
 library that already exports the standard CBLAS names (a system OpenBLAS or MKL). On macOS
 MLX uses Accelerate and nothing happens here. Whatever happens, failure only means the
@@ -27,6 +31,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -141,23 +146,66 @@ def _load_openblas_shim() -> str:
     if not library.exists():
         return f"reference ({library} missing)"
     try:
-        shim = _shim_path(library)
-        _handles.append(ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL))
+        _handles.append(_load_shim(library))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"reference (could not build the OpenBLAS shim: {exc})"
     return f"OpenBLAS {scipy_openblas32.__version__}"
 
 
-def _shim_path(library: Path) -> Path:
-    """The shim for ``library``, compiled on first use and cached by source and target."""
+def _load_shim(library: Path) -> ctypes.CDLL:
+    """The shim for ``library``, from the cache when the cached file is ours and intact.
+
+    The cache holds the compiled library and its sha256 beside it, in a directory only
+    this user may write. A cached file that is not ours, is writable by others, does not
+    match its recorded hash or fails to load is rebuilt, never trusted.
+    """
     key = hashlib.sha256(f"{_SHIM_SOURCE}\0{library}".encode()).hexdigest()[:16]
-    shim = cache_dir() / "blas" / f"libpaw_cblas_{key}.so"
-    if shim.exists():
-        return shim
+    directory = _private_directory(cache_dir() / "blas")
+    shim = directory / f"libpaw_cblas_{key}.so"
+    if _trusted(shim):
+        try:
+            return ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass  # corrupt in a way the hash could not tell (or a foreign machine's build): rebuild
+    _build_shim(library, shim)
+    return ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+
+
+def _private_directory(path: Path) -> Path:
+    """``path`` created 0700 (or made so) if this user owns it; else a new private temporary one."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            if info.st_mode & 0o077:
+                os.chmod(path, 0o700)
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="paw-blas-"))
+
+
+def _hash_file(shim: Path) -> Path:
+    return shim.with_name(shim.name + ".sha256")
+
+
+def _trusted(shim: Path) -> bool:
+    """Whether the cached ``shim`` is a file of ours, writable only by us, matching its recorded sha256."""
+    try:
+        info = shim.lstat()
+        recorded = _hash_file(shim).read_text(encoding="ascii").strip()
+        digest = hashlib.sha256(shim.read_bytes()).hexdigest()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+            and digest == recorded)
+
+
+def _build_shim(library: Path, shim: Path) -> None:
+    """Compile the shim for ``library`` to ``shim`` and record its sha256 beside it."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc or gcc) on PATH")
-    shim.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=shim.parent) as tmp:
         source = Path(tmp) / "shim.c"
         source.write_text(_SHIM_SOURCE, encoding="utf-8")
@@ -167,5 +215,10 @@ def _shim_path(library: Path) -> Path:
              f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"],
             check=True, capture_output=True, timeout=120,
         )
-        os.replace(built, shim)  # atomic: concurrent first imports never see half a file
-    return shim
+        os.chmod(built, 0o700)
+        recorded = Path(tmp) / _hash_file(shim).name
+        recorded.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n", encoding="ascii")
+        # atomic renames: concurrent first imports never see half a file; a reader that
+        # sees the new library with the old hash rebuilds rather than trusting it
+        os.replace(built, shim)
+        os.replace(recorded, _hash_file(shim))

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (MLX and nanobind add lines of signatures)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class PawError(Exception):
     """Base of every error paw reports to a user as one clear line."""
 
@@ -37,3 +43,11 @@ class ConstraintError(PawError):
 
 class DistributedError(PawError):
     """A run over several processes cannot start, or lost one of its ranks."""
+
+
+class InputError(PawError):
+    """What a caller feeds a program is out of range: token ids outside the vocabulary, an empty prompt."""
+
+
+class TemplateError(PawError):
+    """A chat template failed to render, or hit a limit on time or output size."""

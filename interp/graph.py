@@ -17,10 +17,12 @@ import mlx.core as mx
 
 from interp import schema
 from interp.cache import KVCache, make_cache
-from interp.errors import WeightsError
+from interp.errors import PawError, ProgramError, WeightsError, first_line
+from interp.limits import RunBudget
 from interp.ops import REGISTRY
 from interp.ops.ternary import prepare_ternary_consts
 from interp.program import Program
+from interp.threads import release_on_thread_exit
 
 
 @dataclass
@@ -37,6 +39,8 @@ class RunContext:
     key_mask: mx.array | None = None
     #: values one call computes once and every layer reuses (the RoPE cos/sin table)
     shared: dict = field(default_factory=dict)
+    #: bytes the call's node outputs take, against the memory budget (interp/limits.py)
+    budget: RunBudget = field(default_factory=RunBudget)
 
 
 _Step = Callable[[dict, RunContext], None]
@@ -65,15 +69,34 @@ def _attr_getter(kind: str, value: Any) -> tuple[bool, Callable[[dict], Any] | A
     return False, value
 
 
-def _compile_node(node) -> _Step:
+def _check_dynamic(arg: schema.Arg, value: Any, where: str) -> None:
+    """A symbolic int computed this call, held to the range its schema entry states."""
+    for item in value if isinstance(value, list) else [value]:
+        problem = arg.range_problem(item)
+        if problem:
+            raise ProgramError(f"{where}: attribute {arg.name!r} came to {item} at run time; it {problem}")
+
+
+def _compile_node(index: int, node) -> _Step:
+    """The node runner of ``node``: reads its inputs from the environment, writes its outputs.
+
+    Errors name the node: a symbolic attribute out of range, an exception MLX raises while
+    building the node's graph (a shape mismatch, a bad axis), or outputs that would
+    outgrow the memory budget (checked before MLX allocates anything).
+    """
     spec = schema.OPS[node.op]
     handler = REGISTRY[node.op]
+    where = f"node {index} ({node.op})"
     getters = [_input_getter(arg.kind, v) for arg, v in zip(spec.inputs, node.inputs, strict=True)]
     static: dict[str, Any] = {}
-    dynamic: dict[str, Callable[[dict], Any]] = {}
+    dynamic: dict[str, tuple[schema.Arg, Callable[[dict], Any]]] = {}
     for name, value in node.attrs.items():
-        is_dynamic, got = _attr_getter(spec.attr_by_name[name].kind, value)
-        (dynamic if is_dynamic else static)[name] = got
+        arg = spec.attr_by_name[name]
+        is_dynamic, got = _attr_getter(arg.kind, value)
+        if is_dynamic:
+            dynamic[name] = (arg, got)
+        else:
+            static[name] = got
     outputs = node.outputs
     single = len(outputs) == 1 and not spec.outputs[-1].endswith("...")
     fn = handler.fn
@@ -82,14 +105,24 @@ def _compile_node(node) -> _Step:
     def step(env: dict, ctx: RunContext) -> None:
         args = [g(env) for g in getters]
         kwargs = dict(static)
-        for name, get in dynamic.items():
-            kwargs[name] = get(env)
-        result = fn(ctx, *args, **kwargs) if needs_context else fn(*args, **kwargs)
-        if single:
-            env[outputs[0]] = result
-        else:
-            for name, value in zip(outputs, result, strict=True):
-                env[name] = value
+        for name, (arg, get) in dynamic.items():
+            kwargs[name] = value = get(env)
+            _check_dynamic(arg, value, where)
+        try:
+            result = fn(ctx, *args, **kwargs) if needs_context else fn(*args, **kwargs)
+            values = (result,) if single else tuple(result)
+            if len(values) != len(outputs):
+                raise ValueError(f"it gave {len(values)} outputs for {len(outputs)} names")
+        except ProgramError as exc:  # an op's own check: say which node
+            raise ProgramError(f"{where}: {exc}") from exc
+        except PawError:
+            raise
+        except Exception as exc:  # MLX raises ValueError, IndexError, TypeError, OverflowError, ...
+            raise ProgramError(f"{where} failed: {first_line(exc)}") from exc
+        for name, value in zip(outputs, values, strict=True):
+            if isinstance(value, mx.array):
+                ctx.budget.spend(value.shape, value.itemsize, where)
+            env[name] = value
 
     return step
 
@@ -99,10 +132,13 @@ class GraphModel:
 
     def __init__(self, program: Program, consts: dict[str, mx.array], compile_decode: bool = True):
         self.program = program
-        self.consts = prepare_ternary_consts(program.nodes, consts)  # packed ternary weights, laid out once
+        try:
+            self.consts = prepare_ternary_consts(program.nodes, consts)  # packed ternary weights, laid out once
+        except Exception as exc:  # numpy and MLX refuse malformed packed weights in several ways
+            raise WeightsError(f"{program.directory}: cannot lay out its ternary weights: {first_line(exc)}") from exc
         self.input_names = [i["name"] for i in program.spec["inputs"]]
         self.output_names = [o["name"] for o in program.spec["outputs"]]
-        self._steps = [_compile_node(node) for node in program.nodes]
+        self._steps = [_compile_node(index, node) for index, node in enumerate(program.nodes)]
         self.num_layers = program.num_layers
         # mlx-lm sizes its default cache with len(model.layers).
         self.layers = [None] * self.num_layers
@@ -115,7 +151,7 @@ class GraphModel:
         try:
             consts = mx.load(str(program.consts_path))
         except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-            raise WeightsError(f"cannot read {program.consts_path}: {exc}") from None
+            raise WeightsError(f"cannot read {program.consts_path}: {first_line(exc)}") from None
         return cls(program, consts, compile_decode=compile_decode)
 
     def make_cache(self) -> list[KVCache]:
@@ -128,6 +164,7 @@ class GraphModel:
         ``offset`` (positions are offset + arange) lets ``rope`` use mx.fast.rope;
         ``key_mask`` ([batch, keys] booleans) hides padding from attention.
         """
+        release_on_thread_exit()
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
         ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask)
@@ -141,8 +178,11 @@ class GraphModel:
 
         ``key_mask`` ([batch, cached + length] booleans) hides padding from attention.
         """
+        release_on_thread_exit()
         if tokens.ndim == 1:
             tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.size == 0:
+            raise ProgramError(f"token ids must be a non-empty [batch, length] array, got shape {tokens.shape}")
         batch, length = tokens.shape
         offset = None
         if positions is None:
@@ -151,7 +191,7 @@ class GraphModel:
         inputs = {"input_ids": tokens.astype(mx.int32)}
         if "position_ids" in self.input_names:
             inputs["position_ids"] = positions
-        return self.forward(inputs, cache, offset, key_mask)["logits"]
+        return self._checked_logits(self.forward(inputs, cache, offset, key_mask)["logits"], tokens.shape)
 
     def forward(self, inputs: dict[str, mx.array], cache: list | None = None, offset: int | None = None,
                 key_mask: mx.array | None = None) -> dict[str, Any]:
@@ -162,6 +202,13 @@ class GraphModel:
             if decoder is not None:
                 return decoder.run(inputs, cache, offset)
         return self.run(inputs, cache, offset, key_mask)
+
+    def _checked_logits(self, logits: Any, tokens_shape: tuple) -> mx.array:
+        if not isinstance(logits, mx.array) or logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(tokens_shape):
+            shape = getattr(logits, "shape", type(logits).__name__)
+            raise ProgramError(f"{self.program.directory}: the program's logits have shape {shape}; "
+                               f"expected [batch, length, vocab] for token ids of shape {tokens_shape}")
+        return logits
 
     def _compiled(self):
         if self._decoder is None:

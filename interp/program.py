@@ -2,27 +2,36 @@
 
 Validation happens before any weight is touched, so a bad program fails in
 milliseconds with one line that names the problem: the format version, an unknown op,
-a wrong arity or attribute, a reference to an undefined value, a const whose dtype or
-shape disagrees with the file, or a truncated weights file.
+a wrong arity or attribute, an attribute outside the range its schema entry states, a
+reference to an undefined value, a const whose dtype or shape disagrees with the file,
+a safetensors header that does not describe its file, or a truncated weights file.
+Every field is type-checked here, so nothing later meets a value of the wrong kind.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interp import schema
-from interp.errors import ProgramError, UnknownOpError, WeightsError
+from interp import limits, schema
+from interp.errors import PawError, ProgramError, UnknownOpError, WeightsError
+from interp.jsonfile import parse_json, read_json_object
 
 PROGRAM_FILE = "prog.json"
 CONSTS_FILE = "consts.safetensors"
 MANIFEST_FILE = "manifest.json"
+#: the inputs the interpreter feeds; a program takes input_ids and may take position_ids
+FED_INPUTS = ("input_ids", "position_ids")
+#: more KV-cache layers than any model has: a sanity bound on state.kv_cache.layers
+MAX_LAYERS = 100_000
+#: safetensors' own bound on the JSON header
+MAX_HEADER_BYTES = 100 << 20
 
 # safetensors dtype codes -> schema dtype names
-_ST_DTYPES = {
+ST_DTYPES = {
     "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }
@@ -44,6 +53,8 @@ class Program:
     spec: dict
     nodes: list[Node]
     manifest: dict = field(default_factory=dict)
+    #: ids input_ids may hold: the rows of the embedding that reads them (None if unknown)
+    vocab_size: int | None = None
 
     @property
     def model_info(self) -> dict:
@@ -79,25 +90,33 @@ def resolve_program_dir(path: str | Path) -> Path:
 def read_program(path: str | Path, known_ops: set[str] | None = None) -> Program:
     """Parse and validate prog.json (and the consts header); loads no weights."""
     directory = resolve_program_dir(path)
-    spec = _read_json(directory / PROGRAM_FILE)
-    _check_format(spec, directory / PROGRAM_FILE)
+    where = directory / PROGRAM_FILE
+    spec = read_json_object(where)
+    _check_format(spec, where)
+    _check_model_info(spec.get("model", {}), where)
     nodes = _check_graph(spec, known_ops if known_ops is not None else set(schema.OPS))
     _check_consts(spec, directory / CONSTS_FILE)
-    manifest_path = directory / MANIFEST_FILE
-    manifest = _read_json(manifest_path) if manifest_path.is_file() else {}
-    return Program(directory=directory, spec=spec, nodes=nodes, manifest=manifest)
+    manifest = read_manifest(directory)
+    return Program(directory=directory, spec=spec, nodes=nodes, manifest=manifest,
+                   vocab_size=_vocab_size(spec, nodes, where))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProgramError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ProgramError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise ProgramError(f"{path} must hold a JSON object")
-    return data
+def read_manifest(directory: Path, error: type[PawError] = ProgramError) -> dict:
+    """manifest.json of ``directory`` if there is one ({} otherwise), its fields type-checked."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    manifest = read_json_object(path, error)
+    if not isinstance(manifest.get("fingerprint", ""), str):
+        raise error(f"{path}: 'fingerprint' must be a string")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise error(f"{path}: 'files' must map file names to sha256 hex digests")
+    return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_format(spec: dict, path: Path) -> None:
@@ -105,32 +124,81 @@ def _check_format(spec: dict, path: Path) -> None:
     if name != schema.FORMAT_NAME:
         raise ProgramError(f"{path} is not a paw program (format {name!r}, expected {schema.FORMAT_NAME!r})")
     version = spec.get("version")
-    if version not in schema.READABLE_VERSIONS:
+    if not _is_int(version) or version not in schema.READABLE_VERSIONS:
         readable = ", ".join(str(v) for v in schema.READABLE_VERSIONS)
         raise ProgramError(
             f"{path} has format version {version!r}; this paw reads version {readable}"
-            + (" (upgrade paw to read newer programs)" if isinstance(version, int) and version > max(schema.READABLE_VERSIONS) else "")
+            + (" (upgrade paw to read newer programs)" if _is_int(version) and version > max(schema.READABLE_VERSIONS) else "")
         )
-    for key in ("inputs", "outputs", "consts", "nodes"):
+    for key, kind in (("inputs", list), ("outputs", list), ("consts", dict), ("nodes", list)):
         if key not in spec:
             raise ProgramError(f"{path} lacks the required field {key!r}")
+        if not isinstance(spec[key], kind):
+            raise ProgramError(f"{path}: {key!r} must be a JSON {'array' if kind is list else 'object'}")
+    for key in ("model", "state"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise ProgramError(f"{path}: {key!r} must be a JSON object")
+    kv = spec.get("state", {}).get("kv_cache", {})
+    layers = kv.get("layers", 0) if isinstance(kv, dict) else None
+    if not _is_int(layers) or not 0 <= layers <= MAX_LAYERS:
+        raise ProgramError(f"{path}: state.kv_cache.layers must be an integer in [0, {MAX_LAYERS}]")
+
+
+def _check_model_info(info: dict, path: Path) -> None:
+    """The metadata the runner reads: each field of the type it expects, when present."""
+    def bad(key: str, want: str) -> ProgramError:
+        return ProgramError(f"{path}: model.{key} must be {want}, got {info[key]!r:.60}")
+
+    if "context_length" in info and not (_is_int(info["context_length"]) and 0 < info["context_length"] <= schema.INT32_MAX):
+        raise bad("context_length", "a positive integer")
+    if "vocab_size" in info and not (_is_int(info["vocab_size"]) and 0 <= info["vocab_size"] <= schema.INT32_MAX):
+        raise bad("vocab_size", "an integer >= 0")
+    eos = info.get("eos_token_ids", [])
+    if not isinstance(eos, list) or not all(_is_int(t) and 0 <= t <= schema.INT32_MAX for t in eos):
+        raise bad("eos_token_ids", "a list of token ids")
+    if info.get("bos_token_id") is not None and not _is_int(info["bos_token_id"]):
+        raise bad("bos_token_id", "a token id or null")
+    if not isinstance(info.get("source", {}), dict):
+        raise bad("source", "an object")
+    for key in ("architecture", "model_type", "dtype"):
+        if key in info and not isinstance(info[key], str):
+            raise bad(key, "a string")
 
 
 def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
     defined: dict[str, str] = {}  # value name -> "tensor" | "symint"
-    for inp in spec["inputs"]:
-        _check_dtype(inp.get("dtype"), f"input {inp.get('name')!r}")
-        defined[inp["name"]] = "tensor"
+    for index, inp in enumerate(spec["inputs"]):
+        if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
+            raise ProgramError(f"input {index} must be an object with a 'name' string")
+        name = inp["name"]
+        if name not in FED_INPUTS:
+            raise ProgramError(f"input {name!r} is not one the interpreter feeds ({', '.join(FED_INPUTS)})")
+        if name in defined:
+            raise ProgramError(f"input {name!r} is declared twice")
+        _check_dtype(inp.get("dtype"), f"input {name!r}")
+        defined[name] = "tensor"
+    if "input_ids" not in defined:
+        raise ProgramError("the program has no 'input_ids' input")
     for name, meta in spec["consts"].items():
+        if name in defined:
+            raise ProgramError(f"const {name!r} has the name of an input")
+        if not isinstance(meta, dict):
+            raise ProgramError(f"const {name!r} must be an object with dtype and shape")
         _check_dtype(meta.get("dtype"), f"const {name!r}")
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= schema.INT32_MAX for d in shape):
+            raise ProgramError(f"const {name!r} has shape {shape!r:.60}; expected a list of sizes in [0, 2**31)")
         defined[name] = "tensor"
 
+    layers = spec.get("state", {}).get("kv_cache", {}).get("layers", 0)
     nodes: list[Node] = []
     for index, raw in enumerate(spec["nodes"]):
         where = f"node {index}"
+        if not isinstance(raw, dict):
+            raise ProgramError(f"{where} must be an object with op, inputs, attrs and outputs")
         op = raw.get("op")
-        if op not in schema.OPS:
-            raise UnknownOpError(f"{where} uses unknown op {op!r}: it is not in this paw's op schema")
+        if not isinstance(op, str) or op not in schema.OPS:
+            raise UnknownOpError(f"{where} uses unknown op {op!r:.60}: it is not in this paw's op schema")
         if op not in known_ops:
             raise UnknownOpError(f"{where} uses op {op!r}, which this interpreter does not implement")
         where = f"node {index} ({op})"
@@ -138,44 +206,65 @@ def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
         inputs = raw.get("inputs", [])
         attrs = raw.get("attrs", {})
         outputs = raw.get("outputs", [])
+        if not isinstance(inputs, list) or not isinstance(attrs, dict) or not isinstance(outputs, list):
+            raise ProgramError(f"{where}: inputs and outputs must be arrays and attrs an object")
         if len(inputs) != len(spec_op.inputs):
             raise ProgramError(f"{where} has {len(inputs)} inputs; op {op!r} takes {len(spec_op.inputs)}")
         for arg, value in zip(spec_op.inputs, inputs, strict=True):
             _check_input(arg, value, defined, where)
         for key in attrs:
             if key not in spec_op.attr_by_name:
-                raise ProgramError(f"{where} has unknown attribute {key!r}")
+                raise ProgramError(f"{where} has unknown attribute {key!r:.60}")
         for arg in spec_op.attrs:
             if arg.required and arg.name not in attrs:
                 raise ProgramError(f"{where} lacks required attribute {arg.name!r}")
             if arg.name in attrs:
                 _check_attr(arg, attrs[arg.name], defined, where)
+        _check_node_attrs(op, attrs, layers, where)
         variadic = spec_op.outputs and spec_op.outputs[-1].endswith("...")
         if not outputs or (not variadic and len(outputs) != len(spec_op.outputs)):
             raise ProgramError(f"{where} has {len(outputs)} outputs; op {op!r} gives {len(spec_op.outputs)}")
+        if op == "split" and isinstance(attrs.get("sizes"), list) and len(outputs) != len(attrs["sizes"]):
+            raise ProgramError(f"{where} has {len(outputs)} outputs for {len(attrs['sizes'])} sizes")
         for out in outputs:
             if not isinstance(out, str) or out in defined:
-                raise ProgramError(f"{where} redefines or misnames output {out!r}")
+                raise ProgramError(f"{where} redefines or misnames output {out!r:.60}")
             defined[out] = "symint" if spec_op.symbolic else "tensor"
         nodes.append(Node(op, tuple(inputs), dict(attrs), tuple(outputs)))
 
+    names = []
     for out in spec["outputs"]:
-        if out.get("name") not in defined:
-            raise ProgramError(f"program output {out.get('name')!r} is never computed")
+        name = out.get("name") if isinstance(out, dict) else None
+        if defined.get(name) != "tensor":
+            raise ProgramError(f"program output {name!r:.60} is never computed as a tensor")
+        names.append(name)
+    if "logits" not in names:
+        raise ProgramError("the program has no output named 'logits'")
     return nodes
 
 
+def _check_node_attrs(op: str, attrs: dict, layers: int, where: str) -> None:
+    """Checks that span attributes or need the program: cache slots, literal allocations."""
+    if op == "attention" and _is_int(attrs.get("layer")) and attrs["layer"] >= layers:
+        raise ProgramError(f"{where}: layer {attrs['layer']} is not below state.kv_cache.layers ({layers})")
+    if op == "full" and all(_is_int(d) for d in attrs["shape"]):
+        limits.check_shape(attrs["shape"], limits.dtype_bytes(attrs["dtype"]), f"{where}: its output")
+    if op == "arange" and all(_is_int(attrs.get(k, 0)) for k in ("start", "end", "step")):
+        length = limits.arange_length(attrs.get("start", 0), attrs["end"], attrs.get("step", 1))
+        limits.check_shape([length], limits.dtype_bytes(attrs.get("dtype", "int64")), f"{where}: its output")
+
+
 def _check_dtype(dtype: Any, what: str) -> None:
-    if dtype not in schema.DTYPES:
-        raise ProgramError(f"{what} has unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in schema.DTYPES:
+        raise ProgramError(f"{what} has unknown dtype {dtype!r:.60}")
 
 
 def _check_ref(value: Any, defined: dict[str, str], where: str, want: str) -> None:
     if not isinstance(value, str):
-        raise ProgramError(f"{where} expects a reference to a {want}, got {value!r}")
+        raise ProgramError(f"{where} expects a reference to a {want}, got {value!r:.60}")
     kind = defined.get(value)
     if kind is None:
-        raise ProgramError(f"{where} uses {value!r} before it is defined")
+        raise ProgramError(f"{where} uses {value!r:.60} before it is defined")
     if kind != want:
         raise ProgramError(f"{where} expects a {want} but {value!r} is a {kind}")
 
@@ -193,10 +282,13 @@ def _check_input(arg: schema.Arg, value: Any, defined: dict[str, str], where: st
         for item in value:
             _check_ref(item, defined, what, "tensor")
     elif arg.kind == schema.TENSOR_OR_SCALAR:
-        if not isinstance(value, (int, float, bool)):
+        if isinstance(value, (int, float)):  # bools included
+            if _is_int(value) and abs(value) > 2**63 - 1:
+                raise ProgramError(f"{what}: an integer literal does not fit 64 bits")
+        else:
             _check_ref(value, defined, what, "tensor")
     elif arg.kind == schema.SYMINT:
-        if not isinstance(value, int):
+        if not _is_int(value):
             _check_ref(value, defined, what, "symint")
 
 
@@ -205,52 +297,110 @@ def _check_attr(arg: schema.Arg, value: Any, defined: dict[str, str], where: str
     if value is None and not arg.required and arg.default is None:
         return
     ok = True
+    literals: list = []
     if arg.kind == schema.INT:
         if isinstance(value, str):
             _check_ref(value, defined, what, "symint")
         else:
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = _is_int(value)
+            literals = [value]
     elif arg.kind == schema.INTS:
         ok = isinstance(value, list)
         for item in value if ok else []:
             if isinstance(item, str):
                 _check_ref(item, defined, what, "symint")
-            elif not isinstance(item, int) or isinstance(item, bool):
+            elif not _is_int(item):
                 ok = False
+            else:
+                literals.append(item)
     elif arg.kind == schema.FLOAT:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        literals = [value] if ok else []
     elif arg.kind == schema.BOOL:
         ok = isinstance(value, bool)
     elif arg.kind == schema.DTYPE:
-        ok = value in schema.DTYPES
+        ok = isinstance(value, str) and value in schema.DTYPES
     elif arg.kind == schema.STR:
         ok = isinstance(value, str)
+        literals = [value] if ok else []
     if not ok:
-        raise ProgramError(f"{what} must be of kind {arg.kind}, got {value!r}")
+        raise ProgramError(f"{what} must be of kind {arg.kind}, got {value!r:.60}")
+    for item in literals:
+        if _is_int(item) and abs(item) > 2**63 - 1:
+            raise ProgramError(f"{what}: an integer does not fit 64 bits")
+        problem = arg.range_problem(item)
+        if problem:
+            raise ProgramError(f"{what} is {item!r:.60}; it {problem}")
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file's real size."""
+def _vocab_size(spec: dict, nodes: list[Node], path: Path) -> int | None:
+    """Rows of the embedding that reads input_ids, cross-checked with model.vocab_size."""
+    rows = None
+    for node in nodes:
+        if node.op in ("embedding", "quantized_embedding") and node.inputs[-1] == "input_ids":
+            meta = spec["consts"].get(node.inputs[0])
+            if meta is not None and meta["shape"]:
+                rows = meta["shape"][0] if rows is None else min(rows, meta["shape"][0])
+    declared = spec.get("model", {}).get("vocab_size")
+    if rows is not None and declared and declared != rows:
+        raise ProgramError(f"{path}: model.vocab_size is {declared}, but the embedding of input_ids has {rows} rows")
+    return rows if rows is not None else (declared or None)
+
+
+def read_safetensors_header(path: Path, error: type[PawError] = WeightsError) -> dict:
+    """The JSON header of a safetensors file, checked against the file itself.
+
+    Every entry must have a known dtype, a shape of sizes in [0, 2**31) and data offsets
+    that hold exactly that many bytes, inside the file and overlapping no other tensor:
+    a header that does not describe its file is refused before MLX reads it.
+    """
     if not path.is_file():
-        raise WeightsError(f"missing weights file {path}")
+        raise error(f"missing weights file {path}")
     size = path.stat().st_size
     try:
         with path.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise WeightsError(f"{path} is truncated: {size} bytes, not even a header")
+                raise error(f"{path} is truncated: {size} bytes, not even a header")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > size - 8:
-                raise WeightsError(f"{path} is truncated: its header claims {header_len} bytes, the file has {size}")
-            header = json.loads(fh.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WeightsError(f"{path} is not a safetensors file (unreadable header)") from None
-    header.pop("__metadata__", None)
-    data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
+                raise error(f"{path} is truncated: its header claims {header_len} bytes, the file has {size}")
+            if header_len > MAX_HEADER_BYTES:
+                raise error(f"{path} has a {header_len}-byte header; safetensors allows {MAX_HEADER_BYTES}")
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = parse_json(raw, str(path), error)
+    except PawError:
+        raise error(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise error(f"{path} is not a safetensors file (its header is not an object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise error(f"{path}: __metadata__ must map names to strings")
+    spans = []
+    for name, meta in header.items():
+        what = f"{path}: tensor {name!r:.60}"
+        if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or meta["dtype"] not in ST_DTYPES:
+            raise error(f"{what} has no dtype paw reads")
+        shape, offsets = meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= schema.INT32_MAX for d in shape):
+            raise error(f"{what} has a malformed shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise error(f"{what} has malformed data_offsets")
+        need = math.prod(shape) * limits.dtype_bytes(ST_DTYPES[meta["dtype"]])
+        if offsets[1] - offsets[0] != need:
+            raise error(f"{what}: its offsets hold {offsets[1] - offsets[0]} bytes, its shape needs {need}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise error(f"{path}: tensors {first!r:.40} and {second!r:.40} overlap")
+    data_end = spans[-1][1] if spans else 0
     if 8 + header_len + data_end > size:
-        raise WeightsError(
-            f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes, the file has {size}"
-        )
+        raise error(f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes, the file has {size}")
     return header
 
 
@@ -260,7 +410,7 @@ def _check_consts(spec: dict, path: Path) -> None:
         stored = header.get(name)
         if stored is None:
             raise WeightsError(f"{path.name} lacks the const {name!r} that prog.json declares")
-        dtype = _ST_DTYPES.get(stored["dtype"], stored["dtype"])
+        dtype = ST_DTYPES[stored["dtype"]]
         if dtype != meta["dtype"] or list(stored["shape"]) != list(meta["shape"]):
             raise WeightsError(
                 f"const {name!r}: prog.json says {meta['dtype']}{list(meta['shape'])}, "

@@ -43,18 +43,60 @@ ATTR_KINDS = (INT, INTS, FLOAT, BOOL, DTYPE, STR)
 _NO_DEFAULT = object()
 
 
+#: The largest size, axis or index MLX takes (its shapes are 32-bit integers).
+INT32_MAX = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class Arg:
-    """One input or attribute of an op."""
+    """One input or attribute of an op, with the range of values it accepts.
+
+    ``low``/``high`` bound a number (each item of an ``int[]``), ``nonzero`` refuses 0,
+    ``choices`` lists the only values allowed. The loader checks literal attributes
+    against them (``interp/program.py``); the node runner checks values computed at run
+    time (symbolic ints) against the same ranges (``interp/graph.py``).
+    """
 
     name: str
     kind: str
     doc: str = ""
     default: object = _NO_DEFAULT
+    low: float | None = None
+    high: float | None = None
+    nonzero: bool = False
+    choices: tuple = ()
 
     @property
     def required(self) -> bool:
         return self.default is _NO_DEFAULT
+
+    def range_problem(self, value: object) -> str | None:
+        """Why one value (or one item of an ``int[]``) is outside this argument's range, or None."""
+        if self.choices and value not in self.choices:
+            return "must be one of " + ", ".join(json.dumps(c) for c in self.choices)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.low is not None and value < self.low:
+                return f"must be >= {self.low}"
+            if self.high is not None and value > self.high:
+                return f"must be <= {self.high}"
+            if self.nonzero and value == 0:
+                return "must not be 0"
+        return None
+
+    def range_text(self) -> str:
+        """The range in a few words for the op table ("" when any value of the kind goes)."""
+        if self.choices:
+            return "one of " + ", ".join(f"`{json.dumps(c)}`" for c in self.choices)
+        parts = []
+        if self.low is not None and self.low != -INT32_MAX - 1:
+            parts.append(f">= {self.low}")
+        if self.high == INT32_MAX:
+            parts.append("32-bit")
+        elif self.high is not None:
+            parts.append(f"<= {self.high}")
+        if self.nonzero:
+            parts.append("not 0")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -87,8 +129,15 @@ def _ts(name: str, doc: str = "") -> Arg:
     return Arg(name, TENSOR_OR_SCALAR, doc)
 
 
-def _attr(name: str, kind: str, doc: str = "", default: object = _NO_DEFAULT) -> Arg:
-    return Arg(name, kind, doc, default)
+def _attr(name: str, kind: str, doc: str = "", default: object = _NO_DEFAULT, **bounds) -> Arg:
+    return Arg(name, kind, doc, default, **bounds)
+
+
+#: ranges shared by many attributes
+_SIZE = {"low": 0, "high": INT32_MAX}  # a size, or a count of repeats
+_SHAPE = {"low": -1, "high": INT32_MAX}  # a target shape entry, -1 inferring or keeping the axis
+_INT32 = {"low": -INT32_MAX - 1, "high": INT32_MAX}
+_QUANT = {"group_size": {"choices": (32, 64, 128)}, "bits": {"choices": (2, 3, 4, 5, 6, 8)}}
 
 
 _SPECS: list[OpSpec] = []
@@ -138,7 +187,7 @@ for _name, _doc in [
     _op(_name, "elementwise", _doc, [_t("x")])
 
 _op("gelu", "elementwise", "Gaussian error linear unit; approximate is 'none' (erf) or 'tanh'",
-    [_t("x")], [_attr("approximate", STR, "'none' or 'tanh'", "none")])
+    [_t("x")], [_attr("approximate", STR, "'none' or 'tanh'", "none", choices=("none", "tanh"))])
 _op("where", "elementwise", "cond ? a : b", [_t("cond"), _ts("a"), _ts("b")])
 _op("clamp", "elementwise", "clip x to [min, max]; a null bound is open",
     [_t("x")], [_attr("min", FLOAT, "lower bound or null", None), _attr("max", FLOAT, "upper bound or null", None)])
@@ -157,42 +206,45 @@ _op("argmax", "reduction", "index of the max along dim", [_t("x")],
     [_attr("dim", INT), _attr("keepdim", BOOL, default=False)])
 
 # ----------------------------------------------------------------------------- shapes
-_op("reshape", "shape", "reshape to shape; one entry may be -1", [_t("x")], [_attr("shape", INTS)])
+_op("reshape", "shape", "reshape to shape; one entry may be -1", [_t("x")], [_attr("shape", INTS, **_SHAPE)])
 _op("transpose", "shape", "swap two axes", [_t("x")], [_attr("dim0", INT), _attr("dim1", INT)])
 _op("permute", "shape", "reorder axes", [_t("x")], [_attr("dims", INTS)])
 _op("unsqueeze", "shape", "insert a size-1 axis at dim", [_t("x")], [_attr("dim", INT)])
 _op("squeeze", "shape", "remove size-1 axes dims (all size-1 axes when dims is empty)", [_t("x")],
     [_attr("dims", INTS, default=[])])
-_op("expand", "shape", "broadcast to shape; -1 keeps an axis", [_t("x")], [_attr("shape", INTS)])
+_op("expand", "shape", "broadcast to shape; -1 keeps an axis", [_t("x")], [_attr("shape", INTS, **_SHAPE)])
 _op("slice", "shape", "x[start:end:step] along dim; end is clamped to the axis length", [_t("x")],
     [_attr("dim", INT), _attr("start", INT, default=0), _attr("end", INT, "null means the axis length", None),
-     _attr("step", INT, default=1)])
+     _attr("step", INT, default=1, low=1, high=INT32_MAX)])
 _op("select", "shape", "x[index] along dim (the axis is removed); negative index counts from the end",
-    [_t("x")], [_attr("dim", INT), _attr("index", INT)])
+    [_t("x")], [_attr("dim", INT), _attr("index", INT, **_INT32)])
 _op("cat", "shape", "concatenate along dim", [Arg("xs", TENSOR_LIST)], [_attr("dim", INT)])
 _op("split", "shape", "split into pieces of the given sizes along dim", [_t("x")],
-    [_attr("sizes", INTS), _attr("dim", INT)], outputs=("outs...",))
+    [_attr("sizes", INTS, **_SIZE), _attr("dim", INT)], outputs=("outs...",))
 _op("flip", "shape", "reverse along dims", [_t("x")], [_attr("dims", INTS)])
 _op("take", "shape", "gather x[..., index, ...] along dim with an integer index tensor (index_select)",
     [_t("x"), _t("index")], [_attr("dim", INT)])
 _op("gather", "shape", "torch.gather: out[i][j] = x[i][index[i][j]] along dim",
     [_t("x"), _t("index")], [_attr("dim", INT)])
-_op("tril", "shape", "lower triangle (diagonal offset k), zeros elsewhere", [_t("x")], [_attr("k", INT, default=0)])
-_op("triu", "shape", "upper triangle (diagonal offset k), zeros elsewhere", [_t("x")], [_attr("k", INT, default=0)])
+_op("tril", "shape", "lower triangle (diagonal offset k), zeros elsewhere", [_t("x")],
+    [_attr("k", INT, default=0, **_INT32)])
+_op("triu", "shape", "upper triangle (diagonal offset k), zeros elsewhere", [_t("x")],
+    [_attr("k", INT, default=0, **_INT32)])
 _op("repeat_interleave", "shape", "repeat each element `repeats` times along dim (torch.repeat_interleave)",
-    [_t("x")], [_attr("repeats", INT), _attr("dim", INT)])
+    [_t("x")], [_attr("repeats", INT, **_SIZE), _attr("dim", INT)])
 _op("tile", "shape", "repeat the whole tensor `reps` times per axis (torch.Tensor.repeat); reps may be longer "
-    "than x's rank, adding leading axes", [_t("x")], [_attr("reps", INTS)])
+    "than x's rank, adding leading axes", [_t("x")], [_attr("reps", INTS, **_SIZE)])
 _op("topk", "shape", "the k largest (or smallest) entries along dim, sorted, and their int64 indices",
-    [_t("x")], [_attr("k", INT), _attr("dim", INT, default=-1), _attr("largest", BOOL, default=True)],
+    [_t("x")], [_attr("k", INT, **_SIZE), _attr("dim", INT, default=-1), _attr("largest", BOOL, default=True)],
     outputs=("values", "indices"))
 
 # ----------------------------------------------------------------------------- creation and types
 _op("cast", "type", "convert to dtype", [_t("x")], [_attr("dtype", DTYPE)])
 _op("arange", "creation", "[start, end) with step", [],
-    [_attr("start", INT, default=0), _attr("end", INT), _attr("step", INT, default=1), _attr("dtype", DTYPE, default="int64")])
+    [_attr("start", INT, default=0, **_INT32), _attr("end", INT, **_INT32),
+     _attr("step", INT, default=1, nonzero=True, **_INT32), _attr("dtype", DTYPE, default="int64")])
 _op("full", "creation", "a tensor of shape filled with value", [],
-    [_attr("shape", INTS), _attr("value", FLOAT), _attr("dtype", DTYPE)])
+    [_attr("shape", INTS, **_SIZE), _attr("value", FLOAT), _attr("dtype", DTYPE)])
 _op("full_like", "creation", "a tensor like x filled with value", [_t("x")],
     [_attr("value", FLOAT), _attr("dtype", DTYPE, "null keeps x's dtype", None)])
 _op("cumsum", "creation", "cumulative sum along dim", [_t("x")], [_attr("dim", INT)])
@@ -202,7 +254,8 @@ _op("embedding", "nn", "rows of weight picked by integer indices", [_t("weight")
 _op("linear", "nn", "x @ weight.T + bias", [_t("x"), _t("weight"), _opt("bias")])
 _op("matmul", "nn", "batched matrix product a @ b", [_t("a"), _t("b")])
 _op("layer_norm", "nn", "LayerNorm over the last len(normalized_shape) axes",
-    [_t("x"), _opt("weight"), _opt("bias")], [_attr("normalized_shape", INTS), _attr("eps", FLOAT)])
+    [_t("x"), _opt("weight"), _opt("bias")], [_attr("normalized_shape", INTS, low=1, high=INT32_MAX),
+                                              _attr("eps", FLOAT)])
 _op("rms_norm", "nn", "x * rsqrt(mean(x^2, -1) + eps) * weight, in x's dtype (fused by the exporter)",
     [_t("x"), _opt("weight")], [_attr("eps", FLOAT)])
 _op("attention", "nn",
@@ -214,9 +267,9 @@ _op("attention", "nn",
     "ALiBi: slope_h * key_position to head h's scores, with slopes 2 ** (-alibi_max_bias * (h + 1) / Hq) "
     "(ALiBi's interleaving rule when Hq is not a power of two). Output [B, Hq, L, D].",
     [_t("q"), _t("k"), _t("v")],
-    [_attr("layer", INT, "KV cache slot"), _attr("scale", FLOAT, "score scale"),
-     _attr("window", INT, "sliding window, 0 for none", 0), _attr("softcap", FLOAT, "0 for none", 0.0),
-     _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0)])
+    [_attr("layer", INT, "KV cache slot, below state.kv_cache.layers", low=0), _attr("scale", FLOAT, "score scale"),
+     _attr("window", INT, "sliding window, 0 for none", 0, **_SIZE), _attr("softcap", FLOAT, "0 for none", 0.0, low=0),
+     _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0, low=0)])
 
 _op("rope", "nn",
     "rotate-half rotary position embedding (fused by the exporter from HF's pattern). x: [B, H, L, D] "
@@ -230,12 +283,12 @@ _op("quantized_linear", "nn",
     "packs `bits`-bit codes q (lowest bits first), scales and biases [out, in / group_size]; "
     "w = q * scale + bias per group of group_size inputs (mx.quantized_matmul).",
     [_t("x"), _t("weight"), _t("scales"), _t("biases"), _opt("bias")],
-    [_attr("group_size", INT), _attr("bits", INT)])
+    [_attr("group_size", INT, **_QUANT["group_size"]), _attr("bits", INT, **_QUANT["bits"])])
 _op("quantized_embedding", "nn",
     "rows of an affine-quantized weight (layout as quantized_linear) picked by integer indices, "
     "dequantized to scales' dtype",
     [_t("weight"), _t("scales"), _t("biases"), _t("indices")],
-    [_attr("group_size", INT), _attr("bits", INT)])
+    [_attr("group_size", INT, **_QUANT["group_size"]), _attr("bits", INT, **_QUANT["bits"])])
 
 # ----------------------------------------------------------------------------- symbolic ints
 _op("sym_size", "symbolic", "the size of axis dim of x, as a symbolic int", [_t("x")], [_attr("dim", INT)],
@@ -252,12 +305,13 @@ _op("ternary_linear", "ternary",
     "at bits 2i..2i+1 of byte j for trit 4j + i; k = 5 for 'base3', byte = sum((t_i + 1) * 3**i)). "
     "scale: float [out_features] (per row) or [1] (per tensor). Never materialises float weights.",
     [_t("x"), _t("packed"), _t("scale"), _opt("bias")],
-    [_attr("in_features", INT), _attr("out_features", INT), _attr("packing", STR, "'2bit' or 'base3'", "2bit")])
+    [_attr("in_features", INT, low=1, high=INT32_MAX), _attr("out_features", INT, low=1, high=INT32_MAX),
+     _attr("packing", STR, "'2bit' or 'base3'", "2bit", choices=("2bit", "base3"))])
 _op("act_quant", "ternary",
     "BitNet activation fake-quantization, symmetric absmax per token (last axis): "
     "s = (2**(bits-1) - 1) / max(max(|x|), 1e-5); out = clip(round_half_even(x * s), -2**(bits-1), "
     "2**(bits-1) - 1) / s, in x's dtype",
-    [_t("x")], [_attr("bits", INT, "activation bits", 8)])
+    [_t("x")], [_attr("bits", INT, "activation bits", 8, low=2, high=16)])
 
 # ----------------------------------------------------------------------------- distributed
 _op("all_sum", "distributed",
@@ -288,6 +342,8 @@ def render_markdown() -> str:
         text = f"`{arg.name}: {arg.kind}`"
         if not arg.required:
             text += f" = `{json.dumps(arg.default)}`"
+        if arg.range_text():
+            text += f" ({arg.range_text()})"
         return text
 
     for spec in sorted(_SPECS, key=lambda s: (s.category, s.name)):

@@ -3,33 +3,44 @@
 A program directory carries the Hugging Face tokenizer files. At run time we read them
 with the ``tokenizers`` library and render the chat template with jinja2, the way
 transformers does, so ``paw run`` never imports transformers (and through it, torch).
+The template renders under limits on time and size (``interp/chat_template.py``), and
+every file is read so that a malformed one is one ``ProgramError`` line.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from pathlib import Path
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from interp.errors import ProgramError
+from interp.chat_template import compile_template, render_chat_template
+from interp.errors import InputError, ProgramError
+from interp.jsonfile import read_json_object
 
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+#: the tokenizer files of a program directory, as paw reads them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template_from_config(template) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or transformers' list of named templates."""
+    if isinstance(template, str):
+        return template
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        chosen = named.get("default", next(iter(named.values()), None))
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+def _library_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error of the tokenizers library (a Rust panic is a BaseException)."""
+    return not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
 
 
 class Tokenizer:
@@ -42,16 +53,20 @@ class Tokenizer:
             raise ProgramError(f"{directory} has no tokenizer.json")
         try:
             self._tok = _HFTokenizer.from_file(str(path))
-        except Exception as exc:
-            raise ProgramError(f"cannot read {path}: {exc}") from None
+        except BaseException as exc:
+            if not _library_error(exc):
+                raise
+            raise ProgramError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         config_path = directory / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        self.config = read_json_object(config_path) if config_path.is_file() else {}
         template_path = directory / "chat_template.jinja"
         if template_path.is_file():
-            self.chat_template = template_path.read_text(encoding="utf-8")
+            try:
+                self.chat_template = template_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ProgramError(f"cannot read {template_path}: {exc}") from None
         else:
-            template = self.config.get("chat_template")
-            self.chat_template = template if isinstance(template, str) else None
+            self.chat_template = _template_from_config(self.config.get("chat_template"))
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         ids = set(eos_token_ids or [])
@@ -65,10 +80,22 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if not isinstance(text, str):
+            raise InputError(f"text to encode must be a string, not {type(text).__name__}")
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except BaseException as exc:
+            if not _library_error(exc):
+                raise
+            raise InputError(f"the tokenizer could not encode the text: {exc}") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        try:
+            return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        except BaseException as exc:
+            if not _library_error(exc):
+                raise
+            raise InputError(f"the tokenizer could not decode the ids: {exc}") from None
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -86,15 +113,10 @@ class Tokenizer:
         if not self.chat_template:
             raise ProgramError("this program's tokenizer has no chat template; use --raw")
         if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     tools=None, documents=None, **special)
+            self._template = compile_template(self.chat_template)
+        special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token") and k.isidentifier()}
+        return render_chat_template(self._template, messages=messages, add_generation_prompt=add_generation_prompt,
+                                    tools=None, documents=None, **special)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # Templates already contain the special tokens they need.

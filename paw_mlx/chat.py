@@ -14,8 +14,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlx.core as mx
+
+from interp.atomic import atomic_write_text
 from interp.errors import ArtifactError, PawError
 from interp.generate import GenerationStats
+from interp.jsonfile import parse_json
 from paw_mlx.runtime import LoadedProgram, stream_tokens
 
 CHAT_FORMAT = "paw-chat"
@@ -163,6 +167,8 @@ class ChatSession:
         keep = min(offset, len(fed))
         self._trim_to(keep)
         self.cached_ids = list(fed[:keep])
+        # evaluated, the cache can be continued from any thread (MLX ties lazy arrays to a thread's stream)
+        mx.eval([c.state for c in self.cache])
 
     def _offset(self) -> int:
         return int(self.cache[0].offset) if self.cache else 0
@@ -186,12 +192,9 @@ class ChatSession:
     def save(self, path: str | Path) -> Path:
         """Write the conversation as JSON (atomically: a temporary file, then a rename)."""
         path = Path(path).expanduser()
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise PawError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path
 
@@ -207,15 +210,21 @@ def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
     if not path.is_file():
         raise PawError(f"no such file: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise PawError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = parse_json(text, "the text", PawError)
+    except PawError as exc:
         raise PawError(f"{path} is not a JSON conversation: {exc}") from None
     if isinstance(data, list):  # a bare message list is accepted too
         data = {"messages": data}
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise PawError(f"{path} holds no 'messages' list")
-    if data.get("format", CHAT_FORMAT) != CHAT_FORMAT or data.get("version", CHAT_VERSION) > CHAT_VERSION:
-        raise PawError(f"{path} is not a {CHAT_FORMAT} file of version <= {CHAT_VERSION}")
+    version = data.get("version", CHAT_VERSION)
+    if (data.get("format", CHAT_FORMAT) != CHAT_FORMAT or not isinstance(version, int) or isinstance(version, bool)
+            or not 1 <= version <= CHAT_VERSION):
+        raise PawError(f"{path} is not a {CHAT_FORMAT} file of version {CHAT_VERSION}")
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise PawError(f"{path}: 'system' must be text")

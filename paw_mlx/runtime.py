@@ -9,13 +9,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from interp.errors import PawError, ProgramError
+from interp.errors import InputError, PawError, ProgramError, first_line
 from interp.generate import GenerationStats, generate_step
 from interp.graph import GraphModel
+from interp.manifest import verify_manifest
 from interp.ops import REGISTRY
-from interp.program import Program, read_program
+from interp.program import CONSTS_FILE, PROGRAM_FILE, Program, read_program
 from interp.sampling import make_sampler
-from interp.tokenizer import Tokenizer
+from interp.token_ids import check_token_ids
+from interp.tokenizer import TOKENIZER_FILES, Tokenizer
 
 
 @dataclass
@@ -28,6 +30,7 @@ class LoadedProgram:
     #: serialises generation on this program (the KV caches are per call, MLX is not
     #: re-entrant across threads building graphs on the same stream)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _kv_layout: list | None = field(default=None, repr=False)
 
     @property
     def path(self) -> Path:
@@ -45,6 +48,15 @@ class LoadedProgram:
     @property
     def context_length(self) -> int:
         return int(self.program.model_info.get("context_length", 2048))
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids the program takes are 0 .. vocab_size - 1 (None when it does not say)."""
+        return self.program.vocab_size
+
+    def check_ids(self, ids, what: str = "token ids") -> list[int]:
+        """``ids`` checked against this program's vocabulary (``interp.token_ids``)."""
+        return check_token_ids(ids, self.vocab_size, what=what)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -66,6 +78,24 @@ class LoadedProgram:
     def make_cache(self) -> list:
         return self.model.make_cache()
 
+    def kv_layout(self) -> list[tuple[tuple[int, int], tuple[int, int], mx.Dtype]]:
+        """Per cache layer: (KV heads, key size), (KV heads, value size) and the cache's dtype.
+
+        Read off a one-token run (once, then kept), so it holds for any architecture; a
+        compiled program's prefix must have exactly this layout.
+        """
+        if self._kv_layout is None:
+            cache = self.make_cache()
+            with self.lock:  # positions given: the plain interpreter, no decode step compiled for this
+                self.model(mx.array([[0]], dtype=mx.int32), cache=cache, positions=mx.array([[0]], dtype=mx.int32))
+                mx.eval([c.state for c in cache])
+            for i, c in enumerate(cache):
+                if c.keys is None:
+                    raise ProgramError(f"{self.path}: KV-cache layer {i} is never written by an attention node")
+            self._kv_layout = [((c.keys.shape[1], c.keys.shape[3]), (c.values.shape[1], c.values.shape[3]),
+                                c.keys.dtype) for c in cache]
+        return self._kv_layout
+
 
 def _arrays(consts: dict) -> list[mx.array]:
     """Every array in the consts, including those inside prepared weights (e.g. ternary layouts)."""
@@ -78,13 +108,15 @@ def _arrays(consts: dict) -> list[mx.array]:
     return found
 
 
-def load(path: str | Path, *, compile: bool = True, parallel: str = "auto",  # noqa: A002 - mx.compile's name
-         timeout: float | None = None, pipeline_shares: list[float] | None = None) -> LoadedProgram:
+def load(path: str | Path, *, compile: bool = True, verify: bool = False,  # noqa: A002 - mx.compile's name
+         parallel: str = "auto", timeout: float | None = None,
+         pipeline_shares: list[float] | None = None) -> LoadedProgram:
     """Load and validate a program directory (or its prog.json) for generation.
 
     ``compile`` runs each one-token decode step as one mx.compile'd function
     (interp/compiled_step.py; segments, interp/compiled.py, where the whole step cannot
-    be); turn it off to measure or debug the plain interpreter.
+    be); turn it off to measure or debug the plain interpreter. ``verify`` first checks
+    every file against its sha256 in manifest.json (reads all the weights once more).
 
     Started by ``mlx.launch`` (or mpirun) with more than one rank, the program is split
     over the ranks: ``parallel`` is ``auto`` (= ``pipeline``), ``pipeline``, ``tensor``
@@ -97,6 +129,9 @@ def load(path: str | Path, *, compile: bool = True, parallel: str = "auto",  # n
 
     if parallel not in distributed.PARALLEL_MODES:
         raise PawError(f"unknown parallel mode {parallel!r}: use one of {', '.join(distributed.PARALLEL_MODES)}")
+    if verify:
+        checked = read_program(path, known_ops=set(REGISTRY))
+        verify_manifest(checked.directory, checked.manifest, (PROGRAM_FILE, CONSTS_FILE), TOKENIZER_FILES)
     world = distributed.connect(timeout) if parallel != "none" else None
     if parallel in ("pipeline", "tensor") and world is None:
         raise PawError(f"parallel={parallel!r} needs several ranks: start paw with mlx.launch (see docs/distributed.md)")
@@ -132,41 +167,76 @@ class TextChunk(str):
 
 def prompt_ids(prog: LoadedProgram, prompt: str | list[int], *, raw: bool = False,
                system: str | None = None) -> list[int]:
-    """Token ids for a prompt: through the chat template unless ``raw`` or there is none."""
+    """Token ids for a prompt: through the chat template unless ``raw`` or there is none.
+
+    A list of ids is checked against the vocabulary (InputError if one is outside it).
+    """
     if not isinstance(prompt, str):
-        return [int(t) for t in prompt]
+        return prog.check_ids(prompt, "prompt ids")
+    if system is not None and not isinstance(system, str):
+        raise InputError("the system message must be text")
     tok = prog.tokenizer
     if raw or not tok.has_chat_template:
-        return tok.encode(prompt, add_special_tokens=True)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tok.encode_chat(messages)
+        ids = tok.encode(prompt, add_special_tokens=True)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tok.encode_chat(messages)
+    return prog.check_ids(ids, "the tokenized prompt")
+
+
+def check_generation_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
+                             seed: int | None) -> None:
+    """InputError for an option no sampler can use (NaN, negative, a seed MLX cannot take)."""
+    def number(value, kind) -> bool:
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    if not number(max_tokens, int):
+        raise InputError(f"max_tokens must be an integer, not {max_tokens!r:.40}")
+    if not number(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise InputError(f"temperature must be a number >= 0, not {temperature!r:.40}")
+    if not number(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise InputError(f"top-p must be in (0, 1], not {top_p!r:.40}")
+    if not number(top_k, int) or top_k < 0:
+        raise InputError(f"top-k must be an integer >= 0, not {top_k!r:.40}")
+    if seed is not None and not (number(seed, int) and 0 <= seed < 2**64):
+        raise InputError(f"the seed must be an integer in [0, 2**64), not {seed!r:.40}")
 
 
 def stream_tokens(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256, temperature: float = 0.0,
                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache: list | None = None,
                   stats: GenerationStats | None = None, stop: threading.Event | None = None) -> Iterator[int]:
-    """Generated token ids for prompt ``ids``, stopping at EOS (not yielded) or ``max_tokens``."""
+    """Generated token ids for prompt ``ids``, stopping at EOS (not yielded) or ``max_tokens``.
+
+    The ids and options are checked before anything runs (InputError); an error MLX
+    raises while running the program is a ProgramError.
+    """
+    ids = prog.check_ids(ids, "prompt ids")
+    check_generation_options(max_tokens, temperature, top_p, top_k, seed)
     if max_tokens <= 0:
         return
-    if len(ids) + max_tokens > prog.context_length:
-        max_tokens = max(0, prog.context_length - len(ids))
-        if max_tokens == 0:
-            raise PawError(f"the prompt ({len(ids)} tokens) fills the model's context of {prog.context_length}")
-    try:
-        sampler = make_sampler(temperature, top_p, top_k)
-    except ValueError as exc:
-        raise PawError(str(exc)) from None
+    cached = cache[0].offset if cache else 0
+    room = prog.context_length - cached - len(ids)
+    if room <= 0:
+        raise InputError(f"the prompt ({cached + len(ids)} tokens) fills the model's context of {prog.context_length}")
+    max_tokens = min(max_tokens, room)
+    sampler = make_sampler(temperature, top_p, top_k)
     if seed is not None:
         mx.random.seed(seed)
     cache = cache if cache is not None else prog.make_cache()
     eos = prog.eos_token_ids
     with prog.lock:
-        for token in generate_step(prog.model, ids, cache, sampler=sampler, max_tokens=max_tokens, stats=stats):
-            if token in eos:
-                break
-            yield token
-            if stop is not None and stop.is_set():
-                break
+        steps = generate_step(prog.model, ids, cache, sampler=sampler, max_tokens=max_tokens, stats=stats)
+        try:
+            for token in steps:
+                if token in eos:
+                    break
+                yield token
+                if stop is not None and stop.is_set():
+                    break
+        except (RuntimeError, ValueError, MemoryError) as exc:  # MLX's errors while evaluating the graph
+            raise ProgramError(f"running {prog.path} failed: {first_line(exc)}") from exc
+        finally:
+            steps.close()
 
 
 def stream_generate(prog: LoadedProgram, prompt: str | list[int], *, max_tokens: int = 256,

@@ -196,6 +196,8 @@ class ChatApp(App):
             handler(command.arg)
         except PawError as exc:
             self.error(str(exc))
+        except Exception as exc:  # a command failing in a way nobody foresaw must not close the app
+            self.error(f"/{command.name} failed: {type(exc).__name__}: {exc}")
         self.refresh_status()
 
     def cmd_help(self, arg: str) -> None:

@@ -16,6 +16,8 @@ import math
 import mlx.core as mx
 
 from interp import device
+from interp.errors import ProgramError
+from interp.limits import check_shape
 from interp.ops import fastmath
 from interp.ops.nn import cpu_has_fast_blas
 from interp.ops.registry import implementation
@@ -24,12 +26,24 @@ from interp.ops.registry import implementation
 QUERY_BLOCK = 64
 
 
+def check_attention_shapes(q: mx.array, k: mx.array, v: mx.array) -> None:
+    """q [B, Hq, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] with Hq a multiple of Hkv."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ProgramError(f"attention needs 4-D q, k, v; got {q.shape}, {k.shape}, {v.shape}")
+    if (k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1]):
+        raise ProgramError(f"attention shapes do not fit together: q {q.shape}, k {k.shape}, v {v.shape}")
+
+
 @implementation("attention", needs_context=True)
 def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0):
+    check_attention_shapes(q, k, v)
     cache = ctx.cache[layer] if ctx.cache is not None else None
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
     length, total = q.shape[2], k.shape[2]
+    # the largest temporary: one block's float32 scores
+    check_shape([q.shape[0], q.shape[1], min(length, QUERY_BLOCK), total], 4, "its block of scores")
     special = window > 0 or softcap > 0 or alibi_max_bias > 0
     on_cpu = device.on_cpu()
     if not on_cpu and not special and ctx.key_mask is None:

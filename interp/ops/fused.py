@@ -13,6 +13,7 @@ import mlx.core as mx
 from interp import device
 from interp.ops.nn import float32_product, gemm_in_float32
 from interp.ops.registry import implementation
+from interp.ops.shape import clip_indices
 
 
 @implementation("rope", needs_context=True)
@@ -69,6 +70,10 @@ def quantized_linear(x, weight, scales, biases, bias=None, *, group_size, bits):
 
 @implementation("quantized_embedding")
 def quantized_embedding(weight, scales, biases, indices, *, group_size, bits):
+    if not weight.shape[0] == scales.shape[0] == biases.shape[0]:
+        raise ValueError(f"weight, scales and biases have {weight.shape[0]}, {scales.shape[0]} and "
+                         f"{biases.shape[0]} rows")
+    indices = clip_indices(indices, weight.shape[0])
     rows = mx.take(weight, indices, axis=0)
     return mx.dequantize(rows, mx.take(scales, indices, axis=0), mx.take(biases, indices, axis=0),
                          group_size=group_size, bits=bits)

@@ -7,11 +7,14 @@ import mlx.core as mx
 from interp import device
 from interp.blas import fast_cpu_gemm
 from interp.ops.registry import implementation
+from interp.ops.shape import clip_indices
 
 
 @implementation("embedding")
 def embedding(weight, indices):
-    return mx.take(weight, indices, axis=0)
+    # token ids are checked where they enter (interp/token_ids.py); the clip keeps a
+    # malformed program from reading past the table
+    return mx.take(weight, clip_indices(indices, weight.shape[0]), axis=0)
 
 
 @implementation("linear")

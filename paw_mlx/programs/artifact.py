@@ -4,25 +4,36 @@ A program is a KV-cache prefix for one base model: the keys and values every
 attention layer holds after reading the spec. ``program.json`` records what is needed
 to call it again without the spec's cost: the prompt layout (how an input is joined to
 the prefix), the prefix token ids, the base model's fingerprint, generation settings.
+``manifest.json`` holds both files' sha256 (checked by ``read_artifact(verify=True)``
+and ``paw inspect --verify``).
+
+Reading checks every field and the tensors' header before MLX reads them, evaluates the
+prefix (so any thread can use it), and ``check_against_base`` holds it to the base model
+it is run on: fingerprint, layers, KV heads, head sizes, dtype and vocabulary.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
-from interp.errors import ArtifactError, PawError
+from interp.atomic import atomic_directory
+from interp.errors import ArtifactError, InputError, PawError
+from interp.jsonfile import read_json_object
+from interp.manifest import file_hashes, fingerprint, verify_manifest
+from interp.program import MANIFEST_FILE, MAX_LAYERS, read_manifest, read_safetensors_header
+from interp.token_ids import check_token_ids
 
 FORMAT = "paw.kvprogram"
 VERSION = 1
 PROGRAM_FILE = "program.json"
 PREFIX_FILE = "prefix.safetensors"
+#: the files an artifact's fingerprint is made of
+DEFINING_FILES = (PROGRAM_FILE, PREFIX_FILE)
+LAYOUT_KINDS = ("chat", "raw")
 
 
 @dataclass(frozen=True)
@@ -87,13 +98,9 @@ class ProgramArtifact:
 
 
 def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool = False) -> Path:
-    """Write atomically: into a temporary sibling directory, renamed into place at the end."""
+    """Write atomically (``interp.atomic``): program.json, prefix.safetensors, manifest.json."""
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=force, error=ArtifactError) as tmp:
         tensors = {}
         for i, (k, v) in enumerate(artifact.prefix):
             tensors[f"layers.{i}.keys"] = k
@@ -101,13 +108,9 @@ def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool =
         mx.save_safetensors(str(tmp / PREFIX_FILE), tensors, metadata={"format": FORMAT})
         text = json.dumps(artifact.metadata(), indent=1, ensure_ascii=False) + "\n"
         (tmp / PROGRAM_FILE).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        hashes = file_hashes(tmp, skip=MANIFEST_FILE)
+        manifest = {"format": FORMAT, "files": hashes, "fingerprint": fingerprint(hashes, DEFINING_FILES)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     artifact.directory = out
     return out
 
@@ -122,48 +125,127 @@ def read_artifact_metadata(path: str | Path) -> tuple[Path, dict]:
     meta_path = directory / PROGRAM_FILE
     if not meta_path.is_file():
         raise ArtifactError(f"{directory} is not a compiled program (no {PROGRAM_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {meta_path}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(meta_path, ArtifactError)
+    if meta.get("format") != FORMAT:
         raise ArtifactError(f"{meta_path} is not a {FORMAT} file")
-    if meta.get("version") != VERSION:
-        raise ArtifactError(f"{meta_path} has version {meta.get('version')!r}; this paw reads version {VERSION}")
+    if meta.get("version") != VERSION or isinstance(meta.get("version"), bool):
+        raise ArtifactError(f"{meta_path} has version {meta.get('version')!r:.40}; this paw reads version {VERSION}")
     return directory, meta
 
 
-def read_artifact(path: str | Path) -> ProgramArtifact:
-    """Load and check a program directory (or its program.json)."""
-    directory, meta = read_artifact_metadata(path)
-    meta_path = directory / PROGRAM_FILE
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fields(meta: dict, meta_path: Path) -> dict:
+    """program.json's fields, each of the type it must have; ArtifactError naming the first that is not."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ArtifactError(f"{meta_path} is malformed: {what}")
+
+    layout, base, generation = meta.get("layout"), meta.get("base"), meta.get("generation", {})
+    need(isinstance(meta.get("spec"), str), "'spec' must be text")
+    need(isinstance(layout, dict) and layout.get("kind") in LAYOUT_KINDS
+         and isinstance(layout.get("prefix_text"), str) and isinstance(layout.get("suffix_text"), str),
+         f"'layout' needs kind ({' or '.join(LAYOUT_KINDS)}), prefix_text and suffix_text")
+    need(isinstance(meta.get("prefix_ids"), list), "'prefix_ids' must be a list of token ids")
     try:
-        layout = PromptLayout(**meta["layout"])
-        prefix_ids = [int(t) for t in meta["prefix_ids"]]
-        num_layers = int(meta["num_layers"])
-        generation = GenerationSettings(**meta.get("generation", {}))
-        base = meta["base"]
-        spec = str(meta["spec"])
-    except (KeyError, TypeError, ValueError) as exc:
+        prefix_ids = check_token_ids(meta["prefix_ids"], None, what="'prefix_ids'")
+    except InputError as exc:
         raise ArtifactError(f"{meta_path} is malformed: {exc}") from None
-    tensors_path = directory / PREFIX_FILE
+    need(_is_int(meta.get("num_layers")) and 0 < meta["num_layers"] <= MAX_LAYERS, "'num_layers' must be a positive integer")
+    need(isinstance(base, dict), "'base' must be an object with the base model's fingerprint")
+    made_for = base.get("fingerprint")
+    if not isinstance(made_for, str) or not made_for:
+        raise ArtifactError(f"{meta_path} does not say which base model it was made for (no base fingerprint); "
+                            "recompile it with `paw compile`")
+    need(isinstance(base.get("path_hint", ""), str), "'base.path_hint' must be text")
+    need(isinstance(generation, dict) and set(generation) <= {"max_new_tokens", "temperature"},
+         "'generation' holds only max_new_tokens and temperature")
+    max_new = generation.get("max_new_tokens", GenerationSettings.max_new_tokens)
+    temperature = generation.get("temperature", GenerationSettings.temperature)
+    need(_is_int(max_new) and max_new > 0, "'generation.max_new_tokens' must be a positive integer")
+    need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 <= temperature < float("inf"),
+         "'generation.temperature' must be a number >= 0")
+    need(meta.get("tuning") is None or isinstance(meta["tuning"], dict), "'tuning' must be an object or null")
+    return {"spec": meta["spec"], "layout": PromptLayout(layout["kind"], layout["prefix_text"], layout["suffix_text"]),
+            "prefix_ids": prefix_ids, "num_layers": meta["num_layers"], "base_fingerprint": made_for,
+            "base_hint": base.get("path_hint", ""), "tuning": meta.get("tuning"),
+            "generation": GenerationSettings(max_new_tokens=max_new, temperature=float(temperature)),
+            "returns": _read_returns(meta, meta_path)}
+
+
+def _read_prefix(tensors_path: Path, num_layers: int, length: int) -> list[tuple[mx.array, mx.array]]:
+    """The per-layer keys and values, shapes and dtypes checked, evaluated (usable on any thread)."""
+    header = read_safetensors_header(tensors_path, ArtifactError)
+    names = [f"layers.{i}.{part}" for i in range(num_layers) for part in ("keys", "values")]
+    for name in names:
+        meta = header.get(name)
+        if meta is None:
+            raise ArtifactError(f"{tensors_path} lacks {name} (the program has {num_layers} layers)")
+        shape = meta["shape"]
+        if len(shape) != 4 or shape[0] != 1 or shape[2] != length or 0 in shape:
+            raise ArtifactError(f"{tensors_path}: {name} has shape {shape}; expected [1, kv_heads, {length}, head_dim]")
+        if meta["dtype"] not in ("F32", "F16", "BF16"):
+            raise ArtifactError(f"{tensors_path}: {name} is {meta['dtype']}, not a float tensor")
     try:
         tensors = mx.load(str(tensors_path))
-    except Exception as exc:
+    except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
         raise ArtifactError(f"cannot read {tensors_path}: {exc}") from None
-    prefix = []
-    for i in range(num_layers):
-        try:
-            k, v = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
-        except KeyError:
-            raise ArtifactError(f"{tensors_path} lacks layer {i} of {num_layers}") from None
-        if k.ndim != 4 or v.ndim != 4 or k.shape[2] != len(prefix_ids) or v.shape[2] != len(prefix_ids):
-            raise ArtifactError(f"{tensors_path}: layer {i} keys/values do not cover the {len(prefix_ids)} prefix tokens")
-        prefix.append((k, v))
-    return ProgramArtifact(spec=spec, base_fingerprint=str(base.get("fingerprint", "")),
-                           base_hint=str(base.get("path_hint", "")), layout=layout, prefix_ids=prefix_ids,
-                           prefix=prefix, generation=generation, tuning=meta.get("tuning"), directory=directory,
-                           returns=_read_returns(meta, meta_path))
+    prefix = [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]) for i in range(num_layers)]
+    for i, (k, v) in enumerate(prefix):
+        if k.shape[1] != v.shape[1]:
+            raise ArtifactError(f"{tensors_path}: layer {i} has {k.shape[1]} key heads and {v.shape[1]} value heads")
+    # mx.load's arrays are lazy and tied to this thread's stream: evaluated here, they can
+    # be used from any thread (a pool of callers, a server's workers).
+    mx.eval(prefix)
+    return prefix
+
+
+def read_artifact(path: str | Path, *, verify: bool = False) -> ProgramArtifact:
+    """Load and check a program directory (or its program.json).
+
+    ``verify`` first checks both files against their sha256 in manifest.json.
+    """
+    directory, meta = read_artifact_metadata(path)
+    meta_path = directory / PROGRAM_FILE
+    fields = _fields(meta, meta_path)
+    if verify:
+        verify_manifest(directory, read_manifest(directory, ArtifactError), DEFINING_FILES, error=ArtifactError)
+    prefix = _read_prefix(directory / PREFIX_FILE, fields.pop("num_layers"), len(fields["prefix_ids"]))
+    return ProgramArtifact(prefix=prefix, directory=directory, **fields)
+
+
+def check_against_base(artifact: ProgramArtifact, base) -> None:
+    """ArtifactError unless ``artifact`` was made for ``base`` (a LoadedProgram) and fits it.
+
+    The fingerprint must match, and the prefix must have the base's layers, KV heads,
+    head sizes and cache dtype; its ids must be in the base's vocabulary.
+    """
+    where = f"program {artifact.directory}" if artifact.directory else "this program"
+    if not artifact.base_fingerprint:
+        raise ArtifactError(f"{where} does not say which base model it was made for; recompile it with `paw compile`")
+    if not base.fingerprint:
+        raise ArtifactError(f"the base model {base.path} has no fingerprint (no manifest.json): export it with `paw export`")
+    if artifact.base_fingerprint != base.fingerprint:
+        raise ArtifactError(
+            f"{where} was compiled for base model {artifact.base_fingerprint} "
+            f"({artifact.base_hint or 'unknown path'}), not for {base.fingerprint} ({base.path}); "
+            "recompile it with `paw compile` for this base")
+    layout = base.kv_layout()
+    if len(artifact.prefix) != len(layout):
+        raise ArtifactError(f"{where} has {len(artifact.prefix)} layers, the base model {len(layout)}")
+    for i, ((k, v), (want_k, want_v, dtype)) in enumerate(zip(artifact.prefix, layout, strict=True)):
+        got_k, got_v = (k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])
+        if (got_k, got_v) != (want_k, want_v):
+            raise ArtifactError(f"{where}, layer {i}: keys/values of (heads, head size) {got_k}/{got_v}; "
+                                f"the base model has {want_k}/{want_v}")
+        if k.dtype != dtype or v.dtype != dtype:
+            raise ArtifactError(f"{where}, layer {i}: the prefix is {k.dtype}, the base model's cache {dtype}")
+    check_token_ids(artifact.prefix_ids, base.vocab_size, what=f"{where} prefix ids")
+    if artifact.prefix_length >= base.context_length:
+        raise ArtifactError(f"{where}'s prefix ({artifact.prefix_length} tokens) fills the base model's context "
+                            f"of {base.context_length}")
 
 
 def _read_returns(meta: dict, meta_path: Path) -> dict | None:

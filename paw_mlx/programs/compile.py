@@ -49,11 +49,14 @@ def compute_prefix(prog: LoadedProgram, ids: list[int]) -> list[tuple[mx.array, 
     """Run the base model over ``ids`` once and keep every layer's keys and values."""
     if not ids:
         raise PawError("the program's prefix is empty")
+    ids = prog.check_ids(ids, "prefix ids")
     cache = prog.make_cache()
     with prog.lock:
         prog.model(mx.array([ids], dtype=mx.int32), cache=cache)
         states = [c.state for c in cache]
         mx.eval(states)
+    if not all(states):
+        raise PawError(f"{prog.path}: a KV-cache layer is never written, so it has no prefix to keep")
     return [(mx.array(k), mx.array(v)) for k, v in states]
 
 
@@ -63,7 +66,10 @@ def read_spec(spec: str) -> str:
         path = Path(spec[1:])
         if not path.is_file():
             raise PawError(f"no such spec file: {path}")
-        spec = path.read_text(encoding="utf-8")
+        try:
+            spec = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PawError(f"cannot read the spec file {path}: {exc}") from None
     spec = spec.strip()
     if not spec:
         raise PawError("the spec is empty")
@@ -83,6 +89,9 @@ def compile(spec: str, base: str | Path = DEFAULT_BASE, out_dir: str | Path | No
     spec = read_spec(spec)
     base_path = resolve_base(base)
     prog = interpreter(base_path)
+    if not prog.fingerprint:
+        raise PawError(f"the base model {base_path} has no fingerprint (no manifest.json), so a program "
+                       "cannot record what it was made for: export the base with `paw export`")
     if returns is not None:
         from paw_mlx.constrain import grammar_for
 

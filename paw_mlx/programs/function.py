@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from interp.errors import ArtifactError, PawError
+from interp.errors import ArtifactError, InputError, PawError
 from paw_mlx.constrain import grammar_for
-from paw_mlx.programs.artifact import ProgramArtifact, read_artifact
+from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_artifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import DEFAULT_BASE, compile, input_ids
 from paw_mlx.programs.interpreter import interpreter
@@ -23,14 +23,9 @@ class ProgramFunction:
 
     def __init__(self, artifact: ProgramArtifact, base: LoadedProgram, max_new_tokens: int | None = None,
                  returns: Any = None):
-        if artifact.base_fingerprint and artifact.base_fingerprint != base.fingerprint:
-            raise ArtifactError(
-                f"this program was compiled for base model {artifact.base_fingerprint} "
-                f"({artifact.base_hint or 'unknown path'}), not for {base.fingerprint} ({base.path}); "
-                "recompile it with `paw compile` for this base")
-        if len(artifact.prefix) != base.model.num_layers:
-            raise ArtifactError(f"the program has {len(artifact.prefix)} layers, the base model "
-                                f"{base.model.num_layers}")
+        check_against_base(artifact, base)
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r:.40}")
         self.artifact = artifact
         self.base = base
         self.max_new_tokens = max_new_tokens or artifact.generation.max_new_tokens
@@ -48,6 +43,12 @@ class ProgramFunction:
         return input_ids(self.base.tokenizer, self.artifact.layout, text)
 
     def call_ids(self, rows: list[list[int]]) -> list[list[int]]:
+        """Output ids for each row of input ids (each checked against the vocabulary and context)."""
+        rows = [self.base.check_ids(row, f"input {i} ids") for i, row in enumerate(rows)]
+        longest = max((len(row) for row in rows), default=0)
+        if self.artifact.prefix_length + longest >= self.base.context_length:
+            raise InputError(f"an input of {longest} tokens after the {self.artifact.prefix_length}-token prefix "
+                             f"fills the base model's context of {self.base.context_length}")
         constraints = [self.grammar.start() for _ in rows] if self.grammar is not None else None
         return generate_batch(self.base, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
                               temperature=self.artifact.generation.temperature, constraints=constraints)
@@ -73,14 +74,15 @@ def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgr
 
 
 def function(program: str | Path | ProgramArtifact, base: str | Path | None = None,
-             max_new_tokens: int | None = None, returns: Any = None) -> ProgramFunction:
+             max_new_tokens: int | None = None, returns: Any = None, *, verify: bool = False) -> ProgramFunction:
     """A callable for a compiled program directory, an in-memory artifact, or a .txt spec.
 
     The base model is ``base`` if given, else the one the program was compiled on (its
     recorded path), else the default 'smollm2'; a mismatch of fingerprints is an error.
     ``returns`` constrains outputs (a list of choices, ``{"regex": ...}``,
     ``{"json_schema": ...}``, ``{"json_object": True}``; see ``paw_mlx.constrain``),
-    replacing the program's own constraint.
+    replacing the program's own constraint. ``verify`` checks the program's files
+    against the sha256 in its manifest.json first.
     """
     if isinstance(program, ProgramArtifact):
         artifact = program
@@ -91,5 +93,5 @@ def function(program: str | Path | ProgramArtifact, base: str | Path | None = No
         elif not path.exists():
             raise ArtifactError(f"no such program: {path}")
         else:
-            artifact = read_artifact(path)
+            artifact = read_artifact(path, verify=verify)
     return ProgramFunction(artifact, _base_for(artifact, base), max_new_tokens, returns)

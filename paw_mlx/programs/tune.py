@@ -70,13 +70,17 @@ def load_examples(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise PawError(f"no such examples file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PawError(f"cannot read the examples file {path}: {exc}") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise PawError(f"{path}:{n}: not JSON: {exc}") from None
         if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
             raise PawError(f'{path}:{n}: each line must be {{"input": "...", "output": "..."}}')

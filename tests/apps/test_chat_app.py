@@ -200,6 +200,10 @@ async def test_slash_commands(make_app, tmp_path, prog, tiny_program):
         (tmp_path / "bad.json").write_text("{not json")
         await submit(app, pilot, f"/load {tmp_path / 'bad.json'}")
         assert "is not a JSON conversation" in errors(app)[-1]
+        for content in ('{"messages": [], "version": "2"}', "null", "[" * 50_000, "1" * 5000):  # crashed the app
+            (tmp_path / "bad.json").write_text(content)
+            await submit(app, pilot, f"/load {tmp_path / 'bad.json'}")
+            assert errors(app)[-1].startswith("error: ")
         assert app.session.messages == before  # a bad file changes nothing
 
         artifact = tmp_path / "french"

@@ -93,3 +93,19 @@ def test_shim_is_cached_and_rebuilt_into_a_fresh_cache(tmp_path):
     assert len(built) == 1 and not [p for p in (tmp_path / "blas").iterdir() if p.is_dir()]
     assert _status_in_fresh_process(code, PAW_CACHE=str(tmp_path)).startswith("OpenBLAS")
     assert list((tmp_path / "blas").glob("libpaw_cblas_*.so")) == built
+
+
+@linux_only
+def test_shim_cache_is_private_and_a_bad_cached_file_is_rebuilt(tmp_path):
+    """A garbage file in the cache fell back to the slow BLAS for good; a planted library was loaded."""
+    code = "import interp, interp.blas as b; print(b.status())"
+    assert _status_in_fresh_process(code, PAW_CACHE=str(tmp_path)).startswith("OpenBLAS")
+    cache = tmp_path / "blas"
+    assert cache.stat().st_mode & 0o777 == 0o700
+    shim = next(cache.glob("*.so"))
+    for planted in (b"garbage", Path(sys.executable).read_bytes()):
+        shim.write_bytes(planted)
+        os.chmod(cache, 0o777)
+        assert _status_in_fresh_process(code, PAW_CACHE=str(tmp_path)).startswith("OpenBLAS")
+        assert shim.read_bytes() != planted and shim.read_bytes()[:4] == b"\x7fELF"
+        assert cache.stat().st_mode & 0o777 == 0o700

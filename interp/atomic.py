@@ -1,0 +1,150 @@
+"""Write a directory (or a file) so that readers see all of it or nothing.
+
+Every writer of a directory paw makes (``paw export``, compiled programs, the benchmark's
+converted weights) goes through ``atomic_directory``:
+
+- the files go into a hidden sibling, ``.NAME.partial-PID-XXXX``, renamed into place
+  only when the block succeeds, so a failed or interrupted write leaves nothing behind;
+- the rename happens under a lock on the parent directory, and refuses to replace a
+  directory that appeared while we were writing (another export to the same place),
+  unless replacing was asked for;
+- a ``kill -9`` leaves its partial directory behind: the next write to the same place
+  removes every such directory whose owner process (the PID in its name) is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from interp.errors import PawError
+
+try:  # POSIX; elsewhere the rename is atomic but unlocked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+
+def _leftover_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(name)}\.(?:partial|old|tmp)-(\d+)-")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a PID we cannot ask about): leave it alone
+    return True
+
+
+def remove_stale_leftovers(target: Path) -> list[Path]:
+    """Delete the partial writes of ``target`` left by processes that no longer run; returns them."""
+    pattern = _leftover_pattern(target.name)
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and not _process_alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+@contextmanager
+def _parent_locked(parent: Path) -> Iterator[None]:
+    """An exclusive flock on ``parent`` (best effort: a filesystem without locks goes unlocked)."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(parent, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _occupied(path: Path) -> bool:
+    """Whether writing ``path`` would replace something (an empty directory does not count)."""
+    if path.is_symlink() or path.is_file():
+        return True
+    return path.is_dir() and any(path.iterdir())
+
+
+def publish_permissions(directory: Path) -> None:
+    """mkdtemp makes a private 0700 directory; what we publish is an ordinary shared artifact."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)
+
+
+@contextmanager
+def atomic_directory(target: str | Path, *, replace: bool = False,
+                     error: type[PawError] = PawError) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``target`` only if the block succeeds.
+
+    ``replace`` allows replacing an existing ``target``; without it, an existing non-empty
+    ``target`` is refused up front, and one that appears during the block is not touched.
+    """
+    target = Path(target)
+    if _occupied(target) and not replace:
+        raise error(f"{target} already exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    try:
+        yield tmp
+        publish_permissions(tmp)
+        with _parent_locked(target.parent):
+            if _occupied(target):
+                if not replace:
+                    raise error(f"{target} was created by another process while this one was writing it; "
+                                "it was left as it is (pass --force to replace it)")
+                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+                os.replace(target, trash / "old")
+                os.replace(tmp, target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, target)  # onto nothing, or onto an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``path`` through a temporary sibling and a rename (readers never see half a file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

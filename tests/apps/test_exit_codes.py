@@ -1,0 +1,120 @@
+"""Every way a user can fail ends in one ``paw: error:`` line and a non-zero exit code:
+bad token ids, conflicting options, Ctrl-C (130, "interrupted"), hostile compiled programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apps import cli
+from interp.errors import ArtifactError, InputError
+from tests.apps.test_cli import assert_one_line_error, paw
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("ids", ["100000", "1 2 384", "1 -5 3"])
+def test_prompt_ids_outside_the_vocabulary(tiny_program, tmp_path, ids):
+    """100000 segfaulted; 384 (one past the table) printed garbage with exit 0; -5 was accepted."""
+    path = tmp_path / "ids.txt"
+    path.write_text(ids)
+    assert_one_line_error(paw("run", str(tiny_program), "--prompt-ids", str(path), "-n", "2"),
+                          "outside the vocabulary")
+
+
+def test_decode_of_ids_outside_the_vocabulary(tiny_program, tmp_path):
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2 99999")
+    assert_one_line_error(paw("decode", str(path), "--program", str(tiny_program)), "99999")
+
+
+def test_prompt_and_prompt_ids_together_exit_1(tiny_program, tmp_path):
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2")
+    assert_one_line_error(paw("run", str(tiny_program), "--prompt", "a", "--prompt-ids", str(path)),
+                          "either --prompt or --prompt-ids")
+
+
+def test_main_returns_typer_exit_codes(monkeypatch, capsys):
+    """typer hands back the code of a typer.Exit (and of Ctrl-C) instead of exiting with it."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for result, want, message in [(lambda **_: 1, 1, ""), (lambda **_: 130, 130, "paw: interrupted"),
+                                  (stopped, 130, "paw: interrupted")]:
+        monkeypatch.setattr(cli, "app", result)
+        with pytest.raises(SystemExit) as stop:
+            cli.main()
+        assert stop.value.code == want
+        assert capsys.readouterr().err.strip() == message
+    monkeypatch.setattr(cli, "app", lambda **_: 0)
+    cli.main()  # success returns normally
+
+
+def endless_program(tiny_program: Path, directory: Path) -> Path:
+    """A copy of the tiny program that never ends a reply: no EOS token, a huge context."""
+    shutil.copytree(tiny_program, directory)
+    spec = json.loads((directory / "prog.json").read_text())
+    spec["model"].update(context_length=1_000_000, eos_token_ids=[])
+    (directory / "prog.json").write_text(json.dumps(spec))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
+    program = endless_program(tiny_program, tmp_path / "endless")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "apps.cli", "run", str(program), "--prompt", "Hello",
+                             "--raw", "-n", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    try:
+        assert proc.stdout.read(1), "no output before the interrupt"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.decode().strip().splitlines()[-1] == "paw: interrupted"
+    assert b"Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- paw export program
+
+
+def original_artifact(directory: Path, tensor_path: Path, **meta) -> Path:
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"layers.0.keys": torch.zeros(1, 2, 3, 16)}, tensor_path)
+    (directory / "program.json").write_text(json.dumps({"spec": "Label it.", **meta}))
+    return directory
+
+
+@pytest.mark.parametrize("where", ["../outside.pt", "absolute"])
+def test_export_program_stays_inside_its_source(tiny_program, tmp_path, where):
+    from exporter.pawprogram import convert_program
+
+    outside = tmp_path / "outside.pt"
+    src = original_artifact(tmp_path / "src", outside,
+                            prefix_file=str(outside) if where == "absolute" else where)
+    with pytest.raises(ArtifactError, match="prefix_file must be a file name inside"):
+        convert_program(src, tmp_path / "out", base=tiny_program)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_program_checks_prefix_ids(tiny_program, tmp_path):
+    from exporter.pawprogram import convert_program
+
+    src = original_artifact(tmp_path / "src", tmp_path / "src" / "prefix.pt", prefix_ids=[1, 2, 100000])
+    with pytest.raises(InputError, match="100000 at position 2 is outside the vocabulary"):
+        convert_program(src, tmp_path / "out", base=tiny_program)

@@ -1,0 +1,97 @@
+"""The one directory writer: all or nothing, no silent replacement, leftovers of killed runs removed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from interp.atomic import atomic_directory, atomic_write_text, remove_stale_leftovers
+from interp.errors import ExportError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(target: Path, text: str, started: threading.Barrier | None = None, **options) -> None:
+    with atomic_directory(target, error=ExportError, **options) as tmp:
+        (tmp / "data.txt").write_text(text)
+        if started is not None:
+            started.wait(timeout=30)  # both writers are past their up-front check
+
+
+def test_two_writers_started_together_one_wins_one_is_refused(tmp_path):
+    """Both used to report success, the second silently replacing the first."""
+    target = tmp_path / "out"
+    started = threading.Barrier(2)
+    outcomes: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            write(target, name, started)
+            outcomes[name] = "ok"
+        except ExportError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    winners = [name for name, outcome in outcomes.items() if outcome == "ok"]
+    losers = [outcome for outcome in outcomes.values() if outcome != "ok"]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    assert "created by another process while this one was writing it" in str(losers[0])
+    assert (target / "data.txt").read_text() == winners[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial directory left behind
+
+
+def test_replace_only_when_asked(tmp_path):
+    target = tmp_path / "out"
+    write(target, "one")
+    with pytest.raises(ExportError, match="already exists"):
+        write(target, "two")
+    write(target, "three", replace=True)
+    assert (target / "data.txt").read_text() == "three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failure_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from interp.atomic import atomic_directory
+with atomic_directory(Path(sys.argv[1])) as tmp:
+    (tmp / "consts.safetensors").write_bytes(b"w" * 1000)
+    os.kill(os.getpid(), 9)
+"""
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path):
+    target = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == -9
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "consts.safetensors").is_file()
+    alive = tmp_path / f".out.partial-{os.getpid()}-mine"  # a write under way in a live process stays
+    alive.mkdir()
+    write(target, "next")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
+    assert remove_stale_leftovers(target) == []
+
+
+def test_atomic_write_text(tmp_path):
+    path = atomic_write_text(tmp_path / "ids.txt", "1 2 3\n")
+    assert path.read_text() == "1 2 3\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["ids.txt"]

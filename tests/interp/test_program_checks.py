@@ -1,0 +1,228 @@
+"""Malformed programs are refused with one ProgramError: at load for what the files say,
+at run time (naming the node) for what only the shapes show, before MLX can crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import paw_mlx
+from interp import limits, schema
+from interp.errors import ProgramError, WeightsError
+from interp.ops import REGISTRY
+from interp.program import read_program
+
+
+@pytest.fixture
+def program_copy(tiny_program, tmp_path) -> Path:
+    target = tmp_path / "prog"
+    shutil.copytree(tiny_program, target)
+    return target
+
+
+def edit_spec(directory: Path, change) -> None:
+    path = directory / "prog.json"
+    spec = json.loads(path.read_text())
+    change(spec)
+    path.write_text(json.dumps(spec))
+
+
+def node_index(spec: dict, op: str) -> int:
+    return next(i for i, n in enumerate(spec["nodes"]) if n["op"] == op)
+
+
+def set_attr(op: str, name: str, value):
+    def change(spec):
+        spec["nodes"][node_index(spec, op)]["attrs"][name] = value
+    return change
+
+
+@pytest.mark.parametrize("op, name, value, message", [
+    ("split", "sizes", [-2**33, 64, 32], "must be >= 0"),  # aborted the process (SIGABRT)
+    ("split", "sizes", [2**40, 32, 32], "must be <= 2147483647"),
+    ("reshape", "shape", ["v2", "v1", -2, 16], "must be >= -1"),
+    ("attention", "layer", 7, "not below state.kv_cache.layers"),
+    ("attention", "window", -3, "must be >= 0"),
+    ("split", "sizes", [64, 32, "nowhere"], "before it is defined"),
+    ("split", "sizes", [64, 32, 3.5], r"must be of kind int\[\]"),
+    ("rms_norm", "eps", "tiny", "must be of kind float"),
+])
+def test_attribute_outside_its_range_is_refused_at_load(program_copy, op, name, value, message):
+    edit_spec(program_copy, set_attr(op, name, value))
+    with pytest.raises(ProgramError, match=message):
+        read_program(program_copy)
+
+
+def test_full_larger_than_the_memory_budget_is_refused_at_load(program_copy, monkeypatch):
+    # shape [2**30, 1, 1] segfaulted under a memory cap; now it is checked against the budget
+    def add_full(spec):
+        spec["nodes"].insert(0, {"op": "full", "inputs": [], "attrs": {"shape": [2**30, 1, 1], "value": 1.0,
+                                                                         "dtype": "float32"}, "outputs": ["big"]})
+    edit_spec(program_copy, add_full)
+    monkeypatch.setenv("PAW_MEMORY_LIMIT", "1G")
+    limits.reset_budget()
+    try:
+        with pytest.raises(ProgramError, match=r"needs 4\.3 GB, more than the 1\.1 GB"):
+            read_program(program_copy)
+    finally:
+        monkeypatch.delenv("PAW_MEMORY_LIMIT")
+        limits.reset_budget()
+
+
+def _outside(arg: schema.Arg):
+    if arg.choices:
+        return "not-a-choice" if arg.kind == schema.STR else max(arg.choices) + 1
+    if arg.nonzero:
+        return 0
+    return arg.low - 1 if arg.low is not None and arg.low > -2**31 else arg.high + 1
+
+
+def test_every_range_in_the_schema_is_enforced():
+    """Each bounded attribute refuses a value just outside its range and takes its default (the table is walked)."""
+    bounded = [arg for spec in schema.OPS.values() for arg in spec.attrs
+               if arg.low is not None or arg.high is not None or arg.choices or arg.nonzero]
+    assert len(bounded) >= 20
+    for arg in bounded:
+        assert arg.range_problem(_outside(arg)), arg
+        if not arg.required and arg.default is not None:
+            assert arg.range_problem(arg.default) is None, arg
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(nodes={"op": "add"}), "'nodes' must be a JSON array"),
+    (lambda s: s["nodes"].__setitem__(0, "add"), "node 0 must be an object"),
+    (lambda s: s["nodes"][0].update(op=["add"]), "unknown op"),
+    (lambda s: s["nodes"][3].update(inputs="v3"), "inputs and outputs must be arrays"),
+    (lambda s: s["nodes"][3].update(outputs=[7]), "misnames output"),
+    (lambda s: s.update(inputs=[{"name": "tokens", "dtype": "int32"}]), "not one the interpreter feeds"),
+    (lambda s: s.update(inputs=[{"name": "input_ids", "dtype": "int32"}] * 2), "declared twice"),
+    (lambda s: s.update(outputs=[{"name": "v3"}]), "no output named 'logits'"),
+    (lambda s: s["consts"]["lm_head.weight"].update(shape=[384, -64]), "expected a list of sizes"),
+    (lambda s: s["model"].update(context_length="long"), "context_length must be a positive integer"),
+    (lambda s: s["model"].update(eos_token_ids=[2, -1]), "eos_token_ids must be a list of token ids"),
+    (lambda s: s["model"].update(vocab_size=500), "the embedding of input_ids has 384 rows"),
+    (lambda s: s["model"].update(source="hub"), "source must be an object"),
+    (lambda s: s.update(state={"kv_cache": {"layers": "two"}}), "state.kv_cache.layers"),
+    (lambda s: s.update(version=True), "format version True"),
+])
+def test_malformed_prog_json_is_one_program_error(program_copy, change, message):
+    edit_spec(program_copy, change)
+    with pytest.raises(ProgramError, match=message):
+        read_program(program_copy)
+
+
+def test_deeply_nested_json_is_a_program_error(program_copy):
+    (program_copy / "prog.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ProgramError, match="nested too deeply"):
+        read_program(program_copy)
+
+
+def rewrite_header(path: Path, change) -> None:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    change(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length:])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h["lm_head.weight"].update(data_offsets=[0, 10**12]), "offsets hold"),
+    (lambda h: h["lm_head.weight"].update(shape=[384, 65]), "offsets hold"),
+    (lambda h: h["lm_head.weight"].update(dtype=["F32"]), "no dtype paw reads"),
+    (lambda h: h["lm_head.weight"].update(data_offsets=[-4, 98300]), "malformed data_offsets"),
+    (lambda h: h.update(__metadata__={"format": 1}), "__metadata__"),
+    (lambda h: h["model.norm.weight"].update(data_offsets=h["lm_head.weight"]["data_offsets"][:1] * 2), "offsets hold"),
+])
+def test_safetensors_header_must_describe_its_file(program_copy, change, message):
+    rewrite_header(program_copy / "consts.safetensors", change)
+    with pytest.raises(WeightsError, match=message):
+        read_program(program_copy)
+
+
+def test_overlapping_tensors_are_refused(program_copy):
+    def overlap(header):
+        tensors = [h for name, h in header.items() if name != "__metadata__" and h["shape"] == [64]]
+        first, second = sorted(tensors, key=lambda h: h["data_offsets"][0])[:2]
+        second["data_offsets"] = [first["data_offsets"][0] + 4, first["data_offsets"][1] + 4]
+    rewrite_header(program_copy / "consts.safetensors", overlap)
+    with pytest.raises(WeightsError, match="overlap"):
+        read_program(program_copy)
+
+
+def test_vocabulary_is_the_embedding_rows(tiny_program):
+    assert read_program(tiny_program).vocab_size == 384
+
+
+# ----------------------------------------------------------------------------- run time
+
+
+def run_op(op: str, *inputs, **attrs):
+    return REGISTRY[op].fn(*inputs, **attrs)
+
+
+def test_ops_refuse_what_mlx_would_crash_on():
+    x = mx.zeros((4, 8))
+    with pytest.raises(ProgramError, match="out of range"):
+        run_op("select", x, dim=0, index=100)  # read past the array, exit 0
+    with pytest.raises(ProgramError, match="do not add up"):
+        run_op("split", x, sizes=[6, 20], dim=-1)
+    with pytest.raises(ProgramError, match="outside"):
+        run_op("full", shape=[2**20, 2**20, 2**20 + 2**31], value=0.0, dtype="float32")
+    with pytest.raises(ProgramError, match="needs"):
+        run_op("full", shape=[2**20, 2**20, 2**20], value=0.0, dtype="float32")  # segfaulted
+    with pytest.raises(ProgramError, match="step must not be 0"):
+        run_op("arange", start=0, end=10, step=0)
+    with pytest.raises(ProgramError, match="needs"):
+        run_op("expand", mx.zeros((1, 1)), shape=[2**30, 2**30])
+    with pytest.raises(ProgramError, match="only one entry may be -1"):
+        run_op("reshape", x, shape=[-1, -1])
+    # out-of-range gathers are clipped to the axis: no read past the table (these segfaulted)
+    table = mx.arange(12).reshape(4, 3)
+    assert run_op("embedding", table, mx.array([[100_000_000]])).tolist() == [[[9, 10, 11]]]
+    assert run_op("take", table, mx.array([2**32 - 1], dtype=mx.uint32), dim=0).tolist() == [[9, 10, 11]]
+    assert run_op("gather", table, mx.array([[-100_000_000]]), dim=1).tolist() == [[0], [3], [6], [9]]
+    assert run_op("slice", x, dim=1, start=-2**40, end=2**40, step=3).shape == (4, 3)
+
+
+def test_run_time_failure_names_the_node(program_copy):
+    def bad_reshape(spec):
+        spec["nodes"][node_index(spec, "reshape")]["attrs"]["shape"] = ["v2", "v1", 3, 16]
+    edit_spec(program_copy, bad_reshape)
+    prog = paw_mlx.load(program_copy)
+    with pytest.raises(ProgramError, match=r"node \d+ \(reshape\) failed: \[reshape\] Cannot reshape"):
+        paw_mlx.generate(prog, [1, 2, 3], max_tokens=2)
+
+
+def test_symbolic_attribute_out_of_range_at_run_time(program_copy):
+    """A size computed from the input (sym_mul) is held to the schema's range when it is used."""
+    def huge_split(spec):
+        index = node_index(spec, "split")
+        spec["nodes"].insert(index, {"op": "sym_mul", "inputs": ["v1", -2**33], "attrs": {}, "outputs": ["neg"]})
+        spec["nodes"][index + 1]["attrs"]["sizes"] = ["neg", 32, 32]
+    edit_spec(program_copy, huge_split)
+    prog = paw_mlx.load(program_copy)
+    with pytest.raises(ProgramError, match=r"\(split\): attribute 'sizes' came to -\d+ at run time; it must be >= 0"):
+        paw_mlx.generate(prog, [1, 2], max_tokens=1)
+
+
+def test_outputs_beyond_the_budget_stop_before_mlx_allocates(program_copy, monkeypatch):
+    def blow_up(spec):
+        index = node_index(spec, "rms_norm")
+        spec["nodes"].insert(index, {"op": "tile", "inputs": ["v3"], "attrs": {"reps": [1, 64, 4096]},
+                                     "outputs": ["wide"]})
+    edit_spec(program_copy, blow_up)
+    monkeypatch.setenv("PAW_MEMORY_LIMIT", "64M")
+    limits.reset_budget()
+    try:
+        prog = paw_mlx.load(program_copy)
+        with pytest.raises(ProgramError, match="tile"):
+            paw_mlx.generate(prog, [1, 2, 3, 4], max_tokens=1)
+    finally:
+        monkeypatch.delenv("PAW_MEMORY_LIMIT")
+        limits.reset_budget()
