@@ -1,9 +1,13 @@
-"""The on-disk form of a compiled program: ``program.json`` plus ``prefix.safetensors``.
+"""The on-disk form of a compiled program: ``program.json``, ``prefix.safetensors`` and,
+for a LoRA program, ``adapter.safetensors``.
 
-A program is a KV-cache prefix for one base model: the keys and values every
-attention layer holds after reading the spec. ``program.json`` records what is needed
-to call it again without the spec's cost: the prompt layout (how an input is joined to
-the prefix), the prefix token ids, the base model's fingerprint, generation settings.
+A program is a KV-cache prefix for one base model (the keys and values every attention
+layer holds after reading the spec and any demonstrations), optionally with a LoRA
+adapter the interpreter adds to the base model's linear layers at run time.
+``program.json`` records what is needed to call it again without the spec's cost: the
+prompt layout (how an input is joined to the prefix), the prefix token ids, the base
+model's fingerprint, generation settings, the output constraint, and how the compiler
+chose it (the candidates it measured on held-out examples).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from interp.errors import ArtifactError, PawError
+from paw_mlx.programs.adapter import LoraAdapter, read_adapter, write_adapter
 
 FORMAT = "paw.kvprogram"
-VERSION = 1
+VERSION = 2  # 2 added the adapter, demonstrations and the selection report
+READABLE_VERSIONS = (1, 2)
 PROGRAM_FILE = "program.json"
 PREFIX_FILE = "prefix.safetensors"
 
@@ -65,6 +71,12 @@ class ProgramArtifact:
     directory: Path | None = None
     #: the output constraint calls enforce (``paw_mlx.constrain.normalize_returns`` form), or None
     returns: dict | None = None
+    #: the LoRA adapter applied to the base model's linear layers at run time, or None
+    adapter: LoraAdapter | None = None
+    #: the examples shown as demonstrations inside the prefix ({"input", "output"} each)
+    demos: list[dict] = field(default_factory=list)
+    #: the compiler's report: candidates, their held-out scores, which was kept and why
+    selection: dict | None = None
 
     @property
     def prefix_length(self) -> int:
@@ -83,6 +95,9 @@ class ProgramArtifact:
             "generation": asdict(self.generation),
             "tuning": self.tuning,
             "returns": self.returns,
+            "adapter": self.adapter.summary() if self.adapter is not None else None,
+            "demos": list(self.demos),
+            "selection": self.selection,
         }
 
 
@@ -99,6 +114,8 @@ def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool =
             tensors[f"layers.{i}.keys"] = k
             tensors[f"layers.{i}.values"] = v
         mx.save_safetensors(str(tmp / PREFIX_FILE), tensors, metadata={"format": FORMAT})
+        if artifact.adapter is not None:
+            write_adapter(artifact.adapter, tmp)
         text = json.dumps(artifact.metadata(), indent=1, ensure_ascii=False) + "\n"
         (tmp / PROGRAM_FILE).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)
@@ -128,8 +145,9 @@ def read_artifact_metadata(path: str | Path) -> tuple[Path, dict]:
         raise ArtifactError(f"cannot read {meta_path}: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{meta_path} is not a {FORMAT} file")
-    if meta.get("version") != VERSION:
-        raise ArtifactError(f"{meta_path} has version {meta.get('version')!r}; this paw reads version {VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise ArtifactError(f"{meta_path} has version {meta.get('version')!r}; this paw reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     return directory, meta
 
 
@@ -144,6 +162,7 @@ def read_artifact(path: str | Path) -> ProgramArtifact:
         generation = GenerationSettings(**meta.get("generation", {}))
         base = meta["base"]
         spec = str(meta["spec"])
+        demos = [{"input": str(d["input"]), "output": str(d["output"])} for d in meta.get("demos") or []]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{meta_path} is malformed: {exc}") from None
     tensors_path = directory / PREFIX_FILE
@@ -163,7 +182,8 @@ def read_artifact(path: str | Path) -> ProgramArtifact:
     return ProgramArtifact(spec=spec, base_fingerprint=str(base.get("fingerprint", "")),
                            base_hint=str(base.get("path_hint", "")), layout=layout, prefix_ids=prefix_ids,
                            prefix=prefix, generation=generation, tuning=meta.get("tuning"), directory=directory,
-                           returns=_read_returns(meta, meta_path))
+                           returns=_read_returns(meta, meta_path), demos=demos, selection=meta.get("selection"),
+                           adapter=read_adapter(directory) if meta.get("adapter") else None)
 
 
 def _read_returns(meta: dict, meta_path: Path) -> dict | None:

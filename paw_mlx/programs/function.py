@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from interp.errors import ArtifactError, PawError
+from interp.lora import with_adapters
 from paw_mlx.constrain import grammar_for
+from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact, read_artifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import DEFAULT_BASE, compile, input_ids
@@ -33,6 +36,8 @@ class ProgramFunction:
                                 f"{base.model.num_layers}")
         self.artifact = artifact
         self.base = base
+        #: the base model as this program runs it: with its LoRA adapter, if it has one
+        self.runner = adapted(base, artifact.adapter)
         self.max_new_tokens = max_new_tokens or artifact.generation.max_new_tokens
         returns = returns if returns is not None else artifact.returns
         self.grammar = None
@@ -49,7 +54,7 @@ class ProgramFunction:
 
     def call_ids(self, rows: list[list[int]]) -> list[list[int]]:
         constraints = [self.grammar.start() for _ in rows] if self.grammar is not None else None
-        return generate_batch(self.base, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
+        return generate_batch(self.runner, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
                               temperature=self.artifact.generation.temperature, constraints=constraints)
 
     def __call__(self, x: str | list[str]) -> str | list[str]:
@@ -62,6 +67,18 @@ class ProgramFunction:
         outs = self.call_ids([self.token_ids(i) for i in inputs])
         texts = [self.base.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         return texts[0] if single else texts
+
+
+def adapted(base: LoadedProgram, adapter: LoraAdapter | None) -> LoadedProgram:
+    """``base`` running with ``adapter`` added to its linear layers (the weights are shared,
+    and so is the lock that serialises generation on them)."""
+    if adapter is None:
+        return base
+    try:
+        model = with_adapters(base.model, [adapter.scaled()])
+    except ArtifactError as exc:
+        raise ArtifactError(f"the program's adapter does not fit base model {base.name}: {exc}") from None
+    return replace(base, model=model, lock=base.lock)
 
 
 def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgram:
