@@ -57,8 +57,10 @@ def compile_cmd(
     if output_format == "paw":
         from paw_mlx.programs.pawfile import compile_bundle
 
-        compile_bundle(spec, out, base=base, examples=examples, options=options, force=force,
-                       max_new_tokens=max_new_tokens, progress_bar=_progress_bar)
+        art = compile_bundle(spec, out, base=base, examples=examples, options=options, force=force,
+                             max_new_tokens=max_new_tokens, progress_bar=_progress_bar)
+        print_selection(art.selection)
+        typer.echo(f"compiled LoRA rank {art.adapter.rank} + {art.prefix_length}-token template -> {out}", err=True)
         return
     if examples is None:
         art = compile(spec, base=base, out_dir=out, max_new_tokens=max_new_tokens, force=force, returns=returns)
@@ -165,18 +167,18 @@ def eval_cmd(
 
 
 def export_program_cmd(
-    src: Annotated[Path, typer.Argument(help="An original programasweights artifact directory (program.json + prefix.pt).")],
+    src: Annotated[Path, typer.Argument(help="A .paw bundle of the programasweights package (meta.json, adapter.gguf, prompt_template.txt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create.")],
-    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
+    base: Annotated[str, typer.Option("--base", "-b", help=(
+        "The bundle's base model exported by paw (e.g. `paw export hf Qwen/Qwen3-0.6B -o qwen3`), "
+        "or 'smollm2'."))] = "smollm2",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Convert an original programasweights artifact (torch KV prefix) into a paw program."""
-    try:
-        from exporter.pawprogram import convert_program
-    except ImportError as exc:
-        raise PawError(f"converting needs torch ({exc.name} is missing): pip install 'paw[export]'") from None
-    art = convert_program(src, out, base=base, force=force)
-    typer.echo(f"converted {src} ({art.prefix_length}-token prefix) -> {out}", err=True)
+    """Convert a programasweights .paw bundle (LoRA + prompt template) into a paw program directory."""
+    from paw_mlx.programs.pawfile import export_bundle
+
+    art = export_bundle(src, out, base=base, force=force)
+    typer.echo(f"converted {src} ({art.prefix_length}-token prefix, LoRA rank {art.adapter.rank}) -> {out}", err=True)
 
 
 def register(app: typer.Typer, export_app: typer.Typer) -> None:

@@ -52,6 +52,7 @@ class PromptLayout:
 class GenerationSettings:
     max_new_tokens: int = 64
     temperature: float = 0.0  # greedy: a program is a deterministic function by default
+    strip: bool = False  # strip whitespace around outputs (as programasweights' runtime does for .paw bundles)
 
 
 @dataclass

@@ -66,6 +66,8 @@ class ProgramFunction:
             return []
         outs = self.call_ids([self.token_ids(i) for i in inputs])
         texts = [self.base.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        if self.artifact.generation.strip:
+            texts = [t.strip() for t in texts]
         return texts[0] if single else texts
 
 
@@ -91,7 +93,8 @@ def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgr
 
 def function(program: str | Path | ProgramArtifact, base: str | Path | None = None,
              max_new_tokens: int | None = None, returns: Any = None) -> ProgramFunction:
-    """A callable for a compiled program directory, an in-memory artifact, or a .txt spec.
+    """A callable for a compiled program directory, a programasweights ``.paw`` bundle, an
+    in-memory artifact, or a .txt spec.
 
     The base model is ``base`` if given, else the one the program was compiled on (its
     recorded path), else the default 'smollm2'; a mismatch of fingerprints is an error.
@@ -103,7 +106,11 @@ def function(program: str | Path | ProgramArtifact, base: str | Path | None = No
         artifact = program
     else:
         path = Path(program)
-        if path.suffix == ".txt" and path.is_file():
+        if path.suffix == ".paw" and path.is_file():
+            from paw_mlx.programs.pawfile import load_bundle
+
+            artifact = load_bundle(path, base if base is not None else DEFAULT_BASE)
+        elif path.suffix == ".txt" and path.is_file():
             artifact = compile("@" + str(path), base=base if base is not None else DEFAULT_BASE)
         elif not path.exists():
             raise ArtifactError(f"no such program: {path}")

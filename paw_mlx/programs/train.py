@@ -17,6 +17,10 @@ With validation rows, training stops early: the validation loss is measured ever
 
 The cache that holds the prefix concatenates instead of writing into a buffer
 (``KVCache`` uses slice assignment, which ``mx.value_and_grad`` cannot see through).
+A LoRA adapter normally applies to the call's tokens only, after a prefix the base model
+computed; with ``adapt_prefix`` it applies to the prefix too (how llama.cpp runs a
+``.paw`` bundle), and each step recomputes the trained layers' prefix keys and values
+through the adapter (a pass over the prefix, batch 1, in those layers).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class TrainOptions:
     rank: int = 8  # LoRA rank
     alpha: float = 16.0  # LoRA scale alpha / rank
     targets: str = "attention"  # LoRA on "attention" projections, or "all" linear layers
+    #: LoRA also applies to the prefix (its keys and values are recomputed through the adapter
+    #: every step), as a .paw bundle's runtime (llama.cpp) runs it; off: the prefix stays the base's
+    adapt_prefix: bool = False
     eval_every: int = 4  # steps between validation losses (with validation rows)
     patience: int = 3  # validation losses without improvement before stopping
     seed: int = 0
@@ -105,6 +112,19 @@ class TrainableCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+
+
+class CaptureCache:
+    """An empty cache that keeps what a pass writes: the prefix's keys and values of one layer."""
+
+    offset = 0
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 # ----------------------------------------------------------------------------- graph split
@@ -250,6 +270,28 @@ class _Problem:
             self.params = {"keys": [k for k, _ in artifact.prefix[self.first_tuned:]],
                            "values": [v for _, v in artifact.prefix[self.first_tuned:]]}
         self.split = SplitModel(model, self.first_tuned)
+        self.prefix_frontier = None
+        if options.method == "lora" and options.adapt_prefix:
+            ids = mx.array([artifact.prefix_ids], dtype=mx.int32)
+            positions = mx.arange(ids.shape[1], dtype=mx.int32)[None]
+            caches = [CaptureCache() for _ in range(layers)]
+            self.prefix_frontier = self.split.front.run({"input_ids": ids, "position_ids": positions}, cache=caches)
+            mx.eval([v for v in self.prefix_frontier.values() if isinstance(v, mx.array)])
+
+    def adapted_prefix(self, params: dict) -> list[tuple[mx.array, mx.array]]:
+        """The prefix's keys and values with the adapter applied to its tokens (``adapt_prefix``)."""
+        inputs = dict(self.prefix_frontier)
+        scale = self.options.alpha / self.options.rank
+        for a_name, b_name in self.lora_nodes.values():
+            inputs[a_name], inputs[b_name] = params[a_name], params[b_name] * scale
+        caches: list = [None] * self.layers
+        for layer in range(self.first_tuned, self.layers):
+            caches[layer] = CaptureCache()
+        self.split.back.run(inputs, cache=caches)
+        prefix = list(self.artifact.prefix)
+        for layer in range(self.first_tuned, self.layers):
+            prefix[layer] = (caches[layer].keys, caches[layer].values)
+        return prefix
 
     def _lora_model(self, prog: LoadedProgram, options: TrainOptions) -> tuple[GraphModel, dict]:
         sites = linear_sites(prog.program)
@@ -281,7 +323,8 @@ class _Problem:
         inputs = dict(batch.frontier)
         if self.options.method == "lora":
             scale = self.options.alpha / self.options.rank
-            caches = _caches(self.artifact.prefix, range(self.first_tuned, self.layers), batch.batch, self.layers)
+            prefix = self.adapted_prefix(params) if self.prefix_frontier is not None else self.artifact.prefix
+            caches = _caches(prefix, range(self.first_tuned, self.layers), batch.batch, self.layers)
             for a_name, b_name in self.lora_nodes.values():
                 inputs[a_name], inputs[b_name] = params[a_name], params[b_name] * scale
         else:
@@ -310,6 +353,10 @@ class _Problem:
         return LoraAdapter(modules, self.options.alpha)
 
     def prefix(self, params: dict) -> list[tuple[mx.array, mx.array]]:
+        if self.options.method == "lora":
+            prefix = self.adapted_prefix(params)
+            mx.eval(prefix)
+            return [(mx.array(k), mx.array(v)) for k, v in prefix]
         return list(self.artifact.prefix[: self.first_tuned]) + list(zip(params["keys"], params["values"], strict=True))
 
 
@@ -367,6 +414,6 @@ def train(prog: LoadedProgram, artifact: ProgramArtifact, rows: Sequence[dict], 
             best = (float("nan"), step, params)
         _, best_step, params = best
         adapter = problem.adapter(params) if options.method == "lora" else None
-        prefix = problem.prefix(params) if options.method == "prefix" else None
+        prefix = problem.prefix(params) if options.method == "prefix" or problem.prefix_frontier is not None else None
     return TrainResult(prefix, adapter, best_step, step, history, time.perf_counter() - started,
                        list(range(problem.first_tuned, problem.layers)), losses)
