@@ -136,9 +136,9 @@ def compile(spec: str, base: str | Path = DEFAULT_BASE, out_dir: str | Path | No
     if examples is None:
         artifact = builder.prompted([])
     else:
-        from paw_mlx.programs.examples import load_examples
+        from paw_mlx.programs.examples import check_examples, load_examples
 
-        rows = load_examples(examples) if isinstance(examples, str | Path) else list(examples)
+        rows = load_examples(examples) if isinstance(examples, str | Path) else check_examples(list(examples))
         train = [r for r in rows if r.get("split", "train") == "train"]
         test = [r for r in rows if r.get("split", "train") == "test"]
         if not train:

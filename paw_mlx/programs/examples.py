@@ -33,6 +33,20 @@ def load_examples(path: str | Path) -> list[dict]:
     return rows
 
 
+def check_examples(rows: Sequence) -> list[dict]:
+    """``rows`` given in Python, checked like a file's: dicts with string "input" and "output"."""
+    checked = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
+            raise PawError(f'example {n}: each example must be a dict {{"input": str, "output": str}}')
+        if row.get("split", "train") not in ("train", "test"):
+            raise PawError(f'example {n}: "split" must be "train" or "test", not {row["split"]!r}')
+        checked.append(row)
+    if not checked:
+        raise PawError("no examples given")
+    return checked
+
+
 def split_examples(rows: Sequence[dict], holdout: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, held-out): by each row's "split" field if any row has one, else a seeded shuffle."""
     if any("split" in r for r in rows):

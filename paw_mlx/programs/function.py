@@ -83,6 +83,17 @@ def adapted(base: LoadedProgram, adapter: LoraAdapter | None) -> LoadedProgram:
     return replace(base, model=model, lock=base.lock)
 
 
+def stacked(base: LoadedProgram, adapters: list[LoraAdapter | None]) -> LoadedProgram:
+    """``base`` holding several adapters at once, for a batch whose rows belong to different
+    programs: each call passes ``extra_inputs={"adapter_index": int32 [batch]}`` (the position
+    of each row's adapter in ``adapters``; None means no adapter). See docs/programs.md."""
+    try:
+        model = with_adapters(base.model, [a.scaled() if a is not None else None for a in adapters], indexed=True)
+    except ArtifactError as exc:
+        raise ArtifactError(f"an adapter does not fit base model {base.name}: {exc}") from None
+    return replace(base, model=model, lock=base.lock)
+
+
 def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgram:
     if base is not None:
         return interpreter(base)

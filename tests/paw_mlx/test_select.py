@@ -132,6 +132,8 @@ def test_compile_reports_candidates_and_scores_test_rows_last(tiny_program, tmp_
 def test_bad_options_and_examples(tiny_program, tmp_path):
     with pytest.raises(PawError, match="unknown candidate magic"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
+    with pytest.raises(PawError, match="example 1: each example must be a dict"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=[ROWS[0], {"input": 1, "output": "x"}])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "x"}\n', encoding="utf-8")
     with pytest.raises(PawError, match="bad.jsonl:1"):
@@ -154,3 +156,22 @@ def test_training_the_base_weights_never_changes_files(tiny_program):
     digest = hashlib.sha256((tiny_program / "consts.safetensors").read_bytes()).hexdigest()
     train(interpreter(tiny_program), paw_mlx.compile(SPEC, base=tiny_program), ROWS, TrainOptions(steps=1, layers=1))
     assert hashlib.sha256((tiny_program / "consts.safetensors").read_bytes()).hexdigest() == digest
+
+
+UPPER_TRAIN = ["apple", "river", "hello", "table", "garden", "music"]
+UPPER_HELD_OUT = ["house", "water", "bridge", "candle", "forest", "pencil"]
+
+
+@pytest.mark.slow
+def test_smollm2_kept_program_answers_new_inputs_not_training_outputs(smollm2_program):
+    """The failure this compiler exists to avoid: a program that repeats training answers."""
+    rows = [{"input": w, "output": w.upper()} for w in UPPER_TRAIN]
+    options = SelectOptions(candidates=("spec", "fewshot", "lora"), folds=2,
+                            lora=TrainOptions(steps=8, layers=4, rank=4, eval_every=4))
+    art = paw_mlx.compile("Return the user's word in uppercase letters. Answer with the word only.",
+                          base=smollm2_program, examples=rows, options=options, max_new_tokens=8)
+    outputs = paw_mlx.function(art)(UPPER_HELD_OUT)
+    assert not set(outputs) & {r["output"] for r in rows}, outputs
+    correct = sum(o == w.upper() for o, w in zip(outputs, UPPER_HELD_OUT, strict=True))
+    assert correct >= len(UPPER_HELD_OUT) // 2, (art.selection["kept"], outputs)
+    assert art.selection["kept"] != "spec" and {c["name"] for c in art.selection["candidates"]} == {"spec", "fewshot", "lora"}
