@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from interp.errors import PawError
+from interp.errors import ConstraintError, PawError
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.compile import compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
 from paw_mlx.programs.examples import folds as make_folds
@@ -128,9 +128,23 @@ class Builder:
         return trained, result
 
     def outputs(self, artifact: ProgramArtifact, inputs: list[str], budget: int) -> list[str]:
+        """The program's outputs for ``inputs``; an output that cannot meet the program's
+        constraint within the budget counts as empty (wrong), not as a failed compile."""
         from paw_mlx.programs.function import ProgramFunction
 
-        return ProgramFunction(artifact, self.prog, max_new_tokens=budget)(inputs)
+        if artifact.returns is not None:
+            budget = max(budget, artifact.generation.max_new_tokens)  # a grammar may need more to close
+        function = ProgramFunction(artifact, self.prog, max_new_tokens=budget)
+        try:
+            return function(inputs)
+        except ConstraintError:
+            outputs = []
+            for text in inputs:
+                try:
+                    outputs.append(function(text))
+                except ConstraintError:
+                    outputs.append("")
+            return outputs
 
 
 def _budget(prog: LoadedProgram, rows: Sequence[dict], limit: int) -> int:

@@ -129,6 +129,14 @@ def test_compile_reports_candidates_and_scores_test_rows_last(tiny_program, tmp_
     assert [d["input"] for d in art.demos] == ([r["input"] for r in ROWS[:4]] if art.selection["kept"] != "spec" else [])
 
 
+def test_candidates_are_scored_under_the_output_constraint(tiny_program):
+    choices = [r["output"] for r in ROWS]
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS[:4], options=QUICK, returns=choices)
+    for candidate in art.selection["candidates"]:
+        assert all(o in choices for o in candidate["outputs"]), candidate
+    assert paw_mlx.function(art)("bee") in choices
+
+
 def test_bad_options_and_examples(tiny_program, tmp_path):
     with pytest.raises(PawError, match="unknown candidate magic"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
