@@ -175,7 +175,7 @@ def test_smollm2_kept_program_answers_new_inputs_not_training_outputs(smollm2_pr
     """The failure this compiler exists to avoid: a program that repeats training answers."""
     rows = [{"input": w, "output": w.upper()} for w in UPPER_TRAIN]
     options = SelectOptions(candidates=("spec", "fewshot", "lora"), folds=2,
-                            lora=TrainOptions(steps=8, layers=4, rank=4, eval_every=4))
+                            lora=TrainOptions(steps=4, layers=2, rank=4, eval_every=2))
     art = paw_mlx.compile("Return the user's word in uppercase letters. Answer with the word only.",
                           base=smollm2_program, examples=rows, options=options, max_new_tokens=8)
     outputs = paw_mlx.function(art)(UPPER_HELD_OUT)
