@@ -4,12 +4,15 @@ malformed bundles are one clear line and write nothing."""
 
 from __future__ import annotations
 
-import io
+import copy
+import functools
 import json
 import stat
 import subprocess
 import sys
+import tempfile
 import zipfile
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -42,6 +45,12 @@ def bases(tmp_path_factory, tiny_tokenizer):
     return {arch: export_tiny(arch_config(arch), root / arch, tokenizer=tiny_tokenizer) for arch in MODULES}
 
 
+@functools.cache
+def torch_model(arch: str):
+    """The tiny random torch model the base program of ``arch`` was exported from (seed 0)."""
+    return tiny_model(arch_config(arch))
+
+
 def module_shapes(model, arch):
     shapes = {}
     for name, (module, conv1d) in MODULES[arch].items():
@@ -53,13 +62,9 @@ def module_shapes(model, arch):
 
 def gguf_adapter(arch: str, qtype: str, seed: int = 0) -> tuple[bytes, dict]:
     """A llama.cpp LoRA written with gguf's own writer, and its float values as read back."""
-    shapes = module_shapes(tiny_model(arch_config(arch)), arch)
+    shapes = module_shapes(torch_model(arch), arch)
     rng = np.random.default_rng(seed)
     kind = gguf.GGMLQuantizationType[qtype]
-    path = io.BytesIO()
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "a.gguf"
         writer = gguf.GGUFWriter(file, arch)
@@ -82,7 +87,6 @@ def gguf_adapter(arch: str, qtype: str, seed: int = 0) -> tuple[bytes, dict]:
         reader = gguf.GGUFReader(file)
         floats = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
             tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
-    path.write(data)
     return data, floats
 
 
@@ -102,7 +106,7 @@ def members(adapter: bytes, interpreter: str = "Qwen/Qwen3-0.6B") -> dict:
 
 def reference_tokens(arch: str, floats: dict, ids: list[int], steps: int) -> list[int]:
     """Greedy tokens of the torch model with the adapter merged into its float weights."""
-    model = tiny_model(arch_config(arch))
+    model = copy.deepcopy(torch_model(arch))
     with torch.no_grad():
         for name, (module, conv1d) in MODULES[arch].items():
             a, b = floats[f"{name}.weight.lora_a"], floats[f"{name}.weight.lora_b"]
