@@ -33,9 +33,9 @@ from paw_mlx.programs.train import TrainOptions, TrainResult, train
 from paw_mlx.runtime import LoadedProgram
 
 CANDIDATES = ("spec", "fewshot", "prefix", "lora")
-#: what ``paw compile --examples`` tries unless told otherwise (docs/programs.md: prefix
-#: tuning never won on the dev tasks and costs as much as LoRA)
-DEFAULT_CANDIDATES = ("spec", "fewshot", "lora")
+#: what ``paw compile --examples`` tries unless told otherwise: all four (on the dev tasks
+#: each trained candidate won some of the cross-validations; docs/programs.md)
+DEFAULT_CANDIDATES = CANDIDATES
 #: tie-break order: simpler first
 PREFERENCE = ("fewshot", "spec", "lora", "prefix")
 #: outputs are scored with a budget of the longest training output plus this many tokens
@@ -50,8 +50,7 @@ class SelectOptions:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     folds: int = 4
     lora: TrainOptions = field(default_factory=lambda: TrainOptions(method="lora"))
-    prefix: TrainOptions = field(default_factory=lambda: TrainOptions(method="prefix", learning_rate=1e-2,
-                                                                      steps=24))
+    prefix: TrainOptions = field(default_factory=lambda: TrainOptions(method="prefix", learning_rate=1e-2))
     seed: int = 0
 
     def check(self) -> None:
