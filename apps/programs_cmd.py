@@ -146,11 +146,20 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="JSON report (default: benchmarks/results/programs-DATE.json).")] = None,
     cache: Annotated[Path, typer.Option("--cache", help="Finished tasks are kept here, so a rerun resumes.")] = Path(
         "benchmarks/results/.programs-cache"),
+    show: Annotated[Path | None, typer.Option("--show", help="Only print the tables of an earlier JSON report.")] = None,
 ) -> None:
     """Held-out exact match and time to first token per task: prompted baselines, each compile candidate, the kept one."""
     import json
     import time
 
+    if show is not None:
+        from paw_mlx.programs.evaluate import markdown_tables
+
+        try:
+            typer.echo(markdown_tables(json.loads(show.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PawError(f"{show} is not a paw eval-programs report: {exc}") from None
+        return
     from paw_mlx.programs.evaluate import evaluate
     from paw_mlx.programs.select import SelectOptions
     from paw_mlx.programs.train import TrainOptions

@@ -69,3 +69,27 @@ def test_cli_training_defaults_are_the_trainers():
         assert params["rank"].default == TrainOptions.rank
         assert params["folds"].default == SelectOptions.folds
         assert tuple(params["candidates"].default.split(",")) == SelectOptions().candidates
+
+
+def test_eval_programs_reports_every_row_and_resumes(tiny_program, tmp_path):
+    task = tmp_path / "tasks" / "upper"
+    task.mkdir(parents=True)
+    (task / "spec.txt").write_text("Upper.\n", encoding="utf-8")
+    (task / "examples.jsonl").write_text("".join(
+        json.dumps({"input": w, "output": w.upper(), "split": "test" if i >= 4 else "train"}) + "\n"
+        for i, w in enumerate(["cat", "dog", "sun", "red", "hat", "pen"])), encoding="utf-8")
+    args = ["eval-programs", "--tasks", str(tmp_path / "tasks"), "--base", str(tiny_program), "--candidates",
+            "spec,fewshot,lora", "--steps", "2", "--layers", "1", "--rank", "2", "--folds", "2",
+            "--out", str(tmp_path / "report.json"), "--cache", str(tmp_path / "cache")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    row = report["tasks"][0]
+    assert set(row["rows"]) == {"spec prompt", "few-shot prompt", "spec", "fewshot", "lora"}
+    assert row["kept"] in ("spec", "fewshot", "lora") and row["test"] == 2
+    assert all(r["ttft_ms"] > 0 and len(r["outputs"]) == 2 for r in row["rows"].values())
+    assert row["rows"]["lora"]["cv_exact_match"] >= 0 and report["summary"]["tasks"] == 1
+    again = runner.invoke(app, args)
+    assert "from the cache" in again.output and json.loads((tmp_path / "report.json").read_text())["tasks"] == [row]
+    shown = runner.invoke(app, ["eval-programs", "--show", str(tmp_path / "report.json")])
+    assert shown.exit_code == 0 and shown.output.startswith("| task | held-out | spec prompt | few-shot prompt")
