@@ -12,9 +12,10 @@ A task is a folder with ``spec.txt`` and ``examples.jsonl`` (rows {"input", "out
 * each candidate of ``paw compile`` (``paw_mlx/programs/select.py``), rebuilt on all
   training rows, with its cross-validated score; and the candidate the compiler keeps.
 
-Outputs are compared after stripping whitespace. Time to first token is the median over
-a few held-out inputs of the model's time from the call's token ids to its first
-sampled token (tokenizing excluded), after one warm-up call. Each finished task is
+Outputs are compared after stripping whitespace. Time to first token is the model's time
+from a call's token ids to its first sampled token (tokenizing excluded), the median of
+rounds that time every row once on the same held-out input in a rotating order, after a
+warm-up round: the rows share whatever else loads the machine. Each finished task is
 cached (``--cache``), so an interrupted run resumes where it stopped.
 """
 
@@ -31,7 +32,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from interp.errors import PawError
-from interp.generate import GenerationStats
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import input_ids
@@ -41,8 +41,10 @@ from paw_mlx.programs.interpreter import DEFAULT_BASE, interpreter
 from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
 from paw_mlx.runtime import LoadedProgram, stream_tokens
 
-#: held-out inputs timed per row (after one warm-up)
-TTFT_SAMPLES = 5
+#: timed rounds per task (after one warm-up round); each round times every column once
+TTFT_SAMPLES = 6
+#: part of the cache key: a change of how rows are measured invalidates cached tasks
+EVALUATION_METHOD = "ttft-interleaved-1"
 BASELINES = ("spec prompt", "few-shot prompt")
 
 
@@ -59,32 +61,37 @@ def _score(outputs: list[str], rows: list[dict]) -> float:
     return sum(exact(o, r["output"]) for o, r in zip(outputs, rows, strict=True)) / len(rows)
 
 
-def prompted_outputs(prog: LoadedProgram, artifact: ProgramArtifact, rows: list[dict], budget: int,
-                     ) -> tuple[list[str], list[float]]:
-    """Outputs and time-to-first-token of sending the whole prompt (prefix text + input) per call."""
-    outputs, ttfts = [], []
+def prompted_outputs(prog: LoadedProgram, artifact: ProgramArtifact, rows: list[dict], budget: int) -> list[str]:
+    """Outputs of sending the whole prompt (prefix text + input) per call, as ``paw run`` would."""
+    outputs = []
     for row in rows:
         ids = artifact.prefix_ids + input_ids(prog.tokenizer, artifact.layout, row["input"])
-        stats = GenerationStats()
-        tokens = list(stream_tokens(prog, ids, max_tokens=budget, stats=stats))
+        tokens = list(stream_tokens(prog, ids, max_tokens=budget))
         outputs.append(prog.tokenizer.decode(tokens, skip_special_tokens=True))
-        ttfts.append(stats.ttft)
-    return outputs, ttfts
+    return outputs
 
 
-def program_ttft(function: ProgramFunction, rows: list[dict]) -> list[float]:
-    """Time to first token of program calls, one input at a time (the prefix is cached)."""
-    times = []
-    for row in rows:
-        ids = function.token_ids(row["input"])
-        start = time.perf_counter()
-        generate_batch(function.runner, function.artifact.prefix, [ids], max_new_tokens=1)
-        times.append(time.perf_counter() - start)
-    return times
+def first_token_seconds(runner: LoadedProgram, prefix: list, ids: list[int]) -> float:
+    """Seconds from a call's token ids to its first sampled token, after ``prefix`` (may be empty)."""
+    start = time.perf_counter()
+    generate_batch(runner, prefix, [ids], max_new_tokens=1)
+    return time.perf_counter() - start
 
 
-def _median_ms(times: list[float]) -> float:
-    return round(1000 * statistics.median(times[1:] if len(times) > 1 else times), 1)  # the first warms up
+def interleaved_ttft(columns: dict[str, tuple], rows: list[dict]) -> dict[str, float]:
+    """Median milliseconds to the first token per column, timed in rounds that visit every column
+    once (in a rotating order), so load from other jobs falls on all of them alike. Round 0
+    warms up and is not counted. ``columns``: name -> (runner, prefix, row -> call ids)."""
+    samples: dict[str, list[float]] = {name: [] for name in columns}
+    names = list(columns)
+    for round_ in range(TTFT_SAMPLES + 1):
+        row = rows[round_ % len(rows)]
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            runner, prefix, ids = columns[name]
+            seconds = first_token_seconds(runner, prefix, ids(row))
+            if round_:
+                samples[name].append(seconds)
+    return {name: round(1000 * statistics.median(times), 1) for name, times in samples.items()}
 
 
 def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progress=None) -> dict:
@@ -98,12 +105,14 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
     builder = Builder(prog, spec, str(prog.path), GenerationSettings(max_new_tokens=64))
     selection = Selection(prog, builder, train, options, progress)
     budget = selection.budget
-    timed = test[: TTFT_SAMPLES + 1]
     result: dict = {"task": task.name, "train": len(train), "test": len(test), "rows": {}}
+    timers: dict[str, tuple] = {}
     for name, demos in zip(BASELINES, ([], train), strict=True):
-        outputs, ttfts = prompted_outputs(prog, builder.prompted(demos), test, budget)
-        result["rows"][name] = {"exact_match": round(_score(outputs, test), 4), "ttft_ms": _median_ms(ttfts[:len(timed)]),
-                                "prefix_tokens": 0, "outputs": outputs}
+        prompted = builder.prompted(demos)
+        outputs = prompted_outputs(prog, prompted, test, budget)
+        result["rows"][name] = {"exact_match": round(_score(outputs, test), 4), "prefix_tokens": 0,
+                                "prompt_tokens": len(prompted.prefix_ids), "outputs": outputs}
+        timers[name] = (prog, [], lambda row, a=prompted: a.prefix_ids + input_ids(prog.tokenizer, a.layout, row["input"]))
     selection.cross_validate()
     for name in options.candidates:
         started = time.perf_counter()
@@ -112,10 +121,12 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
         outputs = function([r["input"] for r in test])
         score = selection.scores[name]
         result["rows"][name] = {
-            "exact_match": round(_score(outputs, test), 4), "ttft_ms": _median_ms(program_ttft(function, timed)),
-            "cv_exact_match": round(score.exact_match, 4), "compile_seconds": round(score.seconds, 1),
-            "rebuild_seconds": round(time.perf_counter() - started, 1), "prefix_tokens": artifact.prefix_length,
-            "training": artifact.tuning, "outputs": outputs}
+            "exact_match": round(_score(outputs, test), 4), "cv_exact_match": round(score.exact_match, 4),
+            "compile_seconds": round(score.seconds, 1), "rebuild_seconds": round(time.perf_counter() - started, 1),
+            "prefix_tokens": artifact.prefix_length, "training": artifact.tuning, "outputs": outputs}
+        timers[name] = (function.runner, artifact.prefix, lambda row, f=function: f.token_ids(row["input"]))
+    for name, ms in interleaved_ttft(timers, test).items():
+        result["rows"][name]["ttft_ms"] = ms
     result["kept"] = selection.kept
     result["reason"] = selection.report()["reason"]
     return result
@@ -123,7 +134,7 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
 
 def _cache_key(task: Path, prog: LoadedProgram, options: SelectOptions) -> str:
     digest = hashlib.sha256()
-    for part in (prog.fingerprint, json.dumps(asdict(options), sort_keys=True),
+    for part in (EVALUATION_METHOD, prog.fingerprint, json.dumps(asdict(options), sort_keys=True),
                  (task / "spec.txt").read_text(encoding="utf-8"), (task / "examples.jsonl").read_text(encoding="utf-8")):
         digest.update(part.encode("utf-8"))
     return digest.hexdigest()[:16]
