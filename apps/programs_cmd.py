@@ -18,44 +18,100 @@ RETURNS_HELP = ("Constrain every output: a JSON list of choices ('[\"yes\", \"no
                 "holding one of these as JSON.")
 
 
+CANDIDATES_HELP = ("Candidates to score by cross-validation on the examples, comma-separated: spec, fewshot "
+                   "(examples as demonstrations in the cached prefix), prefix (tuned prefix), lora (LoRA adapter "
+                   "with the few-shot prefix).")
+
+
 def compile_cmd(
     spec: Annotated[str, typer.Argument(help="The spec: text, or @FILE to read it from a file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create (a .paw file with --format paw).")],
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
-    examples: Annotated[Path | None, typer.Option("--examples", "-e",
-                                                  help="JSON lines of {\"input\", \"output\"}: tune the prefix on them.")] = None,
-    steps: Annotated[int, typer.Option(help="Tuning steps (with --examples).")] = 36,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate for tuning.")] = 3e-2,
-    layers: Annotated[int, typer.Option(help="Tune the prefix of this many top layers (0: all).")] = 12,
+    examples: Annotated[Path | None, typer.Option("--examples", "-e", help=(
+        "JSON lines of {\"input\", \"output\"} (5-8 are enough): the compiler tries each candidate, scores it "
+        "on examples it held out, keeps the best. Rows with \"split\": \"test\" are only scored at the end."))] = None,
+    candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over the examples.")] = 4,
+    steps: Annotated[int, typer.Option(help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
+    layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
     returns: Annotated[str | None, typer.Option("--returns", "-r", help=RETURNS_HELP + " Stored with the program.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help=(
+        "dir: a paw program directory; paw: a .paw bundle of the programasweights package (LoRA in GGUF, "
+        "prompt template), for a Qwen3 or GPT-2 base."))] = "dir",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Compile a spec into a program (a KV prefix); with --examples, tune it by gradient descent."""
+    """Compile a spec into a program; with --examples, choose the best of several candidates on held-out examples."""
     from paw_mlx.programs.compile import compile
+    from paw_mlx.programs.select import SelectOptions
+    from paw_mlx.programs.train import TrainOptions
 
-    options = {"steps": steps, "learning_rate": lr, "layers": layers}
+    if output_format not in ("dir", "paw"):
+        raise PawError(f"--format is 'dir' or 'paw', not {output_format!r}")
+    names = tuple(c.strip() for c in candidates.split(",") if c.strip())
+    options = SelectOptions(candidates=names, folds=folds,
+                            lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
+    options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
+    if output_format == "paw":
+        from paw_mlx.programs.pawfile import compile_bundle
+
+        art = compile_bundle(spec, out, base=base, examples=examples, options=options, force=force,
+                             max_new_tokens=max_new_tokens, progress_bar=_progress_bar)
+        print_selection(art.selection)
+        typer.echo(f"compiled LoRA rank {art.adapter.rank} + {art.prefix_length}-token template -> {out}", err=True)
+        return
     if examples is None:
         art = compile(spec, base=base, out_dir=out, max_new_tokens=max_new_tokens, force=force, returns=returns)
     else:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        with Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), transient=True) as bar:
-            tid = bar.add_task("tune", total=steps, loss=float("nan"))
+        with _progress_bar() as progress:
             art = compile(spec, base=base, out_dir=out, examples=examples, max_new_tokens=max_new_tokens,
-                          force=force, tune_options=options, returns=returns,
-                          progress=lambda step, total, loss: bar.update(tid, completed=step, loss=loss))
-        info = art.tuning
-        typer.echo(f"tuned {len(info['tuned_layers'])} layers in {info['seconds']:.0f} s: held-out loss "
-                   f"{info['heldout_loss'][0]:.3f} -> {info['heldout_loss'][1]:.3f}", err=True)
-    typer.echo(f"compiled {art.prefix_length}-token prefix -> {out}", err=True)
+                          force=force, options=options, returns=returns, progress=progress)
+        print_selection(art.selection)
+    what = f"{art.prefix_length}-token prefix" + (f" + LoRA rank {art.adapter.rank}" if art.adapter else "")
+    typer.echo(f"compiled {what} -> {out}", err=True)
+
+
+class _progress_bar:
+    """A rich progress bar as a compile progress callback: (description, done, total)."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True)
+        self._bar.__enter__()
+        self._task = self._bar.add_task("compiling", total=1)
+        return self
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        self._bar.update(self._task, description=description, completed=done, total=max(1, total))
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+
+
+def print_selection(info: dict | None) -> None:
+    """The compiler's report as a table on stderr: each candidate's held-out score and time."""
+    if not info or not info.get("candidates"):
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"candidates ({info['method']})", title_justify="left")
+    for column in ("candidate", "held-out exact match", "seconds", "s / fold", ""):
+        table.add_column(column, justify="left" if column in ("candidate", "") else "right")
+    for c in info["candidates"]:
+        per_fold = sum(c["fold_seconds"]) / max(1, len(c["fold_seconds"]))
+        table.add_row(c["name"], f"{c['correct']}/{c['total']} ({c['exact_match']:.2f})", f"{c['seconds']:.0f}",
+                      f"{per_fold:.1f}", "kept" if c["name"] == info["kept"] else "")
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"kept {info['kept']}: {info['reason']}")
+    if "test" in info:
+        test = info["test"]
+        console.print(f"on the {test['total']} rows marked test (never seen while compiling): exact match "
+                      f"{test['correct']}/{test['total']} ({test['exact_match']:.2f})")
 
 
 def call_cmd(
@@ -80,36 +136,58 @@ def call_cmd(
 def eval_cmd(
     tasks: Annotated[Path, typer.Option(help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
-    only: Annotated[list[str] | None, typer.Option(help="Run only these tasks.")] = None,
-    steps: Annotated[int, typer.Option(help="Tuning steps per task.")] = 36,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate for tuning.")] = 3e-2,
-    layers: Annotated[int, typer.Option(help="Tune the prefix of this many top layers (0: all).")] = 12,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the JSON report here.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these tasks (repeat the option).")] = None,
+    candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over each task's training rows.")] = 4,
+    steps: Annotated[int, typer.Option(help="Most training steps of a trained candidate.")] = 40,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
+    layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    out: Annotated[Path | None, typer.Option("--out", help="JSON report (default: benchmarks/results/programs-DATE.json).")] = None,
+    cache: Annotated[Path, typer.Option("--cache", help="Finished tasks are kept here, so a rerun resumes.")] = Path(
+        "benchmarks/results/.programs-cache"),
+    show: Annotated[Path | None, typer.Option("--show", help="Only print the tables of an earlier JSON report.")] = None,
 ) -> None:
-    """Exact-match accuracy of spec-only vs tuned programs on each task's held-out inputs."""
-    from paw_mlx.programs.evaluate import main
+    """Held-out exact match and time to first token per task: prompted baselines, each compile candidate, the kept one."""
+    import json
+    import time
 
-    argv = ["--tasks", str(tasks), "--base", base, "--steps", str(steps), "--lr", str(lr), "--layers", str(layers)]
-    if only:
-        argv += ["--only", *only]
-    if out is not None:
-        argv += ["--out", str(out)]
-    main(argv)
+    if show is not None:
+        from paw_mlx.programs.evaluate import markdown_tables
+
+        try:
+            typer.echo(markdown_tables(json.loads(show.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PawError(f"{show} is not a paw eval-programs report: {exc}") from None
+        return
+    from paw_mlx.programs.evaluate import evaluate
+    from paw_mlx.programs.select import SelectOptions
+    from paw_mlx.programs.train import TrainOptions
+
+    names = tuple(c.strip() for c in candidates.split(",") if c.strip())
+    options = SelectOptions(candidates=names, folds=folds,
+                            lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
+    options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
+    report = evaluate(tasks, base, options, only, cache)
+    out = out or Path("benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    typer.echo(f"report -> {out}", err=True)
 
 
 def export_program_cmd(
-    src: Annotated[Path, typer.Argument(help="An original programasweights artifact directory (program.json + prefix.pt).")],
+    src: Annotated[Path, typer.Argument(help="A .paw bundle of the programasweights package (meta.json, adapter.gguf, prompt_template.txt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create.")],
-    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
+    base: Annotated[str, typer.Option("--base", "-b", help=(
+        "The bundle's base model exported by paw (e.g. `paw export hf Qwen/Qwen3-0.6B -o qwen3`), "
+        "or 'smollm2'."))] = "smollm2",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Convert an original programasweights artifact (torch KV prefix) into a paw program."""
-    try:
-        from exporter.pawprogram import convert_program
-    except ImportError as exc:
-        raise PawError(f"converting needs torch ({exc.name} is missing): pip install 'paw[export]'") from None
-    art = convert_program(src, out, base=base, force=force)
-    typer.echo(f"converted {src} ({art.prefix_length}-token prefix) -> {out}", err=True)
+    """Convert a programasweights .paw bundle (LoRA + prompt template) into a paw program directory."""
+    from paw_mlx.programs.pawfile import export_bundle
+
+    art = export_bundle(src, out, base=base, force=force)
+    typer.echo(f"converted {src} ({art.prefix_length}-token prefix, LoRA rank {art.adapter.rank}) -> {out}", err=True)
 
 
 def register(app: typer.Typer, export_app: typer.Typer) -> None:

@@ -173,10 +173,12 @@ class GraphModel:
         return {name: env[name] for name in self.output_names}
 
     def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
-                 key_mask: mx.array | None = None) -> mx.array:
+                 key_mask: mx.array | None = None, extra_inputs: dict[str, mx.array] | None = None) -> mx.array:
         """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset.
 
         ``key_mask`` ([batch, cached + length] booleans) hides padding from attention.
+        ``extra_inputs`` feeds graph inputs beyond the ids and positions (a LoRA rewrite's
+        ``adapter_index``, interp/lora.py); one the graph declares but is not given is zeros [batch].
         """
         release_on_thread_exit()
         if tokens.ndim == 1:
@@ -191,6 +193,9 @@ class GraphModel:
         inputs = {"input_ids": tokens.astype(mx.int32)}
         if "position_ids" in self.input_names:
             inputs["position_ids"] = positions
+        for name in self.input_names:
+            if name not in inputs and name != "position_ids":
+                inputs[name] = (extra_inputs or {}).get(name, mx.zeros((batch,), dtype=mx.int32))
         return self._checked_logits(self.forward(inputs, cache, offset, key_mask)["logits"], tokens.shape)
 
     def forward(self, inputs: dict[str, mx.array], cache: list | None = None, offset: int | None = None,

@@ -284,6 +284,13 @@ _op("quantized_linear", "nn",
     "w = q * scale + bias per group of group_size inputs (mx.quantized_matmul).",
     [_t("x"), _t("weight"), _t("scales"), _t("biases"), _opt("bias")],
     [_attr("group_size", INT, **_QUANT["group_size"]), _attr("bits", INT, **_QUANT["bits"])])
+_op("lora", "nn",
+    "the low-rank update a LoRA adapter adds to a linear layer's output (inserted by the loader's "
+    "adapter rewrite, interp/lora.py; never exported): (x @ a[i].T) @ b[i].T, with a: [adapters, rank, "
+    "in], b: [adapters, out, rank] (the adapter's scale folded into b) and i = index[row] for each row of "
+    "the batch (index: int [B]; x is [B, ..., in], or [B * L, in] batch-major when 2-D). A null index uses "
+    "adapter 0. Rows of one batch may use different adapters; an all-zero adapter is none.",
+    [_t("x"), _t("a"), _t("b"), _opt("index")])
 _op("quantized_embedding", "nn",
     "rows of an affine-quantized weight (layout as quantized_linear) picked by integer indices, "
     "dequantized to scales' dtype",

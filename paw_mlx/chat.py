@@ -5,6 +5,12 @@ of the cache that matches the new token ids (the common prefix) and prefills onl
 rest. The rendered assistant message may tokenize differently from the ids that were
 generated; the common-prefix rule makes that harmless (the cache is simply cut back a
 little further). Nothing here imports torch.
+
+With a compiled program in use (``use_program``: a ``paw compile`` directory or a
+``.paw`` bundle), every message is one call of that program: its own cached prefix
+(tuned or not, demonstrations included) and its LoRA adapter, never its spec re-sent as
+a system message. Calls are independent, as a program is a function; the messages stay
+on screen and in saved conversations.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ class ChatSession:
         self.prefilled = 0  # how many of those it had to prefill (the rest came from the cache)
         self.generated = 0  # tokens the last turn generated
         self._turn_length: int | None = None  # prompt length of the turn under way
+        #: the compiled program each message is sent to (``use_program``), or None for plain chat
+        self.program = None
+        self.program_name: str | None = None
 
     # ------------------------------------------------------------------ conversation
 
@@ -93,6 +102,8 @@ class ChatSession:
         The reply is recorded as an assistant message when the stream ends, also when
         it is stopped early (``stop`` set, or the iterator closed): nothing written is lost.
         """
+        if self.program is not None:
+            return self._call_program(text, stop)
         self.messages.append({"role": "user", "content": text})
         try:
             ids = self.prompt_ids()
@@ -143,6 +154,73 @@ class ChatSession:
                 self.reset_cache()
             else:
                 self._settle_cache(ids + produced)
+            self._turn_length = None
+
+    # ------------------------------------------------------------------ programs
+
+    def use_program(self, path: str | Path) -> str:
+        """Send every message to the compiled program at ``path`` (a directory or a .paw bundle)
+        made for this chat's model; returns its name. Loads on the calling (MLX) thread."""
+        from paw_mlx.programs.artifact import read_artifact
+        from paw_mlx.programs.function import ProgramFunction
+
+        path = Path(path).expanduser()
+        if path.suffix == ".paw" and path.is_file():
+            from paw_mlx.programs.pawfile import bundle_artifact, read_bundle
+
+            artifact = bundle_artifact(read_bundle(path), self.prog, str(self.prog.path), path.name)
+        elif not path.exists():
+            raise ArtifactError(f"no such program: {path}")
+        else:
+            artifact = read_artifact(path)
+        self.program = ProgramFunction(artifact, self.prog)
+        self.program_name = path.stem if path.suffix == ".paw" else Path(artifact.directory or path).name
+        return self.program_name
+
+    def drop_program(self) -> None:
+        """Back to plain chat with the model."""
+        self.program = self.program_name = None
+
+    def _call_program(self, text: str, stop: threading.Event | None) -> Iterator[str]:
+        function = self.program
+        ids = function.token_ids(text)
+        total = function.artifact.prefix_length + len(ids)
+        if total >= self.context_size:
+            raise PawError(f"the program's prefix and this message ({total} tokens) fill the model's context "
+                           f"of {self.context_size}")
+        self.messages.append({"role": "user", "content": text})
+        self.stats = GenerationStats()
+        self.prompt_tokens, self.prefilled, self.generated = total, len(ids), 0
+        self._turn_length = total
+        return self._program_stream(function, ids, stop)
+
+    def _program_stream(self, function, ids: list[int], stop: threading.Event | None) -> Iterator[str]:
+        from paw_mlx.programs.batch import prefix_cache
+
+        budget = min(function.max_new_tokens, self.max_tokens, self.context_size - self._turn_length)
+        produced: list[int] = []
+        try:
+            if function.grammar is not None:  # constrained: one whole call (every output must parse)
+                tokens: Iterator[int] = iter(function.call_ids([ids])[0])
+            else:
+                tokens = stream_tokens(function.runner, ids, max_tokens=budget,
+                                       temperature=function.artifact.generation.temperature,
+                                       cache=prefix_cache(function.artifact.prefix, 1) if function.artifact.prefix
+                                       else function.runner.make_cache(), stats=self.stats, stop=stop)
+            detok = self.prog.tokenizer.detokenizer()
+            for token in tokens:
+                produced.append(token)
+                self.generated = len(produced)
+                piece = detok.add_token(token)
+                if piece:
+                    yield piece
+            tail = detok.finalize()
+            if tail:
+                yield tail
+        finally:
+            reply = self.prog.tokenizer.decode(produced, skip_special_tokens=True)
+            self.messages.append({"role": "assistant",
+                                  "content": reply.strip() if function.artifact.generation.strip else reply})
             self._turn_length = None
 
     def _reuse_prefix(self, ids: list[int]) -> int:
@@ -240,25 +318,3 @@ def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
             continue
         messages.append({"role": message["role"], "content": message["content"]})
     return system or None, messages
-
-
-def read_program_spec(directory: str | Path, base: LoadedProgram) -> tuple[str, str]:
-    """Name and spec text of a compiled program (``paw compile``) made for ``base``.
-
-    This is the chat view of a program: the spec becomes the system message. The fast
-    path, the precompiled KV-cache prefix, lives in ``paw_mlx.function``.
-    """
-    from paw_mlx.programs.artifact import read_artifact_metadata
-
-    directory, meta = read_artifact_metadata(directory)
-    name = directory.name
-    spec = meta.get("spec")
-    if not isinstance(spec, str) or not spec.strip():
-        raise ArtifactError(f"{directory / 'program.json'} holds no 'spec' text")
-    base_info = meta.get("base")
-    made_for = base_info.get("fingerprint") if isinstance(base_info, dict) else None
-    if not made_for:
-        raise ArtifactError(f"{directory / 'program.json'} does not say which base model it was made for")
-    if made_for != base.fingerprint:
-        raise ArtifactError(f"program {name} was made for base model {made_for}, this chat runs {base.fingerprint}")
-    return name, spec

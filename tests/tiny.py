@@ -58,11 +58,3 @@ def export_tiny(config, out: Path, tokenizer=None, seed: int = 0, **opts) -> Pat
 
     model = tiny_model(config, seed)
     return export_model(model, tokenizer, out, source_info={"id": f"tiny-random-{config.model_type}"}, **opts)
-
-
-def program_json(spec: str, base_fingerprint: str) -> dict:
-    """The program.json of a compiled program (paw compile), as far as the chat reads it."""
-    from paw_mlx.programs.artifact import FORMAT, VERSION
-
-    return {"format": FORMAT, "version": VERSION, "spec": spec,
-            "base": {"fingerprint": base_fingerprint, "path_hint": ""}}

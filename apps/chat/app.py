@@ -29,7 +29,7 @@ from apps.chat.widgets import (
     UserMessage,
 )
 from interp.errors import PawError
-from paw_mlx.chat import ChatSession, read_program_spec
+from paw_mlx.chat import ChatSession
 from paw_mlx.runtime import LoadedProgram
 
 QUIT_WINDOW_SECONDS = 2.0
@@ -209,12 +209,11 @@ class ChatApp(App):
             self.notice(f"system message: {current}" if current else "no system message")
         elif arg == "-":
             self.session.system = None
-            self.program_name = None
             self.notice("system message removed")
         else:
             self.session.system = arg
-            self.program_name = None
-            self.notice("system message set; it applies from the next reply")
+            self.notice("system message set; it applies from the next reply"
+                        + (" (after /program - : a program ignores it)" if self.session.program else ""))
 
     def cmd_clear(self, arg: str) -> None:
         self.session.clear()
@@ -231,20 +230,41 @@ class ChatApp(App):
         if not arg:
             raise PawError("/load needs a file name")
         self.session.load(arg)
-        self.program_name = None
         self.show_conversation()
         self.notice(f"loaded {len(self.session.messages)} messages from {arg}")
 
     def cmd_program(self, arg: str) -> None:
         if not arg:
-            raise PawError("/program needs an artifact directory (one holding program.json)")
-        name, spec = read_program_spec(arg, self.session.prog)
-        self.session.system = spec
-        self.session.clear()
-        self.program_name = name
-        self.conversation_view.remove_children()
-        self.notice(f"talking to program {name}: its spec is the system message. This is the chat view "
-                    "of a program; paw_mlx.function runs it fast from a precompiled cache prefix.")
+            if self.session.program is None:
+                self.notice("no program: messages go to the model. /program DIR (or FILE.paw) sends them to a program")
+            else:
+                self.notice(f"program {self.program_name}: each message is one call of it; /program - to leave")
+            return
+        if arg == "-":
+            self.session.drop_program()
+            self.program_name = None
+            self.notice("back to chatting with the model")
+            return
+        self.set_state("loading")
+        self.load_program(arg)
+
+    @work(exclusive=True, group="load")
+    async def load_program(self, path: str) -> None:
+        try:
+            name = await self.mlx.run(self.session.use_program, path)
+        except PawError as exc:
+            self.error(str(exc))
+        except Exception as exc:  # a broken program file must not take the app down
+            self.error(f"{type(exc).__name__}: {exc}")
+        else:
+            self.program_name = name
+            artifact = self.session.program.artifact
+            kind = (artifact.selection or {}).get("kept") or ("imported .paw" if artifact.adapter else "spec")
+            parts = [f"{artifact.prefix_length}-token prefix"] + ([f"LoRA rank {artifact.adapter.rank}"]
+                                                                   if artifact.adapter else [])
+            self.notice(f"talking to program {name} ({kind}: {', '.join(parts)}): each message is one call of "
+                        "the compiled program, from its own prefix and adapter. /program - leaves it.")
+        self.set_state("")
 
     def cmd_temp(self, arg: str) -> None:
         if arg:
@@ -288,7 +308,7 @@ class ChatApp(App):
                                        temperature=old.temperature, top_p=old.top_p, top_k=old.top_k)
             self.session.messages = list(old.messages)
             self.model_name = prog.name
-            self.program_name = None  # a program belongs to the base model it was made for
+            self.program_name = None  # a program belongs to the base model it was made for: dropped
             self._measured = False
             self.notice(f"now talking to {prog.name}")
         else:

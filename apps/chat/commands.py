@@ -11,7 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clear": ("", "new conversation (the system message stays)"),
     "save": ("FILE", "save the conversation as JSON"),
     "load": ("FILE", "load a conversation saved with /save"),
-    "program": ("DIR", "talk to a compiled program (spec = system)"),
+    "program": ("DIR|FILE.paw|-", "send each message to a compiled program (- leaves it)"),
     "temp": ("[T]", "show or set the temperature (0: greedy)"),
     "max-tokens": ("[N]", "show or set the longest reply, in tokens"),
     "model": ("DIR", "switch to another program directory"),

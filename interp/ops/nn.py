@@ -75,6 +75,18 @@ def matmul(a, b):
     return a @ b
 
 
+@implementation("lora")
+def lora(x, a, b, index=None):
+    if index is None or a.shape[0] == 1:
+        return (x @ a[0].T) @ b[0].T
+    rows = x.shape[0]
+    if rows != index.shape[0]:  # a 2-D x holds batch * length rows, batch-major
+        index = mx.repeat(index, rows // index.shape[0])
+    flat = x.reshape(rows, -1, x.shape[-1])  # [rows, tokens, in]
+    low = flat @ a[index].swapaxes(1, 2)  # [rows, tokens, rank]
+    return (low @ b[index].swapaxes(1, 2)).reshape(*x.shape[:-1], b.shape[1])
+
+
 @implementation("layer_norm")
 def layer_norm(x, weight=None, bias=None, *, normalized_shape, eps):
     if len(normalized_shape) == 1:

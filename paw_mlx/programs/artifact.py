@@ -1,11 +1,14 @@
-"""The on-disk form of a compiled program: ``program.json`` plus ``prefix.safetensors``.
+"""The on-disk form of a compiled program: ``program.json``, ``prefix.safetensors`` and,
+for a LoRA program, ``adapter.safetensors``.
 
-A program is a KV-cache prefix for one base model: the keys and values every
-attention layer holds after reading the spec. ``program.json`` records what is needed
-to call it again without the spec's cost: the prompt layout (how an input is joined to
-the prefix), the prefix token ids, the base model's fingerprint, generation settings.
-``manifest.json`` holds both files' sha256 (checked by ``read_artifact(verify=True)``
-and ``paw inspect --verify``).
+A program is a KV-cache prefix for one base model (the keys and values every attention
+layer holds after reading the spec and any demonstrations), optionally with a LoRA
+adapter the interpreter adds to the base model's linear layers at run time.
+``program.json`` records what is needed to call it again without the spec's cost: the
+prompt layout (how an input is joined to the prefix), the prefix token ids, the base
+model's fingerprint, generation settings, the output constraint, and how the compiler
+chose it (the candidates it measured on held-out examples). ``manifest.json`` holds every
+file's sha256 (checked by ``read_artifact(verify=True)`` and ``paw inspect --verify``).
 
 Reading checks every field and the tensors' header before MLX reads them, evaluates the
 prefix (so any thread can use it), and ``check_against_base`` holds it to the base model
@@ -26,14 +29,16 @@ from interp.jsonfile import read_json_object
 from interp.manifest import file_hashes, fingerprint, verify_manifest
 from interp.program import MANIFEST_FILE, MAX_LAYERS, read_manifest, read_safetensors_header
 from interp.token_ids import check_token_ids
+from paw_mlx.programs.adapter import ADAPTER_FILE, LoraAdapter, read_adapter, write_adapter
 
 FORMAT = "paw.kvprogram"
-VERSION = 1
+VERSION = 2  # 2 added the adapter, demonstrations and the selection report
+READABLE_VERSIONS = (1, 2)
 PROGRAM_FILE = "program.json"
 PREFIX_FILE = "prefix.safetensors"
 #: the files an artifact's fingerprint is made of
 DEFINING_FILES = (PROGRAM_FILE, PREFIX_FILE)
-LAYOUT_KINDS = ("chat", "raw")
+LAYOUT_KINDS = ("chat", "raw", "template")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class PromptLayout:
 class GenerationSettings:
     max_new_tokens: int = 64
     temperature: float = 0.0  # greedy: a program is a deterministic function by default
+    strip: bool = False  # strip whitespace around outputs (as programasweights' runtime does for .paw bundles)
 
 
 @dataclass
@@ -76,6 +82,12 @@ class ProgramArtifact:
     directory: Path | None = None
     #: the output constraint calls enforce (``paw_mlx.constrain.normalize_returns`` form), or None
     returns: dict | None = None
+    #: the LoRA adapter applied to the base model's linear layers at run time, or None
+    adapter: LoraAdapter | None = None
+    #: the examples shown as demonstrations inside the prefix ({"input", "output"} each)
+    demos: list[dict] = field(default_factory=list)
+    #: the compiler's report: candidates, their held-out scores, which was kept and why
+    selection: dict | None = None
 
     @property
     def prefix_length(self) -> int:
@@ -94,6 +106,9 @@ class ProgramArtifact:
             "generation": asdict(self.generation),
             "tuning": self.tuning,
             "returns": self.returns,
+            "adapter": self.adapter.summary() if self.adapter is not None else None,
+            "demos": list(self.demos),
+            "selection": self.selection,
         }
 
 
@@ -106,6 +121,8 @@ def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool =
             tensors[f"layers.{i}.keys"] = k
             tensors[f"layers.{i}.values"] = v
         mx.save_safetensors(str(tmp / PREFIX_FILE), tensors, metadata={"format": FORMAT})
+        if artifact.adapter is not None:
+            write_adapter(artifact.adapter, tmp)
         text = json.dumps(artifact.metadata(), indent=1, ensure_ascii=False) + "\n"
         (tmp / PROGRAM_FILE).write_text(text, encoding="utf-8")
         hashes = file_hashes(tmp, skip=MANIFEST_FILE)
@@ -128,8 +145,10 @@ def read_artifact_metadata(path: str | Path) -> tuple[Path, dict]:
     meta = read_json_object(meta_path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{meta_path} is not a {FORMAT} file")
-    if meta.get("version") != VERSION or isinstance(meta.get("version"), bool):
-        raise ArtifactError(f"{meta_path} has version {meta.get('version')!r:.40}; this paw reads version {VERSION}")
+    version = meta.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{meta_path} has version {version!r:.40}; this paw reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     return directory, meta
 
 
@@ -160,19 +179,32 @@ def _fields(meta: dict, meta_path: Path) -> dict:
         raise ArtifactError(f"{meta_path} does not say which base model it was made for (no base fingerprint); "
                             "recompile it with `paw compile`")
     need(isinstance(base.get("path_hint", ""), str), "'base.path_hint' must be text")
-    need(isinstance(generation, dict) and set(generation) <= {"max_new_tokens", "temperature"},
-         "'generation' holds only max_new_tokens and temperature")
+    need(isinstance(generation, dict) and set(generation) <= {"max_new_tokens", "temperature", "strip"},
+         "'generation' holds only max_new_tokens, temperature and strip")
+    need(isinstance(generation.get("strip", False), bool), "'generation.strip' must be true or false")
     max_new = generation.get("max_new_tokens", GenerationSettings.max_new_tokens)
     temperature = generation.get("temperature", GenerationSettings.temperature)
     need(_is_int(max_new) and max_new > 0, "'generation.max_new_tokens' must be a positive integer")
     need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 <= temperature < float("inf"),
          "'generation.temperature' must be a number >= 0")
     need(meta.get("tuning") is None or isinstance(meta["tuning"], dict), "'tuning' must be an object or null")
+    need(meta.get("selection") is None or isinstance(meta["selection"], dict), "'selection' must be an object or null")
+    need(meta.get("adapter") is None or isinstance(meta["adapter"], dict), "'adapter' must be an object or null")
     return {"spec": meta["spec"], "layout": PromptLayout(layout["kind"], layout["prefix_text"], layout["suffix_text"]),
             "prefix_ids": prefix_ids, "num_layers": meta["num_layers"], "base_fingerprint": made_for,
             "base_hint": base.get("path_hint", ""), "tuning": meta.get("tuning"),
-            "generation": GenerationSettings(max_new_tokens=max_new, temperature=float(temperature)),
-            "returns": _read_returns(meta, meta_path)}
+            "generation": GenerationSettings(max_new_tokens=max_new, temperature=float(temperature),
+                                             strip=generation.get("strip", False)),
+            "returns": _read_returns(meta, meta_path), "demos": _read_demos(meta, need),
+            "selection": meta.get("selection"), "has_adapter": bool(meta.get("adapter"))}
+
+
+def _read_demos(meta: dict, need) -> list[dict]:
+    demos = meta.get("demos") or []
+    need(isinstance(demos, list) and all(isinstance(d, dict) and isinstance(d.get("input"), str)
+                                         and isinstance(d.get("output"), str) for d in demos),
+         "'demos' must be a list of {\"input\": text, \"output\": text}")
+    return [{"input": d["input"], "output": d["output"]} for d in demos]
 
 
 def _read_prefix(tensors_path: Path, num_layers: int, length: int) -> list[tuple[mx.array, mx.array]]:
@@ -210,10 +242,13 @@ def read_artifact(path: str | Path, *, verify: bool = False) -> ProgramArtifact:
     directory, meta = read_artifact_metadata(path)
     meta_path = directory / PROGRAM_FILE
     fields = _fields(meta, meta_path)
+    has_adapter = fields.pop("has_adapter")
     if verify:
-        verify_manifest(directory, read_manifest(directory, ArtifactError), DEFINING_FILES, error=ArtifactError)
+        verify_manifest(directory, read_manifest(directory, ArtifactError), DEFINING_FILES,
+                        (ADAPTER_FILE,) if has_adapter else (), error=ArtifactError)
     prefix = _read_prefix(directory / PREFIX_FILE, fields.pop("num_layers"), len(fields["prefix_ids"]))
-    return ProgramArtifact(prefix=prefix, directory=directory, **fields)
+    adapter = read_adapter(directory) if has_adapter else None
+    return ProgramArtifact(prefix=prefix, directory=directory, adapter=adapter, **fields)
 
 
 def check_against_base(artifact: ProgramArtifact, base) -> None:

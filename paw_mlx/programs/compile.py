@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from interp.errors import PawError
+from interp.errors import ArtifactError, PawError
 from interp.tokenizer import Tokenizer
 from paw_mlx.programs.artifact import (
     GenerationSettings,
@@ -18,21 +19,56 @@ from paw_mlx.programs.artifact import (
 from paw_mlx.programs.interpreter import DEFAULT_BASE, interpreter, resolve_base
 from paw_mlx.runtime import LoadedProgram
 
+if TYPE_CHECKING:
+    from paw_mlx.programs.select import SelectOptions
+
+#: progress(description, done, total) of a compile with examples
+Progress = Callable[[str, int, int], None]
+
 _INPUT_MARK = "\u2063PAW-INPUT\u2063"  # invisible separator: never in a real spec or input
 RAW_PREFIX_SEP = "\n\nInput: "
 RAW_SUFFIX = "\nOutput:"
 
 
-def prompt_layout(tokenizer: Tokenizer, spec: str) -> PromptLayout:
-    """Split the chat-templated prompt around the input: the spec is the system message."""
+def prompt_layout(tokenizer: Tokenizer, spec: str, demos: Sequence[dict] = ()) -> PromptLayout:
+    """Split the prompt around the input: the spec is the system message and each demo
+    ({"input", "output"}) a user turn answered by an assistant turn, before the input's."""
     if not tokenizer.has_chat_template:
-        return PromptLayout("raw", spec + RAW_PREFIX_SEP, RAW_SUFFIX)
-    text = tokenizer.apply_chat_template([{"role": "system", "content": spec},
-                                          {"role": "user", "content": _INPUT_MARK}])
+        shots = "".join(f"{RAW_PREFIX_SEP}{d['input']}{RAW_SUFFIX} {d['output']}" for d in demos)
+        return PromptLayout("raw", spec + shots + RAW_PREFIX_SEP, RAW_SUFFIX)
+    text = tokenizer.apply_chat_template(_messages(spec, demos) + [{"role": "user", "content": _INPUT_MARK}])
     if text.count(_INPUT_MARK) != 1:
         raise PawError("the base model's chat template does not place the user message once")
     before, after = text.split(_INPUT_MARK)
     return PromptLayout("chat", before, after)
+
+
+def _messages(spec: str, demos: Sequence[dict]) -> list[dict]:
+    messages = [{"role": "system", "content": spec}]
+    for demo in demos:
+        messages += [{"role": "user", "content": demo["input"]}, {"role": "assistant", "content": demo["output"]}]
+    return messages
+
+
+def demo_spans(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Sequence[dict]) -> list[tuple[int, int]]:
+    """Token positions [start, end) of each demo's turns in the prefix ids of ``layout``.
+
+    Training hides a row's own demo from it with these (so it cannot copy its answer).
+    Found by tokenizing the prefix text up to each demo's end: chat turns begin with a
+    special token, where tokenization of the whole text splits too.
+    """
+    if not demos:
+        return []
+    full = layout_prefix_ids(tokenizer, layout)
+    ends = []
+    for i in range(len(demos) + 1):
+        if layout.kind == "chat":
+            text = tokenizer.apply_chat_template(_messages(spec, demos[:i]), add_generation_prompt=False)
+        else:
+            text = prompt_layout(tokenizer, spec, demos[:i]).prefix_text[: -len(RAW_PREFIX_SEP)]
+        upto = len(tokenizer.encode(text, add_special_tokens=layout.kind == "raw"))
+        ends.append(min(upto, len(full)))
+    return [(ends[i], ends[i + 1]) for i in range(len(demos))]
 
 
 def layout_prefix_ids(tokenizer: Tokenizer, layout: PromptLayout) -> list[int]:
@@ -78,16 +114,25 @@ def read_spec(spec: str) -> str:
 
 def compile(spec: str, base: str | Path = DEFAULT_BASE, out_dir: str | Path | None = None, *,
             examples: Sequence[dict] | str | Path | None = None, max_new_tokens: int = 64,
-            force: bool = False, tune_options: dict | None = None,
-            progress: Callable[[int, int, float], None] | None = None, returns=None) -> ProgramArtifact:
-    """Compile ``spec`` into a program for ``base``; with ``examples``, tune its prefix on them.
+            force: bool = False, returns=None, options: SelectOptions | None = None,
+            progress: Progress | None = None) -> ProgramArtifact:
+    """Compile ``spec`` into a program for ``base``.
 
-    ``returns`` (choices, a regex or a JSON schema; ``paw_mlx.constrain``) is checked and
-    stored with the program, so every call enforces it. Returns the artifact and, when
-    ``out_dir`` is given, writes it there atomically.
+    Without ``examples``: the spec's own prefix. With examples (a JSON-lines path or rows
+    of {"input", "output"}), the candidates of ``options`` (few-shot prefix, LoRA, ...) are
+    scored by cross-validation inside the examples and the best is kept
+    (``paw_mlx/programs/select.py``); its report is ``artifact.selection``. Rows marked
+    ``"split": "test"`` are never used to build or choose: the kept program is scored on
+    them at the end (``selection["test"]``). ``returns`` (choices, a regex or a JSON
+    schema; ``paw_mlx.constrain``) is checked and stored with the program, so every call
+    enforces it. Writes the program to ``out_dir`` (atomically) when given.
     """
+    from paw_mlx.programs.select import Builder, SelectOptions, select
+
     spec = read_spec(spec)
     base_path = resolve_base(base)
+    if out_dir is not None and Path(out_dir).exists() and not force:
+        raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
     prog = interpreter(base_path)
     if not prog.fingerprint:
         raise PawError(f"the base model {base_path} has no fingerprint (no manifest.json), so a program "
@@ -96,16 +141,23 @@ def compile(spec: str, base: str | Path = DEFAULT_BASE, out_dir: str | Path | No
         from paw_mlx.constrain import grammar_for
 
         returns = grammar_for(prog, returns).spec  # checked against the tokenizer before any work
-    layout = prompt_layout(prog.tokenizer, spec)
-    ids = layout_prefix_ids(prog.tokenizer, layout)
-    artifact = ProgramArtifact(spec=spec, base_fingerprint=prog.fingerprint, base_hint=str(base_path),
-                               layout=layout, prefix_ids=ids, prefix=compute_prefix(prog, ids),
-                               generation=GenerationSettings(max_new_tokens=max_new_tokens), returns=returns)
-    if examples is not None:
-        from paw_mlx.programs.tune import load_examples, tune
+    builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns)
+    if examples is None:
+        artifact = builder.prompted([])
+    else:
+        from paw_mlx.programs.examples import check_examples, load_examples
 
-        rows = load_examples(examples) if isinstance(examples, str | Path) else list(examples)
-        artifact = tune(artifact, prog, rows, progress=progress, **(tune_options or {}))
+        rows = load_examples(examples) if isinstance(examples, str | Path) else check_examples(list(examples))
+        train = [r for r in rows if r.get("split", "train") == "train"]
+        test = [r for r in rows if r.get("split", "train") == "test"]
+        if not train:
+            raise PawError("no training examples (every row is marked \"split\": \"test\")")
+        artifact, info = select(prog, builder, train, options or SelectOptions(), progress)
+        if test:
+            outputs = builder.outputs(artifact, [r["input"] for r in test], max_new_tokens)
+            correct = sum(o.strip() == r["output"].strip() for o, r in zip(outputs, test, strict=True))
+            info["test"] = {"exact_match": round(correct / len(test), 4), "correct": correct, "total": len(test),
+                            "outputs": outputs}
     if out_dir is not None:
         write_artifact(artifact, out_dir, force=force)
     return artifact

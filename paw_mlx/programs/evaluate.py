@@ -1,128 +1,237 @@
-"""Evaluate programs on a task suite: spec-only vs tuned prefix, exact match on held-out inputs.
+"""``paw eval-programs``: every task's held-out exact match and time to first token, for the
+prompted baselines and for each compile candidate.
 
-    python -m paw_mlx.programs.evaluate --tasks examples/tasks --base smollm2
+    paw eval-programs --tasks examples/tasks --base smollm2
 
 A task is a folder with ``spec.txt`` and ``examples.jsonl`` (rows {"input", "output",
-"split"}; "test" rows are held out). Outputs are compared after stripping whitespace.
+"split"}); the compiler sees only the "train" rows, the "test" rows are scored. Rows:
+
+* ``spec prompt``: the spec as system message and the input, one whole prompt per call;
+* ``few-shot prompt``: the same plus the training examples as demonstration turns, one
+  whole prompt per call (what a user would try first);
+* each candidate of ``paw compile`` (``paw_mlx/programs/select.py``), rebuilt on all
+  training rows, with its cross-validated score; and the candidate the compiler keeps.
+
+Outputs are compared after stripping whitespace. Time to first token is the model's time
+from a call's token ids to its first sampled token (tokenizing excluded), the median of
+rounds that time every row once on the same held-out input in a rotating order, after a
+warm-up round: the rows share whatever else loads the machine. Each finished task is
+cached (``--cache``), so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import platform
+import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+import mlx.core as mx
+
 from interp.errors import PawError
-from paw_mlx.programs.compile import compile
-from paw_mlx.programs.function import function
+from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
+from paw_mlx.programs.batch import generate_batch
+from paw_mlx.programs.compile import input_ids
+from paw_mlx.programs.examples import load_examples
+from paw_mlx.programs.function import ProgramFunction
 from paw_mlx.programs.interpreter import DEFAULT_BASE, interpreter
-from paw_mlx.programs.tune import TuneOptions, load_examples, split_examples
+from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
+from paw_mlx.runtime import LoadedProgram, stream_tokens
 
-
-@dataclass
-class TaskResult:
-    task: str
-    heldout: int
-    spec_only_accuracy: float
-    tuned_accuracy: float
-    heldout_loss_before: float
-    heldout_loss_after: float
-    tune_seconds: float
-    spec_only_outputs: list[str]
-    tuned_outputs: list[str]
-
-
-def exact_match(outputs: list[str], wanted: list[str]) -> float:
-    return sum(o.strip() == w.strip() for o, w in zip(outputs, wanted, strict=True)) / max(1, len(wanted))
+#: timed rounds per task (after one warm-up round); each round times every column once
+TTFT_SAMPLES = 6
+#: part of the cache key: a change of how rows are measured invalidates cached tasks
+EVALUATION_METHOD = "ttft-interleaved-1"
+BASELINES = ("spec prompt", "few-shot prompt")
 
 
 def task_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise PawError(f"no such tasks folder: {root}")
     dirs = sorted(p for p in root.iterdir() if (p / "spec.txt").is_file() and (p / "examples.jsonl").is_file())
     if not dirs:
         raise PawError(f"{root} holds no tasks (folders with spec.txt and examples.jsonl)")
     return dirs
 
 
-def evaluate_task(task: Path, base: str | Path, options: TuneOptions, max_new_tokens: int = 24,
-                  progress: Callable[[int, int, float], None] | None = None) -> TaskResult:
-    spec = (task / "spec.txt").read_text(encoding="utf-8")
+def _score(outputs: list[str], rows: list[dict]) -> float:
+    return sum(exact(o, r["output"]) for o, r in zip(outputs, rows, strict=True)) / len(rows)
+
+
+def prompted_outputs(prog: LoadedProgram, artifact: ProgramArtifact, rows: list[dict], budget: int) -> list[str]:
+    """Outputs of sending the whole prompt (prefix text + input) per call, as ``paw run`` would."""
+    outputs = []
+    for row in rows:
+        ids = artifact.prefix_ids + input_ids(prog.tokenizer, artifact.layout, row["input"])
+        tokens = list(stream_tokens(prog, ids, max_tokens=budget))
+        outputs.append(prog.tokenizer.decode(tokens, skip_special_tokens=True))
+    return outputs
+
+
+def first_token_seconds(runner: LoadedProgram, prefix: list, ids: list[int]) -> float:
+    """Seconds from a call's token ids to its first sampled token, after ``prefix`` (may be empty)."""
+    start = time.perf_counter()
+    generate_batch(runner, prefix, [ids], max_new_tokens=1)
+    return time.perf_counter() - start
+
+
+def interleaved_ttft(columns: dict[str, tuple], rows: list[dict]) -> dict[str, float]:
+    """Median milliseconds to the first token per column, timed in rounds that visit every column
+    once (in a rotating order), so load from other jobs falls on all of them alike. Round 0
+    warms up and is not counted. ``columns``: name -> (runner, prefix, row -> call ids)."""
+    samples: dict[str, list[float]] = {name: [] for name in columns}
+    names = list(columns)
+    for round_ in range(TTFT_SAMPLES + 1):
+        row = rows[round_ % len(rows)]
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            runner, prefix, ids = columns[name]
+            seconds = first_token_seconds(runner, prefix, ids(row))
+            if round_:
+                samples[name].append(seconds)
+    return {name: round(1000 * statistics.median(times), 1) for name, times in samples.items()}
+
+
+def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progress=None) -> dict:
+    """One task's row of the report (see the module docstring)."""
+    spec = (task / "spec.txt").read_text(encoding="utf-8").strip()
     rows = load_examples(task / "examples.jsonl")
-    _, held = split_examples(rows, options.holdout, options.seed)
-    inputs, wanted = [r["input"] for r in held], [r["output"] for r in held]
-    plain = compile(spec, base=base, max_new_tokens=max_new_tokens)
-    plain_out = function(plain, base=base)(inputs)
-    tuned = compile(spec, base=base, max_new_tokens=max_new_tokens, examples=rows,
-                    tune_options=asdict(options), progress=progress)
-    tuned_out = function(tuned, base=base)(inputs)
-    info = tuned.tuning
-    return TaskResult(task.name, len(held), exact_match(plain_out, wanted), exact_match(tuned_out, wanted),
-                      info["heldout_loss"][0], info["heldout_loss"][1], info["seconds"], plain_out, tuned_out)
+    train = [r for r in rows if r.get("split", "train") == "train"]
+    test = [r for r in rows if r.get("split", "train") == "test"]
+    if len(train) < 2 or not test:
+        raise PawError(f"{task}: needs at least 2 train rows and 1 test row")
+    builder = Builder(prog, spec, str(prog.path), GenerationSettings(max_new_tokens=64))
+    selection = Selection(prog, builder, train, options, progress)
+    budget = selection.budget
+    result: dict = {"task": task.name, "train": len(train), "test": len(test), "rows": {}}
+    timers: dict[str, tuple] = {}
+    for name, demos in zip(BASELINES, ([], train), strict=True):
+        prompted = builder.prompted(demos)
+        outputs = prompted_outputs(prog, prompted, test, budget)
+        result["rows"][name] = {"exact_match": round(_score(outputs, test), 4), "prefix_tokens": 0,
+                                "prompt_tokens": len(prompted.prefix_ids), "outputs": outputs}
+        timers[name] = (prog, [], lambda row, a=prompted: a.prefix_ids + input_ids(prog.tokenizer, a.layout, row["input"]))
+    selection.cross_validate()
+    for name in options.candidates:
+        started = time.perf_counter()
+        artifact = selection.rebuild(name)
+        function = ProgramFunction(artifact, prog, max_new_tokens=budget)
+        outputs = function([r["input"] for r in test])
+        score = selection.scores[name]
+        result["rows"][name] = {
+            "exact_match": round(_score(outputs, test), 4), "cv_exact_match": round(score.exact_match, 4),
+            "compile_seconds": round(score.seconds, 1), "rebuild_seconds": round(time.perf_counter() - started, 1),
+            "prefix_tokens": artifact.prefix_length, "training": artifact.tuning, "outputs": outputs}
+        timers[name] = (function.runner, artifact.prefix, lambda row, f=function: f.token_ids(row["input"]))
+    for name, ms in interleaved_ttft(timers, test).items():
+        result["rows"][name]["ttft_ms"] = ms
+    result["kept"] = selection.kept
+    result["reason"] = selection.report()["reason"]
+    return result
 
 
-def evaluate(tasks: Path, base: str | Path = DEFAULT_BASE, options: TuneOptions | None = None,
-             only: list[str] | None = None, max_new_tokens: int = 24) -> dict:
-    """Run every task; returns a JSON-able report (per task and mean accuracies)."""
+def _cache_key(task: Path, prog: LoadedProgram, options: SelectOptions) -> str:
+    digest = hashlib.sha256()
+    for part in (EVALUATION_METHOD, prog.fingerprint, json.dumps(asdict(options), sort_keys=True),
+                 (task / "spec.txt").read_text(encoding="utf-8"), (task / "examples.jsonl").read_text(encoding="utf-8")):
+        digest.update(part.encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def evaluate(tasks: Path, base: str | Path = DEFAULT_BASE, options: SelectOptions | None = None,
+             only: list[str] | None = None, cache: Path | None = None) -> dict:
+    """Run every task (resuming from ``cache``); returns the JSON-able report."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    options = options or TuneOptions()
+    options = options or SelectOptions()
+    options.check()
     console = Console(stderr=True)
+    prog = interpreter(base)
+    dirs = [d for d in task_dirs(tasks) if not only or d.name in only]
+    if only and len(dirs) != len(set(only)):
+        missing = sorted(set(only) - {d.name for d in dirs})
+        raise PawError(f"no such task in {tasks}: {', '.join(missing)}")
     started, cpu_started = time.perf_counter(), time.process_time()
     results = []
-    dirs = [d for d in task_dirs(tasks) if not only or d.name in only]
-    base_prog = interpreter(base)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
         for task in dirs:
-            tid = bar.add_task(f"tuning {task.name}", total=options.steps, loss=float("nan"))
-            result = evaluate_task(task, base, options, max_new_tokens,
-                                   progress=lambda step, total, loss, tid=tid: bar.update(tid, completed=step, loss=loss))
+            path = cache / f"{task.name}-{_cache_key(task, prog, options)}.json" if cache else None
+            if path is not None and path.is_file():
+                results.append(json.loads(path.read_text(encoding="utf-8")))
+                console.log(f"{task.name}: from the cache ({path})")
+                continue
+            tid = bar.add_task(task.name, total=1)
+
+            def progress(text: str, done: int, total: int, tid=tid, name=task.name) -> None:
+                bar.update(tid, description=f"{name}: {text}", completed=done, total=max(1, total))
+
+            result = evaluate_task(prog, task, options, progress)
+            bar.remove_task(tid)
             results.append(result)
-            console.log(f"{task.name}: spec-only {result.spec_only_accuracy:.2f}, tuned {result.tuned_accuracy:.2f}")
-    table = Table(title=f"programs on {base_prog.name}: exact match on held-out inputs")
-    for col in ("task", "held-out", "spec only", "tuned", "held-out loss", "tune s"):
-        table.add_column(col, justify="left" if col == "task" else "right")
-    for r in results:
-        table.add_row(r.task, str(r.heldout), f"{r.spec_only_accuracy:.2f}", f"{r.tuned_accuracy:.2f}",
-                      f"{r.heldout_loss_before:.2f} -> {r.heldout_loss_after:.2f}", f"{r.tune_seconds:.0f}")
-    mean_plain = sum(r.spec_only_accuracy for r in results) / len(results)
-    mean_tuned = sum(r.tuned_accuracy for r in results) / len(results)
-    table.add_row("mean", "", f"{mean_plain:.2f}", f"{mean_tuned:.2f}", "", "")
-    Console().print(table)
-    return {
-        "base": base_prog.name, "base_fingerprint": base_prog.fingerprint, "options": asdict(options),
-        "max_new_tokens": max_new_tokens, "machine": f"{platform.machine()} {platform.system()}",
+            rows = result["rows"]
+            console.log(f"{task.name}: few-shot prompt {rows['few-shot prompt']['exact_match']:.2f}, "
+                        f"kept {result['kept']} {rows[result['kept']]['exact_match']:.2f}")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(result, ensure_ascii=False) + "\n", encoding="utf-8")
+    report = {
+        "base": prog.name, "base_fingerprint": prog.fingerprint, "options": asdict(options),
+        "machine": f"{platform.machine()} {platform.system()}", "mlx": mx.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "total_seconds": round(time.perf_counter() - started, 1),
         # CPU seconds of this process: the wall time depends on what else shares the machine.
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
-        "mean_spec_only_accuracy": mean_plain, "mean_tuned_accuracy": mean_tuned,
-        "tasks": [asdict(r) for r in results],
+        "tasks": results, "summary": summarize(results, options),
     }
+    print(markdown_tables(report))
+    return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=Path, default=Path("examples/tasks"))
-    parser.add_argument("--base", default=DEFAULT_BASE)
-    parser.add_argument("--only", nargs="*", help="task names to run")
-    parser.add_argument("--steps", type=int, default=TuneOptions.steps)
-    parser.add_argument("--lr", type=float, default=TuneOptions.learning_rate)
-    parser.add_argument("--layers", type=int, default=TuneOptions.layers)
-    parser.add_argument("--batch-size", type=int, default=TuneOptions.batch_size)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--out", type=Path, help="write the JSON report here")
-    args = parser.parse_args(argv)
-    options = TuneOptions(steps=args.steps, learning_rate=args.lr, layers=args.layers, batch_size=args.batch_size)
-    report = evaluate(args.tasks, args.base, options, args.only, args.max_new_tokens)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+def _columns(options: SelectOptions) -> list[str]:
+    return [*BASELINES, *options.candidates, "kept"]
 
 
-if __name__ == "__main__":
-    main()
+def _cell(result: dict, column: str) -> dict:
+    return result["rows"][result["kept"] if column == "kept" else column]
+
+
+def summarize(results: list[dict], options: SelectOptions) -> dict:
+    """Means over the tasks, and how the kept program compares with few-shot prompting."""
+    summary: dict = {}
+    for column in _columns(options):
+        cells = [_cell(r, column) for r in results]
+        summary[column] = {"exact_match": round(statistics.mean(c["exact_match"] for c in cells), 4),
+                           "ttft_ms": round(statistics.mean(c["ttft_ms"] for c in cells), 1)}
+    kept_vs_fewshot = [_cell(r, "kept")["exact_match"] - r["rows"]["few-shot prompt"]["exact_match"] for r in results]
+    speedups = [r["rows"]["few-shot prompt"]["ttft_ms"] / max(1e-9, _cell(r, "kept")["ttft_ms"]) for r in results]
+    summary["kept_at_least_fewshot_prompt"] = sum(d >= 0 for d in kept_vs_fewshot)
+    summary["tasks"] = len(results)
+    summary["ttft_speedup_vs_fewshot_prompt"] = {"min": round(min(speedups), 2),
+                                                 "median": round(statistics.median(speedups), 2)}
+    return summary
+
+
+def markdown_tables(report: dict) -> str:
+    """The report as two Markdown tables: held-out exact match, and time to first token."""
+    options = SelectOptions(**{k: v for k, v in report["options"].items() if k in ("candidates", "folds", "seed")})
+    columns = _columns(options)
+    results = report["tasks"]
+    lines = ["| task | held-out | " + " | ".join(columns) + " | kept candidate |",
+             "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | --- |"]
+    for r in results:
+        cells = [f"{_cell(r, c)['exact_match']:.2f}" for c in columns]
+        lines.append(f"| {r['task']} | {r['test']} | " + " | ".join(cells) + f" | {r['kept']} |")
+    summary = report["summary"]
+    lines.append("| **mean** | | " + " | ".join(f"**{summary[c]['exact_match']:.2f}**" for c in columns) + " | |")
+    lines += ["", "| task | " + " | ".join(f"{c} ms" for c in columns) + " | speed-up of kept vs few-shot prompt |",
+              "| --- | " + " | ".join("---:" for _ in columns) + " | ---: |"]
+    for r in results:
+        cells = [f"{_cell(r, c)['ttft_ms']:.0f}" for c in columns]
+        speedup = r["rows"]["few-shot prompt"]["ttft_ms"] / max(1e-9, _cell(r, "kept")["ttft_ms"])
+        lines.append(f"| {r['task']} | " + " | ".join(cells) + f" | {speedup:.1f}x |")
+    lines.append("| **mean** | " + " | ".join(f"**{summary[c]['ttft_ms']:.0f}**" for c in columns) + " | |")
+    return "\n".join(lines)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from interp.errors import ArtifactError, InputError, PawError
+from interp.lora import with_adapters
 from paw_mlx.constrain import grammar_for
+from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_artifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import DEFAULT_BASE, compile, input_ids
@@ -28,6 +31,8 @@ class ProgramFunction:
             raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r:.40}")
         self.artifact = artifact
         self.base = base
+        #: the base model as this program runs it: with its LoRA adapter, if it has one
+        self.runner = adapted(base, artifact.adapter)
         self.max_new_tokens = max_new_tokens or artifact.generation.max_new_tokens
         returns = returns if returns is not None else artifact.returns
         self.grammar = None
@@ -50,7 +55,7 @@ class ProgramFunction:
             raise InputError(f"an input of {longest} tokens after the {self.artifact.prefix_length}-token prefix "
                              f"fills the base model's context of {self.base.context_length}")
         constraints = [self.grammar.start() for _ in rows] if self.grammar is not None else None
-        return generate_batch(self.base, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
+        return generate_batch(self.runner, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
                               temperature=self.artifact.generation.temperature, constraints=constraints)
 
     def __call__(self, x: str | list[str]) -> str | list[str]:
@@ -62,7 +67,32 @@ class ProgramFunction:
             return []
         outs = self.call_ids([self.token_ids(i) for i in inputs])
         texts = [self.base.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        if self.artifact.generation.strip:
+            texts = [t.strip() for t in texts]
         return texts[0] if single else texts
+
+
+def adapted(base: LoadedProgram, adapter: LoraAdapter | None) -> LoadedProgram:
+    """``base`` running with ``adapter`` added to its linear layers (the weights are shared,
+    and so is the lock that serialises generation on them)."""
+    if adapter is None:
+        return base
+    try:
+        model = with_adapters(base.model, [adapter.scaled()])
+    except ArtifactError as exc:
+        raise ArtifactError(f"the program's adapter does not fit base model {base.name}: {exc}") from None
+    return replace(base, model=model, lock=base.lock)
+
+
+def stacked(base: LoadedProgram, adapters: list[LoraAdapter | None]) -> LoadedProgram:
+    """``base`` holding several adapters at once, for a batch whose rows belong to different
+    programs: each call passes ``extra_inputs={"adapter_index": int32 [batch]}`` (the position
+    of each row's adapter in ``adapters``; None means no adapter). See docs/programs.md."""
+    try:
+        model = with_adapters(base.model, [a.scaled() if a is not None else None for a in adapters], indexed=True)
+    except ArtifactError as exc:
+        raise ArtifactError(f"an adapter does not fit base model {base.name}: {exc}") from None
+    return replace(base, model=model, lock=base.lock)
 
 
 def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgram:
@@ -75,7 +105,8 @@ def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgr
 
 def function(program: str | Path | ProgramArtifact, base: str | Path | None = None,
              max_new_tokens: int | None = None, returns: Any = None, *, verify: bool = False) -> ProgramFunction:
-    """A callable for a compiled program directory, an in-memory artifact, or a .txt spec.
+    """A callable for a compiled program directory, a programasweights ``.paw`` bundle, an
+    in-memory artifact, or a .txt spec.
 
     The base model is ``base`` if given, else the one the program was compiled on (its
     recorded path), else the default 'smollm2'; a mismatch of fingerprints is an error.
@@ -88,7 +119,11 @@ def function(program: str | Path | ProgramArtifact, base: str | Path | None = No
         artifact = program
     else:
         path = Path(program)
-        if path.suffix == ".txt" and path.is_file():
+        if path.suffix == ".paw" and path.is_file():
+            from paw_mlx.programs.pawfile import load_bundle
+
+            artifact = load_bundle(path, base if base is not None else DEFAULT_BASE)
+        elif path.suffix == ".txt" and path.is_file():
             artifact = compile("@" + str(path), base=base if base is not None else DEFAULT_BASE)
         elif not path.exists():
             raise ArtifactError(f"no such program: {path}")

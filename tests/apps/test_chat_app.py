@@ -13,7 +13,6 @@ from apps.chat.app import ChatApp, run_chat
 from apps.chat.mlx_thread import MLXThread
 from apps.chat.widgets import AssistantMessage, Notice, PromptInput, StatusBar, UserMessage
 from interp.errors import PawError
-from tests.tiny import program_json
 
 MODEL_NAME = "tiny-random-llama"
 
@@ -206,27 +205,31 @@ async def test_slash_commands(make_app, tmp_path, prog, tiny_program):
             assert errors(app)[-1].startswith("error: ")
         assert app.session.messages == before  # a bad file changes nothing
 
-        artifact = tmp_path / "french"
-        artifact.mkdir()
-        (artifact / "program.json").write_text(json.dumps(program_json("Answer in French.", prog.fingerprint)))
-        await submit(app, pilot, f"/program {artifact}")
-        assert app.session.system == "Answer in French." and app.program_name == "french"
-        assert app.session.messages == [] and "french" in status_text(app)
+        paw_mlx.compile("Answer in French.", base=tiny_program, out_dir=tmp_path / "french", max_new_tokens=3)
+        await submit(app, pilot, f"/program {tmp_path / 'french'}")
+        await settle(app, pilot)
+        assert app.program_name == "french" and "french" in status_text(app)
+        assert "each message is one call" in notices(app)[-1]
         foreign = tmp_path / "foreign"
-        foreign.mkdir()
-        (foreign / "program.json").write_text(json.dumps(program_json("x", "feedface")))
+        paw_mlx.compile("x", base=tiny_program, out_dir=foreign)
+        meta = json.loads((foreign / "program.json").read_text())
+        meta["base"]["fingerprint"] = "feedface"
+        (foreign / "program.json").write_text(json.dumps(meta))
         await submit(app, pilot, f"/program {foreign}")
-        assert errors(app)[-1] == f"error: program foreign was made for base model feedface, this chat runs {prog.fingerprint}"
+        await settle(app, pilot)
+        assert "compiled for base model feedface" in errors(app)[-1] and app.program_name == "french"
 
         await submit(app, pilot, "Bonjour")
-        assert app.session.messages[0] == {"role": "user", "content": "Bonjour"}
-        assert app.session.conversation()[0] == {"role": "system", "content": "Answer in French."}
+        assert app.session.messages[-2] == {"role": "user", "content": "Bonjour"}
+        assert app.session.messages[-1]["content"] == paw_mlx.function(tmp_path / "french")("Bonjour")
+        await submit(app, pilot, "/program -")
+        assert app.session.program is None and app.program_name is None
 
         await submit(app, pilot, f"/model {tmp_path / 'nowhere'}")
         assert errors(app)[-1].startswith("error: ") and app.session.prog is prog
         await submit(app, pilot, f"/model {tiny_program}")
         assert app.session.prog is not prog and app.model_name == "tiny-random-llama"
-        assert app.session.messages[0]["content"] == "Bonjour"  # the conversation carries over
+        assert app.session.messages[-2]["content"] == "Bonjour"  # the conversation carries over
         await submit(app, pilot, "Encore")
         assert app.session.messages[-1]["role"] == "assistant"
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from apps import cli
-from interp.errors import ArtifactError, InputError
 from tests.apps.test_cli import assert_one_line_error, paw
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,35 +85,3 @@ def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
     assert proc.returncode == 130, err
     assert err.decode().strip().splitlines()[-1] == "paw: interrupted"
     assert b"Traceback" not in err
-
-
-# ----------------------------------------------------------------------------- paw export program
-
-
-def original_artifact(directory: Path, tensor_path: Path, **meta) -> Path:
-    import torch
-
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"layers.0.keys": torch.zeros(1, 2, 3, 16)}, tensor_path)
-    (directory / "program.json").write_text(json.dumps({"spec": "Label it.", **meta}))
-    return directory
-
-
-@pytest.mark.parametrize("where", ["../outside.pt", "absolute"])
-def test_export_program_stays_inside_its_source(tiny_program, tmp_path, where):
-    from exporter.pawprogram import convert_program
-
-    outside = tmp_path / "outside.pt"
-    src = original_artifact(tmp_path / "src", outside,
-                            prefix_file=str(outside) if where == "absolute" else where)
-    with pytest.raises(ArtifactError, match="prefix_file must be a file name inside"):
-        convert_program(src, tmp_path / "out", base=tiny_program)
-    assert not (tmp_path / "out").exists()
-
-
-def test_export_program_checks_prefix_ids(tiny_program, tmp_path):
-    from exporter.pawprogram import convert_program
-
-    src = original_artifact(tmp_path / "src", tmp_path / "src" / "prefix.pt", prefix_ids=[1, 2, 100000])
-    with pytest.raises(InputError, match="100000 at position 2 is outside the vocabulary"):
-        convert_program(src, tmp_path / "out", base=tiny_program)

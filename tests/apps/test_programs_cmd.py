@@ -29,15 +29,20 @@ def test_compile_then_call_prints_one_line_per_input(tiny_program, tmp_path):
     assert result.stdout.splitlines() == want
 
 
-def test_compile_with_examples_tunes(tiny_program, tmp_path):
+def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):
     rows = tmp_path / "ex.jsonl"
-    rows.write_text("".join(json.dumps({"input": f"(A) {w}", "output": f'["{w}"]'}) + "\n"
-                            for w in ["cat", "dog", "bird", "fish"]), encoding="utf-8")
-    out = tmp_path / "tuned"
-    result = runner.invoke(app, ["compile", SPEC, "-o", str(out), "--base", str(tiny_program), "--examples",
-                                 str(rows), "--steps", "2", "--layers", "0"])
+    rows.write_text("".join(json.dumps({"input": w, "output": w.upper()}) + "\n"
+                            for w in ["cat", "dog", "sun", "red"]), encoding="utf-8")
+    out = tmp_path / "chosen"
+    result = runner.invoke(app, ["compile", "Upper.", "-o", str(out), "--base", str(tiny_program), "--examples",
+                                 str(rows), "--steps", "2", "--layers", "1", "--rank", "2", "--folds", "2"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "program.json").read_text())["tuning"]["steps"] == 2
+    meta = json.loads((out / "program.json").read_text())
+    assert [c["name"] for c in meta["selection"]["candidates"]] == ["spec", "fewshot", "prefix", "lora"]
+    assert "held-out exact match" in result.output and f"kept {meta['selection']['kept']}" in result.output
+    result = runner.invoke(app, ["compile", "Upper.", "-o", str(out), "--base", str(tiny_program), "--examples",
+                                 str(rows), "--candidates", "fewshot,magic"])
+    assert result.exit_code != 0 and "already exists" in str(result.exception)
 
 
 def test_errors_are_one_line(tmp_path):
@@ -47,16 +52,44 @@ def test_errors_are_one_line(tmp_path):
     assert proc.stderr.strip() == f"paw: error: no such program: {tmp_path / 'nope'}"
 
 
-def test_cli_tuning_defaults_are_the_tuners():
+def test_cli_training_defaults_are_the_trainers():
     """The CLI spells its defaults out (so `--help` shows them without importing MLX); they must
-    stay the tuner's own."""
+    stay the trainer's and the selector's own."""
     import inspect
 
     from apps.programs_cmd import compile_cmd, eval_cmd
-    from paw_mlx.programs.tune import TuneOptions
+    from paw_mlx.programs.select import SelectOptions
+    from paw_mlx.programs.train import TrainOptions
 
     for command in (compile_cmd, eval_cmd):
         params = inspect.signature(command).parameters
-        assert params["steps"].default == TuneOptions.steps
-        assert params["lr"].default == TuneOptions.learning_rate
-        assert params["layers"].default == TuneOptions.layers
+        assert params["steps"].default == TrainOptions.steps
+        assert params["lr"].default == TrainOptions.learning_rate
+        assert params["layers"].default == TrainOptions.layers
+        assert params["rank"].default == TrainOptions.rank
+        assert params["folds"].default == SelectOptions.folds
+        assert tuple(params["candidates"].default.split(",")) == SelectOptions().candidates
+
+
+def test_eval_programs_reports_every_row_and_resumes(tiny_program, tmp_path):
+    task = tmp_path / "tasks" / "upper"
+    task.mkdir(parents=True)
+    (task / "spec.txt").write_text("Upper.\n", encoding="utf-8")
+    (task / "examples.jsonl").write_text("".join(
+        json.dumps({"input": w, "output": w.upper(), "split": "test" if i >= 4 else "train"}) + "\n"
+        for i, w in enumerate(["cat", "dog", "sun", "red", "hat", "pen"])), encoding="utf-8")
+    args = ["eval-programs", "--tasks", str(tmp_path / "tasks"), "--base", str(tiny_program), "--candidates",
+            "spec,fewshot,lora", "--steps", "2", "--layers", "1", "--rank", "2", "--folds", "2",
+            "--out", str(tmp_path / "report.json"), "--cache", str(tmp_path / "cache")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    row = report["tasks"][0]
+    assert set(row["rows"]) == {"spec prompt", "few-shot prompt", "spec", "fewshot", "lora"}
+    assert row["kept"] in ("spec", "fewshot", "lora") and row["test"] == 2
+    assert all(r["ttft_ms"] > 0 and len(r["outputs"]) == 2 for r in row["rows"].values())
+    assert row["rows"]["lora"]["cv_exact_match"] >= 0 and report["summary"]["tasks"] == 1
+    again = runner.invoke(app, args)
+    assert "from the cache" in again.output and json.loads((tmp_path / "report.json").read_text())["tasks"] == [row]
+    shown = runner.invoke(app, ["eval-programs", "--show", str(tmp_path / "report.json")])
+    assert shown.exit_code == 0 and shown.output.startswith("| task | held-out | spec prompt | few-shot prompt")

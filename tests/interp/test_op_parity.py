@@ -203,6 +203,16 @@ CASES["quantized_embedding"] = Case(lambda q, s, b, ids, group_size, bits: F.emb
                                     [*_Q8[:3], ints(12, 2, 5)], {"group_size": 64, "bits": 8})
 CASES["ternary_linear"] = _ternary_case("2bit")
 CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
+
+
+def _lora_ref(x, a, b, index):
+    rows = index if index is not None else torch.zeros(x.shape[0], dtype=torch.int64)
+    if x.dim() == 2:  # batch-major rows of batch * length
+        rows = rows.repeat_interleave(x.shape[0] // rows.shape[0])
+    return torch.stack([(x[i] @ a[rows[i]].T) @ b[rows[i]].T for i in range(x.shape[0])])
+
+
+CASES["lora"] = Case(_lora_ref, [randn(3, 4, 16), randn(2, 5, 16), randn(2, 12, 5), np.array([1, 0, 1], np.int32)])
 # F.embedding takes (indices, weight); the program op takes (weight, indices).
 CASES["embedding"] = Case(lambda w, i: F.embedding(i, w), [randn(10, 4), ints(10, 2, 3)])
 # In one process (the test's) the sum over the ranks is x itself; tests/interp/distributed runs it over several.
@@ -224,6 +234,9 @@ EXTRA_CASES = {
                                 {"dim": -1, "start": 3, "end": None, "step": 1}),
     "expand rank-preserving": Case(lambda x, shape: x.expand(shape), [randn(1, 3)], {"shape": [4, -1]}),
     "pow with tensor exponent": Case(torch.pow, [positive(3, 4), randn(3, 4)]),
+    "lora one adapter, no index": Case(_lora_ref, [randn(2, 3, 16), randn(1, 4, 16), randn(1, 8, 4), None]),
+    "lora on batch-major 2-D rows": Case(_lora_ref, [randn(6, 16), randn(3, 4, 16), randn(3, 8, 4),
+                                                     np.array([2, 0], np.int32)]),
     "layer_norm without affine": Case(lambda x, w, b, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
                                       [randn(2, 8), None, None], {"normalized_shape": [8], "eps": 1e-5}),
 }

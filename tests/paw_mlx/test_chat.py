@@ -10,8 +10,7 @@ import pytest
 
 import paw_mlx
 from interp.errors import ArtifactError, PawError
-from paw_mlx.chat import ChatSession, read_conversation, read_program_spec
-from tests.tiny import program_json
+from paw_mlx.chat import ChatSession, read_conversation
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +123,33 @@ def test_bad_conversation_files_are_one_line_errors(tmp_path, content, message):
         read_conversation(tmp_path / "missing.json")
 
 
-def test_program_spec_checks_the_base_fingerprint(prog, tmp_path):
-    good = tmp_path / "good"
-    good.mkdir()
-    (good / "program.json").write_text(json.dumps(program_json("Answer in French.", prog.fingerprint)))
-    assert read_program_spec(good, prog) == ("good", "Answer in French.")
+def test_messages_go_to_the_compiled_program_itself(prog, tiny_program, tmp_path):
+    paw_mlx.compile("Answer in one word.", base=tiny_program, out_dir=tmp_path / "oneword", max_new_tokens=6)
+    session = ChatSession(prog, system="Be chatty.", max_tokens=20)
+    assert session.use_program(tmp_path / "oneword") == "oneword"
+    reply = "".join(session.send("Hello there"))
+    want = paw_mlx.function(tmp_path / "oneword", max_new_tokens=6)("Hello there")
+    assert reply == want  # the program's prefix and budget, not the spec re-sent as a system message
+    assert session.messages == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": want}]
+    assert session.system == "Be chatty." and session.stats.prompt_tokens == session.prefilled  # only the input
+    "".join(session.send("Hello there"))
+    assert session.messages[-1]["content"] == want  # calls are independent
+    session.drop_program()
+    assert session.program is None and "".join(session.send("Hi")) is not None
+
+
+def test_programs_for_another_base_are_refused(prog, tiny_program, tmp_path):
     other = tmp_path / "other"
-    other.mkdir()
-    (other / "program.json").write_text(json.dumps(program_json("x", "0123abcd")))
-    with pytest.raises(ArtifactError, match=f"program other was made for base model 0123abcd, this chat runs {prog.fingerprint}"):
-        read_program_spec(other, prog)
-    with pytest.raises(ArtifactError, match="no program.json"):
-        read_program_spec(tmp_path / "nowhere", prog)
+    paw_mlx.compile("x", base=tiny_program, out_dir=other)
+    meta = json.loads((other / "program.json").read_text())
+    meta["base"]["fingerprint"] = "0123abcd"
+    (other / "program.json").write_text(json.dumps(meta))
+    session = ChatSession(prog)
+    with pytest.raises(ArtifactError, match="no such program"):
+        session.use_program(tmp_path / "nowhere")
+    with pytest.raises(ArtifactError, match="compiled for base model 0123abcd"):
+        session.use_program(other)
+    assert session.program is None
 
 
 def test_cache_dir_follows_paw_cache(monkeypatch, tmp_path):
@@ -146,8 +160,3 @@ def test_cache_dir_follows_paw_cache(monkeypatch, tmp_path):
     assert default_program_dir() == tmp_path / "programs" / "smollm2"
     monkeypatch.delenv("PAW_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "paw"
-
-
-def test_program_spec_reads_a_compiled_program(prog, tiny_program, tmp_path):
-    paw_mlx.compile("Answer in one word.", base=tiny_program, out_dir=tmp_path / "oneword")
-    assert read_program_spec(tmp_path / "oneword", prog) == ("oneword", "Answer in one word.")

@@ -1,0 +1,275 @@
+"""Choosing a program on held-out data: each candidate is scored by k-fold cross-validation
+inside the training examples, and the best one is rebuilt on all of them.
+
+Candidates, from cheapest:
+
+* ``spec``: the spec alone as the system message;
+* ``fewshot``: the spec plus the examples as demonstrations (user/assistant turns) inside
+  the cached prefix, free at call time since the prefix is computed once;
+* ``prefix``: the few-shot prefix's keys and values tuned by gradient descent;
+* ``lora``: a LoRA adapter on the top layers' projections, trained with the few-shot
+  prefix in front (``paw_mlx/programs/train.py``).
+
+With ``n`` examples and ``k`` folds, a candidate is fitted ``k`` times on the examples
+outside one fold (demonstrations included: a fold's own examples are never in its
+prefix) and scored by exact match on the fold, so every example is predicted once by a
+program that never saw it. Trained candidates stop early on their fold's validation
+loss; the rebuilt program trains for the mean of the folds' best step counts. The kept
+candidate has the most held-out exact matches; on a tie the untrained one wins
+(``PREFERENCE``): a trained candidate must beat the few-shot prefix, not equal it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+from interp.errors import ConstraintError, PawError
+from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
+from paw_mlx.programs.compile import compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
+from paw_mlx.programs.examples import folds as make_folds
+from paw_mlx.programs.train import TrainOptions, TrainResult, train
+from paw_mlx.runtime import LoadedProgram
+
+CANDIDATES = ("spec", "fewshot", "prefix", "lora")
+#: what ``paw compile --examples`` tries unless told otherwise: all four (on the dev tasks
+#: each trained candidate won some of the cross-validations; docs/programs.md)
+DEFAULT_CANDIDATES = CANDIDATES
+#: tie-break order: simpler first
+PREFERENCE = ("fewshot", "spec", "lora", "prefix")
+#: outputs are scored with a budget of the longest training output plus this many tokens
+SCORING_MARGIN = 8
+
+#: progress(description, done, total) in work units (training steps, scored folds)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class SelectOptions:
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    folds: int = 4
+    lora: TrainOptions = field(default_factory=lambda: TrainOptions(method="lora"))
+    prefix: TrainOptions = field(default_factory=lambda: TrainOptions(method="prefix", learning_rate=1e-2))
+    seed: int = 0
+
+    def check(self) -> None:
+        unknown = [c for c in self.candidates if c not in CANDIDATES]
+        if unknown or not self.candidates:
+            raise PawError(f"unknown candidate {', '.join(unknown) or '(none given)'}: choose from {', '.join(CANDIDATES)}")
+        if self.folds < 2:
+            raise PawError("cross-validation needs at least 2 folds")
+        self.lora.check()
+        self.prefix.check()
+
+    def training(self, name: str) -> TrainOptions | None:
+        return {"lora": self.lora, "prefix": self.prefix}.get(name)
+
+
+@dataclass
+class CandidateScore:
+    name: str
+    correct: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    fold_seconds: list[float] = field(default_factory=list)
+    best_steps: list[int] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # the held-out prediction of each example
+
+    @property
+    def exact_match(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def exact(output: str, wanted: str) -> bool:
+    return output.strip() == wanted.strip()
+
+
+class Builder:
+    """Builds candidate programs of one spec on one base model."""
+
+    def __init__(self, prog: LoadedProgram, spec: str, base_hint: str, generation: GenerationSettings,
+                 returns: dict | None = None):
+        self.prog, self.spec, self.base_hint = prog, spec, base_hint
+        self.generation, self.returns = generation, returns
+        self._prefixes: dict[tuple, ProgramArtifact] = {}
+
+    def prompted(self, demos: Sequence[dict]) -> ProgramArtifact:
+        """The untrained program with ``demos`` in its prefix (cached: folds share them)."""
+        key = tuple((d["input"], d["output"]) for d in demos)
+        if key not in self._prefixes:
+            demos = [{"input": d["input"], "output": d["output"]} for d in demos]
+            layout = prompt_layout(self.prog.tokenizer, self.spec, demos)
+            ids = layout_prefix_ids(self.prog.tokenizer, layout)
+            self._prefixes[key] = ProgramArtifact(
+                spec=self.spec, base_fingerprint=self.prog.fingerprint, base_hint=self.base_hint, layout=layout,
+                prefix_ids=ids, prefix=compute_prefix(self.prog, ids), generation=self.generation,
+                returns=self.returns, demos=demos)
+        return self._prefixes[key]
+
+    def build(self, name: str, rows: Sequence[dict], options: TrainOptions | None, *,
+              validation: Sequence[dict] = (), progress: Callable[[int, int, float], None] | None = None,
+              ) -> tuple[ProgramArtifact, TrainResult | None]:
+        """Candidate ``name`` fitted on ``rows`` (validation rows only steer early stopping)."""
+        if name == "spec":
+            return self.prompted([]), None
+        artifact = self.prompted(rows)
+        if name == "fewshot":
+            return artifact, None
+        spans = demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos)
+        result = train(self.prog, artifact, rows, options, hidden_spans=spans, validation=validation,
+                       progress=progress)
+        trained = replace(artifact, tuning=result.report(options), directory=None)
+        if result.adapter is not None:
+            trained.adapter = result.adapter
+        if result.prefix is not None:
+            trained.prefix = result.prefix
+        return trained, result
+
+    def outputs(self, artifact: ProgramArtifact, inputs: list[str], budget: int) -> list[str]:
+        """The program's outputs for ``inputs``; an output that cannot meet the program's
+        constraint within the budget counts as empty (wrong), not as a failed compile."""
+        from paw_mlx.programs.function import ProgramFunction
+
+        if artifact.returns is not None:
+            budget = max(budget, artifact.generation.max_new_tokens)  # a grammar may need more to close
+        function = ProgramFunction(artifact, self.prog, max_new_tokens=budget)
+        try:
+            return function(inputs)
+        except ConstraintError:
+            outputs = []
+            for text in inputs:
+                try:
+                    outputs.append(function(text))
+                except ConstraintError:
+                    outputs.append("")
+            return outputs
+
+
+def _budget(prog: LoadedProgram, rows: Sequence[dict], limit: int) -> int:
+    longest = max(len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows)
+    return min(limit, longest + SCORING_MARGIN)
+
+
+class Selection:
+    """Cross-validation of the candidates on ``rows``, then the rebuild of one (or each) on all."""
+
+    def __init__(self, prog: LoadedProgram, builder: Builder, rows: Sequence[dict], options: SelectOptions,
+                 progress: Progress | None = None):
+        options.check()
+        if len(rows) < 2:
+            raise PawError("choosing a program needs at least 2 examples (one to hold out)")
+        self.prog, self.builder, self.rows, self.options = prog, builder, list(rows), options
+        self.folds = make_folds(len(self.rows), options.folds, options.seed)
+        self.budget = _budget(prog, self.rows, builder.generation.max_new_tokens)
+        self.scores: dict[str, CandidateScore] = {}
+        self._progress = progress
+        k = len(self.folds)
+        self.total = sum((k + 1) * (t.steps if (t := options.training(c)) else 1) for c in options.candidates)
+        self.done = 0
+
+    def _report(self, text: str, extra: int = 0) -> None:
+        if self._progress is not None:
+            self._progress(text, min(self.total, self.done + extra), self.total)
+
+    def cross_validate(self) -> dict[str, CandidateScore]:
+        """Score every candidate: each example predicted by a program fitted without it."""
+        rows, k = self.rows, len(self.folds)
+        for name in self.options.candidates:
+            score = self.scores[name] = CandidateScore(name, outputs=[""] * len(rows))
+            training = self.options.training(name)
+            started = time.perf_counter()
+            groups = [list(range(len(rows)))] if name == "spec" else self.folds  # the spec alone fits nothing
+            for f, held in enumerate(groups):
+                fold_started = time.perf_counter()
+                fit = [rows[i] for i in range(len(rows)) if i not in held] if name != "spec" else []
+                validation = [rows[i] for i in held]
+                label = f"{name}: fold {f + 1}/{len(groups)}"
+                self._report(label)
+
+                def step_report(step: int, steps: int, loss: float, label: str = label) -> None:
+                    self._report(f"{label}, step {step}/{steps}, loss {loss:.3f}", step)
+
+                artifact, result = self.builder.build(name, fit, training, validation=validation,
+                                                      progress=step_report)
+                outputs = self.builder.outputs(artifact, [r["input"] for r in validation], self.budget)
+                for i, output in zip(held, outputs, strict=True):
+                    score.outputs[i] = output
+                    score.correct += exact(output, rows[i]["output"])
+                    score.total += 1
+                if result is not None:
+                    score.best_steps.append(result.best_step)
+                score.fold_seconds.append(round(time.perf_counter() - fold_started, 1))
+                self.done += training.steps if training else (k + 1) // len(groups)
+            score.seconds = round(time.perf_counter() - started, 1)
+        return self.scores
+
+    @property
+    def kept(self) -> str:
+        """The candidate with the most held-out exact matches (ties: ``PREFERENCE``)."""
+        return max(self.scores, key=lambda c: (self.scores[c].correct, -PREFERENCE.index(c)))
+
+    def final_training(self, name: str) -> TrainOptions | None:
+        """Training options for the rebuild: the folds' mean best step count."""
+        training = self.options.training(name)
+        if training is None:
+            return None
+        steps = self.scores[name].best_steps if name in self.scores else []
+        return replace(training, steps=max(1, round(sum(steps) / len(steps))) if steps else training.steps)
+
+    def rebuild(self, name: str) -> ProgramArtifact:
+        """Candidate ``name`` fitted on every example, with its training report."""
+        training = self.final_training(name)
+        started = time.perf_counter()
+
+        def step_report(step: int, steps: int, loss: float) -> None:
+            self._report(f"{name}: all examples, step {step}/{steps}, loss {loss:.3f}", step)
+
+        artifact, result = self.builder.build(name, self.rows, training, progress=step_report)
+        if name in self.scores:
+            self.scores[name].seconds = round(self.scores[name].seconds + time.perf_counter() - started, 1)
+        tuning = result.report(training) if result is not None else None
+        return replace(artifact, tuning=tuning, directory=None)
+
+    def report(self) -> dict:
+        kept = self.kept
+        return {
+            "method": f"{len(self.folds)}-fold cross-validation over the {len(self.rows)} examples",
+            "folds": [[self.rows[i]["input"] for i in held] for held in self.folds],
+            "candidates": [{"name": s.name, "exact_match": round(s.exact_match, 4), "correct": s.correct,
+                            "total": s.total, "seconds": s.seconds, "fold_seconds": s.fold_seconds,
+                            "best_steps": s.best_steps, "outputs": s.outputs} for s in self.scores.values()],
+            "kept": kept,
+            "reason": _reason(kept, self.scores),
+            "training": asdict(t) if (t := self.final_training(kept)) is not None else None,
+        }
+
+
+def select(prog: LoadedProgram, builder: Builder, rows: Sequence[dict], options: SelectOptions,
+           progress: Progress | None = None) -> tuple[ProgramArtifact, dict]:
+    """The kept program, rebuilt on all ``rows``, and the report of how it was chosen."""
+    rows = list(rows)
+    if len(rows) < 2:  # nothing to hold out: the examples serve as demonstrations
+        options.check()
+        info = {"method": "none: fewer than 2 examples", "kept": "fewshot", "candidates": [],
+                "reason": "with one example there is nothing to hold out; it is shown as a demonstration"}
+        return replace(builder.prompted(rows), selection=info), info
+    selection = Selection(prog, builder, rows, options, progress)
+    selection.cross_validate()
+    artifact = selection.rebuild(selection.kept)
+    selection._report("done", selection.total)
+    info = selection.report()
+    return replace(artifact, selection=info), info
+
+
+def _reason(kept: str, scores: dict[str, CandidateScore]) -> str:
+    best = scores[kept]
+    others = [s for s in scores.values() if s.name != kept]
+    text = f"{kept} has the most held-out exact matches ({best.correct}/{best.total})"
+    ties = [s.name for s in others if s.correct == best.correct]
+    if ties:
+        text += f"; tied with {', '.join(ties)}, the simpler candidate is kept"
+    elif others:
+        runner = max(others, key=lambda s: s.correct)
+        text += f"; next best {runner.name} ({runner.correct}/{runner.total})"
+    return text

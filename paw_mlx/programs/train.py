@@ -1,0 +1,419 @@
+"""Training a program on examples: a LoRA adapter, or the prefix's keys and values.
+
+The base model stays frozen. Both methods train only the top ``layers`` decoder layers,
+which keeps a CPU step cheap:
+
+* the graph is cut just after the last frozen attention layer. Everything before the
+  cut depends only on the frozen prefix and the example tokens, so it runs once per
+  mini-batch; each step runs (and differentiates) only the part after the cut;
+* the language-model head runs only at the positions whose next token is scored.
+
+The loss is cross-entropy on the output tokens and the end-of-turn token. When the
+prefix holds the examples as demonstrations (a few-shot prefix), each training row is
+hidden its own demonstration with a key mask, so the model cannot learn to copy
+answers out of the prefix: what it learns must hold for inputs it has not seen.
+With validation rows, training stops early: the validation loss is measured every
+``eval_every`` steps and the parameters of the best measurement are kept.
+
+The cache that holds the prefix concatenates instead of writing into a buffer
+(``KVCache`` uses slice assignment, which ``mx.value_and_grad`` cannot see through).
+A LoRA adapter normally applies to the call's tokens only, after a prefix the base model
+computed; with ``adapt_prefix`` it applies to the prefix too (how llama.cpp runs a
+``.paw`` bundle), and each step recomputes the trained layers' prefix keys and values
+through the adapter (a pass over the prefix, batch 1, in those layers).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+
+from interp.errors import PawError
+from interp.graph import GraphModel
+from interp.lora import linear_sites, model_dtype, rewrite_with_lora
+from interp.ops import REGISTRY
+from paw_mlx.programs.adapter import LoraAdapter
+from paw_mlx.programs.artifact import ProgramArtifact
+from paw_mlx.programs.compile import input_ids
+from paw_mlx.runtime import LoadedProgram
+
+Progress = Callable[[int, int, float], None]
+
+#: module-name words that classify a linear layer for ``TrainOptions.targets``
+_ATTENTION_WORDS = ("attn", "attention")
+
+
+@dataclass
+class TrainOptions:
+    """How a candidate is trained; the defaults were chosen on the dev tasks (docs/programs.md)."""
+
+    method: str = "lora"  # "lora" or "prefix"
+    steps: int = 40  # most steps (early stopping may end sooner)
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    layers: int = 12  # train this many top decoder layers; 0 trains all of them
+    rank: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scale alpha / rank
+    targets: str = "attention"  # LoRA on "attention" projections, or "all" linear layers
+    #: LoRA also applies to the prefix (its keys and values are recomputed through the adapter
+    #: every step), as a .paw bundle's runtime (llama.cpp) runs it; off: the prefix stays the base's
+    adapt_prefix: bool = False
+    eval_every: int = 4  # steps between validation losses (with validation rows)
+    patience: int = 3  # validation losses without improvement before stopping
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in ("lora", "prefix"):
+            raise PawError(f"unknown training method {self.method!r}: 'lora' or 'prefix'")
+        if self.steps < 0 or self.batch_size < 1 or self.layers < 0 or self.rank < 1 or self.eval_every < 1:
+            raise PawError("training needs steps >= 0, batch size >= 1, layers >= 0, rank >= 1, eval_every >= 1")
+        if self.targets not in ("attention", "all"):
+            raise PawError(f"unknown LoRA targets {self.targets!r}: 'attention' or 'all'")
+
+
+@dataclass
+class TrainResult:
+    """What training produced: the new prefix (prefix method) or adapter (LoRA), and its history."""
+
+    prefix: list[tuple[mx.array, mx.array]] | None
+    adapter: LoraAdapter | None
+    best_step: int
+    steps_run: int
+    #: (step, mean training loss since the last entry, validation loss or None)
+    history: list[tuple[int, float, float | None]]
+    seconds: float
+    tuned_layers: list[int]
+    #: the training loss of every step
+    losses: list[float]
+
+    def report(self, options: TrainOptions) -> dict:
+        info = {"method": options.method, "options": asdict(options), "best_step": self.best_step,
+                "steps_run": self.steps_run, "tuned_layers": self.tuned_layers, "seconds": round(self.seconds, 1),
+                "history": [[s, round(t, 4), None if v is None else round(v, 4)] for s, t, v in self.history],
+                "step_losses": [round(x, 4) for x in self.losses]}
+        if self.adapter is not None:
+            info["adapter"] = self.adapter.summary()
+        return info
+
+
+class TrainableCache:
+    """A cache for training: the prefix (a differentiable array) joined to the new keys."""
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+        self.offset = keys.shape[2]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+
+
+class CaptureCache:
+    """An empty cache that keeps what a pass writes: the prefix's keys and values of one layer."""
+
+    offset = 0
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+# ----------------------------------------------------------------------------- graph split
+
+
+def _names(value) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _names(item)
+
+
+def _sub_model(model: GraphModel, nodes: list, outputs: list[str]) -> GraphModel:
+    spec = dict(model.program.spec, outputs=[{"name": n} for n in outputs])
+    return GraphModel(replace(model.program, spec=spec, nodes=nodes), model.consts, compile_decode=False)
+
+
+class SplitModel:
+    """The base graph cut in three: frozen front, trainable back, and the LM head."""
+
+    def __init__(self, model: GraphModel, first_tuned_layer: int):
+        nodes = model.program.nodes
+        frozen = [i for i, n in enumerate(nodes) if n.op == "attention" and n.attrs["layer"] < first_tuned_layer]
+        cut = frozen[-1] + 1 if frozen else 0
+        last = nodes[-1]
+        self.head = None
+        back_nodes = nodes[cut:]
+        back_out = model.output_names[0]
+        head_args = list(last.inputs[1:])
+        if (last.op == "linear" and list(last.outputs) == [back_out]
+                and all(a is None or a in model.consts for a in head_args)):
+            # The LM head: evaluated only at the scored positions.
+            self.head = (REGISTRY["linear"].fn, [None if a is None else model.consts[a] for a in head_args])
+            back_nodes, back_out = nodes[cut:-1], last.inputs[0]
+        produced = set(model.input_names)
+        for node in nodes[:cut]:
+            produced.update(node.outputs)
+        needed = []
+        for node in back_nodes:
+            for name in [*_names(node.inputs), *_names(list(node.attrs.values()))]:
+                if name in produced and name not in needed:
+                    needed.append(name)
+        self.frontier = needed
+        self.front = _sub_model(model, nodes[:cut], needed)
+        self.back = _sub_model(model, back_nodes, [back_out])
+        self.num_layers = model.num_layers
+
+    def scores(self, hidden: mx.array) -> mx.array:
+        if self.head is None:
+            return hidden
+        fn, args = self.head
+        return fn(hidden, *args)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class _Batch:
+    frontier: dict
+    rows: mx.array  # flat indices into [batch * length] of scored positions
+    targets: mx.array
+    batch: int
+    key_mask: mx.array | None  # [batch, prefix + length]: False on a row's own demonstration
+
+
+def end_token(prog: LoadedProgram) -> int:
+    """The token that ends an output (the tokenizer's EOS, else the model's lowest EOS id)."""
+    tok = prog.tokenizer
+    if tok.eos_token is not None and tok.token_to_id(tok.eos_token) is not None:
+        return tok.token_to_id(tok.eos_token)
+    if not prog.eos_token_ids:
+        raise PawError("the base model declares no end-of-sequence token to stop its outputs")
+    return min(prog.eos_token_ids)
+
+
+def _encode(prog: LoadedProgram, artifact: ProgramArtifact, row: dict, eos: int) -> tuple[list[int], int]:
+    prompt = input_ids(prog.tokenizer, artifact.layout, row["input"])
+    answer = prog.tokenizer.encode(row["output"], add_special_tokens=False) + [eos]
+    return prompt + answer, len(prompt)
+
+
+def _caches(prefix: Sequence[tuple[mx.array, mx.array]], layers: Iterable[int], batch: int, total: int) -> list:
+    caches: list = [None] * total
+    for layer in layers:
+        k, v = prefix[layer]
+        caches[layer] = TrainableCache(mx.broadcast_to(k, (batch, *k.shape[1:])),
+                                       mx.broadcast_to(v, (batch, *v.shape[1:])))
+    return caches
+
+
+def _prepare(split: SplitModel, prog: LoadedProgram, artifact: ProgramArtifact, rows: Sequence[dict],
+             hidden: Sequence[tuple[int, int] | None], first_tuned: int, batch_size: int) -> list[_Batch]:
+    """Encode rows into right-padded mini-batches and run the frozen front once for each."""
+    eos = end_token(prog)
+    start = artifact.prefix_length
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        group = [_encode(prog, artifact, r, eos) for r in rows[i : i + batch_size]]
+        spans = list(hidden[i : i + batch_size])
+        width = max(len(ids) for ids, _ in group)
+        tokens = np.zeros((len(group), width), dtype=np.int32)
+        flat, targets = [], []
+        for b, (ids, n_prompt) in enumerate(group):
+            tokens[b, : len(ids)] = ids
+            for t in range(n_prompt - 1, len(ids) - 1):  # position t predicts token t + 1
+                flat.append(b * width + t)
+                targets.append(ids[t + 1])
+        key_mask = None
+        if any(span is not None for span in spans):
+            mask = np.ones((len(group), start + width), dtype=bool)
+            for b, span in enumerate(spans):
+                if span is not None:
+                    mask[b, span[0]:span[1]] = False
+            key_mask = mx.array(mask)
+        positions = np.broadcast_to(np.arange(start, start + width, dtype=np.int32), tokens.shape)
+        inputs = {"input_ids": mx.array(tokens), "position_ids": mx.array(positions)}
+        caches = _caches(artifact.prefix, range(first_tuned), len(group), split.num_layers)
+        frontier = split.front.run(inputs, cache=caches, key_mask=key_mask)
+        mx.eval([v for v in frontier.values() if isinstance(v, mx.array)])
+        batches.append(_Batch(frontier, mx.array(flat), mx.array(targets), len(group), key_mask))
+    return batches
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class _Problem:
+    """One training problem: the split graph, the parameters and how they enter a step."""
+
+    def __init__(self, prog: LoadedProgram, artifact: ProgramArtifact, options: TrainOptions):
+        layers = len(artifact.prefix)
+        self.first_tuned = 0 if options.layers == 0 else max(0, layers - options.layers)
+        self.layers = layers
+        self.options = options
+        self.artifact = artifact
+        model = prog.model
+        self.lora_nodes: dict[int, tuple[str, str]] = {}
+        if options.method == "lora":
+            model, self.params = self._lora_model(prog, options)
+        else:
+            self.params = {"keys": [k for k, _ in artifact.prefix[self.first_tuned:]],
+                           "values": [v for _, v in artifact.prefix[self.first_tuned:]]}
+        self.split = SplitModel(model, self.first_tuned)
+        self.prefix_frontier = None
+        if options.method == "lora" and options.adapt_prefix:
+            ids = mx.array([artifact.prefix_ids], dtype=mx.int32)
+            positions = mx.arange(ids.shape[1], dtype=mx.int32)[None]
+            caches = [CaptureCache() for _ in range(layers)]
+            self.prefix_frontier = self.split.front.run({"input_ids": ids, "position_ids": positions}, cache=caches)
+            mx.eval([v for v in self.prefix_frontier.values() if isinstance(v, mx.array)])
+
+    def adapted_prefix(self, params: dict) -> list[tuple[mx.array, mx.array]]:
+        """The prefix's keys and values with the adapter applied to its tokens (``adapt_prefix``)."""
+        inputs = dict(self.prefix_frontier)
+        scale = self.options.alpha / self.options.rank
+        for a_name, b_name in self.lora_nodes.values():
+            inputs[a_name], inputs[b_name] = params[a_name], params[b_name] * scale
+        caches: list = [None] * self.layers
+        for layer in range(self.first_tuned, self.layers):
+            caches[layer] = CaptureCache()
+        self.split.back.run(inputs, cache=caches)
+        prefix = list(self.artifact.prefix)
+        for layer in range(self.first_tuned, self.layers):
+            prefix[layer] = (caches[layer].keys, caches[layer].values)
+        return prefix
+
+    def _lora_model(self, prog: LoadedProgram, options: TrainOptions) -> tuple[GraphModel, dict]:
+        sites = linear_sites(prog.program)
+        nodes: dict[int, list] = {}
+        for site in sites.values():
+            wanted = options.targets == "all" or any(w in site.module for w in _ATTENTION_WORDS)
+            if site.layer is not None and site.layer >= self.first_tuned and wanted:
+                nodes.setdefault(site.node, []).append(site)
+        if not nodes:
+            raise PawError("the base model has no linear layers a LoRA adapter can target")
+        self.sites = nodes
+        program, names = rewrite_with_lora(prog.program, sorted(nodes), indexed=False)
+        dtype = model_dtype(prog.model)
+        consts = dict(prog.model.consts)
+        params = {}
+        rng = np.random.default_rng(options.seed)
+        for node, (a_name, b_name) in names.items():
+            site = nodes[node][0]
+            bound = 1.0 / math.sqrt(site.in_features)
+            a = rng.uniform(-bound, bound, (1, options.rank, site.in_features)).astype(np.float32)
+            params[a_name] = mx.array(a).astype(dtype)
+            params[b_name] = mx.zeros((1, site.node_out_features, options.rank), dtype=dtype)
+            consts[a_name], consts[b_name] = params[a_name], params[b_name]
+        self.lora_nodes = names
+        return GraphModel(program, consts, compile_decode=False), params
+
+    def loss(self, params: dict, batch: _Batch) -> mx.array:
+        split = self.split
+        inputs = dict(batch.frontier)
+        if self.options.method == "lora":
+            scale = self.options.alpha / self.options.rank
+            prefix = self.adapted_prefix(params) if self.prefix_frontier is not None else self.artifact.prefix
+            caches = _caches(prefix, range(self.first_tuned, self.layers), batch.batch, self.layers)
+            for a_name, b_name in self.lora_nodes.values():
+                inputs[a_name], inputs[b_name] = params[a_name], params[b_name] * scale
+        else:
+            caches = [None] * self.layers
+            for j, (k, v) in enumerate(zip(params["keys"], params["values"], strict=True)):
+                caches[self.first_tuned + j] = TrainableCache(mx.broadcast_to(k, (batch.batch, *k.shape[1:])),
+                                                              mx.broadcast_to(v, (batch.batch, *v.shape[1:])))
+        hidden = split.back.run(inputs, cache=caches, key_mask=batch.key_mask)[split.back.output_names[0]]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.rows]
+        logits = split.scores(hidden).astype(mx.float32)
+        picked = mx.take_along_axis(logits, batch.targets[:, None], axis=-1)[:, 0]
+        return mx.mean(mx.logsumexp(logits, axis=-1) - picked)
+
+    def mean_loss(self, params: dict, batches: list[_Batch]) -> float:
+        total = sum(self.loss(params, b).item() * len(b.targets) for b in batches)
+        return total / max(1, sum(len(b.targets) for b in batches))
+
+    def adapter(self, params: dict) -> LoraAdapter:
+        """The trained LoRA by module: a fused node's modules share its ``a``."""
+        modules = {}
+        for node, (a_name, b_name) in self.lora_nodes.items():
+            a = np.array(params[a_name][0].astype(mx.float32))
+            b = np.array(params[b_name][0].astype(mx.float32))
+            for site in self.sites[node]:
+                modules[site.module] = (a, b[site.rows[0]:site.rows[1]])
+        return LoraAdapter(modules, self.options.alpha)
+
+    def prefix(self, params: dict) -> list[tuple[mx.array, mx.array]]:
+        if self.options.method == "lora":
+            prefix = self.adapted_prefix(params)
+            mx.eval(prefix)
+            return [(mx.array(k), mx.array(v)) for k, v in prefix]
+        return list(self.artifact.prefix[: self.first_tuned]) + list(zip(params["keys"], params["values"], strict=True))
+
+
+def train(prog: LoadedProgram, artifact: ProgramArtifact, rows: Sequence[dict], options: TrainOptions, *,
+          hidden_spans: Sequence[tuple[int, int] | None] | None = None, validation: Sequence[dict] = (),
+          progress: Progress | None = None) -> TrainResult:
+    """Train ``artifact`` (its layout and prefix) on ``rows``; see the module docstring.
+
+    ``hidden_spans[i]``: prefix positions hidden from row i (its own demonstration), or
+    None. With ``validation`` rows, stops early and returns the best parameters seen;
+    without, runs ``options.steps`` steps.
+    """
+    options.check()
+    if not rows:
+        raise PawError("training needs at least one example")
+    spans = list(hidden_spans) if hidden_spans is not None else [None] * len(rows)
+    started = time.perf_counter()
+    with prog.lock:
+        problem = _Problem(prog, artifact, options)
+        order = list(range(len(rows)))
+        random.Random(options.seed).shuffle(order)
+        train_batches = _prepare(problem.split, prog, artifact, [rows[i] for i in order], [spans[i] for i in order],
+                                 problem.first_tuned, options.batch_size)
+        val_batches = _prepare(problem.split, prog, artifact, list(validation), [None] * len(validation),
+                               problem.first_tuned, options.batch_size)
+        params = problem.params
+        optimizer = optim.Adam(learning_rate=options.learning_rate)
+        step_fn = mx.value_and_grad(problem.loss)
+        history: list[tuple[int, float, float | None]] = []
+        best = (problem.mean_loss(params, val_batches), 0, params) if val_batches else None
+        if best is not None:
+            history.append((0, float("nan"), best[0]))
+        since_best, window, step, losses = 0, [], 0, []
+        for step in range(1, options.steps + 1):
+            loss, grads = step_fn(params, train_batches[(step - 1) % len(train_batches)])
+            params = optimizer.apply_gradients(grads, params)
+            mx.eval(params, loss)
+            window.append(loss.item())
+            losses.append(window[-1])
+            if progress is not None:
+                progress(step, options.steps, window[-1])
+            if best is not None and step % options.eval_every == 0:
+                val = problem.mean_loss(params, val_batches)
+                history.append((step, sum(window) / len(window), val))
+                window = []
+                if val < best[0] - 1e-4:
+                    best, since_best = (val, step, params), 0
+                else:
+                    since_best += 1
+                    if since_best >= options.patience:
+                        break
+        if best is None:
+            if window:
+                history.append((step, sum(window) / len(window), None))
+            best = (float("nan"), step, params)
+        _, best_step, params = best
+        adapter = problem.adapter(params) if options.method == "lora" else None
+        prefix = problem.prefix(params) if options.method == "prefix" or problem.prefix_frontier is not None else None
+    return TrainResult(prefix, adapter, best_step, step, history, time.perf_counter() - started,
+                       list(range(problem.first_tuned, problem.layers)), losses)

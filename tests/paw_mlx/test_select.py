@@ -1,0 +1,185 @@
+"""Compiling from examples on the tiny model: training (LoRA, prefix), cross-validation, the kept
+candidate, and artifacts that round-trip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import mlx.core as mx
+import pytest
+
+import paw_mlx
+from interp.errors import PawError
+from paw_mlx.programs.artifact import GenerationSettings, read_artifact
+from paw_mlx.programs.compile import demo_spans
+from paw_mlx.programs.examples import folds, load_examples, split_examples
+from paw_mlx.programs.interpreter import interpreter
+from paw_mlx.programs.select import Builder, CandidateScore, Selection, SelectOptions
+from paw_mlx.programs.train import SplitModel, TrainableCache, TrainOptions, train
+
+SPEC = "Upper."
+ROWS = [{"input": w, "output": w.upper()} for w in ["cat", "dog", "sun", "red", "hat", "pen"]]
+QUICK = SelectOptions(candidates=("spec", "fewshot", "lora"), folds=2,
+                      lora=TrainOptions(steps=4, layers=1, rank=2, eval_every=2))
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_program):
+    prog = interpreter(tiny_program)
+    return Builder(prog, SPEC, str(tiny_program), GenerationSettings(max_new_tokens=8))
+
+
+def test_split_model_equals_the_whole_graph(tiny_program):
+    prog = interpreter(tiny_program)
+    art = paw_mlx.compile("Parse the options.", base=tiny_program)
+    ids = mx.array([[5, 9, 33, 70, 12]], dtype=mx.int32)
+    start = art.prefix_length
+    pos = mx.arange(start, start + 5, dtype=mx.int32)[None]
+    whole = prog.model(ids, cache=[TrainableCache(k, v) for k, v in art.prefix], positions=pos)
+    split = SplitModel(prog.model, first_tuned_layer=1)
+    front = split.front.run({"input_ids": ids, "position_ids": pos}, cache=[TrainableCache(*art.prefix[0]), None])
+    hidden = split.back.run(front, cache=[None, TrainableCache(*art.prefix[1])])[split.back.output_names[0]]
+    assert split.head is not None  # the LM head was split off
+    assert mx.allclose(split.scores(hidden), whole, atol=1e-5).item()
+
+
+def test_demo_spans_hold_each_demo(builder):
+    artifact = builder.prompted(ROWS[:3])
+    spans = demo_spans(builder.prog.tokenizer, artifact.layout, SPEC, artifact.demos)
+    assert [e - s > 0 for s, e in spans] == [True] * 3 and spans[0][1] == spans[1][0]
+    for (start, end), row in zip(spans, ROWS[:3], strict=True):
+        text = builder.prog.tokenizer.decode(artifact.prefix_ids[start:end])
+        assert row["input"] in text and row["output"] in text and ROWS[3]["input"] not in text
+
+
+def test_lora_training_lowers_the_loss_and_round_trips(builder, tiny_program, tmp_path):
+    consts = (tiny_program / "consts.safetensors").read_bytes()
+    options = TrainOptions(steps=16, layers=0, rank=4, learning_rate=5e-2)
+    artifact, result = builder.build("lora", ROWS, options)
+    # two mini-batches take turns: compare each with itself
+    assert result.losses[14] < result.losses[0] and result.losses[15] < result.losses[1], result.losses
+    assert set(artifact.adapter.modules) >= {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"}
+    assert artifact.prefix is builder.prompted(ROWS).prefix  # LoRA leaves the prefix alone
+    paw_mlx.programs.write_artifact(artifact, tmp_path / "prog")
+    back = read_artifact(tmp_path / "prog")
+    assert back.adapter.alpha == options.alpha and back.adapter.rank == 4
+    assert json.loads((tmp_path / "prog" / "program.json").read_text())["adapter"]["rank"] == 4
+    f, g = paw_mlx.function(tmp_path / "prog", max_new_tokens=6), paw_mlx.function(artifact, max_new_tokens=6)
+    plain = paw_mlx.function(builder.prompted(ROWS), max_new_tokens=6)
+    assert f(["cow", "bee"]) == g(["cow", "bee"])
+    assert f.runner.model is not plain.runner.model and plain.runner is plain.base
+    assert (tiny_program / "consts.safetensors").read_bytes() == consts  # the base never changes
+
+
+def test_early_stopping_keeps_the_best_validation_step(builder):
+    options = TrainOptions(steps=40, layers=1, rank=2, learning_rate=0.5, eval_every=2, patience=2)
+    _, result = builder.build("lora", ROWS[:4], options, validation=ROWS[4:])
+    losses = [v for _, _, v in result.history]
+    assert result.steps_run < 40  # stopped early: a huge rate overshoots
+    assert losses[[s for s, _, _ in result.history].index(result.best_step)] == min(losses)
+
+
+def test_prefix_training_moves_only_the_top_layers(builder):
+    options = TrainOptions(method="prefix", steps=3, layers=1, learning_rate=5e-2)
+    artifact, result = builder.build("prefix", ROWS, options)
+    before = builder.prompted(ROWS).prefix
+    assert result.tuned_layers == [1] and artifact.adapter is None
+    assert mx.array_equal(artifact.prefix[0][0], before[0][0]).item()
+    assert not mx.array_equal(artifact.prefix[1][0], before[1][0]).item()
+
+
+def test_cross_validation_never_shows_a_fold_its_own_rows(builder, monkeypatch):
+    calls = []
+    original = Builder.build
+
+    def spy(self, name, rows, options, **kw):
+        calls.append((name, [r["input"] for r in rows], [r["input"] for r in kw.get("validation", ())]))
+        return original(self, name, rows, options, **kw)
+
+    monkeypatch.setattr(Builder, "build", spy)
+    selection = Selection(builder.prog, builder, ROWS, QUICK)
+    scores = selection.cross_validate()
+    for name, fit, held in calls:
+        assert not set(fit) & set(held), (name, fit, held)
+    assert all(s.total == len(ROWS) for s in scores.values())  # every row predicted once
+    assert sorted(i for f in selection.folds for i in f) == list(range(len(ROWS)))
+
+
+def test_ties_keep_the_simpler_candidate(builder):
+    selection = Selection(builder.prog, builder, ROWS, QUICK)
+    selection.scores = {"spec": CandidateScore("spec", 3, 6), "fewshot": CandidateScore("fewshot", 4, 6),
+                        "lora": CandidateScore("lora", 4, 6, best_steps=[2, 4])}
+    assert selection.kept == "fewshot"
+    selection.scores["lora"].correct = 5
+    assert selection.kept == "lora" and selection.final_training("lora").steps == 3
+    assert "next best fewshot (4/6)" in selection.report()["reason"]
+
+
+def test_compile_reports_candidates_and_scores_test_rows_last(tiny_program, tmp_path):
+    rows = [dict(r, split="train") for r in ROWS[:4]] + [dict(r, split="test") for r in ROWS[4:]]
+    seen = []
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=QUICK, out_dir=tmp_path / "p",
+                          progress=lambda text, done, total: seen.append((done, total)))
+    info = read_artifact(tmp_path / "p").selection
+    assert info == json.loads(json.dumps(art.selection))
+    assert [c["name"] for c in info["candidates"]] == ["spec", "fewshot", "lora"] and info["kept"] in QUICK.candidates
+    assert info["test"]["total"] == 2 and not {"hat", "pen"} & {i for f in info["folds"] for i in f}
+    assert seen and seen[-1][0] == seen[-1][1]  # the progress ends full
+    assert [d["input"] for d in art.demos] == ([r["input"] for r in ROWS[:4]] if art.selection["kept"] != "spec" else [])
+
+
+def test_candidates_are_scored_under_the_output_constraint(tiny_program):
+    choices = [r["output"] for r in ROWS]
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS[:4], options=QUICK, returns=choices)
+    for candidate in art.selection["candidates"]:
+        assert all(o in choices for o in candidate["outputs"]), candidate
+    assert paw_mlx.function(art)("bee") in choices
+
+
+def test_bad_options_and_examples(tiny_program, tmp_path):
+    with pytest.raises(PawError, match="unknown candidate magic"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
+    with pytest.raises(PawError, match="example 1: each example must be a dict"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=[ROWS[0], {"input": 1, "output": "x"}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "x"}\n', encoding="utf-8")
+    with pytest.raises(PawError, match="bad.jsonl:1"):
+        load_examples(bad)
+    bad.write_text('{"input": "x", "output": "y", "split": "dev"}\n', encoding="utf-8")
+    with pytest.raises(PawError, match='"split" must be'):
+        load_examples(bad)
+    with pytest.raises(PawError, match="no such examples file"):
+        load_examples(tmp_path / "none.jsonl")
+
+
+def test_split_field_and_folds():
+    rows = [{"input": str(i), "output": str(i), "split": "test" if i % 3 == 0 else "train"} for i in range(9)]
+    train, held = split_examples(rows, holdout=0.5)
+    assert [r["input"] for r in held] == ["0", "3", "6"] and len(train) == 6
+    assert sorted(len(f) for f in folds(8, 4)) == [2, 2, 2, 2] and folds(3, 4) == folds(3, 3)
+
+
+def test_training_the_base_weights_never_changes_files(tiny_program):
+    digest = hashlib.sha256((tiny_program / "consts.safetensors").read_bytes()).hexdigest()
+    train(interpreter(tiny_program), paw_mlx.compile(SPEC, base=tiny_program), ROWS, TrainOptions(steps=1, layers=1))
+    assert hashlib.sha256((tiny_program / "consts.safetensors").read_bytes()).hexdigest() == digest
+
+
+UPPER_TRAIN = ["apple", "river", "hello", "table", "garden", "music"]
+UPPER_HELD_OUT = ["house", "water", "bridge", "candle", "forest", "pencil"]
+
+
+@pytest.mark.slow
+def test_smollm2_kept_program_answers_new_inputs_not_training_outputs(smollm2_program):
+    """The failure this compiler exists to avoid: a program that repeats training answers."""
+    rows = [{"input": w, "output": w.upper()} for w in UPPER_TRAIN]
+    options = SelectOptions(candidates=("spec", "fewshot", "lora"), folds=2,
+                            lora=TrainOptions(steps=4, layers=2, rank=4, eval_every=2))
+    art = paw_mlx.compile("Return the user's word in uppercase letters. Answer with the word only.",
+                          base=smollm2_program, examples=rows, options=options, max_new_tokens=8)
+    outputs = paw_mlx.function(art)(UPPER_HELD_OUT)
+    assert not set(outputs) & {r["output"] for r in rows}, outputs
+    correct = sum(o == w.upper() for o, w in zip(outputs, UPPER_HELD_OUT, strict=True))
+    assert correct >= len(UPPER_HELD_OUT) // 2, (art.selection["kept"], outputs)
+    assert art.selection["kept"] != "spec" and {c["name"] for c in art.selection["candidates"]} == {"spec", "fewshot", "lora"}
