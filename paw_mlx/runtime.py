@@ -82,8 +82,7 @@ def load(path: str | Path, *, compile: bool = True) -> LoadedProgram:  # noqa: A
     """Load and validate a program directory (or its prog.json) for generation.
 
     ``compile`` runs each one-token decode step as one mx.compile'd function
-    (interp/compiled_step.py; segments, interp/compiled.py, where the whole step cannot
-    be); turn it off to measure or debug the plain interpreter.
+    (interp/compiled_step.py); turn it off to measure or debug the plain interpreter.
     """
     program = read_program(path, known_ops=set(REGISTRY))
     model = GraphModel.from_program(program, compile_decode=compile)

@@ -1,11 +1,15 @@
-"""Tiny random configs of every architecture paw is tested on (no download).
+"""Tiny random configs of every architecture paw is tested on (no download), and their exports.
 
 Each entry is a model_type and the config overrides that make it tiny (hidden 64, two
 layers, vocab 384) while still exercising what is special about the family: sliding
 windows short enough to matter, soft-capping, partial rotary, MoE routing, ALiBi.
+``ArchCase`` exports one and keeps transformers' results beside it; the session fixture
+``arch_cases`` (tests/conftest.py) builds each at most once for every test that needs it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 VOCAB = 384
 WINDOW = 5  # shorter than the test prompts, so sliding-window layers really slide
@@ -58,3 +62,34 @@ def arch_config(model_type: str):
     config = AutoConfig.for_model(model_type, **params)
     config.dtype = "float32"
     return config
+
+
+PROMPT_LEN = 8
+NEW_TOKENS = 32
+SEQ = 12
+
+
+class ArchCase:
+    """One architecture: transformers' reference results and the exported program."""
+
+    def __init__(self, arch: str, root: Path):
+        import torch
+
+        from exporter.export import export_model
+        from interp.graph import GraphModel
+        from interp.program import read_program
+        from tests.tiny import tiny_model
+
+        model = tiny_model(arch_config(arch), seed=0)
+        model.set_attn_implementation("eager")
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(3, VOCAB, (2, SEQ), generator=gen)
+        with torch.no_grad():
+            self.logits = model(self.ids).logits.float().numpy()
+            model.generation_config.eos_token_id = None
+            prompt = self.ids[:1, :PROMPT_LEN]
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, pad_token_id=0)
+        self.greedy = out[0, PROMPT_LEN:].tolist()
+        self.dir = export_model(model, None, root / arch, source_info={"id": f"tiny-{arch}"})
+        self.model = GraphModel.from_program(read_program(self.dir))

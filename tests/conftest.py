@@ -38,3 +38,19 @@ def smollm2_program(tmp_path_factory):
     from exporter.export import export_source
 
     return export_source("smollm2", tmp_path_factory.mktemp("smollm2") / "prog")
+
+
+@pytest.fixture(scope="session")
+def arch_cases(tmp_path_factory):
+    """``get(arch)``: the tiny export of ``arch`` from tests/archs.py, built once per session."""
+    from tests.archs import ArchCase
+
+    root = tmp_path_factory.mktemp("archs")
+    built: dict = {}
+
+    def get(arch: str) -> ArchCase:
+        if arch not in built:
+            built[arch] = ArchCase(arch, root)
+        return built[arch]
+
+    return get

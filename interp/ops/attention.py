@@ -31,18 +31,22 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     length, total = q.shape[2], k.shape[2]
     special = window > 0 or softcap > 0 or alibi_max_bias > 0
     on_cpu = mx.default_device() == mx.cpu
-    if not on_cpu and not special and ctx.key_mask is None:
+    end_aligned = ctx.query_start is None  # else the keys are the compiled step's whole buffers
+    if not on_cpu and not special and ctx.key_mask is None and end_aligned:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None)
-    mask = causal_mask(length, total, window) if length > 1 or window > 0 else None
-    if ctx.key_mask is not None:  # a padded batch, or the written part of the compiled step's buffers
+    mask = None
+    if length > 1 or window > 0 or not end_aligned:
+        start = total - length if end_aligned else ctx.query_start
+        mask = causal_mask(length, total, window, start)
+    if ctx.key_mask is not None:  # a padded batch
         keys = ctx.key_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
     if not on_cpu and not special:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
-    if length <= QUERY_BLOCK:
+    if length <= QUERY_BLOCK or not end_aligned:
         return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi)
     # A long prompt in blocks of queries: each block's scores are all that is alive at once
     # (a 512-token SmolLM2 prompt kept 60 MB of float32 scores and softmax temporaries
@@ -97,9 +101,15 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None):
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
-def causal_mask(length: int, total: int, window: int = 0) -> mx.array:
-    """Boolean [length, total] mask: query i (at absolute position total-length+i) sees key j."""
-    rows = mx.arange(total - length, total)[:, None]
+def causal_mask(length: int, total: int, window: int = 0, start: int | mx.array | None = None) -> mx.array:
+    """Boolean [length, total] mask: query i, at key index ``start + i``, sees key j.
+
+    ``start`` defaults to ``total - length`` (the queries are the last keys); an array
+    start (the compiled step's offset) builds the same mask without retracing.
+    """
+    if start is None:
+        start = total - length
+    rows = (mx.arange(length) + start)[:, None]
     cols = mx.arange(total)[None, :]
     mask = cols <= rows
     if window > 0:
