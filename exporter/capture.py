@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import warnings
 
 import torch
 from torch.export import Dim
 
 from exporter import recipes
+from exporter.attention_reference import attention_reference
 from exporter.experts import use_paw_experts
 from interp.errors import ExportError
 
@@ -30,34 +30,8 @@ def paw_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float,
     alibi_max_bias: float = 0.0,
 ) -> torch.Tensor:
-    """Reference semantics of the program's ``attention`` op, without a cache."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = (q.float() * scale) @ k.float().transpose(-1, -2)
-    if softcap > 0:
-        scores = torch.tanh(scores / softcap) * softcap
-    length, total = q.shape[2], k.shape[2]
-    if alibi_max_bias > 0:
-        scores = scores + _alibi_slopes(q.shape[1], alibi_max_bias)[:, None, None] * torch.arange(total).float()
-    rows = torch.arange(total - length, total)[:, None]
-    cols = torch.arange(total)[None, :]
-    allowed = cols <= rows
-    if window > 0:
-        allowed = allowed & (cols > rows - window)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).contiguous()
-
-
-def _alibi_slopes(heads: int, max_bias: float) -> torch.Tensor:
-    """ALiBi's per-head slopes, as the interpreter computes them (interp/ops/nn.py)."""
-    closest = 2 ** math.floor(math.log2(heads))
-    slopes = [(2.0 ** (-max_bias / closest)) ** i for i in range(1, closest + 1)]
-    if closest != heads:
-        extra = 2.0 ** (-max_bias / (2 * closest))
-        slopes += [extra**i for i in range(1, 1 + 2 * min(closest, heads - closest), 2)]
-    return torch.tensor(slopes, dtype=torch.float32)
+    """The program's ``attention`` op, without a cache (exporter/attention_reference.py)."""
+    return attention_reference(q, k, v, scale=scale, window=window, softcap=softcap, alibi_max_bias=alibi_max_bias)
 
 
 @paw_attention.register_fake
