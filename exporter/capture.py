@@ -109,9 +109,9 @@ def context_length(config) -> int:
 
 
 #: Capture modes tried in order. Non-strict export traces with the real Python (no
-#: dynamo bytecode analysis) and is about 3x faster; it produced a node-for-node
-#: identical program for Llama here. Strict stays as the fallback for models whose
-#: Python non-strict tracing cannot follow.
+#: dynamo bytecode analysis), which is faster (docs/speed.md) and gives the same program
+#: node for node. Strict stays as the fallback for models whose Python non-strict tracing
+#: cannot follow.
 CAPTURE_MODES = (False, True)
 
 
@@ -161,12 +161,11 @@ def needs_decomposition(exported: torch.export.ExportedProgram) -> bool:
     """Whether the graph torch.export captured must go through ``run_decompositions``.
 
     ``run_decompositions({})`` traces the whole model a second time, only to turn the
-    captured graph into functional ATen ops: about two thirds of SmolLM2's capture time.
+    captured graph into functional ATen ops (most of a capture's time: docs/speed.md).
     Most models' captured graphs are functional already, and every op in them has a
     lowering: then the lowered program is node for node the one the decomposed graph
-    gives, and the second trace is skipped. (Checked for every architecture of
-    ``tests/archs.py`` when this was written; ``tests/exporter/test_capture.py`` keeps
-    three, and every architecture's parity test with transformers runs through here.)
+    gives, and the second trace is skipped (``tests/exporter/test_capture.py`` checks it
+    for three architectures; every architecture's parity test runs through this path).
     It is needed for a graph with an in-place op (OLMo's ``clamp_``, Mixtral's ``div_``)
     or an op the lowering does not know (a higher-order op, or one that decomposes into
     known ones).
