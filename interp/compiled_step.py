@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 
 from interp.cache import KVCache
-from interp.graph import RunContext
+from interp.graph import GraphModel, RunContext
 
 
 class _Slot:
@@ -39,7 +39,7 @@ class _Slot:
 class CompiledStep:
     """Runs one-token steps of a GraphModel as a single compiled function."""
 
-    def __init__(self, model):
+    def __init__(self, model: GraphModel):
         self.model = model
         self._fn = mx.compile(self._trace_target())
 
