@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import warnings
 
 import torch
 from torch.export import Dim
 
 from exporter import recipes
+from exporter.attention_reference import attention_reference
 from exporter.experts import use_paw_experts
 from interp.errors import ExportError
 
@@ -30,34 +30,8 @@ def paw_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float,
     alibi_max_bias: float = 0.0,
 ) -> torch.Tensor:
-    """Reference semantics of the program's ``attention`` op, without a cache."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = (q.float() * scale) @ k.float().transpose(-1, -2)
-    if softcap > 0:
-        scores = torch.tanh(scores / softcap) * softcap
-    length, total = q.shape[2], k.shape[2]
-    if alibi_max_bias > 0:
-        scores = scores + _alibi_slopes(q.shape[1], alibi_max_bias)[:, None, None] * torch.arange(total).float()
-    rows = torch.arange(total - length, total)[:, None]
-    cols = torch.arange(total)[None, :]
-    allowed = cols <= rows
-    if window > 0:
-        allowed = allowed & (cols > rows - window)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).contiguous()
-
-
-def _alibi_slopes(heads: int, max_bias: float) -> torch.Tensor:
-    """ALiBi's per-head slopes, as the interpreter computes them (interp/ops/nn.py)."""
-    closest = 2 ** math.floor(math.log2(heads))
-    slopes = [(2.0 ** (-max_bias / closest)) ** i for i in range(1, closest + 1)]
-    if closest != heads:
-        extra = 2.0 ** (-max_bias / (2 * closest))
-        slopes += [extra**i for i in range(1, 1 + 2 * min(closest, heads - closest), 2)]
-    return torch.tensor(slopes, dtype=torch.float32)
+    """The program's ``attention`` op, without a cache (exporter/attention_reference.py)."""
+    return attention_reference(q, k, v, scale=scale, window=window, softcap=softcap, alibi_max_bias=alibi_max_bias)
 
 
 @paw_attention.register_fake
@@ -135,9 +109,9 @@ def context_length(config) -> int:
 
 
 #: Capture modes tried in order. Non-strict export traces with the real Python (no
-#: dynamo bytecode analysis) and is about 3x faster; it produced a node-for-node
-#: identical program for Llama here. Strict stays as the fallback for models whose
-#: Python non-strict tracing cannot follow.
+#: dynamo bytecode analysis), which is faster (docs/speed.md) and gives the same program
+#: node for node. Strict stays as the fallback for models whose Python non-strict tracing
+#: cannot follow.
 CAPTURE_MODES = (False, True)
 
 
@@ -187,12 +161,11 @@ def needs_decomposition(exported: torch.export.ExportedProgram) -> bool:
     """Whether the graph torch.export captured must go through ``run_decompositions``.
 
     ``run_decompositions({})`` traces the whole model a second time, only to turn the
-    captured graph into functional ATen ops: about two thirds of SmolLM2's capture time.
+    captured graph into functional ATen ops (most of a capture's time: docs/speed.md).
     Most models' captured graphs are functional already, and every op in them has a
     lowering: then the lowered program is node for node the one the decomposed graph
-    gives, and the second trace is skipped. (Checked for every architecture of
-    ``tests/archs.py`` when this was written; ``tests/exporter/test_capture.py`` keeps
-    three, and every architecture's parity test with transformers runs through here.)
+    gives, and the second trace is skipped (``tests/exporter/test_capture.py`` checks it
+    for three architectures; every architecture's parity test runs through this path).
     It is needed for a graph with an in-place op (OLMo's ``clamp_``, Mixtral's ``div_``)
     or an op the lowering does not know (a higher-order op, or one that decomposes into
     known ones).

@@ -1,9 +1,8 @@
 """A fast BLAS under MLX's CPU backend on Linux.
 
 MLX's Linux CPU wheel (``mlx[cpu]``) bundles netlib's *reference* BLAS, and every float32
-matmul MLX runs on the CPU is a ``cblas_sgemm`` call into it: about 1.5-2 GFLOP/s on this
-project's machines, for a matrix-vector product as much as for a 512-row prefill. OpenBLAS
-does the same products 4x (matvec) to 60x (prefill) faster.
+matmul MLX runs on the CPU is a ``cblas_sgemm`` call into it. OpenBLAS does the same
+products many times faster, a matrix-vector product as much as a prefill (docs/speed.md).
 
 OpenBLAS comes from PyPI as ``scipy-openblas32``, whose symbols carry a ``scipy_`` prefix,
 so it cannot stand in for the reference library by itself. ``install()`` builds (once,
@@ -44,9 +43,9 @@ from interp.paths import cache_dir
 # The gemm entry points libmlx.so imports (float32, float64, complex64). CBLAS enums are
 # int-sized, so they pass as int. MLX calls gemm for every product, matrix-vector ones
 # included (a decode step is all one-row products); OpenBLAS's gemm kernels handle one row
-# 5-6x slower than its gemv (8 vs 45 GFLOP/s for a 1728x576 float32 weight here), so the
-# shim sends real one-row or one-column row-major products to gemv. For C = op(A) op(B):
-# one row of C is op(B)^T times A's row; one column is op(A) times B's column.
+# several times slower than its gemv (docs/speed.md), so the shim sends real one-row or
+# one-column row-major products to gemv. For C = op(A) op(B): one row of C is op(B)^T
+# times A's row; one column is op(A) times B's column.
 _SHIM_SOURCE = """\
 #define GEMM_ARGS(T, S) int order, int ta, int tb, int m, int n, int k, S alpha, const T *a, \\
     int lda, const T *b, int ldb, S beta, T *c, int ldc
@@ -133,9 +132,8 @@ def _load_standard_library(path: str) -> str:
 
 def _load_openblas_shim() -> str:
     # OpenBLAS's idle workers spin for 2**28 cycles after each call by default, which on a
-    # small machine takes a core away from MLX's own thread between matmuls. 2**4 cycles
-    # (the least it accepts) measured 13.2 -> 15.7 tok/s decode and 186 -> 210 tok/s
-    # prefill on SmolLM2-135M here. Read when the library loads, so set before the import.
+    # small machine takes a core away from MLX's own thread between matmuls; 2**4 cycles is
+    # the least it accepts (docs/speed.md). Read when the library loads: set before the import.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
         import scipy_openblas32

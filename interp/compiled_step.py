@@ -1,24 +1,16 @@
-"""The whole decode step as one ``mx.compile``: fixed-capacity KV buffers and a key mask.
+"""The one-token decode step as one ``mx.compile``d function over fixed-capacity KV buffers.
 
-Why: MLX runs every primitive of a graph as its own task, and the Python that builds the
-graph runs on the same cores. A SmolLM2 decode step cut into compiled segments between
-its attention ops (``interp/compiled.py``) holds about 3,200 primitives (on the CPU,
-``mx.fast.rope`` and ``rms_norm`` fall back to a dozen ops each) and builds 31 graphs.
-Traced as one function, MLX fuses every elementwise chain of the step and the step is one
-call: about 2,000 primitives, and building it takes 6-7 ms per token instead of 12.
+Traced whole, a step fuses its elementwise chains and runs as one call instead of a graph
+built node by node every token (figures in docs/speed.md). A traced step must keep its
+shapes from token to token, so attention reads each layer's ``KVCache`` buffers at their
+capacity (they grow 256 positions at a time): the new keys and values are written at
+``offset`` with ``mx.slice_update``, and attention masks the keys from that offset
+(causality and sliding windows; ALiBi's bias and soft-capping need nothing more). The
+offset is an array, so a new position does not retrace; the step retraces only when the
+buffers grow or the batch changes.
 
-A traced step must keep its shapes from token to token, so the cache is read at its
-capacity, not its length: every layer's keys and values stay in the ``KVCache`` buffers,
-which grow 256 positions at a time; the new token is written at ``offset`` with
-``mx.slice_update`` (the offset is an array, so a new position does not retrace), and
-attention sees a key mask of the positions written so far. The step retraces only when the
-buffers grow (every 256 tokens) or the batch changes. The old buffers are dropped before
-the new ones are evaluated, so MLX updates them in place rather than copying.
-
-Only plain causal attention takes this path: sliding windows, logit soft-capping and ALiBi
-need the real key count, so such programs keep the segment compilation of
-``interp/compiled.py``. So do caches other than paw's own ``KVCache`` (an mlx-lm cache
-passed in) and a first step with nothing cached yet.
+Caches other than paw's own ``KVCache`` (an mlx-lm cache passed in) and a first step with
+nothing cached run the plain interpreter, ``GraphModel.run``: ``accepts`` says which.
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 
 from interp.cache import KVCache
+from interp.graph import GraphModel, RunContext
 
 
 class _Slot:
@@ -43,57 +36,41 @@ class _Slot:
         return self.keys, self.values
 
 
-def supports(program) -> bool:
-    """Whether every attention op of ``program`` is plain causal attention (see module doc)."""
-    for node in program.nodes:
-        if node.op == "attention" and any(node.attrs.get(name, 0) for name in ("window", "softcap", "alibi_max_bias")):
-            return False
-    return True
-
-
 class CompiledStep:
     """Runs one-token steps of a GraphModel as a single compiled function."""
 
-    def __init__(self, model, syms: dict[str, int]):
-        """``syms``: the symbolic ints of the current call, kept up to date by the caller.
-
-        They are sizes of the inputs, so a change of them is a change of input shape, on
-        which MLX retraces anyway.
-        """
+    def __init__(self, model: GraphModel):
         self.model = model
-        self._syms = syms
         self._fn = mx.compile(self._trace_target())
 
     @staticmethod
-    def accepts(cache: list) -> bool:
-        return all(type(c) is KVCache and c.keys is not None for c in cache)
+    def accepts(cache: list | None) -> bool:
+        """Whether ``cache`` can take the compiled step: paw's ``KVCache``, each holding keys."""
+        return bool(cache) and all(type(c) is KVCache and c.keys is not None for c in cache)
 
     def _trace_target(self) -> Callable:
-        model, syms = self.model, self._syms
-        consts = model.consts
-        steps = model._steps
-        input_names = list(model.input_names)
-        output_names = list(model.output_names)
-        from interp.graph import RunContext
+        consts = self.model.consts
+        node_runners = self.model._steps
+        input_names = list(self.model.input_names)
+        output_names = list(self.model.output_names)
 
         def step(offset: mx.array, *arrays: mx.array) -> list[mx.array]:
-            inputs = dict(zip(input_names, arrays[: len(input_names)], strict=True))
             buffers = arrays[len(input_names):]
             layers = len(buffers) // 2
             slots = [_Slot(k, v, offset) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
-            batch, capacity = buffers[0].shape[0], buffers[0].shape[2]
-            written = mx.arange(capacity, dtype=mx.int32) <= offset
             env: dict[str, Any] = dict(consts)
-            env.update(syms)
-            env.update(inputs)
-            ctx = RunContext(cache=slots, offset=offset, key_mask=mx.broadcast_to(written, (batch, capacity)))
-            for run_node in steps:
+            # Symbolic ints (sizes of the inputs) become constants of the trace: a new size
+            # is a new input shape, on which MLX retraces.
+            env.update(zip(input_names, arrays[: len(input_names)], strict=True))
+            ctx = RunContext(cache=slots, offset=offset, query_start=offset)
+            for run_node in node_runners:
                 run_node(env, ctx)
-            return ([env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots])
+            return [env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
 
         return step
 
     def run(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int) -> dict[str, Any]:
+        """The step's outputs for one new token per row at position ``offset``; advances ``cache``."""
         for c in cache:
             c.reserve(1)
         arrays = [inputs[name] for name in self.model.input_names]

@@ -32,11 +32,14 @@ class RunContext:
     cache: list | None
     #: the position of every row's first new token when positions are offset + arange(L)
     #: (the graph model made them); None when the caller gave positions. Lets ``rope``
-    #: use mx.fast.rope. An int, or a scalar array inside compiled segments.
+    #: use mx.fast.rope. An int, or a scalar array inside the compiled step.
     offset: Any = None
     #: optional boolean [batch, keys] mask of which key positions (cache included) are real
     #: tokens; attention combines it with causality. Used for left-padded batches.
     key_mask: mx.array | None = None
+    #: the key index of the first new query; None means the queries are the last keys the
+    #: cache returns. The compiled step reads whole buffers and sets it to ``offset``.
+    query_start: Any = None
     #: values one call computes once and every layer reuses (the RoPE cos/sin table)
     shared: dict = field(default_factory=dict)
     #: bytes the call's node outputs take, against the memory budget (interp/limits.py)
@@ -142,9 +145,9 @@ class GraphModel:
         self.num_layers = program.num_layers
         # mlx-lm sizes its default cache with len(model.layers).
         self.layers = [None] * self.num_layers
-        #: run one-token steps compiled (interp/compiled_step.py, or segments: interp/compiled.py)
+        #: run one-token steps as one compiled function (interp/compiled_step.py)
         self.compile_decode = compile_decode
-        self._decoder = None
+        self._compiled_step = None
 
     @classmethod
     def from_program(cls, program: Program, compile_decode: bool = True) -> GraphModel:
@@ -202,10 +205,13 @@ class GraphModel:
                 key_mask: mx.array | None = None) -> dict[str, Any]:
         """Like ``run``, but a one-token step with a cache runs compiled when ``compile_decode`` allows."""
         length = inputs["input_ids"].shape[-1]
-        if self.compile_decode and length == 1 and offset is not None and cache and key_mask is None:
-            decoder = self._compiled()
-            if decoder is not None:
-                return decoder.run(inputs, cache, offset)
+        if self.compile_decode and length == 1 and offset is not None and key_mask is None:
+            from interp.compiled_step import CompiledStep  # it builds on this module
+
+            if CompiledStep.accepts(cache):
+                if self._compiled_step is None:
+                    self._compiled_step = CompiledStep(self)
+                return self._compiled_step.run(inputs, cache, offset)
         return self.run(inputs, cache, offset, key_mask)
 
     def _checked_logits(self, logits: Any, tokens_shape: tuple) -> mx.array:
@@ -214,10 +220,3 @@ class GraphModel:
             raise ProgramError(f"{self.program.directory}: the program's logits have shape {shape}; "
                                f"expected [batch, length, vocab] for token ids of shape {tokens_shape}")
         return logits
-
-    def _compiled(self):
-        if self._decoder is None:
-            from interp.compiled import CompiledDecoder
-
-            self._decoder = CompiledDecoder(self)
-        return self._decoder if self._decoder.supported else None

@@ -338,6 +338,25 @@ def op_names() -> list[str]:
     return sorted(OPS)
 
 
+def _value_names(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for item in value for n in _value_names(item)]
+    return []
+
+
+def references(node) -> set[str]:
+    """Names of the values a node reads: its inputs, and the symbolic ints its int attributes
+    name (attribute strings such as dtypes excluded)."""
+    spec = OPS[node.op]
+    refs = set(_value_names(list(node.inputs)))
+    for name, value in node.attrs.items():
+        if spec.attr_by_name[name].kind in (INT, INTS):
+            refs.update(_value_names(value))
+    return refs
+
+
 def render_markdown() -> str:
     """The op reference section of docs/program-format.md, generated from this table."""
     lines = [

@@ -114,8 +114,7 @@ def load(path: str | Path, *, compile: bool = True, verify: bool = False,  # noq
     """Load and validate a program directory (or its prog.json) for generation.
 
     ``compile`` runs each one-token decode step as one mx.compile'd function
-    (interp/compiled_step.py; segments, interp/compiled.py, where the whole step cannot
-    be); turn it off to measure or debug the plain interpreter. ``verify`` first checks
+    (interp/compiled_step.py); turn it off to measure or debug the plain interpreter. ``verify`` first checks
     every file against its sha256 in manifest.json (reads all the weights once more).
 
     Started by ``mlx.launch`` (or mpirun) with more than one rank, the program is split

@@ -1,8 +1,10 @@
-"""Tiny random configs of every architecture paw is tested on (no download).
+"""Tiny random configs of every architecture paw is tested on (no download), and their exports.
 
 Each entry is a model_type and the config overrides that make it tiny (hidden 64, two
 layers, vocab 384) while still exercising what is special about the family: sliding
 windows short enough to matter, soft-capping, partial rotary, MoE routing, ALiBi.
+``ArchCase`` exports one and keeps transformers' results beside it; the session fixture
+``arch_cases`` (tests/conftest.py) builds each at most once for every test that needs it.
 """
 
 from __future__ import annotations
@@ -69,3 +71,33 @@ def export_arch(model_type: str, dtype: str, out: Path) -> Path:
 
     model = tiny_model(arch_config(model_type), seed=0)
     return export_model(model, None, out, dtype=dtype, source_info={"id": f"tiny-{model_type}"})
+
+
+PROMPT_LEN = 8
+NEW_TOKENS = 32
+SEQ = 12
+
+
+class ArchCase:
+    """One architecture: transformers' reference results and the exported program."""
+
+    def __init__(self, arch: str, program_dir: Path):
+        import torch
+
+        from interp.graph import GraphModel
+        from interp.program import read_program
+        from tests.tiny import tiny_model
+
+        model = tiny_model(arch_config(arch), seed=0)
+        model.set_attn_implementation("eager")
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(3, VOCAB, (2, SEQ), generator=gen)
+        with torch.no_grad():
+            self.logits = model(self.ids).logits.float().numpy()
+            model.generation_config.eos_token_id = None
+            prompt = self.ids[:1, :PROMPT_LEN]
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, pad_token_id=0)
+        self.greedy = out[0, PROMPT_LEN:].tolist()
+        self.dir = program_dir  # export_arch's export of this same seed-0 model
+        self.model = GraphModel.from_program(read_program(self.dir))

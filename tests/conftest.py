@@ -87,6 +87,22 @@ def arch_program(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def arch_cases(arch_program):
+    """``get(arch)``: the tiny export of ``arch`` with transformers' results (tests/archs.py),
+    built once per session."""
+    from tests.archs import ArchCase
+
+    built: dict = {}
+
+    def get(arch: str) -> ArchCase:
+        if arch not in built:
+            built[arch] = ArchCase(arch, arch_program(arch))
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm2_program(tmp_path_factory):
     """The real default model as a program: $PAW_SMOLLM2_PROGRAM, or exported here (about a minute)."""
     from pathlib import Path

@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass, replace
 
 from interp import schema
-from interp.compiled import references
 from interp.errors import DistributedError
 from interp.program import Node, Program
+from interp.schema import references
 
 #: Bytes per element of each program dtype.
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,

@@ -18,7 +18,6 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from interp.compiled import references
 from interp.distributed import wire
 from interp.distributed.driver import (
     DistributedCache,
@@ -34,6 +33,7 @@ from interp.distributed.wire import Header, Op
 from interp.distributed.world import World
 from interp.graph import GraphModel
 from interp.program import Program
+from interp.schema import references
 
 
 class TensorParallelModel(Driver):

@@ -1,12 +1,11 @@
 """The attention op: scaled dot-product attention of new queries over the KV cache.
 
 On a GPU, plain causal attention is one ``mx.fast`` kernel. On the CPU that kernel is a
-generic fallback whose softmax runs MLX's one-element-at-a-time ``exp``: most of the third
-of a float32 SmolLM2 prefill's CPU time that went to ``exp``, and about a third of a
-decode step's attention. So on the CPU every attention is written out
-(``explicit_attention``): the scores as BLAS matmuls, the polynomial-``exp`` softmax of
-``interp/ops/fastmath.py``, then the weighted values. The GPU takes the written-out form
-too for what ``mx.fast`` cannot do: sliding windows, logit soft-capping and ALiBi.
+generic fallback with MLX's scalar ``exp`` in its softmax, so every CPU attention is
+written out (``explicit_attention``): the scores as BLAS matmuls, the polynomial-``exp``
+softmax of ``interp/ops/fastmath.py``, then the weighted values (docs/speed.md). The GPU
+takes the written-out form too for what ``mx.fast`` cannot do: sliding windows, logit
+soft-capping and ALiBi.
 """
 
 from __future__ import annotations
@@ -46,22 +45,25 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     check_shape([q.shape[0], q.shape[1], min(length, QUERY_BLOCK), total], 4, "its block of scores")
     special = window > 0 or softcap > 0 or alibi_max_bias > 0
     on_cpu = device.on_cpu()
-    if not on_cpu and not special and ctx.key_mask is None:
+    end_aligned = ctx.query_start is None  # else the keys are the compiled step's whole buffers
+    if not on_cpu and not special and ctx.key_mask is None and end_aligned:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None)
-    mask = causal_mask(length, total, window) if length > 1 or window > 0 else None
-    if ctx.key_mask is not None:  # a padded batch, or the written part of the compiled step's buffers
+    mask = None
+    if length > 1 or window > 0 or not end_aligned:
+        mask = causal_mask(length, total, window, start=ctx.query_start)
+    if ctx.key_mask is not None:  # a padded batch
         keys = ctx.key_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
     if not on_cpu and not special:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
-    if length <= QUERY_BLOCK:
+    if length <= QUERY_BLOCK or not end_aligned:
         return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi)
     # A long prompt in blocks of queries: each block's scores are all that is alive at once
-    # (a 512-token SmolLM2 prompt kept 60 MB of float32 scores and softmax temporaries
-    # otherwise), and a block skips the keys after its last query, which causality masks.
+    # (peak memory, docs/speed.md), and a block skips the keys after its last query, which
+    # causality masks.
     blocks = []
     for start in range(0, length, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, length)
@@ -79,7 +81,7 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None):
     one slope per query head. Grouped-query heads get their own axis, so query head ``h``
     reads KV head ``h // group`` as a broadcast and K and V are never repeated. For one
     query (a decode step) that makes each head's scores one matrix-vector product, which
-    the BLAS shim sends to gemv: 1.5x faster here than one small gemm per KV head.
+    the BLAS shim sends to gemv (faster than a small gemm per KV head: docs/speed.md).
     Products run in float32, except one-query products of half-precision caches on the
     CPU, where converting the whole cache every token would cost more than it saves.
     """
@@ -112,9 +114,15 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None):
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
-def causal_mask(length: int, total: int, window: int = 0) -> mx.array:
-    """Boolean [length, total] mask: query i (at absolute position total-length+i) sees key j."""
-    rows = mx.arange(total - length, total)[:, None]
+def causal_mask(length: int, total: int, window: int = 0, start: int | mx.array | None = None) -> mx.array:
+    """Boolean [length, total] mask: query i, at key index ``start + i``, sees key j.
+
+    ``start`` defaults to ``total - length`` (the queries are the last keys); an array
+    start (the compiled step's offset) builds the same mask without retracing.
+    """
+    if start is None:
+        start = total - length
+    rows = (mx.arange(length) + start)[:, None]
     cols = mx.arange(total)[None, :]
     mask = cols <= rows
     if window > 0:

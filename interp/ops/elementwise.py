@@ -48,7 +48,7 @@ implementation("logical_not")(mx.logical_not)
 
 
 # exp and the activations built on it take interp/ops/fastmath.py's polynomial exp on the
-# CPU, where MLX's own calls libm per element, 2-3x slower.
+# CPU, where MLX's own calls libm per element (docs/speed.md).
 @implementation("exp")
 def exp(x):
     return fastmath.exp(x) if fastmath.use_fast_math(x) else mx.exp(x)

@@ -1,19 +1,15 @@
-"""exp, sigmoid and softmax for MLX's CPU backend, without libm calls.
+"""exp, sigmoid, SiLU and softmax for MLX's CPU backend, without libm calls.
 
-Why: MLX's CPU kernels compute ``exp`` one element at a time (its x86 SIMD width is 1)
-with a polynomial whose ``fma`` calls go through libm: 15-25 ns per element here. A
-float32 prefill of SmolLM2 (512 tokens) spends a third of its CPU time there, in the
-attention softmax (70M exponentials) and SiLU (24M). Here ``exp`` is written in MLX's own
-elementwise ops: Cody-Waite range reduction ``x = n ln2 + r`` with ``|r| <= ln2 / 2``, a
-degree-8 Taylor polynomial for ``e^r``, and ``2^n`` built from its IEEE-754 bits.
-``mx.compile`` fuses that into two loops with no libm call: about 3x faster, with a
-relative error below 2e-7 (float32's own rounding is 6e-8). The loops stay scalar: the
-C++ compiler behind MLX's CPU ``mx.compile`` does not vectorize a kernel that holds
-``clip`` or ``where`` (see docs/speed.md).
+MLX's CPU ``exp`` runs one element at a time through libm's ``fma``, and a float32 prefill
+computes tens of millions of exponentials (softmax, SiLU). This ``exp`` is written in MLX's
+own elementwise ops, which ``mx.compile`` fuses into loops with no libm call: Cody-Waite
+range reduction ``x = n ln2 + r`` with ``|r| <= ln2 / 2``, a degree-8 Taylor polynomial for
+``e^r``, and ``2^n`` built from its IEEE-754 bits; relative error below 2e-7 (float32's own
+rounding is 6e-8). Speed, and why the loops stay scalar: docs/speed.md.
 
-Only for large float32 arrays on the CPU: on a GPU ``mx.exp`` is a native instruction, and
-callers check ``use_fast_math()`` first. Called directly, the functions take any float
-dtype, compute in float32 and return the input's dtype.
+Only for large float32 arrays on the CPU (``use_fast_math``): on a GPU ``mx.exp`` is a
+native instruction. Called directly, the functions take any float dtype, compute in
+float32 and return the input's dtype.
 """
 
 from __future__ import annotations
@@ -29,15 +25,14 @@ LOG2E = 1.4426950408889634
 LN2_HI = 0.693359375
 LN2_LO = -2.12194440e-4
 # Adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest
-# integer with plain additions; floor() here is a libm call per element.
+# integer with plain additions, where floor() would be a libm call per element.
 ROUNDER = 12582912.0
 # exp overflows float32 above EXP_MAX and is below float32's smallest normal under EXP_MIN
 # (where this returns 0 rather than a denormal).
 EXP_MAX = 88.72283
 EXP_MIN = -87.33654
-# A fast exp is about six fused kernels where MLX's is one, and MLX spends 2-5 us
-# dispatching each: below a few thousand elements (a decode step's SiLU over 1,536) the
-# scalar exp is cheaper.
+# A fast exp is about six fused kernels where MLX's is one, and each costs a dispatch:
+# below a few thousand elements (a decode step's SiLU over 1,536) the scalar exp is cheaper.
 MIN_ELEMENTS = 4096
 
 
@@ -77,9 +72,9 @@ class _PerShape:
     """``mx.compile`` of ``fn``, retraced for each new input shape, with a bounded cache.
 
     A shapeless compile would trace once, but MLX cannot infer the shape of a bit-cast
-    (``view``), and its shapeless kernels index every operand as a broadcast (2-4x slower
-    here). Prompts come in many lengths, so past ``limit`` shapes the compiled function is
-    rebuilt, which lets MLX drop the old traces.
+    (``view``), and its shapeless kernels index every operand as a broadcast, which is
+    slower. Prompts come in many lengths, so past ``limit`` shapes the compiled function
+    is rebuilt, which lets MLX drop the old traces.
     """
 
     def __init__(self, fn: Callable[..., mx.array], limit: int = 256):
@@ -144,7 +139,7 @@ def softmax(x: mx.array) -> mx.array:
 def use_fast_math(x: mx.array) -> bool:
     """Whether ``x`` should take this module's functions: a large float32 array on the CPU.
 
-    Half-precision activations keep MLX's kernels: the float32 round trip of a 512-token
-    bfloat16 prompt's SiLU alone raised its peak memory by 6% (0.33 -> 0.35 GB).
+    Half-precision activations keep MLX's kernels: their float32 round trip costs more
+    peak memory than it saves time (docs/speed.md).
     """
     return x.size >= MIN_ELEMENTS and x.dtype == mx.float32 and device.on_cpu()

@@ -31,9 +31,8 @@ def linear(x, weight, bias=None):
 FLOAT32_GEMM_ROWS = 16
 # Up to this many weight elements, a half-precision product of fewer rows (a decode step)
 # runs in float32 too: the converted weight (at most 8 MB) stays in the CPU's caches, and
-# OpenBLAS's gemv reads it 3-4x faster than MLX's own bfloat16 kernel runs (SmolLM2's
-# 3072x576 gate/up: 0.53 vs 1.78 ms). Larger weights (a 49152x576 lm_head) convert slower
-# than they multiply, so they keep MLX's kernel.
+# OpenBLAS's gemv beats MLX's own bfloat16 kernel (docs/speed.md). Larger weights (a
+# 49152x576 lm_head) convert slower than they multiply, so they keep MLX's kernel.
 FLOAT32_MATVEC_ELEMENTS = 2 << 20
 
 
@@ -49,9 +48,9 @@ def _rows(x: mx.array) -> int:
 def gemm_in_float32(x: mx.array) -> bool:
     """Whether a product with ``x`` on the left should be computed as a float32 BLAS gemm.
 
-    On the CPU with OpenBLAS under MLX (``interp.blas``), a float32 gemm runs at 70-130
-    GFLOP/s here while MLX's own bfloat16 and quantized CPU kernels run at 2-5 GFLOP/s; for
-    many rows, converting the weight to float32 on the fly (a few ms) is far cheaper.
+    On the CPU with OpenBLAS under MLX (``interp.blas``), a float32 gemm is many times
+    faster than MLX's own bfloat16 and quantized CPU kernels (docs/speed.md); for many
+    rows, converting the weight to float32 on the fly is far cheaper.
     """
     return _rows(x) >= FLOAT32_GEMM_ROWS and cpu_has_fast_blas()
 

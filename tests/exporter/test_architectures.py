@@ -2,7 +2,8 @@
 
 For each tiny random model: full-sequence logits, logits through the KV cache (prefill a
 few tokens, then one at a time) and 32 greedy tokens are compared with transformers'
-eager forward and its own ``generate``. One export per architecture serves all checks.
+eager forward and its own ``generate``. One export per architecture (the session fixture
+``arch_cases``) serves all checks, here and in tests/interp/test_compiled_step.py.
 
 Set PAW_ARCH_RESULTS=path.json to collect each check's outcome and max error there
 (scripts/coverage_table.py reads it to build docs/architectures.md).
@@ -17,15 +18,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
-from tests.archs import ARCHS, VOCAB, arch_config
-from tests.tiny import tiny_model
+from tests.archs import ARCHS, NEW_TOKENS, PROMPT_LEN, SEQ, ArchCase
 
 TOLERANCE = 1e-4
-PROMPT_LEN = 8
-NEW_TOKENS = 32
-SEQ = 12
 PREFILL = 5
 
 #: Architectures kept out of the green suite, each with the construct that fails.
@@ -45,55 +41,21 @@ def _record(arch: str, check: str, ok: bool, error: float | None = None) -> None
     file.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-class Case:
-    """One architecture: transformers' reference results and the exported program."""
-
-    def __init__(self, arch: str, program_dir: Path):
-        from interp.graph import GraphModel
-        from interp.program import read_program
-
-        model = tiny_model(arch_config(arch), seed=0)
-        model.set_attn_implementation("eager")
-        gen = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(3, VOCAB, (2, SEQ), generator=gen)
-        with torch.no_grad():
-            self.logits = model(self.ids).logits.float().numpy()
-            model.generation_config.eos_token_id = None
-            prompt = self.ids[:1, :PROMPT_LEN]
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, pad_token_id=0)
-        self.greedy = out[0, PROMPT_LEN:].tolist()
-        self.dir = program_dir  # the export of this same seed-0 model (tests/archs.py)
-        self.model = GraphModel.from_program(read_program(self.dir))
-
-
-@pytest.fixture(scope="module")
-def cases(arch_program):
-    built: dict[str, Case] = {}
-
-    def get(arch: str) -> Case:
-        if arch not in built:
-            built[arch] = Case(arch, arch_program(arch))
-        return built[arch]
-
-    return get
-
-
 def _max_error(got: mx.array, want: np.ndarray) -> float:
     return float(np.max(np.abs(np.array(got.astype(mx.float32)) - want)))
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_full_sequence_logits(cases, arch):
-    case = cases(arch)
+def test_full_sequence_logits(arch_cases, arch):
+    case = arch_cases(arch)
     err = _max_error(case.model(mx.array(case.ids.numpy())), case.logits)
     _record(arch, "logits", err < TOLERANCE, err)
     assert err < TOLERANCE, f"{arch}: logits differ by {err}"
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_cached_decoding_logits(cases, arch):
-    case = cases(arch)
+def test_cached_decoding_logits(arch_cases, arch):
+    case = arch_cases(arch)
     ids = mx.array(case.ids.numpy())
     cache = case.model.make_cache()
     pieces = [case.model(ids[:, :PREFILL], cache=cache)]
@@ -105,17 +67,17 @@ def test_cached_decoding_logits(cases, arch):
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_greedy_tokens_match_generate(cases, arch):
+def test_greedy_tokens_match_generate(arch_cases, arch):
     from interp.generate import generate_step
 
-    case = cases(arch)
+    case = arch_cases(arch)
     prompt = case.ids[0, :PROMPT_LEN].tolist()
     got = list(generate_step(case.model, prompt, case.model.make_cache(), max_tokens=NEW_TOKENS))
     _record(arch, "greedy", got == case.greedy)
     assert got == case.greedy
 
 
-def _attention_attrs(case: Case) -> list[dict]:
+def _attention_attrs(case: ArchCase) -> list[dict]:
     spec = json.loads((case.dir / "prog.json").read_text())
     return [node["attrs"] for node in spec["nodes"] if node["op"] == "attention"]
 
@@ -136,8 +98,8 @@ ATTENTION_FEATURES = {
 
 
 @pytest.mark.parametrize("arch", [a for a in ATTENTION_FEATURES if a in ARCH_NAMES])
-def test_attention_features_reach_the_program(cases, arch):
-    attrs = _attention_attrs(cases(arch))
+def test_attention_features_reach_the_program(arch_cases, arch):
+    attrs = _attention_attrs(arch_cases(arch))
     want = ATTENTION_FEATURES[arch]
     assert len(attrs) == len(want)
     for layer, (got, expected) in enumerate(zip(attrs, want, strict=True)):
@@ -150,7 +112,7 @@ WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "bloom": "ALiBi's s
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_pipeline_and_tensor_splits_give_the_same_logits(cases, arch):
+def test_pipeline_and_tensor_splits_give_the_same_logits(arch_cases, arch):
     """Split over two ranks (simulated in one process), every architecture computes what it does whole."""
     from interp.distributed.sharding import plan_tensor_parallel, probe_shapes
     from tests.interp.distributed.simulate import (
@@ -160,8 +122,8 @@ def test_pipeline_and_tensor_splits_give_the_same_logits(cases, arch):
         whole_logits,
     )
 
-    program, consts = cases(arch).model.program, cases(arch).model.consts
-    expected, feeds = whole_logits(program, consts, cases(arch).ids[0, :PROMPT_LEN].tolist(), steps=2)
+    program, consts = arch_cases(arch).model.program, arch_cases(arch).model.consts
+    expected, feeds = whole_logits(program, consts, arch_cases(arch).ids[0, :PROMPT_LEN].tolist(), steps=2)
     assert max_difference(expected, pipeline_logits(program, consts, 2, feeds)) < TOLERANCE
     assert max_difference(expected, tensor_logits(program, consts, 2, feeds)) < TOLERANCE
     query = next(node.inputs[0] for node in program.nodes if node.op == "attention")

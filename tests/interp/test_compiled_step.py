@@ -1,19 +1,25 @@
-"""The whole decode step as one mx.compile: same logits as the plain interpreter, every step."""
+"""The compiled decode step against the plain interpreter (``GraphModel.run``), step by step.
+
+Caches grow 4 positions at a time here, so a short decode crosses several buffer
+capacities (each a retrace); the architectures' sliding windows (tests/archs.py) are
+shorter than the prompt, so every step slides them.
+"""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from interp import compiled_step
 from interp.cache import KVCache
+from interp.compiled_step import CompiledStep
 from interp.graph import GraphModel
 from interp.program import read_program
+from tests.archs import ARCHS, PROMPT_LEN
 
 PROMPT = [[5, 17, 42, 99, 7], [3, 120, 77, 8, 64]]
+#: decode steps per architecture: at offsets 8 and 12 the buffers grow (to 12, then 16)
+ARCH_STEPS = 5
 
 
 @pytest.fixture()
@@ -22,54 +28,60 @@ def small_steps(monkeypatch):
     monkeypatch.setattr(KVCache, "step", 4)
 
 
-def _models(path) -> tuple[GraphModel, GraphModel]:
-    program = read_program(path)
-    return GraphModel.from_program(program), GraphModel.from_program(program, compile_decode=False)
-
-
-def _count_whole_steps(model: GraphModel) -> list[int]:
-    """Make ``model`` record each call that takes the whole-step path."""
-    decoder = model._compiled()
-    assert decoder.whole_step is not None
+@pytest.fixture()
+def compiled_calls(monkeypatch) -> list[int]:
+    """The offset of every call that takes the compiled step, in order."""
     calls: list[int] = []
-    run = decoder.whole_step.run
+    run = CompiledStep.run
 
-    def counted(inputs, cache, offset):
+    def counted(self, inputs, cache, offset):
         calls.append(offset)
-        return run(inputs, cache, offset)
+        return run(self, inputs, cache, offset)
 
-    decoder.whole_step.run = counted
+    monkeypatch.setattr(CompiledStep, "run", counted)
     return calls
 
 
-def _decode(model: GraphModel, cache: list, token: mx.array, steps: int) -> list[np.ndarray]:
-    """Greedy steps from ``token``; returns each step's logits."""
-    out = []
+def _plain(model: GraphModel) -> GraphModel:
+    """A model over the same program and weights that never compiles."""
+    return GraphModel(model.program, model.consts, compile_decode=False)
+
+
+def _models(path) -> tuple[GraphModel, GraphModel]:
+    model = GraphModel.from_program(read_program(path))
+    return model, _plain(model)
+
+
+def _decode(model: GraphModel, cache: list, token: mx.array, steps: int) -> tuple[list[np.ndarray], list]:
+    """Greedy steps from ``token``; returns each step's last logits and the tokens chosen."""
+    logits_seen, tokens = [], []
     for _ in range(steps):
         logits = model(token, cache=cache)[:, -1, :]
-        out.append(np.array(logits))
         token = mx.argmax(logits, axis=-1)[:, None]
-    return out
+        logits_seen.append(np.array(logits))
+        tokens.append(np.array(token).ravel().tolist())
+    return logits_seen, tokens
 
 
-def test_whole_step_matches_eager_across_cache_growth(tiny_program, small_steps):
+def _prefill_and_decode(model: GraphModel, prompt: mx.array, steps: int) -> tuple[list[np.ndarray], list]:
+    cache = model.make_cache()
+    first = model(prompt, cache=cache)[:, -1, :]
+    return _decode(model, cache, mx.argmax(first, axis=-1)[:, None], steps)
+
+
+def test_whole_step_matches_eager_across_cache_growth(tiny_program, small_steps, compiled_calls):
     compiled, eager = _models(tiny_program)
-    calls = _count_whole_steps(compiled)
     ids = mx.array(PROMPT)
-    results = []
-    for model in (compiled, eager):
-        cache = model.make_cache()
-        first = model(ids, cache=cache)[:, -1, :]
-        results.append(_decode(model, cache, mx.argmax(first, axis=-1)[:, None], 13))
-    assert calls == list(range(5, 18))  # every decode step, through capacities 8, 12, 16 and 20
-    for step, (got, want) in enumerate(zip(*results, strict=True)):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"step {step}")
+    (got, got_tokens), (want, want_tokens) = (_prefill_and_decode(m, ids, 13) for m in (compiled, eager))
+    assert compiled_calls == list(range(5, 18))  # every decode step, through capacities 8, 12, 16 and 20
+    assert got_tokens == want_tokens
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"step {step}")
 
 
-def test_trimmed_and_copied_caches_stay_correct(tiny_program, small_steps):
+def test_trimmed_and_copied_caches_stay_correct(tiny_program, small_steps, compiled_calls):
     """Positions past a trim are stale in the buffer but masked; a copy never writes into its source."""
     compiled, eager = _models(tiny_program)
-    calls = _count_whole_steps(compiled)
     ids = mx.array(PROMPT[:1])
     token = mx.array([[11]])
     base = compiled.make_cache()
@@ -85,18 +97,20 @@ def test_trimmed_and_copied_caches_stay_correct(tiny_program, small_steps):
     want = np.array(eager(token, cache=reference)[:, -1, :])
     np.testing.assert_allclose(before, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(after, want, atol=1e-5, rtol=0)
-    assert len(calls) == 11
+    assert len(compiled_calls) == 11
 
 
-def test_other_caches_take_the_segment_path(tiny_program):
-    """An mlx-lm-style cache object is not paw's KVCache: segments run, the result is the same."""
+def test_other_caches_and_an_empty_cache_run_the_plain_interpreter(tiny_program, compiled_calls):
+    """An mlx-lm-style cache object is not paw's KVCache, and a first step has nothing to
+    read at capacity: both run ``GraphModel.run``, with the same result."""
 
     class ForeignCache(KVCache):
         pass
 
     compiled, eager = _models(tiny_program)
-    calls = _count_whole_steps(compiled)
-    assert not compiled_step.CompiledStep.accepts([ForeignCache()])
+    assert not CompiledStep.accepts([ForeignCache()])
+    assert not CompiledStep.accepts(compiled.make_cache())
+    assert not CompiledStep.accepts(None)
     ids = mx.array(PROMPT)
     foreign = [ForeignCache() for _ in range(compiled.num_layers)]
     plain = eager.make_cache()
@@ -105,16 +119,24 @@ def test_other_caches_take_the_segment_path(tiny_program):
     token = mx.array([[9], [10]])
     np.testing.assert_allclose(np.array(compiled(token, cache=foreign)), np.array(eager(token, cache=plain)),
                                atol=1e-5, rtol=0)
-    assert calls == []
+    first = compiled(token, cache=compiled.make_cache())
+    np.testing.assert_allclose(np.array(first), np.array(eager(token, cache=eager.make_cache())), atol=1e-5, rtol=0)
+    assert compiled_calls == []
 
 
-@pytest.mark.parametrize(("attrs", "expected"), [
-    ({"layer": 0, "scale": 0.125}, True),
-    ({"layer": 0, "scale": 0.125, "window": 0, "softcap": 0.0}, True),
-    ({"layer": 0, "scale": 0.125, "window": 4096}, False),
-    ({"layer": 0, "scale": 0.125, "softcap": 50.0}, False),
-    ({"layer": 0, "scale": 0.125, "alibi_max_bias": 8.0}, False),
-])
-def test_only_plain_causal_attention_is_compiled_whole(attrs, expected):
-    program = SimpleNamespace(nodes=[SimpleNamespace(op="linear", attrs={}), SimpleNamespace(op="attention", attrs=attrs)])
-    assert compiled_step.supports(program) is expected
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_decodes_the_same_compiled(arch_cases, arch, small_steps, compiled_calls):
+    """Sliding windows, soft-capping, ALiBi, MoE routing, ...: each compiled step's logits are
+    the plain interpreter's over the same tokens (one ``GraphModel.run`` of the whole
+    sequence), and so is each greedy choice, while the windows slide and the buffers grow."""
+    case = arch_cases(arch)
+    prompt = mx.array(case.ids.numpy()[:, :PROMPT_LEN])
+    cache = case.model.make_cache()
+    first = mx.argmax(case.model(prompt, cache=cache)[:, -1, :], axis=-1)[:, None]
+    got, tokens = _decode(case.model, cache, first, ARCH_STEPS)
+    assert compiled_calls == list(range(PROMPT_LEN, PROMPT_LEN + ARCH_STEPS))
+    fed = mx.concatenate([prompt, first, mx.array(tokens[:-1], dtype=mx.int32).T], axis=1)
+    want = np.array(_plain(case.model)(fed)[:, PROMPT_LEN:, :])
+    np.testing.assert_array_equal(np.array(tokens).T, want.argmax(axis=-1))
+    for step, logits in enumerate(got):
+        np.testing.assert_allclose(logits, want[:, step], atol=1e-4, rtol=0, err_msg=f"{arch}, step {step}")

@@ -1,7 +1,10 @@
-"""Every schema op against its torch counterpart, enumerated from the schema.
+"""Every schema op against its torch counterpart, enumerated from the schema, in three dtypes.
 
 CASES maps each op name to a torch reference and sample inputs; a schema op without a
-case, without an MLX implementation, or without documentation fails the suite.
+case, without an MLX implementation, or without documentation fails the suite. Every case
+runs in float32; a case with floating-point inputs also runs in float16 and bfloat16: the
+inputs are rounded to that dtype once, both sides compute from the same values, and the
+result must keep the reference's dtype and agree within the dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from exporter.attention_reference import alibi_slopes, attention_reference
 from interp import schema
 from interp.graph import RunContext
 from interp.ops import REGISTRY
 
 RNG = np.random.default_rng(0)
+#: rtol = atol per dtype, as ExecuTorch's MLX op tests set them; a case overrides with a reason.
+TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 def randn(*shape, dtype=np.float32):
@@ -40,28 +47,32 @@ def mask(*shape):
     return RNG.random(shape) > 0.5
 
 
+def distinct(*shape):
+    """Shuffled multiples of 1/4: exact in every float dtype, so ranks and indices have no ties."""
+    return (RNG.permutation(math.prod(shape)) / 4 - 2).reshape(shape).astype(np.float32)
+
+
 @dataclass
 class Case:
     torch_fn: Any
     inputs: list
     attrs: dict = field(default_factory=dict)
-    tol: float = 1e-5
+    #: tolerances that differ from TOLERANCE, by dtype name
+    tol: dict = field(default_factory=dict)
+
+    def tolerance(self, dtype: str) -> float:
+        return self.tol.get(dtype, TOLERANCE[dtype])
+
+    @property
+    def floating(self) -> bool:
+        """Whether the case has floating-point inputs (or makes a float32 tensor) to run in half precision."""
+        arrays = [v for item in self.inputs for v in (item if isinstance(item, list) else [item])]
+        return (any(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
+                or self.attrs.get("dtype") == "float32")
 
 
-def _attention_ref(q, k, v, *, layer, scale, window=0, softcap=0.0):
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    length, total = q.shape[2], k.shape[2]
-    rows = torch.arange(total - length, total)[:, None]
-    cols = torch.arange(total)[None, :]
-    allowed = cols <= rows
-    if window:
-        allowed &= cols > rows - window
-    return scores.masked_fill(~allowed, -math.inf).softmax(-1) @ v
+def _attention_ref(q, k, v, *, layer, **attrs):
+    return attention_reference(q, k, v, **attrs)
 
 
 CASES: dict[str, Case] = {
@@ -104,7 +115,7 @@ CASES: dict[str, Case] = {
     "sum": Case(lambda x, dims, keepdim: x.sum(dims, keepdim=keepdim), [randn(2, 3, 4)], {"dims": [0, 2], "keepdim": False}),
     "amax": Case(lambda x, dims, keepdim: x.amax(dims, keepdim=keepdim), [randn(2, 3, 4)], {"dims": [1], "keepdim": True}),
     "softmax": Case(lambda x, dim: x.softmax(dim), [randn(2, 3, 5)], {"dim": -1}),
-    "argmax": Case(lambda x, dim, keepdim: x.argmax(dim, keepdim=keepdim), [randn(3, 7)], {"dim": 1, "keepdim": False}),
+    "argmax": Case(lambda x, dim, keepdim: x.argmax(dim, keepdim=keepdim), [distinct(3, 7)], {"dim": 1, "keepdim": False}),
     # shapes
     "reshape": Case(lambda x, shape: x.reshape(shape), [randn(2, 3, 4)], {"shape": [2, -1, 2]}),
     "transpose": Case(lambda x, dim0, dim1: x.transpose(dim0, dim1), [randn(2, 3, 4)], {"dim0": 1, "dim1": 2}),
@@ -156,7 +167,7 @@ def _ternary_case(packing: str) -> Case:
     packed = pack_ternary(trits) if packing == "2bit" else pack_ternary_base3(trits)
 
     def reference(x, packed_t, scale_t, bias, in_features, out_features, packing):
-        weight = torch.from_numpy(trits.astype(np.float32)) * scale_t[:, None]
+        weight = torch.from_numpy(trits.astype(np.float32)).to(scale_t.dtype) * scale_t[:, None]
         return F.linear(x, weight, bias)
 
     return Case(reference, [randn(2, 3, 13), packed, scale, randn(6)],
@@ -172,35 +183,48 @@ def _act_quant_ref(x, bits):
 CASES["repeat_interleave"] = Case(lambda x, repeats, dim: x.repeat_interleave(repeats, dim), [randn(2, 3, 4)],
                                   {"repeats": 3, "dim": 1})
 CASES["tile"] = Case(lambda x, reps: x.repeat(reps), [randn(2, 3)], {"reps": [2, 1, 3]})
-CASES["topk"] = Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [randn(3, 9)],
+CASES["topk"] = Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [distinct(3, 9)],
                      {"k": 3, "dim": -1, "largest": True})
 
 
 def _rope_ref(x, positions, inv_freq, mscale):
-    freqs = positions[:, :, None].float() * inv_freq[None, None, :]
+    """HF's rotate-half RoPE, angles and products in float32, the result in ``x``'s dtype."""
+    freqs = positions[:, :, None].float() * inv_freq.float()[None, None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     cos, sin = (emb.cos() * mscale)[:, None], (emb.sin() * mscale)[:, None]
     half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    x32 = x.float()
+    return (x32 * cos + torch.cat([-x32[..., half:], x32[..., :half]], dim=-1) * sin).to(x.dtype)
+
+
+def _dequantize_ref(q, scales, biases, group_size, bits):
+    """MLX's affine layout: ``bits``-bit codes packed into uint32 words, lowest bits first."""
+    words = q.to(torch.int64)
+    codes = (words[..., None] >> torch.arange(0, 32, bits)) & (2**bits - 1)  # [out, words, codes per word]
+    codes = codes.reshape(q.shape[0], -1).to(scales.dtype)
+    return codes * scales.repeat_interleave(group_size, -1) + biases.repeat_interleave(group_size, -1)
 
 
 def _quantized(bits: int):
-    """MLX affine-quantized weights and their dequantized float twin (the torch reference's weight)."""
-    w = mx.array(randn(12, 128))
-    q, scales, biases = mx.quantize(w, group_size=64, bits=bits)
-    dense = np.array(mx.dequantize(q, scales, biases, group_size=64, bits=bits))
-    return np.array(q), np.array(scales), np.array(biases), torch.from_numpy(dense)
+    """MLX affine-quantized [12, 128] weights: codes, scales and biases."""
+    q, scales, biases = mx.quantize(mx.array(randn(12, 128)), group_size=64, bits=bits)
+    return np.array(q), np.array(scales), np.array(biases)
 
 
-_Q4 = _quantized(4)
-_Q8 = _quantized(8)
 _INV_FREQ = (1.0 / (10000 ** (np.arange(0, 16, 2) / 16))).astype(np.float32)
-CASES["rope"] = Case(lambda x, p, f, mscale: _rope_ref(x, p, f, mscale),
-                     [randn(2, 3, 4, 16), ints(50, 2, 4).astype(np.int32), _INV_FREQ], {"mscale": 1.0}, tol=2e-5)
-CASES["quantized_linear"] = Case(lambda x, q, s, b, bias, group_size, bits: F.linear(x, _Q4[3], bias),
-                                 [randn(2, 3, 128), *_Q4[:3], randn(12)], {"group_size": 64, "bits": 4}, tol=1e-4)
-CASES["quantized_embedding"] = Case(lambda q, s, b, ids, group_size, bits: F.embedding(ids, _Q8[3]),
-                                    [*_Q8[:3], ints(12, 2, 5)], {"group_size": 64, "bits": 8})
+# angles of up to 50 radians carry float32's rounding (3e-6) into cos and sin
+CASES["rope"] = Case(_rope_ref, [randn(2, 3, 4, 16), ints(50, 2, 4).astype(np.int32), _INV_FREQ], {"mscale": 1.0},
+                     tol={"float32": 2e-5})
+# Sums of 128 products: the order of summation shows at 1e-5 in float32. In half precision
+# MLX's CPU quantized_matmul sums in the activations' dtype where torch sums in float32:
+# errors up to 0.01 (float16) and 0.05 (bfloat16) on outputs of about 1.
+CASES["quantized_linear"] = Case(
+    lambda x, q, s, b, bias, group_size, bits: F.linear(x, _dequantize_ref(q, s, b, group_size, bits), bias),
+    [randn(2, 3, 128) / 8, *_quantized(4), randn(12) / 8], {"group_size": 64, "bits": 4},
+    tol={"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1})
+CASES["quantized_embedding"] = Case(
+    lambda q, s, b, ids, group_size, bits: F.embedding(ids, _dequantize_ref(q, s, b, group_size, bits)),
+    [*_quantized(8), ints(12, 2, 5)], {"group_size": 64, "bits": 8})
 CASES["ternary_linear"] = _ternary_case("2bit")
 CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
 
@@ -223,11 +247,19 @@ EXTRA_CASES = {
         {"layer": 0, "scale": 0.3, "window": 4, "softcap": 5.0}),
     "attention decoding one query over many keys": Case(
         _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8)], {"layer": 0, "scale": 0.35}),
+    "attention with ALiBi over six heads": Case(
+        _attention_ref, [randn(2, 6, 7, 8), randn(2, 6, 7, 8), randn(2, 6, 7, 8)],
+        {"layer": 0, "scale": 8**-0.5, "alibi_max_bias": 8.0}),
+    "attention with ALiBi, a window and fewer queries than keys": Case(
+        _attention_ref, [randn(1, 4, 2, 8), randn(1, 2, 9, 8), randn(1, 2, 9, 8)],
+        {"layer": 0, "scale": 0.3, "window": 4, "alibi_max_bias": 8.0}),
     "ternary_linear base3": _ternary_case("base3"),
-    "rope with scaling factor": Case(lambda x, p, f, mscale: _rope_ref(x, p, f, mscale),
-                                     [randn(1, 2, 3, 16), ints(9, 1, 3).astype(np.int32), _INV_FREQ],
-                                     {"mscale": 0.75}, tol=2e-5),
-    "topk smallest": Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [randn(4, 6)],
+    "rope with scaling factor": Case(_rope_ref, [randn(1, 2, 3, 16), ints(9, 1, 3).astype(np.int32), _INV_FREQ],
+                                     {"mscale": 0.75}, tol={"float32": 2e-5}),
+    "repeat_interleave along the last axis": Case(lambda x, repeats, dim: x.repeat_interleave(repeats, dim),
+                                                  [randn(3, 4, 5)], {"repeats": 2, "dim": -1}),
+    "tile with reps of the same rank": Case(lambda x, reps: x.repeat(reps), [randn(3, 4, 5)], {"reps": [2, 1, 3]}),
+    "topk smallest": Case(lambda x, k, dim, largest: x.topk(k, dim, largest=largest), [distinct(4, 6)],
                           {"k": 2, "dim": 0, "largest": False}),
     "gelu erf": Case(lambda x, approximate: F.gelu(x, approximate=approximate), [randn(3, 4)], {"approximate": "none"}),
     "slice with open end": Case(lambda x, dim, start, end, step: x[..., start:], [randn(2, 6)],
@@ -242,47 +274,66 @@ EXTRA_CASES = {
 }
 
 
-def _to_torch(value):
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
+def _leaves(value, convert):
     if isinstance(value, list):
-        return [_to_torch(v) for v in value]
-    return value
+        return [_leaves(v, convert) for v in value]
+    return convert(value)
 
 
-def _to_mlx(value):
-    if isinstance(value, np.ndarray):
-        return mx.array(value)
-    if isinstance(value, list):
-        return [_to_mlx(v) for v in value]
-    return value
+def _inputs(case: Case, dtype: str) -> tuple[list, list, dict]:
+    """The case's inputs for torch and for MLX, float32 arrays rounded to ``dtype`` once."""
+    def to_torch(value):
+        if not isinstance(value, np.ndarray):
+            return value
+        tensor = torch.from_numpy(value)
+        return tensor.to(getattr(torch, dtype)) if tensor.dtype == torch.float32 else tensor
+
+    def to_mlx(tensor):
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        if tensor.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16: go through float32 exactly
+            return mx.array(tensor.float().numpy()).astype(getattr(mx, dtype))
+        return mx.array(tensor.numpy())
+
+    torch_args = [_leaves(v, to_torch) for v in case.inputs]
+    attrs = dict(case.attrs)
+    if attrs.get("dtype") == "float32":
+        attrs["dtype"] = dtype
+    return torch_args, [_leaves(v, to_mlx) for v in torch_args], attrs
 
 
-def _as_numpy(value):
+def _as_numpy(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        return value.numpy()
+        return (value.float() if value.is_floating_point() else value).numpy()
     if isinstance(value, mx.array):
-        return np.array(value)
+        return np.array(value.astype(mx.float32) if mx.issubdtype(value.dtype, mx.floating) else value)
     return np.asarray(value)
 
 
-def _run(op: str, case: Case):
-    expected = case.torch_fn(*[_to_torch(v) for v in case.inputs], **case.attrs)
+def _dtype_name(value) -> str:
+    return str(value.dtype).rsplit(".", 1)[-1]
+
+
+def _run(op: str, case: Case, dtype: str = "float32"):
+    torch_args, mlx_args, attrs = _inputs(case, dtype)
+    expected = case.torch_fn(*torch_args, **attrs)
     handler = REGISTRY[op]
-    args = [_to_mlx(v) for v in case.inputs]
-    got = handler.fn(RunContext(cache=None), *args, **case.attrs) if handler.needs_context else handler.fn(*args, **case.attrs)
+    got = handler.fn(RunContext(cache=None), *mlx_args, **attrs) if handler.needs_context else handler.fn(*mlx_args, **attrs)
     if isinstance(expected, (tuple, list)):
         assert len(got) == len(expected)
         pairs = list(zip(got, expected, strict=True))
     else:
         pairs = [(got, expected)]
+    tol = case.tolerance(dtype)
     for g, e in pairs:
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            assert _dtype_name(g) == _dtype_name(e), f"{op}: {_dtype_name(g)} result, torch gives {_dtype_name(e)}"
         g, e = _as_numpy(g), _as_numpy(e)
         assert g.shape == e.shape, f"{op}: shape {g.shape} != {e.shape}"
         if e.dtype == bool or np.issubdtype(e.dtype, np.integer):
             np.testing.assert_array_equal(g, e)
         else:
-            np.testing.assert_allclose(g, e, rtol=case.tol, atol=case.tol)
+            np.testing.assert_allclose(g, e, rtol=tol, atol=tol, err_msg=f"{op} in {dtype}")
 
 
 @pytest.mark.parametrize("op", schema.op_names())
@@ -296,6 +347,24 @@ def test_op_matches_torch(op):
 def test_op_variant_matches_torch(name):
     op = name.split()[0]
     _run(op, EXTRA_CASES[name])
+
+
+HALF_CASES = [(op, case) for op, case in sorted(CASES.items()) if case.floating]
+HALF_CASES += [(name, case) for name, case in sorted(EXTRA_CASES.items()) if case.floating]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize(("name", "case"), HALF_CASES, ids=[name for name, _ in HALF_CASES])
+def test_op_matches_torch_in_half_precision(name, case, dtype):
+    _run(name.split()[0], case, dtype)
+
+
+def test_attention_reference_has_bloom_alibi_slopes():
+    """The reference's ALiBi slopes are BLOOM's, for power-of-two head counts and others."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    for heads in (4, 6, 12):
+        torch.testing.assert_close(alibi_slopes(heads, 8.0), _get_alibi_slopes(heads, torch.device("cpu")))
 
 
 def test_every_implementation_is_in_the_schema():
