@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from interp.errors import ProgramError
-from interp.program import read_program, read_safetensors_header
+from interp.program import read_program
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
           "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1}
@@ -18,7 +18,6 @@ _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "in
 def program_summary(path: str | Path, verify: bool = False) -> dict:
     """Numbers shown by ``paw inspect`` (also used by tests)."""
     program = read_program(path)
-    header = read_safetensors_header(program.consts_path)
     ops = Counter(node.op for node in program.nodes)
     params = 0
     by_dtype: Counter = Counter()
@@ -36,7 +35,8 @@ def program_summary(path: str | Path, verify: bool = False) -> dict:
         "ops": dict(ops.most_common()),
         "parameters": params,
         "bytes_by_dtype": dict(by_dtype),
-        "tensors": len(header),
+        "tensors": sum(len(f.header) for f in program.consts_files),
+        "consts_files": len(program.consts_files),
         "layers": program.num_layers,
         "fingerprint": program.fingerprint or "(no manifest)",
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from exporter.lazy import lazy_cat
 from exporter.lower import Lowering, value_names
 
 
@@ -285,19 +286,17 @@ def _compatible(low: Lowering, members: list[dict]) -> list[dict]:
 
 
 def _merge(low: Lowering, members: list[dict]) -> list[dict]:
-    import torch
-
     weights = [m["inputs"][1] for m in members]
     name = _joined_name(weights)
     while name in low.consts:
         name += "_"
-    low.consts[name] = torch.cat([low.consts[w] for w in weights], dim=0)
+    low.consts[name] = lazy_cat([low.consts[w] for w in weights], dim=0)
     bias = None
     if members[0]["inputs"][2] is not None:
         bias = _joined_name([m["inputs"][2] for m in members])
         while bias in low.consts:
             bias += "_"
-        low.consts[bias] = torch.cat([low.consts[m["inputs"][2]] for m in members], dim=0)
+        low.consts[bias] = lazy_cat([low.consts[m["inputs"][2]] for m in members], dim=0)
     fused = low.fresh()
     sizes = [low.consts[w].shape[0] for w in weights]
     return [

@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from exporter.lazy import LazyTensor, derive
 from exporter.lower import Lowering
 from interp.errors import ExportError
 
 BITS = (2, 3, 4, 5, 6, 8)
 
 
-def _quantizable(weight: torch.Tensor, group_size: int) -> bool:
+def _quantizable(weight: torch.Tensor | LazyTensor, group_size: int) -> bool:
     return weight.dim() == 2 and weight.is_floating_point() and weight.shape[1] % group_size == 0
 
 
@@ -31,6 +32,14 @@ def _mlx_quantize(weight: torch.Tensor, group_size: int, bits: int) -> tuple[tor
     packed = torch.from_numpy(np.array(q, copy=True))
     as_torch = [torch.from_numpy(np.array(a.astype(mx.float32), copy=True)).to(weight.dtype) for a in (scales, biases)]
     return packed, as_torch[0], as_torch[1]
+
+
+def lazy_quantize(weight: torch.Tensor | LazyTensor, group_size: int, bits: int) -> list[LazyTensor]:
+    """(codes, scales, biases) of ``weight`` [..., in] in MLX's affine layout, computed when written."""
+    *rows, columns = weight.shape
+    codes = ([*rows, columns * bits // 32], torch.uint32)
+    groups = ([*rows, columns // group_size], weight.dtype)
+    return derive([weight], lambda w: _mlx_quantize(w, group_size, bits), [codes, groups, groups])
 
 
 def quantize_weights(low: Lowering, bits: int, group_size: int) -> int:
@@ -55,7 +64,7 @@ def quantize_weights(low: Lowering, bits: int, group_size: int) -> int:
     for name in sorted(chosen):
         base = name.removesuffix(".weight")
         names = (f"{base}.qweight", f"{base}.scales", f"{base}.biases")
-        for new, tensor in zip(names, _mlx_quantize(low.consts.pop(name), group_size, bits), strict=True):
+        for new, tensor in zip(names, lazy_quantize(low.consts.pop(name), group_size, bits), strict=True):
             low.consts[new] = tensor
         packed[name] = names
     attrs = {"group_size": group_size, "bits": bits}

@@ -16,11 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
+from exporter.consts_writer import DEFAULT_SHARD_BYTES, write_consts
 from interp.errors import ExportError
-from interp.program import CONSTS_FILE, MANIFEST_FILE, PROGRAM_FILE
+from interp.program import CONSTS_FILE, CONSTS_INDEX_FILE, MANIFEST_FILE, PROGRAM_FILE
 
 
 def canonical_json(data: dict) -> str:
@@ -36,16 +34,18 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_consts(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    ordered = {name: tensors[name].contiguous() for name in sorted(tensors)}
-    save_file(ordered, str(path), metadata={"format": "pt"})
-
-
 def fingerprint(directory: Path, hashes: dict[str, str]) -> str:
-    """Identity of a program: its graph and its weights (not its tokenizer files' layout)."""
+    """Identity of a program: its graph and its weights (not its tokenizer files' layout).
+
+    A sharded program's weights are its index and then its shards, in order.
+    """
     digest = hashlib.sha256()
     digest.update(hashes[PROGRAM_FILE].encode())
-    digest.update(hashes[CONSTS_FILE].encode())
+    if CONSTS_FILE in hashes:
+        digest.update(hashes[CONSTS_FILE].encode())
+    else:
+        for name in [CONSTS_INDEX_FILE, *sorted(n for n in hashes if n.startswith("consts-"))]:
+            digest.update(hashes[name].encode())
     return digest.hexdigest()[:16]
 
 
@@ -92,9 +92,11 @@ def _publish_permissions(directory: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
-def write_program(directory: Path, spec: dict, consts: dict[str, torch.Tensor],
-                  save_tokenizer: Callable[[Path], None] | None) -> None:
+def write_program(directory: Path, spec: dict, consts: dict, save_tokenizer: Callable[[Path], None] | None,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """prog.json, the consts (materialized one at a time, sharded above ``max_shard_bytes``), the tokenizer."""
     (directory / PROGRAM_FILE).write_text(canonical_json(spec), encoding="utf-8")
-    write_consts(consts, directory / CONSTS_FILE)
+    write_consts(directory, consts, max_shard_bytes, progress)
     if save_tokenizer is not None:
         save_tokenizer(directory)

@@ -17,10 +17,9 @@ import mlx.core as mx
 
 from interp import schema
 from interp.cache import KVCache, make_cache
-from interp.errors import WeightsError
 from interp.ops import REGISTRY
 from interp.ops.ternary import prepare_ternary_consts
-from interp.program import Program
+from interp.program import Program, load_consts
 
 
 @dataclass
@@ -112,11 +111,7 @@ class GraphModel:
 
     @classmethod
     def from_program(cls, program: Program, compile_decode: bool = True) -> GraphModel:
-        try:
-            consts = mx.load(str(program.consts_path))
-        except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-            raise WeightsError(f"cannot read {program.consts_path}: {exc}") from None
-        return cls(program, consts, compile_decode=compile_decode)
+        return cls(program, load_consts(program), compile_decode=compile_decode)
 
     def make_cache(self) -> list[KVCache]:
         return make_cache(self.num_layers)

@@ -1,14 +1,20 @@
-"""Load and validate a program directory (prog.json + consts.safetensors + tokenizer).
+"""Load and validate a program directory (prog.json + consts + tokenizer).
 
 Validation happens before any weight is touched, so a bad program fails in
 milliseconds with one line that names the problem: the format version, an unknown op,
 a wrong arity or attribute, a reference to an undefined value, a const whose dtype or
 shape disagrees with the file, or a truncated weights file.
+
+The consts are one ``consts.safetensors`` or, for large programs, shards named
+``consts-00001-of-00003.safetensors`` listed by ``consts.safetensors.index.json`` (Hugging
+Face's layout). Every reader goes through ``read_consts_files``, which lists the files
+and their headers, and ``load_consts``, which maps them lazily into MLX.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +25,9 @@ from interp.errors import ProgramError, UnknownOpError, WeightsError
 
 PROGRAM_FILE = "prog.json"
 CONSTS_FILE = "consts.safetensors"
+CONSTS_INDEX_FILE = "consts.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
+_SHARD_NAME = re.compile(r"consts-(\d{5})-of-(\d{5})\.safetensors")
 
 # safetensors dtype codes -> schema dtype names
 _ST_DTYPES = {
@@ -36,6 +44,14 @@ class Node:
     outputs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ConstsFile:
+    """One safetensors file of a program's consts and its header (const name -> dtype, shape, offsets)."""
+
+    path: Path
+    header: dict
+
+
 @dataclass
 class Program:
     """A validated program: the parsed prog.json plus where its files live."""
@@ -44,6 +60,7 @@ class Program:
     spec: dict
     nodes: list[Node]
     manifest: dict = field(default_factory=dict)
+    consts_files: list[ConstsFile] = field(default_factory=list)
 
     @property
     def model_info(self) -> dict:
@@ -51,6 +68,7 @@ class Program:
 
     @property
     def consts_path(self) -> Path:
+        """The consts file of an unsharded program (a sharded one has ``consts_files``)."""
         return self.directory / CONSTS_FILE
 
     @property
@@ -82,10 +100,11 @@ def read_program(path: str | Path, known_ops: set[str] | None = None) -> Program
     spec = _read_json(directory / PROGRAM_FILE)
     _check_format(spec, directory / PROGRAM_FILE)
     nodes = _check_graph(spec, known_ops if known_ops is not None else set(schema.OPS))
-    _check_consts(spec, directory / CONSTS_FILE)
+    files = read_consts_files(directory)
+    _check_consts(spec, files)
     manifest_path = directory / MANIFEST_FILE
     manifest = _read_json(manifest_path) if manifest_path.is_file() else {}
-    return Program(directory=directory, spec=spec, nodes=nodes, manifest=manifest)
+    return Program(directory=directory, spec=spec, nodes=nodes, manifest=manifest, consts_files=files)
 
 
 def _read_json(path: Path) -> dict:
@@ -254,15 +273,77 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _check_consts(spec: dict, path: Path) -> None:
-    header = read_safetensors_header(path)
+def shard_file_name(index: int, count: int) -> str:
+    """``consts-00002-of-00005.safetensors``: the name of shard ``index`` (from 1) of ``count``."""
+    return f"consts-{index:05d}-of-{count:05d}.safetensors"
+
+
+def read_consts_files(directory: Path) -> list[ConstsFile]:
+    """The program's consts files with their headers: the one way in to a program's weights.
+
+    A program has ``consts.safetensors``, or shards listed by ``consts.safetensors.index.json``;
+    the index is checked against the shards' headers (every const in exactly the file the
+    index names, no file outside the directory). Reads headers only.
+    """
+    index_path = directory / CONSTS_INDEX_FILE
+    if not index_path.is_file():
+        path = directory / CONSTS_FILE
+        return [ConstsFile(path, read_safetensors_header(path))]
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f"{index_path.name} has no weight_map of const names to shard files")
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        match = _SHARD_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None or int(match.group(2)) != len(names):
+            raise WeightsError(f"{index_path.name} names {name!r}, which is not a shard of {len(names)} "
+                               f"(expected {shard_file_name(1, len(names))} and so on)")
+    files = [ConstsFile(directory / name, read_safetensors_header(directory / name)) for name in names]
+    where = {}
+    for consts_file in files:
+        for const in consts_file.header:
+            if const in where:
+                raise WeightsError(f"const {const!r} is stored twice: in {where[const]} and {consts_file.path.name}")
+            where[const] = consts_file.path.name
+    for const, name in weight_map.items():
+        if where.get(const) != name:
+            raise WeightsError(f"{index_path.name} puts {const!r} in {name}, "
+                               + (f"but it is in {where[const]}" if const in where else "which lacks it"))
+    return files
+
+
+def load_consts(program: Program, names: set[str] | None = None) -> dict:
+    """The consts as lazily loaded MLX arrays (nothing is read until evaluated).
+
+    ``names`` limits the result to those consts and opens only the files that hold them
+    (a process that runs part of the model loads part of it).
+    """
+    import mlx.core as mx
+
+    consts: dict = {}
+    for consts_file in program.consts_files or read_consts_files(program.directory):
+        if names is not None and not names.intersection(consts_file.header):
+            continue
+        try:
+            arrays = mx.load(str(consts_file.path))
+        except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
+            raise WeightsError(f"cannot read {consts_file.path}: {exc}") from None
+        consts.update(arrays if names is None else {k: v for k, v in arrays.items() if k in names})
+    return consts
+
+
+def _check_consts(spec: dict, files: list[ConstsFile]) -> None:
+    where = {name: consts_file for consts_file in files for name in consts_file.header}
     for name, meta in spec["consts"].items():
-        stored = header.get(name)
-        if stored is None:
-            raise WeightsError(f"{path.name} lacks the const {name!r} that prog.json declares")
+        consts_file = where.get(name)
+        if consts_file is None:
+            holder = files[0].path.name if len(files) == 1 else "the consts shards"
+            raise WeightsError(f"{holder} lacks the const {name!r} that prog.json declares")
+        stored = consts_file.header[name]
         dtype = _ST_DTYPES.get(stored["dtype"], stored["dtype"])
         if dtype != meta["dtype"] or list(stored["shape"]) != list(meta["shape"]):
             raise WeightsError(
                 f"const {name!r}: prog.json says {meta['dtype']}{list(meta['shape'])}, "
-                f"{path.name} holds {dtype}{list(stored['shape'])}"
+                f"{consts_file.path.name} holds {dtype}{list(stored['shape'])}"
             )
