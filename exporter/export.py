@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from collections.abc import Callable
@@ -10,8 +11,9 @@ from pathlib import Path
 import torch
 
 from exporter.capture import capture, context_length
+from exporter.consts_writer import DEFAULT_SHARD_BYTES
 from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
-from exporter.sources import Source, load_source, resolve_source
+from exporter.sources import Source, load_source, load_source_streaming, resolve_source
 from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
 from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
@@ -99,14 +101,18 @@ def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
 
 def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
                  force: bool = False, progress: Progress | None = None, weights: str = "float",
-                 fuse: bool = True, quantize: int = 0, group_size: int = 64) -> Path:
-    """Export an in-memory transformers model (and its tokenizer) to ``out_dir``.
+                 fuse: bool = True, quantize: int = 0, group_size: int = 64, checkpoint=None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Export a transformers model (and its tokenizer) to ``out_dir``.
 
     ``weights``: "float", or "ternary" / "ternary-base3" to pack linear layers as ternary
     (exporter/ternary.py); BitNet checkpoints are packed exactly in every mode.
     ``fuse`` runs the fusion passes (exporter/fuse.py: RMSNorm, RoPE -> mx.fast ops);
     ``quantize`` > 0 stores linear and embedding weights affine-quantized to that many
     bits in groups of ``group_size`` (exporter/quantize.py).
+    ``checkpoint`` (``exporter.checkpoint.CheckpointWeights``): the model's parameters are
+    on the meta device and every weight is read from the checkpoint as it is written.
+    Consts above ``max_shard_bytes`` are written as shards (0: never).
     """
     say = progress or (lambda msg: None)
     if quantize and weights != "float":
@@ -117,10 +123,12 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model = model.to(getattr(torch, dtype))
     say("capturing the graph with torch.export")
-    with ternary_capture(model, weights) as ternary_plan:
+    placeholders = checkpoint.placeholders(model) if checkpoint is not None else contextlib.nullcontext()
+    with ternary_capture(model, weights) as ternary_plan, placeholders:
         exported = capture(model)
     say("lowering aten ops to program ops")
-    low, outputs = lower(exported)
+    low, outputs = lower(exported, const_source=checkpoint.const_source if checkpoint is not None else None)
+    del exported
     eliminate_dead_code(low, outputs)
     packed = ternarize_program(low, outputs, ternary_plan) if ternary_plan.active else 0
     if packed:
@@ -142,7 +150,8 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     out = Path(out_dir)
     say(f"writing {out}")
     with atomic_directory(out, force=force) as tmp:
-        write_program(tmp, spec, low.consts, _tokenizer_saver(tokenizer))
+        write_program(tmp, spec, low.consts, _tokenizer_saver(tokenizer), max_shard_bytes,
+                      _byte_progress(progress, f"writing {out}"))
         write_manifest(tmp, {
             "exporter": EXPORTER_VERSION,
             "source": source_info or {},
@@ -153,8 +162,14 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
 
 
 def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", force: bool = False,
-                  progress: Progress | None = None, weights: str = "float", **options) -> Path:
-    """Export a model named by alias, GGUF path, folder or hub id (options as ``export_model``)."""
+                  progress: Progress | None = None, weights: str = "float", stream: bool = True,
+                  **options) -> Path:
+    """Export a model named by alias, GGUF path, folder or hub id (options as ``export_model``).
+
+    ``stream`` reads each weight from the checkpoint as it is written (``exporter.checkpoint``),
+    so the export's memory does not grow with the model; sources that cannot stream, and
+    ``stream=False``, load the whole model first.
+    """
     say = progress or (lambda msg: None)
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -164,14 +179,38 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists; pass --force to replace it")
     source: Source = resolve_source(src, progress=progress is not None)
-    say(f"loading {source.info.get('id') or source.location}")
-    model, tokenizer = load_source(source, dtype)
+    name = source.info.get("id") or source.location
+    checkpoint = None
+    if stream:
+        from exporter.checkpoint import NotStreamable
+
+        say(f"reading {name} (weights stay on disk until written)")
+        try:
+            model, tokenizer, checkpoint = load_source_streaming(source, dtype)
+        except NotStreamable as why:
+            say(f"loading {name} whole: {why}")
+    if checkpoint is None:
+        if not stream:
+            say(f"loading {name}")
+        model, tokenizer = load_source(source, dtype)
     info = dict(source.info)
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
         info["revision"] = revision
     return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
-                        weights=weights, **options)
+                        weights=weights, checkpoint=checkpoint, **options)
+
+
+def _byte_progress(progress: Progress | None, message: str) -> Callable[[int, int], None] | None:
+    """Byte counts of the consts written, shown on the current step when the reporter can update it."""
+    update = getattr(progress, "update", None)
+    if update is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        update(f"{message}: {done / 1e9:.2f} of {total / 1e9:.2f} GB")
+
+    return report
 
 
 def _version(package: str) -> str:
