@@ -177,6 +177,8 @@ def _plan_loading(plan: LoadPlan, model, state_dict: dict, load_config, disk_off
             target_dtype = empty.dtype
         if hf_quantizer is not None and hf_quantizer.pre_quantized:
             target_dtype = hf_quantizer.get_new_dtype(group.template, tensor, target_dtype)
+        if isinstance(group.template, WeightRenaming) and hasattr(tensor, "get_shape"):
+            _check_shape(renamed_key, original_key, list(tensor.get_shape()), list(empty.shape))
         group.entries.append((renamed_key, original_key, source_pattern, tensor, target_dtype))
 
     plan.model, plan.hf_quantizer, plan.info = model, hf_quantizer, info
@@ -199,6 +201,13 @@ def _plan_loading(plan: LoadPlan, model, state_dict: dict, load_config, disk_off
         param = model.get_parameter_or_buffer(target)
         param._is_hf_initialized = True
     return info, disk_offload_index
+
+
+def _check_shape(name: str, stored_name: str, stored: list[int], expected: list[int]) -> None:
+    """A checkpoint tensor renamed as is must have its parameter's shape (checked before any weight is read)."""
+    if stored != expected:
+        raise ExportError(f"the checkpoint's {stored_name!r} has shape {stored}; the model's config expects "
+                          f"{expected} for {name!r}")
 
 
 # ----------------------------------------------------------------------------- GGUF, read lazily

@@ -12,6 +12,7 @@ import torch
 
 from exporter.capture import capture, context_length
 from exporter.consts_writer import DEFAULT_SHARD_BYTES
+from exporter.experts import EXPERT_MODES
 from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
 from exporter.sources import Source, load_source, load_source_streaming, resolve_source
 from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
@@ -21,6 +22,7 @@ from interp.errors import ExportError
 
 EXPORTER_VERSION = "paw-exporter 0.1.0"
 DTYPES = ("float32", "float16", "bfloat16")
+KEEP = "keep"  # --quantize keep: a GGUF source's blocks as they are
 
 Progress = Callable[[str], None]
 
@@ -101,22 +103,31 @@ def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
 
 def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
                  force: bool = False, progress: Progress | None = None, weights: str = "float",
-                 fuse: bool = True, quantize: int = 0, group_size: int = 64, checkpoint=None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                 fuse: bool = True, quantize: int | str = 0, group_size: int = 64, checkpoint=None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, experts: str = "sparse") -> Path:
     """Export a transformers model (and its tokenizer) to ``out_dir``.
 
     ``weights``: "float", or "ternary" / "ternary-base3" to pack linear layers as ternary
     (exporter/ternary.py); BitNet checkpoints are packed exactly in every mode.
     ``fuse`` runs the fusion passes (exporter/fuse.py: RMSNorm, RoPE -> mx.fast ops);
     ``quantize`` > 0 stores linear and embedding weights affine-quantized to that many
-    bits in groups of ``group_size`` (exporter/quantize.py).
+    bits in groups of ``group_size`` (exporter/quantize.py); "keep" stores a GGUF source's
+    Q4_0/Q4_1/Q8_0 weights as the same blocks in MLX's layout (exporter/gguf_blocks.py).
     ``checkpoint`` (``exporter.checkpoint.CheckpointWeights``): the model's parameters are
     on the meta device and every weight is read from the checkpoint as it is written.
-    Consts above ``max_shard_bytes`` are written as shards (0: never).
+    Consts above ``max_shard_bytes`` are written as shards (0: never). ``experts``: how
+    mixture-of-experts blocks run, "sparse" (only the routed experts' weights) or "dense".
     """
     say = progress or (lambda msg: None)
     if quantize and weights != "float":
         raise ExportError("--quantize and --weights ternary are exclusive: choose one weight format")
+    if quantize == KEEP and checkpoint is None:
+        raise ExportError("--quantize keep stores a GGUF file's blocks as they are: it needs a .gguf source, "
+                          "read as a stream (not --no-stream)")
+    if isinstance(quantize, str) and quantize != KEEP:
+        raise ExportError(f"--quantize takes a number of bits or keep, not {quantize!r}")
+    if experts not in EXPERT_MODES:
+        raise ExportError(f"unknown experts mode {experts!r}; choose one of {', '.join(EXPERT_MODES)}")
     first = next(model.parameters(), None)
     dtype = dtype or (str(first.dtype).removeprefix("torch.") if first is not None else "float32")
     if dtype not in DTYPES:
@@ -125,11 +136,13 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     say("capturing the graph with torch.export")
     placeholders = checkpoint.placeholders(model) if checkpoint is not None else contextlib.nullcontext()
     with ternary_capture(model, weights) as ternary_plan, placeholders:
-        exported = capture(model)
+        exported = capture(model, experts=experts)
     say("lowering aten ops to program ops")
     low, outputs = lower(exported, const_source=checkpoint.const_source if checkpoint is not None else None)
     del exported
     eliminate_dead_code(low, outputs)
+    if quantize == KEEP:
+        _keep_blocks(low, checkpoint, say)
     packed = ternarize_program(low, outputs, ternary_plan) if ternary_plan.active else 0
     if packed:
         say(f"packed {packed} linear weights as ternary ({ternary_plan.packing})")
@@ -139,7 +152,7 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
         fused = run_fusion(low)
         say("fused " + ", ".join(f"{count} {name}" for name, count in fused.items()))
         eliminate_dead_code(low, outputs)
-    if quantize:
+    if quantize and quantize != KEEP:
         from exporter.quantize import quantize_weights
 
         count = quantize_weights(low, quantize, group_size)
@@ -199,6 +212,18 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
         info["revision"] = revision
     return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
                         weights=weights, checkpoint=checkpoint, **options)
+
+
+def _keep_blocks(low, checkpoint, say: Progress) -> None:
+    from exporter.gguf_blocks import keep_gguf_blocks
+
+    kept, others = keep_gguf_blocks(low, checkpoint)
+    left = ", ".join(f"{count} {kind}" for kind, count in sorted(others.items()))
+    if not kept:
+        raise ExportError("--quantize keep found no linear or embedding weight stored as Q4_0, Q4_1 or Q8_0"
+                          + (f" (the source has {left})" if left else "")
+                          + "; use --quantize 4 or 8 to quantize the weights instead")
+    say(f"kept {kept} weights as their GGUF blocks" + (f"; dequantized {left}" if left else ""))
 
 
 def _byte_progress(progress: Progress | None, message: str) -> Callable[[int, int], None] | None:
