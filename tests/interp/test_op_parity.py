@@ -194,6 +194,23 @@ def _quantized(bits: int):
 
 _Q4 = _quantized(4)
 _Q8 = _quantized(8)
+
+
+def _expert_ref(*args, **attrs):
+    from exporter.experts import paw_expert_linear  # the capture's own torch reference
+
+    return paw_expert_linear(*args)
+
+
+def _quantized_experts(bits: int):
+    """A stack of 4 quantized experts [4, 12, 64] and its dequantized float twin."""
+    w = mx.array(randn(4, 12, 64))
+    q, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    dense = np.array(mx.dequantize(q, scales, biases, group_size=32, bits=bits))
+    return np.array(q), np.array(scales), np.array(biases), torch.from_numpy(dense)
+
+
+_QE = _quantized_experts(4)
 _INV_FREQ = (1.0 / (10000 ** (np.arange(0, 16, 2) / 16))).astype(np.float32)
 CASES["rope"] = Case(lambda x, p, f, mscale: _rope_ref(x, p, f, mscale),
                      [randn(2, 3, 4, 16), ints(50, 2, 4).astype(np.int32), _INV_FREQ], {"mscale": 1.0}, tol=2e-5)
@@ -202,6 +219,10 @@ CASES["quantized_linear"] = Case(lambda x, q, s, b, bias, group_size, bits: F.li
 CASES["quantized_embedding"] = Case(lambda q, s, b, ids, group_size, bits: F.embedding(ids, _Q8[3]),
                                     [*_Q8[:3], ints(12, 2, 5)], {"group_size": 64, "bits": 8})
 CASES["ternary_linear"] = _ternary_case("2bit")
+CASES["expert_linear"] = Case(_expert_ref, [randn(5, 1, 16), randn(4, 12, 16), ints(4, 5, 2), randn(4, 12)])
+CASES["quantized_expert_linear"] = Case(
+    lambda x, q, s, b, i, bias, group_size, bits: _expert_ref(x, _QE[3], i, bias),
+    [randn(5, 1, 64), *_QE[:3], ints(4, 5, 2), None], {"group_size": 32, "bits": 4}, tol=1e-4)
 CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
 # F.embedding takes (indices, weight); the program op takes (weight, indices).
 CASES["embedding"] = Case(lambda w, i: F.embedding(i, w), [randn(10, 4), ints(10, 2, 3)])
@@ -212,6 +233,11 @@ EXTRA_CASES = {
     "attention decoding one query over many keys": Case(
         _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8)], {"layer": 0, "scale": 0.35}),
     "ternary_linear base3": _ternary_case("base3"),
+    "expert_linear over many pairs, grouped by expert": Case(
+        _expert_ref, [randn(40, 2, 16), randn(4, 12, 16), ints(4, 40, 2), None], tol=2e-5),
+    "quantized_expert_linear over many pairs": Case(
+        lambda x, q, s, b, i, bias, group_size, bits: _expert_ref(x, _QE[3], i, bias),
+        [randn(40, 1, 64), *_QE[:3], ints(4, 40, 2), randn(4, 12)], {"group_size": 32, "bits": 4}, tol=1e-4),
     "rope with scaling factor": Case(lambda x, p, f, mscale: _rope_ref(x, p, f, mscale),
                                      [randn(1, 2, 3, 16), ints(9, 1, 3).astype(np.int32), _INV_FREQ],
                                      {"mscale": 0.75}, tol=2e-5),
