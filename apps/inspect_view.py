@@ -15,8 +15,13 @@ _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "in
           "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1}
 
 
-def program_summary(path: str | Path, verify: bool = False) -> dict:
-    """Numbers shown by ``paw inspect`` (also used by tests)."""
+def program_summary(path: str | Path, verify: bool = False, context: int | None = None, batch: int = 1) -> dict:
+    """Numbers shown by ``paw inspect`` (also used by tests).
+
+    ``context``: positions for the memory estimate (default: the model's context length).
+    """
+    from interp.memory import estimate_memory
+
     program = read_program(path)
     ops = Counter(node.op for node in program.nodes)
     params = 0
@@ -40,6 +45,12 @@ def program_summary(path: str | Path, verify: bool = False) -> dict:
         "layers": program.num_layers,
         "fingerprint": program.fingerprint or "(no manifest)",
     }
+    if context is not None and context < 1:
+        raise ProgramError(f"--context must be at least 1 position, not {context}")
+    if batch < 1:
+        raise ProgramError(f"--batch must be at least 1, not {batch}")
+    positions = context or int(program.model_info.get("context_length") or 4096)
+    summary["memory"] = estimate_memory(program, positions, batch)
     if verify:
         summary["verified"] = verify_files(program.directory, program.manifest)
     return summary
@@ -72,8 +83,8 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def show_program(path: str | Path, verify: bool = False) -> None:
-    s = program_summary(path, verify=verify)
+def show_program(path: str | Path, verify: bool = False, context: int | None = None, batch: int = 1) -> None:
+    s = program_summary(path, verify=verify, context=context, batch=batch)
     console = Console()
     model = s["model"]
     console.print(f"[bold]{s['path']}[/bold]  ({s['format']})")
@@ -94,3 +105,16 @@ def show_program(path: str | Path, verify: bool = False) -> None:
     for op, count in s["ops"].items():
         ops.add_row(op, str(count))
     console.print(ops)
+    memory = s["memory"]
+    console.print(f"memory to run: {_human(memory.total)} with {memory.context:,} positions of context "
+                  f"(batch {memory.batch})")
+    need = Table(show_header=True)
+    need.add_column("what")
+    need.add_column("dtype")
+    need.add_column("bytes", justify="right")
+    for dtype, nbytes in sorted(memory.weights_by_dtype.items()):
+        need.add_row("weights", dtype, _human(nbytes))
+    for dtype, nbytes in sorted(memory.cache_by_dtype.items()):
+        need.add_row("KV cache", dtype, _human(nbytes))
+    need.add_row("[bold]total[/bold]", "", f"[bold]{_human(memory.total)}[/bold]")
+    console.print(need)

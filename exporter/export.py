@@ -119,15 +119,11 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     mixture-of-experts blocks run, "sparse" (only the routed experts' weights) or "dense".
     """
     say = progress or (lambda msg: None)
-    if quantize and weights != "float":
-        raise ExportError("--quantize and --weights ternary are exclusive: choose one weight format")
+    check_options(weights=weights, quantize=quantize, group_size=group_size, max_shard_bytes=max_shard_bytes,
+                  experts=experts)
     if quantize == KEEP and checkpoint is None:
         raise ExportError("--quantize keep stores a GGUF file's blocks as they are: it needs a .gguf source, "
                           "read as a stream (not --no-stream)")
-    if isinstance(quantize, str) and quantize != KEEP:
-        raise ExportError(f"--quantize takes a number of bits or keep, not {quantize!r}")
-    if experts not in EXPERT_MODES:
-        raise ExportError(f"unknown experts mode {experts!r}; choose one of {', '.join(EXPERT_MODES)}")
     first = next(model.parameters(), None)
     dtype = dtype or (str(first.dtype).removeprefix("torch.") if first is not None else "float32")
     if dtype not in DTYPES:
@@ -186,12 +182,16 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     say = progress or (lambda msg: None)
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if weights not in WEIGHT_MODES:
-        raise ExportError(f"unknown weights mode {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    check_options(weights=weights, **options)
+    if options.get("quantize") == KEEP and not stream:
+        raise ExportError("--quantize keep stores a GGUF file's blocks as they are: it needs a .gguf source, "
+                          "read as a stream (not --no-stream)")
     out = Path(out_dir)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists; pass --force to replace it")
     source: Source = resolve_source(src, progress=progress is not None)
+    if options.get("quantize") == KEEP and source.kind != "gguf":
+        raise ExportError(f"--quantize keep stores a GGUF file's blocks as they are; {src} is not a .gguf file")
     name = source.info.get("id") or source.location
     checkpoint = None
     if stream:
@@ -212,6 +212,25 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
         info["revision"] = revision
     return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
                         weights=weights, checkpoint=checkpoint, **options)
+
+
+def check_options(*, weights: str = "float", quantize: int | str = 0, group_size: int = 64,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, experts: str = "sparse", **_) -> None:
+    """Refuse an impossible combination of export options before any model is loaded."""
+    from exporter.quantize import BITS
+
+    if weights not in WEIGHT_MODES:
+        raise ExportError(f"unknown weights mode {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    if quantize != KEEP and quantize not in (0, *BITS):
+        raise ExportError(f"--quantize takes {', '.join(map(str, BITS))} bits, 0 or keep, not {quantize!r}")
+    if quantize and weights != "float":
+        raise ExportError("--quantize and --weights ternary are exclusive: choose one weight format")
+    if quantize not in (0, KEEP) and group_size not in (32, 64, 128):
+        raise ExportError(f"--group-size must be 32, 64 or 128, not {group_size}")
+    if max_shard_bytes < 0:
+        raise ExportError("--max-shard-size must be 0 (never shard) or a positive size")
+    if experts not in EXPERT_MODES:
+        raise ExportError(f"unknown experts mode {experts!r}; choose one of {', '.join(EXPERT_MODES)}")
 
 
 def _keep_blocks(low, checkpoint, say: Progress) -> None:
