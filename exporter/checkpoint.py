@@ -76,22 +76,23 @@ class LoadPlan:
     info: Any = None
     groups: dict[str, _Group] = field(default_factory=dict)  # first target -> group
     owner: dict[str, str] = field(default_factory=dict)  # every target -> its group's first target
-    #: model parameter name -> (GGUF tensor, processor) for tensors read from a GGUF file
-    gguf_tensors: dict[str, Any] = field(default_factory=dict)
-    _last: tuple[str, dict] | None = None  # the latest group's results (q, k, v often go together)
+    #: the other targets of the latest conversion that made several (q, k, v split from one
+    #: checkpoint tensor are usually asked for one after the other); dropped when used
+    _pending: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def realize(self, name: str) -> torch.Tensor:
         """The parameter's values in the dtype transformers would have loaded it in."""
         first = self.owner.get(name)
         if first is None:
             raise ExportError(f"the checkpoint holds no weight for {name!r}")
-        if self._last is None or self._last[0] != first:
-            self._last = None
-            self._last = (first, self._convert(first))
-        value = self._last[1].get(name)
+        value = self._pending.pop(name, None)
         if value is None:
-            raise ExportError(f"the checkpoint's conversion for {first!r} did not produce {name!r}")
-        value = value[0] if isinstance(value, list) else value
+            self._pending.clear()
+            made = {key: v[0] if isinstance(v, list) else v for key, v in self._convert(first).items()}
+            value = made.pop(name, None)
+            if value is None:
+                raise ExportError(f"the checkpoint's conversion for {first!r} did not produce {name!r}")
+            self._pending = {key: v for key, v in made.items() if key in self.owner}
         expected = self.model.get_parameter_or_buffer(name).shape
         if value.shape != expected:
             raise ExportError(f"the checkpoint's {name!r} has shape {list(value.shape)}; "
@@ -257,7 +258,7 @@ class _GgufTensorReader:
         return tensor.to(self.torch_dtype) if self.torch_dtype is not None else tensor
 
 
-def _legacy_gguf_state_dict(plan: LoadPlan, path: str, model, torch_dtype) -> dict:
+def _legacy_gguf_state_dict(path: str, model, torch_dtype) -> dict:
     """``load_gguf_checkpoint(..., return_tensors=True)`` with every tensor read when asked for."""
     from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import (
@@ -278,9 +279,7 @@ def _legacy_gguf_state_dict(plan: LoadPlan, path: str, model, torch_dtype) -> di
     state = {}
     for tensor in reader.tensors:
         if tensor.name in key_map:
-            reader_item = _GgufTensorReader(path, tensor, processor, key_map, torch_dtype)
-            state[key_map[tensor.name]] = reader_item
-            plan.gguf_tensors[key_map[tensor.name]] = reader_item
+            state[key_map[tensor.name]] = _GgufTensorReader(path, tensor, processor, key_map, torch_dtype)
     return state
 
 
@@ -320,7 +319,7 @@ def _planning(plan: LoadPlan) -> Iterator[None]:
 
     def gguf_state_dict(quantizer, checkpoint_file, model):
         if not quantizer.supported:
-            return _legacy_gguf_state_dict(plan, checkpoint_file, model, quantizer.dtype)
+            return _legacy_gguf_state_dict(checkpoint_file, model, quantizer.dtype)
         from transformers.integrations.gguf.reader import load_gguf_state_dict
 
         header = quantizer.header

@@ -82,3 +82,17 @@ def test_a_checkpoint_tensor_of_the_wrong_shape_is_one_error(folders, tmp_path, 
         export_source(str(broken), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_pread_reads_of_gguf_tensors_equal_transformers_memory_map(tmp_path, tiny_tokenizer):
+    """The newer GGUF path's lazy tensors (qwen3.5, lfm2 files) read with pread give the same tensors."""
+    from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
+
+    from exporter.checkpoint import _PreadGgufTensor
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_tokenizer, types={"ffn_down": "F16"})
+    header = GgufHeader.from_file(str(path))
+    lazy = load_gguf_state_dict(header)
+    for info in header.tensors:
+        read = _PreadGgufTensor(lazy[info.name], header.path, header.data_start + info.offset)[...]
+        assert torch.equal(read, lazy[info.name][...]), info.name
