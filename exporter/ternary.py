@@ -198,16 +198,19 @@ def _add_packed_consts(low: Lowering, name: str, plan: TernaryPlan) -> tuple[str
     else:
         scale_rows = out_features if plan.per_row else 1
 
-    def compute(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t, s = exact if exact is not None else packing.ternarize_absmean(values.detach().float().numpy(),
-                                                                          per_row=plan.per_row)
+    def packed(t: np.ndarray, s: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).to(weight.dtype)
         return torch.from_numpy(packing.pack(t, plan.packing)), scale
 
-    packed_shape = [out_features, packing.packed_length(in_features, plan.packing)]
-    low.consts[packed_name], low.consts[scale_name] = derive(
-        [] if exact is not None else [weight], compute if exact is None else (lambda: compute(None)),
-        [(packed_shape, torch.uint8), ([scale_rows], weight.dtype)])
+    def ternarized(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed(*packing.ternarize_absmean(values.detach().float().numpy(), per_row=plan.per_row))
+
+    outputs = [([out_features, packing.packed_length(in_features, plan.packing)], torch.uint8),
+               ([scale_rows], weight.dtype)]
+    if exact is not None:
+        low.consts[packed_name], low.consts[scale_name] = derive([], lambda: packed(*exact), outputs)
+    else:
+        low.consts[packed_name], low.consts[scale_name] = derive([weight], ternarized, outputs)
     return packed_name, scale_name, int(out_features), int(in_features)
 
 

@@ -14,7 +14,6 @@ and their headers, and ``load_consts``, which maps them lazily into MLX.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ PROGRAM_FILE = "prog.json"
 CONSTS_FILE = "consts.safetensors"
 CONSTS_INDEX_FILE = "consts.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
-_SHARD_NAME = re.compile(r"consts-(\d{5})-of-(\d{5})\.safetensors")
 
 # safetensors dtype codes -> schema dtype names
 _ST_DTYPES = {
@@ -294,11 +292,10 @@ def read_consts_files(directory: Path) -> list[ConstsFile]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsError(f"{index_path.name} has no weight_map of const names to shard files")
     names = sorted(set(weight_map.values()), key=str)
-    for name in names:
-        match = _SHARD_NAME.fullmatch(name) if isinstance(name, str) else None
-        if match is None or int(match.group(2)) != len(names):
+    for number, name in enumerate(names, start=1):
+        if not isinstance(name, str) or name != shard_file_name(number, len(names)):
             raise WeightsError(f"{index_path.name} names {name!r}, which is not a shard of {len(names)} "
-                               f"(expected {shard_file_name(1, len(names))} and so on)")
+                               f"(expected {shard_file_name(1, len(names))} to {shard_file_name(len(names), len(names))})")
     files = [ConstsFile(directory / name, read_safetensors_header(directory / name)) for name in names]
     where = {}
     for consts_file in files:
