@@ -59,10 +59,15 @@ def say(message: str) -> None:
     print(f"[bigmodels {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def measured(command: list[str]) -> dict:
-    """Run ``command`` in a new process; its wall time and the peak resident memory of that process."""
+def measured(command: list[str], tree: Path | None = None) -> dict:
+    """Run ``command`` in a new process; its wall time and the peak resident memory of that process.
+
+    ``tree``: run it from another checkout of paw (``--before``), with this interpreter.
+    """
+    env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *command], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *command], cwd=tree or ROOT, env=env,
+                          stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
     line = next((x for x in done.stderr.splitlines() if x.startswith("PAW-PEAK-RSS ")), None)
     if line is None or json.loads(line.split(" ", 1)[1])["rc"] != 0:
@@ -70,10 +75,10 @@ def measured(command: list[str]) -> dict:
     return {"seconds": seconds, "peak_rss": json.loads(line.split(" ", 1)[1])["peak_rss"]}
 
 
-def export(src: str, out: Path, *args: str, kind: str = "hf") -> dict:
+def export(src: str, out: Path, *args: str, kind: str = "hf", tree: Path | None = None) -> dict:
     """``paw export`` in a new process: seconds, peak RSS, and the program's consts bytes and fingerprint."""
     shutil.rmtree(out, ignore_errors=True)
-    result = measured([sys.executable, "-m", "apps.cli", "export", kind, src, "-o", str(out), *args])
+    result = measured([sys.executable, "-m", "apps.cli", "export", kind, src, "-o", str(out), *args], tree)
     consts = [p for p in out.iterdir() if p.name.startswith("consts")]
     result["consts_bytes"] = sum(p.stat().st_size for p in consts if p.suffix == ".safetensors")
     result["files"] = len(consts)
@@ -156,10 +161,14 @@ def bench_synthetic(root: Path, args) -> list[dict]:
     rows = []
     for dtype in args.dtypes:
         out = root / f"synthetic-paw-{dtype}"
-        ways = [("streamed", [])] + ([("whole (--no-stream)", ["--no-stream"])] if dtype in args.baseline else [])
-        for way, flags in ways:
+        ways = [("streamed", [], None)]
+        if dtype in args.baseline:
+            ways.append(("whole (--no-stream)", ["--no-stream"], None))
+            if args.before:
+                ways.append((f"before ({args.before.name}'s exporter)", [], args.before))
+        for way, flags, tree in ways:
             say(f"synthetic: paw export hf, {dtype}, {way}")
-            result = export(str(folder), out, "--dtype", dtype, *flags)
+            result = export(str(folder), out, "--dtype", dtype, *flags, tree=tree)
             rows.append({"model": "synthetic 1.1B", "dtype": dtype, "what": f"export, {way}", **result})
         say(f"synthetic: paw run, {dtype}")
         paw = engine("paw", out, args.prompt_tokens, args.decode_tokens)
@@ -183,17 +192,21 @@ def bench_smollm2(root: Path, args) -> list[dict]:
     programs = {}
     for dtype, quantize in (("float32", "0"), ("bfloat16", "0"), ("float32", "keep")):
         variant = dtype if quantize == "0" else "kept Q4_1/Q8_0 (float32 scales)"
-        ways = [("streamed", [])] + ([("whole (--no-stream)", ["--no-stream"])] if quantize == "0" else [])
-        prints = {}
-        for way, flags in ways:
+        ways = [("streamed", ["--quantize", quantize], None)]
+        if quantize == "0":
+            ways.append(("whole (--no-stream)", ["--no-stream"], None))
+            if args.before:
+                ways.append((f"before ({args.before.name}'s exporter)", [], args.before))
+        prints = []
+        for way, flags, tree in ways:
             out = root / f"smollm2-{dtype}-{quantize}-{way.split()[0]}"
             say(f"smollm2: paw export llama smollm2, {variant}, {way}")
-            result = export("smollm2", out, "--dtype", dtype, "--quantize", quantize, *flags, kind="llama")
-            prints[way] = result["fingerprint"]
+            result = export("smollm2", out, "--dtype", dtype, *flags, kind="llama", tree=tree)
+            if prints:
+                result["same_bytes"] = result["fingerprint"] == prints[0]
+            prints.append(result["fingerprint"])
             rows.append({"model": "SmolLM2-135M", "dtype": variant, "what": f"export, {way}", **result})
             programs.setdefault(variant, out)
-        if len(prints) == 2:
-            rows[-1]["same_bytes"] = len(set(prints.values())) == 1
     for variant, out in programs.items():
         say(f"smollm2: paw run, {variant}")
         result = engine("paw", out, args.prompt_tokens, args.decode_tokens)
@@ -223,7 +236,9 @@ def bench_moe(root: Path, args) -> list[dict]:
         results[mode] = engine("paw", out, args.prompt_tokens, args.decode_tokens)
     same = sum(a == b for a, b in zip(results["sparse"]["tokens"], results["dense"]["tokens"], strict=False))
     for mode, result in results.items():
-        rows.append({"model": "wide tiny Mixtral (16 experts, top 2)", "dtype": "float32", "what": f"run, {mode}",
+        label = (f"wide tiny Mixtral (hidden {WIDE_MOE['hidden_size']}, {WIDE_MOE['num_local_experts']} experts, "
+                 f"top {WIDE_MOE['num_experts_per_tok']})")
+        rows.append({"model": label, "dtype": "float32", "what": f"run, {mode}",
                      "decode_tps": result["decode_tps"], "prefill_tps": args.prompt_tokens / result["ttft_s"],
                      "peak_memory_gb": result["peak_memory_gb"],
                      "same_tokens": same if mode == "sparse" else None,
@@ -237,7 +252,7 @@ COLUMNS = [("model", "model", str), ("dtype", "weights", str), ("what", "what", 
            ("seconds", "export s", "{:.1f}"), ("peak_rss", "export peak RSS GB", lambda v: f"{v / 1e9:.2f}"),
            ("consts_bytes", "weights GB", lambda v: f"{v / 1e9:.3f}"),
            ("rss_ratio", "peak RSS / weights", "{:.2f}x"), ("target_gb", "target GB", "{:.2f}"),
-           ("same_bytes", "same bytes", lambda v: "yes" if v else "NO"),
+           ("same_bytes", "same bytes as streamed", lambda v: "yes" if v else "NO"),
            ("load_s", "load s", "{:.2f}"), ("prefill_tps", "prefill tok/s", "{:.1f}"),
            ("decode_tps", "decode tok/s", "{:.2f}"), ("peak_memory_gb", "run peak mem GB", "{:.2f}"),
            ("decode_vs_mlx", "decode / mlx-lm", "{:.2f}x"), ("decode_vs_dense", "decode / dense", "{:.2f}x"),
@@ -277,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32", help="synthetic model export dtypes")
     parser.add_argument("--baseline", default="bfloat16",
                         help="dtypes of the synthetic model also exported with --no-stream (whole model in memory)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another checkout of paw (e.g. main) whose exporter is measured on the baseline rows")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, default=None, help="Markdown report (default benchmarks/results/)")
