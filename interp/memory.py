@@ -4,7 +4,8 @@ The weights are the consts' bytes, read from the safetensors headers. The cache'
 is not written in prog.json (a program's layers may differ: grouped-query heads, sliding
 windows, a head size of their own), so it is measured: the graph is built for one token
 on lazily loaded consts, with a stand-in cache that records the keys and values each
-attention layer would store, and nothing is evaluated. The interpreter's cache keeps
+attention layer would store, and nothing is evaluated (only a ternary program's packed
+weights are read, by the layout the loader prepares for them). The interpreter's cache keeps
 every position and grows in steps of ``KVCache.step``, so the estimate rounds the
 context up to a whole step.
 """
@@ -63,7 +64,7 @@ class _RecordingCache:
 
 
 def layer_caches(program: Program) -> list[LayerCache]:
-    """Per attention layer, the KV bytes one position of one sequence takes (builds a lazy graph, reads no weight)."""
+    """Per attention layer, the KV bytes one position of one sequence takes (builds a lazy graph, evaluates nothing)."""
     from interp.graph import GraphModel
 
     model = GraphModel(program, load_consts(program), compile_decode=False)
