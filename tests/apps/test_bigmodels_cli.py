@@ -24,16 +24,17 @@ def test_inspect_estimates_weights_plus_kv_cache(tiny_program):
 
 
 def test_export_keeps_gguf_blocks_in_shards(tmp_path, tiny_tokenizer):
+    import paw_mlx
+    from apps.cli import _export
+
     source = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_tokenizer)
     out = tmp_path / "kept"
-    done = paw("export", "llama", str(source), "-o", str(out), "--quantize", "keep", "--max-shard-size", "40kB")
-    assert done.returncode == 0, done.stderr
-    assert "kept 15 weights as their GGUF blocks" in done.stderr
+    _export(str(source), out, quantize="keep", max_shard_size="40kB")  # the CLI's own parsing of both options
     index = json.loads((out / "consts.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    import paw_mlx
-
-    assert paw_mlx.generate(paw_mlx.load(out), "Hello", max_tokens=4) is not None
+    ops = {node.op for node in paw_mlx.load(out).program.nodes}
+    assert "quantized_linear" in ops and "linear" not in ops
+    assert isinstance(paw_mlx.generate(paw_mlx.load(out), "Hello", max_tokens=4), str)
 
 
 def test_impossible_export_options_fail_before_loading(tmp_path):
