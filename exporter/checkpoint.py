@@ -368,6 +368,16 @@ class CheckpointWeights:
                 return candidate
         return None
 
+    def gguf_types(self) -> dict[str, int]:
+        """How many planned parameters the GGUF file stores in each ggml type (name -> count)."""
+        counts: dict[str, int] = {}
+        for group in self.plan.groups.values():
+            for entry in group.entries:
+                if isinstance(entry[3], _GgufTensorReader):
+                    kind = getattr(entry[3].tensor_type, "name", str(entry[3].tensor_type))
+                    counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
     def gguf_tensor(self, name: str):
         """The GGUF tensor a parameter is read from (for kept quants), or None."""
         for candidate in self.aliases.get(name, [name]):

@@ -192,7 +192,7 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     source: Source = resolve_source(src, progress=progress is not None)
     if options.get("quantize") == KEEP and source.kind != "gguf":
         raise ExportError(f"--quantize keep stores a GGUF file's blocks as they are; {src} is not a .gguf file")
-    name = source.info.get("id") or source.location
+    name = source.info.get("id") or source.info.get("file") or source.location
     checkpoint = None
     if stream:
         from exporter.checkpoint import NotStreamable
@@ -206,6 +206,8 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
         if not stream:
             say(f"loading {name}")
         model, tokenizer = load_source(source, dtype)
+    elif not options.get("quantize") and weights == "float":
+        _hint_keep(checkpoint, say)
     info = dict(source.info)
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
@@ -243,6 +245,16 @@ def _keep_blocks(low, checkpoint, say: Progress) -> None:
                           + (f" (the source has {left})" if left else "")
                           + "; use --quantize 4 or 8 to quantize the weights instead")
     say(f"kept {kept} weights as their GGUF blocks" + (f"; dequantized {left}" if left else ""))
+
+
+def _hint_keep(checkpoint, say: Progress) -> None:
+    """Say so when a GGUF source holds blocks ``--quantize keep`` could store as they are."""
+    from exporter.gguf_blocks import NAMES
+
+    kinds = {kind: count for kind, count in checkpoint.gguf_types().items() if kind in NAMES.values()}
+    if kinds:
+        held = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        say(f"dequantizing the source's {held} tensors (--quantize keep would store them as they are)")
 
 
 def _byte_progress(progress: Progress | None, message: str) -> Callable[[int, int], None] | None:
