@@ -166,10 +166,14 @@ def bench_synthetic(root: Path, args) -> list[dict]:
             ways.append(("whole (--no-stream)", ["--no-stream"], None))
             if args.before:
                 ways.append((f"before ({args.before.name}'s exporter)", [], args.before))
-        for way, flags, tree in ways:
+        prints = []
+        for way, flags, tree in reversed(ways):  # the streamed program last: it is the one run below
             say(f"synthetic: paw export hf, {dtype}, {way}")
             result = export(str(folder), out, "--dtype", dtype, *flags, tree=tree)
+            prints.append(result["fingerprint"])
             rows.append({"model": "synthetic 1.1B", "dtype": dtype, "what": f"export, {way}", **result})
+        for row in rows[len(rows) - len(prints):-1]:
+            row["same_bytes"] = row["fingerprint"] == prints[-1]
         say(f"synthetic: paw run, {dtype}")
         paw = engine("paw", out, args.prompt_tokens, args.decode_tokens)
         say(f"synthetic: mlx_lm.convert + mlx-lm, {dtype}")
