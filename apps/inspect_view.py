@@ -1,4 +1,4 @@
-"""``paw inspect``: a program's shape at a glance, from prog.json and the consts header."""
+"""``paw inspect``: a program's shape at a glance, from prog.json and the consts headers, and the memory it needs."""
 
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
     console.print(f"[bold]{s['path']}[/bold]  ({s['format']})")
     console.print(f"model: {model.get('architecture', '?')} ({model.get('model_type', '?')}), dtype {model.get('dtype')}, "
                   f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
-    console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors; {s['layers']} attention layers; "
+    shards = f" in {s['consts_files']} shards" if s["consts_files"] > 1 else ""
+    console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors{shards}; {s['layers']} attention layers; "
                   f"{s['nodes']} nodes")
     console.print(f"fingerprint: {s['fingerprint']}" + (f" (verified {s['verified']} files)" if verify else ""))
     sizes = Table(title="bytes by dtype", show_header=True)
