@@ -9,8 +9,9 @@ three of its steps replaced for the duration of the call:
   *planning* them: each parameter is left on the meta device and remembered with the
   checkpoint tensors and conversion (transformers' ``WeightConverter``s: experts stacked,
   projections split, renames) that produce it;
-- safetensors files are read with ``pread`` rather than memory-mapped, so a file's pages
-  do not stay resident once a tensor has been copied out of it;
+- safetensors files are read with ``preadv`` rather than memory-mapped
+  (``exporter.pread``), so a file's pages do not stay resident once a tensor has been
+  copied out of it;
 - a GGUF file is read lazily: each tensor is dequantized and passed through transformers'
   tensor processor (Llama's q/k permutation, Gemma's norm offset) when it is asked for,
   instead of the whole file at load time.
@@ -306,16 +307,14 @@ class _PreadGgufTensor:
 @contextlib.contextmanager
 def _planning(plan: LoadPlan) -> Iterator[None]:
     """Swap transformers' weight loading for planning (see the module docstring), then restore it."""
-    import safetensors
     from transformers import modeling_utils
     from transformers.quantizers import quantizer_gguf
+
+    from exporter.pread import SafetensorsFile
 
     original_convert = modeling_utils.convert_and_load_state_dict_in_model
     original_safe_open = modeling_utils.safe_open
     original_state_dict = quantizer_gguf.GgufHfQuantizer.get_state_dict
-
-    def safe_open_pread(filename, framework, device="cpu", backend=None, **kwargs):
-        return safetensors.safe_open(filename, framework=framework, device="cpu", backend="pread", **kwargs)
 
     def gguf_state_dict(quantizer, checkpoint_file, model):
         if not quantizer.supported:
@@ -328,7 +327,7 @@ def _planning(plan: LoadPlan) -> Iterator[None]:
         return {name: _PreadGgufTensor(item, header.path, starts[name]) for name, item in lazy.items()}
 
     modeling_utils.convert_and_load_state_dict_in_model = functools.partial(_plan_loading, plan)
-    modeling_utils.safe_open = safe_open_pread
+    modeling_utils.safe_open = SafetensorsFile
     quantizer_gguf.GgufHfQuantizer.get_state_dict = gguf_state_dict
     try:
         yield

@@ -2,7 +2,8 @@
 
 ``safetensors.torch.save_file`` needs every tensor in memory and copies each into one
 bytes buffer before writing. Here the header is computed from shapes and dtypes alone,
-then each const is materialized (``exporter.lazy``), written and dropped, in file order.
+then each const is materialized (``exporter.lazy``), written and dropped, in file order,
+the next one computed on a worker thread while the current one is written.
 The bytes are exactly ``save_file``'s: the same header JSON (tensors sorted by dtype as
 safetensors orders them, then by name; padded with spaces to 8 bytes) and the same data
 order. Above ``max_shard_bytes`` the consts go into ``consts-0000K-of-0000N.safetensors``
@@ -16,6 +17,7 @@ import json
 import re
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -68,23 +70,37 @@ def header_bytes(tensors: Consts, order: list[str], metadata: dict[str, str] | N
 
 
 def write_safetensors(path: Path, tensors: Consts, metadata: dict[str, str] | None = None,
-                      progress: Progress | None = None, done: int = 0, total: int = 0) -> int:
-    """Write ``tensors`` to ``path`` materializing one at a time; returns bytes of tensor data written."""
+                      progress: Progress | None = None, done: int = 0, total: int = 0,
+                      worker: ThreadPoolExecutor | None = None) -> int:
+    """Write ``tensors`` to ``path`` materializing them in order; returns bytes of tensor data written.
+
+    The next tensor is computed on ``worker`` (one thread, the same for every tensor) while
+    this one is written: at most two are alive at a time.
+    """
     order = file_order(tensors)
+    own = worker is None
+    worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="paw-consts")
     written = 0
-    with path.open("wb") as fh:
-        fh.write(header_bytes(tensors, order, metadata))
-        for name in order:
-            tensor = materialize(tensors[name])
-            promised = nbytes(tensors[name])
-            data = _raw_bytes(tensor)
-            if data.nbytes != promised:
-                raise ExportError(f"internal: const {name!r} has {data.nbytes} bytes, its header says {promised}")
-            fh.write(data)
-            written += promised
-            del tensor, data
-            if progress is not None:
-                progress(done + written, total)
+    try:
+        with path.open("wb") as fh:
+            fh.write(header_bytes(tensors, order, metadata))
+            ahead = worker.submit(materialize, tensors[order[0]]) if order else None
+            for position, name in enumerate(order):
+                tensor = ahead.result()
+                following = order[position + 1] if position + 1 < len(order) else None
+                ahead = worker.submit(materialize, tensors[following]) if following is not None else None
+                promised = nbytes(tensors[name])
+                data = _raw_bytes(tensor)
+                if data.nbytes != promised:
+                    raise ExportError(f"internal: const {name!r} has {data.nbytes} bytes, its header says {promised}")
+                fh.write(data)
+                written += promised
+                del tensor, data
+                if progress is not None:
+                    progress(done + written, total)
+    finally:
+        if own:
+            worker.shutdown(wait=True, cancel_futures=True)
     return written
 
 
@@ -130,22 +146,24 @@ def write_consts(directory: Path, tensors: Consts, max_shard_bytes: int = DEFAUL
     total = sum(nbytes(t) for t in tensors.values())
     metadata = {"format": "pt"}
     done = 0
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paw-consts")  # one thread computes every const
     try:
         if len(shards) == 1:
-            write_safetensors(directory / CONSTS_FILE, tensors, metadata, progress, done, total)
+            write_safetensors(directory / CONSTS_FILE, tensors, metadata, progress, done, total, worker)
             return [CONSTS_FILE]
         files = []
         weight_map = {}
         for index, names in enumerate(shards, start=1):
             name = shard_file_name(index, len(shards))
             done += write_safetensors(directory / name, {n: tensors[n] for n in names}, metadata, progress, done,
-                                      total)
+                                      total, worker)
             files.append(name)
             weight_map.update(dict.fromkeys(names, name))
         index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (directory / CONSTS_INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
         return [*files, CONSTS_INDEX_FILE]
     finally:
+        worker.shutdown(wait=True, cancel_futures=True)
         clear_cache()
 
 

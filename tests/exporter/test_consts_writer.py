@@ -66,3 +66,20 @@ def test_shards_follow_the_natural_order_of_names_and_the_size_limit():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("0") == 0
     with pytest.raises(ExportError, match="as a size"):
         parse_size("lots")
+
+
+def test_pread_reads_what_safetensors_reads(tmp_path):
+    from safetensors import safe_open
+
+    from exporter.pread import TORCH_DTYPES, SafetensorsFile
+
+    tensors = {f"t{i}": _random(dtype, (3, 5), i) for i, dtype in enumerate(set(TORCH_DTYPES.values()) & set(ST_DTYPES))}
+    tensors["empty"] = torch.zeros(0, 3)
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    with safe_open(tmp_path / "x.safetensors", "pt") as reference, SafetensorsFile(tmp_path / "x.safetensors") as ours:
+        assert sorted(ours.keys()) == sorted(reference.keys()) and ours.metadata() == reference.metadata()
+        for name in reference.keys():
+            got = ours.get_slice(name)
+            assert got.get_shape() == reference.get_slice(name).get_shape()
+            assert got.get_dtype() == reference.get_slice(name).get_dtype()
+            assert torch.equal(got[...], reference.get_tensor(name)), name
