@@ -86,6 +86,16 @@ def export(src: str, out: Path, *args: str, kind: str = "hf", tree: Path | None 
     return result
 
 
+def warm(*paths: Path) -> None:
+    """Read the source files and import the exporter once, so the first export timed is not the only cold one."""
+    for path in paths:
+        for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            with file.open("rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    subprocess.run([sys.executable, "-c", "import exporter.export, transformers.models.llama"], cwd=ROOT, check=True)
+
+
 def engine(name: str, path: Path, prompt: int, decode: int) -> dict:
     """One engine's load time, decode speed and peak memory (benchmarks/worker.py, its own process)."""
     done = subprocess.run([sys.executable, "-m", "benchmarks.worker", "--engine", name, "--path", str(path),
@@ -158,6 +168,7 @@ def _llama_shapes(config) -> list[tuple[str, list[int]]]:
 
 def bench_synthetic(root: Path, args) -> list[dict]:
     folder = synthetic_folder(root)
+    warm(folder)
     rows = []
     for dtype in args.dtypes:
         out = root / f"synthetic-paw-{dtype}"
@@ -192,6 +203,9 @@ def bench_synthetic(root: Path, args) -> list[dict]:
 
 
 def bench_smollm2(root: Path, args) -> list[dict]:
+    from exporter.sources import smollm2_gguf
+
+    warm(smollm2_gguf())
     rows = []
     programs = {}
     for dtype, quantize in (("float32", "0"), ("bfloat16", "0"), ("float32", "keep")):
