@@ -19,7 +19,7 @@ three of its steps replaced for the duration of the call:
 The export captures the graph on a model whose parameters are untouched ``torch.empty``
 tensors (no page of them is ever written, so none is resident), and each const of the
 program becomes a ``LazyTensor`` that asks the plan for its weight when the writer gets
-to it. ``CheckpointWeights.gguf_blocks`` gives a GGUF tensor's raw blocks for the exports
+to it. ``CheckpointWeights.gguf_tensor`` gives the GGUF tensor behind a weight for the exports
 that keep them (``exporter.gguf_blocks``).
 
 Sources that cannot stream raise ``NotStreamable``, and the exporter loads them whole as
@@ -343,12 +343,14 @@ class CheckpointWeights:
 
     plan: LoadPlan
     aliases: dict[str, list[str]]  # parameter name -> every name of the same (tied) parameter
+    #: ids of the placeholder tensors capture ran on: their memory holds no values
+    placeholder_ids: set[int] = field(default_factory=set)
 
     def const_source(self, state_name: str, tensor: torch.Tensor):
         """``lower``'s const source: planned parameters become lazy reads, everything else stays as is."""
         name = self.parameter_name(state_name)
         if name is None:
-            if tensor.is_meta:
+            if tensor.is_meta or id(tensor) in self.placeholder_ids:
                 raise ExportError(f"no weight for {state_name.removeprefix('model.')!r} in the checkpoint")
             return tensor.detach()
         dtype = tensor.dtype
@@ -403,6 +405,7 @@ class CheckpointWeights:
                 if id(param) not in made:
                     made[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
                                                          requires_grad=False)
+                    self.placeholder_ids.add(id(made[id(param)]))
                 swapped.append((module, key, param))
                 module._parameters[key] = made[id(param)]
         try:
