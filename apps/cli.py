@@ -64,6 +64,11 @@ class StepReporter:
         else:
             self._status.update(message)
 
+    def update(self, text: str) -> None:
+        """Show progress within the current step (bytes written so far) without finishing it."""
+        if self._status is not None:
+            self._status.update(text)
+
     def _finish_step(self) -> None:
         if self._message is not None:
             self._console.print(f"  [green]✓[/green] {self._message} ({self._clock() - self._started:.1f} s)")
@@ -88,8 +93,20 @@ Dtype = Annotated[str, typer.Option(help="Weight and compute dtype: float32, flo
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 Weights = Annotated[str, typer.Option("--weights", help=WEIGHTS_HELP)]
 Fuse = Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fuse RMSNorm and RoPE patterns into mx.fast ops.")]
-Quantize = Annotated[int, typer.Option("--quantize", help="Store linear/embedding weights as N-bit affine (4 or 8); 0 keeps floats.")]
+Quantize = Annotated[str, typer.Option(
+    "--quantize", help="Store linear, embedding and expert weights as N-bit affine (2, 3, 4, 5, 6 or 8); 0 keeps "
+    "floats; 'keep' stores a GGUF source's Q4_0, Q4_1 and Q8_0 blocks as they are (bit-exact, no float round "
+    "trip; other GGUF types are dequantized).")]
 GroupSize = Annotated[int, typer.Option("--group-size", help="Quantization group size (32, 64, 128).")]
+ShardSize = Annotated[str, typer.Option(
+    "--max-shard-size", help="Largest consts file, e.g. 5GB or 500MB: larger programs are written as "
+    "consts-00001-of-0000N.safetensors shards plus an index; 0 never shards.")]
+Stream = Annotated[bool, typer.Option(
+    "--stream/--no-stream", help="Read each weight from the source as it is written, so export memory does not "
+    "grow with the model (--no-stream loads the whole model first, as before).")]
+Experts = Annotated[str, typer.Option(
+    "--experts", help="Mixture-of-experts layers: sparse (each token reads its routed experts only) or dense "
+    "(every expert on every token; the reference).")]
 
 
 @export_app.command("llama")
@@ -100,11 +117,15 @@ def export_llama(
     force: Force = False,
     weights: Weights = "float",
     fuse: Fuse = True,
-    quantize: Quantize = 0,
+    quantize: Quantize = "0",
     group_size: GroupSize = 64,
+    max_shard_size: ShardSize = "5GB",
+    stream: Stream = True,
+    experts: Experts = "sparse",
 ) -> None:
     """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
-    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size)
+    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size,
+            max_shard_size=max_shard_size, stream=stream, experts=experts)
 
 
 @export_app.command("hf")
@@ -115,21 +136,28 @@ def export_hf(
     force: Force = False,
     weights: Weights = "float",
     fuse: Fuse = True,
-    quantize: Quantize = 0,
+    quantize: Quantize = "0",
     group_size: GroupSize = 64,
+    max_shard_size: ShardSize = "5GB",
+    stream: Stream = True,
+    experts: Experts = "sparse",
 ) -> None:
     """Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."""
-    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size)
+    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size,
+            max_shard_size=max_shard_size, stream=stream, experts=experts)
 
 
-def _export(src: str, out: Path, **options) -> None:
+def _export(src: str, out: Path, quantize: str, max_shard_size: str, **options) -> None:
     import time
 
     start = time.perf_counter()
     try:
+        from exporter.consts_writer import parse_size
         from exporter.export import export_source
     except ImportError as exc:
         fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
+    options["quantize"] = int(quantize) if quantize.strip().isdigit() else quantize.strip().lower()
+    options["max_shard_bytes"] = parse_size(max_shard_size)
     reporter = StepReporter()
     try:
         path = export_source(src, out, progress=reporter, **options)
@@ -282,11 +310,18 @@ def decode(
 def inspect(
     program: Annotated[Path, typer.Argument(help="Program directory (or its prog.json), or a compiled program (paw compile).")],
     verify: Annotated[bool, typer.Option("--verify", help="Also check every file's sha256 and the fingerprint against manifest.json.")] = False,
+    context: Annotated[int | None, typer.Option("--context", "-c", help="Positions of context for the memory estimate (default: the model's context length).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded at once, for the memory estimate.")] = 1,
 ) -> None:
-    """Show a program's op histogram, parameter count, bytes by dtype and fingerprint (or a compiled program's prefix and base)."""
+    """Show a program's op histogram, parameters, bytes by dtype, fingerprint, and the memory it needs to run
+    (or a compiled program's spec, prefix and base).
+
+    The memory to run is the weights plus the KV cache at --context positions (the cache
+    grows in steps of 256), so you know before loading a model whether it fits.
+    """
     from apps.inspect_view import show_program
 
-    show_program(program, verify=verify)
+    show_program(program, verify=verify, context=context, batch=batch)
 
 
 @app.command()

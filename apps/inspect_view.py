@@ -1,5 +1,5 @@
-"""``paw inspect``: a program's shape at a glance, from prog.json and the consts header
-(or, for a compiled program, its spec, base and prefix)."""
+"""``paw inspect``: a program's shape at a glance, from prog.json and the consts headers, and
+the memory it needs (or, for a compiled program, its spec, base and prefix)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from interp.errors import ProgramError
 from interp.limits import dtype_bytes, human_bytes
 from interp.manifest import verify_manifest
-from interp.program import CONSTS_FILE, PROGRAM_FILE, read_program, read_safetensors_header
+from interp.program import PROGRAM_FILE, read_program
 from interp.tokenizer import TOKENIZER_FILES
 
 
-def program_summary(path: str | Path, verify: bool = False) -> dict:
-    """Numbers shown by ``paw inspect`` (also used by tests)."""
+def program_summary(path: str | Path, verify: bool = False, context: int | None = None, batch: int = 1) -> dict:
+    """Numbers shown by ``paw inspect`` (also used by tests).
+
+    ``context``: positions for the memory estimate (default: the model's context length).
+    """
+    from interp.memory import estimate_memory
+
     program = read_program(path)
-    header = read_safetensors_header(program.consts_path)
     ops = Counter(node.op for node in program.nodes)
     params = 0
     by_dtype: Counter = Counter()
@@ -36,12 +41,19 @@ def program_summary(path: str | Path, verify: bool = False) -> dict:
         "ops": dict(ops.most_common()),
         "parameters": params,
         "bytes_by_dtype": dict(by_dtype),
-        "tensors": len(header),
+        "tensors": sum(len(f.header) for f in program.consts_files),
+        "consts_files": len(program.consts_files),
         "layers": program.num_layers,
         "fingerprint": program.fingerprint or "(no manifest)",
     }
+    if context is not None and context < 1:
+        raise ProgramError(f"--context must be at least 1 position, not {context}")
+    if batch < 1:
+        raise ProgramError(f"--batch must be at least 1, not {batch}")
+    positions = context or int(program.model_info.get("context_length") or 4096)
+    summary["memory"] = estimate_memory(program, positions, batch)
     if verify:
-        summary["verified"] = verify_manifest(program.directory, program.manifest, (PROGRAM_FILE, CONSTS_FILE),
+        summary["verified"] = verify_manifest(program.directory, program.manifest, program.defining_files,
                                               TOKENIZER_FILES)
     return summary
 
@@ -73,17 +85,18 @@ def _is_compiled_program(path: Path) -> bool:
     return path.name == ARTIFACT_FILE or ((path / ARTIFACT_FILE).is_file() and not (path / PROGRAM_FILE).is_file())
 
 
-def show_program(path: str | Path, verify: bool = False) -> None:
+def show_program(path: str | Path, verify: bool = False, context: int | None = None, batch: int = 1) -> None:
     if _is_compiled_program(Path(path)):
         show_artifact(path, verify)
         return
-    s = program_summary(path, verify=verify)
+    s = program_summary(path, verify=verify, context=context, batch=batch)
     console = Console()
     model = s["model"]
     console.print(f"[bold]{s['path']}[/bold]  ({s['format']})")
     console.print(f"model: {model.get('architecture', '?')} ({model.get('model_type', '?')}), dtype {model.get('dtype')}, "
                   f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
-    console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors; {s['layers']} attention layers; "
+    shards = f" in {s['consts_files']} shards" if s["consts_files"] > 1 else ""
+    console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors{shards}; {s['layers']} attention layers; "
                   f"{s['nodes']} nodes")
     console.print(f"fingerprint: {s['fingerprint']}" + (f" (verified {s['verified']} files)" if verify else ""))
     sizes = Table(title="bytes by dtype", show_header=True)
@@ -98,6 +111,19 @@ def show_program(path: str | Path, verify: bool = False) -> None:
     for op, count in s["ops"].items():
         ops.add_row(op, str(count))
     console.print(ops)
+    memory = s["memory"]
+    console.print(f"memory to run: {human_bytes(memory.total)} with {memory.context:,} positions of context "
+                  f"(batch {memory.batch})")
+    need = Table(show_header=True)
+    need.add_column("what")
+    need.add_column("dtype")
+    need.add_column("bytes", justify="right")
+    for dtype, nbytes in sorted(memory.weights_by_dtype.items()):
+        need.add_row("weights", dtype, human_bytes(nbytes))
+    for dtype, nbytes in sorted(memory.cache_by_dtype.items()):
+        need.add_row("KV cache", dtype, human_bytes(nbytes))
+    need.add_row("[bold]total[/bold]", "", f"[bold]{human_bytes(memory.total)}[/bold]")
+    console.print(need)
 
 
 def show_artifact(path: str | Path, verify: bool = False) -> None:

@@ -34,16 +34,16 @@ import mlx.core as mx  # noqa: E402
 from interp import device  # noqa: E402
 from interp.graph import GraphModel  # noqa: E402
 from interp.ops import REGISTRY, Handler  # noqa: E402
-from interp.program import read_program, read_safetensors_header  # noqa: E402
+from interp.program import read_program  # noqa: E402
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
 PROMPT = "What is the capital of France?"
 
 
 def ternary_bits(directory: Path) -> dict:
-    """Bits per weight of the ternary layers, from the file's own header."""
+    """Bits per weight of the ternary layers, from the consts files' own headers."""
     program = read_program(directory)
-    header = read_safetensors_header(program.consts_path)
+    header = {name: meta for consts_file in program.consts_files for name, meta in consts_file.header.items()}
 
     def nbytes(name: str) -> int:
         start, end = header[name]["data_offsets"]

@@ -138,10 +138,10 @@ def run_ceiling(args) -> dict:
     """
     import mlx.core as mx
 
-    from interp.program import read_program
+    from interp.program import load_consts, read_program
 
     program = read_program(args.path)
-    consts = mx.load(str(program.consts_path))
+    consts = load_consts(program)
     mx.eval(consts)
     mx.eval(_matvecs(program, consts, mx))  # warm-up
     times = []

@@ -440,6 +440,12 @@ def _attention(low: Lowering, node):
     return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v)], attrs)
 
 
+@aten("paw.expert_linear.default")
+def _expert_linear(low: Lowering, node):
+    x, weight, indices = (low.ref(a) for a in node.args[:3])
+    return low.emit("expert_linear", [x, weight, indices, low.ref(_arg(node, 3, "bias"))])
+
+
 # ----------------------------------------------------------------------------- architecture coverage
 # (repeat, interleaved RoPE, MoE routing, stacking: what the families in tests/archs.py add)
 

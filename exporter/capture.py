@@ -115,16 +115,17 @@ def context_length(config) -> int:
 CAPTURE_MODES = (False, True)
 
 
-def capture(model: torch.nn.Module, strict: bool | None = None,
-            decompose: bool | None = None) -> torch.export.ExportedProgram:
+def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool | None = None,
+            experts: str = "sparse") -> torch.export.ExportedProgram:
     """torch.export the model with dynamic batch and sequence length.
 
     ``strict`` None tries non-strict capture first and falls back to strict. ``decompose``
     None runs ``run_decompositions`` only when the captured graph needs it
-    (``needs_decomposition``); True always runs it.
+    (``needs_decomposition``); True always runs it. ``experts``: how mixture-of-experts
+    blocks run, "sparse" (only the routed experts) or "dense" (exporter/experts.py).
     """
     use_paw_attention(model)
-    use_paw_experts(model)
+    use_paw_experts(model, experts)
     model.eval()
     max_len = context_length(model.config)
     wrapper = _LogitsOnly(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from collections.abc import Callable
@@ -10,8 +11,10 @@ from pathlib import Path
 import torch
 
 from exporter.capture import capture, context_length
+from exporter.consts_writer import DEFAULT_SHARD_BYTES
+from exporter.experts import EXPERT_MODES
 from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
-from exporter.sources import Source, load_source, resolve_source
+from exporter.sources import Source, load_source, load_source_streaming, resolve_source
 from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
 from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
@@ -19,6 +22,7 @@ from interp.errors import ExportError
 
 EXPORTER_VERSION = "paw-exporter 0.1.0"
 DTYPES = ("float32", "float16", "bfloat16")
+KEEP = "keep"  # --quantize keep: a GGUF source's blocks as they are
 
 Progress = Callable[[str], None]
 
@@ -99,29 +103,42 @@ def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
 
 def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
                  force: bool = False, progress: Progress | None = None, weights: str = "float",
-                 fuse: bool = True, quantize: int = 0, group_size: int = 64) -> Path:
-    """Export an in-memory transformers model (and its tokenizer) to ``out_dir``.
+                 fuse: bool = True, quantize: int | str = 0, group_size: int = 64, checkpoint=None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, experts: str = "sparse") -> Path:
+    """Export a transformers model (and its tokenizer) to ``out_dir``.
 
     ``weights``: "float", or "ternary" / "ternary-base3" to pack linear layers as ternary
     (exporter/ternary.py); BitNet checkpoints are packed exactly in every mode.
     ``fuse`` runs the fusion passes (exporter/fuse.py: RMSNorm, RoPE -> mx.fast ops);
     ``quantize`` > 0 stores linear and embedding weights affine-quantized to that many
-    bits in groups of ``group_size`` (exporter/quantize.py).
+    bits in groups of ``group_size`` (exporter/quantize.py); "keep" stores a GGUF source's
+    Q4_0/Q4_1/Q8_0 weights as the same blocks in MLX's layout (exporter/gguf_blocks.py).
+    ``checkpoint`` (``exporter.checkpoint.CheckpointWeights``): the model's parameters are
+    on the meta device and every weight is read from the checkpoint as it is written.
+    Consts above ``max_shard_bytes`` are written as shards (0: never). ``experts``: how
+    mixture-of-experts blocks run, "sparse" (only the routed experts' weights) or "dense".
     """
     say = progress or (lambda msg: None)
-    if quantize and weights != "float":
-        raise ExportError("--quantize and --weights ternary are exclusive: choose one weight format")
+    check_options(weights=weights, quantize=quantize, group_size=group_size, max_shard_bytes=max_shard_bytes,
+                  experts=experts)
+    if quantize == KEEP and checkpoint is None:
+        raise ExportError("--quantize keep stores a GGUF file's blocks as they are: it needs a .gguf source, "
+                          "read as a stream (not --no-stream)")
     first = next(model.parameters(), None)
     dtype = dtype or (str(first.dtype).removeprefix("torch.") if first is not None else "float32")
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model = model.to(getattr(torch, dtype))
     say("capturing the graph with torch.export")
-    with ternary_capture(model, weights) as ternary_plan:
-        exported = capture(model)
+    placeholders = checkpoint.placeholders(model) if checkpoint is not None else contextlib.nullcontext()
+    with ternary_capture(model, weights) as ternary_plan, placeholders:
+        exported = capture(model, experts=experts)
     say("lowering aten ops to program ops")
-    low, outputs = lower(exported)
+    low, outputs = lower(exported, const_source=checkpoint.const_source if checkpoint is not None else None)
+    del exported
     eliminate_dead_code(low, outputs)
+    if quantize == KEEP:
+        _keep_blocks(low, checkpoint, say)
     packed = ternarize_program(low, outputs, ternary_plan) if ternary_plan.active else 0
     if packed:
         say(f"packed {packed} linear weights as ternary ({ternary_plan.packing})")
@@ -131,7 +148,7 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
         fused = run_fusion(low)
         say("fused " + ", ".join(f"{count} {name}" for name, count in fused.items()))
         eliminate_dead_code(low, outputs)
-    if quantize:
+    if quantize and quantize != KEEP:
         from exporter.quantize import quantize_weights
 
         count = quantize_weights(low, quantize, group_size)
@@ -142,7 +159,8 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     out = Path(out_dir)
     say(f"writing {out}")
     with atomic_directory(out, force=force) as tmp:
-        write_program(tmp, spec, low.consts, _tokenizer_saver(tokenizer))
+        write_program(tmp, spec, low.consts, _tokenizer_saver(tokenizer), max_shard_bytes,
+                      _byte_progress(progress, f"writing {out}"))
         write_manifest(tmp, {
             "exporter": EXPORTER_VERSION,
             "source": source_info or {},
@@ -153,25 +171,102 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
 
 
 def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", force: bool = False,
-                  progress: Progress | None = None, weights: str = "float", **options) -> Path:
-    """Export a model named by alias, GGUF path, folder or hub id (options as ``export_model``)."""
+                  progress: Progress | None = None, weights: str = "float", stream: bool = True,
+                  **options) -> Path:
+    """Export a model named by alias, GGUF path, folder or hub id (options as ``export_model``).
+
+    ``stream`` reads each weight from the checkpoint as it is written (``exporter.checkpoint``),
+    so the export's memory does not grow with the model; sources that cannot stream, and
+    ``stream=False``, load the whole model first.
+    """
     say = progress or (lambda msg: None)
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if weights not in WEIGHT_MODES:
-        raise ExportError(f"unknown weights mode {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    check_options(weights=weights, **options)
+    if options.get("quantize") == KEEP and not stream:
+        raise ExportError("--quantize keep stores a GGUF file's blocks as they are: it needs a .gguf source, "
+                          "read as a stream (not --no-stream)")
     out = Path(out_dir)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists; pass --force to replace it")
     source: Source = resolve_source(src, progress=progress is not None)
-    say(f"loading {source.info.get('id') or source.location}")
-    model, tokenizer = load_source(source, dtype)
+    if options.get("quantize") == KEEP and source.kind != "gguf":
+        raise ExportError(f"--quantize keep stores a GGUF file's blocks as they are; {src} is not a .gguf file")
+    name = source.info.get("id") or source.info.get("file") or source.location
+    checkpoint = None
+    if stream:
+        from exporter.checkpoint import NotStreamable
+
+        say(f"reading {name} (weights stay on disk until written)")
+        try:
+            model, tokenizer, checkpoint = load_source_streaming(source, dtype)
+        except NotStreamable as why:
+            say(f"loading {name} whole: {why}")
+    if checkpoint is None:
+        if not stream:
+            say(f"loading {name}")
+        model, tokenizer = load_source(source, dtype)
+    elif not options.get("quantize") and weights == "float":
+        _hint_keep(checkpoint, say)
     info = dict(source.info)
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
         info["revision"] = revision
     return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
-                        weights=weights, **options)
+                        weights=weights, checkpoint=checkpoint, **options)
+
+
+def check_options(*, weights: str = "float", quantize: int | str = 0, group_size: int = 64,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, experts: str = "sparse", **_) -> None:
+    """Refuse an impossible combination of export options before any model is loaded."""
+    from exporter.quantize import BITS
+
+    if weights not in WEIGHT_MODES:
+        raise ExportError(f"unknown weights mode {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    if quantize != KEEP and quantize not in (0, *BITS):
+        raise ExportError(f"--quantize takes {', '.join(map(str, BITS))} bits, 0 or keep, not {quantize!r}")
+    if quantize and weights != "float":
+        raise ExportError("--quantize and --weights ternary are exclusive: choose one weight format")
+    if quantize not in (0, KEEP) and group_size not in (32, 64, 128):
+        raise ExportError(f"--group-size must be 32, 64 or 128, not {group_size}")
+    if max_shard_bytes < 0:
+        raise ExportError("--max-shard-size must be 0 (never shard) or a positive size")
+    if experts not in EXPERT_MODES:
+        raise ExportError(f"unknown experts mode {experts!r}; choose one of {', '.join(EXPERT_MODES)}")
+
+
+def _keep_blocks(low, checkpoint, say: Progress) -> None:
+    from exporter.gguf_blocks import keep_gguf_blocks
+
+    kept, others = keep_gguf_blocks(low, checkpoint)
+    left = ", ".join(f"{count} {kind}" for kind, count in sorted(others.items()))
+    if not kept:
+        raise ExportError("--quantize keep found no linear or embedding weight stored as Q4_0, Q4_1 or Q8_0"
+                          + (f" (the source has {left})" if left else "")
+                          + "; use --quantize 4 or 8 to quantize the weights instead")
+    say(f"kept {kept} weights as their GGUF blocks" + (f"; dequantized {left}" if left else ""))
+
+
+def _hint_keep(checkpoint, say: Progress) -> None:
+    """Say so when a GGUF source holds blocks ``--quantize keep`` could store as they are."""
+    from exporter.gguf_blocks import NAMES
+
+    kinds = {kind: count for kind, count in checkpoint.gguf_types().items() if kind in NAMES.values()}
+    if kinds:
+        held = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        say(f"dequantizing the source's {held} tensors (--quantize keep would store them as they are)")
+
+
+def _byte_progress(progress: Progress | None, message: str) -> Callable[[int, int], None] | None:
+    """Byte counts of the consts written, shown on the current step when the reporter can update it."""
+    update = getattr(progress, "update", None)
+    if update is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        update(f"{message}: {done / 1e9:.2f} of {total / 1e9:.2f} GB")
+
+    return report
 
 
 def _version(package: str) -> str:

@@ -13,7 +13,8 @@ dead-code pass.
   rope(q, position_ids, inv_freq, mscale=s)
 - ``fuse_projections``: linear(x, W1[, b1]), linear(x, W2[, b2]), ... reading the same x
   (q/k/v; gate/up)  =>  split(linear(x, cat(W1, W2, ...)[, cat(b1, ...)]), sizes). One
-  matmul instead of several: fewer dispatches per token and wider BLAS calls.
+  matmul instead of several: fewer dispatches per token and wider BLAS calls. Quantized
+  projections (GGUF blocks kept as they are) merge the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from exporter.lazy import lazy_cat
 from exporter.lower import Lowering, value_names
 
 
@@ -235,11 +237,13 @@ def _frequencies(g: _Graph, emb: Any):
 
 
 def fuse_projections(low: Lowering) -> int:
-    """Merge float ``linear`` nodes that read the same input into one; returns merges made.
+    """Merge ``linear`` (float) or ``quantized_linear`` nodes that read the same input; returns merges made.
 
-    Only constant weights of one dtype and input width merge, with all biases present or
-    all absent; the fused node takes the place of the group's first member, where its
-    input already exists, and a ``split`` restores the members' output names.
+    Only constant weights of one dtype and input width merge (quantized ones with the same
+    bits and group size: their codes, scales and biases are catenated row by row), with
+    all biases present or all absent; the fused node takes the place of the group's first
+    member, where its input already exists, and a ``split`` restores the members' output
+    names.
     """
     groups: dict[str, list[dict]] = {}
     for node in low.nodes:
@@ -264,44 +268,56 @@ def fuse_projections(low: Lowering) -> int:
     return merged
 
 
+#: projection ops -> the input slots of their weight consts (catenated row-wise when merged);
+#: the bias follows the last of them
+_WEIGHT_SLOTS = {"linear": (1,), "quantized_linear": (1, 2, 3)}
+
+
 def _projection(low: Lowering, node: dict) -> bool:
-    if node["op"] != "linear" or not isinstance(node["inputs"][0], str):
+    slots = _WEIGHT_SLOTS.get(node["op"])
+    if slots is None or not isinstance(node["inputs"][0], str):
         return False
-    weight, bias = node["inputs"][1], node["inputs"][2]
-    w = low.consts.get(weight) if isinstance(weight, str) else None
-    if w is None or w.dim() != 2 or not w.dtype.is_floating_point:
+    weights = [low.consts.get(node["inputs"][i]) if isinstance(node["inputs"][i], str) else None for i in slots]
+    if any(w is None or w.dim() != 2 for w in weights):
         return False
+    if node["op"] == "linear" and not weights[0].dtype.is_floating_point:
+        return False
+    bias = node["inputs"][slots[-1] + 1]
     return bias is None or (isinstance(bias, str) and bias in low.consts)
+
+
+def _signature(low: Lowering, node: dict) -> tuple:
+    """What projections must share to become one matmul: op, attrs, each weight's dtype and width, a bias or not."""
+    slots = _WEIGHT_SLOTS[node["op"]]
+    weights = tuple((low.consts[node["inputs"][i]].dtype, low.consts[node["inputs"][i]].shape[1]) for i in slots)
+    return node["op"], tuple(sorted(node["attrs"].items())), weights, node["inputs"][slots[-1] + 1] is not None
 
 
 def _compatible(low: Lowering, members: list[dict]) -> list[dict]:
     """The members that can share one matmul with the first one."""
-    first = low.consts[members[0]["inputs"][1]]
-    has_bias = members[0]["inputs"][2] is not None
-    return [m for m in members
-            if low.consts[m["inputs"][1]].dtype == first.dtype
-            and low.consts[m["inputs"][1]].shape[1] == first.shape[1]
-            and (m["inputs"][2] is not None) == has_bias]
+    first = _signature(low, members[0])
+    return [m for m in members if _signature(low, m) == first]
 
 
 def _merge(low: Lowering, members: list[dict]) -> list[dict]:
-    import torch
-
-    weights = [m["inputs"][1] for m in members]
-    name = _joined_name(weights)
-    while name in low.consts:
-        name += "_"
-    low.consts[name] = torch.cat([low.consts[w] for w in weights], dim=0)
-    bias = None
-    if members[0]["inputs"][2] is not None:
-        bias = _joined_name([m["inputs"][2] for m in members])
-        while bias in low.consts:
-            bias += "_"
-        low.consts[bias] = torch.cat([low.consts[m["inputs"][2]] for m in members], dim=0)
+    op = members[0]["op"]
+    slots = _WEIGHT_SLOTS[op]
+    merged_inputs = []
+    for slot in [*slots, slots[-1] + 1]:
+        parts = [m["inputs"][slot] for m in members]
+        if parts[0] is None:  # no biases
+            merged_inputs.append(None)
+            continue
+        name = _joined_name(parts)
+        while name in low.consts:
+            name += "_"
+        low.consts[name] = lazy_cat([low.consts[p] for p in parts], dim=0)
+        merged_inputs.append(name)
     fused = low.fresh()
-    sizes = [low.consts[w].shape[0] for w in weights]
+    sizes = [low.consts[m["inputs"][slots[0]]].shape[0] for m in members]
     return [
-        {"op": "linear", "inputs": [members[0]["inputs"][0], name, bias], "attrs": {}, "outputs": [fused]},
+        {"op": op, "inputs": [members[0]["inputs"][0], *merged_inputs], "attrs": dict(members[0]["attrs"]),
+         "outputs": [fused]},
         {"op": "split", "inputs": [fused], "attrs": {"sizes": sizes, "dim": -1},
          "outputs": [m["outputs"][0] for m in members]},
     ]

@@ -10,6 +10,7 @@ write a program the interpreter's validator would refuse.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,8 @@ class Lowering:
     """The program under construction."""
 
     nodes: list[dict] = field(default_factory=list)
-    consts: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: const name -> a tensor, or an ``exporter.lazy.LazyTensor`` computed when it is written
+    consts: dict[str, Any] = field(default_factory=dict)
     values: dict[Any, Any] = field(default_factory=dict)  # fx node -> value name(s) / literal
     _counter: int = 0
 
@@ -81,8 +83,18 @@ class Lowering:
         return names[0] if outputs == 1 else names
 
 
-def lower(exported: ExportedProgram, strip_prefix: str = "model.") -> tuple[Lowering, list[str]]:
-    """Lower ``exported``; returns the lowering and the names of the graph outputs."""
+#: (state name in the exported program, its tensor) -> the const's value
+ConstSource = Callable[[str, torch.Tensor], Any]
+
+
+def lower(exported: ExportedProgram, strip_prefix: str = "model.",
+          const_source: ConstSource | None = None) -> tuple[Lowering, list[str]]:
+    """Lower ``exported``; returns the lowering and the names of the graph outputs.
+
+    ``const_source`` supplies each parameter's, buffer's or constant's value; by default
+    the tensor the exported program holds (a streamed export supplies lazy tensors read
+    from the checkpoint instead: ``exporter.checkpoint``).
+    """
     from exporter.aten_ops import ATEN  # the registry; imported here to keep import order simple
 
     low = Lowering()
@@ -100,7 +112,7 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.") -> tuple[Lowe
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 name = spec.target.removeprefix(strip_prefix)
                 tensor = state[spec.target]
-                low.consts[name] = tensor.detach()
+                low.consts[name] = const_source(spec.target, tensor) if const_source else tensor.detach()
                 low.values[node] = name
             else:
                 raise ExportError(f"unsupported graph input kind {spec.kind.name} ({node.name})")

@@ -124,14 +124,37 @@ def load_source(source: Source, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    with parse_gguf_once(), _loading_errors(source):
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    return model, tokenizer
+
+
+def load_source_streaming(source: Source, dtype: str):
+    """(model whose weights stay in the checkpoint, tokenizer, CheckpointWeights) from a resolved source.
+
+    Raises ``exporter.checkpoint.NotStreamable`` when the source has to be loaded whole.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from exporter.checkpoint import load_streaming
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    with parse_gguf_once(), _loading_errors(source):
+        model, weights = load_streaming(source.location, getattr(torch, dtype), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    return model, tokenizer, weights
+
+
+@contextmanager
+def _loading_errors(source: Source) -> Iterator[None]:
+    """transformers' loading errors as one ``SourceError`` line."""
     try:
-        with parse_gguf_once():
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        yield
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"could not load {source.location}: {first}") from None
-    return model, tokenizer
 
 
 @contextmanager

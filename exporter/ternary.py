@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from exporter.aten_ops import ATEN, aten
+from exporter.lazy import derive
 from exporter.lower import Lowering, eliminate_dead_code
 from interp.errors import ExportError
 from interp.kernels import ternary as packing
@@ -155,10 +156,9 @@ def ternarize_program(low: Lowering, outputs: list[str], plan: TernaryPlan) -> i
         if not isinstance(w, str) or w not in low.consts or w in other_uses or low.consts[w].ndim != 2:
             continue
         if w not in made:
-            trits = _trits_for(w, low.consts[w], plan)
-            if trits is None:
+            if w not in plan.exact and plan.mode == "float":
                 continue
-            made[w] = _add_packed_consts(low, w, *trits, plan.packing)
+            made[w] = _add_packed_consts(low, w, plan)
         packed, scale, out_features, in_features = made[w]
         low.nodes[index] = {
             "op": "ternary_linear",
@@ -186,21 +186,31 @@ def _non_linear_weight_uses(low: Lowering) -> set[str]:
     return used
 
 
-def _trits_for(name: str, weight: torch.Tensor, plan: TernaryPlan) -> tuple[np.ndarray, np.ndarray] | None:
-    if name in plan.exact:
-        return plan.exact[name]
-    if plan.mode == "float":
-        return None
-    return packing.ternarize_absmean(weight.detach().float().numpy(), per_row=plan.per_row)
-
-
-def _add_packed_consts(low: Lowering, name: str, t: np.ndarray, s: np.ndarray, kind: str) -> tuple[str, str, int, int]:
+def _add_packed_consts(low: Lowering, name: str, plan: TernaryPlan) -> tuple[str, str, int, int]:
+    """Add the packed trits and scales of weight ``name`` (computed when written); returns their names and sizes."""
     base = name.removesuffix(".weight")
     packed_name, scale_name = f"{base}.ternary_packed", f"{base}.ternary_scale"
-    dtype = low.consts[name].dtype
-    low.consts[packed_name] = torch.from_numpy(packing.pack(t, kind))
-    low.consts[scale_name] = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).to(dtype)
-    out_features, in_features = t.shape
+    weight = low.consts[name]
+    out_features, in_features = weight.shape
+    exact = plan.exact.get(name)  # a BitNet layer's own trits and scale
+    if exact is not None:
+        scale_rows = exact[1].reshape(-1).shape[0]
+    else:
+        scale_rows = out_features if plan.per_row else 1
+
+    def packed(t: np.ndarray, s: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).to(weight.dtype)
+        return torch.from_numpy(packing.pack(t, plan.packing)), scale
+
+    def ternarized(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed(*packing.ternarize_absmean(values.detach().float().numpy(), per_row=plan.per_row))
+
+    outputs = [([out_features, packing.packed_length(in_features, plan.packing)], torch.uint8),
+               ([scale_rows], weight.dtype)]
+    if exact is not None:
+        low.consts[packed_name], low.consts[scale_name] = derive([], lambda: packed(*exact), outputs)
+    else:
+        low.consts[packed_name], low.consts[scale_name] = derive([weight], ternarized, outputs)
     return packed_name, scale_name, int(out_features), int(in_features)
 
 

@@ -13,13 +13,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
+from exporter.consts_writer import DEFAULT_SHARD_BYTES, write_consts
 from interp import atomic
 from interp.errors import ExportError
 from interp.manifest import file_hashes, fingerprint
-from interp.program import CONSTS_FILE, MANIFEST_FILE, PROGRAM_FILE
+from interp.program import MANIFEST_FILE, PROGRAM_FILE, defining_files
 
 
 def canonical_json(data: dict) -> str:
@@ -27,18 +25,13 @@ def canonical_json(data: dict) -> str:
     return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
 
-def write_consts(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    ordered = {name: tensors[name].contiguous() for name in sorted(tensors)}
-    save_file(ordered, str(path), metadata={"format": "pt"})
-
-
 def write_manifest(directory: Path, info: dict) -> dict:
     """manifest.json: ``info``, every file's sha256, and the fingerprint (graph + weights,
-    not the tokenizer files' layout)."""
+    not the tokenizer files' layout; ``interp.program.defining_files``)."""
     hashes = file_hashes(directory, skip=MANIFEST_FILE)
     manifest = dict(info)
     manifest["files"] = hashes
-    manifest["fingerprint"] = fingerprint(hashes, (PROGRAM_FILE, CONSTS_FILE))
+    manifest["fingerprint"] = fingerprint(hashes, defining_files(hashes))
     (directory / MANIFEST_FILE).write_text(canonical_json(manifest), encoding="utf-8")
     return manifest
 
@@ -50,9 +43,11 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
         yield tmp
 
 
-def write_program(directory: Path, spec: dict, consts: dict[str, torch.Tensor],
-                  save_tokenizer: Callable[[Path], None] | None) -> None:
+def write_program(directory: Path, spec: dict, consts: dict, save_tokenizer: Callable[[Path], None] | None,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """prog.json, the consts (materialized one at a time, sharded above ``max_shard_bytes``), the tokenizer."""
     (directory / PROGRAM_FILE).write_text(canonical_json(spec), encoding="utf-8")
-    write_consts(consts, directory / CONSTS_FILE)
+    write_consts(directory, consts, max_shard_bytes, progress)
     if save_tokenizer is not None:
         save_tokenizer(directory)

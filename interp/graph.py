@@ -21,7 +21,7 @@ from interp.errors import PawError, ProgramError, WeightsError, first_line
 from interp.limits import RunBudget
 from interp.ops import REGISTRY
 from interp.ops.ternary import prepare_ternary_consts
-from interp.program import Program
+from interp.program import Program, load_consts
 from interp.threads import release_on_thread_exit
 
 
@@ -151,11 +151,7 @@ class GraphModel:
 
     @classmethod
     def from_program(cls, program: Program, compile_decode: bool = True) -> GraphModel:
-        try:
-            consts = mx.load(str(program.consts_path))
-        except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-            raise WeightsError(f"cannot read {program.consts_path}: {first_line(exc)}") from None
-        return cls(program, consts, compile_decode=compile_decode)
+        return cls(program, load_consts(program), compile_decode=compile_decode)
 
     def make_cache(self) -> list[KVCache]:
         return make_cache(self.num_layers)

@@ -1,4 +1,4 @@
-"""Load and validate a program directory (prog.json + consts.safetensors + tokenizer).
+"""Load and validate a program directory (prog.json + consts + tokenizer).
 
 Validation happens before any weight is touched, so a bad program fails in
 milliseconds with one line that names the problem: the format version, an unknown op,
@@ -6,23 +6,31 @@ a wrong arity or attribute, an attribute outside the range its schema entry stat
 reference to an undefined value, a const whose dtype or shape disagrees with the file,
 a safetensors header that does not describe its file, or a truncated weights file.
 Every field is type-checked here, so nothing later meets a value of the wrong kind.
+
+The consts are one ``consts.safetensors`` or, for large programs, shards named
+``consts-00001-of-00003.safetensors`` listed by ``consts.safetensors.index.json`` (Hugging
+Face's layout). Every reader goes through ``read_consts_files``, which lists the files
+and their headers, and ``load_consts``, which maps them lazily into MLX.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from interp import limits, schema
-from interp.errors import PawError, ProgramError, UnknownOpError, WeightsError
+from interp.errors import PawError, ProgramError, UnknownOpError, WeightsError, first_line
 from interp.jsonfile import parse_json, read_json_object
 
 PROGRAM_FILE = "prog.json"
 CONSTS_FILE = "consts.safetensors"
+CONSTS_INDEX_FILE = "consts.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
+_SHARD_NAME = re.compile(r"consts-\d{5}-of-\d{5}\.safetensors")
 #: the inputs the interpreter feeds; a program takes input_ids and may take position_ids
 FED_INPUTS = ("input_ids", "position_ids")
 #: more KV-cache layers than any model has: a sanity bound on state.kv_cache.layers
@@ -45,6 +53,14 @@ class Node:
     outputs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ConstsFile:
+    """One safetensors file of a program's consts and its header (const name -> dtype, shape, offsets)."""
+
+    path: Path
+    header: dict
+
+
 @dataclass
 class Program:
     """A validated program: the parsed prog.json plus where its files live."""
@@ -55,6 +71,7 @@ class Program:
     manifest: dict = field(default_factory=dict)
     #: ids input_ids may hold: the rows of the embedding that reads them (None if unknown)
     vocab_size: int | None = None
+    consts_files: list[ConstsFile] = field(default_factory=list)
 
     @property
     def model_info(self) -> dict:
@@ -62,7 +79,14 @@ class Program:
 
     @property
     def consts_path(self) -> Path:
+        """The consts file of an unsharded program (a sharded one has ``consts_files``)."""
         return self.directory / CONSTS_FILE
+
+    @property
+    def defining_files(self) -> list[str]:
+        """The files its fingerprint is made of (``defining_files``)."""
+        return defining_files([PROGRAM_FILE, *(f.path.name for f in self.consts_files)]
+                              + ([CONSTS_INDEX_FILE] if (self.directory / CONSTS_INDEX_FILE).is_file() else []))
 
     @property
     def fingerprint(self) -> str:
@@ -95,10 +119,11 @@ def read_program(path: str | Path, known_ops: set[str] | None = None) -> Program
     _check_format(spec, where)
     _check_model_info(spec.get("model", {}), where)
     nodes = _check_graph(spec, known_ops if known_ops is not None else set(schema.OPS))
-    _check_consts(spec, directory / CONSTS_FILE)
+    files = read_consts_files(directory)
+    _check_consts(spec, files)
     manifest = read_manifest(directory)
     return Program(directory=directory, spec=spec, nodes=nodes, manifest=manifest,
-                   vocab_size=_vocab_size(spec, nodes, where))
+                   vocab_size=_vocab_size(spec, nodes, where), consts_files=files)
 
 
 def read_manifest(directory: Path, error: type[PawError] = ProgramError) -> dict:
@@ -404,15 +429,85 @@ def read_safetensors_header(path: Path, error: type[PawError] = WeightsError) ->
     return header
 
 
-def _check_consts(spec: dict, path: Path) -> None:
-    header = read_safetensors_header(path)
+def defining_files(names) -> list[str]:
+    """The files a program's fingerprint is made of, in order: prog.json and its weights
+    (``consts.safetensors``, or the shard index and then the shards)."""
+    names = set(names)
+    if CONSTS_FILE in names or CONSTS_INDEX_FILE not in names:
+        return [PROGRAM_FILE, CONSTS_FILE]
+    return [PROGRAM_FILE, CONSTS_INDEX_FILE, *sorted(n for n in names if _SHARD_NAME.fullmatch(n))]
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """``consts-00002-of-00005.safetensors``: the name of shard ``index`` (from 1) of ``count``."""
+    return f"consts-{index:05d}-of-{count:05d}.safetensors"
+
+
+def read_consts_files(directory: Path) -> list[ConstsFile]:
+    """The program's consts files with their headers: the one way in to a program's weights.
+
+    A program has ``consts.safetensors``, or shards listed by ``consts.safetensors.index.json``;
+    the index is checked against the shards' headers (every const in exactly the file the
+    index names, no file outside the directory). Reads headers only.
+    """
+    index_path = directory / CONSTS_INDEX_FILE
+    if not index_path.is_file():
+        path = directory / CONSTS_FILE
+        return [ConstsFile(path, read_safetensors_header(path))]
+    index = read_json_object(index_path, WeightsError)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f"{index_path.name} has no weight_map of const names to shard files")
+    names = sorted(set(weight_map.values()), key=str)
+    for number, name in enumerate(names, start=1):
+        if not isinstance(name, str) or name != shard_file_name(number, len(names)):
+            raise WeightsError(f"{index_path.name} names {name!r}, which is not a shard of {len(names)} "
+                               f"(expected {shard_file_name(1, len(names))} to {shard_file_name(len(names), len(names))})")
+    files = [ConstsFile(directory / name, read_safetensors_header(directory / name)) for name in names]
+    where = {}
+    for consts_file in files:
+        for const in consts_file.header:
+            if const in where:
+                raise WeightsError(f"const {const!r} is stored twice: in {where[const]} and {consts_file.path.name}")
+            where[const] = consts_file.path.name
+    for const, name in weight_map.items():
+        if where.get(const) != name:
+            raise WeightsError(f"{index_path.name} puts {const!r} in {name}, "
+                               + (f"but it is in {where[const]}" if const in where else "which lacks it"))
+    return files
+
+
+def load_consts(program: Program, names: set[str] | None = None) -> dict:
+    """The consts as lazily loaded MLX arrays (nothing is read until evaluated).
+
+    ``names`` limits the result to those consts and opens only the files that hold them
+    (a process that runs part of the model loads part of it).
+    """
+    import mlx.core as mx
+
+    consts: dict = {}
+    for consts_file in program.consts_files or read_consts_files(program.directory):
+        if names is not None and not names.intersection(consts_file.header):
+            continue
+        try:
+            arrays = mx.load(str(consts_file.path))
+        except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
+            raise WeightsError(f"cannot read {consts_file.path}: {first_line(exc)}") from None
+        consts.update(arrays if names is None else {k: v for k, v in arrays.items() if k in names})
+    return consts
+
+
+def _check_consts(spec: dict, files: list[ConstsFile]) -> None:
+    where = {name: consts_file for consts_file in files for name in consts_file.header}
     for name, meta in spec["consts"].items():
-        stored = header.get(name)
-        if stored is None:
-            raise WeightsError(f"{path.name} lacks the const {name!r} that prog.json declares")
+        consts_file = where.get(name)
+        if consts_file is None:
+            holder = files[0].path.name if len(files) == 1 else "the consts shards"
+            raise WeightsError(f"{holder} lacks the const {name!r} that prog.json declares")
+        stored = consts_file.header[name]
         dtype = ST_DTYPES[stored["dtype"]]
         if dtype != meta["dtype"] or list(stored["shape"]) != list(meta["shape"]):
             raise WeightsError(
                 f"const {name!r}: prog.json says {meta['dtype']}{list(meta['shape'])}, "
-                f"{path.name} holds {dtype}{list(stored['shape'])}"
+                f"{consts_file.path.name} holds {dtype}{list(stored['shape'])}"
             )

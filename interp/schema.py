@@ -297,6 +297,19 @@ _op("quantized_embedding", "nn",
     [_t("weight"), _t("scales"), _t("biases"), _t("indices")],
     [_attr("group_size", INT, **_QUANT["group_size"]), _attr("bits", INT, **_QUANT["bits"])])
 
+_op("expert_linear", "nn",
+    "mixture-of-experts projection reading only the routed experts' weights: out[..., j, :] = "
+    "x[..., j, :] @ weight[indices[..., j]].T (+ bias[indices[..., j]]). weight: [E, out, in]; indices: "
+    "integer [..., k]; x: [..., in] whose leading axes broadcast against indices' shape (x [T, 1, in] with "
+    "indices [T, k] sends each token to its k experts; x [T, k, in] gives each slot its own input). "
+    "Output: broadcast(x.shape[:-1], indices.shape) + [out] (mx.gather_mm).",
+    [_t("x"), _t("weight"), _t("indices"), _opt("bias")])
+_op("quantized_expert_linear", "nn",
+    "expert_linear with an affine-quantized weight, laid out per expert as quantized_linear's: weight uint32 "
+    "[E, out, in * bits / 32], scales and biases [E, out, in / group_size] (mx.gather_qmm).",
+    [_t("x"), _t("weight"), _t("scales"), _t("biases"), _t("indices"), _opt("bias")],
+    [_attr("group_size", INT, **_QUANT["group_size"]), _attr("bits", INT, **_QUANT["bits"])])
+
 # ----------------------------------------------------------------------------- symbolic ints
 _op("sym_size", "symbolic", "the size of axis dim of x, as a symbolic int", [_t("x")], [_attr("dim", INT)],
     symbolic=True)

@@ -14,7 +14,7 @@ from interp.generate import GenerationStats, generate_step
 from interp.graph import GraphModel
 from interp.manifest import verify_manifest
 from interp.ops import REGISTRY
-from interp.program import CONSTS_FILE, PROGRAM_FILE, Program, read_program
+from interp.program import Program, read_program
 from interp.sampling import make_sampler
 from interp.token_ids import check_token_ids
 from interp.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -130,7 +130,7 @@ def load(path: str | Path, *, compile: bool = True, verify: bool = False,  # noq
         raise PawError(f"unknown parallel mode {parallel!r}: use one of {', '.join(distributed.PARALLEL_MODES)}")
     if verify:
         checked = read_program(path, known_ops=set(REGISTRY))
-        verify_manifest(checked.directory, checked.manifest, (PROGRAM_FILE, CONSTS_FILE), TOKENIZER_FILES)
+        verify_manifest(checked.directory, checked.manifest, checked.defining_files, TOKENIZER_FILES)
     world = distributed.connect(timeout) if parallel != "none" else None
     if parallel in ("pipeline", "tensor") and world is None:
         raise PawError(f"parallel={parallel!r} needs several ranks: start paw with mlx.launch (see docs/distributed.md)")

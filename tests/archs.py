@@ -45,6 +45,7 @@ ARCHS: dict[str, dict] = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64, decoder_sparse_step=1, norm_topk_prob=False),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "bloom": dict(n_head=4, tie_word_embeddings=False),
     "helium": dict(head_dim=16),

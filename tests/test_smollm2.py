@@ -86,3 +86,32 @@ def test_paw_run_answers_the_capital_of_france(smollm2_program):
                           capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "The capital of France is Paris."
+
+
+def test_streamed_weights_equal_the_loaded_models(hf_model):
+    """SmolLM2's GGUF read a tensor at a time (exporter/checkpoint.py) gives every weight transformers loads."""
+    import torch
+
+    from exporter.checkpoint import load_streaming
+    from exporter.sources import parse_gguf_once, resolve_source
+
+    model, _ = hf_model
+    source = resolve_source("smollm2", progress=False)
+    with parse_gguf_once():
+        empty, weights = load_streaming(source.location, torch.float32, gguf_file=source.gguf_file)
+    assert all(p.is_meta for p in empty.parameters())
+    for name, param in model.named_parameters():
+        planned = weights.parameter_name("model." + name)
+        assert torch.equal(weights.plan.realize(planned), param.detach()), name
+    for (name, buffer), (_, loaded) in zip(empty.named_buffers(), model.named_buffers(), strict=True):
+        assert torch.equal(buffer, loaded), name
+
+
+def test_kept_q4_1_blocks_still_answer_paris(tmp_path):
+    import paw_mlx
+    from exporter.export import export_source
+
+    prog = paw_mlx.load(export_source("smollm2", tmp_path / "kept", quantize="keep"))
+    ops = {node.op for node in prog.program.nodes}
+    assert {"quantized_linear", "quantized_embedding"} <= ops and "linear" not in ops
+    assert paw_mlx.generate(prog, "What is the capital of France?").strip() == "The capital of France is Paris."

@@ -9,35 +9,25 @@ weights are never read (resident memory grows by the kept bytes only; docs/distr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import mlx.core as mx
 
 from interp.errors import WeightsError
 from interp.program import Program
-
-
-def const_files(program: Program) -> list[Path]:
-    """Every safetensors file holding ``program``'s consts: the one place that lists them."""
-    return [program.consts_path]
+from interp.program import load_consts as program_consts
 
 
 def load_consts(program: Program, names: Iterable[str],
                 cut: Callable[[str, mx.array], mx.array] | None = None) -> dict[str, mx.array]:
     """The named consts of ``program``, evaluated; nothing else is read from disk.
 
-    ``cut(name, array)`` keeps a part of a const (tensor parallelism): each is then
-    copied out and evaluated on its own, so one whole const at a time is in memory.
+    Only the consts files (one, or shards) that hold a wanted const are opened
+    (``interp.program.load_consts``). ``cut(name, array)`` keeps a part of a const (tensor
+    parallelism): each is then copied out and evaluated on its own, so one whole const at
+    a time is in memory.
     """
     wanted = set(names)
-    found: dict[str, mx.array] = {}
-    for path in const_files(program):
-        try:
-            arrays = mx.load(str(path))
-        except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-            raise WeightsError(f"cannot read {path}: {exc}") from None
-        found.update({name: array for name, array in arrays.items() if name in wanted})
-        del arrays
+    found = program_consts(program, wanted)
     missing = sorted(wanted - found.keys())
     if missing:
         raise WeightsError(f"{program.directory} lacks the const {missing[0]!r}")

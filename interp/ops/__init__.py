@@ -12,6 +12,7 @@ from interp.ops import (  # noqa: E402,F401  (fill the registry)
     attention,
     distributed,
     elementwise,
+    experts,
     fused,
     nn,
     reduction,

@@ -201,7 +201,7 @@ def _dequantize_ref(q, scales, biases, group_size, bits):
     """MLX's affine layout: ``bits``-bit codes packed into uint32 words, lowest bits first."""
     words = q.to(torch.int64)
     codes = (words[..., None] >> torch.arange(0, 32, bits)) & (2**bits - 1)  # [out, words, codes per word]
-    codes = codes.reshape(q.shape[0], -1).to(scales.dtype)
+    codes = codes.reshape(*q.shape[:-1], -1).to(scales.dtype)
     return codes * scales.repeat_interleave(group_size, -1) + biases.repeat_interleave(group_size, -1)
 
 
@@ -211,6 +211,20 @@ def _quantized(bits: int):
     return np.array(q), np.array(scales), np.array(biases)
 
 
+def _expert_ref(*args, **attrs):
+    from exporter.experts import paw_expert_linear  # the capture's own torch reference
+
+    return paw_expert_linear(*args)
+
+
+def _quantized_experts(bits: int):
+    """A stack of 4 affine-quantized experts [4, 12, 64]: codes, scales and biases."""
+    q, scales, biases = mx.quantize(mx.array(randn(4, 12, 64)), group_size=32, bits=bits)
+    return np.array(q), np.array(scales), np.array(biases)
+
+
+#: half-precision sums of quantized products: as for quantized_linear below
+_QUANT_TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 _INV_FREQ = (1.0 / (10000 ** (np.arange(0, 16, 2) / 16))).astype(np.float32)
 # angles of up to 50 radians carry float32's rounding (3e-6) into cos and sin
 CASES["rope"] = Case(_rope_ref, [randn(2, 3, 4, 16), ints(50, 2, 4).astype(np.int32), _INV_FREQ], {"mscale": 1.0},
@@ -226,6 +240,10 @@ CASES["quantized_embedding"] = Case(
     lambda q, s, b, ids, group_size, bits: F.embedding(ids, _dequantize_ref(q, s, b, group_size, bits)),
     [*_quantized(8), ints(12, 2, 5)], {"group_size": 64, "bits": 8})
 CASES["ternary_linear"] = _ternary_case("2bit")
+CASES["expert_linear"] = Case(_expert_ref, [randn(5, 1, 16), randn(4, 12, 16), ints(4, 5, 2), randn(4, 12)])
+CASES["quantized_expert_linear"] = Case(
+    lambda x, q, s, b, i, bias, group_size, bits: _expert_ref(x, _dequantize_ref(q, s, b, group_size, bits), i, bias),
+    [randn(5, 1, 64) / 8, *_quantized_experts(4), ints(4, 5, 2), None], {"group_size": 32, "bits": 4}, tol=_QUANT_TOL)
 CASES["act_quant"] = Case(_act_quant_ref, [randn(2, 5, 16)], {"bits": 8})
 
 
@@ -254,6 +272,12 @@ EXTRA_CASES = {
         _attention_ref, [randn(1, 4, 2, 8), randn(1, 2, 9, 8), randn(1, 2, 9, 8)],
         {"layer": 0, "scale": 0.3, "window": 4, "alibi_max_bias": 8.0}),
     "ternary_linear base3": _ternary_case("base3"),
+    "expert_linear over many pairs, grouped by expert": Case(
+        _expert_ref, [randn(40, 2, 16), randn(4, 12, 16), ints(4, 40, 2), None], tol={"float32": 2e-5}),
+    "quantized_expert_linear over many pairs": Case(
+        lambda x, q, s, b, i, bias, group_size, bits: _expert_ref(x, _dequantize_ref(q, s, b, group_size, bits), i, bias),
+        [randn(40, 1, 64) / 8, *_quantized_experts(4), ints(4, 40, 2), randn(4, 12) / 8], {"group_size": 32, "bits": 4},
+        tol=_QUANT_TOL),
     "rope with scaling factor": Case(_rope_ref, [randn(1, 2, 3, 16), ints(9, 1, 3).astype(np.int32), _INV_FREQ],
                                      {"mscale": 0.75}, tol={"float32": 2e-5}),
     "repeat_interleave along the last axis": Case(lambda x, repeats, dim: x.repeat_interleave(repeats, dim),

@@ -1,0 +1,68 @@
+"""Mixture-of-experts blocks: routed experts only (``expert_linear``), the dense switch, quantized experts.
+
+Parity of the sparse programs with transformers is in test_architectures.py (mixtral,
+qwen2_moe, olmoe); here: what the programs hold and that the other forms agree with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from interp.graph import GraphModel
+from interp.program import load_consts, read_program
+from tests.archs import VOCAB, arch_config
+from tests.tiny import tiny_model
+
+IDS = np.random.default_rng(3).integers(3, VOCAB, (2, 70))  # 140 routed pairs: the grouped-by-expert path too
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    from exporter.export import export_model
+
+    root = tmp_path_factory.mktemp("experts")
+    model = tiny_model(arch_config("mixtral"))
+    with torch.no_grad():
+        reference = model(torch.from_numpy(IDS)).logits.numpy()
+    programs = {mode: export_model(model, None, root / mode, experts=mode) for mode in ("sparse", "dense")}
+    programs["q4"] = export_model(model, None, root / "q4", quantize=4, group_size=32)
+    return programs, reference
+
+
+def _ops(directory) -> Counter:
+    return Counter(node["op"] for node in json.loads((directory / "prog.json").read_text())["nodes"])
+
+
+def _logits(directory, consts=None) -> np.ndarray:
+    program = read_program(directory)
+    model = GraphModel(program, consts or load_consts(program))
+    return np.array(model(mx.array(IDS)))
+
+
+def test_sparse_program_reads_routed_experts_and_dense_all(mixtral):
+    programs, reference = mixtral
+    layers = arch_config("mixtral").num_hidden_layers
+    assert _ops(programs["sparse"])["expert_linear"] == 2 * layers
+    assert _ops(programs["dense"])["expert_linear"] == 0
+    for mode in ("sparse", "dense"):
+        assert np.abs(_logits(programs[mode]) - reference).max() < 1e-4, mode
+
+
+def test_quantized_experts_compute_with_their_dequantized_weights(mixtral):
+    programs, _ = mixtral
+    layers = arch_config("mixtral").num_hidden_layers
+    assert _ops(programs["q4"])["quantized_expert_linear"] == 2 * layers
+    consts = load_consts(read_program(programs["q4"]))
+    floats = load_consts(read_program(programs["sparse"]))
+    for name in [n for n in consts if n.endswith(".qweight")]:
+        base = name.removesuffix(".qweight")
+        weight = base if base in floats else base + ".weight"
+        floats[weight] = mx.dequantize(consts[name], consts[base + ".scales"], consts[base + ".biases"],
+                                       group_size=32, bits=4)
+    np.testing.assert_allclose(_logits(programs["q4"]), _logits(programs["sparse"], floats), atol=1e-4, rtol=0)
