@@ -16,6 +16,7 @@ import typer
 
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
+from apps.serve.command import serve
 from interp.errors import PawError
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ export_app = typer.Typer(
 )
 app.add_typer(export_app, name="export")
 app.command("bench")(bench)
+app.command("serve")(serve)
 register_program_commands(app, export_app)  # paw compile / call / eval-programs / export program
 
 

@@ -125,15 +125,28 @@ class CompiledDecoder:
 
         return mx.compile(segment)
 
-    def run(self, inputs: dict[str, mx.array], cache: list, offset: int) -> dict[str, Any]:
-        from interp.graph import RunContext
-
+    def _compute_syms(self, inputs: dict[str, mx.array], ctx) -> dict[str, Any]:
         env: dict[str, Any] = dict(inputs)
-        ctx = RunContext(cache=cache, offset=offset)
         for step in self._prelude:
             step(env, ctx)
         self._syms.clear()
         self._syms.update({name: env[name] for name in self._sym_names})
+        return env
+
+    def run_rows(self, inputs: dict[str, mx.array], layers: list, columns: mx.array) -> dict[str, Any] | None:
+        """A slot batch's step as one compiled function, or None where the whole step cannot compile."""
+        from interp.graph import RunContext
+
+        if self.whole_step is None:
+            return None
+        self._compute_syms(inputs, RunContext(cache=None))
+        return self.whole_step.run_rows(inputs, layers, columns)
+
+    def run(self, inputs: dict[str, mx.array], cache: list, offset: int) -> dict[str, Any]:
+        from interp.graph import RunContext
+
+        ctx = RunContext(cache=cache, offset=offset)
+        env = self._compute_syms(inputs, ctx)
         if self.whole_step is not None and CompiledStep.accepts(cache):
             return self.whole_step.run(inputs, cache, offset)
         offset_array = mx.array(offset, dtype=mx.int32)

@@ -51,6 +51,19 @@ def supports(program) -> bool:
     return True
 
 
+class _RowSlot:
+    """One layer's slot buffers inside the traced rows step: each row written at its own column."""
+
+    def __init__(self, keys: mx.array, values: mx.array, columns: mx.array):
+        self.keys, self.values, self._columns = keys, values, columns
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        index = mx.broadcast_to(self._columns[:, None, None, None], keys.shape)
+        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        return self.keys, self.values
+
+
 class CompiledStep:
     """Runs one-token steps of a GraphModel as a single compiled function."""
 
@@ -63,6 +76,7 @@ class CompiledStep:
         self.model = model
         self._syms = syms
         self._fn = mx.compile(self._trace_target())
+        self._rows_fn: Callable | None = None
 
     @staticmethod
     def accepts(cache: list) -> bool:
@@ -92,6 +106,52 @@ class CompiledStep:
             return ([env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots])
 
         return step
+
+    def _rows_target(self) -> Callable:
+        """The step for a slot batch (``interp/slots.py``): every row at its own column.
+
+        Positions come in as inputs (``position_ids`` = the columns), so ``rope`` rotates
+        per row; attention masks each row causally at its column.
+        """
+        model, syms = self.model, self._syms
+        consts, steps = model.consts, model._steps
+        input_names, output_names = list(model.input_names), list(model.output_names)
+        from interp.graph import RunContext
+
+        def step(columns: mx.array, *arrays: mx.array) -> list[mx.array]:
+            inputs = dict(zip(input_names, arrays[: len(input_names)], strict=True))
+            buffers = arrays[len(input_names):]
+            layers = len(buffers) // 2
+            slots = [_RowSlot(k, v, columns) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
+            env: dict[str, Any] = dict(consts)
+            env.update(syms)
+            env.update(inputs)
+            ctx = RunContext(cache=slots, query_columns=columns[:, None])
+            for run_node in steps:
+                run_node(env, ctx)
+            return ([env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots])
+
+        return step
+
+    def run_rows(self, inputs: dict[str, mx.array], layers: list, columns: mx.array) -> dict[str, Any]:
+        """One token per row of a slot batch; ``layers`` hold ``keys``/``values`` buffers, updated here."""
+        if self._rows_fn is None:
+            self._rows_fn = mx.compile(self._rows_target())
+        arrays = [inputs[name] for name in self.model.input_names]
+        buffers = [layer.keys for layer in layers] + [layer.values for layer in layers]
+        for layer in layers:  # drop the layers' references so the scatter happens in place
+            layer.keys = layer.values = None
+        try:
+            outs = self._rows_fn(columns, *arrays, *buffers)
+        except BaseException:
+            for i, layer in enumerate(layers):
+                layer.keys, layer.values = buffers[i], buffers[len(layers) + i]
+            raise
+        del buffers
+        n_out, count = len(self.model.output_names), len(layers)
+        for i, layer in enumerate(layers):
+            layer.keys, layer.values = outs[n_out + i], outs[n_out + count + i]
+        return dict(zip(self.model.output_names, outs[:n_out], strict=True))
 
     def run(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int) -> dict[str, Any]:
         for c in cache:

@@ -35,6 +35,9 @@ class RunContext:
     #: optional boolean [batch, keys] mask of which key positions (cache included) are real
     #: tokens; attention combines it with causality. Used for left-padded batches.
     key_mask: mx.array | None = None
+    #: optional int [batch, length] cache column of every query, for rows that each sit at
+    #: their own length in one cache (interp/slots.py); attention masks each row causally
+    query_columns: mx.array | None = None
     #: values one call computes once and every layer reuses (the RoPE cos/sin table)
     shared: dict = field(default_factory=dict)
 
@@ -122,15 +125,16 @@ class GraphModel:
         return make_cache(self.num_layers)
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
-            key_mask: mx.array | None = None) -> dict[str, Any]:
+            key_mask: mx.array | None = None, query_columns: mx.array | None = None) -> dict[str, Any]:
         """Evaluate the graph on named inputs; returns the named outputs (lazy arrays).
 
         ``offset`` (positions are offset + arange) lets ``rope`` use mx.fast.rope;
-        ``key_mask`` ([batch, keys] booleans) hides padding from attention.
+        ``key_mask`` ([batch, keys] booleans) hides padding from attention;
+        ``query_columns`` ([batch, length]) places each row's queries in the cache.
         """
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
-        ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask)
+        ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
         for step in self._steps:
             step(env, ctx)
         return {name: env[name] for name in self.output_names}
@@ -156,6 +160,25 @@ class GraphModel:
             if decoder is not None:
                 return decoder.run(inputs, cache, offset)["logits"]
         return self.run(inputs, cache, offset, key_mask)["logits"]
+
+    def step_rows(self, tokens: mx.array, layers: list, columns: mx.array) -> mx.array:
+        """Logits [rows, 1, vocab] for one new token per row of a slot batch (``interp/slots.py``).
+
+        ``tokens`` is [rows, 1]; row r's token sits at position and cache column
+        ``columns[r]``. Compiled whole where the program allows (``compile_decode``).
+        """
+        inputs = {"input_ids": tokens.astype(mx.int32)}
+        if "position_ids" in self.input_names:
+            inputs["position_ids"] = columns[:, None]
+        for layer in layers:
+            layer.columns = columns
+        if self.compile_decode:
+            decoder = self._compiled()
+            if decoder is not None:
+                out = decoder.run_rows(inputs, layers, columns)
+                if out is not None:
+                    return out["logits"]
+        return self.run(inputs, layers, query_columns=columns[:, None])["logits"]
 
     def _compiled(self):
         if self._decoder is None:

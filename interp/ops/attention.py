@@ -31,11 +31,14 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     length, total = q.shape[2], k.shape[2]
     special = window > 0 or softcap > 0 or alibi_max_bias > 0
     on_cpu = mx.default_device() == mx.cpu
-    if not on_cpu and not special and ctx.key_mask is None:
+    if not on_cpu and not special and ctx.key_mask is None and ctx.query_columns is None:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None)
-    mask = causal_mask(length, total, window) if length > 1 or window > 0 else None
+    if ctx.query_columns is not None:  # rows of a slot batch, each at its own cache column
+        mask = row_causal_mask(ctx.query_columns, total, window)
+    else:
+        mask = causal_mask(length, total, window) if length > 1 or window > 0 else None
     if ctx.key_mask is not None:  # a padded batch, or the written part of the compiled step's buffers
         keys = ctx.key_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
@@ -50,7 +53,7 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     blocks = []
     for start in range(0, length, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, length)
-        seen = total - length + stop
+        seen = total if ctx.query_columns is not None else total - length + stop
         blocks.append(explicit_attention(q[:, :, start:stop], k[:, :, :seen], v[:, :, :seen], scale=scale,
                                          mask=mask[..., start:stop, :seen], softcap=softcap, alibi=alibi))
     return mx.concatenate(blocks, axis=2)
@@ -101,6 +104,21 @@ def causal_mask(length: int, total: int, window: int = 0) -> mx.array:
     """Boolean [length, total] mask: query i (at absolute position total-length+i) sees key j."""
     rows = mx.arange(total - length, total)[:, None]
     cols = mx.arange(total)[None, :]
+    mask = cols <= rows
+    if window > 0:
+        mask = mask & (cols > rows - window)
+    return mask
+
+
+def row_causal_mask(columns: mx.array, total: int, window: int = 0) -> mx.array:
+    """Boolean [batch, 1, length, total] mask for rows whose queries sit at their own columns.
+
+    ``columns`` ([batch, length] ints) is where each row's queries are in the cache: a
+    query sees the keys at or before its column (and, with a window, less than
+    ``window`` before it). Keys past a row's column are never seen, whatever they hold.
+    """
+    rows = columns[:, None, :, None]
+    cols = mx.arange(total)[None, None, None, :]
     mask = cols <= rows
     if window > 0:
         mask = mask & (cols > rows - window)
