@@ -22,10 +22,12 @@ safe from any thread.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,15 @@ from paw_mlx.engine.requests import GenerationRequest, RequestHandle, TokenEvent
 from paw_mlx.runtime import LoadedProgram
 
 log = logging.getLogger("paw.engine")
+
+#: engines whose worker runs: stopped at exit, so no worker outlives the interpreter
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_engines() -> None:
+    for engine in list(_RUNNING):
+        engine.stop()
 
 
 @dataclass
@@ -112,6 +123,7 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="paw-engine", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -201,7 +213,7 @@ class Engine:
                     with group.base.lock:
                         self._sweep(group)
                         if group.rows:
-                            self._decode(group)
+                            self._guarded(group, self._decode)
                             busy = True
                 if self._prefill():
                     busy = True
@@ -222,6 +234,25 @@ class Engine:
             # MLX keeps compiled traces and streams per thread; a thread must free them itself
             # (with the GIL held) or the interpreter can abort at exit.
             mx.clear_streams()
+
+    def _guarded(self, group: _Group, work) -> None:
+        """Run a step of ``group``; if it fails, fail that batch's rows and start it afresh.
+
+        A failure of one batch (a constraint that raises, memory running out) ends the
+        requests it holds with an error; other batches and later requests go on.
+        """
+        try:
+            work(group)
+        except Exception as exc:  # any failure inside MLX or a request's constraint
+            log.exception("a step of the batch of %s failed", group.base.name)
+            message = f"{type(exc).__name__}: {exc}"
+            rows = list(group.rows.values()) + ([group.prefilling] if group.prefilling is not None else [])
+            group.rows.clear()
+            group.prefilling = None
+            for row in rows:
+                self._end(row, "error", error=message)
+            group.batch = SlotBatch(group.base.model.num_layers)
+            group.sampler = None
 
     def _group(self, base: LoadedProgram) -> _Group:
         group = self._groups.get(id(base))
@@ -354,7 +385,7 @@ class Engine:
             self._turn += 1
             chunk = self.config.prefill_chunk if decoding else self.config.idle_prefill_chunk
             with group.base.lock:
-                self._prefill_chunk(group, chunk)
+                self._guarded(group, lambda g, size=chunk: self._prefill_chunk(g, size))
             return True
         return False
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from interp.errors import ArtifactError, PawError, RequestError
 from paw_mlx.runtime import LoadedProgram
 
@@ -213,6 +215,8 @@ class ModelCatalog:
         from paw_mlx.programs.artifact import read_artifact
 
         artifact = read_artifact(directory)
+        # mx.load's arrays are lazy and bound to this thread's stream; the engine's worker reads them
+        mx.eval([a for pair in artifact.prefix for a in pair])
         for base in self.bases:
             if base.fingerprint == artifact.base_fingerprint:
                 if len(artifact.prefix) != base.model.num_layers:

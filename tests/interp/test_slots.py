@@ -1,0 +1,108 @@
+"""The slot batch: rows at their own lengths decode exactly as they would alone."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from interp.graph import GraphModel
+from interp.program import read_program
+from interp.slots import SLOT_BUCKETS, SlotBatch, slot_bucket
+from tests.archs import arch_config
+
+PROMPTS = [[5, 17, 30, 41, 9], list(range(20, 47)), [3, 3, 8], list(range(60, 71))]
+STEPS = 6
+
+
+def alone(model: GraphModel, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens of one prompt through the ordinary cache and generation path."""
+    cache = model.make_cache()
+    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    out = []
+    for _ in range(steps):
+        token = mx.argmax(logits, axis=-1)
+        out.append(token.item())
+        logits = model(token[:, None], cache=cache)[:, -1]
+    return out
+
+
+def prefill(model: GraphModel, prompt: list[int]) -> list:
+    cache = model.make_cache()
+    model(mx.array([prompt]), cache=cache)
+    return [c.state for c in cache]
+
+
+def batched(model: GraphModel, prompts: list[list[int]], steps: int, join_late: int | None = None) -> list[list[int]]:
+    """Greedy tokens of every prompt in one slot batch; the row ``join_late`` joins after two steps."""
+    batch = SlotBatch(model.num_layers)
+    rows = {}
+    for slot, prompt in enumerate(prompts):
+        if slot != join_late:
+            batch.insert(slot, prefill(model, prompt[:-1]))
+            rows[slot] = prompt[-1]
+    out = {slot: [] for slot in range(len(prompts))}
+    for step in range(steps + 2):
+        if step == 2 and join_late is not None:
+            batch.insert(join_late, prefill(model, prompts[join_late][:-1]))
+            rows[join_late] = prompts[join_late][-1]
+        active = [slot in rows for slot in range(batch.slots)]
+        tokens = mx.array([rows.get(slot, 0) for slot in range(batch.slots)])
+        chosen = mx.argmax(batch.step(model, tokens, active), axis=-1).tolist()
+        for slot in rows:
+            if len(out[slot]) < steps:
+                out[slot].append(chosen[slot])
+            rows[slot] = chosen[slot]
+    return [out[slot] for slot in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_program):
+    return GraphModel.from_program(read_program(tiny_program))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_rows_of_different_lengths_decode_as_alone(tiny_model, compiled):
+    tiny_model.compile_decode = compiled
+    try:
+        want = [alone(tiny_model, p, STEPS) for p in PROMPTS]
+        assert batched(tiny_model, PROMPTS, STEPS) == want
+        assert batched(tiny_model, PROMPTS, STEPS, join_late=1) == want
+    finally:
+        tiny_model.compile_decode = True
+
+
+@pytest.fixture(scope="module")
+def window_model(tmp_path_factory):
+    """A tiny Mistral whose sliding window (5) is shorter than the prompts: masks must be per row."""
+    from exporter.export import export_model
+    from tests.tiny import tiny_model as build
+
+    out = export_model(build(arch_config("mistral")), None, tmp_path_factory.mktemp("slots") / "mistral",
+                       source_info={"id": "tiny-mistral"})
+    return GraphModel.from_program(read_program(out))
+
+
+def test_sliding_windows_slide_per_row(window_model):
+    want = [alone(window_model, p, STEPS) for p in PROMPTS]
+    assert batched(window_model, PROMPTS, STEPS, join_late=2) == want
+
+
+def test_rows_move_and_the_batch_shrinks(tiny_model):
+    batch = SlotBatch(tiny_model.num_layers)
+    kv = prefill(tiny_model, PROMPTS[1])
+    for slot in range(5):
+        batch.insert(slot, kv)
+    assert batch.slots == slot_bucket(5) == 8 and batch.capacity == 256
+    for slot in range(4):
+        batch.release(slot)
+    batch.move(4, 0)
+    assert batch.fit(1) and batch.slots == 1 and batch.lengths == [len(PROMPTS[1])]
+    copy = batch.extract(0)
+    for (k, v), (k2, v2) in zip(copy, kv, strict=True):
+        assert mx.array_equal(k, k2) and mx.array_equal(v, v2)
+    assert batch.fit(0) and batch.slots == 0 and batch.nbytes == 0
+
+
+def test_buckets_cover_every_row_count():
+    assert [slot_bucket(n) for n in (1, 3, 9, 64, 65, 130)] == [1, 4, 12, 64, 128, 192]
+    assert all(slot_bucket(b) == b for b in SLOT_BUCKETS)
