@@ -185,9 +185,9 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise OverloadedError("the server is shutting down", retry_after=5.0)
-            if self._queued >= self.config.max_queue:
-                raise OverloadedError(f"{self._queued} requests are already waiting (--max-queue "
-                                      f"{self.config.max_queue})", retry_after=self.retry_after())
+            if self._queued + self._running >= self.config.max_rows + self.config.max_queue:
+                raise OverloadedError(f"all {self.config.max_rows} rows are busy and {self._queued} requests "
+                                      f"wait (--max-queue {self.config.max_queue})", retry_after=self.retry_after())
             self._queued += 1
             self._inbox.append(_Row(handle))
         self._wake.set()
