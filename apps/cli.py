@@ -157,6 +157,20 @@ def read_ids_file(path: Path) -> list[int]:
     return ids
 
 
+def parse_logit_bias(items: list[str]) -> dict[int, float]:
+    """--logit-bias TOKEN_ID=BIAS options as a dict."""
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise PawError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 42=-100), got {item!r}") from None
+        if not sep:
+            raise PawError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 42=-100), got {item!r}")
+    return bias
+
+
 @app.command()
 def run(
     program: Annotated[Path, typer.Argument(help="Program directory or its prog.json.")],
@@ -168,6 +182,12 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature).")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens; 0 for all.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than this share of the likeliest.")] = 0.0,
+    presence_penalty: Annotated[float, typer.Option("--presence-penalty", help="Subtract from tokens already generated (-2..2).")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty", help="Subtract per time a token was generated (-2..2).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Divide logits of tokens in prompt or output (1: off).")] = 1.0,
+    logit_bias: Annotated[list[str] | None, typer.Option("--logit-bias", help="TOKEN_ID=BIAS added to a token's logit (-100..100); repeatable.", show_default=False)] = None,
+    logprobs: Annotated[int | None, typer.Option("--logprobs", min=0, max=20, help="Print each token's log-probability and N alternatives to stderr.", show_default=False)] = None,
     prompt_ids: Annotated[Path | None, typer.Option("--prompt-ids", help="Read the prompt as token ids from this file.")] = None,
     output_ids: Annotated[Path | None, typer.Option("--output-ids", help="Also write the generated ids to this file.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and memory to stderr at the end.")] = False,
@@ -192,8 +212,15 @@ def run(
     from interp.generate import GenerationStats
 
     run_stats = GenerationStats()
-    for token in paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                       top_k=top_k, seed=seed, stats=run_stats):
+    sampling = paw_mlx.sampling_params(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+        logit_bias=parse_logit_bias(logit_bias or []), seed=seed, logprobs=logprobs,
+        vocab_size=prog.program.model_info.get("vocab_size"))
+    choices = []
+    for choice in paw_mlx.stream_choices(prog, ids, max_tokens=max_tokens, sampling=sampling, stats=run_stats):
+        token = choice.token
+        choices.append(choice)
         produced.append(token)
         piece = detok.add_token(token) if detok is not None else f"{token} "
         if piece:
@@ -203,6 +230,11 @@ def run(
     sys.stdout.flush()
     if output_ids is not None:
         output_ids.write_text(" ".join(str(t) for t in produced) + "\n", encoding="utf-8")
+    if logprobs is not None:
+        show = (lambda t: repr(prog.tokenizer.decode([t]))) if prog.has_tokenizer else str
+        for choice in choices:
+            others = "  ".join(f"{show(t)} {lp:.3f}" for t, lp in choice.top)
+            typer.echo(f"{show(choice.token):>16} {choice.logprob:8.3f}" + (f"   | {others}" if others else ""), err=True)
     if stats:
         typer.echo(
             f"prompt: {run_stats.prompt_tokens} tokens, {run_stats.prompt_tps:.1f} tok/s, "
