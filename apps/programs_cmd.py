@@ -12,6 +12,10 @@ import typer
 from interp.errors import PawError
 
 BASE_HELP = "Base program directory, or 'smollm2' for the default export location ($PAW_CACHE/programs/smollm2)."
+# Kept in step with paw_mlx.constrain.RETURNS_HELP (not imported: --help must not load MLX).
+RETURNS_HELP = ("Constrain every output: a JSON list of choices ('[\"yes\", \"no\"]'), choices:A|B|C, "
+                "regex:PATTERN, json (any JSON object), a JSON schema ('{\"type\": ...}') or @FILE "
+                "holding one of these as JSON.")
 
 
 def compile_cmd(
@@ -24,6 +28,7 @@ def compile_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate for tuning.")] = 3e-2,
     layers: Annotated[int, typer.Option(help="Tune the prefix of this many top layers (0: all).")] = 12,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
+    returns: Annotated[str | None, typer.Option("--returns", "-r", help=RETURNS_HELP + " Stored with the program.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Compile a spec into a program (a KV prefix); with --examples, tune it by gradient descent."""
@@ -31,7 +36,7 @@ def compile_cmd(
 
     options = {"steps": steps, "learning_rate": lr, "layers": layers}
     if examples is None:
-        art = compile(spec, base=base, out_dir=out, max_new_tokens=max_new_tokens, force=force)
+        art = compile(spec, base=base, out_dir=out, max_new_tokens=max_new_tokens, force=force, returns=returns)
     else:
         from rich.progress import (
             BarColumn,
@@ -45,7 +50,7 @@ def compile_cmd(
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), transient=True) as bar:
             tid = bar.add_task("tune", total=steps, loss=float("nan"))
             art = compile(spec, base=base, out_dir=out, examples=examples, max_new_tokens=max_new_tokens,
-                          force=force, tune_options=options,
+                          force=force, tune_options=options, returns=returns,
                           progress=lambda step, total, loss: bar.update(tid, completed=step, loss=loss))
         info = art.tuning
         typer.echo(f"tuned {len(info['tuned_layers'])} layers in {info['seconds']:.0f} s: held-out loss "
@@ -58,6 +63,7 @@ def call_cmd(
     inputs: Annotated[list[str] | None, typer.Argument(help="Inputs; one per line from stdin if none.")] = None,
     base: Annotated[str | None, typer.Option("--base", "-b", help="Base program (default: the one it was compiled on).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Output budget per input.")] = None,
+    returns: Annotated[str | None, typer.Option("--returns", "-r", help=RETURNS_HELP + " Default: the program's own.")] = None,
 ) -> None:
     """Call a program on inputs (one batch); prints one output per line (newlines shown as \\n)."""
     from paw_mlx.programs.function import function
@@ -66,7 +72,7 @@ def call_cmd(
         if sys.stdin.isatty():
             raise PawError("no inputs: pass them as arguments or pipe one per line on stdin")
         inputs = [line for line in sys.stdin.read().splitlines() if line.strip()]
-    f = function(program, base=base, max_new_tokens=max_new_tokens)
+    f = function(program, base=base, max_new_tokens=max_new_tokens, returns=returns)
     for output in f(list(inputs)):
         typer.echo(output.replace("\\", "\\\\").replace("\n", "\\n"))
 

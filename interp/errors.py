@@ -31,6 +31,10 @@ class ArtifactError(PawError):
     """A programs-as-weights artifact is malformed or made for another base model."""
 
 
+class ConstraintError(PawError):
+    """An output constraint (choices, regex, JSON schema) is invalid or cannot be met."""
+
+
 class RequestError(PawError):
     """A generation request cannot be served as asked: unknown model, too long, bad settings.
 

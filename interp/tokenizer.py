@@ -77,6 +77,10 @@ class Tokenizer:
         """The vocabulary's string for an id (byte-level BPE spells bytes as letters), or None."""
         return self._tok.id_to_token(token_id)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what grammar engines build their token tables from)."""
+        return self._tok.to_str()
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)

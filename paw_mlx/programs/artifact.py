@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from interp.errors import ArtifactError
+from interp.errors import ArtifactError, PawError
 
 FORMAT = "paw.kvprogram"
 VERSION = 1
@@ -63,6 +63,8 @@ class ProgramArtifact:
     #: how the prefix was tuned from examples (None for a spec-only compile)
     tuning: dict | None = None
     directory: Path | None = None
+    #: the output constraint calls enforce (``paw_mlx.constrain.normalize_returns`` form), or None
+    returns: dict | None = None
 
     @property
     def prefix_length(self) -> int:
@@ -80,6 +82,7 @@ class ProgramArtifact:
             "num_layers": len(self.prefix),
             "generation": asdict(self.generation),
             "tuning": self.tuning,
+            "returns": self.returns,
         }
 
 
@@ -159,4 +162,17 @@ def read_artifact(path: str | Path) -> ProgramArtifact:
         prefix.append((k, v))
     return ProgramArtifact(spec=spec, base_fingerprint=str(base.get("fingerprint", "")),
                            base_hint=str(base.get("path_hint", "")), layout=layout, prefix_ids=prefix_ids,
-                           prefix=prefix, generation=generation, tuning=meta.get("tuning"), directory=directory)
+                           prefix=prefix, generation=generation, tuning=meta.get("tuning"), directory=directory,
+                           returns=_read_returns(meta, meta_path))
+
+
+def _read_returns(meta: dict, meta_path: Path) -> dict | None:
+    from paw_mlx.constrain import normalize_returns
+
+    returns = meta.get("returns")
+    if returns is None:
+        return None
+    try:
+        return normalize_returns(returns)
+    except PawError as exc:
+        raise ArtifactError(f"{meta_path}: 'returns': {exc}") from None

@@ -7,7 +7,9 @@ Inputs of different lengths are left-padded *after* the shared prefix:
 
 A per-row key mask hides the pads from attention, and each row's position ids skip
 them, so every row sees exactly the keys and positions it would see alone. Each row
-then decodes in lockstep until it emits EOS or reaches its token budget.
+then decodes in lockstep until it emits EOS or reaches its token budget. A row with an
+output constraint (``paw_mlx.constrain``) samples only among the tokens its grammar
+allows and stops as soon as the grammar is complete.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from interp.cache import KVCache
+from interp.errors import ConstraintError
 from interp.sampling import make_sampler
+from paw_mlx.constrain import Constraint, mask_logits
 from paw_mlx.runtime import LoadedProgram
 
 
@@ -67,8 +71,14 @@ def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array
 
 
 def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
-                   *, max_new_tokens: int, temperature: float = 0.0, pad_id: int = 0) -> list[list[int]]:
-    """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``."""
+                   *, max_new_tokens: int, temperature: float = 0.0, pad_id: int = 0,
+                   constraints: Sequence[Constraint | None] | None = None) -> list[list[int]]:
+    """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``.
+
+    ``constraints`` (one per row, or None) restrict each row's tokens to its grammar; a
+    constrained row that has not completed its output within the budget raises
+    ``ConstraintError`` (an output that stops early would not parse).
+    """
     if not rows:
         return []
     batch = len(rows)
@@ -82,15 +92,22 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
         state = prefill_batch(prog, prefix, rows, pad_id)
         logits, key_mask = state.logits, state.key_mask
         for step in range(budget):
+            if constraints is not None:
+                logits = mask_logits(logits, [c.allowed() if c is not None and not done[i] else None
+                                              for i, c in enumerate(constraints)])
             y = sampler(logits)
             mx.eval(y)
             for i, token in enumerate(y.tolist()):
                 if done[i]:
                     continue
+                constraint = constraints[i] if constraints is not None else None
                 if token in eos:
                     done[i] = True
-                else:
-                    outputs[i].append(token)
+                    continue
+                outputs[i].append(token)
+                if constraint is not None:
+                    constraint.advance(token)
+                    done[i] = constraint.done
             if all(done) or step + 1 == budget:
                 break
             if key_mask is not None:
@@ -98,4 +115,9 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
             positions = (state.next_positions + step)[:, None]
             logits = prog.model(y[:, None].astype(mx.int32), cache=state.cache, positions=positions,
                                 key_mask=key_mask)[:, -1, :]
+    if constraints is not None:
+        for i, constraint in enumerate(constraints):
+            if constraint is not None and not constraint.accepting:
+                raise ConstraintError(f"output {i} did not complete its constraint within {budget} new tokens "
+                                      "(raise max_new_tokens)")
     return outputs

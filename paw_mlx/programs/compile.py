@@ -73,19 +73,25 @@ def read_spec(spec: str) -> str:
 def compile(spec: str, base: str | Path = DEFAULT_BASE, out_dir: str | Path | None = None, *,
             examples: Sequence[dict] | str | Path | None = None, max_new_tokens: int = 64,
             force: bool = False, tune_options: dict | None = None,
-            progress: Callable[[int, int, float], None] | None = None) -> ProgramArtifact:
+            progress: Callable[[int, int, float], None] | None = None, returns=None) -> ProgramArtifact:
     """Compile ``spec`` into a program for ``base``; with ``examples``, tune its prefix on them.
 
-    Returns the artifact and, when ``out_dir`` is given, writes it there atomically.
+    ``returns`` (choices, a regex or a JSON schema; ``paw_mlx.constrain``) is checked and
+    stored with the program, so every call enforces it. Returns the artifact and, when
+    ``out_dir`` is given, writes it there atomically.
     """
     spec = read_spec(spec)
     base_path = resolve_base(base)
     prog = interpreter(base_path)
+    if returns is not None:
+        from paw_mlx.constrain import grammar_for
+
+        returns = grammar_for(prog, returns).spec  # checked against the tokenizer before any work
     layout = prompt_layout(prog.tokenizer, spec)
     ids = layout_prefix_ids(prog.tokenizer, layout)
     artifact = ProgramArtifact(spec=spec, base_fingerprint=prog.fingerprint, base_hint=str(base_path),
                                layout=layout, prefix_ids=ids, prefix=compute_prefix(prog, ids),
-                               generation=GenerationSettings(max_new_tokens=max_new_tokens))
+                               generation=GenerationSettings(max_new_tokens=max_new_tokens), returns=returns)
     if examples is not None:
         from paw_mlx.programs.tune import load_examples, tune
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from interp.errors import ArtifactError, PawError
+from paw_mlx.constrain import grammar_for
 from paw_mlx.programs.artifact import ProgramArtifact, read_artifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import DEFAULT_BASE, compile, input_ids
@@ -13,9 +15,14 @@ from paw_mlx.runtime import LoadedProgram
 
 
 class ProgramFunction:
-    """Calls a program: a string in, a string out; a list in, a list out (one batch)."""
+    """Calls a program: a string in, a string out; a list in, a list out (one batch).
 
-    def __init__(self, artifact: ProgramArtifact, base: LoadedProgram, max_new_tokens: int | None = None):
+    With an output constraint (``returns``, or the program's own), every output parses:
+    it is one of the choices, matches the regex or is JSON valid for the schema.
+    """
+
+    def __init__(self, artifact: ProgramArtifact, base: LoadedProgram, max_new_tokens: int | None = None,
+                 returns: Any = None):
         if artifact.base_fingerprint and artifact.base_fingerprint != base.fingerprint:
             raise ArtifactError(
                 f"this program was compiled for base model {artifact.base_fingerprint} "
@@ -27,6 +34,10 @@ class ProgramFunction:
         self.artifact = artifact
         self.base = base
         self.max_new_tokens = max_new_tokens or artifact.generation.max_new_tokens
+        returns = returns if returns is not None else artifact.returns
+        self.grammar = None
+        if returns is not None:
+            self.grammar = grammar_for(base, returns)
 
     @property
     def spec(self) -> str:
@@ -37,8 +48,9 @@ class ProgramFunction:
         return input_ids(self.base.tokenizer, self.artifact.layout, text)
 
     def call_ids(self, rows: list[list[int]]) -> list[list[int]]:
+        constraints = [self.grammar.start() for _ in rows] if self.grammar is not None else None
         return generate_batch(self.base, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
-                              temperature=self.artifact.generation.temperature)
+                              temperature=self.artifact.generation.temperature, constraints=constraints)
 
     def __call__(self, x: str | list[str]) -> str | list[str]:
         single = isinstance(x, str)
@@ -61,11 +73,14 @@ def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgr
 
 
 def function(program: str | Path | ProgramArtifact, base: str | Path | None = None,
-             max_new_tokens: int | None = None) -> ProgramFunction:
+             max_new_tokens: int | None = None, returns: Any = None) -> ProgramFunction:
     """A callable for a compiled program directory, an in-memory artifact, or a .txt spec.
 
     The base model is ``base`` if given, else the one the program was compiled on (its
     recorded path), else the default 'smollm2'; a mismatch of fingerprints is an error.
+    ``returns`` constrains outputs (a list of choices, ``{"regex": ...}``,
+    ``{"json_schema": ...}``, ``{"json_object": True}``; see ``paw_mlx.constrain``),
+    replacing the program's own constraint.
     """
     if isinstance(program, ProgramArtifact):
         artifact = program
@@ -77,4 +92,4 @@ def function(program: str | Path | ProgramArtifact, base: str | Path | None = No
             raise ArtifactError(f"no such program: {path}")
         else:
             artifact = read_artifact(path)
-    return ProgramFunction(artifact, _base_for(artifact, base), max_new_tokens)
+    return ProgramFunction(artifact, _base_for(artifact, base), max_new_tokens, returns)
