@@ -52,6 +52,7 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
     app = FastAPI(title="paw", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API: every base program and compiled program is a model.")
     errors.install(app)
+    app.state.catalog, app.state.engine = catalog, engine
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

@@ -10,6 +10,7 @@ server-sent events) or one body.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -163,7 +164,7 @@ def _sampling(body, model: ServedModel, logprobs: int | None) -> SamplingParams:
 
 
 def _constraint(response_format: ResponseFormat | None, model: ServedModel) -> Callable[[], Any] | None:
-    """A factory of per-row constraints for ``response_format`` (or the program's stored ``returns``)."""
+    """A factory of per-row constraints for ``response_format``, else the program's stored ``returns``."""
     spec = None
     if response_format is not None and response_format.type == "json_object":
         spec = {"json_object": True}
@@ -171,21 +172,23 @@ def _constraint(response_format: ResponseFormat | None, model: ServedModel) -> C
         if response_format.json_schema is None:
             raise ApiError(400, "response_format json_schema needs a 'json_schema' object", param="response_format")
         spec = {"json_schema": response_format.json_schema.schema_}
-    elif model.returns is not None:
+    elif response_format is None or response_format.type == "text":
         spec = model.returns
     if spec is None:
         return None
     try:
-        from paw_mlx.constrain import compile_returns
-    except ImportError:
-        raise ApiError(400, "response_format needs constrained decoding, which this paw build lacks",
-                       param="response_format") from None
-    vocab = int(model.base.program.model_info.get("vocab_size") or 0)
-    try:
-        grammar = compile_returns(spec, model.base.tokenizer, vocab)
+        grammar = _grammar(model, json.dumps(spec, sort_keys=True))
     except PawError as exc:
         raise ApiError(400, f"response_format: {exc}", param="response_format") from None
     return grammar.start
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar(model: ServedModel, spec: str):
+    """A compiled output constraint, once per model and spec (requests repeat their schemas)."""
+    from paw_mlx.constrain import grammar_for
+
+    return grammar_for(model.base, json.loads(spec))
 
 
 # ---------------------------------------------------------------------- running

@@ -42,6 +42,10 @@ def complete(engine: Engine, model: ServedModel, prompt: str | Sequence[int] | N
              constraint=None) -> Completion:
     """Run one request to the end (blocking): a completion ``prompt`` or chat ``messages``."""
     ids = model.chat_ids(messages) if messages is not None else model.completion_ids(prompt)
+    if constraint is None and model.returns is not None:  # a compiled program's own output constraint
+        from paw_mlx.constrain import grammar_for
+
+        constraint = grammar_for(model.base, model.returns).start()
     budget = max_tokens or model.default_max_tokens or 256
     if sampling is None:
         sampling = SamplingParams(temperature=model.default_temperature)

@@ -31,7 +31,7 @@ from paw_mlx.runtime import LoadedProgram
 ROLES = ("system", "developer", "user", "assistant")
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one object per served name
 class ServedModel:
     """One model name the engine answers to: a base program, or a compiled program on a base."""
 
@@ -75,11 +75,9 @@ class ServedModel:
         return float(self.artifact.generation.temperature) if self.artifact is not None else 0.0
 
     @property
-    def returns(self) -> Any | None:
-        """A compiled program's stored output constraint, if it has one."""
-        if self.artifact is None:
-            return None
-        return getattr(self.artifact, "returns", None)
+    def returns(self) -> dict | None:
+        """A compiled program's stored output constraint (``paw compile --returns``), if any."""
+        return self.artifact.returns if self.artifact is not None else None
 
     # ------------------------------------------------------------------ prompts
 
@@ -204,6 +202,12 @@ class ModelCatalog:
             if alias not in self._models and alias not in self._aliases:
                 self._aliases[alias] = model.name
         return model
+
+    def remove(self, name: str) -> None:
+        """Stop answering to ``name`` (requests already running finish)."""
+        model = self._models.pop(name)
+        for alias in model.aliases:
+            self._aliases.pop(alias, None)
 
     def add_base(self, prog: LoadedProgram, name: str | None = None) -> ServedModel:
         name = name or prog.path.name

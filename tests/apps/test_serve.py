@@ -21,6 +21,7 @@ from paw_mlx.engine import Engine, EngineConfig, ModelCatalog
 from tests.serving import INPUTS, compile_programs, greedy_alone
 
 KEY = "test-key"
+SPECS_WITH_CHOICES = "Label the sentiment: positive negative neutral"
 WAIT = 60.0
 MAX = 10  # tokens per test request
 
@@ -48,6 +49,7 @@ def server(base, programs):
     engine = Engine(EngineConfig(max_rows=16, prefill_chunk=16))
     app = create_app(make_catalog(base, programs), engine, ServeConfig(api_key=KEY, max_tokens=400))
     with BackgroundServer(app) as running:
+        running.app_catalog = app.state.catalog
         yield running
 
 
@@ -190,6 +192,46 @@ def test_sampling_controls_reach_the_rows(client):
     assert all(c.message.content == two.choices[0].message.content for c in two.choices)
 
 
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                           "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["answer", "count"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_always_parses(client):
+    for stream in (False, True):
+        settings = dict(model="tiny", messages=[{"role": "user", "content": INPUTS[7]}], max_tokens=60,
+                        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}})
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(stream=True, **settings) if c.choices)
+        else:
+            reply = client.chat.completions.create(**settings)
+            assert reply.choices[0].finish_reason == "stop"
+            text = reply.choices[0].message.content
+        value = json.loads(text)
+        assert value["answer"] in ("yes", "no") and 0 <= value["count"] <= 9 and set(value) == {"answer", "count"}
+    opened = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                            response_format={"type": "json_object"})
+    assert opened.choices[0].message.content.startswith("{")
+
+
+def test_a_programs_stored_returns_constrain_its_answers(server, tiny_program, tmp_path):
+    from paw_mlx.engine.models import ServedModel
+
+    art = paw_mlx.compile(SPECS_WITH_CHOICES, base=tiny_program, out_dir=tmp_path / "label",
+                          returns=["positive", "negative", "neutral"])
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
+    catalog = server.app_catalog
+    model = catalog.add(ServedModel("label", catalog.get("tiny").base, artifact=art))
+    try:
+        for text in INPUTS[:3]:
+            got = client.chat.completions.create(model="label", messages=[{"role": "user", "content": text}])
+            assert got.choices[0].message.content == paw_mlx.function(tmp_path / "label", base=tiny_program)(text)
+            assert got.choices[0].message.content in ("positive", "negative", "neutral")
+    finally:
+        catalog.remove(model.name)
+
+
 # ---------------------------------------------------------------------- refusals
 
 
@@ -219,6 +261,10 @@ BAD_REQUESTS = [
                           "logit_bias": {"99999": 1}}, 400, "logit_bias"),
     ("system message to a program", {"model": "dates", "messages": [{"role": "system", "content": "x"},
                                                                      {"role": "user", "content": "hi"}]}, 400, None),
+    ("invalid JSON schema", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                             "response_format": {"type": "json_schema",
+                                                 "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     400, "response_format"),
 ]
 
 
