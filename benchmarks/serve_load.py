@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--malformed", type=float, default=0.05)
     parser.add_argument("--disconnect", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--docs", type=Path, action="append", default=[],
+                        help="markdown files whose serve-load block to rewrite with the result")
     args = parser.parse_args(argv)
 
     import httpx
@@ -335,6 +337,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(report.mismatches[:5], indent=1, ensure_ascii=False), file=sys.stderr)
     if args.out:
         args.out.write_text(json.dumps(summary | {"mismatch_examples": report.mismatches[:20]}, indent=1) + "\n")
+    if args.docs:
+        from interp.docblock import replace_block
+
+        statuses = ", ".join(f"{n} x {status}" for status, n in summary["statuses"].items())
+        text = (f"Run {time.strftime('%Y-%m-%d %H:%M')}: {len(jobs)} requests from {args.clients} clients in "
+                f"{summary['seconds']} s on {base.name} and {len(programs)} compiled programs; statuses: {statuses}; "
+                f"{report.completed} completed, {report.disconnected} disconnected mid-stream, "
+                f"{len(report.mismatches)} outputs different from their expected greedy output; resident memory "
+                f"{summary['rss_idle_mb']} MB idle, {summary['rss_after_mb']} MB after "
+                f"({summary['rss_growth'] * 100:+.1f}%); {'passed' if report.ok() else 'FAILED'}.\n")
+        for doc in args.docs:
+            replace_block(doc, "<!-- serve-load:start -->", "<!-- serve-load:end -->", text)
     sys.exit(0 if report.ok() else 1)
 
 

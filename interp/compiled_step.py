@@ -29,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 
 from interp.cache import KVCache
+from interp.slots import SlotLayer
 
 
 class _Slot:
@@ -49,19 +50,6 @@ def supports(program) -> bool:
         if node.op == "attention" and any(node.attrs.get(name, 0) for name in ("window", "softcap", "alibi_max_bias")):
             return False
     return True
-
-
-class _RowSlot:
-    """One layer's slot buffers inside the traced rows step: each row written at its own column."""
-
-    def __init__(self, keys: mx.array, values: mx.array, columns: mx.array):
-        self.keys, self.values, self._columns = keys, values, columns
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        index = mx.broadcast_to(self._columns[:, None, None, None], keys.shape)
-        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, index, values, axis=2)
-        return self.keys, self.values
 
 
 class CompiledStep:
@@ -122,7 +110,7 @@ class CompiledStep:
             inputs = dict(zip(input_names, arrays[: len(input_names)], strict=True))
             buffers = arrays[len(input_names):]
             layers = len(buffers) // 2
-            slots = [_RowSlot(k, v, columns) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
+            slots = [SlotLayer(k, v, columns) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
             env: dict[str, Any] = dict(consts)
             env.update(syms)
             env.update(inputs)

@@ -43,9 +43,9 @@ def column_bucket(length: int) -> int:
 class SlotLayer:
     """One attention layer's keys and values for every slot (the cache protocol attention calls)."""
 
-    def __init__(self, keys: mx.array, values: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, columns: mx.array | None = None):
         self.keys, self.values = keys, values
-        self.columns: mx.array | None = None  # int32 [slots]: where this step's token goes
+        self.columns = columns  # int32 [slots]: where this step's token goes (set per step)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write one new position per row at its column; return the whole buffers."""
