@@ -125,38 +125,34 @@ class CompiledStep:
         """One token per row of a slot batch; ``layers`` hold ``keys``/``values`` buffers, updated here."""
         if self._rows_fn is None:
             self._rows_fn = mx.compile(self._rows_target())
-        arrays = [inputs[name] for name in self.model.input_names]
-        buffers = [layer.keys for layer in layers] + [layer.values for layer in layers]
-        for layer in layers:  # drop the layers' references so the scatter happens in place
-            layer.keys = layer.values = None
-        try:
-            outs = self._rows_fn(columns, *arrays, *buffers)
-        except BaseException:
-            for i, layer in enumerate(layers):
-                layer.keys, layer.values = buffers[i], buffers[len(layers) + i]
-            raise
-        del buffers
-        n_out, count = len(self.model.output_names), len(layers)
-        for i, layer in enumerate(layers):
-            layer.keys, layer.values = outs[n_out + i], outs[n_out + count + i]
-        return dict(zip(self.model.output_names, outs[:n_out], strict=True))
+        return self._call_in_place(self._rows_fn, columns, inputs, layers)
 
     def run(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int) -> dict[str, Any]:
         for c in cache:
             c.reserve(1)
+        outputs = self._call_in_place(self._fn, mx.array(offset, dtype=mx.int32), inputs, cache)
+        for c in cache:
+            c.offset = offset + 1
+        return outputs
+
+    def _call_in_place(self, fn: Callable, where: mx.array, inputs: dict[str, mx.array], caches: list) -> dict:
+        """``fn(where, *inputs, *keys, *values)``, the caches' buffers swapped for the ones it returns.
+
+        The caches drop their references first, so MLX may update the buffers in place
+        rather than copy them; on failure they get them back.
+        """
         arrays = [inputs[name] for name in self.model.input_names]
-        buffers = [c.keys for c in cache] + [c.values for c in cache]
-        for c in cache:  # drop the cache's references so the update happens in place
+        buffers = [c.keys for c in caches] + [c.values for c in caches]
+        for c in caches:
             c.keys = c.values = None
         try:
-            outs = self._fn(mx.array(offset, dtype=mx.int32), *arrays, *buffers)
+            outs = fn(where, *arrays, *buffers)
         except BaseException:
-            for i, c in enumerate(cache):
-                c.keys, c.values = buffers[i], buffers[len(cache) + i]
+            for i, c in enumerate(caches):
+                c.keys, c.values = buffers[i], buffers[len(caches) + i]
             raise
         del buffers
-        n_out, layers = len(self.model.output_names), len(cache)
-        for i, c in enumerate(cache):
-            c.keys, c.values = outs[n_out + i], outs[n_out + layers + i]
-            c.offset = offset + 1
+        n_out, count = len(self.model.output_names), len(caches)
+        for i, c in enumerate(caches):
+            c.keys, c.values = outs[n_out + i], outs[n_out + count + i]
         return dict(zip(self.model.output_names, outs[:n_out], strict=True))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import paw_mlx
-from interp.generate import generate_step
+from paw_mlx.engine import ModelCatalog
+from tests.paw_mlx.test_programs import one_prompt_greedy as greedy_alone  # noqa: F401 - shared here
 
 SPECS = {
     "options": "Parse the options into a JSON list. (A) cat (B) dog",
@@ -27,11 +28,10 @@ def compile_programs(base: Path, root: Path, max_new_tokens: int = 12) -> dict[s
     return out
 
 
-def greedy_alone(prog, ids: list[int], max_tokens: int) -> list[int]:
-    """The reference: one prompt through the single-stream generation loop, EOS excluded."""
-    out = []
-    for token in generate_step(prog.model, ids, prog.make_cache(), max_tokens=max_tokens):
-        if token in prog.eos_token_ids:
-            break
-        out.append(token)
-    return out
+def make_catalog(base, programs: dict[str, Path]) -> ModelCatalog:
+    """The tiny base model served as "tiny", with every compiled program under its name."""
+    catalog = ModelCatalog()
+    catalog.add_base(base, name="tiny")
+    for name, path in programs.items():
+        catalog.add_program(path, name=name)
+    return catalog

@@ -17,8 +17,8 @@ import pytest
 import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
-from paw_mlx.engine import Engine, EngineConfig, ModelCatalog
-from tests.serving import INPUTS, compile_programs, greedy_alone
+from paw_mlx.engine import Engine, EngineConfig
+from tests.serving import INPUTS, compile_programs, greedy_alone, make_catalog
 
 KEY = "test-key"
 SPECS_WITH_CHOICES = "Label the sentiment: positive negative neutral"
@@ -34,14 +34,6 @@ def programs(tiny_program, tmp_path_factory):
 @pytest.fixture(scope="module")
 def base(tiny_program):
     return paw_mlx.load(tiny_program)
-
-
-def make_catalog(base, programs) -> ModelCatalog:
-    catalog = ModelCatalog()
-    catalog.add_base(base, name="tiny")
-    for name, path in programs.items():
-        catalog.add_program(path, name=name)
-    return catalog
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,13 @@ import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
 from benchmarks.serve_load import fill_expected, paw_reference, plan, run_load
-from paw_mlx.engine import Engine, EngineConfig, ModelCatalog
-from tests.serving import compile_programs
+from paw_mlx.engine import Engine, EngineConfig
+from tests.serving import compile_programs, make_catalog
 
 
 def test_two_hundred_mixed_requests(tiny_program, tmp_path):
     programs = compile_programs(tiny_program, tmp_path / "programs")
-    catalog = ModelCatalog()
-    catalog.add_base(paw_mlx.load(tiny_program), name="tiny")
-    for name, path in programs.items():
-        catalog.add_program(path, name=name)
+    catalog = make_catalog(paw_mlx.load(tiny_program), programs)
     jobs = plan(200, "tiny", list(programs), malformed=0.05, disconnect=0.05, seed=3)
     fill_expected(jobs, paw_reference(tiny_program, programs, "tiny"))
     engine = Engine(EngineConfig(max_rows=12, prefill_chunk=16))

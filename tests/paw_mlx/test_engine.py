@@ -11,8 +11,8 @@ import pytest
 import paw_mlx
 from interp.errors import OverloadedError, RequestError
 from interp.sampling import SamplingParams
-from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog, complete
-from tests.serving import INPUTS, compile_programs, greedy_alone
+from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, complete
+from tests.serving import INPUTS, compile_programs, greedy_alone, make_catalog
 
 WAIT = 60  # seconds any one wait may take before the test fails
 
@@ -34,11 +34,7 @@ def programs(tiny_program, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def catalog(base, programs):
-    catalog = ModelCatalog()
-    catalog.add_base(base, name="tiny")
-    for name, path in programs.items():
-        catalog.add_program(path, name=name)
-    return catalog
+    return make_catalog(base, programs)
 
 
 @pytest.fixture(scope="module")
