@@ -9,7 +9,7 @@ aligning: a row joins by copying its prefilled keys into a free slot, and leaves
 freeing it. Nothing else moves. (mlx-lm's ``BatchKVCache`` instead left-pads rows to a
 common end, which re-lays the whole batch whenever a longer prompt joins.)
 
-Slots are allocated in buckets (``slot_bucket``) and columns in steps of 256, so the
+Slots are allocated in buckets (``slot_bucket``) and columns in steps of 128, so the
 whole decode step compiles to few shapes (``interp/compiled_step.py``, ``run_rows``);
 free slots compute a throwaway token. Buffers shrink when the batch empties or its
 longest row drops far below the capacity.
@@ -21,8 +21,9 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-#: columns are allocated in multiples of this
-COLUMN_STEP = 256
+#: columns are allocated in multiples of this: attention reads every allocated column, so a
+#: finer step wastes less (docs/serve.md), a coarser one compiles fewer shapes
+COLUMN_STEP = 128
 #: slot counts the buffers take (then multiples of the last): few shapes to compile
 SLOT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 

@@ -7,7 +7,7 @@ import pytest
 
 from interp.graph import GraphModel
 from interp.program import read_program
-from interp.slots import SLOT_BUCKETS, SlotBatch, slot_bucket
+from interp.slots import COLUMN_STEP, SLOT_BUCKETS, SlotBatch, slot_bucket
 from tests.archs import arch_config
 
 PROMPTS = [[5, 17, 30, 41, 9], list(range(20, 47)), [3, 3, 8], list(range(60, 71))]
@@ -92,7 +92,7 @@ def test_rows_move_and_the_batch_shrinks(tiny_model):
     kv = prefill(tiny_model, PROMPTS[1])
     for slot in range(5):
         batch.insert(slot, kv)
-    assert batch.slots == slot_bucket(5) == 8 and batch.capacity == 256
+    assert batch.slots == slot_bucket(5) == 8 and batch.capacity == COLUMN_STEP
     for slot in range(4):
         batch.release(slot)
     batch.move(4, 0)
