@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from apps.serve import errors
-from apps.serve.completions import Generation, prepare, run_to_end, stream_events
+from apps.serve.completions import Generation, run_to_end, stream_events
 from apps.serve.errors import ApiError
+from apps.serve.prepare import prepare
 from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from paw_mlx.engine import Engine, ModelCatalog
 
