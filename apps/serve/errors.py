@@ -50,8 +50,14 @@ def from_paw_error(exc: PawError) -> ApiError:
 
 
 def _location(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    """A field's dotted path; pydantic's names of union branches (``str``, ``list[int]``) left out."""
+    parts = [str(p) for p in loc if p != "body" and not _is_branch(p)]
     return ".".join(parts) or None
+
+
+def _is_branch(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list") or "[" in part
+                                      or part.startswith("function-"))
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -66,7 +72,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "missing":
         return f"'{where}' is required", where
     message = first.get("msg", "invalid value")
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    same_field = [e for e in errors if _location(tuple(e.get("loc", ()))) == where]
+    if len(same_field) > 1:  # every branch of a union failed: say the field is of the wrong kind
+        message = "wrong type or value (" + "; ".join(dict.fromkeys(e.get("msg", "") for e in same_field)) + ")"
+    more = len(errors) - len(same_field)
+    more = f" (and {more} more problems)" if more > 0 else ""
     return (f"'{where}': {message}{more}" if where else f"{message}{more}"), where
 
 

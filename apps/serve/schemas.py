@@ -35,7 +35,8 @@ class TextPart(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    # text parts are checked when the messages are rendered, to say which part is not text
+    content: str | list[dict[str, Any]]
     name: str | None = None
 
 

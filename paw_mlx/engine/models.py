@@ -130,14 +130,14 @@ class ServedModel:
 def normalize_messages(messages: Sequence[Any]) -> list[dict]:
     """Chat messages as the template wants them: role and plain-text content."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise RequestError("messages must be a non-empty list")
+        raise RequestError("messages must be a non-empty list", param="messages")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise RequestError(f"messages[{i}] must be an object")
+            raise RequestError(f"messages[{i}] must be an object", param="messages")
         role = message.get("role")
         if role not in ROLES:
-            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}", param="messages")
         out.append({"role": "system" if role == "developer" else role,
                     "content": message_text(message.get("content"), f"messages[{i}].content")})
     return out
@@ -152,10 +152,10 @@ def message_text(content: Any, where: str) -> str:
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise RequestError(f"{where}[{j}] must be a text part ({{'type': 'text', 'text': ...}}); "
-                                   "images and audio are not supported")
+                                   "images and audio are not supported", param="messages")
             parts.append(part["text"])
         return "".join(parts)
-    raise RequestError(f"{where} must be a string or a list of text parts")
+    raise RequestError(f"{where} must be a string or a list of text parts", param="messages")
 
 
 def _render_text(tokenizer, messages: list[dict]) -> str:
