@@ -150,6 +150,7 @@ class Engine:
         return {"rows": running, "queued": queued, "max_rows": self.config.max_rows,
                 "max_queue": self.config.max_queue, "steps": self.steps, "prefill_chunks": self.prefill_chunks,
                 "prompt_cache_entries": len(self.prompt_cache), "prompt_cache_bytes": self.prompt_cache.nbytes,
+                "prompt_cache_limit": self.config.prompt_cache_bytes,
                 "prompt_cache_hits": self.prompt_cache.hits, "kv_bytes": sum(
                     g.batch.nbytes for g in list(self._groups.values()) if g.batch.layers),
                 "failure": self._failure}
