@@ -14,7 +14,7 @@ same order for both servers) until every client has sent ``--requests-per-client
 Per level and server: aggregate tokens/s (completion tokens over the level's wall time),
 p50 and p95 time to first token, p95 inter-token latency (gap between streamed tokens),
 and errors. Levels alternate which server goes first. The single-stream decode rate is
-1 / the median inter-token gap of paw at one client.
+paw's median, over its one-client requests, of (tokens - 1) / (last token - first token).
 """
 
 from __future__ import annotations
@@ -53,13 +53,15 @@ class Level:
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
+    decode_rates: list[float] = field(default_factory=list)  # per request: tokens after the first / their time
 
     def summary(self) -> dict:
         return {"server": self.server, "clients": self.clients, "requests": self.requests, "errors": self.errors,
                 "tokens": self.tokens, "seconds": round(self.seconds, 2),
                 "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
                 "ttft_p50_s": _pct(self.ttft, 50), "ttft_p95_s": _pct(self.ttft, 95),
-                "itl_p50_s": _pct(self.gaps, 50), "itl_p95_s": _pct(self.gaps, 95)}
+                "itl_p50_s": _pct(self.gaps, 50), "itl_p95_s": _pct(self.gaps, 95),
+                "decode_tps_p50": _pct(self.decode_rates, 50)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -162,10 +164,13 @@ async def one_request(client, url: str, model: str, question: str, max_tokens: i
         level.errors += 1
         return
     level.requests += 1
-    level.tokens += usage["completion_tokens"] if usage else len(stamps)
+    tokens = usage["completion_tokens"] if usage else len(stamps)
+    level.tokens += tokens
     if stamps:
         level.ttft.append(stamps[0] - start)
         level.gaps.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+        if tokens > 1 and stamps[-1] > stamps[0]:
+            level.decode_rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
 
 
 async def run_level(server: Server, model: str, clients: int, per_client: int, max_tokens: int) -> Level:
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         for server in servers.values():
             server.stop()
     single = next((r for r in levels if r["server"] == "paw" and r["clients"] == 1), None)
-    single_stream = 1.0 / single["itl_p50_s"] if single and single["itl_p50_s"] else 0.0
+    single_stream = single["decode_tps_p50"] if single else 0.0
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "load_average": list(os.getloadavg())},
               "settings": vars(args) | {"results": str(args.results), "docs": [str(d) for d in args.docs]},
