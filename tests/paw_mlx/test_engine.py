@@ -11,7 +11,7 @@ import pytest
 import paw_mlx
 from interp.errors import OverloadedError, RequestError
 from interp.sampling import SamplingParams
-from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, complete
+from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog, complete
 from tests.serving import INPUTS, compile_programs, greedy_alone, make_catalog
 
 WAIT = 60  # seconds any one wait may take before the test fails
@@ -186,3 +186,14 @@ def test_seeded_sampling_repeats_and_penalties_apply(engine, catalog):
                          sampling=SamplingParams(frequency_penalty=2.0, presence_penalty=2.0))
     assert len(set(penalized.tokens)) >= len(set(greedy.tokens))
     assert penalized.tokens != greedy.tokens
+
+
+def test_two_base_models_run_their_batches_side_by_side(engine, tiny_program, base):
+    twin = ModelCatalog()
+    first = twin.add_base(base, name="first")
+    second = twin.add_base(paw_mlx.load(tiny_program), name="second")  # its own weights: its own batch
+    jobs = [lambda m=m, p=p: complete(engine, m, p, max_tokens=6, timeout=WAIT)
+            for m in (first, second) for p in INPUTS[:3]]
+    results = run_concurrently(jobs)
+    want = [greedy_alone(base, paw_mlx.prompt_ids(base, p, raw=True), 6) for p in INPUTS[:3]]
+    assert [r.tokens for r in results] == want + want
