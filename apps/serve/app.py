@@ -36,6 +36,7 @@ class ServeConfig:
     api_key: str | None = None
     max_tokens: int = 4096  # most tokens one request may ask for
     max_body_bytes: int = 8 * 2**20
+    allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (CORS); "*" for any
 
 
 def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None = None) -> FastAPI:
@@ -53,6 +54,11 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
     app = FastAPI(title="paw", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API: every base program and compiled program is a model.")
     errors.install(app)
+    if config.allow_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.state.catalog, app.state.engine = catalog, engine
 
     @app.middleware("http")

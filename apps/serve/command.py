@@ -40,6 +40,9 @@ def serve(
     prompt_cache_mb: Annotated[int, typer.Option("--prompt-cache-mb", min=0,
                                                  help="Memory for cached prompt prefixes (a chat's next turn "
                                                       "prefills only its new tokens).")] = 512,
+    allow_origin: Annotated[list[str] | None, typer.Option(
+        "--allow-origin", help="A browser origin allowed to call the API (CORS), e.g. http://localhost:3000; "
+                               "'*' for any. Repeatable. Default: none.", show_default=False)] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve programs over an OpenAI-compatible HTTP API, all requests batched together.
@@ -66,7 +69,7 @@ def serve(
                             warn=lambda msg: typer.echo(f"paw: warning: {msg}", err=True))
     engine_config = EngineConfig(max_rows=max_rows, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                  prompt_cache_bytes=prompt_cache_mb * 2**20, timeout=timeout or None)
-    serve_config = ServeConfig(api_key=api_key or None, max_tokens=max_tokens)
+    serve_config = ServeConfig(api_key=api_key or None, max_tokens=max_tokens, allow_origins=tuple(allow_origin or ()))
 
     def ready(url: str) -> None:
         names = ", ".join(m.name for m in catalog)

@@ -314,6 +314,17 @@ def test_a_client_that_disconnects_frees_its_row(http, base):
     wait_for_rows(http, 0)
 
 
+def test_cors_only_for_the_origins_allowed(base, programs):
+    app = create_app(make_catalog(base, programs), Engine(), ServeConfig(allow_origins=("http://localhost:3000",)))
+    with BackgroundServer(app) as server:
+        preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        r = httpx.options(server.url + "/v1/chat/completions", headers=preflight, timeout=WAIT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.example"}, timeout=WAIT)
+        assert "access-control-allow-origin" not in other.headers
+
+
 def test_a_full_queue_answers_429_with_retry_after(base, programs):
     engine = Engine(EngineConfig(max_rows=1, max_queue=4))
     app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=500))
