@@ -219,6 +219,8 @@ class ModelCatalog:
         from paw_mlx.programs.artifact import read_artifact
 
         artifact = read_artifact(directory)
+        if getattr(artifact, "adapter", None) is not None:  # never serve it without its adapter
+            raise ArtifactError(f"{directory} carries a LoRA adapter; paw serve does not run adapters yet")
         # mx.load's arrays are lazy and bound to this thread's stream; the engine's worker reads them
         mx.eval([a for pair in artifact.prefix for a in pair])
         for base in self.bases:
