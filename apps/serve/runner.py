@@ -2,7 +2,8 @@
 
 Model names: a base program is served under its directory's name (and its source id, as
 an alias); a compiled program under its path relative to the ``--programs`` folder it was
-found in. Programs made for a base that is not served are skipped with a warning.
+found in. A program that cannot be served (made for a base that is not served, malformed,
+carrying an adapter) is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -52,9 +53,7 @@ def build_catalog(bases: Sequence[str | Path], program_roots: Sequence[str | Pat
             name = directory.name if directory == root else directory.relative_to(root).as_posix()
             try:
                 catalog.add_program(directory, name=name)
-            except PawError as exc:
-                if "not served" not in str(exc):
-                    raise
+            except PawError as exc:  # one unusable program does not keep the others from being served
                 warn(f"skipping program {name}: {exc}")
     return catalog
 
