@@ -337,3 +337,18 @@ def test_a_full_queue_answers_429_with_retry_after(base, programs):
         wait_for_rows(http, 0)
         body.update(n=2, max_tokens=3)
         assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_the_catalog_serves_every_usable_program_and_warns_of_the_rest(tiny_program, programs, tmp_path):
+    import shutil
+
+    from apps.serve.runner import build_catalog
+
+    root = tmp_path / "programs"
+    shutil.copytree(programs["dates"], root / "tasks" / "dates")
+    (root / "broken").mkdir()
+    (root / "broken" / "program.json").write_text("{not json")
+    warnings: list[str] = []
+    catalog = build_catalog([tiny_program], [root], warn=warnings.append)
+    assert {m.name for m in catalog} == {tiny_program.name, "tasks/dates"}
+    assert len(warnings) == 1 and "broken" in warnings[0]
