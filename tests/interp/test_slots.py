@@ -72,19 +72,28 @@ def test_rows_of_different_lengths_decode_as_alone(tiny_model, compiled):
 
 
 @pytest.fixture(scope="module")
-def window_model(tmp_path_factory):
-    """A tiny Mistral whose sliding window (5) is shorter than the prompts: masks must be per row."""
+def arch_models(tmp_path_factory):
+    """Tiny exports of families whose attention is not plain: built on first use."""
     from exporter.export import export_model
     from tests.tiny import tiny_model as build
 
-    out = export_model(build(arch_config("mistral")), None, tmp_path_factory.mktemp("slots") / "mistral",
-                       source_info={"id": "tiny-mistral"})
-    return GraphModel.from_program(read_program(out))
+    root, built = tmp_path_factory.mktemp("slots"), {}
+
+    def get(arch: str) -> GraphModel:
+        if arch not in built:
+            out = export_model(build(arch_config(arch)), None, root / arch, source_info={"id": f"tiny-{arch}"})
+            built[arch] = GraphModel.from_program(read_program(out))
+        return built[arch]
+
+    return get
 
 
-def test_sliding_windows_slide_per_row(window_model):
-    want = [alone(window_model, p, STEPS) for p in PROMPTS]
-    assert batched(window_model, PROMPTS, STEPS, join_late=2) == want
+# sliding windows shorter than the prompts (masks must slide per row), soft-capping, ALiBi
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom"])
+def test_special_attention_works_per_row(arch_models, arch):
+    model = arch_models(arch)
+    want = [alone(model, p, STEPS) for p in PROMPTS]
+    assert batched(model, PROMPTS, STEPS, join_late=2) == want
 
 
 def test_rows_move_and_the_batch_shrinks(tiny_model):
