@@ -11,9 +11,10 @@ the comparison this makes). paw serves ``paw export`` of the Hugging Face folder
 
 Each client streams chat completions one after another (greedy, the same prompts in the
 same order for both servers) until every client has sent ``--requests-per-client``.
-Per level and server: aggregate tokens/s (completion tokens over the level's wall time),
-p50 and p95 time to first token, p95 inter-token latency (gap between streamed tokens),
-and errors. Levels alternate which server goes first. The single-stream decode rate is
+Per level and server: aggregate tokens/s (completion tokens over the level's wall time,
+ramp-up and drain included), tokens/s while every client was streaming (from the last
+client's first token to the first client's last token), p50 and p95 time to first token,
+p95 inter-token latency (gap between streamed tokens), and errors. Levels alternate which server goes first. The single-stream decode rate is
 paw's median, over its one-client requests, of (tokens - 1) / (last token - first token).
 """
 
@@ -54,6 +55,18 @@ class Level:
     ttft: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     decode_rates: list[float] = field(default_factory=list)  # per request: tokens after the first / their time
+    stamps: list[float] = field(default_factory=list)  # every streamed token's arrival
+    first_token: dict[int, float] = field(default_factory=dict)  # per client: its first token
+    last_token: dict[int, float] = field(default_factory=dict)  # per client: its last token
+
+    def steady_tokens_per_s(self) -> float:
+        """Tokens/s while every client was streaming: from the last client's first token to the
+        first client's last token (ramp-up and drain left out)."""
+        if len(self.first_token) < self.clients:
+            return 0.0
+        start, end = max(self.first_token.values()), min(self.last_token.values())
+        inside = sum(1 for t in self.stamps if start <= t <= end)
+        return inside / (end - start) if end > start and inside > 1 else 0.0
 
     def summary(self) -> dict:
         return {"server": self.server, "clients": self.clients, "requests": self.requests, "errors": self.errors,
@@ -61,7 +74,8 @@ class Level:
                 "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
                 "ttft_p50_s": _pct(self.ttft, 50), "ttft_p95_s": _pct(self.ttft, 95),
                 "itl_p50_s": _pct(self.gaps, 50), "itl_p95_s": _pct(self.gaps, 95),
-                "decode_tps_p50": _pct(self.decode_rates, 50)}
+                "decode_tps_p50": _pct(self.decode_rates, 50),
+                "steady_tokens_per_s": round(self.steady_tokens_per_s(), 2)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -139,7 +153,8 @@ def start_mlx_lm(model: Path, port: int, rows: int, log: Path) -> Server:
 # ---------------------------------------------------------------------- clients
 
 
-async def one_request(client, url: str, model: str, question: str, max_tokens: int, level: Level) -> None:
+async def one_request(client, url: str, model: str, question: str, max_tokens: int, level: Level,
+                      index: int = 0) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -171,6 +186,9 @@ async def one_request(client, url: str, model: str, question: str, max_tokens: i
         level.gaps.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
         if tokens > 1 and stamps[-1] > stamps[0]:
             level.decode_rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
+        level.stamps.extend(stamps)
+        level.first_token.setdefault(index, stamps[0])
+        level.last_token[index] = stamps[-1]
 
 
 async def run_level(server: Server, model: str, clients: int, per_client: int, max_tokens: int) -> Level:
@@ -182,7 +200,7 @@ async def run_level(server: Server, model: str, clients: int, per_client: int, m
         async def worker(index: int) -> None:
             for k in range(per_client):
                 question = QUESTIONS[(index * per_client + k) % len(QUESTIONS)]
-                await one_request(client, server.url, model, question, max_tokens, level)
+                await one_request(client, server.url, model, question, max_tokens, level, index)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(clients)))
@@ -195,17 +213,19 @@ async def run_level(server: Server, model: str, clients: int, per_client: int, m
 
 def table(levels: list[dict], single_stream: float) -> str:
     head = ("| clients | server | requests | errors | tokens/s | vs mlx-lm | vs paw single stream "
-            "| TTFT p50 s | TTFT p95 s | ITL p95 s |")
-    lines = [head, "|" + "---|" * 10]
+            "| tokens/s, all clients streaming | vs paw single stream | TTFT p50 s | TTFT p95 s | ITL p95 s |")
+    lines = [head, "|" + "---|" * 12]
     by_key = {(r["server"], r["clients"]): r for r in levels}
     for row in levels:
         other = by_key.get(("mlx-lm", row["clients"]))
         ratio = f"{row['tokens_per_s'] / other['tokens_per_s']:.2f}x" if (
             row["server"] == "paw" and other and other["tokens_per_s"]) else "-"
         single = f"{row['tokens_per_s'] / single_stream:.2f}x" if row["server"] == "paw" and single_stream else "-"
+        steady = row["steady_tokens_per_s"]
+        steady_ratio = f"{steady / single_stream:.2f}x" if row["server"] == "paw" and single_stream and steady else "-"
         lines.append(f"| {row['clients']} | {row['server']} | {row['requests']} | {row['errors']} | "
-                     f"{row['tokens_per_s']:.1f} | {ratio} | {single} | {row['ttft_p50_s']:.2f} | "
-                     f"{row['ttft_p95_s']:.2f} | {row['itl_p95_s']:.3f} |")
+                     f"{row['tokens_per_s']:.1f} | {ratio} | {single} | {steady:.1f} | {steady_ratio} | "
+                     f"{row['ttft_p50_s']:.2f} | {row['ttft_p95_s']:.2f} | {row['itl_p95_s']:.3f} |")
     return "\n".join(lines)
 
 
