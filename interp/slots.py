@@ -46,11 +46,12 @@ class SlotLayer:
 
     def __init__(self, keys: mx.array, values: mx.array, columns: mx.array | None = None):
         self.keys, self.values = keys, values
-        self.columns = columns  # int32 [slots]: where this step's token goes (set per step)
+        self.columns = columns  # int32 [slots]: where each row's first new position goes (set per call)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write one new position per row at its column; return the whole buffers."""
-        index = mx.broadcast_to(self.columns[:, None, None, None], keys.shape)
+        """Write each row's new positions from its column on; return the whole buffers."""
+        columns = self.columns[:, None] + mx.arange(keys.shape[2], dtype=self.columns.dtype)  # [slots, new]
+        index = mx.broadcast_to(columns[:, None, :, None], keys.shape)
         self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
         self.values = mx.put_along_axis(self.values, index, values, axis=2)
         return self.keys, self.values

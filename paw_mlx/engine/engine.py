@@ -10,8 +10,9 @@ prompt cache holds for its prompt, and each row samples with its own settings
 2. runs one decode step for every batch with rows (one token for each row);
 3. runs one chunk of the oldest waiting prompt's prefill (``prefill_chunk`` tokens
    while rows are decoding, so their streams keep flowing; ``idle_prefill_chunk``
-   when nothing else runs). A prompt whose prefill is done joins its batch with its
-   first token.
+   when nothing else runs), or, when the next waiting prompts are short enough to fit
+   that budget together (after their prompt-cache hits), all of them in one forward
+   pass. A prompt whose prefill is done joins its batch with its first token.
 
 A finished row's keys and values go to the prompt cache, so a chat's next turn, or
 another request sharing the prompt's start, prefills only what is new. Requests beyond
@@ -36,7 +37,7 @@ import mlx.core as mx
 from interp.cache import KVCache
 from interp.errors import OverloadedError, RequestError
 from interp.sampling import BatchSampler, SampleResult, SamplingParams
-from interp.slots import SlotBatch, slot_bucket
+from interp.slots import SlotBatch, SlotLayer, slot_bucket
 from paw_mlx.engine.prompt_cache import PromptCache
 from paw_mlx.engine.requests import GenerationRequest, RequestHandle, TokenEvent
 from paw_mlx.runtime import LoadedProgram
@@ -59,6 +60,7 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting for a row; more are refused (HTTP 429)
     prefill_chunk: int = 64  # prompt tokens per worker turn while rows are decoding
     idle_prefill_chunk: int = 512  # ... while nothing decodes
+    prefill_rows: int = 8  # short prompts prefilled together in one forward pass
     prompt_cache_bytes: int = 512 * 2**20
     timeout: float | None = 600.0  # seconds from submission to the last token
 
@@ -88,6 +90,16 @@ class _Group:
         self.waiting: collections.deque[_Row] = collections.deque()
         self.prefilling: _Row | None = None
         self.eos = frozenset(base.eos_token_ids)
+        self._kv_like: list | None = None
+
+    def kv_like(self) -> list:
+        """Keys and values of one position per layer: the shapes and dtypes a cache needs."""
+        if self._kv_like is None:
+            cache = self.base.make_cache()
+            self.base.model(mx.array([[0]], dtype=mx.int32), cache=cache)
+            self._kv_like = [c.state for c in cache]
+            mx.eval(self._kv_like)
+        return self._kv_like
 
     def free_slot(self) -> int | None:
         for slot in range(self.batch.slots):
@@ -116,6 +128,7 @@ class Engine:
         self._durations: collections.deque[float] = collections.deque(maxlen=64)
         self.steps = 0  # decode steps run (for tests and /health)
         self.prefill_chunks = 0
+        self.prefilled_together = 0  # rows whose prompts shared a forward pass
 
     # ------------------------------------------------------------------ control
 
@@ -149,6 +162,7 @@ class Engine:
             queued, running = self._queued, self._running
         return {"rows": running, "queued": queued, "max_rows": self.config.max_rows,
                 "max_queue": self.config.max_queue, "steps": self.steps, "prefill_chunks": self.prefill_chunks,
+                "prefilled_together": self.prefilled_together,
                 "prompt_cache_entries": len(self.prompt_cache), "prompt_cache_bytes": self.prompt_cache.nbytes,
                 "prompt_cache_limit": self.config.prompt_cache_bytes,
                 "prompt_cache_hits": self.prompt_cache.hits, "kv_bytes": sum(
@@ -379,16 +393,43 @@ class Engine:
         if not groups:
             return False
         decoding = any(g.rows for g in groups)
+        chunk = self.config.prefill_chunk if decoding else self.config.idle_prefill_chunk
         for i in range(len(groups)):
             group = groups[(self._turn + i) % len(groups)]
+            together = self._short_prompts(group, chunk) if group.prefilling is None else []
+            if together:
+                self._turn += 1
+                with group.base.lock:
+                    self._guarded(group, lambda g, rows=together: self._prefill_together(g, rows))
+                return True
             if group.prefilling is None and not self._start_prefill(group):
                 continue
             self._turn += 1
-            chunk = self.config.prefill_chunk if decoding else self.config.idle_prefill_chunk
             with group.base.lock:
                 self._guarded(group, lambda g, size=chunk: self._prefill_chunk(g, size))
             return True
         return False
+
+    def _short_prompts(self, group: _Group, budget: int) -> list[tuple[_Row, object]]:
+        """Waiting rows whose prompts (after their cache hits) fit one forward pass together.
+
+        Short prompts are the common case (a chat turn after the shared system prompt is
+        cached); prefilling several in one pass reads the weights once for all of them.
+        Returns at least two (row, cache hit) pairs, or none.
+        """
+        picked: list[tuple[_Row, object]] = []
+        total = 0
+        for row in list(group.waiting)[: self.config.prefill_rows]:
+            with self._lock:
+                room = self._running + len(picked) < self.config.max_rows
+            request = row.request
+            hit = self.prompt_cache.peek(request.model.namespace, request.prompt, limit=len(request.prompt) - 1)
+            need = len(request.prompt) - hit
+            if not room or total + need > budget:
+                break
+            picked.append((row, hit))
+            total += need
+        return picked if len(picked) >= 2 else []
 
     def _start_prefill(self, group: _Group) -> bool:
         with self._lock:
@@ -439,6 +480,69 @@ class Engine:
         row.fed = list(request.prompt)
         group.rows[slot] = row
         self._accept(group, row, _Choices(result), 0)
+
+    def _prefill_together(self, group: _Group, picked: list) -> None:
+        """Prefill several short prompts in one forward pass, each row at its own cached length."""
+        rows = []
+        for row, _ in picked:
+            group.waiting.remove(row)
+            with self._lock:
+                self._queued -= 1
+                self._running += 1
+            rows.append(row)
+        hits = []
+        for row in rows:
+            request = row.request
+            self.pin_prefix(request.model)
+            hit = self.prompt_cache.lookup(request.model.namespace, request.prompt, limit=len(request.prompt) - 1)
+            row.handle.cached_tokens = hit.tokens
+            row.todo = list(request.prompt[hit.tokens:])
+            hits.append(hit)
+        # the rows in slots of their own batch; right-padded tokens write past a row's end,
+        # where nothing reads before the row's own tokens overwrite them
+        count, width = len(rows), max(len(r.todo) for r in rows)
+        scratch = SlotBatch(group.base.model.num_layers)
+        scratch.reserve(count, max(len(r.request.prompt) for r in rows) + width, group.kv_like())
+        for i, hit in enumerate(hits):
+            if hit.kv is not None:
+                scratch.insert(i, hit.kv)
+        starts = mx.array([scratch.lengths[i] for i in range(count)], dtype=mx.int32)
+        tokens = mx.array([r.todo + [0] * (width - len(r.todo)) for r in rows], dtype=mx.int32)
+        columns = starts[:, None] + mx.arange(width, dtype=mx.int32)
+        layers = [SlotLayer(layer.keys[:count], layer.values[:count], starts) for layer in scratch.layers]
+        inputs = {"input_ids": tokens}
+        if "position_ids" in group.base.model.input_names:
+            inputs["position_ids"] = columns
+        logits = group.base.model.run(inputs, layers, query_columns=columns)["logits"]
+        last = mx.array([len(r.todo) - 1 for r in rows], dtype=mx.int32)
+        logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]  # [rows, vocab]
+        self.prefill_chunks += 1
+        self.prefilled_together += count
+        slots = []
+        for i, row in enumerate(rows):
+            length = len(row.request.prompt)
+            kv = [(layer.keys[i : i + 1, :, :length], layer.values[i : i + 1, :, :length]) for layer in layers]
+            slot = group.free_slot()
+            slot = group.batch.slots if slot is None else slot
+            group.batch.reserve(slot + 1, length + 1, kv)
+            group.batch.insert(slot, kv)
+            slots.append(slot)
+            row.slot, row.fed = slot, list(row.request.prompt)
+            group.rows[slot] = row
+        if group.sampler is None:
+            group.sampler = BatchSampler(logits.shape[-1], group.batch.slots)
+        group.sampler.resize(group.batch.slots)
+        allowed = {}
+        for slot, row in zip(slots, rows, strict=True):
+            group.sampler.assign(slot, row.request.sampling, row.request.prompt)
+            if row.request.constraint is not None:
+                allowed[slot] = row.request.constraint.allowed()
+        result = group.sampler.sample(logits, rows=slots, allowed=allowed or None)
+        mx.eval(result.arrays(), group.batch.arrays())
+        choices = _Choices(result)
+        for i, row in enumerate(rows):
+            row.todo = []
+            self._accept(group, row, choices, i)
 
     # ------------------------------------------------------------------ memory and failure
 

@@ -64,6 +64,14 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def peek(self, namespace: str, ids: Sequence[int], limit: int | None = None) -> int:
+        """How many leading tokens of ``ids`` a lookup would find (no LRU update, no counting)."""
+        query = np.asarray(ids, dtype=np.int64)
+        limit = len(query) if limit is None else min(limit, len(query))
+        with self._lock:
+            return max((min(common_prefix(e.ids, query), limit) for key, e in self._entries.items()
+                        if key[0] == namespace), default=0)
+
     def lookup(self, namespace: str, ids: Sequence[int], limit: int | None = None) -> CacheHit:
         """The longest cached prefix of ``ids`` (at most ``limit`` tokens) in ``namespace``."""
         query = np.asarray(ids, dtype=np.int64)

@@ -197,3 +197,13 @@ def test_two_base_models_run_their_batches_side_by_side(engine, tiny_program, ba
     results = run_concurrently(jobs)
     want = [greedy_alone(base, paw_mlx.prompt_ids(base, p, raw=True), 6) for p in INPUTS[:3]]
     assert [r.tokens for r in results] == want + want
+
+
+def test_short_prompts_prefill_together_as_they_would_alone(catalog, base):
+    model = catalog.get("tiny")
+    chats = [[{"role": "user", "content": INPUTS[i % len(INPUTS)]}] for i in range(12)]
+    with Engine(EngineConfig(max_rows=8, prefill_chunk=64)) as engine:
+        results = run_concurrently([lambda c=c: complete(engine, model, messages=c, max_tokens=8, timeout=WAIT)
+                                    for c in chats])
+        assert engine.stats()["prefilled_together"] >= 2
+    assert [r.tokens for r in results] == [greedy_alone(base, model.chat_ids(c), 8) for c in chats]
