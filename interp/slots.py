@@ -134,10 +134,17 @@ class SlotBatch:
         self.lengths[slot] = length
 
     def extract(self, slot: int, length: int | None = None) -> list[tuple[mx.array, mx.array]]:
-        """Copies (not views: the buffers keep changing in place) of a slot's first ``length`` columns."""
+        """Copies of a slot's first ``length`` columns, made now.
+
+        Not views: the buffers keep changing in place. And evaluated here: an unevaluated
+        copy holds on to the whole buffer it will read, and a prompt-cache entry can wait
+        long before anything evaluates it.
+        """
         length = self.lengths[slot] if length is None else length
-        return [(mx.array(layer.keys[slot : slot + 1, :, :length]), mx.array(layer.values[slot : slot + 1, :, :length]))
-                for layer in self.layers]
+        copies = [(mx.array(layer.keys[slot : slot + 1, :, :length]), mx.array(layer.values[slot : slot + 1, :, :length]))
+                  for layer in self.layers]
+        mx.eval(copies)
+        return copies
 
     def move(self, source: int, target: int) -> None:
         """Move the row in ``source`` into the free slot ``target`` (to pack rows low)."""

@@ -115,3 +115,29 @@ def test_rows_move_and_the_batch_shrinks(tiny_model):
 def test_buckets_cover_every_row_count():
     assert [slot_bucket(n) for n in (1, 3, 9, 64, 65, 130)] == [1, 4, 12, 64, 128, 192]
     assert all(slot_bucket(b) == b for b in SLOT_BUCKETS)
+
+
+def test_an_extracted_row_keeps_only_its_own_memory(tiny_model):
+    import gc
+
+    def active() -> int:
+        gc.collect()
+        mx.clear_cache()
+        return mx.get_active_memory()
+
+    kv = prefill(tiny_model, PROMPTS[1])
+    kept, growth = [], []
+    for _ in range(2):  # the first round also pays for compiling the step's shape
+        kept.clear()
+        before = active()
+        batch = SlotBatch(tiny_model.num_layers)
+        for slot in range(6):
+            batch.insert(slot, kv)
+        tokens = mx.array([5] * batch.slots)
+        for _ in range(2):
+            tokens = mx.argmax(batch.step(tiny_model, tokens, [True] * batch.slots), axis=-1)
+        whole = batch.nbytes
+        kept.append(batch.extract(2))
+        del batch, tokens
+        growth.append(active() - before)
+    assert growth[1] < whole // 4  # the copy, not the whole buffer it was copied from
