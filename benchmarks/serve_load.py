@@ -266,24 +266,27 @@ def _settle(url: str, timeout: float = 120.0) -> None:
     raise RuntimeError("the server did not drain")
 
 
-def warm_up(url: str, base_name: str, programs: list[str], clients: int, rounds: int = 12) -> None:
-    """Rounds of the same kind of requests until the prompt cache stops growing or nears its budget.
+def warm_up(url: str, base_name: str, programs: list[str], clients: int, rounds: int = 20) -> dict:
+    """Rounds of the same kind of requests until the prompt cache nears its budget (or stops
+    growing for two rounds); returns the server's health after them.
 
     The idle level the memory check compares with is then the server's working size: the
-    prompt cache holds up to ``--prompt-cache-mb`` of KV on purpose.
+    prompt cache keeps up to ``--prompt-cache-mb`` of KV on purpose.
     """
     import httpx
 
-    before = 0
+    before, still = 0, 0
     for round_ in range(rounds):
         jobs = plan(max(64, clients * 2), base_name, programs, 0.0, 0.0, seed=100 + round_)
         asyncio.run(run_load(url, jobs, clients))
         _settle(url)
         health = httpx.get(url + "/health", timeout=10).json()
         size, limit = health["prompt_cache_bytes"], health["prompt_cache_limit"]
-        if size >= 0.9 * limit or size < 1.05 * before:
-            return
+        still = still + 1 if size < 1.02 * before else 0
+        if size >= 0.9 * limit or still >= 2:
+            break
         before = size
+    return health
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--malformed", type=float, default=0.05)
     parser.add_argument("--disconnect", type=float, default=0.05)
+    parser.add_argument("--prompt-cache-mb", type=int, default=128,
+                        help="the server's prompt-cache budget: small enough for the warm-up to fill it")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--docs", type=Path, action="append", default=[],
                         help="markdown files whose serve-load block to rewrite with the result")
@@ -321,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "apps.cli", "serve", str(base), "--programs", str(args.programs),
-                               "--port", str(port), "--log-level", "warning", "--max-queue", "4096"])
+                               "--port", str(port), "--log-level", "warning", "--max-queue", "4096",
+                               "--prompt-cache-mb", str(args.prompt_cache_mb)])
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("paw serve did not start") from None
             time.sleep(0.5)
-        warm_up(url, base_name, list(programs), args.clients)
+        idle_health = warm_up(url, base_name, list(programs), args.clients)
         idle = _rss(server.pid)
         report = asyncio.run(run_load(url, jobs, args.clients))
         _settle(url)
@@ -349,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
                "disconnected": report.disconnected, "mismatches": len(report.mismatches),
                "failures": report.failures[:20], "rss_idle_mb": round(idle / 1e6, 1),
                "rss_after_mb": round(after / 1e6, 1), "rss_growth": round(growth, 4),
+               "prompt_cache_idle_mb": round(idle_health["prompt_cache_bytes"] / 1e6, 1),
+               "prompt_cache_after_mb": round(health["prompt_cache_bytes"] / 1e6, 1),
                "server_health": health, "passed": report.ok()}
     print(json.dumps(summary, indent=1))
     if report.mismatches:
@@ -364,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{report.completed} completed, {report.disconnected} disconnected mid-stream, "
                 f"{len(report.mismatches)} outputs different from their expected greedy output; resident memory "
                 f"{summary['rss_idle_mb']} MB idle, {summary['rss_after_mb']} MB after "
-                f"({summary['rss_growth'] * 100:+.1f}%); {'passed' if report.ok() else 'FAILED'}.\n")
+                f"({summary['rss_growth'] * 100:+.1f}%; the prompt cache held {summary['prompt_cache_idle_mb']} and "
+                f"{summary['prompt_cache_after_mb']} MB of its {args.prompt_cache_mb} MB); "
+                f"{'passed' if report.ok() else 'FAILED'}.\n")
         for doc in args.docs:
             replace_block(doc, "<!-- serve-load:start -->", "<!-- serve-load:end -->", text)
     sys.exit(0 if report.ok() else 1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import gc
 import logging
 import threading
 import time
@@ -547,12 +548,13 @@ class Engine:
     # ------------------------------------------------------------------ memory and failure
 
     def _release_memory(self) -> None:
-        """With nothing to run: drop the batches' buffers and MLX's cache of freed ones."""
+        """With nothing to run: drop the batches' buffers, MLX's cache of freed ones, and garbage."""
         for group in self._groups.values():
             if not group.rows and group.prefilling is None:
                 group.batch.fit(0)
                 if group.sampler is not None:
                     group.sampler.resize(0)
+        gc.collect()
         mx.clear_cache()
 
     def _fail_all(self, message: str) -> None:

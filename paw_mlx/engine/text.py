@@ -89,9 +89,15 @@ class TokenText:
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
+        self._known: dict[int, bytes] = {}
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one per tokenizer, as long-lived as it
     def bytes(self, token: int) -> bytes:
+        known = self._known.get(token)
+        if known is None:
+            known = self._known[token] = self._spell(token)
+        return known
+
+    def _spell(self, token: int) -> bytes:
         piece = self._tokenizer.id_to_token(token)
         if piece is None:
             return b""
