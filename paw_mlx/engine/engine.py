@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import gc
 import logging
 import threading
 import time
@@ -548,13 +547,12 @@ class Engine:
     # ------------------------------------------------------------------ memory and failure
 
     def _release_memory(self) -> None:
-        """With nothing to run: drop the batches' buffers, MLX's cache of freed ones, and garbage."""
+        """With nothing to run: drop the batches' buffers and MLX's cache of freed ones."""
         for group in self._groups.values():
             if not group.rows and group.prefilling is None:
                 group.batch.fit(0)
                 if group.sampler is not None:
                     group.sampler.resize(0)
-        gc.collect()
         mx.clear_cache()
 
     def _fail_all(self, message: str) -> None:
