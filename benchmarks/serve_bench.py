@@ -28,6 +28,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name in names:
             port = free_port()
-            log = args.results / f"serve-{stamp}-{name}.log"
+            log = Path(tempfile.gettempdir()) / f"paw-serve-bench-{stamp}-{name}.log"  # the servers' own output
             start = start_paw if name == "paw" else start_mlx_lm
             servers[name] = start(paths[name], port, args.rows, log)
         for name, server in servers.items():
