@@ -16,6 +16,7 @@ import typer
 
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
+from apps.serve.command import serve
 from interp.errors import PawError, first_line
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ export_app = typer.Typer(
 )
 app.add_typer(export_app, name="export")
 app.command("bench")(bench)
+app.command("serve")(serve)
 register_program_commands(app, export_app)  # paw compile / call / eval-programs / export program
 
 
@@ -198,6 +200,20 @@ SHARES_HELP = ("Under mlx.launch, pipeline: how much of the weights each rank ta
                "(3,1 for a Mac with three times the other's memory). Default: equal.")
 
 
+def parse_logit_bias(items: list[str]) -> dict[int, float]:
+    """--logit-bias TOKEN_ID=BIAS options as a dict."""
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise PawError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 42=-100), got {item!r}") from None
+        if not sep:
+            raise PawError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 42=-100), got {item!r}")
+    return bias
+
+
 @app.command()
 def run(
     program: Annotated[Path, typer.Argument(help="Program directory or its prog.json.")],
@@ -209,6 +225,12 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature).")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens; 0 for all.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than this share of the likeliest.")] = 0.0,
+    presence_penalty: Annotated[float, typer.Option("--presence-penalty", help="Subtract from tokens already generated (-2..2).")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty", help="Subtract per time a token was generated (-2..2).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Divide logits of tokens in prompt or output (1: off).")] = 1.0,
+    logit_bias: Annotated[list[str] | None, typer.Option("--logit-bias", help="TOKEN_ID=BIAS added to a token's logit (-100..100); repeatable.", show_default=False)] = None,
+    logprobs: Annotated[int | None, typer.Option("--logprobs", min=0, max=20, help="Print each token's log-probability and N alternatives to stderr.", show_default=False)] = None,
     prompt_ids: Annotated[Path | None, typer.Option("--prompt-ids", help="Read the prompt as token ids from this file.")] = None,
     output_ids: Annotated[Path | None, typer.Option("--output-ids", help="Also write the generated ids to this file.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and memory to stderr at the end.")] = False,
@@ -242,8 +264,15 @@ def run(
     from interp.generate import GenerationStats
 
     run_stats = GenerationStats()
-    for token in paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                       top_k=top_k, seed=seed, stats=run_stats):
+    sampling = paw_mlx.sampling_params(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+        logit_bias=parse_logit_bias(logit_bias or []), seed=seed, logprobs=logprobs,
+        vocab_size=prog.vocab_size)
+    choices = []
+    for choice in paw_mlx.stream_choices(prog, ids, max_tokens=max_tokens, sampling=sampling, stats=run_stats):
+        token = choice.token
+        choices.append(choice)
         produced.append(token)
         piece = detok.add_token(token) if detok is not None else f"{token} "
         if piece:
@@ -258,6 +287,11 @@ def run(
             atomic_write_text(output_ids, " ".join(str(t) for t in produced) + "\n")
         except OSError as exc:
             raise PawError(f"cannot write {output_ids}: {exc.strerror or exc}") from None
+    if logprobs is not None:
+        show = (lambda t: repr(prog.tokenizer.decode([t]))) if prog.has_tokenizer else str
+        for choice in choices:
+            others = "  ".join(f"{show(t)} {lp:.3f}" for t, lp in choice.top)
+            typer.echo(f"{show(choice.token):>16} {choice.logprob:8.3f}" + (f"   | {others}" if others else ""), err=True)
     if stats:
         typer.echo(
             f"prompt: {run_stats.prompt_tokens} tokens, {run_stats.prompt_tps:.1f} tok/s, "

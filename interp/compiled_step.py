@@ -11,6 +11,9 @@ buffers grow or the batch changes.
 
 Caches other than paw's own ``KVCache`` (an mlx-lm cache passed in) and a first step with
 nothing cached run the plain interpreter, ``GraphModel.run``: ``accepts`` says which.
+
+``run_rows`` is the same step for a slot batch (``interp/slots.py``, the server's
+continuous batching): every row at its own cache column, the columns an array input.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import mlx.core as mx
 
 from interp.cache import KVCache
 from interp.graph import GraphModel, RunContext
+from interp.slots import SlotLayer
 
 
 class _Slot:
@@ -42,6 +46,7 @@ class CompiledStep:
     def __init__(self, model: GraphModel):
         self.model = model
         self._fn = mx.compile(self._trace_target())
+        self._rows_fn: Callable | None = None
 
     @staticmethod
     def accepts(cache: list | None) -> bool:
@@ -69,23 +74,60 @@ class CompiledStep:
 
         return step
 
+    def _rows_target(self) -> Callable:
+        """The step for a slot batch: positions come in as inputs (``position_ids`` = the
+        columns), so ``rope`` rotates per row; attention masks each row at its column."""
+        consts = self.model.consts
+        node_runners = self.model._steps
+        input_names = list(self.model.input_names)
+        output_names = list(self.model.output_names)
+
+        def step(columns: mx.array, *arrays: mx.array) -> list[mx.array]:
+            buffers = arrays[len(input_names):]
+            layers = len(buffers) // 2
+            slots = [SlotLayer(k, v, columns) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
+            env: dict[str, Any] = dict(consts)
+            env.update(zip(input_names, arrays[: len(input_names)], strict=True))
+            ctx = RunContext(cache=slots, query_columns=columns[:, None])
+            for run_node in node_runners:
+                run_node(env, ctx)
+            return [env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
+
+        return step
+
     def run(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int) -> dict[str, Any]:
         """The step's outputs for one new token per row at position ``offset``; advances ``cache``."""
         for c in cache:
             c.reserve(1)
+        outputs = self._call_in_place(self._fn, mx.array(offset, dtype=mx.int32), inputs, cache)
+        for c in cache:
+            c.offset = offset + 1
+        return outputs
+
+    def run_rows(self, inputs: dict[str, mx.array], layers: list, columns: mx.array) -> dict[str, Any]:
+        """One token per row of a slot batch; ``layers`` hold ``keys``/``values`` buffers, updated here."""
+        if self._rows_fn is None:
+            self._rows_fn = mx.compile(self._rows_target())
+        return self._call_in_place(self._rows_fn, columns, inputs, layers)
+
+    def _call_in_place(self, fn: Callable, where: mx.array, inputs: dict[str, mx.array], caches: list) -> dict:
+        """``fn(where, *inputs, *keys, *values)``, the caches' buffers swapped for the ones it returns.
+
+        The caches drop their references first, so MLX may update the buffers in place
+        rather than copy them; on failure they get them back.
+        """
         arrays = [inputs[name] for name in self.model.input_names]
-        buffers = [c.keys for c in cache] + [c.values for c in cache]
-        for c in cache:  # drop the cache's references so the update happens in place
+        buffers = [c.keys for c in caches] + [c.values for c in caches]
+        for c in caches:
             c.keys = c.values = None
         try:
-            outs = self._fn(mx.array(offset, dtype=mx.int32), *arrays, *buffers)
+            outs = fn(where, *arrays, *buffers)
         except BaseException:
-            for i, c in enumerate(cache):
-                c.keys, c.values = buffers[i], buffers[len(cache) + i]
+            for i, c in enumerate(caches):
+                c.keys, c.values = buffers[i], buffers[len(caches) + i]
             raise
         del buffers
-        n_out, layers = len(self.model.output_names), len(cache)
-        for i, c in enumerate(cache):
-            c.keys, c.values = outs[n_out + i], outs[n_out + layers + i]
-            c.offset = offset + 1
+        n_out, count = len(self.model.output_names), len(caches)
+        for i, c in enumerate(caches):
+            c.keys, c.values = outs[n_out + i], outs[n_out + count + i]
         return dict(zip(self.model.output_names, outs[:n_out], strict=True))

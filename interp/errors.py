@@ -51,3 +51,23 @@ class InputError(PawError):
 
 class TemplateError(PawError):
     """A chat template failed to render, or hit a limit on time or output size."""
+
+
+class RequestError(PawError):
+    """A generation request cannot be served as asked: unknown model, too long, bad settings.
+
+    ``code`` and ``param`` name the problem for an API client (OpenAI's error fields).
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+class OverloadedError(PawError):
+    """Too many requests are already waiting; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from interp.sampling import Sampler, greedy
+from interp.sampling import BatchSampler, Sampler, SampleResult, SamplingParams
 
 
 @dataclass
@@ -51,11 +51,24 @@ def prefill(model, tokens: mx.array, cache: list, step: int = 512) -> mx.array:
     return tokens
 
 
-def generate_step(model, prompt: list[int] | mx.array, cache: list, *, sampler: Sampler | None = None,
-                  max_tokens: int = 256, prefill_step: int = 512,
-                  stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield generated token ids (batch of one) until ``max_tokens``; the caller stops at EOS."""
-    sampler = sampler or greedy
+@dataclass(frozen=True)
+class TokenChoice:
+    """A generated token with, when asked for, its log-probability and the likeliest alternatives."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), best first
+
+
+def generate_choices(model, prompt: list[int] | mx.array, cache: list, *, params: SamplingParams | None = None,
+                     sampler: Sampler | None = None, max_tokens: int = 256, prefill_step: int = 512,
+                     stats: GenerationStats | None = None) -> Iterator[TokenChoice]:
+    """Yield generated tokens (batch of one) until ``max_tokens``; the caller stops at EOS.
+
+    ``params`` (default greedy) picks tokens through ``interp.sampling.BatchSampler``,
+    the same sampler as the server's batches, penalties and log-probabilities included;
+    a plain ``sampler`` function (logits -> ids, as mlx-lm's) may stand in for it.
+    """
     stats = stats if stats is not None else GenerationStats()
     tokens = mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
     if tokens.ndim == 1:
@@ -64,21 +77,28 @@ def generate_step(model, prompt: list[int] | mx.array, cache: list, *, sampler: 
         raise ValueError("the prompt is empty")
     stats.prompt_tokens = tokens.shape[-1]
     start = time.perf_counter()
+    batch_sampler: BatchSampler | None = None
 
-    def step(x: mx.array) -> mx.array:
+    def step(x: mx.array) -> SampleResult:
+        nonlocal batch_sampler
         logits = model(x, cache=cache)[:, -1, :]
-        return sampler(logits)
+        if sampler is not None:
+            return SampleResult(tokens=sampler(logits))
+        if batch_sampler is None:
+            batch_sampler = BatchSampler(logits.shape[-1], 1)
+            batch_sampler.assign(0, params or SamplingParams(), tokens[0].tolist())
+        return batch_sampler.sample(logits)
 
     last = prefill(model, tokens, cache, prefill_step)
     y = step(last)
-    mx.async_eval(y)
+    mx.async_eval(y.arrays())
     produced = 0
     decode_start = None
     while produced < max_tokens:
-        next_y = step(y[:, None]) if produced + 1 < max_tokens else None
+        next_y = step(y.tokens.reshape(1, 1)) if produced + 1 < max_tokens else None
         if next_y is not None:
-            mx.async_eval(next_y)
-        token = y.item()
+            mx.async_eval(next_y.arrays())
+        choice = _choice(y)
         now = time.perf_counter()
         if decode_start is None:
             stats.prompt_seconds = now - start
@@ -87,7 +107,26 @@ def generate_step(model, prompt: list[int] | mx.array, cache: list, *, sampler: 
         stats.generation_tokens = produced
         stats.generation_seconds = now - decode_start
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-        yield token
+        yield choice
         if next_y is None:
             break
         y = next_y
+
+
+def _choice(result: SampleResult) -> TokenChoice:
+    token = result.tokens.item()
+    if result.logprobs is None:
+        return TokenChoice(token)
+    top = ()
+    if result.top_ids is not None:
+        top = tuple(zip(result.top_ids[0].tolist(), result.top_logprobs[0].tolist(), strict=True))
+    return TokenChoice(token, result.logprobs.item(), top)
+
+
+def generate_step(model, prompt: list[int] | mx.array, cache: list, *, sampler: Sampler | None = None,
+                  params: SamplingParams | None = None, max_tokens: int = 256, prefill_step: int = 512,
+                  stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield generated token ids (batch of one) until ``max_tokens``; the caller stops at EOS."""
+    for choice in generate_choices(model, prompt, cache, params=params, sampler=sampler, max_tokens=max_tokens,
+                                   prefill_step=prefill_step, stats=stats):
+        yield choice.token

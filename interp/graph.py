@@ -40,6 +40,9 @@ class RunContext:
     #: the key index of the first new query; None means the queries are the last keys the
     #: cache returns. The compiled step reads whole buffers and sets it to ``offset``.
     query_start: Any = None
+    #: optional int [batch, length] cache column of every query, for rows that each sit at
+    #: their own length in one cache (interp/slots.py); attention masks each row causally
+    query_columns: mx.array | None = None
     #: values one call computes once and every layer reuses (the RoPE cos/sin table)
     shared: dict = field(default_factory=dict)
     #: bytes the call's node outputs take, against the memory budget (interp/limits.py)
@@ -157,16 +160,17 @@ class GraphModel:
         return make_cache(self.num_layers)
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
-            key_mask: mx.array | None = None) -> dict[str, Any]:
+            key_mask: mx.array | None = None, query_columns: mx.array | None = None) -> dict[str, Any]:
         """Evaluate the graph on named inputs; returns the named outputs (lazy arrays).
 
         ``offset`` (positions are offset + arange) lets ``rope`` use mx.fast.rope;
-        ``key_mask`` ([batch, keys] booleans) hides padding from attention.
+        ``key_mask`` ([batch, keys] booleans) hides padding from attention;
+        ``query_columns`` ([batch, length]) places each row's queries in the cache.
         """
         release_on_thread_exit()
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
-        ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask)
+        ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
         for step in self._steps:
             step(env, ctx)
         return {name: env[name] for name in self.output_names}
@@ -202,13 +206,33 @@ class GraphModel:
         """Like ``run``, but a one-token step with a cache runs compiled when ``compile_decode`` allows."""
         length = inputs["input_ids"].shape[-1]
         if self.compile_decode and length == 1 and offset is not None and key_mask is None:
-            from interp.compiled_step import CompiledStep  # it builds on this module
-
-            if CompiledStep.accepts(cache):
-                if self._compiled_step is None:
-                    self._compiled_step = CompiledStep(self)
-                return self._compiled_step.run(inputs, cache, offset)
+            if _compiled_step_type().accepts(cache):
+                return self._compiled().run(inputs, cache, offset)
         return self.run(inputs, cache, offset, key_mask)
+
+    def step_rows(self, tokens: mx.array, layers: list, columns: mx.array) -> mx.array:
+        """Logits [rows, 1, vocab] for one new token per row of a slot batch (``interp/slots.py``).
+
+        ``tokens`` is [rows, 1]; row r's token sits at position and cache column
+        ``columns[r]``. Compiled whole when ``compile_decode``.
+        """
+        release_on_thread_exit()
+        inputs = {"input_ids": tokens.astype(mx.int32)}
+        if "position_ids" in self.input_names:
+            inputs["position_ids"] = columns[:, None]
+        for name in self.input_names:
+            if name not in inputs:
+                inputs[name] = mx.zeros((tokens.shape[0],), dtype=mx.int32)
+        for layer in layers:
+            layer.columns = columns
+        if self.compile_decode:
+            return self._compiled().run_rows(inputs, layers, columns)["logits"]
+        return self.run(inputs, layers, query_columns=columns[:, None])["logits"]
+
+    def _compiled(self):
+        if self._compiled_step is None:
+            self._compiled_step = _compiled_step_type()(self)
+        return self._compiled_step
 
     def _checked_logits(self, logits: Any, tokens_shape: tuple) -> mx.array:
         if not isinstance(logits, mx.array) or logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(tokens_shape):
@@ -216,3 +240,9 @@ class GraphModel:
             raise ProgramError(f"{self.program.directory}: the program's logits have shape {shape}; "
                                f"expected [batch, length, vocab] for token ids of shape {tokens_shape}")
         return logits
+
+
+def _compiled_step_type():
+    from interp.compiled_step import CompiledStep  # it builds on this module
+
+    return CompiledStep

@@ -100,6 +100,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's string for an id (byte-level BPE spells bytes as letters), or None."""
+        return self._tok.id_to_token(token_id)
+
     def to_json(self) -> str:
         """The tokenizer.json text (what grammar engines build their token tables from)."""
         return self._tok.to_str()

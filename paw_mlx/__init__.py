@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import interp  # noqa: F401  (first: puts a fast BLAS under MLX before MLX loads)
 from interp.errors import PawError
+from interp.sampling import SamplingParams
 from paw_mlx.chat import ChatSession
 from paw_mlx.programs import ProgramFunction, compile, function
 from paw_mlx.runtime import (
@@ -19,6 +20,8 @@ from paw_mlx.runtime import (
     generate,
     load,
     prompt_ids,
+    sampling_params,
+    stream_choices,
     stream_generate,
     stream_tokens,
 )
@@ -35,6 +38,9 @@ __all__ = [
     "generate",
     "load",
     "prompt_ids",
+    "SamplingParams",
+    "sampling_params",
+    "stream_choices",
     "stream_generate",
     "stream_tokens",
 ]

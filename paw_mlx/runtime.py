@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
 from interp.errors import InputError, PawError, ProgramError, first_line
-from interp.generate import GenerationStats, generate_step
+from interp.generate import GenerationStats, TokenChoice, generate_choices
 from interp.graph import GraphModel
 from interp.manifest import verify_manifest
 from interp.ops import REGISTRY
 from interp.program import Program, read_program
-from interp.sampling import make_sampler
+from interp.sampling import SamplingParams
 from interp.token_ids import check_token_ids
 from interp.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -155,12 +155,16 @@ class TextChunk(str):
     token: int
     stats: GenerationStats
     finish_reason: str | None
+    #: the tokens behind this piece, with log-probabilities when they were asked for
+    choices: list[TokenChoice]
 
-    def __new__(cls, text: str, token: int, stats: GenerationStats, finish_reason: str | None = None):
+    def __new__(cls, text: str, token: int, stats: GenerationStats, finish_reason: str | None = None,
+                choices: list[TokenChoice] | None = None):
         obj = super().__new__(cls, text)
         obj.token = token
         obj.stats = stats
         obj.finish_reason = finish_reason
+        obj.choices = choices or []
         return obj
 
 
@@ -183,13 +187,14 @@ def prompt_ids(prog: LoadedProgram, prompt: str | list[int], *, raw: bool = Fals
     return prog.check_ids(ids, "the tokenized prompt")
 
 
-def check_generation_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
+def check_generation_options(max_tokens: int | None, temperature: float, top_p: float, top_k: int,
                              seed: int | None) -> None:
-    """InputError for an option no sampler can use (NaN, negative, a seed MLX cannot take)."""
+    """InputError for an option no sampler can use (NaN, negative, a seed MLX cannot take);
+    ``max_tokens`` None: not checked here."""
     def number(value, kind) -> bool:
         return isinstance(value, kind) and not isinstance(value, bool)
 
-    if not number(max_tokens, int):
+    if max_tokens is not None and not number(max_tokens, int):
         raise InputError(f"max_tokens must be an integer, not {max_tokens!r:.40}")
     if not number(temperature, (int, float)) or not 0 <= temperature < float("inf"):
         raise InputError(f"temperature must be a number >= 0, not {temperature!r:.40}")
@@ -201,16 +206,33 @@ def check_generation_options(max_tokens: int, temperature: float, top_p: float, 
         raise InputError(f"the seed must be an integer in [0, 2**64), not {seed!r:.40}")
 
 
-def stream_tokens(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256, temperature: float = 0.0,
-                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache: list | None = None,
-                  stats: GenerationStats | None = None, stop: threading.Event | None = None) -> Iterator[int]:
-    """Generated token ids for prompt ``ids``, stopping at EOS (not yielded) or ``max_tokens``.
+def sampling_params(*, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                    logit_bias: Mapping[int | str, float] | None = None, seed: int | None = None,
+                    logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
+    """Checked ``SamplingParams``; ``logprobs`` is how many alternatives to report (0: the chosen token only)."""
+    check_generation_options(None, temperature, top_p, top_k, seed)
+    try:
+        params = SamplingParams.create(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                       repetition_penalty=repetition_penalty, logit_bias=logit_bias, seed=seed,
+                                       logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+        params.check(vocab_size)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(first_line(exc)) from None
+    return params
 
-    The ids and options are checked before anything runs (InputError); an error MLX
-    raises while running the program is a ProgramError.
+
+def stream_choices(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256, sampling: SamplingParams | None = None,
+                   cache: list | None = None, stats: GenerationStats | None = None,
+                   stop: threading.Event | None = None) -> Iterator[TokenChoice]:
+    """Generated tokens with their log-probabilities (when ``sampling.logprobs``), stopping at EOS or ``max_tokens``.
+
+    The ids are checked against the vocabulary before anything runs (InputError); an
+    error MLX raises while running the program is a ProgramError.
     """
     ids = prog.check_ids(ids, "prompt ids")
-    check_generation_options(max_tokens, temperature, top_p, top_k, seed)
+    check_generation_options(max_tokens, 0.0, 1.0, 0, None)
     if max_tokens <= 0:
         return
     cached = cache[0].offset if cache else 0
@@ -218,18 +240,16 @@ def stream_tokens(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256,
     if room <= 0:
         raise InputError(f"the prompt ({cached + len(ids)} tokens) fills the model's context of {prog.context_length}")
     max_tokens = min(max_tokens, room)
-    sampler = make_sampler(temperature, top_p, top_k)
-    if seed is not None:
-        mx.random.seed(seed)
+    sampling = sampling or SamplingParams()
     cache = cache if cache is not None else prog.make_cache()
     eos = prog.eos_token_ids
     with prog.lock:
-        steps = generate_step(prog.model, ids, cache, sampler=sampler, max_tokens=max_tokens, stats=stats)
+        steps = generate_choices(prog.model, ids, cache, params=sampling, max_tokens=max_tokens, stats=stats)
         try:
-            for token in steps:
-                if token in eos:
+            for choice in steps:
+                if choice.token in eos:
                     break
-                yield token
+                yield choice
                 if stop is not None and stop.is_set():
                     break
         except (RuntimeError, ValueError, MemoryError) as exc:  # MLX's errors while evaluating the graph
@@ -238,26 +258,60 @@ def stream_tokens(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256,
             steps.close()
 
 
+def stream_tokens(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256, temperature: float = 0.0,
+                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache: list | None = None,
+                  stats: GenerationStats | None = None, stop: threading.Event | None = None,
+                  sampling: SamplingParams | None = None, **controls) -> Iterator[int]:
+    """Generated token ids for prompt ``ids``, stopping at EOS (not yielded) or ``max_tokens``.
+
+    Sampling is greedy unless ``temperature`` > 0; ``controls`` are the other settings of
+    ``sampling_params`` (``min_p``, ``presence_penalty``, ``frequency_penalty``,
+    ``repetition_penalty``, ``logit_bias``); or pass ``sampling`` whole.
+    """
+    if sampling is None:
+        sampling = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                   vocab_size=_vocab_size(prog), **controls)
+    for choice in stream_choices(prog, ids, max_tokens=max_tokens, sampling=sampling, cache=cache, stats=stats,
+                                 stop=stop):
+        yield choice.token
+
+
 def stream_generate(prog: LoadedProgram, prompt: str | list[int], *, max_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                     raw: bool = False, system: str | None = None, cache: list | None = None,
-                    stop: threading.Event | None = None) -> Iterator[TextChunk]:
-    """Yield text pieces as they decode (each a ``TextChunk``: a str with ``.stats``)."""
+                    stop: threading.Event | None = None, logprobs: int | None = None,
+                    **controls) -> Iterator[TextChunk]:
+    """Yield text pieces as they decode (each a ``TextChunk``: a str with ``.stats``).
+
+    ``controls`` are the other sampling settings (``min_p``, ``presence_penalty``,
+    ``frequency_penalty``, ``repetition_penalty``, ``logit_bias``). With ``logprobs`` (a
+    count of alternatives, 0 for none) each chunk's ``.choices`` lists its tokens with their
+    log-probabilities.
+    """
     ids = prompt_ids(prog, prompt, raw=raw, system=system)
+    sampling = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs,
+                               vocab_size=_vocab_size(prog), **controls)
     stats = GenerationStats()
     detok = prog.tokenizer.detokenizer()
     last = None
     count = 0
-    for token in stream_tokens(prog, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, seed=seed, cache=cache, stats=stats, stop=stop):
-        last = token
+    held: list[TokenChoice] = []
+    for choice in stream_choices(prog, ids, max_tokens=max_tokens, sampling=sampling, cache=cache, stats=stats,
+                                 stop=stop):
+        last = choice.token
         count += 1
-        piece = detok.add_token(token)
+        held.append(choice)
+        piece = detok.add_token(choice.token)
         if piece:
-            yield TextChunk(piece, token, stats)
+            yield TextChunk(piece, choice.token, stats, choices=held)
+            held = []
     tail = detok.finalize()
     reason = "length" if count >= max_tokens else "stop"
-    yield TextChunk(tail, last if last is not None else -1, stats, reason)
+    yield TextChunk(tail, last if last is not None else -1, stats, reason, choices=held)
+
+
+def _vocab_size(prog: LoadedProgram) -> int | None:
+    return prog.vocab_size
 
 
 def generate(prog: LoadedProgram, prompt: str | list[int], **opts) -> str:

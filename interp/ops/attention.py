@@ -45,13 +45,17 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     check_shape([q.shape[0], q.shape[1], min(length, QUERY_BLOCK), total], 4, "its block of scores")
     special = window > 0 or softcap > 0 or alibi_max_bias > 0
     on_cpu = device.on_cpu()
-    end_aligned = ctx.query_start is None  # else the keys are the compiled step's whole buffers
+    # else the keys are whole buffers: the compiled step's (queries from query_start) or a
+    # slot batch's (each row's queries at its own query_columns)
+    end_aligned = ctx.query_start is None and ctx.query_columns is None
     if not on_cpu and not special and ctx.key_mask is None and end_aligned:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None)
     mask = None
-    if length > 1 or window > 0 or not end_aligned:
+    if ctx.query_columns is not None:
+        mask = row_causal_mask(ctx.query_columns, total, window)
+    elif length > 1 or window > 0 or not end_aligned:
         mask = causal_mask(length, total, window, start=ctx.query_start)
     if ctx.key_mask is not None:  # a padded batch
         keys = ctx.key_mask[:, None, None, :]
@@ -59,7 +63,7 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     if not on_cpu and not special:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
-    if length <= QUERY_BLOCK or not end_aligned:
+    if length <= QUERY_BLOCK:
         return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi)
     # A long prompt in blocks of queries: each block's scores are all that is alive at once
     # (peak memory, docs/speed.md), and a block skips the keys after its last query, which
@@ -67,7 +71,7 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     blocks = []
     for start in range(0, length, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, length)
-        seen = total - length + stop
+        seen = total - length + stop if end_aligned else total
         blocks.append(explicit_attention(q[:, :, start:stop], k[:, :, :seen], v[:, :, :seen], scale=scale,
                                          mask=mask[..., start:stop, :seen], softcap=softcap, alibi=alibi))
     return mx.concatenate(blocks, axis=2)
@@ -124,6 +128,21 @@ def causal_mask(length: int, total: int, window: int = 0, start: int | mx.array 
         start = total - length
     rows = (mx.arange(length) + start)[:, None]
     cols = mx.arange(total)[None, :]
+    mask = cols <= rows
+    if window > 0:
+        mask = mask & (cols > rows - window)
+    return mask
+
+
+def row_causal_mask(columns: mx.array, total: int, window: int = 0) -> mx.array:
+    """Boolean [batch, 1, length, total] mask for rows whose queries sit at their own columns.
+
+    ``columns`` ([batch, length] ints) is where each row's queries are in the cache: a
+    query sees the keys at or before its column (and, with a window, less than
+    ``window`` before it). Keys past a row's column are never seen, whatever they hold.
+    """
+    rows = columns[:, None, :, None]
+    cols = mx.arange(total)[None, None, None, :]
     mask = cols <= rows
     if window > 0:
         mask = mask & (cols > rows - window)

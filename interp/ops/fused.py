@@ -28,9 +28,12 @@ def rope(ctx, x, positions, inv_freq, *, mscale=1.0):
         return out * mscale if mscale != 1.0 else out
     if contiguous:
         cos, sin = rope_table(ctx, x.shape[2], offset, inv_freq, mscale)
-    else:  # the caller's positions, per row: [batch, 1, length, dims / 2] angles
-        angle = positions.astype(mx.float32)[:, None, :, None] * inv_freq.astype(mx.float32)
-        cos, sin = mx.cos(angle) * mscale, mx.sin(angle) * mscale
+    else:  # the caller's positions, per row: [batch, 1, length, dims / 2] angles, once per call
+        key = ("rope-rows", id(positions), id(inv_freq), mscale)
+        if key not in ctx.shared:
+            angle = positions.astype(mx.float32)[:, None, :, None] * inv_freq.astype(mx.float32)
+            ctx.shared[key] = (mx.cos(angle) * mscale, mx.sin(angle) * mscale, positions)
+        cos, sin, _ = ctx.shared[key]
     return rotate_half(x, cos, sin)
 
 

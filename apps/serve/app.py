@@ -1,0 +1,134 @@
+"""The OpenAI-compatible HTTP API over the batching engine (FastAPI on uvicorn).
+
+Routes: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/chat/completions``,
+``POST /v1/completions`` (streamed as server-sent events when ``stream`` is true),
+``GET /health``. With an API key every ``/v1`` route wants ``Authorization: Bearer KEY``.
+The engine's worker thread does all MLX work; the event loop only parses, tokenizes (in
+a thread), submits and writes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import resource
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from apps.serve import errors
+from apps.serve.completions import Generation, run_to_end, stream_events
+from apps.serve.errors import ApiError
+from apps.serve.prepare import prepare
+from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from paw_mlx.engine import Engine, ModelCatalog
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 504)}
+
+
+@dataclass
+class ServeConfig:
+    api_key: str | None = None
+    max_tokens: int = 4096  # most tokens one request may ask for
+    max_body_bytes: int = 8 * 2**20
+    allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (CORS); "*" for any
+
+
+def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None = None) -> FastAPI:
+    """The ASGI app; the engine starts with it and stops when it shuts down."""
+    config = config or ServeConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="paw", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible API: every base program and compiled program is a model.")
+    errors.install(app)
+    if config.allow_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.state.catalog, app.state.engine = catalog, engine
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                code="invalid_api_key").response()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+            return ApiError(413, f"the request body is larger than {config.max_body_bytes} bytes").response()
+        return await call_next(request)
+
+    def model_card(model) -> dict:
+        return {"id": model.name, "object": "model", "created": model.created, "owned_by": "paw",
+                "kind": "program" if model.is_program else "base", "base": model.base.name,
+                "context_length": model.context_length}
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card(m) for m in catalog]}
+
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def get_model(model_id: str) -> dict:
+        return model_card(catalog.get(model_id))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stats = engine.stats()
+        ok = stats["failure"] is None
+        body = {"status": "ok" if ok else "failed", "models": len(catalog), **stats, "memory": memory()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def generate(body, kind: str, request: Request):
+        model = catalog.get(body.model)
+        prepared = await run_in_threadpool(prepare, body, model, config.max_tokens)
+        generation = Generation(engine, prepared, model.name, kind)
+        generation.submit()
+        if body.stream:
+            generation.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream_events(generation), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await run_to_end(generation, request.is_disconnected)
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await generate(body, "chat", request)
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request):
+        return await generate(body, "text", request)
+
+    return app
+
+
+def memory() -> dict:
+    """This process's resident memory and MLX's allocations, in bytes."""
+    info = {"mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory(), "mlx_peak": mx.get_peak_memory()}
+    rss = _resident_bytes()
+    if rss is not None:
+        info["rss"] = rss
+    return info
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:  # Linux: pages
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes (peak, not current)

@@ -1,0 +1,109 @@
+"""Every failure as OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``.
+
+Bad requests get a 4xx and one clear message; they never reach the engine, so they
+never disturb the rows being generated. A 5xx is reserved for the server's own faults.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from interp.errors import OverloadedError, PawError, RequestError
+
+log = logging.getLogger("paw.serve")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "server_error", 504: "timeout_error"}
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's fields; raised anywhere in a route."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+        self.type = type_ or _TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_paw_error(exc: PawError) -> ApiError:
+    if isinstance(exc, OverloadedError):
+        seconds = max(1, int(round(exc.retry_after)))
+        return ApiError(429, str(exc), code="overloaded", headers={"Retry-After": str(seconds)})
+    if isinstance(exc, RequestError):
+        status = 404 if exc.code == "model_not_found" else 400
+        return ApiError(status, str(exc), param=exc.param or ("model" if status == 404 else None), code=exc.code)
+    return ApiError(400, str(exc))
+
+
+def _location(loc: tuple) -> str | None:
+    """A field's dotted path; pydantic's names of union branches (``str``, ``list[int]``) left out."""
+    parts = [str(p) for p in loc if p != "body" and not _is_branch(p)]
+    return ".".join(parts) or None
+
+
+def _is_branch(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list") or "[" in part
+                                      or part.startswith("function-"))
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One line for the first problem pydantic found, and the field it concerns."""
+    errors = exc.errors()
+    if not errors:
+        return "the request body is invalid", None
+    first = errors[0]
+    where = _location(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if first.get("type") == "missing":
+        return f"'{where}' is required", where
+    message = first.get("msg", "invalid value")
+    same_field = [e for e in errors if _location(tuple(e.get("loc", ()))) == where]
+    if len(same_field) > 1:  # every branch of a union failed: say the field is of the wrong kind
+        message = "wrong type or value (" + "; ".join(dict.fromkeys(e.get("msg", "") for e in same_field)) + ")"
+    more = len(errors) - len(same_field)
+    more = f" (and {more} more problems)" if more > 0 else ""
+    return (f"'{where}': {message}{more}" if where else f"{message}{more}"), where
+
+
+def install(app: FastAPI) -> None:
+    """Route every failure of ``app`` through OpenAI's error shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(PawError)
+    async def _paw_error(request: Request, exc: PawError) -> JSONResponse:
+        return from_paw_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return ApiError(400, message, param=param, code="invalid_request").response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return ApiError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, keep serving
+        log.exception("unexpected failure in %s %s", request.method, request.url.path)
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()

@@ -1,0 +1,242 @@
+"""What the engine serves: base programs and compiled programs, each under a model name.
+
+A ``ServedModel`` turns a request's chat messages or completion prompt into token ids
+for its base model, and says where those ids' keys and values may already be: a
+compiled program brings its KV prefix (possibly tuned, so it differs from running the
+base over the same ids), and each model has its own prompt-cache namespace.
+
+How a compiled program reads a request, so that greedy outputs equal
+``paw_mlx.function(program)(input)``:
+- completions: the prompt is the program's input;
+- chat, with a chat-template layout: the conversation is rendered with the spec as the
+  system message; the rendering starts with the program's prefix text, whose KV is the
+  program's prefix, and the rest is tokenized after it. One user message gives exactly
+  the ids of a function call; more turns continue the same conversation.
+- chat, with a raw layout (base models without a template): one user message, the input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from interp.errors import ArtifactError, PawError, RequestError
+from paw_mlx.runtime import LoadedProgram
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(eq=False)  # compared and hashed by identity: one object per served name
+class ServedModel:
+    """One model name the engine answers to: a base program, or a compiled program on a base."""
+
+    name: str
+    base: LoadedProgram
+    artifact: Any | None = None  # paw_mlx.programs.ProgramArtifact for a compiled program
+    created: int = field(default_factory=lambda: int(time.time()))
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_program(self) -> bool:
+        return self.artifact is not None
+
+    @property
+    def namespace(self) -> str:
+        """Prompt-cache namespace: the keys and values of equal ids are equal only within it."""
+        if self.artifact is None:
+            return f"base:{self.base.fingerprint}"
+        where = self.artifact.directory or id(self.artifact)
+        return f"program:{self.base.fingerprint}:{where}"
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        return list(self.artifact.prefix_ids) if self.artifact is not None else []
+
+    @property
+    def prefix_kv(self) -> list | None:
+        return list(self.artifact.prefix) if self.artifact is not None else None
+
+    @property
+    def context_length(self) -> int:
+        return self.base.context_length
+
+    @property
+    def default_max_tokens(self) -> int | None:
+        """A compiled program's own output budget; None for a base model (the server's default)."""
+        return self.artifact.generation.max_new_tokens if self.artifact is not None else None
+
+    @property
+    def default_temperature(self) -> float:
+        return float(self.artifact.generation.temperature) if self.artifact is not None else 0.0
+
+    @property
+    def returns(self) -> dict | None:
+        """A compiled program's stored output constraint (``paw compile --returns``), if any."""
+        return self.artifact.returns if self.artifact is not None else None
+
+    # ------------------------------------------------------------------ prompts
+
+    def completion_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a completion prompt (text, or token ids for a base model)."""
+        tokenizer = self.base.tokenizer
+        if self.artifact is None:
+            if isinstance(prompt, str):
+                return tokenizer.encode(prompt, add_special_tokens=True)
+            return self._check_ids(prompt)
+        if not isinstance(prompt, str):
+            raise RequestError(f"model {self.name!r} is a compiled program: its prompt is the input text")
+        from paw_mlx.programs.compile import input_ids
+
+        return self.prefix_ids + input_ids(tokenizer, self.artifact.layout, prompt)
+
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a conversation, ending with the assistant's turn to speak."""
+        messages = normalize_messages(messages)
+        tokenizer = self.base.tokenizer
+        if self.artifact is None:
+            if not tokenizer.has_chat_template:
+                raise RequestError(f"model {self.name!r} has no chat template: use /v1/completions")
+            return _render(tokenizer, messages)
+        if any(m["role"] == "system" for m in messages):
+            raise RequestError(f"model {self.name!r} is a compiled program: its spec is the system message, "
+                               "so send only user and assistant messages")
+        layout = self.artifact.layout
+        if layout.kind != "chat":
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise RequestError(f"model {self.name!r} takes one user message (its input)")
+            return self.completion_ids(messages[0]["content"])
+        text = _render_text(tokenizer, [{"role": "system", "content": self.artifact.spec}, *messages])
+        if not text.startswith(layout.prefix_text):
+            raise RequestError(f"the chat template of model {self.name!r} does not start with the program's "
+                               "prefix for these messages")
+        rest = tokenizer.encode(text[len(layout.prefix_text):], add_special_tokens=False)
+        return self.prefix_ids + rest
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        vocab = int(self.base.program.model_info.get("vocab_size") or 0)
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab and t >= vocab):
+                raise RequestError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
+            out.append(int(t))
+        return out
+
+
+def normalize_messages(messages: Sequence[Any]) -> list[dict]:
+    """Chat messages as the template wants them: role and plain-text content."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object", param="messages")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}", param="messages")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": message_text(message.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def message_text(content: Any, where: str) -> str:
+    """The text of a message's content: a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"{where}[{j}] must be a text part ({{'type': 'text', 'text': ...}}); "
+                                   "images and audio are not supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"{where} must be a string or a list of text parts", param="messages")
+
+
+def _render_text(tokenizer, messages: list[dict]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages)
+    except PawError:
+        raise
+    except Exception as exc:  # jinja2 raises many types (and templates call raise_exception)
+        raise RequestError(f"the chat template rejected these messages: {exc}") from None
+
+
+def _render(tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.encode(_render_text(tokenizer, messages), add_special_tokens=False)
+
+
+# ---------------------------------------------------------------------- catalog
+
+
+class ModelCatalog:
+    """Model names to ``ServedModel``s: base programs and the compiled programs on them."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self._aliases: dict[str, str] = {}
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    @property
+    def bases(self) -> list[LoadedProgram]:
+        seen: dict[int, LoadedProgram] = {}
+        for model in self._models.values():
+            seen.setdefault(id(model.base), model.base)
+        return list(seen.values())
+
+    def add(self, model: ServedModel) -> ServedModel:
+        if model.name in self._models or model.name in self._aliases:
+            raise PawError(f"two models are named {model.name!r}: rename one of the directories")
+        self._models[model.name] = model
+        for alias in model.aliases:
+            if alias not in self._models and alias not in self._aliases:
+                self._aliases[alias] = model.name
+        return model
+
+    def remove(self, name: str) -> None:
+        """Stop answering to ``name`` (requests already running finish)."""
+        model = self._models.pop(name)
+        for alias in model.aliases:
+            self._aliases.pop(alias, None)
+
+    def add_base(self, prog: LoadedProgram, name: str | None = None) -> ServedModel:
+        name = name or prog.path.name
+        aliases = tuple(a for a in {prog.name} if a != name)
+        return self.add(ServedModel(name=name, base=prog, aliases=aliases))
+
+    def add_program(self, directory: str | Path, name: str | None = None) -> ServedModel:
+        """A compiled program whose base is already served (matched by fingerprint)."""
+        from paw_mlx.programs.artifact import read_artifact
+
+        artifact = read_artifact(directory)
+        if getattr(artifact, "adapter", None) is not None:  # never serve it without its adapter
+            raise ArtifactError(f"{directory} carries a LoRA adapter; paw serve does not run adapters yet")
+        # mx.load's arrays are lazy and bound to this thread's stream; the engine's worker reads them
+        mx.eval([a for pair in artifact.prefix for a in pair])
+        for base in self.bases:
+            if base.fingerprint == artifact.base_fingerprint:
+                if len(artifact.prefix) != base.model.num_layers:
+                    raise ArtifactError(f"{directory}: the program has {len(artifact.prefix)} layers, "
+                                        f"its base {base.model.num_layers}")
+                return self.add(ServedModel(name=name or Path(directory).name, base=base, artifact=artifact))
+        raise ArtifactError(f"{directory} was compiled for base model {artifact.base_fingerprint} "
+                            f"({artifact.base_hint or 'unknown path'}), which is not served")
+
+    def get(self, name: str) -> ServedModel:
+        if not isinstance(name, str) or not name:
+            raise RequestError("model must name a served model")
+        model = self._models.get(name) or self._models.get(self._aliases.get(name, ""))
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise RequestError(f"no model named {name!r}; this server has: {known}", code="model_not_found")
+        return model

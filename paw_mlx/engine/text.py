@@ -1,0 +1,128 @@
+"""From a request's tokens to the text a client sees: incremental decoding and stop strings.
+
+``TextStream`` decodes each new token against a short window of the tokens before it (as
+vLLM does), not the whole output, so a long reply costs the same per token as a short
+one; it holds back an incomplete UTF-8 character, and text that may be the start of a
+stop string until it is clear either way. Special tokens (end-of-turn markers and the
+like) are left out, as OpenAI and vLLM leave them out.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+
+from interp.tokenizer import Tokenizer
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class TextStream:
+    """Text pieces for a stream of tokens; ``stopped`` once a stop string is seen."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self._tokenizer = tokenizer
+        self._stop = [s for s in stop if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: tokens before it are fully decoded
+        self._read = 0  # tokens up to here have been turned into text
+        self._pending = ""  # decoded text not yet released (a possible stop string start)
+        self.text = ""  # everything released so far
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, tokens: Sequence[int]) -> str:
+        """Add tokens; return the text that may be shown now ('' while held back)."""
+        if self.stopped:
+            return ""
+        self._ids.extend(tokens)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing new, or half a character: wait for the next token
+        self._pending += after[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, once the stream has ended."""
+        if self.stopped:
+            return ""
+        rest = self._decode(self._ids[self._prefix :])
+        done = self._decode(self._ids[self._prefix : self._read])
+        if len(rest) > len(done):
+            self._pending += rest[len(done):]
+        self._read = len(self._ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        for stop in self._stop:
+            at = self._pending.find(stop)
+            if at >= 0:
+                piece, self._pending = self._pending[:at], ""
+                self.stopped = True
+                self.text += piece
+                return piece
+        keep = 0 if final else self._held_back()
+        cut = len(self._pending) - keep
+        piece, self._pending = self._pending[:cut], self._pending[cut:]
+        self.text += piece
+        return piece
+
+    def _held_back(self) -> int:
+        """How many trailing characters might begin a stop string."""
+        if not self._stop:
+            return 0
+        tail = self._pending[-self._hold:] if self._hold else ""
+        for size in range(len(tail), 0, -1):
+            if any(stop.startswith(tail[-size:]) for stop in self._stop):
+                return size
+        return 0
+
+
+class TokenText:
+    """A token's text and exact bytes, for log-probabilities (OpenAI's ``token`` and ``bytes``)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._known: dict[int, bytes] = {}
+
+    def bytes(self, token: int) -> bytes:
+        known = self._known.get(token)
+        if known is None:
+            known = self._known[token] = self._spell(token)
+        return known
+
+    def _spell(self, token: int) -> bytes:
+        piece = self._tokenizer.id_to_token(token)
+        if piece is None:
+            return b""
+        byte = _BYTE_TOKEN.match(piece)
+        if byte:  # SentencePiece byte fallback: <0xAB>
+            return bytes([int(byte.group(1), 16)])
+        table = _byte_level_decoder()
+        if all(ch in table for ch in piece):  # byte-level BPE spells every byte as a letter
+            return bytes(table[ch] for ch in piece)
+        return self._tokenizer.decode([token]).encode("utf-8")
+
+    def text(self, token: int) -> str:
+        return self.bytes(token).decode("utf-8", errors="replace")
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-letter table, inverted: the letters byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    letters = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            letters.append(256 + extra)
+            extra += 1
+    return {chr(letter): byte for byte, letter in zip(printable, letters, strict=True)}

@@ -1,0 +1,354 @@
+"""``paw serve`` on a loopback port, driven by the official ``openai`` client (and raw httpx).
+
+One server per module (tiny model, four compiled programs, an API key); every wait is
+bounded, and the server stops when the module ends.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import paw_mlx
+from apps.serve.app import ServeConfig, create_app
+from apps.serve.runner import BackgroundServer
+from paw_mlx.engine import Engine, EngineConfig
+from tests.serving import INPUTS, compile_programs, greedy_alone, make_catalog
+
+KEY = "test-key"
+SPECS_WITH_CHOICES = "Label the sentiment: positive negative neutral"
+WAIT = 60.0
+MAX = 10  # tokens per test request
+
+
+@pytest.fixture(scope="module")
+def programs(tiny_program, tmp_path_factory):
+    return compile_programs(tiny_program, tmp_path_factory.mktemp("serve-programs"))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_program):
+    return paw_mlx.load(tiny_program)
+
+
+@pytest.fixture(scope="module")
+def server(base, programs):
+    engine = Engine(EngineConfig(max_rows=16, prefill_chunk=16))
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(api_key=KEY, max_tokens=400))
+    with BackgroundServer(app) as running:
+        running.app_catalog = app.state.catalog
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=WAIT) as c:
+        yield c
+
+
+def expected_chat(base, text: str, max_tokens: int = MAX) -> str:
+    tokens = greedy_alone(base, paw_mlx.prompt_ids(base, text), max_tokens)
+    return base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def expected_completion(base, text: str, max_tokens: int = MAX) -> str:
+    tokens = greedy_alone(base, paw_mlx.prompt_ids(base, text, raw=True), max_tokens)
+    return base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def expected_program(path, base_dir, text: str) -> str:
+    return paw_mlx.function(path, base=base_dir)(text)
+
+
+def endless_bias(base) -> dict:
+    return {str(t): -100 for t in base.eos_token_ids}
+
+
+# ---------------------------------------------------------------------- the API
+
+
+def test_models_lists_the_base_and_every_program(client, programs):
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"tiny", *programs}
+    assert client.models.retrieve("sentiment").id == "sentiment"
+
+
+def test_chat_streamed_and_not_equals_paw_run(client, base):
+    text = INPUTS[1]
+    want = expected_chat(base, text)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=MAX)
+    assert reply.choices[0].message.content == want
+    assert reply.usage.completion_tokens <= MAX and reply.usage.prompt_tokens == len(paw_mlx.prompt_ids(base, text))
+    pieces, reasons, usage = [], [], None
+    for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}],
+                                                max_tokens=MAX, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == want
+    assert reasons[-1] == reply.choices[0].finish_reason and usage.total_tokens == reply.usage.total_tokens
+
+
+def test_completions_streamed_and_not_equal_paw_run_raw(client, base):
+    text = INPUTS[0]
+    want = expected_completion(base, text)
+    assert client.completions.create(model="tiny", prompt=text, max_tokens=MAX).choices[0].text == want
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt=text,
+                                                                             max_tokens=MAX, stream=True)
+                       if c.choices)
+    assert streamed == want
+    echoed = client.completions.create(model="tiny", prompt=text, max_tokens=MAX, echo=True).choices[0].text
+    assert echoed == text + want
+
+
+def test_a_compiled_program_is_a_model(client, programs, tiny_program):
+    text = INPUTS[2]
+    want = expected_program(programs["dates"], tiny_program, text)
+    chat = client.chat.completions.create(model="dates", messages=[{"role": "user", "content": text}])
+    assert chat.choices[0].message.content == want
+    assert chat.usage.prompt_tokens_details.cached_tokens > 0  # the program's prefix
+    assert client.completions.create(model="dates", prompt=text).choices[0].text == want
+
+
+def test_sixteen_requests_for_four_programs_at_once_equal_their_functions(server, programs, tiny_program):
+    jobs = [(name, INPUTS[i % len(INPUTS)], i % 2 == 0) for i, name in enumerate(list(programs) * 4)]
+    want = [expected_program(programs[name], tiny_program, text) for name, text, _ in jobs]
+    got: list = [None] * len(jobs)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
+
+    def call(i: int) -> None:
+        name, text, stream = jobs[i]
+        messages = [{"role": "user", "content": text}]
+        if stream:
+            got[i] = "".join(c.choices[0].delta.content or "" for c in
+                             client.chat.completions.create(model=name, messages=messages, stream=True) if c.choices)
+        else:
+            got[i] = client.chat.completions.create(model=name, messages=messages).choices[0].message.content
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert got == want
+
+
+def test_stop_strings_cut_the_output(client, base):
+    text = INPUTS[4]
+    full = expected_completion(base, text, 24)
+    stop = full[5:8]
+    cut = full[: full.find(stop)]
+    reply = client.completions.create(model="tiny", prompt=text, max_tokens=24, stop=[stop, "never-there"])
+    assert reply.choices[0].text == cut and reply.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=text, max_tokens=24, stop=stop, stream=True) if c.choices)
+    assert streamed == cut
+
+
+def test_logprobs_of_greedy_tokens_are_the_best(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": INPUTS[3]}],
+                                           max_tokens=MAX, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-5)
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+    legacy = client.completions.create(model="tiny", prompt=INPUTS[3], max_tokens=MAX, logprobs=2)
+    assert len(legacy.choices[0].logprobs.token_logprobs) == legacy.usage.completion_tokens
+    assert all(len(top) <= 2 for top in legacy.choices[0].logprobs.top_logprobs)
+
+
+def test_sampling_controls_reach_the_rows(client):
+    messages = [{"role": "user", "content": INPUTS[5]}]
+    settings = dict(model="tiny", messages=messages, max_tokens=MAX, temperature=1.0, top_p=0.9, seed=7,
+                    extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1})
+    a = client.chat.completions.create(**settings).choices[0].message.content
+    b = client.chat.completions.create(**settings).choices[0].message.content
+    assert a == b
+    two = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, n=2,
+                                         logit_bias={"40": 100})
+    assert [c.index for c in two.choices] == [0, 1]
+    assert all(c.message.content == two.choices[0].message.content for c in two.choices)
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                           "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["answer", "count"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_always_parses(client):
+    for stream in (False, True):
+        settings = dict(model="tiny", messages=[{"role": "user", "content": INPUTS[7]}], max_tokens=60,
+                        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}})
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(stream=True, **settings) if c.choices)
+        else:
+            reply = client.chat.completions.create(**settings)
+            assert reply.choices[0].finish_reason == "stop"
+            text = reply.choices[0].message.content
+        value = json.loads(text)
+        assert value["answer"] in ("yes", "no") and 0 <= value["count"] <= 9 and set(value) == {"answer", "count"}
+    opened = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                            response_format={"type": "json_object"})
+    assert opened.choices[0].message.content.startswith("{")
+
+
+def test_a_programs_stored_returns_constrain_its_answers(server, tiny_program, tmp_path):
+    from paw_mlx.engine.models import ServedModel
+
+    art = paw_mlx.compile(SPECS_WITH_CHOICES, base=tiny_program, out_dir=tmp_path / "label",
+                          returns=["positive", "negative", "neutral"])
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
+    catalog = server.app_catalog
+    model = catalog.add(ServedModel("label", catalog.get("tiny").base, artifact=art))
+    try:
+        for text in INPUTS[:3]:
+            got = client.chat.completions.create(model="label", messages=[{"role": "user", "content": text}])
+            assert got.choices[0].message.content == paw_mlx.function(tmp_path / "label", base=tiny_program)(text)
+            assert got.choices[0].message.content in ("positive", "negative", "neutral")
+    finally:
+        catalog.remove(model.name)
+
+
+# ---------------------------------------------------------------------- refusals
+
+
+def test_the_api_key_is_required(server):
+    for key in ("wrong", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.get(server.url + "/v1/models", headers=headers, timeout=WAIT)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(server.url + "/health", timeout=WAIT).json()["status"] == "ok"
+
+
+BAD_REQUESTS = [
+    ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("wrong type", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ("negative max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
+     400, "max_tokens"),
+    ("huge max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
+     400, "max_tokens"),
+    ("prompt longer than the context", {"model": "tiny", "messages": [{"role": "user", "content": "Hello " * 400}]},
+     400, "messages"),
+    ("bad role", {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ("tools", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("logit bias token", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                          "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("system message to a program", {"model": "dates", "messages": [{"role": "system", "content": "x"},
+                                                                     {"role": "user", "content": "hi"}]}, 400, None),
+    ("invalid JSON schema", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                             "response_format": {"type": "json_schema",
+                                                 "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     400, "response_format"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_an_openai_error(http, name, body, status, param):
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and "\n" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_malformed_json_and_unknown_routes(http):
+    r = http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = http.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"]
+    with pytest.raises(openai.NotFoundError) as missing:
+        openai.OpenAI(base_url=http.base_url.join("/v1").__str__(), api_key=KEY, max_retries=0).chat.completions.create(
+            model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.code == "model_not_found"
+
+
+def test_bad_requests_never_disturb_running_rows(http, base):
+    text = INPUTS[6]
+    want = expected_chat(base, text, 40)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 40, "stream": True}
+    pieces = []
+    with http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        for i, line in enumerate(stream.iter_lines()):
+            if i % 8 == 0:
+                for _, bad, _, _ in BAD_REQUESTS[:4]:
+                    assert http.post("/v1/chat/completions", json=bad).status_code in (400, 404)
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    pieces.append(choice["delta"].get("content") or "")
+    assert "".join(pieces) == want
+
+
+def wait_for_rows(http, rows: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while http.get("/health").json()["rows"] != rows:
+        assert time.monotonic() < deadline, "the rows did not drain"
+        time.sleep(0.02)
+
+
+def test_a_client_that_disconnects_frees_its_row(http, base):
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "stream": True, "logit_bias": endless_bias(base)}
+    with http.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert http.get("/health").json()["rows"] == 1
+    wait_for_rows(http, 0)
+
+
+def test_cors_only_for_the_origins_allowed(base, programs):
+    app = create_app(make_catalog(base, programs), Engine(), ServeConfig(allow_origins=("http://localhost:3000",)))
+    with BackgroundServer(app) as server:
+        preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        r = httpx.options(server.url + "/v1/chat/completions", headers=preflight, timeout=WAIT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.example"}, timeout=WAIT)
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_full_queue_answers_429_with_retry_after(base, programs):
+    engine = Engine(EngineConfig(max_rows=1, max_queue=4))
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=500))
+    # eight choices of one request need eight rows or places in the queue; there are five
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 500, "n": 8, "logit_bias": endless_bias(base)}
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        wait_for_rows(http, 0)
+        body.update(n=2, max_tokens=3)
+        assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_the_catalog_serves_every_usable_program_and_warns_of_the_rest(tiny_program, programs, tmp_path):
+    import shutil
+
+    from apps.serve.runner import build_catalog
+
+    root = tmp_path / "programs"
+    shutil.copytree(programs["dates"], root / "tasks" / "dates")
+    (root / "broken").mkdir()
+    (root / "broken" / "program.json").write_text("{not json")
+    warnings: list[str] = []
+    catalog = build_catalog([tiny_program], [root], warn=warnings.append)
+    assert {m.name for m in catalog} == {tiny_program.name, "tasks/dates"}
+    assert len(warnings) == 1 and "broken" in warnings[0]
