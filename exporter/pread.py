@@ -28,13 +28,15 @@ TORCH_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
+ELEMENT_BYTES = {code: torch.empty(0, dtype=dtype).element_size() for code, dtype in TORCH_DTYPES.items()}
+
 
 class SafetensorsFile:
     """A safetensors file opened for ``preadv`` reads (a stand-in for ``safe_open(..., framework="pt")``)."""
 
     def __init__(self, filename: str | os.PathLike, framework: str = "pt", device: str = "cpu", **_ignored):
         self.path = Path(filename)
-        self._header = read_safetensors_header(self.path)
+        self._header = read_safetensors_header(self.path, element_bytes=ELEMENT_BYTES)
         with self.path.open("rb") as fh:
             self._data_start = 8 + int.from_bytes(fh.read(8), "little")
 

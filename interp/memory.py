@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from interp.cache import KVCache
-from interp.program import _ST_DTYPES, Program, load_consts
+from interp.program import ST_DTYPES, Program, load_consts
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def estimate_memory(program: Program, context: int, batch: int = 1) -> MemoryEst
     for consts_file in program.consts_files:
         for meta in consts_file.header.values():
             start, end = meta["data_offsets"]
-            weights[_ST_DTYPES.get(meta["dtype"], meta["dtype"])] += end - start
+            weights[ST_DTYPES.get(meta["dtype"], meta["dtype"])] += end - start
     positions = -(-max(context, 1) // KVCache.step) * KVCache.step
     cache: Counter = Counter()
     for layer in layer_caches(program):

@@ -372,13 +372,18 @@ def _vocab_size(spec: dict, nodes: list[Node], path: Path) -> int | None:
     return rows if rows is not None else (declared or None)
 
 
-def read_safetensors_header(path: Path, error: type[PawError] = WeightsError) -> dict:
+def read_safetensors_header(path: Path, error: type[PawError] = WeightsError,
+                            element_bytes: dict[str, int] | None = None) -> dict:
     """The JSON header of a safetensors file, checked against the file itself.
 
     Every entry must have a known dtype, a shape of sizes in [0, 2**31) and data offsets
     that hold exactly that many bytes, inside the file and overlapping no other tensor:
     a header that does not describe its file is refused before MLX reads it.
+    ``element_bytes`` (dtype code -> bytes) are the dtypes accepted; default: those a
+    program may hold (``ST_DTYPES``).
     """
+    if element_bytes is None:
+        element_bytes = {code: limits.dtype_bytes(name) for code, name in ST_DTYPES.items()}
     if not path.is_file():
         raise error(f"missing weights file {path}")
     size = path.stat().st_size
@@ -407,7 +412,7 @@ def read_safetensors_header(path: Path, error: type[PawError] = WeightsError) ->
     spans = []
     for name, meta in header.items():
         what = f"{path}: tensor {name!r:.60}"
-        if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or meta["dtype"] not in ST_DTYPES:
+        if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or meta["dtype"] not in element_bytes:
             raise error(f"{what} has no dtype paw reads")
         shape, offsets = meta.get("shape"), meta.get("data_offsets")
         if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= schema.INT32_MAX for d in shape):
@@ -415,7 +420,7 @@ def read_safetensors_header(path: Path, error: type[PawError] = WeightsError) ->
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
             raise error(f"{what} has malformed data_offsets")
-        need = math.prod(shape) * limits.dtype_bytes(ST_DTYPES[meta["dtype"]])
+        need = math.prod(shape) * element_bytes[meta["dtype"]]
         if offsets[1] - offsets[0] != need:
             raise error(f"{what}: its offsets hold {offsets[1] - offsets[0]} bytes, its shape needs {need}")
         spans.append((offsets[0], offsets[1], name))

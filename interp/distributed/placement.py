@@ -27,7 +27,10 @@ _BINARY = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", 
 #: ops through which a partial sum stays a partial sum (they are linear in it)
 _LINEAR_IN_PARTIAL = {"neg", "cast", "reshape", "transpose", "permute", "squeeze", "unsqueeze", "expand", "flip",
                       "tile", "repeat_interleave", "slice", "select", "split", "sum", "mean"}
-_PROJECTIONS = {"linear", "quantized_linear", "matmul"}
+_PROJECTIONS = {"linear", "quantized_linear", "matmul", "expert_linear", "quantized_expert_linear"}
+#: mixture-of-experts projections: weight [experts, out, in], the routing indices an input kept whole
+_EXPERTS = {"expert_linear": 2, "quantized_expert_linear": 4}  # op -> position of the indices input
+_QUANTIZED = {"quantized_linear", "quantized_expert_linear"}
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,8 @@ class Trace:
         return Split(axis, self.axes.new(size), sources, section)
 
     def _projection(self, node: Node) -> Split | Partial | None:
-        """linear / quantized_linear / matmul: column-parallel on a whole input, row-parallel on a share."""
+        """linear / quantized_linear / matmul and the experts' projections: column-parallel on a
+        whole input, row-parallel on a share (an expert's weight is cut in every expert alike)."""
         op, index = node.op, self.index
         x_name, w_name = node.inputs[0], node.inputs[1]
         x, w = self._get(x_name), self._get(w_name)
@@ -222,6 +226,15 @@ class Trace:
                 return None
             const, perm = w.const, w.perm
             out_axis_const, in_axis_const = perm[-1], perm[-2]
+        elif op in _EXPERTS:
+            indices, bias = node.inputs[_EXPERTS[op]], node.inputs[-1]
+            if w_name not in self.consts or (bias is not None and bias not in self.consts):
+                for name in node.inputs:
+                    if name is not None:
+                        self._whole(name)
+                return None
+            self._whole(indices)
+            const, out_axis_const, in_axis_const = w_name, 1, 2
         else:
             if w_name not in self.consts:
                 for name in node.inputs:
@@ -235,13 +248,13 @@ class Trace:
                     self._whole(name)
                 return None
         consts_of_node = [v for v in node.inputs[1:] if isinstance(v, str) and v in self.consts]
+        bias = node.inputs[-1] if op in ("linear", *_QUANTIZED, *_EXPERTS) else None
         if isinstance(x, Split):
             if x.axis != len(self._shape(x_name)) - 1:
                 raise SplitConflict(f"node {index} ({op}) reads a share of an axis it does not contract", x.sources,
                                     x.section)
             self._cut_input_axis(node, x.var, const, in_axis_const, x.sources)
             self.row.add(index)
-            bias = node.inputs[-1] if op in ("linear", "quantized_linear") else None
             if bias is not None:
                 self.edits.setdefault(index, []).append(("bias_on_rank0",))
                 self.const_whole.add(bias)
@@ -252,27 +265,27 @@ class Trace:
             return None
         size = self.consts[const]["shape"][out_axis_const]
         split = self._new_split(size, len(out_shape) - 1, frozenset({index}))
-        if op == "quantized_linear":
+        if op in _QUANTIZED:
             for name in consts_of_node:  # weight, scales, biases (and bias): rows are output features
-                self._cut(name, 0, split.var, 1, split.sources)
+                self._cut(name, out_axis_const, split.var, 1, split.sources)
         else:
             self._cut(const, out_axis_const, split.var, 1, split.sources)
-            if op == "linear" and node.inputs[2] is not None:
-                self._cut(node.inputs[2], 0, split.var, 1, split.sources)
+            if bias is not None:
+                self._cut(bias, out_axis_const, split.var, 1, split.sources)
         self.column.add(index)
         self.column_vars[split.var] = split.sources
         return split
 
     def _cut_input_axis(self, node: Node, var: int, const: str, axis: int, sources: frozenset) -> None:
-        if node.op == "quantized_linear":
+        if node.op in _QUANTIZED:
             bits, group = node.attrs["bits"], node.attrs["group_size"]
             if 32 % bits:
                 raise SplitConflict(f"{bits}-bit weights cannot be split by input features", sources)
             self.axes.need_unit(var, group)
             weight, scales, biases = node.inputs[1:4]
-            self._cut(weight, 1, var, 32 // bits, sources)
-            self._cut(scales, 1, var, group, sources)
-            self._cut(biases, 1, var, group, sources)
+            self._cut(weight, axis, var, 32 // bits, sources)
+            self._cut(scales, axis, var, group, sources)
+            self._cut(biases, axis, var, group, sources)
         else:
             self._cut(const, axis, var, 1, sources)
 

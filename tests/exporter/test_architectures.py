@@ -108,7 +108,8 @@ def test_attention_features_reach_the_program(arch_cases, arch):
 
 
 #: Architectures whose attention tensor parallelism keeps whole (only the MLP splits), and why.
-WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "bloom": "ALiBi's slopes depend on each head's index"}
+WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "olmoe": "its q/k norms span every head",
+                   "bloom": "ALiBi's slopes depend on each head's index"}
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
