@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks.prepare import bench_dir, mlx_lm_model
+from interp import device
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,10 +48,10 @@ WIDE_MOE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hi
                 max_position_embeddings=1024)
 
 _PEAK_RSS = """
-import json, platform, resource, subprocess, sys
+import json, subprocess, sys
+from interp import device
 done = subprocess.run(sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-peak *= 1 if platform.system() == "Darwin" else 1024  # macOS reports bytes, Linux KiB
+peak = device.children_max_rss_bytes()
 print("PAW-PEAK-RSS " + json.dumps({"rc": done.returncode, "peak_rss": peak}), file=sys.stderr)
 """
 
@@ -298,7 +299,7 @@ def machine() -> str:
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"Run {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.processor() or platform.machine()} "
-            f"({os.cpu_count()} CPUs), MLX {mx.__version__} on {mx.default_device()}; load average at start {load}.")
+            f"({os.cpu_count()} CPUs), MLX {mx.__version__} on {device.describe()}; load average at start {load}.")
 
 
 PARTS = {"synthetic": bench_synthetic, "smollm2": bench_smollm2, "moe": bench_moe}

@@ -38,6 +38,15 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def computes_on_cpu() -> bool:
+    """Whether MLX's kernels run on the CPU: for what a backend's kernels can take (the CPU
+    ``gather_mm`` takes float32 only), not which of paw's branches to follow (``on_cpu``).
+    A fact of the kernels that run, so the fake-Mac test mode leaves it real."""
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
+
+
 def on_gpu() -> bool:
     """Whether MLX's default device is a GPU (Metal on a Mac, CUDA on an NVIDIA machine)."""
     return not on_cpu()
@@ -131,6 +140,30 @@ def max_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if is_macos() else int(peak) * 1024
+
+
+def children_max_rss_bytes() -> int:
+    """The peak resident memory of this process's finished children, in bytes."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return int(peak) if is_macos() else int(peak) * 1024
+
+
+def return_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    MLX's CPU buffers come from malloc, and glibc keeps freed mid-sized blocks in its heap,
+    so an idle server would otherwise keep a burst's memory resident (docs/serve.md).
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def resident_bytes() -> int:

@@ -10,9 +10,6 @@ a thread), submits and writes.
 from __future__ import annotations
 
 import hmac
-import os
-import resource
-import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -26,6 +23,7 @@ from apps.serve.completions import Generation, run_to_end, stream_events
 from apps.serve.errors import ApiError
 from apps.serve.prepare import prepare
 from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from interp import device
 from paw_mlx.engine import Engine, ModelCatalog
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 504)}
@@ -119,16 +117,7 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
 def memory() -> dict:
     """This process's resident memory and MLX's allocations, in bytes."""
     info = {"mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory(), "mlx_peak": mx.get_peak_memory()}
-    rss = _resident_bytes()
-    if rss is not None:
+    rss = device.resident_bytes()
+    if rss:
         info["rss"] = rss
     return info
-
-
-def _resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:  # Linux: pages
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes (peak, not current)

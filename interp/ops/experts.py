@@ -46,7 +46,7 @@ def expert_linear(x, weight, indices, bias=None):
     transposed = mx.swapaxes(weight, -1, -2)  # [E, in, out], a view
 
     def multiply(rows, rhs, sort):
-        if weight.dtype != mx.float32 and device.on_cpu():
+        if weight.dtype != mx.float32 and device.computes_on_cpu():
             # MLX's CPU gather_mm takes float32 only: gather the routed experts and
             # multiply them in float32 (the precision the GPU kernels accumulate in)
             picked = mx.swapaxes(mx.take(weight, rhs, axis=0), -1, -2).astype(mx.float32)

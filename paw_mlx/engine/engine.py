@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import atexit
 import collections
-import ctypes
 import logging
-import sys
 import threading
 import time
 import weakref
@@ -36,6 +34,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from interp import device
 from interp.cache import KVCache
 from interp.errors import OverloadedError, RequestError
 from interp.sampling import BatchSampler, SampleResult, SamplingParams
@@ -557,7 +556,7 @@ class Engine:
                 if group.sampler is not None:
                     group.sampler.resize(0)
         mx.clear_cache()
-        _trim_heap()
+        device.return_freed_heap()
 
     def _fail_all(self, message: str) -> None:
         reason = "error" if self._failure is not None else "cancelled"
@@ -577,21 +576,6 @@ class Engine:
             group.rows.clear()
         with self._lock:
             self._queued = self._running = 0
-
-
-def _trim_heap() -> None:
-    """Return the C heap's free pages to the system (glibc only).
-
-    MLX's CPU buffers come from malloc; glibc keeps freed mid-sized blocks in its heap, so a
-    burst of batch buffers left the resident size of an idle SmolLM2 server at 963 MB with
-    550 MB in use; ``malloc_trim`` brought it to 657 MB (docs/serve.md).
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        pass
 
 
 class _Choices:
