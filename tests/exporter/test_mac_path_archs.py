@@ -29,7 +29,7 @@ from interp.graph import GraphModel
 from interp.program import read_program
 from interp.sampling import greedy
 from tests.archs import ARCHS, VOCAB
-from tests.fake_mac import FAKE_MAC_RUN, device_path
+from tests.fake_mac import device_path
 
 PROMPT = [int(i) for i in np.random.default_rng(1).integers(3, VOCAB, 8)]
 NEW_TOKENS = 32
@@ -58,7 +58,7 @@ def _greedy(program_dir, path: str) -> tuple[list[int], np.ndarray]:
     return tokens, logits
 
 
-@pytest.mark.skipif(FAKE_MAC_RUN, reason="compares both paths itself: runs in the normal pass, on shared exports")
+@pytest.mark.not_fake_mac_pass  # compares both paths itself, on the normal pass's shared exports
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_float32_mac_path_decodes_the_cpu_path_tokens(arch_program, arch):
     cpu_tokens, cpu_logits = _greedy(arch_program(arch), "cpu")
@@ -68,7 +68,7 @@ def test_float32_mac_path_decodes_the_cpu_path_tokens(arch_program, arch):
     assert np.abs(mac_logits - cpu_logits).max() <= TOLERANCE["float32"] * scale
 
 
-@pytest.mark.skipif(not FAKE_MAC_RUN, reason="runs in the fake-Mac pass (PAW_FAKE_MAC=1, as .ci/run does)")
+@pytest.mark.fake_mac_pass  # these exports take about a minute: the fake-Mac pass only
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_half_precision_mac_path_agrees_with_the_cpu_path(arch_program, arch, dtype):
