@@ -210,11 +210,13 @@ class GraphModel:
                 return self._compiled().run(inputs, cache, offset)
         return self.run(inputs, cache, offset, key_mask)
 
-    def step_rows(self, tokens: mx.array, layers: list, columns: mx.array) -> mx.array:
+    def step_rows(self, tokens: mx.array, layers: list, columns: mx.array,
+                  extra_inputs: dict[str, mx.array] | None = None) -> mx.array:
         """Logits [rows, 1, vocab] for one new token per row of a slot batch (``interp/slots.py``).
 
         ``tokens`` is [rows, 1]; row r's token sits at position and cache column
-        ``columns[r]``. Compiled whole when ``compile_decode``.
+        ``columns[r]``. ``extra_inputs`` as for ``__call__`` (a LoRA rewrite's per-row
+        ``adapter_index``). Compiled whole when ``compile_decode``.
         """
         release_on_thread_exit()
         inputs = {"input_ids": tokens.astype(mx.int32)}
@@ -222,7 +224,7 @@ class GraphModel:
             inputs["position_ids"] = columns[:, None]
         for name in self.input_names:
             if name not in inputs:
-                inputs[name] = mx.zeros((tokens.shape[0],), dtype=mx.int32)
+                inputs[name] = (extra_inputs or {}).get(name, mx.zeros((tokens.shape[0],), dtype=mx.int32))
         for layer in layers:
             layer.columns = columns
         if self.compile_decode:

@@ -157,17 +157,18 @@ class SlotBatch:
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
 
-    def step(self, model, tokens: mx.array, active: Sequence[bool]) -> mx.array:
+    def step(self, model, tokens: mx.array, active: Sequence[bool], extra_inputs: dict | None = None) -> mx.array:
         """Logits [slots, vocab] of one new token per slot, appended at each row's length.
 
         ``tokens`` is int [slots]; rows not ``active`` (free slots) compute a throwaway
-        token at column 0 and keep length 0.
+        token at column 0 and keep length 0. ``extra_inputs``: per-slot graph inputs
+        (``GraphModel.step_rows``).
         """
         need = max((n for n, on in zip(self.lengths, active, strict=True) if on), default=0) + 1
         if need > self.capacity:
             self.reserve(self.slots, need, None)
         columns = mx.array([n if on else 0 for n, on in zip(self.lengths, active, strict=True)], dtype=mx.int32)
-        logits = model.step_rows(tokens.reshape(-1, 1).astype(mx.int32), self.layers, columns)
+        logits = model.step_rows(tokens.reshape(-1, 1).astype(mx.int32), self.layers, columns, extra_inputs)
         for i, on in enumerate(active):
             if on:
                 self.lengths[i] += 1

@@ -2,8 +2,8 @@
 
 Model names: a base program is served under its directory's name (and its source id, as
 an alias); a compiled program under its path relative to the ``--programs`` folder it was
-found in. A program that cannot be served (made for a base that is not served, malformed,
-carrying an adapter) is skipped with a warning.
+found in. A program that cannot be served (made for a base that is not served, or
+malformed) is skipped with a warning.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Each base model has a batch (``interp.slots.SlotBatch``) whose rows join and lea
 between decode steps. A row may belong to any model served on that base: a compiled
 program's row starts from the program's KV prefix, a base model's row from whatever the
 prompt cache holds for its prompt, and each row samples with its own settings
-(``interp.sampling.BatchSampler``). One turn of the worker:
+(``interp.sampling.BatchSampler``). Programs with LoRA adapters run in the same batch:
+the base's graph carries every served adapter and each row passes its own
+``adapter_index`` (``paw_mlx.engine.models.AdapterStack``). One turn of the worker:
 
 1. takes new requests from the inbox and drops rows that were cancelled or timed out;
 2. runs one decode step for every batch with rows (one token for each row);
@@ -81,10 +83,11 @@ class _Row:
 
 
 class _Group:
-    """The batch of one base model."""
+    """The batch of one base model (with the adapters of the programs served on it)."""
 
-    def __init__(self, base: LoadedProgram):
+    def __init__(self, base: LoadedProgram, adapters=None):
         self.base = base
+        self.adapters = adapters  # paw_mlx.engine.models.AdapterStack, or None
         self.batch = SlotBatch(base.model.num_layers)
         self.sampler: BatchSampler | None = None
         self.rows: dict[int, _Row] = {}  # slot -> row
@@ -101,6 +104,18 @@ class _Group:
             self._kv_like = [c.state for c in cache]
             mx.eval(self._kv_like)
         return self._kv_like
+
+    @property
+    def model(self):
+        """The graph every forward pass of this batch runs: the base, with its programs' adapters."""
+        return self.adapters.model if self.adapters is not None else self.base.model
+
+    def adapter_inputs(self, rows: list) -> dict | None:
+        """The ``adapter_index`` input for ``rows`` (None for a free slot), if the graph takes one."""
+        if "adapter_index" not in self.model.input_names:
+            return None
+        indices = [row.request.model.adapter_index if row is not None else 0 for row in rows]
+        return {"adapter_index": mx.array(indices, dtype=mx.int32)}
 
     def free_slot(self) -> int | None:
         for slot in range(self.batch.slots):
@@ -270,17 +285,19 @@ class Engine:
             group.batch = SlotBatch(group.base.model.num_layers)
             group.sampler = None
 
-    def _group(self, base: LoadedProgram) -> _Group:
-        group = self._groups.get(id(base))
+    def _group(self, model) -> _Group:
+        adapters = getattr(model, "adapters", None)
+        key = (id(model.base), id(adapters))
+        group = self._groups.get(key)
         if group is None:
-            group = self._groups[id(base)] = _Group(base)
+            group = self._groups[key] = _Group(model.base, adapters)
         return group
 
     def _admit(self) -> None:
         with self._lock:
             rows, self._inbox = list(self._inbox), collections.deque()
         for row in rows:
-            self._group(row.request.model.base).waiting.append(row)
+            self._group(row.request.model).waiting.append(row)
 
     def _sweep(self, group: _Group) -> None:
         """Finish rows that were cancelled or ran out of time, wherever they are."""
@@ -313,7 +330,8 @@ class Engine:
         tokens = mx.array([group.rows[s].next_token if on else 0 for s, on in enumerate(active)], dtype=mx.int32)
         allowed = {slot: row.request.constraint.allowed() for slot, row in group.rows.items()
                    if row.request.constraint is not None}
-        logits = batch.step(group.base.model, tokens, active)
+        logits = batch.step(group.model, tokens, active,
+                            group.adapter_inputs([group.rows.get(s) for s in range(batch.slots)]))
         result = sampler.sample(logits, allowed=allowed or None)
         mx.eval(result.arrays(), batch.arrays())
         self.steps += 1
@@ -456,7 +474,7 @@ class Engine:
     def _prefill_chunk(self, group: _Group, size: int) -> None:
         row = group.prefilling
         chunk, row.todo = row.todo[:size], row.todo[size:]
-        logits = group.base.model(mx.array([chunk], dtype=mx.int32), cache=row.cache)
+        logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache, extra_inputs=group.adapter_inputs([row]))
         self.prefill_chunks += 1
         if row.todo:
             mx.eval([c.state for c in row.cache])
@@ -511,10 +529,10 @@ class Engine:
         tokens = mx.array([r.todo + [0] * (width - len(r.todo)) for r in rows], dtype=mx.int32)
         columns = starts[:, None] + mx.arange(width, dtype=mx.int32)
         layers = [SlotLayer(layer.keys[:count], layer.values[:count], starts) for layer in scratch.layers]
-        inputs = {"input_ids": tokens}
-        if "position_ids" in group.base.model.input_names:
+        inputs = {"input_ids": tokens, **(group.adapter_inputs(rows) or {})}
+        if "position_ids" in group.model.input_names:
             inputs["position_ids"] = columns
-        logits = group.base.model.run(inputs, layers, query_columns=columns)["logits"]
+        logits = group.model.run(inputs, layers, query_columns=columns)["logits"]
         last = mx.array([len(r.todo) - 1 for r in rows], dtype=mx.int32)
         logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]  # [rows, vocab]
         self.prefill_chunks += 1

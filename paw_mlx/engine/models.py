@@ -23,12 +23,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from interp.errors import ArtifactError, PawError, RequestError
 from paw_mlx.runtime import LoadedProgram
 
 ROLES = ("system", "developer", "user", "assistant")
+
+
+class AdapterStack:
+    """The LoRA adapters of the compiled programs served on one base model, stacked.
+
+    Rows of one batch may belong to programs with different adapters (or none): the base
+    runs as one graph with every adapter in it (``paw_mlx.programs.function.stacked``), and
+    each row picks its own by index (``adapter_index``; 0 is no adapter). Without any
+    adapter the base runs as it is.
+    """
+
+    def __init__(self, base: LoadedProgram):
+        self.base = base
+        self.adapters: list = [None]
+        self._model = None
+
+    def add(self, adapter) -> int:
+        """Take ``adapter`` (checked against the base now); returns the index its rows pass."""
+        from paw_mlx.programs.function import stacked
+
+        model = stacked(self.base, [*self.adapters, adapter]).model
+        self.adapters.append(adapter)
+        self._model = model
+        return len(self.adapters) - 1
+
+    @property
+    def model(self):
+        """The GraphModel the base's batch runs: the base's own, or with every adapter stacked in."""
+        return self._model if self._model is not None else self.base.model
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one object per served name
@@ -40,6 +67,9 @@ class ServedModel:
     artifact: Any | None = None  # paw_mlx.programs.ProgramArtifact for a compiled program
     created: int = field(default_factory=lambda: int(time.time()))
     aliases: tuple[str, ...] = ()
+    #: the adapters served on this base (shared by every model on it), and this model's index
+    adapters: AdapterStack | None = None
+    adapter_index: int = 0
 
     @property
     def is_program(self) -> bool:
@@ -118,7 +148,7 @@ class ServedModel:
         return self.prefix_ids + rest
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        vocab = int(self.base.program.model_info.get("vocab_size") or 0)
+        vocab = self.base.vocab_size or 0
         out = []
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab and t >= vocab):
@@ -180,6 +210,7 @@ class ModelCatalog:
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
         self._aliases: dict[str, str] = {}
+        self._stacks: dict[int, AdapterStack] = {}  # id(base) -> its adapters
 
     def __iter__(self):
         return iter(self._models.values())
@@ -194,9 +225,14 @@ class ModelCatalog:
             seen.setdefault(id(model.base), model.base)
         return list(seen.values())
 
+    def stack(self, base: LoadedProgram) -> AdapterStack:
+        """The adapters served on ``base`` (one object per base, shared by its models)."""
+        return self._stacks.setdefault(id(base), AdapterStack(base))
+
     def add(self, model: ServedModel) -> ServedModel:
         if model.name in self._models or model.name in self._aliases:
             raise PawError(f"two models are named {model.name!r}: rename one of the directories")
+        model.adapters = self.stack(model.base)
         self._models[model.name] = model
         for alias in model.aliases:
             if alias not in self._models and alias not in self._aliases:
@@ -216,19 +252,17 @@ class ModelCatalog:
 
     def add_program(self, directory: str | Path, name: str | None = None) -> ServedModel:
         """A compiled program whose base is already served (matched by fingerprint)."""
-        from paw_mlx.programs.artifact import read_artifact
+        from paw_mlx.programs.artifact import check_against_base, read_artifact
 
-        artifact = read_artifact(directory)
-        if getattr(artifact, "adapter", None) is not None:  # never serve it without its adapter
-            raise ArtifactError(f"{directory} carries a LoRA adapter; paw serve does not run adapters yet")
-        # mx.load's arrays are lazy and bound to this thread's stream; the engine's worker reads them
-        mx.eval([a for pair in artifact.prefix for a in pair])
+        artifact = read_artifact(directory)  # its prefix evaluated: any thread (the engine's worker) reads it
+        name = name or Path(directory).name
         for base in self.bases:
             if base.fingerprint == artifact.base_fingerprint:
-                if len(artifact.prefix) != base.model.num_layers:
-                    raise ArtifactError(f"{directory}: the program has {len(artifact.prefix)} layers, "
-                                        f"its base {base.model.num_layers}")
-                return self.add(ServedModel(name=name or Path(directory).name, base=base, artifact=artifact))
+                check_against_base(artifact, base)
+                if name in self._models or name in self._aliases:
+                    raise PawError(f"two models are named {name!r}: rename one of the directories")
+                index = self.stack(base).add(artifact.adapter) if artifact.adapter is not None else 0
+                return self.add(ServedModel(name=name, base=base, artifact=artifact, adapter_index=index))
         raise ArtifactError(f"{directory} was compiled for base model {artifact.base_fingerprint} "
                             f"({artifact.base_hint or 'unknown path'}), which is not served")
 

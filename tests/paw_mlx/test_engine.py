@@ -207,3 +207,44 @@ def test_short_prompts_prefill_together_as_they_would_alone(catalog, base):
                                     for c in chats])
         assert engine.stats()["prefilled_together"] >= 2
     assert [r.tokens for r in results] == [greedy_alone(base, model.chat_ids(c), 8) for c in chats]
+
+
+def random_adapter(base, seed: int):
+    """A LoRA adapter of random rank-2 updates on every attention projection of the tiny model:
+    large enough that each program's greedy outputs differ from the base's and each other's."""
+    from interp.lora import linear_sites
+    from paw_mlx.programs.adapter import LoraAdapter
+
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for module, site in linear_sites(base.program).items():
+        if "self_attn" in module:
+            modules[module] = (rng.normal(0, 0.5, (2, site.in_features)).astype(np.float32),
+                               rng.normal(0, 0.5, (site.out_features, 2)).astype(np.float32))
+    return LoraAdapter(modules, alpha=2.0)
+
+
+def test_lora_programs_share_a_batch_with_plain_rows_as_if_alone(base, tiny_program, tmp_path):
+    from dataclasses import replace
+
+    from paw_mlx.programs.artifact import read_artifact, write_artifact
+
+    plain = compile_programs(tiny_program, tmp_path / "plain")
+    catalog = make_catalog(base, {"options": plain["options"]})
+    dirs = {"options": plain["options"]}
+    for seed, name in enumerate(("sentiment", "dates")):
+        artifact = replace(read_artifact(plain[name]), adapter=random_adapter(base, seed), directory=None)
+        dirs[name] = write_artifact(artifact, tmp_path / f"lora-{name}")
+        catalog.add_program(dirs[name], name=name)
+    assert [catalog.get(n).adapter_index for n in ("options", "sentiment", "dates")] == [0, 1, 2]
+    calls = [(("options", "sentiment", "dates")[i % 3], INPUTS[i % len(INPUTS)]) for i in range(12)]
+    functions = {name: paw_mlx.function(path, base=tiny_program) for name, path in dirs.items()}
+    expected = [functions[name].call_ids([functions[name].token_ids(text)])[0] for name, text in calls]
+    with Engine(EngineConfig(max_rows=8, prefill_chunk=8)) as engine:
+        results = run_concurrently([lambda name=name, text=text: complete(engine, catalog.get(name), text, timeout=WAIT)
+                                    for name, text in calls])
+    assert [r.tokens for r in results] == expected
+    # the adapters matter: without its adapter, a program answers otherwise
+    without = paw_mlx.function(plain["sentiment"], base=tiny_program)
+    assert any(without.call_ids([without.token_ids(text)])[0] != want
+               for (name, text), want in zip(calls, expected, strict=True) if name == "sentiment")
