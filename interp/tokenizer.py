@@ -56,7 +56,8 @@ class Tokenizer:
         except BaseException as exc:
             if not _library_error(exc):
                 raise
-            raise ProgramError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ProgramError(f"cannot read {path}: {reason}") from None
         config_path = directory / "tokenizer_config.json"
         self.config = read_json_object(config_path) if config_path.is_file() else {}
         template_path = directory / "chat_template.jinja"

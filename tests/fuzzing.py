@@ -183,7 +183,8 @@ def _swap_op(node: dict, chooser: Chooser) -> str:
             attrs[arg.name] = _attr_value(chooser, arg.kind)
     node["op"], node["attrs"] = spec.name, attrs
     if spec.outputs[-1].endswith("..."):
-        node["outputs"] = node["outputs"][:1] + [f"{node['outputs'][0]}_{i}" for i in range(1, len(attrs.get("sizes", [0])))]
+        first = node["outputs"][0]
+        node["outputs"] = node["outputs"][:1] + [f"{first}_{i}" for i in range(1, len(attrs.get("sizes", [0])))]
     elif len(spec.outputs) != len(node["outputs"]):
         node["outputs"] = [f"{node['outputs'][0]}_{i}" if i else node["outputs"][0] for i in range(len(spec.outputs))]
     return f"op -> {spec.name} {attrs}"

@@ -138,7 +138,8 @@ def probe_shapes(program: Program, batch: int = 2, length: int = 3) -> dict[str,
     """The shape of every value for a [batch, length] prompt, from one lazy trace on placeholder weights."""
     from interp.graph import GraphModel, RunContext
 
-    consts = {name: mx.zeros(meta["shape"], getattr(mx, meta["dtype"])) for name, meta in program.spec["consts"].items()}
+    consts = {name: mx.zeros(meta["shape"], getattr(mx, meta["dtype"]))
+              for name, meta in program.spec["consts"].items()}
     model = GraphModel(program, consts, compile_decode=False)
     env: dict = dict(model.consts)
     env["input_ids"] = mx.zeros((batch, length), mx.int32)
@@ -182,7 +183,8 @@ def plan_tensor_parallel(program: Program, ranks: int, *, first_head: int | None
         except SplitConflict as exc:
             # heads that cannot be dealt out in whole quantization groups: keep attention whole
             if not _keep_whole(trace, set(trace.head_sources), excluded, whole_sections):
-                raise DistributedError(f"tensor parallelism cannot split this program over {ranks} ranks: {exc}") from None
+                raise DistributedError(
+                    f"tensor parallelism cannot split this program over {ranks} ranks: {exc}") from None
             continue
         plan = ShardPlan(program, ranks, owner, trace.axes, trace.const_cuts, trace.edits, trace.sums,
                          trace.partial_reads, trace.column, trace.row)

@@ -172,7 +172,8 @@ def _fields(meta: dict, meta_path: Path) -> dict:
         prefix_ids = check_token_ids(meta["prefix_ids"], None, what="'prefix_ids'")
     except InputError as exc:
         raise ArtifactError(f"{meta_path} is malformed: {exc}") from None
-    need(_is_int(meta.get("num_layers")) and 0 < meta["num_layers"] <= MAX_LAYERS, "'num_layers' must be a positive integer")
+    need(_is_int(meta.get("num_layers")) and 0 < meta["num_layers"] <= MAX_LAYERS,
+         "'num_layers' must be a positive integer")
     need(isinstance(base, dict), "'base' must be an object with the base model's fingerprint")
     made_for = base.get("fingerprint")
     if not isinstance(made_for, str) or not made_for:
@@ -185,7 +186,8 @@ def _fields(meta: dict, meta_path: Path) -> dict:
     max_new = generation.get("max_new_tokens", GenerationSettings.max_new_tokens)
     temperature = generation.get("temperature", GenerationSettings.temperature)
     need(_is_int(max_new) and max_new > 0, "'generation.max_new_tokens' must be a positive integer")
-    need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 <= temperature < float("inf"),
+    need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+         and 0 <= temperature < float("inf"),
          "'generation.temperature' must be a number >= 0")
     need(meta.get("tuning") is None or isinstance(meta["tuning"], dict), "'tuning' must be an object or null")
     need(meta.get("selection") is None or isinstance(meta["selection"], dict), "'selection' must be an object or null")
@@ -261,7 +263,8 @@ def check_against_base(artifact: ProgramArtifact, base) -> None:
     if not artifact.base_fingerprint:
         raise ArtifactError(f"{where} does not say which base model it was made for; recompile it with `paw compile`")
     if not base.fingerprint:
-        raise ArtifactError(f"the base model {base.path} has no fingerprint (no manifest.json): export it with `paw export`")
+        raise ArtifactError(
+            f"the base model {base.path} has no fingerprint (no manifest.json): export it with `paw export`")
     if artifact.base_fingerprint != base.fingerprint:
         raise ArtifactError(
             f"{where} was compiled for base model {artifact.base_fingerprint} "

@@ -112,7 +112,8 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
         outputs = prompted_outputs(prog, prompted, test, budget)
         result["rows"][name] = {"exact_match": round(_score(outputs, test), 4), "prefix_tokens": 0,
                                 "prompt_tokens": len(prompted.prefix_ids), "outputs": outputs}
-        timers[name] = (prog, [], lambda row, a=prompted: a.prefix_ids + input_ids(prog.tokenizer, a.layout, row["input"]))
+        timers[name] = (prog, [],
+                        lambda row, a=prompted: a.prefix_ids + input_ids(prog.tokenizer, a.layout, row["input"]))
     selection.cross_validate()
     for name in options.candidates:
         started = time.perf_counter()
@@ -135,7 +136,8 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
 def _cache_key(task: Path, prog: LoadedProgram, options: SelectOptions) -> str:
     digest = hashlib.sha256()
     for part in (EVALUATION_METHOD, prog.fingerprint, json.dumps(asdict(options), sort_keys=True),
-                 (task / "spec.txt").read_text(encoding="utf-8"), (task / "examples.jsonl").read_text(encoding="utf-8")):
+                 (task / "spec.txt").read_text(encoding="utf-8"),
+                 (task / "examples.jsonl").read_text(encoding="utf-8")):
         digest.update(part.encode("utf-8"))
     return digest.hexdigest()[:16]
 

@@ -310,8 +310,8 @@ def gguf_lora_bytes(arch: str, alpha: float, tensors: dict[str, tuple[np.ndarray
                     writer.add_tensor(f"{name}.weight.lora_{half}", gguf.quants.quantize(values, kind),
                                       raw_dtype=kind)
                 else:
-                    writer.add_tensor(f"{name}.weight.lora_{half}",
-                                      values.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+                    dtype = np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32
+                    writer.add_tensor(f"{name}.weight.lora_{half}", values.astype(dtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -336,7 +336,8 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
     if missing:
         raise ArtifactError(f"llama.cpp has no tensor name for {missing[0]}")
     arch = gguf_arch(prog.program.model_info.get("model_type", ""))
-    adapter = gguf_lora_bytes(arch, artifact.adapter.alpha, {names[m]: ab for m, ab in artifact.adapter.modules.items()})
+    modules = {names[m]: ab for m, ab in artifact.adapter.modules.items()}
+    adapter = gguf_lora_bytes(arch, artifact.adapter.alpha, modules)
     template = artifact.layout.prefix_text + PLACEHOLDER + artifact.layout.suffix_text
     source = prog.program.model_info.get("source", {})
     meta = {

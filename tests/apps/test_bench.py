@@ -29,7 +29,8 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     docs.write_text("# Benchmarks\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nafter\n")
     results = tmp_path / "results"
     out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
-                                   "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8", "--decode-tokens", "4", "--device", "cpu",
+                                   "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8",
+                                   "--decode-tokens", "4", "--device", "cpu",
                                    "--results", str(results), "--docs", str(docs)])
     assert out.exit_code == 0, out.output
     assert "paw bench" in out.output and "mlx-lm" in out.output  # the rich table
