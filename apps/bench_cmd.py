@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from interp.paths import DEFAULT_MODEL
+
 
 def _split(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
@@ -18,7 +20,7 @@ def _split(values: list[str]) -> list[str]:
 
 def bench(
     src: Annotated[str, typer.Argument(
-        help="The model: 'smollm2', a .gguf file or a Hugging Face folder.")] = "smollm2",
+        help="The model: 'smollm2', a .gguf file or a Hugging Face folder.")] = DEFAULT_MODEL,
     dtypes: Annotated[list[str], typer.Option(
         "--dtypes", help="Variants: float32, bfloat16, q4 (comma list).")] = ["float32,bfloat16,q4"],  # noqa: B006
     engines: Annotated[list[str], typer.Option(

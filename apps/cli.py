@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +19,7 @@ from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
 from apps.serve.command import serve
 from interp.errors import PawError, first_line
+from interp.paths import DEFAULT_MODEL
 
 app = typer.Typer(
     name="paw",
@@ -111,42 +113,36 @@ Experts = Annotated[str, typer.Option(
     "(every expert on every token; the reference).")]
 
 
-@export_app.command("llama")
-def export_llama(
-    src: Annotated[str, typer.Argument(help=SRC_HELP)] = "smollm2",
-    out: Out = Path("smollm2"),
-    dtype: Dtype = "float32",
-    force: Force = False,
-    weights: Weights = "float",
-    fuse: Fuse = True,
-    quantize: Quantize = "0",
-    group_size: GroupSize = 64,
-    max_shard_size: ShardSize = "5GB",
-    stream: Stream = True,
-    experts: Experts = "sparse",
-) -> None:
-    """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
-    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size,
-            max_shard_size=max_shard_size, stream=stream, experts=experts)
+def _export_command(src_default: Any, out_default: Any, doc: str) -> Callable[..., None]:
+    """One export command; ``...`` as a default makes the argument required."""
+    def command(
+        src: Annotated[str, typer.Argument(help=SRC_HELP)] = src_default,
+        out: Out = out_default,
+        dtype: Dtype = "float32",
+        force: Force = False,
+        weights: Weights = "float",
+        fuse: Fuse = True,
+        quantize: Quantize = "0",
+        group_size: GroupSize = 64,
+        max_shard_size: ShardSize = "5GB",
+        stream: Stream = True,
+        experts: Experts = "sparse",
+    ) -> None:
+        _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize,
+                group_size=group_size, max_shard_size=max_shard_size, stream=stream, experts=experts)
+
+    command.__doc__ = doc
+    return command
 
 
-@export_app.command("hf")
-def export_hf(
-    src: Annotated[str, typer.Argument(help=SRC_HELP)],
-    out: Out,
-    dtype: Dtype = "float32",
-    force: Force = False,
-    weights: Weights = "float",
-    fuse: Fuse = True,
-    quantize: Quantize = "0",
-    group_size: GroupSize = 64,
-    max_shard_size: ShardSize = "5GB",
-    stream: Stream = True,
-    experts: Experts = "sparse",
-) -> None:
-    """Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."""
-    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size,
-            max_shard_size=max_shard_size, stream=stream, experts=experts)
+# `hf` is the exporter; `llama` is the same command with the default model's defaults (SRC and
+# OUT `smollm2`), the name the quick start and existing scripts use.
+export_hf = export_app.command("hf")(_export_command(
+    ..., ..., "Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."))
+export_llama = export_app.command("llama")(_export_command(
+    DEFAULT_MODEL, Path(DEFAULT_MODEL),
+    "Alias of `paw export hf` whose SRC and OUT default to the default model, smollm2: "
+    "`paw export llama` exports SmolLM2-135M-Instruct to ./smollm2. Any architecture works, not only Llama."))
 
 
 def _export(src: str, out: Path, quantize: str, max_shard_size: str, **options) -> None:

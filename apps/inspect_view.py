@@ -79,7 +79,7 @@ def artifact_summary(path: str | Path, verify: bool = False) -> dict:
 
 
 def _is_compiled_program(path: Path) -> bool:
-    from paw_mlx.programs.artifact import PROGRAM_FILE as ARTIFACT_FILE
+    from paw_mlx.programs.artifact import ARTIFACT_FILE
 
     path = path.expanduser()
     return path.name == ARTIFACT_FILE or ((path / ARTIFACT_FILE).is_file() and not (path / PROGRAM_FILE).is_file())

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from interp.errors import PawError
+from interp.paths import DEFAULT_MODEL
 
 BASE_HELP = "Base program directory, or 'smollm2' for the default export location ($PAW_CACHE/programs/smollm2)."
 # Kept in step with paw_mlx.constrain.RETURNS_HELP (not imported: --help must not load MLX).
@@ -27,7 +28,7 @@ def compile_cmd(
     spec: Annotated[str, typer.Argument(help="The spec: text, or @FILE to read it from a file.")],
     out: Annotated[Path, typer.Option(
         "--out", "-o", help="Program directory to create (a .paw file with --format paw).")],
-    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
+    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = DEFAULT_MODEL,
     examples: Annotated[Path | None, typer.Option("--examples", "-e", help=(
         "JSON lines of {\"input\", \"output\"} (5-8 are enough): the compiler tries each candidate, scores it "
         "on examples it held out, keeps the best. Rows with \"split\": \"test\" are only scored at the end."))] = None,
@@ -143,7 +144,7 @@ def call_cmd(
 def eval_cmd(
     tasks: Annotated[Path, typer.Option(
         help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
-    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
+    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = DEFAULT_MODEL,
     only: Annotated[list[str] | None, typer.Option(help="Run only these tasks (repeat the option).")] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over each task's training rows.")] = 4,
@@ -192,7 +193,7 @@ def export_program_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create.")],
     base: Annotated[str, typer.Option("--base", "-b", help=(
         "The bundle's base model exported by paw (e.g. `paw export hf Qwen/Qwen3-0.6B -o qwen3`), "
-        "or 'smollm2'."))] = "smollm2",
+        "or 'smollm2'."))] = DEFAULT_MODEL,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Convert a programasweights .paw bundle (LoRA + prompt template) into a paw program directory."""

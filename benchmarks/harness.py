@@ -38,6 +38,7 @@ from pathlib import Path
 
 from benchmarks import prepare
 from interp.docblock import replace_block
+from interp.paths import DEFAULT_MODEL
 
 VARIANTS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0), "q4": ("float32", 4)}
 ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "paw-stock", "mlx-lm", "mlx-lm-stock", "transformers", "ceiling",
@@ -53,7 +54,7 @@ Say = Callable[[str], None]
 
 @dataclass
 class BenchConfig:
-    src: str = "smollm2"
+    src: str = DEFAULT_MODEL
     dtypes: list[str] = field(default_factory=lambda: list(VARIANTS))
     engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
     prompt_tokens: int = 512

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from interp.paths import DEFAULT_MODEL
+
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "Write one sentence about the sea.",
@@ -233,7 +235,7 @@ def table(levels: list[dict], single_stream: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", default="smollm2")
+    parser.add_argument("--src", default=DEFAULT_MODEL)
     parser.add_argument("--clients", default="1,4,16,64", help="comma list of concurrent clients")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)

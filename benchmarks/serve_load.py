@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import paw_mlx
     from benchmarks.serve_bench import free_port
-    from paw_mlx.paths import default_program_dir
+    from interp.paths import default_program_dir
 
     base = args.base or default_program_dir()
     programs = {}

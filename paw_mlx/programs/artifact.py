@@ -34,10 +34,10 @@ from paw_mlx.programs.adapter import ADAPTER_FILE, LoraAdapter, read_adapter, wr
 FORMAT = "paw.kvprogram"
 VERSION = 2  # 2 added the adapter, demonstrations and the selection report
 READABLE_VERSIONS = (1, 2)
-PROGRAM_FILE = "program.json"
+ARTIFACT_FILE = "program.json"
 PREFIX_FILE = "prefix.safetensors"
 #: the files an artifact's fingerprint is made of
-DEFINING_FILES = (PROGRAM_FILE, PREFIX_FILE)
+DEFINING_FILES = (ARTIFACT_FILE, PREFIX_FILE)
 LAYOUT_KINDS = ("chat", "raw", "template")
 
 
@@ -124,7 +124,7 @@ def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool =
         if artifact.adapter is not None:
             write_adapter(artifact.adapter, tmp)
         text = json.dumps(artifact.metadata(), indent=1, ensure_ascii=False) + "\n"
-        (tmp / PROGRAM_FILE).write_text(text, encoding="utf-8")
+        (tmp / ARTIFACT_FILE).write_text(text, encoding="utf-8")
         hashes = file_hashes(tmp, skip=MANIFEST_FILE)
         manifest = {"format": FORMAT, "files": hashes, "fingerprint": fingerprint(hashes, DEFINING_FILES)}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -138,10 +138,10 @@ def read_artifact_metadata(path: str | Path) -> tuple[Path, dict]:
     Reads no tensors: enough for the chat's view of a program (its spec and base).
     """
     path = Path(path).expanduser()
-    directory = path.parent if path.name == PROGRAM_FILE else path
-    meta_path = directory / PROGRAM_FILE
+    directory = path.parent if path.name == ARTIFACT_FILE else path
+    meta_path = directory / ARTIFACT_FILE
     if not meta_path.is_file():
-        raise ArtifactError(f"{directory} is not a compiled program (no {PROGRAM_FILE})")
+        raise ArtifactError(f"{directory} is not a compiled program (no {ARTIFACT_FILE})")
     meta = read_json_object(meta_path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{meta_path} is not a {FORMAT} file")
@@ -242,7 +242,7 @@ def read_artifact(path: str | Path, *, verify: bool = False) -> ProgramArtifact:
     ``verify`` first checks both files against their sha256 in manifest.json.
     """
     directory, meta = read_artifact_metadata(path)
-    meta_path = directory / PROGRAM_FILE
+    meta_path = directory / ARTIFACT_FILE
     fields = _fields(meta, meta_path)
     has_adapter = fields.pop("has_adapter")
     if verify:

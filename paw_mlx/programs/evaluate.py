@@ -32,12 +32,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from interp.errors import PawError
+from interp.paths import DEFAULT_MODEL
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import input_ids
 from paw_mlx.programs.examples import load_examples
 from paw_mlx.programs.function import ProgramFunction
-from paw_mlx.programs.interpreter import DEFAULT_BASE, interpreter
+from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
 from paw_mlx.runtime import LoadedProgram, stream_tokens
 
@@ -142,7 +143,7 @@ def _cache_key(task: Path, prog: LoadedProgram, options: SelectOptions) -> str:
     return digest.hexdigest()[:16]
 
 
-def evaluate(tasks: Path, base: str | Path = DEFAULT_BASE, options: SelectOptions | None = None,
+def evaluate(tasks: Path, base: str | Path = DEFAULT_MODEL, options: SelectOptions | None = None,
              only: list[str] | None = None, cache: Path | None = None) -> dict:
     """Run every task (resuming from ``cache``); returns the JSON-able report."""
     from rich.console import Console
