@@ -71,7 +71,7 @@ def bench(
     try:
         report = run_bench(config, say=lambda msg: typer.echo(f"  {msg}", err=True))
     except ValueError as exc:
-        raise PawError(str(exc)) from None
+        raise PawError(str(exc)) from exc
     print_table(report)
     json_path, md_path = write_results(report, results, docs)
     typer.echo(f"wrote {json_path} and {md_path}", err=True)

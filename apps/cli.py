@@ -178,7 +178,7 @@ def read_ids_file(path: Path) -> list[int]:
     try:
         text = path.read_text(encoding="utf-8").replace(",", " ")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PawError(f"cannot read {path}: {exc}") from None
+        raise PawError(f"cannot read {path}: {exc}") from exc
     try:
         ids = [int(tok) for tok in text.split()]
     except ValueError:
@@ -293,7 +293,7 @@ def run(
         try:
             atomic_write_text(output_ids, " ".join(str(t) for t in produced) + "\n")
         except OSError as exc:
-            raise PawError(f"cannot write {output_ids}: {exc.strerror or exc}") from None
+            raise PawError(f"cannot write {output_ids}: {exc.strerror or exc}") from exc
     if logprobs is not None:
         show = (lambda t: repr(prog.tokenizer.decode([t]))) if prog.has_tokenizer else str
         for choice in choices:
@@ -389,7 +389,8 @@ INTERRUPTED = 130
 
 
 def main() -> None:
-    """Console-script entry: one line per error, never a traceback (unless PAW_DEBUG=1).
+    """Console-script entry: one line per error, never a traceback (PAW_DEBUG=1 prints the
+    traceback, with its causes, before the line).
 
     Exit codes: 0 success, 1 an error (one ``paw: error:`` line), 2 a usage error,
     130 interrupted (Ctrl-C).
@@ -399,6 +400,10 @@ def main() -> None:
         # typer.Exit (and turns Ctrl-C into Exit(130)) instead of exiting with it.
         code = app(standalone_mode=False)
     except PawError as exc:
+        if os.environ.get("PAW_DEBUG"):
+            import traceback
+
+            traceback.print_exc()  # with the cause chain: what a wrapped library or OS error said
         typer.echo(f"paw: error: {first_line(exc)}", err=True)
         sys.exit(1)
     except typer.Exit as exc:

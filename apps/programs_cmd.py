@@ -170,7 +170,7 @@ def eval_cmd(
         try:
             typer.echo(markdown_tables(json.loads(show.read_text(encoding="utf-8"))))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PawError(f"{show} is not a paw eval-programs report: {exc}") from None
+            raise PawError(f"{show} is not a paw eval-programs report: {exc}") from exc
         return
     from paw_mlx.programs.evaluate import evaluate
     from paw_mlx.programs.select import SelectOptions

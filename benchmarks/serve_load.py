@@ -334,9 +334,9 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("paw serve did not start") from None
+                    raise RuntimeError("paw serve did not start") from exc
             time.sleep(0.5)
         idle_health = warm_up(url, base_name, list(programs), args.clients)
         idle = _rss(server.pid)

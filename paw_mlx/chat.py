@@ -268,7 +268,7 @@ class ChatSession:
         try:
             atomic_write_text(path, json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
         except OSError as exc:
-            raise PawError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise PawError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return path
 
     def load(self, path: str | Path) -> None:
@@ -285,7 +285,7 @@ def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
     try:
         text = path.read_bytes()
     except OSError as exc:
-        raise PawError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise PawError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         data = parse_json(text, "the text", PawError)
     except PawError as exc:

@@ -137,7 +137,7 @@ def _grammar_text(spec: dict) -> str:
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except ValueError as exc:
-        raise ConstraintError(f"invalid JSON schema: {exc}") from None
+        raise ConstraintError(f"invalid JSON schema: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -225,7 +225,7 @@ def _read_prefix(tensors_path: Path, num_layers: int, length: int) -> list[tuple
     try:
         tensors = mx.load(str(tensors_path))
     except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-        raise ArtifactError(f"cannot read {tensors_path}: {exc}") from None
+        raise ArtifactError(f"cannot read {tensors_path}: {exc}") from exc
     prefix = [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]) for i in range(num_layers)]
     for i, (k, v) in enumerate(prefix):
         if k.shape[1] != v.shape[1]:

@@ -107,7 +107,7 @@ def read_bundle(path: str | Path) -> Bundle:
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"{path} is not a .paw bundle (not a zip archive: {exc})") from None
+        raise ArtifactError(f"{path} is not a .paw bundle (not a zip archive: {exc})") from exc
     with archive:
         infos = archive.infolist()
         if len(infos) > MAX_MEMBERS:
@@ -121,7 +121,7 @@ def read_bundle(path: str | Path) -> Bundle:
                 with archive.open(info) as member:
                     content = member.read(MAX_MEMBER_BYTES[name] + 1)
             except (OSError, zipfile.BadZipFile, RuntimeError, EOFError) as exc:  # corrupt or encrypted
-                raise ArtifactError(f"{path}: cannot read member {name}: {exc}") from None
+                raise ArtifactError(f"{path}: cannot read member {name}: {exc}") from exc
             if len(content) > MAX_MEMBER_BYTES[name]:
                 raise ArtifactError(f"{path}: member {name} is larger than its header says")
             data[name] = content
@@ -185,7 +185,7 @@ def read_gguf_lora(data: bytes, where: str) -> tuple[str | None, float, dict[str
         try:
             reader = gguf.GGUFReader(file)
         except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:  # gguf reports malformed files so
-            raise ArtifactError(f"{where}: malformed GGUF adapter: {exc}") from None
+            raise ArtifactError(f"{where}: malformed GGUF adapter: {exc}") from exc
         fields = {name: _field_value(field) for name, field in reader.fields.items()}
         halves: dict[str, dict[str, np.ndarray]] = {}
         for tensor in reader.tensors:
