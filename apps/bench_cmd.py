@@ -1,6 +1,6 @@
 """``paw bench``: paw against mlx-lm and transformers on the same weights, one table.
 
-The work lives in the ``benchmarks`` package (harness, per-engine workers); this is the
+The work lives in the ``apps.benchmarks`` package (harness, per-engine workers); this is the
 Typer face. Heavy imports happen inside the command.
 """
 
@@ -34,7 +34,7 @@ def bench(
     group_size: Annotated[int, typer.Option("--group-size", help="Group size of the q4 variant.")] = 64,
     program: Annotated[list[str], typer.Option("--program", help="Use an existing paw program: VARIANT=PATH.")] = [],  # noqa: B006
     results: Annotated[Path, typer.Option(
-        "--results", help="Directory for the JSON and markdown results.")] = Path("benchmarks/results"),
+        "--results", help="Directory for the JSON and markdown results.")] = Path("apps/benchmarks/results"),
     rounds: Annotated[int, typer.Option(
         "--rounds", min=1, help=(
             "Runs per engine, order reversed each round; each row keeps its best "
@@ -48,7 +48,7 @@ def bench(
             "(latest-metal.md, latest-cuda.md)."))] = "auto",
 ) -> None:
     """Measure prefill, decode, time to first token, peak memory, load and export time per engine."""
-    from benchmarks.harness import (
+    from apps.benchmarks.harness import (
         BenchConfig,
         default_engines,
         print_table,

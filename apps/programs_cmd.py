@@ -153,9 +153,9 @@ def eval_cmd(
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="JSON report (default: benchmarks/results/programs-DATE.json).")] = None,
+        "--out", help="JSON report (default: apps/benchmarks/results/programs-DATE.json).")] = None,
     cache: Annotated[Path, typer.Option("--cache", help="Finished tasks are kept here, so a rerun resumes.")] = Path(
-        "benchmarks/results/.programs-cache"),
+        "apps/benchmarks/results/.programs-cache"),
     show: Annotated[Path | None, typer.Option(
         "--show", help="Only print the tables of an earlier JSON report.")] = None,
 ) -> None:
@@ -181,7 +181,7 @@ def eval_cmd(
                             lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
     options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
     report = evaluate(tasks, base, options, only, cache)
-    out = out or Path("benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
+    out = out or Path("apps/benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     typer.echo(f"report -> {out}", err=True)

@@ -125,11 +125,17 @@ def needs_blas_shim() -> bool:
     return sys.platform == "linux"
 
 
-def max_rss_bytes() -> int:
-    """The process's peak resident memory in bytes (``ru_maxrss`` is bytes on macOS, KiB on Linux)."""
+def is_linux() -> bool:
+    """Whether this process runs on Linux (glibc's heap, /proc)."""
+    return sys.platform == "linux"
+
+
+def max_rss_bytes(children: bool = False) -> int:
+    """The process's peak resident memory in bytes, or with ``children`` the largest of its
+    finished children's (``ru_maxrss`` is bytes on macOS, KiB on Linux)."""
     import resource  # POSIX only; imported where it is needed
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if is_macos() else int(peak) * 1024
 
 

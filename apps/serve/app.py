@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import resource
-import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -26,6 +24,7 @@ from apps.serve.completions import Generation, run_to_end, stream_events
 from apps.serve.errors import ApiError
 from apps.serve.prepare import prepare
 from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from interp.device import max_rss_bytes
 from paw_mlx.engine import Engine, ModelCatalog
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 504)}
@@ -130,5 +129,4 @@ def _resident_bytes() -> int | None:
         with open("/proc/self/statm") as f:  # Linux: pages
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes (peak, not current)
+        return max_rss_bytes()  # the peak, not the current size

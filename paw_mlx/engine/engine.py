@@ -27,7 +27,6 @@ import atexit
 import collections
 import ctypes
 import logging
-import sys
 import threading
 import time
 import weakref
@@ -37,6 +36,7 @@ from typing import Any
 import mlx.core as mx
 
 from interp.cache import KVCache
+from interp.device import is_linux
 from interp.errors import OverloadedError, RequestError
 from interp.sampling import BatchSampler, SampleResult, SamplingParams
 from interp.slots import SlotBatch, SlotLayer, slot_bucket
@@ -586,7 +586,7 @@ def _trim_heap() -> None:
     burst of batch buffers left the resident size of an idle SmolLM2 server at 963 MB with
     550 MB in use; ``malloc_trim`` brought it to 657 MB (docs/serve.md).
     """
-    if sys.platform != "linux":
+    if not is_linux():
         return
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

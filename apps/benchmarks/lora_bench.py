@@ -1,7 +1,7 @@
 """LoRA at run time, two ways: the ``lora`` op added by the load-time rewrite (interp/lora.py)
 against the update merged into copies of the weights, with the plain base as reference.
 
-    python benchmarks/lora_bench.py --base /path/to/smollm2 --rounds 3
+    python apps/benchmarks/lora_bench.py --base /path/to/smollm2 --rounds 3
 
 One process, engines interleaved round by round (best of the rounds kept), so the shared
 CPU disturbs them alike. Per engine: time to first token of a program call (a cached

@@ -1,6 +1,6 @@
 """Ternary benchmark: bits per weight on disk and decode speed against float and 4-bit.
 
-    python benchmarks/ternary.py --ternary smollm2-ternary [--base3 smollm2-ternary-base3] \
+    python apps/benchmarks/ternary.py --ternary smollm2-ternary [--base3 smollm2-ternary-base3] \
         --float /work/programs/smollm2-f32 [--tokens 32]
 
 Bits per weight are measured from consts.safetensors itself: the bytes of each ternary
@@ -10,7 +10,7 @@ one mx.eval per token, on this machine's MLX backend. The float32 program is the
 baseline; "float16" and "4-bit" rerun it with the same linear layers' weights converted
 in-process (float16 copies; mx.quantize affine, group 64), as the quantized export is
 another branch's work. lm_head / embeddings stay float32 in every row.
-Results go to benchmarks/results/ternary.json and .md.
+Results go to apps/benchmarks/results/ternary.json and .md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import interp  # noqa: E402, F401  (before MLX: puts the fast BLAS under it)
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--base3", type=Path, help="program exported with --weights ternary-base3 (optional)")
     parser.add_argument("--float", dest="float_dir", type=Path, required=True, help="float32 program of the same model")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "apps" / "benchmarks" / "results")
     args = parser.parse_args()
 
     from interp.tokenizer import Tokenizer

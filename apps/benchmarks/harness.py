@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks import prepare
+from apps.benchmarks import prepare
 from interp.docblock import replace_block
 from interp.paths import DEFAULT_MODEL
 
@@ -117,7 +117,7 @@ def _version(package: str) -> str:
 def run_engine(engine: str, path: Path, dtype: str, config: BenchConfig) -> dict:
     """Start one worker process and return its parsed result (or an error record)."""
     worker_engine = "paw" if engine.startswith("paw") else engine.removesuffix("-stock")
-    cmd = [sys.executable, "-m", "benchmarks.worker", "--engine", worker_engine, "--path", str(path),
+    cmd = [sys.executable, "-m", "apps.benchmarks.worker", "--engine", worker_engine, "--path", str(path),
            "--dtype", dtype, "--prompt-tokens", str(config.prompt_tokens),
            "--decode-tokens", str(config.decode_tokens), "--device", config.device]
     if engine in ("paw-nocompile", "paw-nofuse"):
@@ -170,7 +170,7 @@ def run_export(variant: str, config: BenchConfig, root: Path) -> dict:
 
 
 def _with_repo_on_path(pythonpath: str | None) -> str:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     return root + os.pathsep + pythonpath if pythonpath else root
 
 

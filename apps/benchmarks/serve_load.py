@@ -1,6 +1,6 @@
 """A bounded load test of ``paw serve``: many requests over mixed programs and settings.
 
-    python -m benchmarks.serve_load --requests 2000 --clients 32      # SmolLM2 + 4 compiled programs
+    python -m apps.benchmarks.serve_load --requests 2000 --clients 32      # SmolLM2 + 4 compiled programs
 
 It starts ``paw serve`` on a loopback port (a separate process, so its memory is its own),
 computes every greedy request's expected output with ``paw_mlx`` in this process (single
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     import httpx
 
     import paw_mlx
-    from benchmarks.serve_bench import free_port
+    from apps.benchmarks.serve_bench import free_port
     from interp.paths import default_program_dir
 
     base = args.base or default_program_dir()

@@ -1,13 +1,13 @@
 """``paw serve`` against ``mlx_lm.server`` on the same weights: 1, 4, 16 and 64 concurrent clients.
 
-    python -m benchmarks.serve_bench                    # smollm2, float32; both servers
-    python -m benchmarks.serve_bench --clients 1,16 --max-tokens 32 --docs docs/benchmarks.md
+    python -m apps.benchmarks.serve_bench                    # smollm2, float32; both servers
+    python -m apps.benchmarks.serve_bench --clients 1,16 --max-tokens 32 --docs docs/benchmarks.md
 
 Both servers run as their own processes on loopback ports, each on the OpenBLAS that
 ``interp.blas`` puts under MLX (mlx-lm's server is started from a Python that imports
 ``interp`` first: on MLX's bundled reference BLAS it would be 4-60x slower, which is not
 the comparison this makes). paw serves ``paw export`` of the Hugging Face folder that
-``mlx_lm.convert`` converts (``benchmarks/prepare.py``), so both hold the same numbers.
+``mlx_lm.convert`` converts (``apps/benchmarks/prepare.py``), so both hold the same numbers.
 
 Each client streams chat completions one after another (greedy, the same prompts in the
 same order for both servers) until every client has sent ``--requests-per-client``.
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import interp  # noqa: F401  (OpenBLAS under MLX, in this process too)
-    from benchmarks import prepare
+    from apps.benchmarks import prepare
     from interp.docblock import replace_block
 
     say = lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)  # noqa: E731

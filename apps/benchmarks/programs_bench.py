@@ -1,6 +1,6 @@
 """Programs as weights: what compiling a spec buys at call time.
 
-    python benchmarks/programs_bench.py [--base DIR] [--out benchmarks/results/programs_bench.json]
+    python apps/benchmarks/programs_bench.py [--base DIR] [--out apps/benchmarks/results/programs_bench.json]
 
 1. Time to first token of a call on a compiled ~300-token spec, against sending the
    spec and the input as one prompt (no prefix cache). Same token ids, same model.
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import interp  # noqa: E402, F401  (before MLX: puts the fast BLAS under it)
 
