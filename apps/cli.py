@@ -45,8 +45,8 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-class StepReporter:
-    """Shows the current export step with a spinner and prints each finished step with its time."""
+class StageReporter:
+    """Shows the current export stage with a spinner and prints each finished stage with its time."""
 
     def __init__(self) -> None:
         import time
@@ -60,7 +60,7 @@ class StepReporter:
         self._started = 0.0
 
     def __call__(self, message: str) -> None:
-        self._finish_step()
+        self._finish_stage()
         self._message, self._started = message, self._clock()
         if self._status is None:
             self._status = self._console.status(message)
@@ -69,16 +69,16 @@ class StepReporter:
             self._status.update(message)
 
     def update(self, text: str) -> None:
-        """Show progress within the current step (bytes written so far) without finishing it."""
+        """Show progress within the current stage (bytes written so far) without finishing it."""
         if self._status is not None:
             self._status.update(text)
 
-    def _finish_step(self) -> None:
+    def _finish_stage(self) -> None:
         if self._message is not None:
             self._console.print(f"  [green]✓[/green] {self._message} ({self._clock() - self._started:.1f} s)")
 
     def close(self) -> None:
-        self._finish_step()
+        self._finish_stage()
         self._message = None
         if self._status is not None:
             self._status.stop()
@@ -156,7 +156,7 @@ def _export(src: str, out: Path, quantize: str, max_shard_size: str, **options) 
         fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
     options["quantize"] = int(quantize) if quantize.strip().isdigit() else quantize.strip().lower()
     options["max_shard_bytes"] = parse_size(max_shard_size)
-    reporter = StepReporter()
+    reporter = StageReporter()
     try:
         path = export_source(src, out, progress=reporter, **options)
     finally:

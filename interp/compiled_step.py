@@ -72,7 +72,7 @@ class CompiledStep:
         """``step(where, *inputs, *keys, *values)``: every node runner over cache slots made by
         ``make_slot(keys, values, where)``; returns the outputs, then the new keys and values."""
         consts = self.model.consts
-        node_runners = self.model._steps
+        node_runners = self.model._node_runners
         input_names = list(self.model.input_names)
         output_names = list(self.model.output_names)
 

@@ -106,16 +106,16 @@ def load_model(directory: Path, convert: str | None = None) -> GraphModel:
 
     REGISTRY["linear"] = Handler(linear)
     try:
-        model._steps = _recompile(model)  # the steps bind handlers when compiled
+        model._node_runners = _recompile(model)  # node runners bind their handler when made
     finally:
         REGISTRY["linear"] = plain
     return model
 
 
 def _recompile(model: GraphModel) -> list:
-    from interp.graph import _compile_node
+    from interp.graph import _make_node_runner
 
-    return [_compile_node(node) for node in model.program.nodes]
+    return [_make_node_runner(index, node) for index, node in enumerate(model.program.nodes)]
 
 
 def decode_speed(model: GraphModel, prompt: list[int], tokens: int) -> tuple[float, list[int]]:

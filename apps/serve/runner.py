@@ -21,7 +21,7 @@ from paw_mlx.programs.artifact import ARTIFACT_FILE
 
 log = logging.getLogger("paw.serve")
 
-def find_programs(root: Path) -> list[Path]:
+def find_compiled_programs(root: Path) -> list[Path]:
     """Compiled-program directories under ``root`` (``root`` itself if it is one)."""
     if not root.is_dir():
         raise PawError(f"--programs {root}: no such directory")
@@ -43,7 +43,7 @@ def build_catalog(bases: Sequence[str | Path], program_roots: Sequence[str | Pat
         catalog.add_base(paw_mlx.load(base))
     for root in program_roots:
         root = Path(root)
-        for directory in find_programs(root):
+        for directory in find_compiled_programs(root):
             name = directory.name if directory == root else directory.relative_to(root).as_posix()
             try:
                 catalog.add_program(directory, name=name)

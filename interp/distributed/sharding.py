@@ -145,8 +145,8 @@ def probe_shapes(program: Program, batch: int = 2, length: int = 3) -> dict[str,
     env["input_ids"] = mx.zeros((batch, length), mx.int32)
     env["position_ids"] = mx.broadcast_to(mx.arange(length, dtype=mx.int32), (batch, length))
     ctx = RunContext(cache=None, offset=0)
-    for step in model._steps:
-        step(env, ctx)
+    for run_node in model._node_runners:
+        run_node(env, ctx)
     return {name: tuple(value.shape) for name, value in env.items() if isinstance(value, mx.array)}
 
 
