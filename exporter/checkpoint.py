@@ -22,10 +22,10 @@ program becomes a ``LazyTensor`` that asks the plan for its weight when the writ
 to it. ``CheckpointWeights.gguf_tensor`` gives the GGUF tensor behind a weight for the exports
 that keep them (``exporter.gguf_blocks``).
 
-Sources that cannot stream raise ``NotStreamable``, and the exporter loads them whole as
-before: checkpoints quantized by another library (a ``quantization_config``: BitNet,
-GPTQ, AWQ, ...), and GGUF files whose loader merges or renames tensors while it reads
-them (MoE expert stacks, GPT-2's output matrix).
+Sources that cannot stream raise ``NotStreamable``, and the exporter loads them whole:
+checkpoints quantized by another library (a ``quantization_config``: BitNet, GPTQ, AWQ,
+...), and GGUF files whose loader merges or renames tensors while it reads them (MoE
+expert stacks, GPT-2's output matrix).
 """
 
 from __future__ import annotations

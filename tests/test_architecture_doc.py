@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOP = ("interp/", "exporter/", "paw_mlx/", "apps/", "tests/", "docs/", "scripts/", "examples/")
 #: a path in backticks or on a line of the flow diagram: a top-level folder, then a path
-PATH = re.compile(r"(?<![\w/.])((?:%s)[\w./-]*)" % "|".join(re.escape(t) for t in TOP))
+PATH = re.compile(r"(?<![\w/.])((?:" + "|".join(re.escape(t) for t in TOP) + r")[\w./-]*)")
 
 
 def test_every_path_in_the_architecture_page_exists():

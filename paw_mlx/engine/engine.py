@@ -582,9 +582,9 @@ class Engine:
 def _trim_heap() -> None:
     """Return the C heap's free pages to the system (glibc only).
 
-    MLX's CPU buffers come from malloc; glibc keeps freed mid-sized blocks in its heap, so a
-    burst of batch buffers left the resident size of an idle SmolLM2 server at 963 MB with
-    550 MB in use; ``malloc_trim`` brought it to 657 MB (docs/serve.md).
+    MLX's CPU buffers come from malloc and glibc keeps freed mid-sized blocks in its heap,
+    so after a burst of batches an idle server stays large; ``malloc_trim`` gives the pages
+    back (figures in docs/serve.md).
     """
     if not is_linux():
         return
