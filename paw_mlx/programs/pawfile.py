@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import stat
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from interp.atomic import atomic_write_bytes
 from interp.errors import ArtifactError
 from interp.lora import check_adapter, linear_sites
 from paw_mlx.programs.adapter import LoraAdapter
@@ -358,15 +358,7 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, content)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_bytes(out, buffer.getvalue())
 
 
 def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force: bool = False,
