@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +19,7 @@ from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
 from apps.serve.command import serve
 from interp.errors import PawError, first_line
+from interp.paths import DEFAULT_MODEL
 
 app = typer.Typer(
     name="paw",
@@ -43,8 +45,8 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-class StepReporter:
-    """Shows the current export step with a spinner and prints each finished step with its time."""
+class StageReporter:
+    """Shows the current export stage with a spinner and prints each finished stage with its time."""
 
     def __init__(self) -> None:
         import time
@@ -58,7 +60,7 @@ class StepReporter:
         self._started = 0.0
 
     def __call__(self, message: str) -> None:
-        self._finish_step()
+        self._finish_stage()
         self._message, self._started = message, self._clock()
         if self._status is None:
             self._status = self._console.status(message)
@@ -67,16 +69,16 @@ class StepReporter:
             self._status.update(message)
 
     def update(self, text: str) -> None:
-        """Show progress within the current step (bytes written so far) without finishing it."""
+        """Show progress within the current stage (bytes written so far) without finishing it."""
         if self._status is not None:
             self._status.update(text)
 
-    def _finish_step(self) -> None:
+    def _finish_stage(self) -> None:
         if self._message is not None:
             self._console.print(f"  [green]✓[/green] {self._message} ({self._clock() - self._started:.1f} s)")
 
     def close(self) -> None:
-        self._finish_step()
+        self._finish_stage()
         self._message = None
         if self._status is not None:
             self._status.stop()
@@ -111,42 +113,36 @@ Experts = Annotated[str, typer.Option(
     "(every expert on every token; the reference).")]
 
 
-@export_app.command("llama")
-def export_llama(
-    src: Annotated[str, typer.Argument(help=SRC_HELP)] = "smollm2",
-    out: Out = Path("smollm2"),
-    dtype: Dtype = "float32",
-    force: Force = False,
-    weights: Weights = "float",
-    fuse: Fuse = True,
-    quantize: Quantize = "0",
-    group_size: GroupSize = 64,
-    max_shard_size: ShardSize = "5GB",
-    stream: Stream = True,
-    experts: Experts = "sparse",
-) -> None:
-    """Export a Llama-family causal LM (Llama, SmolLM2, ...) with torch.export."""
-    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size,
-            max_shard_size=max_shard_size, stream=stream, experts=experts)
+def _export_command(src_default: Any, out_default: Any, doc: str) -> Callable[..., None]:
+    """One export command; ``...`` as a default makes the argument required."""
+    def command(
+        src: Annotated[str, typer.Argument(help=SRC_HELP)] = src_default,
+        out: Out = out_default,
+        dtype: Dtype = "float32",
+        force: Force = False,
+        weights: Weights = "float",
+        fuse: Fuse = True,
+        quantize: Quantize = "0",
+        group_size: GroupSize = 64,
+        max_shard_size: ShardSize = "5GB",
+        stream: Stream = True,
+        experts: Experts = "sparse",
+    ) -> None:
+        _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize,
+                group_size=group_size, max_shard_size=max_shard_size, stream=stream, experts=experts)
+
+    command.__doc__ = doc
+    return command
 
 
-@export_app.command("hf")
-def export_hf(
-    src: Annotated[str, typer.Argument(help=SRC_HELP)],
-    out: Out,
-    dtype: Dtype = "float32",
-    force: Force = False,
-    weights: Weights = "float",
-    fuse: Fuse = True,
-    quantize: Quantize = "0",
-    group_size: GroupSize = 64,
-    max_shard_size: ShardSize = "5GB",
-    stream: Stream = True,
-    experts: Experts = "sparse",
-) -> None:
-    """Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."""
-    _export(src, out, dtype=dtype, force=force, weights=weights, fuse=fuse, quantize=quantize, group_size=group_size,
-            max_shard_size=max_shard_size, stream=stream, experts=experts)
+# `hf` is the exporter; `llama` is the same command with the default model's defaults (SRC and
+# OUT `smollm2`), the name the quick start and existing scripts use.
+export_hf = export_app.command("hf")(_export_command(
+    ..., ..., "Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."))
+export_llama = export_app.command("llama")(_export_command(
+    DEFAULT_MODEL, Path(DEFAULT_MODEL),
+    "Alias of `paw export hf` whose SRC and OUT default to the default model, smollm2: "
+    "`paw export llama` exports SmolLM2-135M-Instruct to ./smollm2. Any architecture works, not only Llama."))
 
 
 def _export(src: str, out: Path, quantize: str, max_shard_size: str, **options) -> None:
@@ -160,7 +156,7 @@ def _export(src: str, out: Path, quantize: str, max_shard_size: str, **options) 
         fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
     options["quantize"] = int(quantize) if quantize.strip().isdigit() else quantize.strip().lower()
     options["max_shard_bytes"] = parse_size(max_shard_size)
-    reporter = StepReporter()
+    reporter = StageReporter()
     try:
         path = export_source(src, out, progress=reporter, **options)
     finally:
@@ -182,7 +178,7 @@ def read_ids_file(path: Path) -> list[int]:
     try:
         text = path.read_text(encoding="utf-8").replace(",", " ")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PawError(f"cannot read {path}: {exc}") from None
+        raise PawError(f"cannot read {path}: {exc}") from exc
     try:
         ids = [int(tok) for tok in text.split()]
     except ValueError:
@@ -217,7 +213,8 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
 @app.command()
 def run(
     program: Annotated[Path, typer.Argument(help="Program directory or its prog.json.")],
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to answer. Read from stdin if omitted.")] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="Text to answer. Read from stdin if omitted.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message for the chat template.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Stop after this many new tokens.")] = 256,
@@ -225,14 +222,24 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature).")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens; 0 for all.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
-    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than this share of the likeliest.")] = 0.0,
-    presence_penalty: Annotated[float, typer.Option("--presence-penalty", help="Subtract from tokens already generated (-2..2).")] = 0.0,
-    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty", help="Subtract per time a token was generated (-2..2).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Divide logits of tokens in prompt or output (1: off).")] = 1.0,
-    logit_bias: Annotated[list[str] | None, typer.Option("--logit-bias", help="TOKEN_ID=BIAS added to a token's logit (-100..100); repeatable.", show_default=False)] = None,
-    logprobs: Annotated[int | None, typer.Option("--logprobs", min=0, max=20, help="Print each token's log-probability and N alternatives to stderr.", show_default=False)] = None,
-    prompt_ids: Annotated[Path | None, typer.Option("--prompt-ids", help="Read the prompt as token ids from this file.")] = None,
-    output_ids: Annotated[Path | None, typer.Option("--output-ids", help="Also write the generated ids to this file.")] = None,
+    min_p: Annotated[float, typer.Option(
+        "--min-p", help="Drop tokens less likely than this share of the likeliest.")] = 0.0,
+    presence_penalty: Annotated[float, typer.Option(
+        "--presence-penalty", help="Subtract from tokens already generated (-2..2).")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option(
+        "--frequency-penalty", help="Subtract per time a token was generated (-2..2).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        "--repetition-penalty", help="Divide logits of tokens in prompt or output (1: off).")] = 1.0,
+    logit_bias: Annotated[list[str] | None, typer.Option(
+        "--logit-bias", help="TOKEN_ID=BIAS added to a token's logit (-100..100); repeatable.",
+        show_default=False)] = None,
+    logprobs: Annotated[int | None, typer.Option(
+        "--logprobs", min=0, max=20, help="Print each token's log-probability and N alternatives to stderr.",
+        show_default=False)] = None,
+    prompt_ids: Annotated[Path | None, typer.Option(
+        "--prompt-ids", help="Read the prompt as token ids from this file.")] = None,
+    output_ids: Annotated[Path | None, typer.Option(
+        "--output-ids", help="Also write the generated ids to this file.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and memory to stderr at the end.")] = False,
     parallel: Annotated[str, typer.Option("--parallel", help=PARALLEL_HELP)] = "auto",
     dist_timeout: Annotated[float | None, typer.Option("--dist-timeout", help=DIST_TIMEOUT_HELP)] = None,
@@ -286,12 +293,13 @@ def run(
         try:
             atomic_write_text(output_ids, " ".join(str(t) for t in produced) + "\n")
         except OSError as exc:
-            raise PawError(f"cannot write {output_ids}: {exc.strerror or exc}") from None
+            raise PawError(f"cannot write {output_ids}: {exc.strerror or exc}") from exc
     if logprobs is not None:
         show = (lambda t: repr(prog.tokenizer.decode([t]))) if prog.has_tokenizer else str
         for choice in choices:
             others = "  ".join(f"{show(t)} {lp:.3f}" for t, lp in choice.top)
-            typer.echo(f"{show(choice.token):>16} {choice.logprob:8.3f}" + (f"   | {others}" if others else ""), err=True)
+            line = f"{show(choice.token):>16} {choice.logprob:8.3f}" + (f"   | {others}" if others else "")
+            typer.echo(line, err=True)
     if stats:
         typer.echo(
             f"prompt: {run_stats.prompt_tokens} tokens, {run_stats.prompt_tps:.1f} tok/s, "
@@ -342,9 +350,13 @@ def decode(
 
 @app.command()
 def inspect(
-    program: Annotated[Path, typer.Argument(help="Program directory (or its prog.json), or a compiled program (paw compile).")],
-    verify: Annotated[bool, typer.Option("--verify", help="Also check every file's sha256 and the fingerprint against manifest.json.")] = False,
-    context: Annotated[int | None, typer.Option("--context", "-c", help="Positions of context for the memory estimate (default: the model's context length).")] = None,
+    program: Annotated[Path, typer.Argument(
+        help="Program directory (or its prog.json), or a compiled program (paw compile).")],
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Also check every file's sha256 and the fingerprint against manifest.json.")] = False,
+    context: Annotated[int | None, typer.Option(
+        "--context", "-c",
+        help="Positions of context for the memory estimate (default: the model's context length).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Sequences decoded at once, for the memory estimate.")] = 1,
 ) -> None:
     """Show a program's op histogram, parameters, bytes by dtype, fingerprint, and the memory it needs to run
@@ -360,7 +372,8 @@ def inspect(
 
 @app.command()
 def chat(
-    program: Annotated[Path | None, typer.Argument(help="Program directory. Default: the smollm2 program in paw's cache ($PAW_CACHE/programs/smollm2).")] = None,
+    program: Annotated[Path | None, typer.Argument(
+        help="Program directory. Default: the smollm2 program in paw's cache ($PAW_CACHE/programs/smollm2).")] = None,
     system: Annotated[str | None, typer.Option(help="System message to start with.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Longest reply in tokens.")] = 512,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy (the default).")] = 0.0,
@@ -376,7 +389,8 @@ INTERRUPTED = 130
 
 
 def main() -> None:
-    """Console-script entry: one line per error, never a traceback (unless PAW_DEBUG=1).
+    """Console-script entry: one line per error, never a traceback (PAW_DEBUG=1 prints the
+    traceback, with its causes, before the line).
 
     Exit codes: 0 success, 1 an error (one ``paw: error:`` line), 2 a usage error,
     130 interrupted (Ctrl-C).
@@ -386,6 +400,10 @@ def main() -> None:
         # typer.Exit (and turns Ctrl-C into Exit(130)) instead of exiting with it.
         code = app(standalone_mode=False)
     except PawError as exc:
+        if os.environ.get("PAW_DEBUG"):
+            import traceback
+
+            traceback.print_exc()  # with the cause chain: what a wrapped library or OS error said
         typer.echo(f"paw: error: {first_line(exc)}", err=True)
         sys.exit(1)
     except typer.Exit as exc:

@@ -79,7 +79,7 @@ def artifact_summary(path: str | Path, verify: bool = False) -> dict:
 
 
 def _is_compiled_program(path: Path) -> bool:
-    from paw_mlx.programs.artifact import PROGRAM_FILE as ARTIFACT_FILE
+    from paw_mlx.programs.artifact import ARTIFACT_FILE
 
     path = path.expanduser()
     return path.name == ARTIFACT_FILE or ((path / ARTIFACT_FILE).is_file() and not (path / PROGRAM_FILE).is_file())
@@ -93,7 +93,8 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
     console = Console()
     model = s["model"]
     console.print(f"[bold]{s['path']}[/bold]  ({s['format']})")
-    console.print(f"model: {model.get('architecture', '?')} ({model.get('model_type', '?')}), dtype {model.get('dtype')}, "
+    console.print(f"model: {model.get('architecture', '?')} ({model.get('model_type', '?')}), "
+                  f"dtype {model.get('dtype')}, "
                   f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
     shards = f" in {s['consts_files']} shards" if s["consts_files"] > 1 else ""
     console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors{shards}; {s['layers']} attention layers; "

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from interp.errors import PawError
+from interp.paths import DEFAULT_MODEL
 
 BASE_HELP = "Base program directory, or 'smollm2' for the default export location ($PAW_CACHE/programs/smollm2)."
 # Kept in step with paw_mlx.constrain.RETURNS_HELP (not imported: --help must not load MLX).
@@ -25,19 +26,23 @@ CANDIDATES_HELP = ("Candidates to score by cross-validation on the examples, com
 
 def compile_cmd(
     spec: Annotated[str, typer.Argument(help="The spec: text, or @FILE to read it from a file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create (a .paw file with --format paw).")],
-    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Program directory to create (a .paw file with --format paw).")],
+    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = DEFAULT_MODEL,
     examples: Annotated[Path | None, typer.Option("--examples", "-e", help=(
         "JSON lines of {\"input\", \"output\"} (5-8 are enough): the compiler tries each candidate, scores it "
         "on examples it held out, keeps the best. Rows with \"split\": \"test\" are only scored at the end."))] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over the examples.")] = 4,
-    steps: Annotated[int, typer.Option(help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
+    steps: Annotated[int, typer.Option(
+        help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
-    returns: Annotated[str | None, typer.Option("--returns", "-r", help=RETURNS_HELP + " Stored with the program.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
+    returns: Annotated[str | None, typer.Option(
+        "--returns", "-r", help=RETURNS_HELP + " Stored with the program.")] = None,
     output_format: Annotated[str, typer.Option("--format", help=(
         "dir: a paw program directory; paw: a .paw bundle of the programasweights package (LoRA in GGUF, "
         "prompt template), for a Qwen3 or GPT-2 base."))] = "dir",
@@ -117,9 +122,12 @@ def print_selection(info: dict | None) -> None:
 def call_cmd(
     program: Annotated[Path, typer.Argument(help="Program directory (from paw compile) or a .txt spec.")],
     inputs: Annotated[list[str] | None, typer.Argument(help="Inputs; one per line from stdin if none.")] = None,
-    base: Annotated[str | None, typer.Option("--base", "-b", help="Base program (default: the one it was compiled on).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Output budget per input.")] = None,
-    returns: Annotated[str | None, typer.Option("--returns", "-r", help=RETURNS_HELP + " Default: the program's own.")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", "-b", help="Base program (default: the one it was compiled on).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", "-n", help="Output budget per input.")] = None,
+    returns: Annotated[str | None, typer.Option(
+        "--returns", "-r", help=RETURNS_HELP + " Default: the program's own.")] = None,
 ) -> None:
     """Call a program on inputs (one batch); prints one output per line (newlines shown as \\n)."""
     from paw_mlx.programs.function import function
@@ -134,8 +142,9 @@ def call_cmd(
 
 
 def eval_cmd(
-    tasks: Annotated[Path, typer.Option(help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
-    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = "smollm2",
+    tasks: Annotated[Path, typer.Option(
+        help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
+    base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = DEFAULT_MODEL,
     only: Annotated[list[str] | None, typer.Option(help="Run only these tasks (repeat the option).")] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over each task's training rows.")] = 4,
@@ -143,12 +152,15 @@ def eval_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    out: Annotated[Path | None, typer.Option("--out", help="JSON report (default: benchmarks/results/programs-DATE.json).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="JSON report (default: apps/benchmarks/results/programs-DATE.json).")] = None,
     cache: Annotated[Path, typer.Option("--cache", help="Finished tasks are kept here, so a rerun resumes.")] = Path(
-        "benchmarks/results/.programs-cache"),
-    show: Annotated[Path | None, typer.Option("--show", help="Only print the tables of an earlier JSON report.")] = None,
+        "apps/benchmarks/results/.programs-cache"),
+    show: Annotated[Path | None, typer.Option(
+        "--show", help="Only print the tables of an earlier JSON report.")] = None,
 ) -> None:
-    """Held-out exact match and time to first token per task: prompted baselines, each compile candidate, the kept one."""
+    """Held-out exact match and time to first token per task: prompted baselines, each compile candidate,
+    the kept one."""
     import json
     import time
 
@@ -158,7 +170,7 @@ def eval_cmd(
         try:
             typer.echo(markdown_tables(json.loads(show.read_text(encoding="utf-8"))))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PawError(f"{show} is not a paw eval-programs report: {exc}") from None
+            raise PawError(f"{show} is not a paw eval-programs report: {exc}") from exc
         return
     from paw_mlx.programs.evaluate import evaluate
     from paw_mlx.programs.select import SelectOptions
@@ -169,18 +181,19 @@ def eval_cmd(
                             lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
     options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
     report = evaluate(tasks, base, options, only, cache)
-    out = out or Path("benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
+    out = out or Path("apps/benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     typer.echo(f"report -> {out}", err=True)
 
 
 def export_program_cmd(
-    src: Annotated[Path, typer.Argument(help="A .paw bundle of the programasweights package (meta.json, adapter.gguf, prompt_template.txt).")],
+    src: Annotated[Path, typer.Argument(
+        help="A .paw bundle of the programasweights package (meta.json, adapter.gguf, prompt_template.txt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Program directory to create.")],
     base: Annotated[str, typer.Option("--base", "-b", help=(
         "The bundle's base model exported by paw (e.g. `paw export hf Qwen/Qwen3-0.6B -o qwen3`), "
-        "or 'smollm2'."))] = "smollm2",
+        "or 'smollm2'."))] = DEFAULT_MODEL,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Convert a programasweights .paw bundle (LoRA + prompt template) into a paw program directory."""

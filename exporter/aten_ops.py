@@ -112,7 +112,8 @@ def _binary(op: str):
         if alpha != 1:
             b = low.emit("mul", [b, alpha])
         if op == "div" and node.kwargs.get("rounding_mode") is not None:
-            raise ExportError(f"div with rounding_mode={node.kwargs['rounding_mode']!r} (node {node.name}) is not supported")
+            raise ExportError(
+                f"div with rounding_mode={node.kwargs['rounding_mode']!r} (node {node.name}) is not supported")
         return low.emit(op, [a, b])
 
     return lower_binary
@@ -147,7 +148,8 @@ for _name in ["neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", 
 
 @aten("aten.gelu.default")
 def _gelu(low: Lowering, node):
-    return low.emit("gelu", [low.ref(node.args[0])], {"approximate": node.kwargs.get("approximate", _arg(node, 1, "approximate", "none"))})
+    approximate = node.kwargs.get("approximate", _arg(node, 1, "approximate", "none"))
+    return low.emit("gelu", [low.ref(node.args[0])], {"approximate": approximate})
 
 
 @aten("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar")
@@ -210,7 +212,8 @@ def _softmax(low: Lowering, node):
 
 @aten("aten.argmax.default")
 def _argmax(low: Lowering, node):
-    return low.emit("argmax", [low.ref(node.args[0])], {"dim": _arg(node, 1, "dim"), "keepdim": bool(_arg(node, 2, "keepdim", False))})
+    attrs = {"dim": _arg(node, 1, "dim"), "keepdim": bool(_arg(node, 2, "keepdim", False))}
+    return low.emit("argmax", [low.ref(node.args[0])], attrs)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -233,7 +236,8 @@ def _flatten(low: Lowering, node):
     sizes = [_dim_size(low, x, i) for i in range(len(shape))]
     merged = sizes[start]
     for size in sizes[start + 1 : end + 1]:
-        merged = merged * size if isinstance(merged, int) and isinstance(size, int) else low.emit("sym_mul", [merged, size])
+        both_known = isinstance(merged, int) and isinstance(size, int)
+        merged = merged * size if both_known else low.emit("sym_mul", [merged, size])
     return low.emit("reshape", [low.ref(x)], {"shape": sizes[:start] + [merged] + sizes[end + 1 :]})
 
 

@@ -154,7 +154,7 @@ def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool 
         except Exception as exc:  # torch raises many types; report the construct that failed
             if attempt + 1 < len(modes):
                 continue
-            raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from None
+            raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from exc
     raise AssertionError("unreachable")
 
 

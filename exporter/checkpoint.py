@@ -22,10 +22,10 @@ program becomes a ``LazyTensor`` that asks the plan for its weight when the writ
 to it. ``CheckpointWeights.gguf_tensor`` gives the GGUF tensor behind a weight for the exports
 that keep them (``exporter.gguf_blocks``).
 
-Sources that cannot stream raise ``NotStreamable``, and the exporter loads them whole as
-before: checkpoints quantized by another library (a ``quantization_config``: BitNet,
-GPTQ, AWQ, ...), and GGUF files whose loader merges or renames tensors while it reads
-them (MoE expert stacks, GPT-2's output matrix).
+Sources that cannot stream raise ``NotStreamable``, and the exporter loads them whole:
+checkpoints quantized by another library (a ``quantization_config``: BitNet, GPTQ, AWQ,
+...), and GGUF files whose loader merges or renames tensors while it reads them (MoE
+expert stacks, GPT-2's output matrix).
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ def _plan_loading(plan: LoadPlan, model, state_dict: dict, load_config, disk_off
         renamed_key, source_pattern = rename_source_key(original_key, renamings, converters,
                                                         model.base_model_prefix, meta_state)
         if renamed_key not in meta_state and original_key in meta_state:
-            renamed_key, source_pattern = rename_source_key(original_key, [], [], base_model_prefix=model.base_model_prefix,
-                                                            meta_state_dict=meta_state)
+            renamed_key, source_pattern = rename_source_key(
+                original_key, [], [], base_model_prefix=model.base_model_prefix, meta_state_dict=meta_state)
         if renamed_key not in meta_state:
             info.unexpected_keys.add(renamed_key)
             continue

@@ -20,6 +20,7 @@ dead-code pass.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from exporter.lazy import lazy_cat
@@ -79,18 +80,22 @@ def _last_dim(dims: Any) -> bool:
 
 def fuse_rms_norm(low: Lowering) -> int:
     """Rewrite HF RMSNorm patterns into ``rms_norm``; returns how many were fused."""
+    return _rewrite_matches(low, _match_rms_norm)
+
+
+def _rewrite_matches(low: Lowering, match: Callable[[_Graph, dict], tuple[str, list, dict] | None]) -> int:
+    """Replace each node ``match`` recognises by the (op, inputs, attrs) it returns; returns how many."""
     g = _Graph(low)
     count = 0
     for node in low.nodes:
-        match = _match_rms_norm(g, node)
-        if match is not None:
-            x, weight, eps = match
-            _replace(node, "rms_norm", [x, weight], {"eps": eps})
+        found = match(g, node)
+        if found is not None:
+            _replace(node, *found)
             count += 1
     return count
 
 
-def _match_rms_norm(g: _Graph, out: dict):
+def _match_rms_norm(g: _Graph, out: dict) -> tuple[str, list, dict] | None:
     if out["op"] != "mul":
         return None
     for weight in out["inputs"]:
@@ -117,7 +122,8 @@ def _match_rms_norm(g: _Graph, out: dict):
             if mean is None or not _last_dim(mean["attrs"].get("dims")) or not mean["attrs"].get("keepdim"):
                 continue
             square = g.node(mean["inputs"][0], "pow")
-            if square is None or square["inputs"] != [x, 2] or not g.single_use(mean["outputs"][0], square["outputs"][0]):
+            if (square is None or square["inputs"] != [x, 2]
+                    or not g.single_use(mean["outputs"][0], square["outputs"][0])):
                 continue
             source = x
             upcast = g.node(x, "cast")
@@ -125,7 +131,7 @@ def _match_rms_norm(g: _Graph, out: dict):
                 source = upcast["inputs"][0]  # rms_norm computes in float32 internally
             elif cast is not None:
                 continue
-            return source, weight, float(eps)
+            return "rms_norm", [source, weight], {"eps": float(eps)}
     return None
 
 
@@ -134,18 +140,10 @@ def _match_rms_norm(g: _Graph, out: dict):
 
 def fuse_rope(low: Lowering) -> int:
     """Rewrite HF rotate-half RoPE applications into ``rope``; returns how many were fused."""
-    g = _Graph(low)
-    count = 0
-    for node in low.nodes:
-        match = _match_rope(g, node)
-        if match is not None:
-            x, positions, inv_freq, mscale = match
-            _replace(node, "rope", [x, positions, inv_freq], {"mscale": mscale})
-            count += 1
-    return count
+    return _rewrite_matches(low, _match_rope)
 
 
-def _match_rope(g: _Graph, out: dict):
+def _match_rope(g: _Graph, out: dict) -> tuple[str, list, dict] | None:
     if out["op"] != "add" or not all(isinstance(v, str) for v in out["inputs"]):
         return None
     for first, second in (out["inputs"], out["inputs"][::-1]):
@@ -179,7 +177,7 @@ def _match_rope(g: _Graph, out: dict):
                 continue
             if not g.single_use(cat_value, *cat["inputs"][0], neg["inputs"][0]):
                 continue
-            return x, freqs[0], freqs[1], cos_table[1]
+            return "rope", [x, freqs[0], freqs[1]], {"mscale": cos_table[1]}
     return None
 
 

@@ -1,9 +1,9 @@
 """Consts known by shape and dtype, computed only when the writer asks for them.
 
 The exporter's passes (projection fusion, quantization, ternary packing, GGUF blocks
-kept as they are) used to transform weight tensors in place, which needs every weight
-of the model in memory at once. They now describe each new const as a ``LazyTensor``:
-its shape and dtype, and how to compute it from other consts. The writer materializes
+kept as they are) describe each new const as a ``LazyTensor``: its shape and dtype, and
+how to compute it from other consts, rather than transforming weights in place (which
+would need every weight of the model in memory at once). The writer materializes
 one const at a time, in file order, and drops it once written, so an export holds a
 handful of tensors at a time whatever the model's size. A const can still be a plain
 ``torch.Tensor`` (a buffer, a lifted constant, a weight of a model already in memory):

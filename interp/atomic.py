@@ -135,11 +135,16 @@ def atomic_directory(target: str | Path, *, replace: bool = False,
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``path`` through a temporary sibling and a rename (readers never see half a file)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``path`` through a temporary sibling and a rename (readers never see half a file)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -54,41 +54,37 @@ class CompiledStep:
         return bool(cache) and all(type(c) is KVCache and c.keys is not None for c in cache)
 
     def _trace_target(self) -> Callable:
-        consts = self.model.consts
-        node_runners = self.model._steps
-        input_names = list(self.model.input_names)
-        output_names = list(self.model.output_names)
+        """The step for one position shared by every row: ``offset`` (an array) is where it writes."""
+        def context(slots: list, offset: mx.array) -> RunContext:
+            return RunContext(cache=slots, offset=offset, query_start=offset)
 
-        def step(offset: mx.array, *arrays: mx.array) -> list[mx.array]:
-            buffers = arrays[len(input_names):]
-            layers = len(buffers) // 2
-            slots = [_Slot(k, v, offset) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
-            env: dict[str, Any] = dict(consts)
-            # Symbolic ints (sizes of the inputs) become constants of the trace: a new size
-            # is a new input shape, on which MLX retraces.
-            env.update(zip(input_names, arrays[: len(input_names)], strict=True))
-            ctx = RunContext(cache=slots, offset=offset, query_start=offset)
-            for run_node in node_runners:
-                run_node(env, ctx)
-            return [env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
-
-        return step
+        return self._step_function(_Slot, context)
 
     def _rows_target(self) -> Callable:
         """The step for a slot batch: positions come in as inputs (``position_ids`` = the
         columns), so ``rope`` rotates per row; attention masks each row at its column."""
+        def context(slots: list, columns: mx.array) -> RunContext:
+            return RunContext(cache=slots, query_columns=columns[:, None])
+
+        return self._step_function(SlotLayer, context)
+
+    def _step_function(self, make_slot: Callable, make_context: Callable[[list, mx.array], RunContext]) -> Callable:
+        """``step(where, *inputs, *keys, *values)``: every node runner over cache slots made by
+        ``make_slot(keys, values, where)``; returns the outputs, then the new keys and values."""
         consts = self.model.consts
-        node_runners = self.model._steps
+        node_runners = self.model._node_runners
         input_names = list(self.model.input_names)
         output_names = list(self.model.output_names)
 
-        def step(columns: mx.array, *arrays: mx.array) -> list[mx.array]:
+        def step(where: mx.array, *arrays: mx.array) -> list[mx.array]:
             buffers = arrays[len(input_names):]
             layers = len(buffers) // 2
-            slots = [SlotLayer(k, v, columns) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
+            slots = [make_slot(k, v, where) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
             env: dict[str, Any] = dict(consts)
+            # Symbolic ints (sizes of the inputs) become constants of the trace: a new size
+            # is a new input shape, on which MLX retraces.
             env.update(zip(input_names, arrays[: len(input_names)], strict=True))
-            ctx = RunContext(cache=slots, query_columns=columns[:, None])
+            ctx = make_context(slots, where)
             for run_node in node_runners:
                 run_node(env, ctx)
             return [env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]

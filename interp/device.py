@@ -134,19 +134,17 @@ def needs_blas_shim() -> bool:
     return sys.platform == "linux"
 
 
-def max_rss_bytes() -> int:
-    """The process's peak resident memory in bytes (``ru_maxrss`` is bytes on macOS, KiB on Linux)."""
+def is_linux() -> bool:
+    """Whether this process runs on Linux (glibc's heap, /proc)."""
+    return sys.platform == "linux"
+
+
+def max_rss_bytes(children: bool = False) -> int:
+    """The process's peak resident memory in bytes, or with ``children`` the largest of its
+    finished children's (``ru_maxrss`` is bytes on macOS, KiB on Linux)."""
     import resource  # POSIX only; imported where it is needed
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if is_macos() else int(peak) * 1024
-
-
-def children_max_rss_bytes() -> int:
-    """The peak resident memory of this process's finished children, in bytes."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if is_macos() else int(peak) * 1024
 
 
@@ -156,7 +154,7 @@ def return_freed_heap() -> None:
     MLX's CPU buffers come from malloc, and glibc keeps freed mid-sized blocks in its heap,
     so an idle server would otherwise keep a burst's memory resident (docs/serve.md).
     """
-    if sys.platform != "linux":
+    if not is_linux():
         return
     import ctypes
 

@@ -1,6 +1,6 @@
 """Rewrite a generated block of a Markdown page between two marker comments.
 
-The op table (``interp.schema``), the benchmark table (``benchmarks.harness``) and the
+The op table (``interp.schema``), the benchmark table (``apps.benchmarks.harness``) and the
 architecture coverage table (``scripts/coverage_table.py``) are generated into the docs
 this way; they share this one function, and ``interp`` is the layer all three import.
 """

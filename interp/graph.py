@@ -49,7 +49,7 @@ class RunContext:
     budget: RunBudget = field(default_factory=RunBudget)
 
 
-_Step = Callable[[dict, RunContext], None]
+_NodeRunner = Callable[[dict, RunContext], None]
 
 
 def _input_getter(kind: str, value: Any) -> Callable[[dict], Any]:
@@ -83,7 +83,7 @@ def _check_dynamic(arg: schema.Arg, value: Any, where: str) -> None:
             raise ProgramError(f"{where}: attribute {arg.name!r} came to {item} at run time; it {problem}")
 
 
-def _compile_node(index: int, node) -> _Step:
+def _make_node_runner(index: int, node) -> _NodeRunner:
     """The node runner of ``node``: reads its inputs from the environment, writes its outputs.
 
     Errors name the node: a symbolic attribute out of range, an exception MLX raises while
@@ -108,7 +108,7 @@ def _compile_node(index: int, node) -> _Step:
     fn = handler.fn
     needs_context = handler.needs_context
 
-    def step(env: dict, ctx: RunContext) -> None:
+    def run_node(env: dict, ctx: RunContext) -> None:
         args = [g(env) for g in getters]
         kwargs = dict(static)
         for name, (arg, get) in dynamic.items():
@@ -130,7 +130,7 @@ def _compile_node(index: int, node) -> _Step:
                 ctx.budget.spend(value.shape, value.itemsize, where)
             env[name] = value
 
-    return step
+    return run_node
 
 
 class GraphModel:
@@ -144,11 +144,11 @@ class GraphModel:
             raise WeightsError(f"{program.directory}: cannot lay out its ternary weights: {first_line(exc)}") from exc
         self.input_names = [i["name"] for i in program.spec["inputs"]]
         self.output_names = [o["name"] for o in program.spec["outputs"]]
-        self._steps = [_compile_node(index, node) for index, node in enumerate(program.nodes)]
+        self._node_runners = [_make_node_runner(index, node) for index, node in enumerate(program.nodes)]
         self.num_layers = program.num_layers
         # mlx-lm sizes its default cache with len(model.layers).
         self.layers = [None] * self.num_layers
-        #: run one-token steps as one compiled function (interp/compiled_step.py)
+        #: run one-token decode steps as one MLX-compiled function (interp/compiled_step.py)
         self.compile_decode = compile_decode
         self._compiled_step = None
 
@@ -171,8 +171,8 @@ class GraphModel:
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
         ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
-        for step in self._steps:
-            step(env, ctx)
+        for run_node in self._node_runners:
+            run_node(env, ctx)
         return {name: env[name] for name in self.output_names}
 
     def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,

@@ -32,7 +32,7 @@ def read_json_object(path: Path, error: type[PawError] = ProgramError) -> dict:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
     value = parse_json(data, str(path), error)
     if not isinstance(value, dict):
         raise error(f"{path} must hold a JSON object, not {type(value).__name__}")

@@ -174,7 +174,9 @@ def _columns(parts: list) -> tuple[list[int], int]:
     return columns, width
 
 
-def rewrite_with_lora(program: Program, nodes: Sequence[int], *, indexed: bool) -> tuple[Program, dict[int, tuple[str, str]]]:
+def rewrite_with_lora(
+    program: Program, nodes: Sequence[int], *, indexed: bool
+) -> tuple[Program, dict[int, tuple[str, str]]]:
     """``program`` with a ``lora`` update added to the output of each of ``nodes``.
 
     Returns the new program and, per node, the names of the (a, b) consts it reads (to

@@ -153,7 +153,8 @@ def _check_format(spec: dict, path: Path) -> None:
         readable = ", ".join(str(v) for v in schema.READABLE_VERSIONS)
         raise ProgramError(
             f"{path} has format version {version!r}; this paw reads version {readable}"
-            + (" (upgrade paw to read newer programs)" if _is_int(version) and version > max(schema.READABLE_VERSIONS) else "")
+            + (" (upgrade paw to read newer programs)"
+               if _is_int(version) and version > max(schema.READABLE_VERSIONS) else "")
         )
     for key, kind in (("inputs", list), ("outputs", list), ("consts", dict), ("nodes", list)):
         if key not in spec:
@@ -174,7 +175,8 @@ def _check_model_info(info: dict, path: Path) -> None:
     def bad(key: str, want: str) -> ProgramError:
         return ProgramError(f"{path}: model.{key} must be {want}, got {info[key]!r:.60}")
 
-    if "context_length" in info and not (_is_int(info["context_length"]) and 0 < info["context_length"] <= schema.INT32_MAX):
+    length = info.get("context_length")
+    if "context_length" in info and not (_is_int(length) and 0 < length <= schema.INT32_MAX):
         raise bad("context_length", "a positive integer")
     if "vocab_size" in info and not (_is_int(info["vocab_size"]) and 0 <= info["vocab_size"] <= schema.INT32_MAX):
         raise bad("vocab_size", "an integer >= 0")
@@ -399,7 +401,7 @@ def read_safetensors_header(path: Path, error: type[PawError] = WeightsError,
                 raise error(f"{path} has a {header_len}-byte header; safetensors allows {MAX_HEADER_BYTES}")
             raw = fh.read(header_len)
     except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         header = parse_json(raw, str(path), error)
     except PawError:
@@ -467,7 +469,8 @@ def read_consts_files(directory: Path) -> list[ConstsFile]:
     for number, name in enumerate(names, start=1):
         if not isinstance(name, str) or name != shard_file_name(number, len(names)):
             raise WeightsError(f"{index_path.name} names {name!r}, which is not a shard of {len(names)} "
-                               f"(expected {shard_file_name(1, len(names))} to {shard_file_name(len(names), len(names))})")
+                               f"(expected {shard_file_name(1, len(names))} "
+                               f"to {shard_file_name(len(names), len(names))})")
     files = [ConstsFile(directory / name, read_safetensors_header(directory / name)) for name in names]
     where = {}
     for consts_file in files:
@@ -497,7 +500,7 @@ def load_consts(program: Program, names: set[str] | None = None) -> dict:
         try:
             arrays = mx.load(str(consts_file.path))
         except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-            raise WeightsError(f"cannot read {consts_file.path}: {first_line(exc)}") from None
+            raise WeightsError(f"cannot read {consts_file.path}: {first_line(exc)}") from exc
         consts.update(arrays if names is None else {k: v for k, v in arrays.items() if k in names})
     return consts
 

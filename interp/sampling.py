@@ -386,8 +386,8 @@ def _nucleus_threshold(x: mx.array, top_p: mx.array) -> mx.array:
 
     The nucleus is the smallest set of likeliest tokens whose mass reaches ``top_p``:
     every token with probability >= the largest t at which the mass of tokens >= t still
-    reaches ``top_p``. Bisection needs no sort of the vocabulary (a sort costs 6 ms per
-    row of 49k logits on a CPU); ties within 2^-24 of the top probability are kept.
+    reaches ``top_p``. Bisection needs no sort of the vocabulary (the cost of a sort per row
+    is in docs/serve.md); ties within 2^-24 of the top probability are kept.
     """
     probs = mx.softmax(x, axis=-1)
     high = mx.max(probs, axis=-1, keepdims=True)

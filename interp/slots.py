@@ -141,7 +141,8 @@ class SlotBatch:
         long before anything evaluates it.
         """
         length = self.lengths[slot] if length is None else length
-        copies = [(mx.array(layer.keys[slot : slot + 1, :, :length]), mx.array(layer.values[slot : slot + 1, :, :length]))
+        copies = [(mx.array(layer.keys[slot : slot + 1, :, :length]),
+                   mx.array(layer.values[slot : slot + 1, :, :length]))
                   for layer in self.layers]
         mx.eval(copies)
         return copies

@@ -56,7 +56,8 @@ class Tokenizer:
         except BaseException as exc:
             if not _library_error(exc):
                 raise
-            raise ProgramError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ProgramError(f"cannot read {path}: {reason}") from exc
         config_path = directory / "tokenizer_config.json"
         self.config = read_json_object(config_path) if config_path.is_file() else {}
         template_path = directory / "chat_template.jinja"
@@ -64,7 +65,7 @@ class Tokenizer:
             try:
                 self.chat_template = template_path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                raise ProgramError(f"cannot read {template_path}: {exc}") from None
+                raise ProgramError(f"cannot read {template_path}: {exc}") from exc
         else:
             self.chat_template = _template_from_config(self.config.get("chat_template"))
         self.bos_token = _token_text(self.config.get("bos_token"))
@@ -87,7 +88,7 @@ class Tokenizer:
         except BaseException as exc:
             if not _library_error(exc):
                 raise
-            raise InputError(f"the tokenizer could not encode the text: {exc}") from None
+            raise InputError(f"the tokenizer could not encode the text: {exc}") from exc
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         try:
@@ -95,7 +96,7 @@ class Tokenizer:
         except BaseException as exc:
             if not _library_error(exc):
                 raise
-            raise InputError(f"the tokenizer could not decode the ids: {exc}") from None
+            raise InputError(f"the tokenizer could not decode the ids: {exc}") from exc
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

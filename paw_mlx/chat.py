@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -125,21 +125,12 @@ class ChatSession:
         budget = min(self.max_tokens, self.context_size - len(ids))
         stats = self.stats
         produced: list[int] = []
-        detok = self.prog.tokenizer.detokenizer()
         tokens = stream_tokens(self.prog, ids[keep:], max_tokens=budget, temperature=self.temperature,
                                top_p=self.top_p, top_k=self.top_k, seed=self.seed, cache=self.cache,
                                stats=stats, stop=stop)
         failed = True
         try:
-            for token in tokens:
-                produced.append(token)
-                self.generated = len(produced)
-                piece = detok.add_token(token)
-                if piece:
-                    yield piece
-            tail = detok.finalize()
-            if tail:
-                yield tail
+            yield from self._pieces(tokens, produced)
             failed = False
         except GeneratorExit:
             failed = False
@@ -155,6 +146,19 @@ class ChatSession:
             else:
                 self._settle_cache(ids + produced)
             self._turn_length = None
+
+    def _pieces(self, tokens: Iterable[int], produced: list[int]) -> Iterator[str]:
+        """Text pieces of ``tokens`` as they decode; each token is appended to ``produced`` and counted."""
+        detok = self.prog.tokenizer.detokenizer()
+        for token in tokens:
+            produced.append(token)
+            self.generated = len(produced)
+            piece = detok.add_token(token)
+            if piece:
+                yield piece
+        tail = detok.finalize()
+        if tail:
+            yield tail
 
     # ------------------------------------------------------------------ programs
 
@@ -207,16 +211,7 @@ class ChatSession:
                                        temperature=function.artifact.generation.temperature,
                                        cache=prefix_cache(function.artifact.prefix, 1) if function.artifact.prefix
                                        else function.runner.make_cache(), stats=self.stats, stop=stop)
-            detok = self.prog.tokenizer.detokenizer()
-            for token in tokens:
-                produced.append(token)
-                self.generated = len(produced)
-                piece = detok.add_token(token)
-                if piece:
-                    yield piece
-            tail = detok.finalize()
-            if tail:
-                yield tail
+            yield from self._pieces(tokens, produced)
         finally:
             reply = self.prog.tokenizer.decode(produced, skip_special_tokens=True)
             self.messages.append({"role": "assistant",
@@ -273,7 +268,7 @@ class ChatSession:
         try:
             atomic_write_text(path, json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
         except OSError as exc:
-            raise PawError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise PawError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return path
 
     def load(self, path: str | Path) -> None:
@@ -290,7 +285,7 @@ def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
     try:
         text = path.read_bytes()
     except OSError as exc:
-        raise PawError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise PawError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         data = parse_json(text, "the text", PawError)
     except PawError as exc:

@@ -117,7 +117,8 @@ def parse_returns_option(text: str) -> dict:
 def describe_returns(spec: dict) -> str:
     """A short human description of a normalized constraint (for logs and the CLI)."""
     if "choices" in spec:
-        return "one of " + ", ".join(repr(c) for c in spec["choices"][:6]) + (" ..." if len(spec["choices"]) > 6 else "")
+        shown = ", ".join(repr(c) for c in spec["choices"][:6])
+        return "one of " + shown + (" ..." if len(spec["choices"]) > 6 else "")
     if "regex" in spec:
         return f"regex {spec['regex']!r}"
     if "json_schema" in spec:
@@ -136,7 +137,7 @@ def _grammar_text(spec: dict) -> str:
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except ValueError as exc:
-        raise ConstraintError(f"invalid JSON schema: {exc}") from None
+        raise ConstraintError(f"invalid JSON schema: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -133,7 +133,8 @@ def load(path: str | Path, *, compile: bool = True, verify: bool = False,  # noq
         verify_manifest(checked.directory, checked.manifest, checked.defining_files, TOKENIZER_FILES)
     world = distributed.connect(timeout) if parallel != "none" else None
     if parallel in ("pipeline", "tensor") and world is None:
-        raise PawError(f"parallel={parallel!r} needs several ranks: start paw with mlx.launch (see docs/distributed.md)")
+        raise PawError(
+            f"parallel={parallel!r} needs several ranks: start paw with mlx.launch (see docs/distributed.md)")
     if world is not None:
         mode = "pipeline" if parallel == "auto" else parallel
         program, model = distributed.load_parallel(path, world, mode, compile=compile, shares=pipeline_shares)
@@ -223,9 +224,9 @@ def sampling_params(*, temperature: float = 0.0, top_p: float = 1.0, top_k: int 
     return params
 
 
-def stream_choices(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256, sampling: SamplingParams | None = None,
-                   cache: list | None = None, stats: GenerationStats | None = None,
-                   stop: threading.Event | None = None) -> Iterator[TokenChoice]:
+def stream_choices(prog: LoadedProgram, ids: list[int], *, max_tokens: int = 256,
+                   sampling: SamplingParams | None = None, cache: list | None = None,
+                   stats: GenerationStats | None = None, stop: threading.Event | None = None) -> Iterator[TokenChoice]:
     """Generated tokens with their log-probabilities (when ``sampling.logprobs``), stopping at EOS or ``max_tokens``.
 
     The ids are checked against the vocabulary before anything runs (InputError); an

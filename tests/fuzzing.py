@@ -3,9 +3,10 @@
 A case copies a valid program (or compiled program), applies a few mutations to its files
 (JSON fields, the safetensors header, raw bytes, the chat template), then runs ``paw`` on
 it in a subprocess under a timeout and an address-space cap. The only acceptable
-outcomes are a successful run (exit 0) or exactly one ``paw: error:`` line with exit 1:
-never a traceback (``PAW_DEBUG=1`` turns an unexpected exception into one), a signal
-(segfault, abort), a hang or another exit code.
+outcomes are a successful run (exit 0) or one ``paw: error:`` line with exit 1, after the
+traceback of a ``PawError`` that ``PAW_DEBUG=1`` prints: never an unexpected exception
+(``PAW_DEBUG=1`` re-raises it, with no ``paw: error:`` line), a signal (segfault, abort),
+a hang or another exit code.
 
 Mutations draw their choices from a ``Chooser``: ``HypothesisChooser`` in the test suite
 (``tests/test_fuzz.py``, so hypothesis can shrink a failure), ``RandomChooser`` in the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import struct
@@ -183,7 +185,8 @@ def _swap_op(node: dict, chooser: Chooser) -> str:
             attrs[arg.name] = _attr_value(chooser, arg.kind)
     node["op"], node["attrs"] = spec.name, attrs
     if spec.outputs[-1].endswith("..."):
-        node["outputs"] = node["outputs"][:1] + [f"{node['outputs'][0]}_{i}" for i in range(1, len(attrs.get("sizes", [0])))]
+        first = node["outputs"][0]
+        node["outputs"] = node["outputs"][:1] + [f"{first}_{i}" for i in range(1, len(attrs.get("sizes", [0])))]
     elif len(spec.outputs) != len(node["outputs"]):
         node["outputs"] = [f"{node['outputs'][0]}_{i}" if i else node["outputs"][0] for i in range(len(spec.outputs))]
     return f"op -> {spec.name} {attrs}"
@@ -381,9 +384,12 @@ def classify(returncode: int, stderr: str) -> Outcome:
         return Outcome("ok")
     if returncode < 0:
         return Outcome("signal", f"killed by signal {-returncode}: {stderr[-500:]}")
-    if (returncode == 1 and len(lines) == 1 and lines[0].startswith("paw: error: ")
-            and "PAW_DEBUG" not in lines[0]):
-        return Outcome("error", lines[0])
+    # PAW_DEBUG=1 prints a PawError's traceback (with its causes) before the one line; an
+    # unexpected exception is re-raised instead and never reaches a `paw: error:` line.
+    tail = stderr[stderr.rfind("Traceback"):] if "Traceback" in stderr else ""
+    if (returncode == 1 and lines and lines[-1].startswith("paw: error: ") and "PAW_DEBUG" not in lines[-1]
+            and (len(lines) == 1 or re.search(r"^interp\.errors\.\w+: ", tail, re.MULTILINE))):
+        return Outcome("error", lines[-1])
     return Outcome("raw", f"exit {returncode}: {stderr[-1500:]}")
 
 

@@ -339,13 +339,10 @@ def _parse_number(text: str, kind: type, command: str):
 def run_chat(program: Path | None, *, system: str | None = None, max_tokens: int = 512,
              temperature: float = 0.0) -> None:
     """Load ``program`` (or the default model's program) and run the app until the user quits."""
-    from paw_mlx.paths import DEFAULT_MODEL_ALIAS, default_program_dir
+    from interp.paths import require_default_program
 
     if program is None:
-        program = default_program_dir()
-        if not (program / "prog.json").is_file():
-            raise PawError(f"no default model at {program}: create it once with "
-                           f"`paw export llama {DEFAULT_MODEL_ALIAS} -o {program}` (or pass a program directory)")
+        program = require_default_program("pass a program directory")
     import sys
 
     print(f"loading {program} ...", file=sys.stderr)

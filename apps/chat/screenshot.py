@@ -31,7 +31,8 @@ async def take(program: str, out: Path, prompts: list[str], size: tuple[int, int
                 await app.workers.wait_for_complete()
                 await pilot.pause(0.5)
                 s = app.session
-                print(f"{prompt!r}: prefilled {s.prefilled} of {s.prompt_tokens} prompt tokens, generated {s.generated}, ttft {s.stats.ttft * 1000:.0f} ms, "
+                print(f"{prompt!r}: prefilled {s.prefilled} of {s.prompt_tokens} prompt tokens, "
+                      f"generated {s.generated}, ttft {s.stats.ttft * 1000:.0f} ms, "
                       f"{s.stats.generation_tps:.1f} tok/s, context {s.context_used}", file=sys.stderr)
             app.refresh_status()
             await pilot.pause()

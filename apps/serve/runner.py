@@ -17,39 +17,33 @@ from pathlib import Path
 
 from interp.errors import PawError
 from paw_mlx.engine import Engine, EngineConfig, ModelCatalog
+from paw_mlx.programs.artifact import ARTIFACT_FILE
 
 log = logging.getLogger("paw.serve")
 
-PROGRAM_FILE = "program.json"
-
-
-def find_programs(root: Path) -> list[Path]:
+def find_compiled_programs(root: Path) -> list[Path]:
     """Compiled-program directories under ``root`` (``root`` itself if it is one)."""
     if not root.is_dir():
         raise PawError(f"--programs {root}: no such directory")
-    if (root / PROGRAM_FILE).is_file():
+    if (root / ARTIFACT_FILE).is_file():
         return [root]
-    return sorted(p.parent for p in root.rglob(PROGRAM_FILE) if not any(part.startswith(".") for part in p.parts))
+    return sorted(p.parent for p in root.rglob(ARTIFACT_FILE) if not any(part.startswith(".") for part in p.parts))
 
 
 def build_catalog(bases: Sequence[str | Path], program_roots: Sequence[str | Path] = (),
                   warn: Callable[[str], None] = log.warning) -> ModelCatalog:
     """Load the base programs and list every compiled program on them."""
     import paw_mlx
-    from paw_mlx.paths import default_program_dir
+    from interp.paths import require_default_program
 
     catalog = ModelCatalog()
     if not bases:
-        default = default_program_dir()
-        if not (default / "prog.json").is_file():
-            raise PawError(f"no program given and the default one is missing at {default}: "
-                           f"run `paw export llama smollm2 -o {default}` or pass a program directory")
-        bases = [default]
+        bases = [require_default_program("pass a program directory")]
     for base in bases:
         catalog.add_base(paw_mlx.load(base))
     for root in program_roots:
         root = Path(root)
-        for directory in find_programs(root):
+        for directory in find_compiled_programs(root):
             name = directory.name if directory == root else directory.relative_to(root).as_posix()
             try:
                 catalog.add_program(directory, name=name)
@@ -67,7 +61,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise PawError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise PawError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

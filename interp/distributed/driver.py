@@ -203,7 +203,7 @@ class Driver:
                     raise
                 self._closed = True
                 raise DistributedError(f"{me}: lost the connection to another rank while {what} (a rank "
-                                       "died, or the network failed)") from None
+                                       "died, or the network failed)") from exc
             finally:
                 self._last_contact = time.monotonic()
 

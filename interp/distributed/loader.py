@@ -133,7 +133,7 @@ def _check_in(world: World, *, failed: bool, weight: int) -> np.ndarray:
         if not lost_connection(exc):
             raise
         if world.rank == 0:
-            raise DistributedError(f"{world.me}: lost a rank while loading (it died, or the network failed)") from None
+            raise DistributedError(f"{world.me}: lost a rank while loading (it died, or the network failed)") from exc
         _exit_rank(world, 1, f"{world.me}: lost a rank while loading (it died, or the network failed)")
     return np.array(table)
 

@@ -372,7 +372,8 @@ class Trace:
         split = self._get(node.inputs[0])
         rank = len(self._shape(node.inputs[0]))
         if split.axis in [d % rank for d in dims]:
-            raise SplitConflict(f"node {self.index} ({node.op}) {what} across a split axis", split.sources, split.section)
+            raise SplitConflict(
+                f"node {self.index} ({node.op}) {what} across a split axis", split.sources, split.section)
         return split
 
     def _op_softmax(self, node: Node) -> list:
@@ -528,7 +529,8 @@ class Trace:
         dim = node.attrs["dim"] % rank
         if not all(isinstance(p, Split) for p in places):
             first = next(p for p in places if isinstance(p, Split))
-            raise SplitConflict(f"node {self.index} (cat) joins shares with whole tensors", first.sources, first.section)
+            raise SplitConflict(
+                f"node {self.index} (cat) joins shares with whole tensors", first.sources, first.section)
         sources = frozenset().union(*(p.sources for p in places))
         if any(p.axis != places[0].axis for p in places):
             raise SplitConflict(f"node {self.index} (cat) joins shares of different axes", sources)

@@ -138,14 +138,15 @@ def probe_shapes(program: Program, batch: int = 2, length: int = 3) -> dict[str,
     """The shape of every value for a [batch, length] prompt, from one lazy trace on placeholder weights."""
     from interp.graph import GraphModel, RunContext
 
-    consts = {name: mx.zeros(meta["shape"], getattr(mx, meta["dtype"])) for name, meta in program.spec["consts"].items()}
+    consts = {name: mx.zeros(meta["shape"], getattr(mx, meta["dtype"]))
+              for name, meta in program.spec["consts"].items()}
     model = GraphModel(program, consts, compile_decode=False)
     env: dict = dict(model.consts)
     env["input_ids"] = mx.zeros((batch, length), mx.int32)
     env["position_ids"] = mx.broadcast_to(mx.arange(length, dtype=mx.int32), (batch, length))
     ctx = RunContext(cache=None, offset=0)
-    for step in model._steps:
-        step(env, ctx)
+    for run_node in model._node_runners:
+        run_node(env, ctx)
     return {name: tuple(value.shape) for name, value in env.items() if isinstance(value, mx.array)}
 
 
@@ -182,7 +183,8 @@ def plan_tensor_parallel(program: Program, ranks: int, *, first_head: int | None
         except SplitConflict as exc:
             # heads that cannot be dealt out in whole quantization groups: keep attention whole
             if not _keep_whole(trace, set(trace.head_sources), excluded, whole_sections):
-                raise DistributedError(f"tensor parallelism cannot split this program over {ranks} ranks: {exc}") from None
+                raise DistributedError(
+                    f"tensor parallelism cannot split this program over {ranks} ranks: {exc}") from None
             continue
         plan = ShardPlan(program, ranks, owner, trace.axes, trace.const_cuts, trace.edits, trace.sums,
                          trace.partial_reads, trace.column, trace.row)

@@ -126,7 +126,7 @@ def connect(timeout: float | None = None) -> World | None:
                 group = mx.distributed.init()
         except (RuntimeError, ValueError) as exc:
             watchdog.close()
-            raise DistributedError(f"{where}: could not connect to the other ranks: {exc}") from None
+            raise DistributedError(f"{where}: could not connect to the other ranks: {exc}") from exc
         if group.size() == 1:
             watchdog.close()
             return None

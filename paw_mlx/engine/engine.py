@@ -474,7 +474,8 @@ class Engine:
     def _prefill_chunk(self, group: _Group, size: int) -> None:
         row = group.prefilling
         chunk, row.todo = row.todo[:size], row.todo[size:]
-        logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache, extra_inputs=group.adapter_inputs([row]))
+        logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache,
+                             extra_inputs=group.adapter_inputs([row]))
         self.prefill_chunks += 1
         if row.todo:
             mx.eval([c.state for c in row.cache])

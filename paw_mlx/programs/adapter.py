@@ -59,7 +59,7 @@ def read_adapter(directory: Path) -> LoraAdapter:
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-        raise ArtifactError(f"cannot read {path}: {exc}") from None
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
     if metadata.get("format") != ADAPTER_FORMAT:
         raise ArtifactError(f"{path} is not a {ADAPTER_FORMAT} file")
     try:

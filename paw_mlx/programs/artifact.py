@@ -34,10 +34,10 @@ from paw_mlx.programs.adapter import ADAPTER_FILE, LoraAdapter, read_adapter, wr
 FORMAT = "paw.kvprogram"
 VERSION = 2  # 2 added the adapter, demonstrations and the selection report
 READABLE_VERSIONS = (1, 2)
-PROGRAM_FILE = "program.json"
+ARTIFACT_FILE = "program.json"
 PREFIX_FILE = "prefix.safetensors"
 #: the files an artifact's fingerprint is made of
-DEFINING_FILES = (PROGRAM_FILE, PREFIX_FILE)
+DEFINING_FILES = (ARTIFACT_FILE, PREFIX_FILE)
 LAYOUT_KINDS = ("chat", "raw", "template")
 
 
@@ -124,7 +124,7 @@ def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool =
         if artifact.adapter is not None:
             write_adapter(artifact.adapter, tmp)
         text = json.dumps(artifact.metadata(), indent=1, ensure_ascii=False) + "\n"
-        (tmp / PROGRAM_FILE).write_text(text, encoding="utf-8")
+        (tmp / ARTIFACT_FILE).write_text(text, encoding="utf-8")
         hashes = file_hashes(tmp, skip=MANIFEST_FILE)
         manifest = {"format": FORMAT, "files": hashes, "fingerprint": fingerprint(hashes, DEFINING_FILES)}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -138,10 +138,10 @@ def read_artifact_metadata(path: str | Path) -> tuple[Path, dict]:
     Reads no tensors: enough for the chat's view of a program (its spec and base).
     """
     path = Path(path).expanduser()
-    directory = path.parent if path.name == PROGRAM_FILE else path
-    meta_path = directory / PROGRAM_FILE
+    directory = path.parent if path.name == ARTIFACT_FILE else path
+    meta_path = directory / ARTIFACT_FILE
     if not meta_path.is_file():
-        raise ArtifactError(f"{directory} is not a compiled program (no {PROGRAM_FILE})")
+        raise ArtifactError(f"{directory} is not a compiled program (no {ARTIFACT_FILE})")
     meta = read_json_object(meta_path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{meta_path} is not a {FORMAT} file")
@@ -172,7 +172,8 @@ def _fields(meta: dict, meta_path: Path) -> dict:
         prefix_ids = check_token_ids(meta["prefix_ids"], None, what="'prefix_ids'")
     except InputError as exc:
         raise ArtifactError(f"{meta_path} is malformed: {exc}") from None
-    need(_is_int(meta.get("num_layers")) and 0 < meta["num_layers"] <= MAX_LAYERS, "'num_layers' must be a positive integer")
+    need(_is_int(meta.get("num_layers")) and 0 < meta["num_layers"] <= MAX_LAYERS,
+         "'num_layers' must be a positive integer")
     need(isinstance(base, dict), "'base' must be an object with the base model's fingerprint")
     made_for = base.get("fingerprint")
     if not isinstance(made_for, str) or not made_for:
@@ -185,7 +186,8 @@ def _fields(meta: dict, meta_path: Path) -> dict:
     max_new = generation.get("max_new_tokens", GenerationSettings.max_new_tokens)
     temperature = generation.get("temperature", GenerationSettings.temperature)
     need(_is_int(max_new) and max_new > 0, "'generation.max_new_tokens' must be a positive integer")
-    need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 <= temperature < float("inf"),
+    need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+         and 0 <= temperature < float("inf"),
          "'generation.temperature' must be a number >= 0")
     need(meta.get("tuning") is None or isinstance(meta["tuning"], dict), "'tuning' must be an object or null")
     need(meta.get("selection") is None or isinstance(meta["selection"], dict), "'selection' must be an object or null")
@@ -223,7 +225,7 @@ def _read_prefix(tensors_path: Path, num_layers: int, length: int) -> list[tuple
     try:
         tensors = mx.load(str(tensors_path))
     except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
-        raise ArtifactError(f"cannot read {tensors_path}: {exc}") from None
+        raise ArtifactError(f"cannot read {tensors_path}: {exc}") from exc
     prefix = [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]) for i in range(num_layers)]
     for i, (k, v) in enumerate(prefix):
         if k.shape[1] != v.shape[1]:
@@ -240,7 +242,7 @@ def read_artifact(path: str | Path, *, verify: bool = False) -> ProgramArtifact:
     ``verify`` first checks both files against their sha256 in manifest.json.
     """
     directory, meta = read_artifact_metadata(path)
-    meta_path = directory / PROGRAM_FILE
+    meta_path = directory / ARTIFACT_FILE
     fields = _fields(meta, meta_path)
     has_adapter = fields.pop("has_adapter")
     if verify:
@@ -261,7 +263,8 @@ def check_against_base(artifact: ProgramArtifact, base) -> None:
     if not artifact.base_fingerprint:
         raise ArtifactError(f"{where} does not say which base model it was made for; recompile it with `paw compile`")
     if not base.fingerprint:
-        raise ArtifactError(f"the base model {base.path} has no fingerprint (no manifest.json): export it with `paw export`")
+        raise ArtifactError(
+            f"the base model {base.path} has no fingerprint (no manifest.json): export it with `paw export`")
     if artifact.base_fingerprint != base.fingerprint:
         raise ArtifactError(
             f"{where} was compiled for base model {artifact.base_fingerprint} "

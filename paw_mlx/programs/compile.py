@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from interp.errors import ArtifactError, PawError
+from interp.paths import DEFAULT_MODEL
 from interp.tokenizer import Tokenizer
 from paw_mlx.programs.artifact import (
     GenerationSettings,
@@ -16,7 +17,8 @@ from paw_mlx.programs.artifact import (
     PromptLayout,
     write_artifact,
 )
-from paw_mlx.programs.interpreter import DEFAULT_BASE, interpreter, resolve_base
+from paw_mlx.programs.examples import read_task_file
+from paw_mlx.programs.interpreter import interpreter, resolve_base
 from paw_mlx.runtime import LoadedProgram
 
 if TYPE_CHECKING:
@@ -99,20 +101,14 @@ def compute_prefix(prog: LoadedProgram, ids: list[int]) -> list[tuple[mx.array, 
 def read_spec(spec: str) -> str:
     """A spec given as text, or as @path to a text file."""
     if spec.startswith("@"):
-        path = Path(spec[1:])
-        if not path.is_file():
-            raise PawError(f"no such spec file: {path}")
-        try:
-            spec = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PawError(f"cannot read the spec file {path}: {exc}") from None
+        spec = read_task_file(spec[1:], "spec")
     spec = spec.strip()
     if not spec:
         raise PawError("the spec is empty")
     return spec
 
 
-def compile(spec: str, base: str | Path = DEFAULT_BASE, out_dir: str | Path | None = None, *,
+def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | None = None, *,
             examples: Sequence[dict] | str | Path | None = None, max_new_tokens: int = 64,
             force: bool = False, returns=None, options: SelectOptions | None = None,
             progress: Progress | None = None) -> ProgramArtifact:

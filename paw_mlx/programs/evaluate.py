@@ -32,12 +32,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from interp.errors import PawError
+from interp.paths import DEFAULT_MODEL
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import input_ids
 from paw_mlx.programs.examples import load_examples
 from paw_mlx.programs.function import ProgramFunction
-from paw_mlx.programs.interpreter import DEFAULT_BASE, interpreter
+from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
 from paw_mlx.runtime import LoadedProgram, stream_tokens
 
@@ -112,7 +113,8 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
         outputs = prompted_outputs(prog, prompted, test, budget)
         result["rows"][name] = {"exact_match": round(_score(outputs, test), 4), "prefix_tokens": 0,
                                 "prompt_tokens": len(prompted.prefix_ids), "outputs": outputs}
-        timers[name] = (prog, [], lambda row, a=prompted: a.prefix_ids + input_ids(prog.tokenizer, a.layout, row["input"]))
+        timers[name] = (prog, [],
+                        lambda row, a=prompted: a.prefix_ids + input_ids(prog.tokenizer, a.layout, row["input"]))
     selection.cross_validate()
     for name in options.candidates:
         started = time.perf_counter()
@@ -135,12 +137,13 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
 def _cache_key(task: Path, prog: LoadedProgram, options: SelectOptions) -> str:
     digest = hashlib.sha256()
     for part in (EVALUATION_METHOD, prog.fingerprint, json.dumps(asdict(options), sort_keys=True),
-                 (task / "spec.txt").read_text(encoding="utf-8"), (task / "examples.jsonl").read_text(encoding="utf-8")):
+                 (task / "spec.txt").read_text(encoding="utf-8"),
+                 (task / "examples.jsonl").read_text(encoding="utf-8")):
         digest.update(part.encode("utf-8"))
     return digest.hexdigest()[:16]
 
 
-def evaluate(tasks: Path, base: str | Path = DEFAULT_BASE, options: SelectOptions | None = None,
+def evaluate(tasks: Path, base: str | Path = DEFAULT_MODEL, options: SelectOptions | None = None,
              only: list[str] | None = None, cache: Path | None = None) -> dict:
     """Run every task (resuming from ``cache``); returns the JSON-able report."""
     from rich.console import Console

@@ -10,15 +10,20 @@ from pathlib import Path
 from interp.errors import PawError
 
 
-def load_examples(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file, each {"input": str, "output": str[, "split": "train"|"test"]}."""
+def read_task_file(path: str | Path, what: str) -> str:
+    """The text of a task's file (``what``: "spec", "examples"), or one PawError line naming it."""
     path = Path(path)
     if not path.is_file():
-        raise PawError(f"no such examples file: {path}")
+        raise PawError(f"no such {what} file: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PawError(f"cannot read the examples file {path}: {exc}") from None
+        raise PawError(f"cannot read the {what} file {path}: {exc}") from exc
+
+
+def load_examples(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file, each {"input": str, "output": str[, "split": "train"|"test"]}."""
+    text = read_task_file(path, "examples")
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -27,10 +32,7 @@ def load_examples(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise PawError(f"{path}:{n}: not JSON: {exc}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
-            raise PawError(f'{path}:{n}: each line must be {{"input": "...", "output": "..."}}')
-        if row.get("split", "train") not in ("train", "test"):
-            raise PawError(f'{path}:{n}: "split" must be "train" or "test", not {row["split"]!r}')
+        _check_row(row, f"{path}:{n}", 'each line must be {"input": "...", "output": "..."}')
         rows.append(row)
     if not rows:
         raise PawError(f"{path} holds no examples")
@@ -39,16 +41,18 @@ def load_examples(path: str | Path) -> list[dict]:
 
 def check_examples(rows: Sequence) -> list[dict]:
     """``rows`` given in Python, checked like a file's: dicts with string "input" and "output"."""
-    checked = []
     for n, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
-            raise PawError(f'example {n}: each example must be a dict {{"input": str, "output": str}}')
-        if row.get("split", "train") not in ("train", "test"):
-            raise PawError(f'example {n}: "split" must be "train" or "test", not {row["split"]!r}')
-        checked.append(row)
-    if not checked:
+        _check_row(row, f"example {n}", 'each example must be a dict {"input": str, "output": str}')
+    if not rows:
         raise PawError("no examples given")
-    return checked
+    return list(rows)
+
+
+def _check_row(row: object, where: str, shape: str) -> None:
+    if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
+        raise PawError(f"{where}: {shape}")
+    if row.get("split", "train") not in ("train", "test"):
+        raise PawError(f'{where}: "split" must be "train" or "test", not {row["split"]!r}')
 
 
 def split_examples(rows: Sequence[dict], holdout: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:

@@ -8,11 +8,12 @@ from typing import Any
 
 from interp.errors import ArtifactError, InputError, PawError
 from interp.lora import with_adapters
+from interp.paths import DEFAULT_MODEL
 from paw_mlx.constrain import grammar_for
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_artifact
 from paw_mlx.programs.batch import generate_batch
-from paw_mlx.programs.compile import DEFAULT_BASE, compile, input_ids
+from paw_mlx.programs.compile import compile, input_ids
 from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.runtime import LoadedProgram
 
@@ -100,7 +101,7 @@ def _base_for(artifact: ProgramArtifact, base: str | Path | None) -> LoadedProgr
         return interpreter(base)
     if artifact.base_hint and (Path(artifact.base_hint) / "prog.json").is_file():
         return interpreter(artifact.base_hint)
-    return interpreter(DEFAULT_BASE)
+    return interpreter(DEFAULT_MODEL)
 
 
 def function(program: str | Path | ProgramArtifact, base: str | Path | None = None,
@@ -122,9 +123,9 @@ def function(program: str | Path | ProgramArtifact, base: str | Path | None = No
         if path.suffix == ".paw" and path.is_file():
             from paw_mlx.programs.pawfile import load_bundle
 
-            artifact = load_bundle(path, base if base is not None else DEFAULT_BASE)
+            artifact = load_bundle(path, base if base is not None else DEFAULT_MODEL)
         elif path.suffix == ".txt" and path.is_file():
-            artifact = compile("@" + str(path), base=base if base is not None else DEFAULT_BASE)
+            artifact = compile("@" + str(path), base=base if base is not None else DEFAULT_MODEL)
         elif not path.exists():
             raise ArtifactError(f"no such program: {path}")
         else:

@@ -10,30 +10,19 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from interp.errors import PawError
-from paw_mlx.paths import default_program_dir
+from interp.paths import DEFAULT_MODEL, require_default_program
+from interp.program import resolve_program_dir
 from paw_mlx.runtime import LoadedProgram, load
-
-DEFAULT_BASE = "smollm2"
 
 _INTERPRETERS: dict[Path, LoadedProgram] = {}
 _LOCK = threading.Lock()
 
 
 def resolve_base(base: str | Path) -> Path:
-    """A base program directory from a path or the alias 'smollm2' (the default export location)."""
-    if str(base) == DEFAULT_BASE:
-        path = default_program_dir()
-        if not (path / "prog.json").is_file():
-            raise PawError(f"the default base program is missing at {path}: "
-                           f"run `paw export llama smollm2 -o {path}` first (or pass --base DIR)")
-        return path.resolve()
-    path = Path(base).expanduser()
-    if path.name == "prog.json":
-        path = path.parent
-    if not (path / "prog.json").is_file():
-        raise PawError(f"{base} is not a program directory (no prog.json); export one with `paw export llama`")
-    return path.resolve()
+    """A base program directory from a path (or its prog.json) or the default model's alias 'smollm2'."""
+    if str(base) == DEFAULT_MODEL:
+        return require_default_program("pass --base DIR").resolve()
+    return resolve_program_dir(base).resolve()
 
 
 def interpreter(base: str | Path) -> LoadedProgram:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import stat
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from interp.atomic import atomic_write_bytes
 from interp.errors import ArtifactError
 from interp.lora import check_adapter, linear_sites
 from paw_mlx.programs.adapter import LoraAdapter
@@ -107,7 +107,7 @@ def read_bundle(path: str | Path) -> Bundle:
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"{path} is not a .paw bundle (not a zip archive: {exc})") from None
+        raise ArtifactError(f"{path} is not a .paw bundle (not a zip archive: {exc})") from exc
     with archive:
         infos = archive.infolist()
         if len(infos) > MAX_MEMBERS:
@@ -121,7 +121,7 @@ def read_bundle(path: str | Path) -> Bundle:
                 with archive.open(info) as member:
                     content = member.read(MAX_MEMBER_BYTES[name] + 1)
             except (OSError, zipfile.BadZipFile, RuntimeError, EOFError) as exc:  # corrupt or encrypted
-                raise ArtifactError(f"{path}: cannot read member {name}: {exc}") from None
+                raise ArtifactError(f"{path}: cannot read member {name}: {exc}") from exc
             if len(content) > MAX_MEMBER_BYTES[name]:
                 raise ArtifactError(f"{path}: member {name} is larger than its header says")
             data[name] = content
@@ -185,7 +185,7 @@ def read_gguf_lora(data: bytes, where: str) -> tuple[str | None, float, dict[str
         try:
             reader = gguf.GGUFReader(file)
         except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:  # gguf reports malformed files so
-            raise ArtifactError(f"{where}: malformed GGUF adapter: {exc}") from None
+            raise ArtifactError(f"{where}: malformed GGUF adapter: {exc}") from exc
         fields = {name: _field_value(field) for name, field in reader.fields.items()}
         halves: dict[str, dict[str, np.ndarray]] = {}
         for tensor in reader.tensors:
@@ -310,8 +310,8 @@ def gguf_lora_bytes(arch: str, alpha: float, tensors: dict[str, tuple[np.ndarray
                     writer.add_tensor(f"{name}.weight.lora_{half}", gguf.quants.quantize(values, kind),
                                       raw_dtype=kind)
                 else:
-                    writer.add_tensor(f"{name}.weight.lora_{half}",
-                                      values.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+                    dtype = np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32
+                    writer.add_tensor(f"{name}.weight.lora_{half}", values.astype(dtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -336,7 +336,8 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
     if missing:
         raise ArtifactError(f"llama.cpp has no tensor name for {missing[0]}")
     arch = gguf_arch(prog.program.model_info.get("model_type", ""))
-    adapter = gguf_lora_bytes(arch, artifact.adapter.alpha, {names[m]: ab for m, ab in artifact.adapter.modules.items()})
+    modules = {names[m]: ab for m, ab in artifact.adapter.modules.items()}
+    adapter = gguf_lora_bytes(arch, artifact.adapter.alpha, modules)
     template = artifact.layout.prefix_text + PLACEHOLDER + artifact.layout.suffix_text
     source = prog.program.model_info.get("source", {})
     meta = {
@@ -357,15 +358,7 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, content)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_bytes(out, buffer.getvalue())
 
 
 def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force: bool = False,

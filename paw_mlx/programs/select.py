@@ -56,7 +56,8 @@ class SelectOptions:
     def check(self) -> None:
         unknown = [c for c in self.candidates if c not in CANDIDATES]
         if unknown or not self.candidates:
-            raise PawError(f"unknown candidate {', '.join(unknown) or '(none given)'}: choose from {', '.join(CANDIDATES)}")
+            raise PawError(f"unknown candidate {', '.join(unknown) or '(none given)'}: "
+                           f"choose from {', '.join(CANDIDATES)}")
         if self.folds < 2:
             raise PawError("cross-validation needs at least 2 folds")
         self.lora.check()

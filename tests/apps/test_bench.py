@@ -29,7 +29,8 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     docs.write_text("# Benchmarks\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nafter\n")
     results = tmp_path / "results"
     out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
-                                   "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8", "--decode-tokens", "4", "--device", "cpu",
+                                   "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8",
+                                   "--decode-tokens", "4", "--device", "cpu",
                                    "--results", str(results), "--docs", str(docs)])
     assert out.exit_code == 0, out.output
     assert "paw bench" in out.output and "mlx-lm" in out.output  # the rich table
@@ -62,7 +63,7 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
 
 
 def test_best_of_rounds_keeps_best_timings_and_worst_memory():
-    from benchmarks.harness import best_of
+    from apps.benchmarks.harness import best_of
 
     runs = [{"ttft_s": 2.0, "decode_tps": 10.0, "load_s": 0.5, "peak_memory_gb": 0.30, "tokens": [1, 2]},
             {"ttft_s": 1.5, "decode_tps": 9.0, "load_s": 0.7, "peak_memory_gb": 0.31, "tokens": [1, 2]}]
@@ -75,7 +76,7 @@ def test_best_of_rounds_keeps_best_timings_and_worst_memory():
 
 
 def test_stock_rows_are_held_against_the_stock_ceiling_and_mlx_lm():
-    from benchmarks.harness import _add_ratios
+    from apps.benchmarks.harness import _add_ratios
 
     def generation(tps):
         return {"decode_tps": tps, "ttft_s": 1.0, "peak_memory_gb": 0.5}
@@ -95,7 +96,7 @@ def test_stock_rows_are_held_against_the_stock_ceiling_and_mlx_lm():
 
 
 def test_gpu_results_are_named_after_their_backend(tmp_path):
-    from benchmarks.harness import write_results
+    from apps.benchmarks.harness import write_results
 
     report = {"started": "2026-11-24 10:00:00", "config": {"prompt_tokens": 8, "decode_tokens": 4, "src": "x"},
               "machine": {"processor": "Apple M3", "cpus": 8, "machine": "arm64", "mlx": "0.32.4", "device": "metal",

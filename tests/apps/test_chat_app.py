@@ -268,7 +268,8 @@ def test_cli_chat_without_default_model_exits_1(monkeypatch, tmp_path, capsys):
         main()
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("paw: error: no default model at ")
+    assert len(err) == 1 and err[0].startswith("paw: error: the default model's program is missing at ")
+    assert f"paw export llama smollm2 -o {tmp_path / 'programs' / 'smollm2'}" in err[0]
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])

@@ -144,6 +144,28 @@ def test_export_of_a_folder_without_config(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_debug_shows_the_cause_of_a_wrapped_error(tmp_path, monkeypatch, capsys):
+    """PAW_DEBUG=1 prints the traceback with its cause chain (here transformers' error), then the one line.
+
+    In process: the suite has torch loaded already, so this costs milliseconds.
+    """
+    from apps.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "nosuch"}')
+    monkeypatch.setenv("PAW_DEBUG", "1")
+    monkeypatch.setattr(sys, "argv", ["paw", "export", "hf", str(tmp_path / "model"), "-o", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1
+    assert "The above exception was the direct cause of the following exception" in err
+    assert "ValueError: The checkpoint you are trying to load has model type `nosuch`" in err
+    assert "SourceError: could not load" in err
+    assert err.strip().splitlines()[-1].startswith("paw: error: could not load")
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_teaches():
     done = paw("--help")
     assert done.returncode == 0

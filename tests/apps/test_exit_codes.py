@@ -74,7 +74,8 @@ def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
     program = endless_program(tiny_program, tmp_path / "endless")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "apps.cli", "run", str(program), "--prompt", "Hello",
-                             "--raw", "-n", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+                             "--raw", "-n", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     try:
         assert proc.stdout.read(1), "no output before the interrupt"
         time.sleep(0.2)

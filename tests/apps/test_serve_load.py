@@ -1,6 +1,6 @@
-"""The load test of ``benchmarks/serve_load.py``, small: 200 mixed requests against the tiny model.
+"""The load test of ``apps/benchmarks/serve_load.py``, small: 200 mixed requests against the tiny model.
 
-The full run (2,000 requests on SmolLM2, memory checked) is ``python -m benchmarks.serve_load``.
+The full run (2,000 requests on SmolLM2, memory checked) is ``python -m apps.benchmarks.serve_load``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 import httpx
 
 import paw_mlx
+from apps.benchmarks.serve_load import fill_expected, paw_reference, plan, run_load
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
-from benchmarks.serve_load import fill_expected, paw_reference, plan, run_load
 from paw_mlx.engine import Engine, EngineConfig
 from tests.serving import compile_programs, make_catalog
 

@@ -73,7 +73,8 @@ def test_pread_reads_what_safetensors_reads(tmp_path):
 
     from exporter.pread import TORCH_DTYPES, SafetensorsFile
 
-    tensors = {f"t{i}": _random(dtype, (3, 5), i) for i, dtype in enumerate(set(TORCH_DTYPES.values()) & set(ST_DTYPES))}
+    dtypes = set(TORCH_DTYPES.values()) & set(ST_DTYPES)
+    tensors = {f"t{i}": _random(dtype, (3, 5), i) for i, dtype in enumerate(dtypes)}
     tensors["empty"] = torch.zeros(0, 3)
     save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
     with safe_open(tmp_path / "x.safetensors", "pt") as reference, SafetensorsFile(tmp_path / "x.safetensors") as ours:

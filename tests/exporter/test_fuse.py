@@ -101,7 +101,8 @@ def test_quantized_program_matches_mlx_quantized_reference(programs):
         base = name.removesuffix(".qweight")
         deq[base + ".weight"] = mx.dequantize(consts[name], consts[base + ".scales"], consts[base + ".biases"],
                                               group_size=32, bits=4)
-    ref_model = GraphModel(read_program(programs["fused"]), {**mx.load(str(read_program(programs["fused"]).consts_path)), **deq})
+    fused = read_program(programs["fused"])
+    ref_model = GraphModel(fused, {**mx.load(str(fused.consts_path)), **deq})
     ref = ref_model(mx.array(IDS), cache=ref_model.make_cache())
     got = GraphModel.from_program(program)(mx.array(IDS), cache=None)
     np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-4, rtol=0)

@@ -75,7 +75,8 @@ def test_a_checkpoint_tensor_of_the_wrong_shape_is_one_error(folders, tmp_path, 
     for item in folders["llama"].iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     tensors = load_file(broken / "model.safetensors")
-    tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"][:, :100].contiguous()
+    down = "model.layers.1.mlp.down_proj.weight"
+    tensors[down] = tensors[down][:, :100].contiguous()
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((broken / "config.json").read_text())
     assert config["hidden_size"] == 64

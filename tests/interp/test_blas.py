@@ -74,7 +74,8 @@ def test_paw_blas_reference_keeps_mlx_own_blas():
 @linux_only
 def test_unusable_library_falls_back_with_the_reason(tmp_path):
     missing = tmp_path / "libnothing.so"
-    code = "import interp, interp.blas as b, mlx.core as mx; print(b.status(), (mx.ones((2, 3)) @ mx.ones((3, 2))).sum().item())"
+    code = ("import interp, interp.blas as b, mlx.core as mx; "
+            "print(b.status(), (mx.ones((2, 3)) @ mx.ones((3, 2))).sum().item())")
     line = _status_in_fresh_process(code, PAW_BLAS=str(missing))
     assert line.startswith(f"reference (PAW_BLAS={missing} unusable") and line.endswith(" 12.0")
 

@@ -14,7 +14,7 @@ from interp.errors import PawError
 from tests.fake_mac import device_path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("interp", "paw_mlx", "apps", "benchmarks", "exporter", "scripts")
+PACKAGES = ("interp", "paw_mlx", "apps", "exporter", "scripts")
 #: What only interp/device.py may ask MLX or Python about the device or the platform.
 DEVICE_QUESTIONS = re.compile(r"default_device|set_default_device|mx\.metal\.|mx\.cuda\.|is_available\("
                               r"|sys\.platform|ru_maxrss|\bmx\.(cpu|gpu)\b")

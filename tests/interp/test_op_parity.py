@@ -111,11 +111,15 @@ CASES: dict[str, Case] = {
     "where": Case(torch.where, [mask(3, 4), randn(3, 4), randn(3, 4)]),
     "clamp": Case(lambda x, min, max: torch.clamp(x, min, max), [randn(3, 4)], {"min": -0.5, "max": 0.7}),
     # reductions
-    "mean": Case(lambda x, dims, keepdim: x.mean(dims, keepdim=keepdim), [randn(2, 3, 4)], {"dims": [-1], "keepdim": True}),
-    "sum": Case(lambda x, dims, keepdim: x.sum(dims, keepdim=keepdim), [randn(2, 3, 4)], {"dims": [0, 2], "keepdim": False}),
-    "amax": Case(lambda x, dims, keepdim: x.amax(dims, keepdim=keepdim), [randn(2, 3, 4)], {"dims": [1], "keepdim": True}),
+    "mean": Case(lambda x, dims, keepdim: x.mean(dims, keepdim=keepdim), [randn(2, 3, 4)],
+                 {"dims": [-1], "keepdim": True}),
+    "sum": Case(lambda x, dims, keepdim: x.sum(dims, keepdim=keepdim), [randn(2, 3, 4)],
+                {"dims": [0, 2], "keepdim": False}),
+    "amax": Case(lambda x, dims, keepdim: x.amax(dims, keepdim=keepdim), [randn(2, 3, 4)],
+                 {"dims": [1], "keepdim": True}),
     "softmax": Case(lambda x, dim: x.softmax(dim), [randn(2, 3, 5)], {"dim": -1}),
-    "argmax": Case(lambda x, dim, keepdim: x.argmax(dim, keepdim=keepdim), [distinct(3, 7)], {"dim": 1, "keepdim": False}),
+    "argmax": Case(lambda x, dim, keepdim: x.argmax(dim, keepdim=keepdim), [distinct(3, 7)],
+                   {"dim": 1, "keepdim": False}),
     # shapes
     "reshape": Case(lambda x, shape: x.reshape(shape), [randn(2, 3, 4)], {"shape": [2, -1, 2]}),
     "transpose": Case(lambda x, dim0, dim1: x.transpose(dim0, dim1), [randn(2, 3, 4)], {"dim0": 1, "dim1": 2}),
@@ -275,7 +279,8 @@ EXTRA_CASES = {
     "expert_linear over many pairs, grouped by expert": Case(
         _expert_ref, [randn(40, 2, 16), randn(4, 12, 16), ints(4, 40, 2), None], tol={"float32": 2e-5}),
     "quantized_expert_linear over many pairs": Case(
-        lambda x, q, s, b, i, bias, group_size, bits: _expert_ref(x, _dequantize_ref(q, s, b, group_size, bits), i, bias),
+        lambda x, q, s, b, i, bias, group_size, bits: _expert_ref(
+            x, _dequantize_ref(q, s, b, group_size, bits), i, bias),
         [randn(40, 1, 64) / 8, *_quantized_experts(4), ints(4, 40, 2), randn(4, 12) / 8], {"group_size": 32, "bits": 4},
         tol=_QUANT_TOL),
     "rope with scaling factor": Case(_rope_ref, [randn(1, 2, 3, 16), ints(9, 1, 3).astype(np.int32), _INV_FREQ],
@@ -293,8 +298,9 @@ EXTRA_CASES = {
     "lora one adapter, no index": Case(_lora_ref, [randn(2, 3, 16), randn(1, 4, 16), randn(1, 8, 4), None]),
     "lora on batch-major 2-D rows": Case(_lora_ref, [randn(6, 16), randn(3, 4, 16), randn(3, 8, 4),
                                                      np.array([2, 0], np.int32)]),
-    "layer_norm without affine": Case(lambda x, w, b, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
-                                      [randn(2, 8), None, None], {"normalized_shape": [8], "eps": 1e-5}),
+    "layer_norm without affine": Case(
+        lambda x, w, b, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
+        [randn(2, 8), None, None], {"normalized_shape": [8], "eps": 1e-5}),
 }
 
 
@@ -342,7 +348,8 @@ def _run(op: str, case: Case, dtype: str = "float32"):
     torch_args, mlx_args, attrs = _inputs(case, dtype)
     expected = case.torch_fn(*torch_args, **attrs)
     handler = REGISTRY[op]
-    got = handler.fn(RunContext(cache=None), *mlx_args, **attrs) if handler.needs_context else handler.fn(*mlx_args, **attrs)
+    context = (RunContext(cache=None),) if handler.needs_context else ()
+    got = handler.fn(*context, *mlx_args, **attrs)
     if isinstance(expected, (tuple, list)):
         assert len(got) == len(expected)
         pairs = list(zip(got, expected, strict=True))

@@ -153,7 +153,7 @@ def test_programs_for_another_base_are_refused(prog, tiny_program, tmp_path):
 
 
 def test_cache_dir_follows_paw_cache(monkeypatch, tmp_path):
-    from paw_mlx.paths import cache_dir, default_program_dir
+    from interp.paths import cache_dir, default_program_dir
 
     monkeypatch.setenv("PAW_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path

@@ -1,4 +1,5 @@
-"""A ternary base is trained on (prefix and LoRA) down the Mac path, through the Metal kernel that has no VJP of its own.
+"""A ternary base is trained on (prefix and LoRA) down the Mac path, through the Metal kernel that has no VJP
+of its own.
 
 The tiny Llama is exported with ternary weights; down the Mac path (tests/fake_mac.py)
 every ternary product runs the Metal kernel stand-in (``PAW_TERNARY_KERNEL=paw``, so the
@@ -45,7 +46,8 @@ def test_ternary_base_is_trained_down_the_mac_path(ternary_program, monkeypatch,
     monkeypatch.setenv("PAW_TERNARY_KERNEL", "paw")
     launches = []
     real = ternary_mlx.metal_matmul
-    monkeypatch.setattr(ternary_mlx, "metal_matmul", lambda x, *a: launches.append(x.size // x.shape[-1]) or real(x, *a))
+    monkeypatch.setattr(ternary_mlx, "metal_matmul",
+                        lambda x, *a: launches.append(x.size // x.shape[-1]) or real(x, *a))
     with device_path("metal"):
         mac, mac_result = train_on(ternary_program, method)
     assert max(launches) > ternary_mlx.KERNEL_MAX_ROWS  # training-sized products took the kernel too
@@ -57,7 +59,8 @@ def test_ternary_base_is_trained_down_the_mac_path(ternary_program, monkeypatch,
     np.testing.assert_allclose(mac_result.losses, cpu_result.losses, rtol=1e-3)
     if method == "prefix":
         for (mac_keys, mac_values), (cpu_keys, cpu_values) in zip(mac.prefix, cpu.prefix, strict=True):
-            assert mx.allclose(mac_keys, cpu_keys, atol=1e-3).item() and mx.allclose(mac_values, cpu_values, atol=1e-3).item()
+            assert mx.allclose(mac_keys, cpu_keys, atol=1e-3).item()
+            assert mx.allclose(mac_values, cpu_values, atol=1e-3).item()
     else:  # Adam turns float32 summation-order noise in near-zero gradients into visible steps:
         # the weights are compared through the losses above, the layout here
         assert set(mac.adapter.modules) == set(cpu.adapter.modules) and mac.adapter.rank == cpu.adapter.rank

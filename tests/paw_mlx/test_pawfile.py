@@ -75,7 +75,8 @@ def gguf_adapter(arch: str, qtype: str, seed: int = 0) -> tuple[bytes, dict]:
             for half, shape in (("a", (RANK, in_features)), ("b", (out_features, RANK))):
                 values = (rng.standard_normal(shape) * 0.15).astype(np.float32)
                 if qtype in ("F32", "F16"):
-                    writer.add_tensor(f"{name}.weight.lora_{half}", values.astype(np.float16 if qtype == "F16" else np.float32))
+                    dtype = np.float16 if qtype == "F16" else np.float32
+                    writer.add_tensor(f"{name}.weight.lora_{half}", values.astype(dtype))
                 else:
                     writer.add_tensor(f"{name}.weight.lora_{half}", gguf.quants.quantize(values, kind),
                                       raw_dtype=kind)

@@ -75,7 +75,7 @@ def tensor_logits(program: Program, consts: dict, ranks: int, feeds: list[mx.arr
                     env[node.outputs[0]] = total
                 continue
             for model, env, ctx in zip(models, envs, contexts, strict=True):
-                model._steps[index](env, ctx)
+                model._node_runners[index](env, ctx)
         return envs[0]["logits"]
 
     return _drive(call, feeds)

@@ -47,7 +47,8 @@ def test_moe_keeps_the_router_and_shared_gate_whole(layered_programs):
     assert shapes["model.layers.0.mlp.gate.weight"] == [4, 64]  # softmax over experts needs every expert's logit
     assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == [4, 32, 64]  # each expert's width halved
     # shared expert's gate and up halved, its one-column sigmoid gate kept whole on every rank
-    assert shapes["model.layers.0.mlp.shared_expert.gate_proj+shared_expert.up_proj+shared_expert_gate.weight"] == [65, 64]
+    fused = "model.layers.0.mlp.shared_expert.gate_proj+shared_expert.up_proj+shared_expert_gate.weight"
+    assert shapes[fused] == [65, 64]
 
 
 def test_too_few_kv_heads_keep_attention_whole(layered_programs):

@@ -1,7 +1,7 @@
 """LoRA at run time, two ways: the ``lora`` op added by the load-time rewrite (interp/lora.py)
 against the update merged into copies of the weights, with the plain base as reference.
 
-    python benchmarks/lora_bench.py --base /path/to/smollm2 --rounds 3
+    python apps/benchmarks/lora_bench.py --base /path/to/smollm2 --rounds 3
 
 One process, engines interleaved round by round (best of the rounds kept), so the shared
 CPU disturbs them alike. Per engine: time to first token of a program call (a cached
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"engine": name, **{k: round(v, 2) for k, v in stats.items()},
                      "ttft_vs_base": round(stats["ttft_ms"] / base["ttft_ms"], 3),
                      "decode_vs_base": round(stats["decode_tps"] / base["decode_tps"], 3),
-                     "extra_memory_mb": round({"base": 0, "lora op": rewrite_bytes, "merged": merged_bytes}[name] / 1e6, 1)})
+                     "extra_memory_mb": round(
+                         {"base": 0, "lora op": rewrite_bytes, "merged": merged_bytes}[name] / 1e6, 1)})
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {platform.system()}",
               "mlx": mx.__version__, "base": prog.name, "options": vars(args) | {"base": str(args.base), "out": None},
               "adapter_modules": len(adapter), "engines": rows,

@@ -1,7 +1,7 @@
 """Ternary matmul per shape: paw's Metal kernel against MLX's 2-bit quantized matmul on the same bytes.
 
-    python -m benchmarks.ternary_kernels                       # on a Mac: every shape, float16
-    python -m benchmarks.ternary_kernels --rows 1,4,16 --dtype float32 --repeats 20
+    python -m apps.benchmarks.ternary_kernels                       # on a Mac: every shape, float16
+    python -m apps.benchmarks.ternary_kernels --rows 1,4,16 --dtype float32 --repeats 20
 
 Both kernels read the same weights: a ternary layer laid out once by ``TernaryWeight``
 (MLX's 2-bit layout). For each layer shape (SmolLM2-135M's, a 1B model's, an 8B model's)
@@ -19,7 +19,7 @@ The table gives microseconds per call, the weight bytes each engine reads per ca
 that time (GB/s), ``paw / mlx`` (above 1: paw's kernel is faster) and the kernel the
 ``auto`` rule picks (``KERNEL_MAX_ROWS`` in interp/kernels/ternary_mlx.py): where the
 ratio crosses 1 is the number that rule should hold. Results go to
-``benchmarks/results/ternary-kernels-<backend>.json`` and ``.md``. Without Metal only the
+``apps/benchmarks/results/ternary-kernels-<backend>.json`` and ``.md``. Without Metal only the
 ``mlx`` and ``dense`` rows run (``--device cpu`` checks the script anywhere).
 """
 

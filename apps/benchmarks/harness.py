@@ -36,8 +36,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks import prepare
+from apps.benchmarks import prepare
 from interp.docblock import replace_block
+from interp.paths import DEFAULT_MODEL
 
 VARIANTS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0), "q4": ("float32", 4)}
 ENGINES = ("paw", "paw-nocompile", "paw-nofuse", "paw-stock", "mlx-lm", "mlx-lm-stock", "transformers", "ceiling",
@@ -53,7 +54,7 @@ Say = Callable[[str], None]
 
 @dataclass
 class BenchConfig:
-    src: str = "smollm2"
+    src: str = DEFAULT_MODEL
     dtypes: list[str] = field(default_factory=lambda: list(VARIANTS))
     engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
     prompt_tokens: int = 512
@@ -116,7 +117,7 @@ def _version(package: str) -> str:
 def run_engine(engine: str, path: Path, dtype: str, config: BenchConfig) -> dict:
     """Start one worker process and return its parsed result (or an error record)."""
     worker_engine = "paw" if engine.startswith("paw") else engine.removesuffix("-stock")
-    cmd = [sys.executable, "-m", "benchmarks.worker", "--engine", worker_engine, "--path", str(path),
+    cmd = [sys.executable, "-m", "apps.benchmarks.worker", "--engine", worker_engine, "--path", str(path),
            "--dtype", dtype, "--prompt-tokens", str(config.prompt_tokens),
            "--decode-tokens", str(config.decode_tokens), "--device", config.device]
     if engine in ("paw-nocompile", "paw-nofuse"):
@@ -169,7 +170,7 @@ def run_export(variant: str, config: BenchConfig, root: Path) -> dict:
 
 
 def _with_repo_on_path(pythonpath: str | None) -> str:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     return root + os.pathsep + pythonpath if pythonpath else root
 
 

@@ -1,6 +1,6 @@
 """Ternary benchmark: bits per weight on disk and decode speed against float and 4-bit.
 
-    python benchmarks/ternary.py --ternary smollm2-ternary [--base3 smollm2-ternary-base3] \
+    python apps/benchmarks/ternary.py --ternary smollm2-ternary [--base3 smollm2-ternary-base3] \
         --float /work/programs/smollm2-f32 [--tokens 32]
 
 Bits per weight are measured from consts.safetensors itself: the bytes of each ternary
@@ -10,7 +10,7 @@ one mx.eval per token, on this machine's MLX backend. The float32 program is the
 baseline; "float16" and "4-bit" rerun it with the same linear layers' weights converted
 in-process (float16 copies; mx.quantize affine, group 64), as the quantized export is
 another branch's work. lm_head / embeddings stay float32 in every row.
-Results go to benchmarks/results/ternary.json and .md.
+Results go to apps/benchmarks/results/ternary.json and .md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import interp  # noqa: E402, F401  (before MLX: puts the fast BLAS under it)
@@ -106,16 +106,16 @@ def load_model(directory: Path, convert: str | None = None) -> GraphModel:
 
     REGISTRY["linear"] = Handler(linear)
     try:
-        model._steps = _recompile(model)  # the steps bind handlers when compiled
+        model._node_runners = _recompile(model)  # node runners bind their handler when made
     finally:
         REGISTRY["linear"] = plain
     return model
 
 
 def _recompile(model: GraphModel) -> list:
-    from interp.graph import _compile_node
+    from interp.graph import _make_node_runner
 
-    return [_compile_node(node) for node in model.program.nodes]
+    return [_make_node_runner(index, node) for index, node in enumerate(model.program.nodes)]
 
 
 def decode_speed(model: GraphModel, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--base3", type=Path, help="program exported with --weights ternary-base3 (optional)")
     parser.add_argument("--float", dest="float_dir", type=Path, required=True, help="float32 program of the same model")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "apps" / "benchmarks" / "results")
     args = parser.parse_args()
 
     from interp.tokenizer import Tokenizer
@@ -172,8 +172,10 @@ def main() -> None:
              "| layout | bits/weight (codes) | bits/weight (codes + scales) | ternary layers | consts.safetensors |",
              "| --- | --- | --- | --- | --- |"]
     for label, size in results["sizes"].items():
-        lines.append(f"| {label} ({size['packing']}) | {size['bits_per_weight_codes']:.3f} | {size['bits_per_weight']:.3f} "
-                     f"| {size['layers']} ({size['weights'] / 1e6:.1f} M weights) | {size['consts_bytes'] / 2**20:.1f} MiB |")
+        lines.append(f"| {label} ({size['packing']}) | {size['bits_per_weight_codes']:.3f} "
+                     f"| {size['bits_per_weight']:.3f} "
+                     f"| {size['layers']} ({size['weights'] / 1e6:.1f} M weights) "
+                     f"| {size['consts_bytes'] / 2**20:.1f} MiB |")
     lines += ["", "| weights | decode tok/s | vs float32 | first 24 tokens |", "| --- | --- | --- | --- |"]
     for label, row in results["decode"].items():
         text = row["text"].replace("|", "\\|").replace("\n", " ")

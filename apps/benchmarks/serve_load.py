@@ -1,6 +1,6 @@
 """A bounded load test of ``paw serve``: many requests over mixed programs and settings.
 
-    python -m benchmarks.serve_load --requests 2000 --clients 32      # SmolLM2 + 4 compiled programs
+    python -m apps.benchmarks.serve_load --requests 2000 --clients 32      # SmolLM2 + 4 compiled programs
 
 It starts ``paw serve`` on a loopback port (a separate process, so its memory is its own),
 computes every greedy request's expected output with ``paw_mlx`` in this process (single
@@ -167,8 +167,8 @@ async def _send(client, url: str, job: Job, report: Report, api_key: str | None)
                                                        and "prompt" in job.bad) else "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if job.kind == "bad" and isinstance(job.bad, str):
-        response = await client.post(url + path, content=job.bad.encode(), headers={**headers,
-                                                                                     "Content-Type": "application/json"})
+        response = await client.post(url + path, content=job.bad.encode(),
+                                     headers={**headers, "Content-Type": "application/json"})
         report.statuses[response.status_code] += 1
         if not 400 <= response.status_code < 500:
             report.failures.append(f"job {job.index}: malformed JSON got {response.status_code}")
@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     import httpx
 
     import paw_mlx
-    from benchmarks.serve_bench import free_port
-    from paw_mlx.paths import default_program_dir
+    from apps.benchmarks.serve_bench import free_port
+    from interp.paths import default_program_dir
 
     base = args.base or default_program_dir()
     programs = {}
@@ -334,9 +334,9 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("paw serve did not start") from None
+                    raise RuntimeError("paw serve did not start") from exc
             time.sleep(0.5)
         idle_health = warm_up(url, base_name, list(programs), args.clients)
         idle = _rss(server.pid)

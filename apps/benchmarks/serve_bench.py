@@ -1,20 +1,21 @@
 """``paw serve`` against ``mlx_lm.server`` on the same weights: 1, 4, 16 and 64 concurrent clients.
 
-    python -m benchmarks.serve_bench                    # smollm2, float32; both servers
-    python -m benchmarks.serve_bench --clients 1,16 --max-tokens 32 --docs docs/benchmarks.md
+    python -m apps.benchmarks.serve_bench                    # smollm2, float32; both servers
+    python -m apps.benchmarks.serve_bench --clients 1,16 --max-tokens 32 --docs docs/benchmarks.md
 
 Both servers run as their own processes on loopback ports, each on the OpenBLAS that
 ``interp.blas`` puts under MLX (mlx-lm's server is started from a Python that imports
 ``interp`` first: on MLX's bundled reference BLAS it would be 4-60x slower, which is not
 the comparison this makes). paw serves ``paw export`` of the Hugging Face folder that
-``mlx_lm.convert`` converts (``benchmarks/prepare.py``), so both hold the same numbers.
+``mlx_lm.convert`` converts (``apps/benchmarks/prepare.py``), so both hold the same numbers.
 
 Each client streams chat completions one after another (greedy, the same prompts in the
 same order for both servers) until every client has sent ``--requests-per-client``.
 Per level and server: aggregate tokens/s (completion tokens over the level's wall time,
 ramp-up and drain included), tokens/s while every client was streaming (from the last
 client's first token to the first client's last token), p50 and p95 time to first token,
-p95 inter-token latency (gap between streamed tokens), and errors. Levels alternate which server goes first. The single-stream decode rate is
+p95 inter-token latency (gap between streamed tokens), and errors. Levels alternate which
+server goes first. The single-stream decode rate is
 paw's median, over its one-client requests, of (tokens - 1) / (last token - first token).
 """
 
@@ -32,6 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from interp.paths import DEFAULT_MODEL
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
@@ -232,7 +235,7 @@ def table(levels: list[dict], single_stream: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", default="smollm2")
+    parser.add_argument("--src", default=DEFAULT_MODEL)
     parser.add_argument("--clients", default="1,4,16,64", help="comma list of concurrent clients")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import interp  # noqa: F401  (OpenBLAS under MLX, in this process too)
-    from benchmarks import prepare
+    from apps.benchmarks import prepare
     from interp.docblock import replace_block
 
     say = lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)  # noqa: E731

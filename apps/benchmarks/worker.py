@@ -1,6 +1,6 @@
 """Measure one engine in this process and print one JSON line of results.
 
-Run as ``python -m benchmarks.worker --engine paw --path DIR ...``. The harness starts
+Run as ``python -m apps.benchmarks.worker --engine paw --path DIR ...``. The harness starts
 one process per engine so that one engine's imports and allocations never count
 against another (peak memory is per process).
 

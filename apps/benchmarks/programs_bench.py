@@ -1,6 +1,6 @@
 """Programs as weights: what compiling a spec buys at call time.
 
-    python benchmarks/programs_bench.py [--base DIR] [--out benchmarks/results/programs_bench.json]
+    python apps/benchmarks/programs_bench.py [--base DIR] [--out apps/benchmarks/results/programs_bench.json]
 
 1. Time to first token of a call on a compiled ~300-token spec, against sending the
    spec and the input as one prompt (no prefix cache). Same token ids, same model.
@@ -18,17 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import interp  # noqa: E402, F401  (before MLX: puts the fast BLAS under it)
 
 # isort: split
 import mlx.core as mx  # noqa: E402
 
+from interp.paths import DEFAULT_MODEL  # noqa: E402
 from interp.sampling import greedy  # noqa: E402
 from paw_mlx.programs import compile, function  # noqa: E402
 from paw_mlx.programs.batch import prefill_batch  # noqa: E402
-from paw_mlx.programs.interpreter import DEFAULT_BASE  # noqa: E402
 
 GUIDE = ("You label customer reviews. Read the review the user sends and decide whether the writer is "
          "happy or unhappy with the product or service. Answer with exactly one lowercase word: positive "
@@ -63,7 +63,7 @@ def first_token_seconds(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--base", default=DEFAULT_BASE)
+    parser.add_argument("--base", default=DEFAULT_MODEL)
     parser.add_argument("--spec-tokens", type=int, default=300)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,8 +1,8 @@
 """Big-model benchmark: export memory and time, streamed against whole, and running against mlx-lm.
 
-Run as ``python -m benchmarks.bigmodels`` (heavy: wrap it in ``flock /work/heavy.lock``
+Run as ``python -m apps.benchmarks.bigmodels`` (heavy: wrap it in ``flock /work/heavy.lock``
 on a shared machine). Three parts, each printed as a Markdown table and saved under
-``benchmarks/results/``:
+``apps/benchmarks/results/``:
 
 - ``synthetic``: a ~1.1B-parameter Llama with random weights (hidden 2048, 22 layers,
   SmolLM2's 49,152-token vocabulary), written once as sharded bfloat16 safetensors
@@ -16,7 +16,7 @@ on a shared machine). Three parts, each printed as a Markdown table and saved un
 - ``moe``: a wide tiny Mixtral (random weights) exported with sparse and dense experts;
   decode speed of each.
 
-Decode speed is the worker's (``benchmarks/worker.py``): 1 / median time between tokens,
+Decode speed is the worker's (``apps/benchmarks/worker.py``): 1 / median time between tokens,
 greedy, after a warm-up, each engine in its own process.
 """
 
@@ -32,11 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.prepare import bench_dir, mlx_lm_model
-from interp import device
+from apps.benchmarks.prepare import bench_dir, mlx_lm_model
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "apps" / "benchmarks" / "results"
 
 #: The synthetic model: TinyLlama-1.1B's shape with SmolLM2's tokenizer (1.17B parameters).
 SYNTHETIC = dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -49,9 +48,9 @@ WIDE_MOE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hi
 
 _PEAK_RSS = """
 import json, subprocess, sys
-from interp import device
+from interp.device import max_rss_bytes
 done = subprocess.run(sys.argv[1:])
-peak = device.children_max_rss_bytes()
+peak = max_rss_bytes(children=True)
 print("PAW-PEAK-RSS " + json.dumps({"rc": done.returncode, "peak_rss": peak}), file=sys.stderr)
 """
 
@@ -98,8 +97,8 @@ def warm(*paths: Path) -> None:
 
 
 def engine(name: str, path: Path, prompt: int, decode: int) -> dict:
-    """One engine's load time, decode speed and peak memory (benchmarks/worker.py, its own process)."""
-    done = subprocess.run([sys.executable, "-m", "benchmarks.worker", "--engine", name, "--path", str(path),
+    """One engine's load time, decode speed and peak memory (apps/benchmarks/worker.py, its own process)."""
+    done = subprocess.run([sys.executable, "-m", "apps.benchmarks.worker", "--engine", name, "--path", str(path),
                            "--prompt-tokens", str(prompt), "--decode-tokens", str(decode), "--warmup-tokens", "4"],
                           cwd=ROOT, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("PAW-BENCH-RESULT ")), None)
@@ -297,9 +296,11 @@ def table(rows: list[dict]) -> str:
 def machine() -> str:
     import mlx.core as mx
 
+    from interp.device import describe
+
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"Run {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.processor() or platform.machine()} "
-            f"({os.cpu_count()} CPUs), MLX {mx.__version__} on {device.describe()}; load average at start {load}.")
+            f"({os.cpu_count()} CPUs), MLX {mx.__version__} on {describe()}; load average at start {load}.")
 
 
 PARTS = {"synthetic": bench_synthetic, "smollm2": bench_smollm2, "moe": bench_moe}
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="another checkout of paw (e.g. main) whose exporter is measured on the baseline rows")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=24)
-    parser.add_argument("--out", type=Path, default=None, help="Markdown report (default benchmarks/results/)")
+    parser.add_argument("--out", type=Path, default=None, help="Markdown report (default apps/benchmarks/results/)")
     args = parser.parse_args(argv)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.baseline = [d for d in args.baseline.split(",") if d]

@@ -1,11 +1,11 @@
 """Split generation's speed and memory per rank: one process against 2 and 3 ranks, in one run.
 
-    python -m benchmarks.distributed --program ~/.cache/paw/programs/smollm2
-    python -m benchmarks.distributed --program P --ranks 1,2,3 --modes pipeline,tensor --rounds 2
+    python -m apps.benchmarks.distributed --program ~/.cache/paw/programs/smollm2
+    python -m apps.benchmarks.distributed --program P --ranks 1,2,3 --modes pipeline,tensor --rounds 2
 
 Each configuration is its own ``mlx.launch -n N --backend ring`` over the loopback address
 (one process runs alone, with ``parallel="none"``). Rank 0 times a prompt and greedy
-decoding (``benchmarks.worker.time_stream``: the decode rate is 1 / the median gap between
+decoding (``apps.benchmarks.worker.time_stream``: the decode rate is 1 / the median gap between
 tokens) and reports every rank's check-in: the weight bytes it holds and its resident
 memory. Configurations run in interleaved rounds (order reversed each round), each row
 keeping its best; ``same tokens`` compares the greedy tokens with the one-process run.
@@ -37,7 +37,7 @@ COLUMNS = [("ranks", "processes", "{}"), ("mode", "split", "{}"), ("prefill_tps"
 def worker(out: str, program: str, mode: str, prompt_tokens: int, decode_tokens: int) -> None:
     """One configuration, on every rank; rank 0 (or the only process) writes ``out``."""
     import paw_mlx
-    from benchmarks.worker import prompt_ids, time_stream
+    from apps.benchmarks.worker import prompt_ids, time_stream
     from interp.device import resident_bytes
     from interp.distributed.loading import held_bytes
     from interp.generate import generate_step
@@ -63,7 +63,7 @@ def run_config(program: Path, ranks: int, mode: str, prompt_tokens: int, decode_
     """One configuration in fresh processes; its row (or an error)."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
-        args = ["-m", "benchmarks.distributed", "worker", str(out), str(program), mode if ranks > 1 else "none",
+        args = ["-m", "apps.benchmarks.distributed", "worker", str(out), str(program), mode if ranks > 1 else "none",
                 str(prompt_tokens), str(decode_tokens)]
         bin_dir = Path(sys.executable).parent
         command = [sys.executable, *args] if ranks == 1 else [
@@ -85,7 +85,7 @@ def run_config(program: Path, ranks: int, mode: str, prompt_tokens: int, decode_
 
 def run(program: Path, rank_counts: list[int], modes: list[str], prompt_tokens: int, decode_tokens: int,
         rounds: int, timeout: float, say=print) -> dict:
-    from benchmarks.harness import machine
+    from apps.benchmarks.harness import machine
 
     configs = [(n, m) for n in rank_counts for m in (modes if n > 1 else ["none"])]
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
@@ -153,7 +153,7 @@ def _free_port() -> int:
 
 
 def _with_repo(pythonpath: str | None) -> str:
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])
     return repo if not pythonpath else f"{repo}{os.pathsep}{pythonpath}"
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         out, program, mode, prompt_tokens, decode_tokens = argv[1:6]
         worker(out, program, mode, int(prompt_tokens), int(decode_tokens))
         return
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m apps.benchmarks.distributed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--program", type=Path, default=Path.home() / ".cache/paw/programs/smollm2",
                         help="Program directory (default: paw's cached smollm2).")
     parser.add_argument("--ranks", default="1,2,3", help="Process counts, comma-separated.")
