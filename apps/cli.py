@@ -388,6 +388,20 @@ def chat(
 INTERRUPTED = 130
 
 
+def _usage_error_types() -> tuple[type, ...]:
+    """Click's usage errors: click's own, and the copy of click that typer vendors (0.20+)."""
+    import click
+
+    types: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        types.append(vendored.ClickException)
+    return tuple(types)
+
+
 def main() -> None:
     """Console-script entry: one line per error, never a traceback (PAW_DEBUG=1 prints the
     traceback, with its causes, before the line).
@@ -411,9 +425,7 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         code = INTERRUPTED
     except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _usage_error_types()):
             exc.show()
             sys.exit(exc.exit_code)
         if os.environ.get("PAW_DEBUG"):

@@ -58,6 +58,16 @@ def test_main_returns_typer_exit_codes(monkeypatch, capsys):
     cli.main()  # success returns normally
 
 
+@pytest.mark.parametrize("argv", [["run"], ["export", "hf"], ["run", "x", "--no-such-option"]])
+def test_usage_errors_exit_2_with_clicks_usage_message(monkeypatch, capsys, argv):
+    monkeypatch.setattr(sys, "argv", ["paw", *argv])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Usage: ") and "Error: " in err and "paw: error" not in err
+
+
 def endless_program(tiny_program: Path, directory: Path) -> Path:
     """A copy of the tiny program that never ends a reply: no EOS token, a huge context."""
     shutil.copytree(tiny_program, directory)
