@@ -39,8 +39,12 @@ def build_catalog(bases: Sequence[str | Path], program_roots: Sequence[str | Pat
     catalog = ModelCatalog()
     if not bases:
         bases = [require_default_program("pass a program directory")]
+    from apps.cli import show_ranks
+
     for base in bases:
-        catalog.add_base(paw_mlx.load(base))
+        prog = paw_mlx.load(base)
+        show_ranks(prog)  # under mlx.launch: what each rank holds (rank 0 is the only one here)
+        catalog.add_base(prog)
     for root in program_roots:
         root = Path(root)
         for directory in find_compiled_programs(root):

@@ -110,6 +110,16 @@ class _Group:
         """The graph every forward pass of this batch runs: the base, with its programs' adapters."""
         return self.adapters.model if self.adapters is not None else self.base.model
 
+    @property
+    def solo(self) -> bool:
+        """Whether each row runs on its own cache, one forward pass per row and step: a model
+        split over several processes (``interp.distributed``) takes no slot batch, only the
+        plain ``model(tokens, cache=...)`` call."""
+        return not hasattr(self.model, "step_rows")
+
+    def free_solo_slot(self) -> int:
+        return next(slot for slot in range(len(self.rows) + 1) if slot not in self.rows)
+
     def adapter_inputs(self, rows: list) -> dict | None:
         """The ``adapter_index`` input for ``rows`` (None for a free slot), if the graph takes one."""
         if "adapter_index" not in self.model.input_names:
@@ -325,6 +335,9 @@ class Engine:
     # ------------------------------------------------------------------ decode
 
     def _decode(self, group: _Group) -> None:
+        if group.solo:
+            self._decode_solo(group)
+            return
         batch, sampler = group.batch, group.sampler
         active = [slot in group.rows for slot in range(batch.slots)]
         tokens = mx.array([group.rows[s].next_token if on else 0 for s, on in enumerate(active)], dtype=mx.int32)
@@ -339,6 +352,23 @@ class Engine:
         for slot, row in list(group.rows.items()):
             row.fed.append(row.next_token)
             self._accept(group, row, choices, slot)
+
+    def _decode_solo(self, group: _Group) -> None:
+        """One decode step of a solo group: each row's own forward pass, sampled together."""
+        slots = sorted(group.rows)
+        logits = mx.concatenate([
+            group.model(mx.array([[group.rows[s].next_token]], dtype=mx.int32), cache=group.rows[s].cache)[:, -1, :]
+            for s in slots])
+        allowed = {s: group.rows[s].request.constraint.allowed() for s in slots
+                   if group.rows[s].request.constraint is not None}
+        result = group.sampler.sample(logits, rows=slots, allowed=allowed or None)
+        mx.eval(result.arrays())
+        self.steps += 1
+        choices = _Choices(result)
+        for index, slot in enumerate(slots):
+            row = group.rows[slot]
+            row.fed.append(row.next_token)
+            self._accept(group, row, choices, index)
 
     def _accept(self, group: _Group, row: _Row, choices: _Choices, index: int) -> None:
         """Take one sampled token for a row: emit it, or finish the row."""
@@ -363,7 +393,11 @@ class Engine:
     def _finish(self, group: _Group, row: _Row, reason: str, delivered: bool = False) -> None:
         """Free a row's slot, keep its KV in the prompt cache, send its last event."""
         slot = row.slot
-        if slot is not None and group.rows.get(slot) is row:
+        if slot is not None and group.rows.get(slot) is row and group.solo:
+            del group.rows[slot]
+            group.sampler.release(slot)
+            row.slot = row.cache = None  # a split model's cache is dropped on every rank with the next step
+        elif slot is not None and group.rows.get(slot) is row:
             length = group.batch.lengths[slot]
             if reason != "error" and length == len(row.fed) and length > 0:
                 self.prompt_cache.insert(row.request.model.namespace, row.fed, group.batch.extract(slot, length))
@@ -436,6 +470,8 @@ class Engine:
         cached); prefilling several in one pass reads the weights once for all of them.
         Returns at least two (row, cache hit) pairs, or none.
         """
+        if group.solo:
+            return []
         picked: list[tuple[_Row, object]] = []
         total = 0
         for row in list(group.waiting)[: self.config.prefill_rows]:
@@ -460,9 +496,14 @@ class Engine:
             self._queued -= 1
             self._running += 1
         request = row.request
+        row.cache = group.base.make_cache()
+        if group.solo:  # the ranks hold the cache: no prompt cache to copy from
+            row.handle.cached_tokens = 0
+            row.todo = list(request.prompt)
+            group.prefilling = row
+            return True
         self.pin_prefix(request.model)
         hit = self.prompt_cache.lookup(request.model.namespace, request.prompt, limit=len(request.prompt) - 1)
-        row.cache = group.base.make_cache()
         if hit.kv is not None:
             for layer, (k, v) in zip(row.cache, hit.kv, strict=True):
                 layer.state = (k, v)
@@ -474,13 +515,17 @@ class Engine:
     def _prefill_chunk(self, group: _Group, size: int) -> None:
         row = group.prefilling
         chunk, row.todo = row.todo[:size], row.todo[size:]
+        extra = group.adapter_inputs([row])
         logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache,
-                             extra_inputs=group.adapter_inputs([row]))
+                             **({"extra_inputs": extra} if extra else {}))
         self.prefill_chunks += 1
         if row.todo:
             mx.eval([c.state for c in row.cache])
             return
         group.prefilling = None
+        if group.solo:
+            self._join_solo(group, row, logits)
+            return
         slot = group.free_slot()
         kv = [c.state for c in row.cache]
         if slot is None:
@@ -498,6 +543,21 @@ class Engine:
         mx.eval(result.arrays(), group.batch.arrays())
         row.slot = slot
         row.fed = list(request.prompt)
+        group.rows[slot] = row
+        self._accept(group, row, _Choices(result), 0)
+
+    def _join_solo(self, group: _Group, row: _Row, logits: mx.array) -> None:
+        """A prefilled row joins a solo group, keeping its own cache, with its first token."""
+        slot = group.free_solo_slot()
+        if group.sampler is None:
+            group.sampler = BatchSampler(logits.shape[-1], slot + 1)
+        group.sampler.resize(max(group.sampler.slots, slot + 1))
+        request = row.request
+        group.sampler.assign(slot, request.sampling, request.prompt)
+        allowed = {slot: request.constraint.allowed()} if request.constraint is not None else None
+        result = group.sampler.sample(logits[:, -1, :], rows=[slot], allowed=allowed)
+        mx.eval(result.arrays())
+        row.slot, row.fed = slot, list(request.prompt)
         group.rows[slot] = row
         self._accept(group, row, _Choices(result), 0)
 

@@ -258,6 +258,9 @@ class ModelCatalog:
         name = name or Path(directory).name
         for base in self.bases:
             if base.fingerprint == artifact.base_fingerprint:
+                if getattr(base.model, "ranks", None):
+                    raise ArtifactError(f"{directory}: compiled programs are not served on a model split over "
+                                        "several processes yet (its prefix would have to be copied to every rank)")
                 check_against_base(artifact, base)
                 if name in self._models or name in self._aliases:
                     raise PawError(f"two models are named {name!r}: rename one of the directories")

@@ -248,3 +248,41 @@ def test_lora_programs_share_a_batch_with_plain_rows_as_if_alone(base, tiny_prog
     without = paw_mlx.function(plain["sentiment"], base=tiny_program)
     assert any(without.call_ids([without.token_ids(text)])[0] != want
                for (name, text), want in zip(calls, expected, strict=True) if name == "sentiment")
+
+
+class SplitLike:
+    """A model as a split one looks to the engine (``interp.distributed.driver.Driver``): the plain
+    ``model(tokens, cache=...)`` call and its own caches, no slot batches."""
+
+    def __init__(self, model):
+        self._model = model
+        self.num_layers, self.input_names = model.num_layers, model.input_names
+        self.calls = 0
+
+    def make_cache(self):
+        return self._model.make_cache()
+
+    def __call__(self, tokens, cache=None, positions=None, key_mask=None):
+        self.calls += 1
+        return self._model(tokens, cache=cache, positions=positions, key_mask=key_mask)
+
+
+def test_a_model_without_slot_batches_serves_each_row_on_its_own_cache(base):
+    from dataclasses import replace
+
+    split = replace(base, model=SplitLike(base.model))
+    model = ModelCatalog().add_base(split, name="split")
+    prompts = INPUTS[:6]
+    budgets = [2 + 3 * i for i in range(len(prompts))]  # rows finish at different steps
+    expected = [greedy_alone(base, paw_mlx.prompt_ids(base, p, raw=True), n) for p, n in zip(prompts, budgets,
+                                                                                             strict=True)]
+    with Engine(EngineConfig(max_rows=4, prefill_chunk=4)) as engine:
+        results = run_concurrently([lambda p=p, n=n: complete(engine, model, p, max_tokens=n, timeout=WAIT)
+                                    for p, n in zip(prompts, budgets, strict=True)])
+        seeded = complete(engine, model, "Hello", max_tokens=6, timeout=WAIT,
+                          sampling=SamplingParams.create(temperature=0.9, seed=7))
+        again = complete(engine, model, "Hello", max_tokens=6, timeout=WAIT,
+                         sampling=SamplingParams.create(temperature=0.9, seed=7))
+    assert [r.tokens for r in results] == expected
+    assert seeded.tokens == again.tokens
+    assert split.model.calls >= sum(budgets)  # one forward pass per row and step

@@ -131,6 +131,61 @@ def test_paw_run_over_two_ranks_prints_once(smollm2_program):
     assert "rank 1: layers 11-29, weights 269.0 MB" in done.stderr
 
 
+def test_paw_serve_over_two_ranks_answers_as_one_process(layered_programs):
+    """`mlx.launch -n 2 -- paw serve`: rank 0 serves HTTP, each request's rows run over both ranks,
+    and greedy answers (several at once, streamed or not) equal one process's."""
+    import httpx
+
+    import paw_mlx
+
+    path = layered_programs["llama"]
+    alone = paw_mlx.load(path, parallel="none")
+    prompts = ["5 17 42", "Hello there", "a b c d e f"]
+    want = [paw_mlx.generate(alone, p, raw=True, max_tokens=8) for p in prompts]
+    port, ring = free_ports(1)[0], free_port_run(2)
+    args = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(ring), "--python", sys.executable,
+            "--", PAW, "serve", str(path), "--port", str(port)]
+    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PAW_DIST_TIMEOUT="30"), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        name = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+        def ask(prompt: str, stream: bool = False) -> str:
+            body = {"model": name, "prompt": prompt, "max_tokens": 8, "stream": stream}
+            if not stream:
+                return httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as reply:
+                events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+            return "".join(json.loads(e)["choices"][0]["text"] for e in events if e != "[DONE]")
+
+        answers: list = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, ask(prompts[i])))
+                   for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert answers == want
+        assert ask(prompts[0], stream=True) == want[0]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            _, err = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            _, err = server.communicate(timeout=10)
+    assert "pipeline parallel over 2 ranks" in err, err[-2000:]
+
+
 class Ranks:
     """Ranks started directly (as mlx.launch would), so a test can signal one of them."""
 
