@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interp.errors import ArtifactError, PawError, RequestError
+from interp.errors import ArtifactError, InputError, PawError, RequestError
 from paw_mlx.runtime import LoadedProgram
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -44,18 +44,30 @@ class AdapterStack:
         self._model = None
 
     def add(self, adapter) -> int:
-        """Take ``adapter`` (checked against the base now); returns the index its rows pass."""
-        from paw_mlx.programs.function import stacked
+        """Take ``adapter`` (checked against the base's layers now); returns the index its rows pass.
 
-        model = stacked(self.base, [*self.adapters, adapter]).model
+        The stacked graph is built once, when the batch first runs, not once per program added.
+        """
+        from interp.lora import check_adapter, linear_sites
+
+        try:
+            check_adapter(adapter.scaled(), linear_sites(self.base.program))
+        except ArtifactError as exc:
+            raise ArtifactError(f"the program's adapter does not fit base model {self.base.name}: {exc}") from None
         self.adapters.append(adapter)
-        self._model = model
+        self._model = None
         return len(self.adapters) - 1
 
     @property
     def model(self):
         """The GraphModel the base's batch runs: the base's own, or with every adapter stacked in."""
-        return self._model if self._model is not None else self.base.model
+        if len(self.adapters) == 1:
+            return self.base.model
+        if self._model is None:
+            from paw_mlx.programs.function import stacked
+
+            self._model = stacked(self.base, self.adapters).model
+        return self._model
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one object per served name
@@ -148,13 +160,11 @@ class ServedModel:
         return self.prefix_ids + rest
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        vocab = self.base.vocab_size or 0
-        out = []
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab and t >= vocab):
-                raise RequestError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
-            out.append(int(t))
-        return out
+        """Prompt ids checked against the base's vocabulary (``LoadedProgram.check_ids``), as a 400."""
+        try:
+            return self.base.check_ids(ids, "prompt token ids")
+        except InputError as exc:
+            raise RequestError(str(exc), param="prompt") from None
 
 
 def normalize_messages(messages: Sequence[Any]) -> list[dict]:
