@@ -14,7 +14,13 @@ import mlx.core as mx
 from interp.distributed.sharding import plan_tensor_parallel
 from interp.distributed.stages import plan_pipeline, stage_program
 from interp.graph import GraphModel, RunContext
-from interp.program import Program
+from interp.program import Program, load_consts, read_program
+
+
+def read_whole(path) -> tuple[Program, dict]:
+    """A program and all its consts (lazily loaded, from one file or shards)."""
+    program = read_program(path)
+    return program, load_consts(program)
 
 
 def _positions(tokens: mx.array, offset: int) -> mx.array:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
 import pytest
 
 from interp.distributed.sharding import plan_tensor_parallel
 from interp.errors import DistributedError
 from interp.program import read_program
 from tests.interp.distributed.conftest import LAYERED, LAYERS
-from tests.interp.distributed.simulate import max_difference, tensor_logits, whole_logits
+from tests.interp.distributed.simulate import max_difference, read_whole, tensor_logits, whole_logits
 
 PROMPT = [5, 17, 33, 90, 12, 7, 101]
 
@@ -17,8 +16,7 @@ PROMPT = [5, 17, 33, 90, 12, 7, 101]
 @pytest.mark.parametrize("arch", LAYERED)
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_tensor_split_gives_the_whole_programs_logits(layered_programs, arch, ranks):
-    program = read_program(layered_programs[arch])
-    consts = dict(mx.load(str(program.consts_path)))
+    program, consts = read_whole(layered_programs[arch])
     expected, feeds = whole_logits(program, consts, PROMPT, steps=5)
     assert max_difference(expected, tensor_logits(program, consts, ranks, feeds)) < 1e-5
 
@@ -62,8 +60,7 @@ def test_too_few_kv_heads_keep_attention_whole(layered_programs):
 
 def test_quantized_weights_split_by_whole_groups(quantized_program):
     """4-bit weights: rows split freely, input features only by whole quantization groups."""
-    program = read_program(quantized_program)
-    consts = dict(mx.load(str(program.consts_path)))
+    program, consts = read_whole(quantized_program)
     expected, feeds = whole_logits(program, consts, PROMPT, steps=3)
     assert max_difference(expected, tensor_logits(program, consts, 2, feeds)) < 1e-5
     shapes = plan_tensor_parallel(program, 2).rank_program(1).spec["consts"]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 
-import mlx.core as mx
 import pytest
 
 from interp.distributed.stages import const_bytes, layer_cuts, plan_pipeline
 from interp.errors import DistributedError
 from interp.program import read_program
 from tests.interp.distributed.conftest import LAYERED, LAYERS
-from tests.interp.distributed.simulate import max_difference, pipeline_logits, whole_logits
+from tests.interp.distributed.simulate import max_difference, pipeline_logits, read_whole, whole_logits
 
 PROMPT = [5, 17, 33, 90, 12, 7, 101]
 
@@ -23,8 +22,7 @@ def _total_bytes(program) -> int:
 @pytest.mark.parametrize("arch", LAYERED)
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_pipeline_split_gives_the_whole_programs_logits(layered_programs, arch, ranks):
-    program = read_program(layered_programs[arch])
-    consts = dict(mx.load(str(program.consts_path)))
+    program, consts = read_whole(layered_programs[arch])
     expected, feeds = whole_logits(program, consts, PROMPT, steps=6)
     got = pipeline_logits(program, consts, ranks, feeds)
     assert max_difference(expected, got) < 1e-5
