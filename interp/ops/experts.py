@@ -47,10 +47,15 @@ def expert_linear(x, weight, indices, bias=None):
 
     def multiply(rows, rhs, sort):
         if weight.dtype != mx.float32 and device.computes_on_cpu():
-            # MLX's CPU gather_mm takes float32 only: gather the routed experts and
-            # multiply them in float32 (the precision the GPU kernels accumulate in)
-            picked = mx.swapaxes(mx.take(weight, rhs, axis=0), -1, -2).astype(mx.float32)
-            return (rows.astype(mx.float32) @ picked).astype(rows.dtype)
+            # MLX's CPU gather_mm takes float32 only. A few pairs (a decode step) convert just
+            # their experts; as many pairs as experts or more convert the stack once, so the
+            # float32 copy is never larger than the stack.
+            if rhs.size < weight.shape[0]:
+                picked = mx.swapaxes(mx.take(weight, rhs, axis=0), -1, -2).astype(mx.float32)
+                return (rows.astype(mx.float32) @ picked).astype(rows.dtype)
+            out = mx.gather_mm(rows.astype(mx.float32), transposed.astype(mx.float32), rhs_indices=rhs,
+                               sorted_indices=sort)
+            return out.astype(rows.dtype)
         return mx.gather_mm(rows, transposed, rhs_indices=rhs, sorted_indices=sort)
 
     out = _routed(x, indices, multiply)

@@ -276,6 +276,8 @@ EXTRA_CASES = {
         _attention_ref, [randn(1, 4, 2, 8), randn(1, 2, 9, 8), randn(1, 2, 9, 8)],
         {"layer": 0, "scale": 0.3, "window": 4, "alibi_max_bias": 8.0}),
     "ternary_linear base3": _ternary_case("base3"),
+    "expert_linear for one token, fewer pairs than experts": Case(
+        _expert_ref, [randn(1, 1, 16), randn(4, 12, 16), np.array([[2, 0]], np.int64), randn(4, 12)]),
     "expert_linear over many pairs, grouped by expert": Case(
         _expert_ref, [randn(40, 2, 16), randn(4, 12, 16), ints(4, 40, 2), None], tol={"float32": 2e-5}),
     "quantized_expert_linear over many pairs": Case(
