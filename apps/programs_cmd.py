@@ -19,9 +19,11 @@ RETURNS_HELP = ("Constrain every output: a JSON list of choices ('[\"yes\", \"no
                 "holding one of these as JSON.")
 
 
+# Kept in step with paw_mlx.programs.select.DEFAULT_CANDIDATES (a test checks; --help must not load MLX).
+DEFAULT_CANDIDATES = "spec,fewshot,prefix,lora,prefix+lora"
 CANDIDATES_HELP = ("Candidates to score by cross-validation on the examples, comma-separated: spec, fewshot "
                    "(examples as demonstrations in the cached prefix), prefix (tuned prefix), lora (LoRA adapter "
-                   "with the few-shot prefix).")
+                   "with the few-shot prefix), prefix+lora (LoRA adapter trained behind the tuned prefix).")
 
 
 def compile_cmd(
@@ -32,7 +34,7 @@ def compile_cmd(
     examples: Annotated[Path | None, typer.Option("--examples", "-e", help=(
         "JSON lines of {\"input\", \"output\"} (5-8 are enough): the compiler tries each candidate, scores it "
         "on examples it held out, keeps the best. Rows with \"split\": \"test\" are only scored at the end."))] = None,
-    candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
+    candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = DEFAULT_CANDIDATES,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over the examples.")] = 4,
     steps: Annotated[int, typer.Option(
         help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
@@ -146,7 +148,7 @@ def eval_cmd(
         help="Folder of tasks (spec.txt + examples.jsonl each).")] = Path("examples/tasks"),
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = DEFAULT_MODEL,
     only: Annotated[list[str] | None, typer.Option(help="Run only these tasks (repeat the option).")] = None,
-    candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = "spec,fewshot,prefix,lora",
+    candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = DEFAULT_CANDIDATES,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over each task's training rows.")] = 4,
     steps: Annotated[int, typer.Option(help="Most training steps of a trained candidate.")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,

@@ -8,7 +8,9 @@ Candidates, from cheapest:
   the cached prefix, free at call time since the prefix is computed once;
 * ``prefix``: the few-shot prefix's keys and values tuned by gradient descent;
 * ``lora``: a LoRA adapter on the top layers' projections, trained with the few-shot
-  prefix in front (``paw_mlx/programs/train.py``).
+  prefix in front (``paw_mlx/programs/train.py``);
+* ``prefix+lora``: the tuned prefix, then a LoRA adapter trained behind it (two stages:
+  the first is the ``prefix`` candidate's own training, shared with it in each fold).
 
 With ``n`` examples and ``k`` folds, a candidate is fitted ``k`` times on the examples
 outside one fold (demonstrations included: a fold's own examples are never in its
@@ -32,12 +34,13 @@ from paw_mlx.programs.examples import folds as make_folds
 from paw_mlx.programs.train import TrainOptions, TrainResult, train
 from paw_mlx.runtime import LoadedProgram
 
-CANDIDATES = ("spec", "fewshot", "prefix", "lora")
-#: what ``paw compile --examples`` tries unless told otherwise: all four (on the dev tasks
+PREFIX_LORA = "prefix+lora"
+CANDIDATES = ("spec", "fewshot", "prefix", "lora", PREFIX_LORA)
+#: what ``paw compile --examples`` tries unless told otherwise: all five (on the dev tasks
 #: each trained candidate won some of the cross-validations; docs/programs.md)
 DEFAULT_CANDIDATES = CANDIDATES
 #: tie-break order: simpler first
-PREFERENCE = ("fewshot", "spec", "lora", "prefix")
+PREFERENCE = ("fewshot", "spec", "lora", "prefix", PREFIX_LORA)
 #: outputs are scored with a budget of the longest training output plus this many tokens
 SCORING_MARGIN = 8
 
@@ -64,7 +67,8 @@ class SelectOptions:
         self.prefix.check()
 
     def training(self, name: str) -> TrainOptions | None:
-        return {"lora": self.lora, "prefix": self.prefix}.get(name)
+        """How candidate ``name`` is trained (for ``prefix+lora``: its second, LoRA stage)."""
+        return {"lora": self.lora, "prefix": self.prefix, PREFIX_LORA: self.lora}.get(name)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class CandidateScore:
     seconds: float = 0.0
     fold_seconds: list[float] = field(default_factory=list)
     best_steps: list[int] = field(default_factory=list)
+    #: ``prefix+lora``: the best step of its first stage (the prefix tuning) in each fold
+    stage_steps: list[int] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)  # the held-out prediction of each example
 
     @property
@@ -94,6 +100,7 @@ class Builder:
         self.prog, self.spec, self.base_hint = prog, spec, base_hint
         self.generation, self.returns = generation, returns
         self._prefixes: dict[tuple, ProgramArtifact] = {}
+        self._trained: dict[tuple, tuple[ProgramArtifact, TrainResult]] = {}
 
     def prompted(self, demos: Sequence[dict]) -> ProgramArtifact:
         """The untrained program with ``demos`` in its prefix (cached: folds share them)."""
@@ -110,22 +117,55 @@ class Builder:
 
     def build(self, name: str, rows: Sequence[dict], options: TrainOptions | None, *,
               validation: Sequence[dict] = (), progress: Callable[[int, int, float], None] | None = None,
-              ) -> tuple[ProgramArtifact, TrainResult | None]:
-        """Candidate ``name`` fitted on ``rows`` (validation rows only steer early stopping)."""
+              stage: TrainOptions | None = None) -> tuple[ProgramArtifact, TrainResult | None]:
+        """Candidate ``name`` fitted on ``rows`` (validation rows only steer early stopping).
+
+        ``prefix+lora`` trains in two stages: ``stage`` (prefix tuning options) on the
+        few-shot prefix, then ``options`` (a LoRA) behind the tuned prefix. The LoRA stage
+        starts where the prefix stage ended (its adapter starts at zero), so with
+        validation rows its early stopping keeps the adapter only if it improves on the
+        tuned prefix.
+        """
         if name == "spec":
             return self.prompted([]), None
         artifact = self.prompted(rows)
         if name == "fewshot":
             return artifact, None
-        spans = demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos)
-        result = train(self.prog, artifact, rows, options, hidden_spans=spans, validation=validation,
-                       progress=progress)
-        trained = replace(artifact, tuning=result.report(options), directory=None)
-        if result.adapter is not None:
-            trained.adapter = result.adapter
-        if result.prefix is not None:
-            trained.prefix = result.prefix
+        first = None
+        if name == PREFIX_LORA:
+            if stage is None:
+                raise PawError("the prefix+lora candidate needs the options of its prefix stage")
+            artifact, first = self._train(artifact, rows, stage, validation, progress, remember=True)
+        trained, result = self._train(artifact, rows, options, validation, progress, remember=first is None)
+        if first is not None:
+            trained.tuning = dict(trained.tuning, method=PREFIX_LORA, prefix_stage=first.report(stage))
         return trained, result
+
+    def _train(self, artifact: ProgramArtifact, rows: Sequence[dict], options: TrainOptions,
+               validation: Sequence[dict], progress: Callable[[int, int, float], None] | None, *,
+               remember: bool) -> tuple[ProgramArtifact, TrainResult]:
+        """``artifact`` trained on ``rows``. With ``remember`` (``artifact`` is the few-shot
+        prefix of ``rows``) the result is kept, so the folds of ``prefix`` and of
+        ``prefix+lora`` share their prefix tuning (training is deterministic: same seed)."""
+        key = (tuple((r["input"], r["output"]) for r in rows),
+               tuple((r["input"], r["output"]) for r in validation), repr(asdict(options)))
+        if not remember or key not in self._trained:
+            spans = demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos)
+            result = train(self.prog, artifact, rows, options, hidden_spans=spans, validation=validation,
+                           progress=progress)
+            trained = replace(artifact, tuning=result.report(options), directory=None)
+            if result.adapter is not None:
+                trained.adapter = result.adapter
+            if result.prefix is not None:
+                trained.prefix = result.prefix
+            if not remember:
+                return trained, result
+            self._trained[key] = (trained, result)
+        elif progress is not None:
+            result = self._trained[key][1]
+            progress(result.steps_run, options.steps, result.losses[-1] if result.losses else float("nan"))
+        trained, result = self._trained[key]
+        return replace(trained), result
 
     def outputs(self, artifact: ProgramArtifact, inputs: list[str], budget: int) -> list[str]:
         """The program's outputs for ``inputs``; an output that cannot meet the program's
@@ -166,8 +206,17 @@ class Selection:
         self.scores: dict[str, CandidateScore] = {}
         self._progress = progress
         k = len(self.folds)
-        self.total = sum((k + 1) * (t.steps if (t := options.training(c)) else 1) for c in options.candidates)
+        self.total = sum((k + 1) * self._steps(c) for c in options.candidates)
         self.done = 0
+
+    def _steps(self, name: str) -> int:
+        """Progress units of one fit of ``name``: its training steps (1 for an untrained one)."""
+        training = self.options.training(name)
+        if training is None:
+            return 1
+        if name == PREFIX_LORA and "prefix" not in self.options.candidates:  # else its first stage is prefix's
+            return training.steps + self.options.prefix.steps
+        return training.steps
 
     def _report(self, text: str, extra: int = 0) -> None:
         if self._progress is not None:
@@ -192,7 +241,7 @@ class Selection:
                     self._report(f"{label}, step {step}/{steps}, loss {loss:.3f}", step)
 
                 artifact, result = self.builder.build(name, fit, training, validation=validation,
-                                                      progress=step_report)
+                                                      progress=step_report, stage=self.options.prefix)
                 outputs = self.builder.outputs(artifact, [r["input"] for r in validation], self.budget)
                 for i, output in zip(held, outputs, strict=True):
                     score.outputs[i] = output
@@ -200,8 +249,10 @@ class Selection:
                     score.total += 1
                 if result is not None:
                     score.best_steps.append(result.best_step)
+                if artifact.tuning is not None and "prefix_stage" in artifact.tuning:
+                    score.stage_steps.append(artifact.tuning["prefix_stage"]["best_step"])
                 score.fold_seconds.append(round(time.perf_counter() - fold_started, 1))
-                self.done += training.steps if training else (k + 1) // len(groups)
+                self.done += self._steps(name) if training else (k + 1) // len(groups)
             score.seconds = round(time.perf_counter() - started, 1)
         return self.scores
 
@@ -218,6 +269,14 @@ class Selection:
         steps = self.scores[name].best_steps if name in self.scores else []
         return replace(training, steps=max(1, round(sum(steps) / len(steps))) if steps else training.steps)
 
+    def final_stage(self, name: str) -> TrainOptions | None:
+        """``prefix+lora``: the options of its prefix stage for the rebuild (the folds' mean best step)."""
+        if name != PREFIX_LORA:
+            return None
+        steps = self.scores[name].stage_steps if name in self.scores else []
+        prefix = self.options.prefix
+        return replace(prefix, steps=max(1, round(sum(steps) / len(steps))) if steps else prefix.steps)
+
     def rebuild(self, name: str) -> ProgramArtifact:
         """Candidate ``name`` fitted on every example, with its training report."""
         training = self.final_training(name)
@@ -226,11 +285,11 @@ class Selection:
         def step_report(step: int, steps: int, loss: float) -> None:
             self._report(f"{name}: all examples, step {step}/{steps}, loss {loss:.3f}", step)
 
-        artifact, result = self.builder.build(name, self.rows, training, progress=step_report)
+        artifact, result = self.builder.build(name, self.rows, training, progress=step_report,
+                                              stage=self.final_stage(name))
         if name in self.scores:
             self.scores[name].seconds = round(self.scores[name].seconds + time.perf_counter() - started, 1)
-        tuning = result.report(training) if result is not None else None
-        return replace(artifact, tuning=tuning, directory=None)
+        return replace(artifact, directory=None)
 
     def report(self) -> dict:
         kept = self.kept
@@ -239,10 +298,12 @@ class Selection:
             "folds": [[self.rows[i]["input"] for i in held] for held in self.folds],
             "candidates": [{"name": s.name, "exact_match": round(s.exact_match, 4), "correct": s.correct,
                             "total": s.total, "seconds": s.seconds, "fold_seconds": s.fold_seconds,
-                            "best_steps": s.best_steps, "outputs": s.outputs} for s in self.scores.values()],
+                            "best_steps": s.best_steps, "stage_steps": s.stage_steps, "outputs": s.outputs}
+                           for s in self.scores.values()],
             "kept": kept,
             "reason": _reason(kept, self.scores),
             "training": asdict(t) if (t := self.final_training(kept)) is not None else None,
+            "prefix_stage": asdict(t) if (t := self.final_stage(kept)) is not None else None,
         }
 
 

@@ -89,6 +89,41 @@ def test_prefix_training_moves_only_the_top_layers(builder):
     assert not mx.array_equal(artifact.prefix[1][0], before[1][0]).item()
 
 
+def test_prefix_then_lora_trains_both_and_shares_the_prefix_folds(builder, monkeypatch, tmp_path):
+    import paw_mlx.programs.select as select_module
+
+    trained = []
+    original = select_module.train
+
+    def spy(prog, artifact, rows, options, **kw):
+        trained.append(options.method)
+        return original(prog, artifact, rows, options, **kw)
+
+    monkeypatch.setattr(select_module, "train", spy)
+    options = SelectOptions(candidates=("prefix", "prefix+lora"), folds=2,
+                            lora=TrainOptions(steps=4, layers=1, rank=2, eval_every=2, learning_rate=5e-2),
+                            prefix=TrainOptions(method="prefix", steps=4, layers=1, eval_every=2,
+                                                learning_rate=5e-2))
+    selection = Selection(builder.prog, builder, ROWS, options)
+    scores = selection.cross_validate()
+    # two folds: prefix tuned twice, and prefix+lora reuses those tunings for its first stage
+    assert trained == ["prefix", "prefix", "lora", "lora"]
+    assert len(scores["prefix+lora"].stage_steps) == 2 == len(scores["prefix+lora"].best_steps)
+    assert scores["prefix+lora"].stage_steps == scores["prefix"].best_steps
+    artifact = selection.rebuild("prefix+lora")
+    before = builder.prompted(ROWS).prefix
+    assert artifact.adapter is not None and not mx.array_equal(artifact.prefix[1][0], before[1][0]).item()
+    assert artifact.tuning["method"] == "prefix+lora"
+    assert artifact.tuning["prefix_stage"]["method"] == "prefix"
+    paw_mlx.programs.write_artifact(artifact, tmp_path / "both")
+    back = read_artifact(tmp_path / "both")
+    assert mx.array_equal(back.prefix[1][0], artifact.prefix[1][0]).item() and back.adapter.rank == 2
+    f, g = paw_mlx.function(tmp_path / "both", max_new_tokens=6), paw_mlx.function(artifact, max_new_tokens=6)
+    assert f(["cow", "bee"]) == g(["cow", "bee"])
+    with pytest.raises(PawError, match="prefix stage"):
+        builder.build("prefix+lora", ROWS, options.lora)
+
+
 def test_cross_validation_never_shows_a_fold_its_own_rows(builder, monkeypatch):
     calls = []
     original = Builder.build
