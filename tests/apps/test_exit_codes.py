@@ -82,7 +82,9 @@ def endless_program(tiny_program: Path, directory: Path) -> Path:
 
 def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
     program = endless_program(tiny_program, tmp_path / "endless")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # PYTHONFAULTHANDLER: if the interrupt is not obeyed, SIGABRT makes the run print where
+    # every thread was, so a failure says why (it happened once in CI and never since).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "apps.cli", "run", str(program), "--prompt", "Hello",
                              "--raw", "-n", "1000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
@@ -90,7 +92,13 @@ def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
         assert proc.stdout.read(1), "no output before the interrupt"
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail("Ctrl-C was not obeyed within 60 s; the run's threads then:\n"
+                        + err.decode(errors="replace")[-4000:])
     finally:
         proc.kill()
     assert proc.returncode == 130, err
