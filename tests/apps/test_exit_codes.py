@@ -82,10 +82,17 @@ def endless_program(tiny_program: Path, directory: Path) -> Path:
 
 def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
     program = endless_program(tiny_program, tmp_path / "endless")
-    # PYTHONFAULTHANDLER: if the interrupt is not obeyed, SIGABRT makes the run print where
-    # every thread was, so a failure says why (it happened once in CI and never since).
+    # A process started with SIGINT ignored (a background job of a non-interactive shell, as
+    # `cmd &` in a script; nohup) passes that on, and Python then leaves Ctrl-C ignored, as a
+    # shell expects of a background job. The run under test is a terminal's foreground job, so
+    # it gets Python's handler back whatever the suite was started from.
+    # PYTHONFAULTHANDLER: if the interrupt is still not obeyed, SIGABRT makes the run print
+    # where every thread was, so the failure says why.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "apps.cli", "run", str(program), "--prompt", "Hello",
+    foreground = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+                  "sys.argv[0] = 'paw'; runpy.run_module('apps.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", foreground, "run", str(program), "--prompt", "Hello",
                              "--raw", "-n", "1000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     try:
@@ -95,9 +102,12 @@ def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
         try:
             _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
+            status = Path(f"/proc/{proc.pid}/status")
+            lines = status.read_text().splitlines() if status.exists() else []
+            masks = [line for line in lines if line.startswith("Sig")]
             proc.send_signal(signal.SIGABRT)
             _, err = proc.communicate(timeout=30)
-            pytest.fail("Ctrl-C was not obeyed within 60 s; the run's threads then:\n"
+            pytest.fail(f"Ctrl-C was not obeyed within 60 s; signal masks {masks}; the run's threads then:\n"
                         + err.decode(errors="replace")[-4000:])
     finally:
         proc.kill()
