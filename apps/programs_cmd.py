@@ -26,6 +26,19 @@ CANDIDATES_HELP = ("Candidates to score by cross-validation on the examples, com
                    "with the few-shot prefix), prefix+lora (LoRA adapter trained behind the tuned prefix).")
 
 
+def select_options(candidates: str, folds: int, steps: int, lr: float, layers: int, rank: int):
+    """The compiler's options from the flags ``paw compile`` and ``paw eval-programs`` share
+    (``--steps`` and ``--layers`` bound both trained candidates; ``--lr``, ``--rank`` are LoRA's)."""
+    from paw_mlx.programs.select import SelectOptions
+    from paw_mlx.programs.train import TrainOptions
+
+    names = tuple(c.strip() for c in candidates.split(",") if c.strip())
+    options = SelectOptions(candidates=names, folds=folds,
+                            lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
+    options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
+    return options
+
+
 def compile_cmd(
     spec: Annotated[str, typer.Argument(help="The spec: text, or @FILE to read it from a file.")],
     out: Annotated[Path, typer.Option(
@@ -52,15 +65,10 @@ def compile_cmd(
 ) -> None:
     """Compile a spec into a program; with --examples, choose the best of several candidates on held-out examples."""
     from paw_mlx.programs.compile import compile
-    from paw_mlx.programs.select import SelectOptions
-    from paw_mlx.programs.train import TrainOptions
 
     if output_format not in ("dir", "paw"):
         raise PawError(f"--format is 'dir' or 'paw', not {output_format!r}")
-    names = tuple(c.strip() for c in candidates.split(",") if c.strip())
-    options = SelectOptions(candidates=names, folds=folds,
-                            lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
-    options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
+    options = select_options(candidates, folds, steps, lr, layers, rank)
     if output_format == "paw":
         from paw_mlx.programs.pawfile import compile_bundle
 
@@ -175,14 +183,8 @@ def eval_cmd(
             raise PawError(f"{show} is not a paw eval-programs report: {exc}") from exc
         return
     from paw_mlx.programs.evaluate import evaluate
-    from paw_mlx.programs.select import SelectOptions
-    from paw_mlx.programs.train import TrainOptions
 
-    names = tuple(c.strip() for c in candidates.split(",") if c.strip())
-    options = SelectOptions(candidates=names, folds=folds,
-                            lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
-    options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
-    report = evaluate(tasks, base, options, only, cache)
+    report = evaluate(tasks, base, select_options(candidates, folds, steps, lr, layers, rank), only, cache)
     out = out or Path("apps/benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

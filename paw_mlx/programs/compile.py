@@ -129,6 +129,9 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     base_path = resolve_base(base)
     if out_dir is not None and Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
+    if examples is not None:
+        options = options or SelectOptions()
+        options.check()  # before the base model loads: a bad option is one line at once
     prog = interpreter(base_path)
     if not prog.fingerprint:
         raise PawError(f"the base model {base_path} has no fingerprint (no manifest.json), so a program "

@@ -372,6 +372,7 @@ def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force
         raise ArtifactError("--format paw writes a LoRA program: give --examples to train it")
     if Path(out).exists() and not force:
         raise ArtifactError(f"{out} already exists (use --force to replace it)")
+    options.check()  # what the caller gave, before it becomes the one LoRA candidate a bundle holds
     options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True))
     prog = interpreter(resolve_base(base))
     gguf_module_names(prog)  # an architecture llama.cpp cannot name fails here, before training

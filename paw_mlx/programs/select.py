@@ -100,7 +100,7 @@ class Builder:
         self.prog, self.spec, self.base_hint = prog, spec, base_hint
         self.generation, self.returns = generation, returns
         self._prefixes: dict[tuple, ProgramArtifact] = {}
-        self._trained: dict[tuple, tuple[ProgramArtifact, TrainResult]] = {}
+        self._tuned: dict[tuple, tuple[ProgramArtifact, TrainResult]] = {}
 
     def prompted(self, demos: Sequence[dict]) -> ProgramArtifact:
         """The untrained program with ``demos`` in its prefix (cached: folds share them)."""
@@ -131,40 +131,46 @@ class Builder:
         artifact = self.prompted(rows)
         if name == "fewshot":
             return artifact, None
+        if name == "prefix":
+            return self._tuned_prefix(artifact, rows, options, validation, progress)
         first = None
         if name == PREFIX_LORA:
             if stage is None:
                 raise PawError("the prefix+lora candidate needs the options of its prefix stage")
-            artifact, first = self._train(artifact, rows, stage, validation, progress, remember=True)
-        trained, result = self._train(artifact, rows, options, validation, progress, remember=first is None)
+            artifact, first = self._tuned_prefix(artifact, rows, stage, validation, progress)
+        trained, result = self._train(artifact, rows, options, validation, progress)
         if first is not None:
             trained.tuning = dict(trained.tuning, method=PREFIX_LORA, prefix_stage=first.report(stage))
         return trained, result
 
     def _train(self, artifact: ProgramArtifact, rows: Sequence[dict], options: TrainOptions,
-               validation: Sequence[dict], progress: Callable[[int, int, float], None] | None, *,
-               remember: bool) -> tuple[ProgramArtifact, TrainResult]:
-        """``artifact`` trained on ``rows``. With ``remember`` (``artifact`` is the few-shot
-        prefix of ``rows``) the result is kept, so the folds of ``prefix`` and of
-        ``prefix+lora`` share their prefix tuning (training is deterministic: same seed)."""
+               validation: Sequence[dict], progress: Callable[[int, int, float], None] | None,
+               ) -> tuple[ProgramArtifact, TrainResult]:
+        """``artifact`` trained on ``rows``, its own demonstrations hidden from each row."""
+        spans = demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos)
+        result = train(self.prog, artifact, rows, options, hidden_spans=spans, validation=validation,
+                       progress=progress)
+        trained = replace(artifact, tuning=result.report(options), directory=None)
+        if result.adapter is not None:
+            trained.adapter = result.adapter
+        if result.prefix is not None:
+            trained.prefix = result.prefix
+        return trained, result
+
+    def _tuned_prefix(self, artifact: ProgramArtifact, rows: Sequence[dict], options: TrainOptions,
+                      validation: Sequence[dict], progress: Callable[[int, int, float], None] | None,
+                      ) -> tuple[ProgramArtifact, TrainResult]:
+        """The few-shot prefix ``artifact`` of ``rows``, tuned; kept, so that the ``prefix``
+        candidate and the first stage of ``prefix+lora`` train once per fold (training is
+        deterministic: same rows, options and seed, same result)."""
         key = (tuple((r["input"], r["output"]) for r in rows),
                tuple((r["input"], r["output"]) for r in validation), repr(asdict(options)))
-        if not remember or key not in self._trained:
-            spans = demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos)
-            result = train(self.prog, artifact, rows, options, hidden_spans=spans, validation=validation,
-                           progress=progress)
-            trained = replace(artifact, tuning=result.report(options), directory=None)
-            if result.adapter is not None:
-                trained.adapter = result.adapter
-            if result.prefix is not None:
-                trained.prefix = result.prefix
-            if not remember:
-                return trained, result
-            self._trained[key] = (trained, result)
+        if key not in self._tuned:
+            self._tuned[key] = self._train(artifact, rows, options, validation, progress)
         elif progress is not None:
-            result = self._trained[key][1]
+            result = self._tuned[key][1]
             progress(result.steps_run, options.steps, result.losses[-1] if result.losses else float("nan"))
-        trained, result = self._trained[key]
+        trained, result = self._tuned[key]
         return replace(trained), result
 
     def outputs(self, artifact: ProgramArtifact, inputs: list[str], budget: int) -> list[str]:
@@ -266,16 +272,13 @@ class Selection:
         training = self.options.training(name)
         if training is None:
             return None
-        steps = self.scores[name].best_steps if name in self.scores else []
-        return replace(training, steps=max(1, round(sum(steps) / len(steps))) if steps else training.steps)
+        return _with_mean_steps(training, self.scores[name].best_steps if name in self.scores else [])
 
     def final_stage(self, name: str) -> TrainOptions | None:
         """``prefix+lora``: the options of its prefix stage for the rebuild (the folds' mean best step)."""
         if name != PREFIX_LORA:
             return None
-        steps = self.scores[name].stage_steps if name in self.scores else []
-        prefix = self.options.prefix
-        return replace(prefix, steps=max(1, round(sum(steps) / len(steps))) if steps else prefix.steps)
+        return _with_mean_steps(self.options.prefix, self.scores[name].stage_steps if name in self.scores else [])
 
     def rebuild(self, name: str) -> ProgramArtifact:
         """Candidate ``name`` fitted on every example, with its training report."""
@@ -285,8 +288,8 @@ class Selection:
         def step_report(step: int, steps: int, loss: float) -> None:
             self._report(f"{name}: all examples, step {step}/{steps}, loss {loss:.3f}", step)
 
-        artifact, result = self.builder.build(name, self.rows, training, progress=step_report,
-                                              stage=self.final_stage(name))
+        artifact, _ = self.builder.build(name, self.rows, training, progress=step_report,
+                                         stage=self.final_stage(name))
         if name in self.scores:
             self.scores[name].seconds = round(self.scores[name].seconds + time.perf_counter() - started, 1)
         return replace(artifact, directory=None)
@@ -322,6 +325,13 @@ def select(prog: LoadedProgram, builder: Builder, rows: Sequence[dict], options:
     selection._report("done", selection.total)
     info = selection.report()
     return replace(artifact, selection=info), info
+
+
+def _with_mean_steps(options: TrainOptions, best_steps: list[int]) -> TrainOptions:
+    """``options`` for a rebuild on all examples: the folds' mean best step count (at least 1)."""
+    if not best_steps:
+        return options
+    return replace(options, steps=max(1, round(sum(best_steps) / len(best_steps))))
 
 
 def _reason(kept: str, scores: dict[str, CandidateScore]) -> str:

@@ -74,6 +74,10 @@ class TrainOptions:
             raise PawError(f"unknown training method {self.method!r}: 'lora' or 'prefix'")
         if self.steps < 0 or self.batch_size < 1 or self.layers < 0 or self.rank < 1 or self.eval_every < 1:
             raise PawError("training needs steps >= 0, batch size >= 1, layers >= 0, rank >= 1, eval_every >= 1")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise PawError(f"the learning rate must be a positive number, not {self.learning_rate}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise PawError(f"the LoRA alpha must be a positive number, not {self.alpha}")
         if self.targets not in ("attention", "all"):
             raise PawError(f"unknown LoRA targets {self.targets!r}: 'attention' or 'all'")
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 import paw_mlx
@@ -50,6 +51,23 @@ def test_errors_are_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"paw: error: no such program: {tmp_path / 'nope'}"
+
+
+@pytest.mark.parametrize(("flags", "line"), [
+    (["--lr", "nan"], "paw: error: the learning rate must be a positive number, not nan"),
+    (["--candidates", "lora,magic"], "paw: error: unknown candidate magic: choose from spec, fewshot, prefix, lora, "
+                                     "prefix+lora"),
+])
+def test_bad_training_flags_are_one_line_before_any_work(tiny_program, tmp_path, flags, line):
+    rows = tmp_path / "ex.jsonl"
+    rows.write_text('{"input": "a", "output": "A"}\n{"input": "b", "output": "B"}\n', encoding="utf-8")
+    for fmt in ("dir", "paw"):
+        out = tmp_path / f"out.{fmt}"
+        proc = subprocess.run([sys.executable, "-m", "apps.cli", "compile", "Upper.", "-o", str(out), "--base",
+                               str(tiny_program), "--examples", str(rows), "--format", fmt, *flags],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.strip() == line, (fmt, proc.stderr)
+        assert not out.exists()
 
 
 def test_cli_training_defaults_are_the_trainers():
