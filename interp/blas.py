@@ -46,18 +46,133 @@ from interp.paths import cache_dir
 # several times slower than its gemv (docs/speed.md), so the shim sends real one-row or
 # one-column row-major products to gemv. For C = op(A) op(B): one row of C is op(B)^T
 # times A's row; one column is op(A) times B's column.
+#
+# Products of a few rows (2 to SMALL_ROWS, 24) by a weight stored [out, in] (``x @ w.T``: a
+# short prompt, a call after a cached prefix, a batched decode step) go to the shim's own
+# kernel: OpenBLAS's gemm copies ("packs") the weight before using it and runs such a
+# product on one thread, so reading a weight that is not in cache costs it about twice a
+# gemv's time. The kernel streams each weight once, three rows at a time, prefetching the
+# next three, and takes the rows of x four at a time against them (12 vector
+# accumulators); the output columns are split between OpenMP threads. Tiny products
+# (attention's per-head ones) stay on one thread, as thread hand-offs would cost more.
 _SHIM_SOURCE = """\
+#include <stddef.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #define GEMM_ARGS(T, S) int order, int ta, int tb, int m, int n, int k, S alpha, const T *a, \\
     int lda, const T *b, int ldb, S beta, T *c, int ldc
 #define GEMM_CALL order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc
 #define GEMV_ARGS(T) int order, int trans, int rows, int cols, T alpha, const T *w, int ldw, \\
     const T *x, int incx, T beta, T *y, int incy
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+enum { SMALL_ROWS = 24, THREADED_SIZE = 1 << 16 };
 void scipy_cblas_sgemm(GEMM_ARGS(float, float));
 void scipy_cblas_dgemm(GEMM_ARGS(double, double));
 void scipy_cblas_cgemm(GEMM_ARGS(void, const void *));
 void scipy_cblas_sgemv(GEMV_ARGS(float));
 void scipy_cblas_dgemv(GEMV_ARGS(double));
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16)));
+#define LOAD(p) (*(const v8 *)(p))
+#define HALVES(v) (__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7))
+/* {sum(a), sum(b), sum(c), 0} of three 8-lane accumulators */
+#define SUMS3(a, b, c) ({ v4 a4 = HALVES(a), b4 = HALVES(b), c4 = HALVES(c), z4 = {0, 0, 0, 0}; \\
+    v4 u0 = __builtin_shufflevector(a4, b4, 0, 4, 2, 6) + __builtin_shufflevector(a4, b4, 1, 5, 3, 7); \\
+    v4 u1 = __builtin_shufflevector(c4, z4, 0, 4, 2, 6) + __builtin_shufflevector(c4, z4, 1, 5, 3, 7); \\
+    __builtin_shufflevector(u0, u1, 0, 1, 4, 5) + __builtin_shufflevector(u0, u1, 2, 3, 6, 7); })
+#if defined(__x86_64__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* dots[i][j] = x[i] . w[j] over k, for MR rows of x and 3 rows of w; prefetch (or NULL)
+   holds the next three rows of w, read into cache while these are used. */
+#define TILE(MR) \\
+static inline void tile##MR(int k, const float *const *x, const float *const *w, \\
+                            const float *const *prefetch, float dots[][3]) { \\
+    v8 s[MR][3]; \\
+    for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = s[i][2] = (v8){0}; \\
+    int p = 0; \\
+    for (; p + 8 <= k; p += 8) { \\
+        if (prefetch && !(p & 15)) for (int j = 0; j < 3; ++j) __builtin_prefetch(prefetch[j] + p, 0, 0); \\
+        v8 w0 = LOAD(w[0] + p), w1 = LOAD(w[1] + p), w2 = LOAD(w[2] + p); \\
+        for (int i = 0; i < MR; ++i) { \\
+            v8 u = LOAD(x[i] + p); \\
+            s[i][0] += u * w0; s[i][1] += u * w1; s[i][2] += u * w2; \\
+        } \\
+    } \\
+    for (int i = 0; i < MR; ++i) { \\
+        v4 t = SUMS3(s[i][0], s[i][1], s[i][2]); \\
+        for (int j = 0; j < 3; ++j) { \\
+            float e = t[j]; \\
+            for (int q = p; q < k; ++q) e += x[i][q] * w[j][q]; \\
+            dots[i][j] = e; \\
+        } \\
+    } \\
+}
+TILE(4)
+TILE(2)
+TILE(1)
+
+/* Columns j0..j1 of C = alpha * A W^T + beta * C; A [m, k] (lda), W [n, k] (ldw). */
+VECTOR_CLONES
+static void few_rows_nt(int m, int j0, int j1, int k, float alpha, const float *a, int lda,
+                        const float *w, int ldw, float beta, float *c, int ldc) {
+    float dots[4][3];
+    for (int j = j0; j < j1; j += 3) {
+        const float *rows[3], *next[3];
+        for (int q = 0; q < 3; ++q) {
+            rows[q] = w + (size_t)(j + q < j1 ? j + q : j1 - 1) * ldw;
+            next[q] = w + (size_t)(j + 3 + q < j1 ? j + 3 + q : j1 - 1) * ldw;
+        }
+        int cols = j1 - j < 3 ? j1 - j : 3;
+        for (int i = 0; i < m;) {
+            int mr = m - i >= 4 ? 4 : m - i >= 2 ? 2 : 1;
+            const float *x[4];
+            for (int q = 0; q < mr; ++q) x[q] = a + (size_t)(i + q) * lda;
+            const float *const *prefetch = i == 0 && j + 3 < j1 ? next : NULL;
+            if (mr == 4) tile4(k, x, rows, prefetch, dots);
+            else if (mr == 2) tile2(k, x, rows, prefetch, dots);
+            else tile1(k, x, rows, prefetch, dots);
+            for (int q = 0; q < mr; ++q)
+                for (int jj = 0; jj < cols; ++jj) {
+                    float *out = c + (size_t)(i + q) * ldc + j + jj;
+                    *out = alpha * dots[q][jj] + (beta == 0 ? 0 : beta * *out);  /* beta 0: C unread */
+                }
+            i += mr;
+        }
+    }
+}
+
+static void few_rows_sgemm(int m, int n, int k, float alpha, const float *a, int lda, const float *w,
+                           int ldw, float beta, float *c, int ldc) {
+    int blocks = (n + 2) / 3;
+#ifdef _OPENMP
+    int threads = (size_t)n * k >= THREADED_SIZE ? omp_get_max_threads() : 1;
+    if (threads > blocks) threads = blocks;
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int j0 = 3 * (blocks * t / nt), j1 = 3 * (blocks * (t + 1) / nt);
+        if (j1 > n) j1 = n;
+        if (j0 < j1) few_rows_nt(m, j0, j1, k, alpha, a, lda, w, ldw, beta, c, ldc);
+    }
+#else
+    few_rows_nt(m, 0, n, k, alpha, a, lda, w, ldw, beta, c, ldc);
+#endif
+}
+
+/* PAW_BLAS_FEW_ROWS=0 sends these products to OpenBLAS's gemm (to measure the kernel) */
+static int few_rows_on(void) {
+    static int on = -1;
+    if (on < 0) { const char *e = getenv("PAW_BLAS_FEW_ROWS"); on = !(e && e[0] == '0'); }
+    return on;
+}
+
 #define REAL_GEMM(P, T) \\
 void cblas_##P##gemm(GEMM_ARGS(T, T)) { \\
     int plain = order == ROW_MAJOR && (ta == NO_TRANS || ta == TRANS) && (tb == NO_TRANS || tb == TRANS); \\
@@ -69,10 +184,14 @@ void cblas_##P##gemm(GEMM_ARGS(T, T)) { \\
         int inc_b = tb == NO_TRANS ? ldb : 1; \\
         if (ta == NO_TRANS) scipy_cblas_##P##gemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc); \\
         else scipy_cblas_##P##gemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc); \\
+    } else if (FEW_ROWS_##P && plain && few_rows_on() && ta == NO_TRANS && tb == TRANS && m <= SMALL_ROWS && k > 0) { \\
+        few_rows_sgemm(m, n, k, alpha, (const float *)a, lda, (const float *)b, ldb, beta, (float *)c, ldc); \\
     } else { \\
         scipy_cblas_##P##gemm(GEMM_CALL); \\
     } \\
 }
+#define FEW_ROWS_s 1
+#define FEW_ROWS_d 0
 REAL_GEMM(s, float)
 REAL_GEMM(d, double)
 void cblas_cgemm(GEMM_ARGS(void, const void *)) { scipy_cblas_cgemm(GEMM_CALL); }
@@ -208,11 +327,12 @@ def _build_shim(library: Path, shim: Path) -> None:
         source = Path(tmp) / "shim.c"
         source.write_text(_SHIM_SOURCE, encoding="utf-8")
         built = Path(tmp) / shim.name
-        subprocess.run(
-            [compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(built),
-             f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"],
-            check=True, capture_output=True, timeout=120,
-        )
+        command = [compiler, "-O3", "-shared", "-fPIC", str(source), "-o", str(built),
+                   f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"]
+        try:
+            subprocess.run([*command, "-fopenmp"], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:  # a compiler without OpenMP: the kernel runs on one thread
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
         os.chmod(built, 0o700)
         recorded = Path(tmp) / _hash_file(shim).name
         recorded.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n", encoding="ascii")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,26 @@ def test_forwarded_gemm_matches_numpy(dtype, shape):
 
 
 @linux_only
+@pytest.mark.parametrize("m", [2, 3, 5, 8, 23, 24, 25])
+@pytest.mark.parametrize(("k", "n"), [(1, 5), (7, 2), (13, 100), (576, 961), (1536, 64)])
+def test_few_row_products_match_numpy(m, k, n):
+    """``x @ w.T`` with 2-24 rows takes the shim's own kernel (25 rows: OpenBLAS's gemm): row
+    groups of 4, 2 and 1, weight rows in threes with a ragged end, k not a multiple of the
+    vector width, one thread for small weights and several for large ones; strided rows
+    (a column slice of a wider x); ``addmm``'s alpha and beta."""
+    rng = np.random.default_rng(1000 * m + n + k)
+    wide = rng.standard_normal((m, k + 3), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    bias = rng.standard_normal((m, n), dtype=np.float32)
+    x = mx.array(wide)[:, 1:k + 1]  # rows k + 3 apart
+    want = wide[:, 1:k + 1].astype(np.float64) @ w.T.astype(np.float64)
+    atol = 1e-4 * np.sqrt(k)
+    np.testing.assert_allclose(np.array(x @ mx.array(w).T), want, rtol=1e-4, atol=atol)
+    got = mx.addmm(mx.array(bias), x, mx.array(w).T, alpha=0.5, beta=2.0)
+    np.testing.assert_allclose(np.array(got), 0.5 * want + 2.0 * bias, rtol=1e-4, atol=atol)
+
+
+@linux_only
 def test_batched_matmul_through_the_shim():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 5, 8, 16), dtype=np.float32), rng.standard_normal((3, 5, 16, 4), dtype=np.float32)
@@ -110,3 +131,20 @@ def test_shim_cache_is_private_and_a_bad_cached_file_is_rebuilt(tmp_path):
         assert _status_in_fresh_process(code, PAW_CACHE=str(tmp_path)).startswith("OpenBLAS")
         assert shim.read_bytes() != planted and shim.read_bytes()[:4] == b"\x7fELF"
         assert cache.stat().st_mode & 0o777 == 0o700
+
+
+@linux_only
+def test_a_compiler_without_openmp_still_builds_the_shim(tmp_path):
+    """The few-row kernel's threads are OpenMP; a compiler that refuses ``-fopenmp`` gets the
+    shim built without them (the kernel on one thread), not the slow reference BLAS."""
+    real = shutil.which("cc") or shutil.which("gcc")
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    compiler.chmod(0o755)
+    code = ("import interp, interp.blas as b, mlx.core as mx, numpy as np; "
+            "x = np.arange(12, dtype=np.float32).reshape(3, 4); w = np.ones((5, 4), np.float32); "
+            "print(b.status(), np.array_equal(np.array(mx.array(x) @ mx.array(w).T), x @ w.T))")
+    line = _status_in_fresh_process(code, PAW_CACHE=str(tmp_path / "cache"), CC=str(compiler))
+    assert line.startswith("OpenBLAS") and line.endswith(" True"), line
+    shim = next((tmp_path / "cache" / "blas").glob("*.so"))
+    assert b"GOMP" not in shim.read_bytes()
