@@ -6,9 +6,10 @@ products many times faster, a matrix-vector product as much as a prefill (docs/s
 
 OpenBLAS comes from PyPI as ``scipy-openblas32``, whose symbols carry a ``scipy_`` prefix,
 so it cannot stand in for the reference library by itself. ``install()`` builds (once,
-cached, with the system C compiler, as MLX itself does for compiled CPU kernels) a tiny
+cached, with the system C compiler, as MLX itself does for compiled CPU kernels) a small
 shared library that exports the three CBLAS gemm entry points MLX calls and forwards them
-to OpenBLAS, and loads it with ``RTLD_GLOBAL``. The dynamic linker then resolves MLX's
+to OpenBLAS (one-row products to its gemv; products of a few rows by a weight to a kernel
+of its own, below), and loads it with ``RTLD_GLOBAL``. The dynamic linker then resolves MLX's
 ``cblas_sgemm`` to the shim, because the global scope is searched before a library's own
 dependencies. That only works if it happens before ``mlx.core`` is first imported, which is
 why ``interp/__init__.py`` calls ``install()`` and why every paw package imports ``interp``
@@ -18,7 +19,8 @@ The compiled shim is cached in ``$PAW_CACHE/blas`` (a directory only its user ma
 with its sha256 beside it; a cached file that does not match, or does not load, is
 rebuilt rather than trusted.
 
-``PAW_BLAS=reference`` keeps MLX's own BLAS; ``PAW_BLAS=/path/libopenblas.so`` loads a
+``PAW_BLAS=reference`` keeps MLX's own BLAS; ``PAW_BLAS_FEW_ROWS=0`` keeps the shim but
+sends few-row products to OpenBLAS's gemm; ``PAW_BLAS=/path/libopenblas.so`` loads a
 library that already exports the standard CBLAS names (a system OpenBLAS or MKL). On macOS
 MLX uses Accelerate and nothing happens here. Whatever happens, failure only means the
 reference BLAS stays: ``status()`` says which one is in use and why.
