@@ -55,8 +55,9 @@ from interp.paths import cache_dir
 # product on one thread, so reading a weight that is not in cache costs it about twice a
 # gemv's time. The kernel streams each weight once, three rows at a time, prefetching the
 # next three, and takes the rows of x four at a time against them (12 vector
-# accumulators); the output columns are split between OpenMP threads. Tiny products
-# (attention's per-head ones) stay on one thread, as thread hand-offs would cost more.
+# accumulators); the output columns are split between OpenMP threads, one per 65,536
+# weight elements at most, so tiny products (attention's per-head ones) stay on one
+# thread and a many-core machine does not wake every core for a small weight.
 _SHIM_SOURCE = """\
 #include <stddef.h>
 #include <stdlib.h>
@@ -154,7 +155,9 @@ static void few_rows_sgemm(int m, int n, int k, float alpha, const float *a, int
                            int ldw, float beta, float *c, int ldc) {
     int blocks = (n + 2) / 3;
 #ifdef _OPENMP
-    int threads = (size_t)n * k >= THREADED_SIZE ? omp_get_max_threads() : 1;
+    size_t share = (size_t)n * k / THREADED_SIZE;  /* a thread per 65,536 weight elements at most */
+    int threads = omp_get_max_threads();
+    if ((size_t)threads > share) threads = share > 0 ? (int)share : 1;
     if (threads > blocks) threads = blocks;
     #pragma omp parallel num_threads(threads)
     {

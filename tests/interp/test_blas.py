@@ -79,6 +79,18 @@ def test_few_row_products_match_numpy(m, k, n):
     np.testing.assert_allclose(np.array(got), 0.5 * want + 2.0 * bias, rtol=1e-4, atol=atol)
 
 
+
+@linux_only
+def test_few_row_products_split_between_more_threads_than_cores():
+    """Five threads (OMP_NUM_THREADS) on a weight big enough for each: ragged shares of the
+    weight's rows, every column written once and right."""
+    code = ("import interp, mlx.core as mx, numpy as np; rng = np.random.default_rng(0); "
+            "x = rng.standard_normal((6, 577), dtype=np.float32); "
+            "w = rng.standard_normal((1001, 577), dtype=np.float32); "
+            "got = np.array(mx.array(x) @ mx.array(w).T); want = x.astype(np.float64) @ w.T.astype(np.float64); "
+            "print(float(np.abs(got - want).max()))")
+    assert float(_status_in_fresh_process(code, OMP_NUM_THREADS="5")) < 1e-3
+
 @linux_only
 def test_batched_matmul_through_the_shim():
     rng = np.random.default_rng(0)
