@@ -26,14 +26,18 @@ CANDIDATES_HELP = ("Candidates to score by cross-validation on the examples, com
                    "with the few-shot prefix), prefix+lora (LoRA adapter trained behind the tuned prefix).")
 
 
-def select_options(candidates: str, folds: int, steps: int, lr: float, layers: int, rank: int):
+REPEATS_HELP = ("Cross-validate over this many shuffles of the examples into folds (each example predicted "
+                "that many times): a steadier choice among candidates for that many times the training time.")
+
+
+def select_options(candidates: str, folds: int, steps: int, lr: float, layers: int, rank: int, repeats: int = 1):
     """The compiler's options from the flags ``paw compile`` and ``paw eval-programs`` share
     (``--steps`` and ``--layers`` bound both trained candidates; ``--lr``, ``--rank`` are LoRA's)."""
     from paw_mlx.programs.select import SelectOptions
     from paw_mlx.programs.train import TrainOptions
 
     names = tuple(c.strip() for c in candidates.split(",") if c.strip())
-    options = SelectOptions(candidates=names, folds=folds,
+    options = SelectOptions(candidates=names, folds=folds, repeats=repeats,
                             lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
     options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
     return options
@@ -49,6 +53,7 @@ def compile_cmd(
         "on examples it held out, keeps the best. Rows with \"split\": \"test\" are only scored at the end."))] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = DEFAULT_CANDIDATES,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over the examples.")] = 4,
+    repeats: Annotated[int, typer.Option("--repeats", help=REPEATS_HELP)] = 1,
     steps: Annotated[int, typer.Option(
         help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
@@ -68,7 +73,7 @@ def compile_cmd(
 
     if output_format not in ("dir", "paw"):
         raise PawError(f"--format is 'dir' or 'paw', not {output_format!r}")
-    options = select_options(candidates, folds, steps, lr, layers, rank)
+    options = select_options(candidates, folds, steps, lr, layers, rank, repeats)
     if output_format == "paw":
         from paw_mlx.programs.pawfile import compile_bundle
 
@@ -158,6 +163,7 @@ def eval_cmd(
     only: Annotated[list[str] | None, typer.Option(help="Run only these tasks (repeat the option).")] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = DEFAULT_CANDIDATES,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over each task's training rows.")] = 4,
+    repeats: Annotated[int, typer.Option("--repeats", help=REPEATS_HELP)] = 1,
     steps: Annotated[int, typer.Option(help="Most training steps of a trained candidate.")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
@@ -184,7 +190,7 @@ def eval_cmd(
         return
     from paw_mlx.programs.evaluate import evaluate
 
-    report = evaluate(tasks, base, select_options(candidates, folds, steps, lr, layers, rank), only, cache)
+    report = evaluate(tasks, base, select_options(candidates, folds, steps, lr, layers, rank, repeats), only, cache)
     out = out or Path("apps/benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

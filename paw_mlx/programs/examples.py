@@ -76,3 +76,19 @@ def folds(count: int, k: int, seed: int = 0) -> list[list[int]]:
     random.Random(seed).shuffle(order)
     k = max(1, min(k, count))
     return [sorted(order[i::k]) for i in range(k)]
+
+
+def partitions(count: int, k: int, repeats: int, seed: int = 0) -> list[list[int]]:
+    """The folds of ``repeats`` partitions of ``count`` rows into ``k`` folds, each from its
+    own shuffle (seeds ``seed``, ``seed + 1``, ...), first partition first. A partition equal
+    to an earlier one (with k >= count every fold is one row, whatever the shuffle) is left
+    out: it would only repeat the same fits."""
+    chosen: list[list[int]] = []
+    seen: set[frozenset] = set()
+    for r in range(repeats):
+        partition = folds(count, k, seed + r)
+        key = frozenset(tuple(f) for f in partition)
+        if key not in seen:
+            seen.add(key)
+            chosen.extend(partition)
+    return chosen

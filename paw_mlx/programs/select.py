@@ -15,10 +15,13 @@ Candidates, from cheapest:
 With ``n`` examples and ``k`` folds, a candidate is fitted ``k`` times on the examples
 outside one fold (demonstrations included: a fold's own examples are never in its
 prefix) and scored by exact match on the fold, so every example is predicted once by a
-program that never saw it. Trained candidates stop early on their fold's validation
-loss; the rebuilt program trains for the mean of the folds' best step counts. The kept
-candidate has the most held-out exact matches; on a tie the untrained one wins
-(``PREFERENCE``): a trained candidate must beat the few-shot prefix, not equal it.
+program that never saw it. With ``repeats`` > 1 (repeated k-fold) the examples are
+shuffled into folds again, each partition from its own seed, and every example is
+predicted once per partition: a steadier estimate for that many times the fits. Trained
+candidates stop early on their fold's validation loss; the rebuilt program trains for the
+mean of the folds' best step counts. The kept candidate has the highest held-out exact
+match; on a tie the untrained one wins (``PREFERENCE``): a trained candidate must beat
+the few-shot prefix, not equal it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 
 from interp.errors import ConstraintError, PawError
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.compile import compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
 from paw_mlx.programs.examples import folds as make_folds
+from paw_mlx.programs.examples import partitions
 from paw_mlx.programs.train import TrainOptions, TrainResult, train
 from paw_mlx.runtime import LoadedProgram
 
@@ -52,6 +57,9 @@ Progress = Callable[[str, int, int], None]
 class SelectOptions:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     folds: int = 4
+    #: cross-validation partitions, each from its own shuffle (repeated k-fold): every
+    #: example is predicted ``repeats`` times, by programs fitted on different others
+    repeats: int = 1
     lora: TrainOptions = field(default_factory=lambda: TrainOptions(method="lora"))
     prefix: TrainOptions = field(default_factory=lambda: TrainOptions(method="prefix", learning_rate=1e-2))
     seed: int = 0
@@ -63,12 +71,18 @@ class SelectOptions:
                            f"choose from {', '.join(CANDIDATES)}")
         if self.folds < 2:
             raise PawError("cross-validation needs at least 2 folds")
+        if not 1 <= self.repeats <= MAX_REPEATS:
+            raise PawError(f"cross-validation repeats must be 1-{MAX_REPEATS}, got {self.repeats}")
         self.lora.check()
         self.prefix.check()
 
     def training(self, name: str) -> TrainOptions | None:
         """How candidate ``name`` is trained (for ``prefix+lora``: its second, LoRA stage)."""
         return {"lora": self.lora, "prefix": self.prefix, PREFIX_LORA: self.lora}.get(name)
+
+
+#: the most cross-validation partitions (each costs a fit per fold of every trained candidate)
+MAX_REPEATS = 10
 
 
 @dataclass
@@ -81,11 +95,18 @@ class CandidateScore:
     best_steps: list[int] = field(default_factory=list)
     #: ``prefix+lora``: the best step of its first stage (the prefix tuning) in each fold
     stage_steps: list[int] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)  # the held-out prediction of each example
+    #: the held-out prediction of each example (in the first partition, with repeats)
+    outputs: list[str] = field(default_factory=list)
 
     @property
     def exact_match(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+    @property
+    def rate(self) -> Fraction:
+        """Held-out exact matches per prediction, exactly (the spec is scored once, the
+        others once per partition, so counts alone do not compare)."""
+        return Fraction(self.correct, self.total or 1)
 
 
 def exact(output: str, wanted: str) -> bool:
@@ -207,7 +228,8 @@ class Selection:
         if len(rows) < 2:
             raise PawError("choosing a program needs at least 2 examples (one to hold out)")
         self.prog, self.builder, self.rows, self.options = prog, builder, list(rows), options
-        self.folds = make_folds(len(self.rows), options.folds, options.seed)
+        self.folds = partitions(len(self.rows), options.folds, options.repeats, options.seed)
+        self.first_partition = len(make_folds(len(self.rows), options.folds, options.seed))
         self.budget = _budget(prog, self.rows, builder.generation.max_new_tokens)
         self.scores: dict[str, CandidateScore] = {}
         self._progress = progress
@@ -250,7 +272,8 @@ class Selection:
                                                       progress=step_report, stage=self.options.prefix)
                 outputs = self.builder.outputs(artifact, [r["input"] for r in validation], self.budget)
                 for i, output in zip(held, outputs, strict=True):
-                    score.outputs[i] = output
+                    if f < self.first_partition:
+                        score.outputs[i] = output
                     score.correct += exact(output, rows[i]["output"])
                     score.total += 1
                 if result is not None:
@@ -264,8 +287,8 @@ class Selection:
 
     @property
     def kept(self) -> str:
-        """The candidate with the most held-out exact matches (ties: ``PREFERENCE``)."""
-        return max(self.scores, key=lambda c: (self.scores[c].correct, -PREFERENCE.index(c)))
+        """The candidate with the highest held-out exact match (ties: ``PREFERENCE``)."""
+        return max(self.scores, key=lambda c: (self.scores[c].rate, -PREFERENCE.index(c)))
 
     def final_training(self, name: str) -> TrainOptions | None:
         """Training options for the rebuild: the folds' mean best step count."""
@@ -294,10 +317,18 @@ class Selection:
             self.scores[name].seconds = round(self.scores[name].seconds + time.perf_counter() - started, 1)
         return replace(artifact, directory=None)
 
+    @property
+    def method(self) -> str:
+        folds = f"{self.first_partition}-fold cross-validation"
+        if len(self.folds) > self.first_partition:
+            parts = -(-len(self.folds) // self.first_partition)
+            folds = f"{folds} repeated over {parts} shuffles ({len(self.folds)} folds)"
+        return f"{folds} over the {len(self.rows)} examples"
+
     def report(self) -> dict:
         kept = self.kept
         return {
-            "method": f"{len(self.folds)}-fold cross-validation over the {len(self.rows)} examples",
+            "method": self.method,
             "folds": [[self.rows[i]["input"] for i in held] for held in self.folds],
             "candidates": [{"name": s.name, "exact_match": round(s.exact_match, 4), "correct": s.correct,
                             "total": s.total, "seconds": s.seconds, "fold_seconds": s.fold_seconds,
@@ -338,10 +369,10 @@ def _reason(kept: str, scores: dict[str, CandidateScore]) -> str:
     best = scores[kept]
     others = [s for s in scores.values() if s.name != kept]
     text = f"{kept} has the most held-out exact matches ({best.correct}/{best.total})"
-    ties = [s.name for s in others if s.correct == best.correct]
+    ties = [s.name for s in others if s.rate == best.rate]
     if ties:
         text += f"; tied with {', '.join(ties)}, the simpler candidate is kept"
     elif others:
-        runner = max(others, key=lambda s: s.correct)
+        runner = max(others, key=lambda s: s.rate)
         text += f"; next best {runner.name} ({runner.correct}/{runner.total})"
     return text

@@ -57,6 +57,7 @@ def test_errors_are_one_line(tmp_path):
     (["--lr", "nan"], "paw: error: the learning rate must be a positive number, not nan"),
     (["--candidates", "lora,magic"], "paw: error: unknown candidate magic: choose from spec, fewshot, prefix, lora, "
                                      "prefix+lora"),
+    (["--repeats", "0"], "paw: error: cross-validation repeats must be 1-10, got 0"),
 ])
 def test_bad_training_flags_are_one_line_before_any_work(tiny_program, tmp_path, flags, line):
     rows = tmp_path / "ex.jsonl"
@@ -86,6 +87,7 @@ def test_cli_training_defaults_are_the_trainers():
         assert params["layers"].default == TrainOptions.layers
         assert params["rank"].default == TrainOptions.rank
         assert params["folds"].default == SelectOptions.folds
+        assert params["repeats"].default == SelectOptions.repeats
         assert tuple(params["candidates"].default.split(",")) == SelectOptions().candidates
 
 

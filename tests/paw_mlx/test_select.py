@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 import pytest
@@ -13,7 +14,7 @@ import paw_mlx
 from interp.errors import PawError
 from paw_mlx.programs.artifact import GenerationSettings, read_artifact
 from paw_mlx.programs.compile import demo_spans
-from paw_mlx.programs.examples import folds, load_examples, split_examples
+from paw_mlx.programs.examples import folds, load_examples, partitions, split_examples
 from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.programs.select import Builder, CandidateScore, Selection, SelectOptions
 from paw_mlx.programs.train import SplitModel, TrainableCache, TrainOptions, train
@@ -140,6 +141,38 @@ def test_cross_validation_never_shows_a_fold_its_own_rows(builder, monkeypatch):
     assert all(s.total == len(ROWS) for s in scores.values())  # every row predicted once
     assert sorted(i for f in selection.folds for i in f) == list(range(len(ROWS)))
 
+
+def test_repeated_cross_validation_predicts_each_row_once_per_shuffle(builder, monkeypatch):
+    """``repeats=2``: two partitions from two shuffles, each fold fitted without its own rows;
+    trained candidates predict every row twice, the spec once, and the choice compares rates;
+    a third shuffle equal to one already made (folds of one row) is not fitted again."""
+    calls = []
+    original = Builder.build
+
+    def spy(self, name, rows, options, **kw):
+        calls.append((name, frozenset(r["input"] for r in kw.get("validation", ()))))
+        return original(self, name, rows, options, **kw)
+
+    monkeypatch.setattr(Builder, "build", spy)
+    options = replace(QUICK, candidates=("spec", "lora"), repeats=2)
+    selection = Selection(builder.prog, builder, ROWS, options)
+    first, second = selection.folds[:2], selection.folds[2:]
+    assert len(selection.folds) == 4 and {frozenset(f) for f in first} != {frozenset(f) for f in second}
+    for partition in (first, second):
+        assert sorted(i for f in partition for i in f) == list(range(len(ROWS)))
+    scores = selection.cross_validate()
+    assert scores["spec"].total == len(ROWS) and scores["lora"].total == 2 * len(ROWS)
+    assert len(scores["lora"].best_steps) == 4 and len(scores["lora"].outputs) == len(ROWS)
+    assert [held for name, held in calls if name == "lora"] == [
+        frozenset(ROWS[i]["input"] for i in f) for f in selection.folds]
+    assert "repeated over 2 shuffles (4 folds)" in selection.report()["method"]
+    selection.scores = {"spec": CandidateScore("spec", 3, 6), "lora": CandidateScore("lora", 6, 12)}
+    assert selection.kept == "spec"  # 6/12 ties 3/6: the simpler one
+    selection.scores["lora"].correct = 7
+    assert selection.kept == "lora"
+    assert partitions(3, 4, repeats=3) == folds(3, 4)
+    with pytest.raises(PawError, match="repeats must be 1-10"):
+        replace(QUICK, repeats=0).check()
 
 def test_ties_keep_the_simpler_candidate(builder):
     selection = Selection(builder.prog, builder, ROWS, QUICK)
