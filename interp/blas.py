@@ -77,6 +77,16 @@ void scipy_cblas_cgemm(GEMM_ARGS(void, const void *));
 void scipy_cblas_sgemv(GEMV_ARGS(float));
 void scipy_cblas_dgemv(GEMV_ARGS(double));
 
+/* The kernel needs __builtin_shufflevector (GCC 12+, clang); an older compiler builds the
+   shim without it, and these products stay with OpenBLAS's gemm. */
+#ifndef FEW_ROWS_KERNEL
+#if defined(__clang__) || __GNUC__ >= 12
+#define FEW_ROWS_KERNEL 1
+#else
+#define FEW_ROWS_KERNEL 0
+#endif
+#endif
+#if FEW_ROWS_KERNEL
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16)));
 #define LOAD(p) (*(const v8 *)(p))
@@ -86,7 +96,7 @@ typedef float v4 __attribute__((vector_size(16)));
     v4 u0 = __builtin_shufflevector(a4, b4, 0, 4, 2, 6) + __builtin_shufflevector(a4, b4, 1, 5, 3, 7); \\
     v4 u1 = __builtin_shufflevector(c4, z4, 0, 4, 2, 6) + __builtin_shufflevector(c4, z4, 1, 5, 3, 7); \\
     __builtin_shufflevector(u0, u1, 0, 1, 4, 5) + __builtin_shufflevector(u0, u1, 2, 3, 6, 7); })
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define VECTOR_CLONES
@@ -177,6 +187,16 @@ static int few_rows_on(void) {
     if (on < 0) { const char *e = getenv("PAW_BLAS_FEW_ROWS"); on = !(e && e[0] == '0'); }
     return on;
 }
+#else
+static int few_rows_on(void) { return 0; }
+static void few_rows_sgemm(int m, int n, int k, float alpha, const float *a, int lda, const float *w,
+                           int ldw, float beta, float *c, int ldc) {
+    scipy_cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, m, n, k, alpha, a, lda, w, ldw, beta, c, ldc);
+}
+#endif
+
+/* what the kernel takes: x @ w.T, x row-major with 2 to SMALL_ROWS rows */
+#define FEW_ROWS_FIT (ta == NO_TRANS && tb == TRANS && m > 1 && m <= SMALL_ROWS && n > 1 && k > 0 && few_rows_on())
 
 #define REAL_GEMM(P, T) \\
 void cblas_##P##gemm(GEMM_ARGS(T, T)) { \\
@@ -189,7 +209,7 @@ void cblas_##P##gemm(GEMM_ARGS(T, T)) { \\
         int inc_b = tb == NO_TRANS ? ldb : 1; \\
         if (ta == NO_TRANS) scipy_cblas_##P##gemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc); \\
         else scipy_cblas_##P##gemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc); \\
-    } else if (FEW_ROWS_##P && plain && few_rows_on() && ta == NO_TRANS && tb == TRANS && m <= SMALL_ROWS && k > 0) { \\
+    } else if (FEW_ROWS_##P && plain && FEW_ROWS_FIT) { \\
         few_rows_sgemm(m, n, k, alpha, (const float *)a, lda, (const float *)b, ldb, beta, (float *)c, ldc); \\
     } else { \\
         scipy_cblas_##P##gemm(GEMM_CALL); \\

@@ -146,6 +146,23 @@ def test_shim_cache_is_private_and_a_bad_cached_file_is_rebuilt(tmp_path):
 
 
 @linux_only
+def test_a_compiler_without_the_kernel_s_builtins_keeps_the_rest_of_the_shim(tmp_path):
+    """GCC before 12 lacks ``__builtin_shufflevector``: the shim is built without the few-row
+    kernel (as ``FEW_ROWS_KERNEL=0`` does here), few-row products go to OpenBLAS, right."""
+    real = shutil.which("cc") or shutil.which("gcc")
+    compiler = tmp_path / "cc-older"
+    compiler.write_text(f'#!/bin/sh\nexec {real} -DFEW_ROWS_KERNEL=0 "$@"\n')
+    compiler.chmod(0o755)
+    code = ("import interp, interp.blas as b, mlx.core as mx, numpy as np; "
+            "x = np.arange(12, dtype=np.float32).reshape(3, 4); w = np.ones((5, 4), np.float32); "
+            "print(b.status(), np.array_equal(np.array(mx.array(x) @ mx.array(w).T), x @ w.T))")
+    line = _status_in_fresh_process(code, PAW_CACHE=str(tmp_path / "cache"), CC=str(compiler))
+    assert line.startswith("OpenBLAS") and line.endswith(" True"), line
+    shim = next((tmp_path / "cache" / "blas").glob("*.so"))
+    assert b"GOMP" not in shim.read_bytes() and b"few_rows_nt" not in shim.read_bytes()
+
+
+@linux_only
 def test_a_compiler_without_openmp_still_builds_the_shim(tmp_path):
     """The few-row kernel's threads are OpenMP; a compiler that refuses ``-fopenmp`` gets the
     shim built without them (the kernel on one thread), not the slow reference BLAS."""
