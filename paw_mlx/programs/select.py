@@ -17,7 +17,7 @@ outside one fold (demonstrations included: a fold's own examples are never in it
 prefix) and scored by exact match on the fold, so every example is predicted once by a
 program that never saw it. With ``repeats`` > 1 (repeated k-fold) the examples are
 shuffled into folds again, each partition from its own seed, and every example is
-predicted once per partition: a steadier estimate for that many times the fits. Trained
+predicted once per partition (off by default: not better on the dev tasks). Trained
 candidates stop early on their fold's validation loss; the rebuilt program trains for the
 mean of the folds' best step counts. The kept candidate has the highest held-out exact
 match; on a tie the untrained one wins (``PREFERENCE``): a trained candidate must beat

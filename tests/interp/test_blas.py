@@ -145,35 +145,32 @@ def test_shim_cache_is_private_and_a_bad_cached_file_is_rebuilt(tmp_path):
         assert cache.stat().st_mode & 0o777 == 0o700
 
 
-@linux_only
-def test_a_compiler_without_the_kernel_s_builtins_keeps_the_rest_of_the_shim(tmp_path):
-    """GCC before 12 lacks ``__builtin_shufflevector``: the shim is built without the few-row
-    kernel (as ``FEW_ROWS_KERNEL=0`` does here), few-row products go to OpenBLAS, right."""
-    real = shutil.which("cc") or shutil.which("gcc")
-    compiler = tmp_path / "cc-older"
-    compiler.write_text(f'#!/bin/sh\nexec {real} -DFEW_ROWS_KERNEL=0 "$@"\n')
+def _shim_built_by(tmp_path, name: str, script: str) -> bytes:
+    """Build the shim in a fresh cache with ``script`` as the C compiler (``$CC`` in it: the
+    real one); check that the BLAS is OpenBLAS and a few-row product is right; the library."""
+    compiler = tmp_path / name
+    compiler.write_text("#!/bin/sh\n" + script.replace("$CC", shutil.which("cc") or shutil.which("gcc")) + "\n")
     compiler.chmod(0o755)
     code = ("import interp, interp.blas as b, mlx.core as mx, numpy as np; "
             "x = np.arange(12, dtype=np.float32).reshape(3, 4); w = np.ones((5, 4), np.float32); "
             "print(b.status(), np.array_equal(np.array(mx.array(x) @ mx.array(w).T), x @ w.T))")
     line = _status_in_fresh_process(code, PAW_CACHE=str(tmp_path / "cache"), CC=str(compiler))
     assert line.startswith("OpenBLAS") and line.endswith(" True"), line
-    shim = next((tmp_path / "cache" / "blas").glob("*.so"))
-    assert b"GOMP" not in shim.read_bytes() and b"few_rows_nt" not in shim.read_bytes()
+    return next((tmp_path / "cache" / "blas").glob("*.so")).read_bytes()
+
+
+@linux_only
+def test_a_compiler_without_the_kernel_s_builtins_keeps_the_rest_of_the_shim(tmp_path):
+    """GCC before 12 lacks ``__builtin_shufflevector``: the shim is built without the few-row
+    kernel (as ``FEW_ROWS_KERNEL=0`` does here), few-row products go to OpenBLAS, right."""
+    shim = _shim_built_by(tmp_path, "cc-older", 'exec $CC -DFEW_ROWS_KERNEL=0 "$@"')
+    assert b"GOMP" not in shim and b"few_rows_nt" not in shim
 
 
 @linux_only
 def test_a_compiler_without_openmp_still_builds_the_shim(tmp_path):
     """The few-row kernel's threads are OpenMP; a compiler that refuses ``-fopenmp`` gets the
     shim built without them (the kernel on one thread), not the slow reference BLAS."""
-    real = shutil.which("cc") or shutil.which("gcc")
-    compiler = tmp_path / "cc-without-openmp"
-    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
-    compiler.chmod(0o755)
-    code = ("import interp, interp.blas as b, mlx.core as mx, numpy as np; "
-            "x = np.arange(12, dtype=np.float32).reshape(3, 4); w = np.ones((5, 4), np.float32); "
-            "print(b.status(), np.array_equal(np.array(mx.array(x) @ mx.array(w).T), x @ w.T))")
-    line = _status_in_fresh_process(code, PAW_CACHE=str(tmp_path / "cache"), CC=str(compiler))
-    assert line.startswith("OpenBLAS") and line.endswith(" True"), line
-    shim = next((tmp_path / "cache" / "blas").glob("*.so"))
-    assert b"GOMP" not in shim.read_bytes()
+    shim = _shim_built_by(tmp_path, "cc-without-openmp",
+                          'for a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec $CC "$@"')
+    assert b"GOMP" not in shim and b"few_rows_nt" in shim
