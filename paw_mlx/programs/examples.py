@@ -78,17 +78,17 @@ def folds(count: int, k: int, seed: int = 0) -> list[list[int]]:
     return [sorted(order[i::k]) for i in range(k)]
 
 
-def partitions(count: int, k: int, repeats: int, seed: int = 0) -> list[list[int]]:
-    """The folds of ``repeats`` partitions of ``count`` rows into ``k`` folds, each from its
-    own shuffle (seeds ``seed``, ``seed + 1``, ...), first partition first. A partition equal
-    to an earlier one (with k >= count every fold is one row, whatever the shuffle) is left
-    out: it would only repeat the same fits."""
-    chosen: list[list[int]] = []
+def partitions(count: int, k: int, repeats: int, seed: int = 0) -> list[list[list[int]]]:
+    """``repeats`` partitions of ``count`` rows into ``k`` folds (``folds``), each from its
+    own shuffle (seeds ``seed``, ``seed + 1``, ...). A partition equal to an earlier one
+    (with k >= count every fold is one row, whatever the shuffle) is left out: it would only
+    repeat the same fits."""
+    chosen: list[list[list[int]]] = []
     seen: set[frozenset] = set()
     for r in range(repeats):
         partition = folds(count, k, seed + r)
         key = frozenset(tuple(f) for f in partition)
         if key not in seen:
             seen.add(key)
-            chosen.extend(partition)
+            chosen.append(partition)
     return chosen

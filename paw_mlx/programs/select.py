@@ -34,7 +34,6 @@ from fractions import Fraction
 from interp.errors import ConstraintError, PawError
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.compile import compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
-from paw_mlx.programs.examples import folds as make_folds
 from paw_mlx.programs.examples import partitions
 from paw_mlx.programs.train import TrainOptions, TrainResult, train
 from paw_mlx.runtime import LoadedProgram
@@ -228,8 +227,8 @@ class Selection:
         if len(rows) < 2:
             raise PawError("choosing a program needs at least 2 examples (one to hold out)")
         self.prog, self.builder, self.rows, self.options = prog, builder, list(rows), options
-        self.folds = partitions(len(self.rows), options.folds, options.repeats, options.seed)
-        self.first_partition = len(make_folds(len(self.rows), options.folds, options.seed))
+        self.partitions = partitions(len(self.rows), options.folds, options.repeats, options.seed)
+        self.folds = [fold for partition in self.partitions for fold in partition]
         self.budget = _budget(prog, self.rows, builder.generation.max_new_tokens)
         self.scores: dict[str, CandidateScore] = {}
         self._progress = progress
@@ -272,7 +271,7 @@ class Selection:
                                                       progress=step_report, stage=self.options.prefix)
                 outputs = self.builder.outputs(artifact, [r["input"] for r in validation], self.budget)
                 for i, output in zip(held, outputs, strict=True):
-                    if f < self.first_partition:
+                    if f < len(self.partitions[0]):  # the report keeps the first partition's
                         score.outputs[i] = output
                     score.correct += exact(output, rows[i]["output"])
                     score.total += 1
@@ -319,10 +318,9 @@ class Selection:
 
     @property
     def method(self) -> str:
-        folds = f"{self.first_partition}-fold cross-validation"
-        if len(self.folds) > self.first_partition:
-            parts = -(-len(self.folds) // self.first_partition)
-            folds = f"{folds} repeated over {parts} shuffles ({len(self.folds)} folds)"
+        folds = f"{len(self.partitions[0])}-fold cross-validation"
+        if len(self.partitions) > 1:
+            folds = f"{folds} repeated over {len(self.partitions)} shuffles ({len(self.folds)} folds)"
         return f"{folds} over the {len(self.rows)} examples"
 
     def report(self) -> dict:

@@ -170,7 +170,7 @@ def test_repeated_cross_validation_predicts_each_row_once_per_shuffle(builder, m
     assert selection.kept == "spec"  # 6/12 ties 3/6: the simpler one
     selection.scores["lora"].correct = 7
     assert selection.kept == "lora"
-    assert partitions(3, 4, repeats=3) == folds(3, 4)
+    assert partitions(3, 4, repeats=3) == [folds(3, 4)]
     with pytest.raises(PawError, match="repeats must be 1-10"):
         replace(QUICK, repeats=0).check()
 
