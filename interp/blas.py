@@ -274,11 +274,29 @@ def _load_standard_library(path: str) -> str:
     return f"{Path(path).name} (PAW_BLAS)"
 
 
+_SWITCH_WORDS = {"0": "0", "off": "0", "false": "0", "no": "0", "1": "1", "on": "1", "true": "1", "yes": "1"}
+
+
+def _normalize_few_rows_switch() -> None:
+    """``PAW_BLAS_FEW_ROWS`` as the shim reads it (``0`` or ``1``); another word is named in
+    a warning and leaves the kernel on, rather than meaning something by accident."""
+    value = os.environ.get("PAW_BLAS_FEW_ROWS")
+    if value is None:
+        return
+    word = _SWITCH_WORDS.get(value.strip().lower())
+    if word is None:
+        warnings.warn(f"PAW_BLAS_FEW_ROWS={value!r} is not 0/1 (off/on); the few-row kernel stays on",
+                      stacklevel=3)
+        word = "1"
+    os.environ["PAW_BLAS_FEW_ROWS"] = word
+
+
 def _load_openblas_shim() -> str:
     # OpenBLAS's idle workers spin for 2**28 cycles after each call by default, which on a
     # small machine takes a core away from MLX's own thread between matmuls; 2**4 cycles is
     # the least it accepts (docs/speed.md). Read when the library loads: set before the import.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    _normalize_few_rows_switch()
     try:
         import scipy_openblas32
     except ImportError:

@@ -92,6 +92,18 @@ def test_few_row_products_split_between_more_threads_than_cores():
     assert float(_status_in_fresh_process(code, OMP_NUM_THREADS="5")) < 1e-3
 
 @linux_only
+@pytest.mark.parametrize(("value", "seen", "warned"), [("off", "0", False), (" No ", "0", False), ("ON", "1", False),
+                                                       ("maybe", "1", True)])
+def test_few_rows_switch_takes_words_and_names_a_bad_one(value, seen, warned):
+    code = ("import warnings, os; warnings.simplefilter('always'); import interp, interp.blas as b; "
+            "print(b.status(), os.environ['PAW_BLAS_FEW_ROWS'])")
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PAW_BLAS_FEW_ROWS": value}
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip().startswith("OpenBLAS") and out.stdout.strip().endswith(f" {seen}")
+    assert ("PAW_BLAS_FEW_ROWS='maybe' is not 0/1" in out.stderr) == warned, out.stderr
+
+@linux_only
 def test_batched_matmul_through_the_shim():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 5, 8, 16), dtype=np.float32), rng.standard_normal((3, 5, 16, 4), dtype=np.float32)
