@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not (Path(args.base) / "prog.json").is_file():
+        parser.error(f"--base {args.base} is not a program directory (no prog.json): make one with paw export")
     best: dict[str, dict[str, float]] = {"openblas": {}, "shim": {}}
     for round_ in range(args.rounds):
         for few_rows in ((False, True) if round_ % 2 == 0 else (True, False)):
