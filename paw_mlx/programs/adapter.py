@@ -9,6 +9,7 @@ files never change: ``interp/lora.py`` adds the update at load time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,49 @@ class LoraAdapter:
     def summary(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "modules": len(self.modules),
                 "parameters": int(sum(a.size + b.size for a, b in self.modules.values()))}
+
+
+#: the highest rank ``mean_adapter`` writes exactly; above it the mean is truncated (SVD)
+MAX_MEAN_RANK = 64
+
+
+def mean_adapter(adapters: Sequence[LoraAdapter], max_rank: int = MAX_MEAN_RANK) -> LoraAdapter:
+    """One adapter whose update is the mean of ``adapters``' updates (a bagged adapter).
+
+    The mean of k rank-r updates is itself a LoRA of rank k*r: the ``a`` matrices stacked,
+    the ``b`` matrices side by side, each scaled by its own ``alpha / rank`` and by 1/k; so
+    the result is exact, with ``alpha`` equal to its rank (scale 1). Where k*r would exceed
+    ``max_rank``, each module's mean update is truncated to its ``max_rank`` largest
+    singular directions instead (the best approximation of that rank).
+    """
+    if not adapters:
+        raise ValueError("mean_adapter needs at least one adapter")
+    names = set(adapters[0].modules)
+    if any(set(a.modules) != names for a in adapters):
+        raise ValueError("the adapters to average must adapt the same modules")
+    k = len(adapters)
+    stacked = {}
+    for module in adapters[0].modules:
+        a = np.concatenate([ad.modules[module][0] for ad in adapters], axis=0).astype(np.float32)
+        b = np.concatenate([ad.modules[module][1] * np.float32(ad.scale(module) / k) for ad in adapters],
+                           axis=1).astype(np.float32)
+        stacked[module] = _truncated(a, b, max_rank) if a.shape[0] > max_rank else (a, b)
+    rank = max(a.shape[0] for a, _ in stacked.values())
+    if any(a.shape[0] != rank for a, _ in stacked.values()):  # a module of lower rank: pad with zeros
+        stacked = {m: (np.pad(a, ((0, rank - a.shape[0]), (0, 0))), np.pad(b, ((0, 0), (0, rank - b.shape[1]))))
+                   for m, (a, b) in stacked.items()}
+    return LoraAdapter(stacked, float(rank))
+
+
+def _truncated(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rank-``rank`` truncation of the update ``b @ a``, as a new (a, b), without forming it."""
+    qb, rb = np.linalg.qr(b.astype(np.float64))  # b = qb rb, a.T = qa ra: b @ a = qb (rb ra.T) qa.T
+    qa, ra = np.linalg.qr(a.T.astype(np.float64))
+    u, s, vt = np.linalg.svd(rb @ ra.T, full_matrices=False)
+    rank = min(rank, s.size)
+    new_b = (qb @ u[:, :rank]) * s[:rank]
+    new_a = vt[:rank] @ qa.T
+    return new_a.astype(np.float32), new_b.astype(np.float32)
 
 
 def write_adapter(adapter: LoraAdapter, directory: Path) -> None:

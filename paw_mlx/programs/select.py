@@ -18,8 +18,12 @@ prefix) and scored by exact match on the fold, so every example is predicted onc
 program that never saw it. With ``repeats`` > 1 (repeated k-fold) the examples are
 shuffled into folds again, each partition from its own seed, and every example is
 predicted once per partition (off by default: not better on the dev tasks). Trained
-candidates stop early on their fold's validation loss; the rebuilt program trains for the
-mean of the folds' best step counts. The kept candidate has the highest held-out exact
+candidates stop early on their fold's validation loss. The kept program is then built on
+all the examples: a ``lora`` program is the few-shot prefix of all of them with the mean
+of the folds' adapters (a bagged adapter: each was validated at its own best step, and
+their mean generalized better on the dev tasks than one adapter retrained on all the
+examples); the other trained candidates train again on all the examples, for the mean of
+the folds' best step counts. The kept candidate has the highest held-out exact
 match; on a tie the untrained one wins (``PREFERENCE``): a trained candidate must beat
 the few-shot prefix, not equal it.
 """
@@ -32,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 
 from interp.errors import ConstraintError, PawError
+from paw_mlx.programs.adapter import LoraAdapter, mean_adapter
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.compile import compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
 from paw_mlx.programs.examples import partitions
@@ -45,6 +50,8 @@ CANDIDATES = ("spec", "fewshot", "prefix", "lora", PREFIX_LORA)
 DEFAULT_CANDIDATES = CANDIDATES
 #: tie-break order: simpler first
 PREFERENCE = ("fewshot", "spec", "lora", "prefix", PREFIX_LORA)
+#: candidates whose kept program averages the folds' adapters instead of training again
+BAGGED = ("lora",)
 #: outputs are scored with a budget of the longest training output plus this many tokens
 SCORING_MARGIN = 8
 
@@ -96,6 +103,8 @@ class CandidateScore:
     stage_steps: list[int] = field(default_factory=list)
     #: the held-out prediction of each example (in the first partition, with repeats)
     outputs: list[str] = field(default_factory=list)
+    #: each fold's trained adapter (``BAGGED`` candidates: their mean is the kept adapter)
+    adapters: list[LoraAdapter] = field(default_factory=list)
 
     @property
     def exact_match(self) -> float:
@@ -193,6 +202,19 @@ class Builder:
         trained, result = self._tuned[key]
         return replace(trained), result
 
+    def with_adapter(self, rows: Sequence[dict], adapter: LoraAdapter, options: TrainOptions,
+                     tuning: dict) -> ProgramArtifact:
+        """The few-shot program of ``rows`` running ``adapter`` (its prefix recomputed through
+        the adapter when ``options.adapt_prefix``, as a ``.paw`` bundle's runtime runs it)."""
+        from paw_mlx.programs.function import adapted
+
+        artifact = self.prompted(rows)
+        prefix = artifact.prefix
+        if options.adapt_prefix:
+            prefix = compute_prefix(adapted(self.prog, adapter), artifact.prefix_ids)
+        return replace(artifact, prefix=prefix, adapter=adapter, tuning=dict(tuning, adapter=adapter.summary()),
+                       directory=None)
+
     def outputs(self, artifact: ProgramArtifact, inputs: list[str], budget: int) -> list[str]:
         """The program's outputs for ``inputs``; an output that cannot meet the program's
         constraint within the budget counts as empty (wrong), not as a failed compile."""
@@ -277,6 +299,8 @@ class Selection:
                     score.total += 1
                 if result is not None:
                     score.best_steps.append(result.best_step)
+                if name in BAGGED and artifact.adapter is not None:
+                    score.adapters.append(artifact.adapter)
                 if artifact.tuning is not None and "prefix_stage" in artifact.tuning:
                     score.stage_steps.append(artifact.tuning["prefix_stage"]["best_step"])
                 score.fold_seconds.append(round(time.perf_counter() - fold_started, 1))
@@ -290,10 +314,11 @@ class Selection:
         return max(self.scores, key=lambda c: (self.scores[c].rate, -PREFERENCE.index(c)))
 
     def final_training(self, name: str) -> TrainOptions | None:
-        """Training options for the rebuild: the folds' mean best step count."""
+        """Training options for the rebuild: the folds' mean best step count (a bagged
+        candidate is not trained again: the options its folds trained with)."""
         training = self.options.training(name)
-        if training is None:
-            return None
+        if training is None or self.bagged(name):
+            return training
         return _with_mean_steps(training, self.scores[name].best_steps if name in self.scores else [])
 
     def final_stage(self, name: str) -> TrainOptions | None:
@@ -302,16 +327,25 @@ class Selection:
             return None
         return _with_mean_steps(self.options.prefix, self.scores[name].stage_steps if name in self.scores else [])
 
+    def bagged(self, name: str) -> bool:
+        """Whether the kept ``name`` is the mean of its folds' adapters (not trained again)."""
+        return name in BAGGED and name in self.scores and bool(self.scores[name].adapters)
+
     def rebuild(self, name: str) -> ProgramArtifact:
         """Candidate ``name`` fitted on every example, with its training report."""
-        training = self.final_training(name)
         started = time.perf_counter()
+        if self.bagged(name):
+            score = self.scores[name]
+            artifact = self.builder.with_adapter(self.rows, mean_adapter(score.adapters), self.options.lora,
+                                                 {"method": name, "options": asdict(self.options.lora),
+                                                  "rebuild": f"mean of the {len(score.adapters)} folds' adapters",
+                                                  "fold_best_steps": score.best_steps})
+        else:
+            def step_report(step: int, steps: int, loss: float) -> None:
+                self._report(f"{name}: all examples, step {step}/{steps}, loss {loss:.3f}", step)
 
-        def step_report(step: int, steps: int, loss: float) -> None:
-            self._report(f"{name}: all examples, step {step}/{steps}, loss {loss:.3f}", step)
-
-        artifact, _ = self.builder.build(name, self.rows, training, progress=step_report,
-                                         stage=self.final_stage(name))
+            artifact, _ = self.builder.build(name, self.rows, self.final_training(name), progress=step_report,
+                                             stage=self.final_stage(name))
         if name in self.scores:
             self.scores[name].seconds = round(self.scores[name].seconds + time.perf_counter() - started, 1)
         return replace(artifact, directory=None)
@@ -335,6 +369,7 @@ class Selection:
             "kept": kept,
             "reason": _reason(kept, self.scores),
             "training": asdict(t) if (t := self.final_training(kept)) is not None else None,
+            "rebuild": _rebuild_text(kept, self),
             "prefix_stage": asdict(t) if (t := self.final_stage(kept)) is not None else None,
         }
 
@@ -361,6 +396,16 @@ def _with_mean_steps(options: TrainOptions, best_steps: list[int]) -> TrainOptio
     if not best_steps:
         return options
     return replace(options, steps=max(1, round(sum(best_steps) / len(best_steps))))
+
+
+def _rebuild_text(name: str, selection: Selection) -> str:
+    """How the kept program was built from all the examples, in words."""
+    if selection.bagged(name):
+        folds = len(selection.scores[name].adapters)
+        return f"the few-shot prefix of all examples with the mean of the {folds} folds' adapters"
+    if selection.options.training(name) is not None:
+        return "trained again on all examples for the folds' mean best step count"
+    return "built from all examples"
 
 
 def _reason(kept: str, scores: dict[str, CandidateScore]) -> str:

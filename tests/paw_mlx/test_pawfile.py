@@ -162,6 +162,7 @@ def test_export_program_writes_a_program_and_compile_writes_a_bundle(bases, tmp_
     made = compile_bundle("Upper.", out, base=bases["qwen3"], examples=rows,
                           options=SelectOptions(folds=2, lora=TrainOptions(steps=2, layers=1, rank=4)))
     back = read_bundle(out)
+    assert made.adapter.rank == 2 * 4  # the mean of the two folds' rank-4 adapters, exactly
     assert sorted(zipfile.ZipFile(out).namelist()) == ["adapter.gguf", "meta.json", "prompt_template.txt",
                                                        "pseudo_program.txt"]
     assert back.meta["interpreter"] == "tiny-random-qwen3" and back.template.count("{INPUT_PLACEHOLDER}") == 1

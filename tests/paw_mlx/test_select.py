@@ -8,10 +8,12 @@ import json
 from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import paw_mlx
 from interp.errors import PawError
+from paw_mlx.programs.adapter import LoraAdapter, mean_adapter
 from paw_mlx.programs.artifact import GenerationSettings, read_artifact
 from paw_mlx.programs.compile import demo_spans
 from paw_mlx.programs.examples import folds, load_examples, partitions, split_examples
@@ -173,6 +175,67 @@ def test_repeated_cross_validation_predicts_each_row_once_per_shuffle(builder, m
     assert partitions(3, 4, repeats=3) == [folds(3, 4)]
     with pytest.raises(PawError, match="repeats must be 1-10"):
         replace(QUICK, repeats=0).check()
+
+def _updates(adapter):
+    return {m: b @ a for m, (a, b) in adapter.scaled().items()}
+
+
+def test_kept_lora_is_the_mean_of_the_fold_adapters(builder, tmp_path):
+    """The kept LoRA is not trained again: the few-shot prefix of all rows with the mean of
+    the folds' adapters, each validated at its own best step."""
+    options = replace(QUICK, candidates=("fewshot", "lora"))
+    selection = Selection(builder.prog, builder, ROWS, options)
+    folds = selection.cross_validate()["lora"].adapters
+    assert len(folds) == 2 and all(a.rank == 2 for a in folds)
+    artifact = selection.rebuild("lora")
+    assert artifact.adapter.rank == 4 and artifact.prefix is builder.prompted(ROWS).prefix
+    got, each = _updates(artifact.adapter), [_updates(a) for a in folds]
+    for module, update in got.items():
+        assert np.allclose(update, (each[0][module] + each[1][module]) / 2, atol=1e-6), module
+    assert "mean of the 2 folds' adapters" in artifact.tuning["rebuild"]
+    assert selection.final_training("lora") == options.lora  # the folds' options: nothing retrained
+    paw_mlx.programs.write_artifact(artifact, tmp_path / "bag")
+    f, g = paw_mlx.function(tmp_path / "bag", max_new_tokens=6), paw_mlx.function(artifact, max_new_tokens=6)
+    assert f(["cow", "bee"]) == g(["cow", "bee"])
+
+
+def test_bagged_adapter_recomputes_an_adapted_prefix(builder):
+    """``adapt_prefix`` (how a .paw bundle runs): the kept prefix is computed through the mean adapter."""
+    from paw_mlx.programs.compile import compute_prefix
+    from paw_mlx.programs.function import adapted
+
+    options = replace(QUICK, candidates=("lora",), lora=replace(QUICK.lora, adapt_prefix=True))
+    selection = Selection(builder.prog, builder, ROWS, options)
+    selection.cross_validate()
+    artifact = selection.rebuild("lora")
+    want = compute_prefix(adapted(builder.prog, artifact.adapter), artifact.prefix_ids)
+    plain = builder.prompted(ROWS).prefix
+    assert all(mx.allclose(k, wk, atol=1e-5).item() for (k, _), (wk, _) in zip(artifact.prefix, want, strict=True))
+    assert not mx.allclose(artifact.prefix[-1][0], plain[-1][0]).item()
+
+
+def test_mean_adapter_is_exact_or_the_best_truncation():
+    rng = np.random.default_rng(0)
+
+    def random_adapter(rank, alpha):
+        return LoraAdapter({"q": (rng.normal(size=(rank, 20)).astype(np.float32),
+                                  rng.normal(size=(12, rank)).astype(np.float32)),
+                            "v": (rng.normal(size=(rank, 20)).astype(np.float32),
+                                  rng.normal(size=(4, rank)).astype(np.float32))}, alpha)
+
+    adapters = [random_adapter(8, 16.0), random_adapter(8, 16.0), random_adapter(4, 2.0)]
+    want = {m: sum(_updates(a)[m] for a in adapters) / 3 for m in ("q", "v")}
+    mean = mean_adapter(adapters)
+    assert mean.rank == 20 and mean.alpha == 20.0
+    assert all(np.allclose(_updates(mean)[m], want[m], atol=1e-4) for m in want)
+    short = mean_adapter(adapters, max_rank=6)
+    assert short.rank == 6  # "v" (4 outputs) is exact at rank 4, padded with zeros to 6
+    assert np.allclose(_updates(short)["v"], want["v"], atol=1e-4)
+    tail = np.linalg.svd(want["q"], compute_uv=False)[6:]
+    assert np.isclose(np.linalg.norm(_updates(short)["q"] - want["q"]), np.sqrt((tail ** 2).sum()), rtol=1e-4)
+    with pytest.raises(ValueError, match="same modules"):
+        mean_adapter([adapters[0], LoraAdapter({"q": adapters[0].modules["q"]}, 16.0)])
+
 
 def test_ties_keep_the_simpler_candidate(builder):
     selection = Selection(builder.prog, builder, ROWS, QUICK)
