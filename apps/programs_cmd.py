@@ -129,6 +129,8 @@ def print_selection(info: dict | None) -> None:
     console = Console(stderr=True)
     console.print(table)
     console.print(f"kept {info['kept']}: {info['reason']}")
+    if info.get("rebuild"):
+        console.print(f"the program: {info['rebuild']}")
     if "test" in info:
         test = info["test"]
         console.print(f"on the {test['total']} rows marked test (never seen while compiling): exact match "

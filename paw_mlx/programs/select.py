@@ -336,8 +336,9 @@ class Selection:
         started = time.perf_counter()
         if self.bagged(name):
             score = self.scores[name]
-            artifact = self.builder.with_adapter(self.rows, mean_adapter(score.adapters), self.options.lora,
-                                                 {"method": name, "options": asdict(self.options.lora),
+            training = self.options.training(name)
+            artifact = self.builder.with_adapter(self.rows, mean_adapter(score.adapters), training,
+                                                 {"method": name, "options": asdict(training),
                                                   "rebuild": f"mean of the {len(score.adapters)} folds' adapters",
                                                   "fold_best_steps": score.best_steps})
         else:
