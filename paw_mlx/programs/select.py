@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 
 from interp.errors import ConstraintError, PawError
-from paw_mlx.programs.adapter import LoraAdapter, mean_adapter
+from paw_mlx.programs.adapter import MAX_MEAN_RANK, LoraAdapter, mean_adapter
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.compile import compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
 from paw_mlx.programs.examples import partitions
@@ -339,7 +339,7 @@ class Selection:
             training = self.options.training(name)
             artifact = self.builder.with_adapter(self.rows, mean_adapter(score.adapters), training,
                                                  {"method": name, "options": asdict(training),
-                                                  "rebuild": f"mean of the {len(score.adapters)} folds' adapters",
+                                                  "rebuild": _rebuild_text(name, self),
                                                   "fold_best_steps": score.best_steps})
         else:
             def step_report(step: int, steps: int, loss: float) -> None:
@@ -402,11 +402,14 @@ def _with_mean_steps(options: TrainOptions, best_steps: list[int]) -> TrainOptio
 def _rebuild_text(name: str, selection: Selection) -> str:
     """How the kept program was built from all the examples, in words."""
     if selection.bagged(name):
-        folds = len(selection.scores[name].adapters)
-        return f"the few-shot prefix of all examples with the mean of the {folds} folds' adapters"
+        adapters = selection.scores[name].adapters
+        text = f"the few-shot prefix of all examples with the mean of the {len(adapters)} folds' adapters"
+        if sum(a.rank for a in adapters) > MAX_MEAN_RANK:
+            text += f" (truncated to rank {MAX_MEAN_RANK})"
+        return text
     if selection.options.training(name) is not None:
         return "trained again on all examples for the folds' mean best step count"
-    return "built from all examples"
+    return "the spec alone" if name == "spec" else "the spec with all examples as demonstrations"
 
 
 def _reason(kept: str, scores: dict[str, CandidateScore]) -> str:
