@@ -114,10 +114,14 @@ class _progress_bar:
 
 def print_selection(info: dict | None) -> None:
     """The compiler's report as a table on stderr: each candidate's held-out score and time."""
-    if not info or not info.get("candidates"):
-        return
     from rich.console import Console
     from rich.table import Table
+
+    if info and info.get("repeated_examples_dropped"):
+        Console(stderr=True).print(f"dropped {info['repeated_examples_dropped']} repeated example(s): "
+                                   "the same input and output given again")
+    if not info or not info.get("candidates"):
+        return
 
     table = Table(title=f"candidates ({info['method']})", title_justify="left")
     for column in ("candidate", "held-out exact match", "seconds", "s / fold", ""):

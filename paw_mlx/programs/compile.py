@@ -144,14 +144,16 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     if examples is None:
         artifact = builder.prompted([])
     else:
-        from paw_mlx.programs.examples import check_examples, load_examples
+        from paw_mlx.programs.examples import check_examples, distinct, load_examples
 
         rows = load_examples(examples) if isinstance(examples, str | Path) else check_examples(list(examples))
-        train = [r for r in rows if r.get("split", "train") == "train"]
+        train, repeated = distinct([r for r in rows if r.get("split", "train") == "train"])
         test = [r for r in rows if r.get("split", "train") == "test"]
         if not train:
             raise PawError("no training examples (every row is marked \"split\": \"test\")")
         artifact, info = select(prog, builder, train, options or SelectOptions(), progress)
+        if repeated:
+            info["repeated_examples_dropped"] = repeated
         if test:
             outputs = builder.outputs(artifact, [r["input"] for r in test], max_new_tokens)
             correct = sum(o.strip() == r["output"].strip() for o, r in zip(outputs, test, strict=True))

@@ -16,7 +16,7 @@ def read_task_file(path: str | Path, what: str) -> str:
     if not path.is_file():
         raise PawError(f"no such {what} file: {path}")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise PawError(f"cannot read the {what} file {path}: {exc}") from exc
 
@@ -46,6 +46,22 @@ def check_examples(rows: Sequence) -> list[dict]:
     if not rows:
         raise PawError("no examples given")
     return list(rows)
+
+
+def distinct(rows: Sequence[dict]) -> tuple[list[dict], int]:
+    """``rows`` without repeats of an earlier (input, output) pair, and how many were dropped.
+
+    A repeated example would sit on both sides of a cross-validation split and flatter the
+    candidates that memorise; the same input with another output is kept (it is data).
+    """
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for row in rows:
+        key = (row["input"], row["output"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept, len(rows) - len(kept)
 
 
 def _check_row(row: object, where: str, shape: str) -> None:

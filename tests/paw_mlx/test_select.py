@@ -285,6 +285,18 @@ def test_bad_options_and_examples(tiny_program, tmp_path):
         load_examples(tmp_path / "none.jsonl")
 
 
+def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_program, tmp_path):
+    """A repeated example would be on both sides of a fold; a BOM is what Windows editors write."""
+    path = tmp_path / "ex.jsonl"
+    lines = [json.dumps(r) for r in ROWS[:4] + ROWS[:2]] + [json.dumps({"input": "cat", "output": "Cat"})]
+    path.write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    assert load_examples(path)[0] == ROWS[0]
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=path, options=replace(QUICK, candidates=("fewshot",)))
+    assert art.selection["repeated_examples_dropped"] == 2
+    assert [(d["input"], d["output"]) for d in art.demos] == [(r["input"], r["output"]) for r in ROWS[:4]] + [
+        ("cat", "Cat")]  # the same input with another output is data, kept
+
+
 def test_split_field_and_folds():
     rows = [{"input": str(i), "output": str(i), "split": "test" if i % 3 == 0 else "train"} for i in range(9)]
     train, held = split_examples(rows, holdout=0.5)
