@@ -17,9 +17,29 @@ from paw_mlx.programs.compile import compile, input_ids
 from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.runtime import LoadedProgram
 
+#: the most padded tokens (rows x longest row) one batch of a call feeds; a list of inputs
+#: whose batch would be larger runs as several batches of rows of similar lengths, so one
+#: long input does not pad every short one to its length
+BATCH_TOKENS = 8192
+
+
+def length_batches(lengths: list[int], budget: int = BATCH_TOKENS) -> list[list[int]]:
+    """Row indices grouped into batches of at most ``budget`` padded tokens (one row at least):
+    all rows in one batch when they fit, else rows sorted by length and packed greedily."""
+    if not lengths or len(lengths) * max(lengths) <= budget:
+        return [list(range(len(lengths)))]
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
 
 class ProgramFunction:
-    """Calls a program: a string in, a string out; a list in, a list out (one batch).
+    """Calls a program: a string in, a string out; a list in, a list out (one batch, or
+    several when one input is much longer than the others: ``BATCH_TOKENS``).
 
     With an output constraint (``returns``, or the program's own), every output parses:
     it is one of the choices, matches the regex or is JSON valid for the schema.
@@ -55,9 +75,15 @@ class ProgramFunction:
         if self.artifact.prefix_length + longest >= self.base.context_length:
             raise InputError(f"an input of {longest} tokens after the {self.artifact.prefix_length}-token prefix "
                              f"fills the base model's context of {self.base.context_length}")
-        constraints = [self.grammar.start() for _ in rows] if self.grammar is not None else None
-        return generate_batch(self.runner, self.artifact.prefix, rows, max_new_tokens=self.max_new_tokens,
-                              temperature=self.artifact.generation.temperature, constraints=constraints)
+        outputs: list[list[int]] = [[] for _ in rows]
+        for batch in length_batches([len(row) for row in rows], BATCH_TOKENS):
+            constraints = [self.grammar.start() for _ in batch] if self.grammar is not None else None
+            done = generate_batch(self.runner, self.artifact.prefix, [rows[i] for i in batch],
+                                  max_new_tokens=self.max_new_tokens,
+                                  temperature=self.artifact.generation.temperature, constraints=constraints)
+            for i, ids in zip(batch, done, strict=True):
+                outputs[i] = ids
+        return outputs
 
     def __call__(self, x: str | list[str]) -> str | list[str]:
         single = isinstance(x, str)

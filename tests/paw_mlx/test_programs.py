@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from interp.generate import generate_step
 from paw_mlx.programs.artifact import read_artifact, write_artifact
 from paw_mlx.programs.batch import prefill_batch
 from paw_mlx.programs.compile import layout_prefix_ids
+from paw_mlx.programs.function import length_batches
 from paw_mlx.programs.interpreter import interpreter
 
 SPEC = "Parse the options into a JSON list. (A) cat (B) dog"
@@ -66,6 +68,33 @@ def test_batch_rows_equal_single_rows(tiny_program):
         alone = prefill_batch(prog, f.artifact.prefix, [row]).logits[0]
         assert mx.allclose(batched[i], alone, atol=1e-4, rtol=1e-4).item(), i
     assert f(INPUTS) == [f(t) for t in INPUTS]
+
+
+def test_batches_by_padded_tokens():
+    assert length_batches([3, 9, 4], budget=27) == [[0, 1, 2]]  # fits: one batch, as given
+    batches = length_batches([3, 500, 4, 3, 6], budget=24)
+    assert batches == [[0, 3, 2, 4], [1]]  # the long row alone, the short ones together
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    assert length_batches([]) == [[]]
+
+
+def test_a_long_input_does_not_pad_the_others(tiny_program, monkeypatch):
+    """One long input in a list runs in its own batch; every output equals its call alone."""
+    function_module = sys.modules["paw_mlx.programs.function"]  # the package exports a function of that name
+    f = paw_mlx.function(paw_mlx.compile(SPEC, base=tiny_program), max_new_tokens=6)
+    inputs = ["(A) 1", " ".join(["word"] * 60), "2024-01-05", "(A) cat (B) dog"]
+    seen = []
+    original = function_module.generate_batch
+
+    def spy(runner, prefix, rows, **kw):
+        seen.append(len(rows))
+        return original(runner, prefix, rows, **kw)
+
+    monkeypatch.setattr(function_module, "generate_batch", spy)
+    monkeypatch.setattr(function_module, "BATCH_TOKENS", 64)
+    together = f(inputs)
+    assert sorted(seen) == [1, 3]
+    assert together == [f(t) for t in inputs]
 
 
 def test_round_trip_through_disk(tiny_program, tmp_path):
