@@ -152,7 +152,10 @@ class ServedModel:
             if len(messages) != 1 or messages[0]["role"] != "user":
                 raise RequestError(f"model {self.name!r} takes one user message (its input)")
             return self.completion_ids(messages[0]["content"])
-        text = _render_text(tokenizer, [{"role": "system", "content": self.artifact.spec}, *messages])
+        from paw_mlx.programs.compile import program_messages
+
+        # the conversation continues the prefix's: the spec and the demonstrations come first
+        text = _render_text(tokenizer, [*program_messages(self.artifact.spec, self.artifact.demos), *messages])
         if not text.startswith(layout.prefix_text):
             raise RequestError(f"the chat template of model {self.name!r} does not start with the program's "
                                "prefix for these messages")

@@ -38,14 +38,16 @@ def prompt_layout(tokenizer: Tokenizer, spec: str, demos: Sequence[dict] = ()) -
     if not tokenizer.has_chat_template:
         shots = "".join(f"{RAW_PREFIX_SEP}{d['input']}{RAW_SUFFIX} {d['output']}" for d in demos)
         return PromptLayout("raw", spec + shots + RAW_PREFIX_SEP, RAW_SUFFIX)
-    text = tokenizer.apply_chat_template(_messages(spec, demos) + [{"role": "user", "content": _INPUT_MARK}])
+    text = tokenizer.apply_chat_template(program_messages(spec, demos) + [{"role": "user", "content": _INPUT_MARK}])
     if text.count(_INPUT_MARK) != 1:
         raise PawError("the base model's chat template does not place the user message once")
     before, after = text.split(_INPUT_MARK)
     return PromptLayout("chat", before, after)
 
 
-def _messages(spec: str, demos: Sequence[dict]) -> list[dict]:
+def program_messages(spec: str, demos: Sequence[dict]) -> list[dict]:
+    """The chat messages a chat-layout program's prefix renders: the spec as the system
+    message, then each demonstration as a user turn answered by an assistant turn."""
     messages = [{"role": "system", "content": spec}]
     for demo in demos:
         messages += [{"role": "user", "content": demo["input"]}, {"role": "assistant", "content": demo["output"]}]
@@ -65,7 +67,7 @@ def demo_spans(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Seq
     ends = []
     for i in range(len(demos) + 1):
         if layout.kind == "chat":
-            text = tokenizer.apply_chat_template(_messages(spec, demos[:i]), add_generation_prompt=False)
+            text = tokenizer.apply_chat_template(program_messages(spec, demos[:i]), add_generation_prompt=False)
         else:
             text = prompt_layout(tokenizer, spec, demos[:i]).prefix_text[: -len(RAW_PREFIX_SEP)]
         upto = len(tokenizer.encode(text, add_special_tokens=layout.kind == "raw"))

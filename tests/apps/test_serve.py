@@ -224,6 +224,30 @@ def test_a_programs_stored_returns_constrain_its_answers(server, tiny_program, t
         catalog.remove(model.name)
 
 
+@pytest.mark.parametrize("candidate", ["fewshot", "lora"])
+def test_a_program_compiled_from_examples_answers_chat_as_its_function(server, tiny_program, tmp_path, candidate):
+    """Its prefix holds the examples as demonstration turns: a chat request continues them."""
+    from paw_mlx.engine.models import ServedModel
+    from paw_mlx.programs.select import SelectOptions
+    from paw_mlx.programs.train import TrainOptions
+
+    rows = [{"input": w, "output": w.upper()} for w in ["cat", "dog", "sun", "red"]]
+    options = SelectOptions(candidates=(candidate,), folds=2, lora=TrainOptions(steps=2, layers=1, rank=2))
+    art = paw_mlx.compile("Upper.", base=tiny_program, examples=rows, options=options, out_dir=tmp_path / "upper")
+    assert len(art.demos) == 4 and (art.adapter is not None) == (candidate == "lora")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
+    catalog = server.app_catalog
+    model = catalog.add(ServedModel("upper", catalog.get("tiny").base, artifact=art))
+    try:
+        f = paw_mlx.function(tmp_path / "upper", base=tiny_program)
+        for text in INPUTS[:2]:
+            got = client.chat.completions.create(model="upper", messages=[{"role": "user", "content": text}])
+            assert got.choices[0].message.content == f(text)
+            assert got.usage.prompt_tokens_details.cached_tokens >= art.prefix_length
+    finally:
+        catalog.remove(model.name)
+
+
 # ---------------------------------------------------------------------- refusals
 
 
