@@ -110,6 +110,21 @@ def read_spec(spec: str) -> str:
     return spec
 
 
+def _check_outputs_fit(grammar, rows: Sequence[dict]) -> None:
+    """Every example's output must be one the output constraint lets a call write: one it
+    forbids could never be matched, and as a demonstration it teaches a forbidden form."""
+    from paw_mlx.constrain import describe_returns
+
+    bad = [r["output"] for r in rows if not grammar.matches(r["output"].strip())]
+    if not bad:
+        return
+    hint = ""
+    if "json_schema" in grammar.spec or "json_object" in grammar.spec:
+        hint = " (constrained JSON is written as json.dumps writes it: ', ' and ': ' between items, no newlines)"
+    raise PawError(f"{len(bad)} of the {len(rows)} example outputs cannot be written under the output constraint "
+                   f"({describe_returns(grammar.spec)}), e.g. {bad[0]!r:.80}{hint}")
+
+
 def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | None = None, *,
             examples: Sequence[dict] | str | Path | None = None, max_new_tokens: int = 64,
             force: bool = False, returns=None, options: SelectOptions | None = None,
@@ -138,10 +153,12 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     if not prog.fingerprint:
         raise PawError(f"the base model {base_path} has no fingerprint (no manifest.json), so a program "
                        "cannot record what it was made for: export the base with `paw export`")
+    grammar = None
     if returns is not None:
         from paw_mlx.constrain import grammar_for
 
-        returns = grammar_for(prog, returns).spec  # checked against the tokenizer before any work
+        grammar = grammar_for(prog, returns)  # checked against the tokenizer before any work
+        returns = grammar.spec
     builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns)
     if examples is None:
         artifact = builder.prompted([])
@@ -153,6 +170,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
         test = [r for r in rows if r.get("split", "train") == "test"]
         if not train:
             raise PawError("no training examples (every row is marked \"split\": \"test\")")
+        if grammar is not None:
+            _check_outputs_fit(grammar, train + test)
         artifact, info = select(prog, builder, train, options or SelectOptions(), progress)
         if repeated:
             info["repeated_examples_dropped"] = repeated

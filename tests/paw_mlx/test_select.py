@@ -269,6 +269,17 @@ def test_candidates_are_scored_under_the_output_constraint(tiny_program):
     assert paw_mlx.function(art)("bee") in choices
 
 
+def test_example_outputs_the_constraint_forbids_are_refused(tiny_program, tmp_path):
+    """An output the constraint cannot write would never match, and would teach a forbidden form."""
+    with pytest.raises(PawError, match=r"1 of the 4 example outputs cannot be written .* e\.g\. 'SUN'"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS[:4], options=QUICK, out_dir=tmp_path / "no",
+                        returns=["CAT", "DOG", "RED"])
+    rows = [{"input": "a", "output": '{"x": 1}'}, {"input": "b", "output": '{"x":2}'}]
+    with pytest.raises(PawError, match="', ' and ': '"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=QUICK, returns="json")
+    assert not (tmp_path / "no").exists()
+
+
 def test_bad_options_and_examples(tiny_program, tmp_path):
     with pytest.raises(PawError, match="unknown candidate magic"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
