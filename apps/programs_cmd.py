@@ -60,8 +60,10 @@ def compile_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", "-n", help="Default output budget of a call.")] = 64,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", "-n", min=1,
+        help="Default output budget of a call, in tokens (default: 64, or more to fit the longest "
+             "example output).")] = None,
     returns: Annotated[str | None, typer.Option(
         "--returns", "-r", help=RETURNS_HELP + " Stored with the program.")] = None,
     output_format: Annotated[str, typer.Option("--format", help=(

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 _INPUT_MARK = "\u2063PAW-INPUT\u2063"  # invisible separator: never in a real spec or input
+#: a call's default output budget in tokens, raised to fit the examples' longest output
+DEFAULT_MAX_NEW_TOKENS = 64
+#: tokens of budget beyond the longest example output (a model may write a little more)
+OUTPUT_MARGIN = 8
 RAW_PREFIX_SEP = "\n\nInput: "
 RAW_SUFFIX = "\nOutput:"
 
@@ -110,6 +114,29 @@ def read_spec(spec: str) -> str:
     return spec
 
 
+def _load_rows(examples: Sequence[dict] | str | Path) -> tuple[list[dict], int]:
+    """The examples (a JSON-lines path or rows), checked, with the training rows' repeats of an
+    (input, output) pair dropped; and how many were dropped."""
+    from paw_mlx.programs.examples import check_examples, distinct, load_examples
+
+    rows = load_examples(examples) if isinstance(examples, str | Path) else check_examples(list(examples))
+    train, repeated = distinct([r for r in rows if r.get("split", "train") == "train"])
+    return train + [r for r in rows if r.get("split", "train") == "test"], repeated
+
+
+def _output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) -> int:
+    """A call's output budget: ``asked``, else ``DEFAULT_MAX_NEW_TOKENS`` raised to fit the
+    longest example output with a margin. An example longer than ``asked`` is an error:
+    no call could write it."""
+    longest = max((len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows), default=0)
+    if asked is None:
+        return max(DEFAULT_MAX_NEW_TOKENS, longest + OUTPUT_MARGIN)
+    if longest > asked:
+        raise PawError(f"an example output is {longest} tokens, more than the output budget of {asked} "
+                       "(--max-new-tokens): no call could write it")
+    return asked
+
+
 def _check_outputs_fit(grammar, rows: Sequence[dict]) -> None:
     """Every example's output must be one the output constraint lets a call write: one it
     forbids could never be matched, and as a demonstration it teaches a forbidden form."""
@@ -126,7 +153,7 @@ def _check_outputs_fit(grammar, rows: Sequence[dict]) -> None:
 
 
 def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | None = None, *,
-            examples: Sequence[dict] | str | Path | None = None, max_new_tokens: int = 64,
+            examples: Sequence[dict] | str | Path | None = None, max_new_tokens: int | None = None,
             force: bool = False, returns=None, options: SelectOptions | None = None,
             progress: Progress | None = None) -> ProgramArtifact:
     """Compile ``spec`` into a program for ``base``.
@@ -138,7 +165,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     ``"split": "test"`` are never used to build or choose: the kept program is scored on
     them at the end (``selection["test"]``). ``returns`` (choices, a regex or a JSON
     schema; ``paw_mlx.constrain``) is checked and stored with the program, so every call
-    enforces it. Writes the program to ``out_dir`` (atomically) when given.
+    enforces it. ``max_new_tokens`` is a call's default output budget: 64 unless an
+    example's output needs more. Writes the program to ``out_dir`` (atomically) when given.
     """
     from paw_mlx.programs.select import Builder, SelectOptions, select
 
@@ -159,19 +187,18 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
 
         grammar = grammar_for(prog, returns)  # checked against the tokenizer before any work
         returns = grammar.spec
+    rows, repeated = _load_rows(examples) if examples is not None else ([], 0)
+    train = [r for r in rows if r.get("split", "train") == "train"]
+    test = [r for r in rows if r.get("split", "train") == "test"]
+    if examples is not None and not train:
+        raise PawError("no training examples (every row is marked \"split\": \"test\")")
+    if grammar is not None:
+        _check_outputs_fit(grammar, rows)
+    max_new_tokens = _output_budget(prog, rows, max_new_tokens)
     builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns)
     if examples is None:
         artifact = builder.prompted([])
     else:
-        from paw_mlx.programs.examples import check_examples, distinct, load_examples
-
-        rows = load_examples(examples) if isinstance(examples, str | Path) else check_examples(list(examples))
-        train, repeated = distinct([r for r in rows if r.get("split", "train") == "train"])
-        test = [r for r in rows if r.get("split", "train") == "test"]
-        if not train:
-            raise PawError("no training examples (every row is marked \"split\": \"test\")")
-        if grammar is not None:
-            _check_outputs_fit(grammar, train + test)
         artifact, info = select(prog, builder, train, options or SelectOptions(), progress)
         if repeated:
             info["repeated_examples_dropped"] = repeated

@@ -362,7 +362,7 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
 
 
 def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force: bool = False,
-                   max_new_tokens: int = 64, progress_bar=None) -> ProgramArtifact:
+                   max_new_tokens: int | None = None, progress_bar=None) -> ProgramArtifact:
     """``paw compile --format paw``: a LoRA program trained as a bundle runs it (the adapter
     applied to the prefix too), written as a ``.paw`` file."""
     from paw_mlx.programs.compile import compile

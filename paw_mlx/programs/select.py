@@ -38,7 +38,7 @@ from fractions import Fraction
 from interp.errors import ConstraintError, PawError
 from paw_mlx.programs.adapter import MAX_MEAN_RANK, LoraAdapter, mean_adapter
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
-from paw_mlx.programs.compile import compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
+from paw_mlx.programs.compile import OUTPUT_MARGIN, compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
 from paw_mlx.programs.examples import partitions
 from paw_mlx.programs.train import TrainOptions, TrainResult, train
 from paw_mlx.runtime import LoadedProgram
@@ -52,8 +52,6 @@ DEFAULT_CANDIDATES = CANDIDATES
 PREFERENCE = ("fewshot", "spec", "lora", "prefix", PREFIX_LORA)
 #: candidates whose kept program averages the folds' adapters instead of training again
 BAGGED = ("lora",)
-#: outputs are scored with a budget of the longest training output plus this many tokens
-SCORING_MARGIN = 8
 
 #: progress(description, done, total) in work units (training steps, scored folds)
 Progress = Callable[[str, int, int], None]
@@ -237,7 +235,7 @@ class Builder:
 
 def _budget(prog: LoadedProgram, rows: Sequence[dict], limit: int) -> int:
     longest = max(len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows)
-    return min(limit, longest + SCORING_MARGIN)
+    return min(limit, longest + OUTPUT_MARGIN)  # what the scoring lets a candidate write
 
 
 class Selection:

@@ -280,6 +280,18 @@ def test_example_outputs_the_constraint_forbids_are_refused(tiny_program, tmp_pa
     assert not (tmp_path / "no").exists()
 
 
+def test_the_output_budget_fits_the_longest_example(tiny_program):
+    rows = [{"input": w, "output": " ".join([w] * 50)} for w in ["cat", "dog", "sun"]]
+    options = replace(QUICK, candidates=("fewshot",))
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=options)
+    longest = max(len(interpreter(tiny_program).tokenizer.encode(r["output"], add_special_tokens=False))
+                  for r in rows)
+    assert longest > 64 and art.generation.max_new_tokens == longest + 8
+    assert paw_mlx.compile(SPEC, base=tiny_program).generation.max_new_tokens == 64
+    with pytest.raises(PawError, match=f"an example output is {longest} tokens, more than the output budget of 20"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=options, max_new_tokens=20)
+
+
 def test_bad_options_and_examples(tiny_program, tmp_path):
     with pytest.raises(PawError, match="unknown candidate magic"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
