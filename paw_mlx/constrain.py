@@ -258,8 +258,16 @@ def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
     error = llguidance.LLMatcher.validate_grammar(grammar, ll_tokenizer)
     if error and not error.startswith("WARNING"):
         what = describe_returns(spec)
-        raise ConstraintError(f"invalid output constraint ({what}): {error.strip().splitlines()[0]}")
+        raise ConstraintError(f"invalid output constraint ({what}): {_one_line(error)}")
     return Grammar(spec, grammar, ll_tokenizer, int(vocab_size), eos)
+
+
+def _one_line(error: str) -> str:
+    """llguidance's multi-line error as one line: its first line and its ``error:`` line
+    (a regex error's first line ends in "regex parse error:" and the reason comes later)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    reason = next((line.removeprefix("error:").strip() for line in lines[1:] if line.startswith("error:")), "")
+    return f"{lines[0].rstrip(':')}: {reason}" if reason else lines[0]
 
 
 def grammar_for(prog, returns: Any) -> Grammar:

@@ -13,6 +13,8 @@ from interp.errors import PawError
 def read_task_file(path: str | Path, what: str) -> str:
     """The text of a task's file (``what``: "spec", "examples"), or one PawError line naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise PawError(f"{path} is a folder; the {what} must be a file")
     if not path.is_file():
         raise PawError(f"no such {what} file: {path}")
     try:

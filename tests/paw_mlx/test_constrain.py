@@ -81,6 +81,7 @@ def test_budget_too_small_is_an_error_not_a_truncated_output(tiny_spec):
 
 @pytest.mark.parametrize("returns, message", [
     ({"regex": "[0-9"}, "invalid output constraint"),
+    ({"regex": "(ab"}, r"regex parse error: unclosed group$"),  # the reason, on the one line
     ({"json_schema": {"type": "nonsense"}}, "invalid output constraint"),
     ([], "non-empty list"),
     ({"regex": "a", "choices": ["b"]}, "exactly one"),

@@ -306,6 +306,8 @@ def test_bad_options_and_examples(tiny_program, tmp_path):
         load_examples(bad)
     with pytest.raises(PawError, match="no such examples file"):
         load_examples(tmp_path / "none.jsonl")
+    with pytest.raises(PawError, match="is a folder; the examples must be a file"):
+        load_examples(tmp_path)
 
 
 def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_program, tmp_path):
