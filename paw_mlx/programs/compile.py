@@ -114,7 +114,7 @@ def read_spec(spec: str) -> str:
     return spec
 
 
-def _load_rows(examples: Sequence[dict] | str | Path) -> tuple[list[dict], int]:
+def load_rows(examples: Sequence[dict] | str | Path) -> tuple[list[dict], int]:
     """The examples (a JSON-lines path or rows), checked, with the training rows' repeats of an
     (input, output) pair dropped; and how many were dropped."""
     from paw_mlx.programs.examples import check_examples, distinct, load_examples
@@ -124,7 +124,7 @@ def _load_rows(examples: Sequence[dict] | str | Path) -> tuple[list[dict], int]:
     return train + [r for r in rows if r.get("split", "train") == "test"], repeated
 
 
-def _output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) -> int:
+def output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) -> int:
     """A call's output budget: ``asked``, else ``DEFAULT_MAX_NEW_TOKENS`` raised to fit the
     longest example output with a margin. An example longer than ``asked`` is an error:
     no call could write it."""
@@ -171,6 +171,9 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     from paw_mlx.programs.select import Builder, SelectOptions, select
 
     spec = read_spec(spec)
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise PawError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r:.40}")
     base_path = resolve_base(base)
     if out_dir is not None and Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
@@ -187,14 +190,14 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
 
         grammar = grammar_for(prog, returns)  # checked against the tokenizer before any work
         returns = grammar.spec
-    rows, repeated = _load_rows(examples) if examples is not None else ([], 0)
+    rows, repeated = load_rows(examples) if examples is not None else ([], 0)
     train = [r for r in rows if r.get("split", "train") == "train"]
     test = [r for r in rows if r.get("split", "train") == "test"]
     if examples is not None and not train:
         raise PawError("no training examples (every row is marked \"split\": \"test\")")
     if grammar is not None:
         _check_outputs_fit(grammar, rows)
-    max_new_tokens = _output_budget(prog, rows, max_new_tokens)
+    max_new_tokens = output_budget(prog, rows, max_new_tokens)
     builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns)
     if examples is None:
         artifact = builder.prompted([])

@@ -35,8 +35,7 @@ from interp.errors import PawError
 from interp.paths import DEFAULT_MODEL
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.batch import generate_batch
-from paw_mlx.programs.compile import input_ids
-from paw_mlx.programs.examples import load_examples
+from paw_mlx.programs.compile import input_ids, load_rows, output_budget
 from paw_mlx.programs.function import ProgramFunction
 from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
@@ -98,12 +97,12 @@ def interleaved_ttft(columns: dict[str, tuple], rows: list[dict]) -> dict[str, f
 def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progress=None) -> dict:
     """One task's row of the report (see the module docstring)."""
     spec = (task / "spec.txt").read_text(encoding="utf-8").strip()
-    rows = load_examples(task / "examples.jsonl")
+    rows, _ = load_rows(task / "examples.jsonl")  # as paw compile reads them
     train = [r for r in rows if r.get("split", "train") == "train"]
     test = [r for r in rows if r.get("split", "train") == "test"]
     if len(train) < 2 or not test:
         raise PawError(f"{task}: needs at least 2 train rows and 1 test row")
-    builder = Builder(prog, spec, str(prog.path), GenerationSettings(max_new_tokens=64))
+    builder = Builder(prog, spec, str(prog.path), GenerationSettings(max_new_tokens=output_budget(prog, rows, None)))
     selection = Selection(prog, builder, train, options, progress)
     budget = selection.budget
     result: dict = {"task": task.name, "train": len(train), "test": len(test), "rows": {}}

@@ -290,6 +290,9 @@ def test_the_output_budget_fits_the_longest_example(tiny_program):
     assert paw_mlx.compile(SPEC, base=tiny_program).generation.max_new_tokens == 64
     with pytest.raises(PawError, match=f"an example output is {longest} tokens, more than the output budget of 20"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=options, max_new_tokens=20)
+    for bad in (0, "5", True):
+        with pytest.raises(PawError, match="max_new_tokens must be a positive integer"):
+            paw_mlx.compile(SPEC, base=tiny_program, max_new_tokens=bad)
 
 
 def test_bad_options_and_examples(tiny_program, tmp_path):
