@@ -20,11 +20,17 @@ RETURNS_HELP = ("Constrain every output: a JSON list of choices ('[\"yes\", \"no
 
 
 # Kept in step with paw_mlx.programs.select.DEFAULT_CANDIDATES (a test checks; --help must not load MLX).
-DEFAULT_CANDIDATES = "spec,fewshot,prefix,lora,prefix+lora"
+DEFAULT_CANDIDATES = "spec,fewshot,prefix,lora"
 CANDIDATES_HELP = ("Candidates to score by cross-validation on the examples, comma-separated: spec, fewshot "
                    "(examples as demonstrations in the cached prefix), prefix (tuned prefix), lora (LoRA adapter "
-                   "with the few-shot prefix), prefix+lora (LoRA adapter trained behind the tuned prefix).")
+                   "with the few-shot prefix), prefix+lora (LoRA adapter trained behind the tuned prefix; tried only "
+                   "when named).")
 
+
+# Kept in step with SelectOptions.folds (a test checks).
+DEFAULT_FOLDS = 8
+FOLDS_HELP = ("Cross-validation folds over the examples (at most one per example: with 8 examples or fewer, "
+              "the default is leave-one-out). Each trained candidate is fitted once per fold.")
 
 REPEATS_HELP = ("Cross-validate over this many shuffles of the examples into folds (each example predicted "
                 "that many times), for that many times the training time. 1 by default: 2 was not better on "
@@ -53,7 +59,7 @@ def compile_cmd(
         "JSON lines of {\"input\", \"output\"} (5-8 are enough): the compiler tries each candidate, scores it "
         "on examples it held out, keeps the best. Rows with \"split\": \"test\" are only scored at the end."))] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = DEFAULT_CANDIDATES,
-    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over the examples.")] = 4,
+    folds: Annotated[int, typer.Option("--folds", help=FOLDS_HELP)] = DEFAULT_FOLDS,
     repeats: Annotated[int, typer.Option("--repeats", help=REPEATS_HELP)] = 1,
     steps: Annotated[int, typer.Option(
         help="Most training steps of a trained candidate (early stopping may end sooner).")] = 40,
@@ -171,7 +177,7 @@ def eval_cmd(
     base: Annotated[str, typer.Option("--base", "-b", help=BASE_HELP)] = DEFAULT_MODEL,
     only: Annotated[list[str] | None, typer.Option(help="Run only these tasks (repeat the option).")] = None,
     candidates: Annotated[str, typer.Option("--candidates", help=CANDIDATES_HELP)] = DEFAULT_CANDIDATES,
-    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over each task's training rows.")] = 4,
+    folds: Annotated[int, typer.Option("--folds", help=FOLDS_HELP)] = DEFAULT_FOLDS,
     repeats: Annotated[int, typer.Option("--repeats", help=REPEATS_HELP)] = 1,
     steps: Annotated[int, typer.Option(help="Most training steps of a trained candidate.")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,

@@ -39,7 +39,7 @@ def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):
                                  str(rows), "--steps", "2", "--layers", "1", "--rank", "2", "--folds", "2"])
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "program.json").read_text())
-    assert [c["name"] for c in meta["selection"]["candidates"]] == ["spec", "fewshot", "prefix", "lora", "prefix+lora"]
+    assert [c["name"] for c in meta["selection"]["candidates"]] == ["spec", "fewshot", "prefix", "lora"]
     assert "held-out exact match" in result.output and f"kept {meta['selection']['kept']}" in result.output
     assert f"the program: {meta['selection']['rebuild']}" in " ".join(result.output.split())
     result = runner.invoke(app, ["compile", "Upper.", "-o", str(out), "--base", str(tiny_program), "--examples",
