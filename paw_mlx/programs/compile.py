@@ -210,6 +210,10 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
             correct = sum(o.strip() == r["output"].strip() for o, r in zip(outputs, test, strict=True))
             info["test"] = {"exact_match": round(correct / len(test), 4), "correct": correct, "total": len(test),
                             "outputs": outputs}
+            trained_inputs = {r["input"].strip() for r in train}
+            seen = sum(r["input"].strip() in trained_inputs for r in test)
+            if seen:  # such a row's score is not held-out: its input is a demonstration in the prefix
+                info["test"]["inputs_also_in_training"] = seen
     if out_dir is not None:
         write_artifact(artifact, out_dir, force=force)
     return artifact

@@ -47,6 +47,17 @@ def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):
     assert result.exit_code != 0 and "already exists" in str(result.exception)
 
 
+def test_compile_warns_when_a_test_row_repeats_a_training_input(tiny_program, tmp_path):
+    rows = tmp_path / "ex.jsonl"
+    rows.write_text("".join(json.dumps({"input": w, "output": w.upper(), "split": s}) + "\n"
+                            for w, s in [("cat", "train"), ("dog", "train"), ("cat", "test"), ("sun", "test")]),
+                    encoding="utf-8")
+    result = runner.invoke(app, ["compile", "Upper.", "-o", str(tmp_path / "p"), "--base", str(tiny_program),
+                                 "--examples", str(rows), "--candidates", "fewshot"])
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 of the test rows have the input of a training example" in " ".join(result.output.split())
+
+
 def test_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "apps.cli", "call", str(tmp_path / "nope"), "x"],
                           capture_output=True, text=True)

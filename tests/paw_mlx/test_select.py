@@ -256,6 +256,7 @@ def test_compile_reports_candidates_and_scores_test_rows_last(tiny_program, tmp_
     assert info == json.loads(json.dumps(art.selection))
     assert [c["name"] for c in info["candidates"]] == ["spec", "fewshot", "lora"] and info["kept"] in QUICK.candidates
     assert info["test"]["total"] == 2 and not {"hat", "pen"} & {i for f in info["folds"] for i in f}
+    assert "inputs_also_in_training" not in info["test"]
     assert seen and seen[-1][0] == seen[-1][1]  # the progress ends full
     kept_demos = [r["input"] for r in ROWS[:4]] if art.selection["kept"] != "spec" else []
     assert [d["input"] for d in art.demos] == kept_demos
@@ -323,6 +324,14 @@ def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_progra
     assert art.selection["repeated_examples_dropped"] == 2
     assert [(d["input"], d["output"]) for d in art.demos] == [(r["input"], r["output"]) for r in ROWS[:4]] + [
         ("cat", "Cat")]  # the same input with another output is data, kept
+
+
+def test_a_test_row_with_a_training_input_is_counted(tiny_program):
+    """Its score is not held-out (the input is a demonstration): the report says how many."""
+    rows = [dict(r, split="train") for r in ROWS[:4]] + [dict(ROWS[0], input=f" {ROWS[0]['input']} ", split="test"),
+                                                        dict(ROWS[5], split="test")]
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=replace(QUICK, candidates=("fewshot",)))
+    assert art.selection["test"]["total"] == 2 and art.selection["test"]["inputs_also_in_training"] == 1
 
 
 def test_split_field_and_folds():
