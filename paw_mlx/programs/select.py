@@ -10,9 +10,11 @@ Candidates, from cheapest:
 * ``lora``: a LoRA adapter on the top layers' projections, trained with the few-shot
   prefix in front (``paw_mlx/programs/train.py``);
 * ``prefix+lora``: the tuned prefix, then a LoRA adapter trained behind it (two stages:
-  the first is the ``prefix`` candidate's own training, shared with it in each fold).
+  the first is the ``prefix`` candidate's own training, shared with it in each fold);
+  tried only when asked for (``DEFAULT_CANDIDATES``).
 
-With ``n`` examples and ``k`` folds, a candidate is fitted ``k`` times on the examples
+With ``n`` examples and ``k`` folds (by default at most 8: leave-one-out for the 5-8
+examples a program usually has), a candidate is fitted ``k`` times on the examples
 outside one fold (demonstrations included: a fold's own examples are never in its
 prefix) and scored by exact match on the fold, so every example is predicted once by a
 program that never saw it. With ``repeats`` > 1 (repeated k-fold) the examples are
