@@ -148,7 +148,7 @@ def print_selection(info: dict | None) -> None:
         console.print(f"on the {test['total']} rows marked test (never seen while compiling): exact match "
                       f"{test['correct']}/{test['total']} ({test['exact_match']:.2f})")
         if test.get("inputs_also_in_training"):
-            console.print(f"warning: {test['inputs_also_in_training']} of the test rows have the input of a training "
+            console.print(f"warning: {test['inputs_also_in_training']} of these rows share an input with a training "
                           "example, so their score is not a held-out one")
 
 

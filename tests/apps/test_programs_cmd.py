@@ -55,7 +55,7 @@ def test_compile_warns_when_a_test_row_repeats_a_training_input(tiny_program, tm
     result = runner.invoke(app, ["compile", "Upper.", "-o", str(tmp_path / "p"), "--base", str(tiny_program),
                                  "--examples", str(rows), "--candidates", "fewshot"])
     assert result.exit_code == 0, result.output
-    assert "warning: 1 of the test rows have the input of a training example" in " ".join(result.output.split())
+    assert "warning: 1 of these rows share an input with a training example" in " ".join(result.output.split())
 
 
 def test_errors_are_one_line(tmp_path):
