@@ -47,8 +47,8 @@ from paw_mlx.runtime import LoadedProgram
 
 PREFIX_LORA = "prefix+lora"
 CANDIDATES = ("spec", "fewshot", "prefix", "lora", PREFIX_LORA)
-#: what ``paw compile --examples`` tries unless told otherwise: all but ``prefix+lora``, the
-#: lowest-scoring trained candidate on the dev tasks, whose second training per fold would
+#: what ``paw compile --examples`` tries unless told otherwise: all but ``prefix+lora``, well
+#: below the mean-adapter ``lora`` on the dev tasks, whose second training per fold would
 #: cost the most with leave-one-out folds (docs/programs.md)
 DEFAULT_CANDIDATES = ("spec", "fewshot", "prefix", "lora")
 #: tie-break order: simpler first
