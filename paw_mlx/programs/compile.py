@@ -124,11 +124,16 @@ def load_rows(examples: Sequence[dict] | str | Path) -> tuple[list[dict], int]:
     return train + [r for r in rows if r.get("split", "train") == "test"], repeated
 
 
+def longest_output(prog: LoadedProgram, rows: Sequence[dict]) -> int:
+    """Tokens in the longest example output (0 without examples)."""
+    return max((len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows), default=0)
+
+
 def output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) -> int:
     """A call's output budget: ``asked``, else ``DEFAULT_MAX_NEW_TOKENS`` raised to fit the
     longest example output with a margin. An example longer than ``asked`` is an error:
     no call could write it."""
-    longest = max((len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows), default=0)
+    longest = longest_output(prog, rows)
     if asked is None:
         return max(DEFAULT_MAX_NEW_TOKENS, longest + OUTPUT_MARGIN)
     if longest > asked:
