@@ -40,7 +40,14 @@ from fractions import Fraction
 from interp.errors import ConstraintError, PawError
 from paw_mlx.programs.adapter import MAX_MEAN_RANK, LoraAdapter, mean_adapter
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
-from paw_mlx.programs.compile import OUTPUT_MARGIN, compute_prefix, demo_spans, layout_prefix_ids, prompt_layout
+from paw_mlx.programs.compile import (
+    OUTPUT_MARGIN,
+    compute_prefix,
+    demo_spans,
+    layout_prefix_ids,
+    longest_output,
+    prompt_layout,
+)
 from paw_mlx.programs.examples import partitions
 from paw_mlx.programs.train import TrainOptions, TrainResult, train
 from paw_mlx.runtime import LoadedProgram
@@ -79,6 +86,10 @@ class SelectOptions:
         if unknown or not self.candidates:
             raise PawError(f"unknown candidate {', '.join(unknown) or '(none given)'}: "
                            f"choose from {', '.join(CANDIDATES)}")
+        for name in ("folds", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise PawError(f"cross-validation {name} must be a whole number, not {value!r:.40}")
         if self.folds < 2:
             raise PawError("cross-validation needs at least 2 folds")
         if not 1 <= self.repeats <= MAX_REPEATS:
@@ -240,8 +251,7 @@ class Builder:
 
 
 def _budget(prog: LoadedProgram, rows: Sequence[dict], limit: int) -> int:
-    longest = max(len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows)
-    return min(limit, longest + OUTPUT_MARGIN)  # what the scoring lets a candidate write
+    return min(limit, longest_output(prog, rows) + OUTPUT_MARGIN)  # what the scoring lets a candidate write
 
 
 class Selection:

@@ -175,6 +175,9 @@ def test_repeated_cross_validation_predicts_each_row_once_per_shuffle(builder, m
     assert partitions(3, 4, repeats=3) == [folds(3, 4)]
     with pytest.raises(PawError, match="repeats must be 1-10"):
         replace(QUICK, repeats=0).check()
+    for bad in ({"folds": "8"}, {"folds": 2.5}, {"repeats": True}):
+        with pytest.raises(PawError, match="must be a whole number"):
+            replace(QUICK, **bad).check()
 
 def _updates(adapter):
     return {m: b @ a for m, (a, b) in adapter.scaled().items()}
