@@ -14,6 +14,11 @@ its exporter fused q/k/v into one product or not: a fused node gets the block fo
 columns. With several adapters (``indexed``), each node holds them stacked, ranks padded
 with zeros, and each batch row picks its adapter by the ``adapter_index`` input; an
 absent adapter is all zeros. The base weights are shared, never copied.
+
+``merged_model`` is the other way to run one adapter: its update added into copies of
+the weights it targets. One program's calls then cost what the base's cost (the rewrite's
+extra products slow a call by about a tenth; docs/programs.md); it is used where it is
+exact, float32 weights that nothing else reads.
 """
 
 from __future__ import annotations
@@ -243,3 +248,38 @@ def merged_weights(model, adapter: Adapter) -> dict[str, mx.array]:
         delta = mx.array(update if node.op == "linear" else update.T)
         consts[weight] = (consts[weight].astype(mx.float32) + delta).astype(consts[weight].dtype)
     return consts
+
+
+def _const_uses(program: Program) -> dict[str, int]:
+    """How many node inputs read each name (a weight read twice is tied, e.g. to an embedding)."""
+    uses: dict[str, int] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, str):
+            uses[value] = uses.get(value, 0) + 1
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+
+    for node in program.nodes:
+        visit(node.inputs)
+    return uses
+
+
+def merged_model(model, adapter: Adapter):
+    """A GraphModel running ``model`` with ``adapter`` merged into copies of the weights it
+    targets, or None where merging would not equal the rewrite: a targeted weight that is
+    not a float32 ``linear`` or ``matmul`` weight (half precision would round the update,
+    quantized and ternary weights cannot take it), or one that another node also reads."""
+    from interp.graph import GraphModel
+
+    sites = linear_sites(model.program)
+    check_adapter(adapter, sites)
+    uses = _const_uses(model.program)
+    for module in adapter:
+        node = model.program.nodes[sites[module].node]
+        weight = node.inputs[1] if node.op in ("linear", "matmul") and len(node.inputs) > 1 else None
+        if (not isinstance(weight, str) or weight not in model.consts or uses.get(weight) != 1
+                or model.consts[weight].dtype != mx.float32):
+            return None
+    return GraphModel(model.program, merged_weights(model, adapter), compile_decode=model.compile_decode)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from interp.errors import ArtifactError, InputError, PawError
-from interp.lora import with_adapters
+from interp.lora import merged_model, with_adapters
 from interp.paths import DEFAULT_MODEL
 from paw_mlx.constrain import grammar_for
 from paw_mlx.programs.adapter import LoraAdapter
@@ -100,12 +100,14 @@ class ProgramFunction:
 
 
 def adapted(base: LoadedProgram, adapter: LoraAdapter | None) -> LoadedProgram:
-    """``base`` running with ``adapter`` added to its linear layers (the weights are shared,
-    and so is the lock that serialises generation on them)."""
+    """``base`` running with ``adapter`` added to its linear layers: merged into copies of
+    the weights it targets where that is exact (float32 weights; as fast as the base),
+    else by the load-time rewrite (the weights are shared). The lock that serialises
+    generation on the base's weights is shared either way."""
     if adapter is None:
         return base
     try:
-        model = with_adapters(base.model, [adapter.scaled()])
+        model = merged_model(base.model, adapter.scaled()) or with_adapters(base.model, [adapter.scaled()])
     except ArtifactError as exc:
         raise ArtifactError(f"the program's adapter does not fit base model {base.name}: {exc}") from None
     return replace(base, model=model, lock=base.lock)

@@ -9,7 +9,7 @@ import pytest
 import paw_mlx
 from interp.errors import ArtifactError
 from interp.graph import GraphModel
-from interp.lora import ADAPTER_INPUT, linear_sites, merged_weights, with_adapters
+from interp.lora import ADAPTER_INPUT, linear_sites, merged_model, merged_weights, with_adapters
 
 IDS = mx.array([[5, 9, 33, 17, 2, 88, 41]], dtype=mx.int32)
 
@@ -47,6 +47,30 @@ def test_rewrite_equals_merged_weights_and_decodes_the_same(arch, tiny_program, 
     adapted(IDS[:, :-1], cache=cache)
     step = adapted(IDS[:, -1:], cache=cache)  # the compiled decode step
     assert mx.allclose(step[:, -1], got[:, -1], atol=2e-5).item()
+
+
+def test_merged_model_only_where_it_equals_the_rewrite(tiny_program, tmp_path, tiny_tokenizer):
+    from tests.tiny import export_tiny, tiny_llama_config
+
+    prog = paw_mlx.load(tiny_program)
+    adapter = random_adapter(linear_sites(prog.program))
+    merged = merged_model(prog.model, adapter)
+    assert merged is not None and not any(n.op == "lora" for n in merged.program.nodes)
+    assert mx.allclose(merged(IDS), with_adapters(prog.model, [adapter])(IDS), atol=2e-5).item()
+    assert mx.abs(prog.model(IDS) - merged(IDS)).max().item() > 1e-2  # the base's own weights are untouched
+    # half-precision weights would round the update into them
+    half = GraphModel(prog.program, {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v
+                                     for k, v in prog.model.consts.items()})
+    assert merged_model(half, adapter) is None
+    # a tied LM head's weight is the embedding's too: merging into it would change both
+    tied = paw_mlx.load(export_tiny(tiny_llama_config(tie_word_embeddings=True), tmp_path / "tied",
+                                    tokenizer=tiny_tokenizer))
+    head = linear_sites(tied.program)["lm_head"]
+    rng = np.random.default_rng(3)
+    on_head = {"lm_head": (rng.standard_normal((2, head.in_features)).astype(np.float32),
+                           rng.standard_normal((head.out_features, 2)).astype(np.float32))}
+    assert merged_model(tied.model, on_head) is None
+    assert merged_model(tied.model, random_adapter(linear_sites(tied.program))) is not None
 
 
 def test_rows_of_one_batch_take_their_own_adapter(tiny_program):

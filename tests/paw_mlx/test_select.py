@@ -72,6 +72,10 @@ def test_lora_training_lowers_the_loss_and_round_trips(builder, tiny_program, tm
     plain = paw_mlx.function(builder.prompted(ROWS), max_new_tokens=6)
     assert f(["cow", "bee"]) == g(["cow", "bee"])
     assert f.runner.model is not plain.runner.model and plain.runner is plain.base
+    # float32 weights: the adapter is merged into copies of them, no lora nodes in the graph
+    assert f.runner.model.program is f.base.model.program
+    changed = [k for k, v in f.runner.model.consts.items() if v is not f.base.model.consts[k]]
+    assert changed and all(f.base.model.consts[k].dtype == mx.float32 for k in changed)
     assert (tiny_program / "consts.safetensors").read_bytes() == consts  # the base never changes
 
 
