@@ -42,9 +42,9 @@ from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
 from paw_mlx.runtime import LoadedProgram, stream_tokens
 
 #: timed rounds per task (after one warm-up round); each round times every column once
-TTFT_SAMPLES = 6
+TTFT_SAMPLES = 12
 #: part of the cache key: a change of how rows are measured invalidates cached tasks
-EVALUATION_METHOD = "ttft-interleaved-1"
+EVALUATION_METHOD = "ttft-interleaved-12"
 BASELINES = ("spec prompt", "few-shot prompt")
 
 
