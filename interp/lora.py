@@ -251,7 +251,8 @@ def merged_weights(model, adapter: Adapter) -> dict[str, mx.array]:
 
 
 def _const_uses(program: Program) -> dict[str, int]:
-    """How many node inputs read each name (a weight read twice is tied, e.g. to an embedding)."""
+    """How many times the nodes name each array, in inputs or attributes (a weight named
+    twice is shared, e.g. an LM head tied to the embedding)."""
     uses: dict[str, int] = {}
 
     def visit(value) -> None:
@@ -263,6 +264,7 @@ def _const_uses(program: Program) -> dict[str, int]:
 
     for node in program.nodes:
         visit(node.inputs)
+        visit(list(node.attrs.values()))  # some ops name an array in an attribute
     return uses
 
 
@@ -282,4 +284,6 @@ def merged_model(model, adapter: Adapter):
         if (not isinstance(weight, str) or weight not in model.consts or uses.get(weight) != 1
                 or model.consts[weight].dtype != mx.float32):
             return None
-    return GraphModel(model.program, merged_weights(model, adapter), compile_decode=model.compile_decode)
+    consts = merged_weights(model, adapter)
+    mx.eval([v for k, v in consts.items() if v is not model.consts[k]])  # the copies, made once here
+    return GraphModel(model.program, consts, compile_decode=model.compile_decode)
