@@ -16,9 +16,9 @@ with zeros, and each batch row picks its adapter by the ``adapter_index`` input;
 absent adapter is all zeros. The base weights are shared, never copied.
 
 ``merged_model`` is the other way to run one adapter: its update added into copies of
-the weights it targets. One program's calls then cost what the base's cost (the rewrite's
-extra products slow a call by about a tenth; docs/programs.md); it is used where it is
-exact, float32 weights that nothing else reads.
+the weights it targets. One program's calls then cost what the base's cost, without the
+rewrite's extra products (measured in docs/programs.md, "LoRA at run time"); it is used
+where it equals the rewrite: float32 weights that nothing else reads.
 """
 
 from __future__ import annotations
