@@ -24,6 +24,7 @@ where it equals the rewrite: float32 weights that nothing else reads.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,7 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from interp.errors import ArtifactError
-from interp.program import Node, Program
+from interp.program import Node, Program, names_in
 
 ADAPTER_INPUT = "adapter_index"
 #: one adapter: module name -> (a [rank, in], b [out, rank]) with the scale folded into b
@@ -231,11 +232,13 @@ def with_adapters(model, adapters: Sequence[Adapter | None], *, indexed: bool = 
     return GraphModel(program, consts, compile_decode=model.compile_decode)
 
 
-def merged_weights(model, adapter: Adapter) -> dict[str, mx.array]:
+def merged_weights(model, adapter: Adapter, sites: Mapping[str, LinearSite] | None = None) -> dict[str, mx.array]:
     """The consts of ``model`` with ``adapter`` added into copies of the weights it targets
-    (float ``linear`` and ``matmul`` weights only): the merged alternative to the rewrite."""
-    sites = linear_sites(model.program)
-    check_adapter(adapter, sites)
+    (float ``linear`` and ``matmul`` weights only): the merged alternative to the rewrite.
+    ``sites``: the program's ``linear_sites``, already checked against the adapter."""
+    if sites is None:
+        sites = linear_sites(model.program)
+        check_adapter(adapter, sites)
     consts = dict(model.consts)
     for module, (a, b) in adapter.items():
         site = sites[module]
@@ -250,22 +253,11 @@ def merged_weights(model, adapter: Adapter) -> dict[str, mx.array]:
     return consts
 
 
-def _const_uses(program: Program) -> dict[str, int]:
+def _const_uses(program: Program) -> Counter:
     """How many times the nodes name each array, in inputs or attributes (a weight named
     twice is shared, e.g. an LM head tied to the embedding)."""
-    uses: dict[str, int] = {}
-
-    def visit(value) -> None:
-        if isinstance(value, str):
-            uses[value] = uses.get(value, 0) + 1
-        elif isinstance(value, list | tuple):
-            for item in value:
-                visit(item)
-
-    for node in program.nodes:
-        visit(node.inputs)
-        visit(list(node.attrs.values()))  # some ops name an array in an attribute
-    return uses
+    return Counter(name for node in program.nodes
+                   for name in (*names_in(node.inputs), *names_in(list(node.attrs.values()))))
 
 
 def merged_model(model, adapter: Adapter):
@@ -284,6 +276,6 @@ def merged_model(model, adapter: Adapter):
         if (not isinstance(weight, str) or weight not in model.consts or uses.get(weight) != 1
                 or model.consts[weight].dtype != mx.float32):
             return None
-    consts = merged_weights(model, adapter)
+    consts = merged_weights(model, adapter, sites)
     mx.eval([v for k, v in consts.items() if v is not model.consts[k]])  # the copies, made once here
     return GraphModel(model.program, consts, compile_decode=model.compile_decode)

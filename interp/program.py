@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,16 @@ def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
     if "logits" not in names:
         raise ProgramError("the program has no output named 'logits'")
     return nodes
+
+
+def names_in(value: Any) -> Iterator[str]:
+    """The strings in a node's input or attribute value, however nested in lists: the
+    names a value may refer to (tensors, symbolic sizes)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from names_in(item)
 
 
 def _check_node_attrs(op: str, attrs: dict, layers: int, where: str) -> None:

@@ -107,7 +107,8 @@ def adapted(base: LoadedProgram, adapter: LoraAdapter | None) -> LoadedProgram:
     if adapter is None:
         return base
     try:
-        model = merged_model(base.model, adapter.scaled()) or with_adapters(base.model, [adapter.scaled()])
+        scaled = adapter.scaled()
+        model = merged_model(base.model, scaled) or with_adapters(base.model, [scaled])
     except ArtifactError as exc:
         raise ArtifactError(f"the program's adapter does not fit base model {base.name}: {exc}") from None
     return replace(base, model=model, lock=base.lock)

@@ -39,6 +39,7 @@ from interp.errors import PawError
 from interp.graph import GraphModel
 from interp.lora import linear_sites, model_dtype, rewrite_with_lora
 from interp.ops import REGISTRY
+from interp.program import names_in
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact
 from paw_mlx.programs.compile import input_ids
@@ -134,14 +135,6 @@ class CaptureCache:
 # ----------------------------------------------------------------------------- graph split
 
 
-def _names(value) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _names(item)
-
-
 def _sub_model(model: GraphModel, nodes: list, outputs: list[str]) -> GraphModel:
     spec = dict(model.program.spec, outputs=[{"name": n} for n in outputs])
     return GraphModel(replace(model.program, spec=spec, nodes=nodes), model.consts, compile_decode=False)
@@ -169,7 +162,7 @@ class SplitModel:
             produced.update(node.outputs)
         needed = []
         for node in back_nodes:
-            for name in [*_names(node.inputs), *_names(list(node.attrs.values()))]:
+            for name in [*names_in(node.inputs), *names_in(list(node.attrs.values()))]:
                 if name in produced and name not in needed:
                     needed.append(name)
         self.frontier = needed
