@@ -25,14 +25,22 @@ def _routed(x: mx.array, indices: mx.array, multiply) -> mx.array:
     batch = list(_broadcast(x.shape[:-1], indices.shape))
     indices = indices.astype(mx.uint32)  # gather_mm's index type; the graph's topk gives int64
     if math.prod(batch) < SORT_FROM:
-        return multiply(mx.expand_dims(x, -2), indices, False).squeeze(-2)
+        return multiply(_single_rows(x), indices, False).squeeze(-2)
     lead = x.shape[:-1]
     rows = mx.broadcast_to(mx.arange(math.prod(lead)).reshape(lead), batch).flatten()
     experts = mx.broadcast_to(indices, batch).flatten()
     order = mx.argsort(experts)
-    gathered = x.reshape(-1, x.shape[-1])[rows[order]][:, None, :]  # [pairs, 1, in], grouped by expert
+    gathered = x.reshape(-1, 1, x.shape[-1])[rows[order]]  # [pairs, 1, in], by expert (see _single_rows)
     out = multiply(gathered, experts[order], True)[:, 0, :]
     return out[mx.argsort(order)].reshape(*batch, out.shape[-1])
+
+
+def _single_rows(x: mx.array) -> mx.array:
+    """``x`` [..., in] as [..., 1, in] by reshaping, never ``expand_dims``: MLX gives an
+    inserted axis stride 1 and keeps the array's row-contiguous flag, and its sorted
+    ``gather_mm`` on CUDA (0.32.4; on Metal before 0.32.1) takes the stride of the rows'
+    axis as the distance between rows, so such a view multiplied the wrong rows."""
+    return x.reshape(*x.shape[:-1], 1, x.shape[-1])
 
 
 def _broadcast(a: tuple, b: tuple) -> tuple:
