@@ -115,6 +115,23 @@ MISSING_BACKEND = ("MLX is installed without a backend: install paw with one, "
                    "pip install -e '.[cpu]' (MLX on the CPU) or -e '.[cuda]' (NVIDIA GPUs, Linux)")
 
 
+#: MLX's switch for TF32-class float32 products (CUDA on Ampere and later, the M5's neural
+#: accelerators); read once, at MLX's first matmul.
+TF32_SWITCH = "MLX_ENABLE_TF32"
+
+
+def keep_float32_exact() -> str:
+    """Turn MLX's TF32 float32 products off unless the user set ``MLX_ENABLE_TF32``; return it.
+
+    MLX multiplies float32 with 10-bit mantissas by default on CUDA GPUs and M5 Macs, so a
+    float32 program would not compute what its export did (greedy tokens drift, parity
+    tests fail; measured in docs/devices.md). paw's float32 means float32; bfloat16 and
+    quantized programs are unaffected. ``MLX_ENABLE_TF32=1`` keeps MLX's faster default.
+    Called when ``interp`` is imported, before any product can run.
+    """
+    return os.environ.setdefault(TF32_SWITCH, "0")
+
+
 def require_mlx() -> None:
     """Import MLX, or say which extra brings its backend (on Linux ``mlx`` alone has none)."""
     try:

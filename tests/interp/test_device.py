@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ import pytest
 
 from interp import device
 from interp.errors import PawError
+from tests.child_env import child_env
 from tests.fake_mac import device_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,3 +111,18 @@ def test_ops_follow_the_predicates_at_call_time(tiny_program, monkeypatch, path)
         mx.eval(model(mx.array([[5, 9, 33, 70]]), cache=model.make_cache()))
     layers = model.num_layers
     assert calls == ({"sdpa": 0, "rope": 0} if path == "cpu" else {"sdpa": layers, "rope": 2 * layers})
+
+
+@pytest.mark.parametrize("chosen", [None, "1", "0"])
+def test_importing_paw_turns_tf32_off_unless_the_user_chose(chosen):
+    """MLX multiplies float32 in TF32 on CUDA and M5 GPUs unless MLX_ENABLE_TF32=0, which
+    it reads once: importing interp (first, as every paw entry point does) sets it to 0
+    when unset, and leaves a value the user set alone."""
+    env = child_env()
+    env.pop(device.TF32_SWITCH, None)
+    if chosen is not None:
+        env[device.TF32_SWITCH] = chosen
+    code = "import os, interp, mlx.core as mx; mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2))); print(os.environ['%s'])"
+    out = subprocess.run([sys.executable, "-c", code % device.TF32_SWITCH], env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout.strip() == (chosen or "0")
