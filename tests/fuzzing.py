@@ -16,7 +16,6 @@ long runs of ``scripts/fuzz.py``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import resource
@@ -27,6 +26,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 #: address space a case may map (a paw run on the tiny program maps about 0.7 GB)
@@ -368,7 +369,7 @@ class Outcome:
 
 def run_paw(args: list[str], timeout: float = TIMEOUT) -> Outcome:
     """Run ``paw ARGS`` in a subprocess under the memory cap and classify how it ended."""
-    env = {**os.environ, "PAW_DEBUG": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env(PAW_DEBUG="1", TOKENIZERS_PARALLELISM="false")
     try:
         done = subprocess.run([sys.executable, "-m", "apps.cli", *args], capture_output=True, text=True,
                               errors="replace", timeout=timeout, cwd=ROOT, env=env, preexec_fn=_limit_resources,

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from interp import device
+from tests.child_env import child_env
 from tests.fake_mac import REAL_CUDA, REAL_METAL
 from tests.tiny import make_tokenizer, tiny_llama_config, tiny_model
 
@@ -111,13 +112,12 @@ def test_gpu_results_are_named_after_their_backend(tmp_path):
 
 @pytest.mark.skipif(REAL_METAL or REAL_CUDA, reason="this machine has a GPU")
 def test_bench_on_a_missing_gpu_is_one_line_before_any_work(tmp_path):
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "PAW_BENCH_CACHE": str(tmp_path / "cache")}
+    env = child_env(root, PAW_BENCH_CACHE=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-m", "apps.cli", "bench", "--device", "gpu", "--results",
                            str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr

@@ -4,7 +4,6 @@ bad token ids, conflicting options, Ctrl-C (130, "interrupted"), hostile compile
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 from apps import cli
 from tests.apps.test_cli import assert_one_line_error, paw
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def test_ctrl_c_during_run_exits_130(tiny_program, tmp_path):
     # it gets Python's handler back whatever the suite was started from.
     # PYTHONFAULTHANDLER: if the interrupt is still not obeyed, SIGABRT makes the run print
     # where every thread was, so the failure says why.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    env = child_env(PYTHONFAULTHANDLER="1")
     foreground = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
                   "sys.argv[0] = 'paw'; runpy.run_module('apps.cli', run_name='__main__')")

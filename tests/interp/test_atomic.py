@@ -12,6 +12,7 @@ import pytest
 
 from interp.atomic import atomic_directory, atomic_write_text, remove_stale_leftovers
 from interp.errors import ExportError
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +81,7 @@ with atomic_directory(Path(sys.argv[1])) as tmp:
 def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path):
     target = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=ROOT, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=child_env())
     assert done.returncode == -9
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert len(leftovers) == 1 and (leftovers[0] / "consts.safetensors").is_file()

@@ -13,14 +13,24 @@ import numpy as np
 import pytest
 
 from interp import blas, device
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(not device.needs_blas_shim(), reason="the shim is for MLX's Linux CPU wheel")
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """The shim serves MLX's CPU backend: products here run there also on a GPU machine."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
 def _status_in_fresh_process(code: str, **env: str) -> str:
     """Run ``code`` in a new interpreter (the shim must load before MLX) and return its last line."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env = child_env(**env)
     out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
                          check=True, timeout=120)
     return out.stdout.strip().splitlines()[-1]
@@ -84,7 +94,8 @@ def test_few_row_products_match_numpy(m, k, n):
 def test_few_row_products_split_between_more_threads_than_cores():
     """Five threads (OMP_NUM_THREADS) on a weight big enough for each: ragged shares of the
     weight's rows, every column written once and right."""
-    code = ("import interp, mlx.core as mx, numpy as np; rng = np.random.default_rng(0); "
+    code = ("import interp, mlx.core as mx, numpy as np; mx.set_default_device(mx.cpu); "
+            "rng = np.random.default_rng(0); "
             "x = rng.standard_normal((6, 577), dtype=np.float32); "
             "w = rng.standard_normal((1001, 577), dtype=np.float32); "
             "got = np.array(mx.array(x) @ mx.array(w).T); want = x.astype(np.float64) @ w.T.astype(np.float64); "
@@ -97,7 +108,7 @@ def test_few_row_products_split_between_more_threads_than_cores():
 def test_few_rows_switch_takes_words_and_names_a_bad_one(value, seen, warned):
     code = ("import warnings, os; warnings.simplefilter('always'); import interp, interp.blas as b; "
             "print(b.status(), os.environ['PAW_BLAS_FEW_ROWS'])")
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PAW_BLAS_FEW_ROWS": value}
+    full_env = child_env(PAW_BLAS_FEW_ROWS=value)
     out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip().startswith("OpenBLAS") and out.stdout.strip().endswith(f" {seen}")
@@ -119,7 +130,7 @@ def test_paw_blas_reference_keeps_mlx_own_blas():
 @linux_only
 def test_unusable_library_falls_back_with_the_reason(tmp_path):
     missing = tmp_path / "libnothing.so"
-    code = ("import interp, interp.blas as b, mlx.core as mx; "
+    code = ("import interp, interp.blas as b, mlx.core as mx; mx.set_default_device(mx.cpu); "
             "print(b.status(), (mx.ones((2, 3)) @ mx.ones((3, 2))).sum().item())")
     line = _status_in_fresh_process(code, PAW_BLAS=str(missing))
     assert line.startswith(f"reference (PAW_BLAS={missing} unusable") and line.endswith(" 12.0")
@@ -163,7 +174,7 @@ def _shim_built_by(tmp_path, name: str, script: str) -> bytes:
     compiler = tmp_path / name
     compiler.write_text("#!/bin/sh\n" + script.replace("$CC", shutil.which("cc") or shutil.which("gcc")) + "\n")
     compiler.chmod(0o755)
-    code = ("import interp, interp.blas as b, mlx.core as mx, numpy as np; "
+    code = ("import interp, interp.blas as b, mlx.core as mx, numpy as np; mx.set_default_device(mx.cpu); "
             "x = np.arange(12, dtype=np.float32).reshape(3, 4); w = np.ones((5, 4), np.float32); "
             "print(b.status(), np.array_equal(np.array(mx.array(x) @ mx.array(w).T), x @ w.T))")
     line = _status_in_fresh_process(code, PAW_CACHE=str(tmp_path / "cache"), CC=str(compiler))
