@@ -197,7 +197,8 @@ def topk(x, *, k, dim=-1, largest=True):
     if k > x.shape[axis_index(x, dim)]:
         raise ProgramError(f"topk k={k} is larger than the axis ({x.shape[axis_index(x, dim)]})")
     # A full sort, then the first k: sorted like torch.topk (MoE routers sort over a few experts).
-    order = mx.argsort(-x if largest else x, axis=dim)
+    # Row-major first: MLX's GPU sort treats a dense permuted view as row-major (wrong rows).
+    order = mx.argsort(mx.contiguous(-x if largest else x), axis=dim)
     index = [slice(None)] * x.ndim
     index[dim] = slice(0, k)
     indices = order[tuple(index)]

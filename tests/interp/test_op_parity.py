@@ -392,6 +392,19 @@ def test_op_matches_torch_in_half_precision(name, case, dtype):
     _run(name.split()[0], case, dtype)
 
 
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_of_a_permuted_view_matches_torch(largest):
+    """The sort inside ``topk`` sees the rows in their true order when its input is a dense
+    view that is not row-major (a permuted 3-D array): MLX's GPU sort took such views for
+    row-major and sorted the wrong rows, without an error (mlx PR 4366)."""
+    x = distinct(3, 4, 8)
+    view = mx.transpose(mx.array(x), (1, 0, 2))  # [4, 3, 8]
+    values, indices = REGISTRY["topk"].fn(view, k=3, dim=-1, largest=largest)
+    want = torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 0, 1))).topk(3, -1, largest=largest)
+    np.testing.assert_array_equal(np.array(values), want.values.numpy())
+    np.testing.assert_array_equal(np.array(indices), want.indices.numpy())
+
+
 def test_attention_reference_has_bloom_alibi_slopes():
     """The reference's ALiBi slopes are BLOOM's, for power-of-two head counts and others."""
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
