@@ -87,7 +87,7 @@ def machine(device_name: str = "auto") -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version(), "mlx": _version("mlx"),
             "mlx_lm": _version("mlx-lm"), "torch": _version("torch"), "transformers": _version("transformers"),
             "device": device.backend(), "device_description": device.describe(), "metal": device.has_metal(),
-            "blas": blas.status()}
+            "blas": blas.status(), "tf32": os.environ.get(device.TF32_SWITCH, "1") != "0"}
     try:
         info["load_average"] = list(os.getloadavg())
     except OSError:
@@ -303,7 +303,8 @@ def markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
     lines = [f"Run {report['started']} on {m['processor']} ({m['cpus']} CPUs, {m['machine']}), "
              f"MLX {m['mlx']} on {m.get('device_description', m['device'])}"
-             f"{', BLAS under MLX: ' + m['blas'] if m.get('blas') and m['device'] == 'cpu' else ''}, "
+             f"{', BLAS under MLX: ' + m['blas'] if m.get('blas') and m['device'] == 'cpu' else ''}"
+             f"{', float32 products in TF32' if m.get('tf32') and m['device'] != 'cpu' else ''}, "
              f"mlx-lm {m['mlx_lm']}, "
              f"torch {m['torch']}, transformers {m['transformers']}; load average at start "
              f"{', '.join(f'{x:.1f}' for x in m.get('load_average', []))}.",

@@ -108,6 +108,9 @@ def test_gpu_results_are_named_after_their_backend(tmp_path):
     assert json_path.name == "bench-2026-11-24_100000-metal.json" and md_path.suffix == ".md"
     assert (tmp_path / "latest-metal.json").is_file() and not (tmp_path / "latest.json").exists()
     assert "MLX 0.32.4 on the GPU (Metal), mlx-lm" in (tmp_path / "latest-metal.md").read_text()
+    report["machine"]["tf32"] = True  # a run started with MLX_ENABLE_TF32=1 says so in its table
+    _, md_path = write_results(report, tmp_path)
+    assert "MLX 0.32.4 on the GPU (Metal), float32 products in TF32, mlx-lm" in md_path.read_text()
 
 
 @pytest.mark.skipif(REAL_METAL or REAL_CUDA, reason="this machine has a GPU")
