@@ -263,7 +263,7 @@ def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
     names = []
     for out in spec["outputs"]:
         name = out.get("name") if isinstance(out, dict) else None
-        if defined.get(name) != "tensor":
+        if not isinstance(name, str) or defined.get(name) != "tensor":
             raise ProgramError(f"program output {name!r:.60} is never computed as a tensor")
         names.append(name)
     if "logits" not in names:

@@ -102,6 +102,7 @@ def test_every_range_in_the_schema_is_enforced():
     (lambda s: s.update(inputs=[{"name": "tokens", "dtype": "int32"}]), "not one the interpreter feeds"),
     (lambda s: s.update(inputs=[{"name": "input_ids", "dtype": "int32"}] * 2), "declared twice"),
     (lambda s: s.update(outputs=[{"name": "v3"}]), "no output named 'logits'"),
+    (lambda s: s["outputs"][0].update(name=[]), r"program output \[\] is never computed"),
     (lambda s: s["consts"]["lm_head.weight"].update(shape=[384, -64]), "expected a list of sizes"),
     (lambda s: s["model"].update(context_length="long"), "context_length must be a positive integer"),
     (lambda s: s["model"].update(eos_token_ids=[2, -1]), "eos_token_ids must be a list of token ids"),
