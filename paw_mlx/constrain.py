@@ -73,8 +73,9 @@ def normalize_returns(returns: Any) -> dict:
     return {"json_object": True}
 
 
-def _choices(values: list) -> dict:
-    if not values or not all(isinstance(v, str) and v for v in values):
+def _choices(values: Any) -> dict:
+    # A string or an object is not a list of choices (iterated, it would be its characters or keys).
+    if not isinstance(values, list | tuple) or not values or not all(isinstance(v, str) and v for v in values):
         raise ConstraintError("returns choices must be a non-empty list of non-empty strings")
     return {"choices": list(dict.fromkeys(values))}
 

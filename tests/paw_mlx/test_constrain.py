@@ -84,6 +84,9 @@ def test_budget_too_small_is_an_error_not_a_truncated_output(tiny_spec):
     ({"regex": "(ab"}, r"regex parse error: unclosed group$"),  # the reason, on the one line
     ({"json_schema": {"type": "nonsense"}}, "invalid output constraint"),
     ([], "non-empty list"),
+    ({"choices": 5}, "non-empty list"),  # program.json or a request may hold any JSON value here
+    ({"choices": "ab"}, "non-empty list"),  # not the choices "a" and "b"
+    ({"choices": {"a": 1}}, "non-empty list"),
     ({"regex": "a", "choices": ["b"]}, "exactly one"),
     (42, "list of choices or a dict"),
 ])
