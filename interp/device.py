@@ -132,6 +132,12 @@ def keep_float32_exact() -> str:
     return os.environ.setdefault(TF32_SWITCH, "0")
 
 
+def float32_in_tf32() -> bool:
+    """Whether MLX's GPU float32 products run in TF32 in this process (the user set
+    ``MLX_ENABLE_TF32`` to something other than 0); for reports such as the bench's."""
+    return os.environ.get(TF32_SWITCH, "1").strip() != "0"
+
+
 def require_mlx() -> None:
     """Import MLX, or say which extra brings its backend (on Linux ``mlx`` alone has none)."""
     try:

@@ -87,7 +87,7 @@ def machine(device_name: str = "auto") -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version(), "mlx": _version("mlx"),
             "mlx_lm": _version("mlx-lm"), "torch": _version("torch"), "transformers": _version("transformers"),
             "device": device.backend(), "device_description": device.describe(), "metal": device.has_metal(),
-            "blas": blas.status(), "tf32": os.environ.get(device.TF32_SWITCH, "1") != "0"}
+            "blas": blas.status(), "tf32": device.float32_in_tf32()}
     try:
         info["load_average"] = list(os.getloadavg())
     except OSError:

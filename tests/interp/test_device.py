@@ -126,3 +126,13 @@ def test_importing_paw_turns_tf32_off_unless_the_user_chose(chosen):
     out = subprocess.run([sys.executable, "-c", code % device.TF32_SWITCH], env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout.strip() == (chosen or "0")
+
+
+@pytest.mark.parametrize("value, tf32", [(None, True), ("0", False), (" 0 ", False), ("1", True)])
+def test_reports_say_whether_float32_runs_in_tf32(monkeypatch, value, tf32):
+    """Unset means MLX's default (TF32 on GPUs); only 0 turns it off, as MLX reads it."""
+    if value is None:
+        monkeypatch.delenv(device.TF32_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(device.TF32_SWITCH, value)
+    assert device.float32_in_tf32() is tf32
