@@ -108,7 +108,9 @@ def adapted(base: LoadedProgram, adapter: LoraAdapter | None) -> LoadedProgram:
         return base
     try:
         scaled = adapter.scaled()
-        model = merged_model(base.model, scaled) or with_adapters(base.model, [scaled])
+        model = merged_model(base.model, scaled)
+        if model is None:  # merging would not equal the rewrite (see merged_model)
+            model = with_adapters(base.model, [scaled])
     except ArtifactError as exc:
         raise ArtifactError(f"the program's adapter does not fit base model {base.name}: {exc}") from None
     return replace(base, model=model, lock=base.lock)
