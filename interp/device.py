@@ -21,6 +21,7 @@ This module must not import ``mlx.core`` at import time: ``interp.blas`` asks
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from interp.errors import PawError
@@ -133,9 +134,14 @@ def keep_float32_exact() -> str:
 
 
 def float32_in_tf32() -> bool:
-    """Whether MLX's GPU float32 products run in TF32 in this process (the user set
-    ``MLX_ENABLE_TF32`` to something other than 0); for reports such as the bench's."""
-    return os.environ.get(TF32_SWITCH, "1").strip() != "0"
+    """Whether MLX's GPU float32 products run in TF32 in this process, read as MLX reads
+    ``MLX_ENABLE_TF32`` (C's ``atoi``: a leading integer, anything else 0; unset is on);
+    for reports such as the bench's."""
+    value = os.environ.get(TF32_SWITCH)
+    if value is None:
+        return True
+    number = re.match(r"\s*[+-]?\d+", value)
+    return number is not None and int(number.group()) != 0
 
 
 def require_mlx() -> None:

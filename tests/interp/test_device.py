@@ -128,9 +128,10 @@ def test_importing_paw_turns_tf32_off_unless_the_user_chose(chosen):
     assert out.stdout.strip() == (chosen or "0")
 
 
-@pytest.mark.parametrize("value, tf32", [(None, True), ("0", False), (" 0 ", False), ("1", True)])
+@pytest.mark.parametrize("value, tf32", [(None, True), ("0", False), (" 0 ", False), ("1", True), ("2", True),
+                                         ("false", False), ("", False), (" 1x", True)])
 def test_reports_say_whether_float32_runs_in_tf32(monkeypatch, value, tf32):
-    """Unset means MLX's default (TF32 on GPUs); only 0 turns it off, as MLX reads it."""
+    """Unset means MLX's default (TF32 on GPUs); a value means what MLX's atoi makes of it."""
     if value is None:
         monkeypatch.delenv(device.TF32_SWITCH, raising=False)
     else:
