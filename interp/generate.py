@@ -42,12 +42,12 @@ class GenerationStats:
 
 
 def prefill(model, tokens: mx.array, cache: list, step: int = 512) -> mx.array:
-    """Feed all but the last token into the cache in chunks; return the last token(s)."""
-    while tokens.shape[-1] > 1:
-        n = min(step, tokens.shape[-1] - 1)
-        model(tokens[..., :n], cache=cache)
+    """Feed the prompt into the cache in chunks of ``step`` tokens but the last; return the
+    last chunk (1 to ``step`` tokens), whose pass also gives the first token's logits."""
+    while tokens.shape[-1] > step:
+        model(tokens[..., :step], cache=cache)
         mx.eval([c.state for c in cache])
-        tokens = tokens[..., n:]
+        tokens = tokens[..., step:]
     return tokens
 
 
@@ -81,7 +81,7 @@ def generate_choices(model, prompt: list[int] | mx.array, cache: list, *, params
 
     def step(x: mx.array) -> SampleResult:
         nonlocal batch_sampler
-        logits = model(x, cache=cache)[:, -1, :]
+        logits = model(x, cache=cache, last_only=True)[:, -1, :]  # the LM head at the last position only
         if sampler is not None:
             return SampleResult(tokens=sampler(logits))
         if batch_sampler is None:

@@ -18,6 +18,7 @@ import mlx.core as mx
 from interp import schema
 from interp.cache import KVCache, make_cache
 from interp.errors import PawError, ProgramError, WeightsError, first_line
+from interp.last_position import last_position_cut
 from interp.limits import RunBudget
 from interp.ops import REGISTRY
 from interp.ops.ternary import prepare_ternary_consts
@@ -145,6 +146,8 @@ class GraphModel:
         self.input_names = [i["name"] for i in program.spec["inputs"]]
         self.output_names = [o["name"] for o in program.spec["outputs"]]
         self._node_runners = [_make_node_runner(index, node) for index, node in enumerate(program.nodes)]
+        #: where a call that wants only the last position's logits slices the hidden state
+        self._last_cut = last_position_cut(program.nodes, self.consts, self.output_names)
         self.num_layers = program.num_layers
         # mlx-lm sizes its default cache with len(model.layers).
         self.layers = [None] * self.num_layers
@@ -160,28 +163,44 @@ class GraphModel:
         return make_cache(self.num_layers)
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
-            key_mask: mx.array | None = None, query_columns: mx.array | None = None) -> dict[str, Any]:
+            key_mask: mx.array | None = None, query_columns: mx.array | None = None,
+            last_only: bool = False) -> dict[str, Any]:
         """Evaluate the graph on named inputs; returns the named outputs (lazy arrays).
 
         ``offset`` (positions are offset + arange) lets ``rope`` use mx.fast.rope;
         ``key_mask`` ([batch, keys] booleans) hides padding from attention;
         ``query_columns`` ([batch, length]) places each row's queries in the cache.
+        ``last_only``: the logits are wanted at the last position only, so the hidden state
+        is sliced to it where ``interp/last_position.py`` found a cut (the LM head then runs
+        once per row); ``logits`` is [batch, 1, vocab] either way.
         """
         release_on_thread_exit()
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
         ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
-        for run_node in self._node_runners:
+        cut = self._last_cut if last_only and "input_ids" in inputs else None
+        length = inputs["input_ids"].shape[-1] if cut is not None else 0
+        for index, run_node in enumerate(self._node_runners):
+            if cut is not None and index == cut.node:
+                hidden = env[cut.value]
+                if isinstance(hidden, mx.array) and hidden.ndim == 3 and hidden.shape[1] == length:
+                    env[cut.value] = hidden[:, -1:, :]
             run_node(env, ctx)
-        return {name: env[name] for name in self.output_names}
+        outputs = {name: env[name] for name in self.output_names}
+        if last_only and isinstance(outputs.get("logits"), mx.array) and outputs["logits"].ndim == 3:
+            outputs["logits"] = outputs["logits"][:, -1:, :]  # a no-op where the cut sliced already
+        return outputs
 
     def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
-                 key_mask: mx.array | None = None, extra_inputs: dict[str, mx.array] | None = None) -> mx.array:
+                 key_mask: mx.array | None = None, extra_inputs: dict[str, mx.array] | None = None,
+                 last_only: bool = False) -> mx.array:
         """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset.
 
         ``key_mask`` ([batch, cached + length] booleans) hides padding from attention.
         ``extra_inputs`` feeds graph inputs beyond the ids and positions (a LoRA rewrite's
         ``adapter_index``, interp/lora.py); one the graph declares but is not given is zeros [batch].
+        ``last_only``: logits [batch, 1, vocab] of the last position only, as a prefill that
+        samples the next token needs; the LM head then runs once per row where it can.
         """
         release_on_thread_exit()
         if tokens.ndim == 1:
@@ -199,16 +218,18 @@ class GraphModel:
         for name in self.input_names:
             if name not in inputs and name != "position_ids":
                 inputs[name] = (extra_inputs or {}).get(name, mx.zeros((batch,), dtype=mx.int32))
-        return self._checked_logits(self.forward(inputs, cache, offset, key_mask)["logits"], tokens.shape)
+        logits = self.forward(inputs, cache, offset, key_mask, last_only=last_only)["logits"]
+        return self._checked_logits(logits, (batch, 1) if last_only else tokens.shape)
 
     def forward(self, inputs: dict[str, mx.array], cache: list | None = None, offset: int | None = None,
-                key_mask: mx.array | None = None) -> dict[str, Any]:
-        """Like ``run``, but a one-token step with a cache runs compiled when ``compile_decode`` allows."""
+                key_mask: mx.array | None = None, last_only: bool = False) -> dict[str, Any]:
+        """Like ``run``, but a one-token step with a cache runs compiled when ``compile_decode`` allows
+        (one token is its own last position, so ``last_only`` changes nothing there)."""
         length = inputs["input_ids"].shape[-1]
         if self.compile_decode and length == 1 and offset is not None and key_mask is None:
             if _compiled_step_type().accepts(cache):
                 return self._compiled().run(inputs, cache, offset)
-        return self.run(inputs, cache, offset, key_mask)
+        return self.run(inputs, cache, offset, key_mask, last_only=last_only)
 
     def step_rows(self, tokens: mx.array, layers: list, columns: mx.array,
                   extra_inputs: dict[str, mx.array] | None = None) -> mx.array:

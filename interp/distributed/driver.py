@@ -118,8 +118,11 @@ class Driver:
         return DistributedCache(self, next(self._ids))
 
     def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
-                 key_mask: mx.array | None = None) -> mx.array:
-        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset."""
+                 key_mask: mx.array | None = None, last_only: bool = False) -> mx.array:
+        """Logits for ``tokens`` ([batch, length] ids), continuing from the cache's offset
+        (``last_only``: of the last position only, [batch, 1, vocab], as ``GraphModel``'s)."""
+        if last_only:
+            return self(tokens, cache, positions, key_mask)[:, -1:, :]
         if tokens.ndim == 1:
             tokens = tokens[None]
         cache = self.cache_of(cache)

@@ -516,7 +516,7 @@ class Engine:
         row = group.prefilling
         chunk, row.todo = row.todo[:size], row.todo[size:]
         extra = group.adapter_inputs([row])
-        logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache,
+        logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache, last_only=True,
                              **({"extra_inputs": extra} if extra else {}))
         self.prefill_chunks += 1
         if row.todo:

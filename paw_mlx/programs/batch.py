@@ -65,7 +65,7 @@ def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array
     if any(pads):
         key_mask = mx.array([[True] * start + [False] * p + [True] * len(r) for p, r in zip(pads, rows, strict=True)])
     cache = prefix_cache(prefix, batch) if prefix else prog.make_cache()
-    logits = prog.model(tokens, cache=cache, positions=positions, key_mask=key_mask)[:, -1, :]
+    logits = prog.model(tokens, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1, :]
     next_positions = mx.array([start + len(r) for r in rows], dtype=mx.int32)
     return BatchState(logits, cache, next_positions, key_mask)
 

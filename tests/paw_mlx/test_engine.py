@@ -262,9 +262,9 @@ class SplitLike:
     def make_cache(self):
         return self._model.make_cache()
 
-    def __call__(self, tokens, cache=None, positions=None, key_mask=None):
+    def __call__(self, tokens, cache=None, positions=None, key_mask=None, last_only=False):
         self.calls += 1
-        return self._model(tokens, cache=cache, positions=positions, key_mask=key_mask)
+        return self._model(tokens, cache=cache, positions=positions, key_mask=key_mask, last_only=last_only)
 
 
 def test_a_model_without_slot_batches_serves_each_row_on_its_own_cache(base):
