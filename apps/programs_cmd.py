@@ -143,6 +143,11 @@ def print_selection(info: dict | None) -> None:
     console.print(f"kept {info['kept']}: {info['reason']}")
     if info.get("rebuild"):
         console.print(f"the program: {info['rebuild']}")
+    shown = info.get("demonstrations")
+    if shown and shown["shown"] < shown["examples"]:
+        console.print(f"its prefix shows {shown['shown']} of the {shown['examples']} examples as demonstrations "
+                      "(a spread of them within its budget); every example was used to choose the program "
+                      "and to train a tuned one")
     if "test" in info:
         test = info["test"]
         console.print(f"on the {test['total']} rows marked test (never seen while compiling): exact match "

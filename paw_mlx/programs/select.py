@@ -48,6 +48,7 @@ from paw_mlx.programs.compile import (
     longest_output,
     prompt_layout,
 )
+from paw_mlx.programs.demos import choose_demos, demo_budget
 from paw_mlx.programs.examples import partitions
 from paw_mlx.programs.train import TrainOptions, TrainResult, train
 from paw_mlx.runtime import LoadedProgram
@@ -145,9 +146,28 @@ class Builder:
         self.generation, self.returns = generation, returns
         self._prefixes: dict[tuple, ProgramArtifact] = {}
         self._tuned: dict[tuple, tuple[ProgramArtifact, TrainResult]] = {}
+        self._turn_tokens: int | None = None
 
-    def prompted(self, demos: Sequence[dict]) -> ProgramArtifact:
-        """The untrained program with ``demos`` in its prefix (cached: folds share them)."""
+    def demos(self, rows: Sequence[dict]) -> list[dict]:
+        """The rows a prefix shows as demonstrations: all of them up to a budget, else a spread
+        (``paw_mlx/programs/demos.py``)."""
+        return choose_demos(rows, self._demo_cost, demo_budget(self.prog.context_length))
+
+    def _demo_cost(self, row: dict) -> int:
+        """Prefix tokens one demonstration takes: its input and output and the turns around them."""
+        if self._turn_tokens is None:
+            tokenizer, probe = self.prog.tokenizer, {"input": "a", "output": "b"}
+            one, none = (len(layout_prefix_ids(tokenizer, prompt_layout(tokenizer, self.spec, d)))
+                         for d in ([probe], []))
+            self._turn_tokens = max(0, one - none - 2)
+        encode = self.prog.tokenizer.encode
+        return (len(encode(row["input"], add_special_tokens=False))
+                + len(encode(row["output"], add_special_tokens=False)) + self._turn_tokens)
+
+    def prompted(self, rows: Sequence[dict]) -> ProgramArtifact:
+        """The untrained program whose prefix shows ``rows`` (or a spread of them, ``demos``)
+        as demonstrations (cached: folds share them)."""
+        demos = self.demos(rows)
         key = tuple((d["input"], d["output"]) for d in demos)
         if key not in self._prefixes:
             demos = [{"input": d["input"], "output": d["output"]} for d in demos]
@@ -190,9 +210,12 @@ class Builder:
     def _train(self, artifact: ProgramArtifact, rows: Sequence[dict], options: TrainOptions,
                validation: Sequence[dict], progress: Callable[[int, int, float], None] | None,
                ) -> tuple[ProgramArtifact, TrainResult]:
-        """``artifact`` trained on ``rows``, its own demonstrations hidden from each row."""
+        """``artifact`` trained on ``rows``, its own demonstration (if the prefix shows it)
+        hidden from each row."""
         spans = demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos)
-        result = train(self.prog, artifact, rows, options, hidden_spans=spans, validation=validation,
+        span_of = {(d["input"], d["output"]): span for d, span in zip(artifact.demos, spans, strict=True)}
+        hidden = [span_of.get((r["input"], r["output"])) for r in rows]
+        result = train(self.prog, artifact, rows, options, hidden_spans=hidden, validation=validation,
                        progress=progress)
         trained = replace(artifact, tuning=result.report(options), directory=None)
         if result.adapter is not None:
@@ -403,6 +426,7 @@ def select(prog: LoadedProgram, builder: Builder, rows: Sequence[dict], options:
     artifact = selection.rebuild(selection.kept)
     selection._report("done", selection.total)
     info = selection.report()
+    info["demonstrations"] = {"shown": len(artifact.demos), "examples": len(rows)}
     return replace(artifact, selection=info), info
 
 
@@ -417,13 +441,13 @@ def _rebuild_text(name: str, selection: Selection) -> str:
     """How the kept program was built from all the examples, in words."""
     if selection.bagged(name):
         adapters = selection.scores[name].adapters
-        text = f"the few-shot prefix of all examples with the mean of the {len(adapters)} folds' adapters"
+        text = f"the few-shot prefix with the mean of the {len(adapters)} folds' adapters"
         if sum(a.rank for a in adapters) > MAX_MEAN_RANK:
             text += f" (truncated to rank {MAX_MEAN_RANK})"
         return text
     if selection.options.training(name) is not None:
         return "trained again on all examples for the folds' mean best step count"
-    return "the spec alone" if name == "spec" else "the spec with all examples as demonstrations"
+    return "the spec alone" if name == "spec" else "the spec with the examples as demonstrations"
 
 
 def _reason(kept: str, scores: dict[str, CandidateScore]) -> str:

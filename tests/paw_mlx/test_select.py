@@ -372,3 +372,47 @@ def test_smollm2_kept_program_answers_new_inputs_not_training_outputs(smollm2_pr
     assert correct >= len(UPPER_HELD_OUT) // 2, (art.selection["kept"], outputs)
     assert art.selection["kept"] != "spec"
     assert {c["name"] for c in art.selection["candidates"]} == {"spec", "fewshot", "lora"}
+
+
+def test_demos_are_all_rows_that_fit_else_a_spread_of_every_output():
+    from paw_mlx.programs.demos import choose_demos
+
+    rows = [{"input": f"x{i}", "output": "ab"[i % 2] if i < 90 else "c"} for i in range(100)]  # "c" only at the end
+    assert choose_demos(rows[:5], lambda r: 3, budget=100) == rows[:5]  # all fit: all, in order
+    chosen = choose_demos(rows, lambda r: 3, budget=100, limit=8)
+    assert len(chosen) == 8 and {r["output"] for r in chosen} == {"a", "b", "c"}
+    assert chosen == sorted(chosen, key=rows.index)  # the file's order among the chosen
+    assert chosen == choose_demos(rows, lambda r: 3, budget=100, limit=8)  # deterministic
+    tight = choose_demos(rows, lambda r: 3, budget=10, limit=8)
+    assert len(tight) == 3 and {r["output"] for r in tight} == {"a", "b", "c"}  # the token budget binds
+    assert choose_demos(rows, lambda r: 50, budget=10) == []  # nothing fits: the spec alone
+
+
+def test_many_examples_compile_with_a_bounded_prefix(tiny_program, monkeypatch):
+    """More examples than a prefix can show: the prefix holds a spread within its budget, every
+    example still trains and is scored, and a row the prefix does not show hides nothing."""
+    import paw_mlx.programs.select as select_module
+    from paw_mlx.programs.demos import MAX_DEMOS, demo_budget
+
+    labels = ["yes", "no", "maybe"]
+    rows = [{"input": f"item {i} of the list", "output": labels[i % 3]} for i in range(150)]
+    hidden_seen = []
+    original = select_module.train
+
+    def spy(prog, artifact, fit, options, *, hidden_spans=None, **kw):
+        shown = {d["input"] for d in artifact.demos}
+        hidden_seen.append([(r["input"] in shown, span is not None) for r, span in zip(fit, hidden_spans, strict=True)])
+        return original(prog, artifact, fit, options, hidden_spans=hidden_spans, **kw)
+
+    monkeypatch.setattr(select_module, "train", spy)
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=QUICK)
+    prog = interpreter(tiny_program)
+    fewshot = Builder(prog, SPEC, str(tiny_program), GenerationSettings(max_new_tokens=8)).prompted(rows)
+    assert 3 <= len(fewshot.demos) <= MAX_DEMOS and {d["output"] for d in fewshot.demos} == set(labels)
+    assert fewshot.prefix_length - Builder(prog, SPEC, "", GenerationSettings(8)).prompted([]).prefix_length \
+        <= demo_budget(prog.context_length)
+    info = art.selection
+    assert info["demonstrations"] == {"shown": len(art.demos), "examples": 150} and len(art.demos) < 150
+    assert all(c["total"] == 150 for c in info["candidates"])  # every example predicted held out
+    assert hidden_seen and all(in_prefix == hidden for fit in hidden_seen for in_prefix, hidden in fit)
+    assert any(not in_prefix for fit in hidden_seen for in_prefix, _ in fit)
