@@ -375,6 +375,7 @@ def train(prog: LoadedProgram, artifact: ProgramArtifact, rows: Sequence[dict], 
         problem = _Problem(prog, artifact, options)
         order = list(range(len(rows)))
         random.Random(options.seed).shuffle(order)
+        order = order[: max(1, options.steps) * options.batch_size]  # the rows the steps reach, no others
         train_batches = _prepare(problem.split, prog, artifact, [rows[i] for i in order], [spans[i] for i in order],
                                  problem.first_tuned, options.batch_size)
         val_batches = _prepare(problem.split, prog, artifact, list(validation), [None] * len(validation),

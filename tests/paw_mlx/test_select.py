@@ -87,6 +87,23 @@ def test_early_stopping_keeps_the_best_validation_step(builder):
     assert losses[[s for s, _, _ in result.history].index(result.best_step)] == min(losses)
 
 
+def test_training_prepares_only_the_rows_its_steps_reach(builder, monkeypatch):
+    """With many rows and few steps, the frozen front pass runs for the rows the steps use."""
+    import paw_mlx.programs.train as train_module
+
+    prepared = []
+    original = train_module._prepare
+
+    def spy(split, prog, artifact, rows, *args):
+        prepared.append(len(rows))
+        return original(split, prog, artifact, rows, *args)
+
+    monkeypatch.setattr(train_module, "_prepare", spy)
+    rows = [{"input": f"w{i}", "output": f"W{i}"} for i in range(30)]
+    result = train(builder.prog, builder.prompted([]), rows, TrainOptions(steps=3, batch_size=2, layers=1, rank=2))
+    assert prepared == [6, 0] and result.steps_run == 3  # 3 steps x 2 rows; no validation rows
+
+
 def test_prefix_training_moves_only_the_top_layers(builder):
     options = TrainOptions(method="prefix", steps=3, layers=1, learning_rate=5e-2)
     artifact, result = builder.build("prefix", ROWS, options)
