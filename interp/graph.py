@@ -164,7 +164,7 @@ class GraphModel:
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
             key_mask: mx.array | None = None, query_columns: mx.array | None = None,
-            last_only: bool = False) -> dict[str, Any]:
+            last_only: bool = False, last_index: mx.array | None = None) -> dict[str, Any]:
         """Evaluate the graph on named inputs; returns the named outputs (lazy arrays).
 
         ``offset`` (positions are offset + arange) lets ``rope`` use mx.fast.rope;
@@ -172,7 +172,9 @@ class GraphModel:
         ``query_columns`` ([batch, length]) places each row's queries in the cache.
         ``last_only``: the logits are wanted at the last position only, so the hidden state
         is sliced to it where ``interp/last_position.py`` found a cut (the LM head then runs
-        once per row); ``logits`` is [batch, 1, vocab] either way.
+        once per row); ``logits`` is [batch, 1, vocab] either way. ``last_index`` ([batch]
+        ints, with ``last_only``): the position each row wants instead, for right-padded rows
+        of different lengths.
         """
         release_on_thread_exit()
         env: dict[str, Any] = dict(self.consts)
@@ -180,15 +182,17 @@ class GraphModel:
         ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
         cut = self._last_cut if last_only and "input_ids" in inputs else None
         length = inputs["input_ids"].shape[-1] if cut is not None else 0
+        sliced = False
         for index, run_node in enumerate(self._node_runners):
             if cut is not None and index == cut.node:
                 hidden = env[cut.value]
                 if isinstance(hidden, mx.array) and hidden.ndim == 3 and hidden.shape[1] == length:
-                    env[cut.value] = hidden[:, -1:, :]
+                    env[cut.value], sliced = _wanted_positions(hidden, last_index), True
             run_node(env, ctx)
         outputs = {name: env[name] for name in self.output_names}
-        if last_only and isinstance(outputs.get("logits"), mx.array) and outputs["logits"].ndim == 3:
-            outputs["logits"] = outputs["logits"][:, -1:, :]  # a no-op where the cut sliced already
+        logits = outputs.get("logits")
+        if last_only and not sliced and isinstance(logits, mx.array) and logits.ndim == 3:
+            outputs["logits"] = _wanted_positions(logits, last_index)  # no cut: the head ran everywhere
         return outputs
 
     def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
@@ -263,6 +267,13 @@ class GraphModel:
             raise ProgramError(f"{self.program.directory}: the program's logits have shape {shape}; "
                                f"expected [batch, length, vocab] for token ids of shape {tokens_shape}")
         return logits
+
+
+def _wanted_positions(values: mx.array, last_index: mx.array | None) -> mx.array:
+    """[batch, 1, ...] of ``values`` [batch, length, ...]: the last position, or row r's ``last_index[r]``."""
+    if last_index is None:
+        return values[:, -1:]
+    return mx.take_along_axis(values, last_index.astype(mx.int32).reshape(-1, 1, 1), axis=1)
 
 
 def _compiled_step_type():

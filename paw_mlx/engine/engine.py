@@ -593,9 +593,9 @@ class Engine:
         inputs = {"input_ids": tokens, **(group.adapter_inputs(rows) or {})}
         if "position_ids" in group.model.input_names:
             inputs["position_ids"] = columns
-        logits = group.model.run(inputs, layers, query_columns=columns)["logits"]
-        last = mx.array([len(r.todo) - 1 for r in rows], dtype=mx.int32)
-        logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]  # [rows, vocab]
+        last = mx.array([len(r.todo) - 1 for r in rows], dtype=mx.int32)  # each row's last real token
+        logits = group.model.run(inputs, layers, query_columns=columns, last_only=True,
+                                 last_index=last)["logits"][:, 0, :]  # [rows, vocab]
         self.prefill_chunks += 1
         self.prefilled_together += count
         slots = []

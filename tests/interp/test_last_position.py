@@ -92,3 +92,19 @@ def test_no_cut_where_slicing_would_change_what_something_reads(case):
     else:  # an elementwise constant with a position axis cannot be sliced with the hidden state
         nodes = [residual, norm, _node("linear", ["n", "head.w", None], "z"), _node("mul", ["z", "table"], "logits")]
     assert last_position_cut(nodes, CONSTS, outputs) is None
+
+
+def test_last_index_picks_each_rows_own_position(tiny_program, monkeypatch):
+    """Right-padded rows of different lengths (the server's prompts prefilled together): each
+    row's logits at its own last token, with the cut and without one."""
+    model = GraphModel.from_program(read_program(tiny_program))
+    ids = mx.array([[5, 17, 42, 99, 3, 250], [9, 9, 120, 0, 0, 0], [7, 0, 0, 0, 0, 0]], dtype=mx.int32)
+    last = mx.array([5, 2, 0], dtype=mx.int32)
+    inputs = {"input_ids": ids, "position_ids": mx.broadcast_to(mx.arange(6, dtype=mx.int32), (3, 6))}
+    full = np.array(model.run(inputs)["logits"])
+    want = full[np.arange(3), np.array(last)]
+    for cut in (model._last_cut, None):
+        monkeypatch.setattr(model, "_last_cut", cut)
+        got = np.array(model.run(inputs, last_only=True, last_index=last)["logits"])
+        assert got.shape == (3, 1, full.shape[-1])
+        np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-5)
