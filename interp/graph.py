@@ -180,6 +180,8 @@ class GraphModel:
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
         ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
+        if last_index is not None and (not last_only or last_index.ndim != 1):
+            raise ProgramError(f"last_index must be one position per row, with last_only; got shape {last_index.shape}")
         cut = self._last_cut if last_only and "input_ids" in inputs else None
         length = inputs["input_ids"].shape[-1] if cut is not None else 0
         sliced = False

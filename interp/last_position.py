@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from interp.program import names_in
+
 #: ops that act on each position alone, given one computed input (index 0) and constants
 _LINEAR = frozenset({"linear", "quantized_linear", "ternary_linear", "matmul"})
 _PER_POSITION = _LINEAR | frozenset({"rms_norm", "layer_norm", "cast", "mul", "div", "add", "sub", "tanh",
@@ -40,7 +42,7 @@ def last_position_cut(nodes: Sequence, consts: Mapping[str, object], outputs: Se
     producer = {name: i for i, node in enumerate(nodes) for name in node.outputs}
     readers: dict[str, int] = {}
     for node in nodes:
-        for name in _tensor_names(node.inputs):
+        for name in names_in(node.inputs):
             readers[name] = readers.get(name, 0) + 1
     value, cut, linear_seen = output, None, False
     while value in producer:
@@ -78,12 +80,3 @@ def _computed_input(node, consts: Mapping[str, object]) -> str | None:
 def _rank(value) -> int:
     return len(getattr(value, "shape", ()))
 
-
-def _tensor_names(inputs) -> list[str]:
-    names = []
-    for value in inputs:
-        if isinstance(value, str):
-            names.append(value)
-        elif isinstance(value, list | tuple):
-            names += [v for v in value if isinstance(v, str)]
-    return names

@@ -108,3 +108,14 @@ def test_last_index_picks_each_rows_own_position(tiny_program, monkeypatch):
         got = np.array(model.run(inputs, last_only=True, last_index=last)["logits"])
         assert got.shape == (3, 1, full.shape[-1])
         np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_last_index_must_be_one_position_per_row_with_last_only(tiny_program):
+    from interp.errors import ProgramError
+
+    model = GraphModel.from_program(read_program(tiny_program))
+    inputs = {"input_ids": mx.array([[5, 17, 42]], dtype=mx.int32),
+              "position_ids": mx.arange(3, dtype=mx.int32)[None]}
+    for kwargs in ({"last_index": mx.array([1])}, {"last_only": True, "last_index": mx.array([[1]])}):
+        with pytest.raises(ProgramError, match="one position per row"):
+            model.run(inputs, **kwargs)
