@@ -14,6 +14,12 @@ nothing cached run the plain interpreter, ``GraphModel.run``: ``accepts`` says w
 
 ``run_rows`` is the same step for a slot batch (``interp/slots.py``, the server's
 continuous batching): every row at its own cache column, the columns an array input.
+
+``prefill`` traces a short input after a cached prefix the same way (a program call's
+input, a chat turn; at most ``SHORT_PREFILL`` tokens), with the LM head at the last
+position when that is all the caller wants. A new input length is a new trace, which
+costs about twice an uncompiled pass, so a shape is traced the second time it is seen
+(a one-off length never pays for a trace) and at most ``MAX_PREFILL_TRACES`` shapes are.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import mlx.core as mx
 
 from interp.cache import KVCache
-from interp.graph import GraphModel, RunContext
+from interp.graph import GraphModel, RunContext, run_nodes
 from interp.slots import SlotLayer
 
 
@@ -40,25 +46,37 @@ class _Slot:
         return self.keys, self.values
 
 
+#: the longest input (tokens per row) that ``CompiledStep.prefill`` traces
+SHORT_PREFILL = 16
+#: the most short-prefill shapes one model traces; others run the plain interpreter
+MAX_PREFILL_TRACES = 64
+
+
 class CompiledStep:
-    """Runs one-token steps of a GraphModel as a single compiled function."""
+    """Runs one-token steps (and short inputs after a cached prefix) of a GraphModel as
+    single compiled functions."""
 
     def __init__(self, model: GraphModel):
         self.model = model
         self._fn = mx.compile(self._trace_target())
         self._rows_fn: Callable | None = None
+        self._prefill_fns: dict[bool, Callable] = {}
+        #: short-prefill shapes seen once (not traced yet) and those traced
+        self._seen: set[tuple] = set()
+        self._traced: set[tuple] = set()
 
     @staticmethod
     def accepts(cache: list | None) -> bool:
         """Whether ``cache`` can take the compiled step: paw's ``KVCache``, each holding keys."""
         return bool(cache) and all(type(c) is KVCache and c.keys is not None for c in cache)
 
-    def _trace_target(self) -> Callable:
-        """The step for one position shared by every row: ``offset`` (an array) is where it writes."""
+    def _trace_target(self, last_only: bool = False) -> Callable:
+        """The step for new positions shared by every row: ``offset`` (an array) is where the
+        first one writes. ``last_only``: logits at the last position only (see ``run_nodes``)."""
         def context(slots: list, offset: mx.array) -> RunContext:
             return RunContext(cache=slots, offset=offset, query_start=offset)
 
-        return self._step_function(_Slot, context)
+        return self._step_function(_Slot, context, last_only)
 
     def _rows_target(self) -> Callable:
         """The step for a slot batch: positions come in as inputs (``position_ids`` = the
@@ -68,13 +86,14 @@ class CompiledStep:
 
         return self._step_function(SlotLayer, context)
 
-    def _step_function(self, make_slot: Callable, make_context: Callable[[list, mx.array], RunContext]) -> Callable:
+    def _step_function(self, make_slot: Callable, make_context: Callable[[list, mx.array], RunContext],
+                       last_only: bool = False) -> Callable:
         """``step(where, *inputs, *keys, *values)``: every node runner over cache slots made by
         ``make_slot(keys, values, where)``; returns the outputs, then the new keys and values."""
-        consts = self.model.consts
-        node_runners = self.model._node_runners
-        input_names = list(self.model.input_names)
-        output_names = list(self.model.output_names)
+        model = self.model
+        consts = model.consts
+        input_names = list(model.input_names)
+        output_names = list(model.output_names)
 
         def step(where: mx.array, *arrays: mx.array) -> list[mx.array]:
             buffers = arrays[len(input_names):]
@@ -84,10 +103,8 @@ class CompiledStep:
             # Symbolic ints (sizes of the inputs) become constants of the trace: a new size
             # is a new input shape, on which MLX retraces.
             env.update(zip(input_names, arrays[: len(input_names)], strict=True))
-            ctx = make_context(slots, where)
-            for run_node in node_runners:
-                run_node(env, ctx)
-            return [env[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
+            outputs = run_nodes(model, env, make_context(slots, where), last_only)
+            return [outputs[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
 
         return step
 
@@ -98,6 +115,32 @@ class CompiledStep:
         outputs = self._call_in_place(self._fn, mx.array(offset, dtype=mx.int32), inputs, cache)
         for c in cache:
             c.offset = offset + 1
+        return outputs
+
+    def prefill(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int,
+                last_only: bool = False) -> dict[str, Any] | None:
+        """The outputs for a short input (every row ``length`` new tokens from ``offset``),
+        traced, advancing ``cache``; None when this shape is not (yet) worth a trace: the
+        caller runs the plain interpreter on the same cache."""
+        batch, length = inputs["input_ids"].shape
+        if length > SHORT_PREFILL:
+            return None
+        for c in cache:
+            c.reserve(length)
+        shape = (batch, length, cache[0].keys.shape[2], last_only)
+        if shape not in self._traced:
+            if shape not in self._seen or len(self._traced) >= MAX_PREFILL_TRACES:
+                if len(self._seen) >= 4 * MAX_PREFILL_TRACES:  # many one-off shapes: start counting again
+                    self._seen.clear()
+                self._seen.add(shape)
+                return None
+            self._traced.add(shape)
+        if last_only not in self._prefill_fns:
+            # the full-logits prefill is the decode step's own function at a new shape
+            self._prefill_fns[last_only] = mx.compile(self._trace_target(True)) if last_only else self._fn
+        outputs = self._call_in_place(self._prefill_fns[last_only], mx.array(offset, dtype=mx.int32), inputs, cache)
+        for c in cache:
+            c.offset = offset + length
         return outputs
 
     def run_rows(self, inputs: dict[str, mx.array], layers: list, columns: mx.array) -> dict[str, Any]:

@@ -182,20 +182,7 @@ class GraphModel:
         ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
         if last_index is not None and (not last_only or last_index.ndim != 1):
             raise ProgramError(f"last_index must be one position per row, with last_only; got shape {last_index.shape}")
-        cut = self._last_cut if last_only and "input_ids" in inputs else None
-        length = inputs["input_ids"].shape[-1] if cut is not None else 0
-        sliced = False
-        for index, run_node in enumerate(self._node_runners):
-            if cut is not None and index == cut.node:
-                hidden = env[cut.value]
-                if isinstance(hidden, mx.array) and hidden.ndim == 3 and hidden.shape[1] == length:
-                    env[cut.value], sliced = _wanted_positions(hidden, last_index), True
-            run_node(env, ctx)
-        outputs = {name: env[name] for name in self.output_names}
-        logits = outputs.get("logits")
-        if last_only and not sliced and isinstance(logits, mx.array) and logits.ndim == 3:
-            outputs["logits"] = _wanted_positions(logits, last_index)  # no cut: the head ran everywhere
-        return outputs
+        return run_nodes(self, env, ctx, last_only, last_index)
 
     def __call__(self, tokens: mx.array, cache: list | None = None, positions: mx.array | None = None,
                  key_mask: mx.array | None = None, extra_inputs: dict[str, mx.array] | None = None,
@@ -229,12 +216,17 @@ class GraphModel:
 
     def forward(self, inputs: dict[str, mx.array], cache: list | None = None, offset: int | None = None,
                 key_mask: mx.array | None = None, last_only: bool = False) -> dict[str, Any]:
-        """Like ``run``, but a one-token step with a cache runs compiled when ``compile_decode`` allows
-        (one token is its own last position, so ``last_only`` changes nothing there)."""
+        """Like ``run``, but after a cached prefix a one-token step runs compiled when
+        ``compile_decode`` allows (one token is its own last position, so ``last_only``
+        changes nothing there), and so does a short input whose shape has been seen before
+        (a program call, a chat turn: ``CompiledStep.prefill``)."""
         length = inputs["input_ids"].shape[-1]
-        if self.compile_decode and length == 1 and offset is not None and key_mask is None:
-            if _compiled_step_type().accepts(cache):
+        if self.compile_decode and offset is not None and key_mask is None and _compiled_step_type().accepts(cache):
+            if length == 1:
                 return self._compiled().run(inputs, cache, offset)
+            outputs = self._compiled().prefill(inputs, cache, offset, last_only)
+            if outputs is not None:
+                return outputs
         return self.run(inputs, cache, offset, key_mask, last_only=last_only)
 
     def step_rows(self, tokens: mx.array, layers: list, columns: mx.array,
@@ -269,6 +261,30 @@ class GraphModel:
             raise ProgramError(f"{self.program.directory}: the program's logits have shape {shape}; "
                                f"expected [batch, length, vocab] for token ids of shape {tokens_shape}")
         return logits
+
+
+def run_nodes(model: GraphModel, env: dict[str, Any], ctx: RunContext, last_only: bool = False,
+              last_index: mx.array | None = None) -> dict[str, Any]:
+    """Every node of ``model`` over ``env`` (constants and inputs); returns the named outputs.
+
+    With ``last_only`` the hidden state is sliced to the wanted position at the model's
+    last-position cut, where it has one (else the full logits are sliced at the end).
+    Shared by ``GraphModel.run`` and the traced steps of ``interp/compiled_step.py``.
+    """
+    cut = model._last_cut if last_only and "input_ids" in env else None
+    length = env["input_ids"].shape[-1] if cut is not None else 0
+    sliced = False
+    for index, run_node in enumerate(model._node_runners):
+        if cut is not None and index == cut.node:
+            hidden = env[cut.value]
+            if isinstance(hidden, mx.array) and hidden.ndim == 3 and hidden.shape[1] == length:
+                env[cut.value], sliced = _wanted_positions(hidden, last_index), True
+        run_node(env, ctx)
+    outputs = {name: env[name] for name in model.output_names}
+    logits = outputs.get("logits")
+    if last_only and not sliced and isinstance(logits, mx.array) and logits.ndim == 3:
+        outputs["logits"] = _wanted_positions(logits, last_index)  # no cut: the head ran everywhere
+    return outputs
 
 
 def _wanted_positions(values: mx.array, last_index: mx.array | None) -> mx.array:

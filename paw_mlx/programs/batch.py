@@ -49,9 +49,35 @@ class BatchState:
     key_mask: mx.array | None  # [batch, keys], or None when no row is padded
 
 
+class ResidentPrefix:
+    """A program's prefix held in a cache of its own, which one-input calls run in.
+
+    A call writes its input and output after the prefix, in place, and the next call
+    trims the cache back to the prefix: the positions past it are stale but never read
+    (attention masks the keys after each query), so a call copies nothing, where a cache
+    built from the prefix copies every layer's keys and values into a larger buffer
+    first. Used under the base program's lock, as generation is (``generate_batch``).
+    """
+
+    def __init__(self, prefix: Sequence[tuple[mx.array, mx.array]]):
+        self.prefix = prefix
+        self.length = prefix[0][0].shape[2] if prefix else 0
+        self._cache: list[KVCache] | None = None
+
+    def cache(self) -> list[KVCache]:
+        """The cache at the end of the prefix, ready for one row."""
+        if self._cache is None or any(c.keys is None for c in self._cache):
+            self._cache = prefix_cache(self.prefix, 1)
+        for c in self._cache:
+            c.offset = self.length
+        return self._cache
+
+
 def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
-                  pad_id: int = 0) -> BatchState:
-    """Run every row's input after the shared prefix in one call (left padding, masked)."""
+                  pad_id: int = 0, cache: list[KVCache] | None = None) -> BatchState:
+    """Run every row's input after the shared prefix in one call (left padding, masked).
+
+    ``cache``: a cache already holding ``prefix`` (a ``ResidentPrefix``'s) to run in."""
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("a batch needs at least one non-empty row")
     batch = len(rows)
@@ -59,12 +85,13 @@ def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array
     width = max(len(r) for r in rows)
     pads = [width - len(r) for r in rows]
     tokens = mx.array([[pad_id] * p + list(r) for p, r in zip(pads, rows, strict=True)], dtype=mx.int32)
-    positions = mx.array([[start] * p + list(range(start, start + len(r))) for p, r in zip(pads, rows, strict=True)],
-                         dtype=mx.int32)
-    key_mask = None
+    positions = key_mask = None  # rows of one length: positions follow the cache's offset
     if any(pads):
+        positions = mx.array([[start] * p + list(range(start, start + len(r)))
+                              for p, r in zip(pads, rows, strict=True)], dtype=mx.int32)
         key_mask = mx.array([[True] * start + [False] * p + [True] * len(r) for p, r in zip(pads, rows, strict=True)])
-    cache = prefix_cache(prefix, batch) if prefix else prog.make_cache()
+    if cache is None:
+        cache = prefix_cache(prefix, batch) if prefix else prog.make_cache()
     logits = prog.model(tokens, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1, :]
     next_positions = mx.array([start + len(r) for r in rows], dtype=mx.int32)
     return BatchState(logits, cache, next_positions, key_mask)
@@ -72,12 +99,14 @@ def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array
 
 def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
                    *, max_new_tokens: int, temperature: float = 0.0, pad_id: int = 0,
-                   constraints: Sequence[Constraint | None] | None = None) -> list[list[int]]:
+                   constraints: Sequence[Constraint | None] | None = None,
+                   resident: ResidentPrefix | None = None) -> list[list[int]]:
     """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``.
 
     ``constraints`` (one per row, or None) restrict each row's tokens to its grammar; a
     constrained row that has not completed its output within the budget raises
-    ``ConstraintError`` (an output that stops early would not parse).
+    ``ConstraintError`` (an output that stops early would not parse). ``resident``: the
+    prefix's ``ResidentPrefix``, which a batch of one row runs in.
     """
     if not rows:
         return []
@@ -89,7 +118,8 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
     outputs: list[list[int]] = [[] for _ in rows]
     done = [False] * batch
     with prog.lock:
-        state = prefill_batch(prog, prefix, rows, pad_id)
+        cache = resident.cache() if resident is not None and batch == 1 and prefix else None
+        state = prefill_batch(prog, prefix, rows, pad_id, cache)
         logits, key_mask = state.logits, state.key_mask
         for step in range(budget):
             if constraints is not None:
@@ -110,9 +140,10 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
                     done[i] = constraint.done
             if all(done) or step + 1 == budget:
                 break
+            positions = None  # unpadded rows: from the cache's offset, so the step runs compiled
             if key_mask is not None:
                 key_mask = mx.concatenate([key_mask, mx.ones((batch, 1), dtype=mx.bool_)], axis=1)
-            positions = (state.next_positions + step)[:, None]
+                positions = (state.next_positions + step)[:, None]
             logits = prog.model(y[:, None].astype(mx.int32), cache=state.cache, positions=positions,
                                 key_mask=key_mask)[:, -1, :]
     if constraints is not None:

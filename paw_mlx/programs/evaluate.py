@@ -26,6 +26,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -71,24 +72,24 @@ def prompted_outputs(prog: LoadedProgram, artifact: ProgramArtifact, rows: list[
     return outputs
 
 
-def first_token_seconds(runner: LoadedProgram, prefix: list, ids: list[int]) -> float:
-    """Seconds from a call's token ids to its first sampled token, after ``prefix`` (may be empty)."""
+def first_token_seconds(call: Callable[[list[int]], object], ids: list[int]) -> float:
+    """Seconds from a call's token ids to its first sampled token (``call`` generates one)."""
     start = time.perf_counter()
-    generate_batch(runner, prefix, [ids], max_new_tokens=1)
+    call(ids)
     return time.perf_counter() - start
 
 
 def interleaved_ttft(columns: dict[str, tuple], rows: list[dict]) -> dict[str, float]:
     """Median milliseconds to the first token per column, timed in rounds that visit every column
     once (in a rotating order), so load from other jobs falls on all of them alike. Round 0
-    warms up and is not counted. ``columns``: name -> (runner, prefix, row -> call ids)."""
+    warms up and is not counted. ``columns``: name -> (ids -> one token, row -> call ids)."""
     samples: dict[str, list[float]] = {name: [] for name in columns}
     names = list(columns)
     for round_ in range(TTFT_SAMPLES + 1):
         row = rows[round_ % len(rows)]
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            runner, prefix, ids = columns[name]
-            seconds = first_token_seconds(runner, prefix, ids(row))
+            call, ids = columns[name]
+            seconds = first_token_seconds(call, ids(row))
             if round_:
                 samples[name].append(seconds)
     return {name: round(1000 * statistics.median(times), 1) for name, times in samples.items()}
@@ -112,7 +113,7 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
         outputs = prompted_outputs(prog, prompted, test, budget)
         result["rows"][name] = {"exact_match": round(_score(outputs, test), 4), "prefix_tokens": 0,
                                 "prompt_tokens": len(prompted.prefix_ids), "outputs": outputs}
-        timers[name] = (prog, [],
+        timers[name] = (lambda ids: generate_batch(prog, [], [ids], max_new_tokens=1),
                         lambda row, a=prompted: a.prefix_ids + input_ids(prog.tokenizer, a.layout, row["input"]))
     selection.cross_validate()
     for name in options.candidates:
@@ -125,7 +126,8 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
             "exact_match": round(_score(outputs, test), 4), "cv_exact_match": round(score.exact_match, 4),
             "compile_seconds": round(score.seconds, 1), "rebuild_seconds": round(time.perf_counter() - started, 1),
             "prefix_tokens": artifact.prefix_length, "training": artifact.tuning, "outputs": outputs}
-        timers[name] = (function.runner, artifact.prefix, lambda row, f=function: f.token_ids(row["input"]))
+        timers[name] = (lambda ids, f=function: f.call_ids([ids], max_new_tokens=1),
+                        lambda row, f=function: f.token_ids(row["input"]))
     for name, ms in interleaved_ttft(timers, test).items():
         result["rows"][name]["ttft_ms"] = ms
     result["kept"] = selection.kept

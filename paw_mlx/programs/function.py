@@ -12,7 +12,7 @@ from interp.paths import DEFAULT_MODEL
 from paw_mlx.constrain import grammar_for
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_artifact
-from paw_mlx.programs.batch import generate_batch
+from paw_mlx.programs.batch import ResidentPrefix, generate_batch
 from paw_mlx.programs.compile import compile, input_ids
 from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.runtime import LoadedProgram
@@ -55,6 +55,8 @@ class ProgramFunction:
         #: the base model as this program runs it: with its LoRA adapter, if it has one
         self.runner = adapted(base, artifact.adapter)
         self.max_new_tokens = max_new_tokens or artifact.generation.max_new_tokens
+        #: the prefix in a cache of its own, which one-input calls run in without copying it
+        self._resident = ResidentPrefix(artifact.prefix)
         returns = returns if returns is not None else artifact.returns
         self.grammar = None
         if returns is not None:
@@ -68,8 +70,9 @@ class ProgramFunction:
         """The ids a call feeds after the prefix."""
         return input_ids(self.base.tokenizer, self.artifact.layout, text)
 
-    def call_ids(self, rows: list[list[int]]) -> list[list[int]]:
-        """Output ids for each row of input ids (each checked against the vocabulary and context)."""
+    def call_ids(self, rows: list[list[int]], max_new_tokens: int | None = None) -> list[list[int]]:
+        """Output ids for each row of input ids (each checked against the vocabulary and context);
+        ``max_new_tokens`` overrides the function's own budget for this call."""
         rows = [self.base.check_ids(row, f"input {i} ids") for i, row in enumerate(rows)]
         longest = max((len(row) for row in rows), default=0)
         if self.artifact.prefix_length + longest >= self.base.context_length:
@@ -79,8 +82,9 @@ class ProgramFunction:
         for batch in length_batches([len(row) for row in rows], BATCH_TOKENS):
             constraints = [self.grammar.start() for _ in batch] if self.grammar is not None else None
             done = generate_batch(self.runner, self.artifact.prefix, [rows[i] for i in batch],
-                                  max_new_tokens=self.max_new_tokens,
-                                  temperature=self.artifact.generation.temperature, constraints=constraints)
+                                  max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                  temperature=self.artifact.generation.temperature, constraints=constraints,
+                                  resident=self._resident)
             for i, ids in zip(batch, done, strict=True):
                 outputs[i] = ids
         return outputs

@@ -140,3 +140,79 @@ def test_every_architecture_decodes_the_same_compiled(arch_cases, arch, small_st
     np.testing.assert_array_equal(np.array(tokens).T, want.argmax(axis=-1))
     for step, logits in enumerate(got):
         np.testing.assert_allclose(logits, want[:, step], atol=1e-4, rtol=0, err_msg=f"{arch}, step {step}")
+
+
+def _after_prefix(model: GraphModel, prompt: mx.array) -> list:
+    cache = model.make_cache()
+    mx.eval(model(prompt, cache=cache))
+    return cache
+
+
+def _short_input(model: GraphModel, cache: list, tokens: mx.array, last_only: bool) -> np.ndarray:
+    """Logits of ``tokens`` after a copy of ``cache`` (so the prefix can be reused)."""
+    return np.array(model(tokens, cache=[c.copy() for c in cache], last_only=last_only))
+
+
+def test_a_short_input_after_a_prefix_is_traced_the_second_time_its_shape_is_seen(tiny_program, monkeypatch):
+    """A program call's input after its cached prefix: the first sight of a shape runs the plain
+    interpreter, the second traces it; both give the plain interpreter's logits, the last
+    position's alone with ``last_only``, and the cache continues where the input ended."""
+    compiled, eager = _models(tiny_program)
+    traced: list[tuple] = []
+    prefill = CompiledStep.prefill
+
+    def counted(self, inputs, cache, offset, last_only=False):
+        outputs = prefill(self, inputs, cache, offset, last_only)
+        traced.append((inputs["input_ids"].shape[1], last_only, outputs is not None))
+        return outputs
+
+    monkeypatch.setattr(CompiledStep, "prefill", counted)
+    prompt = mx.array(PROMPT)
+    cache, reference = _after_prefix(compiled, prompt), _after_prefix(eager, prompt)
+    tokens = mx.array([[11, 12, 13], [21, 22, 23]])
+    for last_only in (True, False, True, False):
+        want = _short_input(eager, reference, tokens, last_only)
+        got = _short_input(compiled, cache, tokens, last_only)
+        assert got.shape == want.shape == (2, 1 if last_only else 3, want.shape[-1])
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert traced == [(3, True, False), (3, False, False), (3, True, True), (3, False, True)]
+    # the cache after a traced input decodes like the plain interpreter's
+    grown, plain = [c.copy() for c in cache], [c.copy() for c in reference]
+    compiled(tokens, cache=grown)
+    eager(tokens, cache=plain)
+    assert grown[0].offset == plain[0].offset == 8
+    step = mx.array([[5], [6]])
+    np.testing.assert_allclose(np.array(compiled(step, cache=grown)), np.array(eager(step, cache=plain)),
+                               atol=1e-5, rtol=0)
+
+
+def test_long_inputs_and_too_many_shapes_stay_with_the_plain_interpreter(tiny_program, monkeypatch):
+    import interp.compiled_step as compiled_step
+
+    monkeypatch.setattr(compiled_step, "SHORT_PREFILL", 4)
+    monkeypatch.setattr(compiled_step, "MAX_PREFILL_TRACES", 1)
+    compiled, eager = _models(tiny_program)
+    cache, reference = _after_prefix(compiled, mx.array(PROMPT)), _after_prefix(eager, mx.array(PROMPT))
+    step = compiled._compiled()
+    for length in (5, 2, 3):  # too long; traced (the one shape allowed); over the cap
+        tokens = mx.array([[7] * length, [8] * length])
+        for _ in range(3):
+            got = _short_input(compiled, cache, tokens, True)
+            np.testing.assert_allclose(got, _short_input(eager, reference, tokens, True), atol=1e-5, rtol=0)
+    assert [(batch, length) for batch, length, _, _ in step._traced] == [(2, 2)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_runs_a_short_input_the_same_traced(arch_cases, arch, small_steps):
+    """A short input after a cached prompt, traced (its second sight), against the plain
+    interpreter over the whole sequence: the same last-position logits, for every
+    architecture's attention, positions and head."""
+    case = arch_cases(arch)
+    ids = case.ids.numpy()
+    prompt, tokens = mx.array(ids[:, :PROMPT_LEN - 3]), mx.array(ids[:, PROMPT_LEN - 3:PROMPT_LEN])
+    cache = _after_prefix(case.model, prompt)
+    want = np.array(_plain(case.model)(mx.array(ids[:, :PROMPT_LEN]))[:, -1:, :])
+    for _ in range(2):  # plain, then traced
+        np.testing.assert_allclose(_short_input(case.model, cache, tokens, True), want, atol=1e-4, rtol=0,
+                                   err_msg=arch)
+    assert case.model._compiled()._traced, arch

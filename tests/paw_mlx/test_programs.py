@@ -177,3 +177,30 @@ def test_smollm2_call_equals_one_prompt(smollm2_program):
     check_call_equals_one_prompt(smollm2_program, spec, inputs, 16)
     f = paw_mlx.function(paw_mlx.compile(spec, base=smollm2_program), max_new_tokens=16)
     assert f(inputs) == [f(x) for x in inputs]  # a padded batch gives each row's own answer
+
+
+def test_one_input_calls_reuse_the_prefix_cache_in_place(tiny_program, monkeypatch):
+    """A function's one-input calls run in its resident prefix cache, trimmed back after each:
+    every call equals the whole prompt run alone, whatever the calls before it wrote past the
+    prefix (longer or shorter inputs and outputs, buffers grown 4 positions at a time, a call
+    that failed midway), and the artifact's own prefix arrays never change."""
+    from interp.cache import KVCache
+    from interp.errors import ConstraintError
+
+    monkeypatch.setattr(KVCache, "step", 4)
+    art = paw_mlx.compile(SPEC, base=tiny_program)
+    saved = [(mx.array(k), mx.array(v)) for k, v in art.prefix]
+    f = paw_mlx.function(art, base=tiny_program, max_new_tokens=12)
+    prog = interpreter(tiny_program)
+    for text in [INPUTS[2], INPUTS[1], INPUTS[0], INPUTS[1], INPUTS[3]]:
+        ids = f.token_ids(text)
+        assert f.call_ids([ids]) == [one_prompt_greedy(prog, f.artifact.prefix_ids + ids, 12)], text
+    assert f._resident.cache()[0].keys.shape[2] > art.prefix_length + 4  # grown past the prefix, reused
+    constrained = paw_mlx.function(art, base=tiny_program, max_new_tokens=12, returns={"regex": "[a-z]{9}"})
+    ids = f.token_ids(INPUTS[0])
+    with pytest.raises(ConstraintError):
+        constrained.call_ids([ids], max_new_tokens=3)
+    fresh = paw_mlx.function(art, base=tiny_program, max_new_tokens=12, returns={"regex": "[a-z]{9}"})
+    assert constrained.call_ids([ids]) == fresh.call_ids([ids])
+    for (k, v), (k0, v0) in zip(art.prefix, saved, strict=True):
+        assert mx.array_equal(k, k0).item() and mx.array_equal(v, v0).item()
