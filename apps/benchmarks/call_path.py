@@ -21,14 +21,13 @@ writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import interp  # noqa: F401  (imported before MLX, so MLX's matmuls run on the BLAS shim)
+from apps.benchmarks.cli import base_rounds_out
 
 LENGTHS = (2, 4, 8, 16, 24)
 PREFIX_TOKENS = 150
@@ -72,15 +71,7 @@ def measure(base: str, rounds: int) -> dict[str, dict[int, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="a program directory (paw export)")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not (Path(args.base) / "prog.json").is_file():
-        parser.error(f"--base {args.base} is not a program directory (no prog.json): make one with paw export")
+    args = base_rounds_out(__doc__, default_rounds=15)
     medians = measure(args.base, args.rounds)
     print(f"| call after a {PREFIX_TOKENS}-token prefix | " + " ms | ".join(COLUMNS) + " ms | speed-up |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -12,12 +12,12 @@ Markdown table (milliseconds per pass, and the ratio); ``--out`` writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+from apps.benchmarks.cli import base_rounds_out
 
 ROWS = (1, 2, 4, 8, 16, 32)
 PREFIX_TOKENS = 150
@@ -56,15 +56,7 @@ def run_child(base: str, few_rows: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="a float32 program directory (paw export)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not (Path(args.base) / "prog.json").is_file():
-        parser.error(f"--base {args.base} is not a program directory (no prog.json): make one with paw export")
+    args = base_rounds_out(__doc__, default_rounds=5)
     best: dict[str, dict[str, float]] = {"openblas": {}, "shim": {}}
     for round_ in range(args.rounds):
         for few_rows in ((False, True) if round_ % 2 == 0 else (True, False)):
