@@ -14,8 +14,9 @@ A task is a folder with ``spec.txt`` and ``examples.jsonl`` (rows {"input", "out
 
 Outputs are compared after stripping whitespace. Time to first token is the model's time
 from a call's token ids to its first sampled token (tokenizing excluded), the median of
-rounds that time every row once on the same held-out input in a rotating order, after a
-warm-up round: the rows share whatever else loads the machine. Each finished task is
+rounds that time every row once on the same held-out input in a rotating order, after two
+untimed passes over those inputs (calls warm, as over a dataset): the rows share whatever
+else loads the machine. Each finished task is
 cached (``--cache``), so an interrupted run resumes where it stopped.
 """
 
@@ -42,10 +43,12 @@ from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
 from paw_mlx.runtime import LoadedProgram, stream_tokens
 
-#: timed rounds per task (after one warm-up round); each round times every column once
+#: timed rounds per task; each round times every column once
 TTFT_SAMPLES = 12
+#: untimed passes over the timed rows first (see ``interleaved_ttft``)
+WARMUP_PASSES = 2
 #: part of the cache key: a change of how rows are measured invalidates cached tasks
-EVALUATION_METHOD = "ttft-interleaved-12"
+EVALUATION_METHOD = "ttft-interleaved-12-warm-2"
 BASELINES = ("spec prompt", "few-shot prompt")
 
 
@@ -81,17 +84,25 @@ def first_token_seconds(call: Callable[[list[int]], object], ids: list[int]) -> 
 
 def interleaved_ttft(columns: dict[str, tuple], rows: list[dict]) -> dict[str, float]:
     """Median milliseconds to the first token per column, timed in rounds that visit every column
-    once (in a rotating order), so load from other jobs falls on all of them alike. Round 0
-    warms up and is not counted. ``columns``: name -> (ids -> one token, row -> call ids)."""
-    samples: dict[str, list[float]] = {name: [] for name in columns}
+    once (in a rotating order), so load from other jobs falls on all of them alike.
+    ``columns``: name -> (ids -> one token, row -> call ids).
+
+    Before timing, every column runs every row it will be timed on ``WARMUP_PASSES`` times,
+    untimed: a program call's input is traced the second time its length is seen
+    (``interp/compiled_step.py``), so this times calls as they run over a dataset, once
+    warm, and the prompts get the same passes."""
     names = list(columns)
-    for round_ in range(TTFT_SAMPLES + 1):
-        row = rows[round_ % len(rows)]
+    timed = [rows[round_ % len(rows)] for round_ in range(TTFT_SAMPLES)]
+    for _ in range(WARMUP_PASSES):
+        for row in timed[: len(rows)]:
+            for name in names:
+                call, ids = columns[name]
+                call(ids(row))
+    samples: dict[str, list[float]] = {name: [] for name in columns}
+    for round_, row in enumerate(timed):
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
             call, ids = columns[name]
-            seconds = first_token_seconds(call, ids(row))
-            if round_:
-                samples[name].append(seconds)
+            samples[name].append(first_token_seconds(call, ids(row)))
     return {name: round(1000 * statistics.median(times), 1) for name, times in samples.items()}
 
 

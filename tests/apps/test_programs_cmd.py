@@ -125,3 +125,22 @@ def test_eval_programs_reports_every_row_and_resumes(tiny_program, tmp_path):
     assert "from the cache" in again.output and json.loads((tmp_path / "report.json").read_text())["tasks"] == [row]
     shown = runner.invoke(app, ["eval-programs", "--show", str(tmp_path / "report.json")])
     assert shown.exit_code == 0 and shown.output.startswith("| task | held-out | spec prompt | few-shot prompt")
+
+
+def test_time_to_first_token_is_timed_after_warm_passes_over_the_timed_rows():
+    """Every column runs each row it is timed on twice, untimed, before any timed round (a
+    call's input is traced the second time its length is seen), then each column is timed
+    once per round on the round's row."""
+    from paw_mlx.programs import evaluate
+
+    log: list[tuple[str, int]] = []
+    rows = [{"input": str(i)} for i in range(3)]
+    columns = {name: (lambda ids, name=name: log.append((name, ids[0])), lambda row: [int(row["input"])])
+               for name in ("a", "b")}
+    medians = evaluate.interleaved_ttft(columns, rows)
+    warm = evaluate.WARMUP_PASSES * len(rows) * len(columns)
+    assert sorted(log[:warm]) == sorted([(name, i) for name in "ab" for i in range(3)] * evaluate.WARMUP_PASSES)
+    timed = log[warm:]
+    assert len(timed) == evaluate.TTFT_SAMPLES * len(columns)
+    assert [i for _, i in timed[::2]] == [r % 3 for r in range(evaluate.TTFT_SAMPLES)]
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
