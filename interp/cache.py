@@ -26,7 +26,9 @@ class KVCache:
         self.offset = 0
 
     def reserve(self, new: int, like: tuple[mx.array, mx.array] | None = None) -> None:
-        """Make room for ``new`` more positions after ``offset``, growing by whole steps.
+        """Make room for ``new`` more positions after ``offset``: the capacity grows to the
+        next whole number of steps, so caches of different lengths (a program prefix set
+        as ``state``) meet at the same capacities, which compiled steps trace once for.
 
         ``like`` (keys, values of the new positions) gives the shapes and dtype when
         nothing is allocated yet.
@@ -37,7 +39,7 @@ class KVCache:
         keys, values = (self.keys, self.values) if like is None else like
         batch, heads, _, k_dim = keys.shape
         v_dim = values.shape[3]
-        grow = ((new + self.step - 1) // self.step) * self.step
+        grow = -(-(start + new) // self.step) * self.step - start
         k_more = mx.zeros((batch, heads, grow, k_dim), keys.dtype)
         v_more = mx.zeros((batch, heads, grow, v_dim), values.dtype)
         if self.keys is None:

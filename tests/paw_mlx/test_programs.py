@@ -204,3 +204,23 @@ def test_one_input_calls_reuse_the_prefix_cache_in_place(tiny_program, monkeypat
     assert constrained.call_ids([ids]) == fresh.call_ids([ids])
     for (k, v), (k0, v0) in zip(art.prefix, saved, strict=True):
         assert mx.array_equal(k, k0).item() and mx.array_equal(v, v0).item()
+
+
+def test_programs_on_one_base_share_the_traced_shapes_of_their_calls(tiny_program):
+    """A resident prefix grows to a whole number of cache steps, so two programs whose
+    prefixes differ in length run a call of the same length at the same shape: one trace."""
+    from interp.cache import KVCache
+
+    prog = interpreter(tiny_program)
+    short = paw_mlx.function(paw_mlx.compile("Echo.", base=tiny_program), base=tiny_program, max_new_tokens=2)
+    long = paw_mlx.function(paw_mlx.compile(SPEC + " Answer briefly.", base=tiny_program), base=tiny_program,
+                            max_new_tokens=2)
+    assert short.artifact.prefix_length != long.artifact.prefix_length
+    step = prog.model._compiled()
+    before = set(step._traced)
+    ids = short.token_ids("hello there")
+    for f in (short, long, short, long):
+        f.call_ids([ids])
+    shape = (1, len(ids), KVCache.step, True)  # both prefixes and the call fit in one step
+    assert {f._resident.cache()[0].keys.shape[2] for f in (short, long)} == {KVCache.step}
+    assert shape in step._traced and step._traced - before <= {shape}
