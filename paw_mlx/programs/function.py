@@ -48,8 +48,7 @@ class ProgramFunction:
     def __init__(self, artifact: ProgramArtifact, base: LoadedProgram, max_new_tokens: int | None = None,
                  returns: Any = None):
         check_against_base(artifact, base)
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-            raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r:.40}")
+        _check_budget(max_new_tokens)
         self.artifact = artifact
         self.base = base
         #: the base model as this program runs it: with its LoRA adapter, if it has one
@@ -73,6 +72,7 @@ class ProgramFunction:
     def call_ids(self, rows: list[list[int]], max_new_tokens: int | None = None) -> list[list[int]]:
         """Output ids for each row of input ids (each checked against the vocabulary and context);
         ``max_new_tokens`` overrides the function's own budget for this call."""
+        _check_budget(max_new_tokens)
         rows = [self.base.check_ids(row, f"input {i} ids") for i, row in enumerate(rows)]
         longest = max((len(row) for row in rows), default=0)
         if self.artifact.prefix_length + longest >= self.base.context_length:
@@ -101,6 +101,12 @@ class ProgramFunction:
         if self.artifact.generation.strip:
             texts = [t.strip() for t in texts]
         return texts[0] if single else texts
+
+
+def _check_budget(max_new_tokens: Any) -> None:
+    """A token budget is None (the default) or a positive int; anything else is one InputError line."""
+    if max_new_tokens is not None and (type(max_new_tokens) is not int or max_new_tokens < 1):
+        raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r:.40}")
 
 
 def adapted(base: LoadedProgram, adapter: LoraAdapter | None) -> LoadedProgram:

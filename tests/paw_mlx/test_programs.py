@@ -200,6 +200,9 @@ def test_one_input_calls_reuse_the_prefix_cache_in_place(tiny_program, monkeypat
     ids = f.token_ids(INPUTS[0])
     with pytest.raises(ConstraintError):
         constrained.call_ids([ids], max_new_tokens=3)
+    for bad in (0, -3, 2.5, True, "4"):  # a call's own budget is checked like the function's
+        with pytest.raises(PawError, match="max_new_tokens must be a positive integer"):
+            constrained.call_ids([ids], max_new_tokens=bad)
     fresh = paw_mlx.function(art, base=tiny_program, max_new_tokens=12, returns={"regex": "[a-z]{9}"})
     assert constrained.call_ids([ids]) == fresh.call_ids([ids])
     for (k, v), (k0, v0) in zip(art.prefix, saved, strict=True):
