@@ -18,8 +18,9 @@ continuous batching): every row at its own cache column, the columns an array in
 ``prefill`` traces a short input after a cached prefix the same way (a program call's
 input, a chat turn; at most ``SHORT_PREFILL`` tokens), with the LM head at the last
 position when that is all the caller wants. A new input length is a new trace, which
-costs about twice an uncompiled pass, so a shape is traced the second time it is seen
-(a one-off length never pays for a trace) and at most ``MAX_PREFILL_TRACES`` shapes are.
+costs more than an uncompiled pass (docs/speed.md), so a shape is traced the second time
+it is seen (a one-off length never pays for a trace) and at most ``MAX_PREFILL_TRACES``
+shapes are.
 """
 
 from __future__ import annotations
