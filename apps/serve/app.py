@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from apps.serve import errors
 from apps.serve.completions import Generation, run_to_end, stream_events
 from apps.serve.errors import ApiError
+from apps.serve.limits import RequestLimits
 from apps.serve.prepare import prepare
 from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from interp import device
@@ -34,6 +35,7 @@ class ServeConfig:
     api_key: str | None = None
     max_tokens: int = 4096  # most tokens one request may ask for
     max_body_bytes: int = 8 * 2**20
+    read_timeout: float | None = 10.0  # seconds to send a request's head, and as many for its body; None: no limit
     allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (CORS); "*" for any
 
 
@@ -52,12 +54,14 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
     app = FastAPI(title="paw", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API: every base program and compiled program is a model.")
     errors.install(app)
+    # innermost, so that its refusals reach the route as they are (the middlewares above group them)
+    app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, read_timeout=config.read_timeout)
     if config.allow_origins:
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.state.catalog, app.state.engine = catalog, engine
+    app.state.catalog, app.state.engine, app.state.config = catalog, engine, config
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -67,9 +71,6 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
                 return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 code="invalid_api_key").response()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return ApiError(413, f"the request body is larger than {config.max_body_bytes} bytes").response()
         return await call_next(request)
 
     def model_card(model) -> dict:

@@ -33,6 +33,10 @@ def serve(
     timeout: Annotated[float, typer.Option("--timeout", min=0,
                                            help="Seconds a request may take from arrival to its last token "
                                                 "(0: no limit).")] = 600.0,
+    read_timeout: Annotated[float, typer.Option("--read-timeout", min=0,
+                                                help="Seconds a client has to send a request's head, and as "
+                                                     "many for its body; slower ones are cut off (0: no "
+                                                     "limit).")] = 10.0,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1,
                                                help="Prompt tokens prefilled between two decode steps while "
                                                     "other requests stream (smaller: smoother streams, "
@@ -69,7 +73,8 @@ def serve(
                             warn=lambda msg: typer.echo(f"paw: warning: {msg}", err=True))
     engine_config = EngineConfig(max_rows=max_rows, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                  prompt_cache_bytes=prompt_cache_mb * 2**20, timeout=timeout or None)
-    serve_config = ServeConfig(api_key=api_key or None, max_tokens=max_tokens, allow_origins=tuple(allow_origin or ()))
+    serve_config = ServeConfig(api_key=api_key or None, max_tokens=max_tokens, allow_origins=tuple(allow_origin or ()),
+                               read_timeout=read_timeout or None)
 
     def ready(url: str) -> None:
         names = ", ".join(m.name for m in catalog)

@@ -18,16 +18,20 @@ from interp.errors import OverloadedError, PawError, RequestError
 log = logging.getLogger("paw.serve")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "server_error", 504: "timeout_error"}
 
 
-class ApiError(Exception):
-    """An HTTP error with OpenAI's fields; raised anywhere in a route."""
+class ApiError(HTTPException):
+    """An HTTP error with OpenAI's fields; raised anywhere in a route.
+
+    An ``HTTPException``, so that FastAPI passes it on unchanged when it comes from reading
+    the body (``apps/serve/limits.py``) instead of turning it into "error parsing the body".
+    """
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None, type_: str | None = None):
-        super().__init__(message)
+        super().__init__(status, message, headers)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
         self.type = type_ or _TYPES.get(status, "invalid_request_error")

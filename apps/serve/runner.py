@@ -72,10 +72,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def uvicorn_server(app, log_level: str = "warning"):
+    """uvicorn for ``app``, on the h11 protocol bounded by the app's ``read_timeout`` (``apps/serve/limits.py``)."""
     import uvicorn
 
+    from apps.serve.limits import bounded_protocol
+
+    protocol = bounded_protocol(app.state.config.read_timeout)
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"),
-                            timeout_graceful_shutdown=5, lifespan="on", ws="none")
+                            timeout_graceful_shutdown=5, lifespan="on", ws="none", http=protocol)
     return uvicorn.Server(config)
 
 

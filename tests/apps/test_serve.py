@@ -376,3 +376,36 @@ def test_the_catalog_serves_every_usable_program_and_warns_of_the_rest(tiny_prog
     catalog = build_catalog([tiny_program], [root], warn=warnings.append)
     assert {m.name for m in catalog} == {tiny_program.name, "tasks/dates"}
     assert len(warnings) == 1 and "broken" in warnings[0]
+
+
+def read_until_closed(sock, limit_s: float) -> tuple[bytes, float]:
+    """What the server sends on ``sock`` until it closes it, and after how many seconds."""
+    start = time.monotonic()
+    sock.settimeout(limit_s)
+    got = b""
+    while chunk := sock.recv(4096):
+        got += chunk
+    return got, time.monotonic() - start
+
+
+def test_bodies_are_bounded_in_size_and_in_time_however_they_arrive(base, programs):
+    import socket
+
+    config = ServeConfig(max_body_bytes=1000, read_timeout=0.5)
+    app = create_app(make_catalog(base, programs), Engine(), config)
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
+        chunked = http.post("/v1/completions", content=iter([b"x" * 600] * 3))  # no Content-Length to check
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        small = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
+        assert http.post("/v1/completions", content=iter([small]),
+                         headers={"Content-Type": "application/json"}).status_code == 200
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with socket.create_connection((server.host, server.port)) as stalled:  # half a body, then nothing
+            stalled.sendall(head + b"Content-Length: 500\r\n\r\n" + small[:20])
+            answer, seconds = read_until_closed(stalled, WAIT)
+        assert answer.startswith(b"HTTP/1.1 408") and b"read-timeout" in answer and seconds < 5
+        with socket.create_connection((server.host, server.port)) as stalled:  # half a request head
+            stalled.sendall(head)
+            answer, seconds = read_until_closed(stalled, WAIT)
+        assert answer == b"" and seconds < 5
+        assert http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2}).status_code == 200
