@@ -43,6 +43,15 @@ def _library_error(exc: BaseException) -> bool:
     return not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
 
 
+def _unencodable(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate: JSON's "\\ud800", undecodable bytes in argv), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"it holds an unpaired surrogate (U+{ord(text[exc.start]):04X}), which is not valid Unicode"
+    return None
+
+
 class Tokenizer:
     """Encode, decode and apply the chat template of one program's tokenizer."""
 
@@ -88,7 +97,7 @@ class Tokenizer:
         except BaseException as exc:
             if not _library_error(exc):
                 raise
-            raise InputError(f"the tokenizer could not encode the text: {exc}") from exc
+            raise InputError(f"the tokenizer could not encode the text: {_unencodable(text) or exc}") from exc
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         try:

@@ -131,6 +131,11 @@ def test_bad_ids_file(tiny_program, tmp_path):
     assert_one_line_error(paw("run", str(tiny_program), "--prompt-ids", str(bad)), "integers")
 
 
+def test_a_prompt_that_is_not_valid_unicode(tiny_program):
+    # undecodable bytes in argv arrive as lone surrogates (surrogateescape), as JSON's "\\ud800" does
+    assert_one_line_error(paw("run", str(tiny_program), "-p", "ab\udcff", "-n", "2"), "unpaired surrogate (U+DCFF)")
+
+
 def test_export_of_a_missing_source(tmp_path):
     done = paw("export", "llama", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "out"))
     assert_one_line_error(done, "no such GGUF file")
