@@ -255,6 +255,8 @@ def run(
 
     if prompt_ids is not None and prompt is not None:
         fail("give either --prompt or --prompt-ids, not both")
+    if max_tokens < 0:
+        fail(f"--max-tokens must be at least 0, not {max_tokens}")
     prog = paw_mlx.load(program, parallel=parallel, timeout=dist_timeout, pipeline_shares=parse_shares(pipeline_shares))
     show_ranks(prog)
     if prompt_ids is not None:

@@ -23,14 +23,22 @@ from pathlib import Path
 import mlx.core as mx
 
 from interp.atomic import atomic_write_text
-from interp.errors import ArtifactError, PawError
+from interp.errors import ArtifactError, InputError, PawError
 from interp.generate import GenerationStats
 from interp.jsonfile import parse_json
-from paw_mlx.runtime import LoadedProgram, stream_tokens
+from paw_mlx.runtime import LoadedProgram, check_generation_options, stream_tokens
 
 CHAT_FORMAT = "paw-chat"
 CHAT_VERSION = 1
 ROLES = ("system", "user", "assistant")
+
+
+def check_session_options(max_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                          seed: int | None = None) -> None:
+    """InputError for settings no turn of a chat could use; cheap, so callers check before loading."""
+    check_generation_options(max_tokens, temperature, top_p, top_k, seed)
+    if max_tokens < 1:
+        raise InputError(f"max_tokens must be at least 1, not {max_tokens}")
 
 
 class ChatSession:
@@ -38,6 +46,7 @@ class ChatSession:
 
     def __init__(self, prog: LoadedProgram, *, system: str | None = None, max_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+        check_session_options(max_tokens, temperature, top_p, top_k, seed)
         self.prog = prog
         self.system = system
         self.messages: list[dict] = []  # user and assistant turns; the system text lives apart

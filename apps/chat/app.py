@@ -340,9 +340,11 @@ def run_chat(program: Path | None, *, system: str | None = None, max_tokens: int
              temperature: float = 0.0) -> None:
     """Load ``program`` (or the default model's program) and run the app until the user quits."""
     from interp.paths import require_default_program
+    from interp.program import resolve_program_dir
+    from paw_mlx.chat import check_session_options
 
-    if program is None:
-        program = require_default_program("pass a program directory")
+    check_session_options(max_tokens, temperature)  # a bad option or path is one error line, before the app
+    program = resolve_program_dir(program or require_default_program("pass a program directory"))
     import sys
 
     print(f"loading {program} ...", file=sys.stderr)

@@ -136,6 +136,20 @@ def test_a_prompt_that_is_not_valid_unicode(tiny_program):
     assert_one_line_error(paw("run", str(tiny_program), "-p", "ab\udcff", "-n", "2"), "unpaired surrogate (U+DCFF)")
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["chat", "{missing}"], "no such file or directory"),
+    (["chat", "{tiny}", "-n", "0"], "max_tokens must be at least 1"),
+    (["chat", "{tiny}", "-t", "nan"], "temperature"),
+    (["run", "{tiny}", "-p", "hi", "-n", "-1"], "--max-tokens must be at least 0"),
+])
+def test_bad_options_are_one_line_before_any_work(tiny_program, tmp_path, args, fragment):
+    """Before the chat app starts (it would wait for a terminal) and before a run prints nothing."""
+    args = [a.format(missing=tmp_path / "missing", tiny=tiny_program) for a in args]
+    done = subprocess.run([sys.executable, "-m", "apps.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    assert_one_line_error(done, fragment)
+
+
 def test_export_of_a_missing_source(tmp_path):
     done = paw("export", "llama", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "out"))
     assert_one_line_error(done, "no such GGUF file")
