@@ -27,7 +27,7 @@ from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorRe
 from interp import device
 from paw_mlx.engine import Engine, ModelCatalog
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 504)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 429, 500, 504)}
 
 
 @dataclass
@@ -79,14 +79,17 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
                 "context_length": model.context_length}
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
+    @app.head("/v1/models", include_in_schema=False)
     async def list_models() -> dict:
         return {"object": "list", "data": [model_card(m) for m in catalog]}
 
     @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    @app.head("/v1/models/{model_id:path}", include_in_schema=False)
     async def get_model(model_id: str) -> dict:
         return model_card(catalog.get(model_id))
 
     @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # load balancers' checks; no body, so not in the schema
     async def health() -> JSONResponse:
         stats = engine.stats()
         ok = stats["failure"] is None

@@ -18,8 +18,9 @@ from interp.errors import OverloadedError, PawError, RequestError
 log = logging.getLogger("paw.serve")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "server_error", 504: "timeout_error"}
+          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
+          504: "timeout_error"}
 
 
 class ApiError(HTTPException):
@@ -71,6 +72,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is invalid", None
     first = errors[0]
     where = _location(tuple(first.get("loc", ())))
+    if where is None and first.get("type") != "json_invalid":  # the body itself: empty, not JSON, not an object
+        if first.get("type") == "missing":
+            return "the request body is empty: send a JSON object", None
+        return "the request body must be a JSON object, sent with 'Content-Type: application/json'", None
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     if first.get("type") == "missing":

@@ -32,7 +32,8 @@ def too_slow(seconds: float) -> ApiError:
 
 
 class RequestLimits:
-    """ASGI middleware: a body over ``max_body_bytes`` gets a 413, one slower than ``read_timeout`` a 408.
+    """ASGI middleware: a body over ``max_body_bytes`` gets a 413, one slower than ``read_timeout`` a 408,
+    a compressed one a 415.
 
     The refusals are ``ApiError``s raised from ``receive`` while the route reads the body.
 
@@ -47,7 +48,14 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":  # a compressed body could expand past any limit (a zip bomb): not read
+            error = ApiError(415, f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the body "
+                             "uncompressed", code="unsupported_encoding", headers=CLOSE)
+            await error.response()(scope, receive, send)
+            return
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             await too_large(self.max_body_bytes).response()(scope, receive, send)
             return

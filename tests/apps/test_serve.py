@@ -6,6 +6,7 @@ bounded, and the server stops when the module ends.
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -259,6 +260,9 @@ def test_the_api_key_is_required(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(server.url + "/health", timeout=WAIT).json()["status"] == "ok"
+    assert httpx.head(server.url + "/health", timeout=WAIT).status_code == 200
+    keyed = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.head(server.url + "/v1/models", headers=keyed, timeout=WAIT).status_code == 200
 
 
 BAD_REQUESTS = [
@@ -297,6 +301,15 @@ def test_bad_requests_get_an_openai_error(http, name, body, status, param):
 def test_malformed_json_and_unknown_routes(http):
     r = http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
+    for content, headers, status, says in [
+        (b"", {"Content-Type": "application/json"}, 400, "the request body is empty"),
+        (body, {"Content-Type": "text/plain"}, 400, "Content-Type: application/json"),
+        (b"[1]", {"Content-Type": "application/json"}, 400, "must be a JSON object"),
+        (gzip.compress(body), {"Content-Type": "application/json", "Content-Encoding": "gzip"}, 415, "gzip"),
+    ]:
+        r = http.post("/v1/completions", content=content, headers=headers)
+        assert r.status_code == status and says in r.json()["error"]["message"], r.text
     r = http.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"]
     with pytest.raises(openai.NotFoundError) as missing:
@@ -408,4 +421,5 @@ def test_bodies_are_bounded_in_size_and_in_time_however_they_arrive(base, progra
             stalled.sendall(head)
             answer, seconds = read_until_closed(stalled, WAIT)
         assert answer == b"" and seconds < 5
-        assert http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2}).status_code == 200
+        after = http.post("/v1/completions", content=small, headers={"Content-Type": "application/json"})
+        assert after.status_code == 200
