@@ -299,6 +299,10 @@ class _Problem:
                 nodes.setdefault(site.node, []).append(site)
         if not nodes:
             raise PawError("the base model has no linear layers a LoRA adapter can target")
+        narrowest = min(min(site.in_features, site.out_features) for group in nodes.values() for site in group)
+        if options.rank > narrowest:  # a higher rank adds nothing a rank of `narrowest` cannot do, and costs memory
+            raise PawError(f"LoRA rank {options.rank} is more than the narrowest layer it adapts ({narrowest} "
+                           f"features); use a rank of at most {narrowest}")
         self.sites = nodes
         program, names = rewrite_with_lora(prog.program, sorted(nodes), indexed=False)
         dtype = model_dtype(prog.model)

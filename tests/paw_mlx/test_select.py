@@ -79,6 +79,12 @@ def test_lora_training_lowers_the_loss_and_round_trips(builder, tiny_program, tm
     assert (tiny_program / "consts.safetensors").read_bytes() == consts  # the base never changes
 
 
+def test_a_rank_above_the_narrowest_adapted_layer_is_refused_before_training(builder):
+    # the tiny model's key and value projections have 32 outputs: rank 33 and up add nothing but cost
+    with pytest.raises(PawError, match="rank 100000 is more than the narrowest layer it adapts [(]32"):
+        builder.build("lora", ROWS, TrainOptions(steps=1, layers=1, rank=100_000))
+
+
 def test_early_stopping_keeps_the_best_validation_step(builder):
     options = TrainOptions(steps=40, layers=1, rank=2, learning_rate=0.5, eval_every=2, patience=2)
     _, result = builder.build("lora", ROWS[:4], options, validation=ROWS[4:])
