@@ -432,7 +432,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if os.environ.get("PAW_DEBUG"):
             raise
-        typer.echo(f"paw: error: {type(exc).__name__}: {exc} (set PAW_DEBUG=1 for a traceback)", err=True)
+        typer.echo(f"paw: error: {type(exc).__name__}: {first_line(exc)} (set PAW_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
     if code == INTERRUPTED:
         typer.echo("paw: interrupted", err=True)

@@ -516,6 +516,25 @@ def load_consts(program: Program, names: set[str] | None = None) -> dict:
     return consts
 
 
+def find_nan(arrays: dict) -> str | None:
+    """The name of the first floating-point array of ``arrays`` holding a NaN, or None.
+
+    NaN is never a weight (corruption, a bad conversion): every token after it would be
+    nonsense, sampled from NaN logits. One sum per array finds candidates in one pass
+    without a temporary as large as the weights (a sum also turns NaN where +inf meets
+    -inf, so a candidate is confirmed with ``isnan``).
+    """
+    import mlx.core as mx
+
+    names = [name for name, array in arrays.items() if mx.issubdtype(array.dtype, mx.floating)]
+    sums = [mx.sum(arrays[name]) for name in names]
+    mx.eval(sums)
+    for name, total in zip(names, sums, strict=True):
+        if math.isnan(total.item()) and mx.any(mx.isnan(arrays[name])).item():
+            return name
+    return None
+
+
 def _check_consts(spec: dict, files: list[ConstsFile]) -> None:
     where = {name: consts_file for consts_file in files for name in consts_file.header}
     for name, meta in spec["consts"].items():

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from interp.errors import InputError, PawError, ProgramError, first_line
+from interp.errors import InputError, PawError, ProgramError, WeightsError, first_line
 from interp.generate import GenerationStats, TokenChoice, generate_choices
 from interp.graph import GraphModel
 from interp.manifest import verify_manifest
 from interp.ops import REGISTRY
-from interp.program import Program, read_program
+from interp.program import Program, find_nan, read_program
 from interp.sampling import SamplingParams
 from interp.token_ids import check_token_ids
 from interp.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -144,6 +144,9 @@ def load(path: str | Path, *, compile: bool = True, verify: bool = False,  # noq
         # mx.load's arrays are lazy and tied to the loading thread's stream; evaluating them
         # here lets any thread (a chat worker, a thread pool of function calls) run the model.
         mx.eval(_arrays(model.consts))
+        corrupt = find_nan({name: v for name, v in model.consts.items() if isinstance(v, mx.array)})
+        if corrupt is not None:
+            raise WeightsError(f"{program.directory}: const {corrupt!r} holds NaN values; the weights are corrupted")
     tokenizer = None
     if (program.directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))

@@ -27,7 +27,7 @@ from interp.atomic import atomic_directory
 from interp.errors import ArtifactError, InputError, PawError
 from interp.jsonfile import read_json_object
 from interp.manifest import file_hashes, fingerprint, verify_manifest
-from interp.program import MANIFEST_FILE, MAX_LAYERS, read_manifest, read_safetensors_header
+from interp.program import MANIFEST_FILE, MAX_LAYERS, find_nan, read_manifest, read_safetensors_header
 from interp.token_ids import check_token_ids
 from paw_mlx.programs.adapter import ADAPTER_FILE, LoraAdapter, read_adapter, write_adapter
 
@@ -233,6 +233,9 @@ def _read_prefix(tensors_path: Path, num_layers: int, length: int) -> list[tuple
     # mx.load's arrays are lazy and tied to this thread's stream: evaluated here, they can
     # be used from any thread (a pool of callers, a server's workers).
     mx.eval(prefix)
+    corrupt = find_nan({name: tensors[name] for name in names})
+    if corrupt is not None:
+        raise ArtifactError(f"{tensors_path}: {corrupt} holds NaN values; the prefix is corrupted")
     return prefix
 
 

@@ -116,6 +116,15 @@ def test_truncated_weights(program_copy):
     assert_one_line_error(paw("run", str(program_copy), "--prompt", "x"), "truncated")
 
 
+def test_nan_weights_are_refused_not_run(program_copy):
+    from safetensors.numpy import load_file, save_file
+
+    consts = load_file(program_copy / "consts.safetensors")
+    consts["lm_head.weight"][3, 5] = float("nan")  # one value is enough to make every logit NaN
+    save_file(consts, program_copy / "consts.safetensors")
+    assert_one_line_error(paw("run", str(program_copy), "--prompt", "x"), "'lm_head.weight' holds NaN")
+
+
 def test_const_shape_mismatch_is_reported(program_copy):
     spec_path = program_copy / "prog.json"
     spec = json.loads(spec_path.read_text())

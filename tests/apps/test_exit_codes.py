@@ -58,6 +58,20 @@ def test_main_returns_typer_exit_codes(monkeypatch, capsys):
     cli.main()  # success returns normally
 
 
+def test_an_unexpected_error_is_still_one_line(monkeypatch, capsys):
+    """A bug's exception (MLX's nanobind TypeErrors span several lines) keeps the one-line promise."""
+    def broken(**_):
+        raise TypeError("sum(): incompatible function arguments.\n    1. sum(a: array, /, ...) -> array")
+
+    monkeypatch.setattr(cli, "app", broken)
+    monkeypatch.delenv("PAW_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paw: error: TypeError: sum(): incompatible"), lines
+
+
 @pytest.mark.parametrize("argv", [["run"], ["export", "hf"], ["run", "x", "--no-such-option"]])
 def test_usage_errors_exit_2_with_clicks_usage_message(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["paw", *argv])

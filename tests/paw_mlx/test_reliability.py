@@ -214,6 +214,16 @@ def test_truncated_prefix_is_caught_on_every_load(compiled_copy, cut):
         read_artifact(compiled_copy)
 
 
+def test_a_nan_in_the_prefix_is_caught_on_every_load(compiled_copy):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(compiled_copy / "prefix.safetensors")
+    tensors["layers.1.values"][0, 0, -1, 0] = float("nan")
+    save_file(tensors, compiled_copy / "prefix.safetensors")
+    with pytest.raises(ArtifactError, match="layers.1.values holds NaN"):
+        read_artifact(compiled_copy)
+
+
 # ----------------------------------------------------------------------------- chat
 
 
