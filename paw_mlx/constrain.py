@@ -32,6 +32,9 @@ import numpy as np
 
 from interp.errors import ConstraintError
 
+#: how the error of a row whose constraint failed while generating begins
+CONSTRAINT_FAILED = "the output constraint failed"
+
 #: The JSON layout a constrained output takes: json.dumps's separators, no free whitespace
 #: (free whitespace lets a small model pad forever; a schema's "x-guidance" may override).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -228,6 +231,17 @@ class Constraint:
             raise ConstraintError(f"token {token} breaks the output constraint: {self._matcher.get_error()}")
 
     @property
+    def failure(self) -> str | None:
+        """Why the grammar engine gave up on this row (its mask then allows only EOS), or None.
+
+        A grammar can be valid and still fail while generating (a regex whose automaton
+        grows past llguidance's limits); the row must end as an error, not as a finished output.
+        """
+        if not self._matcher.is_error():
+            return None
+        return f"{CONSTRAINT_FAILED}: {_one_line(self._matcher.get_error())}"
+
+    @property
     def accepting(self) -> bool:
         """The output so far is complete (it may still go on, e.g. more digits)."""
         return self._finished or self._matcher.is_accepting()
@@ -260,7 +274,14 @@ def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
     if error and not error.startswith("WARNING"):
         what = describe_returns(spec)
         raise ConstraintError(f"invalid output constraint ({what}): {_one_line(error)}")
-    return Grammar(spec, grammar, ll_tokenizer, int(vocab_size), eos)
+    compiled = Grammar(spec, grammar, ll_tokenizer, int(vocab_size), eos)
+    first = compiled.start()
+    besides_eos = first.allowed()
+    besides_eos[list(eos)] = False
+    if not first.accepting and not besides_eos.any():
+        # e.g. {"$ref": "#"}: recursion with no way out; every output would be empty
+        raise ConstraintError(f"the output constraint ({describe_returns(spec)}) admits no output")
+    return compiled
 
 
 def _one_line(error: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from apps.serve.errors import ApiError
 from apps.serve.prepare import Prepared
+from paw_mlx.constrain import CONSTRAINT_FAILED
 from paw_mlx.engine import Engine, RequestHandle, TextStream, TokenEvent
 from paw_mlx.engine.text import TokenText
 
@@ -107,6 +108,8 @@ class Generation:
             if choice.finish_reason == "timeout":
                 return ApiError(504, f"the request ran past the server's timeout of {self.engine.config.timeout:g} s "
                                 "(paw serve --timeout)", code="request_timeout")
+            if choice.finish_reason == "error" and (choice.error or "").startswith(CONSTRAINT_FAILED):
+                return ApiError(400, f"response_format: {choice.error}", param="response_format")
             if choice.finish_reason == "error":
                 return ApiError(500, f"generation failed: {choice.error or 'unknown error'}", code="engine_error")
         return None

@@ -375,7 +375,9 @@ class Engine:
         token = choices.tokens[index]
         request = row.request
         if token in group.eos or token in request.stop_tokens:
-            self._finish(group, row, "stop")
+            failure = request.constraint.failure if request.constraint is not None else None
+            # a failed constraint allows only EOS: this row ends in error, the batch goes on
+            self._finish(group, row, "stop" if failure is None else "error", error=failure)
             return
         if request.constraint is not None:
             request.constraint.advance(token)
@@ -390,7 +392,8 @@ class Engine:
         else:
             row.next_token = token
 
-    def _finish(self, group: _Group, row: _Row, reason: str, delivered: bool = False) -> None:
+    def _finish(self, group: _Group, row: _Row, reason: str, delivered: bool = False,
+                error: str | None = None) -> None:
         """Free a row's slot, keep its KV in the prompt cache, send its last event."""
         slot = row.slot
         if slot is not None and group.rows.get(slot) is row and group.solo:
@@ -406,7 +409,7 @@ class Engine:
             group.sampler.release(slot)
             row.slot = None
             self._pack(group)
-        self._end(row, reason, delivered=delivered)
+        self._end(row, reason, delivered=delivered, error=error)
 
     def _end(self, row: _Row, reason: str, delivered: bool = False, started: bool = True,
              error: str | None = None) -> None:

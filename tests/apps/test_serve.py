@@ -208,6 +208,29 @@ def test_response_format_json_schema_always_parses(client):
     assert opened.choices[0].message.content.startswith("{")
 
 
+def test_a_constraint_that_fails_while_generating_ends_only_its_own_request(client, base):
+    """A valid pattern whose automaton outgrows llguidance's limits a few tokens in: a 400,
+    not an output cut short, and the row streaming beside it goes on."""
+    text = INPUTS[6]
+    want = expected_chat(base, text, 40)
+    got = {}
+
+    def stream_beside() -> None:
+        got["text"] = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": text}], max_tokens=40, stream=True) if c.choices)
+
+    beside = threading.Thread(target=stream_beside)
+    beside.start()
+    blowup = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string",
+                                                                             "pattern": "(a|b)*" * 2000}}}
+    with pytest.raises(openai.BadRequestError, match="output constraint failed") as failed:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": INPUTS[2]}],
+                                       max_tokens=30, response_format=blowup)
+    assert failed.value.param == "response_format"
+    beside.join(WAIT)
+    assert got["text"] == want
+
+
 def test_a_programs_stored_returns_constrain_its_answers(server, tiny_program, tmp_path):
     from paw_mlx.engine.models import ServedModel
 

@@ -89,6 +89,7 @@ def test_budget_too_small_is_an_error_not_a_truncated_output(tiny_spec):
     ({"choices": {"a": 1}}, "non-empty list"),
     ({"regex": "a", "choices": ["b"]}, "exactly one"),
     (42, "list of choices or a dict"),
+    ({"json_schema": {"$ref": "#"}}, "admits no output"),  # valid, but recursion with no way out
 ])
 def test_invalid_constraints_are_named(tiny_program, returns, message):
     prog = interpreter(tiny_program)
