@@ -59,8 +59,8 @@ def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
 def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel, max_tokens_cap: int) -> Prepared:
     """Everything checked and tokenized; raises ``ApiError`` (4xx) for what cannot be served."""
     chat = isinstance(body, ChatCompletionRequest)
-    if chat and (body.tools or body.functions):
-        raise ApiError(400, "tools and functions are not supported by this server", param="tools")
+    if chat:
+        _refuse_what_a_text_model_cannot_do(body)
     if not chat:
         if body.suffix:
             raise ApiError(400, "suffix is not supported by this server", param="suffix")
@@ -103,6 +103,19 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs,
                     make_constraint=_constraint(body.response_format, model),
                     echo=texts if (not chat and body.echo) else None)
+
+
+def _refuse_what_a_text_model_cannot_do(body: ChatCompletionRequest) -> None:
+    """400 for a request that needs tool calls or audio: answering it with plain text would be wrong."""
+    if body.tools or body.functions:
+        raise ApiError(400, "tools and functions are not supported by this server", param="tools")
+    for name in ("tool_choice", "function_call"):
+        value = getattr(body, name)
+        if value is not None and value not in ("none", "auto"):  # "none" and "auto" both mean text here
+            raise ApiError(400, f"{name} {json.dumps(value)[:60]} needs tool calls, which this server does not "
+                           "support", param=name)
+    if body.audio is not None or any(m != "text" for m in body.modalities or []):
+        raise ApiError(400, "this server answers with text only (no audio)", param="modalities")
 
 
 def _completion_prompts(model: ServedModel, prompt: Any) -> tuple[list[list[int]], list[str]]:

@@ -86,6 +86,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     functions: list[Any] | None = None
+    function_call: Any | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
