@@ -17,7 +17,8 @@ from interp.errors import OverloadedError, PawError, RequestError
 
 log = logging.getLogger("paw.serve")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+#: OpenAI's own API says invalid_request_error for a wrong key and an unknown model or route too
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
           415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
           504: "timeout_error"}

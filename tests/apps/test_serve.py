@@ -344,7 +344,7 @@ def test_malformed_json_and_unknown_routes(http):
     with pytest.raises(openai.NotFoundError) as missing:
         openai.OpenAI(base_url=http.base_url.join("/v1").__str__(), api_key=KEY, max_retries=0).chat.completions.create(
             model="nope", messages=[{"role": "user", "content": "hi"}])
-    assert missing.value.code == "model_not_found"
+    assert missing.value.code == "model_not_found" and missing.value.type == "invalid_request_error"  # as OpenAI's
 
 
 def test_bad_requests_never_disturb_running_rows(http, base):
