@@ -94,6 +94,9 @@ def compute_prefix(prog: LoadedProgram, ids: list[int]) -> list[tuple[mx.array, 
     if not ids:
         raise PawError("the program's prefix is empty")
     ids = prog.check_ids(ids, "prefix ids")
+    if len(ids) >= prog.context_length:  # checked before the prefill, which grows with the square of the length
+        raise PawError(f"the program's prefix (spec and demonstrations: {len(ids)} tokens) fills the base model's "
+                       f"context of {prog.context_length}: shorten the spec")
     cache = prog.make_cache()
     with prog.lock:
         prog.model(mx.array([ids], dtype=mx.int32), cache=cache)

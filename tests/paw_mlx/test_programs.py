@@ -119,6 +119,13 @@ def test_existing_output_is_refused_without_force(tiny_program, tmp_path):
     assert read_artifact(out).spec == "another spec"
 
 
+def test_a_spec_longer_than_the_context_is_refused_before_the_prefill(tiny_program, tmp_path):
+    # 100 KB of spec once prefilled 66k tokens for minutes, for a program no call could use
+    with pytest.raises(PawError, match=r"prefix \(spec and demonstrations: \d+ tokens\) fills .* context of 512"):
+        paw_mlx.compile("hello " * 600, base=tiny_program, out_dir=tmp_path / "long")
+    assert not (tmp_path / "long").exists()
+
+
 def test_program_for_another_base_is_a_clear_error(tiny_program, tmp_path):
     art = paw_mlx.compile(SPEC, base=tiny_program)
     art.base_fingerprint = "0123456789abcdef"
