@@ -99,6 +99,10 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
     async def generate(body, kind: str, request: Request):
         model = catalog.get(body.model)
         prepared = await run_in_threadpool(prepare, body, model, config.max_tokens)
+        choices, room = len(prepared.prompts) * prepared.n, engine.config.max_rows + engine.config.max_queue
+        if choices > room:  # a 429 would invite a retry that can never succeed
+            raise ApiError(400, f"this request asks for {choices} choices (prompts times n); this server holds at "
+                           f"most {room} at once (--max-rows + --max-queue)", param="n")
         generation = Generation(engine, prepared, model.name, kind)
         generation.submit()
         if body.stream:

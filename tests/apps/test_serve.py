@@ -394,15 +394,18 @@ def test_cors_only_for_the_origins_allowed(base, programs):
 def test_a_full_queue_answers_429_with_retry_after(base, programs):
     engine = Engine(EngineConfig(max_rows=1, max_queue=4))
     app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=500))
-    # eight choices of one request need eight rows or places in the queue; there are five
-    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 500, "n": 8, "logit_bias": endless_bias(base)}
+    # one row and four places in the queue: a stream of four choices leaves one place
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 500, "logit_bias": endless_bias(base)}
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
-        r = http.post("/v1/completions", json=body)
-        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-        assert r.json()["error"]["type"] == "rate_limit_error"
+        r = http.post("/v1/completions", json=dict(body, n=3, prompt=["Hello", "Hi"]))  # 6 choices: never fit
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        with http.stream("POST", "/v1/completions", json=dict(body, n=4, stream=True)) as running:
+            next(running.iter_lines())
+            r = http.post("/v1/completions", json=dict(body, n=2))
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error"
         wait_for_rows(http, 0)
-        body.update(n=2, max_tokens=3)
-        assert http.post("/v1/completions", json=body).status_code == 200
+        assert http.post("/v1/completions", json=dict(body, n=2, max_tokens=3)).status_code == 200
 
 
 def test_the_catalog_serves_every_usable_program_and_warns_of_the_rest(tiny_program, programs, tmp_path):
