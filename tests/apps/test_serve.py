@@ -393,6 +393,13 @@ def test_cors_only_for_the_origins_allowed(base, programs):
 
 def test_a_full_queue_answers_429_with_retry_after(base, programs):
     engine = Engine(EngineConfig(max_rows=1, max_queue=4))
+    decode = engine._decode
+
+    def slow_decode(group) -> None:  # the tiny model decodes 500 tokens in well under a second
+        time.sleep(0.02)
+        decode(group)
+
+    engine._decode = slow_decode
     app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=500))
     # one row and four places in the queue: a stream of four choices leaves one place
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 500, "logit_bias": endless_bias(base)}
