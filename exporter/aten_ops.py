@@ -142,7 +142,7 @@ def _unary(op: str):
 
 
 for _name in ["neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
-              "silu", "relu", "erf", "logical_not"]:
+              "silu", "relu", "erf", "logical_not", "floor"]:
     aten(f"aten.{_name}.default")(_unary(_name))
 
 
@@ -311,7 +311,7 @@ def _select(low: Lowering, node):
     return low.emit("select", [low.ref(node.args[0])], {"dim": node.args[1], "index": low.ref(node.args[2])})
 
 
-@aten("aten.cat.default")
+@aten("aten.cat.default", "aten.concat.default")
 def _cat(low: Lowering, node):
     tensors = [t for t in node.args[0] if not (len(t.meta["val"].shape) == 1 and t.meta["val"].shape[0] == 0)]
     dim = _arg(node, 1, "dim", 0)
@@ -436,12 +436,18 @@ def _rms_norm(low: Lowering, node):
 
 @aten("paw.attention.default")
 def _attention(low: Lowering, node):
-    q, k, v, layer, scale, window, softcap = node.args[:7]
-    attrs = {"layer": int(layer), "scale": float(scale), "window": int(window), "softcap": float(softcap)}
+    """One attention call; its KV cache slot is its rank among the graph's attention calls.
+
+    Numbering calls rather than trusting the module's ``layer_idx`` gives a layer that
+    attends twice (DiffLlama's differential attention) a slot per call, each with its own k, v.
+    """
+    q, k, v, _, scale, window, softcap = node.args[:7]
+    layer = sum(1 for lowered in low.nodes if lowered["op"] == "attention")
+    attrs = {"layer": layer, "scale": float(scale), "window": int(window), "softcap": float(softcap)}
     alibi = float(_arg(node, 7, "alibi_max_bias", 0.0))
     if alibi > 0:
         attrs["alibi_max_bias"] = alibi
-    return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v)], attrs)
+    return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v), low.ref(_arg(node, 8, "sinks"))], attrs)
 
 
 @aten("paw.expert_linear.default")
@@ -501,3 +507,157 @@ def _one_hot(low: Lowering, node):
     grid = low.emit("arange", [], {"start": 0, "end": classes, "step": 1, "dtype": _out_dtype(node)})
     hit = low.emit("eq", [low.emit("unsqueeze", [low.ref(x)], {"dim": -1}), grid])
     return low.emit("cast", [hit], {"dtype": _out_dtype(node)})
+
+
+@aten("aten.max.dim", "aten.min.dim")
+def _max_dim(low: Lowering, node):
+    """(values, indices) of torch.max/min along dim: amax and argmax (of -x for min)."""
+    x, dim = low.ref(node.args[0]), node.args[1]
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    if "min" in str(node.target):
+        x = low.emit("neg", [x])
+    values = low.emit("amax", [x], {"dims": [dim], "keepdim": keepdim})
+    if "min" in str(node.target):
+        values = low.emit("neg", [values])
+    return [values, low.emit("argmax", [x], {"dim": dim, "keepdim": keepdim})]
+
+
+@aten("aten.max.default", "aten.min.default")
+def _max_all(low: Lowering, node):
+    x = low.ref(node.args[0])
+    dims = list(range(_rank(node.args[0])))
+    if "min" in str(node.target):
+        return low.emit("neg", [low.emit("amax", [low.emit("neg", [x])], {"dims": dims})])
+    return low.emit("amax", [x], {"dims": dims})
+
+
+@aten("aten.scatter.value")
+def _scatter_value(low: Lowering, node):
+    """x with ``value`` written at ``index`` along dim (MoE group masks): where(hit, value, x).
+
+    hit[..., c, ...] is whether any index[..., j, ...] equals c, from comparing the index
+    against arange(size of dim) on one new axis and reducing the index's axis.
+    """
+    x, dim, index, value = node.args[:4]
+    shape, index_shape = list(x.meta["val"].shape), list(index.meta["val"].shape)
+    rank = len(shape)
+    dim %= rank
+    if len(index_shape) != rank or any(str(index_shape[i]) != str(shape[i]) for i in range(rank) if i != dim):
+        raise ExportError(f"scatter with an index smaller than the tensor off its dim (node {node.name}) "
+                          "is not supported")
+    grid = low.emit("arange", [], {"start": 0, "end": low.ref(_dim_size(low, x, dim)), "step": 1, "dtype": "int64"})
+    grid = low.emit("reshape", [grid], {"shape": [-1] + [1] * (rank - dim - 1)})
+    hits = low.emit("eq", [low.emit("unsqueeze", [low.ref(index)], {"dim": dim + 1}), grid])
+    hits = low.emit("amax", [low.emit("cast", [hits], {"dtype": "int32"})], {"dims": [dim]})
+    hit = low.emit("ne", [hits, 0])
+    return low.emit("where", [hit, float(value) if x.meta["val"].dtype.is_floating_point else int(value),
+                              low.ref(x)])
+
+
+@aten("aten.index.Tensor")
+def _index(low: Lowering, node):
+    """x[..., index, ...] with one index tensor (a position table looked up by position ids, Falcon's
+    ``qkv[..., [-2]]``); a negative index counts from the end, as in torch."""
+    x, indices = node.args[:2]
+    used = [i for i, index in enumerate(indices) if index is not None]
+    if len(used) != 1:
+        raise ExportError(f"indexing with {len(used)} index tensors (node {node.name}) is not supported; one is")
+    dim = used[0]
+    if indices[dim].meta["val"].dtype == torch.bool:
+        raise ExportError(f"indexing with a bool mask (node {node.name}) has a data-dependent shape; not supported")
+    index = low.ref(indices[dim])
+    wrapped = low.emit("add", [index, low.ref(_dim_size(low, x, dim))])
+    index = low.emit("where", [low.emit("lt", [index, 0]), wrapped, index])
+    return low.emit("take", [low.ref(x), index], {"dim": dim})
+
+
+@aten("aten.clamp.Tensor", "aten.clamp_min.Tensor", "aten.clamp_max.Tensor")
+def _clamp_tensor(low: Lowering, node):
+    """clamp with tensor bounds: minimum(maximum(x, min), max), as torch orders them."""
+    name = str(node.target)
+    lo = node.args[1] if "clamp_min" in name else None if "clamp_max" in name else _arg(node, 1, "min")
+    hi = node.args[1] if "clamp_max" in name else None if "clamp_min" in name else _arg(node, 2, "max")
+    out = low.ref(node.args[0])
+    if lo is not None:
+        out = low.emit("maximum", [out, low.ref(lo)])
+    if hi is not None:
+        out = low.emit("minimum", [out, low.ref(hi)])
+    return out
+
+
+@aten("aten.bitwise_not.default", "aten.bitwise_and.Tensor", "aten.bitwise_or.Tensor")
+def _bitwise(low: Lowering, node):
+    """Bitwise ops on bool masks are the logical ones; on integers paw has no bitwise op."""
+    if any(a.meta["val"].dtype != torch.bool for a in node.args if isinstance(a, torch.fx.Node)):
+        raise ExportError(f"{node.target} on integers (node {node.name}) is not supported; on bool masks it is")
+    op = {"not": "logical_not", "and": "logical_and", "or": "logical_or"}[str(node.target).split("_")[1].split(".")[0]]
+    return low.emit(op, [low.ref(a) for a in node.args])
+
+
+@aten("aten.softplus.default")
+def _softplus(low: Lowering, node):
+    """log(1 + exp(beta x)) / beta, as relu(y) + log(1 + exp(-|y|)) with y = beta x (no overflow).
+
+    Above torch's threshold this equals x to float precision, so the threshold needs no branch.
+    """
+    beta = float(_arg(node, 1, "beta", 1.0))
+    y = low.ref(node.args[0])
+    if beta != 1.0:
+        y = low.emit("mul", [y, beta])
+    tail = low.emit("exp", [low.emit("neg", [low.emit("abs", [y])])])
+    out = low.emit("add", [low.emit("relu", [y]), low.emit("log", [low.emit("add", [tail, 1.0])])])
+    return out if beta == 1.0 else low.emit("div", [out, beta])
+
+aten("aten.min.other")(_binary("minimum"))
+aten("aten.max.other")(_binary("maximum"))
+
+
+@aten("aten.unbind.int")
+def _unbind(low: Lowering, node):
+    """The slices of x along dim, the axis removed: one select each (its size is static)."""
+    x, dim = node.args[0], _arg(node, 1, "dim", 0)
+    count = x.meta["val"].shape[dim]
+    if not isinstance(count, int):
+        raise ExportError(f"unbind along a dynamic axis (node {node.name}) is not supported")
+    return [low.emit("select", [low.ref(x)], {"dim": dim, "index": i}) for i in range(count)]
+
+
+@aten("aten.new_empty.default", "aten.empty.memory_format", "aten.new_zeros.default", "aten.new_ones.default")
+def _new_filled(low: Lowering, node):
+    """A new tensor of a given shape: zeros (an empty one's contents are never read before written)."""
+    shape = node.args[1] if "new_" in str(node.target) else node.args[0]
+    value = 1.0 if "ones" in str(node.target) else 0.0
+    return low.emit("full", [], {"shape": low.ref(list(shape)), "value": value, "dtype": _out_dtype(node)})
+
+
+@aten("aten.slice_scatter.default")
+def _slice_scatter(low: Lowering, node):
+    """x with x[start:end] along dim replaced by src (a slice written in place, functionalized): a cat."""
+    x, src = node.args[:2]
+    dim = _arg(node, 2, "dim", 0) % _rank(x)
+    start, end, step = _arg(node, 3, "start", None) or 0, _arg(node, 4, "end", None), _arg(node, 5, "step", 1)
+    if step != 1:
+        raise ExportError(f"slice_scatter with step {step} (node {node.name}) is not supported")
+    size = x.meta["val"].shape[dim]
+    if end is None or (isinstance(end, int) and (end >= INT64_MAX // 2 or isinstance(size, int) and end >= size)):
+        end = size
+    parts = []
+    if start != 0:
+        parts.append(low.emit("slice", [low.ref(x)], {"dim": dim, "start": 0, "end": low.ref(start), "step": 1}))
+    parts.append(low.ref(src))
+    if not (isinstance(end, int) and isinstance(size, int) and end == size):
+        parts.append(low.emit("slice", [low.ref(x)], {"dim": dim, "start": low.ref(end), "end": None, "step": 1}))
+    return parts[0] if len(parts) == 1 else low.emit("cat", [parts], {"dim": dim})
+
+
+@aten("aten.copy.default")
+def _copy(low: Lowering, node):
+    """copy(x, src): src broadcast to x's shape in x's dtype (an in-place copy_, functionalized)."""
+    x, src = node.args[:2]
+    out = low.ref(src)
+    if src.meta["val"].dtype != x.meta["val"].dtype:
+        out = low.emit("cast", [out], {"dtype": dtype_name(x.meta["val"].dtype)})
+    if [str(d) for d in src.meta["val"].shape] != [str(d) for d in x.meta["val"].shape]:
+        shape = [_dim_size(low, x, i) for i in range(_rank(x))]
+        out = low.emit("expand", [out], {"shape": shape})
+    return out

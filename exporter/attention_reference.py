@@ -13,11 +13,13 @@ import torch
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int = 0,
-                        softcap: float = 0.0, alibi_max_bias: float = 0.0) -> torch.Tensor:
+                        softcap: float = 0.0, alibi_max_bias: float = 0.0,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [B, Hq, L, D] over ``k``, ``v`` [B, Hkv, T, D], aligned to the end.
 
     Query i sits at key position ``T - L + i``. Scores and softmax in float32; the result
-    has ``v``'s dtype.
+    has ``v``'s dtype. ``sinks`` [Hq] joins each head's softmax as a column with no value
+    (gpt-oss's ``eager_attention_forward``).
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -35,7 +37,12 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if window > 0:
         allowed = allowed & (cols > rows - window)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).contiguous()
+    if sinks is not None:
+        column = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        weights = torch.cat([scores, column], dim=-1).softmax(-1)[..., :-1]
+    else:
+        weights = scores.softmax(-1)
+    return (weights.to(v.dtype) @ v).contiguous()
 
 
 def alibi_slopes(heads: int, max_bias: float) -> torch.Tensor:

@@ -236,6 +236,9 @@ def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
         outputs = raw.get("outputs", [])
         if not isinstance(inputs, list) or not isinstance(attrs, dict) or not isinstance(outputs, list):
             raise ProgramError(f"{where}: inputs and outputs must be arrays and attrs an object")
+        if len(inputs) < len(spec_op.inputs) and all(arg.kind == schema.OPTIONAL_TENSOR
+                                                     for arg in spec_op.inputs[len(inputs):]):
+            inputs = inputs + [None] * (len(spec_op.inputs) - len(inputs))  # an optional input added later
         if len(inputs) != len(spec_op.inputs):
             raise ProgramError(f"{where} has {len(inputs)} inputs; op {op!r} takes {len(spec_op.inputs)}")
         for arg, value in zip(spec_op.inputs, inputs, strict=True):

@@ -182,6 +182,7 @@ for _name, _doc in [
     ("silu", "x * sigmoid(x)"),
     ("relu", "max(x, 0)"),
     ("erf", "Gauss error function"),
+    ("floor", "the largest integer <= x, in x's dtype"),
     ("logical_not", "not x on bool tensors"),
 ]:
     _op(_name, "elementwise", _doc, [_t("x")])
@@ -265,8 +266,10 @@ _op("attention", "nn",
     "Hq must be a multiple of Hkv (grouped-query attention). window > 0 limits each query to "
     "the last `window` keys; softcap > 0 applies softcap * tanh(scores / softcap). alibi_max_bias > 0 adds "
     "ALiBi: slope_h * key_position to head h's scores, with slopes 2 ** (-alibi_max_bias * (h + 1) / Hq) "
-    "(ALiBi's interleaving rule when Hq is not a power of two). Output [B, Hq, L, D].",
-    [_t("q"), _t("k"), _t("v")],
+    "(ALiBi's interleaving rule when Hq is not a power of two). sinks (float [Hq], or null; gpt-oss) adds "
+    "exp(sinks[h]) to head h's softmax denominator, a key that takes weight but has no value. "
+    "Output [B, Hq, L, D]. A node may omit sinks (programs written before it existed).",
+    [_t("q"), _t("k"), _t("v"), _opt("sinks")],
     [_attr("layer", INT, "KV cache slot, below state.kv_cache.layers", low=0), _attr("scale", FLOAT, "score scale"),
      _attr("window", INT, "sliding window, 0 for none", 0, **_SIZE), _attr("softcap", FLOAT, "0 for none", 0.0, low=0),
      _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0, low=0)])

@@ -577,7 +577,7 @@ class Trace:
         return [result]
 
     def _op_attention(self, node: Node) -> list:
-        q, k, v = (self._get(name) for name in node.inputs)
+        q, k, v = (self._get(name) for name in node.inputs[:3])
         if not all(isinstance(p, Split) and p.axis == 1 for p in (q, k, v)):
             split = next(p for p in (q, k, v) if isinstance(p, Split))
             raise SplitConflict(f"node {self.index} (attention) needs its queries, keys and values split by head",
@@ -585,6 +585,8 @@ class Trace:
         sources = q.sources | k.sources | v.sources
         if node.attrs.get("alibi_max_bias", 0):
             raise SplitConflict("ALiBi's slopes depend on each head's global index", sources)
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            raise SplitConflict("attention sinks are one logit per global head", sources)
         self.axes.same(k.var, v.var, sources)
         heads, kv_heads = self._shape(node.inputs[0])[1], self._shape(node.inputs[1])[1]
         self.axes.expand.append((q.var, k.var, heads // kv_heads))

@@ -5,7 +5,8 @@ generic fallback with MLX's scalar ``exp`` in its softmax, so every CPU attentio
 written out (``explicit_attention``): the scores as BLAS matmuls, the polynomial-``exp``
 softmax of ``interp/ops/fastmath.py``, then the weighted values (docs/speed.md). The GPU
 takes the written-out form too for what ``mx.fast`` cannot do: sliding windows, logit
-soft-capping and ALiBi.
+soft-capping and ALiBi. Attention sinks (gpt-oss) go to ``mx.fast`` on a GPU and into the
+written-out softmax on the CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def check_attention_shapes(q: mx.array, k: mx.array, v: mx.array) -> None:
 
 
 @implementation("attention", needs_context=True)
-def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0):
+def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0):
     check_attention_shapes(q, k, v)
     cache = ctx.cache[layer] if ctx.cache is not None else None
     if cache is not None:
@@ -51,7 +52,8 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
     if not on_cpu and not special and ctx.key_mask is None and end_aligned:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None,
+                                                    sinks=_sinks_for(sinks, q))
     mask = None
     if ctx.query_columns is not None:
         mask = row_causal_mask(ctx.query_columns, total, window)
@@ -61,10 +63,10 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
         keys = ctx.key_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
     if not on_cpu and not special:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=_sinks_for(sinks, q))
     alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
     if length <= QUERY_BLOCK:
-        return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi)
+        return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi, sinks=sinks)
     # A long prompt in blocks of queries: each block's scores are all that is alive at once
     # (peak memory, docs/speed.md), and a block skips the keys after its last query, which
     # causality masks.
@@ -73,16 +75,27 @@ def attention(ctx, q, k, v, *, layer, scale, window=0, softcap=0.0, alibi_max_bi
         stop = min(start + QUERY_BLOCK, length)
         seen = total - length + stop if end_aligned else total
         blocks.append(explicit_attention(q[:, :, start:stop], k[:, :, :seen], v[:, :, :seen], scale=scale,
-                                         mask=mask[..., start:stop, :seen], softcap=softcap, alibi=alibi))
+                                         mask=mask[..., start:stop, :seen], softcap=softcap, alibi=alibi,
+                                         sinks=sinks))
     return mx.concatenate(blocks, axis=2)
 
 
-def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None):
+def _sinks_for(sinks: mx.array | None, q: mx.array) -> mx.array | None:
+    """``sinks`` [heads] as ``mx.fast`` takes them: in the queries' dtype."""
+    if sinks is None:
+        return None
+    if sinks.shape != (q.shape[1],):
+        raise ProgramError(f"attention sinks have shape {sinks.shape}; the queries have {q.shape[1]} heads")
+    return sinks.astype(q.dtype)
+
+
+def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None, sinks=None):
     """Attention with its scores written out, softmax in float32.
 
     ``q`` is [batch, heads, length, dim], ``k`` and ``v`` [batch, kv_heads, keys, dim];
     ``mask`` (True = attend) broadcasts to [batch, heads, length, keys]; ``alibi`` holds
-    one slope per query head. Grouped-query heads get their own axis, so query head ``h``
+    one slope per query head, ``sinks`` one softmax-denominator logit per query head (a
+    column that takes weight and gives no value). Grouped-query heads get their own axis, so query head ``h``
     reads KV head ``h // group`` as a broadcast and K and V are never repeated. For one
     query (a decode step) that makes each head's scores one matrix-vector product, which
     the BLAS shim sends to gemv (faster than a small gemm per KV head: docs/speed.md).
@@ -110,7 +123,13 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None):
             split = (kv_heads, group) if mask.shape[1] == heads else (1, 1)
             mask = mask.reshape(mask.shape[0], *split, *mask.shape[2:])
         scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=mx.float32))
+    if sinks is not None:
+        _sinks_for(sinks, q)  # checks the shape
+        column = mx.broadcast_to(sinks.astype(mx.float32).reshape(1, kv_heads, group, 1, 1), (*scores.shape[:-1], 1))
+        scores = mx.concatenate([scores, column], axis=-1)
     weights = fastmath.softmax(scores) if fastmath.use_fast_math(scores) else mx.softmax(scores, axis=-1)
+    if sinks is not None:
+        weights = weights[..., :-1]
     if upcast and cpu_has_fast_blas():
         out = (weights @ v.astype(mx.float32)).astype(v.dtype)
     else:

@@ -44,6 +44,7 @@ implementation("cos")(mx.cos)
 implementation("tanh")(mx.tanh)
 implementation("relu")(lambda x: mx.maximum(x, 0))
 implementation("erf")(mx.erf)
+implementation("floor")(mx.floor)
 implementation("logical_not")(mx.logical_not)
 
 

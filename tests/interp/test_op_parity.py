@@ -71,8 +71,8 @@ class Case:
                 or self.attrs.get("dtype") == "float32")
 
 
-def _attention_ref(q, k, v, *, layer, **attrs):
-    return attention_reference(q, k, v, **attrs)
+def _attention_ref(q, k, v, sinks=None, *, layer, **attrs):
+    return attention_reference(q, k, v, sinks=sinks, **attrs)
 
 
 CASES: dict[str, Case] = {
@@ -106,6 +106,7 @@ CASES: dict[str, Case] = {
     "silu": Case(F.silu, [randn(3, 4)]),
     "relu": Case(F.relu, [randn(3, 4)]),
     "erf": Case(torch.erf, [randn(3, 4)]),
+    "floor": Case(torch.floor, [randn(3, 4) * 3]),
     "logical_not": Case(torch.logical_not, [mask(3, 4)]),
     "gelu": Case(lambda x, approximate: F.gelu(x, approximate=approximate), [randn(3, 4)], {"approximate": "tanh"}),
     "where": Case(torch.where, [mask(3, 4), randn(3, 4), randn(3, 4)]),
@@ -275,6 +276,12 @@ EXTRA_CASES = {
     "attention with ALiBi, a window and fewer queries than keys": Case(
         _attention_ref, [randn(1, 4, 2, 8), randn(1, 2, 9, 8), randn(1, 2, 9, 8)],
         {"layer": 0, "scale": 0.3, "window": 4, "alibi_max_bias": 8.0}),
+    "attention with sinks, a window and fewer queries than keys": Case(
+        _attention_ref, [randn(1, 4, 2, 8), randn(1, 2, 9, 8), randn(1, 2, 9, 8), randn(4)],
+        {"layer": 0, "scale": 0.3, "window": 4}),
+    "attention with sinks decoding one query": Case(
+        _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(4)],
+        {"layer": 0, "scale": 0.35}),
     "ternary_linear base3": _ternary_case("base3"),
     "expert_linear for one token, fewer pairs than experts": Case(
         _expert_ref, [randn(1, 1, 16), randn(4, 12, 16), np.array([[2, 0]], np.int64), randn(4, 12)]),
