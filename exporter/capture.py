@@ -20,6 +20,7 @@ from torch.export import Dim
 from exporter import recipes
 from exporter.attention_reference import attention_reference
 from exporter.experts import use_paw_experts
+from exporter.masks import AttentionPattern, paw_mask
 from interp.errors import ExportError
 
 ATTN_IMPLEMENTATION = "paw"
@@ -28,33 +29,29 @@ ATTN_IMPLEMENTATION = "paw"
 @torch.library.custom_op("paw::attention", mutates_args=())
 def paw_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float,
-    alibi_max_bias: float = 0.0,
+    alibi_max_bias: float = 0.0, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The program's ``attention`` op, without a cache (exporter/attention_reference.py)."""
-    return attention_reference(q, k, v, scale=scale, window=window, softcap=softcap, alibi_max_bias=alibi_max_bias)
+    return attention_reference(q, k, v, scale=scale, window=window, softcap=softcap, alibi_max_bias=alibi_max_bias,
+                               sinks=sinks)
 
 
 @paw_attention.register_fake
-def _paw_attention_fake(q, k, v, layer, scale, window, softcap, alibi_max_bias=0.0):
+def _paw_attention_fake(q, k, v, layer, scale, window, softcap, alibi_max_bias=0.0, sinks=None):
     return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
 
 
 def _paw_attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              sliding_window=None, softcap=None, **kwargs):
     """transformers attention-interface entry: hands q, k, v to ``paw::attention``."""
-    if kwargs.get("s_aux") is not None:
-        raise ExportError("attention sinks (s_aux) are not supported by the paw attention op")
-    layer = getattr(module, "layer_idx", None)
-    if layer is None:
-        raise ExportError(f"attention module {type(module).__name__} has no layer_idx; cannot assign a cache slot")
+    if isinstance(attention_mask, AttentionPattern):
+        # eager attention (the reference) windows through the mask only; the kwarg is a hint for kernels
+        sliding_window = attention_mask.window
+    layer = getattr(module, "layer_idx", None) or 0  # the lowering numbers attention calls itself
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    out = torch.ops.paw.attention(query, key, value, int(layer), scale, int(sliding_window or 0), float(softcap or 0.0))
+    out = torch.ops.paw.attention(query, key, value, int(layer), scale, int(sliding_window or 0), float(softcap or 0.0),
+                                  0.0, kwargs.get("s_aux"))  # s_aux: gpt-oss's attention sinks
     return out.transpose(1, 2).contiguous(), None
-
-
-def _no_mask(*args, **kwargs):
-    """Mask interface for "paw": the attention op applies causality (and windows) itself."""
-    return None
 
 
 _registered = False
@@ -69,7 +66,7 @@ def register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _paw_attention_interface)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, paw_mask)
     _registered = True
 
 
@@ -100,6 +97,37 @@ def use_paw_attention(model: torch.nn.Module) -> None:
     model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
+#: config.layer_types values (transformers 5's names) that programs express: attention with a KV
+#: cache, whole or windowed, and MLP-only layers (nemotron_h's "moe" and "mlp")
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "moe", "mlp", "dense", "sparse"})
+#: layer types with recurrent state instead of (or beside) a KV cache (transformers' cache_utils:
+#: "linear-attention-shaped ... recurrent state only")
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
+
+
+def check_layer_types(model: torch.nn.Module) -> None:
+    """Refuse, by name and before any tracing, a model whose layers a program cannot express.
+
+    A program's only state is attention's KV cache, so recurrent and state-space layers
+    (Mamba, gated delta nets, short convolutions) cannot run through it, and neither can
+    chunked or indexer-selected attention.
+    """
+    config = model.config
+    kinds = []
+    for key in ("layer_types", "layers_block_type"):
+        value = getattr(config, key, None)
+        kinds += [kind for kind in value if isinstance(kind, str)] if isinstance(value, (list, tuple)) else []
+    unsupported = sorted(set(kinds) - SUPPORTED_LAYER_TYPES)
+    if not unsupported:
+        return
+    name = type(model).__name__
+    if set(unsupported) & RECURRENT_LAYER_TYPES:
+        raise ExportError(f"cannot export: {name} has recurrent layers ({', '.join(unsupported)}); a paw program's "
+                          "only state is attention's KV cache, so recurrent and state-space models are not supported")
+    raise ExportError(f"cannot export: {name} has {', '.join(unsupported)} layers; paw's attention op is causal "
+                      "attention over the whole cache or a sliding window")
+
+
 def context_length(config) -> int:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
@@ -124,6 +152,7 @@ def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool 
     (``needs_decomposition``); True always runs it. ``experts``: how mixture-of-experts
     blocks run, "sparse" (only the routed experts) or "dense" (exporter/experts.py).
     """
+    check_layer_types(model)
     use_paw_attention(model)
     use_paw_experts(model, experts)
     model.eval()

@@ -49,6 +49,11 @@ def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_inf
         if outputs[0] in node["outputs"]:
             node["outputs"] = ["logits" if o == outputs[0] else o for o in node["outputs"]]
     layers = sorted({n["attrs"]["layer"] for n in low.nodes if n["op"] == "attention"})
+    if not layers:
+        # attention written by hand and masked by the model itself: right on a whole sequence,
+        # wrong through a cache, which such a program would never fill
+        raise ExportError(f"cannot export: {type(model).__name__} computes attention outside transformers' attention "
+                          "interface (no paw::attention in its graph); paw has no recipe for it (exporter/recipes.py)")
     if layers != list(range(len(layers))):
         raise ExportError(f"attention layers are not numbered 0..n-1: {layers}")
     config = model.config

@@ -54,3 +54,31 @@ def test_cli_export_hf_reports_a_missing_mapping_in_one_line(tmp_path, monkeypat
     assert "Traceback" not in "\n".join(err)
     assert not out.exists()
 
+
+
+#: architectures paw refuses, the config overrides that make them tiny, and what the one line names
+REFUSED = {
+    "mamba": ({}, r"MambaForCausalLM has recurrent layers \(linear_attention\)"),
+    "lfm2": (dict(layer_types=["conv", "full_attention"]), r"Lfm2ForCausalLM has recurrent layers \(conv\)"),
+    "llama4_text": (dict(head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128),
+                    r"Llama4ForCausalLM has chunked_attention layers"),
+    # attention written by hand: XGLM adds the mask to its scores, OpenAI GPT masks with its own buffer
+    "xglm": (dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128),
+             r"XGLM uses its attention mask as a tensor \(size\): it computes attention by hand"),
+    "openai-gpt": (dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+                   r"OpenAIGPTLMHeadModel computes attention outside transformers' attention interface"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_unsupported_architecture_is_refused_by_name_and_nothing_is_written(tmp_path, monkeypatch, model_type):
+    from exporter.export import export_model
+    from tests import archs
+
+    overrides, message = REFUSED[model_type]
+    monkeypatch.setitem(archs.ARCHS, model_type, overrides)
+    out = tmp_path / "prog"
+    with pytest.raises(ExportError, match=r"^cannot export: " + message) as refused:
+        export_model(tiny_model(arch_config(model_type)), None, out)
+    assert "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
