@@ -9,22 +9,30 @@ calls the paw op, for the duration of the capture only.
 
 | model_type | why | what the recipe does |
 | --- | --- | --- |
-| bloom | hand-written ALiBi attention (``baddbmm``) | its forward calls ``paw::attention``, ``alibi_max_bias=8`` |
+| bloom | hand-written ALiBi attention (``baddbmm``) | forward calls ``paw::attention``, ``alibi_max_bias=8`` |
+| gptj, codegen | hand-written ``_attn`` (scores / sqrt(head_dim) + mask) | ``_attn`` calls ``paw::attention`` |
+| gpt_neo | hand-written ``_attn``, unscaled, local layers masked | ``_attn`` calls ``paw::attention`` (window) |
+| falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
+
+A key names the module class, or ``Class.method`` for a method other than ``forward``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from interp.errors import ExportError
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to capture one family: module class name -> replacement forward, config tweaks."""
+    """How to capture one family: module class name (or ``Class.method``) -> replacement, config tweaks."""
 
     why: str
     forwards: dict[str, Callable] = field(default_factory=dict)
@@ -43,8 +51,50 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
     return out, None
 
 
+def _window(attention_mask) -> int:
+    """The sliding window the model's mask carries to a hand-written attention (exporter/masks.py)."""
+    from exporter.masks import AttentionPattern
+
+    return attention_mask.window if isinstance(attention_mask, AttentionPattern) else 0
+
+
+def _scaled_attn(self, query, key, value, attention_mask=None):
+    """GPT-J's and CodeGen's ``_attn`` (q, k, v [B, H, L, D]; scores / scale_attn) with the paw attention op."""
+    out = torch.ops.paw.attention(query, key, value, 0, 1.0 / float(self.scale_attn), _window(attention_mask), 0.0)
+    return out, None
+
+
+def _gpt_neo_attn(self, query, key, value, attention_mask=None):
+    """GPTNeoSelfAttention._attn with the paw attention op: unscaled scores; local layers see window_size keys."""
+    window = self.config.window_size if self.attention_type == "local" else _window(attention_mask)
+    return torch.ops.paw.attention(query, key, value, 0, 1.0, int(window), 0.0), None
+
+
+def _falcon_attention_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
+                              use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+    """FalconAttention (rotary) with the paw attention op."""
+    if alibi is not None:
+        raise ExportError("cannot export: Falcon with ALiBi (falcon-rw) scales ALiBi with the scores, which the "
+                          "attention op's ALiBi does not do")
+    kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+    q, k, v = self._split_heads(self.query_key_value(hidden_states))
+    batch, length = q.shape[:2]
+    q = q.transpose(1, 2).reshape(batch, self.num_heads, length, self.head_dim)
+    k = k.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+    v = v.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+    q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, *position_embeddings)
+    out = torch.ops.paw.attention(q, k, v, 0, self.head_dim**-0.5, _window(attention_mask), 0.0)
+    out = out.permute(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
+    return self.dense(out), None
+
+
 RECIPES: dict[str, Recipe] = {
     "bloom": Recipe(why="hand-written ALiBi attention", forwards={"BloomAttention": _bloom_attention_forward}),
+    "gptj": Recipe(why="hand-written attention", forwards={"GPTJAttention._attn": _scaled_attn}),
+    "codegen": Recipe(why="hand-written attention", forwards={"CodeGenAttention._attn": _scaled_attn}),
+    "falcon": Recipe(why="hand-written attention", forwards={"FalconAttention": _falcon_attention_forward}),
+    "gpt_neo": Recipe(why="hand-written attention, local layers windowed",
+                      forwards={"GPTNeoSelfAttention._attn": _gpt_neo_attn}),
 }
 
 
@@ -56,16 +106,22 @@ def applied(model: torch.nn.Module) -> Iterator[None]:
         yield
         return
     saved_config = {key: getattr(model.config, key, None) for key in recipe.config}
-    classes = {type(m) for m in model.modules() if type(m).__name__ in recipe.forwards}
-    saved_forwards = {cls: cls.forward for cls in classes}
+    targets = {key.partition(".")[0]: key.partition(".")[2] or "forward" for key in recipe.forwards}
+    replacements = {(cls, targets[cls.__name__]): recipe.forwards[key]
+                    for cls in {type(m) for m in model.modules()} for key in recipe.forwards
+                    if key.partition(".")[0] == cls.__name__}
+    saved = {(cls, name): cls.__dict__.get(name) for cls, name in replacements}
     try:
         for key, value in recipe.config.items():
             setattr(model.config, key, value)
-        for cls in classes:
-            cls.forward = recipe.forwards[cls.__name__]
+        for (cls, name), replacement in replacements.items():
+            setattr(cls, name, replacement)
         yield
     finally:
-        for cls, forward in saved_forwards.items():
-            cls.forward = forward
+        for (cls, name), original in saved.items():
+            if original is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, original)
         for key, value in saved_config.items():
             setattr(model.config, key, value)
