@@ -545,13 +545,14 @@ def _scatter_value(low: Lowering, node):
     if len(index_shape) != rank or any(str(index_shape[i]) != str(shape[i]) for i in range(rank) if i != dim):
         raise ExportError(f"scatter with an index smaller than the tensor off its dim (node {node.name}) "
                           "is not supported")
-    grid = low.emit("arange", [], {"start": 0, "end": low.ref(_dim_size(low, x, dim)), "step": 1, "dtype": "int64"})
+    grid = low.emit("arange", [], {"start": 0, "end": _dim_size(low, x, dim), "step": 1, "dtype": "int64"})
     grid = low.emit("reshape", [grid], {"shape": [-1] + [1] * (rank - dim - 1)})
     hits = low.emit("eq", [low.emit("unsqueeze", [low.ref(index)], {"dim": dim + 1}), grid])
     hits = low.emit("amax", [low.emit("cast", [hits], {"dtype": "int32"})], {"dims": [dim]})
     hit = low.emit("ne", [hits, 0])
-    return low.emit("where", [hit, float(value) if x.meta["val"].dtype.is_floating_point else int(value),
-                              low.ref(x)])
+    dtype = x.meta["val"].dtype
+    value = float(value) if dtype.is_floating_point else bool(value) if dtype == torch.bool else int(value)
+    return low.emit("where", [hit, value, low.ref(x)])
 
 
 @aten("aten.index.Tensor")
@@ -565,9 +566,11 @@ def _index(low: Lowering, node):
     dim = used[0]
     if indices[dim].meta["val"].dtype == torch.bool:
         raise ExportError(f"indexing with a bool mask (node {node.name}) has a data-dependent shape; not supported")
-    index = low.ref(indices[dim])
-    wrapped = low.emit("add", [index, low.ref(_dim_size(low, x, dim))])
-    index = low.emit("where", [low.emit("lt", [index, 0]), wrapped, index])
+    index, size = low.ref(indices[dim]), x.meta["val"].shape[dim]
+    if isinstance(size, int):
+        index = low.emit("where", [low.emit("lt", [index, 0]), low.emit("add", [index, size]), index])
+    elif isinstance(low.consts.get(index), torch.Tensor) and bool((low.consts[index] < 0).any()):
+        raise ExportError(f"a negative index into a dynamic axis (node {node.name}) is not supported")
     return low.emit("take", [low.ref(x), index], {"dim": dim})
 
 
