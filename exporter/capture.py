@@ -183,7 +183,8 @@ def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool 
         except Exception as exc:  # torch raises many types; report the construct that failed
             if attempt + 1 < len(modes):
                 continue
-            raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from exc
+            name = type(model).__name__
+            raise ExportError(f"torch.export could not capture {name}: {_capture_failure(exc)}") from exc
     raise AssertionError("unreachable")
 
 
@@ -225,6 +226,16 @@ def _quiet_torch_logs():
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def _capture_failure(exc: BaseException) -> str:
+    """What stopped torch.export, in words a user can act on where we can tell."""
+    line = _first_line(exc)
+    if "Constraints violated (seq)" in line:
+        # torch specialised the dynamic length: the forward loops over tokens (RWKV, xLSTM)
+        return ("its forward fixes the sequence length (as a recurrent model's loop over the tokens does); a program "
+                "needs it dynamic, with attention's KV cache as its only state")
+    return line
 
 
 def _first_line(exc: BaseException) -> str:
