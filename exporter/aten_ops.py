@@ -597,6 +597,12 @@ def _bitwise(low: Lowering, node):
     return low.emit(op, [low.ref(a) for a in node.args])
 
 
+@aten("aten.expm1.default")
+def _expm1(low: Lowering, node):
+    """exp(x) - 1 (xIELU); near 0 it loses the relative precision torch keeps, not the absolute."""
+    return low.emit("sub", [low.emit("exp", [low.ref(node.args[0])]), 1.0])
+
+
 @aten("aten.softplus.default")
 def _softplus(low: Lowering, node):
     """log(1 + exp(beta x)) / beta, as relu(y) + log(1 + exp(-|y|)) with y = beta x (no overflow).

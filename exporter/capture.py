@@ -47,6 +47,10 @@ def _paw_attention_interface(module, query, key, value, attention_mask, scaling=
     if isinstance(attention_mask, AttentionPattern):
         # eager attention (the reference) windows through the mask only; the kwarg is a hint for kernels
         sliding_window = attention_mask.window
+    elif isinstance(attention_mask, torch.Tensor):
+        # a mask the model built itself (Doge's learned bias per key): the op would drop it
+        raise ExportError(f"cannot export: {type(module).__name__} hands attention a mask of its own making; "
+                          "the attention op takes no mask or bias")
     layer = getattr(module, "layer_idx", None) or 0  # the lowering numbers attention calls itself
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     out = torch.ops.paw.attention(query, key, value, int(layer), scale, int(sliding_window or 0), float(softcap or 0.0),

@@ -8,9 +8,10 @@ window lives for models that do not pass ``sliding_window`` to the attention int
 (PhiMoE): eager attention, the reference, applies the window through the mask only.
 
 A mask the op cannot express (chunked, bidirectional, a custom overlay) is refused by name
-at capture, and a model that adds the mask into scores it computes by hand (GPT-J, CodeGen,
-XGLM: attention outside transformers' attention interface) meets ``__torch_function__``
-here, which refuses it, rather than exporting a program without causal masking.
+at capture, and a model that uses the mask as a tensor (XGLM and MPT add it to scores they
+compute by hand; Doge folds a learned bias into it) meets ``__torch_function__`` or
+``__getattr__`` here, which refuse it, rather than exporting a program that silently drops
+the masking (families with a recipe, exporter/recipes.py, never touch the mask).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def _by_hand(model: str, use: str) -> ExportError:
     """The refusal for a model that uses its attention mask as a tensor (``use``: the op or attribute)."""
     who = f"{model} " if model else "the model "
     return ExportError(f"cannot export: {who}uses its attention mask as a tensor ({use}): it computes attention "
-                       "by hand, outside transformers' attention interface, and paw has no recipe for it "
-                       "(exporter/recipes.py)")
+                       "by hand or builds a mask of its own, which the attention op cannot take, and paw has no "
+                       "recipe for it (exporter/recipes.py)")
 
 
 def _cell(fn: Callable, name: str):

@@ -52,6 +52,7 @@ CASES = {
     "clamp with a tensor bound": lambda ids: _x(ids).clamp(min=_x(ids).amax(-1, keepdim=True) - 2),
     "softplus": lambda ids: F.softplus(_x(ids) * 10),
     "softplus with beta": lambda ids: F.softplus(_x(ids), beta=2.0),
+    "expm1": lambda ids: torch.expm1(_x(ids)),
     "min.other and max.other": lambda ids: torch.min(_x(ids), _x(ids) * 0.5) + torch.max(_x(ids), -_x(ids)),
     "unbind": lambda ids: sum(t * (i + 1) for i, t in enumerate(_x(ids).unbind(-1))),
     "index with a negative list (Falcon)": lambda ids: _x(ids)[:, :, [-2, 0]],

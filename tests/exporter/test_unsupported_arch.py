@@ -67,6 +67,9 @@ REFUSED = {
     # attention written by hand: XGLM adds the mask to its scores, OpenAI GPT masks with its own buffer
     "xglm": (dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128),
              r"XGLM uses its attention mask as a tensor \(size\): it computes attention by hand"),
+    # a mask of its own: Doge adds a learned bias per key (zero at initialisation, so a random
+    # tiny Doge used to match while a trained one would not)
+    "doge": ({}, r"Doge uses its attention mask as a tensor \(dtype\)"),
     "openai-gpt": (dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
                    r"OpenAIGPTLMHeadModel computes attention outside transformers' attention interface"),
 }
