@@ -51,6 +51,26 @@ ARCHS: dict[str, dict] = {
     "helium": dict(head_dim=16),
     "exaone4": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
     "smollm3": dict(no_rope_layers=[1, 0]),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      decoder_sparse_step=1, norm_topk_prob=True),
+    # attention sinks, sliding and full layers, experts with biases and a clamped GLU
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"]),
+    # multi-head latent attention; group-limited routing (a scatter), a dense first layer, a shared expert
+    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+                        topk_group=1),
+    "glm4_moe": dict(head_dim=16, partial_rotary_factor=0.5, use_qk_norm=True, n_routed_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                     n_group=2, topk_group=1),
+    # a window its attention applies through the mask only; sparsemixer routing (max, scatter)
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    # hand-written attention (exporter/recipes.py): Falcon's grouped fused qkv, GPT-J's interleaved rotary
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False, parallel_attn=True, bias=False),
+    "gptj": dict(rotary_dim=8, n_inner=128),
+    # differential attention: two attention calls per layer, each its own cache slot
+    "diffllama": {},
 }
 
 

@@ -93,6 +93,9 @@ ATTENTION_FEATURES = {
     "starcoder2": [{"window": 5}, {"window": 5}],
     "exaone4": [{"window": 5}, {"window": 0}],
     "bloom": [{"alibi_max_bias": 8.0}, {"alibi_max_bias": 8.0}],
+    "phimoe": [{"window": 5}, {"window": 5}],  # from the mask: PhiMoE passes no sliding_window to the interface
+    "gpt_oss": [{"window": 5}, {"window": 0}],
+    "diffllama": [{"layer": 0}, {"layer": 1}, {"layer": 2}, {"layer": 3}],  # two calls per layer, a slot each
     "llama": [{"window": 0, "softcap": 0.0}, {"window": 0, "softcap": 0.0}],
 }
 
@@ -102,14 +105,32 @@ def test_attention_features_reach_the_program(arch_cases, arch):
     attrs = _attention_attrs(arch_cases(arch))
     want = ATTENTION_FEATURES[arch]
     assert len(attrs) == len(want)
-    for layer, (got, expected) in enumerate(zip(attrs, want, strict=True)):
-        assert got["layer"] == layer
+    for slot, (got, expected) in enumerate(zip(attrs, want, strict=True)):
+        assert got["layer"] == slot
         assert {key: got.get(key, 0.0) for key in expected} == expected
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama"])
+def test_attention_sinks_reach_the_program(arch_cases, arch):
+    """gpt-oss's per-head sinks are the attention op's fourth input; other families have none."""
+    spec = json.loads((arch_cases(arch).dir / "prog.json").read_text())
+    sinks = [node["inputs"][3] for node in spec["nodes"] if node["op"] == "attention"]
+    if arch == "gpt_oss":
+        assert all(name in spec["consts"] and spec["consts"][name]["shape"] == [4] for name in sinks), sinks
+    else:
+        assert sinks == [None] * len(sinks)
 
 
 #: Architectures whose attention tensor parallelism keeps whole (only the MLP splits), and why.
 WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "olmoe": "its q/k norms span every head",
-                   "bloom": "ALiBi's slopes depend on each head's index"}
+                   "bloom": "ALiBi's slopes depend on each head's index",
+                   "deepseek_v3": "its keys join per-head parts with one rotary part every head shares",
+                   "falcon": "its fused qkv is regrouped: each group's queries beside the group's key and value",
+                   "diffllama": "it tiles its value heads for its two attention calls"}
+
+#: Architectures tensor parallelism refuses (one DistributedError line), and why.
+NOT_TENSOR_PARALLEL = {"gpt_oss": "its sinks keep attention whole (one logit per global head) and every MLP is "
+                                  "experts behind a router"}
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -126,6 +147,12 @@ def test_pipeline_and_tensor_splits_give_the_same_logits(arch_cases, arch):
     program, consts = arch_cases(arch).model.program, arch_cases(arch).model.consts
     expected, feeds = whole_logits(program, consts, arch_cases(arch).ids[0, :PROMPT_LEN].tolist(), steps=2)
     assert max_difference(expected, pipeline_logits(program, consts, 2, feeds)) < TOLERANCE
+    if arch in NOT_TENSOR_PARALLEL:
+        from interp.errors import DistributedError
+
+        with pytest.raises(DistributedError, match="finds nothing in this program to split"):
+            tensor_logits(program, consts, 2, feeds)
+        return
     assert max_difference(expected, tensor_logits(program, consts, 2, feeds)) < TOLERANCE
     query = next(node.inputs[0] for node in program.nodes if node.op == "attention")
     heads = probe_shapes(program)[query][1], probe_shapes(plan_tensor_parallel(program, 2).rank_program(0))[query][1]
