@@ -1,0 +1,238 @@
+"""Sweep transformers causal-LM architectures that tests/archs.py does not cover: export, compare, tabulate.
+
+    python scripts/arch_sweep.py                    # every candidate in CANDIDATES, one subprocess each
+    python scripts/arch_sweep.py qwen3_moe gptj     # just these
+    python scripts/arch_sweep.py --all              # every model_type in MODEL_FOR_CAUSAL_LM_MAPPING not in ARCHS
+
+Each model_type is built tiny and random the way tests/archs.py builds its architectures
+(its ``_BASE`` config plus the overrides below), exported with paw, and checked as
+tests/exporter/test_architectures.py checks: full-sequence logits, logits through the KV
+cache and greedy tokens against transformers. A model runs in its own subprocess with a
+timeout, so one crash or hang does not stop the sweep. It is a tool for finding what
+breaks, not a test: an architecture that passes belongs in tests/archs.py ``ARCHS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 300
+
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+# multi-head latent attention (DeepSeek-V2/V3 and kin): k and v come out with every query head
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, head_dim=8)
+_ROUTED = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+               first_k_dense_replace=1, n_group=2, topk_group=1)
+
+#: model_type -> config overrides on top of tests/archs.py's _BASE (tiny, yet exercising the family).
+CANDIDATES: dict[str, dict] = {
+    "qwen3_moe": dict(head_dim=16, decoder_sparse_step=1, norm_topk_prob=True, **_MOE),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0, logits_scaling=4.0,
+                       residual_multiplier=0.5, attention_multiplier=0.2),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64),
+    "cohere2": dict(sliding_window=4 + 1, layer_types=["sliding_attention", "full_attention"], logit_scale=0.5),
+    "glm": dict(head_dim=16, partial_rotary_factor=0.5),
+    "glm4": dict(head_dim=16, partial_rotary_factor=0.5),
+    "glm4_moe": dict(head_dim=16, partial_rotary_factor=0.5, n_routed_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                     topk_group=1, use_qk_norm=True),
+    "deepseek_v2": dict(_MLA, **_ROUTED),
+    "deepseek_v3": dict(_MLA, **_ROUTED),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4 + 1),
+    "mpt": dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=256),
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False, parallel_attn=True, bias=False),
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256),
+    "codegen": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256, n_ctx=256),
+    "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256, multi_query=True),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4 + 1, num_layers=2, num_heads=4),
+    "xglm": dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128),
+    "persimmon": dict(partial_rotary_factor=0.5, qk_layernorm=True),
+    "nemotron": dict(partial_rotary_factor=0.5, head_dim=16),
+    "olmo3": dict(sliding_window=4 + 1, layer_types=["sliding_attention", "full_attention"]),
+    "arcee": {},
+    "apertus": {},
+    "hunyuan_v1_dense": dict(head_dim=16),
+    "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=32),
+    "ernie4_5": dict(head_dim=16),
+    "ernie4_5_moe": dict(head_dim=16, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=1,
+                         moe_num_shared_experts=1),
+    "seed_oss": dict(head_dim=16),
+    "dots1": dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1),
+    "minimax": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    layer_types=["full_attention", "full_attention"]),
+    "bitnet": {},
+    "doge": {},
+    "llama4_text": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
+                        interleave_moe_layer_step=1, no_rope_layers=[1, 0], attention_chunk_size=256),
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4 + 1,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "biogpt": {},
+    "openai-gpt": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "ctrl": dict(n_embd=64, n_layer=2, n_head=4, dff=128, n_positions=256),
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=16),
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+                 attn_config=dict(kv_n_heads=2, clip_qkv=4.0, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
+    "granitemoehybrid": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention"]),
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+    "qwen3_next": {},
+    "falcon_h1": {},
+    "mamba": {},
+    "zamba2": {},
+    "jamba": {},
+    "cohere2_moe": {},
+    "deepseek_v32": dict(_MLA, **_ROUTED),
+    "glm4_moe_lite": dict(_MLA, **_ROUTED),
+    "minimax_m2": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    "ministral3": {},
+    "vaultgemma": dict(head_dim=16),
+    "internlm3": {},
+    "diffllama": {},
+    "minicpm3": dict(_MLA, **_ROUTED),
+    "exaone_moe": {},
+    "flex_olmo": dict(num_experts=4, num_experts_per_tok=2),
+    "afmoe": dict(head_dim=16, **_MOE),  # its router gate starts at zero: every expert ties (see the report)
+    "nanochat": {},
+    "granite_swa": {},
+    "granitemoe_swa": {},
+    "lfm2_moe": {},
+    "qwen3_5_text": {},
+    "qwen3_5_moe_text": {},
+    "gemma3n_text": {},
+    "gemma4_text": {},
+    "hyperclovax": {},
+    "jais2": {},
+    "solar_open": {},
+    "youtu": dict(_MLA, **_ROUTED),
+    "mellum": {},
+    "iquestcoder": {},
+    "cwm": {},
+    "longcat_flash": dict(_MLA, **_ROUTED),
+    "mimo_v2_flash": {},
+    "zamba": {},
+    "recurrent_gemma": {},
+    "rwkv": {},
+}
+
+
+def check_one(model_type: str, overrides: dict, out: Path) -> dict:
+    """Build, export and compare one architecture; the outcome as a dict (status, detail, errors)."""
+    sys.path.insert(0, str(ROOT))
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    from interp.errors import PawError
+    from tests import archs
+    from tests.exporter.test_architectures import PREFILL, TOLERANCE
+
+    archs.ARCHS[model_type] = overrides
+    try:
+        from tests.tiny import tiny_model
+
+        case_model = tiny_model(archs.arch_config(model_type), seed=0)
+        case_model.set_attn_implementation("eager")
+        with torch.no_grad():
+            case_model(torch.randint(3, archs.VOCAB, (1, 4)), use_cache=False)
+    except Exception as exc:  # transformers raises anything; the family cannot be built tiny this way
+        return {"status": "transformers fails", "detail": _first_line(exc)}
+    del case_model
+    started = time.perf_counter()
+    try:
+        archs.export_arch(model_type, "float32", out)
+    except PawError as exc:
+        return {"status": "export error", "detail": _first_line(exc)}
+    except Exception as exc:  # an exporter bug rather than a refusal: show the type too
+        return {"status": "export crash", "detail": f"{type(exc).__name__}: {_first_line(exc)}"}
+    export_s = time.perf_counter() - started
+    try:
+        case = archs.ArchCase(model_type, out)
+        ids = mx.array(case.ids.numpy())
+        full = float(np.max(np.abs(np.array(case.model(ids).astype(mx.float32)) - case.logits)))
+        cache = case.model.make_cache()
+        pieces = [case.model(ids[:, :PREFILL], cache=cache)]
+        pieces += [case.model(ids[:, i : i + 1], cache=cache) for i in range(PREFILL, archs.SEQ)]
+        cached = float(np.max(np.abs(np.array(mx.concatenate(pieces, axis=1).astype(mx.float32)) - case.logits)))
+        from interp.generate import generate_step
+
+        prompt = case.ids[0, : archs.PROMPT_LEN].tolist()
+        got = list(generate_step(case.model, prompt, case.model.make_cache(), max_tokens=archs.NEW_TOKENS))
+    except Exception as exc:  # the program loads or runs wrong: report where
+        return {"status": "run error", "detail": f"{type(exc).__name__}: {_first_line(exc)}"}
+    greedy = got == case.greedy
+    ok = full < TOLERANCE and cached < TOLERANCE and greedy
+    return {"status": "passes" if ok else "mismatch", "logits": full, "cached": cached, "greedy": greedy,
+            "export_s": round(export_s, 1)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def run_isolated(model_type: str, overrides: dict, timeout: float) -> dict:
+    """``check_one`` in a subprocess: a crash or a hang becomes a row, not the end of the sweep."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--one", model_type, "--overrides", json.dumps(overrides),
+               "--out", str(Path(tmp) / "prog")]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "detail": f"over {timeout:.0f} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"status": "crashed", "detail": f"exit {done.returncode}: {tail[:200]}"}
+
+
+def row(model_type: str, result: dict) -> str:
+    status = result["status"]
+    if status in ("passes", "mismatch"):
+        detail = (f"logits {result['logits']:.1e}, cached {result['cached']:.1e}, "
+                  f"greedy {'identical' if result['greedy'] else 'differ'}, export {result['export_s']} s")
+    else:
+        detail = result.get("detail", "")
+    return f"| `{model_type}` | {status} | {detail.replace('|', '/')} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("types", nargs="*", help="model_types to sweep (default: CANDIDATES)")
+    parser.add_argument("--all", action="store_true", help="every causal-LM model_type not in tests/archs.py")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(check_one(args.one, json.loads(args.overrides), args.out)))
+        return
+    sys.path.insert(0, str(ROOT))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from tests.archs import ARCHS
+
+    if args.types:
+        types = args.types
+    elif args.all:
+        types = sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t not in ARCHS)
+    else:
+        types = [t for t in CANDIDATES if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+    print("| model_type | status | detail |\n| --- | --- | --- |", flush=True)
+    for model_type in types:
+        overrides = ARCHS.get(model_type, CANDIDATES.get(model_type, {}))
+        print(row(model_type, run_isolated(model_type, overrides, args.timeout)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
