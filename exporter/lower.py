@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from interp import schema
 from interp.errors import ExportError
@@ -126,10 +126,28 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.",
                 )
             low.values[node] = handler(low, node)
         elif node.op == "output":
-            outputs = [low.ref(arg) for arg in node.args[0]]
+            outputs = [low.ref(arg) for arg, spec in zip(node.args[0], sig.output_specs, strict=True)
+                       if _is_user_output(exported, spec)]
         else:
             raise ExportError(f"unsupported graph node kind {node.op} ({node.name})")
     return low, outputs
+
+
+def _is_user_output(exported: ExportedProgram, spec) -> bool:
+    """Whether a graph output is the program's; a buffer the forward rewrites is dropped when
+    the forward never reads the buffer's old value (Phi-3's longrope picks its frequencies
+    from the positions of each call), and refused when it does (state carried across calls).
+    """
+    if spec.kind == OutputKind.USER_OUTPUT:
+        return True
+    if spec.kind != OutputKind.BUFFER_MUTATION:
+        raise ExportError(f"unsupported graph output kind {spec.kind.name} ({spec.arg.name})")
+    old = next(s.arg.name for s in exported.graph_signature.input_specs if s.target == spec.target)
+    placeholder = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name == old)
+    if placeholder.users:
+        raise ExportError(f"cannot export: the forward updates buffer {spec.target} from its previous value, "
+                          "state a program cannot carry between calls")
+    return False
 
 
 def target_name(target: Any) -> str:

@@ -13,6 +13,7 @@ calls the paw op, for the duration of the capture only.
 | gptj, codegen | hand-written ``_attn`` (scores / sqrt(head_dim) + mask) | ``_attn`` calls ``paw::attention`` |
 | gpt_neo | hand-written ``_attn``, unscaled, local layers masked | ``_attn`` calls ``paw::attention`` (window) |
 | falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
+| phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``.
 """
@@ -88,11 +89,25 @@ def _falcon_attention_forward(self, hidden_states, alibi, attention_mask, positi
     return self.dense(out), None
 
 
+@torch.no_grad()
+def _phimoe_rotary_forward(self, x, position_ids=None):
+    """PhimoeRotaryEmbedding.forward with its long/short mscale chosen by ``torch.where``, not ``if``."""
+    params = self.config.rope_parameters
+    inv_freq, mscale = self.rope_init_fn(self.config)
+    if params["rope_type"] != "default":
+        beyond = torch.max(position_ids) + 1 > params["original_max_position_embeddings"]
+        mscale = torch.where(beyond, params["long_mscale"], params["short_mscale"])
+    freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
+
+
 RECIPES: dict[str, Recipe] = {
     "bloom": Recipe(why="hand-written ALiBi attention", forwards={"BloomAttention": _bloom_attention_forward}),
     "gptj": Recipe(why="hand-written attention", forwards={"GPTJAttention._attn": _scaled_attn}),
     "codegen": Recipe(why="hand-written attention", forwards={"CodeGenAttention._attn": _scaled_attn}),
     "falcon": Recipe(why="hand-written attention", forwards={"FalconAttention": _falcon_attention_forward}),
+    "phimoe": Recipe(why="data-dependent rotary scale", forwards={"PhimoeRotaryEmbedding": _phimoe_rotary_forward}),
     "gpt_neo": Recipe(why="hand-written attention, local layers windowed",
                       forwards={"GPTNeoSelfAttention._attn": _gpt_neo_attn}),
 }

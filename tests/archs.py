@@ -33,7 +33,10 @@ ARCHS: dict[str, dict] = {
     "gemma3_text": dict(head_dim=16, tie_word_embeddings=False, sliding_window=WINDOW, query_pre_attn_scalar=16,
                         layer_types=["sliding_attention", "full_attention"]),
     "phi": dict(partial_rotary_factor=0.5),
-    "phi3": dict(partial_rotary_factor=0.5),
+    # longrope as Phi-3.5 and Phi-4-mini have it; positions past 4 take the long factors
+    "phi3": dict(partial_rotary_factor=0.5, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.2, 1.3], long_factor=[2.0, 2.5, 3.0, 4.0],
+        original_max_position_embeddings=4)),
     "gpt2": dict(n_inner=128),
     "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True),
     "olmo": dict(clip_qkv=4.0),
@@ -64,8 +67,12 @@ ARCHS: dict[str, dict] = {
     "glm4_moe": dict(head_dim=16, partial_rotary_factor=0.5, use_qk_norm=True, n_routed_experts=4,
                      num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                      n_group=2, topk_group=1),
-    # a window its attention applies through the mask only; sparsemixer routing (max, scatter)
-    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    # a window its attention applies through the mask only; sparsemixer routing (max, scatter);
+    # longrope whose mscale the rotary picks with an if on the positions (exporter/recipes.py)
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + i / 10 for i in range(8)],
+        long_factor=[2.0 + i / 10 for i in range(8)], original_max_position_embeddings=4, short_mscale=1.1,
+        long_mscale=1.3)),
     # hand-written attention (exporter/recipes.py): Falcon's grouped fused qkv, GPT-J's interleaved rotary
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False, parallel_attn=True, bias=False),
     "gptj": dict(rotary_dim=8, n_inner=128),

@@ -92,3 +92,30 @@ def test_lowering_matches_torch(name):
     got = _run_lowered(fn)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+class _Rewrites(torch.nn.Module):
+    """A buffer the forward overwrites from its inputs (Phi-3's longrope) or advances (state)."""
+
+    def __init__(self, advance: bool):
+        super().__init__()
+        self.register_buffer("freq", torch.ones(3), persistent=False)
+        self.advance = advance
+
+    def forward(self, input_ids, position_ids):
+        new = self.freq + 1 if self.advance else torch.where(position_ids.max() > 4, 2.0, 0.5) * torch.ones(3)
+        self.freq.copy_(new)
+        return input_ids.float().unsqueeze(-1) * self.freq
+
+
+def test_a_buffer_rewritten_from_the_inputs_is_dropped_and_state_is_refused():
+    from interp.errors import ExportError
+
+    pos = torch.arange(IDS.shape[1]).expand_as(IDS)
+    exported = torch.export.export(_Rewrites(advance=False), (IDS, pos)).run_decompositions({})
+    assert len(exported.graph_signature.output_specs) == 2
+    low, outputs = lower(exported, strip_prefix="")
+    assert len(outputs) == 1
+    stateful = torch.export.export(_Rewrites(advance=True), (IDS, pos)).run_decompositions({})
+    with pytest.raises(ExportError, match="updates buffer freq from its previous value"):
+        lower(stateful, strip_prefix="")
