@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch.export import Dim
@@ -132,6 +133,32 @@ def check_layer_types(model: torch.nn.Module) -> None:
                       "attention over the whole cache or a sliding window")
 
 
+@contextlib.contextmanager
+def _rope_within_context(model: torch.nn.Module) -> Iterator[None]:
+    """Rotary embeddings of rope_type "dynamic" (NTK) run as their plain selves during capture.
+
+    Dynamic NTK rescales the frequencies only once a sequence outgrows
+    max_position_embeddings, with a Python ``if`` torch.export cannot trace. That length is
+    the program's context (``context_length``), so within it the frequencies are the ones
+    the module already holds and the rescaling branch is dead.
+    """
+    def plain(kind):
+        return "default" if isinstance(kind, str) and "dynamic" in kind else kind
+
+    changed = []
+    for module in model.modules():
+        kind = getattr(module, "rope_type", None)
+        new = {key: plain(value) for key, value in kind.items()} if isinstance(kind, dict) else plain(kind)
+        if new != kind:
+            changed.append((module, kind))
+            module.rope_type = new
+    try:
+        yield
+    finally:
+        for module, kind in changed:
+            module.rope_type = kind
+
+
 def context_length(config) -> int:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
@@ -173,7 +200,7 @@ def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool 
         quiet = io.StringIO()
         try:
             with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), _quiet_torch_logs(), torch.no_grad(), \
-                    recipes.applied(model):
+                    recipes.applied(model), _rope_within_context(model):
                 warnings.simplefilter("ignore")
                 exported = torch.export.export(wrapper, (ids, pos), dynamic_shapes=shapes, strict=mode)
                 exported.graph_module.graph.eliminate_dead_code()  # transformers' unused mask helpers

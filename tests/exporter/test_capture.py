@@ -62,3 +62,20 @@ def test_in_place_ops_still_go_through_the_decomposition(decompositions, arch):
     mutating = [n for n in exported.graph.nodes if n.op == "call_function"
                 and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
     assert mutating == []
+
+
+def test_dynamic_ntk_rotary_exports_and_matches_within_the_context(tmp_path, monkeypatch):
+    """rope_type "dynamic" rescales only past max_position_embeddings (the program's context),
+    with a Python if on the positions: capture runs it plain, and the logits match."""
+    import mlx.core as mx
+    import numpy as np
+
+    from tests import archs
+
+    monkeypatch.setitem(archs.ARCHS, "llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
+                                                                           factor=2.0)))
+    case = archs.ArchCase("llama", archs.export_arch("llama", "float32", tmp_path / "prog"))
+    got = np.array(case.model(mx.array(case.ids.numpy())))
+    np.testing.assert_allclose(got, case.logits, atol=1e-4)
+    model = tiny_model(arch_config("llama"))
+    assert model.model.rotary_emb.rope_type == "dynamic"  # only changed for the capture
