@@ -123,6 +123,9 @@ for _aten_name, _op in [
     ("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"), ("maximum", "maximum"), ("minimum", "minimum"),
     ("eq", "eq"), ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
     ("logical_and", "logical_and"), ("logical_or", "logical_or"),
+    # torch's alias spellings, which a decomposition keeps as written (Gemma 3n's torch.multiply)
+    ("multiply", "mul"), ("subtract", "sub"), ("divide", "div"), ("true_divide", "div"), ("greater", "gt"),
+    ("greater_equal", "ge"), ("less", "lt"), ("less_equal", "le"), ("not_equal", "ne"),
 ]:
     aten(f"aten.{_aten_name}.Tensor", f"aten.{_aten_name}.Scalar", f"aten.{_aten_name}.default")(_binary(_op))
 

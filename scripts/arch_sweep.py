@@ -107,7 +107,10 @@ CANDIDATES: dict[str, dict] = {
     "lfm2_moe": {},
     "qwen3_5_text": {},
     "qwen3_5_moe_text": {},
-    "gemma3n_text": {},
+    # the last two layers read the first two's keys and values (KV sharing)
+    "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2, head_dim=16, sliding_window=4 + 1,
+                         layer_types=["sliding_attention", "full_attention"] * 2, activation_sparsity_pattern=[0.0] * 4,
+                         vocab_size_per_layer_input=384, hidden_size_per_layer_input=16),
     "gemma4_text": {},
     "hyperclovax": {},
     "jais2": {},

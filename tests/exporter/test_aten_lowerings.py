@@ -59,6 +59,7 @@ CASES = {
     "index by position (a table)": lambda ids: torch.cos(torch.arange(40).float()).unsqueeze(-1)[ids],
     "new_empty and slice copy_ (DeepSeek-V3)": _deepseek_keys,
     "concat": lambda ids: torch.concat([_x(ids), -_x(ids)], dim=-1),
+    "alias spellings": lambda ids: torch.multiply(_x(ids), 2) - torch.subtract(_x(ids), 1) * torch.greater(_x(ids), 0),
     "floor": lambda ids: torch.floor(_x(ids)),
 }
 
