@@ -158,7 +158,8 @@ def print_selection(info: dict | None) -> None:
 
 
 def call_cmd(
-    program: Annotated[Path, typer.Argument(help="Program directory (from paw compile) or a .txt spec.")],
+    program: Annotated[Path, typer.Argument(
+        help="Program directory (from paw compile), a .paw bundle (its base: --base) or a .txt spec.")],
     inputs: Annotated[list[str] | None, typer.Argument(help="Inputs; one per line from stdin if none.")] = None,
     base: Annotated[str | None, typer.Option(
         "--base", "-b", help="Base program (default: the one it was compiled on).")] = None,
