@@ -25,7 +25,8 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # unknown fields ignored; known ones strict, as JSON types: `"max_tokens": true` or `"5"` is a 400, not 1 or 5
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):

@@ -293,6 +293,9 @@ BAD_REQUESTS = [
     ("wrong type", {"model": "tiny", "messages": "hi"}, 400, "messages"),
     ("negative max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
      400, "max_tokens"),
+    ("boolean max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True},
+     400, "max_tokens"),
+    ("string n", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": "2"}, 400, "n"),
     ("huge max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
      400, "max_tokens"),
     ("prompt longer than the context", {"model": "tiny", "messages": [{"role": "user", "content": "Hello " * 400}]},
@@ -407,7 +410,8 @@ def test_a_full_queue_answers_429_with_retry_after(base, programs):
         r = http.post("/v1/completions", json=dict(body, n=3, prompt=["Hello", "Hi"]))  # 6 choices: never fit
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
         with http.stream("POST", "/v1/completions", json=dict(body, n=4, stream=True)) as running:
-            next(running.iter_lines())
+            lines = running.iter_lines()  # kept: a dropped line iterator, once collected, closes the stream
+            next(lines)
             r = http.post("/v1/completions", json=dict(body, n=2))
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["type"] == "rate_limit_error"
