@@ -294,8 +294,12 @@ def _expand(low: Lowering, node):
 
 @aten("aten.slice.Tensor")
 def _slice(low: Lowering, node):
+    return slice_along(low, node, _arg(node, 1, "dim", 0))
+
+
+def slice_along(low: Lowering, node: torch.fx.Node, dim: int) -> Any:
+    """A ``slice.Tensor`` node's slice of its input along ``dim`` (complex_ops.py shifts the axis)."""
     x = node.args[0]
-    dim = _arg(node, 1, "dim", 0)
     start = _arg(node, 2, "start", None)
     end = _arg(node, 3, "end", None)
     step = _arg(node, 4, "step", 1)
@@ -316,8 +320,12 @@ def _select(low: Lowering, node):
 
 @aten("aten.cat.default", "aten.concat.default")
 def _cat(low: Lowering, node):
+    return cat_along(low, node, _arg(node, 1, "dim", 0))
+
+
+def cat_along(low: Lowering, node: torch.fx.Node, dim: int) -> Any:
+    """A ``cat`` node's join of its tensors along ``dim``, empty 1-d ones dropped as torch does."""
     tensors = [t for t in node.args[0] if not (len(t.meta["val"].shape) == 1 and t.meta["val"].shape[0] == 0)]
-    dim = _arg(node, 1, "dim", 0)
     if len(tensors) == 1:
         return low.ref(tensors[0])
     return low.emit("cat", [low.ref(tensors)], {"dim": dim})

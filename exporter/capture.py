@@ -233,13 +233,14 @@ def needs_decomposition(exported: torch.export.ExportedProgram) -> bool:
     known ones).
     """
     from exporter.aten_ops import ATEN
+    from exporter.complex_ops import COMPLEX, touches_complex
     from exporter.lower import target_name
 
     for node in exported.graph.nodes:
         if node.op != "call_function":
             continue
         target = node.target
-        if target_name(target) not in ATEN:
+        if target_name(target) not in (COMPLEX if touches_complex(node) else ATEN):
             return True
         if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
             return True

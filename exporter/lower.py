@@ -95,7 +95,8 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.",
     the tensor the exported program holds (a streamed export supplies lazy tensors read
     from the checkpoint instead: ``exporter.checkpoint``).
     """
-    from exporter.aten_ops import ATEN  # the registry; imported here to keep import order simple
+    from exporter.aten_ops import ATEN  # the registries; imported here to keep import order simple
+    from exporter.complex_ops import COMPLEX, as_pairs, touches_complex
 
     low = Lowering()
     sig = exported.graph_signature
@@ -112,17 +113,20 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.",
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 name = spec.target.removeprefix(strip_prefix)
                 tensor = state[spec.target]
-                low.consts[name] = const_source(spec.target, tensor) if const_source else tensor.detach()
+                value = const_source(spec.target, tensor) if const_source else tensor.detach()
+                low.consts[name] = as_pairs(value)  # a complex const is held as its real pairs
                 low.values[node] = name
             else:
                 raise ExportError(f"unsupported graph input kind {spec.kind.name} ({node.name})")
         elif node.op == "call_function":
             target = node.target
             key = target_name(target)
-            handler = ATEN.get(key)
+            on_complex = touches_complex(node)
+            handler = (COMPLEX if on_complex else ATEN).get(key)
             if handler is None:
+                what = "on complex tensors " if on_complex else ""
                 raise ExportError(
-                    f"cannot export: op {key} (graph node {node.name}) has no mapping to a paw program op"
+                    f"cannot export: op {key} {what}(graph node {node.name}) has no mapping to a paw program op"
                 )
             low.values[node] = handler(low, node)
         elif node.op == "output":

@@ -64,6 +64,13 @@ ARCHS: dict[str, dict] = {
                         qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                         moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
                         topk_group=1),
+    # DeepSeek-V2-Lite's form: complex rotary (polar, a complex product) with yarn scaling, MLA without a
+    # query LoRA, greedy routing
+    "deepseek_v2": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, topk_method="greedy",
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.707)),
     "glm4_moe": dict(head_dim=16, partial_rotary_factor=0.5, use_qk_norm=True, n_routed_experts=4,
                      num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                      n_group=2, topk_group=1),

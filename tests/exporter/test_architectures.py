@@ -124,6 +124,7 @@ def test_attention_sinks_reach_the_program(arch_cases, arch):
 #: Architectures whose attention tensor parallelism keeps whole (only the MLP splits), and why.
 WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "olmoe": "its q/k norms span every head",
                    "bloom": "ALiBi's slopes depend on each head's index",
+                   "deepseek_v2": "its keys join per-head parts with one rotary part every head shares",
                    "deepseek_v3": "its keys join per-head parts with one rotary part every head shares",
                    "falcon": "its fused qkv is regrouped: each group's queries beside the group's key and value",
                    "diffllama": "it tiles its value heads for its two attention calls"}

@@ -41,7 +41,36 @@ def _group_mask(ids):
     return scores.masked_fill(~mask.bool(), 0.0)
 
 
+def _complex_rotary(ids):
+    """DeepSeek-V2's rotary: polar angles, pairs viewed as complex, a complex product, back to reals."""
+    x = _x(ids)  # [B, L, 6]: three (real, imaginary) pairs
+    angles = ids.unsqueeze(-1).float() * torch.tensor([1.0, 0.1, 0.01])  # [B, L, 3]
+    freqs = torch.polar(torch.ones_like(angles), angles) * 0.75
+    rotated = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * freqs.unsqueeze(1).transpose(1, 2).squeeze(2)
+    return torch.view_as_real(rotated).flatten(2)
+
+
+def _complex_shapes(ids):
+    """Shape ops, sums, conjugates and parts of complex tensors, axes counted from either end."""
+    z = torch.view_as_complex(_x(ids).reshape(2, 6, 3, 2))  # [B, L, 3] complex
+    w = torch.complex(_x(ids)[..., :3], -_x(ids)[..., 3:])
+    z = torch.cat([z.transpose(0, 1).transpose(1, 0), w.conj_physical()], dim=-1)  # [B, L, 6]
+    z = (z - w.repeat(1, 1, 2)) / (ids.unsqueeze(-1).float() + 1) + z.permute(0, -2, 2)[:, 1:2].expand(2, 6, 6) * 2
+    z = -z.unsqueeze(-2).select(-2, 0)[..., 1:5].reshape(2, 6, 2, 2).flatten(2)
+    return torch.stack([z.real, z.imag, torch.view_as_real(z)[..., 1], z.abs()], dim=-1)
+
+
+_FREQS = torch.polar(torch.ones(6, 3), torch.arange(18.0).reshape(6, 3) / 5)  # a complex table, as Llama's freqs_cis
+
+
+def _complex_table(ids):
+    return torch.view_as_real(torch.view_as_complex(_x(ids).reshape(2, 6, 3, 2)) * _FREQS[: ids.shape[1]])
+
+
 CASES = {
+    "complex rotary (DeepSeek-V2)": _complex_rotary,
+    "complex shapes and arithmetic": _complex_shapes,
+    "a complex constant": _complex_table,
     "max.dim": lambda ids: torch.stack([v.float() for v in _x(ids).max(dim=-1, keepdim=True)]),
     "min.dim": lambda ids: torch.stack([v.float() for v in _x(ids).min(dim=1)]),
     "max and min of all": lambda ids: torch.stack([_x(ids).max(), _x(ids).min()]),
@@ -120,3 +149,15 @@ def test_a_buffer_rewritten_from_the_inputs_is_dropped_and_state_is_refused():
     stateful = torch.export.export(_Rewrites(advance=True), (IDS, pos)).run_decompositions({})
     with pytest.raises(ExportError, match="updates buffer freq from its previous value"):
         lower(stateful, strip_prefix="")
+
+
+def test_an_op_on_complex_tensors_without_a_lowering_is_refused_by_name():
+    from interp.errors import ExportError
+
+    def exp_of_complex(ids):
+        return torch.view_as_real(torch.exp(torch.view_as_complex(_x(ids).reshape(2, 6, 3, 2))))
+
+    pos = torch.arange(IDS.shape[1]).expand_as(IDS)
+    exported = torch.export.export(_Wrap(exp_of_complex), (IDS, pos)).run_decompositions({})
+    with pytest.raises(ExportError, match=r"^cannot export: op aten.exp.default on complex tensors \(graph node exp"):
+        lower(exported, strip_prefix="")
