@@ -14,12 +14,13 @@ import torch
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int = 0,
                         softcap: float = 0.0, alibi_max_bias: float = 0.0,
-                        sinks: torch.Tensor | None = None) -> torch.Tensor:
+                        sinks: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
     """Causal attention of ``q`` [B, Hq, L, D] over ``k``, ``v`` [B, Hkv, T, D], aligned to the end.
 
     Query i sits at key position ``T - L + i``. Scores and softmax in float32; the result
     has ``v``'s dtype. ``sinks`` [Hq] joins each head's softmax as a column with no value
-    (gpt-oss's ``eager_attention_forward``).
+    (gpt-oss's ``eager_attention_forward``). ``chunk`` > 0: a query sees only the keys whose
+    position ``// chunk`` equals its own (Llama 4's chunked attention).
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -36,6 +37,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     allowed = cols <= rows
     if window > 0:
         allowed = allowed & (cols > rows - window)
+    if chunk > 0:
+        allowed = allowed & (cols // chunk == rows // chunk)
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         column = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)

@@ -38,6 +38,10 @@ class RunContext:
     #: optional boolean [batch, keys] mask of which key positions (cache included) are real
     #: tokens; attention combines it with causality. Used for left-padded batches.
     key_mask: mx.array | None = None
+    #: optional int [batch or 1, keys] position of every key, for a key mask whose masked keys
+    #: take positions (they are real tokens hidden from some rows); None: masked keys are
+    #: padding and take none (interp/ops/attention.py, ``key_positions``)
+    key_positions: mx.array | None = None
     #: the key index of the first new query; None means the queries are the last keys the
     #: cache returns. The compiled step reads whole buffers and sets it to ``offset``.
     query_start: Any = None
@@ -164,11 +168,13 @@ class GraphModel:
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
             key_mask: mx.array | None = None, query_columns: mx.array | None = None,
-            last_only: bool = False, last_index: mx.array | None = None) -> dict[str, Any]:
+            last_only: bool = False, last_index: mx.array | None = None,
+            key_positions: mx.array | None = None) -> dict[str, Any]:
         """Evaluate the graph on named inputs; returns the named outputs (lazy arrays).
 
         ``offset`` (positions are offset + arange) lets ``rope`` use mx.fast.rope;
-        ``key_mask`` ([batch, keys] booleans) hides padding from attention;
+        ``key_mask`` ([batch, keys] booleans) hides padding from attention (masked keys take
+        no position), or real keys that then need ``key_positions`` ([batch or 1, keys] ints);
         ``query_columns`` ([batch, length]) places each row's queries in the cache.
         ``last_only``: the logits are wanted at the last position only, so the hidden state
         is sliced to it where ``interp/last_position.py`` found a cut (the LM head then runs
@@ -179,7 +185,8 @@ class GraphModel:
         release_on_thread_exit()
         env: dict[str, Any] = dict(self.consts)
         env.update(inputs)
-        ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns)
+        ctx = RunContext(cache=cache, offset=offset, key_mask=key_mask, query_columns=query_columns,
+                         key_positions=key_positions)
         if last_index is not None and (not last_only or last_index.ndim != 1):
             raise ProgramError(f"last_index must be one position per row, with last_only; got shape {last_index.shape}")
         return run_nodes(self, env, ctx, last_only, last_index)

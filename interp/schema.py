@@ -264,7 +264,9 @@ _op("attention", "nn",
     "for the L new positions only. The interpreter appends k, v to the cache of `layer` and "
     "attends over cache + new, causally aligned to the end (the last query sees every key). "
     "Hq must be a multiple of Hkv (grouped-query attention). window > 0 limits each query to "
-    "the last `window` keys; softcap > 0 applies softcap * tanh(scores / softcap). alibi_max_bias > 0 adds "
+    "the last `window` keys; chunk > 0 to the keys of its own chunk (key position // chunk = query "
+    "position // chunk; Llama 4's chunked attention); softcap > 0 applies softcap * tanh(scores / softcap). "
+    "alibi_max_bias > 0 adds "
     "ALiBi: slope_h * key_position to head h's scores, with slopes 2 ** (-alibi_max_bias * (h + 1) / Hq) "
     "(ALiBi's interleaving rule when Hq is not a power of two). sinks (float [Hq], or null; gpt-oss) adds "
     "exp(sinks[h]) to head h's softmax denominator, a key that takes weight but has no value. "
@@ -272,7 +274,8 @@ _op("attention", "nn",
     [_t("q"), _t("k"), _t("v"), _opt("sinks")],
     [_attr("layer", INT, "KV cache slot, below state.kv_cache.layers", low=0), _attr("scale", FLOAT, "score scale"),
      _attr("window", INT, "sliding window, 0 for none", 0, **_SIZE), _attr("softcap", FLOAT, "0 for none", 0.0, low=0),
-     _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0, low=0)])
+     _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0, low=0),
+     _attr("chunk", INT, "attention chunk size, 0 for none", 0, **_SIZE)])
 
 _op("rope", "nn",
     "rotate-half rotary position embedding (fused by the exporter from HF's pattern). x: [B, H, L, D] "

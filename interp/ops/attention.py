@@ -4,8 +4,8 @@ On a GPU, plain causal attention is one ``mx.fast`` kernel. On the CPU that kern
 generic fallback with MLX's scalar ``exp`` in its softmax, so every CPU attention is
 written out (``explicit_attention``): the scores as BLAS matmuls, the polynomial-``exp``
 softmax of ``interp/ops/fastmath.py``, then the weighted values (docs/speed.md). The GPU
-takes the written-out form too for what ``mx.fast`` cannot do: sliding windows, logit
-soft-capping and ALiBi. Attention sinks (gpt-oss) go to ``mx.fast`` on a GPU and into the
+takes the written-out form too for what ``mx.fast`` cannot do: sliding windows, chunks,
+logit soft-capping and ALiBi. Attention sinks (gpt-oss) go to ``mx.fast`` on a GPU and into the
 written-out softmax on the CPU.
 """
 
@@ -36,7 +36,7 @@ def check_attention_shapes(q: mx.array, k: mx.array, v: mx.array) -> None:
 
 
 @implementation("attention", needs_context=True)
-def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0):
+def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0, chunk=0):
     check_attention_shapes(q, k, v)
     cache = ctx.cache[layer] if ctx.cache is not None else None
     if cache is not None:
@@ -44,7 +44,7 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
     length, total = q.shape[2], k.shape[2]
     # the largest temporary: one block's float32 scores
     check_shape([q.shape[0], q.shape[1], min(length, QUERY_BLOCK), total], 4, "its block of scores")
-    special = window > 0 or softcap > 0 or alibi_max_bias > 0
+    special = window > 0 or softcap > 0 or alibi_max_bias > 0 or chunk > 0
     on_cpu = device.on_cpu()
     # else the keys are whole buffers: the compiled step's (queries from query_start) or a
     # slot batch's (each row's queries at its own query_columns)
@@ -54,11 +54,20 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
         # cache needs (torch's is_causal aligns to the start).
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None,
                                                     sinks=_sinks_for(sinks, q))
+    # Windows, chunks and ALiBi count positions. A key's cache column is its position, except
+    # in a batch with a key mask, where the positions come with the mask (``key_positions``).
+    counts = window > 0 or chunk > 0 or alibi_max_bias > 0
+    positions = key_positions(ctx, q.shape[0], total) if ctx.key_mask is not None and counts else None
     mask = None
-    if ctx.query_columns is not None:
-        mask = row_causal_mask(ctx.query_columns, total, window)
-    elif length > 1 or window > 0 or not end_aligned:
-        mask = causal_mask(length, total, window, start=ctx.query_start)
+    if positions is not None:
+        columns = query_columns(ctx, length, total)  # [batch or 1, length]
+        rows = mx.take_along_axis(positions, mx.broadcast_to(columns, (positions.shape[0], length)), axis=-1)
+        mask = ((mx.arange(total) <= columns[..., None])[:, None]
+                & position_limits(rows[:, None, :, None], positions[:, None, None, :], window, chunk))
+    elif ctx.query_columns is not None:
+        mask = row_causal_mask(ctx.query_columns, total, window, chunk)
+    elif length > 1 or window > 0 or chunk > 0 or not end_aligned:
+        mask = causal_mask(length, total, window, start=ctx.query_start, chunk=chunk)
     if ctx.key_mask is not None:  # a padded batch
         keys = ctx.key_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
@@ -66,7 +75,8 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=_sinks_for(sinks, q))
     alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
     if length <= QUERY_BLOCK:
-        return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi, sinks=sinks)
+        return explicit_attention(q, k, v, scale=scale, mask=mask, softcap=softcap, alibi=alibi, sinks=sinks,
+                                  positions=positions)
     # A long prompt in blocks of queries: each block's scores are all that is alive at once
     # (peak memory, docs/speed.md), and a block skips the keys after its last query, which
     # causality masks.
@@ -76,8 +86,37 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
         seen = total - length + stop if end_aligned else total
         blocks.append(explicit_attention(q[:, :, start:stop], k[:, :, :seen], v[:, :, :seen], scale=scale,
                                          mask=mask[..., start:stop, :seen], softcap=softcap, alibi=alibi,
-                                         sinks=sinks))
+                                         sinks=sinks, positions=None if positions is None else positions[:, :seen]))
     return mx.concatenate(blocks, axis=2)
+
+
+def key_positions(ctx, batch: int, total: int) -> mx.array:
+    """Int [batch, total]: the position of every key of a call with a key mask.
+
+    ``ctx.key_positions`` when the caller gave them; else a masked key is padding that
+    takes no position, so a key's position is the number of real keys before it (the
+    layout of a left-padded batch, paw_mlx/programs/batch.py: each row sees the positions
+    it would alone). Computed once per call (``ctx.shared``).
+    """
+    if "key_positions" not in ctx.shared:
+        if ctx.key_positions is not None:
+            positions = ctx.key_positions.astype(mx.int32)
+        else:
+            real = ctx.key_mask.astype(mx.int32)
+            positions = mx.cumsum(real, axis=-1) - real
+        if positions.ndim != 2 or positions.shape[-1] != total or positions.shape[0] not in (1, batch):
+            raise ProgramError(f"the key positions have shape {positions.shape}; attention has {batch} rows "
+                               f"of {total} keys")
+        ctx.shared["key_positions"] = mx.broadcast_to(positions, (batch, total))
+    return ctx.shared["key_positions"]
+
+
+def query_columns(ctx, length: int, total: int) -> mx.array:
+    """Int [batch or 1, length]: the cache column of every query (``RunContext``'s placements)."""
+    if ctx.query_columns is not None:
+        return ctx.query_columns
+    start = total - length if ctx.query_start is None else ctx.query_start
+    return (mx.arange(length) + start)[None]
 
 
 def _sinks_for(sinks: mx.array | None, q: mx.array) -> mx.array | None:
@@ -89,16 +128,18 @@ def _sinks_for(sinks: mx.array | None, q: mx.array) -> mx.array | None:
     return sinks.astype(q.dtype)
 
 
-def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None, sinks=None):
+def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None, sinks=None, positions=None):
     """Attention with its scores written out, softmax in float32.
 
     ``q`` is [batch, heads, length, dim], ``k`` and ``v`` [batch, kv_heads, keys, dim];
     ``mask`` (True = attend) broadcasts to [batch, heads, length, keys]; ``alibi`` holds
     one slope per query head, ``sinks`` one softmax-denominator logit per query head (a
-    column that takes weight and gives no value). Grouped-query heads get their own axis, so query head ``h``
-    reads KV head ``h // group`` as a broadcast and K and V are never repeated. For one
-    query (a decode step) that makes each head's scores one matrix-vector product, which
-    the BLAS shim sends to gemv (faster than a small gemm per KV head: docs/speed.md).
+    column that takes weight and gives no value); ``positions`` ([batch or 1, keys] ints, or
+    None for the key indices) are the key positions ALiBi's bias counts. Grouped-query heads
+    get their own axis, so query head ``h`` reads KV head ``h // group`` as a broadcast
+    and K and V are never repeated. For one query (a decode step) that makes each head's
+    scores one matrix-vector product, which the BLAS shim sends to gemv (faster than a
+    small gemm per KV head: docs/speed.md).
     Products run in float32, except one-query products of half-precision caches on the
     CPU, where converting the whole cache every token would cost more than it saves.
     """
@@ -117,7 +158,8 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None, si
     if alibi is not None:
         # slope * key position; the query's own position would add a per-row constant,
         # which softmax ignores.
-        scores = scores + alibi.reshape(kv_heads, group, 1, 1) * mx.arange(keys, dtype=mx.float32)
+        at = mx.arange(keys) if positions is None else positions[:, None, None, None, :]  # [b, 1, 1, 1, keys]
+        scores = scores + alibi.reshape(kv_heads, group, 1, 1) * at.astype(mx.float32)
     if mask is not None:
         if mask.ndim == 4:  # [batch, heads or 1, length, keys]: split the heads as the queries are
             split = (kv_heads, group) if mask.shape[1] == heads else (1, 1)
@@ -137,35 +179,46 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None, si
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
-def causal_mask(length: int, total: int, window: int = 0, start: int | mx.array | None = None) -> mx.array:
+def position_limits(rows, cols, window: int = 0, chunk: int = 0):
+    """Where query positions ``rows`` may see key positions ``cols`` beyond causality (True = attend).
+
+    ``window`` > 0: only the last ``window`` positions; ``chunk`` > 0: only the positions of
+    the query's own chunk (``position // chunk`` equal). Broadcasts; True when both are 0.
+    """
+    allowed = mx.array(True)
+    if window > 0:
+        allowed = allowed & (cols > rows - window)
+    if chunk > 0:
+        allowed = allowed & (cols // chunk == rows // chunk)
+    return allowed
+
+
+def causal_mask(length: int, total: int, window: int = 0, start: int | mx.array | None = None,
+                chunk: int = 0) -> mx.array:
     """Boolean [length, total] mask: query i, at key index ``start + i``, sees key j.
 
     ``start`` defaults to ``total - length`` (the queries are the last keys); an array
-    start (the compiled step's offset) builds the same mask without retracing.
+    start (the compiled step's offset) builds the same mask without retracing. Columns are
+    positions for ``window`` and ``chunk`` (``position_limits``).
     """
     if start is None:
         start = total - length
     rows = (mx.arange(length) + start)[:, None]
     cols = mx.arange(total)[None, :]
-    mask = cols <= rows
-    if window > 0:
-        mask = mask & (cols > rows - window)
-    return mask
+    return (cols <= rows) & position_limits(rows, cols, window, chunk)
 
 
-def row_causal_mask(columns: mx.array, total: int, window: int = 0) -> mx.array:
+def row_causal_mask(columns: mx.array, total: int, window: int = 0, chunk: int = 0) -> mx.array:
     """Boolean [batch, 1, length, total] mask for rows whose queries sit at their own columns.
 
-    ``columns`` ([batch, length] ints) is where each row's queries are in the cache: a
-    query sees the keys at or before its column (and, with a window, less than
-    ``window`` before it). Keys past a row's column are never seen, whatever they hold.
+    ``columns`` ([batch, length] ints) is where each row's queries are in the cache, which
+    is also their position (a slot batch, interp/slots.py): a query sees the keys at or
+    before its column, limited by ``window`` and ``chunk`` as ``position_limits`` says.
+    Keys past a row's column are never seen, whatever they hold.
     """
     rows = columns[:, None, :, None]
     cols = mx.arange(total)[None, None, None, :]
-    mask = cols <= rows
-    if window > 0:
-        mask = mask & (cols > rows - window)
-    return mask
+    return (cols <= rows) & position_limits(rows, cols, window, chunk)
 
 
 def alibi_slopes(heads: int, max_bias: float) -> mx.array:

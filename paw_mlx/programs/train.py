@@ -187,6 +187,7 @@ class _Batch:
     targets: mx.array
     batch: int
     key_mask: mx.array | None  # [batch, prefix + length]: False on a row's own demonstration
+    key_positions: mx.array  # [1, prefix + length]: the hidden demonstration keeps its positions
 
 
 def end_token(prog: LoadedProgram) -> int:
@@ -241,9 +242,10 @@ def _prepare(split: SplitModel, prog: LoadedProgram, artifact: ProgramArtifact, 
         positions = np.broadcast_to(np.arange(start, start + width, dtype=np.int32), tokens.shape)
         inputs = {"input_ids": mx.array(tokens), "position_ids": mx.array(positions)}
         caches = _caches(artifact.prefix, range(first_tuned), len(group), split.num_layers)
-        frontier = split.front.run(inputs, cache=caches, key_mask=key_mask)
+        keys = mx.arange(start + width, dtype=mx.int32)[None]  # every key at its column
+        frontier = split.front.run(inputs, cache=caches, key_mask=key_mask, key_positions=keys)
         mx.eval([v for v in frontier.values() if isinstance(v, mx.array)])
-        batches.append(_Batch(frontier, mx.array(flat), mx.array(targets), len(group), key_mask))
+        batches.append(_Batch(frontier, mx.array(flat), mx.array(targets), len(group), key_mask, keys))
     return batches
 
 
@@ -333,7 +335,8 @@ class _Problem:
             for j, (k, v) in enumerate(zip(params["keys"], params["values"], strict=True)):
                 caches[self.first_tuned + j] = TrainableCache(mx.broadcast_to(k, (batch.batch, *k.shape[1:])),
                                                               mx.broadcast_to(v, (batch.batch, *v.shape[1:])))
-        hidden = split.back.run(inputs, cache=caches, key_mask=batch.key_mask)[split.back.output_names[0]]
+        hidden = split.back.run(inputs, cache=caches, key_mask=batch.key_mask,
+                                key_positions=batch.key_positions)[split.back.output_names[0]]
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.rows]
         logits = split.scores(hidden).astype(mx.float32)
         picked = mx.take_along_axis(logits, batch.targets[:, None], axis=-1)[:, 0]

@@ -104,9 +104,11 @@ def test_explicit_attention_matches_fast_sdpa(heads, kv_heads, masked, length):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_long_prompt_attention_in_query_blocks_matches_fast_sdpa(padded, monkeypatch):
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_long_prompt_attention_in_query_blocks_matches_fast_sdpa(padded, chunk, monkeypatch):
     """A prompt longer than a block (here 3.3 blocks, after 20 cached keys) is attended in
-    blocks that each skip the keys after their last query: the same result."""
+    blocks that each skip the keys after their last query: the same result. Chunks count
+    positions, which in a padded row start after its pads."""
     import interp.ops.attention as attention_module
 
     monkeypatch.setattr(attention_module, "QUERY_BLOCK", 30)
@@ -114,9 +116,15 @@ def test_long_prompt_attention_in_query_blocks_matches_fast_sdpa(padded, monkeyp
     length, total = 100, 120
     q = mx.array(rng.standard_normal((2, 6, length, 8)).astype(np.float32))
     k, v = (mx.array(rng.standard_normal((2, 2, total, 8)).astype(np.float32)) for _ in range(2))
-    key_mask = mx.array(np.arange(total)[None, :] >= np.array([[0], [9]])) if padded else None
-    got = REGISTRY["attention"].fn(RunContext(cache=None, key_mask=key_mask), q, k, v, layer=0, scale=0.4)
+    pads = np.array([[0], [9]]) if padded else np.array([[0], [0]])
+    key_mask = mx.array(np.arange(total)[None, :] >= pads) if padded else None
+    got = REGISTRY["attention"].fn(RunContext(cache=None, key_mask=key_mask), q, k, v, layer=0, scale=0.4,
+                                   chunk=chunk)
     mask = attention_module.causal_mask(length, total)[None, None]
+    if chunk:
+        positions = np.arange(total)[None, :] - pads  # [2, total]
+        rows = positions[:, None, -length:, None] // chunk
+        mask = mask & mx.array(rows == positions[:, None, None, :] // chunk)
     if padded:
         mask = mask & key_mask[:, None, None, :]
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.4, mask=mask)
@@ -188,3 +196,28 @@ def test_large_half_precision_weight_keeps_mlx_kernel_for_one_row(monkeypatch):
     w = mx.zeros((64, 96), dtype=mx.bfloat16)
     assert not nn.half_in_float32(mx.zeros((1, 1, 96), dtype=mx.bfloat16), w)
     assert nn.half_in_float32(mx.zeros((1, 16, 96), dtype=mx.bfloat16), w) == nn.cpu_has_fast_blas()
+
+
+def test_a_key_mask_over_real_keys_keeps_their_positions():
+    """Keys hidden from a row but real (paw_mlx/programs/train.py hides a row's own demonstration)
+    keep their positions when the caller gives them: a window counts them; without
+    ``key_positions`` masked keys are padding, which takes no position."""
+    from interp.ops.attention import causal_mask, explicit_attention
+
+    rng = np.random.default_rng(3)
+    total, length, window = 12, 3, 4
+    q = mx.array(rng.standard_normal((1, 2, length, 8)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((1, 2, total, 8)).astype(np.float32)) for _ in range(2))
+    hidden = mx.array(~np.isin(np.arange(total), [7, 8]))[None]  # two keys hidden, just before the queries
+    attention = REGISTRY["attention"].fn
+    columns = mx.arange(total)[None]
+    kept = attention(RunContext(cache=None, key_mask=hidden, key_positions=columns), q, k, v, layer=0, scale=0.3,
+                     window=window)
+    causal = causal_mask(length, total, window)[None, None] & hidden[:, None, None, :]
+    np.testing.assert_allclose(np.array(kept), np.array(explicit_attention(q, k, v, scale=0.3, mask=causal)),
+                               atol=2e-6, rtol=0)
+    padding = attention(RunContext(cache=None, key_mask=hidden), q, k, v, layer=0, scale=0.3, window=window)
+    # as padding the two hidden keys take no position: the window reaches two keys further back
+    wider = causal_mask(length, total, window + 2)[None, None] & hidden[:, None, None, :]
+    np.testing.assert_allclose(np.array(padding), np.array(explicit_attention(q, k, v, scale=0.3, mask=wider)),
+                               atol=2e-6, rtol=0)

@@ -282,6 +282,12 @@ EXTRA_CASES = {
     "attention with sinks decoding one query": Case(
         _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(4)],
         {"layer": 0, "scale": 0.35}),
+    "attention in chunks with fewer queries than keys": Case(
+        _attention_ref, [randn(1, 4, 4, 8), randn(1, 2, 9, 8), randn(1, 2, 9, 8)],
+        {"layer": 0, "scale": 0.3, "chunk": 3}),
+    "attention in chunks decoding one query, sinks": Case(
+        _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 10, 8), randn(2, 4, 10, 8), randn(4)],
+        {"layer": 0, "scale": 0.35, "chunk": 4}),
     "ternary_linear base3": _ternary_case("base3"),
     "expert_linear for one token, fewer pairs than experts": Case(
         _expert_ref, [randn(1, 1, 16), randn(4, 12, 16), np.array([[2, 0]], np.int64), randn(4, 12)]),
