@@ -144,7 +144,7 @@ def _unary(op: str):
     return lower_unary
 
 
-for _name in ["neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
+for _name in ["neg", "abs", "exp", "log", "log1p", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
               "silu", "relu", "erf", "logical_not", "floor"]:
     aten(f"aten.{_name}.default")(_unary(_name))
 
@@ -542,14 +542,11 @@ def _max_all(low: Lowering, node):
     return low.emit("amax", [x], {"dims": dims})
 
 
-@aten("aten.scatter.value")
-def _scatter_value(low: Lowering, node):
-    """x with ``value`` written at ``index`` along dim (MoE group masks): where(hit, value, x).
+def _scatter_hits(low: Lowering, node, x, dim: int, index) -> tuple[Any, int]:
+    """([..., j, c, ...] bool: index[..., j, ...] == c along ``dim``, dim in [0, rank)) of a scatter.
 
-    hit[..., c, ...] is whether any index[..., j, ...] equals c, from comparing the index
-    against arange(size of dim) on one new axis and reducing the index's axis.
+    From comparing the index against arange(size of dim) on one new axis after ``dim``.
     """
-    x, dim, index, value = node.args[:4]
     shape, index_shape = list(x.meta["val"].shape), list(index.meta["val"].shape)
     rank = len(shape)
     dim %= rank
@@ -558,12 +555,41 @@ def _scatter_value(low: Lowering, node):
                           "is not supported")
     grid = low.emit("arange", [], {"start": 0, "end": _dim_size(low, x, dim), "step": 1, "dtype": "int64"})
     grid = low.emit("reshape", [grid], {"shape": [-1] + [1] * (rank - dim - 1)})
-    hits = low.emit("eq", [low.emit("unsqueeze", [low.ref(index)], {"dim": dim + 1}), grid])
+    return low.emit("eq", [low.emit("unsqueeze", [low.ref(index)], {"dim": dim + 1}), grid]), dim
+
+
+def _any_hit(low: Lowering, hits, dim: int):
     hits = low.emit("amax", [low.emit("cast", [hits], {"dtype": "int32"})], {"dims": [dim]})
-    hit = low.emit("ne", [hits, 0])
+    return low.emit("ne", [hits, 0])
+
+
+@aten("aten.scatter.value")
+def _scatter_value(low: Lowering, node):
+    """x with ``value`` written at ``index`` along dim (MoE group masks): where(hit, value, x),
+    hit[..., c, ...] being whether any index[..., j, ...] equals c."""
+    x, dim, index, value = node.args[:4]
+    hits, dim = _scatter_hits(low, node, x, dim, index)
     dtype = x.meta["val"].dtype
     value = float(value) if dtype.is_floating_point else bool(value) if dtype == torch.bool else int(value)
-    return low.emit("where", [hit, value, low.ref(x)])
+    return low.emit("where", [_any_hit(low, hits, dim), value, low.ref(x)])
+
+
+@aten("aten.scatter.src")
+def _scatter_src(low: Lowering, node):
+    """x with src[..., j, ...] written at index[..., j, ...] along dim (Llama 4's router writes its
+    top-k scores into a row of -inf): where(hit, the src entry aimed at c, x).
+
+    The entry aimed at c is the max over j of src where index hits c: exact for distinct
+    indices (topk's); for repeated ones torch leaves the winner unspecified.
+    """
+    x, dim, index, src = node.args[:4]
+    if not x.meta["val"].dtype.is_floating_point:
+        raise ExportError(f"scatter of a {x.meta['val'].dtype} src (node {node.name}) is not supported; floats are")
+    if list(src.meta["val"].shape) != list(index.meta["val"].shape):
+        raise ExportError(f"scatter with a src shaped unlike its index (node {node.name}) is not supported")
+    hits, dim = _scatter_hits(low, node, x, dim, index)
+    aimed = low.emit("where", [hits, low.emit("unsqueeze", [low.ref(src)], {"dim": dim + 1}), float("-inf")])
+    return low.emit("where", [_any_hit(low, hits, dim), low.emit("amax", [aimed], {"dims": [dim]}), low.ref(x)])
 
 
 @aten("aten.index.Tensor")

@@ -172,6 +172,7 @@ for _name, _doc in [
     ("abs", "|x|"),
     ("exp", "e ** x"),
     ("log", "natural log"),
+    ("log1p", "log(1 + x), accurate for small x"),
     ("sqrt", "square root"),
     ("rsqrt", "1 / sqrt(x)"),
     ("reciprocal", "1 / x"),

@@ -36,6 +36,7 @@ def pow_(a, b):
 implementation("neg")(lambda x: -x)
 implementation("abs")(mx.abs)
 implementation("log")(mx.log)
+implementation("log1p")(mx.log1p)
 implementation("sqrt")(mx.sqrt)
 implementation("rsqrt")(mx.rsqrt)
 implementation("reciprocal")(mx.reciprocal)

@@ -78,6 +78,11 @@ CASES = {
     "scatter_ on zeros, bitwise_not": _group_mask,
     "scatter along a middle axis": lambda ids: torch.scatter(
         _x(ids), 1, ids[:, :2].clamp(max=5).unsqueeze(-1).expand(-1, -1, 6), 7.0),
+    "scatter.src of top-k scores into -inf (Llama 4's router)": lambda ids: torch.full_like(_x(ids), float("-inf"))
+    .scatter_(-1, _x(ids).topk(2, dim=-1)[1], _x(ids).topk(2, dim=-1)[0]).sigmoid(),
+    "scatter.src along a middle axis": lambda ids: torch.scatter(
+        _x(ids), 1, torch.tensor([[0, 1, 2, 3, 4, 5], [3, 4, 5, 0, 1, 2]]).expand(2, 2, 6), -_x(ids)[:, :2]),
+    "log1p of small values": lambda ids: torch.log1p(_x(ids) * 1e-7),
     "clamp with a tensor bound": lambda ids: _x(ids).clamp(min=_x(ids).amax(-1, keepdim=True) - 2),
     "softplus": lambda ids: F.softplus(_x(ids) * 10),
     "softplus with beta": lambda ids: F.softplus(_x(ids), beta=2.0),

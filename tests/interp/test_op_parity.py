@@ -98,6 +98,7 @@ CASES: dict[str, Case] = {
     "log": Case(torch.log, [positive(3, 4)]),
     "sqrt": Case(torch.sqrt, [positive(3, 4)]),
     "rsqrt": Case(torch.rsqrt, [positive(3, 4)]),
+    "log1p": Case(torch.log1p, [positive(3, 4) * 1e-6]),
     "reciprocal": Case(torch.reciprocal, [positive(3, 4)]),
     "sin": Case(torch.sin, [randn(3, 4)]),
     "cos": Case(torch.cos, [randn(3, 4)]),
