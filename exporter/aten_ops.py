@@ -458,6 +458,9 @@ def _attention(low: Lowering, node):
     alibi = float(_arg(node, 7, "alibi_max_bias", 0.0))
     if alibi > 0:
         attrs["alibi_max_bias"] = alibi
+    chunk = int(_arg(node, 9, "chunk", 0))
+    if chunk > 0:  # written only when set: programs without chunks stay as they were
+        attrs["chunk"] = chunk
     return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v), low.ref(_arg(node, 8, "sinks"))], attrs)
 
 

@@ -30,24 +30,25 @@ ATTN_IMPLEMENTATION = "paw"
 @torch.library.custom_op("paw::attention", mutates_args=())
 def paw_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float,
-    alibi_max_bias: float = 0.0, sinks: torch.Tensor | None = None,
+    alibi_max_bias: float = 0.0, sinks: torch.Tensor | None = None, chunk: int = 0,
 ) -> torch.Tensor:
     """The program's ``attention`` op, without a cache (exporter/attention_reference.py)."""
     return attention_reference(q, k, v, scale=scale, window=window, softcap=softcap, alibi_max_bias=alibi_max_bias,
-                               sinks=sinks)
+                               sinks=sinks, chunk=chunk)
 
 
 @paw_attention.register_fake
-def _paw_attention_fake(q, k, v, layer, scale, window, softcap, alibi_max_bias=0.0, sinks=None):
+def _paw_attention_fake(q, k, v, layer, scale, window, softcap, alibi_max_bias=0.0, sinks=None, chunk=0):
     return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
 
 
 def _paw_attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              sliding_window=None, softcap=None, **kwargs):
     """transformers attention-interface entry: hands q, k, v to ``paw::attention``."""
+    chunk = 0
     if isinstance(attention_mask, AttentionPattern):
-        # eager attention (the reference) windows through the mask only; the kwarg is a hint for kernels
-        sliding_window = attention_mask.window
+        # eager attention (the reference) windows and chunks through the mask only; the kwarg is a hint for kernels
+        sliding_window, chunk = attention_mask.window, attention_mask.chunk
     elif isinstance(attention_mask, torch.Tensor):
         # a mask the model built itself (Doge's learned bias per key): the op would drop it
         raise ExportError(f"cannot export: {type(module).__name__} hands attention a mask of its own making; "
@@ -55,7 +56,7 @@ def _paw_attention_interface(module, query, key, value, attention_mask, scaling=
     layer = getattr(module, "layer_idx", None) or 0  # the lowering numbers attention calls itself
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     out = torch.ops.paw.attention(query, key, value, int(layer), scale, int(sliding_window or 0), float(softcap or 0.0),
-                                  0.0, kwargs.get("s_aux"))  # s_aux: gpt-oss's attention sinks
+                                  0.0, kwargs.get("s_aux"), chunk)  # s_aux: gpt-oss's attention sinks
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -103,8 +104,9 @@ def use_paw_attention(model: torch.nn.Module) -> None:
 
 
 #: config.layer_types values (transformers 5's names) that programs express: attention with a KV
-#: cache, whole or windowed, and MLP-only layers (nemotron_h's "moe" and "mlp")
-SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "moe", "mlp", "dense", "sparse"})
+#: cache, whole, windowed or chunked, and MLP-only layers (nemotron_h's "moe" and "mlp")
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "moe", "mlp", "dense",
+                                   "sparse"})
 #: layer types with recurrent state instead of (or beside) a KV cache (transformers' cache_utils:
 #: "linear-attention-shaped ... recurrent state only")
 RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
@@ -115,7 +117,7 @@ def check_layer_types(model: torch.nn.Module) -> None:
 
     A program's only state is attention's KV cache, so recurrent and state-space layers
     (Mamba, gated delta nets, short convolutions) cannot run through it, and neither can
-    chunked or indexer-selected attention.
+    indexer-selected attention.
     """
     config = model.config
     kinds = []
@@ -130,7 +132,7 @@ def check_layer_types(model: torch.nn.Module) -> None:
         raise ExportError(f"cannot export: {name} has recurrent layers ({', '.join(unsupported)}); a paw program's "
                           "only state is attention's KV cache, so recurrent and state-space models are not supported")
     raise ExportError(f"cannot export: {name} has {', '.join(unsupported)} layers; paw's attention op is causal "
-                      "attention over the whole cache or a sliding window")
+                      "attention over the whole cache, a sliding window or chunks")
 
 
 @contextlib.contextmanager

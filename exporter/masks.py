@@ -1,4 +1,4 @@
-"""What a model's attention mask says, for the ``attention`` op: causal, with or without a window.
+"""What a model's attention mask says, for the ``attention`` op: causal, windowed or chunked.
 
 transformers builds each layer's mask through its mask interface, from an index-based
 mask function (``transformers.masking_utils``). Under attn_implementation "paw" the mask
@@ -7,7 +7,12 @@ which reaches the attention interface as the layer's ``attention_mask``. That is
 window lives for models that do not pass ``sliding_window`` to the attention interface
 (PhiMoE): eager attention, the reference, applies the window through the mask only.
 
-A mask the op cannot express (chunked, bidirectional, a custom overlay) is refused by name
+Chunked attention (Llama 4's local layers) is transformers' ``chunked_overlay``: a query sees
+the keys of its own chunk of ``chunk_size`` positions. Its ``left_padding`` shifts chunks for
+left-padded batches; a program needs no such shift, since the interpreter places chunks on
+each row's own positions (interp/ops/attention.py), and capture runs without padding.
+
+A mask the op cannot express (bidirectional, a custom overlay) is refused by name
 at capture, and a model that uses the mask as a tensor (XGLM and MPT add it to scores they
 compute by hand; Doge folds a learned bias into it) meets ``__torch_function__`` or
 ``__getattr__`` here, which refuse it, rather than exporting a program that silently drops
@@ -21,11 +26,12 @@ from dataclasses import dataclass
 
 from interp.errors import ExportError
 
-#: mask-function parts, by qualified name (transformers 5.x): the two the op expresses, the
+#: mask-function parts, by qualified name (transformers 5.x): the three the op expresses, the
 #: conjunction that joins them, and packed-sequence wrappers, which change nothing for a
 #: program (each batch row is one sequence, positions counting from its start)
 _CAUSAL = "causal_mask_function"
 _WINDOW = "sliding_window_overlay.<locals>.inner_mask"
+_CHUNK = "chunked_overlay.<locals>.inner_mask"
 _AND = "and_masks.<locals>.and_mask"
 _REMAP = "remap_positions_for_packed_sequence.<locals>.inner_mask"
 _PACKED = "packed_sequence_mask_function.<locals>.inner_mask"
@@ -33,9 +39,11 @@ _PACKED = "packed_sequence_mask_function.<locals>.inner_mask"
 
 @dataclass(frozen=True)
 class AttentionPattern:
-    """A layer's mask as the attention op sees it: causal; ``window`` > 0 keeps only the last window keys."""
+    """A layer's mask as the attention op sees it: causal; ``window`` > 0 keeps only the last window keys,
+    ``chunk`` > 0 only the keys of the query's own chunk of ``chunk`` positions."""
 
     window: int = 0
+    chunk: int = 0
     model: str = ""
 
     @classmethod
@@ -78,15 +86,16 @@ def _conjuncts(fn: Callable) -> list[Callable]:
     return [fn]
 
 
-def window_of(mask_function: Callable) -> int:
-    """The sliding window a mask function applies on top of causality (0: none); ExportError if more than that."""
+def pattern_of(mask_function: Callable, model: str = "") -> AttentionPattern:
+    """The pattern a mask function applies: causal with at most one window or chunk; ExportError if more than that."""
     parts = _conjuncts(mask_function)
     names = [_name(part) for part in parts]
     windows = [int(_cell(part, "sliding_window")) for part in parts if _name(part) == _WINDOW]
-    if _CAUSAL in names and set(names) <= {_CAUSAL, _WINDOW} and len(windows) <= 1:
-        return windows[0] if windows else 0
+    chunks = [int(_cell(part, "chunk_size")) for part in parts if _name(part) == _CHUNK]
+    if _CAUSAL in names and set(names) <= {_CAUSAL, _WINDOW, _CHUNK} and len(windows) + len(chunks) <= 1:
+        return AttentionPattern(window=windows[0] if windows else 0, chunk=chunks[0] if chunks else 0, model=model)
     raise ExportError(f"cannot export: the model's attention mask ({' and '.join(names)}) is not causal with an "
-                      "optional sliding window, which is all the attention op expresses (chunked, bidirectional "
+                      "optional sliding window or chunks, which is all the attention op expresses (bidirectional "
                       "and custom masks are not supported)")
 
 
@@ -95,4 +104,4 @@ def paw_mask(*args, mask_function: Callable | None = None, config=None, **kwargs
     from transformers.masking_utils import causal_mask_function
 
     model = type(config).__name__.removesuffix("Config") if config is not None else ""
-    return AttentionPattern(window_of(mask_function or causal_mask_function), model)
+    return pattern_of(mask_function or causal_mask_function, model)

@@ -14,6 +14,7 @@ calls the paw op, for the duration of the capture only.
 | gpt_neo | hand-written ``_attn``, unscaled, local layers masked | ``_attn`` calls ``paw::attention`` (window) |
 | falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
+| llama4_text | NoPE layers' query temperature counts the cache | counts ``position_ids`` (exporter/llama4.py) |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from exporter import llama4
 from interp.errors import ExportError
 
 
@@ -110,6 +112,8 @@ RECIPES: dict[str, Recipe] = {
     "phimoe": Recipe(why="data-dependent rotary scale", forwards={"PhimoeRotaryEmbedding": _phimoe_rotary_forward}),
     "gpt_neo": Recipe(why="hand-written attention, local layers windowed",
                       forwards={"GPTNeoSelfAttention._attn": _gpt_neo_attn}),
+    "llama4_text": Recipe(why="query temperature from the cache length", forwards={
+        "Llama4TextAttention": llama4.attention_forward, "Llama4TextDecoderLayer": llama4.decoder_forward}),
 }
 
 

@@ -85,6 +85,12 @@ ARCHS: dict[str, dict] = {
     "gptj": dict(rotary_dim=8, n_inner=128),
     # differential attention: two attention calls per layer, each its own cache slot
     "diffllama": {},
+    # chunked attention (chunks of 4 cut the test's prompts) with rotary and L2 q/k norm, a NoPE
+    # global layer whose query temperature grows every 4 positions; a dense layer, then a MoE one
+    # (sigmoid router written with scatter, a shared expert)
+    "llama4_text": dict(head_dim=16, attention_chunk_size=4, no_rope_layers=[1, 0], floor_scale=4,
+                        num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=2,
+                        intermediate_size_mlp=128),
 }
 
 

@@ -62,8 +62,6 @@ REFUSED = {
     "lfm2": (dict(layer_types=["conv", "full_attention"]), r"Lfm2ForCausalLM has recurrent layers \(conv\)"),
     # no layer_types to read: torch.export's failure is put in words
     "rwkv": ({}, r"torch.export could not capture RwkvForCausalLM: its forward fixes the sequence length"),
-    "llama4_text": (dict(head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128),
-                    r"Llama4ForCausalLM has chunked_attention layers"),
     # attention written by hand: XGLM adds the mask to its scores, OpenAI GPT masks with its own buffer
     "xglm": (dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128),
              r"XGLM uses its attention mask as a tensor \(size\): it computes attention by hand"),

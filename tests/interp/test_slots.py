@@ -88,8 +88,8 @@ def arch_models(tmp_path_factory):
     return get
 
 
-# sliding windows shorter than the prompts (masks must slide per row), soft-capping, ALiBi
-@pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom"])
+# sliding windows shorter than the prompts (masks must slide per row), soft-capping, ALiBi, chunks of 4
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom", "llama4_text"])
 def test_special_attention_works_per_row(arch_models, arch):
     model = arch_models(arch)
     want = [alone(model, p, STEPS) for p in PROMPTS]
