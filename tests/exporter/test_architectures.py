@@ -95,6 +95,7 @@ ATTENTION_FEATURES = {
     "bloom": [{"alibi_max_bias": 8.0}, {"alibi_max_bias": 8.0}],
     "phimoe": [{"window": 5}, {"window": 5}],  # from the mask: PhiMoE passes no sliding_window to the interface
     "gpt_oss": [{"window": 5}, {"window": 0}],
+    "llama4_text": [{"chunk": 4, "window": 0}, {"chunk": 0, "window": 0}],  # chunked local layer, NoPE global one
     "diffllama": [{"layer": 0}, {"layer": 1}, {"layer": 2}, {"layer": 3}],  # two calls per layer, a slot each
     "llama": [{"window": 0, "softcap": 0.0}, {"window": 0, "softcap": 0.0}],
 }
