@@ -62,8 +62,8 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
     if positions is not None:
         columns = query_columns(ctx, length, total)  # [batch or 1, length]
         rows = mx.take_along_axis(positions, mx.broadcast_to(columns, (positions.shape[0], length)), axis=-1)
-        mask = ((mx.arange(total) <= columns[..., None])[:, None]
-                & position_limits(rows[:, None, :, None], positions[:, None, None, :], window, chunk))
+        causal = (mx.arange(total) <= columns[..., None])[:, None]  # [batch or 1, 1, length, total]
+        mask = limit_positions(causal, rows[:, None, :, None], positions[:, None, None, :], window, chunk)
     elif ctx.query_columns is not None:
         mask = row_causal_mask(ctx.query_columns, total, window, chunk)
     elif length > 1 or window > 0 or chunk > 0 or not end_aligned:
@@ -179,18 +179,17 @@ def explicit_attention(q, k, v, *, scale, mask=None, softcap=0.0, alibi=None, si
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
-def position_limits(rows, cols, window: int = 0, chunk: int = 0):
-    """Where query positions ``rows`` may see key positions ``cols`` beyond causality (True = attend).
+def limit_positions(mask: mx.array, rows, cols, window: int = 0, chunk: int = 0) -> mx.array:
+    """``mask`` (True = attend) where query positions ``rows`` may also see key positions ``cols``.
 
-    ``window`` > 0: only the last ``window`` positions; ``chunk`` > 0: only the positions of
-    the query's own chunk (``position // chunk`` equal). Broadcasts; True when both are 0.
+    ``window`` > 0 keeps only the last ``window`` positions; ``chunk`` > 0 only those of the
+    query's own chunk (``position // chunk`` equal). Broadcasts; ``mask`` itself when both are 0.
     """
-    allowed = mx.array(True)
     if window > 0:
-        allowed = allowed & (cols > rows - window)
+        mask = mask & (cols > rows - window)
     if chunk > 0:
-        allowed = allowed & (cols // chunk == rows // chunk)
-    return allowed
+        mask = mask & (cols // chunk == rows // chunk)
+    return mask
 
 
 def causal_mask(length: int, total: int, window: int = 0, start: int | mx.array | None = None,
@@ -199,13 +198,13 @@ def causal_mask(length: int, total: int, window: int = 0, start: int | mx.array 
 
     ``start`` defaults to ``total - length`` (the queries are the last keys); an array
     start (the compiled step's offset) builds the same mask without retracing. Columns are
-    positions for ``window`` and ``chunk`` (``position_limits``).
+    positions for ``window`` and ``chunk`` (``limit_positions``).
     """
     if start is None:
         start = total - length
     rows = (mx.arange(length) + start)[:, None]
     cols = mx.arange(total)[None, :]
-    return (cols <= rows) & position_limits(rows, cols, window, chunk)
+    return limit_positions(cols <= rows, rows, cols, window, chunk)
 
 
 def row_causal_mask(columns: mx.array, total: int, window: int = 0, chunk: int = 0) -> mx.array:
@@ -213,12 +212,12 @@ def row_causal_mask(columns: mx.array, total: int, window: int = 0, chunk: int =
 
     ``columns`` ([batch, length] ints) is where each row's queries are in the cache, which
     is also their position (a slot batch, interp/slots.py): a query sees the keys at or
-    before its column, limited by ``window`` and ``chunk`` as ``position_limits`` says.
+    before its column, limited by ``window`` and ``chunk`` as ``limit_positions`` says.
     Keys past a row's column are never seen, whatever they hold.
     """
     rows = columns[:, None, :, None]
     cols = mx.arange(total)[None, None, None, :]
-    return (cols <= rows) & position_limits(rows, cols, window, chunk)
+    return limit_positions(cols <= rows, rows, cols, window, chunk)
 
 
 def alibi_slopes(heads: int, max_bias: float) -> mx.array:
