@@ -5,7 +5,7 @@ built node by node every token (figures in docs/speed.md). A traced step must ke
 shapes from token to token, so attention reads each layer's ``KVCache`` buffers at their
 capacity (they grow 256 positions at a time): the new keys and values are written at
 ``offset`` with ``mx.slice_update``, and attention masks the keys from that offset
-(causality and sliding windows; ALiBi's bias and soft-capping need nothing more). The
+(causality, sliding windows and chunks; ALiBi's bias and soft-capping need nothing more). The
 offset is an array, so a new position does not retrace; the step retraces only when the
 buffers grow or the batch changes.
 
