@@ -13,6 +13,7 @@ calls the paw op, for the duration of the capture only.
 | gptj, codegen | hand-written ``_attn`` (scores / sqrt(head_dim) + mask) | ``_attn`` calls ``paw::attention`` |
 | gpt_neo | hand-written ``_attn``, unscaled, local layers masked | ``_attn`` calls ``paw::attention`` (window) |
 | falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
+| dbrx | expert block loops over the experts it hits (``nonzero``) | forward calls ``experts.route`` |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``.
@@ -102,7 +103,27 @@ def _phimoe_rotary_forward(self, x, position_ids=None):
     return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
 
 
+def _dbrx_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """DbrxExperts (a loop over the experts hit, which torch.export cannot capture) through ``experts.route``.
+
+    Its w1, v1 and w2 stack each expert's [ffn, hidden] matrices; w2 is applied untransposed.
+    """
+    from exporter.experts import route
+
+    batch = hidden_states.shape[0]
+    split = (-1, self.ffn_hidden_size, self.hidden_size)
+    w1, v1, w2 = (weight.view(split) for weight in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+
+    def mlp(project, x):
+        inner = self.mlp.activation_fn(project(x, w1)) * project(x, v1)
+        return project(inner, w2.transpose(1, 2))
+
+    out = route(hidden_states.reshape(-1, self.hidden_size), top_k_index, top_k_weights, mlp)
+    return out.view(batch, -1, self.hidden_size)
+
+
 RECIPES: dict[str, Recipe] = {
+    "dbrx": Recipe(why="experts looped by hand", forwards={"DbrxExperts": _dbrx_experts_forward}),
     "bloom": Recipe(why="hand-written ALiBi attention", forwards={"BloomAttention": _bloom_attention_forward}),
     "gptj": Recipe(why="hand-written attention", forwards={"GPTJAttention._attn": _scaled_attn}),
     "codegen": Recipe(why="hand-written attention", forwards={"CodeGenAttention._attn": _scaled_attn}),

@@ -90,6 +90,11 @@ CASES = {
     "concat": lambda ids: torch.concat([_x(ids), -_x(ids)], dim=-1),
     "alias spellings": lambda ids: torch.multiply(_x(ids), 2) - torch.subtract(_x(ids), 1) * torch.greater(_x(ids), 0),
     "floor": lambda ids: torch.floor(_x(ids)),
+    "vector norms (DBRX's router)": lambda ids: torch.stack([
+        torch.norm(_x(ids), p=1, dim=-1, keepdim=True).expand(-1, -1, 6),
+        torch.linalg.vector_norm(_x(ids), dim=1).unsqueeze(1).expand(2, 6, 6),
+        torch.linalg.vector_norm(_x(ids), ord=3, dim=(0, 1)).expand(2, 6, 6),
+        torch.linalg.vector_norm(_x(ids), ord=float("inf"), dim=-1, keepdim=True).expand(-1, -1, 6)]),
 }
 
 
