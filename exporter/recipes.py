@@ -14,6 +14,7 @@ calls the paw op, for the duration of the capture only.
 | gpt_neo | hand-written ``_attn``, unscaled, local layers masked | ``_attn`` calls ``paw::attention`` (window) |
 | falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
 | dbrx | expert block loops over the experts it hits (``nonzero``) | forward calls ``experts.route`` |
+| jetmoe | MLP and attention experts grouped by sizes read with ``tolist()`` | ``experts.route``, ``expert_linear`` |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``.
@@ -122,7 +123,49 @@ def _dbrx_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return out.view(batch, -1, self.hidden_size)
 
 
+def _jetmoe_gates(router, x):
+    """JetMoeTopKGating's choice for x [T, D] without its sort by expert: weights and expert ids [T, k], logits."""
+    logits = router.layer(x).float()
+    top_logits, top_index = logits.topk(router.top_k, dim=1)
+    return torch.softmax(top_logits, dim=1).type_as(x), top_index, logits
+
+
+def _jetmoe_moe_forward(self, layer_input):
+    """JetMoeMoE (experts grouped by ``tolist()`` sizes, data-dependent) through ``experts.route``."""
+    from exporter.experts import route
+
+    batch, length, width = layer_input.shape
+    x = layer_input.reshape(-1, width)
+    weights, index, _ = _jetmoe_gates(self.router, x)
+
+    def mlp(project, h):
+        gate, up = project(h, self.input_linear.weight).chunk(2, dim=-1)
+        return project(self.activation(gate) * up, self.output_linear.weight)
+
+    return route(x, index, weights, mlp).view(batch, length, width) + self.bias
+
+
+def _jetmoe_moa_map(self, layer_input):
+    """JetMoeMoA.map: each token's query through its top-k query experts, [B, L, k, hidden]."""
+    batch, length, width = layer_input.shape
+    x = layer_input.reshape(-1, width)
+    weights, index, logits = _jetmoe_gates(self.router, x)
+    queries = torch.ops.paw.expert_linear(x.unsqueeze(1), self.input_linear.weight, index)  # [T, k, hidden]
+    return queries.view(batch, length, self.top_k, -1), logits, (weights, index)
+
+
+def _jetmoe_moa_reduce(self, layer_input, topo_info):
+    """JetMoeMoA.reduce: each of the k attention outputs through its expert's output projection, weighted."""
+    batch, length, k, hidden = layer_input.shape
+    weights, index = topo_info
+    out = torch.ops.paw.expert_linear(layer_input.reshape(-1, k, hidden), self.output_linear.weight, index)
+    out = (out * weights.unsqueeze(-1)).sum(dim=1)  # [T, D]
+    return out.view(batch, length, -1) + self.bias
+
+
 RECIPES: dict[str, Recipe] = {
+    "jetmoe": Recipe(why="experts grouped by data-dependent sizes (tolist)", forwards={
+        "JetMoeMoE": _jetmoe_moe_forward, "JetMoeMoA.map": _jetmoe_moa_map, "JetMoeMoA.reduce": _jetmoe_moa_reduce}),
     "dbrx": Recipe(why="experts looped by hand", forwards={"DbrxExperts": _dbrx_experts_forward}),
     "bloom": Recipe(why="hand-written ALiBi attention", forwards={"BloomAttention": _bloom_attention_forward}),
     "gptj": Recipe(why="hand-written attention", forwards={"GPTJAttention._attn": _scaled_attn}),
@@ -142,9 +185,8 @@ def applied(model: torch.nn.Module) -> Iterator[None]:
         yield
         return
     saved_config = {key: getattr(model.config, key, None) for key in recipe.config}
-    targets = {key.partition(".")[0]: key.partition(".")[2] or "forward" for key in recipe.forwards}
-    replacements = {(cls, targets[cls.__name__]): recipe.forwards[key]
-                    for cls in {type(m) for m in model.modules()} for key in recipe.forwards
+    replacements = {(cls, key.partition(".")[2] or "forward"): replacement
+                    for cls in {type(m) for m in model.modules()} for key, replacement in recipe.forwards.items()
                     if key.partition(".")[0] == cls.__name__}
     saved = {(cls, name): cls.__dict__.get(name) for cls, name in replacements}
     try:

@@ -84,6 +84,8 @@ ARCHS: dict[str, dict] = {
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
                  attn_config=dict(kv_n_heads=2, clip_qkv=4.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
+    # mixtures of MLP and of attention experts grouped by data-dependent sizes (exporter/recipes.py)
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=16),
     # hand-written attention (exporter/recipes.py): Falcon's grouped fused qkv, GPT-J's interleaved rotary
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False, parallel_attn=True, bias=False),
     "gptj": dict(rotary_dim=8, n_inner=128),
