@@ -12,6 +12,8 @@ calls the paw op, for the duration of the capture only.
 | bloom | hand-written ALiBi attention (``baddbmm``) | forward calls ``paw::attention``, ``alibi_max_bias=8`` |
 | gptj, codegen | hand-written ``_attn`` (scores / sqrt(head_dim) + mask) | ``_attn`` calls ``paw::attention`` |
 | gpt_neo | hand-written ``_attn``, unscaled, local layers masked | ``_attn`` calls ``paw::attention`` (window) |
+| xglm | hand-written attention (scaled queries, mask added to scores) | forward calls ``paw::attention`` |
+| mpt | hand-written ALiBi attention | forward calls ``paw::attention``, ``alibi_max_bias=8`` (slopes checked) |
 | falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
 | dbrx | expert block loops over the experts it hits (``nonzero``) | forward calls ``experts.route`` |
 | jetmoe | MLP and attention experts grouped by sizes read with ``tolist()`` | ``experts.route``, ``expert_linear`` |
@@ -40,6 +42,8 @@ class Recipe:
     why: str
     forwards: dict[str, Callable] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    #: run on the model before capture; raises ExportError where the replacements would not be exact
+    check: Callable[[torch.nn.Module], None] | None = None
 
 
 def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
@@ -104,6 +108,50 @@ def _phimoe_rotary_forward(self, x, position_ids=None):
     return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
 
 
+def _xglm_attention_forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
+                            **kwargs):
+    """XGLMAttention (scaled queries, the mask added to the scores by hand) with the paw attention op."""
+    if key_value_states is not None:
+        raise ExportError("cannot export: XGLM with cross-attention; a program's attention is causal self-attention")
+    batch, length, _ = hidden_states.shape
+    q, k, v = (proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    out = torch.ops.paw.attention(q, k, v, 0, float(self.scaling), _window(attention_mask), 0.0)
+    return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim)), None
+
+
+#: the max bias transformers' MPT builds its ALiBi slopes with (``build_mpt_alibi_tensor``'s default)
+MPT_ALIBI_MAX_BIAS = 8.0
+
+
+def _check_mpt_alibi(model: torch.nn.Module) -> None:
+    """Refuse MPT unless transformers' ALiBi slopes are the attention op's (``alibi_max_bias`` 8) for its heads.
+
+    MPT's bias for key j is slope * (j - last key), BLOOM's (the op's) slope * j: the two
+    differ by a constant along each row of scores, which softmax ignores; the slopes must agree.
+    """
+    from exporter.attention_reference import alibi_slopes
+
+    heads = model.config.n_heads
+    bias = sys.modules[type(model).__module__].build_mpt_alibi_tensor(heads, 2)  # [heads, 1, 2]: -slope, 0
+    theirs, ours = -bias[:, 0, 0].float(), alibi_slopes(heads, MPT_ALIBI_MAX_BIAS)
+    if not torch.allclose(theirs, ours, rtol=1e-6, atol=0.0):
+        raise ExportError(f"cannot export: MPT's ALiBi slopes for {heads} heads are not the attention op's "
+                          f"(max bias {MPT_ALIBI_MAX_BIAS:g}): {theirs.tolist()} against {ours.tolist()}")
+
+
+def _mpt_attention_forward(self, hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
+    """MptAttention (ALiBi added to scores by hand) with the paw attention op (slopes: ``_check_mpt_alibi``)."""
+    batch, length = hidden_states.shape[:2]
+    qkv = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = (part.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for part in qkv.chunk(3, dim=2))
+    out = torch.ops.paw.attention(q, k, v, 0, float(self.softmax_scale), _window(attention_mask), 0.0,
+                                  MPT_ALIBI_MAX_BIAS)
+    return self.out_proj(out.permute(0, 2, 1, 3).reshape(batch, length, -1)), None
+
+
 def _dbrx_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """DbrxExperts (a loop over the experts hit, which torch.export cannot capture) through ``experts.route``.
 
@@ -164,6 +212,9 @@ def _jetmoe_moa_reduce(self, layer_input, topo_info):
 
 
 RECIPES: dict[str, Recipe] = {
+    "xglm": Recipe(why="hand-written attention", forwards={"XGLMAttention": _xglm_attention_forward}),
+    "mpt": Recipe(why="hand-written ALiBi attention", forwards={"MptAttention": _mpt_attention_forward},
+                  check=_check_mpt_alibi),
     "jetmoe": Recipe(why="experts grouped by data-dependent sizes (tolist)", forwards={
         "JetMoeMoE": _jetmoe_moe_forward, "JetMoeMoA.map": _jetmoe_moa_map, "JetMoeMoA.reduce": _jetmoe_moa_reduce}),
     "dbrx": Recipe(why="experts looped by hand", forwards={"DbrxExperts": _dbrx_experts_forward}),
@@ -184,6 +235,8 @@ def applied(model: torch.nn.Module) -> Iterator[None]:
     if recipe is None:
         yield
         return
+    if recipe.check is not None:
+        recipe.check(model)
     saved_config = {key: getattr(model.config, key, None) for key in recipe.config}
     replacements = {(cls, key.partition(".")[2] or "forward"): replacement
                     for cls in {type(m) for m in model.modules()} for key, replacement in recipe.forwards.items()
