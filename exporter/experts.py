@@ -15,7 +15,7 @@ the block in one of two modes (``experts_mode``, set by the capture):
   num_experts / top_k times the expert compute. Kept as the reference and the switch
   (``--experts dense``).
 
-A family whose expert block bypasses the interface (DBRX) gets a recipe
+A family whose expert block bypasses the interface (DBRX, JetMoE's MLP) gets a recipe
 (exporter/recipes.py) whose forward calls ``route`` with its own expert MLP.
 Both give transformers' result; the router's top-k stays in the graph as ``topk``.
 """
