@@ -661,6 +661,27 @@ aten("aten.min.other")(_binary("minimum"))
 aten("aten.max.other")(_binary("maximum"))
 
 
+@aten("aten.linalg_vector_norm.default")
+def _vector_norm(low: Lowering, node):
+    """The p-norm over dims (DBRX normalises its routing weights with it): (sum |x|^p)^(1/p), max |x| for inf."""
+    x, order = node.args[0], float(_arg(node, 1, "ord", 2))
+    dims = _arg(node, 2, "dim", None)
+    dims = list(range(_rank(x))) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    attrs = {"dims": dims, "keepdim": bool(_arg(node, 3, "keepdim", False))}
+    if order == 0 or order == -float("inf"):
+        raise ExportError(f"a vector norm of order {order:g} (node {node.name}) is not supported")
+    out = low.emit("abs", [low.ref(x)])
+    want = node.kwargs.get("dtype")
+    if want is not None:
+        out = low.emit("cast", [out], {"dtype": dtype_name(want)})
+    if order == float("inf"):
+        return low.emit("amax", [out], attrs)
+    if order != 1:
+        out = low.emit("pow", [out, order])
+    out = low.emit("sum", [out], attrs)
+    return out if order == 1 else low.emit("pow", [out, 1.0 / order])
+
+
 @aten("aten.unbind.int")
 def _unbind(low: Lowering, node):
     """The slices of x along dim, the axis removed: one select each (its size is static)."""

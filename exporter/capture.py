@@ -20,7 +20,7 @@ from torch.export import Dim
 
 from exporter import recipes
 from exporter.attention_reference import attention_reference
-from exporter.experts import use_paw_experts
+from exporter.experts import experts_mode, use_paw_experts
 from exporter.masks import AttentionPattern, paw_mask
 from interp.errors import ExportError
 
@@ -187,7 +187,7 @@ def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool 
     """
     check_layer_types(model)
     use_paw_attention(model)
-    use_paw_experts(model, experts)
+    use_paw_experts(model)
     model.eval()
     max_len = context_length(model.config)
     wrapper = _LogitsOnly(model)
@@ -202,7 +202,8 @@ def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool 
         quiet = io.StringIO()
         try:
             with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), _quiet_torch_logs(), torch.no_grad(), \
-                    recipes.applied(model), _rope_within_context(model):
+                    recipes.applied(model), _rope_within_context(model), \
+                    experts_mode(experts):
                 warnings.simplefilter("ignore")
                 exported = torch.export.export(wrapper, (ids, pos), dynamic_shapes=shapes, strict=mode)
                 exported.graph_module.graph.eliminate_dead_code()  # transformers' unused mask helpers

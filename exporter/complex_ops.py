@@ -22,7 +22,7 @@ import torch
 
 from exporter.aten_ops import _arg, _drop, _identity, cat_along, slice_along
 from exporter.lazy import LazyTensor
-from exporter.lower import Lowering
+from exporter.lower import Lowering, dtype_name
 from interp.errors import ExportError
 
 COMPLEX: dict[str, Callable[[Lowering, torch.fx.Node], Any]] = {}
@@ -94,19 +94,27 @@ def _real_operand(low: Lowering, value: Any) -> Any:
 # ----------------------------------------------------------------------------- conversions
 
 
-complex_op("aten.view_as_complex.default", "aten.view_as_real.default", "aten.alias.default",
-                           "aten.clone.default", "aten.contiguous.default", "aten.detach.default",
-                           "aten.lift_fresh_copy.default")(_identity)
+complex_op("aten.view_as_complex.default", "aten.view_as_real.default", "aten.alias.default", "aten.clone.default",
+           "aten.contiguous.default", "aten.detach.default", "aten.lift_fresh_copy.default")(_identity)
 complex_op("aten._assert_tensor_metadata.default")(_drop)
 
 
 @complex_op("aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten.type_as.default")
 def _to_copy(low: Lowering, node):
-    """A move or a no-op cast of a complex tensor; a cast from or to complex is refused."""
+    """A cast to, from or between complex dtypes: a real tensor gains a zero imaginary part, a complex one
+    cast to a real dtype keeps its real part (as torch does)."""
     have, want = node.args[0].meta["val"].dtype, node.meta["val"].dtype
-    if have != want:
-        raise ExportError(f"a cast from {have} to {want} (node {node.name}) is not supported")
-    return low.ref(node.args[0])
+    x = low.ref(node.args[0])
+    if have == want:
+        return x
+    if want.is_complex and want not in PAIR_DTYPES:
+        raise ExportError(f"a cast to {want} (node {node.name}) has no program equivalent")
+    if have.is_complex and want.is_complex:
+        return low.emit("cast", [x], {"dtype": dtype_name(PAIR_DTYPES[want])})
+    if have.is_complex:
+        return low.emit("cast", [_part(low, x, 0)], {"dtype": dtype_name(want)})
+    real = low.emit("cast", [x], {"dtype": dtype_name(PAIR_DTYPES[want])})
+    return _join(low, real, low.emit("full_like", [real], {"value": 0.0, "dtype": dtype_name(PAIR_DTYPES[want])}))
 
 
 @complex_op("aten.polar.default")

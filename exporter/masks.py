@@ -13,10 +13,11 @@ left-padded batches; a program needs no such shift, since the interpreter places
 each row's own positions (interp/ops/attention.py), and capture runs without padding.
 
 A mask the op cannot express (bidirectional, a custom overlay) is refused by name
-at capture, and a model that uses the mask as a tensor (XGLM and MPT add it to scores they
-compute by hand; Doge folds a learned bias into it) meets ``__torch_function__`` or
+at capture, and a model that uses the mask as a tensor (attention by hand that adds it to
+its scores; Doge folds a learned bias into it) meets ``__torch_function__`` or
 ``__getattr__`` here, which refuse it, rather than exporting a program that silently drops
-the masking (families with a recipe, exporter/recipes.py, never touch the mask).
+the masking (families with a recipe, exporter/recipes.py, never use the mask as a tensor;
+converting it with ``.to``, as MPT's model does before its layers, keeps the pattern).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class AttentionPattern:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         model = next((a.model for a in args if isinstance(a, AttentionPattern) and a.model), "")
         raise _by_hand(model, getattr(func, "__name__", str(func)))
+
+    def to(self, *args, **kwargs) -> AttentionPattern:
+        """A dtype or device conversion (MPT's ``.to(torch.bool)``) leaves the pattern as it is."""
+        return self
 
     def __getattr__(self, name: str):
         if name.startswith("__"):

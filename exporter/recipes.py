@@ -12,7 +12,11 @@ calls the paw op, for the duration of the capture only.
 | bloom | hand-written ALiBi attention (``baddbmm``) | forward calls ``paw::attention``, ``alibi_max_bias=8`` |
 | gptj, codegen | hand-written ``_attn`` (scores / sqrt(head_dim) + mask) | ``_attn`` calls ``paw::attention`` |
 | gpt_neo | hand-written ``_attn``, unscaled, local layers masked | ``_attn`` calls ``paw::attention`` (window) |
+| xglm | hand-written attention (scaled queries, mask added to scores) | forward calls ``paw::attention`` |
+| mpt | hand-written ALiBi attention | forward calls ``paw::attention``, ``alibi_max_bias=8`` (slopes checked) |
 | falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
+| dbrx | expert block loops over the experts it hits (``nonzero``) | forward calls ``experts.route`` |
+| jetmoe | MLP and attention experts grouped by sizes read with ``tolist()`` | ``experts.route``, ``expert_linear`` |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE layers' query temperature counts the cache | counts ``position_ids`` (exporter/llama4.py) |
 
@@ -40,6 +44,8 @@ class Recipe:
     why: str
     forwards: dict[str, Callable] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    #: run on the model before capture; raises ExportError where the replacements would not be exact
+    check: Callable[[torch.nn.Module], None] | None = None
 
 
 def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
@@ -104,7 +110,116 @@ def _phimoe_rotary_forward(self, x, position_ids=None):
     return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
 
 
+def _xglm_attention_forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
+                            **kwargs):
+    """XGLMAttention (scaled queries, the mask added to the scores by hand) with the paw attention op."""
+    if key_value_states is not None:
+        raise ExportError("cannot export: XGLM with cross-attention; a program's attention is causal self-attention")
+    batch, length, _ = hidden_states.shape
+    q, k, v = (proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    out = torch.ops.paw.attention(q, k, v, 0, float(self.scaling), _window(attention_mask), 0.0)
+    return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim)), None
+
+
+#: the max bias transformers' MPT builds its ALiBi slopes with (``build_mpt_alibi_tensor``'s default)
+MPT_ALIBI_MAX_BIAS = 8.0
+
+
+def _check_mpt_alibi(model: torch.nn.Module) -> None:
+    """Refuse MPT unless transformers' ALiBi slopes are the attention op's (``alibi_max_bias`` 8) for its heads.
+
+    MPT's bias for key j is slope * (j - last key), BLOOM's (the op's) slope * j: the two
+    differ by a constant along each row of scores, which softmax ignores; the slopes must agree.
+    """
+    from exporter.attention_reference import alibi_slopes
+
+    heads = model.config.n_heads
+    bias = sys.modules[type(model).__module__].build_mpt_alibi_tensor(heads, 2)  # [heads, 1, 2]: -slope, 0
+    theirs, ours = -bias[:, 0, 0].float(), alibi_slopes(heads, MPT_ALIBI_MAX_BIAS)
+    if not torch.allclose(theirs, ours, rtol=1e-6, atol=0.0):
+        raise ExportError(f"cannot export: MPT's ALiBi slopes for {heads} heads are not the attention op's "
+                          f"(max bias {MPT_ALIBI_MAX_BIAS:g}): {theirs.tolist()} against {ours.tolist()}")
+
+
+def _mpt_attention_forward(self, hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
+    """MptAttention (ALiBi added to scores by hand) with the paw attention op (slopes: ``_check_mpt_alibi``)."""
+    batch, length = hidden_states.shape[:2]
+    qkv = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = (part.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for part in qkv.chunk(3, dim=2))
+    out = torch.ops.paw.attention(q, k, v, 0, float(self.softmax_scale), _window(attention_mask), 0.0,
+                                  MPT_ALIBI_MAX_BIAS)
+    return self.out_proj(out.permute(0, 2, 1, 3).reshape(batch, length, -1)), None
+
+
+def _dbrx_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """DbrxExperts (a loop over the experts hit, which torch.export cannot capture) through ``experts.route``.
+
+    Its w1, v1 and w2 stack each expert's [ffn, hidden] matrices; w2 is applied untransposed.
+    """
+    from exporter.experts import route
+
+    batch = hidden_states.shape[0]
+    split = (-1, self.ffn_hidden_size, self.hidden_size)
+    w1, v1, w2 = (weight.view(split) for weight in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+
+    def mlp(project, x):
+        inner = self.mlp.activation_fn(project(x, w1)) * project(x, v1)
+        return project(inner, w2.transpose(1, 2))
+
+    out = route(hidden_states.reshape(-1, self.hidden_size), top_k_index, top_k_weights, mlp)
+    return out.view(batch, -1, self.hidden_size)
+
+
+def _jetmoe_gates(router, x):
+    """JetMoeTopKGating's choice for x [T, D] without its sort by expert: weights and expert ids [T, k], logits."""
+    logits = router.layer(x).float()
+    top_logits, top_index = logits.topk(router.top_k, dim=1)
+    return torch.softmax(top_logits, dim=1).type_as(x), top_index, logits
+
+
+def _jetmoe_moe_forward(self, layer_input):
+    """JetMoeMoE (experts grouped by ``tolist()`` sizes, data-dependent) through ``experts.route``."""
+    from exporter.experts import route
+
+    batch, length, width = layer_input.shape
+    x = layer_input.reshape(-1, width)
+    weights, index, _ = _jetmoe_gates(self.router, x)
+
+    def mlp(project, h):
+        gate, up = project(h, self.input_linear.weight).chunk(2, dim=-1)
+        return project(self.activation(gate) * up, self.output_linear.weight)
+
+    return route(x, index, weights, mlp).view(batch, length, width) + self.bias
+
+
+def _jetmoe_moa_map(self, layer_input):
+    """JetMoeMoA.map: each token's query through its top-k query experts, [B, L, k, hidden]."""
+    batch, length, width = layer_input.shape
+    x = layer_input.reshape(-1, width)
+    weights, index, logits = _jetmoe_gates(self.router, x)
+    queries = torch.ops.paw.expert_linear(x.unsqueeze(1), self.input_linear.weight, index)  # [T, k, hidden]
+    return queries.view(batch, length, self.top_k, -1), logits, (weights, index)
+
+
+def _jetmoe_moa_reduce(self, layer_input, topo_info):
+    """JetMoeMoA.reduce: each of the k attention outputs through its expert's output projection, weighted."""
+    batch, length, k, hidden = layer_input.shape
+    weights, index = topo_info
+    out = torch.ops.paw.expert_linear(layer_input.reshape(-1, k, hidden), self.output_linear.weight, index)
+    out = (out * weights.unsqueeze(-1)).sum(dim=1)  # [T, D]
+    return out.view(batch, length, -1) + self.bias
+
+
 RECIPES: dict[str, Recipe] = {
+    "xglm": Recipe(why="hand-written attention", forwards={"XGLMAttention": _xglm_attention_forward}),
+    "mpt": Recipe(why="hand-written ALiBi attention", forwards={"MptAttention": _mpt_attention_forward},
+                  check=_check_mpt_alibi),
+    "jetmoe": Recipe(why="experts grouped by data-dependent sizes (tolist)", forwards={
+        "JetMoeMoE": _jetmoe_moe_forward, "JetMoeMoA.map": _jetmoe_moa_map, "JetMoeMoA.reduce": _jetmoe_moa_reduce}),
+    "dbrx": Recipe(why="experts looped by hand", forwards={"DbrxExperts": _dbrx_experts_forward}),
     "bloom": Recipe(why="hand-written ALiBi attention", forwards={"BloomAttention": _bloom_attention_forward}),
     "gptj": Recipe(why="hand-written attention", forwards={"GPTJAttention._attn": _scaled_attn}),
     "codegen": Recipe(why="hand-written attention", forwards={"CodeGenAttention._attn": _scaled_attn}),
@@ -124,10 +239,11 @@ def applied(model: torch.nn.Module) -> Iterator[None]:
     if recipe is None:
         yield
         return
+    if recipe.check is not None:
+        recipe.check(model)
     saved_config = {key: getattr(model.config, key, None) for key in recipe.config}
-    targets = {key.partition(".")[0]: key.partition(".")[2] or "forward" for key in recipe.forwards}
-    replacements = {(cls, targets[cls.__name__]): recipe.forwards[key]
-                    for cls in {type(m) for m in model.modules()} for key in recipe.forwards
+    replacements = {(cls, key.partition(".")[2] or "forward"): replacement
+                    for cls in {type(m) for m in model.modules()} for key, replacement in recipe.forwards.items()
                     if key.partition(".")[0] == cls.__name__}
     saved = {(cls, name): cls.__dict__.get(name) for cls, name in replacements}
     try:

@@ -80,9 +80,18 @@ ARCHS: dict[str, dict] = {
         rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + i / 10 for i in range(8)],
         long_factor=[2.0 + i / 10 for i in range(8)], original_max_position_embeddings=4, short_mscale=1.1,
         long_mscale=1.3)),
+    # experts looped by hand (exporter/recipes.py), clipped qkv, routing weights normalised by their 1-norm
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256,  # d_model also sizes its ffn_config
+                 attn_config=dict(kv_n_heads=2, clip_qkv=4.0, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
+    # mixtures of MLP and of attention experts grouped by data-dependent sizes (exporter/recipes.py)
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=16),
     # hand-written attention (exporter/recipes.py): Falcon's grouped fused qkv, GPT-J's interleaved rotary
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False, parallel_attn=True, bias=False),
     "gptj": dict(rotary_dim=8, n_inner=128),
+    "xglm": dict(ffn_dim=128),
+    # ALiBi added to the scores by hand; six heads, so the slopes past the largest power of two count too
+    "mpt": dict(hidden_size=48, num_attention_heads=6, max_seq_len=256, attn_config=dict(clip_qkv=4.0)),
     # differential attention: two attention calls per layer, each its own cache slot
     "diffllama": {},
     # chunked attention (chunks of 4 cut the test's prompts) with rotary and L2 q/k norm, a NoPE

@@ -93,6 +93,7 @@ ATTENTION_FEATURES = {
     "starcoder2": [{"window": 5}, {"window": 5}],
     "exaone4": [{"window": 5}, {"window": 0}],
     "bloom": [{"alibi_max_bias": 8.0}, {"alibi_max_bias": 8.0}],
+    "mpt": [{"alibi_max_bias": 8.0}, {"alibi_max_bias": 8.0}],
     "phimoe": [{"window": 5}, {"window": 5}],  # from the mask: PhiMoE passes no sliding_window to the interface
     "gpt_oss": [{"window": 5}, {"window": 0}],
     "llama4_text": [{"chunk": 4, "window": 0}, {"chunk": 0, "window": 0}],  # chunked local layer, NoPE global one
@@ -125,10 +126,12 @@ def test_attention_sinks_reach_the_program(arch_cases, arch):
 #: Architectures whose attention tensor parallelism keeps whole (only the MLP splits), and why.
 WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "olmoe": "its q/k norms span every head",
                    "bloom": "ALiBi's slopes depend on each head's index",
+                   "mpt": "ALiBi's slopes depend on each head's index",
                    "deepseek_v2": "its keys join per-head parts with one rotary part every head shares",
                    "deepseek_v3": "its keys join per-head parts with one rotary part every head shares",
                    "falcon": "its fused qkv is regrouped: each group's queries beside the group's key and value",
-                   "diffllama": "it tiles its value heads for its two attention calls"}
+                   "diffllama": "it tiles its value heads for its two attention calls",
+                   "jetmoe": "its queries come from routed attention experts, its keys tiled once per expert slot"}
 
 #: Architectures tensor parallelism refuses (one DistributedError line), and why.
 NOT_TENSOR_PARALLEL = {"gpt_oss": "its sinks keep attention whole (one logit per global head) and every MLP is "

@@ -57,6 +57,7 @@ def _complex_shapes(ids):
     z = torch.cat([z.transpose(0, 1).transpose(1, 0), w.conj_physical()], dim=-1)  # [B, L, 6]
     z = (z - w.repeat(1, 1, 2)) / (ids.unsqueeze(-1).float() + 1) + z.permute(0, -2, 2)[:, 1:2].expand(2, 6, 6) * 2
     z = -z.unsqueeze(-2).select(-2, 0)[..., 1:5].reshape(2, 6, 2, 2).flatten(2)
+    z = z * _x(ids)[..., :4].to(torch.complex64)  # a real tensor cast to complex: a zero imaginary part
     return torch.stack([z.real, z.imag, torch.view_as_real(z)[..., 1], z.abs()], dim=-1)
 
 
@@ -95,6 +96,11 @@ CASES = {
     "concat": lambda ids: torch.concat([_x(ids), -_x(ids)], dim=-1),
     "alias spellings": lambda ids: torch.multiply(_x(ids), 2) - torch.subtract(_x(ids), 1) * torch.greater(_x(ids), 0),
     "floor": lambda ids: torch.floor(_x(ids)),
+    "vector norms (DBRX's router)": lambda ids: torch.stack([
+        torch.norm(_x(ids), p=1, dim=-1, keepdim=True).expand(-1, -1, 6),
+        torch.linalg.vector_norm(_x(ids), dim=1).unsqueeze(1).expand(2, 6, 6),
+        torch.linalg.vector_norm(_x(ids), ord=3, dim=(0, 1)).expand(2, 6, 6),
+        torch.linalg.vector_norm(_x(ids), ord=float("inf"), dim=-1, keepdim=True).expand(-1, -1, 6)]),
 }
 
 

@@ -66,3 +66,24 @@ def test_quantized_experts_compute_with_their_dequantized_weights(mixtral):
         floats[weight] = mx.dequantize(consts[name], consts[base + ".scales"], consts[base + ".biases"],
                                        group_size=32, bits=4)
     np.testing.assert_allclose(_logits(programs["q4"]), _logits(programs["sparse"], floats), atol=1e-4, rtol=0)
+
+
+#: families whose expert blocks bypass the experts interface (exporter/recipes.py), and how many
+#: expert_linear ops stay in their dense program: JetMoE's attention experts are routed in both modes
+RECIPE_EXPERTS = {"dbrx": 0, "jetmoe": 2}
+
+
+@pytest.mark.parametrize("arch", sorted(RECIPE_EXPERTS))
+def test_recipe_expert_blocks_follow_the_experts_mode(tmp_path, arch):
+    from exporter.export import export_model
+
+    model = tiny_model(arch_config(arch))
+    with torch.no_grad():
+        reference = model(torch.from_numpy(IDS)).logits.numpy()
+    counts = {}
+    for mode in ("sparse", "dense"):
+        program = export_model(model, None, tmp_path / mode, experts=mode)
+        counts[mode] = _ops(program)["expert_linear"]
+        assert np.abs(_logits(program) - reference).max() < 1e-4, mode
+    assert counts["dense"] == RECIPE_EXPERTS[arch] * arch_config(arch).num_hidden_layers
+    assert counts["sparse"] > counts["dense"]

@@ -62,9 +62,7 @@ REFUSED = {
     "lfm2": (dict(layer_types=["conv", "full_attention"]), r"Lfm2ForCausalLM has recurrent layers \(conv\)"),
     # no layer_types to read: torch.export's failure is put in words
     "rwkv": ({}, r"torch.export could not capture RwkvForCausalLM: its forward fixes the sequence length"),
-    # attention written by hand: XGLM adds the mask to its scores, OpenAI GPT masks with its own buffer
-    "xglm": (dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128),
-             r"XGLM uses its attention mask as a tensor \(size\): it computes attention by hand"),
+    # attention written by hand without a recipe: OpenAI GPT masks with its own buffer
     # a mask of its own: Doge adds a learned bias per key (zero at initialisation, so a random
     # tiny Doge used to match while a trained one would not)
     "doge": ({}, r"Doge uses its attention mask as a tensor \(dtype\)"),
@@ -84,4 +82,22 @@ def test_unsupported_architecture_is_refused_by_name_and_nothing_is_written(tmp_
     with pytest.raises(ExportError, match=r"^(cannot export: )?" + message) as refused:
         export_model(tiny_model(arch_config(model_type)), None, out)
     assert "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mpt_whose_alibi_slopes_are_not_the_ops_is_refused(tmp_path, monkeypatch):
+    """MPT exports with the op's ALiBi (max bias 8) only while transformers' slopes are those; else one line."""
+    from transformers.models.mpt import modeling_mpt
+
+    from exporter.export import export_model
+
+    original = modeling_mpt.build_mpt_alibi_tensor
+
+    def steeper(num_heads, sequence_length, alibi_bias_max=8, device=None):
+        return original(num_heads, sequence_length, 4, device)
+
+    monkeypatch.setattr(modeling_mpt, "build_mpt_alibi_tensor", steeper)
+    out = tmp_path / "prog"
+    with pytest.raises(ExportError, match=r"^cannot export: MPT's ALiBi slopes for 6 heads are not the attention op's"):
+        export_model(tiny_model(arch_config("mpt")), None, out)
     assert list(tmp_path.iterdir()) == []
