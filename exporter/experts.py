@@ -79,6 +79,11 @@ def experts_mode(mode: str) -> Iterator[None]:
         _MODE.reset(token)
 
 
+def current_mode() -> str:
+    """The capture's experts mode, "sparse" or "dense", for a recipe that routes by itself (Llama 4)."""
+    return _MODE.get()
+
+
 def route(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
           mlp: ExpertMLP) -> torch.Tensor:
     """hidden [T, D] through each token's top-k experts, summed with their weights [T, k]: [T, D].

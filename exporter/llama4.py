@@ -1,4 +1,4 @@
-"""Llama 4's capture recipe: attention temperature from the positions a program is given.
+"""Llama 4's capture recipe: attention temperature from the positions a program is given, sparse experts.
 
 Llama 4's NoPE layers (no rotary) scale their queries by a temperature that grows with
 the query's position (``attn_temperature_tuning``, arXiv 2501.19399). transformers counts
@@ -9,6 +9,9 @@ to every decode step as if it were the first token. The decoder layer here hands
 the same numbers for an unpadded sequence, and each row's own positions in a padded batch.
 The rest is transformers' code as it stands (5.23): rotary, L2 q/k norm, the attention
 interface (-> ``paw::attention``, chunked on the local layers, exporter/masks.py).
+
+Its MoE block runs every expert on every token (bypassing the experts interface); the
+recipe routes each token through its top-k experts only (``moe_forward``).
 """
 
 from __future__ import annotations
@@ -61,3 +64,28 @@ def decoder_forward(self, hidden_states, attention_mask=None, position_ids=None,
     if self.is_moe_layer:
         hidden_states, _ = hidden_states
     return residual + hidden_states.view(residual.shape)
+
+
+def moe_forward(self, hidden_states):
+    """Llama4TextMoe.forward with only the routed experts in sparse mode (``paw::expert_linear``).
+
+    transformers runs every expert on every token, each on the token scaled by its score
+    (sigmoid of the router's top-k logits, 0 elsewhere). Sparse, each token goes through
+    its top-k experts only, scaled the same way: an expert sees x * score, not its output
+    weighted. Dense mode (``--experts dense``) keeps transformers' form.
+    """
+    from exporter.experts import current_mode
+
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    logits = torch.nn.functional.linear(x, self.router.weight)  # [T, E], as Llama4Router computes them
+    top, index = torch.topk(logits, self.top_k, dim=1)
+    if current_mode() == "dense":  # transformers' own form
+        scores = torch.full_like(logits, float("-inf")).scatter(1, index, top)
+        scores = torch.sigmoid(scores.float()).to(x.dtype).transpose(0, 1)  # [E, T]
+        routed = self.experts(x.repeat(scores.shape[0], 1) * scores.reshape(-1, 1))
+        return self.shared_expert(x) + routed.reshape(scores.shape[0], -1, self.hidden_dim).sum(dim=0), logits
+    scaled = x.unsqueeze(1) * torch.sigmoid(top.float()).to(x.dtype).unsqueeze(-1)  # [T, k, D]
+    experts = self.experts
+    gate, up = torch.ops.paw.expert_linear(scaled, experts.gate_up_proj.transpose(1, 2), index).chunk(2, dim=-1)
+    routed = torch.ops.paw.expert_linear(up * experts.act_fn(gate), experts.down_proj.transpose(1, 2), index)
+    return self.shared_expert(x) + routed.sum(dim=1), logits

@@ -18,7 +18,7 @@ calls the paw op, for the duration of the capture only.
 | dbrx | expert block loops over the experts it hits (``nonzero``) | forward calls ``experts.route`` |
 | jetmoe | MLP and attention experts grouped by sizes read with ``tolist()`` | ``experts.route``, ``expert_linear`` |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
-| llama4_text | NoPE layers' query temperature counts the cache | counts ``position_ids`` (exporter/llama4.py) |
+| llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``.
 """
@@ -227,8 +227,9 @@ RECIPES: dict[str, Recipe] = {
     "phimoe": Recipe(why="data-dependent rotary scale", forwards={"PhimoeRotaryEmbedding": _phimoe_rotary_forward}),
     "gpt_neo": Recipe(why="hand-written attention, local layers windowed",
                       forwards={"GPTNeoSelfAttention._attn": _gpt_neo_attn}),
-    "llama4_text": Recipe(why="query temperature from the cache length", forwards={
-        "Llama4TextAttention": llama4.attention_forward, "Llama4TextDecoderLayer": llama4.decoder_forward}),
+    "llama4_text": Recipe(why="query temperature from the cache length; experts run densely", forwards={
+        "Llama4TextAttention": llama4.attention_forward, "Llama4TextDecoderLayer": llama4.decoder_forward,
+        "Llama4TextMoe": llama4.moe_forward}),
 }
 
 
