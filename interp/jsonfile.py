@@ -10,6 +10,7 @@ goes through ``read_json_object`` so all of them are reported the same way.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from interp.errors import PawError, ProgramError
@@ -23,7 +24,12 @@ def parse_json(text: str | bytes, what: str, error: type[PawError] = ProgramErro
         raise error(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise error(f"{what} is not usable JSON: it is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # e.g. an integer of more than 4,300 digits
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not usable JSON: {exc}") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # CPython's guard against quadratic int parsing
+            raise error(f"{what} is not usable JSON: an integer has more than {sys.get_int_max_str_digits()} "
+                        "digits") from None
         raise error(f"{what} is not usable JSON: {exc}") from None
 
 

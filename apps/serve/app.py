@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from apps.serve import errors
+from apps.serve.body import JsonBodyRoute
 from apps.serve.completions import Generation, run_to_end, stream_events
 from apps.serve.errors import ApiError
 from apps.serve.limits import RequestLimits
@@ -53,6 +54,7 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
 
     app = FastAPI(title="paw", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API: every base program and compiled program is a model.")
+    app.router.route_class = JsonBodyRoute  # bodies read as JSON whatever their Content-Type (apps/serve/body.py)
     errors.install(app)
     # innermost, so that its refusals reach the route as they are (the middlewares above group them)
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, read_timeout=config.read_timeout)

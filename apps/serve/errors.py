@@ -73,12 +73,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is invalid", None
     first = errors[0]
     where = _location(tuple(first.get("loc", ())))
-    if where is None and first.get("type") != "json_invalid":  # the body itself: empty, not JSON, not an object
+    if where is None:  # the body itself: empty or not an object (what is not JSON is refused as it is read)
         if first.get("type") == "missing":
             return "the request body is empty: send a JSON object", None
-        return "the request body must be a JSON object, sent with 'Content-Type: application/json'", None
-    if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+        return "the request body must be a JSON object", None
     if first.get("type") == "missing":
         return f"'{where}' is required", where
     message = first.get("msg", "invalid value")

@@ -336,7 +336,6 @@ def test_malformed_json_and_unknown_routes(http):
     body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
     for content, headers, status, says in [
         (b"", {"Content-Type": "application/json"}, 400, "the request body is empty"),
-        (body, {"Content-Type": "text/plain"}, 400, "Content-Type: application/json"),
         (b"[1]", {"Content-Type": "application/json"}, 400, "must be a JSON object"),
         (gzip.compress(body), {"Content-Type": "application/json", "Content-Encoding": "gzip"}, 415, "gzip"),
     ]:
@@ -348,6 +347,33 @@ def test_malformed_json_and_unknown_routes(http):
         openai.OpenAI(base_url=http.base_url.join("/v1").__str__(), api_key=KEY, max_retries=0).chat.completions.create(
             model="nope", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.code == "model_not_found" and missing.value.type == "invalid_request_error"  # as OpenAI's
+
+
+def test_a_json_object_is_read_whatever_content_type_it_came_with(http, base):
+    """curl -d sends application/x-www-form-urlencoded; scripts send text/plain or nothing."""
+    body = json.dumps({"model": "tiny", "prompt": INPUTS[0], "max_tokens": 4}).encode()
+    want = expected_completion(base, INPUTS[0], 4)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        r = http.post("/v1/completions", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (content_type, r.text)
+    form = http.post("/v1/completions", data={"model": "tiny", "prompt": "Hello"})  # a real form: not JSON
+    assert form.status_code == 400 and "not valid JSON" in form.json()["error"]["message"], form.text
+    upload = http.post("/v1/completions", files={"file": ("a.json", body)})
+    assert upload.status_code == 415 and "multipart/form-data" in upload.json()["error"]["message"], upload.text
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"model": "tiny", "prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", "an integer has more than"),
+    (b'{"model": "tiny", "prompt": "Hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    (b'{"model": "tiny", "prompt": "\xff"}', "can't decode byte 0xff"),
+], ids=["5000 digits", "nested 5000 deep", "not UTF-8"])
+def test_an_unusable_json_body_is_a_400_naming_the_problem(http, content, says):
+    r = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "\n" not in error["message"]
+    assert error["message"].startswith("the request body is not usable JSON: ") and says in error["message"], error
 
 
 def test_bad_requests_never_disturb_running_rows(http, base):
