@@ -168,7 +168,7 @@ def _constraint(response_format: ResponseFormat | None, model: ServedModel) -> C
     if spec is None:
         return None
     try:
-        grammar = _grammar(model, json.dumps(spec, sort_keys=True))
+        grammar = _grammar(model, json.dumps(spec))  # keys in order: a schema's order is its output's
     except PawError as exc:
         raise ApiError(400, f"response_format: {exc}", param="response_format") from None
     return grammar.start

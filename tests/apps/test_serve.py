@@ -208,6 +208,16 @@ def test_response_format_json_schema_always_parses(client):
     assert opened.choices[0].message.content.startswith("{")
 
 
+def test_json_schema_keys_come_out_in_the_schemas_order(client):
+    """As OpenAI's structured outputs and paw call write them, not sorted."""
+    schema = {"type": "object", "properties": {"zeta": {"enum": ["z"]}, "alpha": {"enum": ["a"]}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "order", "schema": schema}})
+    assert reply.choices[0].message.content == '{"zeta": "z", "alpha": "a"}'
+
+
 def test_a_constraint_that_fails_while_generating_ends_only_its_own_request(client, base):
     """A valid pattern whose automaton outgrows llguidance's limits a few tokens in: a 400,
     not an output cut short, and the row streaming beside it goes on."""
