@@ -149,9 +149,17 @@ class Generation:
         for token, lp, top, offset in entries:
             tokens.append(self.token_text.text(token))
             values.append(lp)
-            tops.append({self.token_text.text(t): v for t, v in top} if self.prepared.logprobs else None)
+            tops.append(self._by_text(top) if self.prepared.logprobs else None)
             offsets.append(echo + offset)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def _by_text(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """Alternatives keyed by their text, best first; tokens that read the same (byte pieces of
+        one character all read U+FFFD) keep the best one's log-probability, not the last's."""
+        alternatives: dict[str, float] = {}
+        for token, lp in sorted(top, key=lambda item: -item[1]):
+            alternatives.setdefault(self.token_text.text(token), lp)
+        return alternatives
 
     def body(self) -> dict:
         """The whole (non-streamed) response."""

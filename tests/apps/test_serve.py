@@ -172,6 +172,17 @@ def test_logprobs_of_greedy_tokens_are_the_best(client):
     assert all(len(top) <= 2 for top in legacy.choices[0].logprobs.top_logprobs)
 
 
+def test_legacy_top_logprobs_hold_each_chosen_tokens_own_logprob(client):
+    """The legacy form keys alternatives by text; byte tokens of one character all read U+FFFD,
+    and a worse alternative of the same text must not overwrite the chosen token's entry."""
+    for prompt in ("Hi", "Hello", INPUTS[3]):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, logprobs=5)
+        logprobs = reply.choices[0].logprobs
+        for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+            assert top[token] == pytest.approx(lp, abs=1e-5) and max(top.values()) == top[token], (prompt, top)
+            assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
 def test_sampling_controls_reach_the_rows(client):
     messages = [{"role": "user", "content": INPUTS[5]}]
     settings = dict(model="tiny", messages=messages, max_tokens=MAX, temperature=1.0, top_p=0.9, seed=7,
