@@ -12,10 +12,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
 from interp.errors import OverloadedError, PawError, RequestError
 
 log = logging.getLogger("paw.serve")
+
+#: what a client that calls a route paw does not have is told
+ROUTES = "GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions, GET /health"
 
 #: OpenAI's own API says invalid_request_error for a wrong key and an unknown model or route too
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -88,6 +92,15 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"'{where}': {message}{more}" if where else f"{message}{more}"), where
 
 
+def allowed_methods(request: Request) -> str:
+    """The methods the routes at ``request``'s path take (GET and HEAD are separate routes here)."""
+    methods = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods)) or "another method"
+
+
 def install(app: FastAPI) -> None:
     """Route every failure of ``app`` through OpenAI's error shape."""
 
@@ -107,8 +120,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}"
+        if exc.status_code == 404:  # e.g. an OpenAI endpoint paw does not have: embeddings, responses
+            message = f"no route {request.method} {request.url.path}; this server's API is {ROUTES}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}: use {allowed_methods(request)}"
         return ApiError(exc.status_code, message, headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)

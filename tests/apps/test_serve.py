@@ -397,6 +397,20 @@ def test_an_unusable_json_body_is_a_400_naming_the_problem(http, content, says):
     assert error["message"].startswith("the request body is not usable JSON: ") and says in error["message"], error
 
 
+def test_openai_endpoints_paw_lacks_say_what_it_serves(client, http):
+    for call in (lambda: client.embeddings.create(model="tiny", input="hi"),
+                 lambda: client.responses.create(model="tiny", input="hi")):
+        with pytest.raises(openai.NotFoundError, match="this server's API is GET /v1/models") as missing:
+            call()
+        assert missing.value.type == "invalid_request_error"
+    with pytest.raises(openai.APIStatusError, match="DELETE is not allowed on /v1/models/tiny: use GET, HEAD$") as \
+            wrong:
+        client.models.delete("tiny")
+    assert wrong.value.status_code == 405
+    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
+    assert http.post("/v1/completions", content=body, headers={"Content-Encoding": ""}).status_code == 200
+
+
 def test_bad_requests_never_disturb_running_rows(http, base):
     text = INPUTS[6]
     want = expected_chat(base, text, 40)
