@@ -70,6 +70,20 @@ def _is_branch(part) -> bool:
                                       or part.startswith("function-"))
 
 
+#: pydantic's names of a union's branches, as a client reads them
+_FORMS = {"str": "a string", "list[str]": "an array of strings", "list[int]": "an array of token ids",
+          "list[list[int]]": "an array of arrays of token ids", "list[dict[str,any]]": "an array of content parts"}
+
+
+def _union(loc: tuple) -> tuple[str, str] | None:
+    """(the field, the form tried) when ``loc`` is inside a branch of a union field, else None."""
+    for i, part in enumerate(loc):
+        if _is_branch(part):
+            field = _location(loc[:i])
+            return (field, _FORMS.get(part, part)) if field else None
+    return None
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line for the first problem pydantic found, and the field it concerns."""
     errors = exc.errors()
@@ -84,9 +98,13 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "missing":
         return f"'{where}' is required", where
     message = first.get("msg", "invalid value")
+    union = _union(tuple(first.get("loc", ())))
+    if union is not None:  # every form the field may take failed: name the forms, not the first one's error
+        where = union[0]
+        tried = [_union(tuple(e.get("loc", ()))) for e in errors]
+        forms = list(dict.fromkeys(form for field, form in filter(None, tried) if field == where))
+        return f"'{where}' must be {', '.join(forms[:-1])}{' or ' if len(forms) > 1 else ''}{forms[-1]}", where
     same_field = [e for e in errors if _location(tuple(e.get("loc", ()))) == where]
-    if len(same_field) > 1:  # every branch of a union failed: say the field is of the wrong kind
-        message = "wrong type or value (" + "; ".join(dict.fromkeys(e.get("msg", "") for e in same_field)) + ")"
     more = len(errors) - len(same_field)
     more = f" (and {more} more problems)" if more > 0 else ""
     return (f"'{where}': {message}{more}" if where else f"{message}{more}"), where

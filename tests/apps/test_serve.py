@@ -312,6 +312,8 @@ def test_the_api_key_is_required(server):
 BAD_REQUESTS = [
     ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("wrong type", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ("content of neither form", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content"),
     ("negative max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
      400, "max_tokens"),
     ("boolean max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True},
@@ -349,6 +351,17 @@ def test_bad_requests_get_an_openai_error(http, name, body, status, param):
     assert error["message"] and error["type"] and "\n" not in error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_a_field_of_several_forms_names_them_all(client):
+    """Not the first form's complaint: a list prompt with a string in it is not 'a valid string'."""
+    for prompt in ([1, "a"], [True], 5):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+        assert bad.value.param == "prompt" and bad.value.message.endswith(
+            "'prompt' must be a string, an array of strings, an array of token ids or an array of arrays of token ids")
+    with pytest.raises(openai.BadRequestError, match="'stop' must be a string or an array of strings$"):
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"stop": 5})
 
 
 def test_malformed_json_and_unknown_routes(http):
