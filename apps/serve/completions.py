@@ -89,7 +89,7 @@ class Generation:
         choice.tokens.extend(event.tokens)
         if event.logprobs is not None:
             tops = event.top or [[] for _ in event.tokens]
-            offset = len(choice.stream.text)  # where this token's text starts (as far as it shows)
+            offset = choice.stream.position  # where this token's text starts, held-back text counted
             for token, lp, top in zip(event.tokens, event.logprobs, tops, strict=True):
                 choice.logprobs.append((token, lp, top, offset))
         text = choice.stream.add(event.tokens)

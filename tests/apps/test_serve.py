@@ -183,6 +183,20 @@ def test_legacy_top_logprobs_hold_each_chosen_tokens_own_logprob(client):
             assert list(top.values()) == sorted(top.values(), reverse=True)
 
 
+def test_legacy_text_offsets_count_text_held_back(client):
+    """Text waits while it could begin a stop string or is half a character; the offsets must
+    still be where each token's text starts in the answer."""
+    for prompt in ("Hello", "Hi", INPUTS[6]):
+        plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, logprobs=0).choices[0]
+        never = [c + "\x01" for c in dict.fromkeys(plain.text)][:16]  # every character may begin one
+        held = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, logprobs=0, stop=never).choices[0]
+        assert held.text == plain.text
+        assert held.logprobs.text_offset == plain.logprobs.text_offset
+        for token, offset in zip(plain.logprobs.tokens, plain.logprobs.text_offset, strict=True):
+            if "\ufffd" not in token and not (token.startswith("<|") and token.endswith("|>")):
+                assert plain.text[offset:offset + len(token)] == token, (prompt, token, offset)
+
+
 def test_sampling_controls_reach_the_rows(client):
     messages = [{"role": "user", "content": INPUTS[5]}]
     settings = dict(model="tiny", messages=messages, max_tokens=MAX, temperature=1.0, top_p=0.9, seed=7,
