@@ -106,8 +106,9 @@ class Generation:
         """The error to report if a choice ended without an answer (timeout, engine failure)."""
         for choice in self.choices:
             if choice.finish_reason == "timeout":
+                # the same request would run as long again: the openai client retries a 504 unless told not to
                 return ApiError(504, f"the request ran past the server's timeout of {self.engine.config.timeout:g} s "
-                                "(paw serve --timeout)", code="request_timeout")
+                                "(paw serve --timeout)", code="request_timeout", headers={"x-should-retry": "false"})
             if choice.finish_reason == "error" and (choice.error or "").startswith(CONSTRAINT_FAILED):
                 return ApiError(400, f"response_format: {choice.error}", param="response_format")
             if choice.finish_reason == "error":

@@ -507,6 +507,33 @@ def test_a_full_queue_answers_429_with_retry_after(base, programs):
         assert http.post("/v1/completions", json=dict(body, n=2, max_tokens=3)).status_code == 200
 
 
+def test_a_request_past_the_timeout_is_a_504_the_client_does_not_retry(base, programs):
+    engine = Engine(EngineConfig(max_rows=2, timeout=0.3))
+    decode, submitted = engine._decode, []
+    submit = engine.submit
+
+    def slow_decode(group) -> None:
+        time.sleep(0.02)
+        decode(group)
+
+    def counted_submit(request, on_event=None):
+        submitted.append(request)
+        return submit(request, on_event=on_event)
+
+    engine._decode, engine.submit = slow_decode, counted_submit
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", timeout=WAIT)  # retries as by default
+        with pytest.raises(openai.APIStatusError, match="ran past the server's timeout of 0.3 s") as late:
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=400, logit_bias=endless_bias(base))
+        assert late.value.status_code == 504 and late.value.code == "request_timeout"
+        assert len(submitted) == 1  # not three: retrying would run as long again
+        with pytest.raises(openai.APIError, match="ran past the server's timeout"):  # streamed: an error event
+            for _ in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=400, logit_bias=endless_bias(base), stream=True):
+                pass
+
+
 def test_the_catalog_serves_every_usable_program_and_warns_of_the_rest(tiny_program, programs, tmp_path):
     import shutil
 
