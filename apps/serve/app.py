@@ -28,7 +28,8 @@ from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorRe
 from interp import device
 from paw_mlx.engine import Engine, ModelCatalog
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 429, 500, 504)}
+ERROR_STATUSES = (400, 401, 404, 405, 408, 413, 415, 429, 500, 503, 504)
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in ERROR_STATUSES}
 
 
 @dataclass

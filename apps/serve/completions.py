@@ -23,6 +23,8 @@ from paw_mlx.engine.text import TokenText
 
 #: how often a request waiting for its answer checks that its client is still there
 DISCONNECT_POLL_S = 0.25
+#: engine finish reasons that are not an answer: the request fails (``Generation.failure``)
+FAILED = ("timeout", "error", "cancelled")
 
 
 @dataclass
@@ -113,6 +115,9 @@ class Generation:
                 return ApiError(400, f"response_format: {choice.error}", param="response_format")
             if choice.finish_reason == "error":
                 return ApiError(500, f"generation failed: {choice.error or 'unknown error'}", code="engine_error")
+            if choice.finish_reason == "cancelled":  # by the engine (a shutdown): ours end a choice as "stop" first
+                return ApiError(503, f"generation stopped: {choice.error or 'cancelled by the server'}",
+                                code="server_unavailable")
         return None
 
     # ------------------------------------------------------------------ bodies
@@ -228,7 +233,7 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
         while not all(c.done for c in generation.choices):
             choice, text, _ = await generation.next_update()
             fresh, choice.sent = choice.logprobs[choice.sent:], len(choice.logprobs)
-            if choice.done and choice.finish_reason in ("timeout", "error"):
+            if choice.done and choice.finish_reason in FAILED:
                 failure = generation.failure()
                 yield sse(failure.body())
                 break

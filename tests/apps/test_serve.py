@@ -534,6 +534,34 @@ def test_a_request_past_the_timeout_is_a_504_the_client_does_not_retry(base, pro
                 pass
 
 
+def test_requests_the_server_stops_end_with_an_error_not_a_finish(base, programs):
+    """A shutdown cuts running requests short: a client must not read them as finished answers."""
+    engine = Engine(EngineConfig(max_rows=4))
+    decode = engine._decode
+
+    def slow_decode(group) -> None:
+        time.sleep(0.02)
+        decode(group)
+
+    engine._decode = slow_decode
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "logit_bias": endless_bias(base)}
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
+        whole: dict = {}
+        waiting = threading.Thread(target=lambda: whole.update(r=http.post("/v1/completions", json=body)))
+        with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            waiting.start()
+            wait_for_rows(http, 2)
+            engine.stop()
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        waiting.join(WAIT)
+    assert "error" in events[-1] and "shutting down" in events[-1]["error"]["message"], events[-1]
+    assert not any(c.get("finish_reason") for e in events for c in e.get("choices", []))
+    assert whole["r"].status_code == 503 and "shutting down" in whole["r"].json()["error"]["message"]
+
+
 def test_the_catalog_serves_every_usable_program_and_warns_of_the_rest(tiny_program, programs, tmp_path):
     import shutil
 
