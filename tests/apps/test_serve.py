@@ -243,6 +243,24 @@ def test_json_schema_keys_come_out_in_the_schemas_order(client):
     assert reply.choices[0].message.content == '{"zeta": "z", "alpha": "a"}'
 
 
+def test_only_small_schemas_are_kept_compiled(client):
+    """Requests repeat their schemas, so compiled ones are kept; a big one is not, or a client
+    could fill the server's memory with them (a 2.6 MB enum kept about 12 MB)."""
+    from apps.serve import prepare
+
+    def ask(values: int) -> str:
+        schema = {"enum": [f"value {i} " + "x" * 30 for i in range(values)]}
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "e", "schema": schema}}).choices[0]
+
+    kept = prepare._grammar.cache_info().currsize
+    assert ask(3000).message.content.startswith('"value ')  # 130 KB of schema: used, not kept
+    assert prepare._grammar.cache_info().currsize == kept
+    ask(5)
+    assert prepare._grammar.cache_info().currsize == kept + 1
+
+
 def test_a_constraint_that_fails_while_generating_ends_only_its_own_request(client, base):
     """A valid pattern whose automaton outgrows llguidance's limits a few tokens in: a 400,
     not an output cut short, and the row streaming beside it goes on."""
