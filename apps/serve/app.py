@@ -107,7 +107,7 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
             raise ApiError(400, f"this request asks for {choices} choices (prompts times n); this server holds at "
                            f"most {room} at once (--max-rows + --max-queue)", param="n")
         generation = Generation(engine, prepared, model.name, kind)
-        generation.submit()
+        generation.submit(await run_in_threadpool(prepared.requests))  # row constraints compile there
         if body.stream:
             generation.include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream_events(generation), media_type="text/event-stream",

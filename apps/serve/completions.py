@@ -18,7 +18,7 @@ from typing import Any
 from apps.serve.errors import ApiError
 from apps.serve.prepare import Prepared
 from paw_mlx.constrain import CONSTRAINT_FAILED
-from paw_mlx.engine import Engine, RequestHandle, TextStream, TokenEvent
+from paw_mlx.engine import Engine, GenerationRequest, RequestHandle, TextStream, TokenEvent
 from paw_mlx.engine.text import TokenText
 
 #: how often a request waiting for its answer checks that its client is still there
@@ -62,10 +62,12 @@ class Generation:
         self.choices: list[Choice] = []
         self.include_usage = False  # stream_options.include_usage: a last chunk with the usage
 
-    def submit(self) -> None:
+    def submit(self, requests: list[tuple[int, GenerationRequest]]) -> None:
+        """Submit ``requests`` (``Prepared.requests()``, built off the event loop: an output
+        constraint compiles its grammar per row)."""
         loop = asyncio.get_running_loop()
         try:
-            for index, (prompt, request) in enumerate(self.prepared.requests()):
+            for index, (prompt, request) in enumerate(requests):
                 choice = Choice(index, prompt, TextStream(self.tokenizer, self.prepared.stop))
                 self.choices.append(choice)
 

@@ -261,6 +261,24 @@ def test_only_small_schemas_are_kept_compiled(client):
     assert prepare._grammar.cache_info().currsize == kept + 1
 
 
+def test_row_constraints_are_built_off_the_event_loop(client, monkeypatch):
+    """Each choice compiles its grammar: n=16 with a 2.6 MB schema stalled every stream for 1.8 s
+    when that ran on the event loop's thread."""
+    from apps.serve.prepare import Prepared
+
+    threads = []
+    requests = Prepared.requests
+
+    def recorded(self):
+        threads.append(threading.current_thread().name)
+        return requests(self)
+
+    monkeypatch.setattr(Prepared, "requests", recorded)
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2,
+                                   response_format={"type": "json_object"})
+    assert threads and "paw-serve" not in threads  # BackgroundServer's event loop thread
+
+
 def test_a_constraint_that_fails_while_generating_ends_only_its_own_request(client, base):
     """A valid pattern whose automaton outgrows llguidance's limits a few tokens in: a 400,
     not an output cut short, and the row streaming beside it goes on."""
