@@ -112,7 +112,8 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
             generation.include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream_events(generation), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await run_to_end(generation, request.is_disconnected)
+        body = await run_to_end(generation, request.is_disconnected)
+        return await run_in_threadpool(JSONResponse, body)  # serialized there: a body can be tens of MB
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -215,7 +215,7 @@ async def run_to_end(generation: Generation, disconnected: Callable[[], Any]) ->
         failure = generation.failure()
         if failure is not None:
             raise failure
-        return generation.body()
+        return await asyncio.to_thread(generation.body)  # n x tokens x top_logprobs entries: off the event loop
     finally:
         generation.cancel()
 
