@@ -34,7 +34,7 @@ class JsonBody(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             try:
-                self._json = parse_json(await self.body(), "the request body", PawError)
+                self._json = parse_json(await self.body(), "the request body", PawError, standard=True)
             except PawError as exc:  # an HTTPException, so FastAPI passes it on as it is
                 raise ApiError(400, str(exc), code="invalid_request") from None
         return self._json

@@ -478,7 +478,9 @@ def test_a_json_object_is_read_whatever_content_type_it_came_with(http, base):
     (b'{"model": "tiny", "prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", "an integer has more than"),
     (b'{"model": "tiny", "prompt": "Hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
     (b'{"model": "tiny", "prompt": "\xff"}', "can't decode byte 0xff"),
-], ids=["5000 digits", "nested 5000 deep", "not UTF-8"])
+    (b'{"model": "tiny", "prompt": "Hi", "temperature": NaN}', "NaN is not a JSON number"),
+    (b'{"model": "tiny", "prompt": "Hi", "logit_bias": {"5": -Infinity}}', "-Infinity is not a JSON number"),
+], ids=["5000 digits", "nested 5000 deep", "not UTF-8", "NaN", "-Infinity"])
 def test_an_unusable_json_body_is_a_400_naming_the_problem(http, content, says):
     r = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
