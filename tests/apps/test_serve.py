@@ -599,6 +599,30 @@ def test_a_request_past_the_timeout_is_a_504_the_client_does_not_retry(base, pro
                 pass
 
 
+def test_a_request_abandoned_while_queued_leaves_the_queue(base, programs):
+    engine = Engine(EngineConfig(max_rows=1))
+    decode = engine._decode
+
+    def slow_decode(group) -> None:
+        time.sleep(0.02)
+        decode(group)
+
+    engine._decode = slow_decode
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "logit_bias": endless_bias(base)}
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
+        with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as running:
+            lines = running.iter_lines()
+            next(lines)
+            with pytest.raises(httpx.ReadTimeout):  # queued behind the running row, then given up
+                httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+            deadline = time.monotonic() + WAIT
+            while (health := http.get("/health").json())["queued"]:
+                assert time.monotonic() < deadline, "the abandoned request stayed queued"
+                time.sleep(0.02)
+            assert health["rows"] == 1  # the running one goes on
+
+
 def test_requests_the_server_stops_end_with_an_error_not_a_finish(base, programs):
     """A shutdown cuts running requests short: a client must not read them as finished answers."""
     engine = Engine(EngineConfig(max_rows=4))
