@@ -101,13 +101,17 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     union = _union(tuple(first.get("loc", ())))
     if union is not None:  # every form the field may take failed: name the forms, not the first one's error
         where = union[0]
-        tried = [_union(tuple(e.get("loc", ()))) for e in errors]
-        forms = list(dict.fromkeys(form for field, form in filter(None, tried) if field == where))
-        return f"'{where}' must be {', '.join(forms[:-1])}{' or ' if len(forms) > 1 else ''}{forms[-1]}", where
+        tried = [t for t in (_union(tuple(e.get("loc", ()))) for e in errors) if t is not None and t[0] == where]
+        forms = list(dict.fromkeys(form for _, form in tried))
+        message = f"must be {', '.join(forms[:-1])}{' or ' if len(forms) > 1 else ''}{forms[-1]}"
+        return f"'{where}' {message}{_more(len(errors) - len(tried))}", where
     same_field = [e for e in errors if _location(tuple(e.get("loc", ()))) == where]
-    more = len(errors) - len(same_field)
-    more = f" (and {more} more problems)" if more > 0 else ""
+    more = _more(len(errors) - len(same_field))
     return (f"'{where}': {message}{more}" if where else f"{message}{more}"), where
+
+
+def _more(problems: int) -> str:
+    return f" (and {problems} more problems)" if problems > 0 else ""
 
 
 def allowed_methods(request: Request) -> str:
