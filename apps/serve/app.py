@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from apps.serve import errors
+from apps.serve.body import JsonBodyRoute
 from apps.serve.completions import Generation, run_to_end, stream_events
 from apps.serve.errors import ApiError
 from apps.serve.limits import RequestLimits
@@ -27,7 +28,8 @@ from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorRe
 from interp import device
 from paw_mlx.engine import Engine, ModelCatalog
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 429, 500, 504)}
+ERROR_STATUSES = (400, 401, 404, 405, 408, 413, 415, 429, 500, 503, 504)
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in ERROR_STATUSES}
 
 
 @dataclass
@@ -53,6 +55,7 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
 
     app = FastAPI(title="paw", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API: every base program and compiled program is a model.")
+    app.router.route_class = JsonBodyRoute  # bodies read as JSON whatever their Content-Type (apps/serve/body.py)
     errors.install(app)
     # innermost, so that its refusals reach the route as they are (the middlewares above group them)
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, read_timeout=config.read_timeout)
@@ -104,12 +107,13 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
             raise ApiError(400, f"this request asks for {choices} choices (prompts times n); this server holds at "
                            f"most {room} at once (--max-rows + --max-queue)", param="n")
         generation = Generation(engine, prepared, model.name, kind)
-        generation.submit()
+        generation.submit(await run_in_threadpool(prepared.requests))  # row constraints compile there
         if body.stream:
             generation.include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream_events(generation), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await run_to_end(generation, request.is_disconnected)
+        body = await run_to_end(generation, request.is_disconnected)
+        return await run_in_threadpool(JSONResponse, body)  # serialized there: a body can be tens of MB
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -18,11 +18,13 @@ from typing import Any
 from apps.serve.errors import ApiError
 from apps.serve.prepare import Prepared
 from paw_mlx.constrain import CONSTRAINT_FAILED
-from paw_mlx.engine import Engine, RequestHandle, TextStream, TokenEvent
+from paw_mlx.engine import Engine, GenerationRequest, RequestHandle, TextStream, TokenEvent
 from paw_mlx.engine.text import TokenText
 
 #: how often a request waiting for its answer checks that its client is still there
 DISCONNECT_POLL_S = 0.25
+#: engine finish reasons that are not an answer: the request fails (``Generation.failure``)
+FAILED = ("timeout", "error", "cancelled")
 
 
 @dataclass
@@ -60,10 +62,12 @@ class Generation:
         self.choices: list[Choice] = []
         self.include_usage = False  # stream_options.include_usage: a last chunk with the usage
 
-    def submit(self) -> None:
+    def submit(self, requests: list[tuple[int, GenerationRequest]]) -> None:
+        """Submit ``requests`` (``Prepared.requests()``, built off the event loop: an output
+        constraint compiles its grammar per row)."""
         loop = asyncio.get_running_loop()
         try:
-            for index, (prompt, request) in enumerate(self.prepared.requests()):
+            for index, (prompt, request) in enumerate(requests):
                 choice = Choice(index, prompt, TextStream(self.tokenizer, self.prepared.stop))
                 self.choices.append(choice)
 
@@ -89,7 +93,7 @@ class Generation:
         choice.tokens.extend(event.tokens)
         if event.logprobs is not None:
             tops = event.top or [[] for _ in event.tokens]
-            offset = len(choice.stream.text)  # where this token's text starts (as far as it shows)
+            offset = choice.stream.position  # where this token's text starts, held-back text counted
             for token, lp, top in zip(event.tokens, event.logprobs, tops, strict=True):
                 choice.logprobs.append((token, lp, top, offset))
         text = choice.stream.add(event.tokens)
@@ -106,12 +110,16 @@ class Generation:
         """The error to report if a choice ended without an answer (timeout, engine failure)."""
         for choice in self.choices:
             if choice.finish_reason == "timeout":
+                # the same request would run as long again: the openai client retries a 504 unless told not to
                 return ApiError(504, f"the request ran past the server's timeout of {self.engine.config.timeout:g} s "
-                                "(paw serve --timeout)", code="request_timeout")
+                                "(paw serve --timeout)", code="request_timeout", headers={"x-should-retry": "false"})
             if choice.finish_reason == "error" and (choice.error or "").startswith(CONSTRAINT_FAILED):
                 return ApiError(400, f"response_format: {choice.error}", param="response_format")
             if choice.finish_reason == "error":
                 return ApiError(500, f"generation failed: {choice.error or 'unknown error'}", code="engine_error")
+            if choice.finish_reason == "cancelled":  # by the engine (a shutdown): ours end a choice as "stop" first
+                return ApiError(503, f"generation stopped: {choice.error or 'cancelled by the server'}",
+                                code="server_unavailable")
         return None
 
     # ------------------------------------------------------------------ bodies
@@ -149,9 +157,17 @@ class Generation:
         for token, lp, top, offset in entries:
             tokens.append(self.token_text.text(token))
             values.append(lp)
-            tops.append({self.token_text.text(t): v for t, v in top} if self.prepared.logprobs else None)
+            tops.append(self._by_text(top) if self.prepared.logprobs else None)
             offsets.append(echo + offset)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def _by_text(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """Alternatives keyed by their text, best first; tokens that read the same (byte pieces of
+        one character all read U+FFFD) keep the best one's log-probability, not the last's."""
+        alternatives: dict[str, float] = {}
+        for token, lp in sorted(top, key=lambda item: -item[1]):
+            alternatives.setdefault(self.token_text.text(token), lp)
+        return alternatives
 
     def body(self) -> dict:
         """The whole (non-streamed) response."""
@@ -199,7 +215,7 @@ async def run_to_end(generation: Generation, disconnected: Callable[[], Any]) ->
         failure = generation.failure()
         if failure is not None:
             raise failure
-        return generation.body()
+        return await asyncio.to_thread(generation.body)  # n x tokens x top_logprobs entries: off the event loop
     finally:
         generation.cancel()
 
@@ -219,7 +235,7 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
         while not all(c.done for c in generation.choices):
             choice, text, _ = await generation.next_update()
             fresh, choice.sent = choice.logprobs[choice.sent:], len(choice.logprobs)
-            if choice.done and choice.finish_reason in ("timeout", "error"):
+            if choice.done and choice.finish_reason in FAILED:
                 failure = generation.failure()
                 yield sse(failure.body())
                 break

@@ -12,10 +12,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
 from interp.errors import OverloadedError, PawError, RequestError
 
 log = logging.getLogger("paw.serve")
+
+#: what a client that calls a route paw does not have is told
+ROUTES = "GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions, GET /health"
 
 #: OpenAI's own API says invalid_request_error for a wrong key and an unknown model or route too
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -66,6 +70,20 @@ def _is_branch(part) -> bool:
                                       or part.startswith("function-"))
 
 
+#: pydantic's names of a union's branches, as a client reads them
+_FORMS = {"str": "a string", "list[str]": "an array of strings", "list[int]": "an array of token ids",
+          "list[list[int]]": "an array of arrays of token ids", "list[dict[str,any]]": "an array of content parts"}
+
+
+def _union(loc: tuple) -> tuple[str, str] | None:
+    """(the field, the form tried) when ``loc`` is inside a branch of a union field, else None."""
+    for i, part in enumerate(loc):
+        if _is_branch(part):
+            field = _location(loc[:i])
+            return (field, _FORMS.get(part, part)) if field else None
+    return None
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line for the first problem pydantic found, and the field it concerns."""
     errors = exc.errors()
@@ -73,21 +91,36 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is invalid", None
     first = errors[0]
     where = _location(tuple(first.get("loc", ())))
-    if where is None and first.get("type") != "json_invalid":  # the body itself: empty, not JSON, not an object
+    if where is None:  # the body itself: empty or not an object (what is not JSON is refused as it is read)
         if first.get("type") == "missing":
             return "the request body is empty: send a JSON object", None
-        return "the request body must be a JSON object, sent with 'Content-Type: application/json'", None
-    if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+        return "the request body must be a JSON object", None
     if first.get("type") == "missing":
         return f"'{where}' is required", where
     message = first.get("msg", "invalid value")
+    union = _union(tuple(first.get("loc", ())))
+    if union is not None:  # every form the field may take failed: name the forms, not the first one's error
+        where = union[0]
+        tried = [t for t in (_union(tuple(e.get("loc", ()))) for e in errors) if t is not None and t[0] == where]
+        forms = list(dict.fromkeys(form for _, form in tried))
+        message = f"must be {', '.join(forms[:-1])}{' or ' if len(forms) > 1 else ''}{forms[-1]}"
+        return f"'{where}' {message}{_more(len(errors) - len(tried))}", where
     same_field = [e for e in errors if _location(tuple(e.get("loc", ()))) == where]
-    if len(same_field) > 1:  # every branch of a union failed: say the field is of the wrong kind
-        message = "wrong type or value (" + "; ".join(dict.fromkeys(e.get("msg", "") for e in same_field)) + ")"
-    more = len(errors) - len(same_field)
-    more = f" (and {more} more problems)" if more > 0 else ""
+    more = _more(len(errors) - len(same_field))
     return (f"'{where}': {message}{more}" if where else f"{message}{more}"), where
+
+
+def _more(problems: int) -> str:
+    return f" (and {problems} more problems)" if problems > 0 else ""
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods the routes at ``request``'s path take (GET and HEAD are separate routes here)."""
+    methods = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods)) or "another method"
 
 
 def install(app: FastAPI) -> None:
@@ -109,8 +142,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}"
+        if exc.status_code == 404:  # e.g. an OpenAI endpoint paw does not have: embeddings, responses
+            message = f"no route {request.method} {request.url.path}; this server's API is {ROUTES}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}: use {allowed_methods(request)}"
         return ApiError(exc.status_code, message, headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)

@@ -50,7 +50,7 @@ class RequestLimits:
             return
         headers = dict(scope["headers"])
         encoding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if encoding != b"identity":  # a compressed body could expand past any limit (a zip bomb): not read
+        if encoding not in (b"identity", b""):  # a compressed body could expand past any limit (a zip bomb): not read
             error = ApiError(415, f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the body "
                              "uncompressed", code="unsupported_encoding", headers=CLOSE)
             await error.response()(scope, receive, send)

@@ -35,6 +35,14 @@ class TextStream:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
+    @property
+    def position(self) -> int:
+        """Where the next token's text begins: characters of the text so far, counting what is
+        held back (a possible stop string, half a character) as if it were shown."""
+        window = self._ids[self._prefix:]
+        undecoded = len(self._decode(window)) - len(self._decode(self._ids[self._prefix:self._read]))
+        return len(self.text) + len(self._pending) + max(0, undecoded)
+
     def add(self, tokens: Sequence[int]) -> str:
         """Add tokens; return the text that may be shown now ('' while held back)."""
         if self.stopped:

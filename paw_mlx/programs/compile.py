@@ -188,6 +188,7 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     if examples is not None:
         options = options or SelectOptions()
         options.check()  # before the base model loads: a bad option is one line at once
+        options.check_base(base_path)
     prog = interpreter(base_path)
     if not prog.fingerprint:
         raise PawError(f"the base model {base_path} has no fingerprint (no manifest.json), so a program "

@@ -39,7 +39,7 @@ from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.batch import generate_batch
 from paw_mlx.programs.compile import input_ids, load_rows, output_budget
 from paw_mlx.programs.function import ProgramFunction
-from paw_mlx.programs.interpreter import interpreter
+from paw_mlx.programs.interpreter import interpreter, resolve_base
 from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
 from paw_mlx.runtime import LoadedProgram, stream_tokens
 
@@ -163,6 +163,7 @@ def evaluate(tasks: Path, base: str | Path = DEFAULT_MODEL, options: SelectOptio
 
     options = options or SelectOptions()
     options.check()
+    options.check_base(resolve_base(base))  # before the weights load
     console = Console(stderr=True)
     prog = interpreter(base)
     dirs = [d for d in task_dirs(tasks) if not only or d.name in only]

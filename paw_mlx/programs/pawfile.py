@@ -374,6 +374,7 @@ def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force
         raise ArtifactError(f"{out} already exists (use --force to replace it)")
     options.check()  # what the caller gave, before it becomes the one LoRA candidate a bundle holds
     options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True))
+    options.check_base(resolve_base(base))  # the rank against the layers, before the weights load
     prog = interpreter(resolve_base(base))
     gguf_module_names(prog)  # an architecture llama.cpp cannot name fails here, before training
     if progress_bar is not None:

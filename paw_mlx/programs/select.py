@@ -36,8 +36,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
+from pathlib import Path
 
 from interp.errors import ConstraintError, PawError
+from interp.program import read_program
 from paw_mlx.programs.adapter import MAX_MEAN_RANK, LoraAdapter, mean_adapter
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.compile import (
@@ -50,7 +52,7 @@ from paw_mlx.programs.compile import (
 )
 from paw_mlx.programs.demos import choose_demos, demo_budget
 from paw_mlx.programs.examples import partitions
-from paw_mlx.programs.train import TrainOptions, TrainResult, train
+from paw_mlx.programs.train import TrainOptions, TrainResult, lora_targets, train
 from paw_mlx.runtime import LoadedProgram
 
 PREFIX_LORA = "prefix+lora"
@@ -97,6 +99,12 @@ class SelectOptions:
             raise PawError(f"cross-validation repeats must be 1-{MAX_REPEATS}, got {self.repeats}")
         self.lora.check()
         self.prefix.check()
+
+    def check_base(self, base: str | Path) -> None:
+        """Raise ``PawError`` if a LoRA candidate cannot be trained on the base program at ``base``
+        (its rank wider than a layer it adapts), read from ``prog.json`` before any weight loads."""
+        if any(self.training(name) is self.lora for name in self.candidates):
+            lora_targets(read_program(base), self.lora)
 
     def training(self, name: str) -> TrainOptions | None:
         """How candidate ``name`` is trained (for ``prefix+lora``: its second, LoRA stage)."""

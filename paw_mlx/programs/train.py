@@ -37,9 +37,9 @@ import numpy as np
 
 from interp.errors import PawError
 from interp.graph import GraphModel
-from interp.lora import linear_sites, model_dtype, rewrite_with_lora
+from interp.lora import LinearSite, linear_sites, model_dtype, rewrite_with_lora
 from interp.ops import REGISTRY
-from interp.program import names_in
+from interp.program import Program, names_in
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact
 from paw_mlx.programs.compile import input_ids
@@ -249,6 +249,33 @@ def _prepare(split: SplitModel, prog: LoadedProgram, artifact: ProgramArtifact, 
     return batches
 
 
+def first_tuned_layer(layers: int, options: TrainOptions) -> int:
+    """The lowest decoder layer training touches, of ``layers``: the top ``options.layers`` (0: all)."""
+    return 0 if options.layers == 0 else max(0, layers - options.layers)
+
+
+def lora_targets(program: Program, options: TrainOptions) -> dict[int, list[LinearSite]]:
+    """The linear layers a LoRA adapter trained with ``options`` adapts, by program node.
+
+    Reads only ``prog.json`` (the weights' shapes are in it), so ``paw compile`` checks the
+    rank against the layers before the base model's weights load. Raises ``PawError`` when
+    no layer qualifies, or the rank is more than the narrowest one's features.
+    """
+    first = first_tuned_layer(program.num_layers, options)
+    nodes: dict[int, list[LinearSite]] = {}
+    for site in linear_sites(program).values():
+        wanted = options.targets == "all" or any(w in site.module for w in _ATTENTION_WORDS)
+        if site.layer is not None and site.layer >= first and wanted:
+            nodes.setdefault(site.node, []).append(site)
+    if not nodes:
+        raise PawError("the base model has no linear layers a LoRA adapter can target")
+    narrowest = min(min(site.in_features, site.out_features) for group in nodes.values() for site in group)
+    if options.rank > narrowest:  # a higher rank adds nothing a rank of `narrowest` cannot do, and costs memory
+        raise PawError(f"LoRA rank {options.rank} is more than the narrowest layer it adapts ({narrowest} "
+                       f"features); use a rank of at most {narrowest}")
+    return nodes
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -257,7 +284,7 @@ class _Problem:
 
     def __init__(self, prog: LoadedProgram, artifact: ProgramArtifact, options: TrainOptions):
         layers = len(artifact.prefix)
-        self.first_tuned = 0 if options.layers == 0 else max(0, layers - options.layers)
+        self.first_tuned = first_tuned_layer(layers, options)
         self.layers = layers
         self.options = options
         self.artifact = artifact
@@ -293,18 +320,7 @@ class _Problem:
         return prefix
 
     def _lora_model(self, prog: LoadedProgram, options: TrainOptions) -> tuple[GraphModel, dict]:
-        sites = linear_sites(prog.program)
-        nodes: dict[int, list] = {}
-        for site in sites.values():
-            wanted = options.targets == "all" or any(w in site.module for w in _ATTENTION_WORDS)
-            if site.layer is not None and site.layer >= self.first_tuned and wanted:
-                nodes.setdefault(site.node, []).append(site)
-        if not nodes:
-            raise PawError("the base model has no linear layers a LoRA adapter can target")
-        narrowest = min(min(site.in_features, site.out_features) for group in nodes.values() for site in group)
-        if options.rank > narrowest:  # a higher rank adds nothing a rank of `narrowest` cannot do, and costs memory
-            raise PawError(f"LoRA rank {options.rank} is more than the narrowest layer it adapts ({narrowest} "
-                           f"features); use a rank of at most {narrowest}")
+        nodes = lora_targets(prog.program, options)
         self.sites = nodes
         program, names = rewrite_with_lora(prog.program, sorted(nodes), indexed=False)
         dtype = model_dtype(prog.model)

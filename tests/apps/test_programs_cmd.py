@@ -83,6 +83,30 @@ def test_bad_training_flags_are_one_line_before_any_work(tiny_program, tmp_path,
         assert not out.exists()
 
 
+def test_a_rank_wider_than_the_layers_is_refused_before_the_weights_load(tiny_program, tmp_path):
+    """Read off prog.json's shapes: the base's weights here are NaN, so loading them would be another error."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_program, base)
+    consts = base / "consts.safetensors"
+    data = bytearray(consts.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:] = b"\xff" * (len(data) - start)  # every float32 weight NaN
+    consts.write_bytes(bytes(data))
+    rows = tmp_path / "ex.jsonl"
+    rows.write_text('{"input": "a", "output": "A"}\n{"input": "b", "output": "B"}\n', encoding="utf-8")
+    for fmt in ("dir", "paw"):
+        out = tmp_path / f"out.{fmt}"
+        proc = subprocess.run([sys.executable, "-m", "apps.cli", "compile", "Upper.", "-o", str(out), "--base",
+                               str(base), "--examples", str(rows), "--format", fmt, "--rank", "100000"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.strip() == (
+            "paw: error: LoRA rank 100000 is more than the narrowest layer it adapts (32 features); use a rank of "
+            "at most 32"), (fmt, proc.stderr)
+        assert not out.exists()
+
+
 def test_cli_training_defaults_are_the_trainers():
     """The CLI spells its defaults out (so `--help` shows them without importing MLX); they must
     stay the trainer's and the selector's own."""

@@ -172,6 +172,31 @@ def test_logprobs_of_greedy_tokens_are_the_best(client):
     assert all(len(top) <= 2 for top in legacy.choices[0].logprobs.top_logprobs)
 
 
+def test_legacy_top_logprobs_hold_each_chosen_tokens_own_logprob(client):
+    """The legacy form keys alternatives by text; byte tokens of one character all read U+FFFD,
+    and a worse alternative of the same text must not overwrite the chosen token's entry."""
+    for prompt in ("Hi", "Hello", INPUTS[3]):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, logprobs=5)
+        logprobs = reply.choices[0].logprobs
+        for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+            assert top[token] == pytest.approx(lp, abs=1e-5) and max(top.values()) == top[token], (prompt, top)
+            assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
+def test_legacy_text_offsets_count_text_held_back(client):
+    """Text waits while it could begin a stop string or is half a character; the offsets must
+    still be where each token's text starts in the answer."""
+    for prompt in ("Hello", "Hi", INPUTS[6]):
+        plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, logprobs=0).choices[0]
+        never = [c + "\x01" for c in dict.fromkeys(plain.text)][:16]  # every character may begin one
+        held = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, logprobs=0, stop=never).choices[0]
+        assert held.text == plain.text
+        assert held.logprobs.text_offset == plain.logprobs.text_offset
+        for token, offset in zip(plain.logprobs.tokens, plain.logprobs.text_offset, strict=True):
+            if "\ufffd" not in token and not (token.startswith("<|") and token.endswith("|>")):
+                assert plain.text[offset:offset + len(token)] == token, (prompt, token, offset)
+
+
 def test_sampling_controls_reach_the_rows(client):
     messages = [{"role": "user", "content": INPUTS[5]}]
     settings = dict(model="tiny", messages=messages, max_tokens=MAX, temperature=1.0, top_p=0.9, seed=7,
@@ -206,6 +231,79 @@ def test_response_format_json_schema_always_parses(client):
     opened = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                             response_format={"type": "json_object"})
     assert opened.choices[0].message.content.startswith("{")
+
+
+def test_json_schema_keys_come_out_in_the_schemas_order(client):
+    """As OpenAI's structured outputs and paw call write them, not sorted."""
+    schema = {"type": "object", "properties": {"zeta": {"enum": ["z"]}, "alpha": {"enum": ["a"]}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "order", "schema": schema}})
+    assert reply.choices[0].message.content == '{"zeta": "z", "alpha": "a"}'
+
+
+def test_only_small_schemas_are_kept_compiled(client):
+    """Requests repeat their schemas, so compiled ones are kept; a big one is not, or a client
+    could fill the server's memory with them (a 2.6 MB enum kept about 12 MB)."""
+    from apps.serve import prepare
+
+    def ask(values: int) -> str:
+        schema = {"enum": [f"value {i} " + "x" * 30 for i in range(values)]}
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "e", "schema": schema}}).choices[0]
+
+    kept = prepare._grammar.cache_info().currsize
+    assert ask(3000).message.content.startswith('"value ')  # 130 KB of schema: used, not kept
+    assert prepare._grammar.cache_info().currsize == kept
+    ask(5)
+    assert prepare._grammar.cache_info().currsize == kept + 1
+
+
+def test_row_constraints_are_built_off_the_event_loop(client, monkeypatch):
+    """Each choice compiles its grammar: n=16 with a 2.6 MB schema stalled every stream for 1.8 s
+    when that ran on the event loop's thread."""
+    from apps.serve.prepare import Prepared
+
+    threads = []
+    requests = Prepared.requests
+
+    def recorded(self):
+        threads.append(threading.current_thread().name)
+        return requests(self)
+
+    monkeypatch.setattr(Prepared, "requests", recorded)
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2,
+                                   response_format={"type": "json_object"})
+    assert threads and "paw-serve" not in threads  # BackgroundServer's event loop thread
+
+
+def test_a_whole_response_is_built_and_serialized_off_the_event_loop(client, monkeypatch):
+    """n=16 with 20 alternatives per token is a body of megabytes: built on the event loop, it
+    stalled every stream for 1.2 s (3.6 s for 64 prompts x 4 choices)."""
+    from fastapi.responses import JSONResponse
+
+    from apps.serve.completions import Generation
+
+    threads = []
+    body, render = Generation.body, JSONResponse.render
+
+    def recorded_body(self):
+        threads.append(("body", threading.current_thread().name))
+        return body(self)
+
+    def recorded_render(self, content):
+        if isinstance(content, dict) and "choices" in content:
+            threads.append(("render", threading.current_thread().name))
+        return render(self, content)
+
+    monkeypatch.setattr(Generation, "body", recorded_body)
+    monkeypatch.setattr(JSONResponse, "render", recorded_render)
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2,
+                                   logprobs=True, top_logprobs=3)
+    assert {what for what, _ in threads} == {"body", "render"}
+    assert all(name != "paw-serve" for _, name in threads), threads
 
 
 def test_a_constraint_that_fails_while_generating_ends_only_its_own_request(client, base):
@@ -291,6 +389,8 @@ def test_the_api_key_is_required(server):
 BAD_REQUESTS = [
     ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("wrong type", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ("content of neither form", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content"),
     ("negative max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
      400, "max_tokens"),
     ("boolean max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True},
@@ -330,13 +430,23 @@ def test_bad_requests_get_an_openai_error(http, name, body, status, param):
         assert error["param"] == param
 
 
+def test_a_field_of_several_forms_names_them_all(client):
+    """Not the first form's complaint: a list prompt with a string in it is not 'a valid string'."""
+    for prompt in ([1, "a"], [True], 5):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+        assert bad.value.param == "prompt" and bad.value.message.endswith(
+            "'prompt' must be a string, an array of strings, an array of token ids or an array of arrays of token ids")
+    with pytest.raises(openai.BadRequestError, match="'stop' must be a string or an array of strings$"):
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"stop": 5})
+
+
 def test_malformed_json_and_unknown_routes(http):
     r = http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
     for content, headers, status, says in [
         (b"", {"Content-Type": "application/json"}, 400, "the request body is empty"),
-        (body, {"Content-Type": "text/plain"}, 400, "Content-Type: application/json"),
         (b"[1]", {"Content-Type": "application/json"}, 400, "must be a JSON object"),
         (gzip.compress(body), {"Content-Type": "application/json", "Content-Encoding": "gzip"}, 415, "gzip"),
     ]:
@@ -348,6 +458,49 @@ def test_malformed_json_and_unknown_routes(http):
         openai.OpenAI(base_url=http.base_url.join("/v1").__str__(), api_key=KEY, max_retries=0).chat.completions.create(
             model="nope", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.code == "model_not_found" and missing.value.type == "invalid_request_error"  # as OpenAI's
+
+
+def test_a_json_object_is_read_whatever_content_type_it_came_with(http, base):
+    """curl -d sends application/x-www-form-urlencoded; scripts send text/plain or nothing."""
+    body = json.dumps({"model": "tiny", "prompt": INPUTS[0], "max_tokens": 4}).encode()
+    want = expected_completion(base, INPUTS[0], 4)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        r = http.post("/v1/completions", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (content_type, r.text)
+    form = http.post("/v1/completions", data={"model": "tiny", "prompt": "Hello"})  # a real form: not JSON
+    assert form.status_code == 400 and "not valid JSON" in form.json()["error"]["message"], form.text
+    upload = http.post("/v1/completions", files={"file": ("a.json", body)})
+    assert upload.status_code == 415 and "multipart/form-data" in upload.json()["error"]["message"], upload.text
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"model": "tiny", "prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", "an integer has more than"),
+    (b'{"model": "tiny", "prompt": "Hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    (b'{"model": "tiny", "prompt": "\xff"}', "can't decode byte 0xff"),
+    (b'{"model": "tiny", "prompt": "Hi", "temperature": NaN}', "NaN is not a JSON number"),
+    (b'{"model": "tiny", "prompt": "Hi", "logit_bias": {"5": -Infinity}}', "-Infinity is not a JSON number"),
+], ids=["5000 digits", "nested 5000 deep", "not UTF-8", "NaN", "-Infinity"])
+def test_an_unusable_json_body_is_a_400_naming_the_problem(http, content, says):
+    r = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "\n" not in error["message"]
+    assert error["message"].startswith("the request body is not usable JSON: ") and says in error["message"], error
+
+
+def test_openai_endpoints_paw_lacks_say_what_it_serves(client, http):
+    for call in (lambda: client.embeddings.create(model="tiny", input="hi"),
+                 lambda: client.responses.create(model="tiny", input="hi")):
+        with pytest.raises(openai.NotFoundError, match="this server's API is GET /v1/models") as missing:
+            call()
+        assert missing.value.type == "invalid_request_error"
+    with pytest.raises(openai.APIStatusError, match="DELETE is not allowed on /v1/models/tiny: use GET, HEAD$") as \
+            wrong:
+        client.models.delete("tiny")
+    assert wrong.value.status_code == 405
+    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
+    assert http.post("/v1/completions", content=body, headers={"Content-Encoding": ""}).status_code == 200
 
 
 def test_bad_requests_never_disturb_running_rows(http, base):
@@ -417,6 +570,85 @@ def test_a_full_queue_answers_429_with_retry_after(base, programs):
             assert r.json()["error"]["type"] == "rate_limit_error"
         wait_for_rows(http, 0)
         assert http.post("/v1/completions", json=dict(body, n=2, max_tokens=3)).status_code == 200
+
+
+def test_a_request_past_the_timeout_is_a_504_the_client_does_not_retry(base, programs):
+    engine = Engine(EngineConfig(max_rows=2, timeout=0.3))
+    decode, submitted = engine._decode, []
+    submit = engine.submit
+
+    def slow_decode(group) -> None:
+        time.sleep(0.02)
+        decode(group)
+
+    def counted_submit(request, on_event=None):
+        submitted.append(request)
+        return submit(request, on_event=on_event)
+
+    engine._decode, engine.submit = slow_decode, counted_submit
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", timeout=WAIT)  # retries as by default
+        with pytest.raises(openai.APIStatusError, match="ran past the server's timeout of 0.3 s") as late:
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=400, logit_bias=endless_bias(base))
+        assert late.value.status_code == 504 and late.value.code == "request_timeout"
+        assert len(submitted) == 1  # not three: retrying would run as long again
+        with pytest.raises(openai.APIError, match="ran past the server's timeout"):  # streamed: an error event
+            for _ in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=400, logit_bias=endless_bias(base), stream=True):
+                pass
+
+
+def test_a_request_abandoned_while_queued_leaves_the_queue(base, programs):
+    engine = Engine(EngineConfig(max_rows=1))
+    decode = engine._decode
+
+    def slow_decode(group) -> None:
+        time.sleep(0.02)
+        decode(group)
+
+    engine._decode = slow_decode
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "logit_bias": endless_bias(base)}
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
+        with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as running:
+            lines = running.iter_lines()
+            next(lines)
+            with pytest.raises(httpx.ReadTimeout):  # queued behind the running row, then given up
+                httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+            deadline = time.monotonic() + WAIT
+            while (health := http.get("/health").json())["queued"]:
+                assert time.monotonic() < deadline, "the abandoned request stayed queued"
+                time.sleep(0.02)
+            assert health["rows"] == 1  # the running one goes on
+
+
+def test_requests_the_server_stops_end_with_an_error_not_a_finish(base, programs):
+    """A shutdown cuts running requests short: a client must not read them as finished answers."""
+    engine = Engine(EngineConfig(max_rows=4))
+    decode = engine._decode
+
+    def slow_decode(group) -> None:
+        time.sleep(0.02)
+        decode(group)
+
+    engine._decode = slow_decode
+    app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "logit_bias": endless_bias(base)}
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
+        whole: dict = {}
+        waiting = threading.Thread(target=lambda: whole.update(r=http.post("/v1/completions", json=body)))
+        with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            waiting.start()
+            wait_for_rows(http, 2)
+            engine.stop()
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        waiting.join(WAIT)
+    assert "error" in events[-1] and "shutting down" in events[-1]["error"]["message"], events[-1]
+    assert not any(c.get("finish_reason") for e in events for c in e.get("choices", []))
+    assert whole["r"].status_code == 503 and "shutting down" in whole["r"].json()["error"]["message"]
 
 
 def test_the_catalog_serves_every_usable_program_and_warns_of_the_rest(tiny_program, programs, tmp_path):
