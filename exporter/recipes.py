@@ -17,6 +17,7 @@ calls the paw op, for the duration of the capture only.
 | falcon | hand-written attention (rotary; falcon-rw: ALiBi) | forward calls ``paw::attention``; ALiBi refused |
 | dbrx | expert block loops over the experts it hits (``nonzero``) | forward calls ``experts.route`` |
 | jetmoe | MLP and attention experts grouped by sizes read with ``tolist()`` | ``experts.route``, ``expert_linear`` |
+| jetmoe | keys and values tiled once per attention expert slot | queries regrouped by key head: keys cached once |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``.
@@ -211,12 +212,34 @@ def _jetmoe_moa_reduce(self, layer_input, topo_info):
     return out.view(batch, length, -1) + self.bias
 
 
+def _jetmoe_attention_forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+                              **kwargs):
+    """JetMoeAttention with each key and value head cached once, not tiled once per expert slot.
+
+    Its k expert slots each bring kv_heads query heads, slot-major (head s * kv_heads + j
+    reads key head j, which it tiles k times); regrouped key-head-major (head j * k + s), the
+    queries read the untiled keys as grouped-query attention does, and the output goes back.
+    """
+    batch, length = hidden_states.shape[:2]
+    slots, heads, size = self.top_k, self.num_key_value_heads, self.head_dim
+    queries, router_logits, topo_info = self.experts.map(hidden_states)  # [B, L, k, heads * size]
+    q = queries.view(batch, length, slots * heads, size).transpose(1, 2)
+    k, v = (part.view(batch, length, heads, size).transpose(1, 2) for part in self.kv_proj(hidden_states).chunk(2, -1))
+    q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, *position_embeddings)
+    q = q.view(batch, slots, heads, length, size).transpose(1, 2).reshape(batch, heads * slots, length, size)
+    out = torch.ops.paw.attention(q, k, v, 0, float(self.scaling), _window(attention_mask), 0.0)
+    out = out.view(batch, heads, slots, length, size).permute(0, 3, 2, 1, 4)  # [B, L, k, heads, size]
+    out = self.experts.reduce(out.reshape(batch, length, slots, heads * size), topo_info)
+    return out.view(batch, length, -1), None, router_logits
+
+
 RECIPES: dict[str, Recipe] = {
     "xglm": Recipe(why="hand-written attention", forwards={"XGLMAttention": _xglm_attention_forward}),
     "mpt": Recipe(why="hand-written ALiBi attention", forwards={"MptAttention": _mpt_attention_forward},
                   check=_check_mpt_alibi),
     "jetmoe": Recipe(why="experts grouped by data-dependent sizes (tolist)", forwards={
-        "JetMoeMoE": _jetmoe_moe_forward, "JetMoeMoA.map": _jetmoe_moa_map, "JetMoeMoA.reduce": _jetmoe_moa_reduce}),
+        "JetMoeMoE": _jetmoe_moe_forward, "JetMoeMoA.map": _jetmoe_moa_map, "JetMoeMoA.reduce": _jetmoe_moa_reduce,
+        "JetMoeAttention": _jetmoe_attention_forward}),
     "dbrx": Recipe(why="experts looped by hand", forwards={"DbrxExperts": _dbrx_experts_forward}),
     "bloom": Recipe(why="hand-written ALiBi attention", forwards={"BloomAttention": _bloom_attention_forward}),
     "gptj": Recipe(why="hand-written attention", forwards={"GPTJAttention._attn": _scaled_attn}),
