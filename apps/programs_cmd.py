@@ -148,6 +148,8 @@ def print_selection(info: dict | None) -> None:
         console.print(f"its prefix shows {shown['shown']} of the {shown['examples']} examples as demonstrations "
                       "(a spread of them within its budget); every example was used to choose the program "
                       "and to train a tuned one")
+    for line in selection_notes(info):
+        console.print(f"note: {line}")
     if "test" in info:
         test = info["test"]
         console.print(f"on the {test['total']} rows marked test (never seen while compiling): exact match "
@@ -155,6 +157,26 @@ def print_selection(info: dict | None) -> None:
         if test.get("inputs_also_in_training"):
             console.print(f"warning: {test['inputs_also_in_training']} of these rows share an input with a training "
                           "example, so their score is not a held-out one")
+
+
+#: Below this many examples, a held-out score rests on too few predictions to choose well.
+FEW_EXAMPLES = 5
+
+
+def selection_notes(info: dict) -> list[str]:
+    """Advice on a compile's report: too few examples to choose well, or a kept program that mostly failed held out."""
+    notes = []
+    kept = next((c for c in info["candidates"] if c["name"] == info["kept"]), None)
+    shown = info.get("demonstrations") or {}
+    examples = shown.get("examples", kept["total"] if kept else 0)
+    if examples < FEW_EXAMPLES:
+        notes.append(f"with {examples} examples each candidate's held-out score rests on {examples} predictions; "
+                     f"{FEW_EXAMPLES}-8 examples give a steadier choice")
+    if kept and kept["total"] and kept["exact_match"] < 0.5:
+        notes.append(f"the kept program answered {kept['correct']} of {kept['total']} held-out examples exactly: "
+                     "the base model may not manage this task from these examples; more or clearer examples, a "
+                     "clearer spec, --returns to fix the answer's form, or a larger base model may help")
+    return notes
 
 
 def call_cmd(

@@ -144,3 +144,26 @@ def test_time_to_first_token_is_timed_after_warm_passes_over_the_timed_rows():
     assert len(timed) == evaluate.TTFT_SAMPLES * len(columns)
     assert [i for _, i in timed[::2]] == [r % 3 for r in range(evaluate.TTFT_SAMPLES)]
     assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def _selection(correct: int, total: int, examples: int) -> dict:
+    candidate = {"name": "lora", "correct": correct, "total": total, "exact_match": correct / total,
+                 "seconds": 1.0, "fold_seconds": [1.0]}
+    return {"method": "cv", "candidates": [candidate], "kept": "lora", "reason": "r",
+            "demonstrations": {"shown": examples, "examples": examples}}
+
+
+@pytest.mark.parametrize("correct, total, examples, notes", [
+    (8, 8, 8, []),
+    (2, 3, 3, ["with 3 examples"]),
+    (1, 8, 8, ["answered 1 of 8 held-out examples exactly"]),
+    (0, 4, 4, ["with 4 examples", "answered 0 of 4"]),
+])
+def test_compile_report_advises_on_few_examples_and_a_failing_task(capsys, correct, total, examples, notes):
+    from apps.programs_cmd import print_selection
+
+    print_selection(_selection(correct, total, examples))
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("note:") == len(notes)
+    for note in notes:
+        assert note in err
