@@ -415,15 +415,15 @@ class CheckpointWeights:
                 module._parameters[key] = param
 
 
-def load_streaming(location: str, dtype: torch.dtype, gguf_file: str | None = None):
+def load_streaming(location: str, dtype: torch.dtype, **kwargs):
     """(model with its weights on the meta device, CheckpointWeights) through ``from_pretrained``.
 
-    Raises ``NotStreamable`` for a source that has to be loaded whole.
+    ``kwargs`` go to ``from_pretrained`` (``gguf_file``, ``use_safetensors``). Raises
+    ``NotStreamable`` for a source that has to be loaded whole.
     """
     from transformers import AutoModelForCausalLM
 
     plan = LoadPlan()
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     with _planning(plan):
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     if not plan.owner:

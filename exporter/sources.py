@@ -110,11 +110,32 @@ def resolve_source(src: str, progress: bool = True) -> Source:
             raise SourceError(f"{path} is neither a model folder nor a .gguf file")
         if not (path / "config.json").is_file():
             raise SourceError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        _refuse_pickle_only(path)
         return Source("folder", str(path.resolve()), None, {"folder": path.name})
     if src.count("/") == 1 and not src.startswith((".", "/", "~")):
         return Source("hub", src, None, {"id": src})
     raise SourceError(f"no such model: {src!r} is not a file, a folder, a hub id (owner/name) or a known alias "
                       f"({', '.join(ALIASES)})")
+
+
+#: File names of weights saved with pickle (torch.save), which paw never loads.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_pickle_only(folder: Path) -> None:
+    """SourceError for a model folder whose weights are pickle files only: paw reads safetensors, never pickles."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise SourceError(f"{folder} holds its weights only as pickle files ({', '.join(pickles[:3])}), which paw "
+                          "never loads (a pickle can run code): save the model with safetensors "
+                          "(model.save_pretrained(..., safe_serialization=True)) or give a .gguf file")
+
+
+def _weights_kwargs(source: Source) -> dict:
+    """from_pretrained's arguments for where the weights are: the GGUF file, else safetensors only (never pickles)."""
+    return {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
 
 
 def load_source(source: Source, dtype: str):
@@ -125,7 +146,7 @@ def load_source(source: Source, dtype: str):
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **_weights_kwargs(source))
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer
 
@@ -142,7 +163,7 @@ def load_source_streaming(source: Source, dtype: str):
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
-        model, weights = load_streaming(source.location, getattr(torch, dtype), **kwargs)
+        model, weights = load_streaming(source.location, getattr(torch, dtype), **_weights_kwargs(source))
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer, weights
 

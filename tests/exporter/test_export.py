@@ -95,6 +95,30 @@ def test_sources_are_resolved_with_clear_errors(tmp_path):
     assert resolve_source(str(folder)).kind == "folder"
 
 
+def test_pickle_only_weights_are_refused_before_anything_unpickles_them(tmp_path, monkeypatch):
+    """A folder whose weights are only torch.save pickles: one SourceError, and torch.load never runs."""
+    import torch
+
+    from exporter.sources import Source, load_source
+
+    folder = tmp_path / "m"
+    model = tiny_model(tiny_llama_config())
+    model.save_pretrained(folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # what older transformers saved
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load ran on a user's file")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(SourceError, match="only as pickle files .pytorch_model.bin"):
+        resolve_source(str(folder))
+    # a source that reached the loader anyway (a hub repo with .bin files only) is held to safetensors too
+    with pytest.raises(SourceError):
+        load_source(Source("folder", str(folder), None, {}), "float32")
+
+
 def test_dtype_export_stores_that_dtype(tmp_path):
     out = export_model(tiny_model(tiny_llama_config()), None, tmp_path / "bf16", dtype="bfloat16")
     spec = read_program(out).spec
