@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from interp.errors import ConstraintError
+from interp.jsonfile import parse_json
 
 #: how the error of a row whose constraint failed while generating begins
 CONSTRAINT_FAILED = "the output constraint failed"
@@ -97,10 +98,7 @@ def parse_returns_option(text: str) -> dict:
         path = Path(text[1:]).expanduser()
         if not path.is_file():
             raise ConstraintError(f"no such returns file: {path}")
-        try:
-            return normalize_returns(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConstraintError(f"{path} is not JSON: {exc}") from None
+        return normalize_returns(parse_json(path.read_bytes(), str(path), ConstraintError))
     if text == "json":
         return {"json_object": True}
     for prefix in ("regex:", "re:"):
@@ -109,13 +107,14 @@ def parse_returns_option(text: str) -> dict:
     if text.startswith("choices:"):
         return _choices([c for c in text[len("choices:"):].split("|")])
     if text[:1] in "[{":
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise ConstraintError(f"--returns {text!r} is not valid JSON: {exc}") from None
-        return normalize_returns(value)
-    raise ConstraintError(f"cannot read --returns {text!r}: use a JSON list of choices, choices:A|B, "
+        return normalize_returns(parse_json(text, f"--returns {_shorten(text)!r}", ConstraintError))
+    raise ConstraintError(f"cannot read --returns {_shorten(text)!r}: use a JSON list of choices, choices:A|B, "
                           "regex:PATTERN, json, a JSON schema or @FILE")
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters for an error line."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def describe_returns(spec: dict) -> str:

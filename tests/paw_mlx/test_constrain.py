@@ -108,6 +108,20 @@ def test_cli_forms():
         parse_returns_option("yes or no")
 
 
+def test_cli_forms_of_hostile_json_are_one_constraint_error(tmp_path):
+    nested = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ConstraintError, match="nested too deeply"):
+        parse_returns_option(nested)
+    (tmp_path / "deep.json").write_text(nested)
+    with pytest.raises(ConstraintError, match="nested too deeply"):
+        parse_returns_option(f"@{tmp_path / 'deep.json'}")
+    with pytest.raises(ConstraintError, match="not usable JSON"):
+        parse_returns_option('{"type": "integer", "maximum": ' + "9" * 5000 + "}")
+    with pytest.raises(ConstraintError) as error:
+        parse_returns_option("[" + "1," * 10_000)
+    assert len(str(error.value)) < 200  # the line names the value, cut short
+
+
 def test_stored_with_the_program_and_used_by_the_cli(tiny_program, tmp_path):
     out = tmp_path / "labels"
     art = paw_mlx.compile(SPEC, base=tiny_program, out_dir=out, returns="choices:left|right")
