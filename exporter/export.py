@@ -263,9 +263,10 @@ def _fold_layouts(low, outputs: list[str], say: Progress) -> None:
         say(f"folded {folded} layout ops into the stored weights")
     left = unfolded_weights(low)
     if left:
-        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
-        say(f"note: {left[0]}{more} reach their ops through layout ops that also feed other readers; "
-            "left unfolded, so --quantize and ternary packing leave them in float")
+        what = (f"{left[0]} and {len(left) - 1} more weights reach their ops", "them") if len(left) > 1 \
+            else (f"{left[0]} reaches its op", "it")
+        say(f"note: {what[0]} through layout ops whose weight has other readers; left unfolded, "
+            f"so --quantize and ternary packing leave {what[1]} in float")
 
 
 def _hint_keep(checkpoint, say: Progress) -> None:

@@ -79,8 +79,8 @@ def test_a_weight_read_two_ways_stays_unfolded_and_is_named():
         assert low.nodes == nodes and low.consts["w"] is STORED
         said: list[str] = []
         _fold_layouts(low, outputs, said.append)
-        assert said == ["note: w reach their ops through layout ops that also feed other readers; left unfolded, "
-                        "so --quantize and ternary packing leave them in float"]
+        assert said == ["note: w reaches its op through layout ops whose weight has other readers; left unfolded, "
+                        "so --quantize and ternary packing leave it in float"]
 
 
 def test_a_layout_op_torch_refuses_is_left_to_the_interpreter():
