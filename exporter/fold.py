@@ -57,7 +57,8 @@ def fold_layouts(low: Lowering, outputs: list[str]) -> int:
 
     Repeats until no const is read only by one kind of layout op, so a chain
     (transpose then reshape) folds into one const. The folded nodes are removed and
-    their readers read the const.
+    their readers read the const. Then a ``matmul`` by a 2-D weight becomes a ``linear``
+    by its transpose (counted as one fold each).
     """
     folded = 0
     while True:
@@ -74,11 +75,34 @@ def fold_layouts(low: Lowering, outputs: list[str]) -> int:
                 gone.add(id(node))
             folded += len(nodes)
         if not renamed:
-            return folded
+            return folded + _matmuls_to_linear(low)
         low.nodes = [node for node in low.nodes if id(node) not in gone]
         for node in low.nodes:
             node["inputs"] = [_rename(value, renamed) for value in node["inputs"]]
             node["attrs"] = {key: _rename(value, renamed) for key, value in node["attrs"].items()}
+
+
+def _matmuls_to_linear(low: Lowering) -> int:
+    """``matmul(x, W)`` with W a 2-D float const read only that way -> ``linear(x, W.T)``; returns how many.
+
+    GPT-2's Conv1D stores [in, out] and Falcon transposes its [out, in] weights before a
+    matmul: as ``linear`` weights the quantizer and the projection fusion take them too.
+    """
+    transposed: set[str] = set()
+    for name, readers in _const_readers(low).items():
+        weight = low.consts[name]
+        if weight.dim() == 2 and weight.is_floating_point() and all(
+                node["op"] == "matmul" and node["inputs"][1] == name and node["inputs"][0] != name
+                for node, _ in readers):
+            transposed.add(name)
+    count = 0
+    for node in low.nodes:
+        if node["op"] == "matmul" and node["inputs"][1] in transposed:
+            node.update(op="linear", inputs=[node["inputs"][0], node["inputs"][1], None], attrs={})
+            count += 1
+    for name in transposed:
+        low.consts[name] = _folded(low.consts[name], {"op": "transpose", "attrs": {"dim0": 0, "dim1": 1}})
+    return count
 
 
 def unfolded_weights(low: Lowering) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from exporter.export import _fold_layouts
@@ -130,3 +131,32 @@ def test_slices_and_selects_fold_as_the_interpreter_computes_them():
 def test_a_graph_output_is_not_folded_away():
     low = Lowering(consts={"w": STORED}, nodes=[_node("transpose", ["w"], {"dim0": 0, "dim1": 1}, "y")])
     assert fold_layouts(low, ["y"]) == 0 and len(low.nodes) == 1
+
+
+def test_a_matmul_by_a_stored_weight_becomes_a_linear_by_its_transpose():
+    reads: list[int] = []
+    low = Lowering(consts={"w": _lazy(STORED, reads), "shared": STORED}, nodes=[
+        _node("matmul", ["x", "w"], {}, "y"),  # GPT-2's Conv1D: [in, out]
+        _node("matmul", ["x", "shared"], {}, "z"),
+        _node("add", ["shared", 1.0], {}, "u"),  # read another way: stays a matmul
+    ])
+    assert fold_layouts(low, ["y", "z", "u"]) == 1
+    assert low.nodes[0] == _node("linear", ["x", "w", None], {}, "y") and low.nodes[1]["op"] == "matmul"
+    assert reads == [] and torch.equal(materialize(low.consts["w"]), STORED.T) and low.consts["shared"] is STORED
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "falcon"])
+def test_matmul_weights_are_quantized(tmp_path, arch):
+    """GPT-2 and Falcon multiply by stored (or transposed) weights with matmul: every one ends up 4-bit."""
+    import json
+
+    from exporter.export import export_model
+    from tests.archs import arch_config
+    from tests.tiny import tiny_model
+
+    program = export_model(tiny_model(arch_config(arch)), None, tmp_path / "q4", quantize=4, group_size=32)
+    spec = json.loads((program / "prog.json").read_text())
+    floats = {name for name, const in spec["consts"].items() if const["dtype"] == "float32" and len(const["shape"]) == 2
+              and not name.endswith((".scales", ".biases"))}
+    assert not floats
+    assert not any(node["op"] == "matmul" and node["inputs"][1] in spec["consts"] for node in spec["nodes"])
