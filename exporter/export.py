@@ -144,6 +144,8 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     eliminate_dead_code(low, outputs)
     if quantize == KEEP:
         _keep_blocks(low, checkpoint, say)
+    # after the GGUF blocks are kept: a folded const keeps its name but not the file's layout
+    _fold_layouts(low, outputs, say)
     packed = ternarize_program(low, outputs, ternary_plan) if ternary_plan.active else 0
     if packed:
         say(f"packed {packed} linear weights as ternary ({ternary_plan.packing})")
@@ -250,6 +252,21 @@ def _keep_blocks(low, checkpoint, say: Progress) -> None:
                           + (f" (the source has {left})" if left else "")
                           + "; use --quantize 4 or 8 to quantize the weights instead")
     say(f"kept {kept} weights as their GGUF blocks" + (f"; dequantized {left}" if left else ""))
+
+
+def _fold_layouts(low, outputs: list[str], say: Progress) -> None:
+    """Fold reshapes and transposes of stored weights into them (exporter/fold.py); note the ones left."""
+    from exporter.fold import fold_layouts, unfolded_weights
+
+    folded = fold_layouts(low, outputs)
+    if folded:
+        say(f"folded {folded} layout ops into the stored weights")
+    left = unfolded_weights(low)
+    if left:
+        what = (f"{left[0]} and {len(left) - 1} more weights reach their ops", "them") if len(left) > 1 \
+            else (f"{left[0]} reaches its op", "it")
+        say(f"note: {what[0]} through layout ops whose weight has other readers; left unfolded, "
+            f"so --quantize and ternary packing leave {what[1]} in float")
 
 
 def _hint_keep(checkpoint, say: Progress) -> None:

@@ -6,6 +6,8 @@ expert weights ``quantized_expert_linear``. The codes,
 scales and biases come from ``mx.quantize`` itself, so they are bit-identical to what
 ``mlx_lm.convert -q`` writes and to what ``mx.quantized_matmul`` expects: the exporter
 imports MLX for this one transform rather than re-deriving MLX's rounding in torch.
+Weights a model reaches through a reshape or transpose (gpt-oss's and DBRX's experts) are
+folded into plain consts first (exporter/fold.py), so they are quantized too.
 """
 
 from __future__ import annotations

@@ -103,6 +103,11 @@ ARCHS: dict[str, dict] = {
 }
 
 
+#: the mixture-of-experts families above: their routed experts run as ``expert_linear``
+MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "mixtral", "olmoe", "phimoe",
+       "qwen2_moe", "qwen3_moe")
+
+
 def arch_config(model_type: str):
     """The tiny float32 config of ``model_type``."""
     from transformers import AutoConfig

@@ -16,7 +16,7 @@ import torch
 
 from interp.graph import GraphModel
 from interp.program import load_consts, read_program
-from tests.archs import VOCAB, arch_config
+from tests.archs import MOE, VOCAB, arch_config
 from tests.tiny import tiny_model
 
 IDS = np.random.default_rng(3).integers(3, VOCAB, (2, 70))  # 140 routed pairs: the grouped-by-expert path too
@@ -54,18 +54,53 @@ def test_sparse_program_reads_routed_experts_and_dense_all(mixtral):
         assert np.abs(_logits(programs[mode]) - reference).max() < 1e-4, mode
 
 
-def test_quantized_experts_compute_with_their_dequantized_weights(mixtral):
-    programs, _ = mixtral
-    layers = arch_config("mixtral").num_hidden_layers
-    assert _ops(programs["q4"])["quantized_expert_linear"] == 2 * layers
-    consts = load_consts(read_program(programs["q4"]))
-    floats = load_consts(read_program(programs["sparse"]))
+def _dequantized(quantized, plain) -> dict:
+    """``plain``'s consts, each weight ``quantized`` holds in 4 bits (groups of 32) replaced by its dequantization."""
+    consts = load_consts(read_program(quantized))
+    floats = load_consts(read_program(plain))
     for name in [n for n in consts if n.endswith(".qweight")]:
         base = name.removesuffix(".qweight")
         weight = base if base in floats else base + ".weight"
         floats[weight] = mx.dequantize(consts[name], consts[base + ".scales"], consts[base + ".biases"],
                                        group_size=32, bits=4)
+    return floats
+
+
+def test_quantized_experts_compute_with_their_dequantized_weights(mixtral):
+    programs, _ = mixtral
+    layers = arch_config("mixtral").num_hidden_layers
+    assert _ops(programs["q4"])["quantized_expert_linear"] == 2 * layers
+    floats = _dequantized(programs["q4"], programs["sparse"])
     np.testing.assert_allclose(_logits(programs["q4"]), _logits(programs["sparse"], floats), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_every_expert_weight_is_quantized(tmp_path, arch):
+    """gpt-oss and DBRX reach their experts through a transpose or reshape of the stored weight
+    (exporter/fold.py folds it): in every family each expert weight ends up 4-bit, none in float."""
+    from exporter.export import export_model
+
+    model = tiny_model(arch_config(arch))
+    plain = export_model(model, None, tmp_path / "float")
+    quantized = export_model(model, None, tmp_path / "q4", quantize=4, group_size=32)
+    experts = {node["inputs"][1] for node in json.loads((plain / "prog.json").read_text())["nodes"]
+               if node["op"] == "expert_linear"}
+    spec = read_program(quantized).spec
+    assert experts and all(name in read_program(plain).spec["consts"] for name in experts)
+    assert _ops(quantized)["expert_linear"] == 0
+    assert _ops(quantized)["quantized_expert_linear"] == _ops(plain)["expert_linear"]
+    for name in experts:  # gone from the consts, held as codes, scales and biases instead
+        assert name not in spec["consts"]
+        assert spec["consts"][name.removesuffix(".weight") + ".qweight"]["dtype"] == "uint32"
+    floats, dequantized = load_consts(read_program(plain)), _dequantized(quantized, plain)
+    scales = load_consts(read_program(quantized))
+    for name in experts:  # each 4-bit weight is the float program's own, in its layout, within one step
+        step = scales[name.removesuffix(".weight") + ".scales"]  # [E, out, groups]
+        error = mx.abs(dequantized[name] - floats[name]).reshape(*step.shape, 32)
+        assert mx.all(error <= mx.abs(step)[..., None] + 1e-6).item(), name  # MLX may store a negative scale
+    # the quantized program computes exactly with those weights (routing flips make a tiny random
+    # MoE's 4-bit logits differ widely from its float ones, for families quantized before too)
+    np.testing.assert_allclose(_logits(quantized), _logits(plain, dequantized), atol=1e-4, rtol=0)
 
 
 #: families whose expert blocks bypass the experts interface (exporter/recipes.py), and how many

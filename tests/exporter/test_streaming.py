@@ -98,3 +98,35 @@ def test_pread_reads_of_gguf_tensors_equal_transformers_memory_map(tmp_path, tin
     for info in header.tensors:
         read = _PreadGgufTensor(lazy[info.name], header.path, header.data_start + info.offset)[...]
         assert torch.equal(read, lazy[info.name][...]), info.name
+
+
+def test_streamed_quantized_export_folds_experts_lazily(tmp_path, tiny_tokenizer, monkeypatch):
+    """gpt-oss's transposed experts fold into 4-bit consts (exporter/fold.py) while every weight stays on
+    disk until written: no checkpoint read happens before the writer starts, and the result is the
+    in-memory export's, byte for byte."""
+    from exporter import writer
+    from exporter.checkpoint import LoadPlan
+
+    folder = tmp_path / "gpt_oss"
+    tiny_model(arch_config("gpt_oss")).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    whole = export_source(str(folder), tmp_path / "whole", stream=False, quantize=4, group_size=32)
+    writing: list[bool] = []
+    reads: list[bool] = []  # for each checkpoint read: whether the writer had started
+    write_consts, realize = writer.write_consts, LoadPlan.realize
+
+    def start_writing(*args, **kwargs):
+        writing.append(True)
+        return write_consts(*args, **kwargs)
+
+    def read(self, name):
+        reads.append(bool(writing))
+        return realize(self, name)
+
+    monkeypatch.setattr(writer, "write_consts", start_writing)
+    monkeypatch.setattr(LoadPlan, "realize", read)
+    streamed = export_source(str(folder), tmp_path / "streamed", quantize=4, group_size=32)
+    _same_files(whole, streamed)
+    assert reads and all(reads)
+    spec = json.loads((streamed / "prog.json").read_text())
+    assert not any(node["op"] == "expert_linear" for node in spec["nodes"])
