@@ -104,8 +104,8 @@ ARCHS: dict[str, dict] = {
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
-MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "mixtral", "olmoe", "phimoe",
-       "qwen2_moe", "qwen3_moe")
+MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "llama4_text", "mixtral", "olmoe",
+       "phimoe", "qwen2_moe", "qwen3_moe")
 
 
 def arch_config(model_type: str):
