@@ -547,15 +547,22 @@ def test_cors_only_for_the_origins_allowed(base, programs):
         assert "access-control-allow-origin" not in other.headers
 
 
-def test_a_full_queue_answers_429_with_retry_after(base, programs):
-    engine = Engine(EngineConfig(max_rows=1, max_queue=4))
+def slow_engine(**config) -> Engine:
+    """An engine whose decode steps take 20 ms each: the tiny model decodes 500 tokens in well under a second,
+    too fast for a test to catch a request running or queued."""
+    engine = Engine(EngineConfig(**config))
     decode = engine._decode
 
-    def slow_decode(group) -> None:  # the tiny model decodes 500 tokens in well under a second
+    def slow_decode(group) -> None:
         time.sleep(0.02)
         decode(group)
 
     engine._decode = slow_decode
+    return engine
+
+
+def test_a_full_queue_answers_429_with_retry_after(base, programs):
+    engine = slow_engine(max_rows=1, max_queue=4)
     app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=500))
     # one row and four places in the queue: a stream of four choices leaves one place
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 500, "logit_bias": endless_bias(base)}
@@ -573,19 +580,14 @@ def test_a_full_queue_answers_429_with_retry_after(base, programs):
 
 
 def test_a_request_past_the_timeout_is_a_504_the_client_does_not_retry(base, programs):
-    engine = Engine(EngineConfig(max_rows=2, timeout=0.3))
-    decode, submitted = engine._decode, []
-    submit = engine.submit
-
-    def slow_decode(group) -> None:
-        time.sleep(0.02)
-        decode(group)
+    engine = slow_engine(max_rows=2, timeout=0.3)
+    submitted, submit = [], engine.submit
 
     def counted_submit(request, on_event=None):
         submitted.append(request)
         return submit(request, on_event=on_event)
 
-    engine._decode, engine.submit = slow_decode, counted_submit
+    engine.submit = counted_submit
     app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", timeout=WAIT)  # retries as by default
@@ -600,14 +602,7 @@ def test_a_request_past_the_timeout_is_a_504_the_client_does_not_retry(base, pro
 
 
 def test_a_request_abandoned_while_queued_leaves_the_queue(base, programs):
-    engine = Engine(EngineConfig(max_rows=1))
-    decode = engine._decode
-
-    def slow_decode(group) -> None:
-        time.sleep(0.02)
-        decode(group)
-
-    engine._decode = slow_decode
+    engine = slow_engine(max_rows=1)
     app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "logit_bias": endless_bias(base)}
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
@@ -625,14 +620,7 @@ def test_a_request_abandoned_while_queued_leaves_the_queue(base, programs):
 
 def test_requests_the_server_stops_end_with_an_error_not_a_finish(base, programs):
     """A shutdown cuts running requests short: a client must not read them as finished answers."""
-    engine = Engine(EngineConfig(max_rows=4))
-    decode = engine._decode
-
-    def slow_decode(group) -> None:
-        time.sleep(0.02)
-        decode(group)
-
-    engine._decode = slow_decode
+    engine = slow_engine(max_rows=4)
     app = create_app(make_catalog(base, programs), engine, ServeConfig(max_tokens=400))
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "logit_bias": endless_bias(base)}
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=WAIT) as http:
