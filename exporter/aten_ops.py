@@ -19,15 +19,23 @@ from interp.errors import ExportError
 ATEN: dict[str, Callable[[Lowering, torch.fx.Node], Any]] = {}
 
 
-def aten(*names: str):
-    def register(fn):
-        for name in names:
-            if name in ATEN:
-                raise KeyError(f"{name} registered twice")
-            ATEN[name] = fn
-        return fn
+def registrar(table: dict[str, Callable]) -> Callable:
+    """A decorator factory that files a lowering in ``table`` under each aten op name it is given, once."""
 
-    return register
+    def names(*ops: str):
+        def register(fn):
+            for name in ops:
+                if name in table:
+                    raise KeyError(f"{name} registered twice")
+                table[name] = fn
+            return fn
+
+        return register
+
+    return names
+
+
+aten = registrar(ATEN)
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:

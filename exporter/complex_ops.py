@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from exporter.aten_ops import _arg, _drop, _identity, cat_along, slice_along
+from exporter.aten_ops import _arg, _drop, _identity, cat_along, registrar, slice_along
 from exporter.lazy import LazyTensor
 from exporter.lower import Lowering, dtype_name
 from interp.errors import ExportError
@@ -31,15 +31,7 @@ COMPLEX: dict[str, Callable[[Lowering, torch.fx.Node], Any]] = {}
 PAIR_DTYPES = {torch.complex64: torch.float32, torch.complex32: torch.float16}
 
 
-def complex_op(*names: str):
-    def register(fn):
-        for name in names:
-            if name in COMPLEX:
-                raise KeyError(f"{name} registered twice")
-            COMPLEX[name] = fn
-        return fn
-
-    return register
+complex_op = registrar(COMPLEX)
 
 
 def _is_complex(value: Any) -> bool:
