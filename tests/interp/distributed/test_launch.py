@@ -244,21 +244,24 @@ def family(pid: int) -> list[int]:
 
 
 def test_dead_frozen_and_missing_ranks_give_one_line_on_every_other_rank(layered_programs, tmp_path):
-    """Three runs at once. Once all have loaded, rank 1 of 3 is killed (its sockets close), or
-    frozen with its watchdog (its sockets stay open and silent, as when a link fails); and a
-    rank whose peer never starts. Every other rank says so in one line, within the timeout."""
+    """Three runs, ended together. Once all have loaded, rank 1 of 3 is killed (its sockets close),
+    or frozen with its watchdog (its sockets stay open and silent, as when a link fails); and a
+    rank whose peer never starts. Every other rank says so in one line, within the timeout.
+
+    The 3-rank runs start one after the other: the short timeout also bounds connecting, and
+    eight processes importing at once on two cores could leave a rank more than 2 s behind
+    its peers (it then gives up connecting, correctly, and the run never loads)."""
     timeout = 2.0
     args = ["run", str(layered_programs["llama"])]
     runs = {}
-    for name in ("killed", "frozen", "alone"):
+    start = time.monotonic()
+    for name in ("alone", "killed", "frozen"):
         (tmp_path / name).mkdir()
         if name == "alone":
             runs[name] = Ranks(2, [*args, "-p", "Hi"], tmp_path / name, timeout, only=[0])
         else:
             runs[name] = Ranks(3, args, tmp_path / name, timeout)
-    start = time.monotonic()
-    for name in ("killed", "frozen"):
-        assert runs[name].ready.wait(60), runs[name].errors
+            assert runs[name].ready.wait(60), runs[name].errors
     signalled = time.monotonic()
     os.kill(runs["killed"].procs[1].pid, signal.SIGKILL)
     frozen = family(runs["frozen"].procs[1].pid)
@@ -284,7 +287,7 @@ def test_dead_frozen_and_missing_ranks_give_one_line_on_every_other_rank(layered
     assert any(text in line for text in watchdogs for line in lines), lines
     # a rank alone: its connect watchdog
     assert_one_line(runs["alone"].errors[0], "rank 0 of 2: could not connect to the other ranks within 2 s")
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 90
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
