@@ -180,7 +180,8 @@ def grammar_llama3(marker: str, tools: list[dict], parallel: bool, arguments_key
 
 def grammar_mistral(marker: str, tools: list[dict], parallel: bool, arguments_key: str) -> str:
     more = ' (", " call_json)*' if parallel else ""
-    return f'start: {marker} "[" call_json{more} "]"\ncall_json: {_call_json(tools, arguments_key)}\n'
+    # Mistral's templates write "[TOOL_CALLS] [" (a SentencePiece model reads the space into "▁[")
+    return f'start: {marker} " "? "[" call_json{more} "]"\ncall_json: {_call_json(tools, arguments_key)}\n'
 
 
 HERMES = ToolFormat("hermes", ("<tool_call>",), "<tool_call>", "<tool_call>", "arguments",

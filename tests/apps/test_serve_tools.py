@@ -176,36 +176,39 @@ def test_auto_streams_the_same_reply_it_answers_whole(client):
 
 
 BAD = [
-    ("tool without function", {"tools": [{"type": "function"}]}, "tools.0.function"),
-    ("tool of another type", {"tools": [{"type": "retrieval", "function": WEATHER["function"]}]}, "tools.0.type"),
+    ("tool without function", {"tools": [{"type": "function"}]}, "tools.0.function", "is required"),
+    ("tool of another type", {"tools": [{"type": "retrieval", "function": WEATHER["function"]}]}, "tools.0.type",
+     "'function'"),
     ("function name with a space", {"tools": [{"type": "function", "function": {"name": "get weather"}}]},
-     "tools.0.function.name"),
+     "tools.0.function.name", "pattern"),
     ("parameters not an object", {"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]},
-     "tools.0.function.parameters"),
-    ("tools not a list", {"tools": WEATHER}, "tools"),
-    ("two tools of one name", {"tools": [WEATHER, WEATHER]}, "tools"),
+     "tools.0.function.parameters", "dictionary"),
+    ("two tools of one name", {"tools": [WEATHER, WEATHER]}, "tools", "two tools are named 'get_weather'"),
     ("unknown named function", {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-     "tool_choice"),
-    ("unknown tool_choice", {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
-    ("required without tools", {"tool_choice": "required"}, "tool_choice"),
-    ("deprecated functions", {"functions": [WEATHER["function"]]}, "functions"),
+     "tool_choice", "names function 'nope', which is not among the tools"),
+    ("unknown tool_choice", {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "'tool_choice'"),
+    ("required without tools", {"tool_choice": "required"}, "tool_choice", "the request offers none"),
+    ("deprecated functions", {"functions": [WEATHER["function"]]}, "functions", "send tools and tool_choice"),
     ("response_format with a required call", {"tools": TOOLS, "tool_choice": "required",
-                                               "response_format": {"type": "json_object"}}, "response_format"),
+                                               "response_format": {"type": "json_object"}}, "response_format",
+     "two different replies"),
     ("a schema llguidance refuses", {"tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "nonsense"}}}}}],
-        "tool_choice": "required"}, "tools"),
+        "tool_choice": "required"}, "tools", "Invalid type: nonsense"),
     ("arguments that are not JSON", {"messages": [*ASK, {"role": "assistant", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{zone"}}]}]}, "messages"),
-    ("a tool result without its call id", {"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages"),
+        {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{zone"}}]}]}, "messages",
+     "messages[1].tool_calls[0].function.arguments is not JSON"),
+    ("a tool result without its call id", {"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages",
+     "needs the tool_call_id it answers"),
 ]
 
 
-@pytest.mark.parametrize("name, fields, param", BAD, ids=[b[0] for b in BAD])
-def test_malformed_tools_are_a_400_naming_the_field(http, name, fields, param):
+@pytest.mark.parametrize("name, fields, param, says", BAD, ids=[b[0] for b in BAD])
+def test_malformed_tools_are_a_400_naming_the_field(http, name, fields, param, says):
     r = http.post("/v1/chat/completions", json={"model": "hermes", "messages": ASK, "max_tokens": 2, **fields})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert error["param"] == param and "\n" not in error["message"]
+    assert error["param"] == param and says in error["message"] and "\n" not in error["message"]
 
 
 @pytest.mark.parametrize("model, says", [("tiny", "this model's chat template does not take tools"),
