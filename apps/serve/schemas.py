@@ -36,7 +36,7 @@ class TextPart(_Lenient):
 
 class FunctionCall(_Lenient):
     name: str = Field(min_length=1, max_length=256)
-    arguments: str  # JSON text, as OpenAI sends it back
+    arguments: str | dict[str, Any]  # JSON text, as OpenAI sends it back (an object taken too)
 
 
 class MessageToolCall(_Lenient):

@@ -159,6 +159,9 @@ def test_a_call_and_its_result_render_as_the_template_expects(client, catalog):
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in prompt and '"name": "get_time"' in prompt
     reply = client.chat.completions.create(model="hermes", messages=messages, tools=TOOLS, max_tokens=4)
     assert reply.usage.prompt_tokens == len(ids)
+    messages[1]["tool_calls"][0]["function"]["arguments"] = arguments  # an object, as some clients send it
+    reply = client.chat.completions.create(model="hermes", messages=messages, tools=TOOLS, max_tokens=4)
+    assert reply.usage.prompt_tokens == len(ids)
 
 
 def test_tool_choice_none_leaves_the_tools_out(client, catalog):
