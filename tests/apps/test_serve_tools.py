@@ -9,6 +9,7 @@ call grammar, and the call must then parse and its arguments validate.
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import jsonschema_rs
@@ -18,7 +19,7 @@ import pytest
 import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
-from paw_mlx.engine import Engine, EngineConfig
+from paw_mlx.engine import Engine, EngineConfig, RequestHandle, TokenEvent
 from tests.serving import compile_programs, make_catalog
 
 WAIT = 60.0
@@ -220,3 +221,44 @@ def test_a_model_that_cannot_take_tools_is_a_400(client, model, says):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=2)
     assert bad.value.param == "tools" and says in bad.value.message
+
+
+class ScriptedEngine(Engine):
+    """An engine whose every reply is ``text``, a token an event: a model that calls tools by itself."""
+
+    def __init__(self, tokenizer, text: str):
+        super().__init__(EngineConfig())
+        self.tokens = tokenizer.encode(text, add_special_tokens=False)
+
+    def submit(self, request, on_event=None) -> RequestHandle:
+        handle = RequestHandle(request, on_event)
+
+        def reply() -> None:
+            for token in self.tokens:
+                handle.deliver(TokenEvent([token]))
+            handle.deliver(TokenEvent([], finish_reason="stop"))
+
+        threading.Thread(target=reply, daemon=True).start()
+        return handle
+
+
+SCRIPT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n'
+          '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+
+
+def test_auto_reads_the_calls_a_model_writes_streamed_and_not(catalog):
+    engine = ScriptedEngine(catalog.get("hermes").base.tokenizer, SCRIPT)
+    with BackgroundServer(create_app(catalog, engine, ServeConfig())) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="-", max_retries=0, timeout=WAIT)
+        request = dict(model="hermes", messages=ASK, tools=TOOLS)
+        reply = client.chat.completions.create(**request).choices[0]
+        assert reply.finish_reason == "tool_calls" and reply.message.content == "Let me look."
+        want = [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "CET"})]
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in reply.message.tool_calls] == want
+        content, calls, reason = streamed(client, **request)
+        assert (content, reason) == ("Let me look. ", "tool_calls")
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want
+        one = client.chat.completions.create(**request, parallel_tool_calls=False).choices[0].message.tool_calls
+        assert [c.function.name for c in one] == ["get_weather"]
+        text = client.chat.completions.create(**request, tool_choice="none").choices[0]
+        assert text.message.content == SCRIPT and text.message.tool_calls is None and text.finish_reason == "stop"
