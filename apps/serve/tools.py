@@ -33,10 +33,9 @@ class ToolPlan:
     format: ToolFormat
     tools: list[dict]  # as the template takes them: {"type": "function", "function": {...}}
     names: frozenset[str]
-    forced: bool  # the reply must be calls ("required" or a named function)
     parallel: bool  # more than one call allowed
     keep: dict[int, str]  # marker tokens (by id) kept in the decoded text
-    grammar: str | None = None  # the constraint of a forced reply, in Lark
+    grammar: str | None = None  # "required" or a named function: the grammar of the calls, in Lark
 
     def read(self, text: str) -> tuple[str, list[dict]]:
         """(the reply's text outside its calls, unstripped; the calls in OpenAI's form)."""
@@ -83,7 +82,7 @@ def plan_tools(body: ChatCompletionRequest, model: ServedModel) -> ToolPlan | No
     if choice != "auto":
         offered = [t for t in tools if t["function"]["name"] == named] if named else tools
         grammar = call_grammar(fmt, offered, parallel, tokenizer.token_to_id(fmt.marker))
-    return ToolPlan(fmt, tools, frozenset(names), choice != "auto", parallel, keep, grammar)
+    return ToolPlan(fmt, tools, frozenset(names), parallel, keep, grammar)
 
 
 def reply_message(plan: ToolPlan | None, text: str) -> tuple[dict, bool]:

@@ -66,7 +66,7 @@ def test_what_is_not_a_call_stays_text(fmt, text):
 
 
 def plan(fmt, parallel: bool = True) -> ToolPlan:
-    return ToolPlan(fmt, TOOLS, frozenset(NAMES), False, parallel, {})
+    return ToolPlan(fmt, TOOLS, frozenset(NAMES), parallel, {})
 
 
 def scan(fmt, text: str) -> tuple[list[str], str, list[dict]]:
