@@ -9,6 +9,7 @@ every file is read so that a malformed one is one ``ProgramError`` line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -124,15 +125,22 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render the conversation as transformers' ``apply_chat_template(tokenize=False)`` does."""
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template reads ``tools`` (one that does not would drop them silently)."""
+        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render the conversation as transformers' ``apply_chat_template(tokenize=False)`` does
+        (``tools``: function definitions, passed to the template as transformers passes them)."""
         if not self.chat_template:
             raise ProgramError("this program's tokenizer has no chat template; use --raw")
         if self._template is None:
             self._template = compile_template(self.chat_template)
         special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token") and k.isidentifier()}
         return render_chat_template(self._template, messages=messages, add_generation_prompt=add_generation_prompt,
-                                    tools=None, documents=None, **special)
+                                    tools=tools or None, documents=None, **special)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # Templates already contain the special tokens they need.

@@ -45,7 +45,9 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 def normalize_returns(returns: Any) -> dict:
     """The canonical form of an output constraint, checked: one of ``{"choices": [str, ...]}``,
-    ``{"regex": str}``, ``{"json_schema": dict}`` or ``{"json_object": True}``.
+    ``{"regex": str}``, ``{"json_schema": dict}``, ``{"json_object": True}`` or ``{"lark": str}``
+    (a grammar in llguidance's Lark dialect, whose ``%json {...}`` embeds a JSON schema: what a
+    server's tool calls are built from).
 
     Accepts those forms, a plain list of choices, or a string in the CLI's forms
     (``parse_returns_option``). Raises ``ConstraintError`` naming what is wrong.
@@ -56,20 +58,20 @@ def normalize_returns(returns: Any) -> dict:
         return _choices(list(returns))
     if not isinstance(returns, dict):
         raise ConstraintError(f"returns must be a list of choices or a dict, not {type(returns).__name__}")
-    keys = set(returns) & {"choices", "regex", "json_schema", "json_object"}
+    keys = set(returns) & {"choices", "regex", "json_schema", "json_object", "lark"}
     if len(keys) != 1 or len(returns) != 1:
         if "type" in returns or "properties" in returns or "$schema" in returns:
             return _schema(returns)  # a bare JSON schema
-        raise ConstraintError("returns takes exactly one of 'choices', 'regex', 'json_schema' or "
-                              f"'json_object'; got keys {sorted(returns)}")
+        raise ConstraintError("returns takes exactly one of 'choices', 'regex', 'json_schema', 'json_object' "
+                              f"or 'lark'; got keys {sorted(returns)}")
     key = keys.pop()
     value = returns[key]
     if key == "choices":
         return _choices(value)
-    if key == "regex":
+    if key in ("regex", "lark"):
         if not isinstance(value, str) or not value:
-            raise ConstraintError("returns 'regex' must be a non-empty string")
-        return {"regex": value}
+            raise ConstraintError(f"returns '{key}' must be a non-empty string")
+        return {key: value}
     if key == "json_schema":
         return _schema(value)
     if value is not True:
@@ -126,6 +128,8 @@ def describe_returns(spec: dict) -> str:
         return f"regex {spec['regex']!r}"
     if "json_schema" in spec:
         return "JSON matching a schema"
+    if "lark" in spec:
+        return "a grammar"
     return "a JSON object"
 
 
@@ -136,6 +140,8 @@ def _grammar_text(spec: dict) -> str:
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec["choices"]))
     if "regex" in spec:
         return llguidance.LLMatcher.grammar_from_regex(spec["regex"])
+    if "lark" in spec:
+        return llguidance.LLMatcher.grammar_from_lark(spec["lark"])
     schema = spec["json_schema"] if "json_schema" in spec else {"type": "object"}
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)

@@ -17,6 +17,7 @@ from typing import Any
 
 from apps.serve.errors import ApiError
 from apps.serve.prepare import Prepared
+from apps.serve.tools import CallScanner, reply_message
 from paw_mlx.constrain import CONSTRAINT_FAILED
 from paw_mlx.engine import Engine, GenerationRequest, RequestHandle, TextStream, TokenEvent
 from paw_mlx.engine.text import TokenText
@@ -41,6 +42,7 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     sent: int = 0  # log-probability entries already streamed
+    calls: CallScanner | None = None  # with tools: the streamed text, possible calls held back
 
     @property
     def done(self) -> bool:
@@ -68,7 +70,10 @@ class Generation:
         loop = asyncio.get_running_loop()
         try:
             for index, (prompt, request) in enumerate(requests):
-                choice = Choice(index, prompt, TextStream(self.tokenizer, self.prepared.stop))
+                keep = self.prepared.tools.keep if self.prepared.tools else None
+                choice = Choice(index, prompt, TextStream(self.tokenizer, self.prepared.stop, keep))
+                if self.prepared.tools is not None:
+                    choice.calls = CallScanner(self.prepared.tools)
                 self.choices.append(choice)
 
                 def deliver(event: TokenEvent, index: int = index) -> None:
@@ -132,8 +137,11 @@ class Generation:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def finish_reason(self, choice: Choice) -> str:
-        return choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
+    def finish_reason(self, choice: Choice, calls: bool = False) -> str:
+        """OpenAI's finish reason; ``calls``: the reply called tools (and was not cut short)."""
+        if choice.finish_reason == "length":
+            return "length"
+        return "tool_calls" if calls else "stop"
 
     def _token_entry(self, token: int, lp: float) -> dict:
         raw = self.token_text.bytes(token)
@@ -175,10 +183,10 @@ class Generation:
         for choice in self.choices:
             text = choice.stream.text
             if self.kind == "chat":
-                choices.append({"index": choice.index, "message": {"role": "assistant", "content": text,
-                                                                   "refusal": None},
+                message, calls = reply_message(self.prepared.tools, text)
+                choices.append({"index": choice.index, "message": message,
                                 "logprobs": self.chat_logprobs(choice.logprobs),
-                                "finish_reason": self.finish_reason(choice)})
+                                "finish_reason": self.finish_reason(choice, calls)})
             else:
                 echo = self.prepared.echo[choice.prompt] if self.prepared.echo else ""
                 logprobs = self.completion_logprobs(choice.logprobs, len(echo))
@@ -239,6 +247,12 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
                 failure = generation.failure()
                 yield sse(failure.body())
                 break
+            calls: list[dict] = []
+            if choice.calls is not None:
+                text = choice.calls.add(text)
+                if choice.done:
+                    rest, calls = choice.calls.finish()
+                    text += rest
             if text or fresh:
                 if chat:
                     piece = {"index": choice.index, "delta": {"content": text},
@@ -247,8 +261,10 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
                     logprobs = generation.completion_logprobs(fresh, echoed[choice.index])
                     piece = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": None}
                 yield generation.chunk([piece])
+            for piece in call_deltas(choice.index, calls):
+                yield generation.chunk([piece])
             if choice.done:
-                reason = generation.finish_reason(choice)
+                reason = generation.finish_reason(choice, bool(calls))
                 if chat:
                     yield generation.chunk([{"index": choice.index, "delta": {}, "logprobs": None,
                                              "finish_reason": reason}])
@@ -261,3 +277,16 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
     finally:
         generation.cancel()
+
+
+def call_deltas(index: int, calls: list[dict]) -> list[dict]:
+    """Streamed choices for a reply's tool calls, as OpenAI sends them: per call, one delta with
+    its index, id, type and name (arguments empty), then one with its arguments."""
+    pieces = []
+    for at, call in enumerate(calls):
+        head = {"index": at, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        body = {"index": at, "function": {"arguments": call["function"]["arguments"]}}
+        pieces += [{"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
+                   for delta in (head, body)]
+    return pieces

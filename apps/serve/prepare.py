@@ -20,6 +20,7 @@ from apps.serve.schemas import (
     CompletionRequest,
     ResponseFormat,
 )
+from apps.serve.tools import ToolPlan, plan_tools
 from interp.errors import PawError
 from interp.sampling import SamplingParams
 from paw_mlx.engine import GenerationRequest, ServedModel
@@ -38,6 +39,7 @@ class Prepared:
     logprobs: int | None  # alternatives per token; None: no log-probabilities
     make_constraint: Callable[[], Any] | None = None
     echo: list[str] | None = None  # completions with echo: the prompt texts
+    tools: ToolPlan | None = None  # chat with tools: how the reply's calls are read
 
     def requests(self) -> list[tuple[int, GenerationRequest]]:
         """(prompt index, request) for every choice, prompt-major as OpenAI numbers choices."""
@@ -59,8 +61,10 @@ def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
 def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel, max_tokens_cap: int) -> Prepared:
     """Everything checked and tokenized; raises ``ApiError`` (4xx) for what cannot be served."""
     chat = isinstance(body, ChatCompletionRequest)
+    tools = None
     if chat:
-        _refuse_what_a_text_model_cannot_do(body)
+        _refuse_audio(body)
+        tools = plan_tools(body, model)
     if not chat:
         if body.suffix:
             raise ApiError(400, "suffix is not supported by this server", param="suffix")
@@ -73,7 +77,8 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
         raise ApiError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
     try:
         if chat:
-            prompts = [model.chat_ids([m.model_dump(exclude_none=True) for m in body.messages])]
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            prompts = [model.chat_ids(messages, tools=tools.tools if tools else None)]
             texts = None
         else:
             prompts, texts = _completion_prompts(model, body.prompt)
@@ -100,20 +105,14 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
     if chat and body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     sampling = _sampling(body, model, logprobs)
+    forced = {"lark": tools.grammar} if tools is not None and tools.grammar else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs,
-                    make_constraint=_constraint(body.response_format, model),
-                    echo=texts if (not chat and body.echo) else None)
+                    make_constraint=_constraint(body.response_format, model, forced),
+                    echo=texts if (not chat and body.echo) else None, tools=tools)
 
 
-def _refuse_what_a_text_model_cannot_do(body: ChatCompletionRequest) -> None:
-    """400 for a request that needs tool calls or audio: answering it with plain text would be wrong."""
-    if body.tools or body.functions:
-        raise ApiError(400, "tools and functions are not supported by this server", param="tools")
-    for name in ("tool_choice", "function_call"):
-        value = getattr(body, name)
-        if value is not None and value not in ("none", "auto"):  # "none" and "auto" both mean text here
-            raise ApiError(400, f"{name} {json.dumps(value)[:60]} needs tool calls, which this server does not "
-                           "support", param=name)
+def _refuse_audio(body: ChatCompletionRequest) -> None:
+    """400 for a request that needs audio: answering it with text only would be wrong."""
     if body.audio is not None or any(m != "text" for m in body.modalities or []):
         raise ApiError(400, "this server answers with text only (no audio)", param="modalities")
 
@@ -154,10 +153,15 @@ def _sampling(body, model: ServedModel, logprobs: int | None) -> SamplingParams:
     return params
 
 
-def _constraint(response_format: ResponseFormat | None, model: ServedModel) -> Callable[[], Any] | None:
-    """A factory of per-row constraints for ``response_format``, else the program's stored ``returns``."""
+def _constraint(response_format: ResponseFormat | None, model: ServedModel,
+                forced: dict | None = None) -> Callable[[], Any] | None:
+    """A factory of per-row constraints: ``forced`` (the grammar of a required tool call), else
+    ``response_format``, else the program's stored ``returns``."""
     spec = None
-    if response_format is not None and response_format.type == "json_object":
+    param = "tools" if forced is not None else "response_format"
+    if forced is not None:
+        spec = forced
+    elif response_format is not None and response_format.type == "json_object":
         spec = {"json_object": True}
     elif response_format is not None and response_format.type == "json_schema":
         if response_format.json_schema is None:
@@ -172,7 +176,7 @@ def _constraint(response_format: ResponseFormat | None, model: ServedModel) -> C
         kept = len(text) <= CACHED_SPEC_CHARS or spec is model.returns  # a served program's own: one per model
         grammar = _grammar(model, text) if kept else _compile(model, spec)
     except PawError as exc:
-        raise ApiError(400, f"response_format: {exc}", param="response_format") from None
+        raise ApiError(400, f"{param}: {exc}", param=param) from None
     return grammar.start
 
 

@@ -3,7 +3,7 @@
 They are the server's OpenAPI document too (``/openapi.json``), which the schema fuzzer
 reads. Fields paw does not use (``user``, ``store``, ``metadata``, ...) are accepted and
 ignored, as OpenAI-compatible servers do; fields that would change the answer in a way
-paw cannot honour (tools, ``suffix``, ``best_of``) are refused with a 400.
+paw cannot honour (the deprecated ``functions``, ``suffix``, ``best_of``) are refused with a 400.
 
 Extensions, named as mlx-lm's and vLLM's servers name them: ``top_k``, ``min_p``,
 ``repetition_penalty``.
@@ -34,11 +34,46 @@ class TextPart(_Lenient):
     text: str
 
 
+class FunctionCall(_Lenient):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str | dict[str, Any]  # JSON text, as OpenAI sends it back (an object taken too)
+
+
+class MessageToolCall(_Lenient):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
-    # text parts are checked when the messages are rendered, to say which part is not text
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # text parts are checked when the messages are rendered, to say which part is not text;
+    # null only for an assistant message that carries tool_calls
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+
+class FunctionDefinition(_Lenient):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Lenient):
@@ -84,8 +119,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
     modalities: list[str] | None = None

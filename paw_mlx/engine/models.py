@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from interp.errors import ArtifactError, InputError, PawError, RequestError
+from paw_mlx.engine.messages import normalize_messages
 from paw_mlx.runtime import LoadedProgram
-
-ROLES = ("system", "developer", "user", "assistant")
 
 
 class AdapterStack:
@@ -136,14 +135,24 @@ class ServedModel:
 
         return self.prefix_ids + input_ids(tokenizer, self.artifact.layout, prompt)
 
-    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of a conversation, ending with the assistant's turn to speak."""
+    def chat_ids(self, messages: Sequence[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation, ending with the assistant's turn to speak.
+
+        ``tools`` (OpenAI's ``{"type": "function", "function": {...}}`` entries) go to the chat
+        template, which describes them to the model; a base model only, whose template takes them.
+        """
         messages = normalize_messages(messages)
         tokenizer = self.base.tokenizer
+        if tools and self.artifact is not None:
+            raise RequestError(f"model {self.name!r} is a compiled program: tools are served on base models only",
+                               param="tools")
         if self.artifact is None:
             if not tokenizer.has_chat_template:
                 raise RequestError(f"model {self.name!r} has no chat template: use /v1/completions")
-            return _render(tokenizer, messages)
+            if tools and not tokenizer.takes_tools:
+                raise RequestError(f"model {self.name!r}: this model's chat template does not take tools",
+                                   param="tools")
+            return _render(tokenizer, messages, tools)
         if any(m["role"] == "system" for m in messages):
             raise RequestError(f"model {self.name!r} is a compiled program: its spec is the system message, "
                                "so send only user and assistant messages")
@@ -170,48 +179,17 @@ class ServedModel:
             raise RequestError(str(exc), param="prompt") from None
 
 
-def normalize_messages(messages: Sequence[Any]) -> list[dict]:
-    """Chat messages as the template wants them: role and plain-text content."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise RequestError("messages must be a non-empty list", param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(f"messages[{i}] must be an object", param="messages")
-        role = message.get("role")
-        if role not in ROLES:
-            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}", param="messages")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": message_text(message.get("content"), f"messages[{i}].content")})
-    return out
-
-
-def message_text(content: Any, where: str) -> str:
-    """The text of a message's content: a string or a list of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"{where}[{j}] must be a text part ({{'type': 'text', 'text': ...}}); "
-                                   "images and audio are not supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RequestError(f"{where} must be a string or a list of text parts", param="messages")
-
-
-def _render_text(tokenizer, messages: list[dict]) -> str:
+def _render_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages)
+        return tokenizer.apply_chat_template(messages, tools=tools)
     except PawError:
         raise
     except Exception as exc:  # jinja2 raises many types (and templates call raise_exception)
         raise RequestError(f"the chat template rejected these messages: {exc}") from None
 
 
-def _render(tokenizer, messages: list[dict]) -> list[int]:
-    return tokenizer.encode(_render_text(tokenizer, messages), add_special_tokens=False)
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    return tokenizer.encode(_render_text(tokenizer, messages, tools), add_special_tokens=False)
 
 
 # ---------------------------------------------------------------------- catalog

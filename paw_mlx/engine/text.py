@@ -4,7 +4,9 @@
 vLLM does), not the whole output, so a long reply costs the same per token as a short
 one; it holds back an incomplete UTF-8 character, and text that may be the start of a
 stop string until it is clear either way. Special tokens (end-of-turn markers and the
-like) are left out, as OpenAI and vLLM leave them out.
+like) are left out, as OpenAI and vLLM leave them out, except those a caller keeps: a
+tool-call marker such as Llama's ``<|python_tag|>`` or Mistral's ``[TOOL_CALLS]`` is a
+special token, and the server's tool-call parser reads it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 class TextStream:
     """Text pieces for a stream of tokens; ``stopped`` once a stop string is seen."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), keep: dict[int, str] | None = None):
         self._tokenizer = tokenizer
+        self._keep = keep or {}  # special token id -> its text, kept in the output
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._ids: list[int] = []
@@ -33,7 +36,15 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        if not self._keep or not any(i in self._keep for i in ids):
+            return self._tokenizer.decode(ids, skip_special_tokens=True)
+        pieces, start = [], 0
+        for at, token in enumerate(ids):
+            if token in self._keep:
+                pieces += [self._tokenizer.decode(ids[start:at], skip_special_tokens=True), self._keep[token]]
+                start = at + 1
+        pieces.append(self._tokenizer.decode(ids[start:], skip_special_tokens=True))
+        return "".join(pieces)
 
     @property
     def position(self) -> int:
