@@ -188,10 +188,15 @@ def _renamings(composite, pairs: list[tuple[str, str]]) -> tuple:
     kept = "|".join(re.escape(path) + r"\." for path, _ in pairs)
     moves = [WeightRenaming(rf"^(?!{kept})(.+)$", rf"{LEFT_OUT}.\1")]
     for composite_path, text_path in pairs:
-        moves.append(WeightRenaming(rf"^{re.escape(composite_path)}\.(.+)$", rf"{text_path}.\1" if text_path else r"\1"))
+        target = rf"{text_path}.\1" if text_path else r"\1"
+        moves.append(WeightRenaming(rf"^{re.escape(composite_path)}\.(.+)$", target))
     return tuple(own + moves)
 
 
 def _gist(exc: Exception) -> str:
+    """The cause in a few words: the libraries transformers asks for (its ImportError runs to paragraphs)."""
+    missing = re.findall(r"requires the (\S+) library", str(exc))
+    if missing:
+        return f"it needs {' and '.join(dict.fromkeys(missing))}, which are not installed"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
