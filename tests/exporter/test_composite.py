@@ -112,3 +112,22 @@ def test_gemma3n_without_its_vision_backend_is_one_error(tmp_path):
                                           r"Gemma3nForConditionalGeneration .*(timm|PIL)"):
         export_source(str(tmp_path / "gemma3n"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_text_weight_missing_from_the_checkpoint_is_one_error(folders, tmp_path, stream):
+    """transformers would fill a missing weight with random values; paw refuses before writing."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for item in folders["mistral3"][0].iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    missing = next(key for key in tensors if key.endswith("layers.1.mlp.down_proj.weight"))
+    del tensors[missing]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SourceError, match=r"the mistral3 checkpoint has no weights for its text model's "
+                                          r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        export_source(str(folder), tmp_path / "out", stream=stream)
+    assert not (tmp_path / "out").exists()
