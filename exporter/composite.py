@@ -89,15 +89,12 @@ def is_composite(config) -> bool:
 def find_text_model(config) -> TextModel:
     """The text model of a composite config (see ``is_composite``); SourceError when paw cannot export it."""
     import torch
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     kind = config.model_type
     text_config = copy.deepcopy(config.text_config)
-    try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
-    except KeyError:
+    model_class = _causal_lm_class(config, text_config)
+    if model_class is None:
         raise SourceError(f"multimodal checkpoint ({kind}): transformers has no causal LM for its text model "
-                          f"{text_config.model_type}, so paw cannot export it") from None
+                          f"{text_config.model_type}, so paw cannot export it")
     composite_class = _composite_class(config)
     try:
         with torch.device("meta"):
@@ -116,6 +113,19 @@ def find_text_model(config) -> TextModel:
     left_out = tuple(name.removesuffix("_config") for name in config.sub_configs
                      if name != "text_config" and getattr(config, name, None) is not None)
     return TextModel(kind, model_class, text_config, _renamings(composite, pairs), left_out or ("other",))
+
+
+def _causal_lm_class(config, text_config) -> type | None:
+    """The text config's causal LM: its own, or the one transformers files under the composite's
+    model_type when it is built from the text config (Mllama's ``MllamaForCausalLM``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    for key in (type(text_config), type(config)):
+        with contextlib.suppress(KeyError):
+            found = MODEL_FOR_CAUSAL_LM_MAPPING[key]
+            if isinstance(text_config, getattr(found, "config_class", ()) or ()):
+                return found
+    return None
 
 
 def _composite_class(config) -> type:
@@ -145,10 +155,12 @@ def _text_paths(composite, text, kind: str) -> list[tuple[str, str]]:
     if decoder_path is not None and type(decoder) is type(text):  # the composite holds a whole causal LM (Llama 4)
         return [(decoder_path, "")]
     head = composite.get_output_embeddings()
-    pairs = [(decoder_path, _module_path(text, text.get_decoder())),
+    # the text model's copy of the composite's decoder, found by class (its get_decoder may return itself)
+    text_decoder = next((path for path, module in text.named_modules() if type(module) is type(decoder)), None)
+    pairs = [(decoder_path, text_decoder),
              (_module_path(composite, head) if head is not None else None,
               _module_path(text, text.get_output_embeddings()))]
-    if any(path is None for pair in pairs for path in pair) or type(decoder) is not type(text.get_decoder()):
+    if any(not path for pair in pairs for path in pair):
         raise SourceError(f"multimodal checkpoint ({kind}): cannot find its text model's decoder and output layer "
                           f"in {type(composite).__name__}")
     return pairs
