@@ -91,6 +91,7 @@ def find_text_model(config) -> TextModel:
     import torch
     kind = config.model_type
     text_config = copy.deepcopy(config.text_config)
+    text_config._commit_hash = getattr(config, "_commit_hash", None)  # the hub revision, for the manifest
     model_class = _causal_lm_class(config, text_config)
     if model_class is None:
         raise SourceError(f"multimodal checkpoint ({kind}): transformers has no causal LM for its text model "

@@ -103,14 +103,16 @@ def test_a_text_model_without_a_causal_lm_is_one_error(folders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gemma3n_without_its_vision_backend_is_one_error(tmp_path):
-    """Gemma 3n's vision tower is a timm model; paw does not depend on timm (nor PIL), so building it fails."""
+def test_gemma3n_without_its_vision_backend_is_one_cli_error(tmp_path):
+    """Gemma 3n's vision tower is a timm model; paw depends on neither timm nor PIL, so it cannot be built."""
     from transformers import AutoConfig
 
+    from tests.apps.test_cli import assert_one_line_error, paw
+
     AutoConfig.for_model("gemma3n").save_pretrained(tmp_path / "gemma3n")
-    with pytest.raises(SourceError, match=r"multimodal checkpoint \(gemma3n\): transformers cannot build "
-                                          r"Gemma3nForConditionalGeneration .*(timm|PIL)"):
-        export_source(str(tmp_path / "gemma3n"), tmp_path / "out")
+    done = paw("export", "hf", str(tmp_path / "gemma3n"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, "multimodal checkpoint (gemma3n): transformers cannot build "
+                                "Gemma3nForConditionalGeneration to find its text model: it needs PIL and timm")
     assert not (tmp_path / "out").exists()
 
 
