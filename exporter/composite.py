@@ -81,14 +81,16 @@ class TextModel:
 
 def is_composite(config) -> bool:
     """Whether a config nests a text model's config (``text_config``) of another model_type."""
-    text = getattr(config, "text_config", None) if "text_config" in (getattr(config, "sub_configs", None) or {}) \
-        else None
+    if "text_config" not in (getattr(config, "sub_configs", None) or {}):
+        return False
+    text = getattr(config, "text_config", None)
     return text is not None and getattr(text, "model_type", None) != config.model_type
 
 
 def find_text_model(config) -> TextModel:
     """The text model of a composite config (see ``is_composite``); SourceError when paw cannot export it."""
     import torch
+
     kind = config.model_type
     text_config = copy.deepcopy(config.text_config)
     text_config._commit_hash = getattr(config, "_commit_hash", None)  # the hub revision, for the manifest
@@ -98,18 +100,15 @@ def find_text_model(config) -> TextModel:
                           f"{text_config.model_type}, so paw cannot export it")
     composite_class = _composite_class(config)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"):  # names and shapes only: no memory, whatever the model's size
             composite = composite_class(config)
+            # the composite decides the tie (Gemma 3 ties at the top level whatever its text config says)
+            text_config.tie_word_embeddings = _is_tied(composite)
             text = model_class(text_config)
     except Exception as exc:  # model constructors raise many types (a missing backend: ImportError)
         raise SourceError(f"multimodal checkpoint ({kind}): transformers cannot build {composite_class.__name__} "
                           f"to find its text model: {_gist(exc)}") from exc
     pairs = _text_paths(composite, text, kind)
-    tied = _is_tied(composite)
-    if tied != bool(getattr(text_config, "tie_word_embeddings", False)):
-        text_config.tie_word_embeddings = tied
-        with torch.device("meta"):
-            text = model_class(text_config)
     _check_names(composite, text, pairs, kind)
     left_out = tuple(name.removesuffix("_config") for name in config.sub_configs
                      if name != "text_config" and getattr(config, name, None) is not None)
