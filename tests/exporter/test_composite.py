@@ -133,3 +133,16 @@ def test_a_text_weight_missing_from_the_checkpoint_is_one_error(folders, tmp_pat
                                           r"model\.layers\.1\.mlp\.down_proj\.weight"):
         export_source(str(folder), tmp_path / "out", stream=stream)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sharded_checkpoint_streams_to_the_same_program(folders, exported, tmp_path, tiny_tokenizer):
+    """Shards with an index, as large checkpoints are saved: each tensor is found in its shard by its name."""
+    folder = tmp_path / "mistral3"  # the same folder name, so the manifest's source is the same
+    folders["mistral3"][1].save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    streamed = export_source(str(folder), tmp_path / "streamed")
+    whole = exported["mistral3"][0]
+    compared = filecmp.dircmp(whole, streamed)
+    _, mismatch, errors = filecmp.cmpfiles(whole, streamed, compared.common_files, shallow=False)
+    assert not mismatch and not errors and not compared.left_only and not compared.right_only
