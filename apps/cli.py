@@ -138,7 +138,8 @@ def _export_command(src_default: Any, out_default: Any, doc: str) -> Callable[..
 # `hf` is the exporter; `llama` is the same command with the default model's defaults (SRC and
 # OUT `smollm2`), the name the quick start and existing scripts use.
 export_hf = export_app.command("hf")(_export_command(
-    ..., ..., "Export any decoder-only transformers causal LM (see docs/architectures.md for the tested list)."))
+    ..., ..., "Export any decoder-only transformers causal LM, or the text model of a multimodal checkpoint "
+              "(see docs/architectures.md for the tested list)."))
 export_llama = export_app.command("llama")(_export_command(
     DEFAULT_MODEL, Path(DEFAULT_MODEL),
     "Alias of `paw export hf` whose SRC and OUT default to the default model, smollm2: "

@@ -415,17 +415,18 @@ class CheckpointWeights:
                 module._parameters[key] = param
 
 
-def load_streaming(location: str, dtype: torch.dtype, **kwargs):
+def load_streaming(location: str, dtype: torch.dtype, model_class=None, **kwargs):
     """(model with its weights on the meta device, CheckpointWeights) through ``from_pretrained``.
 
-    ``kwargs`` go to ``from_pretrained`` (``gguf_file``, ``use_safetensors``). Raises
+    ``model_class``: the class to load (default ``AutoModelForCausalLM``); ``kwargs`` go to
+    ``from_pretrained`` (``gguf_file``, ``use_safetensors``, ``config``). Raises
     ``NotStreamable`` for a source that has to be loaded whole.
     """
     from transformers import AutoModelForCausalLM
 
     plan = LoadPlan()
     with _planning(plan):
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        model = (model_class or AutoModelForCausalLM).from_pretrained(location, dtype=dtype, **kwargs)
     if not plan.owner:
         raise NotStreamable("its loader read no tensor lazily")
     aliases: dict[int, list[str]] = {}

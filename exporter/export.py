@@ -14,7 +14,7 @@ from exporter.capture import capture, context_length
 from exporter.consts_writer import DEFAULT_SHARD_BYTES
 from exporter.experts import EXPERT_MODES
 from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
-from exporter.sources import Source, load_source, load_source_streaming, resolve_source
+from exporter.sources import Source, load_source, load_source_streaming, resolve_source, text_model_of
 from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
 from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
@@ -200,22 +200,26 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     if options.get("quantize") == KEEP and source.kind != "gguf":
         raise ExportError(f"--quantize keep stores a GGUF file's blocks as they are; {src} is not a .gguf file")
     name = source.info.get("id") or source.info.get("file") or source.location
+    info = dict(source.info)
+    text_model = text_model_of(source)
+    if text_model is not None:
+        say(text_model.note())
+        info["text_model_of"] = text_model.composite_type
     checkpoint = None
     if stream:
         from exporter.checkpoint import NotStreamable
 
         say(f"reading {name} (weights stay on disk until written)")
         try:
-            model, tokenizer, checkpoint = load_source_streaming(source, dtype)
+            model, tokenizer, checkpoint = load_source_streaming(source, dtype, text_model)
         except NotStreamable as why:
             say(f"loading {name} whole: {why}")
     if checkpoint is None:
         if not stream:
             say(f"loading {name}")
-        model, tokenizer = load_source(source, dtype)
+        model, tokenizer = load_source(source, dtype, text_model)
     elif not options.get("quantize") and weights == "float":
         _hint_keep(checkpoint, say)
-    info = dict(source.info)
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
         info["revision"] = revision

@@ -138,23 +138,53 @@ def _weights_kwargs(source: Source) -> dict:
     return {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
 
 
-def load_source(source: Source, dtype: str):
-    """(model, tokenizer) from a resolved source, with transformers."""
+def text_model_of(source: Source):
+    """The text model to export when the source is a multimodal (composite) checkpoint, else None.
+
+    A GGUF file never is one: llama.cpp keeps a model's vision tower in a separate mmproj
+    file, and transformers reads the GGUF of a Gemma 3 as gemma3_text.
+    """
+    if source.gguf_file:
+        return None
+    from transformers import AutoConfig
+
+    from exporter.composite import find_text_model, is_composite
+
+    with _loading_errors(source):
+        config = AutoConfig.from_pretrained(source.location)
+        return find_text_model(config) if is_composite(config) else None
+
+
+def load_source(source: Source, dtype: str, text_model=None):
+    """(model, tokenizer) from a resolved source, with transformers.
+
+    ``text_model`` (``exporter.composite.TextModel``, from ``text_model_of``): load only
+    that text model of a multimodal checkpoint.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **_weights_kwargs(source))
+        if text_model is None:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype,
+                                                         **_weights_kwargs(source))
+        else:
+            with text_model.loading():
+                model, info = text_model.model_class.from_pretrained(
+                    source.location, config=text_model.config, dtype=torch_dtype, output_loading_info=True,
+                    **_weights_kwargs(source))
+            text_model.check_loaded(set(info["missing_keys"]), source.location)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer
 
 
-def load_source_streaming(source: Source, dtype: str):
+def load_source_streaming(source: Source, dtype: str, text_model=None):
     """(model whose weights stay in the checkpoint, tokenizer, CheckpointWeights) from a resolved source.
 
-    Raises ``exporter.checkpoint.NotStreamable`` when the source has to be loaded whole.
+    ``text_model`` as for ``load_source``. Raises ``exporter.checkpoint.NotStreamable``
+    when the source has to be loaded whole.
     """
     import torch
     from transformers import AutoTokenizer
@@ -163,7 +193,14 @@ def load_source_streaming(source: Source, dtype: str):
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
-        model, weights = load_streaming(source.location, getattr(torch, dtype), **_weights_kwargs(source))
+        if text_model is None:
+            model, weights = load_streaming(source.location, getattr(torch, dtype), **_weights_kwargs(source))
+        else:
+            with text_model.loading():
+                model, weights = load_streaming(source.location, getattr(torch, dtype),
+                                                model_class=text_model.model_class, config=text_model.config,
+                                                **_weights_kwargs(source))
+            text_model.check_loaded(weights.plan.info.missing_keys, source.location)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer, weights
 

@@ -10,6 +10,12 @@ tests/exporter/test_architectures.py checks: full-sequence logits, logits throug
 cache and greedy tokens against transformers. A model runs in its own subprocess with a
 timeout, so one crash or hang does not stop the sweep. It is a tool for finding what
 breaks, not a test: an architecture that passes belongs in tests/archs.py ``ARCHS``.
+
+A multimodal (composite) model_type, whose config nests a ``text_config`` (gemma3, llama4,
+mistral3, ...), is built as tests/archs.py ``composite_config`` builds one: the overrides
+go to its text config, its vision (and audio) towers are shrunk. It is saved to a folder
+and exported from there, as paw exports such a checkpoint (its text model alone), and
+compared with the composite model's own forward on text.
 """
 
 from __future__ import annotations
@@ -126,65 +132,102 @@ CANDIDATES: dict[str, dict] = {
     "zamba": {},
     "recurrent_gemma": {},
     "rwkv": {},
+    # multimodal checkpoints: the overrides go to the text config (default: the text model_type's
+    # entry); the vision tower is shrunk (tests/archs.py composite_config) and left out of the export
+    "gemma3": {},
+    "gemma4": {},
+    "llama4": {},
+    "mistral3": {},
+    "gemma3n": {},
 }
 
 
 def check_one(model_type: str, overrides: dict, out: Path) -> dict:
     """Build, export and compare one architecture; the outcome as a dict (status, detail, errors)."""
     sys.path.insert(0, str(ROOT))
-    import mlx.core as mx
-    import numpy as np
     import torch
+    from transformers import AutoConfig
 
+    from exporter.composite import is_composite
     from interp.errors import PawError
     from tests import archs
     from tests.exporter.test_architectures import PREFILL, TOLERANCE
 
+    composite = is_composite(AutoConfig.for_model(model_type))
     archs.ARCHS[model_type] = overrides
     try:
-        from transformers import AutoModelForCausalLM
-
-        from tests.tiny import tiny_model
-
-        with torch.device("meta"):  # count first: a composite config keeps its sub-models' real sizes
-            meta = AutoModelForCausalLM.from_config(archs.arch_config(model_type))
-        params = sum(p.numel() for p in meta.parameters())
+        if composite:  # a multimodal checkpoint: its text model is what paw exports
+            config = archs.composite_config(model_type, _composite_text(model_type, overrides))
+        else:
+            config = archs.arch_config(model_type)
+        params = _count_parameters(config, composite)
         if params > MAX_PARAMS:
             return {"status": "not tiny", "detail": f"{params / 1e6:.0f}M parameters with the tiny overrides "
                                                      "(a sub-config keeps its real size): not built"}
-        case_model = tiny_model(archs.arch_config(model_type), seed=0)
-        case_model.set_attn_implementation("eager")
+        if composite:
+            reference = archs.tiny_composite(model_type, text=_composite_text(model_type, overrides))
+        else:
+            from tests.tiny import tiny_model
+
+            reference = tiny_model(config, seed=0)
+        reference.set_attn_implementation("eager")
         with torch.no_grad():
-            case_model(torch.randint(3, archs.VOCAB, (1, 4)), use_cache=False)
+            reference(torch.randint(3, archs.VOCAB, (1, 4)), use_cache=False)
+    except PawError as exc:
+        return {"status": "export error", "detail": _first_line(exc)}
     except Exception as exc:  # transformers raises anything; the family cannot be built tiny this way
         return {"status": "transformers fails", "detail": _first_line(exc)}
-    del case_model
     started = time.perf_counter()
     try:
-        archs.export_arch(model_type, "float32", out)
+        if composite:  # saved and exported from the folder, as a user's checkpoint would be
+            from exporter.export import export_source
+            from tests.tiny import make_tokenizer
+
+            reference.save_pretrained(out.parent / "checkpoint")
+            make_tokenizer().save_pretrained(out.parent / "checkpoint")
+            export_source(str(out.parent / "checkpoint"), out)
+        else:
+            archs.export_arch(model_type, "float32", out)
     except PawError as exc:
         return {"status": "export error", "detail": _first_line(exc)}
     except Exception as exc:  # an exporter bug rather than a refusal: show the type too
         return {"status": "export crash", "detail": f"{type(exc).__name__}: {_first_line(exc)}"}
     export_s = time.perf_counter() - started
     try:
-        case = archs.ArchCase(model_type, out)
-        ids = mx.array(case.ids.numpy())
-        full = float(np.max(np.abs(np.array(case.model(ids).astype(mx.float32)) - case.logits)))
-        cache = case.model.make_cache()
-        pieces = [case.model(ids[:, :PREFILL], cache=cache)]
-        pieces += [case.model(ids[:, i : i + 1], cache=cache) for i in range(PREFILL, archs.SEQ)]
-        cached = float(np.max(np.abs(np.array(mx.concatenate(pieces, axis=1).astype(mx.float32)) - case.logits)))
-        from interp.generate import generate_step
-
-        prompt = case.ids[0, : archs.PROMPT_LEN].tolist()
-        got = list(generate_step(case.model, prompt, case.model.make_cache(), max_tokens=archs.NEW_TOKENS))
+        case = archs.ArchCase(model_type, out, model=reference)
+        full, cached, greedy = case.errors(PREFILL)
     except Exception as exc:  # the program loads or runs wrong: report where
         return {"status": "run error", "detail": f"{type(exc).__name__}: {_first_line(exc)}"}
-    greedy = got == case.greedy
     ok = full < TOLERANCE and cached < TOLERANCE and greedy
-    return {"status": "passes" if ok else "mismatch", "logits": full, "cached": cached, "greedy": greedy,
-            "export_s": round(export_s, 1)}
+    result = {"status": "passes" if ok else "mismatch", "logits": full, "cached": cached, "greedy": greedy,
+              "export_s": round(export_s, 1)}
+    if composite:
+        result["text_model"] = config.text_config.model_type
+    return result
+
+
+def _composite_text(model_type: str, overrides: dict) -> dict | None:
+    """A composite's text-config overrides: the sweep's, else the defaults of tests/archs.py or of its text type."""
+    from transformers import AutoConfig
+
+    from tests.archs import ARCHS, COMPOSITES
+
+    if overrides:
+        return overrides
+    if "text" in COMPOSITES.get(model_type, {}):
+        return None
+    text_type = AutoConfig.for_model(model_type).text_config.model_type
+    return ARCHS.get(text_type, CANDIDATES.get(text_type, {}))
+
+
+def _count_parameters(config, composite: bool) -> int:
+    """Parameters of the model a config builds, counted on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if composite else AutoModelForCausalLM
+    with torch.device("meta"):
+        return sum(p.numel() for p in auto.from_config(config).parameters())
 
 
 def _first_line(exc: BaseException) -> str:
@@ -213,6 +256,8 @@ def row(model_type: str, result: dict) -> str:
     if status in ("passes", "mismatch"):
         detail = (f"logits {result['logits']:.1e}, cached {result['cached']:.1e}, "
                   f"greedy {'identical' if result['greedy'] else 'differ'}, export {result['export_s']} s")
+        if "text_model" in result:
+            detail = f"its text model {result['text_model']}: {detail}"
     else:
         detail = result.get("detail", "")
     return f"| `{model_type}` | {status} | {detail.replace('|', '/')} |"
@@ -231,7 +276,10 @@ def main() -> None:
         print(json.dumps(check_one(args.one, json.loads(args.overrides), args.out)))
         return
     sys.path.insert(0, str(ROOT))
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     from tests.archs import ARCHS
 
@@ -240,7 +288,8 @@ def main() -> None:
     elif args.all:
         types = sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t not in ARCHS)
     else:
-        types = [t for t in CANDIDATES if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+        known = {*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}
+        types = [t for t in CANDIDATES if t in known]
     print("| model_type | status | detail |\n| --- | --- | --- |", flush=True)
     for model_type in types:
         overrides = ARCHS.get(model_type, CANDIDATES.get(model_type, {}))

@@ -108,6 +108,60 @@ MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "l
        "phimoe", "qwen2_moe", "qwen3_moe")
 
 
+#: Sub-models of a multimodal (composite) config other than its text model (vision towers,
+#: projectors), shrunk to these values wherever they have the field.
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, image_size=32, patch_size=8, vision_output_dim=32,
+                  projector_input_dim=32, projector_output_dim=32, position_embedding_size=64)
+
+#: Multimodal checkpoints tested through their text model (tests/exporter/test_composite.py):
+#: model_type -> overrides of the composite config beside its sub-configs. ``text`` overrides
+#: the text config (default: ``ARCHS`` of the text model_type); a ``*_config`` dict names a
+#: tower the default config leaves out. gemma3 and gemma4 are untied (see above); mistral3's
+#: composite ties what its text config alone would not.
+COMPOSITES: dict[str, dict] = {
+    "gemma3": dict(mm_tokens_per_image=4, tie_word_embeddings=False),
+    "mistral3": {},
+    "llama4": {},
+    "gemma4": dict(tie_word_embeddings=False, vision_config=dict(model_type="gemma4_vision"),
+                   text=dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                             per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,
+                             vocab_size_per_layer_input=VOCAB)),
+}
+
+
+def composite_config(model_type: str, text: dict | None = None):
+    """The tiny float32 config of the multimodal ``model_type``: its text config as ``arch_config``
+    builds one (``_BASE`` + ``text``, default from ``COMPOSITES`` or ``ARCHS``), its towers shrunk."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    extra = dict(COMPOSITES.get(model_type, {}))
+    text_type = default.text_config.model_type
+    params = dict(_BASE, model_type=text_type)
+    params.update(text if text is not None else extra.pop("text", ARCHS.get(text_type, {})))
+    extra.pop("text", None)
+    towers = {}
+    for name in default.sub_configs:
+        given = extra.pop(name, None)
+        if name == "text_config" or (given is None and getattr(default, name) is None):
+            continue
+        tower = AutoConfig.for_model(**given).to_dict() if given else getattr(default, name).to_dict()
+        towers[name] = {**tower, **{key: value for key, value in TINY_TOWER.items() if key in tower}}
+    config = AutoConfig.for_model(model_type, text_config=params, **towers, **extra)
+    config.dtype = config.text_config.dtype = "float32"
+    return config
+
+
+def tiny_composite(model_type: str, seed: int = 0, text: dict | None = None):
+    """The tiny random multimodal model of ``model_type`` (its own class, e.g. Gemma3ForConditionalGeneration)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(composite_config(model_type, text)).eval()
+
+
 def arch_config(model_type: str):
     """The tiny float32 config of ``model_type``."""
     from transformers import AutoConfig
@@ -136,14 +190,15 @@ SEQ = 12
 class ArchCase:
     """One architecture: transformers' reference results and the exported program."""
 
-    def __init__(self, arch: str, program_dir: Path):
+    def __init__(self, arch: str, program_dir: Path, model=None):
+        """``model``: the reference transformers model (default: ``arch``'s tiny model, seed 0)."""
         import torch
 
         from interp.graph import GraphModel
         from interp.program import read_program
         from tests.tiny import tiny_model
 
-        model = tiny_model(arch_config(arch), seed=0)
+        model = model if model is not None else tiny_model(arch_config(arch), seed=0)
         model.set_attn_implementation("eager")
         gen = torch.Generator().manual_seed(1)
         self.ids = torch.randint(3, VOCAB, (2, SEQ), generator=gen)
@@ -156,3 +211,22 @@ class ArchCase:
         self.greedy = out[0, PROMPT_LEN:].tolist()
         self.dir = program_dir  # export_arch's export of this same seed-0 model
         self.model = GraphModel.from_program(read_program(self.dir))
+
+    def errors(self, prefill: int) -> tuple[float, float, bool]:
+        """The program against transformers: (max full-sequence logits error, max logits error through
+        the cache after ``prefill`` tokens then one at a time, whether the greedy tokens are identical)."""
+        import mlx.core as mx
+        import numpy as np
+
+        from interp.generate import generate_step
+
+        def error(got) -> float:
+            return float(np.max(np.abs(np.array(got.astype(mx.float32)) - self.logits)))
+
+        ids = mx.array(self.ids.numpy())
+        cache = self.model.make_cache()
+        pieces = [self.model(ids[:, :prefill], cache=cache)]
+        pieces += [self.model(ids[:, i : i + 1], cache=cache) for i in range(prefill, SEQ)]
+        prompt = self.ids[0, :PROMPT_LEN].tolist()
+        greedy = list(generate_step(self.model, prompt, self.model.make_cache(), max_tokens=NEW_TOKENS))
+        return error(self.model(ids)), error(mx.concatenate(pieces, axis=1)), greedy == self.greedy

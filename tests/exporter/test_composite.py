@@ -1,0 +1,148 @@
+"""Multimodal (composite) checkpoints export their text model, and it matches the composite's own text forward.
+
+Each case is a tiny random vision-language model of its family (tests/archs.py ``COMPOSITES``:
+text model as ``ARCHS`` builds it, vision tower shrunk), saved with ``save_pretrained`` as
+transformers writes such checkpoints (Gemma 3 and Mistral 3 under ``language_model.model.``,
+Gemma 4 under ``model.language_model.``, Llama 4's whole ``language_model``), exported with
+paw from the folder and compared with the composite model's forward on text alone:
+full-sequence logits, logits through the KV cache, and greedy tokens against its ``generate``.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import pytest
+from safetensors import safe_open
+
+from exporter.export import export_source
+from interp.errors import SourceError
+from tests.archs import COMPOSITES, ArchCase, tiny_composite
+from tests.exporter.test_architectures import PREFILL, TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_tokenizer):
+    """model_type -> (its saved tiny composite folder, the composite model)."""
+    root = tmp_path_factory.mktemp("composites")
+    made = {}
+    for model_type in COMPOSITES:
+        model = tiny_composite(model_type)
+        model.save_pretrained(root / model_type)
+        tiny_tokenizer.save_pretrained(root / model_type)
+        made[model_type] = (root / model_type, model)
+    return made
+
+
+@pytest.fixture(scope="module")
+def exported(folders, tmp_path_factory):
+    """model_type -> (the whole-load export's directory, its progress lines)."""
+    root = tmp_path_factory.mktemp("composite-programs")
+    made = {}
+    for model_type, (folder, _) in folders.items():
+        lines: list[str] = []
+        made[model_type] = (export_source(str(folder), root / model_type, stream=False, progress=lines.append),
+                            lines)
+    return made
+
+
+@pytest.mark.parametrize("model_type", list(COMPOSITES))
+def test_text_model_matches_the_composite(folders, exported, model_type):
+    case = ArchCase(model_type, exported[model_type][0], model=folders[model_type][1])
+    full, cached, greedy = case.errors(PREFILL)
+    assert full < TOLERANCE, f"{model_type}: logits differ by {full}"
+    assert cached < TOLERANCE, f"{model_type}: cached logits differ by {cached}"
+    assert greedy, f"{model_type}: greedy tokens differ"
+
+
+@pytest.mark.parametrize("model_type", list(COMPOSITES))
+def test_export_says_what_it_left_out_and_keeps_the_tokenizer(folders, exported, model_type):
+    program, lines = exported[model_type]
+    text_type = folders[model_type][1].config.text_config.model_type
+    assert (f"multimodal checkpoint ({model_type}): exporting its text model {text_type}; "
+            "the vision tower is left out") in lines
+    spec = json.loads((program / "prog.json").read_text())
+    assert spec["model"]["model_type"] == text_type
+    assert spec["model"]["source"]["text_model_of"] == model_type
+    tokenizer = json.loads((program / "tokenizer_config.json").read_text())
+    assert "im_start" in (tokenizer.get("chat_template") or (program / "chat_template.jinja").read_text())
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "gemma4"])
+def test_streamed_export_reads_no_vision_weight_and_matches_the_whole_one(folders, exported, model_type,
+                                                                          tmp_path):
+    """gemma3's checkpoint keys are the legacy ``language_model.model.*``, gemma4's ``model.language_model.*``."""
+    from exporter.sources import load_source_streaming, resolve_source, text_model_of
+
+    folder = folders[model_type][0]
+    source = resolve_source(str(folder))
+    model, _, weights = load_source_streaming(source, "float32", text_model_of(source))
+    read = {entry[1] for group in weights.plan.groups.values() for entry in group.entries}
+    with safe_open(folder / "model.safetensors", "pt") as stored:
+        towers = {key for key in stored.keys() if "vision" in key or "projector" in key}
+    assert towers and not read & towers
+    assert all(p.is_meta for p in model.parameters())
+    streamed = export_source(str(folder), tmp_path / "streamed")
+    compared = filecmp.dircmp(exported[model_type][0], streamed)
+    _, mismatch, errors = filecmp.cmpfiles(exported[model_type][0], streamed, compared.common_files, shallow=False)
+    assert not mismatch and not errors and not compared.left_only and not compared.right_only
+
+
+def test_a_text_model_without_a_causal_lm_is_one_error(folders, tmp_path):
+    folder = tmp_path / "clip-text"
+    folder.mkdir()
+    for item in folders["mistral3"][0].iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"] = {"model_type": "clip_text_model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match=r"multimodal checkpoint \(mistral3\): transformers has no causal LM "
+                                          "for its text model clip_text_model"):
+        export_source(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma3n_without_its_vision_backend_is_one_cli_error(tmp_path):
+    """Gemma 3n's vision tower is a timm model; paw depends on neither timm nor PIL, so it cannot be built."""
+    from transformers import AutoConfig
+
+    from tests.apps.test_cli import assert_one_line_error, paw
+
+    AutoConfig.for_model("gemma3n").save_pretrained(tmp_path / "gemma3n")
+    done = paw("export", "hf", str(tmp_path / "gemma3n"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, "multimodal checkpoint (gemma3n): transformers cannot build "
+                                "Gemma3nForConditionalGeneration to find its text model: it needs PIL and timm")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_text_weight_missing_from_the_checkpoint_is_one_error(folders, tmp_path, stream):
+    """transformers would fill a missing weight with random values; paw refuses before writing."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for item in folders["mistral3"][0].iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    missing = next(key for key in tensors if key.endswith("layers.1.mlp.down_proj.weight"))
+    del tensors[missing]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SourceError, match=r"the mistral3 checkpoint has no weights for its text model's "
+                                          r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        export_source(str(folder), tmp_path / "out", stream=stream)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sharded_checkpoint_streams_to_the_same_program(folders, exported, tmp_path, tiny_tokenizer):
+    """Shards with an index, as large checkpoints are saved: each tensor is found in its shard by its name."""
+    folder = tmp_path / "mistral3"  # the same folder name, so the manifest's source is the same
+    folders["mistral3"][1].save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    streamed = export_source(str(folder), tmp_path / "streamed")
+    whole = exported["mistral3"][0]
+    compared = filecmp.dircmp(whole, streamed)
+    _, mismatch, errors = filecmp.cmpfiles(whole, streamed, compared.common_files, shallow=False)
+    assert not mismatch and not errors and not compared.left_only and not compared.right_only
