@@ -375,7 +375,13 @@ def _check_attr(arg: schema.Arg, value: Any, defined: dict[str, str], where: str
 
 
 def _vocab_size(spec: dict, nodes: list[Node], path: Path) -> int | None:
-    """Rows of the embedding that reads input_ids, cross-checked with model.vocab_size."""
+    """The token ids the program takes, 0 .. n-1: model.vocab_size, checked against the rows of
+    the embedding that reads input_ids (or those rows, when the program does not declare it).
+
+    An embedding may hold more rows than the vocabulary: Llama 3.2 Vision's text model keeps 8
+    rows for image tokens that its LM head never produces and a text program never reads. An
+    embedding with fewer rows than the vocabulary could not look a token up: refused.
+    """
     rows = None
     for node in nodes:
         if node.op in ("embedding", "quantized_embedding") and node.inputs[-1] == "input_ids":
@@ -383,9 +389,10 @@ def _vocab_size(spec: dict, nodes: list[Node], path: Path) -> int | None:
             if meta is not None and meta["shape"]:
                 rows = meta["shape"][0] if rows is None else min(rows, meta["shape"][0])
     declared = spec.get("model", {}).get("vocab_size")
-    if rows is not None and declared and declared != rows:
-        raise ProgramError(f"{path}: model.vocab_size is {declared}, but the embedding of input_ids has {rows} rows")
-    return rows if rows is not None else (declared or None)
+    if rows is not None and declared and declared > rows:
+        raise ProgramError(f"{path}: model.vocab_size is {declared}, but the embedding of input_ids has only "
+                           f"{rows} rows")
+    return declared or rows
 
 
 def read_safetensors_header(path: Path, error: type[PawError] = WeightsError,

@@ -123,6 +123,7 @@ COMPOSITES: dict[str, dict] = {
     "gemma3": dict(mm_tokens_per_image=4, tie_word_embeddings=False),
     "mistral3": {},
     "llama4": {},
+    "mllama": {},  # its embedding keeps 8 rows for image tokens past the vocabulary
     "gemma4": dict(tie_word_embeddings=False, vision_config=dict(model_type="gemma4_vision"),
                    text=dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
                              per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,

@@ -106,7 +106,7 @@ def test_every_range_in_the_schema_is_enforced():
     (lambda s: s["consts"]["lm_head.weight"].update(shape=[384, -64]), "expected a list of sizes"),
     (lambda s: s["model"].update(context_length="long"), "context_length must be a positive integer"),
     (lambda s: s["model"].update(eos_token_ids=[2, -1]), "eos_token_ids must be a list of token ids"),
-    (lambda s: s["model"].update(vocab_size=500), "the embedding of input_ids has 384 rows"),
+    (lambda s: s["model"].update(vocab_size=500), "the embedding of input_ids has only 384 rows"),
     (lambda s: s["model"].update(source="hub"), "source must be an object"),
     (lambda s: s.update(state={"kv_cache": {"layers": "two"}}), "state.kv_cache.layers"),
     (lambda s: s.update(version=True), "format version True"),
@@ -115,6 +115,23 @@ def test_malformed_prog_json_is_one_program_error(program_copy, change, message)
     edit_spec(program_copy, change)
     with pytest.raises(ProgramError, match=message):
         read_program(program_copy)
+
+
+def test_an_embedding_with_rows_beyond_the_vocabulary_loads(program_copy):
+    """Llama 3.2 Vision's text model: 8 embedding rows for image tokens its head never writes.
+    The program takes the declared vocabulary's ids, and an id past it is one input error."""
+    import paw_mlx
+    from interp.errors import InputError
+
+    edit_spec(program_copy, lambda s: s["model"].update(vocab_size=300))
+    assert read_program(program_copy).vocab_size == 300
+    prog = paw_mlx.load(program_copy)
+    assert len(list(paw_mlx.runtime.stream_tokens(prog, [5, 17, 299], max_tokens=3))) == 3
+    with pytest.raises(InputError, match="299"):
+        prog.check_ids([5, 350])
+    penalized = paw_mlx.runtime.stream_tokens(prog, [5, 17, 299], max_tokens=3, repetition_penalty=1.3,
+                                              presence_penalty=0.5, temperature=0.7, seed=1)
+    assert all(0 <= t < 384 for t in penalized)
 
 
 def test_deeply_nested_json_is_a_program_error(program_copy):
