@@ -233,7 +233,7 @@ class Constraint:
             self._finished = True
             return
         if not self._matcher.consume_token(int(token)):
-            raise ConstraintError(f"token {token} breaks the output constraint: {self._matcher.get_error()}")
+            raise ConstraintError(f"token {token} breaks the output constraint: {_one_line(self._matcher.get_error())}")
 
     @property
     def failure(self) -> str | None:

@@ -119,7 +119,9 @@ class Generation:
                 return ApiError(504, f"the request ran past the server's timeout of {self.engine.config.timeout:g} s "
                                 "(paw serve --timeout)", code="request_timeout", headers={"x-should-retry": "false"})
             if choice.finish_reason == "error" and (choice.error or "").startswith(CONSTRAINT_FAILED):
-                return ApiError(400, f"response_format: {choice.error}", param="response_format")
+                forced = self.prepared.tools is not None and self.prepared.tools.grammar is not None
+                param = "tools" if forced else "response_format"  # whose grammar gave up
+                return ApiError(400, f"{param}: {choice.error}", param=param)
             if choice.finish_reason == "error":
                 return ApiError(500, f"generation failed: {choice.error or 'unknown error'}", code="engine_error")
             if choice.finish_reason == "cancelled":  # by the engine (a shutdown): ours end a choice as "stop" first

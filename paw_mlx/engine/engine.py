@@ -38,9 +38,10 @@ import mlx.core as mx
 
 from interp import device
 from interp.cache import KVCache
-from interp.errors import OverloadedError, RequestError
+from interp.errors import ConstraintError, OverloadedError, RequestError
 from interp.sampling import BatchSampler, SampleResult, SamplingParams
 from interp.slots import SlotBatch, SlotLayer, slot_bucket
+from paw_mlx.constrain import CONSTRAINT_FAILED
 from paw_mlx.engine.prompt_cache import PromptCache
 from paw_mlx.engine.requests import GenerationRequest, RequestHandle, TokenEvent
 from paw_mlx.runtime import LoadedProgram
@@ -380,7 +381,11 @@ class Engine:
             self._finish(group, row, "stop" if failure is None else "error", error=failure)
             return
         if request.constraint is not None:
-            request.constraint.advance(token)
+            try:
+                request.constraint.advance(token)
+            except ConstraintError as exc:  # this row's grammar gave up (llguidance's limits): it alone ends
+                self._finish(group, row, "error", error=f"{CONSTRAINT_FAILED}: {exc}")
+                return
         reason = None
         if request.constraint is not None and request.constraint.done:
             reason = "stop"

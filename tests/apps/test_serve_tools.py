@@ -199,6 +199,9 @@ BAD = [
     ("a schema llguidance refuses", {"tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "nonsense"}}}}}],
         "tool_choice": "required"}, "tools", "Invalid type: nonsense"),
+    ("a schema whose grammar gives up while generating", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"$ref": "#"}}}], "tool_choice": "required", "max_tokens": 20}, "tools",
+     "the output constraint failed"),  # llguidance's item limit, mid-reply: was a 500 failing the whole batch
     ("arguments that are not JSON", {"messages": [*ASK, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{zone"}}]}]}, "messages",
      "messages[1].tool_calls[0].function.arguments is not JSON"),

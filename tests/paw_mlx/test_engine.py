@@ -175,6 +175,32 @@ def test_a_failing_constraint_fails_its_batch_not_the_engine(engine, catalog):
     assert engine.healthy
 
 
+def test_a_grammar_that_gives_up_ends_its_row_not_its_batch(engine, catalog, base):
+    """A request's grammar can fail mid-way (llguidance's limits on a hostile schema): that row
+    ends in error, and the rows batched with it go on to their greedy answers."""
+    from interp.errors import ConstraintError
+    from paw_mlx.constrain import CONSTRAINT_FAILED
+
+    class GivesUp(OnlyTokens):
+        def advance(self, token):
+            super().advance(token)
+            if len(self.seen) == 2:
+                raise ConstraintError(f"token {token} breaks the output constraint: parser error: too many items")
+
+    model = catalog.get("tiny")
+    vocab = base.program.model_info["vocab_size"]
+    others = [engine.submit(GenerationRequest(model, paw_mlx.prompt_ids(base, p, raw=True), 12)) for p in INPUTS[:2]]
+    broken = engine.submit(GenerationRequest(model, [5, 6], 12, constraint=GivesUp(vocab, [7, 8], 10)))
+    last = list(broken.events(timeout=WAIT))[-1]
+    assert last.finish_reason == "error" and last.error.startswith(CONSTRAINT_FAILED), last.error
+    for handle, prompt in zip(others, INPUTS[:2], strict=True):
+        events = list(handle.events(timeout=WAIT))
+        assert events[-1].finish_reason in ("stop", "length"), events[-1].error
+        assert [t for e in events for t in e.tokens] == greedy_alone(
+            base, paw_mlx.prompt_ids(base, prompt, raw=True), 12)
+    assert engine.healthy
+
+
 def test_seeded_sampling_repeats_and_penalties_apply(engine, catalog):
     model = catalog.get("tiny")
     sampled = SamplingParams(temperature=1.0, seed=11)
