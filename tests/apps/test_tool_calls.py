@@ -121,16 +121,17 @@ def test_without_parallel_calls_only_the_first_counts():
 ])
 def test_the_call_grammar_takes_calls_and_only_calls(tiny_program, fmt, good, bad):
     tokenizer = Tokenizer(tiny_program)
-    grammar = compile_returns({"lark": call_grammar(fmt, TOOLS, True, None)}, tokenizer, 384)
+    grammar = compile_returns({"lark": call_grammar(fmt, TOOLS, True)}, tokenizer, 384)
     assert grammar.matches(good) and not grammar.matches(bad)
-    one = compile_returns({"lark": call_grammar(fmt, TOOLS, False, None)}, tokenizer, 384)
+    one = compile_returns({"lark": call_grammar(fmt, TOOLS, False)}, tokenizer, 384)
     assert not one.matches(good) or fmt is LLAMA3  # one call only
 
 
 def test_a_marker_that_is_one_token_is_emitted_as_that_token(tiny_program):
     tokenizer = Tokenizer(tiny_program)
     marker = tokenizer.token_to_id("<|im_start|>")  # a special token standing in for [TOOL_CALLS]
-    grammar = compile_returns({"lark": call_grammar(MISTRAL, TOOLS, True, marker)}, tokenizer, 384)
+    token_id = {"[TOOL_CALLS]": marker}.get
+    grammar = compile_returns({"lark": call_grammar(MISTRAL, TOOLS, True, token_id)}, tokenizer, 384)
     assert grammar.start().allowed().nonzero()[0].tolist() == [marker]
 
 
