@@ -113,11 +113,8 @@ class HarmonyReader:
         if self.state == "body":
             out += self._route(self.pending)
             out += self._close()
-        elif self.pending.strip():  # a header that never reached its message, or plain text
-            text = self.pending
-            for marker in MARKERS:
-                text = text.replace(marker, "")
-            out += self._show(text, to_reasoning=False)
+        elif "<|channel|>" not in self.pending:  # text after a message's end, not a header cut short
+            out += self._show(self.pending, to_reasoning=False)
         self.pending, self.state = "", "start"
         return out, self.calls
 

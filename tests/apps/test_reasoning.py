@@ -112,7 +112,8 @@ def test_a_harmony_call_is_a_call_and_its_analysis_reasoning():
     (f"<|channel|>commentary to=functions.rm_rf <|constrain|>json<|message|>{CALL}<|call|>", CALL),  # not offered
     ("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{city<|call|>", "{city"),
     ('{"answer": 4}', '{"answer": 4}'),  # no header: an output constraint shaped it; all answer
-    ("<|channel|>final", "final"),  # a header that never reached its message: its words are kept
+    ("<|channel|>final", ""),  # a header cut short: nothing to show
+    ("<|channel|>final<|message|>Hi<|end|> and more", "Hi and more"),  # text after a message is kept
 ])
 def test_what_is_not_a_harmony_call_is_answer(text, answer):
     reasoning, pieces, calls = harmony(text)
