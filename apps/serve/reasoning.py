@@ -14,11 +14,16 @@ Two families, read from the template's text as vLLM's reasoning parsers are chos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from apps.serve.call_format import marker_start
 from apps.serve.harmony import MARKERS as HARMONY_MARKERS
 from apps.serve.harmony import Parts
+from interp.tokenizer import Tokenizer
+
+#: prompt tokens decoded to see whether the generation prompt opened a think block
+PROMPT_TAIL_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ def opens_in_prompt(fmt: ReasoningFormat, prompt_tail: str) -> bool:
     """Whether a prompt ending with ``prompt_tail`` (decoded with its special tokens) leaves a
     think block open, so that the reply starts inside it."""
     return not fmt.harmony and prompt_tail.rstrip().endswith(fmt.open)
+
+
+def prompt_opens(fmt: ReasoningFormat, tokenizer: Tokenizer, prompt: Sequence[int]) -> bool:
+    """Whether the prompt's ids leave a think block open (its last few tokens decoded)."""
+    return opens_in_prompt(fmt, tokenizer.decode(list(prompt[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False))
 
 
 class ThinkSplitter:

@@ -14,12 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from apps.serve.harmony import HarmonyReader, Parts
-from apps.serve.reasoning import ReasoningFormat, ThinkSplitter, detect_reasoning, opens_in_prompt
+from apps.serve.reasoning import ReasoningFormat, ThinkSplitter, detect_reasoning, prompt_opens
 from apps.serve.tools import CallScanner, ToolPlan
 from interp.tokenizer import Tokenizer
-
-#: prompt tokens decoded to see whether the generation prompt opened a think block
-PROMPT_TAIL_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -45,9 +42,7 @@ def plan_reply(tools: ToolPlan | None, tokenizer: Tokenizer, prompt: list[int], 
     (its text is then all answer: a think block the prompt opened is not continued)."""
     fmt = detect_reasoning(tokenizer.chat_template or "")
     keep = {i: text for text in (fmt.kept if fmt else ()) if (i := tokenizer.token_to_id(text)) is not None}
-    opened = False
-    if fmt is not None and not constrained:
-        opened = opens_in_prompt(fmt, tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False))
+    opened = fmt is not None and not constrained and prompt_opens(fmt, tokenizer, prompt)
     return ReplyPlan(tools, fmt, opened, keep)
 
 
