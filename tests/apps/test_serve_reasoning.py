@@ -31,7 +31,8 @@ THINK_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
     "Call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message.role }}\n"
-    "{% if message.role == 'assistant' %}{{ message.content.split('</think>')[-1] }}"
+    "{% if message.role == 'assistant' %}{% if message.reasoning_content %}<think>\n{{ message.reasoning_content }}"
+    "\n</think>\n\n{% endif %}{{ message.content.split('</think>')[-1] }}"
     "{% else %}{{ message.content }}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
 )
@@ -135,6 +136,20 @@ def test_reasoning_content_and_calls_whole_and_streamed(catalog, model, script, 
         assert got[0] == reasoning and got[1] == (content or "") and got[3] == reason
         assert [(c["name"], json.loads(c["arguments"])) for c in got[2]] == \
             [(name, json.loads(arguments)) for name, arguments in calls]
+
+
+def test_reasoning_sent_back_reaches_the_template(catalog):
+    """A client sends the reply back as it got it: its reasoning_content renders (Qwen3's
+    templates show it for the turns of a tool-calling loop)."""
+    turn = [*ASK, {"role": "assistant", "content": "It is sunny.", "reasoning_content": "Paris in June."},
+            {"role": "user", "content": "Thanks"}]
+    model = catalog.get("think")
+    ids = model.chat_ids(turn)
+    assert "<think>\nParis in June.\n</think>\n\nIt is sunny." in model.base.tokenizer.decode(ids)
+    engine = ScriptedEngine(model.base.tokenizer, "Fine.</think>You are welcome.")
+    with served(catalog, engine) as running:
+        reply = client_of(running).chat.completions.create(model="think", messages=turn)
+    assert reply.usage.prompt_tokens == len(ids) and reply.choices[0].message.content == "You are welcome."
 
 
 @pytest.mark.parametrize("model", ["think", "harmony"])
