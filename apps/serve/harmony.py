@@ -88,7 +88,7 @@ class HarmonyReader:
                 self.pending = ""
                 return out
             if self.state == "header":
-                at = self.pending.find(MESSAGE)
+                at = self.pending.find(MESSAGE, max(0, len(self.pending) - len(piece) - len(MESSAGE)))
                 if at < 0:
                     return out
                 self._open(self.pending[:at])
