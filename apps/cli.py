@@ -279,6 +279,10 @@ def run(
         frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
         logit_bias=parse_logit_bias(logit_bias or []), seed=seed, logprobs=logprobs,
         vocab_size=prog.vocab_size)
+    from apps.reasoning_view import ReplyPrinter
+
+    # a reasoning model's reasoning goes to stderr, its answer to stdout
+    printer = ReplyPrinter(prog.tokenizer if detok is not None else None, ids, chat=isinstance(source, str) and not raw)
     choices = []
     for choice in paw_mlx.stream_choices(prog, ids, max_tokens=max_tokens, sampling=sampling, stats=run_stats):
         token = choice.token
@@ -286,10 +290,8 @@ def run(
         produced.append(token)
         piece = detok.add_token(token) if detok is not None else f"{token} "
         if piece:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    sys.stdout.write((detok.finalize() if detok is not None else "") + "\n")
-    sys.stdout.flush()
+            printer.write(piece)
+    printer.finish(detok.finalize() if detok is not None else "")
     if output_ids is not None:
         from interp.atomic import atomic_write_text
 

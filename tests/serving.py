@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import paw_mlx
-from paw_mlx.engine import ModelCatalog
+from paw_mlx.engine import Engine, EngineConfig, ModelCatalog, RequestHandle, TokenEvent
 from tests.paw_mlx.test_programs import one_prompt_greedy as greedy_alone  # noqa: F401 - shared here
 
 SPECS = {
@@ -35,3 +36,23 @@ def make_catalog(base, programs: dict[str, Path]) -> ModelCatalog:
     for name, path in programs.items():
         catalog.add_program(path, name=name)
     return catalog
+
+
+class ScriptedEngine(Engine):
+    """An engine whose every reply is ``text``, a token an event: a model that calls tools or
+    reasons by itself (special tokens in ``text`` are read as such)."""
+
+    def __init__(self, tokenizer, text: str):
+        super().__init__(EngineConfig())
+        self.tokens = tokenizer.encode(text, add_special_tokens=False)
+
+    def submit(self, request, on_event=None) -> RequestHandle:
+        handle = RequestHandle(request, on_event)
+
+        def reply() -> None:
+            for token in self.tokens:
+                handle.deliver(TokenEvent([token]))
+            handle.deliver(TokenEvent([], finish_reason="stop"))
+
+        threading.Thread(target=reply, daemon=True).start()
+        return handle

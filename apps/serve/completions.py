@@ -17,7 +17,7 @@ from typing import Any
 
 from apps.serve.errors import ApiError
 from apps.serve.prepare import Prepared
-from apps.serve.tools import CallScanner, reply_message
+from apps.serve.reply import ReplyReader, reply_message
 from paw_mlx.constrain import CONSTRAINT_FAILED
 from paw_mlx.engine import Engine, GenerationRequest, RequestHandle, TextStream, TokenEvent
 from paw_mlx.engine.text import TokenText
@@ -42,7 +42,7 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     sent: int = 0  # log-probability entries already streamed
-    calls: CallScanner | None = None  # with tools: the streamed text, possible calls held back
+    reader: ReplyReader | None = None  # chat: the streamed text read for reasoning and calls
 
     @property
     def done(self) -> bool:
@@ -70,10 +70,11 @@ class Generation:
         loop = asyncio.get_running_loop()
         try:
             for index, (prompt, request) in enumerate(requests):
-                keep = self.prepared.tools.keep if self.prepared.tools else None
-                choice = Choice(index, prompt, TextStream(self.tokenizer, self.prepared.stop, keep))
-                if self.prepared.tools is not None:
-                    choice.calls = CallScanner(self.prepared.tools)
+                reply = self.prepared.reply
+                choice = Choice(index, prompt, TextStream(self.tokenizer, self.prepared.stop,
+                                                          reply.keep if reply else None))
+                if reply is not None:
+                    choice.reader = reply.reader()
                 self.choices.append(choice)
 
                 def deliver(event: TokenEvent, index: int = index) -> None:
@@ -185,7 +186,7 @@ class Generation:
         for choice in self.choices:
             text = choice.stream.text
             if self.kind == "chat":
-                message, calls = reply_message(self.prepared.tools, text)
+                message, calls = reply_message(self.prepared.reply, text)
                 choices.append({"index": choice.index, "message": message,
                                 "logprobs": self.chat_logprobs(choice.logprobs),
                                 "finish_reason": self.finish_reason(choice, calls)})
@@ -250,14 +251,17 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
                 yield sse(failure.body())
                 break
             calls: list[dict] = []
-            if choice.calls is not None:
-                text = choice.calls.add(text)
+            reasoning = ""
+            if choice.reader is not None:
+                parts = choice.reader.add(text)
                 if choice.done:
-                    rest, calls = choice.calls.finish()
-                    text += rest
-            if text or fresh:
+                    rest, calls = choice.reader.finish()
+                    parts += rest
+                text, reasoning = parts.content, parts.reasoning
+            if text or reasoning or fresh:
                 if chat:
-                    piece = {"index": choice.index, "delta": {"content": text},
+                    delta = {"reasoning_content": reasoning, "content": text} if reasoning else {"content": text}
+                    piece = {"index": choice.index, "delta": delta,
                              "logprobs": generation.chat_logprobs(fresh), "finish_reason": None}
                 else:
                     logprobs = generation.completion_logprobs(fresh, echoed[choice.index])

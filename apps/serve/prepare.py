@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from apps.serve.errors import ApiError, from_paw_error
+from apps.serve.reply import ReplyPlan, plan_reply
 from apps.serve.schemas import (
     MAX_PROMPTS,
     MAX_STOP,
@@ -40,6 +41,7 @@ class Prepared:
     make_constraint: Callable[[], Any] | None = None
     echo: list[str] | None = None  # completions with echo: the prompt texts
     tools: ToolPlan | None = None  # chat with tools: how the reply's calls are read
+    reply: ReplyPlan | None = None  # chat: how the reply is read (reasoning, calls)
 
     def requests(self) -> list[tuple[int, GenerationRequest]]:
         """(prompt index, request) for every choice, prompt-major as OpenAI numbers choices."""
@@ -106,9 +108,10 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     sampling = _sampling(body, model, logprobs)
     forced = {"lark": tools.grammar} if tools is not None and tools.grammar else None
-    return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs,
-                    make_constraint=_constraint(body.response_format, model, forced),
-                    echo=texts if (not chat and body.echo) else None, tools=tools)
+    make_constraint = _constraint(body.response_format, model, forced)
+    reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
+    return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
+                    echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply)
 
 
 def _refuse_audio(body: ChatCompletionRequest) -> None:

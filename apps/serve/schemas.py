@@ -53,6 +53,7 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this message answers
+    reasoning_content: str | None = None  # assistant: its reasoning, as this server returned it
 
 
 class FunctionDefinition(_Lenient):

@@ -1,16 +1,23 @@
 """Tool calls as chat templates write them: which format a template uses, reading the calls
 out of a reply, and the grammar that makes a reply a call.
 
-Three formats cover the templates served most (the one a template uses is read from the
-markers its text contains, as vLLM's parsers are chosen per model family):
+The format a template uses is read from the markers its text contains, as vLLM's parsers
+are chosen per model family:
 
 - ``hermes``: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one block per
   call, text around them (Qwen2.5, Qwen3, SmolLM3, Hermes; also any template that takes
   tools without a marker this module knows);
+- ``qwen3_coder``: the same blocks holding ``<function=NAME>`` and ``<parameter=KEY>`` XML
+  (``xml_calls.py``);
 - ``llama3``: the whole reply is ``{"name": ..., "parameters": {...}}``, possibly after
   ``<|python_tag|>`` and possibly several separated by ``;`` (Llama 3.1 to 3.3);
 - ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` after any text
-  (Mistral, Mixtral; the older ``[TOOL_CALLS]`` + JSON array form).
+  (Mistral, Mixtral; the older ``[TOOL_CALLS]`` + JSON array form);
+- ``mistral_v11``: ``[TOOL_CALLS]NAME[ARGS]{...}``, once per call, an optional
+  ``[CALL_ID]id`` before ``[ARGS]`` (tokenizer v11 and later: Mistral Small 3.2, Devstral,
+  Magistral);
+- ``harmony``: gpt-oss's messages, a call being one to ``functions.NAME`` on the
+  commentary channel (``harmony.py``).
 
 A call naming a tool that was not offered, or whose JSON does not parse, is not a call:
 it stays in the reply's text.
@@ -20,61 +27,32 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-import string
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from paw_mlx.constrain import JSON_OPTIONS
+from apps.serve.call_format import (
+    Special,
+    ToolCall,
+    ToolFormat,
+    Tools,
+    alternatives,
+    call_from_json,
+    checked_call,
+    json_rule,
+    lark_literal,
+    parameters,
+)
+from apps.serve.harmony import HARMONY
+from apps.serve.xml_calls import QWEN3_CODER
 
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One call read from a reply: the function's name and its arguments (a JSON object)."""
-
-    name: str
-    arguments: dict
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """How one family of templates writes tool calls."""
-
-    name: str
-    signs: tuple[str, ...]  # text in a chat template that says it uses this format
-    marker: str  # the text that opens the calls
-    bare_start: str  # a reply opening with this (after whitespace) may be calls whose marker was left out
-    arguments_key: str  # what the template's prompt tells the model to name the arguments
-    kept: tuple[str, ...]  # markers kept in decoded text where they are special tokens
-    parse: Callable[[str, Collection[str]], tuple[str, list[ToolCall]]]
-    grammar: Callable[[str, list[dict], bool, str], str]
-
-    def new_id(self) -> str:
-        """An id for a call, as the format's templates accept them back in ``tool_call_id``."""
-        if self.name == "mistral":  # Mistral's templates refuse ids other than 9 letters and digits
-            return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
-        return "call_" + secrets.token_hex(12)
+__all__ = ["FORMATS", "ToolCall", "ToolFormat", "call_grammar", "detect_format"]
 
 
 # ----------------------------------------------------------------------------- reading calls
 
 
-def _call(value: object, names: Collection[str]) -> ToolCall | None:
-    """The call a parsed JSON value describes, or None when it is not a call to an offered tool."""
-    if not isinstance(value, dict) or value.get("name") not in names:
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    if isinstance(arguments, str):  # some models write the arguments as a JSON string
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return None
-    return ToolCall(value["name"], arguments) if isinstance(arguments, dict) else None
-
-
-def _json_call(text: str, names: Collection[str]) -> ToolCall | None:
+def _json_call(text: str, names: Tools) -> ToolCall | None:
     try:
-        return _call(json.loads(text), names)
+        return call_from_json(json.loads(text), names)
     except ValueError:
         return None
 
@@ -83,7 +61,7 @@ def _json_call(text: str, names: Collection[str]) -> ToolCall | None:
 _HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|(?=<tool_call>)|$)", re.S)
 
 
-def parse_hermes(text: str, names: Collection[str]) -> tuple[str, list[ToolCall]]:
+def parse_hermes(text: str, names: Tools) -> tuple[str, list[ToolCall]]:
     """(text outside the calls, calls); a block that is not a call stays in the text. A last
     block left open (the model ended after its JSON) still counts."""
     calls, outside, at = [], [], 0
@@ -123,27 +101,48 @@ def _split(text: str, marker: str, bare_start: str) -> tuple[str, str] | None:
     return None
 
 
-def parse_llama3(text: str, names: Collection[str]) -> tuple[str, list[ToolCall]]:
+def parse_llama3(text: str, names: Tools) -> tuple[str, list[ToolCall]]:
     """(text, calls): the part after ``<|python_tag|>`` (or the whole reply) as calls, if every
     JSON object in it is one; otherwise the reply is text."""
     parts = _split(text, "<|python_tag|>", "{")
     values = _json_values(parts[1], ";") if parts else None
-    calls = [_call(v, names) for v in values or []]
+    calls = [call_from_json(v, names) for v in values or []]
     if not calls or None in calls:
         return text, []
     return parts[0], calls
 
 
-def parse_mistral(text: str, names: Collection[str]) -> tuple[str, list[ToolCall]]:
+def parse_mistral(text: str, names: Tools) -> tuple[str, list[ToolCall]]:
     """(text, calls): the JSON array (or object) after ``[TOOL_CALLS]`` as calls, if all are."""
     parts = _split(text, "[TOOL_CALLS]", "[")
     values = _json_values(parts[1], "") if parts else None
     if values and len(values) == 1 and isinstance(values[0], list):
         values = values[0]
-    calls = [_call(v, names) for v in values or []]
+    calls = [call_from_json(v, names) for v in values or []]
     if not calls or None in calls:
         return text, []
     return parts[0], calls
+
+
+#: one v11 call: the name, an optional call id, the arguments' JSON up to the next call or the end
+_V11_CALL = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.-]+)\s*(?:\[CALL_ID\]\s*[A-Za-z0-9]*\s*)?\[ARGS\]")
+
+
+def parse_mistral_v11(text: str, names: Tools) -> tuple[str, list[ToolCall]]:
+    """(text, calls): every ``[TOOL_CALLS]NAME[ARGS]{...}`` after the reply's text, if all are calls;
+    the older JSON-array form is read too (a v11 model may still write it)."""
+    heads = list(_V11_CALL.finditer(text))
+    if not heads:
+        return parse_mistral(text, names)
+    calls = []
+    for head, after in zip(heads, [*heads[1:], None], strict=True):
+        body = text[head.end():after.start() if after else len(text)]
+        values = _json_values(body, "")
+        call = checked_call(head.group(1), values[0]) if values and len(values) == 1 else None
+        if call is None or call.name not in names:
+            return text, []
+        calls.append(call)
+    return text[:heads[0].start()], calls
 
 
 # ----------------------------------------------------------------------------- grammars
@@ -152,36 +151,35 @@ def parse_mistral(text: str, names: Collection[str]) -> tuple[str, list[ToolCall
 def _call_json(tools: list[dict], arguments_key: str) -> str:
     """A Lark ``%json`` rule for one call to any of ``tools``: name first, then the arguments
     their parameter schema allows (the order templates show the model)."""
-    options = []
-    for tool in tools:
-        function = tool["function"]
-        parameters = function.get("parameters") or {"type": "object"}
-        options.append({"type": "object", "properties": {"name": {"const": function["name"]},
-                                                          arguments_key: parameters},
-                        "required": ["name", arguments_key], "additionalProperties": False})
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    options = [{"type": "object", "properties": {"name": {"const": tool["function"]["name"]},
+                                                 arguments_key: parameters(tool)},
+                "required": ["name", arguments_key], "additionalProperties": False} for tool in tools]
+    return json_rule(options[0] if len(options) == 1 else {"anyOf": options})
 
 
-def _lark(text: str) -> str:
-    return json.dumps(text)  # a Lark string literal is a JSON string
-
-
-def grammar_hermes(marker: str, tools: list[dict], parallel: bool, arguments_key: str) -> str:
-    call = f'{marker} "\\n" call_json "\\n</tool_call>"'
+def grammar_hermes(special: Special, tools: list[dict], parallel: bool, arguments_key: str) -> str:
+    call = f'{special("<tool_call>")} "\\n" call_json "\\n" {special("</tool_call>")}'
     more = ' ("\\n" one_call)*' if parallel else ""
     return (f"start: one_call{more}\none_call: {call}\ncall_json: {_call_json(tools, arguments_key)}\n")
 
 
-def grammar_llama3(marker: str, tools: list[dict], parallel: bool, arguments_key: str) -> str:
+def grammar_llama3(special: Special, tools: list[dict], parallel: bool, arguments_key: str) -> str:
     # Llama 3's templates describe one call per reply in this form
     return f"start: call_json\ncall_json: {_call_json(tools, arguments_key)}\n"
 
 
-def grammar_mistral(marker: str, tools: list[dict], parallel: bool, arguments_key: str) -> str:
+def grammar_mistral(special: Special, tools: list[dict], parallel: bool, arguments_key: str) -> str:
     more = ' (", " call_json)*' if parallel else ""
     # Mistral's templates write "[TOOL_CALLS] [" (a SentencePiece model reads the space into "▁[")
-    return f'start: {marker} " "? "[" call_json{more} "]"\ncall_json: {_call_json(tools, arguments_key)}\n'
+    return (f'start: {special("[TOOL_CALLS]")} " "? "[" call_json{more} "]"\n'
+            f"call_json: {_call_json(tools, arguments_key)}\n")
+
+
+def grammar_mistral_v11(special: Special, tools: list[dict], parallel: bool, arguments_key: str) -> str:
+    rules = [f'call_{i}: {special("[TOOL_CALLS]")} {lark_literal(tool["function"]["name"])} {special("[ARGS]")} '
+             f"args_{i}\nargs_{i}: {json_rule(parameters(tool))}" for i, tool in enumerate(tools)]
+    calls = alternatives(f"call_{i}" for i in range(len(tools)))
+    return f"start: one_call{'+' if parallel else ''}\none_call: {calls}\n" + "\n".join(rules) + "\n"
 
 
 HERMES = ToolFormat("hermes", ("<tool_call>",), "<tool_call>", "<tool_call>", "arguments",
@@ -190,8 +188,11 @@ LLAMA3 = ToolFormat("llama3", ("<|python_tag|>", "Environment: ipython"), "<|pyt
                     ("<|python_tag|>",), parse_llama3, grammar_llama3)
 MISTRAL = ToolFormat("mistral", ("[TOOL_CALLS]",), "[TOOL_CALLS]", "[", "arguments", ("[TOOL_CALLS]",),
                      parse_mistral, grammar_mistral)
-#: checked in this order; a template with tools and none of these signs gets HERMES
-FORMATS = (MISTRAL, LLAMA3, HERMES)
+MISTRAL_V11 = ToolFormat("mistral_v11", ("[ARGS]",), "[TOOL_CALLS]", "[TOOL_CALLS]", "arguments",
+                         ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"), parse_mistral_v11, grammar_mistral_v11)
+#: checked in this order (a v11 template also has [TOOL_CALLS], Qwen3-Coder's also <tool_call>);
+#: a template with tools and none of these signs gets HERMES
+FORMATS = (HARMONY, MISTRAL_V11, MISTRAL, LLAMA3, QWEN3_CODER, HERMES)
 
 
 def detect_format(template: str) -> ToolFormat:
@@ -199,10 +200,15 @@ def detect_format(template: str) -> ToolFormat:
     return next((f for f in FORMATS if any(sign in template for sign in f.signs)), HERMES)
 
 
-def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool, marker_token: int | None) -> str:
+def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool,
+                 token_id: Callable[[str], int | None] = lambda text: None) -> str:
     """A Lark grammar (llguidance's dialect) whose every sentence is one call, or several when
     ``parallel``, to one of ``tools`` in ``fmt``, arguments valid for the tool's schema.
-    ``marker_token``: the id of the marker when it is one token (it is then emitted as that token,
-    as the model was trained to write it)."""
-    marker = f"<[{marker_token}]>" if marker_token is not None else _lark(fmt.marker)
-    return fmt.grammar(marker, tools, parallel, fmt.arguments_key)
+    ``token_id``: a marker's token id when it is one token (it is then emitted as that token,
+    as the model was trained to write it), else None."""
+
+    def special(text: str) -> str:
+        token = token_id(text)
+        return f"<[{token}]>" if token is not None else lark_literal(text)
+
+    return fmt.grammar(special, tools, parallel, fmt.arguments_key)

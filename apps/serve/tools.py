@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from apps.serve.call_format import ToolCall, ToolFormat, marker_start
 from apps.serve.errors import ApiError
 from apps.serve.schemas import ChatCompletionRequest
-from apps.serve.tool_calls import ToolCall, ToolFormat, call_grammar, detect_format
+from apps.serve.tool_calls import call_grammar, detect_format
 from paw_mlx.engine import ServedModel
 
 
@@ -39,10 +40,20 @@ class ToolPlan:
 
     def read(self, text: str) -> tuple[str, list[dict]]:
         """(the reply's text outside its calls, unstripped; the calls in OpenAI's form)."""
-        content, calls = self.format.parse(text, self.names)
+        content, calls = self.format.parse(text, self.schemas)
+        return content, self.openai_calls(calls)
+
+    @property
+    def schemas(self) -> dict[str, dict]:
+        """The offered tools' parameters schemas by name (Qwen3-Coder's values are typed by them)."""
+        return {t["function"]["name"]: t["function"].get("parameters") or {} for t in self.tools
+                if t["function"]["name"] in self.names}
+
+    def openai_calls(self, calls: list[ToolCall]) -> list[dict]:
+        """Calls in OpenAI's form, each with a new id; only the first without parallel calls."""
         if not self.parallel:
             calls = calls[:1]  # OpenAI's contract: at most one call
-        return content, [self._openai_call(call) for call in calls]
+        return [self._openai_call(call) for call in calls]
 
     def _openai_call(self, call: ToolCall) -> dict:
         return {"id": self.format.new_id(), "type": "function",
@@ -81,18 +92,8 @@ def plan_tools(body: ChatCompletionRequest, model: ServedModel) -> ToolPlan | No
     grammar = None
     if choice != "auto":
         offered = [t for t in tools if t["function"]["name"] == named] if named else tools
-        grammar = call_grammar(fmt, offered, parallel, tokenizer.token_to_id(fmt.marker))
+        grammar = call_grammar(fmt, offered, parallel, tokenizer.token_to_id)
     return ToolPlan(fmt, tools, frozenset(names), parallel, keep, grammar)
-
-
-def reply_message(plan: ToolPlan | None, text: str) -> tuple[dict, bool]:
-    """The assistant message of a finished reply, and whether it calls tools."""
-    if plan is None:
-        return {"role": "assistant", "content": text, "refusal": None}, False
-    content, calls = plan.read(text)
-    if not calls:
-        return {"role": "assistant", "content": text, "refusal": None}, False
-    return {"role": "assistant", "content": content.strip() or None, "refusal": None, "tool_calls": calls}, True
 
 
 class CallScanner:
@@ -127,7 +128,7 @@ class CallScanner:
                 return ""
             if fmt.bare_start.startswith(head):  # still may become one
                 return ""
-        return self._release(len(self.text) - _marker_start(self.text[self.sent:], fmt.marker))
+        return self._release(len(self.text) - marker_start(self.text[self.sent:], [fmt.marker]))
 
     def _release(self, end: int) -> str:
         piece, self.sent = self.text[self.sent:end], max(self.sent, end)
@@ -144,11 +145,3 @@ class CallScanner:
         shown = self.text[:self.sent]
         rest = content[len(shown):] if content.startswith(shown) else ""
         return (rest.rstrip() if rest.strip() else ""), calls
-
-
-def _marker_start(text: str, marker: str) -> int:
-    """How many trailing characters of ``text`` could begin ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0

@@ -4,7 +4,9 @@ OpenAI's messages carry tool calls with their arguments as a JSON string, and to
 as ``role: "tool"`` messages that name the call they answer. Chat templates follow
 transformers' ``apply_chat_template`` convention instead: a call's ``arguments`` is a dict
 (Qwen's and Llama's templates index it or write it with ``tojson``), and some templates
-print a tool result's function ``name``. ``normalize_messages`` converts the one into the
+print a tool result's function ``name``; an assistant's ``reasoning_content`` (a reasoning
+model's reply, sent back) goes to the template as Qwen3's templates and gpt-oss's
+(``thinking``) read it. ``normalize_messages`` converts the one into the
 other and refuses, as a ``RequestError`` naming the message, what no template could render.
 """
 
@@ -38,6 +40,10 @@ def normalize_messages(messages: Sequence[Any]) -> list[dict]:
         else:
             text = message_text(content, f"messages[{i}].content")
         item: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        reasoning = message.get("reasoning_content") if role == "assistant" else None
+        if isinstance(reasoning, str) and reasoning:
+            # templates name it either way: Qwen3's reasoning_content, gpt-oss's thinking
+            item["reasoning_content"] = item["thinking"] = reasoning
         if calls:
             item["tool_calls"] = [_template_call(call, f"messages[{i}].tool_calls[{j}]")
                                   for j, call in enumerate(calls)]

@@ -9,7 +9,6 @@ call grammar, and the call must then parse and its arguments validate.
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import jsonschema_rs
@@ -19,8 +18,8 @@ import pytest
 import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
-from paw_mlx.engine import Engine, EngineConfig, RequestHandle, TokenEvent
-from tests.serving import compile_programs, make_catalog
+from paw_mlx.engine import Engine, EngineConfig
+from tests.serving import ScriptedEngine, compile_programs, make_catalog
 
 WAIT = 60.0
 
@@ -224,25 +223,6 @@ def test_a_model_that_cannot_take_tools_is_a_400(client, model, says):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=2)
     assert bad.value.param == "tools" and says in bad.value.message
-
-
-class ScriptedEngine(Engine):
-    """An engine whose every reply is ``text``, a token an event: a model that calls tools by itself."""
-
-    def __init__(self, tokenizer, text: str):
-        super().__init__(EngineConfig())
-        self.tokens = tokenizer.encode(text, add_special_tokens=False)
-
-    def submit(self, request, on_event=None) -> RequestHandle:
-        handle = RequestHandle(request, on_event)
-
-        def reply() -> None:
-            for token in self.tokens:
-                handle.deliver(TokenEvent([token]))
-            handle.deliver(TokenEvent([], finish_reason="stop"))
-
-        threading.Thread(target=reply, daemon=True).start()
-        return handle
 
 
 SCRIPT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n'

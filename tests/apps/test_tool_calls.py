@@ -7,8 +7,10 @@ import json
 
 import pytest
 
-from apps.serve.tool_calls import HERMES, LLAMA3, MISTRAL, ToolCall, call_grammar, detect_format
+from apps.serve.harmony import HARMONY
+from apps.serve.tool_calls import HERMES, LLAMA3, MISTRAL, MISTRAL_V11, ToolCall, call_grammar, detect_format
 from apps.serve.tools import CallScanner, ToolPlan
+from apps.serve.xml_calls import QWEN3_CODER
 from interp.tokenizer import Tokenizer
 from paw_mlx.constrain import compile_returns
 from paw_mlx.engine.text import TextStream
@@ -26,6 +28,9 @@ WEATHER = ToolCall("get_weather", {"city": "Paris"})
     ('{{- "Environment: ipython\\n" }}{% for t in tools %}', LLAMA3),
     ("{%- if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]", MISTRAL),
     ("{% if tools %}{{ tools | tojson }}{% endif %}", HERMES),  # takes tools, no known marker
+    ("{{- '[TOOL_CALLS]' + tool_call.function.name }}{{- '[ARGS]' + arguments|tojson }}", MISTRAL_V11),
+    ("<tool_call>\n<function={{ tool_call.name }}>\n<parameter={{ name }}>", QWEN3_CODER),
+    ("<|start|>assistant to=functions.{{ name }}<|channel|>commentary json<|message|>", HARMONY),
 ])
 def test_the_format_is_read_from_the_template(template, fmt):
     assert detect_format(template) is fmt
@@ -121,16 +126,17 @@ def test_without_parallel_calls_only_the_first_counts():
 ])
 def test_the_call_grammar_takes_calls_and_only_calls(tiny_program, fmt, good, bad):
     tokenizer = Tokenizer(tiny_program)
-    grammar = compile_returns({"lark": call_grammar(fmt, TOOLS, True, None)}, tokenizer, 384)
+    grammar = compile_returns({"lark": call_grammar(fmt, TOOLS, True)}, tokenizer, 384)
     assert grammar.matches(good) and not grammar.matches(bad)
-    one = compile_returns({"lark": call_grammar(fmt, TOOLS, False, None)}, tokenizer, 384)
+    one = compile_returns({"lark": call_grammar(fmt, TOOLS, False)}, tokenizer, 384)
     assert not one.matches(good) or fmt is LLAMA3  # one call only
 
 
 def test_a_marker_that_is_one_token_is_emitted_as_that_token(tiny_program):
     tokenizer = Tokenizer(tiny_program)
     marker = tokenizer.token_to_id("<|im_start|>")  # a special token standing in for [TOOL_CALLS]
-    grammar = compile_returns({"lark": call_grammar(MISTRAL, TOOLS, True, marker)}, tokenizer, 384)
+    token_id = {"[TOOL_CALLS]": marker}.get
+    grammar = compile_returns({"lark": call_grammar(MISTRAL, TOOLS, True, token_id)}, tokenizer, 384)
     assert grammar.start().allowed().nonzero()[0].tolist() == [marker]
 
 
@@ -142,3 +148,95 @@ def test_a_text_stream_keeps_the_special_tokens_it_is_told_to(tiny_program):
     plain, kept = TextStream(tokenizer), TextStream(tokenizer, keep={marker: "<|im_start|>"})
     assert plain.add(ids) + plain.finish() == "Hello[1]"
     assert "".join(kept.add([i]) for i in ids) + kept.finish() == "Hello<|im_start|>[1]"
+
+
+V11 = 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    (V11, "Sure.", [WEATHER]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}', "",
+     [WEATHER, ToolCall("get_time", {})]),
+    ('[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{}', "", [ToolCall("get_time", {})]),  # Magistral's call ids
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "", [WEATHER]),  # the older form
+])
+def test_mistral_v11_calls_parse(text, content, calls):
+    assert MISTRAL_V11.parse(text, NAMES) == (content, calls)
+
+
+@pytest.mark.parametrize("text", [
+    '[TOOL_CALLS]rm_rf[ARGS]{}',  # not offered
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"zone"',  # one broken: none
+    '[TOOL_CALLS]get_weather[ARGS]["Paris"]',  # arguments not an object
+])
+def test_what_is_not_a_mistral_v11_call_stays_text(text):
+    assert MISTRAL_V11.parse(text, NAMES) == (text, [])
+
+
+FORECAST = {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "hourly": {"type": "boolean"},
+    "threshold": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "where": {"type": "object"}, "note": {"type": ["string", "null"]}, "unit": {"enum": ["c", "f"]}}}
+
+
+def xml_call(name: str, **values: str) -> str:
+    parameters = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in values.items())
+    return f"<tool_call>\n<function={name}>\n{parameters}</function>\n</tool_call>"
+
+
+def test_qwen3_coder_values_are_typed_by_the_schema():
+    text = "Checking.\n" + xml_call("forecast", city="2024", days="3", hourly="True", threshold="0.5",
+                                       tags='["a", "b"]', where='{"lat": 1}', note="null", unit="c", extra="x")
+    content, calls = QWEN3_CODER.parse(text, {"forecast": FORECAST})
+    assert content == "Checking.\n"
+    assert calls == [ToolCall("forecast", {"city": "2024", "days": 3, "hourly": True, "threshold": 0.5,
+                                           "tags": ["a", "b"], "where": {"lat": 1}, "note": None, "unit": "c",
+                                           "extra": "x"})]
+
+
+def test_qwen3_coder_keeps_multiline_text_and_reads_parallel_calls():
+    code = "def f(x):\n    return x < 1\n"
+    text = xml_call("forecast", city=code, days="seven") + "\n" + xml_call("get_time")
+    _, calls = QWEN3_CODER.parse(text, {"forecast": FORECAST, "get_time": {}})
+    # a value that does not read as its type stays text
+    assert calls == [ToolCall("forecast", {"city": code, "days": "seven"}), ToolCall("get_time", {})]
+    unclosed = "<tool_call>\n<function=get_time>\n<parameter=zone>\nCET"  # the model stopped after its value
+    assert QWEN3_CODER.parse(unclosed, {"get_time": {}}) == ("", [ToolCall("get_time", {"zone": "CET"})])
+    not_offered = xml_call("rm_rf", path="/")
+    assert QWEN3_CODER.parse(not_offered, {"get_time": {}}) == (not_offered, [])
+
+
+@pytest.mark.parametrize("fmt, text, before", [
+    (MISTRAL_V11, V11, "Sure."),
+    (QWEN3_CODER, "Let me look. " + xml_call("get_weather", city="Paris"), "Let me look. "),
+])
+def test_new_formats_stream_text_and_hold_the_call(fmt, text, before):
+    shown, rest, calls = scan(fmt, text)
+    assert "".join(shown) == before and rest == ""
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
+    if fmt is MISTRAL_V11:
+        assert len(calls[0]["id"]) == 9 and calls[0]["id"].isalnum()
+
+
+@pytest.mark.parametrize("fmt, good, bad", [
+    (MISTRAL_V11, '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}',
+     '[TOOL_CALLS]get_weather[ARGS]{"town": "Paris"}'),
+    (QWEN3_CODER, xml_call("get_weather", city="Paris") + "\n" + xml_call("get_time"),
+     xml_call("get_weather", town="Paris")),
+    (HARMONY, '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}',
+     '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{}'),
+])
+def test_new_call_grammars_take_calls_and_only_calls(tiny_program, fmt, good, bad):
+    tokenizer = Tokenizer(tiny_program)
+    grammar = compile_returns({"lark": call_grammar(fmt, TOOLS, fmt is not HARMONY)}, tokenizer, 384)
+    assert grammar.matches(good) and not grammar.matches(bad)
+
+
+def test_qwen3_coder_grammar_types_each_value(tiny_program):
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": {**FORECAST, "required": ["city"]}}}]
+    grammar = compile_returns({"lark": call_grammar(QWEN3_CODER, tools, False)}, Tokenizer(tiny_program), 384)
+    assert grammar.matches(xml_call("forecast", city="Paris", days="3", unit="f"))
+    assert not grammar.matches(xml_call("forecast", city="Paris", days="three"))
+    assert not grammar.matches(xml_call("forecast", city="Paris", unit="k"))
+    assert not grammar.matches(xml_call("forecast", days="3"))  # city is required
