@@ -9,9 +9,9 @@ version (``language_model.model.layers.N...``, ``model.language_model.layers.N..
 ``language_model.lm_head.weight``, or no head at all when it is tied). Rather than a table
 per family, the composite class says where they are: a meta-device instance of it gives
 the names its text model's parameters have inside it, and its weight conversions (the
-renamings transformers' loader applies, ``get_model_conversion_mapping``) take every
-checkpoint layout it loads to those names. ``TextModel.loading`` hands transformers those
-renamings, then one from the composite's names to the text model's, in front of the text
+renamings and tensor converters transformers' loader applies, ``get_model_conversion_mapping``)
+take every checkpoint layout it loads to those names and shapes. ``TextModel.loading`` hands
+transformers those conversions, then renamings from the composite's names to the text model's, in front of the text
 class's own conversions; the text class's ``from_pretrained`` (whole or streamed) then
 reads only what the text model needs. The vision tower and projector are renamed under
 ``LEFT_OUT``, which the text model ignores: they are never read.
@@ -50,7 +50,7 @@ class TextModel:
     text_type: str  # its text config's model_type, e.g. "gemma3_text" ("qwen2_vl_text" exports as "qwen2")
     model_class: type  # the text config's *ForCausalLM
     config: Any  # the text config, tied as the composite ties it
-    renamings: tuple  # transformers WeightRenamings: checkpoint key -> text model name
+    renamings: tuple  # transformers weight conversions: checkpoint key -> text model name
     left_out: tuple[str, ...]  # the other sub-models, e.g. ("vision",)
 
     def note(self) -> str:
@@ -216,11 +216,13 @@ def _check_names(composite, text, pairs: list[tuple[str, str]], kind: str) -> No
 
 
 def _renamings(composite, pairs: list[tuple[str, str]]) -> tuple:
-    """Checkpoint key -> text model name: the composite's own renamings, then its text paths to the text model's."""
+    """Checkpoint key -> text model name: the composite's own conversions (renamings, and converters such as
+    Qwen3-VL-MoE's transpose of its stored experts or MiniMax-M3's merge of them), then its text paths to the
+    text model's (converters match by name suffix, so they find the text model's weights under either)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    own = [t for t in get_model_conversion_mapping(composite, add_legacy=False) if isinstance(t, WeightRenaming)]
+    own = list(get_model_conversion_mapping(composite, add_legacy=False))
     kept = "|".join(re.escape(path) + r"\." for path, _ in pairs)
     moves = [WeightRenaming(rf"^(?!{kept})(.+)$", rf"{LEFT_OUT}.\1")]
     for composite_path, text_path in pairs:

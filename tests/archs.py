@@ -133,8 +133,10 @@ COMPOSITES: dict[str, dict] = {
     "qwen2_vl": dict(text=_MROPE),
     "qwen2_5_vl": dict(text=dict(_MROPE, tie_word_embeddings=True)),
     "qwen3_vl": dict(text=dict(_MROPE, head_dim=16)),
+    # its checkpoints store the experts transposed ([experts, hidden, 2 x 16]): not square, so a
+    # transpose left out could not go unnoticed
     "qwen3_vl_moe": dict(text=dict(_MROPE, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                   moe_intermediate_size=32, decoder_sparse_step=1)),
+                                   moe_intermediate_size=16, decoder_sparse_step=1)),
     "aya_vision": dict(text=dict(logit_scale=0.5)),  # its head does not scale the logits as Cohere 2's does
     "smolvlm": {},  # Llama under model.text_model
     "llava_onevision": {},

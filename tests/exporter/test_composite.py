@@ -198,3 +198,24 @@ def test_paligemma_is_a_prefix_lm_and_is_one_cli_error(tmp_path, tiny_tokenizer)
     assert_one_line_error(done, "multimodal checkpoint (paligemma): paw cannot export its text model: it is a "
                                 "prefix LM")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_experts_stored_transposed_load_as_the_composite_loads_them(folders, tmp_path, stream):
+    """Qwen3-VL-MoE's checkpoints store each layer's experts as [experts, hidden, 2 x intermediate]; the
+    composite's own weight conversions transpose them on load, and the text model must too."""
+    from safetensors.torch import load_file, save_file
+
+    folder, model = folders["qwen3_vl_moe"]
+    hub = tmp_path / "qwen3_vl_moe"
+    hub.mkdir()
+    for item in folder.iterdir():
+        (hub / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(hub / "model.safetensors")
+    transposed = {key for key in tensors if key.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert transposed
+    tensors.update({key: tensors[key].transpose(1, 2).contiguous() for key in transposed})
+    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    program = export_source(str(hub), tmp_path / "out", stream=stream)
+    full, cached, greedy = ArchCase("qwen3_vl_moe", program, model=model).errors(PREFILL)
+    assert full < TOLERANCE and cached < TOLERANCE and greedy
