@@ -11,9 +11,9 @@ per family, the composite class says where they are: a meta-device instance of i
 the names its text model's parameters have inside it, and its weight conversions (the
 renamings and tensor converters transformers' loader applies, ``get_model_conversion_mapping``)
 take every checkpoint layout it loads to those names and shapes. ``TextModel.loading`` hands
-transformers those conversions, then renamings from the composite's names to the text model's, in front of the text
-class's own conversions; the text class's ``from_pretrained`` (whole or streamed) then
-reads only what the text model needs. The vision tower and projector are renamed under
+transformers those conversions, then renamings from the composite's names to the text
+model's, in front of the text class's own conversions; the text class's ``from_pretrained``
+(whole or streamed) then reads only what the text model needs. The vision tower and projector are renamed under
 ``LEFT_OUT``, which the text model ignores: they are never read.
 """
 
@@ -111,6 +111,9 @@ def find_text_model(config) -> TextModel:
     text_type = config.text_config.model_type
     if kind in NOT_CAUSAL:
         raise SourceError(f"multimodal checkpoint ({kind}): paw cannot export its text model: {NOT_CAUSAL[kind]}")
+    if getattr(config.text_config, "is_encoder_decoder", False):  # Florence-2's BART: its decoder reads an encoder
+        raise SourceError(f"multimodal checkpoint ({kind}): its text model {text_type} is an encoder-decoder; "
+                          "paw exports decoder-only causal LMs")
     text_config = copy.deepcopy(config.text_config)
     text_config._commit_hash = getattr(config, "_commit_hash", None)  # the hub revision, for the manifest
     text_config = plain_text_config(kind, text_config) or text_config

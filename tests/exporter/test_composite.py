@@ -219,3 +219,26 @@ def test_experts_stored_transposed_load_as_the_composite_loads_them(folders, tmp
     program = export_source(str(hub), tmp_path / "out", stream=stream)
     full, cached, greedy = ArchCase("qwen3_vl_moe", program, model=model).errors(PREFILL)
     assert full < TOLERANCE and cached < TOLERANCE and greedy
+
+
+def test_an_encoder_decoder_is_one_cli_error(tmp_path):
+    """T5Gemma 2 has no causal LM in transformers: refused by name before any weight is read."""
+    from transformers import AutoConfig
+
+    from tests.apps.test_cli import assert_one_line_error, paw
+
+    AutoConfig.for_model("t5gemma2").save_pretrained(tmp_path / "t5gemma2")
+    done = paw("export", "hf", str(tmp_path / "t5gemma2"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, "t5gemma2 is an encoder-decoder model; paw exports decoder-only causal LMs")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_decoder_text_model_is_one_error(tmp_path):
+    """Florence-2's text model is BART: transformers has a BartForCausalLM, but it is half the model."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("florence2").save_pretrained(tmp_path / "florence2")
+    with pytest.raises(SourceError, match=r"multimodal checkpoint \(florence2\): its text model bart is an "
+                                          "encoder-decoder; paw exports decoder-only causal LMs"):
+        export_source(str(tmp_path / "florence2"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
