@@ -242,3 +242,24 @@ def test_an_encoder_decoder_text_model_is_one_error(tmp_path):
                                           "encoder-decoder; paw exports decoder-only causal LMs"):
         export_source(str(tmp_path / "florence2"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen2_vl_in_the_hubs_older_layout_streams_to_the_same_program(folders, exported, tmp_path):
+    """Qwen2-VL and Qwen2.5-VL on the hub keep the text model under ``model.`` and the tower under ``visual.``
+    (transformers 4's layout); the composite's renamings take them where its text model is."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "qwen2_vl"  # the same folder name, so the manifest's source is the same
+    folder.mkdir()
+    for item in folders["qwen2_vl"][0].iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    older = {key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1): value
+             for key, value in tensors.items()}
+    assert "model.layers.0.self_attn.q_proj.weight" in older and not any(k.startswith("model.visual") for k in older)
+    save_file(older, folder / "model.safetensors", metadata={"format": "pt"})
+    streamed = export_source(str(folder), tmp_path / "streamed")
+    whole = exported["qwen2_vl"][0]
+    compared = filecmp.dircmp(whole, streamed)
+    _, mismatch, errors = filecmp.cmpfiles(whole, streamed, compared.common_files, shallow=False)
+    assert not mismatch and not errors and not compared.left_only and not compared.right_only
