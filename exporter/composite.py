@@ -9,11 +9,11 @@ version (``language_model.model.layers.N...``, ``model.language_model.layers.N..
 ``language_model.lm_head.weight``, or no head at all when it is tied). Rather than a table
 per family, the composite class says where they are: a meta-device instance of it gives
 the names its text model's parameters have inside it, and its weight conversions (the
-renamings transformers' loader applies, ``get_model_conversion_mapping``) take every
-checkpoint layout it loads to those names. ``TextModel.loading`` hands transformers those
-renamings, then one from the composite's names to the text model's, in front of the text
-class's own conversions; the text class's ``from_pretrained`` (whole or streamed) then
-reads only what the text model needs. The vision tower and projector are renamed under
+renamings and tensor converters transformers' loader applies, ``get_model_conversion_mapping``)
+take every checkpoint layout it loads to those names and shapes. ``TextModel.loading`` hands
+transformers those conversions, then renamings from the composite's names to the text
+model's, in front of the text class's own conversions; the text class's ``from_pretrained``
+(whole or streamed) then reads only what the text model needs. The vision tower and projector are renamed under
 ``LEFT_OUT``, which the text model ignores: they are never read.
 """
 
@@ -31,22 +31,36 @@ from interp.errors import SourceError
 #: where the checkpoint keys of the composite's other sub-models are renamed to, and ignored
 LEFT_OUT = "paw_left_out"
 
+# Facts about families that their classes do not state, each held by tests/exporter/test_composite.py.
+#: model_type -> why a causal program cannot compute its text model
+NOT_CAUSAL = {
+    "paligemma": "it is a prefix LM: its processor marks a prompt's tokens as prefix (token_type_ids 0), and "
+                 "those attend to each other both ways, which a causal program cannot do",
+}
+#: model_type -> text config values its own head implies: transformers' Aya Vision and Command A
+#: Vision compute logits with their own ``lm_head``, without Cohere 2's ``logit_scale``
+HEAD_CONFIG = {"aya_vision": dict(logit_scale=1.0), "cohere2_vision": dict(logit_scale=1.0)}
+
 
 @dataclass(frozen=True)
 class TextModel:
     """The text model of a composite checkpoint: what to build and how the checkpoint's keys reach it."""
 
     composite_type: str  # the checkpoint's model_type, e.g. "gemma3"
+    text_type: str  # its text config's model_type, e.g. "gemma3_text" ("qwen2_vl_text" exports as "qwen2")
     model_class: type  # the text config's *ForCausalLM
     config: Any  # the text config, tied as the composite ties it
-    renamings: tuple  # transformers WeightRenamings: checkpoint key -> text model name
+    renamings: tuple  # transformers weight conversions: checkpoint key -> text model name
     left_out: tuple[str, ...]  # the other sub-models, e.g. ("vision",)
 
     def note(self) -> str:
         """One line for the export's progress: what is exported and what is not."""
         towers = " and ".join(self.left_out)
         plural = "towers are" if len(self.left_out) > 1 else "tower is"
-        return (f"multimodal checkpoint ({self.composite_type}): exporting its text model {self.config.model_type}; "
+        exported = self.text_type
+        if self.config.model_type != self.text_type:
+            exported += f" as {self.config.model_type}"
+        return (f"multimodal checkpoint ({self.composite_type}): exporting its text model {exported}; "
                 f"the {towers} {plural} left out")
 
     @contextlib.contextmanager
@@ -91,13 +105,24 @@ def find_text_model(config) -> TextModel:
     """The text model of a composite config (see ``is_composite``); SourceError when paw cannot export it."""
     import torch
 
+    from exporter.mrope import plain_text_config
+
     kind = config.model_type
+    text_type = config.text_config.model_type
+    if kind in NOT_CAUSAL:
+        raise SourceError(f"multimodal checkpoint ({kind}): paw cannot export its text model: {NOT_CAUSAL[kind]}")
+    if getattr(config.text_config, "is_encoder_decoder", False):  # Florence-2's BART: its decoder reads an encoder
+        raise SourceError(f"multimodal checkpoint ({kind}): its text model {text_type} is an encoder-decoder; "
+                          "paw exports decoder-only causal LMs")
     text_config = copy.deepcopy(config.text_config)
     text_config._commit_hash = getattr(config, "_commit_hash", None)  # the hub revision, for the manifest
+    text_config = plain_text_config(kind, text_config) or text_config
+    for key, value in HEAD_CONFIG.get(kind, {}).items():
+        setattr(text_config, key, value)
     model_class = _causal_lm_class(config, text_config)
     if model_class is None:
         raise SourceError(f"multimodal checkpoint ({kind}): transformers has no causal LM for its text model "
-                          f"{text_config.model_type}, so paw cannot export it")
+                          f"{text_type}, so paw cannot export it")
     composite_class = _composite_class(config)
     try:
         with torch.device("meta"):  # names and shapes only: no memory, whatever the model's size
@@ -112,7 +137,7 @@ def find_text_model(config) -> TextModel:
     _check_names(composite, text, pairs, kind)
     left_out = tuple(name.removesuffix("_config") for name in config.sub_configs
                      if name != "text_config" and getattr(config, name, None) is not None)
-    return TextModel(kind, model_class, text_config, _renamings(composite, pairs), left_out or ("other",))
+    return TextModel(kind, text_type, model_class, text_config, _renamings(composite, pairs), left_out or ("other",))
 
 
 def _causal_lm_class(config, text_config) -> type | None:
@@ -155,8 +180,10 @@ def _text_paths(composite, text, kind: str) -> list[tuple[str, str]]:
     if decoder_path is not None and type(decoder) is type(text):  # the composite holds a whole causal LM (Llama 4)
         return [(decoder_path, "")]
     head = composite.get_output_embeddings()
-    # the text model's copy of the composite's decoder, found by class (its get_decoder may return itself)
+    # the text model's copy of the composite's decoder, found by class (its get_decoder may return itself),
+    # else its own decoder (an M-RoPE text model exports as its family's plain one: another class)
     text_decoder = next((path for path, module in text.named_modules() if type(module) is type(decoder)), None)
+    text_decoder = text_decoder or _module_path(text, text.get_decoder())
     pairs = [(decoder_path, text_decoder),
              (_module_path(composite, head) if head is not None else None,
               _module_path(text, text.get_output_embeddings()))]
@@ -192,11 +219,13 @@ def _check_names(composite, text, pairs: list[tuple[str, str]], kind: str) -> No
 
 
 def _renamings(composite, pairs: list[tuple[str, str]]) -> tuple:
-    """Checkpoint key -> text model name: the composite's own renamings, then its text paths to the text model's."""
+    """Checkpoint key -> text model name: the composite's own conversions (renamings, and converters such as
+    Qwen3-VL-MoE's transpose of its stored experts or MiniMax-M3's merge of them), then its text paths to the
+    text model's (converters match by name suffix, so they find the text model's weights under either)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    own = [t for t in get_model_conversion_mapping(composite, add_legacy=False) if isinstance(t, WeightRenaming)]
+    own = list(get_model_conversion_mapping(composite, add_legacy=False))
     kept = "|".join(re.escape(path) + r"\." for path, _ in pairs)
     moves = [WeightRenaming(rf"^(?!{kept})(.+)$", rf"{LEFT_OUT}.\1")]
     for composite_path, text_path in pairs:

@@ -152,7 +152,22 @@ def text_model_of(source: Source):
 
     with _loading_errors(source):
         config = AutoConfig.from_pretrained(source.location)
-        return find_text_model(config) if is_composite(config) else None
+        if is_composite(config):
+            return find_text_model(config)
+    _require_causal_lm(config)
+    return None
+
+
+def _require_causal_lm(config) -> None:
+    """SourceError naming the model_type when transformers has no causal LM for it (an encoder-decoder, a
+    speech or robotics model, ...), before any weight is read."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise SourceError(f"{config.model_type} is an encoder-decoder model; paw exports decoder-only causal LMs")
+    raise SourceError(f"transformers has no causal LM for {config.model_type}, so paw cannot export it")
 
 
 def load_source(source: Source, dtype: str, text_model=None):

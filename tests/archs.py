@@ -112,7 +112,12 @@ MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "l
 #: projectors), shrunk to these values wherever they have the field.
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=16, image_size=32, patch_size=8, vision_output_dim=32,
-                  projector_input_dim=32, projector_output_dim=32, position_embedding_size=64)
+                  projector_input_dim=32, projector_output_dim=32, position_embedding_size=64,
+                  depth=1, embed_dim=32, num_heads=2, out_hidden_size=32, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0], fullatt_block_indexes=[0])
+
+# M-RoPE over head_dim 16's 8 frequencies: consecutive sections (Qwen2-VL) or interleaved (Qwen3-VL)
+_MROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
 
 #: Multimodal checkpoints tested through their text model (tests/exporter/test_composite.py):
 #: model_type -> overrides of the composite config beside its sub-configs. ``text`` overrides
@@ -124,6 +129,17 @@ COMPOSITES: dict[str, dict] = {
     "mistral3": {},
     "llama4": {},
     "mllama": {},  # its embedding keeps 8 rows for image tokens past the vocabulary
+    # text models with M-RoPE, exported as their family's plain causal LM (exporter/mrope.py)
+    "qwen2_vl": dict(text=_MROPE),
+    "qwen2_5_vl": dict(text=dict(_MROPE, tie_word_embeddings=True)),
+    "qwen3_vl": dict(text=dict(_MROPE, head_dim=16)),
+    # its checkpoints store the experts transposed ([experts, hidden, 2 x 16]): not square, so a
+    # transpose left out could not go unnoticed
+    "qwen3_vl_moe": dict(text=dict(_MROPE, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=16, decoder_sparse_step=1)),
+    "aya_vision": dict(text=dict(logit_scale=0.5)),  # its head does not scale the logits as Cohere 2's does
+    "smolvlm": {},  # Llama under model.text_model
+    "llava_onevision": {},
     "gemma4": dict(tie_word_embeddings=False, vision_config=dict(model_type="gemma4_vision"),
                    text=dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
                              per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,

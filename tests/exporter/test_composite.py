@@ -17,6 +17,7 @@ import pytest
 from safetensors import safe_open
 
 from exporter.export import export_source
+from exporter.mrope import MROPE_TEXT_MODELS
 from interp.errors import SourceError
 from tests.archs import COMPOSITES, ArchCase, tiny_composite
 from tests.exporter.test_architectures import PREFILL, TOLERANCE
@@ -60,19 +61,22 @@ def test_text_model_matches_the_composite(folders, exported, model_type):
 def test_export_says_what_it_left_out_and_keeps_the_tokenizer(folders, exported, model_type):
     program, lines = exported[model_type]
     text_type = folders[model_type][1].config.text_config.model_type
-    assert (f"multimodal checkpoint ({model_type}): exporting its text model {text_type}; "
+    exported_type = MROPE_TEXT_MODELS.get(text_type, (text_type,))[0]
+    shown = text_type if exported_type == text_type else f"{text_type} as {exported_type}"
+    assert (f"multimodal checkpoint ({model_type}): exporting its text model {shown}; "
             "the vision tower is left out") in lines
     spec = json.loads((program / "prog.json").read_text())
-    assert spec["model"]["model_type"] == text_type
+    assert spec["model"]["model_type"] == exported_type
     assert spec["model"]["source"]["text_model_of"] == model_type
     tokenizer = json.loads((program / "tokenizer_config.json").read_text())
     assert "im_start" in (tokenizer.get("chat_template") or (program / "chat_template.jinja").read_text())
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "gemma4"])
+@pytest.mark.parametrize("model_type", ["gemma3", "gemma4", "qwen2_vl", "smolvlm"])
 def test_streamed_export_reads_no_vision_weight_and_matches_the_whole_one(folders, exported, model_type,
                                                                           tmp_path):
-    """gemma3's checkpoint keys are the legacy ``language_model.model.*``, gemma4's ``model.language_model.*``."""
+    """gemma3's checkpoint keys are the legacy ``language_model.model.*``, gemma4's ``model.language_model.*``,
+    smolvlm's ``model.text_model.*``; qwen2_vl's land in another class (Qwen2ForCausalLM)."""
     from exporter.sources import load_source_streaming, resolve_source, text_model_of
 
     folder = folders[model_type][0]
@@ -80,7 +84,8 @@ def test_streamed_export_reads_no_vision_weight_and_matches_the_whole_one(folder
     model, _, weights = load_source_streaming(source, "float32", text_model_of(source))
     read = {entry[1] for group in weights.plan.groups.values() for entry in group.entries}
     with safe_open(folder / "model.safetensors", "pt") as stored:
-        towers = {key for key in stored.keys() if "vision" in key or "projector" in key}
+        towers = {key for key in stored.keys() if any(word in key for word in ("vision", "projector", "visual",
+                                                                                "connector"))}
     assert towers and not read & towers
     assert all(p.is_meta for p in model.parameters())
     streamed = export_source(str(folder), tmp_path / "streamed")
@@ -143,6 +148,118 @@ def test_a_sharded_checkpoint_streams_to_the_same_program(folders, exported, tmp
     assert (folder / "model.safetensors.index.json").is_file()
     streamed = export_source(str(folder), tmp_path / "streamed")
     whole = exported["mistral3"][0]
+    compared = filecmp.dircmp(whole, streamed)
+    _, mismatch, errors = filecmp.cmpfiles(whole, streamed, compared.common_files, shallow=False)
+    assert not mismatch and not errors and not compared.left_only and not compared.right_only
+
+
+def _edited_copy(folder, target, edit) -> None:
+    """A copy of a saved checkpoint folder whose config.json ``edit`` changed in place."""
+    target.mkdir()
+    for item in folder.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("rope", [dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64),
+                                  dict(mrope_section=[2, 2, 2])])
+def test_an_untested_m_rope_variant_is_one_error(folders, tmp_path, rope):
+    """Plain RoPE equals M-RoPE on text only for what the tests prove: default frequencies, every one in a section."""
+    def edit(config):
+        config["text_config"]["rope_parameters"].update(rope)
+
+    _edited_copy(folders["qwen2_vl"][0], tmp_path / "qwen2_vl", edit)
+    with pytest.raises(SourceError, match=r"multimodal checkpoint \(qwen2_vl\): its text model qwen2_vl_text uses "
+                                          "M-RoPE with rope_type"):
+        export_source(str(tmp_path / "qwen2_vl"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_paligemma_is_a_prefix_lm_and_is_one_cli_error(tmp_path, tiny_tokenizer):
+    """PaliGemma's processor marks the prompt as prefix (token_type_ids 0): a text-only prompt's first
+    logits then see later tokens, which a causal program cannot compute, so paw refuses it."""
+    import torch
+
+    from tests.apps.test_cli import assert_one_line_error, paw
+    from tests.archs import VOCAB
+
+    model = tiny_composite("paligemma")
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % VOCAB
+    with torch.no_grad():
+        first = [model(x, token_type_ids=torch.zeros_like(x)).logits[0, 0] for x in (ids, changed)]
+    assert not torch.allclose(*first), "a prefix token sees the tokens after it"
+    model.save_pretrained(tmp_path / "paligemma")
+    tiny_tokenizer.save_pretrained(tmp_path / "paligemma")
+    done = paw("export", "hf", str(tmp_path / "paligemma"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, "multimodal checkpoint (paligemma): paw cannot export its text model: it is a "
+                                "prefix LM")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_experts_stored_transposed_load_as_the_composite_loads_them(folders, tmp_path, stream):
+    """Qwen3-VL-MoE's checkpoints store each layer's experts as [experts, hidden, 2 x intermediate]; the
+    composite's own weight conversions transpose them on load, and the text model must too."""
+    from safetensors.torch import load_file, save_file
+
+    folder, model = folders["qwen3_vl_moe"]
+    hub = tmp_path / "qwen3_vl_moe"
+    hub.mkdir()
+    for item in folder.iterdir():
+        (hub / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(hub / "model.safetensors")
+    transposed = {key for key in tensors if key.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert transposed
+    tensors.update({key: tensors[key].transpose(1, 2).contiguous() for key in transposed})
+    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    program = export_source(str(hub), tmp_path / "out", stream=stream)
+    full, cached, greedy = ArchCase("qwen3_vl_moe", program, model=model).errors(PREFILL)
+    assert full < TOLERANCE and cached < TOLERANCE and greedy
+
+
+def test_an_encoder_decoder_is_one_cli_error(tmp_path):
+    """T5Gemma 2 has no causal LM in transformers: refused by name before any weight is read."""
+    from transformers import AutoConfig
+
+    from tests.apps.test_cli import assert_one_line_error, paw
+
+    AutoConfig.for_model("t5gemma2").save_pretrained(tmp_path / "t5gemma2")
+    done = paw("export", "hf", str(tmp_path / "t5gemma2"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, "t5gemma2 is an encoder-decoder model; paw exports decoder-only causal LMs")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_decoder_text_model_is_one_error(tmp_path):
+    """Florence-2's text model is BART: transformers has a BartForCausalLM, but it is half the model."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("florence2").save_pretrained(tmp_path / "florence2")
+    with pytest.raises(SourceError, match=r"multimodal checkpoint \(florence2\): its text model bart is an "
+                                          "encoder-decoder; paw exports decoder-only causal LMs"):
+        export_source(str(tmp_path / "florence2"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen2_vl_in_the_hubs_older_layout_streams_to_the_same_program(folders, exported, tmp_path):
+    """Qwen2-VL and Qwen2.5-VL on the hub keep the text model under ``model.`` and the tower under ``visual.``
+    (transformers 4's layout); the composite's renamings take them where its text model is."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "qwen2_vl"  # the same folder name, so the manifest's source is the same
+    folder.mkdir()
+    for item in folders["qwen2_vl"][0].iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    older = {key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1): value
+             for key, value in tensors.items()}
+    assert "model.layers.0.self_attn.q_proj.weight" in older and not any(k.startswith("model.visual") for k in older)
+    save_file(older, folder / "model.safetensors", metadata={"format": "pt"})
+    streamed = export_source(str(folder), tmp_path / "streamed")
+    whole = exported["qwen2_vl"][0]
     compared = filecmp.dircmp(whole, streamed)
     _, mismatch, errors = filecmp.cmpfiles(whole, streamed, compared.common_files, shallow=False)
     assert not mismatch and not errors and not compared.left_only and not compared.right_only
