@@ -8,6 +8,7 @@ The formats themselves live beside it: ``tool_calls.py`` (JSON formats and detec
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -20,6 +21,11 @@ from paw_mlx.constrain import JSON_OPTIONS
 Tools = Mapping[str, dict] | Collection[str]
 #: a marker's text -> its token in a Lark grammar (``<[id]>`` when it is one token, else a literal)
 Special = Callable[[str], str]
+
+
+#: a ``<tool_call>`` block (Hermes, Qwen3-Coder) ends at its closing tag, at the next block (a
+#: decoder left a special closing tag out) or at the end of the reply
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|(?=<tool_call>)|$)", re.S)
 
 
 @dataclass(frozen=True)
@@ -110,3 +116,17 @@ def marker_start(text: str, markers: Iterable[str]) -> int:
                 longest = size
                 break
     return longest
+
+
+def read_blocks(text: str, read: Callable[[str], ToolCall | None]) -> tuple[str, list[ToolCall]]:
+    """(text outside the calls, calls) of a reply's ``<tool_call>`` blocks, each read by ``read``;
+    a block that is not a call (``read`` gives None) stays in the text."""
+    calls, outside, at = [], [], 0
+    for block in TOOL_CALL_BLOCK.finditer(text):
+        call = read(block.group(1))
+        if call is not None:
+            outside.append(text[at:block.start()])
+            at = block.end()
+            calls.append(call)
+    outside.append(text[at:])
+    return "".join(outside), calls

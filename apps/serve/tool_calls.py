@@ -40,6 +40,7 @@ from apps.serve.call_format import (
     json_rule,
     lark_literal,
     parameters,
+    read_blocks,
 )
 from apps.serve.harmony import HARMONY
 from apps.serve.xml_calls import QWEN3_CODER
@@ -57,22 +58,10 @@ def _json_call(text: str, names: Tools) -> ToolCall | None:
         return None
 
 
-#: a block ends at its closing tag, the next block (a decoder left a special closing tag out) or the end
-_HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|(?=<tool_call>)|$)", re.S)
-
-
 def parse_hermes(text: str, names: Tools) -> tuple[str, list[ToolCall]]:
     """(text outside the calls, calls); a block that is not a call stays in the text. A last
     block left open (the model ended after its JSON) still counts."""
-    calls, outside, at = [], [], 0
-    for block in _HERMES_BLOCK.finditer(text):
-        call = _json_call(block.group(1).strip(), names)
-        if call is not None:
-            outside.append(text[at:block.start()])
-            at = block.end()
-            calls.append(call)
-    outside.append(text[at:])
-    return "".join(outside), calls
+    return read_blocks(text, lambda block: _json_call(block.strip(), names))
 
 
 def _json_values(text: str, separators: str) -> list | None:

@@ -25,24 +25,24 @@ from __future__ import annotations
 import json
 import re
 
-from apps.serve.call_format import Special, ToolCall, ToolFormat, Tools, alternatives, json_rule, parameters
+from apps.serve.call_format import (
+    Special,
+    ToolCall,
+    ToolFormat,
+    Tools,
+    alternatives,
+    json_rule,
+    parameters,
+    read_blocks,
+)
 
-_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|(?=<tool_call>)|$)", re.S)
 _FUNCTION = re.compile(r"^\s*<function=([^>\n]+)>(.*?)(?:</function>\s*$|$)", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
 
 
 def parse_qwen3_coder(text: str, tools: Tools) -> tuple[str, list[ToolCall]]:
     """(text outside the calls, calls); a block that is not a call to an offered tool stays text."""
-    calls, outside, at = [], [], 0
-    for block in _BLOCK.finditer(text):
-        call = _read_call(block.group(1), tools)
-        if call is not None:
-            outside.append(text[at:block.start()])
-            at = block.end()
-            calls.append(call)
-    outside.append(text[at:])
-    return "".join(outside), calls
+    return read_blocks(text, lambda block: _read_call(block, tools))
 
 
 def _read_call(block: str, tools: Tools) -> ToolCall | None:
