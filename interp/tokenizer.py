@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -20,6 +21,8 @@ from interp.jsonfile import read_json_object
 
 #: the tokenizer files of a program directory, as paw reads them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+#: template variables paw sets itself, which a caller's ``variables`` may not replace
+TEMPLATE_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
 
 def _token_text(value) -> str | None:
@@ -131,16 +134,22 @@ class Tokenizer:
         return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, variables: dict[str, Any] | None = None) -> str:
         """Render the conversation as transformers' ``apply_chat_template(tokenize=False)`` does
-        (``tools``: function definitions, passed to the template as transformers passes them)."""
+        (``tools``: function definitions, passed to the template as transformers passes them;
+        ``variables``: more template variables, as its ``**kwargs``, e.g. ``enable_thinking``;
+        they may not be named as the variables above: ``TEMPLATE_RESERVED``)."""
         if not self.chat_template:
             raise ProgramError("this program's tokenizer has no chat template; use --raw")
         if self._template is None:
             self._template = compile_template(self.chat_template)
         special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token") and k.isidentifier()}
-        return render_chat_template(self._template, messages=messages, add_generation_prompt=add_generation_prompt,
-                                    tools=tools or None, documents=None, **special)
+        extra = dict(variables or {})
+        taken = sorted(set(extra) & TEMPLATE_RESERVED)
+        if taken:
+            raise InputError(f"chat template variable {taken[0]!r} is set by paw itself")
+        return render_chat_template(self._template, **{**special, **extra}, messages=messages,
+                                    add_generation_prompt=add_generation_prompt, tools=tools or None, documents=None)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # Templates already contain the special tokens they need.

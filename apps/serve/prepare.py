@@ -24,6 +24,7 @@ from apps.serve.schemas import (
 from apps.serve.tools import ToolPlan, plan_tools
 from interp.errors import PawError
 from interp.sampling import SamplingParams
+from interp.tokenizer import TEMPLATE_RESERVED
 from paw_mlx.engine import GenerationRequest, ServedModel
 
 
@@ -80,7 +81,8 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
     try:
         if chat:
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            prompts = [model.chat_ids(messages, tools=tools.tools if tools else None)]
+            prompts = [model.chat_ids(messages, tools=tools.tools if tools else None,
+                                      variables=_template_variables(body))]
             texts = None
         else:
             prompts, texts = _completion_prompts(model, body.prompt)
@@ -112,6 +114,18 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
     reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
                     echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply)
+
+
+def _template_variables(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The chat template's extra variables: ``chat_template_kwargs``, and ``reasoning_effort``."""
+    variables = dict(body.chat_template_kwargs or {})
+    for name in variables:
+        if not name.isidentifier() or name in TEMPLATE_RESERVED:
+            raise ApiError(400, f"chat_template_kwargs: {name[:60]!r} is not a template variable a request may set",
+                           param="chat_template_kwargs")
+    if body.reasoning_effort is not None:
+        variables.setdefault("reasoning_effort", body.reasoning_effort)
+    return variables or None
 
 
 def _refuse_audio(body: ChatCompletionRequest) -> None:

@@ -123,6 +123,10 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    #: extra variables for the chat template (vLLM's and mlx-lm's field: Qwen3's enable_thinking, ...)
+    chat_template_kwargs: dict[str, Any] | None = None
+    #: OpenAI's reasoning effort; reaches the template as ``reasoning_effort`` (gpt-oss reads it)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
     modalities: list[str] | None = None

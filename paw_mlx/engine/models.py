@@ -135,24 +135,30 @@ class ServedModel:
 
         return self.prefix_ids + input_ids(tokenizer, self.artifact.layout, prompt)
 
-    def chat_ids(self, messages: Sequence[dict], tools: list[dict] | None = None) -> list[int]:
+    def chat_ids(self, messages: Sequence[dict], tools: list[dict] | None = None,
+                 variables: dict[str, Any] | None = None) -> list[int]:
         """Token ids of a conversation, ending with the assistant's turn to speak.
 
         ``tools`` (OpenAI's ``{"type": "function", "function": {...}}`` entries) go to the chat
         template, which describes them to the model; a base model only, whose template takes them.
+        ``variables`` are more template variables (``enable_thinking``, ...), base models only: a
+        compiled program's prefix was rendered without them.
         """
         messages = normalize_messages(messages)
         tokenizer = self.base.tokenizer
         if tools and self.artifact is not None:
             raise RequestError(f"model {self.name!r} is a compiled program: tools are served on base models only",
                                param="tools")
+        if variables and self.artifact is not None:
+            raise RequestError(f"model {self.name!r} is a compiled program: chat template variables are served on "
+                               "base models only", param="chat_template_kwargs")
         if self.artifact is None:
             if not tokenizer.has_chat_template:
                 raise RequestError(f"model {self.name!r} has no chat template: use /v1/completions")
             if tools and not tokenizer.takes_tools:
                 raise RequestError(f"model {self.name!r}: this model's chat template does not take tools",
                                    param="tools")
-            return _render(tokenizer, messages, tools)
+            return _render(tokenizer, messages, tools, variables)
         if any(m["role"] == "system" for m in messages):
             raise RequestError(f"model {self.name!r} is a compiled program: its spec is the system message, "
                                "so send only user and assistant messages")
@@ -179,17 +185,19 @@ class ServedModel:
             raise RequestError(str(exc), param="prompt") from None
 
 
-def _render_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+def _render_text(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                 variables: dict[str, Any] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools)
+        return tokenizer.apply_chat_template(messages, tools=tools, variables=variables)
     except PawError:
         raise
     except Exception as exc:  # jinja2 raises many types (and templates call raise_exception)
         raise RequestError(f"the chat template rejected these messages: {exc}") from None
 
 
-def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    return tokenizer.encode(_render_text(tokenizer, messages, tools), add_special_tokens=False)
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+            variables: dict[str, Any] | None = None) -> list[int]:
+    return tokenizer.encode(_render_text(tokenizer, messages, tools, variables), add_special_tokens=False)
 
 
 # ---------------------------------------------------------------------- catalog

@@ -34,7 +34,8 @@ THINK_TEMPLATE = (
     "{% if message.role == 'assistant' %}{% if message.reasoning_content %}<think>\n{{ message.reasoning_content }}"
     "\n</think>\n\n{% endif %}{{ message.content.split('</think>')[-1] }}"
     "{% else %}{{ message.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+    "{% if enable_thinking is defined and not enable_thinking %}\n</think>\n\n{% endif %}{% endif %}"
 )
 #: gpt-oss's structure, shortened
 HARMONY_TEMPLATE = (
@@ -45,6 +46,7 @@ HARMONY_TEMPLATE = (
     "<|channel|>commentary json<|message|>{{ call.function.arguments | tojson }}<|call|>{% endfor %}"
     "{% if message.content %}<|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>{% endif %}"
     "{% else %}<|start|>{{ message.role }}<|message|>{{ message.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if reasoning_effort is defined %}<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% endif %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
 )
 WEATHER = {"type": "function", "function": {
@@ -167,3 +169,27 @@ def test_a_forced_call_is_a_call_in_the_models_format(catalog, model):
     (call,) = reply.message.tool_calls
     assert call.function.name == "get_weather"
     jsonschema_rs.validate(WEATHER["function"]["parameters"], json.loads(call.function.arguments))
+
+
+def test_chat_template_kwargs_and_reasoning_effort_reach_the_template(catalog):
+    """Qwen3's ``enable_thinking: false`` closes the think block in the prompt, so the reply is
+    all answer; ``reasoning_effort`` reaches gpt-oss's template; paw's own variables are refused."""
+    engine = ScriptedEngine(catalog.get("think").base.tokenizer, "It is sunny.")
+    with served(catalog, engine) as running:
+        client = client_of(running)
+        thinking = client.chat.completions.create(model="think", messages=ASK).choices[0].message
+        assert (thinking.reasoning_content, thinking.content) == ("It is sunny.", "")
+        plain = client.chat.completions.create(model="think", messages=ASK,
+                                               extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        message = plain.choices[0].message
+        assert message.content == "It is sunny." and getattr(message, "reasoning_content", None) is None
+        usage = [client.chat.completions.create(model="harmony", messages=ASK, **effort).usage.prompt_tokens
+                 for effort in ({}, {"reasoning_effort": "high"})]
+        tokenizer = catalog.get("harmony").base.tokenizer
+        added = tokenizer.encode("<|start|>system<|message|>Reasoning: high<|end|>", add_special_tokens=False)
+        assert usage[1] - usage[0] == len(added)
+        for kwargs in ({"messages": []}, {"add_generation_prompt": False}, {"not a name": 1}):
+            with pytest.raises(openai.BadRequestError) as bad:
+                client.chat.completions.create(model="think", messages=ASK,
+                                               extra_body={"chat_template_kwargs": kwargs})
+            assert bad.value.param == "chat_template_kwargs" and "\n" not in bad.value.message

@@ -229,6 +229,13 @@ SCRIPT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city
           '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
 
 
+def test_template_variables_on_a_compiled_program_are_a_400(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="dates", messages=ASK, max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert bad.value.param == "chat_template_kwargs" and "base models only" in bad.value.message
+
+
 def test_auto_reads_the_calls_a_model_writes_streamed_and_not(catalog):
     engine = ScriptedEngine(catalog.get("hermes").base.tokenizer, SCRIPT)
     with BackgroundServer(create_app(catalog, engine, ServeConfig())) as running:
