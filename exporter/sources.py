@@ -14,7 +14,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +139,8 @@ def _weights_kwargs(source: Source) -> dict:
 
 
 def text_model_of(source: Source):
-    """The text model to export when the source is a multimodal (composite) checkpoint, else None.
+    """The text model to export when the source is a multimodal (composite) checkpoint, else None;
+    SourceError, before any weight is read, when transformers has no causal LM for the source.
 
     A GGUF file never is one: llama.cpp keeps a model's vision tower in a separate mmproj
     file, and transformers reads the GGUF of a Gemma 3 as gemma3_text.
@@ -177,19 +178,15 @@ def load_source(source: Source, dtype: str, text_model=None):
     that text model of a multimodal checkpoint.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    torch_dtype = getattr(torch, dtype)
+    model_class, extra, loading = _loader(text_model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
-        if text_model is None:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype,
-                                                         **_weights_kwargs(source))
-        else:
-            with text_model.loading():
-                model, info = text_model.model_class.from_pretrained(
-                    source.location, config=text_model.config, dtype=torch_dtype, output_loading_info=True,
-                    **_weights_kwargs(source))
+        with loading:
+            model, info = model_class.from_pretrained(source.location, dtype=getattr(torch, dtype),
+                                                      output_loading_info=True, **extra, **_weights_kwargs(source))
+        if text_model is not None:
             text_model.check_loaded(set(info["missing_keys"]), source.location)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer
@@ -206,18 +203,26 @@ def load_source_streaming(source: Source, dtype: str, text_model=None):
 
     from exporter.checkpoint import load_streaming
 
+    model_class, extra, loading = _loader(text_model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
-        if text_model is None:
-            model, weights = load_streaming(source.location, getattr(torch, dtype), **_weights_kwargs(source))
-        else:
-            with text_model.loading():
-                model, weights = load_streaming(source.location, getattr(torch, dtype),
-                                                model_class=text_model.model_class, config=text_model.config,
-                                                **_weights_kwargs(source))
+        with loading:
+            model, weights = load_streaming(source.location, getattr(torch, dtype), model_class=model_class,
+                                            **extra, **_weights_kwargs(source))
+        if text_model is not None:
             text_model.check_loaded(weights.plan.info.missing_keys, source.location)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer, weights
+
+
+def _loader(text_model):
+    """(the class to load, its extra ``from_pretrained`` arguments, the context to load in): a
+    multimodal checkpoint's text model, else ``AutoModelForCausalLM``."""
+    if text_model is None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM, {}, nullcontext()
+    return text_model.model_class, {"config": text_model.config}, text_model.loading()
 
 
 @contextmanager
