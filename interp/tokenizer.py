@@ -97,8 +97,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise InputError(f"text to encode must be a string, not {type(text).__name__}")
         try:
-            # encode_batch lets other threads run meanwhile; encode holds the GIL throughout (a 6 MB
-            # prompt froze every stream of `paw serve` for 4 s, docs/reliability.md)
+            # encode_batch lets other threads run meanwhile; encode holds the GIL throughout (a long
+            # prompt froze every stream of `paw serve` while it was tokenized: docs/reliability.md)
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         except BaseException as exc:
             if not _library_error(exc):

@@ -198,7 +198,7 @@ def _constraint(response_format: ResponseFormat | None, model: ServedModel,
 
 
 #: a request's spec up to this size is compiled once and kept; a larger one is compiled for its
-#: request alone, so that clients cannot fill memory with big schemas (a 2.6 MB enum kept about 12 MB)
+#: request alone, so that clients cannot fill memory with big schemas (measured: docs/reliability.md)
 CACHED_SPEC_CHARS = 64 * 1024
 
 

@@ -262,8 +262,8 @@ def test_only_small_schemas_are_kept_compiled(client):
 
 
 def test_row_constraints_are_built_off_the_event_loop(client, monkeypatch):
-    """Each choice compiles its grammar: n=16 with a 2.6 MB schema stalled every stream for 1.8 s
-    when that ran on the event loop's thread."""
+    """Each choice compiles its grammar: with n=16 and a big schema that stalled every stream
+    when it ran on the event loop's thread (docs/reliability.md)."""
     from apps.serve.prepare import Prepared
 
     threads = []
@@ -281,7 +281,7 @@ def test_row_constraints_are_built_off_the_event_loop(client, monkeypatch):
 
 def test_a_whole_response_is_built_and_serialized_off_the_event_loop(client, monkeypatch):
     """n=16 with 20 alternatives per token is a body of megabytes: built on the event loop, it
-    stalled every stream for 1.2 s (3.6 s for 64 prompts x 4 choices)."""
+    stalled every stream (docs/reliability.md)."""
     from fastapi.responses import JSONResponse
 
     from apps.serve.completions import Generation

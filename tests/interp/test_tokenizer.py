@@ -12,7 +12,7 @@ from interp.tokenizer import Tokenizer
 
 def test_encoding_a_long_text_lets_other_threads_run(tiny_program):
     """`paw serve` tokenizes in worker threads: an encode that held the GIL froze every stream
-    (a 6 MB prompt stopped the event loop for 4 s)."""
+    (measured in docs/reliability.md)."""
     tokenizer = Tokenizer(tiny_program)
     text = "hello " * 200_000
     ticks, done = 0, threading.Event()
