@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from apps.serve.harmony import Parts
-from apps.serve.reply import ReplyReader, plan_reply
+from apps.serve.harmony import HarmonyReader, Parts
+from apps.serve.reasoning import ThinkSplitter, detect_reasoning, prompt_opens
 from interp.tokenizer import Tokenizer
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -23,9 +23,12 @@ class ReplyPrinter:
     def __init__(self, tokenizer: Tokenizer | None, prompt: Sequence[int], chat: bool,
                  out: TextIO | None = None, err: TextIO | None = None):
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        # the server's reader, with no tools: a template without reasoning markers reads all as answer
-        self.reader: ReplyReader | None = (plan_reply(None, tokenizer, list(prompt), constrained=False).reader()
-                                           if chat and tokenizer is not None else None)
+        fmt = detect_reasoning(tokenizer.chat_template or "") if chat and tokenizer is not None else None
+        self.reader: ThinkSplitter | HarmonyReader | None = None
+        if fmt is not None and fmt.harmony:
+            self.reader = HarmonyReader()
+        elif fmt is not None:
+            self.reader = ThinkSplitter(fmt, prompt_opens(fmt, tokenizer, prompt))
         self.dim = self.err.isatty()
         self.line_open = False  # reasoning printed on a line not yet ended
 
@@ -38,7 +41,8 @@ class ReplyPrinter:
             self._show(Parts(content=piece))
         else:
             parts = self.reader.add(piece)
-            parts += self.reader.finish()[0]
+            rest = self.reader.finish()
+            parts += rest[0] if isinstance(rest, tuple) else rest
             self._show(parts)
         self._end_reasoning()
         self.out.write("\n")

@@ -23,9 +23,6 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens=False) -> str:
         return self.tail
 
-    def token_to_id(self, text: str) -> None:  # no marker is one token here
-        return None
-
 
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
