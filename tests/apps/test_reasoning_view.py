@@ -75,3 +75,13 @@ def test_paw_run_prints_a_reply_cut_short_while_thinking_on_stderr(tiny_program,
     assert thinking.stdout == "\n" and thinking.stderr.strip()
     raw = run("--raw")
     assert raw.stdout.strip() and not raw.stderr.strip()
+
+
+def test_paw_run_needs_no_server_packages(tiny_program):
+    """README command 1 installs paw without the `serve` extra: `paw run` (its reasoning printer
+    included) must not import FastAPI or uvicorn."""
+    blocked = "import sys; sys.modules.update(fastapi=None, uvicorn=None, starlette=None)"
+    done = subprocess.run([sys.executable, "-c", f"{blocked}; from apps.cli import main; sys.argv = ['paw', 'run', "
+                           f"{str(tiny_program)!r}, '-p', 'Hi', '-n', '2']; main()"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
