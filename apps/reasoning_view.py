@@ -1,7 +1,7 @@
 """``paw run``'s view of a reasoning model's reply: the reasoning on stderr (dimmed on a
 terminal), the answer on stdout, so that ``paw run ... > answer.txt`` keeps the answer
 alone and nothing is lost. The markers are read from the chat template as ``paw serve``
-reads them (``apps/serve/reasoning.py``); a model without them prints as before.
+reads them (``apps/reasoning.py``); a model without them prints as before.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from apps.serve.harmony import HarmonyReader, Parts
-from apps.serve.reasoning import ThinkSplitter, detect_reasoning, prompt_opens
+from apps.reasoning import ReplySplitter
+from apps.serve.harmony import Parts
 from interp.tokenizer import Tokenizer
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -23,27 +23,18 @@ class ReplyPrinter:
     def __init__(self, tokenizer: Tokenizer | None, prompt: Sequence[int], chat: bool,
                  out: TextIO | None = None, err: TextIO | None = None):
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        fmt = detect_reasoning(tokenizer.chat_template or "") if chat and tokenizer is not None else None
-        self.reader: ThinkSplitter | HarmonyReader | None = None
-        if fmt is not None and fmt.harmony:
-            self.reader = HarmonyReader()
-        elif fmt is not None:
-            self.reader = ThinkSplitter(fmt, prompt_opens(fmt, tokenizer, prompt))
+        self.splitter = ReplySplitter(tokenizer if chat else None, prompt)
         self.dim = self.err.isatty()
         self.line_open = False  # reasoning printed on a line not yet ended
 
     def write(self, piece: str) -> None:
-        self._show(self.reader.add(piece) if self.reader is not None else Parts(content=piece))
+        self._show(self.splitter.add(piece))
 
     def finish(self, piece: str = "") -> None:
         """Print the last piece and what was held back, and end the line."""
-        if self.reader is None:
-            self._show(Parts(content=piece))
-        else:
-            parts = self.reader.add(piece)
-            rest = self.reader.finish()
-            parts += rest[0] if isinstance(rest, tuple) else rest
-            self._show(parts)
+        parts = self.splitter.add(piece)
+        parts += self.splitter.finish()
+        self._show(parts)
         self._end_reasoning()
         self.out.write("\n")
         self.out.flush()
