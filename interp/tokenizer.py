@@ -151,9 +151,12 @@ class Tokenizer:
         return render_chat_template(self._template, **{**special, **extra}, messages=messages,
                                     add_generation_prompt=add_generation_prompt, tools=tools or None, documents=None)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    variables: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of ``apply_chat_template`` (``variables`` as there)."""
         # Templates already contain the special tokens they need.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, variables=variables),
+                           add_special_tokens=False)
 
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)

@@ -6,6 +6,11 @@ rest. The rendered assistant message may tokenize differently from the ids that 
 generated; the common-prefix rule makes that harmless (the cache is simply cut back a
 little further). Nothing here imports torch.
 
+A reasoning model's reply may be kept as its answer and its reasoning (``split_reply``,
+called by the app that read the markers): the template then gets ``reasoning_content``
+(and ``thinking``, gpt-oss's name) and decides itself what an earlier turn keeps; most
+drop it, so the rendering of that turn changes and the cache is cut back to it.
+
 With a compiled program in use (``use_program``: a ``paw compile`` directory or a
 ``.paw`` bundle), every message is one call of that program: its own cached prefix
 (tuned or not, demonstrations included) and its LoRA adapter, never its spec re-sent as
@@ -31,6 +36,8 @@ from paw_mlx.runtime import LoadedProgram, check_generation_options, stream_toke
 CHAT_FORMAT = "paw-chat"
 CHAT_VERSION = 1
 ROLES = ("system", "user", "assistant")
+#: the chat template variable that turns a model's thinking on or off (Qwen3, SmolLM3, GLM-4.5)
+THINKING_SWITCH = "enable_thinking"
 
 
 def check_session_options(max_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
@@ -45,7 +52,9 @@ class ChatSession:
     """A conversation with one loaded program: its messages, its cache and the ids in it."""
 
     def __init__(self, prog: LoadedProgram, *, system: str | None = None, max_tokens: int = 512,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 template_variables: dict | None = None):
+        """``template_variables``: more chat template variables for every turn (``enable_thinking``)."""
         check_session_options(max_tokens, temperature, top_p, top_k, seed)
         self.prog = prog
         self.system = system
@@ -55,13 +64,16 @@ class ChatSession:
         self.top_p = top_p
         self.top_k = top_k
         self.seed = seed
+        self.template_variables = dict(template_variables or {})
         self.cache = prog.make_cache()
         self.cached_ids: list[int] = []  # the token ids whose keys and values the cache holds
         self.stats: GenerationStats | None = None  # of the last turn
         self.prompt_tokens = 0  # the last turn's whole prompt (the conversation so far)
+        self.prompt: list[int] = []  # its ids (a reply reader looks at their end)
         self.prefilled = 0  # how many of those it had to prefill (the rest came from the cache)
         self.generated = 0  # tokens the last turn generated
         self._turn_length: int | None = None  # prompt length of the turn under way
+        self._reply: dict | None = None  # the assistant message the last turn recorded
         #: the compiled program each message is sent to (``use_program``), or None for plain chat
         self.program = None
         self.program_name: str | None = None
@@ -71,7 +83,7 @@ class ChatSession:
     def conversation(self) -> list[dict]:
         """The messages as the chat template sees them, system message first."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [dict(m) for m in self.messages]
+        return head + [_template_message(m) for m in self.messages]
 
     def prompt_ids(self) -> list[int]:
         """Token ids of the whole conversation, ending with the assistant's turn to speak."""
@@ -79,7 +91,7 @@ class ChatSession:
         messages = self.conversation()
         if tok.has_chat_template:
             try:
-                return tok.encode_chat(messages)
+                return tok.encode_chat(messages, variables=self.template_variables)
             except PawError:
                 raise
             except Exception as exc:  # a template's own raise_exception or a jinja error
@@ -99,6 +111,15 @@ class ChatSession:
     def context_size(self) -> int:
         return self.prog.context_length
 
+    def set_thinking(self, on: bool) -> None:
+        """Turn the model's thinking on or off from the next turn, with its template's
+        ``enable_thinking`` (off, Qwen3's generation prompt closes the think block); PawError
+        for a template without that switch, where the setting would silently do nothing."""
+        if THINKING_SWITCH not in (self.prog.tokenizer.chat_template or ""):
+            raise PawError(f"the chat template of {self.prog.name} has no {THINKING_SWITCH} switch: "
+                           "its thinking cannot be turned on or off")
+        self.template_variables[THINKING_SWITCH] = on
+
     def clear(self) -> None:
         """Forget the turns (the system message stays; its cached prefix is reused)."""
         self.messages.clear()
@@ -111,6 +132,7 @@ class ChatSession:
         The reply is recorded as an assistant message when the stream ends, also when
         it is stopped early (``stop`` set, or the iterator closed): nothing written is lost.
         """
+        self._reply = None
         if self.program is not None:
             return self._call_program(text, stop)
         self.messages.append({"role": "user", "content": text})
@@ -125,6 +147,7 @@ class ChatSession:
             raise
         self.stats = GenerationStats()
         self.prompt_tokens = len(ids)
+        self.prompt = ids
         self.prefilled = len(ids) - keep
         self.generated = 0
         self._turn_length = len(ids)
@@ -149,12 +172,26 @@ class ChatSession:
             if failed and not produced:
                 self.messages.pop()  # the turn never happened
             else:
-                self.messages.append({"role": "assistant", "content": self.prog.tokenizer.decode(produced)})
+                self._reply = {"role": "assistant", "content": self.prog.tokenizer.decode(produced)}
+                self.messages.append(self._reply)
             if failed:
                 self.reset_cache()
             else:
                 self._settle_cache(ids + produced)
             self._turn_length = None
+
+    def split_reply(self, answer: str, reasoning: str) -> None:
+        """Keep the last turn's reply as its ``answer`` and its ``reasoning`` (read by the caller,
+        who knows the model's markers) rather than as the text generated, markers included.
+
+        The next turns' template gets the reasoning as ``reasoning_content`` and ``thinking``
+        and decides what to show of it (most drop it from earlier turns; gpt-oss's refuses
+        harmony markers in a message's content). Nothing happens when the turn recorded no reply."""
+        if self._reply is None:
+            return
+        self._reply["content"] = answer
+        if reasoning:
+            self._reply["reasoning_content"] = reasoning
 
     def _pieces(self, tokens: Iterable[int], produced: list[int]) -> Iterator[str]:
         """Text pieces of ``tokens`` as they decode; each token is appended to ``produced`` and counted."""
@@ -320,5 +357,17 @@ def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
                 raise PawError(f"{path}: a system message may only come first")
             system = message["content"]
             continue
-        messages.append({"role": message["role"], "content": message["content"]})
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and (message["role"] != "assistant" or not isinstance(reasoning, str)):
+            raise PawError(f"{path}: message {i}: 'reasoning_content' must be the text of an assistant's reasoning")
+        messages.append({"role": message["role"], "content": message["content"]}
+                        | ({"reasoning_content": reasoning} if reasoning else {}))
     return system or None, messages
+
+
+def _template_message(message: dict) -> dict:
+    """A stored message as templates read it: a reply's reasoning under both names templates use."""
+    item = dict(message)
+    if item.get("reasoning_content"):
+        item["thinking"] = item["reasoning_content"]  # gpt-oss's name; Qwen3's is reasoning_content
+    return item
