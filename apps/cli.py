@@ -382,11 +382,14 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System message to start with.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Longest reply in tokens.")] = 512,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy (the default).")] = 0.0,
+    think: Annotated[bool | None, typer.Option(
+        "--think/--no-think", help="Ask a reasoning model to think or not (its chat template's enable_thinking: "
+        "Qwen3, SmolLM3). Default: as the template decides.", show_default=False)] = None,
 ) -> None:
     """Chat with a program in a terminal app: streaming, multi-turn, slash commands (/help)."""
     from apps.chat.app import run_chat
 
-    run_chat(program, system=system, max_tokens=max_tokens, temperature=temperature)
+    run_chat(program, system=system, max_tokens=max_tokens, temperature=temperature, think=think)
 
 
 #: the exit code of a run stopped with Ctrl-C (128 + SIGINT), as shells report it

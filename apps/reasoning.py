@@ -31,6 +31,11 @@ class ReplySplitter:
             self.reader = ThinkSplitter(fmt, prompt_opens(fmt, tokenizer, prompt))
 
     @property
+    def splits(self) -> bool:
+        """Whether the template marks reasoning (else every piece is content, as it came)."""
+        return self.reader is not None
+
+    @property
     def thinking(self) -> bool:
         """Whether the text so far ends inside the reasoning (a reply cut there never answered)."""
         if isinstance(self.reader, ThinkSplitter):

@@ -36,7 +36,7 @@ from paw_mlx.runtime import LoadedProgram, check_generation_options, stream_toke
 CHAT_FORMAT = "paw-chat"
 CHAT_VERSION = 1
 ROLES = ("system", "user", "assistant")
-#: the chat template variable that turns a model's thinking on or off (Qwen3, SmolLM3, GLM-4.5)
+#: the chat template variable that turns a model's thinking on or off (Qwen3, SmolLM3)
 THINKING_SWITCH = "enable_thinking"
 
 

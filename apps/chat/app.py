@@ -3,7 +3,7 @@
 Generation runs on the app's MLX thread (see ``mlx_thread``) and posts text back with
 ``call_from_thread``, so the screen never freezes; the conversation and its KV cache
 live in a ``paw_mlx.chat.ChatSession``, which prefills only what changed since the
-last turn.
+last turn. A reasoning model's reasoning is shown apart from its answer (``reply_view``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from textual.widgets import Footer
 
 from apps.chat import commands
 from apps.chat.mlx_thread import MLXThread
+from apps.chat.reply_view import ReplyView, no_answer_text, saved_reply
 from apps.chat.widgets import (
     AssistantMessage,
     Notice,
@@ -28,8 +29,9 @@ from apps.chat.widgets import (
     StatusInfo,
     UserMessage,
 )
+from apps.reasoning import ReplySplitter
 from interp.errors import PawError
-from paw_mlx.chat import ChatSession
+from paw_mlx.chat import THINKING_SWITCH, ChatSession
 from paw_mlx.runtime import LoadedProgram
 
 QUIT_WINDOW_SECONDS = 2.0
@@ -47,11 +49,14 @@ class ChatApp(App):
     ]
 
     def __init__(self, prog: LoadedProgram, mlx_thread: MLXThread, *, system: str | None = None,
-                 max_tokens: int = 512, temperature: float = 0.0, model_name: str | None = None) -> None:
-        """``prog`` must have been loaded on ``mlx_thread`` (``mlx_thread.load(path)``)."""
+                 max_tokens: int = 512, temperature: float = 0.0, model_name: str | None = None,
+                 template_variables: dict | None = None) -> None:
+        """``prog`` must have been loaded on ``mlx_thread`` (``mlx_thread.load(path)``);
+        ``template_variables`` go to the chat template every turn (``enable_thinking``)."""
         super().__init__()
         self.mlx = mlx_thread
-        self.session = ChatSession(prog, system=system, max_tokens=max_tokens, temperature=temperature)
+        self.session = ChatSession(prog, system=system, max_tokens=max_tokens, temperature=temperature,
+                                   template_variables=template_variables)
         self.model_name = model_name or prog.name
         self.program_name: str | None = None
         self.state = ""
@@ -134,21 +139,24 @@ class ChatApp(App):
         self.stop_event.clear()
         self.set_state("generating")
         self._status_timer = self.set_interval(0.25, self.refresh_status)
-        self.generate(text, reply)
+        self.generate(text, ReplyView(self.conversation_view, reply))
 
     @work(exclusive=True, group="generate")
-    async def generate(self, text: str, reply: AssistantMessage) -> None:
-        error = await self.mlx.run(self._generate_on_mlx_thread, text, reply)
-        await self._finished(reply, error)
+    async def generate(self, text: str, view: ReplyView) -> None:
+        error = await self.mlx.run(self._generate_on_mlx_thread, text, view)
+        await self._finished(view, error)
 
-    def _generate_on_mlx_thread(self, text: str, reply: AssistantMessage) -> str | None:
+    def _generate_on_mlx_thread(self, text: str, view: ReplyView) -> str | None:
         """Stream a reply (on the MLX thread); every UI change goes through call_from_thread."""
         error = None
         try:
             stream = self.session.send(text, stop=self.stop_event)
+            if self.session.program is None and self.session.prog.tokenizer.has_chat_template:
+                # the markers are the template's; a program's reply is its output, as generated
+                view.splitter = ReplySplitter(self.session.prog.tokenizer, self.session.prompt)
             self.call_from_thread(self._measuring)
             for piece in stream:
-                self.call_from_thread(reply.write, piece)
+                self.call_from_thread(view.write, piece)
         except PawError as exc:
             error = str(exc)
         except Exception as exc:  # never let a model failure take the app down
@@ -158,18 +166,24 @@ class ChatApp(App):
     def _measuring(self) -> None:
         self._measured = True
 
-    async def _finished(self, reply: AssistantMessage, error: str | None) -> None:
+    async def _finished(self, view: ReplyView, error: str | None) -> None:
         if self._status_timer is not None:
             self._status_timer.stop()
             self._status_timer = None
-        await reply.finish()
+        await view.finish()
+        reply = view.answer
+        if view.splitter.splits:
+            self.session.split_reply(reply.text, view.reasoning_text)  # the template decides what later turns keep
         stopped = self.stop_event.is_set()
+        if not reply.text and (error is not None or view.reasoning is not None):
+            await reply.remove()
         if error is not None:
-            if not reply.text:
-                await reply.remove()
             self.error(error)
         elif stopped:
             self.notice(f"stopped after {self.session.generated} tokens")
+        if error is None and view.reasoning is not None and not reply.text:
+            limit = self.session.max_tokens if self.session.generated >= self.session.max_tokens else None
+            self.notice(no_answer_text(view.thinking, stopped, limit))
         self.set_state("")
 
     def action_stop(self) -> None:
@@ -282,6 +296,24 @@ class ChatApp(App):
             self.session.max_tokens = value
         self.notice(f"replies stop after {self.session.max_tokens} tokens")
 
+    def cmd_reasoning(self, arg: str) -> None:
+        view = self.conversation_view
+        if arg in ("show", "hide"):
+            view.set_class(arg == "hide", "hide-reasoning")  # chat.tcss hides every ReasoningMessage under it
+        elif arg:
+            raise PawError(f"/reasoning takes show or hide, not {arg!r}")
+        self.notice("reasoning hidden: only answers are shown (/reasoning show)" if view.has_class("hide-reasoning")
+                    else "reasoning shown above each answer, folded once the answer starts (/reasoning hide)")
+
+    def cmd_think(self, arg: str) -> None:
+        if arg in ("on", "off"):
+            self.session.set_thinking(arg == "on")
+        elif arg:
+            raise PawError(f"/think takes on or off, not {arg!r}")
+        setting = self.session.template_variables.get(THINKING_SWITCH)
+        self.notice("thinking: as the model's template decides (/think on|off sets it)" if setting is None
+                    else f"thinking {'on' if setting else 'off'} ({THINKING_SWITCH}={setting} for the template)")
+
     def cmd_model(self, arg: str) -> None:
         if not arg:
             self.notice(f"model: {self.model_name} ({self.session.prog.path})")
@@ -305,7 +337,8 @@ class ChatApp(App):
         if prog is not None:
             old = self.session
             self.session = ChatSession(prog, system=old.system, max_tokens=old.max_tokens,
-                                       temperature=old.temperature, top_p=old.top_p, top_k=old.top_k)
+                                       temperature=old.temperature, top_p=old.top_p, top_k=old.top_k,
+                                       template_variables=old.template_variables)
             self.session.messages = list(old.messages)
             self.model_name = prog.name
             self.program_name = None  # a program belongs to the base model it was made for: dropped
@@ -325,8 +358,10 @@ class ChatApp(App):
         if self.session.system:
             self.notice(f"system message: {self.session.system}")
         for message in self.session.messages:
-            view.mount(UserMessage(message["content"]) if message["role"] == "user"
-                       else AssistantMessage(message["content"]))
+            if message["role"] == "user":
+                view.mount(UserMessage(message["content"]))
+            else:
+                view.mount(*saved_reply(message))
 
 
 def _parse_number(text: str, kind: type, command: str):
@@ -337,8 +372,9 @@ def _parse_number(text: str, kind: type, command: str):
 
 
 def run_chat(program: Path | None, *, system: str | None = None, max_tokens: int = 512,
-             temperature: float = 0.0) -> None:
-    """Load ``program`` (or the default model's program) and run the app until the user quits."""
+             temperature: float = 0.0, think: bool | None = None) -> None:
+    """Load ``program`` (or the default model's program) and run the app until the user quits;
+    ``think`` set turns the model's thinking on or off (its template's ``enable_thinking``)."""
     from interp.paths import require_default_program
     from interp.program import resolve_program_dir
     from paw_mlx.chat import check_session_options
@@ -351,6 +387,9 @@ def run_chat(program: Path | None, *, system: str | None = None, max_tokens: int
     mlx_thread = MLXThread()
     try:
         prog = mlx_thread.load(program)
-        ChatApp(prog, mlx_thread, system=system, max_tokens=max_tokens, temperature=temperature).run()
+        app = ChatApp(prog, mlx_thread, system=system, max_tokens=max_tokens, temperature=temperature)
+        if think is not None:
+            app.session.set_thinking(think)  # a template without the switch: one error line, no app
+        app.run()
     finally:
         mlx_thread.shutdown()

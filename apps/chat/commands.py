@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "program": ("DIR|FILE.paw|-", "send each message to a compiled program (- leaves it)"),
     "temp": ("[T]", "show or set the temperature (0: greedy)"),
     "max-tokens": ("[N]", "show or set the longest reply, in tokens"),
+    "reasoning": ("[show|hide]", "show or hide a reasoning model's thinking"),
+    "think": ("[on|off]", "let the model think or not (enable_thinking)"),
     "model": ("DIR", "switch to another program directory"),
 }
 

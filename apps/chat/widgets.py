@@ -1,4 +1,5 @@
-"""The pieces of the chat screen: the prompt box, the messages and the status bar."""
+"""The pieces of the chat screen: the prompt box, the messages (a reply's reasoning apart)
+and the status bar."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rich.text import Text
 from textual import events
 from textual.binding import Binding
 from textual.message import Message
-from textual.widgets import Markdown, Static, TextArea
+from textual.widgets import Collapsible, Markdown, Static, TextArea
 
 #: keys that insert a newline in the prompt. Ctrl+J works in every terminal (it sends a
 #: line feed, Enter sends a carriage return); Shift+Enter and Alt+Enter only where the
@@ -83,6 +84,26 @@ class AssistantMessage(Markdown):
             await self.stream.stop()
             self.stream = None
         await self.update(self.text)  # render the whole reply once more, exactly
+
+
+class ReasoningMessage(Collapsible):
+    """A reply's reasoning, dimmed, under a "Thinking" title: open while it streams in, then
+    collapsed once the answer starts (a click on the title, or Enter on it, opens it again)."""
+
+    def __init__(self, text: str = "") -> None:
+        self.body = Static(Text(text), classes="reasoning-text")
+        super().__init__(self.body, title="Thinking…", collapsed=False)
+        self.text = text
+
+    def write(self, piece: str) -> None:
+        self.text += piece
+        self.body.update(Text(self.text))
+
+    def close(self, answered: bool) -> None:
+        """The reasoning is complete: its title says how long it is; collapsed when ``answered``
+        (a reply without an answer keeps its reasoning in view)."""
+        self.title = f"Thinking ({len(self.text.split())} words)"
+        self.collapsed = answered
 
 
 class Notice(Static):

@@ -77,11 +77,24 @@ def test_paw_run_prints_a_reply_cut_short_while_thinking_on_stderr(tiny_program,
     assert raw.stdout.strip() and not raw.stderr.strip()
 
 
+BLOCKED = "import sys; sys.modules.update(fastapi=None, uvicorn=None, starlette=None)"
+#: the server's modules that need the `serve` extra, directly or through their imports
+SERVER_ONLY = ("apps.serve.app", "apps.serve.tools", "apps.serve.reply", "apps.serve.schemas")
+
+
 def test_paw_run_needs_no_server_packages(tiny_program):
     """README command 1 installs paw without the `serve` extra: `paw run` (its reasoning printer
     included) must not import FastAPI or uvicorn."""
-    blocked = "import sys; sys.modules.update(fastapi=None, uvicorn=None, starlette=None)"
-    done = subprocess.run([sys.executable, "-c", f"{blocked}; from apps.cli import main; sys.argv = ['paw', 'run', "
+    done = subprocess.run([sys.executable, "-c", f"{BLOCKED}; from apps.cli import main; sys.argv = ['paw', 'run', "
                            f"{str(tiny_program)!r}, '-p', 'Hi', '-n', '2']; main()"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_paw_chat_needs_no_server_packages():
+    """`paw chat` splits reasoning with the same readers as `paw run`: none of it may pull in the
+    server's modules or FastAPI either."""
+    check = (f"{BLOCKED}; import apps.chat.app, apps.chat.reply_view; "
+             f"loaded = [m for m in {SERVER_ONLY!r} if m in sys.modules]; assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
