@@ -205,12 +205,13 @@ async def test_a_model_without_reasoning_markers_shows_its_reply_as_generated(pr
 
 @pytest.mark.anyio
 async def test_a_reply_cut_short_while_thinking_keeps_its_reasoning_in_view(progs, mlx_thread, script):
-    script("Let me count the words of this very long thought", "Still thinking about it and more", pause=0.05)
+    thought = "Let me count the words of this very long thought"
+    script(thought, "Still thinking about it and more", pause=0.05)
     app = chat_app(progs, mlx_thread, "opened", max_tokens=6)
     async with app.run_test(size=(80, 24)) as pilot:
         await submit(app, pilot, "Hi")  # the prompt opened <think>: all of it is reasoning
         reasoning = app.query_one(ReasoningMessage)
-        assert reasoning.text and "Let me".startswith(reasoning.text[:6]) and not reasoning.collapsed
+        assert reasoning.text and thought.startswith(reasoning.text) and not reasoning.collapsed
         assert shown(app) == [UserMessage, ReasoningMessage]  # no empty answer
         assert notices(app)[-1] == ("no answer: the reply reached its limit of 6 tokens while the model was "
                                     "thinking (/max-tokens)")
@@ -233,7 +234,7 @@ async def test_a_reply_cut_short_while_thinking_keeps_its_reasoning_in_view(prog
 
 @pytest.mark.anyio
 async def test_harmony_channels_split_and_the_next_turn_gets_no_markers(progs, mlx_thread, script):
-    script(HARMONY_REPLY, "<|channel|>final<|message|>Five.")
+    script(HARMONY_REPLY, "<|channel|>final<|message|>Five.", "<|channel|>analysis<|message|>No idea.<|end|>")
     app = chat_app(progs, mlx_thread, "harmony")
     async with app.run_test(size=(80, 24)) as pilot:
         await submit(app, pilot, "Two and two?")
@@ -244,6 +245,9 @@ async def test_harmony_channels_split_and_the_next_turn_gets_no_markers(progs, m
         assert [w.text for w in app.query(AssistantMessage)] == ["Four.", "Five."]
         assert len(app.query(ReasoningMessage)) == 1  # a reply without analysis has no reasoning widget
         assert not any(marker in screen_text(app) for marker in MARKERS)
+        await submit(app, pilot, "And then?")  # the analysis ends, and the reply with it
+        assert notices(app)[-1] == "no answer: the model ended its reply after the reasoning"
+        assert app.session.messages[-1] == {"role": "assistant", "content": "", "reasoning_content": "No idea."}
 
 
 @pytest.mark.anyio
