@@ -48,6 +48,13 @@ def check_session_options(max_tokens: int, temperature: float, top_p: float = 1.
         raise InputError(f"max_tokens must be at least 1, not {max_tokens}")
 
 
+def check_thinking_switch(template: str | None, model: str) -> None:
+    """PawError unless the chat ``template`` reads ``enable_thinking`` (cheap: callers check first)."""
+    if THINKING_SWITCH not in (template or ""):
+        raise PawError(f"the chat template of {model} has no {THINKING_SWITCH} switch: "
+                       "its thinking cannot be turned on or off")
+
+
 class ChatSession:
     """A conversation with one loaded program: its messages, its cache and the ids in it."""
 
@@ -115,9 +122,7 @@ class ChatSession:
         """Turn the model's thinking on or off from the next turn, with its template's
         ``enable_thinking`` (off, Qwen3's generation prompt closes the think block); PawError
         for a template without that switch, where the setting would silently do nothing."""
-        if THINKING_SWITCH not in (self.prog.tokenizer.chat_template or ""):
-            raise PawError(f"the chat template of {self.prog.name} has no {THINKING_SWITCH} switch: "
-                           "its thinking cannot be turned on or off")
+        check_thinking_switch(self.prog.tokenizer.chat_template, self.prog.name)
         self.template_variables[THINKING_SWITCH] = on
 
     def clear(self) -> None:

@@ -377,19 +377,20 @@ def run_chat(program: Path | None, *, system: str | None = None, max_tokens: int
     ``think`` set turns the model's thinking on or off (its template's ``enable_thinking``)."""
     from interp.paths import require_default_program
     from interp.program import resolve_program_dir
-    from paw_mlx.chat import check_session_options
+    from interp.tokenizer import Tokenizer
+    from paw_mlx.chat import check_session_options, check_thinking_switch
 
     check_session_options(max_tokens, temperature)  # a bad option or path is one error line, before the app
     program = resolve_program_dir(program or require_default_program("pass a program directory"))
+    if think is not None:
+        check_thinking_switch(Tokenizer(program).chat_template, program.name)
     import sys
 
     print(f"loading {program} ...", file=sys.stderr)
     mlx_thread = MLXThread()
     try:
         prog = mlx_thread.load(program)
-        app = ChatApp(prog, mlx_thread, system=system, max_tokens=max_tokens, temperature=temperature)
-        if think is not None:
-            app.session.set_thinking(think)  # a template without the switch: one error line, no app
-        app.run()
+        ChatApp(prog, mlx_thread, system=system, max_tokens=max_tokens, temperature=temperature,
+                template_variables=None if think is None else {THINKING_SWITCH: think}).run()
     finally:
         mlx_thread.shutdown()

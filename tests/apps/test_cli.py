@@ -149,6 +149,7 @@ def test_a_prompt_that_is_not_valid_unicode(tiny_program):
     (["chat", "{missing}"], "no such file or directory"),
     (["chat", "{tiny}", "-n", "0"], "max_tokens must be at least 1"),
     (["chat", "{tiny}", "-t", "nan"], "temperature"),
+    (["chat", "{tiny}", "--no-think"], "has no enable_thinking switch"),
     (["run", "{tiny}", "-p", "hi", "-n", "-1"], "--max-tokens must be at least 0"),
 ])
 def test_bad_options_are_one_line_before_any_work(tiny_program, tmp_path, args, fragment):
