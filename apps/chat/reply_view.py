@@ -33,7 +33,7 @@ class ReplyView:
         """Show what the splitter held back and settle both widgets."""
         self.thinking = self.splitter.thinking
         await self._show(self.splitter.finish())
-        if self.reasoning is not None:
+        if self.reasoning is not None and not self.reasoning.closed:
             self.reasoning.close(answered=bool(self.answer.text))
         await self.answer.finish()
 
@@ -48,7 +48,7 @@ class ReplyView:
                 await self.conversation.mount(self.reasoning, before=self.answer)
             self.reasoning.write(parts.reasoning)
         if parts.content:
-            if self.reasoning is not None and not self.reasoning.collapsed:
+            if self.reasoning is not None and not self.reasoning.closed:
                 self.reasoning.close(answered=True)  # the answer starts: the reasoning folds away
             await self.answer.write(parts.content)
 

@@ -94,16 +94,23 @@ class ReasoningMessage(Collapsible):
         self.body = Static(Text(text), classes="reasoning-text")
         super().__init__(self.body, title="Thinking…", collapsed=False)
         self.text = text
+        self.closed = False  # folded (or left open) once; from then on the user decides
 
     def write(self, piece: str) -> None:
         self.text += piece
         self.body.update(Text(self.text))
+        if self.closed:  # harmony may reason again after an answer
+            self._count_words()
 
     def close(self, answered: bool) -> None:
         """The reasoning is complete: its title says how long it is; collapsed when ``answered``
         (a reply without an answer keeps its reasoning in view)."""
-        self.title = f"Thinking ({len(self.text.split())} words)"
+        self.closed = True
+        self._count_words()
         self.collapsed = answered
+
+    def _count_words(self) -> None:
+        self.title = f"Thinking ({len(self.text.split())} words)"
 
 
 class Notice(Static):

@@ -164,6 +164,24 @@ async def test_reasoning_streams_above_the_answer_and_folds_when_it_starts(progs
         assert errors(app)[-1] == "error: /reasoning takes show or hide, not 'maybe'"
 
 
+@pytest.mark.anyio
+async def test_reasoning_opened_while_the_answer_streams_stays_open(progs, mlx_thread, script):
+    script("<think>\nShort.\n</think>\n\nA rather long answer that takes its time to arrive.", pause=0.05)
+    app = chat_app(progs, mlx_thread, "qwen3")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.query_one(PromptInput).text = "Hi"
+        await pilot.press("enter")
+        for _ in range(500):
+            await pilot.pause(0.01)
+            if app.query(AssistantMessage) and app.query_one(AssistantMessage).text:
+                break
+        assert app.generating and app.query_one(ReasoningMessage).collapsed
+        await pilot.click(CollapsibleTitle)
+        await settle(app, pilot)
+        assert not app.query_one(ReasoningMessage).collapsed  # neither the next pieces nor the end fold it
+        assert app.query_one(AssistantMessage).text.endswith("to arrive.")
+
+
 def test_a_later_turn_reuses_the_cache_up_to_the_turn_the_template_rewrote(progs, mlx_thread, script):
     """Qwen3's template drops the first reply's reasoning from the second turn's prompt: the cache
     is cut back to where the two renderings part, and the second reply is a fresh session's."""
