@@ -329,7 +329,7 @@ def test_the_output_budget_fits_the_longest_example(tiny_program):
 def test_bad_options_and_examples(tiny_program, tmp_path):
     with pytest.raises(PawError, match="unknown candidate magic"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
-    with pytest.raises(PawError, match="example 1: each example must be a dict"):
+    with pytest.raises(PawError, match='example 1: "input" is a number, not a string'):
         paw_mlx.compile(SPEC, base=tiny_program, examples=[ROWS[0], {"input": 1, "output": "x"}])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "x"}\n', encoding="utf-8")
@@ -342,6 +342,32 @@ def test_bad_options_and_examples(tiny_program, tmp_path):
         load_examples(tmp_path / "none.jsonl")
     with pytest.raises(PawError, match="is a folder; the examples must be a file"):
         load_examples(tmp_path)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "a", "completion": "b"}', r'ex.jsonl:2: no "input" key \(found "prompt", "completion"\)'),
+    ('{"input": "a", "output": 12}', r'ex.jsonl:2: "output" is a number, not a string: .* e\.g\. "12"'),
+    ('{"input": "a b", "output": ["a", "b"]}', r'"output" is a list, not a string: .* e\.g\. "\[\\"a\\", \\"b'),
+    ('{"input": null, "output": "b"}', '"input" is null, not a string'),
+    ('[{"input": "a", "output": "b"}]', r'ex.jsonl:2: a list, not an object: one example per line is \{"input"'),
+    ('{"input": "a", "output": "b",}', "ex.jsonl:2: not JSON: Expecting property name"),
+])
+def test_a_malformed_example_line_is_named_with_what_is_wrong(tmp_path, line, message):
+    """Values are not coerced (a number's or a list's text is the user's to choose): the error says
+    which key is missing or not a string, and how to write it."""
+    path = tmp_path / "ex.jsonl"
+    path.write_text('{"input": "x", "output": "y"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(PawError, match=message):
+        load_examples(path)
+
+
+def test_example_strings_may_hold_unicode_line_separators(tmp_path):
+    """JSON writers leave U+2028, U+2029 and U+0085 unescaped (json.dumps with ensure_ascii=False);
+    they are text inside a string, not line ends, while CRLF and blank lines are."""
+    rows = [{"input": f"a{sep}b", "output": f"x{sep}y"} for sep in ("\u2028", "\u2029", "\x85", "\x0c", "\x1e")]
+    path = tmp_path / "ex.jsonl"
+    path.write_bytes(("\r\n\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n").encode())
+    assert load_examples(path) == rows
 
 
 def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_program, tmp_path):
