@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -190,16 +191,36 @@ def call_cmd(
     returns: Annotated[str | None, typer.Option(
         "--returns", "-r", help=RETURNS_HELP + " Default: the program's own.")] = None,
 ) -> None:
-    """Call a program on inputs (one batch); prints one output per line (newlines shown as \\n)."""
+    """Call a program on inputs (one batch); prints one output per line (newlines shown as \\n, other
+    control characters escaped)."""
     from paw_mlx.programs.function import function
 
     if not inputs:
         if sys.stdin.isatty():
             raise PawError("no inputs: pass them as arguments or pipe one per line on stdin")
-        inputs = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        # "\n" only: str.splitlines would also cut an input at U+2028, U+0085, form feeds ...
+        inputs = [line for line in sys.stdin.read().split("\n") if line.strip()]
     f = function(program, base=base, max_new_tokens=max_new_tokens, returns=returns)
     for output in f(list(inputs)):
-        typer.echo(output.replace("\\", "\\\\").replace("\n", "\\n"))
+        typer.echo(one_line(output))
+
+
+#: characters that end a line for some reader or drive a terminal: C0 controls but tab, DEL,
+#: C1 controls (U+0085 is a line end to Python's str.splitlines) and the Unicode line and
+#: paragraph separators
+_UNPRINTABLE = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+
+
+def one_line(text: str) -> str:
+    r"""``text`` on one line, reversibly: a backslash, newline and carriage return are written
+    ``\\``, ``\n``, ``\r``; other controls and line separators as ``\xNN`` or ``\uNNNN``, so
+    each output is one line for every reader and no output can move a terminal's cursor."""
+    def escape(match: re.Match) -> str:
+        ch = match.group()
+        return _ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+    return _UNPRINTABLE.sub(escape, text)
 
 
 def eval_cmd(

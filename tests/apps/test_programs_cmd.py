@@ -30,6 +30,28 @@ def test_compile_then_call_prints_one_line_per_input(tiny_program, tmp_path):
     assert result.stdout.splitlines() == want
 
 
+def test_call_prints_each_output_on_one_line_with_controls_escaped():
+    """One output per line for every reader (str.splitlines also ends lines at \\r, U+0085,
+    U+2028 ...) and no raw escape sequence reaches the terminal; tab and text stay as they are."""
+    from apps.programs_cmd import one_line
+
+    text = "a\\b\nc\rd\te\x1b[31mf\x00\x7f\x85g\u2028h\u2029i \u05e9\u05dc\u05d5\u05dd \U0001f600\u200d\u200f"
+    line = one_line(text)
+    assert line == ("a\\\\b\\nc\\rd\te\\x1b[31mf\\x00\\x7f\\x85g\\u2028h\\u2029i "
+                    "\u05e9\u05dc\u05d5\u05dd \U0001f600\u200d\u200f")
+    assert line.splitlines() == [line]
+
+
+def test_call_reads_one_input_per_stdin_line(tiny_program, tmp_path, monkeypatch):
+    """Only a newline ends an input on stdin: U+2028 or a form feed inside a line is part of it."""
+    seen = []
+    monkeypatch.setattr(sys.modules["paw_mlx.programs.function"], "function",
+                        lambda *a, **k: lambda inputs: seen.extend(inputs) or ["ok"] * len(inputs))
+    result = runner.invoke(app, ["call", str(tiny_program)], input="one\u2028two\r\n\n  \nthree\x0cfour\n")
+    assert result.exit_code == 0, result.output
+    assert seen == ["one\u2028two", "three\x0cfour"] and result.stdout == "ok\nok\n"
+
+
 def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):
     rows = tmp_path / "ex.jsonl"
     rows.write_text("".join(json.dumps({"input": w, "output": w.upper()}) + "\n"
