@@ -145,6 +145,25 @@ def output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) 
     return asked
 
 
+def _check_examples_fit(prog: LoadedProgram, spec: str, rows: Sequence[dict]) -> None:
+    """Every example must fit the base model's context after the spec's prefix, input and
+    output and end-of-turn token together: else no program on this base could write its
+    output (a call stops at the context's end), and as a demonstration it would not fit
+    either. Checked before any training, so a compile does not spend minutes first."""
+    tokenizer = prog.tokenizer
+    layout = prompt_layout(tokenizer, spec)
+    start = len(layout_prefix_ids(tokenizer, layout))
+    room = prog.context_length - start
+    needs = [(len(input_ids(tokenizer, layout, row["input"]))
+              + len(tokenizer.encode(row["output"], add_special_tokens=False)) + 1, row["input"]) for row in rows]
+    over = [(need, text) for need, text in needs if need > room]
+    if over:
+        need, text = max(over)
+        raise PawError(f"{len(over)} of the {len(rows)} examples do not fit the base model's context of "
+                       f"{prog.context_length} tokens after the spec's {start}: the longest (input {text!r:.40}) "
+                       f"takes {need} with its output, so no call could write it")
+
+
 def _check_outputs_fit(grammar, rows: Sequence[dict]) -> None:
     """Every example's output must be one the output constraint lets a call write: one it
     forbids could never be matched, and as a demonstration it teaches a forbidden form."""
@@ -204,6 +223,7 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     test = [r for r in rows if r.get("split", "train") == "test"]
     if examples is not None and not train:
         raise PawError("no training examples (every row is marked \"split\": \"test\")")
+    _check_examples_fit(prog, spec, rows)
     if grammar is not None:
         _check_outputs_fit(grammar, rows)
     max_new_tokens = output_budget(prog, rows, max_new_tokens)

@@ -326,6 +326,22 @@ def test_the_output_budget_fits_the_longest_example(tiny_program):
             paw_mlx.compile(SPEC, base=tiny_program, max_new_tokens=bad)
 
 
+def test_an_example_longer_than_the_context_is_refused_before_training(tiny_program, tmp_path, monkeypatch):
+    """No call could write its output (a call stops at the context's end): one error before any
+    training, instead of minutes of compiling to a program whose budget exceeds the context."""
+    import paw_mlx.programs.select as select_module
+
+    monkeypatch.setattr(select_module, "select", lambda *a, **k: pytest.fail("trained anyway"))
+    rows = ROWS[:3] + [{"input": "sun", "output": " ".join(["sun"] * 600)}]
+    with pytest.raises(PawError, match=r"1 of the 4 examples do not fit the base model's context of 512 tokens "
+                                       r"after the spec's \d+: the longest \(input 'sun'\) takes \d+ with its output"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=QUICK, out_dir=tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    long_input = [{"input": "dog " * 600, "output": "DOG"}, *ROWS[:3]]
+    with pytest.raises(PawError, match="1 of the 4 examples do not fit"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=long_input, options=QUICK)
+
+
 def test_bad_options_and_examples(tiny_program, tmp_path):
     with pytest.raises(PawError, match="unknown candidate magic"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
