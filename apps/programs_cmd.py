@@ -201,8 +201,14 @@ def call_cmd(
         # "\n" only: str.splitlines would also cut an input at U+2028, U+0085, form feeds ...
         inputs = [line for line in sys.stdin.read().split("\n") if line.strip()]
     f = function(program, base=base, max_new_tokens=max_new_tokens, returns=returns)
-    for output in f(list(inputs)):
-        typer.echo(one_line(output))
+    completions = f.complete(list(inputs))
+    for completion in completions:
+        typer.echo(one_line(completion.text))
+    for n, completion in enumerate(completions, 1):
+        if completion.truncated:  # on stderr: stdout stays one output per line
+            where = (f"the output budget of {f.max_new_tokens} tokens (raise --max-new-tokens)"
+                     if completion.tokens >= f.max_new_tokens else "the end of the base model's context")
+            typer.echo(f"note: output {n} was cut off at {where}", err=True)
 
 
 #: characters that end a line for some reader or drive a terminal: C0 controls but tab, DEL,

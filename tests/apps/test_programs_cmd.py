@@ -44,12 +44,33 @@ def test_call_prints_each_output_on_one_line_with_controls_escaped():
 
 def test_call_reads_one_input_per_stdin_line(tiny_program, tmp_path, monkeypatch):
     """Only a newline ends an input on stdin: U+2028 or a form feed inside a line is part of it."""
+    from types import SimpleNamespace
+
+    from paw_mlx.programs.function import Completion
+
     seen = []
-    monkeypatch.setattr(sys.modules["paw_mlx.programs.function"], "function",
-                        lambda *a, **k: lambda inputs: seen.extend(inputs) or ["ok"] * len(inputs))
+    program = SimpleNamespace(complete=lambda inputs: seen.extend(inputs) or [Completion("ok", 1, False)] * len(inputs))
+    monkeypatch.setattr(sys.modules["paw_mlx.programs.function"], "function", lambda *a, **k: program)
     result = runner.invoke(app, ["call", str(tiny_program)], input="one\u2028two\r\n\n  \nthree\x0cfour\n")
     assert result.exit_code == 0, result.output
     assert seen == ["one\u2028two", "three\x0cfour"] and result.stdout == "ok\nok\n"
+
+
+def test_call_notes_each_output_cut_off_at_the_budget(tiny_program, tmp_path):
+    """stdout keeps one output per line; stderr says which were cut off, and by what."""
+    from apps.programs_cmd import one_line
+
+    out = tmp_path / "prog"
+    assert runner.invoke(app, ["compile", SPEC, "-o", str(out), "--base", str(tiny_program)]).exit_code == 0
+    f = paw_mlx.function(out, max_new_tokens=3)
+    inputs = ["(A) cat (B) dog", "(A) 1", "2024-01-05"]
+    cut = [n for n, c in enumerate(f.complete(inputs), 1) if c.truncated]
+    assert cut  # the random model writes on past 3 tokens
+    result = runner.invoke(app, ["call", str(out), "-n", "3", *inputs])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [one_line(o) for o in f(inputs)]
+    assert result.stderr.splitlines() == [
+        f"note: output {n} was cut off at the output budget of 3 tokens (raise --max-new-tokens)" for n in cut]
 
 
 def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):

@@ -97,6 +97,28 @@ def test_a_long_input_does_not_pad_the_others(tiny_program, monkeypatch):
     assert together == [f(t) for t in inputs]
 
 
+def test_complete_says_which_outputs_were_cut_off(tiny_program, monkeypatch):
+    """An output that stops at the budget or the context's end is marked, not silently short."""
+    function_module = sys.modules["paw_mlx.programs.function"]
+    art = paw_mlx.compile(SPEC, base=tiny_program)
+    free = paw_mlx.function(art, max_new_tokens=40)
+    lengths = [len(free.call_ids([free.token_ids(t)])[0]) for t in INPUTS]
+    budget = sorted(lengths)[len(lengths) // 2]  # some outputs end within it, some do not
+    f = paw_mlx.function(art, max_new_tokens=budget)
+    done = f.complete(INPUTS)
+    assert [c.text for c in done] == f(INPUTS)
+    assert [c.truncated for c in done] == [n >= budget for n in lengths], (lengths, budget)
+    assert [c.tokens for c in done] == [min(n, budget) for n in lengths]
+    assert any(c.truncated for c in done) and not all(c.truncated for c in done)
+    room = f.base.context_length - art.prefix_length
+    near_end = next(t for n in range(room, 0, -1) if len(f.token_ids(t := "a" * n)) <= room - 3)
+    assert f.complete([near_end])[0].truncated  # the context's end cut it, not the budget
+    constrained = paw_mlx.function(art, max_new_tokens=2, returns={"regex": "[a-z]{30}"})
+    monkeypatch.setattr(function_module, "BATCH_TOKENS", 40)
+    with pytest.raises(PawError, match="output 1 did not complete its constraint"):  # the caller's row number
+        constrained([" ".join(["word"] * 30), "(A) 1"])
+
+
 def test_round_trip_through_disk(tiny_program, tmp_path):
     art = paw_mlx.compile(SPEC, base=tiny_program, out_dir=tmp_path / "prog", max_new_tokens=7)
     back = read_artifact(tmp_path / "prog")
