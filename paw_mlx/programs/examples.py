@@ -9,18 +9,26 @@ from pathlib import Path
 
 from interp.errors import PawError
 
+#: byte-order marks of UTF-16 (little- and big-endian)
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+
 
 def read_task_file(path: str | Path, what: str) -> str:
-    """The text of a task's file (``what``: "spec", "examples"), or one PawError line naming it."""
+    """The text of a task's file (``what``: "spec", "examples"; UTF-8, or UTF-16 with a byte-order
+    mark), with newlines as ``\\n``; or one PawError line naming it."""
     path = Path(path)
     if path.is_dir():
         raise PawError(f"{path} is a folder; the {what} must be a file")
     if not path.is_file():
         raise PawError(f"no such {what} file: {path}")
     try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
+        data = path.read_bytes()
+        # UTF-16 with its byte-order mark is what Windows PowerShell's `>` writes; UTF-8's mark
+        # (Windows editors) is dropped by -sig
+        text = data.decode("utf-16" if data[:2] in _UTF16_MARKS else "utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PawError(f"cannot read the {what} file {path}: {exc}") from exc
+        raise PawError(f"cannot read the {what} file {path}: {exc} (save it as UTF-8)") from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
 
 
 def load_examples(path: str | Path) -> list[dict]:

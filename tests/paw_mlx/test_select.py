@@ -386,6 +386,22 @@ def test_example_strings_may_hold_unicode_line_separators(tmp_path):
     assert load_examples(path) == rows
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_task_files_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    """Windows PowerShell's `>` writes UTF-16 with a byte-order mark; line ends may be CRLF or CR."""
+    from paw_mlx.programs.compile import read_spec
+
+    rows = [{"input": "\u05e9\u05dc\u05d5\u05dd \U0001f600", "output": "x"}, ROWS[0]]
+    path = tmp_path / "ex.jsonl"
+    path.write_bytes("\ufeff".encode(encoding) + "\r\n".join(json.dumps(r) for r in rows).encode(encoding))
+    assert load_examples(path) == rows
+    (tmp_path / "spec.txt").write_bytes("\ufeffUpper.\rLine two.".encode(encoding))
+    assert read_spec(f"@{tmp_path / 'spec.txt'}") == "Upper.\nLine two."
+    path.write_bytes(b"\xff{}")  # neither UTF-8 nor marked UTF-16
+    with pytest.raises(PawError, match=r"cannot read the examples file .*\(save it as UTF-8\)"):
+        load_examples(path)
+
+
 def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_program, tmp_path):
     """A repeated example would be on both sides of a fold; a BOM is what Windows editors write."""
     path = tmp_path / "ex.jsonl"
