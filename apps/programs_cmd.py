@@ -173,6 +173,9 @@ def selection_notes(info: dict) -> list[str]:
     if examples < FEW_EXAMPLES:
         notes.append(f"with {examples} examples each candidate's held-out score rests on {examples} predictions; "
                      f"{FEW_EXAMPLES}-8 examples give a steadier choice")
+    if conflicting := info.get("conflicting_inputs"):
+        notes.append(f"{conflicting} input(s) are given with different outputs: no program can answer all of those "
+                     "examples exactly, and held-out scores count each against its own output")
     if kept and kept["total"] and kept["exact_match"] < 0.5:
         notes.append(f"the kept program answered {kept['correct']} of {kept['total']} held-out examples exactly: "
                      "the base model may not manage this task from these examples; more or clearer examples, a "

@@ -127,6 +127,15 @@ def load_rows(examples: Sequence[dict] | str | Path) -> tuple[list[dict], int]:
     return train + [r for r in rows if r.get("split", "train") == "test"], repeated
 
 
+def conflicting_inputs(rows: Sequence[dict]) -> int:
+    """How many distinct inputs the rows give with more than one output (after stripping, as
+    scoring compares): no program can match every one of those examples."""
+    outputs: dict[str, set[str]] = {}
+    for row in rows:
+        outputs.setdefault(row["input"].strip(), set()).add(row["output"].strip())
+    return sum(len(o) > 1 for o in outputs.values())
+
+
 def longest_output(prog: LoadedProgram, rows: Sequence[dict]) -> int:
     """Tokens in the longest example output (0 without examples)."""
     return max((len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows), default=0)
@@ -234,6 +243,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
         artifact, info = select(prog, builder, train, options or SelectOptions(), progress)
         if repeated:
             info["repeated_examples_dropped"] = repeated
+        if conflicting := conflicting_inputs(train):
+            info["conflicting_inputs"] = conflicting
         if test:
             outputs = builder.outputs(artifact, [r["input"] for r in test], max_new_tokens)
             correct = sum(o.strip() == r["output"].strip() for o, r in zip(outputs, test, strict=True))

@@ -234,3 +234,11 @@ def test_compile_report_advises_on_few_examples_and_a_failing_task(capsys, corre
     assert err.count("note:") == len(notes)
     for note in notes:
         assert note in err
+
+
+def test_compile_report_notes_inputs_given_with_different_outputs(capsys):
+    from apps.programs_cmd import print_selection
+
+    print_selection(dict(_selection(6, 8, 8), conflicting_inputs=2))
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("note:") == 1 and "note: 2 input(s) are given with different outputs" in err

@@ -410,6 +410,7 @@ def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_progra
     assert load_examples(path)[0] == ROWS[0]
     art = paw_mlx.compile(SPEC, base=tiny_program, examples=path, options=replace(QUICK, candidates=("fewshot",)))
     assert art.selection["repeated_examples_dropped"] == 2
+    assert art.selection["conflicting_inputs"] == 1  # "cat": "CAT" and "Cat"; no program matches both
     assert [(d["input"], d["output"]) for d in art.demos] == [(r["input"], r["output"]) for r in ROWS[:4]] + [
         ("cat", "Cat")]  # the same input with another output is data, kept
 
