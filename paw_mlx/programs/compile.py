@@ -85,8 +85,15 @@ def layout_prefix_ids(tokenizer: Tokenizer, layout: PromptLayout) -> list[int]:
 
 
 def input_ids(tokenizer: Tokenizer, layout: PromptLayout, text: str) -> list[int]:
-    """The ids a call appends after the prefix: the input and the fixed suffix after it."""
-    return tokenizer.encode(text + layout.suffix_text, add_special_tokens=False)
+    """The ids a call appends after the prefix: the input and the fixed suffix after it.
+
+    A special token's text in the input (``<|im_end|>`` in a document or code) stays text,
+    so an input cannot end its user turn and write the assistant's; such an input is
+    encoded apart from the suffix, any other together with it, as it always was.
+    """
+    if not tokenizer.holds_special_text(text):
+        return tokenizer.encode(text + layout.suffix_text, add_special_tokens=False)
+    return tokenizer.encode_literal(text) + tokenizer.encode(layout.suffix_text, add_special_tokens=False)
 
 
 def compute_prefix(prog: LoadedProgram, ids: list[int]) -> list[tuple[mx.array, mx.array]]:
