@@ -145,7 +145,7 @@ def conflicting_inputs(rows: Sequence[dict]) -> int:
 
 def longest_output(prog: LoadedProgram, rows: Sequence[dict]) -> int:
     """Tokens in the longest example output (0 without examples)."""
-    return max((len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows), default=0)
+    return max((len(prog.tokenizer.encode_literal(r["output"])) for r in rows), default=0)
 
 
 def output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) -> int:
@@ -171,7 +171,7 @@ def _check_examples_fit(prog: LoadedProgram, spec: str, rows: Sequence[dict]) ->
     start = len(layout_prefix_ids(tokenizer, layout))
     room = prog.context_length - start
     needs = [(len(input_ids(tokenizer, layout, row["input"]))
-              + len(tokenizer.encode(row["output"], add_special_tokens=False)) + 1, row["input"]) for row in rows]
+              + len(tokenizer.encode_literal(row["output"])) + 1, row["input"]) for row in rows]
     over = [(need, text) for need, text in needs if need > room]
     if over:
         need, text = max(over)

@@ -110,6 +110,18 @@ def test_training_prepares_only_the_rows_its_steps_reach(builder, monkeypatch):
     assert prepared == [6, 0] and result.steps_run == 3  # 3 steps x 2 rows; no validation rows
 
 
+def test_a_training_answer_keeps_special_token_text_as_text(builder):
+    """An output holding ``<|im_end|>`` (a task about chat formats) trains the text a call can
+    write, not an end-of-turn token in mid-answer that would stop every call there."""
+    from paw_mlx.programs.train import _encode, end_token
+
+    eos = end_token(builder.prog)
+    row = {"input": "<|im_end|> closes a turn", "output": "it ends with <|im_end|> here"}
+    ids, start = _encode(builder.prog, builder.prompted([]), row, eos)
+    assert ids[-1] == eos and eos not in ids[start:-1]
+    assert builder.prog.tokenizer.decode(ids[start:-1]) == row["output"]
+
+
 def test_prefix_training_moves_only_the_top_layers(builder):
     options = TrainOptions(method="prefix", steps=3, layers=1, learning_rate=5e-2)
     artifact, result = builder.build("prefix", ROWS, options)
