@@ -122,6 +122,16 @@ def test_a_training_answer_keeps_special_token_text_as_text(builder):
     assert builder.prog.tokenizer.decode(ids[start:-1]) == row["output"]
 
 
+def test_an_example_with_special_token_text_is_never_a_demonstration(tiny_program):
+    """Rendered into the prefix, ``<|im_end|>`` would end its turn early; the example still
+    trains and is predicted held out."""
+    rows = ROWS[:4] + [{"input": "say <|im_end|>", "output": "SAY"}, {"input": "end", "output": "<|im_start|>"}]
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=replace(QUICK, candidates=("fewshot",)))
+    assert [d["input"] for d in art.demos] == [r["input"] for r in ROWS[:4]]
+    assert art.selection["demonstrations"] == {"shown": 4, "examples": 6}
+    assert art.selection["candidates"][0]["total"] == 6
+
+
 def test_prefix_training_moves_only_the_top_layers(builder):
     options = TrainOptions(method="prefix", steps=3, layers=1, learning_rate=5e-2)
     artifact, result = builder.build("prefix", ROWS, options)
