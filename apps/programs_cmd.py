@@ -211,7 +211,7 @@ def call_cmd(
         if completion.truncated:  # on stderr: stdout stays one output per line
             where = (f"the output budget of {f.max_new_tokens} tokens (raise --max-new-tokens)"
                      if completion.tokens >= f.max_new_tokens else "the end of the base model's context")
-            typer.echo(f"note: output {n} was cut off at {where}", err=True)
+            typer.echo(f"note: the output for input {n} was cut off at {where}", err=True)
 
 
 #: characters that end a line for some reader or drive a terminal: C0 controls but tab, DEL,

@@ -107,7 +107,8 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
     ``constraints`` (one per row, or None) restrict each row's tokens to its grammar; a
     constrained row that has not completed its output within the budget raises
     ``ConstraintError`` (an output that stops early would not parse), naming the row by
-    its number in ``row_numbers`` (the caller's, when ``rows`` is part of a larger call).
+    its number from 1 (from its index in ``row_numbers``, the caller's, when ``rows`` is
+    part of a larger call).
     ``resident``: the prefix's ``ResidentPrefix``, which a batch of one row runs in.
     ``ended``, when given, is filled with whether each row ended by itself (its end-of-turn
     token or a complete constraint) rather than at the budget or the context's end.
@@ -155,7 +156,7 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
     if constraints is not None:
         for i, constraint in enumerate(constraints):
             if constraint is not None and not constraint.accepting:
-                number = row_numbers[i] if row_numbers is not None else i
-                raise ConstraintError(f"output {number} did not complete its constraint within {budget} new tokens "
-                                      "(raise max_new_tokens)")
+                number = (row_numbers[i] if row_numbers is not None else i) + 1
+                raise ConstraintError(f"the output for input {number} did not complete its constraint within "
+                                      f"{budget} new tokens (raise max_new_tokens)")
     return outputs

@@ -70,7 +70,8 @@ def test_call_notes_each_output_cut_off_at_the_budget(tiny_program, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [one_line(o) for o in f(inputs)]
     assert result.stderr.splitlines() == [
-        f"note: output {n} was cut off at the output budget of 3 tokens (raise --max-new-tokens)" for n in cut]
+        f"note: the output for input {n} was cut off at the output budget of 3 tokens (raise --max-new-tokens)"
+        for n in cut]
 
 
 def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):

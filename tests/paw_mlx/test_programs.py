@@ -115,7 +115,7 @@ def test_complete_says_which_outputs_were_cut_off(tiny_program, monkeypatch):
     assert f.complete([near_end])[0].truncated  # the context's end cut it, not the budget
     constrained = paw_mlx.function(art, max_new_tokens=2, returns={"regex": "[a-z]{30}"})
     monkeypatch.setattr(function_module, "BATCH_TOKENS", 40)
-    with pytest.raises(PawError, match="output 1 did not complete its constraint"):  # the caller's row number
+    with pytest.raises(PawError, match="the output for input 2 did not complete its constraint"):  # the call's
         constrained([" ".join(["word"] * 30), "(A) 1"])
 
 
