@@ -109,6 +109,8 @@ class ProgramFunction:
     def complete(self, inputs: list[str]) -> list[Completion]:
         """Each input's output with how it ended: ``truncated`` outputs stopped at the token
         budget (``max_new_tokens``) or the context's end, and may be cut off mid-answer."""
+        if isinstance(inputs, str):  # not its characters, one by one
+            raise PawError("complete takes a list of strings (for one input: [text])")
         if not all(isinstance(i, str) for i in inputs):
             raise PawError("a program takes a string or a list of strings")
         if not inputs:

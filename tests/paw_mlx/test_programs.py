@@ -107,6 +107,8 @@ def test_complete_says_which_outputs_were_cut_off(tiny_program, monkeypatch):
     f = paw_mlx.function(art, max_new_tokens=budget)
     done = f.complete(INPUTS)
     assert [c.text for c in done] == f(INPUTS)
+    with pytest.raises(PawError, match="complete takes a list of strings"):
+        f.complete("(A) 1")
     assert [c.truncated for c in done] == [n >= budget for n in lengths], (lengths, budget)
     assert [c.tokens for c in done] == [min(n, budget) for n in lengths]
     assert any(c.truncated for c in done) and not all(c.truncated for c in done)
