@@ -147,7 +147,8 @@ def print_selection(info: dict | None) -> None:
     shown = info.get("demonstrations")
     if shown and shown["shown"] < shown["examples"]:
         console.print(f"its prefix shows {shown['shown']} of the {shown['examples']} examples as demonstrations "
-                      "(a spread of them within its budget); every example was used to choose the program "
+                      "(a spread of them within its budget, none holding a special token's text); every "
+                      "example was used to choose the program "
                       "and to train a tuned one")
     for line in selection_notes(info):
         console.print(f"note: {line}")
