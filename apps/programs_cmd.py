@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -146,7 +147,8 @@ def print_selection(info: dict | None) -> None:
     shown = info.get("demonstrations")
     if shown and shown["shown"] < shown["examples"]:
         console.print(f"its prefix shows {shown['shown']} of the {shown['examples']} examples as demonstrations "
-                      "(a spread of them within its budget); every example was used to choose the program "
+                      "(a spread of them within its budget, none holding a special token's text); every "
+                      "example was used to choose the program "
                       "and to train a tuned one")
     for line in selection_notes(info):
         console.print(f"note: {line}")
@@ -172,6 +174,9 @@ def selection_notes(info: dict) -> list[str]:
     if examples < FEW_EXAMPLES:
         notes.append(f"with {examples} examples each candidate's held-out score rests on {examples} predictions; "
                      f"{FEW_EXAMPLES}-8 examples give a steadier choice")
+    if conflicting := info.get("conflicting_inputs"):
+        notes.append(f"{conflicting} input(s) are given with different outputs: no program can answer all of those "
+                     "examples exactly, and held-out scores count each against its own output")
     if kept and kept["total"] and kept["exact_match"] < 0.5:
         notes.append(f"the kept program answered {kept['correct']} of {kept['total']} held-out examples exactly: "
                      "the base model may not manage this task from these examples; more or clearer examples, a "
@@ -190,16 +195,42 @@ def call_cmd(
     returns: Annotated[str | None, typer.Option(
         "--returns", "-r", help=RETURNS_HELP + " Default: the program's own.")] = None,
 ) -> None:
-    """Call a program on inputs (one batch); prints one output per line (newlines shown as \\n)."""
+    """Call a program on inputs (one batch); prints one output per line (newlines shown as \\n, other
+    control characters escaped)."""
     from paw_mlx.programs.function import function
 
     if not inputs:
         if sys.stdin.isatty():
             raise PawError("no inputs: pass them as arguments or pipe one per line on stdin")
-        inputs = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        # "\n" only: str.splitlines would also cut an input at U+2028, U+0085, form feeds ...
+        inputs = [line for line in sys.stdin.read().split("\n") if line.strip()]
     f = function(program, base=base, max_new_tokens=max_new_tokens, returns=returns)
-    for output in f(list(inputs)):
-        typer.echo(output.replace("\\", "\\\\").replace("\n", "\\n"))
+    completions = f.complete(list(inputs))
+    for completion in completions:
+        typer.echo(one_line(completion.text))
+    for n, completion in enumerate(completions, 1):
+        if completion.truncated:  # on stderr: stdout stays one output per line
+            where = (f"the output budget of {f.max_new_tokens} tokens (raise --max-new-tokens)"
+                     if completion.tokens >= f.max_new_tokens else "the end of the base model's context")
+            typer.echo(f"note: the output for input {n} was cut off at {where}", err=True)
+
+
+#: characters that end a line for some reader or drive a terminal: C0 controls but tab, DEL,
+#: C1 controls (U+0085 is a line end to Python's str.splitlines) and the Unicode line and
+#: paragraph separators
+_UNPRINTABLE = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+
+
+def one_line(text: str) -> str:
+    r"""``text`` on one line, reversibly: a backslash, newline and carriage return are written
+    ``\\``, ``\n``, ``\r``; other controls and line separators as ``\xNN`` or ``\uNNNN``, so
+    each output is one line for every reader and no output can move a terminal's cursor."""
+    def escape(match: re.Match) -> str:
+        ch = match.group()
+        return _ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+    return _UNPRINTABLE.sub(escape, text)
 
 
 def eval_cmd(

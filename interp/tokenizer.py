@@ -88,6 +88,9 @@ class Tokenizer:
             ids.add(self._tok.token_to_id(self.eos_token))
         self.eos_token_ids = ids
         self._template = None
+        #: the text of each special token (``<|im_end|>``), which ``encode`` turns into that token
+        self.special_texts = tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+        self._literal: _HFTokenizer | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -100,6 +103,27 @@ class Tokenizer:
             # encode_batch lets other threads run meanwhile; encode holds the GIL throughout (a long
             # prompt froze every stream of `paw serve` while it was tokenized: docs/reliability.md)
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except BaseException as exc:
+            if not _library_error(exc):
+                raise
+            raise InputError(f"the tokenizer could not encode the text: {_unencodable(text) or exc}") from exc
+
+    def holds_special_text(self, text: str) -> bool:
+        """Whether ``text`` holds a special token's text, which ``encode`` would make that token."""
+        return any(special in text for special in self.special_texts)
+
+    def encode_literal(self, text: str) -> list[int]:
+        """``text``'s ids with a special token's text in it (``<|im_end|>``) kept as text, never
+        that token: for data such as a program's input, which must not end its own turn.
+        No BOS or other added special tokens."""
+        if not self.holds_special_text(text):
+            return self.encode(text, add_special_tokens=False)
+        if self._literal is None:  # a copy, so the shared tokenizer's setting never changes under a thread
+            literal = _HFTokenizer.from_str(self._tok.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        try:
+            return self._literal.encode_batch([text], add_special_tokens=False)[0].ids
         except BaseException as exc:
             if not _library_error(exc):
                 raise

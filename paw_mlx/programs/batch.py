@@ -100,13 +100,18 @@ def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array
 def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
                    *, max_new_tokens: int, temperature: float = 0.0, pad_id: int = 0,
                    constraints: Sequence[Constraint | None] | None = None,
-                   resident: ResidentPrefix | None = None) -> list[list[int]]:
+                   resident: ResidentPrefix | None = None, ended: list[bool] | None = None,
+                   row_numbers: Sequence[int] | None = None) -> list[list[int]]:
     """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``.
 
     ``constraints`` (one per row, or None) restrict each row's tokens to its grammar; a
     constrained row that has not completed its output within the budget raises
-    ``ConstraintError`` (an output that stops early would not parse). ``resident``: the
-    prefix's ``ResidentPrefix``, which a batch of one row runs in.
+    ``ConstraintError`` (an output that stops early would not parse), naming the row by
+    its number from 1 (from its index in ``row_numbers``, the caller's, when ``rows`` is
+    part of a larger call).
+    ``resident``: the prefix's ``ResidentPrefix``, which a batch of one row runs in.
+    ``ended``, when given, is filled with whether each row ended by itself (its end-of-turn
+    token or a complete constraint) rather than at the budget or the context's end.
     """
     if not rows:
         return []
@@ -146,9 +151,12 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
                 positions = (state.next_positions + step)[:, None]
             logits = prog.model(y[:, None].astype(mx.int32), cache=state.cache, positions=positions,
                                 key_mask=key_mask)[:, -1, :]
+    if ended is not None:
+        ended[:] = done
     if constraints is not None:
         for i, constraint in enumerate(constraints):
             if constraint is not None and not constraint.accepting:
-                raise ConstraintError(f"output {i} did not complete its constraint within {budget} new tokens "
-                                      "(raise max_new_tokens)")
+                number = (row_numbers[i] if row_numbers is not None else i) + 1
+                raise ConstraintError(f"the output for input {number} did not complete its constraint within "
+                                      f"{budget} new tokens (raise max_new_tokens)")
     return outputs

@@ -85,8 +85,15 @@ def layout_prefix_ids(tokenizer: Tokenizer, layout: PromptLayout) -> list[int]:
 
 
 def input_ids(tokenizer: Tokenizer, layout: PromptLayout, text: str) -> list[int]:
-    """The ids a call appends after the prefix: the input and the fixed suffix after it."""
-    return tokenizer.encode(text + layout.suffix_text, add_special_tokens=False)
+    """The ids a call appends after the prefix: the input and the fixed suffix after it.
+
+    A special token's text in the input (``<|im_end|>`` in a document or code) stays text,
+    so an input cannot end its user turn and write the assistant's; such an input is
+    encoded apart from the suffix, any other together with it, as it always was.
+    """
+    if not tokenizer.holds_special_text(text):
+        return tokenizer.encode(text + layout.suffix_text, add_special_tokens=False)
+    return tokenizer.encode_literal(text) + tokenizer.encode(layout.suffix_text, add_special_tokens=False)
 
 
 def compute_prefix(prog: LoadedProgram, ids: list[int]) -> list[tuple[mx.array, mx.array]]:
@@ -127,9 +134,18 @@ def load_rows(examples: Sequence[dict] | str | Path) -> tuple[list[dict], int]:
     return train + [r for r in rows if r.get("split", "train") == "test"], repeated
 
 
+def conflicting_inputs(rows: Sequence[dict]) -> int:
+    """How many distinct inputs the rows give with more than one output (after stripping, as
+    scoring compares): no program can match every one of those examples."""
+    outputs: dict[str, set[str]] = {}
+    for row in rows:
+        outputs.setdefault(row["input"].strip(), set()).add(row["output"].strip())
+    return sum(len(o) > 1 for o in outputs.values())
+
+
 def longest_output(prog: LoadedProgram, rows: Sequence[dict]) -> int:
     """Tokens in the longest example output (0 without examples)."""
-    return max((len(prog.tokenizer.encode(r["output"], add_special_tokens=False)) for r in rows), default=0)
+    return max((len(prog.tokenizer.encode_literal(r["output"])) for r in rows), default=0)
 
 
 def output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) -> int:
@@ -143,6 +159,25 @@ def output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) 
         raise PawError(f"an example output is {longest} tokens, more than the output budget of {asked} "
                        "(--max-new-tokens): no call could write it")
     return asked
+
+
+def _check_examples_fit(prog: LoadedProgram, spec: str, rows: Sequence[dict]) -> None:
+    """Every example must fit the base model's context after the spec's prefix, input and
+    output and end-of-turn token together: else no program on this base could write its
+    output (a call stops at the context's end), and as a demonstration it would not fit
+    either. Checked before any training, so a compile does not spend minutes first."""
+    tokenizer = prog.tokenizer
+    layout = prompt_layout(tokenizer, spec)
+    start = len(layout_prefix_ids(tokenizer, layout))
+    room = prog.context_length - start
+    needs = [(len(input_ids(tokenizer, layout, row["input"]))
+              + len(tokenizer.encode_literal(row["output"])) + 1, row["input"]) for row in rows]
+    over = [(need, text) for need, text in needs if need > room]
+    if over:
+        need, text = max(over)
+        raise PawError(f"{len(over)} of the {len(rows)} examples do not fit the base model's context of "
+                       f"{prog.context_length} tokens after the spec's {start}: the longest (input {text!r:.40}) "
+                       f"takes {need} with its output, so no call could write it")
 
 
 def _check_outputs_fit(grammar, rows: Sequence[dict]) -> None:
@@ -204,6 +239,7 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     test = [r for r in rows if r.get("split", "train") == "test"]
     if examples is not None and not train:
         raise PawError("no training examples (every row is marked \"split\": \"test\")")
+    _check_examples_fit(prog, spec, rows)
     if grammar is not None:
         _check_outputs_fit(grammar, rows)
     max_new_tokens = output_budget(prog, rows, max_new_tokens)
@@ -214,6 +250,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
         artifact, info = select(prog, builder, train, options or SelectOptions(), progress)
         if repeated:
             info["repeated_examples_dropped"] = repeated
+        if conflicting := conflicting_inputs(train):
+            info["conflicting_inputs"] = conflicting
         if test:
             outputs = builder.outputs(artifact, [r["input"] for r in test], max_new_tokens)
             correct = sum(o.strip() == r["output"].strip() for o, r in zip(outputs, test, strict=True))

@@ -9,32 +9,42 @@ from pathlib import Path
 
 from interp.errors import PawError
 
+#: byte-order marks of UTF-16 (little- and big-endian)
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+
 
 def read_task_file(path: str | Path, what: str) -> str:
-    """The text of a task's file (``what``: "spec", "examples"), or one PawError line naming it."""
+    """The text of a task's file (``what``: "spec", "examples"; UTF-8, or UTF-16 with a byte-order
+    mark), with newlines as ``\\n``; or one PawError line naming it."""
     path = Path(path)
     if path.is_dir():
         raise PawError(f"{path} is a folder; the {what} must be a file")
     if not path.is_file():
         raise PawError(f"no such {what} file: {path}")
     try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
+        data = path.read_bytes()
+        # UTF-16 with its byte-order mark is what Windows PowerShell's `>` writes; UTF-8's mark
+        # (Windows editors) is dropped by -sig
+        text = data.decode("utf-16" if data[:2] in _UTF16_MARKS else "utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PawError(f"cannot read the {what} file {path}: {exc}") from exc
+        raise PawError(f"cannot read the {what} file {path}: {exc} (save it as UTF-8)") from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
 
 
 def load_examples(path: str | Path) -> list[dict]:
     """Rows of a JSON-lines file, each {"input": str, "output": str[, "split": "train"|"test"]}."""
     text = read_task_file(path, "examples")
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # "\n" only (the file is read with universal newlines, so CRLF is "\n" too): str.splitlines
+    # also splits at U+2028, U+0085 and others, which JSON strings may hold unescaped
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise PawError(f"{path}:{n}: not JSON: {exc}") from None
-        _check_row(row, f"{path}:{n}", 'each line must be {"input": "...", "output": "..."}')
+        _check_row(row, f"{path}:{n}", "one example per line")
         rows.append(row)
     if not rows:
         raise PawError(f"{path} holds no examples")
@@ -44,7 +54,7 @@ def load_examples(path: str | Path) -> list[dict]:
 def check_examples(rows: Sequence) -> list[dict]:
     """``rows`` given in Python, checked like a file's: dicts with string "input" and "output"."""
     for n, row in enumerate(rows):
-        _check_row(row, f"example {n}", 'each example must be a dict {"input": str, "output": str}')
+        _check_row(row, f"example {n}", "each example")
     if not rows:
         raise PawError("no examples given")
     return list(rows)
@@ -66,9 +76,30 @@ def distinct(rows: Sequence[dict]) -> tuple[list[dict], int]:
     return kept, len(rows) - len(kept)
 
 
-def _check_row(row: object, where: str, shape: str) -> None:
-    if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
-        raise PawError(f"{where}: {shape}")
+#: JSON types by the name a user knows them by, for error messages
+_JSON_TYPES = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object",
+               type(None): "null"}
+
+
+def _check_row(row: object, where: str, unit: str) -> None:
+    """One example: an object with string "input" and "output" (and "split" "train" or
+    "test"), or one PawError line saying what is wrong with it (``unit`` names an example
+    as the user gave it: "one example per line", "each example").
+
+    Values are not coerced: a number's text (``1.0`` or ``1``?) and a list's (which
+    separators?) are the user's choice, and the exact-match score compares text.
+    """
+    if not isinstance(row, dict):
+        raise PawError(f'{where}: {_JSON_TYPES.get(type(row), "a string")}, not an object: {unit} is '
+                       '{"input": "...", "output": "..."}')
+    for key in ("input", "output"):
+        if key not in row:
+            found = ", ".join(f'"{k}"' for k in row) or "none"
+            raise PawError(f'{where}: no "{key}" key (found {found}); each example is '
+                           '{"input": "...", "output": "..."}')
+        if not isinstance(row[key], str):
+            raise PawError(f'{where}: "{key}" is {_JSON_TYPES.get(type(row[key]), "not a string")}, not a string: '
+                           f"write it as the exact text wanted, e.g. {json.dumps(json.dumps(row[key]))[:60]}")
     if row.get("split", "train") not in ("train", "test"):
         raise PawError(f'{where}: "split" must be "train" or "test", not {row["split"]!r}')
 

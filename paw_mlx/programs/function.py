@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,17 @@ def length_batches(lengths: list[int], budget: int = BATCH_TOKENS) -> list[list[
         else:
             batches.append([i])
     return batches
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One output of a call, and how it ended."""
+
+    text: str
+    #: tokens generated (the end-of-turn token not counted)
+    tokens: int
+    #: True when the output stopped at the token budget or the context's end, not by itself
+    truncated: bool
 
 
 class ProgramFunction:
@@ -72,6 +83,10 @@ class ProgramFunction:
     def call_ids(self, rows: list[list[int]], max_new_tokens: int | None = None) -> list[list[int]]:
         """Output ids for each row of input ids (each checked against the vocabulary and context);
         ``max_new_tokens`` overrides the function's own budget for this call."""
+        return self._generate(rows, max_new_tokens)[0]
+
+    def _generate(self, rows: list[list[int]], max_new_tokens: int | None) -> tuple[list[list[int]], list[bool]]:
+        """``call_ids``'s outputs, and whether each ended by itself (not at the budget)."""
         _check_budget(max_new_tokens)
         rows = [self.base.check_ids(row, f"input {i} ids") for i, row in enumerate(rows)]
         longest = max((len(row) for row in rows), default=0)
@@ -79,27 +94,36 @@ class ProgramFunction:
             raise InputError(f"an input of {longest} tokens after the {self.artifact.prefix_length}-token prefix "
                              f"fills the base model's context of {self.base.context_length}")
         outputs: list[list[int]] = [[] for _ in rows]
+        ended = [True] * len(rows)
         for batch in length_batches([len(row) for row in rows], BATCH_TOKENS):
             constraints = [self.grammar.start() for _ in batch] if self.grammar is not None else None
+            batch_ended: list[bool] = []
             done = generate_batch(self.runner, self.artifact.prefix, [rows[i] for i in batch],
                                   max_new_tokens=max_new_tokens or self.max_new_tokens,
                                   temperature=self.artifact.generation.temperature, constraints=constraints,
-                                  resident=self._resident)
-            for i, ids in zip(batch, done, strict=True):
-                outputs[i] = ids
-        return outputs
+                                  resident=self._resident, ended=batch_ended, row_numbers=batch)
+            for i, ids, end in zip(batch, done, batch_ended, strict=True):
+                outputs[i], ended[i] = ids, end
+        return outputs, ended
 
-    def __call__(self, x: str | list[str]) -> str | list[str]:
-        single = isinstance(x, str)
-        inputs = [x] if single else list(x)
+    def complete(self, inputs: list[str]) -> list[Completion]:
+        """Each input's output with how it ended: ``truncated`` outputs stopped at the token
+        budget (``max_new_tokens``) or the context's end, and may be cut off mid-answer."""
+        if isinstance(inputs, str):  # not its characters, one by one
+            raise PawError("complete takes a list of strings (for one input: [text])")
         if not all(isinstance(i, str) for i in inputs):
             raise PawError("a program takes a string or a list of strings")
         if not inputs:
             return []
-        outs = self.call_ids([self.token_ids(i) for i in inputs])
+        outs, ended = self._generate([self.token_ids(i) for i in inputs], None)
         texts = [self.base.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         if self.artifact.generation.strip:
             texts = [t.strip() for t in texts]
+        return [Completion(t, len(o), not e) for t, o, e in zip(texts, outs, ended, strict=True)]
+
+    def __call__(self, x: str | list[str]) -> str | list[str]:
+        single = isinstance(x, str)
+        texts = [c.text for c in self.complete([x] if single else list(x))]
         return texts[0] if single else texts
 
 

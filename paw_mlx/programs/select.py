@@ -158,8 +158,12 @@ class Builder:
 
     def demos(self, rows: Sequence[dict]) -> list[dict]:
         """The rows a prefix shows as demonstrations: all of them up to a budget, else a spread
-        (``paw_mlx/programs/demos.py``)."""
-        return choose_demos(rows, self._demo_cost, demo_budget(self.prog.context_length))
+        (``paw_mlx/programs/demos.py``). A row holding a special token's text (``<|im_end|>``)
+        is never shown: rendered into the prefix, that text would end its turn early (it still
+        trains and is scored, as calls read it: as text)."""
+        special = self.prog.tokenizer.holds_special_text
+        showable = [r for r in rows if not (special(r["input"]) or special(r["output"]))]
+        return choose_demos(showable, self._demo_cost, demo_budget(self.prog.context_length))
 
     def _demo_cost(self, row: dict) -> int:
         """Prefix tokens one demonstration takes: its input and output and the turns around them."""

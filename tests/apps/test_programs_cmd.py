@@ -30,6 +30,50 @@ def test_compile_then_call_prints_one_line_per_input(tiny_program, tmp_path):
     assert result.stdout.splitlines() == want
 
 
+def test_call_prints_each_output_on_one_line_with_controls_escaped():
+    """One output per line for every reader (str.splitlines also ends lines at \\r, U+0085,
+    U+2028 ...) and no raw escape sequence reaches the terminal; tab and text stay as they are."""
+    from apps.programs_cmd import one_line
+
+    text = "a\\b\nc\rd\te\x1b[31mf\x00\x7f\x85g\u2028h\u2029i \u05e9\u05dc\u05d5\u05dd \U0001f600\u200d\u200f"
+    line = one_line(text)
+    assert line == ("a\\\\b\\nc\\rd\te\\x1b[31mf\\x00\\x7f\\x85g\\u2028h\\u2029i "
+                    "\u05e9\u05dc\u05d5\u05dd \U0001f600\u200d\u200f")
+    assert line.splitlines() == [line]
+
+
+def test_call_reads_one_input_per_stdin_line(tiny_program, tmp_path, monkeypatch):
+    """Only a newline ends an input on stdin: U+2028 or a form feed inside a line is part of it."""
+    from types import SimpleNamespace
+
+    from paw_mlx.programs.function import Completion
+
+    seen = []
+    program = SimpleNamespace(complete=lambda inputs: seen.extend(inputs) or [Completion("ok", 1, False)] * len(inputs))
+    monkeypatch.setattr(sys.modules["paw_mlx.programs.function"], "function", lambda *a, **k: program)
+    result = runner.invoke(app, ["call", str(tiny_program)], input="one\u2028two\r\n\n  \nthree\x0cfour\n")
+    assert result.exit_code == 0, result.output
+    assert seen == ["one\u2028two", "three\x0cfour"] and result.stdout == "ok\nok\n"
+
+
+def test_call_notes_each_output_cut_off_at_the_budget(tiny_program, tmp_path):
+    """stdout keeps one output per line; stderr says which were cut off, and by what."""
+    from apps.programs_cmd import one_line
+
+    out = tmp_path / "prog"
+    assert runner.invoke(app, ["compile", SPEC, "-o", str(out), "--base", str(tiny_program)]).exit_code == 0
+    f = paw_mlx.function(out, max_new_tokens=3)
+    inputs = ["(A) cat (B) dog", "(A) 1", "2024-01-05"]
+    cut = [n for n, c in enumerate(f.complete(inputs), 1) if c.truncated]
+    assert cut  # the random model writes on past 3 tokens
+    result = runner.invoke(app, ["call", str(out), "-n", "3", *inputs])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [one_line(o) for o in f(inputs)]
+    assert result.stderr.splitlines() == [
+        f"note: the output for input {n} was cut off at the output budget of 3 tokens (raise --max-new-tokens)"
+        for n in cut]
+
+
 def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):
     rows = tmp_path / "ex.jsonl"
     rows.write_text("".join(json.dumps({"input": w, "output": w.upper()}) + "\n"
@@ -191,3 +235,11 @@ def test_compile_report_advises_on_few_examples_and_a_failing_task(capsys, corre
     assert err.count("note:") == len(notes)
     for note in notes:
         assert note in err
+
+
+def test_compile_report_notes_inputs_given_with_different_outputs(capsys):
+    from apps.programs_cmd import print_selection
+
+    print_selection(dict(_selection(6, 8, 8), conflicting_inputs=2))
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("note:") == 1 and "note: 2 input(s) are given with different outputs" in err

@@ -110,6 +110,28 @@ def test_training_prepares_only_the_rows_its_steps_reach(builder, monkeypatch):
     assert prepared == [6, 0] and result.steps_run == 3  # 3 steps x 2 rows; no validation rows
 
 
+def test_a_training_answer_keeps_special_token_text_as_text(builder):
+    """An output holding ``<|im_end|>`` (a task about chat formats) trains the text a call can
+    write, not an end-of-turn token in mid-answer that would stop every call there."""
+    from paw_mlx.programs.train import _encode, end_token
+
+    eos = end_token(builder.prog)
+    row = {"input": "<|im_end|> closes a turn", "output": "it ends with <|im_end|> here"}
+    ids, start = _encode(builder.prog, builder.prompted([]), row, eos)
+    assert ids[-1] == eos and eos not in ids[start:-1]
+    assert builder.prog.tokenizer.decode(ids[start:-1]) == row["output"]
+
+
+def test_an_example_with_special_token_text_is_never_a_demonstration(tiny_program):
+    """Rendered into the prefix, ``<|im_end|>`` would end its turn early; the example still
+    trains and is predicted held out."""
+    rows = ROWS[:4] + [{"input": "say <|im_end|>", "output": "SAY"}, {"input": "end", "output": "<|im_start|>"}]
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=replace(QUICK, candidates=("fewshot",)))
+    assert [d["input"] for d in art.demos] == [r["input"] for r in ROWS[:4]]
+    assert art.selection["demonstrations"] == {"shown": 4, "examples": 6}
+    assert art.selection["candidates"][0]["total"] == 6
+
+
 def test_prefix_training_moves_only_the_top_layers(builder):
     options = TrainOptions(method="prefix", steps=3, layers=1, learning_rate=5e-2)
     artifact, result = builder.build("prefix", ROWS, options)
@@ -326,10 +348,26 @@ def test_the_output_budget_fits_the_longest_example(tiny_program):
             paw_mlx.compile(SPEC, base=tiny_program, max_new_tokens=bad)
 
 
+def test_an_example_longer_than_the_context_is_refused_before_training(tiny_program, tmp_path, monkeypatch):
+    """No call could write its output (a call stops at the context's end): one error before any
+    training, instead of minutes of compiling to a program whose budget exceeds the context."""
+    import paw_mlx.programs.select as select_module
+
+    monkeypatch.setattr(select_module, "select", lambda *a, **k: pytest.fail("trained anyway"))
+    rows = ROWS[:3] + [{"input": "sun", "output": " ".join(["sun"] * 600)}]
+    with pytest.raises(PawError, match=r"1 of the 4 examples do not fit the base model's context of 512 tokens "
+                                       r"after the spec's \d+: the longest \(input 'sun'\) takes \d+ with its output"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=rows, options=QUICK, out_dir=tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    long_input = [{"input": "dog " * 600, "output": "DOG"}, *ROWS[:3]]
+    with pytest.raises(PawError, match="1 of the 4 examples do not fit"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=long_input, options=QUICK)
+
+
 def test_bad_options_and_examples(tiny_program, tmp_path):
     with pytest.raises(PawError, match="unknown candidate magic"):
         paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=SelectOptions(candidates=("magic",)))
-    with pytest.raises(PawError, match="example 1: each example must be a dict"):
+    with pytest.raises(PawError, match='example 1: "input" is a number, not a string'):
         paw_mlx.compile(SPEC, base=tiny_program, examples=[ROWS[0], {"input": 1, "output": "x"}])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "x"}\n', encoding="utf-8")
@@ -344,6 +382,48 @@ def test_bad_options_and_examples(tiny_program, tmp_path):
         load_examples(tmp_path)
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "a", "completion": "b"}', r'ex.jsonl:2: no "input" key \(found "prompt", "completion"\)'),
+    ('{"input": "a", "output": 12}', r'ex.jsonl:2: "output" is a number, not a string: .* e\.g\. "12"'),
+    ('{"input": "a b", "output": ["a", "b"]}', r'"output" is a list, not a string: .* e\.g\. "\[\\"a\\", \\"b'),
+    ('{"input": null, "output": "b"}', '"input" is null, not a string'),
+    ('[{"input": "a", "output": "b"}]', r'ex.jsonl:2: a list, not an object: one example per line is \{"input"'),
+    ('{"input": "a", "output": "b",}', "ex.jsonl:2: not JSON: Expecting property name"),
+])
+def test_a_malformed_example_line_is_named_with_what_is_wrong(tmp_path, line, message):
+    """Values are not coerced (a number's or a list's text is the user's to choose): the error says
+    which key is missing or not a string, and how to write it."""
+    path = tmp_path / "ex.jsonl"
+    path.write_text('{"input": "x", "output": "y"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(PawError, match=message):
+        load_examples(path)
+
+
+def test_example_strings_may_hold_unicode_line_separators(tmp_path):
+    """JSON writers leave U+2028, U+2029 and U+0085 unescaped (json.dumps with ensure_ascii=False);
+    they are text inside a string, not line ends, while CRLF and blank lines are."""
+    rows = [{"input": f"a{sep}b", "output": f"x{sep}y"} for sep in ("\u2028", "\u2029", "\x85", "\x0c", "\x1e")]
+    path = tmp_path / "ex.jsonl"
+    path.write_bytes(("\r\n\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n").encode())
+    assert load_examples(path) == rows
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_task_files_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    """Windows PowerShell's `>` writes UTF-16 with a byte-order mark; line ends may be CRLF or CR."""
+    from paw_mlx.programs.compile import read_spec
+
+    rows = [{"input": "\u05e9\u05dc\u05d5\u05dd \U0001f600", "output": "x"}, ROWS[0]]
+    path = tmp_path / "ex.jsonl"
+    path.write_bytes("\ufeff".encode(encoding) + "\r\n".join(json.dumps(r) for r in rows).encode(encoding))
+    assert load_examples(path) == rows
+    (tmp_path / "spec.txt").write_bytes("\ufeffUpper.\rLine two.".encode(encoding))
+    assert read_spec(f"@{tmp_path / 'spec.txt'}") == "Upper.\nLine two."
+    path.write_bytes(b"\xff{}")  # neither UTF-8 nor marked UTF-16
+    with pytest.raises(PawError, match=r"cannot read the examples file .*\(save it as UTF-8\)"):
+        load_examples(path)
+
+
 def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_program, tmp_path):
     """A repeated example would be on both sides of a fold; a BOM is what Windows editors write."""
     path = tmp_path / "ex.jsonl"
@@ -352,6 +432,7 @@ def test_repeated_examples_are_dropped_and_a_byte_order_mark_is_read(tiny_progra
     assert load_examples(path)[0] == ROWS[0]
     art = paw_mlx.compile(SPEC, base=tiny_program, examples=path, options=replace(QUICK, candidates=("fewshot",)))
     assert art.selection["repeated_examples_dropped"] == 2
+    assert art.selection["conflicting_inputs"] == 1  # "cat": "CAT" and "Cat"; no program matches both
     assert [(d["input"], d["output"]) for d in art.demos] == [(r["input"], r["output"]) for r in ROWS[:4]] + [
         ("cat", "Cat")]  # the same input with another output is data, kept
 
