@@ -438,6 +438,9 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if os.environ.get("PAW_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.strerror and exc.filename:  # the OS refused a path: say which
+            typer.echo(f"paw: error: {exc.filename}: {exc.strerror}", err=True)
+            sys.exit(1)
         typer.echo(f"paw: error: {type(exc).__name__}: {first_line(exc)} (set PAW_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
     if code == INTERRUPTED:

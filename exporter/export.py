@@ -18,6 +18,7 @@ from exporter.sources import Source, load_source, load_source_streaming, resolve
 from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
 from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
+from interp.atomic import check_writable
 from interp.errors import ExportError
 
 EXPORTER_VERSION = "paw-exporter 0.1.0"
@@ -196,6 +197,7 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     out = Path(out_dir)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists; pass --force to replace it")
+    check_writable(out, ExportError)
     source: Source = resolve_source(src, progress=progress is not None)
     if options.get("quantize") == KEEP and source.kind != "gguf":
         raise ExportError(f"--quantize keep stores a GGUF file's blocks as they are; {src} is not a .gguf file")

@@ -100,6 +100,24 @@ def publish_permissions(directory: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
+def check_writable(target: str | Path, error: type[PawError] = PawError) -> None:
+    """Raise ``error`` now if ``target`` could not be written later: its nearest existing
+    ancestor is not a directory, or no directory can be made in it (read-only, no permission,
+    ``/proc``). Tried, not guessed from permission bits, which root ignores. Commands call it
+    before their long work (an export, a compile), so that the write at the end cannot fail.
+    """
+    target = Path(target).expanduser()
+    ancestor = target.parent.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise error(f"cannot write {target}: {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=ancestor))
+    except OSError as exc:
+        raise error(f"cannot write {target}: {exc.strerror or exc} ({ancestor})") from exc
+
+
 @contextmanager
 def atomic_directory(target: str | Path, *, replace: bool = False,
                      error: type[PawError] = PawError) -> Iterator[Path]:
@@ -111,7 +129,11 @@ def atomic_directory(target: str | Path, *, replace: bool = False,
     target = Path(target)
     if _occupied(target) and not replace:
         raise error(f"{target} already exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(target, error)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"cannot write {target}: {exc.strerror or exc}") from exc
     remove_stale_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from interp.atomic import check_writable
 from interp.errors import ArtifactError, PawError
 from interp.paths import DEFAULT_MODEL
 from interp.tokenizer import Tokenizer
@@ -220,6 +221,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     base_path = resolve_base(base)
     if out_dir is not None and Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
+    if out_dir is not None:
+        check_writable(out_dir, ArtifactError)
     if examples is not None:
         options = options or SelectOptions()
         options.check()  # before the base model loads: a bad option is one line at once

@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from interp.atomic import atomic_write_bytes
+from interp.atomic import atomic_write_bytes, check_writable
 from interp.errors import ArtifactError
 from interp.lora import check_adapter, linear_sites
 from paw_mlx.programs.adapter import LoraAdapter
@@ -283,6 +283,7 @@ def export_bundle(src: str | Path, out_dir: str | Path, base: str | Path, force:
 
     if Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
+    check_writable(out_dir, ArtifactError)
     artifact = load_bundle(src, base)
     write_artifact(artifact, out_dir, force=force)
     return artifact
@@ -324,6 +325,7 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
     out = Path(out)
     if out.exists() and not force:
         raise ArtifactError(f"{out} already exists (use --force to replace it)")
+    check_writable(out, ArtifactError)
     if artifact.adapter is None:
         raise ArtifactError("a .paw bundle holds a LoRA adapter and this program has none "
                             "(compile it with the lora candidate)")
@@ -372,6 +374,7 @@ def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force
         raise ArtifactError("--format paw writes a LoRA program: give --examples to train it")
     if Path(out).exists() and not force:
         raise ArtifactError(f"{out} already exists (use --force to replace it)")
+    check_writable(out, ArtifactError)
     options.check()  # what the caller gave, before it becomes the one LoRA candidate a bundle holds
     options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True))
     options.check_base(resolve_base(base))  # the rank against the layers, before the weights load

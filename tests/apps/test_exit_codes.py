@@ -72,6 +72,19 @@ def test_an_unexpected_error_is_still_one_line(monkeypatch, capsys):
     assert len(lines) == 1 and lines[0].startswith("paw: error: TypeError: sum(): incompatible"), lines
 
 
+def test_an_os_error_names_the_path_and_the_reason(monkeypatch, capsys):
+    """An OS refusal outside the paths a command checks itself: the path and the OS's words, no class name."""
+    def refused(**_):
+        raise PermissionError(13, "Permission denied", "/data/models/x")
+
+    monkeypatch.setattr(cli, "app", refused)
+    monkeypatch.delenv("PAW_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip() == "paw: error: /data/models/x: Permission denied"
+
+
 @pytest.mark.parametrize("argv", [["run"], ["export", "hf"], ["run", "x", "--no-such-option"]])
 def test_usage_errors_exit_2_with_clicks_usage_message(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["paw", *argv])

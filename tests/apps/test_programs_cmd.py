@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 import paw_mlx
 from apps.cli import app
+from interp.errors import PawError
 
 runner = CliRunner()
 SPEC = "Parse the options into a JSON list."
@@ -89,6 +91,23 @@ def test_compile_with_examples_chooses_and_reports(tiny_program, tmp_path):
     result = runner.invoke(app, ["compile", "Upper.", "-o", str(out), "--base", str(tiny_program), "--examples",
                                  str(rows), "--candidates", "fewshot,magic"])
     assert result.exit_code != 0 and "already exists" in str(result.exception)
+
+
+def test_compile_refuses_an_unwritable_destination_before_training(tiny_program, tmp_path, monkeypatch):
+    """Was a ``FileNotFoundError`` line after every candidate had been trained."""
+    def no_base(*args):
+        raise AssertionError("the base model loaded before the destination was checked")
+
+    monkeypatch.setattr(importlib.import_module("paw_mlx.programs.compile"), "interpreter", no_base)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    rows = tmp_path / "ex.jsonl"
+    rows.write_text("".join(json.dumps({"input": w, "output": w.upper()}) + "\n" for w in ["cat", "dog", "sun"]),
+                    encoding="utf-8")
+    result = runner.invoke(app, ["compile", "Upper.", "-o", str(blocker / "prog"), "--base", str(tiny_program),
+                                 "--examples", str(rows), "--candidates", "fewshot"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, PawError) and "is not a directory" in str(result.exception)
 
 
 def test_compile_warns_when_a_test_row_repeats_a_training_input(tiny_program, tmp_path):

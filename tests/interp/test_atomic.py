@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from interp.atomic import atomic_directory, atomic_write_text, remove_stale_leftovers
+from interp.atomic import atomic_directory, atomic_write_text, check_writable, remove_stale_leftovers
 from interp.errors import ExportError
 from tests.child_env import child_env
 
@@ -58,6 +58,18 @@ def test_replace_only_when_asked(tmp_path):
     write(target, "three", replace=True)
     assert (target / "data.txt").read_text() == "three"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_destination_that_cannot_be_written_is_one_clear_error(tmp_path):
+    """Was an OSError (``FileNotFoundError: ...``) at the end of the work, after an export or compile."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match=r"cannot write .*a-file/x/y: .*a-file is not a directory"):
+        check_writable(blocker / "x" / "y", ExportError)
+    with pytest.raises(ExportError, match="cannot write"):
+        write(blocker / "out", "one")
+    check_writable(tmp_path / "new" / "deeper" / "out")  # missing parents are fine: they will be made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # the check leaves nothing behind
 
 
 def test_failure_leaves_nothing(tmp_path):
