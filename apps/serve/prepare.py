@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from apps.serve.errors import ApiError, from_paw_error
+from apps.serve.legacy import modernize
 from apps.serve.reply import ReplyPlan, plan_reply
 from apps.serve.schemas import (
     MAX_PROMPTS,
@@ -43,6 +44,7 @@ class Prepared:
     echo: list[str] | None = None  # completions with echo: the prompt texts
     tools: ToolPlan | None = None  # chat with tools: how the reply's calls are read
     reply: ReplyPlan | None = None  # chat: how the reply is read (reasoning, calls)
+    legacy: bool = False  # chat with the deprecated functions: a call is answered as function_call
 
     def requests(self) -> list[tuple[int, GenerationRequest]]:
         """(prompt index, request) for every choice, prompt-major as OpenAI numbers choices."""
@@ -64,9 +66,10 @@ def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
 def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel, max_tokens_cap: int) -> Prepared:
     """Everything checked and tokenized; raises ``ApiError`` (4xx) for what cannot be served."""
     chat = isinstance(body, ChatCompletionRequest)
-    tools = None
+    tools, legacy = None, False
     if chat:
         _refuse_audio(body)
+        body, legacy = modernize(body)
         tools = plan_tools(body, model)
     if not chat:
         if body.suffix:
@@ -113,7 +116,8 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
     make_constraint = _constraint(body.response_format, model, forced)
     reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
-                    echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply)
+                    echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply,
+                    legacy=legacy)
 
 
 def _template_variables(body: ChatCompletionRequest) -> dict[str, Any] | None:
