@@ -499,6 +499,7 @@ def test_openai_endpoints_paw_lacks_say_what_it_serves(client, http):
             wrong:
         client.models.delete("tiny")
     assert wrong.value.status_code == 405
+    assert wrong.value.response.headers["allow"] == "GET, HEAD"  # RFC 9110: every method the route takes
     body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
     assert http.post("/v1/completions", content=body, headers={"Content-Encoding": ""}).status_code == 200
 
@@ -539,10 +540,13 @@ def test_a_client_that_disconnects_frees_its_row(http, base):
 def test_cors_only_for_the_origins_allowed(base, programs):
     app = create_app(make_catalog(base, programs), Engine(), ServeConfig(allow_origins=("http://localhost:3000",)))
     with BackgroundServer(app) as server:
+        # what the openai JS client asks for in a browser: its X-Stainless-* headers too
+        asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count,x-stainless-timeout"
         preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "authorization,content-type"}
+                     "Access-Control-Request-Headers": asked}
         r = httpx.options(server.url + "/v1/chat/completions", headers=preflight, timeout=WAIT)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert r.headers["access-control-allow-headers"].lower() == asked
         other = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.example"}, timeout=WAIT)
         assert "access-control-allow-origin" not in other.headers
 
