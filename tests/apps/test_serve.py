@@ -460,6 +460,19 @@ def test_malformed_json_and_unknown_routes(http):
     assert missing.value.code == "model_not_found" and missing.value.type == "invalid_request_error"  # as OpenAI's
 
 
+def test_a_request_that_is_not_http_gets_an_openai_error(server):
+    import socket
+
+    for garbage in (b"GARBAGE\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                    b"\r\n\r\nzz\r\n"):
+        with socket.create_connection((server.host, server.port)) as sock:
+            sock.sendall(garbage)
+            answer, _ = read_until_closed(sock, WAIT)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"]["message"] == "the request is not valid HTTP/1.1"
+
+
 def test_a_json_object_is_read_whatever_content_type_it_came_with(http, base):
     """curl -d sends application/x-www-form-urlencoded; scripts send text/plain or nothing."""
     body = json.dumps({"model": "tiny", "prompt": INPUTS[0], "max_tokens": 4}).encode()
