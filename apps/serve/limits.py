@@ -117,7 +117,19 @@ def bounded_protocol(read_timeout: float | None) -> type[H11Protocol]:
             self._head_timer = self.loop.call_later(read_timeout, self._head_late)
 
         def send_400_response(self, msg: str) -> None:
-            """A request that is not HTTP uvicorn can read: OpenAI's error object, not uvicorn's plain text."""
+            """A request that is not HTTP uvicorn can read: OpenAI's error object, not uvicorn's plain text.
+
+            A request whose head was fine and whose body is not (a broken chunk) is already running:
+            its cycle is marked disconnected first, so that its own response is dropped instead of
+            failing in h11 (a traceback and a 500 attempt), and it is sent no second response.
+            """
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()  # a route waiting for its body reads a disconnect
+                if cycle.response_started:
+                    self.transport.close()
+                    return
             error = ApiError(400, "the request is not valid HTTP/1.1", code="invalid_request")  # msg: uvicorn's
             body = json.dumps(error.body()).encode()
             head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
