@@ -91,10 +91,11 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
             prompts, texts = _completion_prompts(model, body.prompt)
     except PawError as exc:
         raise from_paw_error(exc) from None
-    requested = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    budget = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"  # the field sent
+    requested = getattr(body, budget)
     if requested is not None and requested > max_tokens_cap:
-        raise ApiError(400, f"max_tokens is {requested}; this server allows at most {max_tokens_cap} "
-                       "(paw serve --max-tokens)", param="max_tokens")
+        raise ApiError(400, f"{budget} is {requested}; this server allows at most {max_tokens_cap} "
+                       "(paw serve --max-tokens)", param=budget)
     budgets = []
     context = model.context_length
     for ids in prompts:
@@ -104,7 +105,7 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         if requested is not None and requested > room:
             raise ApiError(400, f"this model's context is {context} tokens; the prompt has {len(ids)} and "
-                           f"max_tokens asks for {requested} more", param="max_tokens",
+                           f"{budget} asks for {requested} more", param=budget,
                            code="context_length_exceeded")
         default = min(max_tokens_cap, room, model.default_max_tokens or room)
         budgets.append(requested or default)

@@ -398,6 +398,8 @@ BAD_REQUESTS = [
     ("string n", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": "2"}, 400, "n"),
     ("huge max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
      400, "max_tokens"),
+    ("huge max_completion_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                    "max_completion_tokens": 10**9}, 400, "max_completion_tokens"),
     ("prompt longer than the context", {"model": "tiny", "messages": [{"role": "user", "content": "Hello " * 400}]},
      400, "messages"),
     ("bad role", {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
