@@ -22,18 +22,19 @@ FINISH_REASON = "function_call"
 def modernize(body: ChatCompletionRequest) -> tuple[ChatCompletionRequest, bool]:
     """(the request with its legacy fields in the tools form, whether the reply takes the legacy
     form: the request sent ``functions``); ``ApiError`` (400) for fields that contradict."""
-    if body.functions is not None and body.tools is not None:
+    functions = body.functions or None  # an empty list, as some clients send by default, is none
+    if functions is not None and body.tools:
         raise ApiError(400, "send either tools or the deprecated functions, not both", param="functions")
     if body.function_call is not None and body.tool_choice is not None:
         raise ApiError(400, "send either tool_choice or the deprecated function_call, not both",
                        param="function_call")
     update: dict = {}
-    if body.functions is not None:
-        update["tools"] = [Tool(type="function", function=f) for f in body.functions]
+    if functions is not None:
+        update["tools"] = [Tool(type="function", function=f) for f in functions]
         update["parallel_tool_calls"] = False  # a legacy reply holds one call
     choice = body.function_call
     if choice is not None:
-        offered = [f.name for f in body.functions or []] or [t.function.name for t in body.tools or []]
+        offered = [f.name for f in functions or []] or [t.function.name for t in body.tools or []]
         if not isinstance(choice, str) and choice.name not in offered:
             among = f"which is not among the {'tools' if body.tools else 'functions'}" if offered else \
                 "but the request offers no functions"
@@ -42,7 +43,7 @@ def modernize(body: ChatCompletionRequest) -> tuple[ChatCompletionRequest, bool]
                                                                                        function=choice)
     if any(m.function_call is not None or m.role == "function" for m in body.messages):
         update["messages"] = modern_messages(body.messages)
-    return (body.model_copy(update=update) if update else body), body.functions is not None
+    return (body.model_copy(update=update) if update else body), functions is not None
 
 
 def modern_messages(messages: list[ChatMessage]) -> list[ChatMessage]:

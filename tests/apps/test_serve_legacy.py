@@ -137,3 +137,14 @@ def test_contradicting_legacy_fields_are_a_400_naming_the_field(server, name, fi
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and says in error["message"] and "\n" not in error["message"]
+
+
+def test_an_empty_list_of_either_kind_is_no_contradiction(server):
+    """Some clients send ``functions: []`` or ``tools: []`` by default, beside the other kind."""
+    client = client_of(server)
+    modern = client.chat.completions.create(model="hermes", messages=ASK, tools=TOOLS, functions=[],
+                                            tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert modern.choices[0].finish_reason == "tool_calls" and modern.choices[0].message.function_call is None
+    legacy = client.chat.completions.create(model="hermes", messages=ASK, functions=FUNCTIONS, tools=[],
+                                            function_call={"name": "get_time"})
+    assert legacy.choices[0].finish_reason == "function_call" and legacy.choices[0].message.tool_calls is None
