@@ -123,6 +123,7 @@ class Generation:
             if choice.finish_reason == "error" and (choice.error or "").startswith(CONSTRAINT_FAILED):
                 forced = self.prepared.tools is not None and self.prepared.tools.grammar is not None
                 param = "tools" if forced else "response_format"  # whose grammar gave up
+                param = legacy.FIELDS.get(param, param) if self.prepared.legacy else param
                 return ApiError(400, f"{param}: {choice.error}", param=param)
             if choice.finish_reason == "error":
                 return ApiError(500, f"generation failed: {choice.error or 'unknown error'}", code="engine_error")

@@ -12,11 +12,27 @@ legacy API has), and the reply goes back in the legacy form: ``message.function_
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from apps.serve.errors import ApiError
 from apps.serve.schemas import ChatCompletionRequest, ChatMessage, MessageToolCall, NamedToolChoice, Tool
 
 #: the finish reason of a legacy reply that calls a function
 FINISH_REASON = "function_call"
+#: the tools path's fields by the names a legacy request sent them under
+FIELDS = {"tools": "functions", "tool_choice": "function_call"}
+
+
+@contextmanager
+def fields_as_sent() -> Iterator[None]:
+    """An ``ApiError`` raised inside names the legacy field a request sent (``functions``), not
+    the tools field it was served as."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.param = FIELDS.get(exc.param, exc.param)
+        raise
 
 
 def modernize(body: ChatCompletionRequest) -> tuple[ChatCompletionRequest, bool]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from apps.serve.errors import ApiError, from_paw_error
-from apps.serve.legacy import modernize
+from apps.serve.legacy import fields_as_sent, modernize
 from apps.serve.reply import ReplyPlan, plan_reply
 from apps.serve.schemas import (
     MAX_PROMPTS,
@@ -65,11 +65,20 @@ def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel, max_tokens_cap: int) -> Prepared:
     """Everything checked and tokenized; raises ``ApiError`` (4xx) for what cannot be served."""
-    chat = isinstance(body, ChatCompletionRequest)
-    tools, legacy = None, False
-    if chat:
+    if isinstance(body, ChatCompletionRequest):
         _refuse_audio(body)
         body, legacy = modernize(body)
+        if legacy:
+            with fields_as_sent():  # a refusal names functions, not the tools they became
+                return _prepare(body, model, max_tokens_cap, legacy=True)
+    return _prepare(body, model, max_tokens_cap)
+
+
+def _prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel, max_tokens_cap: int,
+             legacy: bool = False) -> Prepared:
+    chat = isinstance(body, ChatCompletionRequest)
+    tools = None
+    if chat:
         tools = plan_tools(body, model)
     if not chat:
         if body.suffix:

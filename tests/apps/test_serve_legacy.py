@@ -119,6 +119,12 @@ BAD = [
      "the request offers no functions"),
     ("an unknown function_call", {"functions": FUNCTIONS, "function_call": "required"}, "function_call",
      "function_call"),
+    ("a schema llguidance refuses", {"functions": [{"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "nonsense"}}}}], "function_call": {"name": "f"}}, "functions",
+     "Invalid type: nonsense"),  # the tools path's refusals name the field sent
+    ("a schema whose grammar gives up while generating", {"functions": [{"name": "f", "parameters": {"$ref": "#"}}],
+                                                          "function_call": {"name": "f"}, "max_tokens": 20},
+     "functions", "the output constraint failed"),
     ("a function without a name", {"functions": [{"parameters": {}}]}, "functions.0.name", "required"),
     ("a result without its function's name", {"messages": [*ASK, CALLED, {"role": "function", "content": "x"}]},
      "messages", "messages[2] has role function and needs the name"),
