@@ -137,7 +137,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("name, fields, param, says", BAD, ids=[b[0] for b in BAD])
-def test_contradicting_legacy_fields_are_a_400_naming_the_field(server, name, fields, param, says):
+def test_bad_legacy_requests_are_a_400_naming_the_field_sent(server, name, fields, param, says):
     body = {"model": "hermes", "messages": ASK, "max_tokens": 2, **fields}
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=WAIT)
     assert r.status_code == 400, r.text
