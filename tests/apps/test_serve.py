@@ -19,7 +19,7 @@ import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
 from paw_mlx.engine import Engine, EngineConfig
-from tests.serving import INPUTS, compile_programs, greedy_alone, make_catalog
+from tests.serving import INPUTS, ScriptedEngine, compile_programs, greedy_alone, make_catalog
 
 KEY = "test-key"
 SPECS_WITH_CHOICES = "Label the sentiment: positive negative neutral"
@@ -711,3 +711,21 @@ def test_bodies_are_bounded_in_size_and_in_time_however_they_arrive(base, progra
         assert answer == b"" and seconds < 5
         after = http.post("/v1/completions", content=small, headers={"Content-Type": "application/json"})
         assert after.status_code == 200
+
+
+def test_characters_split_across_tokens_stream_whole(base):
+    """An emoji is four byte tokens of the tiny tokenizer: no piece of a stream holds half of one
+    (a U+FFFD), and a stop string that spans tokens still cuts the text where it begins."""
+    text = "Hi 😀 naïve 日本語 👍🏽 end"
+    engine = ScriptedEngine(base.tokenizer, text)
+    assert len(engine.tokens) > len(text)
+    with BackgroundServer(create_app(make_catalog(base, {}), engine, ServeConfig())) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=WAIT)
+        for stop, want in ((None, text), ("語 👍", "Hi 😀 naïve 日本")):
+            pieces = [chunk.choices[0].delta.content for chunk in client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], stream=True, stop=stop)
+                if chunk.choices and chunk.choices[0].delta.content]
+            assert "".join(pieces) == want and not any("\ufffd" in piece for piece in pieces)
+            texts = [chunk.choices[0].text for chunk in client.completions.create(
+                model="tiny", prompt="x", stream=True, stop=stop)]
+            assert "".join(texts) == want and not any("\ufffd" in piece for piece in texts)
