@@ -729,3 +729,15 @@ def test_characters_split_across_tokens_stream_whole(base):
             texts = [chunk.choices[0].text for chunk in client.completions.create(
                 model="tiny", prompt="x", stream=True, stop=stop)]
             assert "".join(texts) == want and not any("\ufffd" in piece for piece in texts)
+
+
+def test_the_character_u_fffd_streams_as_it_comes(base):
+    """U+FFFD is three byte tokens of the tiny tokenizer, and text often holds it (mojibake): a
+    run of it streams a character at a time, not held back to the end as if half a character
+    (which also decoded a growing window every step)."""
+    text = "ok " + "\ufffd" * 40 + " end 日本"
+    engine = ScriptedEngine(base.tokenizer, text)
+    with BackgroundServer(create_app(make_catalog(base, {}), engine, ServeConfig())) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=WAIT)
+        pieces = [chunk.choices[0].text for chunk in client.completions.create(model="tiny", prompt="x", stream=True)]
+    assert "".join(pieces) == text and max(piece.count("\ufffd") for piece in pieces) == 1
