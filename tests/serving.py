@@ -19,6 +19,34 @@ INPUTS = ["(A) cat (B) dog (C) bird", "Hello, how are you today?", "2024-01-05",
           "def f(x): return x + 1", "positive negative", "The capital of France", "user assistant"]
 
 
+#: a Hermes-style template (Qwen2.5's structure, shortened): tools in the system turn, calls as
+#: <tool_call> blocks with the arguments written by ``tojson`` (so they must be a dict), results
+#: in <tool_response>
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "</tools>\nCall one as <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    "</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n{{ message.content }}"
+    "{% for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def export_hermes(tokenizer, out: Path) -> Path:
+    """A tiny random model whose chat template takes tools (``HERMES_TEMPLATE``), with room for
+    their descriptions (the tiny tokenizer spells JSON almost a character a token)."""
+    from tests.tiny import export_tiny, tiny_llama_config
+
+    export_tiny(tiny_llama_config(max_position_embeddings=2048), out, tokenizer=tokenizer)
+    (out / "chat_template.jinja").write_text(HERMES_TEMPLATE, encoding="utf-8")
+    return out
+
+
 def compile_programs(base: Path, root: Path, max_new_tokens: int = 12) -> dict[str, Path]:
     """The SPECS compiled on ``base`` into ``root/NAME``."""
     out = {}

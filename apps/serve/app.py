@@ -62,8 +62,9 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
     if config.allow_origins:
         from starlette.middleware.cors import CORSMiddleware
 
+        # any request header an allowed origin asks for: the openai JS client sends its X-Stainless-* headers
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
     app.state.catalog, app.state.engine, app.state.config = catalog, engine, config
 
     @app.middleware("http")

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from apps.serve import legacy
 from apps.serve.errors import ApiError
 from apps.serve.prepare import Prepared
 from apps.serve.reply import ReplyReader, reply_message
@@ -122,6 +123,7 @@ class Generation:
             if choice.finish_reason == "error" and (choice.error or "").startswith(CONSTRAINT_FAILED):
                 forced = self.prepared.tools is not None and self.prepared.tools.grammar is not None
                 param = "tools" if forced else "response_format"  # whose grammar gave up
+                param = legacy.FIELDS.get(param, param) if self.prepared.legacy else param
                 return ApiError(400, f"{param}: {choice.error}", param=param)
             if choice.finish_reason == "error":
                 return ApiError(500, f"generation failed: {choice.error or 'unknown error'}", code="engine_error")
@@ -144,7 +146,9 @@ class Generation:
         """OpenAI's finish reason; ``calls``: the reply called tools (and was not cut short)."""
         if choice.finish_reason == "length":
             return "length"
-        return "tool_calls" if calls else "stop"
+        if not calls:
+            return "stop"
+        return legacy.FINISH_REASON if self.prepared.legacy else "tool_calls"
 
     def _token_entry(self, token: int, lp: float) -> dict:
         raw = self.token_text.bytes(token)
@@ -187,6 +191,8 @@ class Generation:
             text = choice.stream.text
             if self.kind == "chat":
                 message, calls = reply_message(self.prepared.reply, text)
+                if self.prepared.legacy:
+                    message = legacy.legacy_message(message)
                 choices.append({"index": choice.index, "message": message,
                                 "logprobs": self.chat_logprobs(choice.logprobs),
                                 "finish_reason": self.finish_reason(choice, calls)})
@@ -267,7 +273,8 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
                     logprobs = generation.completion_logprobs(fresh, echoed[choice.index])
                     piece = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": None}
                 yield generation.chunk([piece])
-            for piece in call_deltas(choice.index, calls):
+            deltas = legacy.legacy_deltas if generation.prepared.legacy else call_deltas
+            for piece in deltas(choice.index, calls):
                 yield generation.chunk([piece])
             if choice.done:
                 reason = generation.finish_reason(choice, bool(calls))

@@ -114,13 +114,13 @@ def _more(problems: int) -> str:
     return f" (and {problems} more problems)" if problems > 0 else ""
 
 
-def allowed_methods(request: Request) -> str:
+def allowed_methods(request: Request, default: str = "another method") -> str:
     """The methods the routes at ``request``'s path take (GET and HEAD are separate routes here)."""
     methods = set()
     for route in request.app.routes:
         if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
             methods |= route.methods or set()
-    return ", ".join(sorted(methods)) or "another method"
+    return ", ".join(sorted(methods)) or default
 
 
 def install(app: FastAPI) -> None:
@@ -142,11 +142,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:  # e.g. an OpenAI endpoint paw does not have: embeddings, responses
             message = f"no route {request.method} {request.url.path}; this server's API is {ROUTES}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}: use {allowed_methods(request)}"
-        return ApiError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+            # Starlette's Allow names the last route tried alone (HEAD, where GET is a route of its own)
+            headers["Allow"] = allowed_methods(request, default="")
+        return ApiError(exc.status_code, message, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, keep serving

@@ -7,11 +7,13 @@ connection and sends its request slowly, or stops half-way (a slow-loris attack)
 ``--read-timeout`` seconds for the request's head and as many for its body; then a 408
 (body) or a closed connection (head), so idle sockets and half-read requests never pile up.
 uvicorn has neither limit itself: its keep-alive timeout applies only between requests.
+A request that is not HTTP at all is answered with OpenAI's error object too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -113,6 +115,29 @@ def bounded_protocol(read_timeout: float | None) -> type[H11Protocol]:
             if self._head_timer is not None:
                 self._head_timer.cancel()
             self._head_timer = self.loop.call_later(read_timeout, self._head_late)
+
+        def send_400_response(self, msg: str) -> None:
+            """A request that is not HTTP uvicorn can read: OpenAI's error object, not uvicorn's plain text.
+
+            A request whose head was fine and whose body is not (a broken chunk) is already running:
+            its cycle is marked disconnected first, so that its own response is dropped instead of
+            failing in h11 (a traceback and a 500 attempt), and it is sent no second response.
+            """
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()  # a route waiting for its body reads a disconnect
+                if cycle.response_started:
+                    self.transport.close()
+                    return
+            error = ApiError(400, "the request is not valid HTTP/1.1", code="invalid_request")  # msg: uvicorn's
+            body = json.dumps(error.body()).encode()
+            head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")])
+            for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _head_late(self) -> None:
             self._head_timer = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from apps.serve.errors import ApiError, from_paw_error
+from apps.serve.legacy import fields_as_sent, modernize
 from apps.serve.reply import ReplyPlan, plan_reply
 from apps.serve.schemas import (
     MAX_PROMPTS,
@@ -43,6 +44,7 @@ class Prepared:
     echo: list[str] | None = None  # completions with echo: the prompt texts
     tools: ToolPlan | None = None  # chat with tools: how the reply's calls are read
     reply: ReplyPlan | None = None  # chat: how the reply is read (reasoning, calls)
+    legacy: bool = False  # chat with the deprecated functions: a call is answered as function_call
 
     def requests(self) -> list[tuple[int, GenerationRequest]]:
         """(prompt index, request) for every choice, prompt-major as OpenAI numbers choices."""
@@ -63,10 +65,20 @@ def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel, max_tokens_cap: int) -> Prepared:
     """Everything checked and tokenized; raises ``ApiError`` (4xx) for what cannot be served."""
+    if isinstance(body, ChatCompletionRequest):
+        _refuse_audio(body)
+        body, legacy = modernize(body)
+        if legacy:
+            with fields_as_sent():  # a refusal names functions, not the tools they became
+                return _prepare(body, model, max_tokens_cap, legacy=True)
+    return _prepare(body, model, max_tokens_cap)
+
+
+def _prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel, max_tokens_cap: int,
+             legacy: bool = False) -> Prepared:
     chat = isinstance(body, ChatCompletionRequest)
     tools = None
     if chat:
-        _refuse_audio(body)
         tools = plan_tools(body, model)
     if not chat:
         if body.suffix:
@@ -88,10 +100,11 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
             prompts, texts = _completion_prompts(model, body.prompt)
     except PawError as exc:
         raise from_paw_error(exc) from None
-    requested = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    budget = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"  # the field sent
+    requested = getattr(body, budget)
     if requested is not None and requested > max_tokens_cap:
-        raise ApiError(400, f"max_tokens is {requested}; this server allows at most {max_tokens_cap} "
-                       "(paw serve --max-tokens)", param="max_tokens")
+        raise ApiError(400, f"{budget} is {requested}; this server allows at most {max_tokens_cap} "
+                       "(paw serve --max-tokens)", param=budget)
     budgets = []
     context = model.context_length
     for ids in prompts:
@@ -101,7 +114,7 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         if requested is not None and requested > room:
             raise ApiError(400, f"this model's context is {context} tokens; the prompt has {len(ids)} and "
-                           f"max_tokens asks for {requested} more", param="max_tokens",
+                           f"{budget} asks for {requested} more", param=budget,
                            code="context_length_exceeded")
         default = min(max_tokens_cap, room, model.default_max_tokens or room)
         budgets.append(requested or default)
@@ -113,7 +126,8 @@ def prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel,
     make_constraint = _constraint(body.response_format, model, forced)
     reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
-                    echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply)
+                    echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply,
+                    legacy=legacy)
 
 
 def _template_variables(body: ChatCompletionRequest) -> dict[str, Any] | None:

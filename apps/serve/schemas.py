@@ -3,7 +3,8 @@
 They are the server's OpenAPI document too (``/openapi.json``), which the schema fuzzer
 reads. Fields paw does not use (``user``, ``store``, ``metadata``, ...) are accepted and
 ignored, as OpenAI-compatible servers do; fields that would change the answer in a way
-paw cannot honour (the deprecated ``functions``, ``suffix``, ``best_of``) are refused with a 400.
+paw cannot honour (``suffix``, ``best_of`` other than ``n``) are refused with a 400. The
+deprecated ``functions`` / ``function_call`` are served as tools (``apps/serve/legacy.py``).
 
 Extensions, named as mlx-lm's and vLLM's servers name them: ``top_k``, ``min_p``,
 ``repetition_penalty``.
@@ -46,13 +47,14 @@ class MessageToolCall(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: legacy result
     # text parts are checked when the messages are rendered, to say which part is not text;
-    # null only for an assistant message that carries tool_calls
+    # null only for an assistant message that carries tool_calls (or a legacy function message)
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this message answers
+    function_call: FunctionCall | None = None  # assistant: its call in the deprecated functions API
     reasoning_content: str | None = None  # assistant: its reasoning, as this server returned it
 
 
@@ -127,8 +129,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     #: OpenAI's reasoning effort; reaches the template as ``reasoning_effort`` (gpt-oss reads it)
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
-    functions: list[Any] | None = None
-    function_call: Any | None = None
+    #: the deprecated functions API, served as tools (apps/serve/legacy.py)
+    functions: list[FunctionDefinition] | None = Field(None, max_length=128)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
 

@@ -63,9 +63,6 @@ class ToolPlan:
 def plan_tools(body: ChatCompletionRequest, model: ServedModel) -> ToolPlan | None:
     """The request's tool plan, or None when its reply is plain text; ``ApiError`` (400) for
     tools and choices that cannot be served."""
-    if body.functions or body.function_call not in (None, "none", "auto"):  # those two: plain text, as before
-        raise ApiError(400, "functions and function_call are deprecated and not supported: send tools and "
-                       "tool_choice", param="functions" if body.functions else "function_call")
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     if not tools:

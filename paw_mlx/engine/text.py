@@ -2,8 +2,9 @@
 
 ``TextStream`` decodes each new token against a short window of the tokens before it (as
 vLLM does), not the whole output, so a long reply costs the same per token as a short
-one; it holds back an incomplete UTF-8 character, and text that may be the start of a
-stop string until it is clear either way. Special tokens (end-of-turn markers and the
+one; it holds back an incomplete UTF-8 character (read from the tokens' bytes: invalid bytes
+and the character U+FFFD are shown as they come), and text that may be the start of a stop
+string until it is clear either way. Special tokens (end-of-turn markers and the
 like) are left out, as OpenAI and vLLM leave them out, except those a caller keeps: a
 tool-call marker such as Llama's ``<|python_tag|>`` or Mistral's ``[TOOL_CALLS]`` is a
 special token, and the server's tool-call parser reads it.
@@ -11,6 +12,7 @@ special token, and the server's tool-call parser reads it.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import re
 from collections.abc import Sequence
@@ -28,6 +30,8 @@ class TextStream:
         self._keep = keep or {}  # special token id -> its text, kept in the output
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._spelling = TokenText(tokenizer)  # tokens' exact bytes, to tell half a character from U+FFFD
+        self._bytes: dict[int, bytes] = {}
         self._ids: list[int] = []
         self._prefix = 0  # window start: tokens before it are fully decoded
         self._read = 0  # tokens up to here have been turned into text
@@ -46,6 +50,27 @@ class TextStream:
         pieces.append(self._tokenizer.decode(ids[start:], skip_special_tokens=True))
         return "".join(pieces)
 
+    def _half_character(self) -> bool:
+        """Whether the tokens since the text last came out whole end inside a UTF-8 character.
+
+        A U+FFFD at the end of the decoded text is not always one: invalid bytes, and the
+        character U+FFFD itself, read the same. Only half a character is held back, so that
+        such text streams as it comes (and the window decoded each step stays short) instead
+        of waiting for the next other character or the end.
+        """
+        tail = b"".join(self._shown_bytes(token) for token in self._ids[self._read:])
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(tail)
+        return bool(decoder.getstate()[0])  # bytes kept for the rest of a character
+
+    def _shown_bytes(self, token: int) -> bytes:
+        """A token's bytes in the decoded text: none for a special token decoding leaves out."""
+        known = self._bytes.get(token)
+        if known is None:
+            shown = token in self._keep or self._tokenizer.decode([token], skip_special_tokens=True) != ""
+            known = self._bytes[token] = self._spelling.bytes(token) if shown else b""
+        return known
+
     @property
     def position(self) -> int:
         """Where the next token's text begins: characters of the text so far, counting what is
@@ -61,7 +86,7 @@ class TextStream:
         self._ids.extend(tokens)
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and self._half_character()):
             return ""  # nothing new, or half a character: wait for the next token
         self._pending += after[len(before):]
         self._prefix, self._read = self._read, len(self._ids)

@@ -19,7 +19,7 @@ import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
 from paw_mlx.engine import Engine, EngineConfig
-from tests.serving import INPUTS, compile_programs, greedy_alone, make_catalog
+from tests.serving import INPUTS, ScriptedEngine, compile_programs, greedy_alone, make_catalog
 
 KEY = "test-key"
 SPECS_WITH_CHOICES = "Label the sentiment: positive negative neutral"
@@ -398,6 +398,8 @@ BAD_REQUESTS = [
     ("string n", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": "2"}, 400, "n"),
     ("huge max_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
      400, "max_tokens"),
+    ("huge max_completion_tokens", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                    "max_completion_tokens": 10**9}, 400, "max_completion_tokens"),
     ("prompt longer than the context", {"model": "tiny", "messages": [{"role": "user", "content": "Hello " * 400}]},
      400, "messages"),
     ("bad role", {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
@@ -460,6 +462,25 @@ def test_malformed_json_and_unknown_routes(http):
     assert missing.value.code == "model_not_found" and missing.value.type == "invalid_request_error"  # as OpenAI's
 
 
+def test_a_request_that_is_not_http_gets_an_openai_error(server, caplog):
+    import socket
+
+    chunked = b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"  # a head, then a broken chunk
+    for garbage in (b"GARBAGE\r\n\r\n", b"POST /v1/completions" + chunked, b"GET /v1/models" + chunked):
+        with socket.create_connection((server.host, server.port)) as sock:
+            sock.sendall(garbage)
+            answer, _ = read_until_closed(sock, WAIT)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"]["message"] == "the request is not valid HTTP/1.1"
+    # the route the head reached answers into a closed connection: dropped, not a traceback
+    assert http_ok(server) and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def http_ok(server) -> bool:
+    return httpx.get(server.url + "/health", timeout=WAIT).status_code == 200
+
+
 def test_a_json_object_is_read_whatever_content_type_it_came_with(http, base):
     """curl -d sends application/x-www-form-urlencoded; scripts send text/plain or nothing."""
     body = json.dumps({"model": "tiny", "prompt": INPUTS[0], "max_tokens": 4}).encode()
@@ -499,6 +520,7 @@ def test_openai_endpoints_paw_lacks_say_what_it_serves(client, http):
             wrong:
         client.models.delete("tiny")
     assert wrong.value.status_code == 405
+    assert wrong.value.response.headers["allow"] == "GET, HEAD"  # RFC 9110: every method the route takes
     body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
     assert http.post("/v1/completions", content=body, headers={"Content-Encoding": ""}).status_code == 200
 
@@ -539,10 +561,13 @@ def test_a_client_that_disconnects_frees_its_row(http, base):
 def test_cors_only_for_the_origins_allowed(base, programs):
     app = create_app(make_catalog(base, programs), Engine(), ServeConfig(allow_origins=("http://localhost:3000",)))
     with BackgroundServer(app) as server:
+        # what the openai JS client asks for in a browser: its X-Stainless-* headers too
+        asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count,x-stainless-timeout"
         preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "authorization,content-type"}
+                     "Access-Control-Request-Headers": asked}
         r = httpx.options(server.url + "/v1/chat/completions", headers=preflight, timeout=WAIT)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert r.headers["access-control-allow-headers"].lower() == asked
         other = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.example"}, timeout=WAIT)
         assert "access-control-allow-origin" not in other.headers
 
@@ -686,3 +711,33 @@ def test_bodies_are_bounded_in_size_and_in_time_however_they_arrive(base, progra
         assert answer == b"" and seconds < 5
         after = http.post("/v1/completions", content=small, headers={"Content-Type": "application/json"})
         assert after.status_code == 200
+
+
+def test_characters_split_across_tokens_stream_whole(base):
+    """An emoji is four byte tokens of the tiny tokenizer: no piece of a stream holds half of one
+    (a U+FFFD), and a stop string that spans tokens still cuts the text where it begins."""
+    text = "Hi 😀 naïve 日本語 👍🏽 end"
+    engine = ScriptedEngine(base.tokenizer, text)
+    assert len(engine.tokens) > len(text)
+    with BackgroundServer(create_app(make_catalog(base, {}), engine, ServeConfig())) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=WAIT)
+        for stop, want in ((None, text), ("語 👍", "Hi 😀 naïve 日本")):
+            pieces = [chunk.choices[0].delta.content for chunk in client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], stream=True, stop=stop)
+                if chunk.choices and chunk.choices[0].delta.content]
+            assert "".join(pieces) == want and not any("\ufffd" in piece for piece in pieces)
+            texts = [chunk.choices[0].text for chunk in client.completions.create(
+                model="tiny", prompt="x", stream=True, stop=stop)]
+            assert "".join(texts) == want and not any("\ufffd" in piece for piece in texts)
+
+
+def test_the_character_u_fffd_streams_as_it_comes(base):
+    """U+FFFD is three byte tokens of the tiny tokenizer, and text often holds it (mojibake): a
+    run of it streams a character at a time, not held back to the end as if half a character
+    (which also decoded a growing window every step)."""
+    text = "ok " + "\ufffd" * 40 + " end 日本"
+    engine = ScriptedEngine(base.tokenizer, text)
+    with BackgroundServer(create_app(make_catalog(base, {}), engine, ServeConfig())) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=WAIT)
+        pieces = [chunk.choices[0].text for chunk in client.completions.create(model="tiny", prompt="x", stream=True)]
+    assert "".join(pieces) == text and max(piece.count("\ufffd") for piece in pieces) == 1

@@ -19,26 +19,9 @@ import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
 from paw_mlx.engine import Engine, EngineConfig
-from tests.serving import ScriptedEngine, compile_programs, make_catalog
+from tests.serving import ScriptedEngine, compile_programs, export_hermes, make_catalog
 
 WAIT = 60.0
-
-#: a Hermes-style template (Qwen2.5's structure, shortened): tools in the system turn, calls as
-#: <tool_call> blocks with the arguments written by ``tojson`` (so they must be a dict), results
-#: in <tool_response>
-HERMES_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nTools:\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
-    "</tools>\nCall one as <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
-    "</tool_call><|im_end|>\n{% endif %}"
-    "{% for message in messages %}"
-    "{% if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n{{ message.content }}"
-    "{% for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
-    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
-    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
-    "</tool_response><|im_end|>\n"
-    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -58,12 +41,7 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 def hermes_program(tiny_tokenizer, tmp_path_factory):
     """A tiny random model with a chat template that takes tools, and room for their
     descriptions (the tiny tokenizer spells JSON almost a character a token)."""
-    from tests.tiny import export_tiny, tiny_llama_config
-
-    out = export_tiny(tiny_llama_config(max_position_embeddings=2048), tmp_path_factory.mktemp("hermes") / "hermes",
-                      tokenizer=tiny_tokenizer)
-    (out / "chat_template.jinja").write_text(HERMES_TEMPLATE, encoding="utf-8")
-    return out
+    return export_hermes(tiny_tokenizer, tmp_path_factory.mktemp("hermes") / "hermes")
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +169,6 @@ BAD = [
      "tool_choice", "names function 'nope', which is not among the tools"),
     ("unknown tool_choice", {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "'tool_choice'"),
     ("required without tools", {"tool_choice": "required"}, "tool_choice", "the request offers none"),
-    ("deprecated functions", {"functions": [WEATHER["function"]]}, "functions", "send tools and tool_choice"),
     ("response_format with a required call", {"tools": TOOLS, "tool_choice": "required",
                                                "response_format": {"type": "json_object"}}, "response_format",
      "two different replies"),
