@@ -157,6 +157,9 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
         for i, constraint in enumerate(constraints):
             if constraint is not None and not constraint.accepting:
                 number = (row_numbers[i] if row_numbers is not None else i) + 1
+                remedy = ("raise max_new_tokens" if budget == max_new_tokens else
+                          f"the base model's context of {prog.context_length} tokens left room for no more: "
+                          "shorten the input")
                 raise ConstraintError(f"the output for input {number} did not complete its constraint within "
-                                      f"{budget} new tokens (raise max_new_tokens)")
+                                      f"{budget} new tokens ({remedy})")
     return outputs

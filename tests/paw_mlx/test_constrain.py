@@ -79,6 +79,17 @@ def test_budget_too_small_is_an_error_not_a_truncated_output(tiny_spec):
         f("x")
 
 
+def test_a_context_too_full_for_the_output_says_so_not_raise_the_budget(tiny_spec):
+    """Was "(raise max_new_tokens)" also when the base model's context was what cut the output."""
+    f = paw_mlx.function(tiny_spec, returns={"json_schema": SCHEMA}, max_new_tokens=64)
+    room = f.base.context_length - f.artifact.prefix_length
+    words = ["x"]
+    while len(f.token_ids(" ".join(words))) < room - 3:
+        words.append("x")
+    with pytest.raises(ConstraintError, match=r"did not complete .* context of \d+ tokens .* shorten the input"):
+        f(" ".join(words))
+
+
 @pytest.mark.parametrize("returns, message", [
     ({"regex": "[0-9"}, "invalid output constraint"),
     ({"regex": "(ab"}, r"regex parse error: unclosed group$"),  # the reason, on the one line
