@@ -240,3 +240,35 @@ def test_qwen3_coder_grammar_types_each_value(tiny_program):
     assert not grammar.matches(xml_call("forecast", city="Paris", days="three"))
     assert not grammar.matches(xml_call("forecast", city="Paris", unit="k"))
     assert not grammar.matches(xml_call("forecast", days="3"))  # city is required
+
+
+CODE = {"type": "object", "properties": {
+    "path": {"type": "string", "maxLength": 12}, "body": {"type": "string"}, "level": {"enum": [1, "3"]},
+    "mode": {"const": "fast"}, "note": {"type": ["string", "null"]}}, "required": ["body"]}
+CODE_TOOLS = [{"type": "function", "function": {"name": "write", "parameters": CODE}}]
+SOURCE = "if x < 1 and y <= 2:\n    print('<b>', \"</param\")\n\n"
+
+
+@pytest.mark.parametrize("values, arguments", [
+    ({"body": SOURCE}, {"body": SOURCE}),
+    ({"path": "a<b.py", "body": "<parameter", "note": "null"}, {"path": "a<b.py", "body": "<parameter", "note": None}),
+    ({"body": "x", "level": "1", "mode": "fast"}, {"body": "x", "level": 1, "mode": "fast"}),
+    ({"body": "x", "level": '"3"'}, {"body": "x", "level": "3"}),  # "3" would read back as the number
+])
+def test_qwen3_coder_grammar_takes_any_text_a_value_reads_back_as(tiny_program, values, arguments):
+    """A string value is any text but what ends it when the reply is read back (it was text
+    without "<"); enums and consts of any type are written so that they read back as themselves."""
+    grammar = compile_returns({"lark": call_grammar(QWEN3_CODER, CODE_TOOLS, False)}, Tokenizer(tiny_program), 384)
+    text = xml_call("write", **values)
+    assert grammar.matches(text)
+    assert QWEN3_CODER.parse(text, {"write": CODE}) == ("", [ToolCall("write", arguments)])
+
+
+@pytest.mark.parametrize("values", [
+    {"body": "a </parameter> b"}, {"body": "a <parameter=path> b"}, {"body": "<tool_call>"}, {"body": "</tool_call>"},
+    {"path": "much/too/long.py", "body": "x"}, {"body": "x", "level": "3"}, {"body": "x", "level": "2"},
+    {"body": "x", "mode": "slow"},
+], ids=["closing", "next parameter", "call", "call end", "maxLength", "3 untyped", "not in enum", "const"])
+def test_qwen3_coder_grammar_refuses_values_that_would_not_read_back(tiny_program, values):
+    grammar = compile_returns({"lark": call_grammar(QWEN3_CODER, CODE_TOOLS, False)}, Tokenizer(tiny_program), 384)
+    assert not grammar.matches(xml_call("write", **values))
