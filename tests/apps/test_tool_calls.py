@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apps.serve.harmony import HARMONY
+from apps.serve.harmony import ANALYSIS_CHARS, HARMONY, parse_harmony
 from apps.serve.tool_calls import HERMES, LLAMA3, MISTRAL, MISTRAL_V11, ToolCall, call_grammar, detect_format
 from apps.serve.tools import CallScanner, ToolPlan
 from apps.serve.xml_calls import QWEN3_CODER
@@ -272,3 +272,55 @@ def test_qwen3_coder_grammar_takes_any_text_a_value_reads_back_as(tiny_program, 
 def test_qwen3_coder_grammar_refuses_values_that_would_not_read_back(tiny_program, values):
     grammar = compile_returns({"lark": call_grammar(QWEN3_CODER, CODE_TOOLS, False)}, Tokenizer(tiny_program), 384)
     assert not grammar.matches(xml_call("write", **values))
+
+
+HARMONY_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+
+
+def analysis(text: str) -> str:
+    return f"<|channel|>analysis<|message|>{text}<|end|><|start|>assistant"
+
+
+@pytest.mark.parametrize("text, takes", [
+    (HARMONY_CALL, True),
+    (analysis("The user wants the weather: x < y, a|b, <|message") + HARMONY_CALL, True),
+    (analysis("x" * ANALYSIS_CHARS) + HARMONY_CALL, True),
+    (analysis("x" * (ANALYSIS_CHARS + 1)) + HARMONY_CALL, False),  # bounded
+    (analysis("a") + analysis("b") + HARMONY_CALL, False),  # one analysis message at most
+    (analysis("a"), False),  # the call is still forced
+    (analysis("a <|start|>assistant b") + HARMONY_CALL, False),  # would read back as two messages
+    ("<|channel|>final<|message|>Sunny.<|end|><|start|>assistant" + HARMONY_CALL, False),
+], ids=["call", "analysis", "longest", "too long", "two", "no call", "marker inside", "final"])
+def test_a_forced_harmony_call_may_follow_one_analysis_message(tiny_program, text, takes):
+    """gpt-oss reasons on the analysis channel before it calls; a forced call lets it, once."""
+    grammar = compile_returns({"lark": call_grammar(HARMONY, TOOLS, False)}, Tokenizer(tiny_program), 384)
+    assert grammar.matches(text) is takes
+
+
+def test_a_model_that_would_reason_forever_is_made_to_call(tiny_program):
+    """Tokens picked as a model that never ends its analysis would pick them (text, not markers,
+    whenever the grammar allows): the grammar ends the analysis at its bound and the reply is
+    the reasoning and a call."""
+    tokenizer = Tokenizer(tiny_program)
+    unit = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"],
+        "additionalProperties": False}}}]  # arguments of bounded length
+    constraint = compile_returns({"lark": call_grammar(HARMONY, unit, False)}, tokenizer, 384).start()
+    text_tokens = [t for t in range(384) if "<" not in tokenizer.decode([t]) and "|" not in tokenizer.decode([t])]
+    first = tokenizer.encode("<|channel|>analysis<|message|>", add_special_tokens=False)
+    ids = []
+    for _ in range(3 * ANALYSIS_CHARS):
+        allowed = constraint.allowed()
+        token = next((t for t in first[len(ids):len(ids) + 1] if allowed[t]), None)
+        if token is None:
+            token = next((t for t in text_tokens[::-1] if allowed[t]), int(allowed.nonzero()[0][0]))
+        constraint.advance(token)
+        ids.append(token)
+        if constraint.done:
+            break
+    assert constraint.done and constraint.failure is None
+    text = tokenizer.decode(ids)
+    reader_text, calls = parse_harmony(text, {"get_weather"})
+    assert len(calls) == 1 and reader_text == ""
+    body = text.split("<|message|>", 1)[1].split("<|end|>", 1)[0]
+    assert len(body) == ANALYSIS_CHARS
