@@ -129,13 +129,15 @@ def _parameter_rules(rule: str, key: str, schema: dict) -> list[str]:
     if values is not None:
         written = dict.fromkeys(_written(value, schema) for value in values)
         return [f"{rule}: " + alternatives(f"{opening} {lark_literal(text)} {closing}" for text in written)]
-    # the whole element one terminal, so that where the value ends is unambiguous
+    # the whole element one terminal, so that where the value ends is unambiguous; lazy: it ends at
+    # the first closing tag (the only one it can hold), which llguidance cannot always tell by
+    # itself (a large maxLength)
     text = text_without(_VALUE_ENDS)
     shortest, longest = schema.get("minLength"), schema.get("maxLength")
     if "string" in kinds and (isinstance(shortest, int) or isinstance(longest, int)):
         low = shortest if isinstance(shortest, int) else 0
         text = f"/(?s:.{{{low},{longest if isinstance(longest, int) else ''}}})/ & {text}"
-    return [f"{rule}: {rule.upper()}", f"{rule.upper()}: {opening} ({text}) {closing}"]
+    return [f"{rule}[lazy]: {rule.upper()}", f"{rule.upper()}: {opening} ({text}) {closing}"]
 
 
 def _written(value: object, schema: dict) -> str:

@@ -243,8 +243,8 @@ def test_qwen3_coder_grammar_types_each_value(tiny_program):
 
 
 CODE = {"type": "object", "properties": {
-    "path": {"type": "string", "maxLength": 12}, "body": {"type": "string"}, "level": {"enum": [1, "3"]},
-    "mode": {"const": "fast"}, "note": {"type": ["string", "null"]}}, "required": ["body"]}
+    "path": {"type": "string", "maxLength": 12}, "body": {"type": "string", "maxLength": 5000},  # bounds small, large
+    "level": {"enum": [1, "3"]}, "mode": {"const": "fast"}, "note": {"type": ["string", "null"]}}, "required": ["body"]}
 CODE_TOOLS = [{"type": "function", "function": {"name": "write", "parameters": CODE}}]
 SOURCE = "if x < 1 and y <= 2:\n    print('<b>', \"</param\")\n\n"
 
