@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from interp.chat_template import compile_template, render_chat_template
 from interp.errors import InputError, ProgramError
 from interp.jsonfile import read_json_object
+from interp.token_bytes import TokenText, ends_inside_character
 
 #: the tokenizer files of a program directory, as paw reads them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -191,27 +192,36 @@ class StreamingDetokenizer:
 
     Decoding token by token breaks multi-byte characters and the spaces some tokenizers
     attach to the next word, so we decode the whole sequence and emit only the new
-    suffix; a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until the
-    next token completes it. Decoding a few thousand ids takes well under a millisecond.
+    suffix. Text ending inside a UTF-8 character (a U+FFFD read from half its bytes) is
+    held back until the next token completes it; invalid bytes and the character U+FFFD
+    itself read the same once decoded, so which it is comes from the tokens' bytes
+    (``interp/token_bytes.py``, as the server's ``TextStream`` reads them), and such text
+    streams as it comes. Decoding a few thousand ids takes well under a millisecond.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
+        self._spelling = TokenText(tokenizer)
         self.tokens: list[int] = []
+        self._whole = 0  # tokens before this decode to the text emitted: whole characters
         self.text = ""
 
     def add_token(self, token: int) -> str:
         """Add one token; return the new printable text (possibly empty)."""
         self.tokens.append(token)
         full = self._tokenizer.decode(self.tokens)
-        if full.endswith("\ufffd") or not full.startswith(self.text):
+        if not full.startswith(self.text) or full.endswith("\ufffd") and self._half_character():
             return ""
         piece = full[len(self.text) :]
-        self.text = full
+        self.text, self._whole = full, len(self.tokens)
         return piece
+
+    def _half_character(self) -> bool:
+        """Whether the tokens since the text last came out whole end inside a character."""
+        return ends_inside_character(b"".join(self._spelling.bytes(t) for t in self.tokens[self._whole :]))
 
     def finalize(self) -> str:
         full = self._tokenizer.decode(self.tokens)
         piece = full[len(self.text) :] if full.startswith(self.text) else ""
-        self.text = full
+        self.text, self._whole = full, len(self.tokens)
         return piece

@@ -68,19 +68,28 @@ def make_catalog(base, programs: dict[str, Path]) -> ModelCatalog:
 
 class ScriptedEngine(Engine):
     """An engine whose every reply is ``text``, a token an event: a model that calls tools or
-    reasons by itself (special tokens in ``text`` are read as such)."""
+    reasons by itself (special tokens in ``text`` are read as such). A request's output
+    constraint must allow each token (else the reply fails as the engine fails a row: a
+    forced reply's script must be one its grammar takes); ``finish_reason`` ends the reply
+    ("length": the budget ran out)."""
 
-    def __init__(self, tokenizer, text: str):
+    def __init__(self, tokenizer, text: str, finish_reason: str = "stop"):
         super().__init__(EngineConfig())
         self.tokens = tokenizer.encode(text, add_special_tokens=False)
+        self.finish_reason = finish_reason
 
     def submit(self, request, on_event=None) -> RequestHandle:
         handle = RequestHandle(request, on_event)
 
         def reply() -> None:
             for token in self.tokens:
+                if request.constraint is not None:
+                    if not request.constraint.allowed()[token]:
+                        handle.deliver(TokenEvent([], finish_reason="error", error=f"token {token} is not allowed"))
+                        return
+                    request.constraint.advance(token)
                 handle.deliver(TokenEvent([token]))
-            handle.deliver(TokenEvent([], finish_reason="stop"))
+            handle.deliver(TokenEvent([], finish_reason=self.finish_reason))
 
         threading.Thread(target=reply, daemon=True).start()
         return handle

@@ -103,6 +103,19 @@ def alternatives(rules: Iterable[str]) -> str:
     return " | ".join(rules)
 
 
+def regex_text(text: str) -> str:
+    """``text`` as a regular expression matching it alone (every non-word character escaped as a code point)."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch == "_") else f"\\x{{{ord(ch):X}}}" for ch in text)
+
+
+def text_without(excluded: Iterable[str], longest: int | None = None) -> str:
+    """A Lark terminal's body (llguidance's ``&`` and ``~``) matching any text, up to ``longest``
+    characters, that holds none of ``excluded``: free text that cannot end, or be mistaken for,
+    the markers around it."""
+    anything = "/(?s:.*)/" if longest is None else f"/(?s:.{{0,{longest}}})/"
+    return f"{anything} & ~/(?s:.*)({'|'.join(regex_text(text) for text in excluded)})(?s:.*)/"
+
+
 # ----------------------------------------------------------------------------- streams
 
 

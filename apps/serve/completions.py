@@ -134,6 +134,17 @@ class Generation:
 
     # ------------------------------------------------------------------ bodies
 
+    def call_cut_short(self, choice: Choice, calls: bool) -> ApiError | None:
+        """The error for a forced call that the token budget ended before any call was whole
+        (gpt-oss may spend it on its analysis first): a reply without the call it was forced to
+        make would read as an answer."""
+        forced = self.prepared.tools is not None and self.prepared.tools.grammar is not None
+        if not forced or calls or choice.finish_reason != "length":
+            return None
+        field = self.prepared.budget_field
+        return ApiError(400, f"{field}: the reply used its {len(choice.tokens)} tokens before the forced tool call "
+                        f"was complete; raise {field}", param=field)
+
     def usage(self) -> dict:
         prompt = sum(len(self.prepared.prompts[c.prompt]) for c in self.choices if c.index % self.prepared.n == 0)
         cached = sum(c.handle.cached_tokens for c in self.choices if c.handle is not None
@@ -191,6 +202,8 @@ class Generation:
             text = choice.stream.text
             if self.kind == "chat":
                 message, calls = reply_message(self.prepared.reply, text)
+                if (cut := self.call_cut_short(choice, calls)) is not None:
+                    raise cut
                 if self.prepared.legacy:
                     message = legacy.legacy_message(message)
                 choices.append({"index": choice.index, "message": message,
@@ -264,6 +277,9 @@ async def stream_events(generation: Generation) -> AsyncIterator[str]:
                     rest, calls = choice.reader.finish()
                     parts += rest
                 text, reasoning = parts.content, parts.reasoning
+                if choice.done and (cut := generation.call_cut_short(choice, bool(calls))) is not None:
+                    yield sse(cut.body())
+                    break
             if text or reasoning or fresh:
                 if chat:
                     delta = {"reasoning_content": reasoning, "content": text} if reasoning else {"content": text}

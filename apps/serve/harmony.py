@@ -33,6 +33,7 @@ from apps.serve.call_format import (
     lark_literal,
     marker_start,
     parameters,
+    text_without,
 )
 
 MESSAGE = "<|message|>"
@@ -167,14 +168,34 @@ def parse_harmony(text: str, tools: Tools) -> tuple[str, list[ToolCall]]:
     return reader.shown.content, reader.calls
 
 
+#: the longest analysis message a forced call may follow, in characters: gpt-oss reasons a few
+#: sentences before a call; past this the grammar ends the analysis, so that a model that would
+#: reason on and on still calls (the request's max_tokens may end it sooner)
+ANALYSIS_CHARS = 4000
+
+
 def grammar_harmony(special: Special, tools: list[dict], parallel: bool, arguments_key: str) -> str:
-    """One call message; harmony has one call per reply (``<|call|>`` ends the turn)."""
+    """One call message, after at most one analysis message: gpt-oss is trained to reason on the
+    analysis channel before it calls, and its arguments suffer when the call is forced at once.
+    One call per reply: harmony's ``<|call|>`` ends the turn."""
     rules = []
     for i, tool in enumerate(tools):
         header = lark_literal(f"commentary to={_FUNCTION}{tool['function']['name']} ")
         rules.append(f'call_{i}: {special("<|channel|>")} {header} {special("<|constrain|>")} "json" '
                      f"{special(MESSAGE)} args_{i}\nargs_{i}: {json_rule(parameters(tool))}")
-    return f"start: {alternatives(f'call_{i}' for i in range(len(tools)))}\n" + "\n".join(rules) + "\n"
+    end = special("<|end|>")
+    # text that could read as a marker would end the message early when the reply is read back
+    rules.append(f"ANALYSIS_TEXT: {text_without(ENDS, ANALYSIS_CHARS)}")
+    if end.startswith("<["):  # a special token, which no text can be: it ends the text
+        text = f"ANALYSIS_TEXT {end}"
+    else:  # text: one terminal with the text, ending at the first end (lazy: llguidance cannot
+        # tell that a text of bounded length must end there)
+        text = "analysis_end"
+        rules += [f"ANALYSIS_END: ANALYSIS_TEXT {end}", "analysis_end[lazy]: ANALYSIS_END"]
+    rules.append(f'analysis: {special("<|channel|>")} "analysis" {special(MESSAGE)} {text} '
+                 f'{special("<|start|>")} "assistant"')
+    calls = alternatives(f"call_{i}" for i in range(len(tools)))
+    return f"start: analysis? ({calls})\n" + "\n".join(rules) + "\n"
 
 
 HARMONY = ToolFormat("harmony", ("<|channel|>",), "<|channel|>", "<|channel|>", "arguments", MARKERS,

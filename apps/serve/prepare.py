@@ -45,6 +45,7 @@ class Prepared:
     tools: ToolPlan | None = None  # chat with tools: how the reply's calls are read
     reply: ReplyPlan | None = None  # chat: how the reply is read (reasoning, calls)
     legacy: bool = False  # chat with the deprecated functions: a call is answered as function_call
+    budget_field: str = "max_tokens"  # the field that set max_tokens (max_completion_tokens when sent)
 
     def requests(self) -> list[tuple[int, GenerationRequest]]:
         """(prompt index, request) for every choice, prompt-major as OpenAI numbers choices."""
@@ -127,7 +128,7 @@ def _prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel
     reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
                     echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply,
-                    legacy=legacy)
+                    legacy=legacy, budget_field=budget)
 
 
 def _template_variables(body: ChatCompletionRequest) -> dict[str, Any] | None:

@@ -32,8 +32,10 @@ from apps.serve.call_format import (
     Tools,
     alternatives,
     json_rule,
+    lark_literal,
     parameters,
     read_blocks,
+    text_without,
 )
 
 _FUNCTION = re.compile(r"^\s*<function=([^>\n]+)>(.*?)(?:</function>\s*$|$)", re.S)
@@ -110,21 +112,45 @@ def typed_value(text: str, schema: dict | None) -> object:
 # ----------------------------------------------------------------------------- grammar
 
 
-def _regex_text(text: str) -> str:
-    """``text`` as a regular expression matching it alone (every non-word character escaped as a code point)."""
-    return "".join(ch if ch.isascii() and (ch.isalnum() or ch == "_") else f"\\x{{{ord(ch):X}}}" for ch in text)
+#: what ends a value, or the call around it, when a reply is read back: raw text holds none of them
+_VALUE_ENDS = ("</parameter>", "<parameter=", "<tool_call>", "</tool_call>")
 
 
 def _parameter_rules(rule: str, key: str, schema: dict) -> list[str]:
-    """Lark rules: ``rule`` is one ``<parameter=KEY>`` element whose value fits ``schema``."""
-    opening, closing = json.dumps(f"<parameter={key}>\n"), json.dumps("\n</parameter>\n")
+    """Lark rules: ``rule`` is one ``<parameter=KEY>`` element whose value fits ``schema``, as
+    ``typed_value`` reads it back: JSON of the schema for a value that is not text, one of the
+    values of an enum or const, else raw text (within ``minLength`` and ``maxLength``)."""
+    opening, closing = lark_literal(f"<parameter={key}>\n"), lark_literal("\n</parameter>\n")
     kinds = _types(schema)
-    if "string" in kinds or not kinds:
-        if schema.get("enum") and all(isinstance(v, str) for v in schema["enum"]):
-            return [f"{rule}: " + alternatives(f"{opening} {json.dumps(v)} {closing}" for v in schema["enum"])]
-        # raw text without "<", the whole element one terminal so that where it ends is unambiguous
-        return [f"{rule}: /<parameter={_regex_text(key)}>\\n[^<]*\\n<\\/parameter>\\n/"]
-    return [f"{rule}: {opening} {rule}_json {closing}", f"{rule}_json: {json_rule(schema)}"]
+    if kinds and "string" not in kinds:
+        return [f"{rule}: {opening} {rule}_json {closing}", f"{rule}_json: {json_rule(schema)}"]
+    values = schema["enum"] if isinstance(schema.get("enum"), list) and schema["enum"] else (
+        [schema["const"]] if "const" in schema else None)
+    if values is not None:
+        written = dict.fromkeys(_written(value, schema) for value in values)
+        return [f"{rule}: " + alternatives(f"{opening} {lark_literal(text)} {closing}" for text in written)]
+    # the whole element one terminal, so that where the value ends is unambiguous; lazy: it ends at
+    # the first closing tag (the only one it can hold), which llguidance cannot always tell by
+    # itself (a large maxLength)
+    text = text_without(_VALUE_ENDS)
+    shortest, longest = schema.get("minLength"), schema.get("maxLength")
+    if "string" in kinds and (isinstance(shortest, int) or isinstance(longest, int)):
+        low = shortest if isinstance(shortest, int) else 0
+        text = f"/(?s:.{{{low},{longest if isinstance(longest, int) else ''}}})/ & {text}"
+    return [f"{rule}[lazy]: {rule.upper()}", f"{rule.upper()}: {opening} ({text}) {closing}"]
+
+
+def _written(value: object, schema: dict) -> str:
+    """How an enum's (or const's) value is written raw, so that ``typed_value`` reads it back as
+    that value: a string as itself unless it would read as JSON (``"3"`` in an untyped enum is
+    written with its quotes), anything else as JSON."""
+    if isinstance(value, str) and _same(typed_value(value, schema), value):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _same(a: object, b: object) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # 1 and True differ
 
 
 def grammar_qwen3_coder(special: Special, tools: list[dict], parallel: bool, arguments_key: str) -> str:

@@ -12,14 +12,12 @@ special token, and the server's tool-call parser reads it.
 
 from __future__ import annotations
 
-import codecs
-import functools
-import re
 from collections.abc import Sequence
 
+from interp.token_bytes import TokenText, ends_inside_character
 from interp.tokenizer import Tokenizer
 
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+__all__ = ["TextStream", "TokenText"]
 
 
 class TextStream:
@@ -58,10 +56,7 @@ class TextStream:
         such text streams as it comes (and the window decoded each step stays short) instead
         of waiting for the next other character or the end.
         """
-        tail = b"".join(self._shown_bytes(token) for token in self._ids[self._read:])
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(tail)
-        return bool(decoder.getstate()[0])  # bytes kept for the rest of a character
+        return ends_inside_character(b"".join(self._shown_bytes(token) for token in self._ids[self._read:]))
 
     def _shown_bytes(self, token: int) -> bytes:
         """A token's bytes in the decoded text: none for a special token decoding leaves out."""
@@ -126,47 +121,3 @@ class TextStream:
             if any(stop.startswith(tail[-size:]) for stop in self._stop):
                 return size
         return 0
-
-
-class TokenText:
-    """A token's text and exact bytes, for log-probabilities (OpenAI's ``token`` and ``bytes``)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
-        self._known: dict[int, bytes] = {}
-
-    def bytes(self, token: int) -> bytes:
-        known = self._known.get(token)
-        if known is None:
-            known = self._known[token] = self._spell(token)
-        return known
-
-    def _spell(self, token: int) -> bytes:
-        piece = self._tokenizer.id_to_token(token)
-        if piece is None:
-            return b""
-        byte = _BYTE_TOKEN.match(piece)
-        if byte:  # SentencePiece byte fallback: <0xAB>
-            return bytes([int(byte.group(1), 16)])
-        table = _byte_level_decoder()
-        if all(ch in table for ch in piece):  # byte-level BPE spells every byte as a letter
-            return bytes(table[ch] for ch in piece)
-        return self._tokenizer.decode([token]).encode("utf-8")
-
-    def text(self, token: int) -> str:
-        return self.bytes(token).decode("utf-8", errors="replace")
-
-
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-letter table, inverted: the letters byte-level BPE vocabularies use."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    letters = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            letters.append(256 + extra)
-            extra += 1
-    return {chr(letter): byte for byte, letter in zip(printable, letters, strict=True)}

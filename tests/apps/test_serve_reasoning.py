@@ -16,6 +16,7 @@ import openai
 import pytest
 
 import paw_mlx
+from apps.serve import harmony
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
 from paw_mlx.engine import Engine, EngineConfig, ModelCatalog
@@ -155,9 +156,12 @@ def test_reasoning_sent_back_reaches_the_template(catalog):
 
 
 @pytest.mark.parametrize("model", ["think", "harmony"])
-def test_a_forced_call_is_a_call_in_the_models_format(catalog, model):
+def test_a_forced_call_is_a_call_in_the_models_format(catalog, model, monkeypatch):
     """The random model under the call grammar: the call parses, fits its schema, and is not
-    read as reasoning although the think model's prompt opened a block."""
+    read as reasoning although the think model's prompt opened a block. (Harmony's grammar lets
+    an analysis message come first, which the random model takes: bounded here to what fits in
+    ``max_tokens``, so that it must call.)"""
+    monkeypatch.setattr(harmony, "ANALYSIS_CHARS", 40)
     if model == "think":
         prompt = catalog.get(model).base.tokenizer.decode(catalog.get(model).chat_ids(ASK), skip_special_tokens=False)
         assert prompt.endswith("<|im_start|>assistant\n<think>\n")
@@ -165,10 +169,54 @@ def test_a_forced_call_is_a_call_in_the_models_format(catalog, model):
         reply = client_of(running).chat.completions.create(
             model=model, messages=ASK, tools=[WEATHER], max_tokens=200,
             tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
-    assert reply.finish_reason == "tool_calls" and not reply.message.reasoning_content
+    assert reply.finish_reason == "tool_calls"
+    assert len(reply.message.reasoning_content or "") <= (40 if model == "harmony" else 0)
     (call,) = reply.message.tool_calls
     assert call.function.name == "get_weather"
     jsonschema_rs.validate(WEATHER["function"]["parameters"], json.loads(call.function.arguments))
+
+
+FORCED = [{"type": "function", "function": {"name": "get_weather"}}, "required"]
+
+
+@pytest.mark.parametrize("choice", FORCED, ids=["named", "required"])
+def test_a_forced_harmony_call_may_reason_first(catalog, choice):
+    """gpt-oss reasons on the analysis channel before it calls: the call grammar takes the
+    script's analysis (the scripted engine checks every token against it), which becomes
+    reasoning_content, whole and streamed."""
+    script = (f"<|channel|>analysis<|message|>Paris, in Celsius.<|end|><|start|>assistant<|channel|>commentary "
+              f"to=functions.get_weather <|constrain|>json<|message|>{ARGS}")
+    engine = ScriptedEngine(catalog.get("harmony").base.tokenizer, script)
+    with served(catalog, engine) as running:
+        client = client_of(running)
+        request = dict(model="harmony", messages=ASK, tools=[WEATHER], tool_choice=choice)
+        reply = client.chat.completions.create(**request).choices[0]
+        assert (reply.message.reasoning_content, reply.message.content, reply.finish_reason) == \
+            ("Paris, in Celsius.", None, "tool_calls")
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in reply.message.tool_calls] == \
+            [("get_weather", json.loads(ARGS))]
+        reasoning, content, calls, reason = streamed(client, **request)
+        assert (reasoning, content, reason) == ("Paris, in Celsius.", "", "tool_calls")
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", json.loads(ARGS))]
+
+
+@pytest.mark.parametrize("budget", ["max_tokens", "max_completion_tokens"])
+def test_a_forced_call_the_budget_cuts_short_is_an_error(catalog, budget):
+    """A reply that spent its max_tokens on its analysis has no call to return: a 400 naming the
+    budget (streamed: an error event), not a reply that reads as an answer."""
+    engine = ScriptedEngine(catalog.get("harmony").base.tokenizer,
+                            "<|channel|>analysis<|message|>Let me think about Paris and", finish_reason="length")
+    with served(catalog, engine) as running:
+        client = client_of(running)
+        request = dict(model="harmony", messages=ASK, tools=[WEATHER], tool_choice="required", **{budget: 12})
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(**request)
+        assert bad.value.param == budget and "before the forced tool call was complete" in bad.value.message
+        with pytest.raises(openai.APIError) as streamed_bad:
+            streamed(client, **request)
+        assert "before the forced tool call was complete" in streamed_bad.value.message
+        auto = client.chat.completions.create(**{**request, "tool_choice": "auto"}).choices[0]
+        assert auto.finish_reason == "length" and auto.message.reasoning_content  # not forced: cut short as usual
 
 
 def test_chat_template_kwargs_and_reasoning_effort_reach_the_template(catalog):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apps.serve.harmony import HARMONY
+from apps.serve.harmony import ANALYSIS_CHARS, HARMONY, parse_harmony
 from apps.serve.tool_calls import HERMES, LLAMA3, MISTRAL, MISTRAL_V11, ToolCall, call_grammar, detect_format
 from apps.serve.tools import CallScanner, ToolPlan
 from apps.serve.xml_calls import QWEN3_CODER
@@ -240,3 +240,87 @@ def test_qwen3_coder_grammar_types_each_value(tiny_program):
     assert not grammar.matches(xml_call("forecast", city="Paris", days="three"))
     assert not grammar.matches(xml_call("forecast", city="Paris", unit="k"))
     assert not grammar.matches(xml_call("forecast", days="3"))  # city is required
+
+
+CODE = {"type": "object", "properties": {
+    "path": {"type": "string", "maxLength": 12}, "body": {"type": "string", "maxLength": 5000},  # bounds small, large
+    "level": {"enum": [1, "3"]}, "mode": {"const": "fast"}, "note": {"type": ["string", "null"]}}, "required": ["body"]}
+CODE_TOOLS = [{"type": "function", "function": {"name": "write", "parameters": CODE}}]
+SOURCE = "if x < 1 and y <= 2:\n    print('<b>', \"</param\")\n\n"
+
+
+@pytest.mark.parametrize("values, arguments", [
+    ({"body": SOURCE}, {"body": SOURCE}),
+    ({"path": "a<b.py", "body": "<parameter", "note": "null"}, {"path": "a<b.py", "body": "<parameter", "note": None}),
+    ({"body": "x", "level": "1", "mode": "fast"}, {"body": "x", "level": 1, "mode": "fast"}),
+    ({"body": "x", "level": '"3"'}, {"body": "x", "level": "3"}),  # "3" would read back as the number
+])
+def test_qwen3_coder_grammar_takes_any_text_a_value_reads_back_as(tiny_program, values, arguments):
+    """A string value is any text but what ends it when the reply is read back (it was text
+    without "<"); enums and consts of any type are written so that they read back as themselves."""
+    grammar = compile_returns({"lark": call_grammar(QWEN3_CODER, CODE_TOOLS, False)}, Tokenizer(tiny_program), 384)
+    text = xml_call("write", **values)
+    assert grammar.matches(text)
+    assert QWEN3_CODER.parse(text, {"write": CODE}) == ("", [ToolCall("write", arguments)])
+
+
+@pytest.mark.parametrize("values", [
+    {"body": "a </parameter> b"}, {"body": "a <parameter=path> b"}, {"body": "<tool_call>"}, {"body": "</tool_call>"},
+    {"path": "much/too/long.py", "body": "x"}, {"body": "x", "level": "3"}, {"body": "x", "level": "2"},
+    {"body": "x", "mode": "slow"},
+], ids=["closing", "next parameter", "call", "call end", "maxLength", "3 untyped", "not in enum", "const"])
+def test_qwen3_coder_grammar_refuses_values_that_would_not_read_back(tiny_program, values):
+    grammar = compile_returns({"lark": call_grammar(QWEN3_CODER, CODE_TOOLS, False)}, Tokenizer(tiny_program), 384)
+    assert not grammar.matches(xml_call("write", **values))
+
+
+HARMONY_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+
+
+def analysis(text: str) -> str:
+    return f"<|channel|>analysis<|message|>{text}<|end|><|start|>assistant"
+
+
+@pytest.mark.parametrize("text, takes", [
+    (HARMONY_CALL, True),
+    (analysis("The user wants the weather: x < y, a|b, <|message") + HARMONY_CALL, True),
+    (analysis("x" * ANALYSIS_CHARS) + HARMONY_CALL, True),
+    (analysis("x" * (ANALYSIS_CHARS + 1)) + HARMONY_CALL, False),  # bounded
+    (analysis("a") + analysis("b") + HARMONY_CALL, False),  # one analysis message at most
+    (analysis("a"), False),  # the call is still forced
+    (analysis("a <|start|>assistant b") + HARMONY_CALL, False),  # would read back as two messages
+    ("<|channel|>final<|message|>Sunny.<|end|><|start|>assistant" + HARMONY_CALL, False),
+], ids=["call", "analysis", "longest", "too long", "two", "no call", "marker inside", "final"])
+def test_a_forced_harmony_call_may_follow_one_analysis_message(tiny_program, text, takes):
+    """gpt-oss reasons on the analysis channel before it calls; a forced call lets it, once."""
+    grammar = compile_returns({"lark": call_grammar(HARMONY, TOOLS, False)}, Tokenizer(tiny_program), 384)
+    assert grammar.matches(text) is takes
+
+
+def test_a_model_that_would_reason_forever_is_made_to_call(tiny_program):
+    """Tokens picked as a model that never ends its analysis would pick them (text, not markers,
+    whenever the grammar allows): the grammar ends the analysis at its bound and the reply is
+    the reasoning and a call."""
+    tokenizer = Tokenizer(tiny_program)
+    unit = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"],
+        "additionalProperties": False}}}]  # arguments of bounded length
+    constraint = compile_returns({"lark": call_grammar(HARMONY, unit, False)}, tokenizer, 384).start()
+    text_tokens = [t for t in range(384) if "<" not in tokenizer.decode([t]) and "|" not in tokenizer.decode([t])]
+    first = tokenizer.encode("<|channel|>analysis<|message|>", add_special_tokens=False)
+    ids = []
+    for _ in range(3 * ANALYSIS_CHARS):
+        allowed = constraint.allowed()
+        token = next((t for t in first[len(ids):len(ids) + 1] if allowed[t]), None)
+        if token is None:
+            token = next((t for t in text_tokens[::-1] if allowed[t]), int(allowed.nonzero()[0][0]))
+        constraint.advance(token)
+        ids.append(token)
+        if constraint.done:
+            break
+    assert constraint.done and constraint.failure is None
+    text = tokenizer.decode(ids)
+    reader_text, calls = parse_harmony(text, {"get_weather"})
+    assert len(calls) == 1 and reader_text == ""
+    body = text.split("<|message|>", 1)[1].split("<|end|>", 1)[0]
+    assert len(body) == ANALYSIS_CHARS

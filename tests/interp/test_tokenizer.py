@@ -7,6 +7,7 @@ import time
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from interp.token_bytes import _byte_level_decoder
 from interp.tokenizer import Tokenizer
 
 
@@ -32,3 +33,21 @@ def test_encoding_a_long_text_lets_other_threads_run(tiny_program):
     ticker.join()
     assert ids == HFTokenizer.from_file(str(tiny_program / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     assert elapsed > 0.1 and ticks >= 20, (elapsed, ticks)  # holding the GIL, the ticker gets 1-3 turns
+
+
+def test_the_character_u_fffd_and_invalid_bytes_stream_as_they_come(tiny_program):
+    """`paw run` and `paw chat` print through the streaming detokenizer: a run of U+FFFD (three
+    byte tokens each in the tiny tokenizer) or of invalid bytes is no half character, so it
+    prints as it comes instead of being held to the next other character; a character split
+    over tokens (an emoji is four) still prints once whole."""
+    tokenizer = Tokenizer(tiny_program)
+    letters = {byte: letter for letter, byte in _byte_level_decoder().items()}
+    invalid = [tokenizer.token_to_id(letters[byte]) for byte in (0xFF, 0x80, 0xFE)]
+    ids = (tokenizer.encode("ok " + "\ufffd" * 20, add_special_tokens=False) + invalid * 5
+           + tokenizer.encode(" 日本 \U0001F600 end", add_special_tokens=False))
+    detokenizer = tokenizer.detokenizer()
+    pieces = [detokenizer.add_token(token) for token in ids]
+    pieces.append(detokenizer.finalize())
+    assert "".join(pieces) == tokenizer.decode(ids) == "ok " + "\ufffd" * 35 + " 日本 \U0001F600 end"
+    assert max(piece.count("\ufffd") for piece in pieces) == 1  # each as it came, none held for the next
+    assert sum(piece == "\ufffd" for piece in pieces) == 35 and "\U0001F600" in pieces
