@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import paw_mlx
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -83,6 +85,21 @@ def test_inspect_shows_histogram_and_fingerprint(tiny_program):
     assert manifest["fingerprint"] in done.stdout
     assert "attention" in done.stdout and "linear" in done.stdout
     assert "verified" in done.stdout
+
+
+def test_inspect_says_what_a_compiled_program_holds(tiny_program, tmp_path):
+    """A few-shot program's prefix holds its examples: `paw inspect` says so (it used to say
+    "tuning: none (spec only)"), with the kept candidate and the output constraint."""
+    from paw_mlx.programs.select import SelectOptions
+
+    rows = [{"input": w, "output": w.upper()} for w in ["cat", "dog", "sun", "red"]]
+    paw_mlx.compile("Upper.", base=tiny_program, examples=rows, out_dir=tmp_path / "upper",
+                    options=SelectOptions(candidates=("fewshot",), folds=2), returns={"regex": "[A-Z]+"})
+    done = paw("inspect", str(tmp_path / "upper"))
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "kept candidate: fewshot; 4 demonstrations in the prefix; tuning: none; adapter: none" in text
+    assert 'output constraint: {"regex": "[A-Z]+"}' in text and "spec only" not in text
 
 
 def test_missing_path(tmp_path):
