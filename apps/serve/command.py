@@ -58,7 +58,7 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise PawError(f"paw serve needs FastAPI and uvicorn ({exc.name} is missing): "
-                       "pip install 'paw[serve]'") from exc
+                       "pip install -e '.[serve]' in paw's checkout") from exc
     if log_level not in ("debug", "info", "warning", "error"):
         raise PawError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     import logging

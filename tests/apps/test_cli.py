@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import paw_mlx
+from tests.child_env import child_env
 
 ROOT = Path(__file__).parents[2]
 
@@ -76,6 +77,25 @@ def test_run_does_not_import_torch(tiny_program):
     assert done.returncode == 0, done.stderr
     assert "NO-TORCH" in done.stdout
     assert "NO-TRANSFORMERS" in done.stdout
+
+
+@pytest.mark.parametrize(("argv", "blocked", "extra"), [
+    (["export", "llama", "smollm2", "-o", "out"], "torch", "export"),
+    (["serve", "nowhere"], "fastapi", "serve"),
+])
+def test_a_missing_extra_names_the_install_from_the_checkout(tmp_path, argv, blocked, extra):
+    """paw is installed from its checkout; `pip install 'paw[serve]'` would fetch an unrelated
+    PyPI project named paw."""
+    code = (
+        "import sys\n"
+        f"sys.modules[{blocked!r}] = None\n"  # as if the extra were not installed
+        f"sys.argv = ['paw', *{argv!r}]\n"
+        "from apps.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=child_env())
+    assert_one_line_error(done, f"pip install -e '.[{extra}]' in paw's checkout")
 
 
 def test_inspect_shows_histogram_and_fingerprint(tiny_program):
