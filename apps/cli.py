@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
@@ -21,8 +22,22 @@ from apps.serve.command import serve
 from interp.errors import PawError, first_line
 from interp.paths import DEFAULT_MODEL
 
+#: `paw --help` lists the commands in the order a new user meets them (the README's "Using it")
+COMMAND_ORDER = ("export", "run", "chat", "inspect", "decode", "compile", "call", "eval-programs", "serve", "bench")
+
+
+class CommandsInOrder(TyperGroup):
+    """Lists commands in ``COMMAND_ORDER``, not in the order they were registered (bench
+    and serve come from other modules, and Typer puts command groups such as export last)."""
+
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
+
+
 app = typer.Typer(
     name="paw",
+    cls=CommandsInOrder,
     help="Export Hugging Face language models to graph programs and run them on MLX.\n\n"
     "Quick start:  paw export llama smollm2 -o smollm2  &&  paw run smollm2 --prompt 'Hi!'",
     no_args_is_help=True,

@@ -4,6 +4,7 @@ and bad input answered with one line and a non-zero exit (never a traceback)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import paw_mlx
 from tests.child_env import child_env
 
 ROOT = Path(__file__).parents[2]
+#: a command's row in `paw --help`
+COMMAND_LINE = re.compile(r"│ ([a-z][a-z-]+) {2,}")
 
 
 def paw(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -62,6 +65,14 @@ def test_prompt_ids_file_gives_the_same_tokens_as_python(tiny_program, tmp_path)
     prog = paw_mlx.load(tiny_program)
     expected = list(paw_mlx.stream_tokens(prog, [1, 335, 201, 74, 75, 2, 201, 1, 67, 330, 378, 201], max_tokens=6))
     assert [int(t) for t in out_ids.read_text().split()] == expected
+
+
+def test_help_lists_every_command_in_the_order_a_user_meets_them():
+    done = paw("--help")
+    assert done.returncode == 0, done.stderr
+    listed = [m.group(1) for m in map(COMMAND_LINE.match, done.stdout.splitlines()) if m]
+    assert listed == ["export", "run", "chat", "inspect", "decode", "compile", "call", "eval-programs", "serve",
+                      "bench"]
 
 
 def test_run_does_not_import_torch(tiny_program):
