@@ -426,6 +426,24 @@ def _usage_error_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def join_help_lines(*typers: typer.Typer) -> None:
+    """Join each paragraph of the commands' docstrings into one line, for ``--help`` to wrap.
+
+    Typer keeps the single line breaks of a docstring's later paragraphs, so a paragraph
+    wrapped at the source's width was wrapped again at the terminal's, leaving stubs of
+    lines ("split over them and" / "only rank 0 prints").
+    """
+    import inspect
+
+    for app_ in typers:
+        for info in app_.registered_commands:
+            text = info.help or inspect.getdoc(info.callback) or ""
+            info.help = "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+
+
+join_help_lines(app, export_app)
+
+
 def main() -> None:
     """Console-script entry: one line per error, never a traceback (PAW_DEBUG=1 prints the
     traceback, with its causes, before the line).

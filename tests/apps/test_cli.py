@@ -4,6 +4,7 @@ and bad input answered with one line and a non-zero exit (never a traceback)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -73,6 +74,15 @@ def test_help_lists_every_command_in_the_order_a_user_meets_them():
     listed = [m.group(1) for m in map(COMMAND_LINE.match, done.stdout.splitlines()) if m]
     assert listed == ["export", "run", "chat", "inspect", "decode", "compile", "call", "eval-programs", "serve",
                       "bench"]
+
+
+def test_help_paragraphs_wrap_at_the_terminal_not_at_the_source():
+    """A docstring paragraph wrapped in the source is one line on a wide terminal (it kept
+    the source's breaks: "split over them and" ended a line)."""
+    done = subprocess.run([sys.executable, "-m", "apps.cli", "run", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "240"})
+    assert done.returncode == 0, done.stderr
+    assert any("split over them and only rank 0 prints" in line for line in done.stdout.splitlines())
 
 
 def test_run_does_not_import_torch(tiny_program):
