@@ -167,3 +167,14 @@ def test_every_dotted_python_name_exists(page):
     named = set(DOTTED.findall(page.read_text(encoding="utf-8")))
     missing = sorted(name for name in named if not resolves(name))
     assert not missing, f"{doc_id(page)} names what the code does not have: {missing}"
+
+
+def test_the_readme_python_example_runs(tiny_program, capsys):
+    """The README's first Python block, on the tiny program in place of SmolLM2."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"^### Python\n.*?^```python\n(.*?)^```", readme, re.S | re.M).group(1)
+    assert '"smollm2"' in block
+    scope: dict = {}
+    exec(block.replace('"smollm2"', repr(str(tiny_program))), scope)  # noqa: S102 - our own README
+    assert scope["logits"].shape[:2] == (1, len(scope["ids"]))
+    assert capsys.readouterr().out.strip()
