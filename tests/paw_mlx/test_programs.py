@@ -194,6 +194,7 @@ def test_bad_artifacts_are_clear_errors(tmp_path):
 
 def test_missing_default_base_says_how_to_export(monkeypatch, tmp_path):
     monkeypatch.setenv("PAW_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # not beside a ./smollm2 the quick start exported, which would be the base
     with pytest.raises(PawError, match="paw export llama smollm2 -o"):
         paw_mlx.compile(SPEC)
 
