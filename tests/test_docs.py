@@ -178,3 +178,11 @@ def test_the_readme_python_example_runs(tiny_program, capsys):
     exec(block.replace('"smollm2"', repr(str(tiny_program))), scope)  # noqa: S102 - our own README
     assert scope["logits"].shape[:2] == (1, len(scope["ids"]))
     assert capsys.readouterr().out.strip()
+
+
+def test_every_paw_environment_variable_in_the_docs_is_read_by_the_code():
+    named = {name for page in DOCS for name in re.findall(r"\bPAW_[A-Z0-9_]+", page.read_text(encoding="utf-8"))}
+    code = "\n".join(path.read_text(encoding="utf-8") for folder in (*PACKAGES, "tests", "scripts")
+                     for path in (ROOT / folder).rglob("*.py") if path.name != "test_docs.py")
+    assert len(named) > 5, named
+    assert not sorted(name for name in named if not re.search(rf"\b{name}\b", code))
