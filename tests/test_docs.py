@@ -1,7 +1,7 @@
 """The README and docs/ against the code: links and anchors resolve, every `paw ...` command
-line names commands and flags the CLI has, and every dotted Python name (`paw_mlx.function`,
-`interp.lora.ADAPTER_INPUT`) exists. A renamed flag or module then fails here, not in a
-user's terminal."""
+line names commands and flags the CLI has, every dotted Python name (`paw_mlx.function`,
+`interp.lora.ADAPTER_INPUT`) exists, every `PAW_*` switch is read, and the README's Python
+example runs. A renamed flag or module then fails here, not in a user's terminal."""
 
 from __future__ import annotations
 
