@@ -381,7 +381,7 @@ def inspect(
     batch: Annotated[int, typer.Option("--batch", help="Sequences decoded at once, for the memory estimate.")] = 1,
 ) -> None:
     """Show a program's op histogram, parameters, bytes by dtype, fingerprint, and the memory it needs to run
-    (or a compiled program's spec, prefix and base).
+    (or a compiled program's spec, base, prefix, kept candidate, adapter and output constraint).
 
     The memory to run is the weights plus the KV cache at --context positions (the cache
     grows in steps of 256), so you know before loading a model whether it fits.
