@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
@@ -21,8 +22,22 @@ from apps.serve.command import serve
 from interp.errors import PawError, first_line
 from interp.paths import DEFAULT_MODEL
 
+#: `paw --help` lists the commands in the order a new user meets them (the README's "Using it")
+COMMAND_ORDER = ("export", "run", "chat", "inspect", "decode", "compile", "call", "eval-programs", "serve", "bench")
+
+
+class CommandsInOrder(TyperGroup):
+    """Lists commands in ``COMMAND_ORDER``, not in the order they were registered (bench
+    and serve come from other modules, and Typer puts command groups such as export last)."""
+
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
+
+
 app = typer.Typer(
     name="paw",
+    cls=CommandsInOrder,
     help="Export Hugging Face language models to graph programs and run them on MLX.\n\n"
     "Quick start:  paw export llama smollm2 -o smollm2  &&  paw run smollm2 --prompt 'Hi!'",
     no_args_is_help=True,
@@ -154,7 +169,8 @@ def _export(src: str, out: Path, quantize: str, max_shard_size: str, **options) 
         from exporter.consts_writer import parse_size
         from exporter.export import export_source
     except ImportError as exc:
-        fail(f"export needs torch and transformers ({exc.name} is missing): pip install 'paw[export]'")
+        fail(f"export needs torch and transformers ({exc.name} is missing): "
+             "pip install -e '.[export]' in paw's checkout")
     options["quantize"] = int(quantize) if quantize.strip().isdigit() else quantize.strip().lower()
     options["max_shard_bytes"] = parse_size(max_shard_size)
     reporter = StageReporter()
@@ -365,7 +381,7 @@ def inspect(
     batch: Annotated[int, typer.Option("--batch", help="Sequences decoded at once, for the memory estimate.")] = 1,
 ) -> None:
     """Show a program's op histogram, parameters, bytes by dtype, fingerprint, and the memory it needs to run
-    (or a compiled program's spec, prefix and base).
+    (or a compiled program's spec, base, prefix, kept candidate, adapter and output constraint).
 
     The memory to run is the weights plus the KV cache at --context positions (the cache
     grows in steps of 256), so you know before loading a model whether it fits.
@@ -408,6 +424,24 @@ def _usage_error_types() -> tuple[type, ...]:
     else:
         types.append(vendored.ClickException)
     return tuple(types)
+
+
+def join_help_lines(*typers: typer.Typer) -> None:
+    """Join each paragraph of the commands' docstrings into one line, for ``--help`` to wrap.
+
+    Typer keeps the single line breaks of a docstring's later paragraphs, so a paragraph
+    wrapped at the source's width was wrapped again at the terminal's, leaving stubs of
+    lines ("split over them and" / "only rank 0 prints").
+    """
+    import inspect
+
+    for app_ in typers:
+        for info in app_.registered_commands:
+            text = info.help or inspect.getdoc(info.callback) or ""
+            info.help = "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+
+
+join_help_lines(app, export_app)
 
 
 def main() -> None:

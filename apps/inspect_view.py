@@ -3,6 +3,7 @@ the memory it needs (or, for a compiled program, its spec, base and prefix)."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -71,7 +72,11 @@ def artifact_summary(path: str | Path, verify: bool = False) -> dict:
         "prefix_tokens": artifact.prefix_length,
         "layers": len(artifact.prefix),
         "prefix": f"{keys.shape[1]} KV heads x {keys.shape[3]}, {str(keys.dtype).removeprefix('mlx.core.')}",
-        "tuning": (artifact.tuning or {}).get("method", "none (spec only)"),
+        "demos": len(artifact.demos),
+        "tuning": (artifact.tuning or {}).get("method", "none"),
+        "adapter": artifact.adapter.summary() if artifact.adapter is not None else None,
+        "returns": artifact.returns,
+        "kept": (artifact.selection or {}).get("kept"),
     }
     if verify:
         summary["verified"] = True
@@ -135,6 +140,19 @@ def show_artifact(path: str | Path, verify: bool = False) -> None:
     console.print(f"spec: {spec[:100]}{'...' if len(spec) > 100 or len(s['spec'].strip().splitlines()) > 1 else ''}",
                   markup=False)
     console.print(f"base model: {s['base']}", markup=False)
-    console.print(f"prefix: {s['prefix_tokens']} tokens in {s['layers']} layers, {s['prefix']}; tuning: {s['tuning']}")
+    console.print(f"prefix: {s['prefix_tokens']} tokens in {s['layers']} layers, {s['prefix']}")
+    console.print(describe_contents(s), markup=False)
     if verify:
         console.print("verified: every file matches manifest.json")
+
+
+def describe_contents(summary: dict) -> str:
+    """One line of what a compiled program holds beside its spec: the candidate the compiler
+    kept, its demonstrations, tuning, adapter and output constraint."""
+    adapter, returns = summary["adapter"], summary["returns"]
+    parts = [f"{summary['demos']} demonstration{'s' if summary['demos'] != 1 else ''} in the prefix",
+             f"tuning: {summary['tuning']}",
+             f"adapter: LoRA rank {adapter['rank']} on {adapter['modules']} modules" if adapter else "adapter: none",
+             f"output constraint: {json.dumps(returns)}" if returns else "output constraint: none"]
+    kept = f"kept candidate: {summary['kept']}; " if summary["kept"] else ""
+    return kept + "; ".join(parts)

@@ -13,7 +13,8 @@ import typer
 from interp.errors import PawError
 from interp.paths import DEFAULT_MODEL
 
-BASE_HELP = "Base program directory, or 'smollm2' for the default export location ($PAW_CACHE/programs/smollm2)."
+BASE_HELP = ("Base program directory; 'smollm2' is ./smollm2 if that is a program, "
+             "else the default export location ($PAW_CACHE/programs/smollm2).")
 # Kept in step with paw_mlx.constrain.RETURNS_HELP (not imported: --help must not load MLX).
 RETURNS_HELP = ("Constrain every output: a JSON list of choices ('[\"yes\", \"no\"]'), choices:A|B|C, "
                 "regex:PATTERN, json (any JSON object), a JSON schema ('{\"type\": ...}') or @FILE "

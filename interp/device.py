@@ -64,7 +64,7 @@ def has_metal() -> bool:
 
 
 def has_cuda() -> bool:
-    """Whether this MLX has a working CUDA backend (``pip install 'paw[cuda]'`` on Linux)."""
+    """Whether this MLX has a working CUDA backend (``pip install -e '.[cuda]'`` on Linux)."""
     import mlx.core as mx
 
     try:

@@ -51,14 +51,16 @@ def serve(
 ) -> None:
     """Serve programs over an OpenAI-compatible HTTP API, all requests batched together.
 
-    Every base program and every compiled program under --programs is a model; requests for different programs on one base share one batch. Point any OpenAI client at http://HOST:PORT/v1 (endpoints: /v1/models, /v1/chat/completions, /v1/completions, /health).
-    """  # noqa: E501 - one paragraph, as --help wraps it
+    Every base program and every compiled program under --programs is a model; requests for
+    different programs on one base share one batch. Point any OpenAI client at
+    http://HOST:PORT/v1 (endpoints: /v1/models, /v1/chat/completions, /v1/completions, /health).
+    """
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise PawError(f"paw serve needs FastAPI and uvicorn ({exc.name} is missing): "
-                       "pip install 'paw[serve]'") from exc
+                       "pip install -e '.[serve]' in paw's checkout") from exc
     if log_level not in ("debug", "info", "warning", "error"):
         raise PawError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     import logging

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from interp.paths import DEFAULT_MODEL, require_default_program
-from interp.program import resolve_program_dir
+from interp.program import PROGRAM_FILE, resolve_program_dir
 from paw_mlx.runtime import LoadedProgram, load
 
 _INTERPRETERS: dict[Path, LoadedProgram] = {}
@@ -19,8 +19,13 @@ _LOCK = threading.Lock()
 
 
 def resolve_base(base: str | Path) -> Path:
-    """A base program directory from a path (or its prog.json) or the default model's alias 'smollm2'."""
-    if str(base) == DEFAULT_MODEL:
+    """A base program directory from a path (or its prog.json) or the default model's alias 'smollm2'.
+
+    A program directory named like the alias wins over it, as in ``paw run smollm2``: the
+    quick start exports the default model to ``./smollm2``, and ``--base smollm2`` (the
+    default) then means that directory, not one in paw's cache.
+    """
+    if str(base) == DEFAULT_MODEL and not (Path(base) / PROGRAM_FILE).is_file():
         return require_default_program("pass --base DIR").resolve()
     return resolve_program_dir(base).resolve()
 

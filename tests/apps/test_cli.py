@@ -4,6 +4,8 @@ and bad input answered with one line and a non-zero exit (never a traceback)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
+import paw_mlx
+from tests.child_env import child_env
+
 ROOT = Path(__file__).parents[2]
+#: a command's row in `paw --help`
+COMMAND_LINE = re.compile(r"│ ([a-z][a-z-]+) {2,}")
 
 
 def paw(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -61,6 +68,23 @@ def test_prompt_ids_file_gives_the_same_tokens_as_python(tiny_program, tmp_path)
     assert [int(t) for t in out_ids.read_text().split()] == expected
 
 
+def test_help_lists_every_command_in_the_order_a_user_meets_them():
+    done = paw("--help")
+    assert done.returncode == 0, done.stderr
+    listed = [m.group(1) for m in map(COMMAND_LINE.match, done.stdout.splitlines()) if m]
+    assert listed == ["export", "run", "chat", "inspect", "decode", "compile", "call", "eval-programs", "serve",
+                      "bench"]
+
+
+def test_help_paragraphs_wrap_at_the_terminal_not_at_the_source():
+    """A docstring paragraph wrapped in the source is one line on a wide terminal (it kept
+    the source's breaks: "split over them and" ended a line)."""
+    done = subprocess.run([sys.executable, "-m", "apps.cli", "run", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "240"})
+    assert done.returncode == 0, done.stderr
+    assert any("split over them and only rank 0 prints" in line for line in done.stdout.splitlines())
+
+
 def test_run_does_not_import_torch(tiny_program):
     code = (
         "import sys\n"
@@ -76,6 +100,25 @@ def test_run_does_not_import_torch(tiny_program):
     assert "NO-TRANSFORMERS" in done.stdout
 
 
+@pytest.mark.parametrize(("argv", "blocked", "extra"), [
+    (["export", "llama", "smollm2", "-o", "out"], "torch", "export"),
+    (["serve", "nowhere"], "fastapi", "serve"),
+])
+def test_a_missing_extra_names_the_install_from_the_checkout(tmp_path, argv, blocked, extra):
+    """paw is installed from its checkout; `pip install 'paw[serve]'` would fetch an unrelated
+    PyPI project named paw."""
+    code = (
+        "import sys\n"
+        f"sys.modules[{blocked!r}] = None\n"  # as if the extra were not installed
+        f"sys.argv = ['paw', *{argv!r}]\n"
+        "from apps.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=child_env())
+    assert_one_line_error(done, f"pip install -e '.[{extra}]' in paw's checkout")
+
+
 def test_inspect_shows_histogram_and_fingerprint(tiny_program):
     done = paw("inspect", str(tiny_program), "--verify")
     assert done.returncode == 0, done.stderr
@@ -83,6 +126,21 @@ def test_inspect_shows_histogram_and_fingerprint(tiny_program):
     assert manifest["fingerprint"] in done.stdout
     assert "attention" in done.stdout and "linear" in done.stdout
     assert "verified" in done.stdout
+
+
+def test_inspect_says_what_a_compiled_program_holds(tiny_program, tmp_path):
+    """A few-shot program's prefix holds its examples: `paw inspect` says so (it used to say
+    "tuning: none (spec only)"), with the kept candidate and the output constraint."""
+    from paw_mlx.programs.select import SelectOptions
+
+    rows = [{"input": w, "output": w.upper()} for w in ["cat", "dog", "sun", "red"]]
+    paw_mlx.compile("Upper.", base=tiny_program, examples=rows, out_dir=tmp_path / "upper",
+                    options=SelectOptions(candidates=("fewshot",), folds=2), returns={"regex": "[A-Z]+"})
+    done = paw("inspect", str(tmp_path / "upper"))
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "kept candidate: fewshot; 4 demonstrations in the prefix; tuning: none; adapter: none" in text
+    assert 'output constraint: {"regex": "[A-Z]+"}' in text and "spec only" not in text
 
 
 def test_missing_path(tmp_path):

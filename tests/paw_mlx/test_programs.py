@@ -194,8 +194,20 @@ def test_bad_artifacts_are_clear_errors(tmp_path):
 
 def test_missing_default_base_says_how_to_export(monkeypatch, tmp_path):
     monkeypatch.setenv("PAW_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # not beside a ./smollm2 the quick start exported, which would be the base
     with pytest.raises(PawError, match="paw export llama smollm2 -o"):
         paw_mlx.compile(SPEC)
+
+
+def test_a_program_directory_named_smollm2_is_the_base_not_the_cache(monkeypatch, tmp_path, tiny_program):
+    """The quick start exports the default model to ./smollm2; `paw compile` (base 'smollm2')
+    run beside it compiles on it, as `paw run smollm2` runs it, instead of asking for an
+    export into paw's cache."""
+    monkeypatch.setenv("PAW_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").symlink_to(tiny_program, target_is_directory=True)
+    artifact = paw_mlx.compile(SPEC)
+    assert artifact.base_fingerprint == paw_mlx.load(tiny_program).fingerprint
 
 
 def test_one_interpreter_per_base_and_threads_agree(tiny_program):
