@@ -100,6 +100,9 @@ ARCHS: dict[str, dict] = {
     "llama4_text": dict(head_dim=16, attention_chunk_size=4, no_rope_layers=[1, 0], floor_scale=4,
                         num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=2,
                         intermediate_size_mlp=128),
+    # a hybrid: short convolutions (conv state) around attention, a conv layer first
+    "lfm2": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"], conv_L_cache=3,
+                 conv_bias=True, block_auto_adjust_ff_dim=False, tie_word_embeddings=False),
 }
 
 
