@@ -284,7 +284,7 @@ _op("causal_conv1d", "nn",
     "[C, 1, K] (torch's depthwise Conv1d layout); bias: [C] or null. out[b, t, c] = bias[c] + sum_k "
     "weight[c, 0, k] * xs[b, t + k, c], where xs is x preceded by the K - 1 inputs before it: the conv "
     "state of `layer` (zeros at the start of a sequence). The interpreter then keeps the last K - 1 rows "
-    "of xs as that state. Output [B, L, C]. The state cannot be trimmed back to an earlier position.",
+    "of xs as that state. Output [B, L, C]. Rows must be whole, unpadded sequences.",
     [_t("x"), _t("weight"), _opt("bias")],
     [_attr("layer", INT, "conv state slot: state.kv_cache.layers <= layer < that + state.conv.layers", low=0)])
 _op("rope", "nn",
