@@ -20,7 +20,7 @@ calls the paw op, for the duration of the capture only.
 | jetmoe | keys and values tiled once per attention expert slot | queries regrouped by key head: keys cached once |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
-| lfm2 | short convolutions keep their last inputs in transformers' cache | ``paw::causal_conv1d`` (conv state) |
+| lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``. A recipe's
 ``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
@@ -260,6 +260,8 @@ RECIPES: dict[str, Recipe] = {
         "Llama4TextMoe": llama4.moe_forward}),
     "lfm2": Recipe(why="short convolutions with state", forwards={"Lfm2ShortConv": conv.lfm2_short_conv_forward},
                    layer_types=frozenset({"conv"})),
+    "lfm2_moe": Recipe(why="short convolutions with state",
+                       forwards={"Lfm2MoeShortConv": conv.lfm2_short_conv_forward}, layer_types=frozenset({"conv"})),
 }
 
 
