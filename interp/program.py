@@ -107,7 +107,8 @@ class Program:
 
     @property
     def recurrent(self) -> bool:
-        """Whether the program has state other than KV caches, which cannot be trimmed or batched by slots."""
+        """Whether the program keeps state other than KV caches (conv states), which the paths that
+        carry only KV caches (slot batches, KV prefixes, splits over ranks) refuse."""
         return self.conv_layers > 0
 
 
