@@ -45,6 +45,7 @@ def program_summary(path: str | Path, verify: bool = False, context: int | None 
         "tensors": sum(len(f.header) for f in program.consts_files),
         "consts_files": len(program.consts_files),
         "layers": program.num_layers,
+        "conv_layers": program.conv_layers,
         "fingerprint": program.fingerprint or "(no manifest)",
     }
     if context is not None and context < 1:
@@ -102,8 +103,9 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
                   f"dtype {model.get('dtype')}, "
                   f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
     shards = f" in {s['consts_files']} shards" if s["consts_files"] > 1 else ""
+    conv = f"{s['conv_layers']} conv layers (recurrent state); " if s["conv_layers"] else ""
     console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors{shards}; {s['layers']} attention layers; "
-                  f"{s['nodes']} nodes")
+                  f"{conv}{s['nodes']} nodes")
     console.print(f"fingerprint: {s['fingerprint']}" + (f" (verified {s['verified']} files)" if verify else ""))
     sizes = Table(title="bytes by dtype", show_header=True)
     sizes.add_column("dtype")
@@ -128,6 +130,8 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
         need.add_row("weights", dtype, human_bytes(nbytes))
     for dtype, nbytes in sorted(memory.cache_by_dtype.items()):
         need.add_row("KV cache", dtype, human_bytes(nbytes))
+    for dtype, nbytes in sorted(memory.conv_by_dtype.items()):
+        need.add_row("conv state", dtype, human_bytes(nbytes))
     need.add_row("[bold]total[/bold]", "", f"[bold]{human_bytes(memory.total)}[/bold]")
     console.print(need)
 

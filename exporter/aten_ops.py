@@ -472,6 +472,15 @@ def _attention(low: Lowering, node):
     return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v), low.ref(_arg(node, 8, "sinks"))], attrs)
 
 
+@aten("paw.causal_conv1d.default")
+def _causal_conv1d(low: Lowering, node):
+    """One short convolution (exporter/conv.py); its conv state slot is its rank among the graph's
+    convolutions, which ``build_spec`` moves past the KV cache slots."""
+    x, weight = node.args[:2]
+    layer = sum(1 for lowered in low.nodes if lowered["op"] == "causal_conv1d")
+    return low.emit("causal_conv1d", [low.ref(x), low.ref(weight), low.ref(_arg(node, 2, "bias"))], {"layer": layer})
+
+
 @aten("paw.expert_linear.default")
 def _expert_linear(low: Lowering, node):
     x, weight, indices = (low.ref(a) for a in node.args[:3])

@@ -115,8 +115,9 @@ RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid
 def check_layer_types(model: torch.nn.Module) -> None:
     """Refuse, by name and before any tracing, a model whose layers a program cannot express.
 
-    A program's only state is attention's KV cache, so recurrent and state-space layers
-    (Mamba, gated delta nets, short convolutions) cannot run through it, and neither can
+    A program's state is attention's KV cache plus the conv states of the short convolutions
+    a recipe captures (``Recipe.layer_types``: LFM2's ``conv``); other recurrent and
+    state-space layers (Mamba, gated delta nets) cannot run through it, and neither can
     indexer-selected attention.
     """
     config = model.config
@@ -124,13 +125,16 @@ def check_layer_types(model: torch.nn.Module) -> None:
     for key in ("layer_types", "layers_block_type"):
         value = getattr(config, key, None)
         kinds += [kind for kind in value if isinstance(kind, str)] if isinstance(value, (list, tuple)) else []
-    unsupported = sorted(set(kinds) - SUPPORTED_LAYER_TYPES)
+    recipe = recipes.RECIPES.get(getattr(config, "model_type", ""))
+    captured = recipe.layer_types if recipe is not None else frozenset()
+    unsupported = sorted(set(kinds) - SUPPORTED_LAYER_TYPES - captured)
     if not unsupported:
         return
     name = type(model).__name__
     if set(unsupported) & RECURRENT_LAYER_TYPES:
         raise ExportError(f"cannot export: {name} has recurrent layers ({', '.join(unsupported)}); a paw program's "
-                          "only state is attention's KV cache, so recurrent and state-space models are not supported")
+                          "state is attention's KV cache and short convolutions' conv state, so other recurrent and "
+                          "state-space layers are not supported")
     raise ExportError(f"cannot export: {name} has {', '.join(unsupported)} layers; paw's attention op is causal "
                       "attention over the whole cache, a sliding window or chunks")
 

@@ -57,6 +57,12 @@ def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_inf
                           "interface (no paw::attention in its graph); paw has no recipe for it (exporter/recipes.py)")
     if layers != list(range(len(layers))):
         raise ExportError(f"attention layers are not numbered 0..n-1: {layers}")
+    convs = [n for n in low.nodes if n["op"] == "causal_conv1d"]
+    for node in convs:  # the cache list holds the KV caches, then the conv states
+        node["attrs"]["layer"] += len(layers)
+    state = {"kv_cache": {"layers": len(layers)}}
+    if convs:
+        state["conv"] = {"layers": len(convs)}
     config = model.config
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     return {
@@ -74,7 +80,7 @@ def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_inf
         },
         "inputs": [{"name": name, "dtype": "int32", "shape": ["batch", "seq"]} for name in PROGRAM_INPUTS],
         "outputs": [{"name": "logits", "dtype": dtype, "shape": ["batch", "seq", vocab]}],
-        "state": {"kv_cache": {"layers": len(layers)}},
+        "state": state,
         "consts": {
             name: {"dtype": _dtype_name(t), "shape": list(t.shape)} for name, t in sorted(low.consts.items())
         },

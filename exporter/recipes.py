@@ -20,8 +20,11 @@ calls the paw op, for the duration of the capture only.
 | jetmoe | keys and values tiled once per attention expert slot | queries regrouped by key head: keys cached once |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
+| lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
 
-A key names the module class, or ``Class.method`` for a method other than ``forward``.
+A key names the module class, or ``Class.method`` for a method other than ``forward``. A recipe's
+``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
+whose state the interpreter owns; capture refuses every other recurrent kind.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import llama4
+from exporter import conv, llama4
 from interp.errors import ExportError
 
 
@@ -47,6 +50,8 @@ class Recipe:
     config: dict = field(default_factory=dict)
     #: run on the model before capture; raises ExportError where the replacements would not be exact
     check: Callable[[torch.nn.Module], None] | None = None
+    #: recurrent layer kinds the replacements capture with a stateful op (exporter/conv.py)
+    layer_types: frozenset[str] = frozenset()
 
 
 def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
@@ -253,6 +258,10 @@ RECIPES: dict[str, Recipe] = {
     "llama4_text": Recipe(why="query temperature from the cache length; experts run densely", forwards={
         "Llama4TextAttention": llama4.attention_forward, "Llama4TextDecoderLayer": llama4.decoder_forward,
         "Llama4TextMoe": llama4.moe_forward}),
+    "lfm2": Recipe(why="short convolutions with state", forwards={"Lfm2ShortConv": conv.lfm2_short_conv_forward},
+                   layer_types=frozenset({"conv"})),
+    "lfm2_moe": Recipe(why="short convolutions with state",
+                       forwards={"Lfm2MoeShortConv": conv.lfm2_short_conv_forward}, layer_types=frozenset({"conv"})),
 }
 
 

@@ -9,8 +9,12 @@ capacity (they grow 256 positions at a time): the new keys and values are writte
 offset is an array, so a new position does not retrace; the step retraces only when the
 buffers grow or the batch changes.
 
-Caches other than paw's own ``KVCache`` (an mlx-lm cache passed in) and a first step with
-nothing cached run the plain interpreter, ``GraphModel.run``: ``accepts`` says which.
+A hybrid program's conv states (``interp/conv_cache.py``) are fixed-size arrays: they go
+in and come out of the traced step beside the KV buffers, one each.
+
+Caches other than paw's own ``KVCache`` and ``ConvState`` (an mlx-lm cache passed in) and a
+first step with nothing cached run the plain interpreter, ``GraphModel.run``: ``accepts``
+says which.
 
 ``run_rows`` is the same step for a slot batch (``interp/slots.py``, the server's
 continuous batching): every row at its own cache column, the columns an array input.
@@ -31,6 +35,7 @@ from typing import Any
 import mlx.core as mx
 
 from interp.cache import KVCache
+from interp.conv_cache import ConvState
 from interp.graph import GraphModel, RunContext, run_nodes
 from interp.slots import SlotLayer
 
@@ -68,8 +73,11 @@ class CompiledStep:
 
     @staticmethod
     def accepts(cache: list | None) -> bool:
-        """Whether ``cache`` can take the compiled step: paw's ``KVCache``, each holding keys."""
-        return bool(cache) and all(type(c) is KVCache and c.keys is not None for c in cache)
+        """Whether ``cache`` can take the compiled step: paw's ``KVCache``, each holding keys, then
+        (a hybrid program) its ``ConvState``, each holding rows."""
+        return bool(cache) and type(cache[0]) is KVCache and all(
+            (type(c) is KVCache and c.keys is not None) or (type(c) is ConvState and c.rows is not None)
+            for c in cache)
 
     def _trace_target(self, last_only: bool = False) -> Callable:
         """The step for new positions shared by every row: ``offset`` (an array) is where the
@@ -89,29 +97,33 @@ class CompiledStep:
 
     def _step_function(self, make_slot: Callable, make_context: Callable[[list, mx.array], RunContext],
                        last_only: bool = False) -> Callable:
-        """``step(where, *inputs, *keys, *values)``: every node runner over cache slots made by
-        ``make_slot(keys, values, where)``; returns the outputs, then the new keys and values."""
+        """``step(where, *inputs, *keys, *values, *rows)``: every node runner over KV cache slots made
+        by ``make_slot(keys, values, where)`` and conv states holding ``rows``; returns the outputs,
+        then the new keys, values and rows."""
         model = self.model
         consts = model.consts
         input_names = list(model.input_names)
         output_names = list(model.output_names)
+        layers = model.num_layers
 
         def step(where: mx.array, *arrays: mx.array) -> list[mx.array]:
             buffers = arrays[len(input_names):]
-            layers = len(buffers) // 2
-            slots = [make_slot(k, v, where) for k, v in zip(buffers[:layers], buffers[layers:], strict=True)]
+            slots = [make_slot(k, v, where) for k, v in zip(buffers[:layers], buffers[layers : 2 * layers],
+                                                            strict=True)]
+            states = [_conv_state(rows) for rows in buffers[2 * layers :]]
             env: dict[str, Any] = dict(consts)
             # Symbolic ints (sizes of the inputs) become constants of the trace: a new size
             # is a new input shape, on which MLX retraces.
             env.update(zip(input_names, arrays[: len(input_names)], strict=True))
-            outputs = run_nodes(model, env, make_context(slots, where), last_only)
-            return [outputs[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
+            outputs = run_nodes(model, env, make_context(slots + states, where), last_only)
+            return ([outputs[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
+                    + [s.rows for s in states])
 
         return step
 
     def run(self, inputs: dict[str, mx.array], cache: list[KVCache], offset: int) -> dict[str, Any]:
         """The step's outputs for one new token per row at position ``offset``; advances ``cache``."""
-        for c in cache:
+        for c in cache[: self.model.num_layers]:
             c.reserve(1)
         outputs = self._call_in_place(self._fn, mx.array(offset, dtype=mx.int32), inputs, cache)
         for c in cache:
@@ -126,7 +138,7 @@ class CompiledStep:
         batch, length = inputs["input_ids"].shape
         if length > SHORT_PREFILL:
             return None
-        for c in cache:
+        for c in cache[: self.model.num_layers]:
             c.reserve(length)
         shape = (batch, length, cache[0].keys.shape[2], last_only)
         if shape not in self._traced:
@@ -151,23 +163,40 @@ class CompiledStep:
         return self._call_in_place(self._rows_fn, columns, inputs, layers)
 
     def _call_in_place(self, fn: Callable, where: mx.array, inputs: dict[str, mx.array], caches: list) -> dict:
-        """``fn(where, *inputs, *keys, *values)``, the caches' buffers swapped for the ones it returns.
+        """``fn(where, *inputs, *keys, *values, *rows)``, the caches' buffers swapped for the ones it returns.
 
         The caches drop their references first, so MLX may update the buffers in place
         rather than copy them; on failure they get them back.
         """
         arrays = [inputs[name] for name in self.model.input_names]
-        buffers = [c.keys for c in caches] + [c.values for c in caches]
-        for c in caches:
+        layers, states = caches[: self.model.num_layers], caches[self.model.num_layers :]
+        buffers = [c.keys for c in layers] + [c.values for c in layers] + [s.rows for s in states]
+        for c in layers:
             c.keys = c.values = None
+        for s in states:
+            s.rows = None
         try:
             outs = fn(where, *arrays, *buffers)
         except BaseException:
-            for i, c in enumerate(caches):
-                c.keys, c.values = buffers[i], buffers[len(caches) + i]
+            _put_back(layers, states, buffers)
             raise
         del buffers
-        n_out, count = len(self.model.output_names), len(caches)
-        for i, c in enumerate(caches):
-            c.keys, c.values = outs[n_out + i], outs[n_out + count + i]
+        n_out = len(self.model.output_names)
+        _put_back(layers, states, outs[n_out:])
         return dict(zip(self.model.output_names, outs[:n_out], strict=True))
+
+
+def _conv_state(rows: mx.array) -> ConvState:
+    """A conv state inside the traced step, holding ``rows``."""
+    state = ConvState()
+    state.rows = rows
+    return state
+
+
+def _put_back(layers: list, states: list, buffers: list) -> None:
+    """Give the KV caches their keys and values and the conv states their rows, in ``buffers``' order."""
+    count = len(layers)
+    for i, c in enumerate(layers):
+        c.keys, c.values = buffers[i], buffers[count + i]
+    for i, s in enumerate(states):
+        s.rows = buffers[2 * count + i]

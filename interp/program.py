@@ -36,6 +36,8 @@ _SHARD_NAME = re.compile(r"consts-\d{5}-of-\d{5}\.safetensors")
 FED_INPUTS = ("input_ids", "position_ids")
 #: more KV-cache layers than any model has: a sanity bound on state.kv_cache.layers
 MAX_LAYERS = 100_000
+#: the kinds of ``state`` a program may declare: attention's KV caches, short convolutions' conv states
+STATE_KINDS = frozenset({"kv_cache", "conv"})
 #: safetensors' own bound on the JSON header
 MAX_HEADER_BYTES = 100 << 20
 
@@ -95,7 +97,19 @@ class Program:
 
     @property
     def num_layers(self) -> int:
+        """KV cache slots (attention layers): the first entries of the program's cache list."""
         return int(self.spec.get("state", {}).get("kv_cache", {}).get("layers", 0))
+
+    @property
+    def conv_layers(self) -> int:
+        """Conv state slots (``causal_conv1d`` layers), after the KV caches in the cache list."""
+        return int(self.spec.get("state", {}).get("conv", {}).get("layers", 0))
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether the program keeps state other than KV caches (conv states), which the paths that
+        carry only KV caches (slot batches, KV prefixes, splits over ranks) refuse."""
+        return self.conv_layers > 0
 
 
 def resolve_program_dir(path: str | Path) -> Path:
@@ -169,6 +183,14 @@ def _check_format(spec: dict, path: Path) -> None:
     layers = kv.get("layers", 0) if isinstance(kv, dict) else None
     if not _is_int(layers) or not 0 <= layers <= MAX_LAYERS:
         raise ProgramError(f"{path}: state.kv_cache.layers must be an integer in [0, {MAX_LAYERS}]")
+    unknown = sorted(set(spec.get("state", {})) - STATE_KINDS)
+    if unknown:
+        raise ProgramError(f"{path}: state.{unknown[0]} is not a kind of state this paw keeps "
+                           f"({', '.join(sorted(STATE_KINDS))})")
+    conv = spec.get("state", {}).get("conv", {})
+    conv_layers = conv.get("layers", 0) if isinstance(conv, dict) else None
+    if not _is_int(conv_layers) or not 0 <= conv_layers <= MAX_LAYERS:
+        raise ProgramError(f"{path}: state.conv.layers must be an integer in [0, {MAX_LAYERS}]")
 
 
 def _check_model_info(info: dict, path: Path) -> None:
@@ -218,7 +240,8 @@ def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
             raise ProgramError(f"const {name!r} has shape {shape!r:.60}; expected a list of sizes in [0, 2**31)")
         defined[name] = "tensor"
 
-    layers = spec.get("state", {}).get("kv_cache", {}).get("layers", 0)
+    state = spec.get("state", {})
+    layers = (state.get("kv_cache", {}).get("layers", 0), state.get("conv", {}).get("layers", 0))
     nodes: list[Node] = []
     for index, raw in enumerate(spec["nodes"]):
         where = f"node {index}"
@@ -284,10 +307,17 @@ def names_in(value: Any) -> Iterator[str]:
             yield from names_in(item)
 
 
-def _check_node_attrs(op: str, attrs: dict, layers: int, where: str) -> None:
-    """Checks that span attributes or need the program: cache slots, literal allocations."""
-    if op == "attention" and _is_int(attrs.get("layer")) and attrs["layer"] >= layers:
-        raise ProgramError(f"{where}: layer {attrs['layer']} is not below state.kv_cache.layers ({layers})")
+def _check_node_attrs(op: str, attrs: dict, layers: tuple[int, int], where: str) -> None:
+    """Checks that span attributes or need the program: cache slots, literal allocations.
+
+    ``layers`` is (KV cache slots, conv state slots); the cache list holds the KV caches first.
+    """
+    kv, conv = layers
+    if op == "attention" and _is_int(attrs.get("layer")) and attrs["layer"] >= kv:
+        raise ProgramError(f"{where}: layer {attrs['layer']} is not below state.kv_cache.layers ({kv})")
+    if op == "causal_conv1d" and _is_int(attrs.get("layer")) and not kv <= attrs["layer"] < kv + conv:
+        raise ProgramError(f"{where}: layer {attrs['layer']} is not a conv state slot (state.kv_cache.layers "
+                           f"{kv} to {kv} + state.conv.layers {conv})")
     if op == "full" and all(_is_int(d) for d in attrs["shape"]):
         limits.check_shape(attrs["shape"], limits.dtype_bytes(attrs["dtype"]), f"{where}: its output")
     if op == "arange" and all(_is_int(attrs.get(k, 0)) for k in ("start", "end", "step")):

@@ -278,6 +278,15 @@ _op("attention", "nn",
      _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0, low=0),
      _attr("chunk", INT, "attention chunk size, 0 for none", 0, **_SIZE)])
 
+_op("causal_conv1d", "nn",
+    "depthwise causal 1-D convolution over the sequence, with the interpreter's conv state: the short "
+    "convolutions of hybrid recurrent models (LFM2). x: [B, L, C] for the L new positions only; weight: "
+    "[C, 1, K] (torch's depthwise Conv1d layout); bias: [C] or null. out[b, t, c] = bias[c] + sum_k "
+    "weight[c, 0, k] * xs[b, t + k, c], where xs is x preceded by the K - 1 inputs before it: the conv "
+    "state of `layer` (zeros at the start of a sequence). The interpreter then keeps the last K - 1 rows "
+    "of xs as that state. Output [B, L, C]. Rows must be whole, unpadded sequences.",
+    [_t("x"), _t("weight"), _opt("bias")],
+    [_attr("layer", INT, "conv state slot: state.kv_cache.layers <= layer < that + state.conv.layers", low=0)])
 _op("rope", "nn",
     "rotate-half rotary position embedding (fused by the exporter from HF's pattern). x: [B, H, L, D] "
     "with D = 2 * len(inv_freq); positions: [B, L] integer positions; angle = positions * inv_freq; "

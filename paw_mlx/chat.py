@@ -4,7 +4,9 @@ Each turn renders the whole conversation through the chat template, keeps the pa
 of the cache that matches the new token ids (the common prefix) and prefills only the
 rest. The rendered assistant message may tokenize differently from the ids that were
 generated; the common-prefix rule makes that harmless (the cache is simply cut back a
-little further). Nothing here imports torch.
+little further). A hybrid program's conv states go back only as far as they keep inputs
+(``interp/conv_cache.py``); when a turn needs more, the cache starts empty and the whole
+conversation is prefilled again, which costs time, never exactness. Nothing here imports torch.
 
 A reasoning model's reply may be kept as its answer and its reasoning (``split_reply``,
 called by the app that read the markers): the template then gets ``reasoning_content``
@@ -276,8 +278,7 @@ class ChatSession:
             if cached != new:
                 break
             keep += 1
-        keep = min(keep, len(ids) - 1)
-        self._trim_to(keep)
+        keep = self._trim_to(min(keep, len(ids) - 1))
         self.cached_ids = self.cached_ids[:keep]
         return keep
 
@@ -287,9 +288,7 @@ class ChatSession:
         The generation loop may or may not have fed the last token (or the EOS token it
         does not yield) into the cache; whatever lies beyond ``fed`` is cut off.
         """
-        offset = self._offset()
-        keep = min(offset, len(fed))
-        self._trim_to(keep)
+        keep = self._trim_to(min(self._offset(), len(fed)))
         self.cached_ids = list(fed[:keep])
         # evaluated, the cache can be continued from any thread (MLX ties lazy arrays to a thread's stream)
         mx.eval([c.state for c in self.cache])
@@ -297,11 +296,15 @@ class ChatSession:
     def _offset(self) -> int:
         return int(self.cache[0].offset) if self.cache else 0
 
-    def _trim_to(self, length: int) -> None:
+    def _trim_to(self, length: int) -> int:
+        """Cut the cache back to ``length`` positions; returns the positions it then holds:
+        ``length``, or 0 when a layer cannot go back that far (a conv state): it starts empty."""
         for layer in self.cache:
             extra = layer.offset - length
-            if extra > 0:
-                layer.trim(extra)
+            if extra > 0 and layer.trim(extra) < extra:
+                self.reset_cache()
+                return 0
+        return length
 
     def reset_cache(self) -> None:
         self.cache = self.prog.make_cache()

@@ -91,7 +91,6 @@ CANDIDATES: dict[str, dict] = {
                  attn_config=dict(kv_n_heads=2, clip_qkv=4.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
     "granitemoehybrid": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention"]),
-    "lfm2": dict(layer_types=["conv", "full_attention"]),
     "qwen3_next": {},
     "falcon_h1": {},
     "mamba": {},
@@ -112,7 +111,6 @@ CANDIDATES: dict[str, dict] = {
     "nanochat": {},
     "granite_swa": {},
     "granitemoe_swa": {},
-    "lfm2_moe": {},
     "qwen3_5_text": {},
     "qwen3_5_moe_text": {},
     # the last two layers read the first two's keys and values (KV sharing)

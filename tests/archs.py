@@ -100,12 +100,20 @@ ARCHS: dict[str, dict] = {
     "llama4_text": dict(head_dim=16, attention_chunk_size=4, no_rope_layers=[1, 0], floor_scale=4,
                         num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=2,
                         intermediate_size_mlp=128),
+    # a hybrid: short convolutions (conv state) around attention, a conv layer first
+    "lfm2": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"], conv_L_cache=3,
+                 conv_bias=True, block_auto_adjust_ff_dim=False, tie_word_embeddings=False),
+    "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
+                     num_dense_layers=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     tie_word_embeddings=False),
 }
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
-MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "llama4_text", "mixtral", "olmoe",
-       "phimoe", "qwen2_moe", "qwen3_moe")
+MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "lfm2_moe", "llama4_text", "mixtral",
+       "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
+#: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py)
+RECURRENT = ("lfm2", "lfm2_moe")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,

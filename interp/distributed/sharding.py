@@ -29,6 +29,7 @@ from interp.distributed.placement import Trace
 from interp.distributed.split_axes import ALL, SplitAxes, SplitConflict
 from interp.errors import DistributedError
 from interp.program import Node, Program
+from interp.recurrent import refuse_recurrent
 
 
 @dataclass
@@ -158,6 +159,7 @@ def plan_tensor_parallel(program: Program, ranks: int, *, first_head: int | None
     """
     from interp.distributed.stages import layer_cuts
 
+    refuse_recurrent(program, "tensor parallelism", DistributedError)
     if first_head is None:
         first_head = layer_cuts(program)[1]
     shapes = probe_shapes(program)

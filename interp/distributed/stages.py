@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from interp import schema
 from interp.errors import DistributedError
 from interp.program import Node, Program
+from interp.recurrent import refuse_recurrent
 from interp.schema import references
 
 #: Bytes per element of each program dtype.
@@ -185,6 +186,7 @@ def plan_pipeline(program: Program, ranks: int, shares: list[float] | None = Non
     ``shares``: how much each rank should hold relative to the others (``[3, 1]`` for a Mac with
     three times the other's memory); equal by default.
     """
+    refuse_recurrent(program, "distributed (pipeline) execution", DistributedError)
     shares = list(shares) if shares else [1.0] * ranks
     if len(shares) != ranks or not all(share > 0 for share in shares):
         raise DistributedError(f"pipeline shares must be {ranks} positive numbers, one per rank; got "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from interp.ops import (  # noqa: E402,F401  (fill the registry)
     attention,
+    conv,
     distributed,
     elementwise,
     experts,

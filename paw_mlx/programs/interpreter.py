@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 
 from interp.paths import DEFAULT_MODEL, require_default_program
-from interp.program import PROGRAM_FILE, resolve_program_dir
+from interp.program import PROGRAM_FILE, read_program, resolve_program_dir
+from interp.recurrent import refuse_recurrent
 from paw_mlx.runtime import LoadedProgram, load
 
 _INTERPRETERS: dict[Path, LoadedProgram] = {}
@@ -31,11 +32,16 @@ def resolve_base(base: str | Path) -> Path:
 
 
 def interpreter(base: str | Path) -> LoadedProgram:
-    """The shared loaded base program for ``base`` (loaded on first use)."""
+    """The shared loaded base program for ``base`` (loaded on first use).
+
+    A base with recurrent state is refused before its weights load: a compiled program is a
+    cached KV prefix, and a conv state is not kept with it (``interp/recurrent.py``).
+    """
     path = resolve_base(base)
     with _LOCK:
         prog = _INTERPRETERS.get(path)
         if prog is None:
+            refuse_recurrent(read_program(path), "programs as weights (paw compile, paw_mlx.function)")
             prog = _INTERPRETERS[path] = load(path)
         return prog
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tests.archs import ARCHS, NEW_TOKENS, PROMPT_LEN, SEQ, ArchCase
+from tests.archs import ARCHS, NEW_TOKENS, PROMPT_LEN, RECURRENT, SEQ, ArchCase
 
 TOLERANCE = 1e-4
 PREFILL = 5
@@ -138,7 +138,21 @@ NOT_TENSOR_PARALLEL = {"gpt_oss": "its sinks keep attention whole (one logit per
                                   "experts behind a router"}
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("arch", RECURRENT)
+def test_distributed_execution_refuses_recurrent_programs(arch_cases, arch):
+    from interp.distributed.sharding import plan_tensor_parallel
+    from interp.distributed.stages import plan_pipeline
+    from interp.errors import DistributedError
+
+    program = arch_cases(arch).model.program
+    with pytest.raises(DistributedError, match=r"^distributed \(pipeline\) execution does not run programs with "
+                                               r"recurrent state: .* keeps a conv state in \d layers"):
+        plan_pipeline(program, 2)
+    with pytest.raises(DistributedError, match=r"^tensor parallelism does not run programs with recurrent state"):
+        plan_tensor_parallel(program, 2)
+
+
+@pytest.mark.parametrize("arch", [name for name in ARCH_NAMES if name not in RECURRENT])
 def test_pipeline_and_tensor_splits_give_the_same_logits(arch_cases, arch):
     """Split over two ranks (simulated in one process), every architecture computes what it does whole."""
     from interp.distributed.sharding import plan_tensor_parallel, probe_shapes

@@ -75,6 +75,12 @@ def _attention_ref(q, k, v, sinks=None, *, layer, **attrs):
     return attention_reference(q, k, v, sinks=sinks, **attrs)
 
 
+def _conv_ref(x, weight, bias=None, *, layer):
+    from exporter.conv import paw_causal_conv1d
+
+    return paw_causal_conv1d(x, weight, bias)
+
+
 CASES: dict[str, Case] = {
     # elementwise, tensor-tensor with broadcasting and tensor-scalar
     "add": Case(torch.add, [randn(2, 3, 4), randn(3, 4)]),
@@ -265,6 +271,7 @@ CASES["lora"] = Case(_lora_ref, [randn(3, 4, 16), randn(2, 5, 16), randn(2, 12, 
 CASES["embedding"] = Case(lambda w, i: F.embedding(i, w), [randn(10, 4), ints(10, 2, 3)])
 # In one process (the test's) the sum over the ranks is x itself; tests/interp/distributed runs it over several.
 CASES["all_sum"] = Case(lambda x: x.clone(), [randn(2, 3, 4)])
+CASES["causal_conv1d"] = Case(_conv_ref, [randn(2, 5, 6), randn(6, 1, 3), randn(6)], {"layer": 0})
 EXTRA_CASES = {
     "attention with window, softcap and a cache-like longer key": Case(
         _attention_ref, [randn(1, 4, 3, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)],
@@ -314,6 +321,8 @@ EXTRA_CASES = {
     "lora one adapter, no index": Case(_lora_ref, [randn(2, 3, 16), randn(1, 4, 16), randn(1, 8, 4), None]),
     "lora on batch-major 2-D rows": Case(_lora_ref, [randn(6, 16), randn(3, 4, 16), randn(3, 8, 4),
                                                      np.array([2, 0], np.int32)]),
+    "causal_conv1d without bias, one position, a wide kernel": Case(
+        _conv_ref, [randn(2, 1, 6), randn(6, 1, 4), None], {"layer": 0}),
     "layer_norm without affine": Case(
         lambda x, w, b, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
         [randn(2, 8), None, None], {"normalized_shape": [8], "eps": 1e-5}),

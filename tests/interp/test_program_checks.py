@@ -109,6 +109,9 @@ def test_every_range_in_the_schema_is_enforced():
     (lambda s: s["model"].update(vocab_size=500), "the embedding of input_ids has only 384 rows"),
     (lambda s: s["model"].update(source="hub"), "source must be an object"),
     (lambda s: s.update(state={"kv_cache": {"layers": "two"}}), "state.kv_cache.layers"),
+    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "ssm": {"layers": 1}}),
+     r"state.ssm is not a kind of state this paw keeps \(conv, kv_cache\)"),
+    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "conv": {"layers": -1}}), "state.conv.layers must be"),
     (lambda s: s.update(version=True), "format version True"),
 ])
 def test_malformed_prog_json_is_one_program_error(program_copy, change, message):
@@ -272,3 +275,22 @@ def test_a_missing_required_input_is_still_refused(program_copy):
     edit_spec(program_copy, drop_value)
     with pytest.raises(ProgramError, match="has 2 inputs; op 'attention' takes 4"):
         read_program(program_copy)
+
+
+@pytest.mark.parametrize("layer, state, message", [
+    (0, None, r"layer 0 is not a conv state slot \(state.kv_cache.layers 1 to 1 \+ state.conv.layers 3\)"),
+    (4, None, "layer 4 is not a conv state slot"),
+    (1, {"kv_cache": {"layers": 1}}, r"state.conv.layers 0\)"),
+])
+def test_a_conv_node_must_name_a_conv_state_slot(hybrid_program, tmp_path, layer, state, message):
+    """The cache list holds the KV caches, then the conv states: a causal_conv1d node names one of the latter."""
+    target = tmp_path / "prog"
+    shutil.copytree(hybrid_program, target)
+
+    def change(spec):
+        spec["nodes"][node_index(spec, "causal_conv1d")]["attrs"]["layer"] = layer
+        if state is not None:
+            spec["state"] = state
+    edit_spec(target, change)
+    with pytest.raises(ProgramError, match=message):
+        read_program(target)
