@@ -143,10 +143,11 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     8 codes fill exactly ``bits`` bytes.
     """
     rows = codes.shape[0]
-    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
-    octets = np.bitwise_or.reduce(codes.reshape(rows, -1, 8).astype(np.uint64) << shifts, axis=-1)
-    stream = octets[..., None].astype("<u8").view(np.uint8)[..., :bits]
-    return np.ascontiguousarray(stream).reshape(rows, -1).view("<u4")
+    octets = codes.reshape(rows, -1, 8)
+    stream = np.zeros(octets.shape[:2], dtype="<u8")
+    for k in range(8):  # one code at a time: a byte of temporaries per code, not 8
+        stream |= octets[..., k].astype(np.uint64) << np.uint64(k * bits)
+    return np.ascontiguousarray(stream.view(np.uint8).reshape(rows, -1, 8)[..., :bits]).reshape(rows, -1).view("<u4")
 
 
 def affine_from_blocks(raw: np.ndarray, ggml_type: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
