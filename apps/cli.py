@@ -114,8 +114,8 @@ Weights = Annotated[str, typer.Option("--weights", help=WEIGHTS_HELP)]
 Fuse = Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fuse RMSNorm and RoPE patterns into mx.fast ops.")]
 Quantize = Annotated[str, typer.Option(
     "--quantize", help="Store linear, embedding and expert weights as N-bit affine (2, 3, 4, 5, 6 or 8); 0 keeps "
-    "floats; 'keep' stores a GGUF source's Q4_0, Q4_1 and Q8_0 blocks as they are (bit-exact, no float round "
-    "trip; other GGUF types are dequantized).")]
+    "floats; 'keep' stores a GGUF source's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K blocks as they "
+    "are (bit-exact in float32, no float round trip; other GGUF types, Q6_K among them, are dequantized).")]
 GroupSize = Annotated[int, typer.Option("--group-size", help="Quantization group size (32, 64, 128).")]
 ShardSize = Annotated[str, typer.Option(
     "--max-shard-size", help="Largest consts file, e.g. 5GB or 500MB: larger programs are written as "

@@ -124,7 +124,8 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     ``fuse`` runs the fusion passes (exporter/fuse.py: RMSNorm, RoPE -> mx.fast ops);
     ``quantize`` > 0 stores linear and embedding weights affine-quantized to that many
     bits in groups of ``group_size`` (exporter/quantize.py); "keep" stores a GGUF source's
-    Q4_0/Q4_1/Q8_0 weights as the same blocks in MLX's layout (exporter/gguf_blocks.py).
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K weights as the same blocks in MLX's layout
+    (exporter/gguf_blocks.py).
     ``checkpoint`` (``exporter.checkpoint.CheckpointWeights``): the model's parameters are
     on the meta device and every weight is read from the checkpoint as it is written.
     Consts above ``max_shard_bytes`` are written as shards (0: never). ``experts``: how
@@ -255,12 +256,14 @@ def check_options(*, weights: str = "float", quantize: int | str = 0, group_size
 
 
 def _keep_blocks(low, checkpoint, say: Progress) -> None:
-    from exporter.gguf_blocks import keep_gguf_blocks
+    from exporter.gguf_blocks import NAMES, keep_gguf_blocks
 
     kept, others = keep_gguf_blocks(low, checkpoint)
     left = ", ".join(f"{count} {kind}" for kind, count in sorted(others.items()))
     if not kept:
-        raise ExportError("--quantize keep found no linear or embedding weight stored as Q4_0, Q4_1 or Q8_0"
+        kinds = list(NAMES.values())
+        raise ExportError(f"--quantize keep found no linear or embedding weight stored as {', '.join(kinds[:-1])} "
+                          f"or {kinds[-1]}"
                           + (f" (the source has {left})" if left else "")
                           + "; use --quantize 4 or 8 to quantize the weights instead")
     say(f"kept {kept} weights as their GGUF blocks" + (f"; dequantized {left}" if left else ""))

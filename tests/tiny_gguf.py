@@ -2,7 +2,9 @@
 
 Laid out as llama.cpp writes SmolLM2: ``token_embd`` tied to the output, ``blk.N.*``
 tensors, a GPT-2 style BPE vocabulary. Each weight is stored in the ggml type the test
-asks for (F32, F16, Q4_0, Q4_1, Q8_0), quantized by ``gguf.quants``.
+asks for (F32, F16, Q4_0, Q5_1, Q8_0, Q4_K, Q6_K, ...): quantized by ``gguf.quants`` where
+it can, otherwise random blocks (``random_blocks``; K-quants need ``hidden`` and
+``intermediate`` multiples of 256).
 """
 
 from __future__ import annotations
@@ -19,6 +21,39 @@ DEFAULT_TYPES = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_0", "attn
                  "attn_output": "Q4_1", "ffn_gate": "Q8_0", "ffn_up": "Q8_0", "ffn_down": "Q4_1"}
 
 
+#: byte offsets of each block's float16 constants (d, m, dmin), the fields random bytes must keep finite
+FLOAT16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+                  "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(rows: int, columns: int, kind: str, rng: np.random.Generator, std: float | None = None) -> np.ndarray:
+    """Random valid blocks uint8 [rows, bytes] of ggml type ``kind`` for a [rows, columns] tensor.
+
+    Every byte is random but the float16 constants: any finite float16 (subnormals and
+    65504 included) when ``std`` is None, else scaled so that the weights' spread is ``std``
+    (each format is linear in its float16 constants).
+    """
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, columns // block, size), dtype=np.uint8)
+    offsets = FLOAT16_FIELDS[kind]
+    fields = rng.integers(0, 1 << 16, (rows, columns // block, len(offsets)), dtype=np.uint16)
+    fields[(fields & 0x7C00) == 0x7C00] ^= 0x4000  # exponent all ones (inf, NaN) -> a finite one
+
+    def put(values: np.ndarray) -> np.ndarray:
+        for i, offset in enumerate(offsets):
+            raw[..., offset:offset + 2] = values[..., i:i + 1].astype("<f2").view(np.uint8)
+        return raw.reshape(rows, -1)
+
+    if std is None:
+        return put(fields.view(np.float16))
+    unit = rng.standard_normal(fields.shape).astype(np.float16)
+    spread = float(gguf.dequantize(put(unit), qtype).std())
+    return put(unit.astype(np.float32) * (std / spread))
+
+
 def _vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
     """(tokens by id, ggml token types, merges) of a transformers BPE tokenizer."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -32,7 +67,8 @@ def _vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_tiny_gguf(path: Path, tokenizer, types: dict[str, str] | None = None, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, tokenizer, types: dict[str, str] | None = None, seed: int = 0,
+                    hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> Path:
     """Write the model to ``path`` with each weight kind in its ggml type; returns ``path``."""
     import gguf
     from gguf import GGMLQuantizationType
@@ -45,13 +81,13 @@ def write_tiny_gguf(path: Path, tokenizer, types: dict[str, str] | None = None, 
     writer.add_name("tiny-random-llama")
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(INTERMEDIATE)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    writer.add_rope_dimension_count(hidden // HEADS)
     writer.add_vocab_size(vocab)
     writer.add_file_type(1)
     writer.add_tokenizer_model("gpt2")
@@ -75,23 +111,25 @@ def write_tiny_gguf(path: Path, tokenizer, types: dict[str, str] | None = None, 
             writer.add_tensor(name, values)
         elif qtype == GGMLQuantizationType.F16:
             writer.add_tensor(name, values.astype(np.float16))
-        else:
+        elif qtype.name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
             writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:  # gguf has no quantizer for K-quants
+            writer.add_tensor(name, random_blocks(rows, columns, kind, rng, std=0.3), raw_dtype=qtype)
 
-    add("token_embd.weight", vocab, HIDDEN, kinds["token_embd"])
-    add("output_norm.weight", HIDDEN, None, "F32")
-    head = HIDDEN // HEADS
+    add("token_embd.weight", vocab, hidden, kinds["token_embd"])
+    add("output_norm.weight", hidden, None, "F32")
+    head = hidden // HEADS
     for layer in range(LAYERS):
         prefix = f"blk.{layer}."
-        add(prefix + "attn_norm.weight", HIDDEN, None, "F32")
-        add(prefix + "ffn_norm.weight", HIDDEN, None, "F32")
-        add(prefix + "attn_q.weight", HIDDEN, HIDDEN, kinds["attn_q"])
-        add(prefix + "attn_k.weight", KV_HEADS * head, HIDDEN, kinds["attn_k"])
-        add(prefix + "attn_v.weight", KV_HEADS * head, HIDDEN, kinds["attn_v"])
-        add(prefix + "attn_output.weight", HIDDEN, HIDDEN, kinds["attn_output"])
-        add(prefix + "ffn_gate.weight", INTERMEDIATE, HIDDEN, kinds["ffn_gate"])
-        add(prefix + "ffn_up.weight", INTERMEDIATE, HIDDEN, kinds["ffn_up"])
-        add(prefix + "ffn_down.weight", HIDDEN, INTERMEDIATE, kinds["ffn_down"])
+        add(prefix + "attn_norm.weight", hidden, None, "F32")
+        add(prefix + "ffn_norm.weight", hidden, None, "F32")
+        add(prefix + "attn_q.weight", hidden, hidden, kinds["attn_q"])
+        add(prefix + "attn_k.weight", KV_HEADS * head, hidden, kinds["attn_k"])
+        add(prefix + "attn_v.weight", KV_HEADS * head, hidden, kinds["attn_v"])
+        add(prefix + "attn_output.weight", hidden, hidden, kinds["attn_output"])
+        add(prefix + "ffn_gate.weight", intermediate, hidden, kinds["ffn_gate"])
+        add(prefix + "ffn_up.weight", intermediate, hidden, kinds["ffn_up"])
+        add(prefix + "ffn_down.weight", hidden, intermediate, kinds["ffn_down"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
