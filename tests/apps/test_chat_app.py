@@ -10,18 +10,10 @@ import pytest
 import paw_mlx.chat
 from apps.chat import commands
 from apps.chat.app import ChatApp, run_chat
-from apps.chat.mlx_thread import MLXThread
 from apps.chat.widgets import AssistantMessage, Notice, PromptInput, StatusBar, UserMessage
 from interp.errors import PawError
 
 MODEL_NAME = "tiny-random-llama"
-
-
-@pytest.fixture(scope="module")
-def mlx_thread():
-    thread = MLXThread()
-    yield thread
-    thread.shutdown()
 
 
 @pytest.fixture(scope="module")

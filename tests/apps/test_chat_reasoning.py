@@ -21,7 +21,6 @@ from textual.widgets._collapsible import CollapsibleTitle
 import paw_mlx
 import paw_mlx.chat
 from apps.chat.app import ChatApp
-from apps.chat.mlx_thread import MLXThread
 from apps.chat.widgets import AssistantMessage, Notice, PromptInput, ReasoningMessage, UserMessage
 from paw_mlx.chat import ChatSession
 from tests.apps.test_chat_app import errors, notices, settle, submit
@@ -50,13 +49,6 @@ HARMONY_TEMPLATE = (
 )
 TEMPLATES = {"qwen3": QWEN3_TEMPLATE, "opened": OPENED_TEMPLATE, "harmony": HARMONY_TEMPLATE}
 HARMONY_REPLY = "<|channel|>analysis<|message|>Two and two.<|end|><|start|>assistant<|channel|>final<|message|>Four."
-
-
-@pytest.fixture(scope="module")
-def mlx_thread():
-    thread = MLXThread()
-    yield thread
-    thread.shutdown()
 
 
 @pytest.fixture(scope="module")
