@@ -57,6 +57,18 @@ def _unencodable(text: str) -> str | None:
     return None
 
 
+
+def _encode_with(tok: _HFTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """``tok``'s ids of ``text``; a library failure on the text is one ``InputError``."""
+    try:
+        # encode_batch lets other threads run meanwhile; encode holds the GIL throughout (a long
+        # prompt froze every stream of `paw serve` while it was tokenized: docs/reliability.md)
+        return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    except BaseException as exc:
+        if not _library_error(exc):
+            raise
+        raise InputError(f"the tokenizer could not encode the text: {_unencodable(text) or exc}") from exc
+
 class Tokenizer:
     """Encode, decode and apply the chat template of one program's tokenizer."""
 
@@ -100,14 +112,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InputError(f"text to encode must be a string, not {type(text).__name__}")
-        try:
-            # encode_batch lets other threads run meanwhile; encode holds the GIL throughout (a long
-            # prompt froze every stream of `paw serve` while it was tokenized: docs/reliability.md)
-            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        except BaseException as exc:
-            if not _library_error(exc):
-                raise
-            raise InputError(f"the tokenizer could not encode the text: {_unencodable(text) or exc}") from exc
+        return _encode_with(self._tok, text, add_special_tokens)
 
     def holds_special_text(self, text: str) -> bool:
         """Whether ``text`` holds a special token's text, which ``encode`` would make that token."""
@@ -123,12 +128,7 @@ class Tokenizer:
             literal = _HFTokenizer.from_str(self._tok.to_str())
             literal.encode_special_tokens = True
             self._literal = literal
-        try:
-            return self._literal.encode_batch([text], add_special_tokens=False)[0].ids
-        except BaseException as exc:
-            if not _library_error(exc):
-                raise
-            raise InputError(f"the tokenizer could not encode the text: {_unencodable(text) or exc}") from exc
+        return _encode_with(self._literal, text, add_special_tokens=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         try:
