@@ -15,6 +15,10 @@ transformers those conversions, then renamings from the composite's names to the
 model's, in front of the text class's own conversions; the text class's ``from_pretrained``
 (whole or streamed) then reads only what the text model needs. The vision tower and projector are renamed under
 ``LEFT_OUT``, which the text model ignores: they are never read.
+
+Since the towers are never read, the meta instance is built without them (``towers_left_empty``): a tower that
+needs libraries paw does not depend on (Gemma 3n's, FastVLM's and Perception LM's timm models) does not stop the
+export of a text model that needs none.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def find_text_model(config) -> TextModel:
                           f"{text_type}, so paw cannot export it")
     composite_class = _composite_class(config)
     try:
-        with torch.device("meta"):  # names and shapes only: no memory, whatever the model's size
+        with torch.device("meta"), towers_left_empty(config):  # names and shapes only: no memory
             composite = composite_class(config)
             # the composite decides the tie (Gemma 3 ties at the top level whatever its text config says)
             text_config.tie_word_embeddings = _is_tied(composite)
@@ -138,6 +142,37 @@ def find_text_model(config) -> TextModel:
     left_out = tuple(name.removesuffix("_config") for name in config.sub_configs
                      if name != "text_config" and getattr(config, name, None) is not None)
     return TextModel(kind, text_type, model_class, text_config, _renamings(composite, pairs), left_out or ("other",))
+
+
+@contextlib.contextmanager
+def towers_left_empty(config) -> Iterator[None]:
+    """Within the block, a sub-model built from one of ``config``'s sub-configs other than its text config is
+    an empty module.
+
+    Composites build their towers with ``AutoModel.from_config(config.vision_config)`` (or ``X._from_config``),
+    which both go through ``PreTrainedModel._from_config``. Leaving them empty changes nothing paw takes from the
+    composite: the text model's parameter names are its module paths, which its siblings do not shape, and
+    ``get_model_conversion_mapping`` scopes a sub-model's conversions to that sub-model's keys (a tower's only
+    match keys that are left out anyway) and lets a sub-model's claim hide only the conversions of modules
+    inside it. tests/exporter/test_composite.py holds every tested family's conversions to it.
+    """
+    import torch
+    from transformers import PreTrainedModel
+
+    towers = [getattr(config, name) for name in config.sub_configs
+              if name != "text_config" and getattr(config, name, None) is not None]
+    original = PreTrainedModel.__dict__["_from_config"]
+
+    def from_config(cls, sub_config, **kwargs):
+        if any(sub_config is tower for tower in towers):
+            return torch.nn.Module()
+        return original.__func__(cls, sub_config, **kwargs)
+
+    PreTrainedModel._from_config = classmethod(from_config)
+    try:
+        yield
+    finally:
+        PreTrainedModel._from_config = original
 
 
 def _causal_lm_class(config, text_config) -> type | None:

@@ -13,7 +13,8 @@ breaks, not a test: an architecture that passes belongs in tests/archs.py ``ARCH
 
 A multimodal (composite) model_type, whose config nests a ``text_config`` (gemma3, llama4,
 mistral3, ...), is built as tests/archs.py ``composite_config`` builds one: the overrides
-go to its text config, its vision (and audio) towers are shrunk. It is saved to a folder
+go to its text config, its vision (and audio) towers are shrunk (a timm tower is stood in:
+tests/archs.py ``timm_stood_in``). It is saved to a folder
 and exported from there, as paw exports such a checkpoint (its text model alone), and
 compared with the composite model's own forward on text.
 """
@@ -236,8 +237,10 @@ def _count_parameters(config, composite: bool) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from tests.archs import timm_stood_in
+
     auto = AutoModelForImageTextToText if composite else AutoModelForCausalLM
-    with torch.device("meta"):
+    with torch.device("meta"), timm_stood_in():  # as tests/archs.py tiny_composite builds it
         return sum(p.numel() for p in auto.from_config(config).parameters())
 
 

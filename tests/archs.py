@@ -9,6 +9,8 @@ windows short enough to matter, soft-capping, partial rotary, MoE routing, ALiBi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 VOCAB = 384
@@ -152,6 +154,16 @@ COMPOSITES: dict[str, dict] = {
                    text=dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
                              per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,
                              vocab_size_per_layer_input=VOCAB)),
+    # timm vision towers (stood in: ``timm_stood_in``), which paw leaves out without timm
+    # gemma3n: the last two layers read the first two's keys and values (KV sharing); an audio tower too
+    "gemma3n": dict(tie_word_embeddings=False, audio_config=dict(model_type="gemma3n_audio", conf_num_hidden_layers=1),
+                    text=dict(num_hidden_layers=4, num_kv_shared_layers=2, head_dim=16, sliding_window=WINDOW,
+                              layer_types=["sliding_attention", "full_attention"] * 2,
+                              activation_sparsity_pattern=[0.0] * 4, vocab_size_per_layer_input=VOCAB,
+                              hidden_size_per_layer_input=16)),
+    "fast_vlm": {},
+    # its projector reads the tower's width from model_args, which the default config leaves empty
+    "perception_lm": dict(vision_config=dict(model_type="timm_wrapper", model_args=dict(embed_dim=32))),
 }
 
 
@@ -178,13 +190,34 @@ def composite_config(model_type: str, text: dict | None = None):
     return config
 
 
+@contextlib.contextmanager
+def timm_stood_in() -> Iterator[None]:
+    """Within the block, transformers' timm wrapper holds one 1x1 convolution where its timm model would be.
+
+    paw depends on neither timm nor PIL, yet Gemma 3n, FastVLM and Perception LM have a timm vision tower:
+    with the stand-in their tiny composites build, and save tower weights under the tower's names for the
+    export to leave out. Only the tower's vision forward, which no test runs, would differ."""
+    import torch
+    from transformers.models.timm_wrapper import modeling_timm_wrapper as wrapper
+
+    saved = wrapper.requires_backends, wrapper._create_timm_model_with_error_handling
+    wrapper.requires_backends = lambda *args, **kwargs: None
+    wrapper._create_timm_model_with_error_handling = lambda config, **kwargs: torch.nn.Conv2d(3, 4, 1)
+    try:
+        yield
+    finally:
+        wrapper.requires_backends, wrapper._create_timm_model_with_error_handling = saved
+
+
 def tiny_composite(model_type: str, seed: int = 0, text: dict | None = None):
-    """The tiny random multimodal model of ``model_type`` (its own class, e.g. Gemma3ForConditionalGeneration)."""
+    """The tiny random multimodal model of ``model_type`` (its own class, e.g. Gemma3ForConditionalGeneration);
+    a timm vision tower is stood in (``timm_stood_in``)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    return AutoModelForImageTextToText.from_config(composite_config(model_type, text)).eval()
+    with timm_stood_in():
+        return AutoModelForImageTextToText.from_config(composite_config(model_type, text)).eval()
 
 
 def arch_config(model_type: str):
