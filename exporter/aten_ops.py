@@ -8,6 +8,7 @@ node's result (a name, a list of names, or a literal for housekeeping ops).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -205,6 +206,28 @@ def _reduction(op: str):
         return out
 
     return lower_reduction
+
+
+@aten("aten.var.dim", "aten.var.correction", "aten.std.dim", "aten.std.correction")
+def _variance(low: Lowering, node):
+    """Variance (std: its square root) over dims with Bessel's correction, as sum((x - mean)^2) / (n - correction);
+    n is the static count of the reduced elements (Gemma 3n's sparse MLP takes the std of its gate)."""
+    x = node.args[0]
+    dims = _arg(node, 1, "dim", None)
+    dims = list(range(_rank(x))) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    if node.target.__name__.endswith("correction"):
+        correction = node.kwargs.get("correction")
+        correction = 1 if correction is None else correction
+    else:
+        correction = 1 if _arg(node, 2, "unbiased", True) else 0
+    sizes = [x.meta["val"].shape[dim] for dim in dims]
+    if not all(isinstance(size, int) for size in sizes):
+        raise ExportError(f"a variance over a dynamic dim (node {node.name}) is not supported")
+    keepdim = bool(_arg(node, 3, "keepdim", False))  # keyword-only in the correction overload
+    centred = low.emit("sub", [low.ref(x), low.emit("mean", [low.ref(x)], {"dims": dims, "keepdim": True})])
+    out = low.emit("sum", [low.emit("mul", [centred, centred])], {"dims": dims, "keepdim": keepdim})
+    out = low.emit("div", [out, float(max(math.prod(sizes) - correction, 0))])
+    return low.emit("sqrt", [out]) if node.target.__name__.startswith("std") else out
 
 
 aten("aten.mean.dim", "aten.mean.default")(_reduction("mean"))

@@ -4,7 +4,10 @@ Walks the graph once. Placeholders become consts (parameters, buffers, lifted
 constants, named by their module path) or program inputs; every call_function node is
 handed to the aten registry (``exporter.aten_ops``), which emits schema ops through
 ``Lowering.emit``. ``emit`` checks each node against the schema, so the exporter cannot
-write a program the interpreter's validator would refuse.
+write a program the interpreter's validator would refuse. A node that reads lifted
+constants alone (tensors a forward makes with ``torch.tensor``, such as Gemma 3n's target
+sparsity, which it turns into a normal quantile through ``erfinv``) is computed with torch
+instead, and its result becomes a const (``_fold``).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.",
     state.update(exported.constants)
     user_inputs = iter(PROGRAM_INPUTS)
     placeholder_specs = {spec.arg.name: spec for spec in sig.input_specs}
+    known: dict[torch.fx.Node, Any] = {}  # lifted constants and what is computed from them alone
 
     for node in exported.graph.nodes:
         if node.op == "placeholder":
@@ -116,8 +120,12 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.",
                 value = const_source(spec.target, tensor) if const_source else tensor.detach()
                 low.consts[name] = as_pairs(value)  # a complex const is held as its real pairs
                 low.values[node] = name
+                if spec.kind == InputKind.CONSTANT_TENSOR and not tensor.is_meta:
+                    known[node] = tensor.detach()
             else:
                 raise ExportError(f"unsupported graph input kind {spec.kind.name} ({node.name})")
+        elif node.op == "call_function" and _fold(low, node, known):
+            continue
         elif node.op == "call_function":
             target = node.target
             key = target_name(target)
@@ -135,6 +143,37 @@ def lower(exported: ExportedProgram, strip_prefix: str = "model.",
         else:
             raise ExportError(f"unsupported graph node kind {node.op} ({node.name})")
     return low, outputs
+
+
+def _fold(low: Lowering, node: torch.fx.Node, known: dict[torch.fx.Node, Any]) -> bool:
+    """Compute ``node`` now when it reads lifted constants alone; its tensors become consts.
+
+    Returns whether it did. A node that reads nothing (``aten.zeros``, ``aten.arange``) is left
+    to the program (its shape may follow the input's), and so is a seeded random op.
+    """
+    from exporter.complex_ops import as_pairs
+
+    inputs = node.all_input_nodes
+    if not inputs or any(arg not in known for arg in inputs):
+        return False
+    if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+        return False
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), known.__getitem__)
+    with torch.no_grad():
+        value = node.target(*args, **kwargs)
+    known[node] = value
+
+    def as_const(item: Any, index: str = "") -> Any:
+        if isinstance(item, (list, tuple)):
+            return [as_const(part, f"{index}.{i}") for i, part in enumerate(item)]
+        if not isinstance(item, torch.Tensor):
+            return item  # None (an assertion's result) or a number: a literal
+        name = f"folded.{node.name}{index}"
+        low.consts[name] = as_pairs(item.detach())  # a complex one as its real pairs, as a placeholder's
+        return name
+
+    low.values[node] = as_const(value)
+    return True
 
 
 def _is_user_output(exported: ExportedProgram, spec) -> bool:

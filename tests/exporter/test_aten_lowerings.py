@@ -68,6 +68,13 @@ def _complex_table(ids):
     return torch.view_as_real(torch.view_as_complex(_x(ids).reshape(2, 6, 3, 2)) * _FREQS[: ids.shape[1]])
 
 
+def _gaussian_gate(ids):
+    """Gemma 3n's gate: a target sparsity made with torch.tensor, its normal quantile (erfinv, computed at export)."""
+    x = _x(ids)
+    quantile = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(0.95, dtype=torch.float32))
+    return F.relu(x - (x.mean(-1, keepdim=True) + x.std(-1, keepdim=True, unbiased=False) * quantile))
+
+
 CASES = {
     "complex rotary (DeepSeek-V2)": _complex_rotary,
     "complex shapes and arithmetic": _complex_shapes,
@@ -101,6 +108,12 @@ CASES = {
         torch.linalg.vector_norm(_x(ids), dim=1).unsqueeze(1).expand(2, 6, 6),
         torch.linalg.vector_norm(_x(ids), ord=3, dim=(0, 1)).expand(2, 6, 6),
         torch.linalg.vector_norm(_x(ids), ord=float("inf"), dim=-1, keepdim=True).expand(-1, -1, 6)]),
+    "std and var": lambda ids: torch.stack([
+        _x(ids).std(-1, keepdim=True, unbiased=False).expand(-1, -1, 6),
+        _x(ids).var(dim=1, keepdim=True).expand(-1, 6, -1),
+        torch.std(_x(ids), dim=(0, 1), correction=2).expand(2, 6, 6),
+        torch.var(_x(ids) * 2, dim=[-1], correction=0).unsqueeze(-1).expand(-1, -1, 6)]),
+    "a constant made in the forward, turned through erfinv (Gemma 3n's sparse gate)": _gaussian_gate,
 }
 
 
