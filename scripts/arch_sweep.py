@@ -114,10 +114,12 @@ CANDIDATES: dict[str, dict] = {
     "granitemoe_swa": {},
     "qwen3_5_text": {},
     "qwen3_5_moe_text": {},
-    # the last two layers read the first two's keys and values (KV sharing)
+    # the last two layers read the first two's keys and values (KV sharing); the first two's MLPs are sparse,
+    # as E2B's and E4B's first ten are
     "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2, head_dim=16, sliding_window=4 + 1,
-                         layer_types=["sliding_attention", "full_attention"] * 2, activation_sparsity_pattern=[0.0] * 4,
-                         vocab_size_per_layer_input=384, hidden_size_per_layer_input=16),
+                         layer_types=["sliding_attention", "full_attention"] * 2,
+                         activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0], vocab_size_per_layer_input=384,
+                         hidden_size_per_layer_input=16),
     "gemma4_text": {},
     "hyperclovax": {},
     "jais2": {},

@@ -155,11 +155,12 @@ COMPOSITES: dict[str, dict] = {
                              per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,
                              vocab_size_per_layer_input=VOCAB)),
     # timm vision towers (stood in: ``timm_stood_in``), which paw leaves out without timm
-    # gemma3n: the last two layers read the first two's keys and values (KV sharing); an audio tower too
+    # gemma3n: the last two layers read the first two's keys and values (KV sharing), the first two's MLPs
+    # are sparse (a normal quantile of the gate, as E2B's and E4B's first ten layers); an audio tower too
     "gemma3n": dict(tie_word_embeddings=False, audio_config=dict(model_type="gemma3n_audio", conf_num_hidden_layers=1),
                     text=dict(num_hidden_layers=4, num_kv_shared_layers=2, head_dim=16, sliding_window=WINDOW,
                               layer_types=["sliding_attention", "full_attention"] * 2,
-                              activation_sparsity_pattern=[0.0] * 4, vocab_size_per_layer_input=VOCAB,
+                              activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0], vocab_size_per_layer_input=VOCAB,
                               hidden_size_per_layer_input=16)),
     "fast_vlm": {},
     # its projector reads the tower's width from model_args, which the default config leaves empty
