@@ -114,7 +114,7 @@ def test_a_text_model_without_a_causal_lm_is_one_error(folders, tmp_path):
 
 def test_gemma3n_matches_its_causal_lm_holding_the_same_weights(folders, exported):
     """Gemma 3n's text model is transformers' Gemma3nForCausalLM: loaded with the composite's text weights,
-    it computes what the exported program computes (KV sharing, per-layer inputs, AltUp)."""
+    it computes what the exported program computes (KV sharing, sparse MLPs, per-layer inputs, AltUp)."""
     import copy
 
     from transformers import Gemma3nForCausalLM
