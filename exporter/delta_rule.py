@@ -1,11 +1,12 @@
 """Gated DeltaNet layers captured as a short convolution and one gated-delta-rule op.
 
-Qwen3.5, Qwen3-Next and OLMo Hybrid mix attention layers with Gated DeltaNet layers: a
-causal convolution over the projected q, k, v, then linear attention by the gated delta
-rule, whose state transformers keeps in its cache. Their forwards differ only in the
-projections around two module-level functions they all call on a whole sequence:
+Qwen3.5, Qwen3-Next, OLMo Hybrid and Kimi Linear mix attention layers with Gated DeltaNet
+layers: a causal convolution over the projected q, k, v, then linear attention by the
+gated delta rule, whose state transformers keeps in its cache. Their forwards differ only
+in the projections around two module-level functions they all call on a whole sequence:
 ``causal_conv1d_fn`` (channels first, silu after) and ``torch_chunk_gated_delta_rule``
-(from no state). The recipe (``exporter/recipes.py``) swaps those two functions in the
+(Kimi Linear's ``chunk_kimi_delta_attention``, whose decay has one value per key channel),
+from no state. The recipe (``exporter/recipes.py``) swaps those two functions in the
 model's modeling module for the ones below, which call ``paw::causal_conv1d`` and
 ``paw::gated_delta_rule``: the model's own forward runs, and the graph holds the new
 positions only while the interpreter keeps both states (``interp/conv_cache.py``,
@@ -85,4 +86,5 @@ def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs
 
 
 #: the module-level functions a Gated DeltaNet forward calls, and what the recipe puts in their place
-FUNCTIONS = {"causal_conv1d_fn": causal_conv1d_fn, "torch_chunk_gated_delta_rule": chunk_gated_delta_rule}
+FUNCTIONS = {"causal_conv1d_fn": causal_conv1d_fn, "torch_chunk_gated_delta_rule": chunk_gated_delta_rule,
+             "chunk_kimi_delta_attention": chunk_gated_delta_rule}

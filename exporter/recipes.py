@@ -21,7 +21,7 @@ calls the paw op, for the duration of the capture only.
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
 | lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
-| qwen3_5*, qwen3_next, olmo_hybrid | Gated DeltaNet layers keep a conv and a delta state | two functions -> paw ops |
+| qwen3_5*, qwen3_next, olmo_hybrid, kimi_linear | Gated DeltaNet layers keep conv and delta states | two functions |
 | qwen3_5* | M-RoPE's strided frequency writes | plain RoPE, which M-RoPE is on text |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
@@ -278,7 +278,7 @@ RECIPES.update({name: Recipe(why="Gated DeltaNet layers with conv and recurrent 
                              forwards=_QWEN3_5_ROTARY if name.startswith("qwen3_5") else {},
                              layer_types=frozenset({"linear_attention"}))
                 for name in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
-                             "olmo_hybrid")})
+                             "olmo_hybrid", "kimi_linear")})
 
 
 @contextlib.contextmanager

@@ -122,14 +122,21 @@ ARCHS: dict[str, dict] = {
                        shared_expert_intermediate_size=32, decoder_sparse_step=1, tie_word_embeddings=False),
     # separate projections, beta scaled by 2 (negative eigenvalues), no rotary scaling
     "olmo_hybrid": dict(_GDN, tie_word_embeddings=False),
+    # Kimi Delta Attention: the gated delta rule with one decay per key channel; MLA attention, routed experts
+    "kimi_linear": dict(num_hidden_layers=4, layer_types=_GDN["layer_types"],
+                        mlp_layer_types=["dense", "sparse", "dense", "sparse"], linear_num_heads=4,
+                        linear_head_dim=16, linear_conv_kernel_dim=4, num_key_value_heads=4, kv_lora_rank=16,
+                        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
+                        head_dim=8, num_experts=4, num_experts_per_token=2, moe_intermediate_size=32,
+                        num_shared_experts=1, tie_word_embeddings=False),
 }
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
 MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "lfm2_moe", "llama4_text", "mixtral",
-       "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "qwen3_next")
+       "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py)
-RECURRENT = ("lfm2", "lfm2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid")
+RECURRENT = ("lfm2", "lfm2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,

@@ -1,15 +1,16 @@
 """The Gated DeltaNet replacements (exporter/delta_rule.py) compute what transformers' own functions do.
 
-The recipe swaps ``causal_conv1d_fn`` and ``torch_chunk_gated_delta_rule`` in the modeling
-modules for calls to the paw ops; on whole sequences from no state they must give
-transformers' results: its chunked rule (what its forward runs) and its recurrent rule
-(the op's reference).
+The recipe swaps ``causal_conv1d_fn`` and ``torch_chunk_gated_delta_rule`` (Kimi Linear's
+``chunk_kimi_delta_attention``) in the modeling modules for calls to the paw ops; on whole
+sequences from no state they must give transformers' results: its chunked rule (what its
+forward runs) and its recurrent rule (the op's reference).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.kimi_linear import modeling_kimi_linear
 from transformers.models.olmo_hybrid import modeling_olmo_hybrid
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
@@ -36,6 +37,20 @@ def test_the_rule_gives_transformers_results(theirs):
     want, _ = theirs(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     got, state = delta_rule.chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     assert state is None and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("theirs", [modeling_kimi_linear.chunk_kimi_delta_attention,
+                                    modeling_kimi_linear.recurrent_kimi_delta_attention])
+def test_the_rule_with_a_decay_per_key_channel_gives_kimi_deltas_results(theirs):
+    """Kimi Delta Attention: one head per key head, g [B, L, H, Dk]."""
+    q, k, _, _, beta = _inputs()
+    v = torch.randn(B, L, KEY_HEADS, DV, generator=torch.Generator().manual_seed(2))
+    g = -torch.rand(B, L, KEY_HEADS, DK, generator=torch.Generator().manual_seed(3)) * 2
+    beta = beta[:, :, :KEY_HEADS]
+    want, _ = theirs(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=False,
+                     use_qk_l2norm_in_kernel=True)
+    got, _ = delta_rule.chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
