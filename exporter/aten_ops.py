@@ -111,6 +111,12 @@ for _py, _op in [("add", "sym_add"), ("sub", "sym_sub"), ("mul", "sym_mul"), ("f
     aten(f"operator.{_py}")(_make(_op))
 
 
+@aten("operator.neg")
+def _sym_neg(low: Lowering, node):
+    """-a as 0 - a (OLMo Hybrid slices its convolution's output from -seq_len)."""
+    return low.emit("sym_sub", [0, low.ref(node.args[0])])
+
+
 # ----------------------------------------------------------------------------- elementwise
 
 
@@ -502,6 +508,16 @@ def _causal_conv1d(low: Lowering, node):
     x, weight = node.args[:2]
     layer = sum(1 for lowered in low.nodes if lowered["op"] == "causal_conv1d")
     return low.emit("causal_conv1d", [low.ref(x), low.ref(weight), low.ref(_arg(node, 2, "bias"))], {"layer": layer})
+
+
+@aten("paw.gated_delta_rule.default")
+def _gated_delta_rule(low: Lowering, node):
+    """One gated delta rule (exporter/delta_rule.py); its delta state slot is its rank among the graph's
+    rules, which ``build_spec`` moves past the KV cache and conv state slots."""
+    q, k, v, g, beta, scale = node.args[:6]
+    layer = sum(1 for lowered in low.nodes if lowered["op"] == "gated_delta_rule")
+    return low.emit("gated_delta_rule", [low.ref(x) for x in (q, k, v, g, beta)],
+                    {"layer": layer, "scale": float(scale)})
 
 
 @aten("paw.expert_linear.default")

@@ -57,12 +57,15 @@ def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_inf
                           "interface (no paw::attention in its graph); paw has no recipe for it (exporter/recipes.py)")
     if layers != list(range(len(layers))):
         raise ExportError(f"attention layers are not numbered 0..n-1: {layers}")
-    convs = [n for n in low.nodes if n["op"] == "causal_conv1d"]
-    for node in convs:  # the cache list holds the KV caches, then the conv states
-        node["attrs"]["layer"] += len(layers)
     state = {"kv_cache": {"layers": len(layers)}}
-    if convs:
-        state["conv"] = {"layers": len(convs)}
+    slots = len(layers)
+    for kind, op in (("conv", "causal_conv1d"), ("delta", "gated_delta_rule")):
+        stateful = [n for n in low.nodes if n["op"] == op]
+        for node in stateful:  # the cache list holds the KV caches, then the conv states, then the delta states
+            node["attrs"]["layer"] += slots
+        if stateful:
+            state[kind] = {"layers": len(stateful)}
+        slots += len(stateful)
     config = model.config
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     return {

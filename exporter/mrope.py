@@ -56,3 +56,20 @@ def plain_text_config(kind: str, text_config):
     config = AutoConfig.for_model(family, **{**params, **fixed})
     config._commit_hash = getattr(text_config, "_commit_hash", None)
     return config
+
+
+def text_rotary_forward(self, x, position_ids):
+    """Qwen3.5's text rotary embedding (M-RoPE over positions broadcast to three rows) as the plain RoPE it
+    is on text: cos, sin [B, L, 2 * len(inv_freq)] of ``position_ids`` [B, L].
+
+    Its forward recomposes the frequencies from the three rows with strided slice writes (which
+    no program op expresses); a text token has one position in every row, so each frequency
+    turns by that position whichever row owns it, and the result is cat(freqs, freqs).
+    """
+    import torch
+
+    if position_ids.dim() == 3:  # the rows of a text-only call are equal
+        position_ids = position_ids[0]
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)

@@ -21,8 +21,13 @@ calls the paw op, for the duration of the capture only.
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
 | lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
+| qwen3_5*, qwen3_next, olmo_hybrid, kimi_linear | Gated DeltaNet layers keep conv and delta states | two functions |
+| qwen3_5* | M-RoPE's strided frequency writes | plain RoPE, which M-RoPE is on text |
 
-A key names the module class, or ``Class.method`` for a method other than ``forward``. A recipe's
+A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
+``functions`` replace module-level functions of the model's modeling modules by name (the Gated
+DeltaNet families': ``causal_conv1d_fn`` -> ``paw::causal_conv1d``, ``torch_chunk_gated_delta_rule``
+-> ``paw::gated_delta_rule``, ``exporter/delta_rule.py``). A recipe's
 ``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
 whose state the interpreter owns; capture refuses every other recurrent kind.
 """
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import conv, llama4
+from exporter import conv, delta_rule, llama4, mrope
 from interp.errors import ExportError
 
 
@@ -52,6 +57,8 @@ class Recipe:
     check: Callable[[torch.nn.Module], None] | None = None
     #: recurrent layer kinds the replacements capture with a stateful op (exporter/conv.py)
     layer_types: frozenset[str] = frozenset()
+    #: module-level function name -> replacement, in every modeling module of the model's classes
+    functions: dict[str, Callable] = field(default_factory=dict)
 
 
 def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
@@ -263,6 +270,15 @@ RECIPES: dict[str, Recipe] = {
     "lfm2_moe": Recipe(why="short convolutions with state",
                        forwards={"Lfm2MoeShortConv": conv.lfm2_short_conv_forward}, layer_types=frozenset({"conv"})),
 }
+#: Gated DeltaNet hybrids: their forwards call the same two functions (exporter/delta_rule.py); Qwen3.5's
+#: text rotary embedding is M-RoPE, which on text is plain RoPE (exporter/mrope.py)
+_QWEN3_5_ROTARY = {"Qwen3_5TextRotaryEmbedding": mrope.text_rotary_forward,
+                   "Qwen3_5MoeTextRotaryEmbedding": mrope.text_rotary_forward}
+RECIPES.update({name: Recipe(why="Gated DeltaNet layers with conv and recurrent state", functions=delta_rule.FUNCTIONS,
+                             forwards=_QWEN3_5_ROTARY if name.startswith("qwen3_5") else {},
+                             layer_types=frozenset({"linear_attention"}))
+                for name in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
+                             "olmo_hybrid", "kimi_linear")})
 
 
 @contextlib.contextmanager
@@ -278,18 +294,21 @@ def applied(model: torch.nn.Module) -> Iterator[None]:
     replacements = {(cls, key.partition(".")[2] or "forward"): replacement
                     for cls in {type(m) for m in model.modules()} for key, replacement in recipe.forwards.items()
                     if key.partition(".")[0] == cls.__name__}
-    saved = {(cls, name): cls.__dict__.get(name) for cls, name in replacements}
+    modules = {sys.modules[type(m).__module__] for m in model.modules()}
+    replacements.update({(module, name): replacement for module in modules
+                         for name, replacement in recipe.functions.items() if hasattr(module, name)})
+    saved = {(owner, name): owner.__dict__.get(name) for owner, name in replacements}
     try:
         for key, value in recipe.config.items():
             setattr(model.config, key, value)
-        for (cls, name), replacement in replacements.items():
-            setattr(cls, name, replacement)
+        for (owner, name), replacement in replacements.items():
+            setattr(owner, name, replacement)
         yield
     finally:
-        for (cls, name), original in saved.items():
+        for (owner, name), original in saved.items():
             if original is None:
-                delattr(cls, name)
+                delattr(owner, name)
             else:
-                setattr(cls, name, original)
+                setattr(owner, name, original)
         for key, value in saved_config.items():
             setattr(model.config, key, value)

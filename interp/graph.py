@@ -18,6 +18,7 @@ import mlx.core as mx
 from interp import schema
 from interp.cache import KVCache
 from interp.conv_cache import ConvState, make_state_cache
+from interp.delta_state import DeltaState
 from interp.errors import PawError, ProgramError, WeightsError, first_line
 from interp.last_position import last_position_cut
 from interp.limits import RunBudget
@@ -164,9 +165,10 @@ class GraphModel:
     def from_program(cls, program: Program, compile_decode: bool = True) -> GraphModel:
         return cls(program, load_consts(program), compile_decode=compile_decode)
 
-    def make_cache(self) -> list[KVCache | ConvState]:
-        """The program's cache list: a KV cache per attention slot, then a conv state per conv slot."""
-        return make_state_cache(self.num_layers, self.program.conv_layers)
+    def make_cache(self) -> list[KVCache | ConvState | DeltaState]:
+        """The program's cache list: a KV cache per attention slot, then a conv state per conv slot, then a
+        delta state per delta slot."""
+        return make_state_cache(self.num_layers, self.program.conv_layers, self.program.delta_layers)
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
             key_mask: mx.array | None = None, query_columns: mx.array | None = None,

@@ -7,8 +7,9 @@ on lazily loaded consts, with a stand-in cache that records the keys and values 
 attention layer would store, and nothing is evaluated (only a ternary program's packed
 weights are read, by the layout the loader prepares for them). The interpreter's cache keeps
 every position and grows in steps of ``KVCache.step``, so the estimate rounds the
-context up to a whole step. A hybrid program's conv states (``interp/conv_cache.py``) are
-recorded the same way; their size does not grow with the context.
+context up to a whole step. A hybrid program's recurrent states (conv states,
+``interp/conv_cache.py``; delta states, ``interp/delta_state.py``) are recorded the same
+way; their size does not grow with the context.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from interp.cache import KVCache
-from interp.conv_cache import ConvState
+from interp.conv_cache import make_state_cache
 from interp.program import ST_DTYPES, Program, load_consts
 
 
@@ -37,7 +38,7 @@ class MemoryEstimate:
     cache_by_dtype: dict[str, int]
     context: int  # positions the cache holds (a whole number of cache steps)
     batch: int
-    #: the conv states of a hybrid program (whatever the context)
+    #: the recurrent states (conv, delta) of a hybrid program (whatever the context)
     conv_by_dtype: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -69,19 +70,19 @@ class _RecordingCache:
 
 def layer_caches(program: Program) -> tuple[list[LayerCache], Counter]:
     """Per attention layer, the KV bytes one position of one sequence takes; and the bytes of the
-    conv states of one sequence, by dtype (builds a lazy graph, evaluates nothing)."""
+    recurrent states of one sequence, by dtype (builds a lazy graph, evaluates nothing)."""
     from interp.graph import GraphModel
 
     model = GraphModel(program, load_consts(program), compile_decode=False)
     caches = [_RecordingCache() for _ in range(program.num_layers)]
-    states = [ConvState() for _ in range(program.conv_layers)]
+    states = make_state_cache(0, program.conv_layers, program.delta_layers)
     token = mx.zeros((1, 1), dtype=mx.int32)
     inputs = {name: token for name in model.input_names}
     model.run(inputs, cache=caches + states, offset=0)
     conv: Counter = Counter()
     for state in states:
-        if state.rows is not None:
-            conv[str(state.rows.dtype).removeprefix("mlx.core.")] += state.rows.nbytes
+        for array in state.state:
+            conv[str(array.dtype).removeprefix("mlx.core.")] += array.nbytes
     return [c.seen for c in caches if c.seen is not None], conv
 
 

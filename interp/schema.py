@@ -287,6 +287,19 @@ _op("causal_conv1d", "nn",
     "of xs as that state. Output [B, L, C]. Rows must be whole, unpadded sequences.",
     [_t("x"), _t("weight"), _opt("bias")],
     [_attr("layer", INT, "conv state slot: state.kv_cache.layers <= layer < that + state.conv.layers", low=0)])
+_op("gated_delta_rule", "nn",
+    "linear attention by the gated delta rule, with the interpreter's delta state: the Gated DeltaNet layers "
+    "of hybrid models (Qwen3.5, Qwen3-Next, OLMo Hybrid). q, k: [B, L, Hk, Dk] and v: [B, L, H, Dv] for the "
+    "L new positions only, H a multiple of Hk (value head h reads query/key head h // (H / Hk)); g: [B, L, H] "
+    "log-decay per head, or [B, L, H, Dk] per key channel; beta: [B, L, H]. Per head, from the state S "
+    "[Dk, Dv] of `layer` (zeros at the start of a sequence), for each position t in order: "
+    "S = exp(g_t) * S (per key row when g is per channel); S = S + k_t outer (beta_t * (v_t - k_t @ S)); "
+    "out_t = (scale * q_t) @ S. Computed in float32; the interpreter keeps the last S as the state. Output "
+    "[B, L, H, Dv] in v's dtype. Rows must be whole, unpadded sequences.",
+    [_t("q"), _t("k"), _t("v"), _t("g"), _t("beta")],
+    [_attr("layer", INT, "delta state slot, after the KV cache and conv state slots (state.delta.layers of them)",
+           low=0),
+     _attr("scale", FLOAT, "factor on the queries (Dk ** -0.5)")])
 _op("rope", "nn",
     "rotate-half rotary position embedding (fused by the exporter from HF's pattern). x: [B, H, L, D] "
     "with D = 2 * len(inv_freq); positions: [B, L] integer positions; angle = positions * inv_freq; "

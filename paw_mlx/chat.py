@@ -5,8 +5,9 @@ of the cache that matches the new token ids (the common prefix) and prefills onl
 rest. The rendered assistant message may tokenize differently from the ids that were
 generated; the common-prefix rule makes that harmless (the cache is simply cut back a
 little further). A hybrid program's conv states go back only as far as they keep inputs
-(``interp/conv_cache.py``); when a turn needs more, the cache starts empty and the whole
-conversation is prefilled again, which costs time, never exactness. Nothing here imports torch.
+(``interp/conv_cache.py``), its delta states not at all (``interp/delta_state.py``); when a
+turn needs more, the cache starts empty and the whole conversation is prefilled again, which
+costs time, never exactness. Nothing here imports torch.
 
 A reasoning model's reply may be kept as its answer and its reasoning (``split_reply``,
 called by the app that read the markers): the template then gets ``reasoning_content``
@@ -298,7 +299,7 @@ class ChatSession:
 
     def _trim_to(self, length: int) -> int:
         """Cut the cache back to ``length`` positions; returns the positions it then holds:
-        ``length``, or 0 when a layer cannot go back that far (a conv state): it starts empty."""
+        ``length``, or 0 when a layer cannot go back that far (a conv or delta state): it starts empty."""
         for layer in self.cache:
             extra = layer.offset - length
             if extra > 0 and layer.trim(extra) < extra:

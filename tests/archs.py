@@ -20,6 +20,13 @@ _BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
              bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
 
+#: the Gated DeltaNet part of a tiny hybrid: a linear-attention layer first, then attention
+_GDN = dict(num_hidden_layers=4, head_dim=16,
+            layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+
 # Gemma and BLOOM untie their embeddings here: tied, these random models greedily repeat one
 # token, which makes the greedy comparison weak. Tied embeddings stay covered by gpt2, opt, ...
 ARCHS: dict[str, dict] = {
@@ -108,14 +115,30 @@ ARCHS: dict[str, dict] = {
     "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
                      num_dense_layers=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      tie_word_embeddings=False),
+    # Gated DeltaNet hybrids (conv and delta states beside the KV cache): twice as many value heads as
+    # query/key heads, a value size unlike the key size; gated attention with q/k norms, partial rotary
+    "qwen3_5_text": dict(_GDN, tie_word_embeddings=False),
+    "qwen3_5_moe_text": dict(_GDN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=32, tie_word_embeddings=False),
+    "qwen3_next": dict(_GDN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, decoder_sparse_step=1, tie_word_embeddings=False),
+    # separate projections, beta scaled by 2 (negative eigenvalues), no rotary scaling
+    "olmo_hybrid": dict(_GDN, tie_word_embeddings=False),
+    # Kimi Delta Attention: the gated delta rule with one decay per key channel; MLA attention, routed experts
+    "kimi_linear": dict(num_hidden_layers=4, layer_types=_GDN["layer_types"],
+                        mlp_layer_types=["dense", "sparse", "dense", "sparse"], linear_num_heads=4,
+                        linear_head_dim=16, linear_conv_kernel_dim=4, num_key_value_heads=4, kv_lora_rank=16,
+                        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
+                        head_dim=8, num_experts=4, num_experts_per_token=2, moe_intermediate_size=32,
+                        num_shared_experts=1, tie_word_embeddings=False),
 }
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
 MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "lfm2_moe", "llama4_text", "mixtral",
-       "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
+       "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py)
-RECURRENT = ("lfm2", "lfm2_moe")
+RECURRENT = ("lfm2", "lfm2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,
@@ -150,6 +173,9 @@ COMPOSITES: dict[str, dict] = {
     "aya_vision": dict(text=dict(logit_scale=0.5)),  # its head does not scale the logits as Cohere 2's does
     "smolvlm": {},  # Llama under model.text_model
     "llava_onevision": {},
+    # Gated DeltaNet hybrids whose text model has a causal LM of its own (exporter/delta_rule.py)
+    "qwen3_5": {},
+    "qwen3_5_moe": {},
     "gemma4": dict(tie_word_embeddings=False, vision_config=dict(model_type="gemma4_vision"),
                    text=dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
                              per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,

@@ -85,6 +85,17 @@ def hybrid_program(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def gated_delta_program(tmp_path_factory, tiny_tokenizer):
+    """Directory of the tiny Qwen3.5 text model of tests/archs.py (Gated DeltaNet layers: conv and delta
+    states beside the KV cache) with tokenizer files."""
+    from tests.archs import arch_config
+    from tests.tiny import export_tiny
+
+    return export_tiny(arch_config("qwen3_5_text"), tmp_path_factory.mktemp("programs") / "tiny-qwen3_5",
+                       tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def arch_program(tmp_path_factory):
     """``arch_program(model_type, dtype="float32")``: the directory of that tiny architecture's
     program (tests/archs.py), exported once per session and shared by every test module."""

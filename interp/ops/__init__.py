@@ -11,6 +11,7 @@ from __future__ import annotations
 from interp.ops import (  # noqa: E402,F401  (fill the registry)
     attention,
     conv,
+    delta_rule,
     distributed,
     elementwise,
     experts,

@@ -58,12 +58,9 @@ def test_cli_export_hf_reports_a_missing_mapping_in_one_line(tmp_path, monkeypat
 
 #: architectures paw refuses, the config overrides that make them tiny, and what the one line names
 REFUSED = {
+    # recurrent layers no recipe captures (LFM2's conv layers and the Gated DeltaNet families' linear_attention
+    # layers are captured: exporter/conv.py, exporter/delta_rule.py)
     "mamba": ({}, r"MambaForCausalLM has recurrent layers \(linear_attention\)"),
-    # gated delta nets: recurrent layers no recipe captures (LFM2's conv layers are captured: exporter/conv.py)
-    "qwen3_next": (dict(layer_types=["linear_attention", "full_attention"], num_experts=4, num_experts_per_tok=2,
-                        head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
-                        linear_value_head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32),
-                   r"Qwen3NextForCausalLM has recurrent layers \(linear_attention\)"),
     # no layer_types to read: torch.export's failure is put in words
     "rwkv": ({}, r"torch.export could not capture RwkvForCausalLM: its forward fixes the sequence length"),
     # attention written by hand without a recipe: OpenAI GPT masks with its own buffer

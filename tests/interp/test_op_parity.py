@@ -81,6 +81,18 @@ def _conv_ref(x, weight, bias=None, *, layer):
     return paw_causal_conv1d(x, weight, bias)
 
 
+def _delta_rule_ref(q, k, v, g, beta, *, layer, scale):
+    from exporter.delta_rule import paw_gated_delta_rule
+
+    return paw_gated_delta_rule(q, k, v, g, beta, scale)
+
+
+def _unit_rows(*shape):
+    """Rows of length 1 along the last axis, as Gated DeltaNet's L2-normed keys are."""
+    x = randn(*shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 CASES: dict[str, Case] = {
     # elementwise, tensor-tensor with broadcasting and tensor-scalar
     "add": Case(torch.add, [randn(2, 3, 4), randn(3, 4)]),
@@ -272,6 +284,10 @@ CASES["embedding"] = Case(lambda w, i: F.embedding(i, w), [randn(10, 4), ints(10
 # In one process (the test's) the sum over the ranks is x itself; tests/interp/distributed runs it over several.
 CASES["all_sum"] = Case(lambda x: x.clone(), [randn(2, 3, 4)])
 CASES["causal_conv1d"] = Case(_conv_ref, [randn(2, 5, 6), randn(6, 1, 3), randn(6)], {"layer": 0})
+# two value heads per key head, a log-decay per head (Qwen3.5) and beta in (0, 1)
+CASES["gated_delta_rule"] = Case(
+    _delta_rule_ref, [_unit_rows(2, 5, 2, 4), _unit_rows(2, 5, 2, 4), randn(2, 5, 4, 3), -positive(2, 5, 4),
+                      positive(2, 5, 4) - 0.5], {"layer": 0, "scale": 0.5})
 EXTRA_CASES = {
     "attention with window, softcap and a cache-like longer key": Case(
         _attention_ref, [randn(1, 4, 3, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)],
@@ -323,6 +339,9 @@ EXTRA_CASES = {
                                                      np.array([2, 0], np.int32)]),
     "causal_conv1d without bias, one position, a wide kernel": Case(
         _conv_ref, [randn(2, 1, 6), randn(6, 1, 4), None], {"layer": 0}),
+    "gated_delta_rule with a decay per key channel (Kimi's KDA), one head per key head": Case(
+        _delta_rule_ref, [_unit_rows(1, 3, 2, 4), _unit_rows(1, 3, 2, 4), randn(1, 3, 2, 5), -positive(1, 3, 2, 4),
+                          positive(1, 3, 2) - 0.5], {"layer": 0, "scale": 0.5}),
     "layer_norm without affine": Case(
         lambda x, w, b, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
         [randn(2, 8), None, None], {"normalized_shape": [8], "eps": 1e-5}),

@@ -110,8 +110,9 @@ def test_every_range_in_the_schema_is_enforced():
     (lambda s: s["model"].update(source="hub"), "source must be an object"),
     (lambda s: s.update(state={"kv_cache": {"layers": "two"}}), "state.kv_cache.layers"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "ssm": {"layers": 1}}),
-     r"state.ssm is not a kind of state this paw keeps \(conv, kv_cache\)"),
+     r"state.ssm is not a kind of state this paw keeps \(conv, delta, kv_cache\)"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "conv": {"layers": -1}}), "state.conv.layers must be"),
+    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "delta": {"layers": "3"}}), "state.delta.layers must be"),
     (lambda s: s.update(version=True), "format version True"),
 ])
 def test_malformed_prog_json_is_one_program_error(program_copy, change, message):
@@ -289,6 +290,27 @@ def test_a_conv_node_must_name_a_conv_state_slot(hybrid_program, tmp_path, layer
 
     def change(spec):
         spec["nodes"][node_index(spec, "causal_conv1d")]["attrs"]["layer"] = layer
+        if state is not None:
+            spec["state"] = state
+    edit_spec(target, change)
+    with pytest.raises(ProgramError, match=message):
+        read_program(target)
+
+
+@pytest.mark.parametrize("layer, state, message", [
+    (3, None, r"layer 3 is not a delta state slot \(state.kv_cache.layers \+ state.conv.layers 4 to that \+ "
+              r"state.delta.layers 3\)"),
+    (7, None, "layer 7 is not a delta state slot"),
+    (4, {"kv_cache": {"layers": 1}, "conv": {"layers": 3}}, r"state.delta.layers 0\)"),
+])
+def test_a_delta_rule_node_must_name_a_delta_state_slot(gated_delta_program, tmp_path, layer, state, message):
+    """The cache list holds the KV caches, the conv states, then the delta states: a gated_delta_rule node
+    names one of the last."""
+    target = tmp_path / "prog"
+    shutil.copytree(gated_delta_program, target)
+
+    def change(spec):
+        spec["nodes"][node_index(spec, "gated_delta_rule")]["attrs"]["layer"] = layer
         if state is not None:
             spec["state"] = state
     edit_spec(target, change)

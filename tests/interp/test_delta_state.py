@@ -1,0 +1,106 @@
+"""The delta state beside the KV cache (interp/delta_state.py): the gated delta rule run piece by piece
+through it equals the whole sequence and a float64 reference, and it never goes back."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from interp.delta_state import DeltaState
+from interp.errors import ProgramError
+from interp.graph import RunContext
+from interp.ops import REGISTRY
+
+B, L, KEY_HEADS, HEADS, DK, DV = 2, 12, 2, 4, 8, 6
+SCALE = DK**-0.5
+
+
+def _rule(inputs: dict, cache: list | None, start: int = 0, stop: int = L) -> mx.array:
+    ctx = RunContext(cache=cache)
+    q, k, v, g, beta = (mx.array(inputs[name][:, start:stop]) for name in ("q", "k", "v", "g", "beta"))
+    return REGISTRY["gated_delta_rule"].fn(ctx, q, k, v, g, beta, layer=0, scale=SCALE)
+
+
+def _reference(inputs: dict) -> np.ndarray:
+    """The rule in float64, head by head and position by position, as written in the schema."""
+    q, k, v, g, beta = (inputs[name].astype(np.float64) for name in ("q", "k", "v", "g", "beta"))
+    out = np.zeros((B, L, HEADS, DV))
+    for b in range(B):
+        for h in range(HEADS):
+            kh = h // (HEADS // KEY_HEADS)
+            state = np.zeros((DK, DV))
+            for t in range(L):
+                decay = np.exp(g[b, t, h])
+                state = state * (decay[:, None] if decay.ndim else decay)
+                state = state + np.outer(k[b, t, kh], beta[b, t, h] * (v[b, t, h] - k[b, t, kh] @ state))
+                out[b, t, h] = (SCALE * q[b, t, kh]) @ state
+    return out
+
+
+def _inputs(per_channel: bool) -> dict:
+    rng = np.random.default_rng(0)
+
+    def unit(*shape):
+        x = rng.standard_normal(shape)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    gate = (B, L, HEADS, DK) if per_channel else (B, L, HEADS)
+    return {"q": unit(B, L, KEY_HEADS, DK), "k": unit(B, L, KEY_HEADS, DK),
+            "v": rng.standard_normal((B, L, HEADS, DV)).astype(np.float32),
+            "g": -rng.random(gate).astype(np.float32), "beta": rng.random((B, L, HEADS)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["decay per head", "decay per key channel"])
+def test_the_rule_matches_a_float64_reference(per_channel):
+    inputs = _inputs(per_channel)
+    np.testing.assert_allclose(np.array(_rule(inputs, None)), _reference(inputs), atol=1e-5)
+
+
+def test_pieces_through_the_state_equal_the_whole_sequence():
+    """Prefill 5, then 3, then one position at a time, as a chat turn and decoding feed it."""
+    inputs = _inputs(False)
+    whole = np.array(_rule(inputs, None))
+    state = DeltaState()
+    bounds = [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, L)]
+    pieces = [np.array(_rule(inputs, [state], a, b)) for a, b in bounds]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, atol=1e-6)
+    assert state.offset == L
+    assert state.matrix.shape == (B, HEADS, DK, DV) and state.matrix.dtype == mx.float32
+    assert state.nbytes == B * HEADS * DK * DV * 4
+
+
+def test_trim_forgets_nothing_and_a_copy_is_independent():
+    inputs = _inputs(False)
+    state = DeltaState()
+    _rule(inputs, [state], 0, 5)
+    matrix = np.array(state.matrix)
+    assert state.trim(1) == 0 and state.offset == 5
+    np.testing.assert_array_equal(np.array(state.matrix), matrix)
+    clone = state.copy()
+    _rule(inputs, [clone], 5, 6)
+    assert (clone.offset, state.offset) == (6, 5)
+    np.testing.assert_array_equal(np.array(state.matrix), matrix)
+
+
+def test_a_state_of_another_batch_is_refused():
+    inputs = _inputs(False)
+    state = DeltaState()
+    _rule(inputs, [state], 0, 5)
+    one_row = {name: value[:1] for name, value in inputs.items()}
+    with pytest.raises(ValueError, match="the delta state holds"):
+        _rule(one_row, [state], 5, 6)
+
+
+def test_padded_and_slot_batches_and_other_cache_entries_are_refused():
+    """Padding (a key mask) or rows at their own columns would enter every later row's state."""
+    inputs = _inputs(False)
+    args = [mx.array(inputs[name]) for name in ("q", "k", "v", "g", "beta")]
+    for ctx in (RunContext(cache=None, key_mask=mx.ones((B, L), dtype=mx.bool_)),
+                RunContext(cache=None, query_columns=mx.zeros((B, 1), dtype=mx.int32))):
+        with pytest.raises(ProgramError, match="gated_delta_rule runs on whole, unpadded rows"):
+            REGISTRY["gated_delta_rule"].fn(ctx, *args, layer=0, scale=SCALE)
+    from interp.cache import KVCache
+
+    with pytest.raises(ProgramError, match="cache entry 0 is a KVCache, not a delta state"):
+        REGISTRY["gated_delta_rule"].fn(RunContext(cache=[KVCache()]), *args, layer=0, scale=SCALE)
