@@ -46,6 +46,7 @@ def program_summary(path: str | Path, verify: bool = False, context: int | None 
         "consts_files": len(program.consts_files),
         "layers": program.num_layers,
         "conv_layers": program.conv_layers,
+        "ssm_layers": program.ssm_layers,
         "fingerprint": program.fingerprint or "(no manifest)",
     }
     if context is not None and context < 1:
@@ -104,6 +105,7 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
                   f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
     shards = f" in {s['consts_files']} shards" if s["consts_files"] > 1 else ""
     conv = f"{s['conv_layers']} conv layers (recurrent state); " if s["conv_layers"] else ""
+    conv += f"{s['ssm_layers']} SSM layers (recurrent state); " if s["ssm_layers"] else ""
     console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors{shards}; {s['layers']} attention layers; "
                   f"{conv}{s['nodes']} nodes")
     console.print(f"fingerprint: {s['fingerprint']}" + (f" (verified {s['verified']} files)" if verify else ""))
@@ -132,6 +134,8 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
         need.add_row("KV cache", dtype, human_bytes(nbytes))
     for dtype, nbytes in sorted(memory.conv_by_dtype.items()):
         need.add_row("conv state", dtype, human_bytes(nbytes))
+    for dtype, nbytes in sorted(memory.ssm_by_dtype.items()):
+        need.add_row("SSM state", dtype, human_bytes(nbytes))
     need.add_row("[bold]total[/bold]", "", f"[bold]{human_bytes(memory.total)}[/bold]")
     console.print(need)
 

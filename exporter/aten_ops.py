@@ -481,6 +481,14 @@ def _causal_conv1d(low: Lowering, node):
     return low.emit("causal_conv1d", [low.ref(x), low.ref(weight), low.ref(_arg(node, 2, "bias"))], {"layer": layer})
 
 
+@aten("paw.ssm_scan.default")
+def _ssm_scan(low: Lowering, node):
+    """One state-space scan (exporter/ssm.py); its SSM state slot is its rank among the graph's scans,
+    which ``build_spec`` moves past the KV cache and conv state slots."""
+    layer = sum(1 for lowered in low.nodes if lowered["op"] == "ssm_scan")
+    return low.emit("ssm_scan", [low.ref(a) for a in node.args[:5]], {"layer": layer})
+
+
 @aten("paw.expert_linear.default")
 def _expert_linear(low: Lowering, node):
     x, weight, indices = (low.ref(a) for a in node.args[:3])

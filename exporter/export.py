@@ -50,19 +50,24 @@ def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_inf
         if outputs[0] in node["outputs"]:
             node["outputs"] = ["logits" if o == outputs[0] else o for o in node["outputs"]]
     layers = sorted({n["attrs"]["layer"] for n in low.nodes if n["op"] == "attention"})
-    if not layers:
+    convs = [n for n in low.nodes if n["op"] == "causal_conv1d"]
+    scans = [n for n in low.nodes if n["op"] == "ssm_scan"]
+    if not layers and not scans:
         # attention written by hand and masked by the model itself: right on a whole sequence,
         # wrong through a cache, which such a program would never fill
         raise ExportError(f"cannot export: {type(model).__name__} computes attention outside transformers' attention "
                           "interface (no paw::attention in its graph); paw has no recipe for it (exporter/recipes.py)")
     if layers != list(range(len(layers))):
         raise ExportError(f"attention layers are not numbered 0..n-1: {layers}")
-    convs = [n for n in low.nodes if n["op"] == "causal_conv1d"]
-    for node in convs:  # the cache list holds the KV caches, then the conv states
+    for node in convs:  # the cache list holds the KV caches, then the conv states, then the SSM states
         node["attrs"]["layer"] += len(layers)
+    for node in scans:
+        node["attrs"]["layer"] += len(layers) + len(convs)
     state = {"kv_cache": {"layers": len(layers)}}
     if convs:
         state["conv"] = {"layers": len(convs)}
+    if scans:
+        state["ssm"] = {"layers": len(scans)}
     config = model.config
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     return {

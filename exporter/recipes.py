@@ -21,6 +21,7 @@ calls the paw op, for the duration of the capture only.
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
 | lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
+| mamba2, nemotron_h, granitemoehybrid, bamba | Mamba2 mixers keep conv, SSM states | ``causal_conv1d``, ``ssm_scan`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``. A recipe's
 ``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import conv, llama4
+from exporter import conv, llama4, ssm
 from interp.errors import ExportError
 
 
@@ -50,7 +51,7 @@ class Recipe:
     config: dict = field(default_factory=dict)
     #: run on the model before capture; raises ExportError where the replacements would not be exact
     check: Callable[[torch.nn.Module], None] | None = None
-    #: recurrent layer kinds the replacements capture with a stateful op (exporter/conv.py)
+    #: recurrent layer kinds the replacements capture with a stateful op (exporter/conv.py, exporter/ssm.py)
     layer_types: frozenset[str] = frozenset()
 
 
@@ -262,6 +263,10 @@ RECIPES: dict[str, Recipe] = {
                    layer_types=frozenset({"conv"})),
     "lfm2_moe": Recipe(why="short convolutions with state",
                        forwards={"Lfm2MoeShortConv": conv.lfm2_short_conv_forward}, layer_types=frozenset({"conv"})),
+    **{model_type: Recipe(why="Mamba2 mixers with conv and SSM state", forwards={mixer: ssm.mamba2_mixer_forward},
+                          layer_types=frozenset({"linear_attention"}))
+       for model_type, mixer in (("mamba2", "Mamba2Mixer"), ("nemotron_h", "NemotronHMamba2Mixer"),
+                                 ("granitemoehybrid", "GraniteMoeHybridMambaLayer"), ("bamba", "BambaMixer"))},
 }
 
 

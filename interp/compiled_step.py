@@ -9,10 +9,11 @@ capacity (they grow 256 positions at a time): the new keys and values are writte
 offset is an array, so a new position does not retrace; the step retraces only when the
 buffers grow or the batch changes.
 
-A hybrid program's conv states (``interp/conv_cache.py``) are fixed-size arrays: they go
-in and come out of the traced step beside the KV buffers, one each.
+A hybrid program's conv and SSM states (``interp/conv_cache.py``, ``interp/ssm_cache.py``) are
+fixed-size arrays: they go in and come out of the traced step beside the KV buffers, one
+each (``CARRIED`` names the array each kind holds).
 
-Caches other than paw's own ``KVCache`` and ``ConvState`` (an mlx-lm cache passed in) and a
+Caches other than paw's own ``KVCache`` and the states in ``CARRIED`` (an mlx-lm cache passed in) and a
 first step with nothing cached run the plain interpreter, ``GraphModel.run``: ``accepts``
 says which.
 
@@ -38,6 +39,10 @@ from interp.cache import KVCache
 from interp.conv_cache import ConvState
 from interp.graph import GraphModel, RunContext, run_nodes
 from interp.slots import SlotLayer
+from interp.ssm_cache import SSMState
+
+#: the recurrent states the traced step carries, after the KV caches: kind -> the attribute holding its array
+CARRIED: dict[type, str] = {ConvState: "rows", SSMState: "ssm"}
 
 
 class _Slot:
@@ -74,10 +79,10 @@ class CompiledStep:
     @staticmethod
     def accepts(cache: list | None) -> bool:
         """Whether ``cache`` can take the compiled step: paw's ``KVCache``, each holding keys, then
-        (a hybrid program) its ``ConvState``, each holding rows."""
-        return bool(cache) and type(cache[0]) is KVCache and all(
-            (type(c) is KVCache and c.keys is not None) or (type(c) is ConvState and c.rows is not None)
-            for c in cache)
+        (a hybrid program) its recurrent states (``CARRIED``), each holding its array."""
+        return bool(cache) and all(
+            (type(c) is KVCache and c.keys is not None)
+            or (type(c) in CARRIED and getattr(c, CARRIED[type(c)]) is not None) for c in cache)
 
     def _trace_target(self, last_only: bool = False) -> Callable:
         """The step for new positions shared by every row: ``offset`` (an array) is where the
@@ -97,27 +102,28 @@ class CompiledStep:
 
     def _step_function(self, make_slot: Callable, make_context: Callable[[list, mx.array], RunContext],
                        last_only: bool = False) -> Callable:
-        """``step(where, *inputs, *keys, *values, *rows)``: every node runner over KV cache slots made
-        by ``make_slot(keys, values, where)`` and conv states holding ``rows``; returns the outputs,
-        then the new keys, values and rows."""
+        """``step(where, *inputs, *keys, *values, *arrays)``: every node runner over KV cache slots made
+        by ``make_slot(keys, values, where)`` and recurrent states holding ``arrays`` (the program's conv
+        states, then its SSM states); returns the outputs, then the new keys, values and arrays."""
         model = self.model
         consts = model.consts
         input_names = list(model.input_names)
         output_names = list(model.output_names)
         layers = model.num_layers
+        kinds = [ConvState] * model.program.conv_layers + [SSMState] * model.program.ssm_layers
 
         def step(where: mx.array, *arrays: mx.array) -> list[mx.array]:
             buffers = arrays[len(input_names):]
             slots = [make_slot(k, v, where) for k, v in zip(buffers[:layers], buffers[layers : 2 * layers],
                                                             strict=True)]
-            states = [_conv_state(rows) for rows in buffers[2 * layers :]]
+            states = [_holding(kind, array) for kind, array in zip(kinds, buffers[2 * layers :], strict=True)]
             env: dict[str, Any] = dict(consts)
             # Symbolic ints (sizes of the inputs) become constants of the trace: a new size
             # is a new input shape, on which MLX retraces.
             env.update(zip(input_names, arrays[: len(input_names)], strict=True))
             outputs = run_nodes(model, env, make_context(slots + states, where), last_only)
             return ([outputs[name] for name in output_names] + [s.keys for s in slots] + [s.values for s in slots]
-                    + [s.rows for s in states])
+                    + [getattr(s, CARRIED[type(s)]) for s in states])
 
         return step
 
@@ -140,7 +146,8 @@ class CompiledStep:
             return None
         for c in cache[: self.model.num_layers]:
             c.reserve(length)
-        shape = (batch, length, cache[0].keys.shape[2], last_only)
+        capacity = cache[0].keys.shape[2] if self.model.num_layers else 0
+        shape = (batch, length, capacity, last_only)
         if shape not in self._traced:
             if shape not in self._seen or len(self._traced) >= MAX_PREFILL_TRACES:
                 if len(self._seen) >= 4 * MAX_PREFILL_TRACES:  # many one-off shapes: start counting again
@@ -163,18 +170,19 @@ class CompiledStep:
         return self._call_in_place(self._rows_fn, columns, inputs, layers)
 
     def _call_in_place(self, fn: Callable, where: mx.array, inputs: dict[str, mx.array], caches: list) -> dict:
-        """``fn(where, *inputs, *keys, *values, *rows)``, the caches' buffers swapped for the ones it returns.
+        """``fn(where, *inputs, *keys, *values, *arrays)``, the caches' buffers swapped for the ones it returns.
 
         The caches drop their references first, so MLX may update the buffers in place
         rather than copy them; on failure they get them back.
         """
         arrays = [inputs[name] for name in self.model.input_names]
         layers, states = caches[: self.model.num_layers], caches[self.model.num_layers :]
-        buffers = [c.keys for c in layers] + [c.values for c in layers] + [s.rows for s in states]
+        buffers = ([c.keys for c in layers] + [c.values for c in layers]
+                   + [getattr(s, CARRIED[type(s)]) for s in states])
         for c in layers:
             c.keys = c.values = None
         for s in states:
-            s.rows = None
+            setattr(s, CARRIED[type(s)], None)
         try:
             outs = fn(where, *arrays, *buffers)
         except BaseException:
@@ -186,17 +194,17 @@ class CompiledStep:
         return dict(zip(self.model.output_names, outs[:n_out], strict=True))
 
 
-def _conv_state(rows: mx.array) -> ConvState:
-    """A conv state inside the traced step, holding ``rows``."""
-    state = ConvState()
-    state.rows = rows
+def _holding(kind: type, array: mx.array) -> ConvState | SSMState:
+    """A recurrent state of ``kind`` inside the traced step, holding ``array``."""
+    state = kind()
+    setattr(state, CARRIED[kind], array)
     return state
 
 
 def _put_back(layers: list, states: list, buffers: list) -> None:
-    """Give the KV caches their keys and values and the conv states their rows, in ``buffers``' order."""
+    """Give the KV caches their keys and values and the recurrent states their arrays, in ``buffers``' order."""
     count = len(layers)
     for i, c in enumerate(layers):
         c.keys, c.values = buffers[i], buffers[count + i]
     for i, s in enumerate(states):
-        s.rows = buffers[2 * count + i]
+        setattr(s, CARRIED[type(s)], buffers[2 * count + i])

@@ -9,7 +9,7 @@ positions exactly, as a chat turn that drops the reply's last token needs; a lon
 forgets nothing and the caller prefills again (``paw_mlx/chat.py``). The buffer keeps one
 shape from call to call, so the compiled decode step carries it (``interp/compiled_step.py``).
 
-A program's cache list holds its KV caches first, then its conv states
+A program's cache list holds its KV caches first, then its conv states, then its SSM states
 (``make_state_cache``), as mlx-lm's ``make_prompt_cache`` holds a hybrid model's mixed
 cache kinds in one list; each op's ``layer`` attribute indexes that list.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from interp.cache import KVCache
+from interp.ssm_cache import SSMState
 
 
 class ConvState:
@@ -77,6 +78,8 @@ class ConvState:
         return 0 if self.rows is None else self.rows.nbytes
 
 
-def make_state_cache(kv_layers: int, conv_layers: int) -> list[KVCache | ConvState]:
-    """A program's cache list: ``kv_layers`` KV caches, then ``conv_layers`` conv states."""
-    return [KVCache() for _ in range(kv_layers)] + [ConvState() for _ in range(conv_layers)]
+def make_state_cache(kv_layers: int, conv_layers: int, ssm_layers: int = 0) -> list[KVCache | ConvState | SSMState]:
+    """A program's cache list: ``kv_layers`` KV caches, ``conv_layers`` conv states, then ``ssm_layers``
+    SSM states (``interp/ssm_cache.py``)."""
+    return ([KVCache() for _ in range(kv_layers)] + [ConvState() for _ in range(conv_layers)]
+            + [SSMState() for _ in range(ssm_layers)])

@@ -24,6 +24,7 @@ from interp.limits import RunBudget
 from interp.ops import REGISTRY
 from interp.ops.ternary import prepare_ternary_consts
 from interp.program import Program, load_consts
+from interp.ssm_cache import SSMState
 from interp.threads import release_on_thread_exit
 
 
@@ -164,9 +165,10 @@ class GraphModel:
     def from_program(cls, program: Program, compile_decode: bool = True) -> GraphModel:
         return cls(program, load_consts(program), compile_decode=compile_decode)
 
-    def make_cache(self) -> list[KVCache | ConvState]:
-        """The program's cache list: a KV cache per attention slot, then a conv state per conv slot."""
-        return make_state_cache(self.num_layers, self.program.conv_layers)
+    def make_cache(self) -> list[KVCache | ConvState | SSMState]:
+        """The program's cache list: a KV cache per attention slot, a conv state per conv slot, then an
+        SSM state per SSM slot."""
+        return make_state_cache(self.num_layers, self.program.conv_layers, self.program.ssm_layers)
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
             key_mask: mx.array | None = None, query_columns: mx.array | None = None,

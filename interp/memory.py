@@ -7,8 +7,8 @@ on lazily loaded consts, with a stand-in cache that records the keys and values 
 attention layer would store, and nothing is evaluated (only a ternary program's packed
 weights are read, by the layout the loader prepares for them). The interpreter's cache keeps
 every position and grows in steps of ``KVCache.step``, so the estimate rounds the
-context up to a whole step. A hybrid program's conv states (``interp/conv_cache.py``) are
-recorded the same way; their size does not grow with the context.
+context up to a whole step. A hybrid program's conv and SSM states (``interp/conv_cache.py``,
+``interp/ssm_cache.py``) are recorded the same way; their size does not grow with the context.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from interp.cache import KVCache
-from interp.conv_cache import ConvState
+from interp.conv_cache import ConvState, make_state_cache
 from interp.program import ST_DTYPES, Program, load_consts
 
 
@@ -39,6 +39,8 @@ class MemoryEstimate:
     batch: int
     #: the conv states of a hybrid program (whatever the context)
     conv_by_dtype: dict[str, int] = field(default_factory=dict)
+    #: the SSM states of a state-space program (whatever the context)
+    ssm_by_dtype: dict[str, int] = field(default_factory=dict)
 
     @property
     def weights(self) -> int:
@@ -46,7 +48,8 @@ class MemoryEstimate:
 
     @property
     def cache(self) -> int:
-        return sum(self.cache_by_dtype.values()) + sum(self.conv_by_dtype.values())
+        return (sum(self.cache_by_dtype.values()) + sum(self.conv_by_dtype.values())
+                + sum(self.ssm_by_dtype.values()))
 
     @property
     def total(self) -> int:
@@ -67,22 +70,23 @@ class _RecordingCache:
         return keys, values
 
 
-def layer_caches(program: Program) -> tuple[list[LayerCache], Counter]:
+def layer_caches(program: Program) -> tuple[list[LayerCache], Counter, Counter]:
     """Per attention layer, the KV bytes one position of one sequence takes; and the bytes of the
-    conv states of one sequence, by dtype (builds a lazy graph, evaluates nothing)."""
+    conv states and of the SSM states of one sequence, by dtype (builds a lazy graph, evaluates nothing)."""
     from interp.graph import GraphModel
 
     model = GraphModel(program, load_consts(program), compile_decode=False)
     caches = [_RecordingCache() for _ in range(program.num_layers)]
-    states = [ConvState() for _ in range(program.conv_layers)]
+    states = make_state_cache(0, program.conv_layers, program.ssm_layers)
     token = mx.zeros((1, 1), dtype=mx.int32)
     inputs = {name: token for name in model.input_names}
     model.run(inputs, cache=caches + states, offset=0)
     conv: Counter = Counter()
+    ssm: Counter = Counter()
     for state in states:
-        if state.rows is not None:
-            conv[str(state.rows.dtype).removeprefix("mlx.core.")] += state.rows.nbytes
-    return [c.seen for c in caches if c.seen is not None], conv
+        for array in state.state:
+            (conv if isinstance(state, ConvState) else ssm)[str(array.dtype).removeprefix("mlx.core.")] += array.nbytes
+    return [c.seen for c in caches if c.seen is not None], conv, ssm
 
 
 def estimate_memory(program: Program, context: int, batch: int = 1) -> MemoryEstimate:
@@ -94,8 +98,9 @@ def estimate_memory(program: Program, context: int, batch: int = 1) -> MemoryEst
             weights[ST_DTYPES.get(meta["dtype"], meta["dtype"])] += end - start
     positions = -(-max(context, 1) // KVCache.step) * KVCache.step
     cache: Counter = Counter()
-    layers, conv = layer_caches(program)
+    layers, conv, ssm = layer_caches(program)
     for layer in layers:
         cache[layer.dtype] += layer.bytes_per_position * positions * batch
     conv = {dtype: nbytes * batch for dtype, nbytes in conv.items()}
-    return MemoryEstimate(dict(weights), dict(cache), positions, batch, conv)
+    ssm = {dtype: nbytes * batch for dtype, nbytes in ssm.items()}
+    return MemoryEstimate(dict(weights), dict(cache), positions, batch, conv, ssm)

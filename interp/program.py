@@ -36,8 +36,9 @@ _SHARD_NAME = re.compile(r"consts-\d{5}-of-\d{5}\.safetensors")
 FED_INPUTS = ("input_ids", "position_ids")
 #: more KV-cache layers than any model has: a sanity bound on state.kv_cache.layers
 MAX_LAYERS = 100_000
-#: the kinds of ``state`` a program may declare: attention's KV caches, short convolutions' conv states
-STATE_KINDS = frozenset({"kv_cache", "conv"})
+#: the kinds of ``state`` a program may declare: attention's KV caches, short convolutions' conv states,
+#: state-space layers' SSM states
+STATE_KINDS = frozenset({"kv_cache", "conv", "ssm"})
 #: safetensors' own bound on the JSON header
 MAX_HEADER_BYTES = 100 << 20
 
@@ -106,10 +107,15 @@ class Program:
         return int(self.spec.get("state", {}).get("conv", {}).get("layers", 0))
 
     @property
+    def ssm_layers(self) -> int:
+        """SSM state slots (``ssm_scan`` layers), after the conv states in the cache list."""
+        return int(self.spec.get("state", {}).get("ssm", {}).get("layers", 0))
+
+    @property
     def recurrent(self) -> bool:
-        """Whether the program keeps state other than KV caches (conv states), which the paths that
-        carry only KV caches (slot batches, KV prefixes, splits over ranks) refuse."""
-        return self.conv_layers > 0
+        """Whether the program keeps state other than KV caches (conv or SSM states), which the paths
+        that carry only KV caches (slot batches, KV prefixes, splits over ranks) refuse."""
+        return self.conv_layers > 0 or self.ssm_layers > 0
 
 
 def resolve_program_dir(path: str | Path) -> Path:
@@ -187,10 +193,11 @@ def _check_format(spec: dict, path: Path) -> None:
     if unknown:
         raise ProgramError(f"{path}: state.{unknown[0]} is not a kind of state this paw keeps "
                            f"({', '.join(sorted(STATE_KINDS))})")
-    conv = spec.get("state", {}).get("conv", {})
-    conv_layers = conv.get("layers", 0) if isinstance(conv, dict) else None
-    if not _is_int(conv_layers) or not 0 <= conv_layers <= MAX_LAYERS:
-        raise ProgramError(f"{path}: state.conv.layers must be an integer in [0, {MAX_LAYERS}]")
+    for kind in ("conv", "ssm"):
+        entry = spec.get("state", {}).get(kind, {})
+        count = entry.get("layers", 0) if isinstance(entry, dict) else None
+        if not _is_int(count) or not 0 <= count <= MAX_LAYERS:
+            raise ProgramError(f"{path}: state.{kind}.layers must be an integer in [0, {MAX_LAYERS}]")
 
 
 def _check_model_info(info: dict, path: Path) -> None:
@@ -241,7 +248,7 @@ def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
         defined[name] = "tensor"
 
     state = spec.get("state", {})
-    layers = (state.get("kv_cache", {}).get("layers", 0), state.get("conv", {}).get("layers", 0))
+    layers = tuple(state.get(kind, {}).get("layers", 0) for kind in ("kv_cache", "conv", "ssm"))
     nodes: list[Node] = []
     for index, raw in enumerate(spec["nodes"]):
         where = f"node {index}"
@@ -307,17 +314,20 @@ def names_in(value: Any) -> Iterator[str]:
             yield from names_in(item)
 
 
-def _check_node_attrs(op: str, attrs: dict, layers: tuple[int, int], where: str) -> None:
+def _check_node_attrs(op: str, attrs: dict, layers: tuple[int, int, int], where: str) -> None:
     """Checks that span attributes or need the program: cache slots, literal allocations.
 
-    ``layers`` is (KV cache slots, conv state slots); the cache list holds the KV caches first.
+    ``layers`` is (KV cache slots, conv state slots, SSM state slots), the cache list's order.
     """
-    kv, conv = layers
+    kv, conv, ssm = layers
     if op == "attention" and _is_int(attrs.get("layer")) and attrs["layer"] >= kv:
         raise ProgramError(f"{where}: layer {attrs['layer']} is not below state.kv_cache.layers ({kv})")
     if op == "causal_conv1d" and _is_int(attrs.get("layer")) and not kv <= attrs["layer"] < kv + conv:
         raise ProgramError(f"{where}: layer {attrs['layer']} is not a conv state slot (state.kv_cache.layers "
                            f"{kv} to {kv} + state.conv.layers {conv})")
+    if op == "ssm_scan" and _is_int(attrs.get("layer")) and not kv + conv <= attrs["layer"] < kv + conv + ssm:
+        raise ProgramError(f"{where}: layer {attrs['layer']} is not an SSM state slot (state.kv_cache.layers + "
+                           f"state.conv.layers {kv + conv} to that + state.ssm.layers {ssm})")
     if op == "full" and all(_is_int(d) for d in attrs["shape"]):
         limits.check_shape(attrs["shape"], limits.dtype_bytes(attrs["dtype"]), f"{where}: its output")
     if op == "arange" and all(_is_int(attrs.get(k, 0)) for k in ("start", "end", "step")):

@@ -1,10 +1,11 @@
 """One refusal for the paths that cannot run a program with recurrent state.
 
-A conv state (``interp/conv_cache.py``) is one array per layer, not one entry per
-position: it goes back only a few positions, is not saved with a KV prefix, split over
-ranks by layer or head as the KV cache is, or kept per row in a slot batch. The plain
-generation path runs such a program exactly; every other path either handles the state
-itself (``paw chat`` trims within its depth, else prefills again) or calls
+A conv state (``interp/conv_cache.py``) or an SSM state (``interp/ssm_cache.py``) is one
+array per layer, not one entry per position: it goes back a few positions or none, is not
+saved with a KV prefix, split over ranks by layer or head as the KV cache is, or kept per
+row in a slot batch. The plain generation path runs such a program exactly; every other
+path either handles the state itself (``paw chat`` trims within its depth, else prefills
+again) or calls
 ``refuse_recurrent`` before any work.
 """
 
@@ -17,6 +18,8 @@ from interp.program import Program
 def refuse_recurrent(program: Program, what: str, error: type[PawError] = PawError) -> None:
     """Raise ``error`` naming ``what`` (e.g. "paw serve") when ``program`` keeps recurrent state."""
     if program.recurrent:
-        raise error(f"{what} does not run programs with recurrent state: {program.directory} keeps a conv state "
-                    f"in {program.conv_layers} layers ({program.model_info.get('model_type') or 'hybrid'}), which "
-                    "slot batches, KV prefixes and splits over ranks do not carry; use paw run or paw chat")
+        kept = " and ".join(f"{kind} state in {count} layers" for kind, count in
+                            (("a conv", program.conv_layers), ("an SSM", program.ssm_layers)) if count)
+        raise error(f"{what} does not run programs with recurrent state: {program.directory} keeps {kept} "
+                    f"({program.model_info.get('model_type') or 'hybrid'}), which slot batches, KV prefixes and "
+                    "splits over ranks do not carry; use paw run or paw chat")

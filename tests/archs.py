@@ -106,14 +106,35 @@ ARCHS: dict[str, dict] = {
     "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
                      num_dense_layers=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      tie_word_embeddings=False),
+    # state-space layers (conv + SSM state): 8 heads of 16 in 2 groups, chunks of 4 cut transformers'
+    # full-sequence scan into pieces
+    "mamba2": dict(num_heads=8, head_dim=16, expand=2, n_groups=2, state_size=16, conv_kernel=4, chunk_size=4,
+                   tie_word_embeddings=False),
+    # Mamba2, MoE and attention layers, a Mamba2 layer first
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp"], head_dim=16,
+                       mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+                       chunk_size=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1, tie_word_embeddings=False),
+    # Granite 4: Mamba2 and attention (NoPE) layers, each with routed experts and a shared one;
+    # Granite's multipliers off 1
+    "granitemoehybrid": dict(num_hidden_layers=3,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"],
+                             mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=4,
+                             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32,
+                             embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
+                             attention_multiplier=0.25),
+    # Bamba: Mamba2 layers around one rotary attention layer
+    "bamba": dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+                  mamba_d_state=16, mamba_chunk_size=4),
 }
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
 MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "lfm2_moe", "llama4_text", "mixtral",
        "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
-#: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py)
-RECURRENT = ("lfm2", "lfm2_moe")
+#: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
+#: Mamba2 mixers a conv and an SSM state (exporter/ssm.py)
+RECURRENT = ("lfm2", "lfm2_moe", "mamba2", "nemotron_h", "granitemoehybrid", "bamba")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,

@@ -75,6 +75,12 @@ def _attention_ref(q, k, v, sinks=None, *, layer, **attrs):
     return attention_reference(q, k, v, sinks=sinks, **attrs)
 
 
+def _ssm_ref(x, dt, A, B, C, *, layer):
+    from exporter.ssm import paw_ssm_scan
+
+    return paw_ssm_scan(x, dt, A, B, C)
+
+
 def _conv_ref(x, weight, bias=None, *, layer):
     from exporter.conv import paw_causal_conv1d
 
@@ -272,6 +278,9 @@ CASES["embedding"] = Case(lambda w, i: F.embedding(i, w), [randn(10, 4), ints(10
 # In one process (the test's) the sum over the ranks is x itself; tests/interp/distributed runs it over several.
 CASES["all_sum"] = Case(lambda x: x.clone(), [randn(2, 3, 4)])
 CASES["causal_conv1d"] = Case(_conv_ref, [randn(2, 5, 6), randn(6, 1, 3), randn(6)], {"layer": 0})
+# 4 heads of 3 in 2 groups, state size 6; dt > 0 and A < 0 as softplus and -exp make them
+CASES["ssm_scan"] = Case(_ssm_ref, [randn(2, 5, 4, 3), positive(2, 5, 4), -positive(4), randn(2, 5, 2, 6),
+                                    randn(2, 5, 2, 6)], {"layer": 0})
 EXTRA_CASES = {
     "attention with window, softcap and a cache-like longer key": Case(
         _attention_ref, [randn(1, 4, 3, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)],

@@ -109,9 +109,10 @@ def test_every_range_in_the_schema_is_enforced():
     (lambda s: s["model"].update(vocab_size=500), "the embedding of input_ids has only 384 rows"),
     (lambda s: s["model"].update(source="hub"), "source must be an object"),
     (lambda s: s.update(state={"kv_cache": {"layers": "two"}}), "state.kv_cache.layers"),
-    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "ssm": {"layers": 1}}),
-     r"state.ssm is not a kind of state this paw keeps \(conv, kv_cache\)"),
+    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "rwkv": {"layers": 1}}),
+     r"state.rwkv is not a kind of state this paw keeps \(conv, kv_cache, ssm\)"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "conv": {"layers": -1}}), "state.conv.layers must be"),
+    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "ssm": {"layers": "one"}}), "state.ssm.layers must be"),
     (lambda s: s.update(version=True), "format version True"),
 ])
 def test_malformed_prog_json_is_one_program_error(program_copy, change, message):
