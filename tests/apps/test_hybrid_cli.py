@@ -1,4 +1,4 @@
-"""The CLI on a hybrid program (tests/archs.py's tiny LFM2): ``paw run`` and ``paw inspect`` work,
+"""The CLI on hybrid programs (tests/archs.py's tiny LFM2 and Mamba2): ``paw run`` and ``paw inspect`` work,
 ``paw serve`` and ``paw compile`` refuse it in one line."""
 
 from __future__ import annotations
@@ -23,3 +23,19 @@ def test_serve_and_compile_refuse_it_in_one_line(hybrid_program, tmp_path):
     assert_one_line_error(paw("compile", "Answer yes.", "--base", str(hybrid_program), "-o", str(tmp_path / "out")),
                           "programs as weights (paw compile, paw_mlx.function) does not run programs with recurrent")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_state_space_program_runs_inspect_shows_its_ssm_state_and_serve_refuses_it(ssm_program):
+    """The tiny Mamba2: no attention, a conv and an SSM state per layer."""
+    done = paw("run", str(ssm_program), "--prompt", "one two three", "--max-tokens", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    shown = paw("inspect", str(ssm_program))
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "0 attention layers; 2 conv layers (recurrent state); 2 SSM layers (recurrent state)" in text
+    # 2 layers of [1, 8 heads, 16, 16] float32; the conv states: 2 layers of 35 rows of 192 channels
+    assert "SSM state │ float32 │ 16.4 KB" in text and "conv state │ float32 │ 53.8 KB" in text
+    assert "ssm_scan" in text
+    assert_one_line_error(paw("serve", str(ssm_program), "--port", "0"),
+                          "paw serve's batching engine does not run programs with recurrent state")

@@ -295,3 +295,18 @@ def test_a_conv_node_must_name_a_conv_state_slot(hybrid_program, tmp_path, layer
     edit_spec(target, change)
     with pytest.raises(ProgramError, match=message):
         read_program(target)
+
+
+@pytest.mark.parametrize("layer, message", [
+    (1, r"layer 1 is not an SSM state slot \(state.kv_cache.layers \+ state.conv.layers 2 to that \+ "
+        r"state.ssm.layers 2\)"),
+    (4, "layer 4 is not an SSM state slot"),
+])
+def test_an_ssm_node_must_name_an_ssm_state_slot(ssm_program, tmp_path, layer, message):
+    """The cache list holds the KV caches, the conv states, then the SSM states: an ssm_scan node names one
+    of the last (the tiny Mamba2: no KV cache, slots 0 and 1 conv, 2 and 3 SSM)."""
+    target = tmp_path / "prog"
+    shutil.copytree(ssm_program, target)
+    edit_spec(target, lambda spec: spec["nodes"][node_index(spec, "ssm_scan")]["attrs"].update(layer=layer))
+    with pytest.raises(ProgramError, match=message):
+        read_program(target)
