@@ -326,7 +326,7 @@ def _select(low: Lowering, node):
     return low.emit("select", [low.ref(node.args[0])], {"dim": node.args[1], "index": low.ref(node.args[2])})
 
 
-@aten("aten.cat.default", "aten.concat.default")
+@aten("aten.cat.default", "aten.concat.default", "aten.concatenate.default")
 def _cat(low: Lowering, node):
     return cat_along(low, node, _arg(node, 1, "dim", 0))
 

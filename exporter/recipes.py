@@ -21,7 +21,8 @@ calls the paw op, for the duration of the capture only.
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
 | lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
-| mamba2, nemotron_h, granitemoehybrid, bamba | Mamba2 mixers keep conv, SSM states | ``causal_conv1d``, ``ssm_scan`` |
+| mamba2, nemotron_h, granitemoehybrid, bamba, zamba2 | Mamba2 mixers keep conv, SSM states | ``ssm_scan`` |
+| falcon_h1 | the same mixer with muP multipliers | ``ssm_scan`` and the multipliers |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``. A recipe's
 ``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
@@ -267,6 +268,12 @@ RECIPES: dict[str, Recipe] = {
                           layer_types=frozenset({"linear_attention"}))
        for model_type, mixer in (("mamba2", "Mamba2Mixer"), ("nemotron_h", "NemotronHMamba2Mixer"),
                                  ("granitemoehybrid", "GraniteMoeHybridMambaLayer"), ("bamba", "BambaMixer"))},
+    "falcon_h1": Recipe(why="Mamba2 mixers (muP multipliers) with conv and SSM state",
+                        forwards={"FalconH1Mixer": ssm.falcon_h1_mixer_forward}, layer_types=frozenset({"hybrid"})),
+    # Zamba2's "hybrid" layers run its shared attention block, then a Mamba2 mixer
+    "zamba2": Recipe(why="Mamba2 mixers with conv and SSM state",
+                     forwards={"Zamba2MambaMixer": ssm.mamba2_mixer_forward},
+                     layer_types=frozenset({"linear_attention", "hybrid"})),
 }
 
 

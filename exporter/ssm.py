@@ -44,16 +44,14 @@ def _paw_ssm_scan_fake(x, dt, A, B, C):
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
-def mamba2_mixer_forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
-    """transformers' Mamba2 mixer without a cache, its convolution and scan as paw ops.
+def _scan_projected(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mamba2 mixer's convolution and scan over its input projection [B, L, *]: (y float32
+    [B, L, H * P] with the D skip, gate).
 
-    The mask it applies to padding is unused: a program's rows are never padded through a
-    recurrent state (``interp/ops/ssm.py``). dt is clamped to ``time_step_limit`` as the
-    full-sequence path does (its decode path does not: the two agree while dt stays in it).
+    dt is clamped to ``time_step_limit`` as transformers' full-sequence path does (its decode
+    path does not: the two agree while dt stays within it).
     """
-    batch, length, _ = hidden_states.shape
-    dtype = hidden_states.dtype
-    projected = self.in_proj(hidden_states)
+    batch, length, _ = projected.shape
     A = -torch.exp(self.A_log.float())
     gate, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
     xBC = self.act(torch.ops.paw.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))
@@ -67,5 +65,22 @@ def mamba2_mixer_forward(self, hidden_states, cache_params=None, attention_mask=
     y = torch.ops.paw.ssm_scan(x, dt, A, B.reshape(batch, length, self.n_groups, self.ssm_state_size),
                                C.reshape(batch, length, self.n_groups, self.ssm_state_size))
     y = y + self.D[..., None] * x.float()  # the D skip, in float32 as transformers adds it
-    y = self.norm(y.reshape(batch, length, -1), gate)
-    return self.out_proj(y.to(dtype))
+    return y.reshape(batch, length, -1), gate
+
+
+def mamba2_mixer_forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+    """transformers' Mamba2 mixer without a cache, its convolution and scan as paw ops.
+
+    The mask it applies to padding is unused: a program's rows are never padded through a
+    recurrent state (``interp/ops/ssm.py``).
+    """
+    y, gate = _scan_projected(self, self.in_proj(hidden_states))
+    return self.out_proj(self.norm(y, gate).to(hidden_states.dtype))
+
+
+def falcon_h1_mixer_forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+    """FalconH1Mixer: the Mamba2 mixer with muP multipliers on its input and projection, gated by
+    its norm or, without one (``mamba_rms_norm`` false), by silu(gate) alone."""
+    y, gate = _scan_projected(self, self.in_proj(hidden_states * self.ssm_in_multiplier) * self.mup_vector)
+    y = self.norm(y, gate) if self.mamba_rms_norm else y * F.silu(gate)
+    return self.out_proj(y.to(hidden_states.dtype))

@@ -126,15 +126,28 @@ ARCHS: dict[str, dict] = {
     # Bamba: Mamba2 layers around one rotary attention layer
     "bamba": dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
                   mamba_d_state=16, mamba_chunk_size=4),
+    # Zamba2: Mamba2 layers and hybrid ones (a shared attention block, with per-layer LoRA adapters,
+    # before a Mamba2 layer); initializer 0.1: at 0.2 transformers' own float32 logits are 2e-4 from
+    # float64 (paw's too), too close to the tolerance to compare
+    "zamba2": dict(num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
+                   n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=16, chunk_size=4, num_attention_heads=4,
+                   num_key_value_heads=4, use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True,
+                   tie_word_embeddings=False, initializer_range=0.1),
+    # Falcon-H1: attention and a Mamba2 mixer side by side in every layer, muP multipliers off 1
+    "falcon_h1": dict(head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+                      mamba_d_state=16, mamba_chunk_size=4, ssm_multipliers=[0.5, 2.0, 1.5, 0.75, 1.25],
+                      ssm_in_multiplier=0.5, ssm_out_multiplier=2.0, attention_in_multiplier=0.5,
+                      attention_out_multiplier=1.5, key_multiplier=0.5, mlp_multipliers=[0.5, 2.0],
+                      embedding_multiplier=2.0, lm_head_multiplier=0.5, tie_word_embeddings=False),
 }
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
-MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "lfm2_moe", "llama4_text", "mixtral",
-       "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
+MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe",
+       "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Mamba2 mixers a conv and an SSM state (exporter/ssm.py)
-RECURRENT = ("lfm2", "lfm2_moe", "mamba2", "nemotron_h", "granitemoehybrid", "bamba")
+RECURRENT = ("lfm2", "lfm2_moe", "mamba2", "nemotron_h", "granitemoehybrid", "bamba", "zamba2", "falcon_h1")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,
