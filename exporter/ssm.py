@@ -1,15 +1,15 @@
 """Mamba2 state-space layers captured as ops whose state the interpreter owns.
 
-A Mamba2 mixer (Mamba2, Nemotron-H, Granite 4, Bamba, Zamba2: one forward, line for line)
-projects the input into a gate, x, B, C and a step dt; runs a depthwise causal convolution
-over x, B, C; scans the selective state-space recurrence; and gates, normalises and
-projects the result. transformers keeps the convolution's last inputs and the scan's state
-in its cache; a program keeps no cache in the graph, so the recipe (``exporter/recipes.py``)
-routes the convolution to ``paw::causal_conv1d`` (``exporter/conv.py``) and the scan to
-``paw::ssm_scan``; everything around them (the activation, softplus and bias of dt, the D
-skip, the gated norm) stays ordinary ops, as transformers writes them. The scan's
-reference here is the recurrence from a zero state: a whole sequence from the start, which
-is what capture runs.
+A Mamba2 mixer (Mamba2, Nemotron-H, Granite 4, Bamba, Zamba2: one forward, line for line;
+Falcon-H1's adds muP multipliers) projects the input into a gate, x, B, C and a step dt;
+runs a depthwise causal convolution over x, B, C; scans the selective state-space
+recurrence; and gates, normalises and projects the result. transformers keeps the
+convolution's last inputs and the scan's state in its cache; a program keeps no cache in the
+graph, so the recipe (``exporter/recipes.py``) routes the convolution to
+``paw::causal_conv1d`` (``exporter/conv.py``) and the scan to ``paw::ssm_scan``; everything
+around them (the activation, softplus and bias of dt, the D skip, the gated norm) stays
+ordinary ops, as transformers writes them. The scan's reference here is the recurrence from
+a zero state: a whole sequence from the start, which is what capture runs.
 """
 
 from __future__ import annotations

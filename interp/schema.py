@@ -289,7 +289,7 @@ _op("causal_conv1d", "nn",
     [_attr("layer", INT, "conv state slot: state.kv_cache.layers <= layer < that + state.conv.layers", low=0)])
 _op("ssm_scan", "nn",
     "selective state-space scan with the interpreter's SSM state: the recurrence of Mamba2 layers "
-    "(Mamba2, Nemotron-H, Granite 4, Bamba, Zamba2). x: [B, L, H, P] for the L new positions only; dt: "
+    "(Mamba2, Nemotron-H, Granite 4, Bamba, Zamba2, Falcon-H1). x: [B, L, H, P] for the L new positions only; dt: "
     "[B, L, H] (the step, already softplus'd); A: [H] (negative); B, C: [B, L, G, N], group g serving heads "
     "g * H/G .. (g + 1) * H/G - 1. In float32, per head h of group g and position t: "
     "state = state * exp(dt[t, h] * A[h]) + dt[t, h] * outer(x[t, h], B[t, g]); y[t, h] = state @ C[t, g], "
