@@ -1,6 +1,7 @@
 """The SSM state beside the KV cache (interp/ssm_cache.py): the ssm_scan op against a float64
-recurrence, run piece by piece through the state equal to one shot, a state that cannot go
-back, and the compiled decode step carrying it."""
+recurrence (in its matrix form by chunks and position by position), run piece by piece through
+the state equal to one shot, a state that cannot go back, and the compiled decode step
+carrying it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,30 @@ import pytest
 
 from interp.graph import GraphModel, RunContext
 from interp.ops import REGISTRY
+from interp.ops.ssm import CHUNK
 from interp.ssm_cache import SSMState
 
 BATCH, LENGTH, HEADS, SIZE, GROUPS, STATE = 2, 14, 4, 3, 2, 5
 
 
+@pytest.fixture(params=["chunked", "sequential"], autouse=True)
+def scan_mode(request, monkeypatch) -> str:
+    """Every test runs with the scan's matrix form by chunks (the default) and position by position."""
+    monkeypatch.setenv("PAW_SSM_SCAN", request.param)
+    return request.param
+
+
 def _scan(inputs: list[mx.array], cache: list | None) -> np.ndarray:
     return np.array(REGISTRY["ssm_scan"].fn(RunContext(cache=cache), *inputs, layer=0))
+
+
+def _random(length: int, seed: int = 0) -> list[mx.array]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((BATCH, length, HEADS, SIZE))
+    dt = rng.random((BATCH, length, HEADS)) + 0.05  # a softplus'd step is positive
+    A = -(rng.random(HEADS) + 0.1)  # -exp(A_log) is negative
+    B, C = rng.standard_normal((2, BATCH, length, GROUPS, STATE))
+    return [mx.array(a.astype(np.float32)) for a in (x, dt, A, B, C)]
 
 
 def _reference(x, dt, A, B, C) -> np.ndarray:
@@ -36,12 +54,7 @@ def _reference(x, dt, A, B, C) -> np.ndarray:
 
 @pytest.fixture
 def data() -> list[mx.array]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH, LENGTH, HEADS, SIZE))
-    dt = rng.random((BATCH, LENGTH, HEADS)) + 0.05  # a softplus'd step is positive
-    A = -(rng.random(HEADS) + 0.1)  # -exp(A_log) is negative
-    B, C = rng.standard_normal((2, BATCH, LENGTH, GROUPS, STATE))
-    return [mx.array(a.astype(np.float32)) for a in (x, dt, A, B, C)]
+    return _random(LENGTH)
 
 
 def _positions(data: list[mx.array], start: int, end: int) -> list[mx.array]:
@@ -53,6 +66,15 @@ def test_the_scan_is_the_float64_recurrence(data):
     got = _scan(data, None)
     assert got.dtype == np.float32 and got.shape == (BATCH, LENGTH, HEADS, SIZE)
     np.testing.assert_allclose(got, _reference(*(np.array(a) for a in data)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prompt_of_several_chunks_is_the_float64_recurrence():
+    """Across chunk boundaries the state carried from chunk to chunk is the recurrence's; small steps
+    (slow decay) let early positions reach the last ones."""
+    x, dt, A, B, C = _random(2 * CHUNK + 11, seed=1)
+    inputs = [x, dt * 0.1, A, B, C]
+    got = _scan(inputs, None)
+    np.testing.assert_allclose(got, _reference(*(np.array(a) for a in inputs)), atol=1e-5, rtol=1e-5)
 
 
 def test_pieces_through_the_state_equal_one_shot(data):
