@@ -104,7 +104,8 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
                   f"dtype {model.get('dtype')}, "
                   f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
     shards = f" in {s['consts_files']} shards" if s["consts_files"] > 1 else ""
-    kinds = ", ".join(f"{count} {kind} layers" for kind, count in s["recurrent_states"].items())
+    kinds = ", ".join(f"{count} {'SSM' if kind == 'ssm' else kind} layers"
+                      for kind, count in s["recurrent_states"].items())
     conv = f"{kinds} (recurrent state); " if kinds else ""
     console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors{shards}; {s['layers']} attention layers; "
                   f"{conv}{s['nodes']} nodes")
@@ -132,7 +133,7 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
         need.add_row("weights", dtype, human_bytes(nbytes))
     for dtype, nbytes in sorted(memory.cache_by_dtype.items()):
         need.add_row("KV cache", dtype, human_bytes(nbytes))
-    for dtype, nbytes in sorted(memory.conv_by_dtype.items()):
+    for dtype, nbytes in sorted(memory.recurrent_by_dtype.items()):
         need.add_row("recurrent state", dtype, human_bytes(nbytes))
     need.add_row("[bold]total[/bold]", "", f"[bold]{human_bytes(memory.total)}[/bold]")
     console.print(need)

@@ -355,7 +355,7 @@ def _select(low: Lowering, node):
     return low.emit("select", [low.ref(node.args[0])], {"dim": node.args[1], "index": low.ref(node.args[2])})
 
 
-@aten("aten.cat.default", "aten.concat.default")
+@aten("aten.cat.default", "aten.concat.default", "aten.concatenate.default")
 def _cat(low: Lowering, node):
     return cat_along(low, node, _arg(node, 1, "dim", 0))
 
@@ -518,6 +518,14 @@ def _gated_delta_rule(low: Lowering, node):
     layer = sum(1 for lowered in low.nodes if lowered["op"] == "gated_delta_rule")
     return low.emit("gated_delta_rule", [low.ref(x) for x in (q, k, v, g, beta)],
                     {"layer": layer, "scale": float(scale)})
+
+
+@aten("paw.ssm_scan.default")
+def _ssm_scan(low: Lowering, node):
+    """One state-space scan (exporter/ssm.py); its SSM state slot is its rank among the graph's scans,
+    which ``build_spec`` moves past the KV cache and conv state slots."""
+    layer = sum(1 for lowered in low.nodes if lowered["op"] == "ssm_scan")
+    return low.emit("ssm_scan", [low.ref(a) for a in node.args[:5]], {"layer": layer})
 
 
 @aten("paw.expert_linear.default")

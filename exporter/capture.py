@@ -115,10 +115,10 @@ RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid
 def check_layer_types(model: torch.nn.Module) -> None:
     """Refuse, by name and before any tracing, a model whose layers a program cannot express.
 
-    A program's state is attention's KV cache plus the conv and delta states of the layers a
-    recipe captures (``Recipe.layer_types``: LFM2's ``conv``, the Gated DeltaNet families'
-    ``linear_attention``); other recurrent and state-space layers (Mamba) cannot run through
-    it, and neither can indexer-selected attention.
+    A program's state is attention's KV cache plus the recurrent states of the layers a recipe
+    captures (``Recipe.layer_types``): LFM2's ``conv``, the Gated DeltaNet families' and Mamba2
+    mixers' ``linear_attention``; other recurrent and state-space layers (Mamba 1, Jamba) cannot
+    run through it, and neither can indexer-selected attention.
     """
     config = model.config
     kinds = []
@@ -133,8 +133,9 @@ def check_layer_types(model: torch.nn.Module) -> None:
     name = type(model).__name__
     if set(unsupported) & RECURRENT_LAYER_TYPES:
         raise ExportError(f"cannot export: {name} has recurrent layers ({', '.join(unsupported)}); a paw program's "
-                          "state is attention's KV cache, short convolutions' conv state and gated delta rules' "
-                          "matrices, so other recurrent and state-space layers are not supported")
+                          "state is attention's KV cache, short convolutions' conv state, gated delta rules' "
+                          "matrices and Mamba2 mixers' SSM state, so other recurrent and state-space layers are not "
+                          "supported")
     raise ExportError(f"cannot export: {name} has {', '.join(unsupported)} layers; paw's attention op is causal "
                       "attention over the whole cache, a sliding window or chunks")
 

@@ -20,6 +20,7 @@ from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
 from interp.atomic import check_writable
 from interp.errors import ExportError
+from interp.program import RECURRENT_STATES
 
 EXPORTER_VERSION = "paw-exporter 0.1.0"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -50,18 +51,20 @@ def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_inf
         if outputs[0] in node["outputs"]:
             node["outputs"] = ["logits" if o == outputs[0] else o for o in node["outputs"]]
     layers = sorted({n["attrs"]["layer"] for n in low.nodes if n["op"] == "attention"})
-    if not layers:
+    recurrent_ops = {op for _, op in RECURRENT_STATES}
+    if not layers and not any(n["op"] in recurrent_ops for n in low.nodes):
         # attention written by hand and masked by the model itself: right on a whole sequence,
-        # wrong through a cache, which such a program would never fill
+        # wrong through a cache, which such a program would never fill (a purely recurrent
+        # model, Mamba2, has no attention to cache)
         raise ExportError(f"cannot export: {type(model).__name__} computes attention outside transformers' attention "
                           "interface (no paw::attention in its graph); paw has no recipe for it (exporter/recipes.py)")
     if layers != list(range(len(layers))):
         raise ExportError(f"attention layers are not numbered 0..n-1: {layers}")
     state = {"kv_cache": {"layers": len(layers)}}
     slots = len(layers)
-    for kind, op in (("conv", "causal_conv1d"), ("delta", "gated_delta_rule")):
+    for kind, op in RECURRENT_STATES:  # the cache list holds the KV caches, then each kind's recurrent states
         stateful = [n for n in low.nodes if n["op"] == op]
-        for node in stateful:  # the cache list holds the KV caches, then the conv states, then the delta states
+        for node in stateful:
             node["attrs"]["layer"] += slots
         if stateful:
             state[kind] = {"layers": len(stateful)}

@@ -23,6 +23,8 @@ calls the paw op, for the duration of the capture only.
 | lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
 | qwen3_5*, qwen3_next, olmo_hybrid, kimi_linear | Gated DeltaNet layers keep conv and delta states | two functions |
 | qwen3_5* | M-RoPE's strided frequency writes | plain RoPE, which M-RoPE is on text |
+| mamba2, nemotron_h, granitemoehybrid, bamba, zamba2 | Mamba2 mixers keep conv, SSM states | ``ssm_scan`` |
+| falcon_h1 | the same mixer with muP multipliers | ``ssm_scan`` and the multipliers |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
 ``functions`` replace module-level functions of the model's modeling modules by name (the Gated
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import conv, delta_rule, llama4, mrope
+from exporter import conv, delta_rule, llama4, mrope, ssm
 from interp.errors import ExportError
 
 
@@ -55,7 +57,7 @@ class Recipe:
     config: dict = field(default_factory=dict)
     #: run on the model before capture; raises ExportError where the replacements would not be exact
     check: Callable[[torch.nn.Module], None] | None = None
-    #: recurrent layer kinds the replacements capture with a stateful op (exporter/conv.py)
+    #: recurrent layer kinds the replacements capture with a stateful op (exporter/conv.py, exporter/ssm.py)
     layer_types: frozenset[str] = frozenset()
     #: module-level function name -> replacement, in every modeling module of the model's classes
     functions: dict[str, Callable] = field(default_factory=dict)
@@ -269,6 +271,16 @@ RECIPES: dict[str, Recipe] = {
                    layer_types=frozenset({"conv"})),
     "lfm2_moe": Recipe(why="short convolutions with state",
                        forwards={"Lfm2MoeShortConv": conv.lfm2_short_conv_forward}, layer_types=frozenset({"conv"})),
+    **{model_type: Recipe(why="Mamba2 mixers with conv and SSM state", forwards={mixer: ssm.mamba2_mixer_forward},
+                          layer_types=frozenset({"linear_attention"}))
+       for model_type, mixer in (("mamba2", "Mamba2Mixer"), ("nemotron_h", "NemotronHMamba2Mixer"),
+                                 ("granitemoehybrid", "GraniteMoeHybridMambaLayer"), ("bamba", "BambaMixer"))},
+    "falcon_h1": Recipe(why="Mamba2 mixers (muP multipliers) with conv and SSM state",
+                        forwards={"FalconH1Mixer": ssm.falcon_h1_mixer_forward}, layer_types=frozenset({"hybrid"})),
+    # Zamba2's "hybrid" layers run its shared attention block, then a Mamba2 mixer
+    "zamba2": Recipe(why="Mamba2 mixers with conv and SSM state",
+                     forwards={"Zamba2MambaMixer": ssm.mamba2_mixer_forward},
+                     layer_types=frozenset({"linear_attention", "hybrid"})),
 }
 #: Gated DeltaNet hybrids: their forwards call the same two functions (exporter/delta_rule.py); Qwen3.5's
 #: text rotary embedding is M-RoPE, which on text is plain RoPE (exporter/mrope.py)

@@ -9,9 +9,9 @@ capacity (they grow 256 positions at a time): the new keys and values are writte
 offset is an array, so a new position does not retrace; the step retraces only when the
 buffers grow or the batch changes.
 
-A hybrid program's recurrent states (conv states, ``interp/conv_cache.py``; delta states,
-``interp/delta_state.py``) are fixed-size arrays: they go in and come out of the traced
-step beside the KV buffers, one each (``CARRIED`` names the attribute that holds it).
+A hybrid program's recurrent states (``interp/state_cache.py``: conv, delta and SSM states)
+are fixed-size arrays: they go in and come out of the traced step beside the KV buffers,
+one each (``CARRIED`` names the attribute that holds each kind's array).
 
 Caches other than paw's own ``KVCache`` and the states in ``CARRIED`` (an mlx-lm cache passed in) and a
 first step with nothing cached run the plain interpreter, ``GraphModel.run``: ``accepts``
@@ -40,6 +40,8 @@ from interp.conv_cache import ConvState
 from interp.delta_state import DeltaState
 from interp.graph import GraphModel, RunContext, run_nodes
 from interp.slots import SlotLayer
+from interp.ssm_cache import SSMState
+from interp.state_cache import RecurrentState
 
 
 class _Slot:
@@ -55,7 +57,7 @@ class _Slot:
 
 
 #: the recurrent state kinds the step carries -> the attribute holding each one's array
-CARRIED: dict[type, str] = {ConvState: "rows", DeltaState: "matrix"}
+CARRIED: dict[type, str] = {ConvState: "rows", DeltaState: "matrix", SSMState: "ssm"}
 
 #: the longest input (tokens per row) that ``CompiledStep.prefill`` traces
 SHORT_PREFILL = 16
@@ -80,7 +82,7 @@ class CompiledStep:
     def accepts(cache: list | None) -> bool:
         """Whether ``cache`` can take the compiled step: paw's ``KVCache``, each holding keys, then
         (a hybrid program) its recurrent states (``CARRIED``), each holding its array."""
-        return bool(cache) and type(cache[0]) is KVCache and all(
+        return bool(cache) and all(
             (type(c) is KVCache and c.keys is not None)
             or (type(c) in CARRIED and getattr(c, CARRIED[type(c)]) is not None) for c in cache)
 
@@ -103,8 +105,8 @@ class CompiledStep:
     def _step_function(self, make_slot: Callable, make_context: Callable[[list, mx.array], RunContext],
                        last_only: bool = False) -> Callable:
         """``step(where, *inputs, *keys, *values, *states)``: every node runner over KV cache slots made
-        by ``make_slot(keys, values, where)`` and recurrent states holding ``states``; returns the outputs,
-        then the new keys, values and states."""
+        by ``make_slot(keys, values, where)`` and recurrent states holding ``states``, in the cache list's
+        order; returns the outputs, then the new keys, values and states."""
         model = self.model
         consts = model.consts
         input_names = list(model.input_names)
@@ -146,7 +148,8 @@ class CompiledStep:
             return None
         for c in cache[: self.model.num_layers]:
             c.reserve(length)
-        shape = (batch, length, cache[0].keys.shape[2], last_only)
+        capacity = cache[0].keys.shape[2] if self.model.num_layers else 0
+        shape = (batch, length, capacity, last_only)
         if shape not in self._traced:
             if shape not in self._seen or len(self._traced) >= MAX_PREFILL_TRACES:
                 if len(self._seen) >= 4 * MAX_PREFILL_TRACES:  # many one-off shapes: start counting again
@@ -176,7 +179,8 @@ class CompiledStep:
         """
         arrays = [inputs[name] for name in self.model.input_names]
         layers, states = caches[: self.model.num_layers], caches[self.model.num_layers :]
-        buffers = [c.keys for c in layers] + [c.values for c in layers] + [getattr(s, CARRIED[type(s)]) for s in states]
+        buffers = ([c.keys for c in layers] + [c.values for c in layers]
+                   + [getattr(s, CARRIED[type(s)]) for s in states])
         for c in layers:
             c.keys = c.values = None
         for s in states:
@@ -192,7 +196,7 @@ class CompiledStep:
         return dict(zip(self.model.output_names, outs[:n_out], strict=True))
 
 
-def _holding(kind: type, array: mx.array) -> ConvState | DeltaState:
+def _holding(kind: type, array: mx.array) -> RecurrentState:
     """A recurrent state of ``kind`` inside the traced step, holding ``array``."""
     state = kind()
     setattr(state, CARRIED[kind], array)

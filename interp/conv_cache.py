@@ -9,17 +9,13 @@ positions exactly, as a chat turn that drops the reply's last token needs; a lon
 forgets nothing and the caller prefills again (``paw_mlx/chat.py``). The buffer keeps one
 shape from call to call, so the compiled decode step carries it (``interp/compiled_step.py``).
 
-A program's cache list holds its KV caches first, then its conv states, then its delta
-states (``make_state_cache``), as mlx-lm's ``make_prompt_cache`` holds a hybrid model's mixed
-cache kinds in one list; each op's ``layer`` attribute indexes that list.
+A program's cache list holds its KV caches, then its conv states, then its other recurrent
+states (``interp/state_cache.py``); each op's ``layer`` attribute indexes that list.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-
-from interp.cache import KVCache
-from interp.delta_state import DeltaState
 
 
 class ConvState:
@@ -76,11 +72,3 @@ class ConvState:
     @property
     def nbytes(self) -> int:
         return 0 if self.rows is None else self.rows.nbytes
-
-
-def make_state_cache(kv_layers: int, conv_layers: int,
-                     delta_layers: int = 0) -> list[KVCache | ConvState | DeltaState]:
-    """A program's cache list: ``kv_layers`` KV caches, then ``conv_layers`` conv states, then
-    ``delta_layers`` delta states (``interp/delta_state.py``)."""
-    return ([KVCache() for _ in range(kv_layers)] + [ConvState() for _ in range(conv_layers)]
-            + [DeltaState() for _ in range(delta_layers)])

@@ -10,7 +10,7 @@ nothing and returns 0, and a caller that must go back prefills again
 step carries it (``interp/compiled_step.py``).
 
 A program's cache list holds its KV caches, then its conv states, then its delta states
-(``make_state_cache`` in ``interp/conv_cache.py``); each op's ``layer`` attribute indexes
+(``make_state_cache`` in ``interp/state_cache.py``); each op's ``layer`` attribute indexes
 that list.
 """
 

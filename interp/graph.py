@@ -17,14 +17,13 @@ import mlx.core as mx
 
 from interp import schema
 from interp.cache import KVCache
-from interp.conv_cache import ConvState, make_state_cache
-from interp.delta_state import DeltaState
 from interp.errors import PawError, ProgramError, WeightsError, first_line
 from interp.last_position import last_position_cut
 from interp.limits import RunBudget
 from interp.ops import REGISTRY
 from interp.ops.ternary import prepare_ternary_consts
 from interp.program import Program, load_consts
+from interp.state_cache import RecurrentState, make_state_cache
 from interp.threads import release_on_thread_exit
 
 
@@ -165,10 +164,10 @@ class GraphModel:
     def from_program(cls, program: Program, compile_decode: bool = True) -> GraphModel:
         return cls(program, load_consts(program), compile_decode=compile_decode)
 
-    def make_cache(self) -> list[KVCache | ConvState | DeltaState]:
-        """The program's cache list: a KV cache per attention slot, then a conv state per conv slot, then a
-        delta state per delta slot."""
-        return make_state_cache(self.num_layers, self.program.conv_layers, self.program.delta_layers)
+    def make_cache(self) -> list[KVCache | RecurrentState]:
+        """The program's cache list: a KV cache per attention slot, then its recurrent states
+        (``interp/state_cache.py``)."""
+        return make_state_cache(self.num_layers, self.program.recurrent_states)
 
     def run(self, inputs: dict[str, mx.array], cache: list | None = None, offset: Any = None,
             key_mask: mx.array | None = None, query_columns: mx.array | None = None,

@@ -7,9 +7,8 @@ on lazily loaded consts, with a stand-in cache that records the keys and values 
 attention layer would store, and nothing is evaluated (only a ternary program's packed
 weights are read, by the layout the loader prepares for them). The interpreter's cache keeps
 every position and grows in steps of ``KVCache.step``, so the estimate rounds the
-context up to a whole step. A hybrid program's recurrent states (conv states,
-``interp/conv_cache.py``; delta states, ``interp/delta_state.py``) are recorded the same
-way; their size does not grow with the context.
+context up to a whole step. A hybrid program's recurrent states (conv, delta and SSM states,
+``interp/state_cache.py``) are recorded the same way; their size does not grow with the context.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from interp.cache import KVCache
-from interp.conv_cache import make_state_cache
 from interp.program import ST_DTYPES, Program, load_consts
+from interp.state_cache import make_state_cache
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,8 @@ class MemoryEstimate:
     cache_by_dtype: dict[str, int]
     context: int  # positions the cache holds (a whole number of cache steps)
     batch: int
-    #: the recurrent states (conv, delta) of a hybrid program (whatever the context)
-    conv_by_dtype: dict[str, int] = field(default_factory=dict)
+    #: the recurrent states (conv, delta, SSM) of a hybrid program (whatever the context)
+    recurrent_by_dtype: dict[str, int] = field(default_factory=dict)
 
     @property
     def weights(self) -> int:
@@ -47,7 +46,7 @@ class MemoryEstimate:
 
     @property
     def cache(self) -> int:
-        return sum(self.cache_by_dtype.values()) + sum(self.conv_by_dtype.values())
+        return sum(self.cache_by_dtype.values()) + sum(self.recurrent_by_dtype.values())
 
     @property
     def total(self) -> int:
@@ -75,15 +74,15 @@ def layer_caches(program: Program) -> tuple[list[LayerCache], Counter]:
 
     model = GraphModel(program, load_consts(program), compile_decode=False)
     caches = [_RecordingCache() for _ in range(program.num_layers)]
-    states = make_state_cache(0, program.conv_layers, program.delta_layers)
+    states = make_state_cache(0, program.recurrent_states)
     token = mx.zeros((1, 1), dtype=mx.int32)
     inputs = {name: token for name in model.input_names}
     model.run(inputs, cache=caches + states, offset=0)
-    conv: Counter = Counter()
+    recurrent: Counter = Counter()
     for state in states:
         for array in state.state:
-            conv[str(array.dtype).removeprefix("mlx.core.")] += array.nbytes
-    return [c.seen for c in caches if c.seen is not None], conv
+            recurrent[str(array.dtype).removeprefix("mlx.core.")] += array.nbytes
+    return [c.seen for c in caches if c.seen is not None], recurrent
 
 
 def estimate_memory(program: Program, context: int, batch: int = 1) -> MemoryEstimate:
@@ -95,8 +94,8 @@ def estimate_memory(program: Program, context: int, batch: int = 1) -> MemoryEst
             weights[ST_DTYPES.get(meta["dtype"], meta["dtype"])] += end - start
     positions = -(-max(context, 1) // KVCache.step) * KVCache.step
     cache: Counter = Counter()
-    layers, conv = layer_caches(program)
+    layers, recurrent = layer_caches(program)
     for layer in layers:
         cache[layer.dtype] += layer.bytes_per_position * positions * batch
-    conv = {dtype: nbytes * batch for dtype, nbytes in conv.items()}
-    return MemoryEstimate(dict(weights), dict(cache), positions, batch, conv)
+    recurrent = {dtype: nbytes * batch for dtype, nbytes in recurrent.items()}
+    return MemoryEstimate(dict(weights), dict(cache), positions, batch, recurrent)

@@ -37,8 +37,11 @@ FED_INPUTS = ("input_ids", "position_ids")
 #: more KV-cache layers than any model has: a sanity bound on state.kv_cache.layers
 MAX_LAYERS = 100_000
 #: the kinds of ``state`` a program may declare: attention's KV caches, short convolutions' conv states,
-#: gated delta rules' matrices
-STATE_KINDS = frozenset({"kv_cache", "conv", "delta"})
+#: the recurrent states a program may keep after its KV caches, in the cache list's order, each with the op
+#: that reads and updates it: short convolutions' conv states, gated delta rules' matrices, state-space
+#: layers' SSM states
+RECURRENT_STATES = (("conv", "causal_conv1d"), ("delta", "gated_delta_rule"), ("ssm", "ssm_scan"))
+STATE_KINDS = frozenset({"kv_cache", *(kind for kind, _ in RECURRENT_STATES)})
 #: safetensors' own bound on the JSON header
 MAX_HEADER_BYTES = 100 << 20
 
@@ -112,14 +115,21 @@ class Program:
         return int(self.spec.get("state", {}).get("delta", {}).get("layers", 0))
 
     @property
+    def ssm_layers(self) -> int:
+        """SSM state slots (``ssm_scan`` layers), after the delta states in the cache list."""
+        return int(self.spec.get("state", {}).get("ssm", {}).get("layers", 0))
+
+    @property
     def recurrent_states(self) -> dict[str, int]:
-        """The recurrent state kinds the program keeps beside its KV caches, with their slot counts."""
-        counts = {"conv": self.conv_layers, "delta": self.delta_layers}
+        """The recurrent state kinds the program keeps beside its KV caches, with their slot counts, in the
+        cache list's order."""
+        state = self.spec.get("state", {})
+        counts = {kind: int(state.get(kind, {}).get("layers", 0)) for kind, _ in RECURRENT_STATES}
         return {kind: count for kind, count in counts.items() if count}
 
     @property
     def recurrent(self) -> bool:
-        """Whether the program keeps state other than KV caches (conv or delta states), which the paths
+        """Whether the program keeps state other than KV caches (conv, delta or SSM states), which the paths
         that carry only KV caches (slot batches, KV prefixes, splits over ranks) refuse."""
         return bool(self.recurrent_states)
 
@@ -199,7 +209,7 @@ def _check_format(spec: dict, path: Path) -> None:
     if unknown:
         raise ProgramError(f"{path}: state.{unknown[0]} is not a kind of state this paw keeps "
                            f"({', '.join(sorted(STATE_KINDS))})")
-    for kind in ("conv", "delta"):
+    for kind, _ in RECURRENT_STATES:
         entry = spec.get("state", {}).get(kind, {})
         count = entry.get("layers", 0) if isinstance(entry, dict) else None
         if not _is_int(count) or not 0 <= count <= MAX_LAYERS:
@@ -254,7 +264,7 @@ def _check_graph(spec: dict, known_ops: set[str]) -> list[Node]:
         defined[name] = "tensor"
 
     state = spec.get("state", {})
-    layers = tuple(state.get(kind, {}).get("layers", 0) for kind in ("kv_cache", "conv", "delta"))
+    layers = {kind: state.get(kind, {}).get("layers", 0) for kind in ("kv_cache", *(k for k, _ in RECURRENT_STATES))}
     nodes: list[Node] = []
     for index, raw in enumerate(spec["nodes"]):
         where = f"node {index}"
@@ -320,20 +330,21 @@ def names_in(value: Any) -> Iterator[str]:
             yield from names_in(item)
 
 
-def _check_node_attrs(op: str, attrs: dict, layers: tuple[int, int, int], where: str) -> None:
+def _check_node_attrs(op: str, attrs: dict, layers: dict[str, int], where: str) -> None:
     """Checks that span attributes or need the program: cache slots, literal allocations.
 
-    ``layers`` is (KV cache slots, conv state slots, delta state slots), the cache list's order.
+    ``layers`` holds each state kind's slot count (``kv_cache``, then ``RECURRENT_STATES``), the cache list's order.
     """
-    kv, conv, delta = layers
+    kv = layers["kv_cache"]
     if op == "attention" and _is_int(attrs.get("layer")) and attrs["layer"] >= kv:
         raise ProgramError(f"{where}: layer {attrs['layer']} is not below state.kv_cache.layers ({kv})")
-    if op == "causal_conv1d" and _is_int(attrs.get("layer")) and not kv <= attrs["layer"] < kv + conv:
-        raise ProgramError(f"{where}: layer {attrs['layer']} is not a conv state slot (state.kv_cache.layers "
-                           f"{kv} to {kv} + state.conv.layers {conv})")
-    if op == "gated_delta_rule" and _is_int(attrs.get("layer")) and not kv + conv <= attrs["layer"] < kv + conv + delta:
-        raise ProgramError(f"{where}: layer {attrs['layer']} is not a delta state slot (state.kv_cache.layers + "
-                           f"state.conv.layers {kv + conv} to that + state.delta.layers {delta})")
+    start = kv
+    for kind, owner in RECURRENT_STATES:
+        count = layers[kind] if _is_int(layers[kind]) else 0
+        if op == owner and _is_int(attrs.get("layer")) and not start <= attrs["layer"] < start + count:
+            raise ProgramError(f"{where}: layer {attrs['layer']} is not a state.{kind} slot ({start} to {start} + "
+                               f"state.{kind}.layers {count})")
+        start += count
     if op == "full" and all(_is_int(d) for d in attrs["shape"]):
         limits.check_shape(attrs["shape"], limits.dtype_bytes(attrs["dtype"]), f"{where}: its output")
     if op == "arange" and all(_is_int(attrs.get(k, 0)) for k in ("start", "end", "step")):

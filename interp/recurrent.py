@@ -1,12 +1,11 @@
 """One refusal for the paths that cannot run a program with recurrent state.
 
-A recurrent state (a conv state, ``interp/conv_cache.py``; a delta state,
-``interp/delta_state.py``) is one array per layer, not one entry per position: it goes
-back a few positions or none, is not saved with a KV prefix, split over ranks by layer or
-head as the KV cache is, or kept per row in a slot batch. The plain generation path runs
-such a program exactly; every other path either handles the state itself (``paw chat``
-goes back where the states can, else prefills again) or calls ``refuse_recurrent``
-before any work.
+A recurrent state (``interp/state_cache.py``: a conv, delta or SSM state) is one array per
+layer, not one entry per position: it goes back a few positions or none, is not saved with
+a KV prefix, split over ranks by layer or head as the KV cache is, or kept per row in a
+slot batch. The plain generation path runs such a program exactly; every other path either
+handles the state itself (``paw chat`` goes back where the states can, else prefills again)
+or calls ``refuse_recurrent`` before any work.
 """
 
 from __future__ import annotations
@@ -14,11 +13,14 @@ from __future__ import annotations
 from interp.errors import PawError
 from interp.program import Program
 
+#: each recurrent state kind as the refusal names it
+_NAMED = {"conv": "a conv state", "delta": "a delta state", "ssm": "an SSM state"}
+
 
 def refuse_recurrent(program: Program, what: str, error: type[PawError] = PawError) -> None:
     """Raise ``error`` naming ``what`` (e.g. "paw serve") when ``program`` keeps recurrent state."""
     if program.recurrent:
-        kinds = " and ".join(f"a {kind} state in {count} layers" for kind, count in program.recurrent_states.items())
+        kinds = " and ".join(f"{_NAMED[kind]} in {count} layers" for kind, count in program.recurrent_states.items())
         raise error(f"{what} does not run programs with recurrent state: {program.directory} keeps {kinds} "
                     f"({program.model_info.get('model_type') or 'hybrid'}), which slot batches, KV prefixes and "
                     "splits over ranks do not carry; use paw run or paw chat")

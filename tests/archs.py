@@ -131,14 +131,51 @@ ARCHS: dict[str, dict] = {
                         q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
                         head_dim=8, num_experts=4, num_experts_per_token=2, moe_intermediate_size=32,
                         num_shared_experts=1, tie_word_embeddings=False),
+    # state-space layers (conv + SSM state): 8 heads of 16 in 2 groups, chunks of 4 cut transformers'
+    # full-sequence scan into pieces
+    "mamba2": dict(num_heads=8, head_dim=16, expand=2, n_groups=2, state_size=16, conv_kernel=4, chunk_size=4,
+                   tie_word_embeddings=False),
+    # Mamba2, MoE and attention layers, a Mamba2 layer first
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp"], head_dim=16,
+                       mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+                       chunk_size=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1, tie_word_embeddings=False),
+    # Granite 4: Mamba2 and attention (NoPE) layers, each with routed experts and a shared one;
+    # Granite's multipliers off 1
+    "granitemoehybrid": dict(num_hidden_layers=3,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"],
+                             mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=4,
+                             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32,
+                             embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
+                             attention_multiplier=0.25),
+    # Bamba: Mamba2 layers around one rotary attention layer
+    "bamba": dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+                  mamba_d_state=16, mamba_chunk_size=4),
+    # Zamba2: Mamba2 layers and hybrid ones (a shared attention block, with per-layer LoRA adapters,
+    # before a Mamba2 layer); initializer 0.1: at 0.2 transformers' own float32 logits are 2e-4 from
+    # float64 (paw's too), too close to the tolerance to compare
+    "zamba2": dict(num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
+                   n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=16, chunk_size=4, num_attention_heads=4,
+                   num_key_value_heads=4, use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True,
+                   tie_word_embeddings=False, initializer_range=0.1),
+    # Falcon-H1: attention and a Mamba2 mixer side by side in every layer, muP multipliers off 1
+    "falcon_h1": dict(head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+                      mamba_d_state=16, mamba_chunk_size=4, ssm_multipliers=[0.5, 2.0, 1.5, 0.75, 1.25],
+                      ssm_in_multiplier=0.5, ssm_out_multiplier=2.0, attention_in_multiplier=0.5,
+                      attention_out_multiplier=1.5, key_multiplier=0.5, mlp_multipliers=[0.5, 2.0],
+                      embedding_multiplier=2.0, lm_head_multiplier=0.5, tie_word_embeddings=False),
 }
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
-MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "jetmoe", "lfm2_moe", "llama4_text", "mixtral",
-       "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear")
-#: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py)
-RECURRENT = ("lfm2", "lfm2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear")
+MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe",
+       "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text",
+       "qwen3_next", "kimi_linear")
+#: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
+#: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 mixers a conv and an SSM
+#: state (exporter/ssm.py)
+RECURRENT = ("lfm2", "lfm2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear",
+             "mamba2", "nemotron_h", "granitemoehybrid", "bamba", "zamba2", "falcon_h1")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,

@@ -96,6 +96,16 @@ def gated_delta_program(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def ssm_program(tmp_path_factory, tiny_tokenizer):
+    """Directory of the tiny Mamba2 of tests/archs.py (conv and SSM states, no attention) with tokenizer files."""
+    from tests.archs import arch_config
+    from tests.tiny import export_tiny
+
+    return export_tiny(arch_config("mamba2"), tmp_path_factory.mktemp("programs") / "tiny-mamba2",
+                       tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def arch_program(tmp_path_factory):
     """``arch_program(model_type, dtype="float32")``: the directory of that tiny architecture's
     program (tests/archs.py), exported once per session and shared by every test module."""

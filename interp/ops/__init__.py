@@ -19,6 +19,7 @@ from interp.ops import (  # noqa: E402,F401  (fill the registry)
     nn,
     reduction,
     shape,
+    ssm,
     symbolic,
     ternary,
 )

@@ -1,4 +1,4 @@
-"""The CLI on hybrid programs (tests/archs.py's tiny LFM2 and Qwen3.5): ``paw run`` and ``paw inspect`` work,
+"""The CLI on hybrid programs (tests/archs.py's tiny LFM2, Qwen3.5 and Mamba2): ``paw run`` and ``paw inspect`` work,
 ``paw serve`` and ``paw compile`` refuse it in one line."""
 
 from __future__ import annotations
@@ -34,3 +34,19 @@ def test_run_and_inspect_a_gated_delta_program(gated_delta_program):
     assert "1 attention layers; 3 conv layers, 3 delta layers (recurrent state)" in text
     # conv: 3 layers of (K - 1 + depth) = 35 rows of 96 channels; delta: 3 layers of 4 heads x 16 x 8; float32
     assert "recurrent state │ float32 │ 46.5 KB" in text and "gated_delta_rule" in text
+
+
+def test_a_state_space_program_runs_inspect_shows_its_ssm_state_and_serve_refuses_it(ssm_program):
+    """The tiny Mamba2: no attention, a conv and an SSM state per layer."""
+    done = paw("run", str(ssm_program), "--prompt", "one two three", "--max-tokens", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    shown = paw("inspect", str(ssm_program))
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "0 attention layers; 2 conv layers, 2 SSM layers (recurrent state)" in text
+    # 2 layers of [1, 8 heads, 16, 16] float32; the conv states: 2 layers of 35 rows of 192 channels
+    assert "recurrent state │ float32 │ 70.1 KB" in text
+    assert "ssm_scan" in text
+    assert_one_line_error(paw("serve", str(ssm_program), "--port", "0"),
+                          "paw serve's batching engine does not run programs with recurrent state")

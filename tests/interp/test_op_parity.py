@@ -75,6 +75,12 @@ def _attention_ref(q, k, v, sinks=None, *, layer, **attrs):
     return attention_reference(q, k, v, sinks=sinks, **attrs)
 
 
+def _ssm_ref(x, dt, A, B, C, *, layer):
+    from exporter.ssm import paw_ssm_scan
+
+    return paw_ssm_scan(x, dt, A, B, C)
+
+
 def _conv_ref(x, weight, bias=None, *, layer):
     from exporter.conv import paw_causal_conv1d
 
@@ -288,6 +294,9 @@ CASES["causal_conv1d"] = Case(_conv_ref, [randn(2, 5, 6), randn(6, 1, 3), randn(
 CASES["gated_delta_rule"] = Case(
     _delta_rule_ref, [_unit_rows(2, 5, 2, 4), _unit_rows(2, 5, 2, 4), randn(2, 5, 4, 3), -positive(2, 5, 4),
                       positive(2, 5, 4) - 0.5], {"layer": 0, "scale": 0.5})
+# 4 heads of 3 in 2 groups, state size 6; dt > 0 and A < 0 as softplus and -exp make them
+CASES["ssm_scan"] = Case(_ssm_ref, [randn(2, 5, 4, 3), positive(2, 5, 4), -positive(4), randn(2, 5, 2, 6),
+                                    randn(2, 5, 2, 6)], {"layer": 0})
 EXTRA_CASES = {
     "attention with window, softcap and a cache-like longer key": Case(
         _attention_ref, [randn(1, 4, 3, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)],

@@ -109,10 +109,11 @@ def test_every_range_in_the_schema_is_enforced():
     (lambda s: s["model"].update(vocab_size=500), "the embedding of input_ids has only 384 rows"),
     (lambda s: s["model"].update(source="hub"), "source must be an object"),
     (lambda s: s.update(state={"kv_cache": {"layers": "two"}}), "state.kv_cache.layers"),
-    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "ssm": {"layers": 1}}),
-     r"state.ssm is not a kind of state this paw keeps \(conv, delta, kv_cache\)"),
+    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "rwkv": {"layers": 1}}),
+     r"state.rwkv is not a kind of state this paw keeps \(conv, delta, kv_cache, ssm\)"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "conv": {"layers": -1}}), "state.conv.layers must be"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "delta": {"layers": "3"}}), "state.delta.layers must be"),
+    (lambda s: s.update(state={"kv_cache": {"layers": 2}, "ssm": {"layers": "one"}}), "state.ssm.layers must be"),
     (lambda s: s.update(version=True), "format version True"),
 ])
 def test_malformed_prog_json_is_one_program_error(program_copy, change, message):
@@ -279,8 +280,8 @@ def test_a_missing_required_input_is_still_refused(program_copy):
 
 
 @pytest.mark.parametrize("layer, state, message", [
-    (0, None, r"layer 0 is not a conv state slot \(state.kv_cache.layers 1 to 1 \+ state.conv.layers 3\)"),
-    (4, None, "layer 4 is not a conv state slot"),
+    (0, None, r"layer 0 is not a state.conv slot \(1 to 1 \+ state.conv.layers 3\)"),
+    (4, None, "layer 4 is not a state.conv slot"),
     (1, {"kv_cache": {"layers": 1}}, r"state.conv.layers 0\)"),
 ])
 def test_a_conv_node_must_name_a_conv_state_slot(hybrid_program, tmp_path, layer, state, message):
@@ -298,9 +299,8 @@ def test_a_conv_node_must_name_a_conv_state_slot(hybrid_program, tmp_path, layer
 
 
 @pytest.mark.parametrize("layer, state, message", [
-    (3, None, r"layer 3 is not a delta state slot \(state.kv_cache.layers \+ state.conv.layers 4 to that \+ "
-              r"state.delta.layers 3\)"),
-    (7, None, "layer 7 is not a delta state slot"),
+    (3, None, r"layer 3 is not a state.delta slot \(4 to 4 \+ state.delta.layers 3\)"),
+    (7, None, "layer 7 is not a state.delta slot"),
     (4, {"kv_cache": {"layers": 1}, "conv": {"layers": 3}}, r"state.delta.layers 0\)"),
 ])
 def test_a_delta_rule_node_must_name_a_delta_state_slot(gated_delta_program, tmp_path, layer, state, message):
@@ -314,5 +314,19 @@ def test_a_delta_rule_node_must_name_a_delta_state_slot(gated_delta_program, tmp
         if state is not None:
             spec["state"] = state
     edit_spec(target, change)
+    with pytest.raises(ProgramError, match=message):
+        read_program(target)
+
+
+@pytest.mark.parametrize("layer, message", [
+    (1, r"layer 1 is not a state.ssm slot \(2 to 2 \+ state.ssm.layers 2\)"),
+    (4, "layer 4 is not a state.ssm slot"),
+])
+def test_an_ssm_node_must_name_an_ssm_state_slot(ssm_program, tmp_path, layer, message):
+    """The cache list holds the KV caches, the conv states, then the SSM states: an ssm_scan node names one
+    of the last (the tiny Mamba2: no KV cache, slots 0 and 1 conv, 2 and 3 SSM)."""
+    target = tmp_path / "prog"
+    shutil.copytree(ssm_program, target)
+    edit_spec(target, lambda spec: spec["nodes"][node_index(spec, "ssm_scan")]["attrs"].update(layer=layer))
     with pytest.raises(ProgramError, match=message):
         read_program(target)

@@ -1,0 +1,35 @@
+"""A program's cache list: its KV caches, then the recurrent states of a hybrid model.
+
+Attention layers keep a KV cache (``interp/cache.py``); a hybrid model's other layers keep
+a fixed-size recurrent state: a short convolution its last inputs (``ConvState``), a gated
+delta rule its memory matrix (``DeltaState``), a Mamba2 layer its SSM state (``SSMState``).
+One list holds them all, KV caches first, then each recurrent kind in the order of
+``RECURRENT_STATES`` (``interp/program.py``), as mlx-lm's ``make_prompt_cache`` holds a
+hybrid model's mixed cache kinds in one list; each op's ``layer`` attribute indexes it.
+Every recurrent state has the same small interface (``state``, ``trim``, ``copy``,
+``nbytes``), which is all the paths that carry one use (``paw_mlx/chat.py``, the server's
+solo rows, a program's prefix).
+"""
+
+from __future__ import annotations
+
+from interp.cache import KVCache
+from interp.conv_cache import ConvState
+from interp.delta_state import DeltaState
+from interp.program import RECURRENT_STATES
+from interp.ssm_cache import SSMState
+
+RecurrentState = ConvState | DeltaState | SSMState
+
+#: each recurrent state kind's runtime object
+STATE_CLASSES: dict[str, type] = {"conv": ConvState, "delta": DeltaState, "ssm": SSMState}
+assert set(STATE_CLASSES) == {kind for kind, _ in RECURRENT_STATES}
+
+
+def make_state_cache(kv_layers: int, recurrent: dict[str, int] | None = None) -> list[KVCache | RecurrentState]:
+    """``kv_layers`` KV caches, then ``recurrent[kind]`` states of each kind, in ``RECURRENT_STATES``' order."""
+    recurrent = recurrent or {}
+    cache: list[KVCache | RecurrentState] = [KVCache() for _ in range(kv_layers)]
+    for kind, _ in RECURRENT_STATES:
+        cache += [STATE_CLASSES[kind]() for _ in range(recurrent.get(kind, 0))]
+    return cache
