@@ -86,6 +86,7 @@ def plain_text_config(kind: str, text_config):
                                  "partial_rotary_factor": fraction}
     params["head_dim"] = head_dim
     config = AutoConfig.for_model(family.model_type, **{**params, **family.fixed})
-    config.eos_token_id = text_config.eos_token_id  # GLM-4's config fills a missing one with GLM-4's ids
+    # GLM-4's config fills a missing one with GLM-4's ids (GLM-4.1V's text config has no such field)
+    config.eos_token_id = getattr(text_config, "eos_token_id", None)
     config._commit_hash = getattr(text_config, "_commit_hash", None)
     return config

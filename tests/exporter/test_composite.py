@@ -265,14 +265,39 @@ def test_glm_text_models_match_on_the_other_rotated_fraction(tmp_path, tiny_toke
     assert full < TOLERANCE and cached < TOLERANCE and greedy
 
 
-def test_a_glm_text_config_without_eos_keeps_none():
+@pytest.mark.parametrize("model_type", ["glm_ocr", "glm4v"])
+def test_a_glm_text_config_without_eos_keeps_none(model_type):
     """GLM-4's config fills a missing eos_token_id with GLM-4's ids, past GLM-OCR's vocabulary: the plain
-    config keeps the text model's own (none), and the folder's generation config and tokenizer name it."""
+    config keeps the text model's own (none; GLM-4.1V's text config has no such field), and the folder's
+    generation config and tokenizer name it."""
+    from transformers import AutoConfig
+
     from exporter.mrope import plain_text_config
 
-    config = composite_config("glm_ocr")
-    config.text_config.eos_token_id = None
-    assert plain_text_config("glm_ocr", config.text_config).eos_token_id is None
+    text_config = AutoConfig.for_model(model_type).text_config
+    assert getattr(text_config, "eos_token_id", None) is None
+    assert plain_text_config(model_type, text_config).eos_token_id is None
+
+
+@pytest.mark.parametrize(("model_type", "text", "exported"), [
+    ("glm4v", dict(partial_rotary_factor=0.5, rope_scaling=dict(type="default", mrope_section=[8, 12, 12])),
+     "glm4v_text as glm4"),
+    ("glm4v_moe", dict(head_dim=128, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                          partial_rotary_factor=0.5, mrope_section=[8, 12, 12])),
+     "glm4v_moe_text as glm4_moe"),
+])
+def test_glm_checkpoints_at_their_real_size_reach_their_weights(tmp_path, model_type, text, exported):
+    """GLM-4.1V-9B's and GLM-4.5V's config shapes (rotary on half of 128-wide heads, in sections 8, 12, 12;
+    GLM-4.1V's written in transformers 4's ``rope_scaling``): the export gets as far as the (missing) weights."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, text_config=text).save_pretrained(tmp_path / model_type)
+    lines: list[str] = []
+    with pytest.raises(SourceError, match=f"could not load .*{model_type}: Error no file named model.safetensors"):
+        export_source(str(tmp_path / model_type), tmp_path / "out", progress=lines.append)
+    assert (f"multimodal checkpoint ({model_type}): exporting its text model {exported}; the vision tower is left "
+            "out") in lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_paligemma_is_a_prefix_lm_and_is_one_cli_error(tmp_path, tiny_tokenizer):
