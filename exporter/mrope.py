@@ -31,7 +31,10 @@ class PlainFamily:
     fixed: dict = field(default_factory=dict)  # what the text model does unconditionally, as plain config values
     fractions: tuple[float, ...] = (1.0,)  # the rotated fractions of a head tested (``partial_rotary_factor``)
     width_heads: bool = False  # its attention heads are hidden_size // heads wide whatever ``head_dim`` says
+    section: tuple[int, ...] | None = None  # the sections its rotary takes when the config names none
 
+
+_GLM = (8, 12, 12)  # GLM-4.1V's sections, over the 32 frequencies of half a 128-wide head
 
 #: text model_type -> its plain family. Qwen3-VL-MoE's router always renormalises its top-k weights;
 #: GLM-4.1V's attention always has q/k/v biases, GLM-OCR's never; GLM-4.5V's has no q/k norm.
@@ -40,9 +43,9 @@ MROPE_TEXT_MODELS: dict[str, PlainFamily] = {
     "qwen2_5_vl_text": PlainFamily("qwen2"),
     "qwen3_vl_text": PlainFamily("qwen3"),
     "qwen3_vl_moe_text": PlainFamily("qwen3_moe", dict(norm_topk_prob=True)),
-    "glm4v_text": PlainFamily("glm4", dict(attention_bias=True), (0.5, 1.0), width_heads=True),
-    "glm_ocr_text": PlainFamily("glm4", dict(attention_bias=False), (0.5, 1.0)),
-    "glm4v_moe_text": PlainFamily("glm4_moe", dict(use_qk_norm=False), (0.5, 1.0)),
+    "glm4v_text": PlainFamily("glm4", dict(attention_bias=True), (0.5, 1.0), width_heads=True, section=_GLM),
+    "glm_ocr_text": PlainFamily("glm4", dict(attention_bias=False), (0.5, 1.0), section=_GLM),
+    "glm4v_moe_text": PlainFamily("glm4_moe", dict(use_qk_norm=False), (0.5, 1.0), section=_GLM),
 }
 
 #: M-RoPE keys of ``rope_parameters`` that plain RoPE does not have
@@ -65,7 +68,7 @@ def plain_text_config(kind: str, text_config):
     head_dim = width if family.width_heads else rotary_head  # what its attention heads are
     fraction = rope.get("partial_rotary_factor", 1.0)
     frequencies = int(rotary_head * fraction) // 2
-    section = rope.get("mrope_section")
+    section = rope.get("mrope_section") or family.section
     problem = None
     if rope.get("rope_type", "default") != "default":
         problem = f"rope_type {rope.get('rope_type')!r}; paw takes default frequencies only"
@@ -75,7 +78,8 @@ def plain_text_config(kind: str, text_config):
     elif rotary_head != head_dim:
         problem = f"head_dim {rotary_head} for its rotary but {head_dim} for its attention heads"
     elif section is not None and sum(section) != frequencies:
-        problem = f"sections {section} over {frequencies} frequencies; paw takes sections covering them all only"
+        problem = (f"sections {list(section)} over {frequencies} frequencies; paw takes sections covering them "
+                   "all only")
     if problem:
         raise SourceError(f"multimodal checkpoint ({kind}): its text model {text_config.model_type} uses M-RoPE "
                           f"with {problem}")

@@ -234,6 +234,9 @@ def _edited_copy(folder, target, edit) -> None:
      "partial_rotary_factor 0.25; paw takes 0.5 or 1.0 only"),
     ("glm4v_moe", dict(rope_parameters=dict(rope_type="linear", factor=2.0)),
      "rope_type 'linear'; paw takes default frequencies only"),
+    # no sections named: GLM's rotary takes 8, 12, 12, which 8 frequencies cannot hold
+    ("glm46v", dict(rope_parameters=dict(mrope_section=None)),
+     r"sections \[8, 12, 12\] over 8 frequencies; paw takes sections covering them all only"),
     # GLM-4.1V's rotary reads head_dim, its attention hidden_size // heads
     ("glm4v", dict(head_dim=32), "head_dim 32 for its rotary but 16 for its attention heads"),
 ])
@@ -265,8 +268,8 @@ def test_glm_text_models_match_on_the_other_rotated_fraction(tmp_path, tiny_toke
     assert full < TOLERANCE and cached < TOLERANCE and greedy
 
 
-@pytest.mark.parametrize("model_type", ["glm_ocr", "glm4v"])
-def test_a_glm_text_config_without_eos_keeps_none(model_type):
+@pytest.mark.parametrize(("model_type", "text"), [("glm_ocr", {}), ("glm4v", dict(partial_rotary_factor=0.5))])
+def test_a_glm_text_config_without_eos_keeps_none(model_type, text):
     """GLM-4's config fills a missing eos_token_id with GLM-4's ids, past GLM-OCR's vocabulary: the plain
     config keeps the text model's own (none; GLM-4.1V's text config has no such field), and the folder's
     generation config and tokenizer name it."""
@@ -274,7 +277,7 @@ def test_a_glm_text_config_without_eos_keeps_none(model_type):
 
     from exporter.mrope import plain_text_config
 
-    text_config = AutoConfig.for_model(model_type).text_config
+    text_config = AutoConfig.for_model(model_type, text_config=text).text_config
     assert getattr(text_config, "eos_token_id", None) is None
     assert plain_text_config(model_type, text_config).eos_token_id is None
 
