@@ -189,6 +189,25 @@ TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num
 # M-RoPE over head_dim 16's 8 frequencies: consecutive sections (Qwen2-VL) or interleaved (Qwen3-VL)
 _MROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
 
+
+def glm_rope(fraction: float | None, head_dim: int | None = None) -> dict:
+    """GLM-4.1V-family text overrides: M-RoPE on ``fraction`` of each head (None: not stated, the whole head
+    for glm4v_text), every rotated frequency in one of three consecutive sections; heads ``head_dim`` wide
+    (None: not stated, hidden_size / heads wide)."""
+    width = head_dim or _BASE["hidden_size"] // _BASE["num_attention_heads"]
+    frequencies = int(width * (fraction or 1.0)) // 2
+    time = frequencies // 4  # GLM-4.1V's [8, 12, 12] over 32 frequencies
+    rope = dict(rope_type="default", rope_theta=10000.0,
+                mrope_section=[time, (frequencies - time) // 2, frequencies - time - (frequencies - time) // 2])
+    if fraction is not None:
+        rope["partial_rotary_factor"] = fraction
+    return dict(rope_parameters=rope) if head_dim is None else dict(rope_parameters=rope, head_dim=head_dim)
+
+
+#: GLM-4.5V's text model: experts with a shared one, group-limited routing, a dense first layer
+GLM_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+               first_k_dense_replace=1, n_group=2, topk_group=1)
+
 #: Multimodal checkpoints tested through their text model (tests/exporter/test_composite.py):
 #: model_type -> overrides of the composite config beside its sub-configs. ``text`` overrides
 #: the text config (default: ``ARCHS`` of the text model_type); a ``*_config`` dict names a
@@ -228,6 +247,15 @@ COMPOSITES: dict[str, dict] = {
     "fast_vlm": {},
     # its projector reads the tower's width from model_args, which the default config leaves empty
     "perception_lm": dict(vision_config=dict(model_type="timm_wrapper", model_args=dict(embed_dim=32))),
+    # GLM-4.1V's family: M-RoPE text models exported as GLM-4 (glm4v_moe: GLM-4.5) on rotated halves of
+    # heads (as the hub's checkpoints) and whole ones (glm46v: unstated, which GLM-4's config would read as
+    # half); glm_ocr's and glm4v_moe's heads wider than hidden / heads (as GLM-4.5V's); glm4v's attention
+    # heads are always hidden / heads wide, with or without head_dim
+    "glm4v": dict(text=glm_rope(0.5, head_dim=16)),
+    "glm46v": dict(text=glm_rope(None)),
+    "glmga": dict(text=glm_rope(0.5)),
+    "glm_ocr": dict(text=glm_rope(1.0, head_dim=32)),
+    "glm4v_moe": dict(text=dict(glm_rope(0.5, head_dim=32), **GLM_MOE)),
 }
 
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from exporter.export import export_source
 from exporter.mrope import MROPE_TEXT_MODELS
 from interp.errors import SourceError
-from tests.archs import COMPOSITES, ArchCase, composite_config, timm_stood_in, tiny_composite
+from tests.archs import COMPOSITES, GLM_MOE, ArchCase, composite_config, glm_rope, timm_stood_in, tiny_composite
 from tests.exporter.test_architectures import PREFILL, TOLERANCE
 
 #: what the export's progress line says it left out, where it is more than a vision tower
@@ -64,7 +64,8 @@ def test_text_model_matches_the_composite(folders, exported, model_type):
 def test_export_says_what_it_left_out_and_keeps_the_tokenizer(folders, exported, model_type):
     program, lines = exported[model_type]
     text_type = folders[model_type][1].config.text_config.model_type
-    exported_type = MROPE_TEXT_MODELS.get(text_type, (text_type,))[0]
+    family = MROPE_TEXT_MODELS.get(text_type)
+    exported_type = family.model_type if family else text_type
     shown = text_type if exported_type == text_type else f"{text_type} as {exported_type}"
     left_out = LEFT_OUT.get(model_type, "the vision tower is left out")
     assert f"multimodal checkpoint ({model_type}): exporting its text model {shown}; {left_out}" in lines
@@ -75,12 +76,14 @@ def test_export_says_what_it_left_out_and_keeps_the_tokenizer(folders, exported,
     assert "im_start" in (tokenizer.get("chat_template") or (program / "chat_template.jinja").read_text())
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "gemma4", "qwen2_vl", "smolvlm", "gemma3n", "fast_vlm"])
+@pytest.mark.parametrize("model_type", ["gemma3", "gemma4", "qwen2_vl", "smolvlm", "gemma3n", "fast_vlm", "glm4v",
+                                        "glm4v_moe"])
 def test_streamed_export_reads_no_vision_weight_and_matches_the_whole_one(folders, exported, model_type,
                                                                           tmp_path):
     """gemma3's checkpoint keys are the legacy ``language_model.model.*``, gemma4's ``model.language_model.*``,
-    smolvlm's ``model.text_model.*``; qwen2_vl's land in another class (Qwen2ForCausalLM); gemma3n has
-    an audio tower and embedders beside its timm vision tower, fast_vlm a timm tower only."""
+    smolvlm's ``model.text_model.*``; qwen2_vl's, glm4v's and glm4v_moe's land in another class
+    (Qwen2ForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM); gemma3n has an audio tower and embedders beside
+    its timm vision tower, fast_vlm a timm tower only."""
     from exporter.sources import load_source_streaming, resolve_source, text_model_of
 
     folder = folders[model_type][0]
@@ -220,17 +223,83 @@ def _edited_copy(folder, target, edit) -> None:
     (target / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("rope", [dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64),
-                                  dict(mrope_section=[2, 2, 2])])
-def test_an_untested_m_rope_variant_is_one_error(folders, tmp_path, rope):
-    """Plain RoPE equals M-RoPE on text only for what the tests prove: default frequencies, every one in a section."""
+@pytest.mark.parametrize(("model_type", "text", "problem"), [
+    ("qwen2_vl", dict(rope_parameters=dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64)),
+     "rope_type 'yarn'; paw takes default frequencies only"),
+    ("qwen2_vl", dict(rope_parameters=dict(mrope_section=[2, 2, 2])),
+     r"sections \[2, 2, 2\] over 8 frequencies; paw takes sections covering them all only"),
+    ("qwen2_vl", dict(rope_parameters=dict(partial_rotary_factor=0.5, mrope_section=[1, 1, 2])),
+     "partial_rotary_factor 0.5; paw takes 1.0 only"),
+    ("glm4v", dict(rope_parameters=dict(partial_rotary_factor=0.25, mrope_section=[1, 0, 1])),
+     "partial_rotary_factor 0.25; paw takes 0.5 or 1.0 only"),
+    ("glm4v_moe", dict(rope_parameters=dict(rope_type="linear", factor=2.0)),
+     "rope_type 'linear'; paw takes default frequencies only"),
+    # no sections named: GLM's rotary takes 8, 12, 12, which 8 frequencies cannot hold
+    ("glm46v", dict(rope_parameters=dict(mrope_section=None)),
+     r"sections \[8, 12, 12\] over 8 frequencies; paw takes sections covering them all only"),
+    # GLM-4.1V's rotary reads head_dim, its attention hidden_size // heads
+    ("glm4v", dict(head_dim=32), "head_dim 32 for its rotary but 16 for its attention heads"),
+])
+def test_an_untested_m_rope_variant_is_one_error(folders, tmp_path, model_type, text, problem):
+    """Plain RoPE equals M-RoPE on text only for what the tests prove: default frequencies, every one in a
+    section, a rotated fraction of the head tested, heads as wide for the rotary as for attention."""
     def edit(config):
-        config["text_config"]["rope_parameters"].update(rope)
+        config["text_config"]["rope_parameters"].update(text.get("rope_parameters", {}))
+        config["text_config"].update({key: value for key, value in text.items() if key != "rope_parameters"})
 
-    _edited_copy(folders["qwen2_vl"][0], tmp_path / "qwen2_vl", edit)
-    with pytest.raises(SourceError, match=r"multimodal checkpoint \(qwen2_vl\): its text model qwen2_vl_text uses "
-                                          "M-RoPE with rope_type"):
-        export_source(str(tmp_path / "qwen2_vl"), tmp_path / "out")
+    _edited_copy(folders[model_type][0], tmp_path / model_type, edit)
+    text_type = folders[model_type][1].config.text_config.model_type
+    with pytest.raises(SourceError, match=rf"multimodal checkpoint \({model_type}\): its text model {text_type} uses "
+                                          f"M-RoPE with {problem}$"):
+        export_source(str(tmp_path / model_type), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("model_type", "fraction"), [("glm_ocr", 0.5), ("glm4v_moe", 1.0)])
+def test_glm_text_models_match_on_the_other_rotated_fraction(tmp_path, tiny_tokenizer, model_type, fraction):
+    """The GLM-4.1V family is taken on half-rotated and whole-rotated heads: COMPOSITES tests glm4v_text on
+    both (glm4v, glm46v), glm_ocr_text on whole heads and glm4v_moe_text on halves; these are the others."""
+    text = dict(glm_rope(fraction, head_dim=32), **(GLM_MOE if model_type == "glm4v_moe" else {}))
+    model = tiny_composite(model_type, text=text)
+    model.save_pretrained(tmp_path / model_type)
+    tiny_tokenizer.save_pretrained(tmp_path / model_type)
+    program = export_source(str(tmp_path / model_type), tmp_path / "out", stream=False)
+    full, cached, greedy = ArchCase(model_type, program, model=model).errors(PREFILL)
+    assert full < TOLERANCE and cached < TOLERANCE and greedy
+
+
+@pytest.mark.parametrize(("model_type", "text"), [("glm_ocr", {}), ("glm4v", dict(partial_rotary_factor=0.5))])
+def test_a_glm_text_config_without_eos_keeps_none(model_type, text):
+    """GLM-4's config fills a missing eos_token_id with GLM-4's ids, past GLM-OCR's vocabulary: the plain
+    config keeps the text model's own (none; GLM-4.1V's text config has no such field), and the folder's
+    generation config and tokenizer name it."""
+    from transformers import AutoConfig
+
+    from exporter.mrope import plain_text_config
+
+    text_config = AutoConfig.for_model(model_type, text_config=text).text_config
+    assert getattr(text_config, "eos_token_id", None) is None
+    assert plain_text_config(model_type, text_config).eos_token_id is None
+
+
+@pytest.mark.parametrize(("model_type", "text", "exported"), [
+    ("glm4v", dict(partial_rotary_factor=0.5, rope_scaling=dict(type="default", mrope_section=[8, 12, 12])),
+     "glm4v_text as glm4"),
+    ("glm4v_moe", dict(head_dim=128, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                          partial_rotary_factor=0.5, mrope_section=[8, 12, 12])),
+     "glm4v_moe_text as glm4_moe"),
+])
+def test_glm_checkpoints_at_their_real_size_reach_their_weights(tmp_path, model_type, text, exported):
+    """GLM-4.1V-9B's and GLM-4.5V's config shapes (rotary on half of 128-wide heads, in sections 8, 12, 12;
+    GLM-4.1V's written in transformers 4's ``rope_scaling``): the export gets as far as the (missing) weights."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, text_config=text).save_pretrained(tmp_path / model_type)
+    lines: list[str] = []
+    with pytest.raises(SourceError, match=f"could not load .*{model_type}: Error no file named model.safetensors"):
+        export_source(str(tmp_path / model_type), tmp_path / "out", progress=lines.append)
+    assert (f"multimodal checkpoint ({model_type}): exporting its text model {exported}; the vision tower is left "
+            "out") in lines
     assert not (tmp_path / "out").exists()
 
 
