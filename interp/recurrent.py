@@ -4,8 +4,9 @@ A conv state (``interp/conv_cache.py``) is one array per layer, not one entry pe
 position: it goes back only a few positions, is not saved with a KV prefix, split over
 ranks by layer or head as the KV cache is, or kept per row in a slot batch. The plain
 generation path runs such a program exactly; every other path either handles the state
-itself (``paw chat`` trims within its depth, else prefills again) or calls
-``refuse_recurrent`` before any work.
+itself (``paw chat`` trims within its depth, else prefills again; ``paw serve`` runs each
+request on its own state, ``paw_mlx/engine/engine.py``) or calls ``refuse_recurrent``
+before any work.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from interp.errors import ArtifactError, InputError, PawError, RequestError
-from interp.recurrent import refuse_recurrent
 from paw_mlx.engine.messages import normalize_messages
 from paw_mlx.runtime import LoadedProgram
 
@@ -246,9 +245,7 @@ class ModelCatalog:
             self._aliases.pop(alias, None)
 
     def add_base(self, prog: LoadedProgram, name: str | None = None) -> ServedModel:
-        """Serve ``prog`` as ``name``; one with recurrent state is refused (the engine keeps each
-        row's KV cache in slots and reuses prompt prefixes, which a conv state cannot follow)."""
-        refuse_recurrent(prog.program, "paw serve's batching engine")
+        """Serve ``prog`` as ``name`` (one with recurrent state runs solo: ``paw_mlx/engine/engine.py``)."""
         name = name or prog.path.name
         aliases = tuple(a for a in {prog.name} if a != name)
         return self.add(ServedModel(name=name, base=prog, aliases=aliases))

@@ -1,5 +1,5 @@
 """The CLI on a hybrid program (tests/archs.py's tiny LFM2): ``paw run`` and ``paw inspect`` work,
-``paw serve`` and ``paw compile`` refuse it in one line."""
+``paw compile`` refuses it in one line (``paw serve``: tests/apps/test_serve_hybrid.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ def test_run_generates_and_inspect_shows_the_conv_state(hybrid_program):
     assert "conv state │ float32 │ 26.1 KB" in text and "causal_conv1d" in text
 
 
-def test_serve_and_compile_refuse_it_in_one_line(hybrid_program, tmp_path):
-    assert_one_line_error(paw("serve", str(hybrid_program), "--port", "0"),
-                          "paw serve's batching engine does not run programs with recurrent state")
+def test_compile_refuses_it_in_one_line(hybrid_program, tmp_path):
     assert_one_line_error(paw("compile", "Answer yes.", "--base", str(hybrid_program), "-o", str(tmp_path / "out")),
                           "programs as weights (paw compile, paw_mlx.function) does not run programs with recurrent")
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """A hybrid program (conv state beside the KV cache, tests/archs.py's tiny LFM2) on every path
-that takes a program: chat runs it exactly, the paths that cannot keep its state refuse it."""
+that takes a program: chat and the serving engine run it exactly, the paths that cannot keep its
+state refuse it."""
 
 from __future__ import annotations
 
@@ -52,13 +53,19 @@ def test_chat_turns_match_a_fresh_run(prog, monkeypatch, depth):
     assert all(state.offset == len(session.cached_ids) for state in session.cache[prog.program.num_layers :])
 
 
-def test_the_serving_engine_refuses_it_in_one_line(prog):
-    from paw_mlx.engine.models import ModelCatalog
+def test_the_serving_engine_runs_it_solo_with_each_rows_own_state(prog):
+    """Rows of a recurrent program take no slot batch: each prefills and decodes on its own
+    cache list, so two requests at once each get the plain generation path's tokens."""
+    from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog
 
-    with pytest.raises(PawError, match=r"^paw serve's batching engine does not run programs with recurrent state: "
-                                       r".* keeps a conv state in 3 layers \(lfm2\)") as refused:
-        ModelCatalog().add_base(prog)
-    assert "\n" not in str(refused.value)
+    model = ModelCatalog().add_base(prog)
+    prompts = [prog.tokenizer.encode(text) for text in ("one two three four five six", "Hello there")]
+    want = [list(paw_mlx.stream_tokens(prog, ids, max_tokens=8)) for ids in prompts]
+    with Engine(EngineConfig(prefill_chunk=4, idle_prefill_chunk=4)) as engine:
+        handles = [engine.submit(GenerationRequest(model, ids, 8)) for ids in prompts]
+        got = [[t for event in handle.events(timeout=60) for t in event.tokens] for handle in handles]
+        assert engine.prompt_cache.hits == 0 and len(engine.prompt_cache) == 0
+    assert got == want and want[0] != want[1]
 
 
 def test_programs_as_weights_refuse_it_before_loading(hybrid_program, tmp_path):
