@@ -27,7 +27,7 @@ and runs its own forward pass each step, the rows stepped in turn and sampled to
 no prompt cache, no prefills together. A model split over several processes takes only
 the plain call; a program with recurrent state (``interp/recurrent.py``: conv states beside
 the KV caches) keeps state no slot row or cached KV prefix holds, so each row's state is its
-own object.
+own object, started from a copy of a compiled program's prefix state (``prefix_state``).
 """
 
 from __future__ import annotations
@@ -520,8 +520,15 @@ class Engine:
         request = row.request
         row.cache = group.base.make_cache()
         if group.solo:  # the ranks hold the cache, or its recurrent state has no per-position prefix to copy
-            row.handle.cached_tokens = 0
-            row.todo = list(request.prompt)
+            start = request.model.prefix_state  # a compiled program's on a recurrent base, copied
+            skip = 0
+            if start is not None and len(request.prompt) > start.length \
+                    and request.prompt[: start.length] == list(start.artifact.prefix_ids):
+                skip = start.length
+            if skip:
+                row.cache = start.cache()
+            row.handle.cached_tokens = skip
+            row.todo = list(request.prompt[skip:])
             group.prefilling = row
             return True
         self.pin_prefix(request.model)

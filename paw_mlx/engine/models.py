@@ -81,6 +81,9 @@ class ServedModel:
     #: the adapters served on this base (shared by every model on it), and this model's index
     adapters: AdapterStack | None = None
     adapter_index: int = 0
+    #: a compiled program on a base with recurrent state: its prefix's whole cache list, which
+    #: each request starts from a copy of (``paw_mlx.programs.recurrent_prefix.RecurrentPrefix``)
+    prefix_state: Any | None = None
 
     @property
     def is_program(self) -> bool:
@@ -264,8 +267,10 @@ class ModelCatalog:
                 check_against_base(artifact, base)
                 if name in self._models or name in self._aliases:
                     raise PawError(f"two models are named {name!r}: rename one of the directories")
+                state = _prefix_state(base, artifact) if base.program.recurrent else None
                 index = self.stack(base).add(artifact.adapter) if artifact.adapter is not None else 0
-                return self.add(ServedModel(name=name, base=base, artifact=artifact, adapter_index=index))
+                return self.add(ServedModel(name=name, base=base, artifact=artifact, adapter_index=index,
+                                            prefix_state=state))
         raise ArtifactError(f"{directory} was compiled for base model {artifact.base_fingerprint} "
                             f"({artifact.base_hint or 'unknown path'}), which is not served")
 
@@ -277,3 +282,11 @@ class ModelCatalog:
             known = ", ".join(sorted(self._models)) or "none"
             raise RequestError(f"no model named {name!r}; this server has: {known}", code="model_not_found")
         return model
+
+
+def _prefix_state(base: LoadedProgram, artifact):
+    """A program's prefix on a recurrent base, run now (ArtifactError if it cannot be rebuilt)."""
+    from paw_mlx.programs.function import adapted
+    from paw_mlx.programs.recurrent_prefix import RecurrentPrefix
+
+    return RecurrentPrefix(adapted(base, artifact.adapter), artifact).build()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -24,6 +25,9 @@ from interp.errors import ConstraintError
 from interp.sampling import make_sampler
 from paw_mlx.constrain import Constraint, mask_logits
 from paw_mlx.runtime import LoadedProgram
+
+if TYPE_CHECKING:
+    from paw_mlx.programs.recurrent_prefix import RecurrentPrefix
 
 
 def prefix_cache(prefix: Sequence[tuple[mx.array, mx.array]], batch: int) -> list[KVCache]:
@@ -100,7 +104,7 @@ def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array
 def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
                    *, max_new_tokens: int, temperature: float = 0.0, pad_id: int = 0,
                    constraints: Sequence[Constraint | None] | None = None,
-                   resident: ResidentPrefix | None = None, ended: list[bool] | None = None,
+                   resident: ResidentPrefix | RecurrentPrefix | None = None, ended: list[bool] | None = None,
                    row_numbers: Sequence[int] | None = None) -> list[list[int]]:
     """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``.
 
@@ -109,7 +113,8 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
     ``ConstraintError`` (an output that stops early would not parse), naming the row by
     its number from 1 (from its index in ``row_numbers``, the caller's, when ``rows`` is
     part of a larger call).
-    ``resident``: the prefix's ``ResidentPrefix``, which a batch of one row runs in.
+    ``resident``: the prefix's ``ResidentPrefix`` (or a recurrent base's ``RecurrentPrefix``),
+    whose ``cache()`` a batch of one row runs in.
     ``ended``, when given, is filled with whether each row ended by itself (its end-of-turn
     token or a complete constraint) rather than at the budget or the context's end.
     """

@@ -1,7 +1,10 @@
 """The CLI on a hybrid program (tests/archs.py's tiny LFM2): ``paw run`` and ``paw inspect`` work,
-``paw compile`` refuses it in one line (``paw serve``: tests/apps/test_serve_hybrid.py)."""
+``paw compile`` builds the untrained candidates on it and refuses the trained ones in one line
+(``paw serve``: tests/apps/test_serve_hybrid.py)."""
 
 from __future__ import annotations
+
+import json
 
 from tests.apps.test_cli import assert_one_line_error, paw
 
@@ -17,7 +20,16 @@ def test_run_generates_and_inspect_shows_the_conv_state(hybrid_program):
     assert "conv state │ float32 │ 26.1 KB" in text and "causal_conv1d" in text
 
 
-def test_compile_refuses_it_in_one_line(hybrid_program, tmp_path):
-    assert_one_line_error(paw("compile", "Answer yes.", "--base", str(hybrid_program), "-o", str(tmp_path / "out")),
-                          "programs as weights (paw compile, paw_mlx.function) does not run programs with recurrent")
-    assert not (tmp_path / "out").exists()
+def test_compile_tries_the_untrained_candidates_and_refuses_the_trained_in_one_line(hybrid_program, tmp_path):
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps({"input": word, "output": digit}) + "\n"
+                                for word, digit in (("one", "1"), ("two", "2"), ("three", "3"))))
+    common = ["compile", "Write the number as digits.", "--base", str(hybrid_program), "--examples", str(examples)]
+    assert_one_line_error(paw(*common, "--candidates", "fewshot,lora", "-o", str(tmp_path / "refused")),
+                          "candidate lora cannot be trained on", "key mask", "--candidates spec,fewshot")
+    assert not (tmp_path / "refused").exists()
+    done = paw(*common, "-o", str(tmp_path / "digits"))
+    assert done.returncode == 0, done.stderr
+    assert "paw: note: the base keeps recurrent state, so only the spec, fewshot candidates" in done.stderr
+    called = paw("call", str(tmp_path / "digits"), "four", "--base", str(hybrid_program))
+    assert called.returncode == 0, called.stderr

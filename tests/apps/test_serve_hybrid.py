@@ -31,9 +31,20 @@ def base(hybrid_program):
 
 
 @pytest.fixture(scope="module")
-def server(base):
+def digits(hybrid_program, tmp_path_factory):
+    """A compiled few-shot program on the hybrid base."""
+    out = tmp_path_factory.mktemp("hybrid-programs") / "digits"
+    examples = [{"input": "one", "output": "1"}, {"input": "two", "output": "2"}, {"input": "three", "output": "3"}]
+    paw_mlx.compile("Write the number as digits.", base=hybrid_program, out_dir=out, examples=examples,
+                    max_new_tokens=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(base, digits):
     catalog = ModelCatalog()
     catalog.add_base(base, name="hybrid")
+    catalog.add_program(digits, name="digits")
     engine = Engine(EngineConfig(max_rows=4, prefill_chunk=8, idle_prefill_chunk=8))
     app = create_app(catalog, engine, ServeConfig(max_tokens=400))
     with BackgroundServer(app) as running:
@@ -53,7 +64,7 @@ def http(server):
 
 
 def test_it_is_listed(client):
-    assert [m.id for m in client.models.list().data] == ["hybrid"]
+    assert sorted(m.id for m in client.models.list().data) == ["digits", "hybrid"]
 
 
 def test_two_concurrent_requests_each_get_what_generate_gives_alone(server, base, http):
@@ -124,3 +135,28 @@ def test_a_disconnect_mid_stream_frees_the_engine_for_the_next_request(http, cli
     wait_for_rows(http, 0)
     want = paw_mlx.generate(base, "Hello", max_tokens=MAX, raw=True)
     assert client.completions.create(model="hybrid", prompt="Hello", max_tokens=MAX).choices[0].text == want
+
+
+def test_a_compiled_program_answers_as_its_function_from_a_copy_of_its_prefix_state(server, digits, hybrid_program):
+    """Requests start from copies of the program's prefix state (its tokens are cached ones), side
+    by side, and each answer is the function's."""
+    f = paw_mlx.function(digits, base=hybrid_program)
+    inputs = ["four five six", "seven", "eight"]
+    want = [f(text) for text in inputs]
+    assert len(set(want)) > 1
+    got: list = [None] * len(inputs)
+    cached: list = [None] * len(inputs)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=WAIT)
+
+    def call(i: int) -> None:
+        reply = client.chat.completions.create(model="digits", messages=[{"role": "user", "content": inputs[i]}])
+        got[i], cached[i] = reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert got == want
+    assert cached == [f.artifact.prefix_length] * len(inputs)
+    assert client.completions.create(model="digits", prompt=inputs[0]).choices[0].text == want[0]

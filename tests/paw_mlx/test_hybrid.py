@@ -68,8 +68,58 @@ def test_the_serving_engine_runs_it_solo_with_each_rows_own_state(prog):
     assert got == want and want[0] != want[1]
 
 
-def test_programs_as_weights_refuse_it_before_loading(hybrid_program, tmp_path):
-    with pytest.raises(PawError, match=r"^programs as weights \(paw compile, paw_mlx.function\) does not run programs "
-                                       "with recurrent state"):
-        paw_mlx.compile("Answer yes.", base=hybrid_program, out_dir=tmp_path / "out")
+EXAMPLES = [{"input": "one", "output": "1"}, {"input": "two", "output": "2"}, {"input": "three", "output": "3"}]
+
+
+@pytest.fixture(scope="module")
+def fewshot(hybrid_program):
+    """A program compiled from examples on the hybrid base: its default candidates narrowed to
+    spec and fewshot, with a note saying so."""
+    return paw_mlx.compile("Write the number as digits.", base=hybrid_program, examples=EXAMPLES,
+                           max_new_tokens=6)
+
+
+def test_compiling_on_it_tries_only_the_untrained_candidates(fewshot):
+    assert [c["name"] for c in fewshot.selection["candidates"]] == ["spec", "fewshot"]
+    assert "recurrent state" in fewshot.selection["note"] and fewshot.tuning is None
+
+
+def test_a_program_call_equals_its_prompt_through_generate_and_calls_do_not_leak(prog, fewshot, hybrid_program):
+    """Each call starts from a copy of the prefix's whole state (KV caches and conv states); a
+    list runs row by row; what one call fed never reaches the next."""
+    f = paw_mlx.function(fewshot, base=hybrid_program)
+    inputs = ["four five six", "seven", "four five six"]
+    want = [prog.tokenizer.decode(list(paw_mlx.stream_tokens(prog, fewshot.prefix_ids + f.token_ids(text),
+                                                             max_tokens=6)), skip_special_tokens=True)
+            for text in inputs]
+    assert [f(text) for text in inputs] == want and want[0] != want[1]
+    assert f(inputs) == want
+
+
+def test_a_prefix_the_base_does_not_compute_is_refused(fewshot, hybrid_program):
+    """A tuned prefix's recurrent state is not stored and cannot be rebuilt: one line, not a wrong answer."""
+    from dataclasses import replace
+
+    from interp.errors import ArtifactError
+
+    tuned = replace(fewshot, prefix=[(k + 0.5, v) for k, v in fewshot.prefix])
+    with pytest.raises(ArtifactError, match="not its base model's own run .* --candidates spec,fewshot"):
+        paw_mlx.function(tuned, base=hybrid_program)("one")
+
+
+def test_trained_candidates_are_refused_before_loading(hybrid_program, tmp_path):
+    from paw_mlx.programs.select import SelectOptions
+
+    with pytest.raises(PawError, match=r"^candidate lora cannot be trained on .*key mask.* spec and fewshot work"):
+        paw_mlx.compile("Answer yes.", base=hybrid_program, out_dir=tmp_path / "out", examples=EXAMPLES,
+                        options=SelectOptions(candidates=("fewshot", "lora")))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_program_turn_equals_the_call(prog, fewshot, hybrid_program, tmp_path):
+    from paw_mlx.programs.artifact import write_artifact
+
+    path = write_artifact(fewshot, tmp_path / "digits")
+    session = ChatSession(prog, max_tokens=6)
+    session.use_program(path)
+    assert "".join(session.send("four five six")) == paw_mlx.function(path, base=hybrid_program)("four five six")
