@@ -121,14 +121,17 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
     if not rows:
         return []
     batch = len(rows)
-    start = prefix[0][0].shape[2] if prefix else 0
+    if prog.model.program.recurrent and (batch > 1 or (prefix and resident is None)):
+        raise ValueError("a base with recurrent state runs one row at a time, from its prefix's RecurrentPrefix")
+    # the prefix's length: a recurrent base's may hold no keys and values (every layer recurrent)
+    start = resident.length if resident is not None else prefix[0][0].shape[2] if prefix else 0
     budget = min(max_new_tokens, max(0, prog.context_length - start - max(len(r) for r in rows)))
     sampler = make_sampler(temperature)
     eos = prog.eos_token_ids
     outputs: list[list[int]] = [[] for _ in rows]
     done = [False] * batch
     with prog.lock:
-        cache = resident.cache() if resident is not None and batch == 1 and prefix else None
+        cache = resident.cache() if resident is not None and batch == 1 and resident.length else None
         state = prefill_batch(prog, prefix, rows, pad_id, cache)
         logits, key_mask = state.logits, state.key_mask
         for step in range(budget):

@@ -123,3 +123,22 @@ def test_a_chat_program_turn_equals_the_call(prog, fewshot, hybrid_program, tmp_
     session = ChatSession(prog, max_tokens=6)
     session.use_program(path)
     assert "".join(session.send("four five six")) == paw_mlx.function(path, base=hybrid_program)("four five six")
+
+
+def test_an_artifact_without_keys_and_values_round_trips(fewshot, tmp_path):
+    """A base whose every layer is recurrent (a pure state-space model) has no KV prefix: its
+    program's prefix.safetensors holds no tensors and reads back as such."""
+    from dataclasses import replace
+
+    from paw_mlx.programs.artifact import read_artifact, write_artifact
+
+    path = write_artifact(replace(fewshot, prefix=[]), tmp_path / "no-kv")
+    again = read_artifact(path, verify=True)
+    assert again.prefix == [] and again.prefix_ids == fewshot.prefix_ids
+
+
+def test_generate_batch_refuses_rows_together_on_a_recurrent_base(prog, fewshot):
+    from paw_mlx.programs.batch import generate_batch
+
+    with pytest.raises(ValueError, match="one row at a time"):
+        generate_batch(prog, fewshot.prefix, [[1, 2], [3]], max_new_tokens=2)
