@@ -137,6 +137,14 @@ class _Group:
         indices = [row.request.model.adapter_index if row is not None else 0 for row in rows]
         return {"adapter_index": mx.array(indices, dtype=mx.int32)}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' state: the slot batch's, or each solo row's own cache list (KV caches and
+        recurrent states; a split model's caches live on the ranks and count nothing here)."""
+        rows = list(self.rows.values())  # the worker may change the rows meanwhile; a copy is consistent
+        held = sum(getattr(c, "nbytes", 0) for row in rows for c in (row.cache or []))
+        return held + (self.batch.nbytes if self.batch.layers else 0)
+
     def free_slot(self) -> int | None:
         for slot in range(self.batch.slots):
             if slot not in self.rows:
@@ -201,9 +209,8 @@ class Engine:
                 "prefilled_together": self.prefilled_together,
                 "prompt_cache_entries": len(self.prompt_cache), "prompt_cache_bytes": self.prompt_cache.nbytes,
                 "prompt_cache_limit": self.config.prompt_cache_bytes,
-                "prompt_cache_hits": self.prompt_cache.hits, "kv_bytes": sum(
-                    g.batch.nbytes for g in list(self._groups.values()) if g.batch.layers),
-                "failure": self._failure}
+                "prompt_cache_hits": self.prompt_cache.hits,
+                "kv_bytes": sum(g.nbytes for g in list(self._groups.values())), "failure": self._failure}
 
     def retry_after(self) -> float:
         """Seconds a refused client might wait: the queue ahead of it over the rows' pace."""
