@@ -25,7 +25,7 @@ def test_compile_tries_the_untrained_candidates_and_refuses_the_trained_in_one_l
     examples.write_text("".join(json.dumps({"input": word, "output": digit}) + "\n"
                                 for word, digit in (("one", "1"), ("two", "2"), ("three", "3"))))
     common = ["compile", "Write the number as digits.", "--base", str(hybrid_program), "--examples", str(examples)]
-    assert_one_line_error(paw(*common, "--candidates", "fewshot,lora", "-o", str(tmp_path / "refused")),
+    assert_one_line_error(paw(*common, "--candidates", "lora", "-o", str(tmp_path / "refused")),
                           "candidate lora cannot be trained on", "key mask", "--candidates spec,fewshot")
     assert not (tmp_path / "refused").exists()
     done = paw(*common, "-o", str(tmp_path / "digits"))

@@ -161,3 +161,13 @@ def test_a_compiled_program_answers_as_its_function_from_a_copy_of_its_prefix_st
     assert got == want
     assert cached == [f.artifact.prefix_length] * len(inputs)
     assert client.completions.create(model="digits", prompt=inputs[0]).choices[0].text == want[0]
+
+
+def test_paw_serves_catalog_takes_the_hybrid_base_and_its_programs(hybrid_program, digits):
+    """What ``paw serve BASE --programs DIR`` loads: the base and the program on it, nothing skipped."""
+    from apps.serve.runner import build_catalog
+
+    skipped: list[str] = []
+    catalog = build_catalog([hybrid_program], [digits.parent], warn=skipped.append)
+    assert sorted(m.name for m in catalog) == ["digits", hybrid_program.name] and skipped == []
+    assert catalog.get("digits").prefix_state is not None
