@@ -127,6 +127,8 @@ def print_selection(info: dict | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if info and info.get("note"):
+        Console(stderr=True).print(f"paw: note: {info['note']}", markup=False, highlight=False)
     if info and info.get("repeated_examples_dropped"):
         Console(stderr=True).print(f"dropped {info['repeated_examples_dropped']} repeated example(s): "
                                    "the same input and output given again")

@@ -4,8 +4,11 @@ A recurrent state (``interp/state_cache.py``: a conv, delta or SSM state) is one
 layer, not one entry per position: it goes back a few positions or none, is not saved with
 a KV prefix, split over ranks by layer or head as the KV cache is, or kept per row in a
 slot batch. The plain generation path runs such a program exactly; every other path either
-handles the state itself (``paw chat`` goes back where the states can, else prefills again)
-or calls ``refuse_recurrent`` before any work.
+handles the state itself through its interface (``state``, ``trim``, ``copy``, ``nbytes``:
+``paw chat`` goes back where the states can, else prefills again; ``paw serve`` runs each
+request on its own state, ``paw_mlx/engine/engine.py``; a compiled program's calls start from
+copies of its prefix's states, ``paw_mlx/programs/recurrent_prefix.py``) or calls
+``refuse_recurrent`` before any work, as distributed execution does.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ _NAMED = {"conv": "a conv state", "delta": "a delta state", "ssm": "an SSM state
 
 
 def refuse_recurrent(program: Program, what: str, error: type[PawError] = PawError) -> None:
-    """Raise ``error`` naming ``what`` (e.g. "paw serve") when ``program`` keeps recurrent state."""
+    """Raise ``error`` naming ``what`` (e.g. "tensor parallelism") when ``program`` keeps recurrent state."""
     if program.recurrent:
         kinds = " and ".join(f"{_NAMED[kind]} in {count} layers" for kind, count in program.recurrent_states.items())
         raise error(f"{what} does not run programs with recurrent state: {program.directory} keeps {kinds} "
-                    f"({program.model_info.get('model_type') or 'hybrid'}), which slot batches, KV prefixes and "
-                    "splits over ranks do not carry; use paw run or paw chat")
+                    f"({program.model_info.get('model_type') or 'hybrid'}), which splits over ranks do not carry; "
+                    "run it in one process (paw run, paw chat, paw serve)")

@@ -253,8 +253,6 @@ class ChatSession:
         return self._program_stream(function, ids, stop)
 
     def _program_stream(self, function, ids: list[int], stop: threading.Event | None) -> Iterator[str]:
-        from paw_mlx.programs.batch import prefix_cache
-
         budget = min(function.max_new_tokens, self.max_tokens, self.context_size - self._turn_length)
         produced: list[int] = []
         try:
@@ -263,8 +261,7 @@ class ChatSession:
             else:
                 tokens = stream_tokens(function.runner, ids, max_tokens=budget,
                                        temperature=function.artifact.generation.temperature,
-                                       cache=prefix_cache(function.artifact.prefix, 1) if function.artifact.prefix
-                                       else function.runner.make_cache(), stats=self.stats, stop=stop)
+                                       cache=function.start_cache(), stats=self.stats, stop=stop)
             yield from self._pieces(tokens, produced)
         finally:
             reply = self.prog.tokenizer.decode(produced, skip_special_tokens=True)

@@ -79,7 +79,7 @@ class LoadedProgram:
         return self.model.make_cache()
 
     def kv_layout(self) -> list[tuple[tuple[int, int], tuple[int, int], mx.Dtype]]:
-        """Per cache layer: (KV heads, key size), (KV heads, value size) and the cache's dtype.
+        """Per KV cache layer: (KV heads, key size), (KV heads, value size) and the cache's dtype.
 
         Read off a one-token run (once, then kept), so it holds for any architecture; a
         compiled program's prefix must have exactly this layout.
@@ -89,6 +89,7 @@ class LoadedProgram:
             with self.lock:  # positions given: the plain interpreter, no decode step compiled for this
                 self.model(mx.array([[0]], dtype=mx.int32), cache=cache, positions=mx.array([[0]], dtype=mx.int32))
                 mx.eval([c.state for c in cache])
+            cache = cache[: self.program.num_layers]  # the KV caches, before any recurrent state
             for i, c in enumerate(cache):
                 if c.keys is None:
                     raise ProgramError(f"{self.path}: KV-cache layer {i} is never written by an attention node")

@@ -21,6 +21,13 @@ another request sharing the prompt's start, prefills only what is new. Requests 
 ``max_rows`` wait in a queue of at most ``max_queue``; beyond that ``submit`` refuses
 with ``OverloadedError``. Only the worker touches MLX; ``submit`` and ``cancel`` are
 safe from any thread.
+
+Two kinds of base take no slot batch and run *solo*: each row keeps its own cache list
+and runs its own forward pass each step, the rows stepped in turn and sampled together;
+no prompt cache, no prefills together. A model split over several processes takes only
+the plain call; a program with recurrent state (``interp/recurrent.py``: conv states beside
+the KV caches) keeps state no slot row or cached KV prefix holds, so each row's state is its
+own object, started from a copy of a compiled program's prefix state (``prefix_state``).
 """
 
 from __future__ import annotations
@@ -115,8 +122,10 @@ class _Group:
     def solo(self) -> bool:
         """Whether each row runs on its own cache, one forward pass per row and step: a model
         split over several processes (``interp.distributed``) takes no slot batch, only the
-        plain ``model(tokens, cache=...)`` call."""
-        return not hasattr(self.model, "step_rows")
+        plain ``model(tokens, cache=...)`` call; a program with recurrent state (conv states
+        beside its KV caches, ``interp/recurrent.py``) has state a slot batch does not keep
+        per row, nor the prompt cache per position."""
+        return self.base.program.recurrent or not hasattr(self.model, "step_rows")
 
     def free_solo_slot(self) -> int:
         return next(slot for slot in range(len(self.rows) + 1) if slot not in self.rows)
@@ -127,6 +136,14 @@ class _Group:
             return None
         indices = [row.request.model.adapter_index if row is not None else 0 for row in rows]
         return {"adapter_index": mx.array(indices, dtype=mx.int32)}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' state: the slot batch's, or each solo row's own cache list (KV caches and
+        recurrent states; a split model's caches live on the ranks and count nothing here)."""
+        rows = list(self.rows.values())  # the worker may change the rows meanwhile; a copy is consistent
+        held = sum(getattr(c, "nbytes", 0) for row in rows for c in (row.cache or []))
+        return held + (self.batch.nbytes if self.batch.layers else 0)
 
     def free_slot(self) -> int | None:
         for slot in range(self.batch.slots):
@@ -192,9 +209,8 @@ class Engine:
                 "prefilled_together": self.prefilled_together,
                 "prompt_cache_entries": len(self.prompt_cache), "prompt_cache_bytes": self.prompt_cache.nbytes,
                 "prompt_cache_limit": self.config.prompt_cache_bytes,
-                "prompt_cache_hits": self.prompt_cache.hits, "kv_bytes": sum(
-                    g.batch.nbytes for g in list(self._groups.values()) if g.batch.layers),
-                "failure": self._failure}
+                "prompt_cache_hits": self.prompt_cache.hits,
+                "kv_bytes": sum(g.nbytes for g in list(self._groups.values())), "failure": self._failure}
 
     def retry_after(self) -> float:
         """Seconds a refused client might wait: the queue ahead of it over the rows' pace."""
@@ -357,9 +373,7 @@ class Engine:
     def _decode_solo(self, group: _Group) -> None:
         """One decode step of a solo group: each row's own forward pass, sampled together."""
         slots = sorted(group.rows)
-        logits = mx.concatenate([
-            group.model(mx.array([[group.rows[s].next_token]], dtype=mx.int32), cache=group.rows[s].cache)[:, -1, :]
-            for s in slots])
+        logits = mx.concatenate([self._step_solo(group, group.rows[s]) for s in slots])
         allowed = {s: group.rows[s].request.constraint.allowed() for s in slots
                    if group.rows[s].request.constraint is not None}
         result = group.sampler.sample(logits, rows=slots, allowed=allowed or None)
@@ -370,6 +384,13 @@ class Engine:
             row = group.rows[slot]
             row.fed.append(row.next_token)
             self._accept(group, row, choices, index)
+
+    @staticmethod
+    def _step_solo(group: _Group, row: _Row) -> mx.array:
+        """Logits [1, vocab] of one solo row's next token, run on the row's own cache."""
+        extra = group.adapter_inputs([row])
+        return group.model(mx.array([[row.next_token]], dtype=mx.int32), cache=row.cache,
+                           **({"extra_inputs": extra} if extra else {}))[:, -1, :]
 
     def _accept(self, group: _Group, row: _Row, choices: _Choices, index: int) -> None:
         """Take one sampled token for a row: emit it, or finish the row."""
@@ -505,9 +526,16 @@ class Engine:
             self._running += 1
         request = row.request
         row.cache = group.base.make_cache()
-        if group.solo:  # the ranks hold the cache: no prompt cache to copy from
-            row.handle.cached_tokens = 0
-            row.todo = list(request.prompt)
+        if group.solo:  # the ranks hold the cache, or its recurrent state has no per-position prefix to copy
+            start = request.model.prefix_state  # a compiled program's on a recurrent base, copied
+            skip = 0
+            if start is not None and len(request.prompt) > start.length \
+                    and request.prompt[: start.length] == list(start.artifact.prefix_ids):
+                skip = start.length
+            if skip:
+                row.cache = start.cache()
+            row.handle.cached_tokens = skip
+            row.todo = list(request.prompt[skip:])
             group.prefilling = row
             return True
         self.pin_prefix(request.model)

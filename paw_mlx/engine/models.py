@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from interp.errors import ArtifactError, InputError, PawError, RequestError
-from interp.recurrent import refuse_recurrent
 from paw_mlx.engine.messages import normalize_messages
 from paw_mlx.runtime import LoadedProgram
 
@@ -82,6 +81,9 @@ class ServedModel:
     #: the adapters served on this base (shared by every model on it), and this model's index
     adapters: AdapterStack | None = None
     adapter_index: int = 0
+    #: a compiled program on a base with recurrent state: its prefix's whole cache list, which
+    #: each request starts from a copy of (``paw_mlx.programs.recurrent_prefix.RecurrentPrefix``)
+    prefix_state: Any | None = None
 
     @property
     def is_program(self) -> bool:
@@ -246,9 +248,7 @@ class ModelCatalog:
             self._aliases.pop(alias, None)
 
     def add_base(self, prog: LoadedProgram, name: str | None = None) -> ServedModel:
-        """Serve ``prog`` as ``name``; one with recurrent state is refused (the engine keeps each
-        row's KV cache in slots and reuses prompt prefixes, which a conv state cannot follow)."""
-        refuse_recurrent(prog.program, "paw serve's batching engine")
+        """Serve ``prog`` as ``name`` (one with recurrent state runs solo: ``paw_mlx/engine/engine.py``)."""
         name = name or prog.path.name
         aliases = tuple(a for a in {prog.name} if a != name)
         return self.add(ServedModel(name=name, base=prog, aliases=aliases))
@@ -267,8 +267,10 @@ class ModelCatalog:
                 check_against_base(artifact, base)
                 if name in self._models or name in self._aliases:
                     raise PawError(f"two models are named {name!r}: rename one of the directories")
+                state = _prefix_state(base, artifact) if base.program.recurrent else None
                 index = self.stack(base).add(artifact.adapter) if artifact.adapter is not None else 0
-                return self.add(ServedModel(name=name, base=base, artifact=artifact, adapter_index=index))
+                return self.add(ServedModel(name=name, base=base, artifact=artifact, adapter_index=index,
+                                            prefix_state=state))
         raise ArtifactError(f"{directory} was compiled for base model {artifact.base_fingerprint} "
                             f"({artifact.base_hint or 'unknown path'}), which is not served")
 
@@ -280,3 +282,11 @@ class ModelCatalog:
             known = ", ".join(sorted(self._models)) or "none"
             raise RequestError(f"no model named {name!r}; this server has: {known}", code="model_not_found")
         return model
+
+
+def _prefix_state(base: LoadedProgram, artifact):
+    """A program's prefix on a recurrent base, run now (ArtifactError if it cannot be rebuilt)."""
+    from paw_mlx.programs.function import adapted
+    from paw_mlx.programs.recurrent_prefix import RecurrentPrefix
+
+    return RecurrentPrefix(adapted(base, artifact.adapter), artifact).build()

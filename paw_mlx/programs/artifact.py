@@ -172,8 +172,9 @@ def _fields(meta: dict, meta_path: Path) -> dict:
         prefix_ids = check_token_ids(meta["prefix_ids"], None, what="'prefix_ids'")
     except InputError as exc:
         raise ArtifactError(f"{meta_path} is malformed: {exc}") from None
-    need(_is_int(meta.get("num_layers")) and 0 < meta["num_layers"] <= MAX_LAYERS,
-         "'num_layers' must be a positive integer")
+    # 0 for a base whose every layer is recurrent (no attention, no keys and values to keep)
+    need(_is_int(meta.get("num_layers")) and 0 <= meta["num_layers"] <= MAX_LAYERS,
+         "'num_layers' must be a whole number of layers")
     need(isinstance(base, dict), "'base' must be an object with the base model's fingerprint")
     made_for = base.get("fingerprint")
     if not isinstance(made_for, str) or not made_for:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -24,6 +25,9 @@ from interp.errors import ConstraintError
 from interp.sampling import make_sampler
 from paw_mlx.constrain import Constraint, mask_logits
 from paw_mlx.runtime import LoadedProgram
+
+if TYPE_CHECKING:
+    from paw_mlx.programs.recurrent_prefix import RecurrentPrefix
 
 
 def prefix_cache(prefix: Sequence[tuple[mx.array, mx.array]], batch: int) -> list[KVCache]:
@@ -100,7 +104,7 @@ def prefill_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array
 def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.array]], rows: Sequence[list[int]],
                    *, max_new_tokens: int, temperature: float = 0.0, pad_id: int = 0,
                    constraints: Sequence[Constraint | None] | None = None,
-                   resident: ResidentPrefix | None = None, ended: list[bool] | None = None,
+                   resident: ResidentPrefix | RecurrentPrefix | None = None, ended: list[bool] | None = None,
                    row_numbers: Sequence[int] | None = None) -> list[list[int]]:
     """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``.
 
@@ -109,21 +113,25 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
     ``ConstraintError`` (an output that stops early would not parse), naming the row by
     its number from 1 (from its index in ``row_numbers``, the caller's, when ``rows`` is
     part of a larger call).
-    ``resident``: the prefix's ``ResidentPrefix``, which a batch of one row runs in.
+    ``resident``: the prefix's ``ResidentPrefix`` (or a recurrent base's ``RecurrentPrefix``),
+    whose ``cache()`` a batch of one row runs in.
     ``ended``, when given, is filled with whether each row ended by itself (its end-of-turn
     token or a complete constraint) rather than at the budget or the context's end.
     """
     if not rows:
         return []
     batch = len(rows)
-    start = prefix[0][0].shape[2] if prefix else 0
+    if prog.model.program.recurrent and (batch > 1 or (prefix and resident is None)):
+        raise ValueError("a base with recurrent state runs one row at a time, from its prefix's RecurrentPrefix")
+    # the prefix's length: a recurrent base's may hold no keys and values (every layer recurrent)
+    start = resident.length if resident is not None else prefix[0][0].shape[2] if prefix else 0
     budget = min(max_new_tokens, max(0, prog.context_length - start - max(len(r) for r in rows)))
     sampler = make_sampler(temperature)
     eos = prog.eos_token_ids
     outputs: list[list[int]] = [[] for _ in rows]
     done = [False] * batch
     with prog.lock:
-        cache = resident.cache() if resident is not None and batch == 1 and prefix else None
+        cache = resident.cache() if resident is not None and batch == 1 and resident.length else None
         state = prefill_batch(prog, prefix, rows, pad_id, cache)
         logits, key_mask = state.logits, state.key_mask
         for step in range(budget):

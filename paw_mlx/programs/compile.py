@@ -98,7 +98,8 @@ def input_ids(tokenizer: Tokenizer, layout: PromptLayout, text: str) -> list[int
 
 
 def compute_prefix(prog: LoadedProgram, ids: list[int]) -> list[tuple[mx.array, mx.array]]:
-    """Run the base model over ``ids`` once and keep every layer's keys and values."""
+    """Run the base model over ``ids`` once and keep every attention layer's keys and values
+    (a recurrent layer's state is not a prefix of positions: ``recurrent_prefix.py`` rebuilds it)."""
     if not ids:
         raise PawError("the program's prefix is empty")
     ids = prog.check_ids(ids, "prefix ids")
@@ -108,7 +109,7 @@ def compute_prefix(prog: LoadedProgram, ids: list[int]) -> list[tuple[mx.array, 
     cache = prog.make_cache()
     with prog.lock:
         prog.model(mx.array([ids], dtype=mx.int32), cache=cache)
-        states = [c.state for c in cache]
+        states = [c.state for c in cache[: prog.program.num_layers]]  # the KV caches come first
         mx.eval(states)
     if not all(states):
         raise PawError(f"{prog.path}: a KV-cache layer is never written, so it has no prefix to keep")
@@ -223,10 +224,11 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
     if out_dir is not None:
         check_writable(out_dir, ArtifactError)
+    note = None
     if examples is not None:
         options = options or SelectOptions()
         options.check()  # before the base model loads: a bad option is one line at once
-        options.check_base(base_path)
+        note = options.check_base(base_path)
     prog = interpreter(base_path)
     if not prog.fingerprint:
         raise PawError(f"the base model {base_path} has no fingerprint (no manifest.json), so a program "
@@ -253,6 +255,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
         artifact, info = select(prog, builder, train, options or SelectOptions(), progress)
         if repeated:
             info["repeated_examples_dropped"] = repeated
+        if note:
+            info["note"] = note
         if conflicting := conflicting_inputs(train):
             info["conflicting_inputs"] = conflicting
         if test:

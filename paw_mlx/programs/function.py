@@ -12,9 +12,10 @@ from interp.paths import DEFAULT_MODEL
 from paw_mlx.constrain import grammar_for
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_artifact
-from paw_mlx.programs.batch import ResidentPrefix, generate_batch
+from paw_mlx.programs.batch import ResidentPrefix, generate_batch, prefix_cache
 from paw_mlx.programs.compile import compile, input_ids
 from paw_mlx.programs.interpreter import interpreter
+from paw_mlx.programs.recurrent_prefix import RecurrentPrefix
 from paw_mlx.runtime import LoadedProgram
 
 #: the most padded tokens (rows x longest row) one batch of a call feeds; a list of inputs
@@ -50,7 +51,8 @@ class Completion:
 
 class ProgramFunction:
     """Calls a program: a string in, a string out; a list in, a list out (one batch, or
-    several when one input is much longer than the others: ``BATCH_TOKENS``).
+    several when one input is much longer than the others: ``BATCH_TOKENS``; one input at a
+    time on a base with recurrent state, whose layers take no padded rows).
 
     With an output constraint (``returns``, or the program's own), every output parses:
     it is one of the choices, matches the regex or is JSON valid for the schema.
@@ -65,8 +67,12 @@ class ProgramFunction:
         #: the base model as this program runs it: with its LoRA adapter, if it has one
         self.runner = adapted(base, artifact.adapter)
         self.max_new_tokens = max_new_tokens or artifact.generation.max_new_tokens
-        #: the prefix in a cache of its own, which one-input calls run in without copying it
-        self._resident = ResidentPrefix(artifact.prefix)
+        #: whether the base keeps recurrent state: each call then starts from a copy of the prefix's
+        #: whole cache list and runs alone (``causal_conv1d`` takes no padded rows)
+        self.recurrent = base.program.recurrent
+        #: the prefix in a cache of its own, which one-input calls run in without copying it; on a
+        #: recurrent base, the prefix's states, copied for each call (``recurrent_prefix.py``)
+        self._resident = RecurrentPrefix(self.runner, artifact) if self.recurrent else ResidentPrefix(artifact.prefix)
         returns = returns if returns is not None else artifact.returns
         self.grammar = None
         if returns is not None:
@@ -75,6 +81,12 @@ class ProgramFunction:
     @property
     def spec(self) -> str:
         return self.artifact.spec
+
+    def start_cache(self) -> list:
+        """A new cache list holding the prefix, for one row to continue (``paw chat``'s program turns)."""
+        if self.recurrent:
+            return self._resident.cache()
+        return prefix_cache(self.artifact.prefix, 1) if self.artifact.prefix else self.runner.make_cache()
 
     def token_ids(self, text: str) -> list[int]:
         """The ids a call feeds after the prefix."""
@@ -95,7 +107,9 @@ class ProgramFunction:
                              f"fills the base model's context of {self.base.context_length}")
         outputs: list[list[int]] = [[] for _ in rows]
         ended = [True] * len(rows)
-        for batch in length_batches([len(row) for row in rows], BATCH_TOKENS):
+        batches = ([[i] for i in range(len(rows))] if self.recurrent
+                   else length_batches([len(row) for row in rows], BATCH_TOKENS))
+        for batch in batches:
             constraints = [self.grammar.start() for _ in batch] if self.grammar is not None else None
             batch_ended: list[bool] = []
             done = generate_batch(self.runner, self.artifact.prefix, [rows[i] for i in batch],

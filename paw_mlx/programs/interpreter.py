@@ -11,8 +11,7 @@ import threading
 from pathlib import Path
 
 from interp.paths import DEFAULT_MODEL, require_default_program
-from interp.program import PROGRAM_FILE, read_program, resolve_program_dir
-from interp.recurrent import refuse_recurrent
+from interp.program import PROGRAM_FILE, resolve_program_dir
 from paw_mlx.runtime import LoadedProgram, load
 
 _INTERPRETERS: dict[Path, LoadedProgram] = {}
@@ -34,14 +33,13 @@ def resolve_base(base: str | Path) -> Path:
 def interpreter(base: str | Path) -> LoadedProgram:
     """The shared loaded base program for ``base`` (loaded on first use).
 
-    A base with recurrent state is refused before its weights load: a compiled program is a
-    cached KV prefix, and a conv state is not kept with it (``interp/recurrent.py``).
+    A base with recurrent state runs programs whose prefix its own run rebuilds
+    (``recurrent_prefix.py``), one row at a time (``function.py``).
     """
     path = resolve_base(base)
     with _LOCK:
         prog = _INTERPRETERS.get(path)
         if prog is None:
-            refuse_recurrent(read_program(path), "programs as weights (paw compile, paw_mlx.function)")
             prog = _INTERPRETERS[path] = load(path)
         return prog
 

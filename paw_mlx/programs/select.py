@@ -61,6 +61,12 @@ CANDIDATES = ("spec", "fewshot", "prefix", "lora", PREFIX_LORA)
 #: below the mean-adapter ``lora`` on the dev tasks, whose second training per fold would
 #: cost the most with leave-one-out folds (docs/programs.md)
 DEFAULT_CANDIDATES = ("spec", "fewshot", "prefix", "lora")
+#: candidates trained with each row's own demonstration hidden by a key mask (``Builder._train``)
+TRAINED = ("prefix", "lora", PREFIX_LORA)
+#: what a base with recurrent state is compiled into: a recurrent layer reads every position
+#: before it and cannot honour a key mask, and a tuned prefix's recurrent state is not stored
+#: (``recurrent_prefix.py``); its default candidates
+RECURRENT_CANDIDATES = ("spec", "fewshot")
 #: tie-break order: simpler first
 PREFERENCE = ("fewshot", "spec", "lora", "prefix", PREFIX_LORA)
 #: candidates whose kept program averages the folds' adapters instead of training again
@@ -100,11 +106,28 @@ class SelectOptions:
         self.lora.check()
         self.prefix.check()
 
-    def check_base(self, base: str | Path) -> None:
-        """Raise ``PawError`` if a LoRA candidate cannot be trained on the base program at ``base``
-        (its rank wider than a layer it adapts), read from ``prog.json`` before any weight loads."""
+    def check_base(self, base: str | Path) -> str | None:
+        """Raise ``PawError`` if a candidate cannot be built on the base program at ``base`` (a
+        LoRA's rank wider than a layer it adapts; a trained candidate on a base with recurrent
+        state), read from ``prog.json`` before any weight loads. On a recurrent base the
+        default candidates become ``RECURRENT_CANDIDATES``; returns a note saying so, or None."""
+        program = read_program(base)
+        if program.recurrent:
+            trained = [name for name in self.candidates if name in TRAINED]
+            if trained and self.candidates == DEFAULT_CANDIDATES:
+                self.candidates = RECURRENT_CANDIDATES
+                return (f"the base keeps recurrent state, so only the {', '.join(RECURRENT_CANDIDATES)} candidates "
+                        f"are tried (not {', '.join(trained)}: docs/programs.md)")
+            if trained:
+                raise PawError(
+                    f"candidate {', '.join(trained)} cannot be trained on {program.directory}: it keeps recurrent "
+                    f"state ({program.model_info.get('model_type') or 'hybrid'}), and training hides each example's "
+                    "own demonstration with a key mask, which a recurrent layer, reading every position before it, "
+                    f"cannot honour; {' and '.join(RECURRENT_CANDIDATES)} work on it "
+                    f"(--candidates {','.join(RECURRENT_CANDIDATES)})")
         if any(self.training(name) is self.lora for name in self.candidates):
-            lora_targets(read_program(base), self.lora)
+            lora_targets(program, self.lora)
+        return None
 
     def training(self, name: str) -> TrainOptions | None:
         """How candidate ``name`` is trained (for ``prefix+lora``: its second, LoRA stage)."""

@@ -1,7 +1,10 @@
-"""The CLI on hybrid programs (tests/archs.py's tiny LFM2, Qwen3.5 and Mamba2): ``paw run`` and ``paw inspect`` work,
-``paw serve`` and ``paw compile`` refuse it in one line."""
+"""The CLI on hybrid programs (tests/archs.py's tiny LFM2, Qwen3.5 and Mamba2): ``paw run`` and ``paw inspect``
+work, ``paw compile`` builds the untrained candidates on them and refuses the trained ones in one line
+(``paw serve``: tests/apps/test_serve_hybrid.py)."""
 
 from __future__ import annotations
+
+import json
 
 from tests.apps.test_cli import assert_one_line_error, paw
 
@@ -17,12 +20,19 @@ def test_run_generates_and_inspect_shows_the_conv_state(hybrid_program):
     assert "recurrent state │ float32 │ 26.1 KB" in text and "causal_conv1d" in text
 
 
-def test_serve_and_compile_refuse_it_in_one_line(hybrid_program, tmp_path):
-    assert_one_line_error(paw("serve", str(hybrid_program), "--port", "0"),
-                          "paw serve's batching engine does not run programs with recurrent state")
-    assert_one_line_error(paw("compile", "Answer yes.", "--base", str(hybrid_program), "-o", str(tmp_path / "out")),
-                          "programs as weights (paw compile, paw_mlx.function) does not run programs with recurrent")
-    assert not (tmp_path / "out").exists()
+def test_compile_tries_the_untrained_candidates_and_refuses_the_trained_in_one_line(hybrid_program, tmp_path):
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps({"input": word, "output": digit}) + "\n"
+                                for word, digit in (("one", "1"), ("two", "2"), ("three", "3"))))
+    common = ["compile", "Write the number as digits.", "--base", str(hybrid_program), "--examples", str(examples)]
+    assert_one_line_error(paw(*common, "--candidates", "lora", "-o", str(tmp_path / "refused")),
+                          "candidate lora cannot be trained on", "key mask", "--candidates spec,fewshot")
+    assert not (tmp_path / "refused").exists()
+    done = paw(*common, "-o", str(tmp_path / "digits"))
+    assert done.returncode == 0, done.stderr
+    assert "paw: note: the base keeps recurrent state, so only the spec, fewshot candidates" in done.stderr
+    called = paw("call", str(tmp_path / "digits"), "four", "--base", str(hybrid_program))
+    assert called.returncode == 0, called.stderr
 
 
 def test_run_and_inspect_a_gated_delta_program(gated_delta_program):
@@ -36,7 +46,7 @@ def test_run_and_inspect_a_gated_delta_program(gated_delta_program):
     assert "recurrent state │ float32 │ 46.5 KB" in text and "gated_delta_rule" in text
 
 
-def test_a_state_space_program_runs_inspect_shows_its_ssm_state_and_serve_refuses_it(ssm_program):
+def test_run_and_inspect_a_state_space_program(ssm_program):
     """The tiny Mamba2: no attention, a conv and an SSM state per layer."""
     done = paw("run", str(ssm_program), "--prompt", "one two three", "--max-tokens", "5")
     assert done.returncode == 0, done.stderr
@@ -48,5 +58,3 @@ def test_a_state_space_program_runs_inspect_shows_its_ssm_state_and_serve_refuse
     # 2 layers of [1, 8 heads, 16, 16] float32; the conv states: 2 layers of 35 rows of 192 channels
     assert "recurrent state │ float32 │ 70.1 KB" in text
     assert "ssm_scan" in text
-    assert_one_line_error(paw("serve", str(ssm_program), "--port", "0"),
-                          "paw serve's batching engine does not run programs with recurrent state")

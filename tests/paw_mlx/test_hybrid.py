@@ -1,6 +1,7 @@
-"""Hybrid programs (tests/archs.py's tiny LFM2: conv states beside the KV cache; its tiny Qwen3.5: conv
-and delta states) on every path that takes a program: chat runs them exactly, the paths that cannot
-keep their state refuse them."""
+"""Hybrid programs on every path that takes a program: tests/archs.py's tiny LFM2 (conv states beside
+the KV cache), Qwen3.5 (conv and delta states) and Mamba2 (conv and SSM states, no KV cache at all).
+Generation, chat, the serving engine and programs as weights run them exactly; a program's trained
+candidates, which need a key mask, are refused in one line."""
 
 from __future__ import annotations
 
@@ -12,16 +13,15 @@ from interp.conv_cache import ConvState
 from interp.errors import PawError
 from paw_mlx.chat import ChatSession
 
-#: fixture of each hybrid program -> what the refusals say it keeps
-HYBRIDS = {"hybrid_program": r"a conv state in 3 layers \(lfm2\)",
-           "gated_delta_program": r"a conv state in 3 layers and a delta state in 3 layers \(qwen3_5_text\)"}
+#: the fixtures of the hybrid programs (tests/conftest.py), one of each recurrent state kind
+HYBRIDS = ("hybrid_program", "gated_delta_program", "ssm_program")
 
 
-@pytest.fixture(scope="module", params=list(HYBRIDS))
+@pytest.fixture(scope="module", params=HYBRIDS)
 def hybrid(request) -> tuple:
-    """(the program's directory, the loaded program, what the refusals say it keeps)."""
+    """(the program's directory, the loaded program)."""
     directory = request.getfixturevalue(request.param)
-    return directory, paw_mlx.load(directory), HYBRIDS[request.param]
+    return directory, paw_mlx.load(directory)
 
 
 def fresh_reply(prog, messages, max_tokens) -> tuple[str, int]:
@@ -33,7 +33,7 @@ def fresh_reply(prog, messages, max_tokens) -> tuple[str, int]:
 def test_generation_through_the_recurrent_states_is_greedy_over_the_whole_sequence(hybrid):
     """Each token paw_mlx generates (prefill, then one step at a time through the KV caches and
     recurrent states) is the argmax of a cache-free pass over everything before it."""
-    _, prog, _ = hybrid
+    _, prog = hybrid
     ids = prog.tokenizer.encode("one two three four")
     got = list(paw_mlx.stream_tokens(prog, ids, max_tokens=8))
     want = []
@@ -44,37 +44,117 @@ def test_generation_through_the_recurrent_states_is_greedy_over_the_whole_sequen
 
 @pytest.mark.parametrize("depth", [ConvState.depth, 0])
 def test_chat_turns_match_a_fresh_run(hybrid, monkeypatch, depth):
-    """With the conv state's depth (and no delta state) the cache goes back to the common prefix; with
-    none, or a delta state, which never goes back, the whole conversation is prefilled again: the
-    replies are a fresh run's either way."""
-    _, prog, _ = hybrid
+    """With the conv state's depth (and no delta or SSM state) the cache goes back to the common prefix;
+    with none, or a state that never goes back, the conversation is prefilled again unless the turn only
+    extends the cache: the replies are a fresh run's either way."""
+    _, prog = hybrid
     monkeypatch.setattr(ConvState, "depth", depth)
     session = ChatSession(prog, max_tokens=6)
     "".join(session.send("Hello there"))
+    cached = len(session.cached_ids)
     second = "".join(session.send("The capital of France is Paris."))
     expected, full = fresh_reply(prog, session.conversation()[:-1], 6)
     assert second == expected
-    if depth and not prog.program.delta_layers:
+    if depth and set(prog.program.recurrent_states) == {"conv"}:
         assert 0 < session.prefilled < full
-    else:
-        assert session.prefilled == full
+    else:  # a state that cannot go back: continued only where the turn extends the cache, else prefilled again
+        assert session.prefilled in (full, full - cached)
     assert session.cache[0].offset == len(session.cached_ids)
     assert all(state.offset == len(session.cached_ids) for state in session.cache[prog.program.num_layers :])
 
 
-def test_the_serving_engine_refuses_it_in_one_line(hybrid):
-    from paw_mlx.engine.models import ModelCatalog
+def test_the_serving_engine_runs_it_solo_with_each_rows_own_state(hybrid):
+    """Rows of a recurrent program take no slot batch: each prefills and decodes on its own
+    cache list, so two requests at once each get the plain generation path's tokens."""
+    from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog
 
-    _, prog, keeps = hybrid
-    with pytest.raises(PawError, match=r"^paw serve's batching engine does not run programs with recurrent state: "
-                                       r".* keeps " + keeps) as refused:
-        ModelCatalog().add_base(prog)
-    assert "\n" not in str(refused.value)
+    _, prog = hybrid
+    model = ModelCatalog().add_base(prog)
+    prompts = [prog.tokenizer.encode(text) for text in ("one two three four five six", "Hello there")]
+    want = [list(paw_mlx.stream_tokens(prog, ids, max_tokens=8)) for ids in prompts]
+    with Engine(EngineConfig(prefill_chunk=4, idle_prefill_chunk=4)) as engine:
+        handles = [engine.submit(GenerationRequest(model, ids, 8)) for ids in prompts]
+        got = [[t for event in handle.events(timeout=60) for t in event.tokens] for handle in handles]
+        assert engine.prompt_cache.hits == 0 and len(engine.prompt_cache) == 0
+    assert got == want and want[0] != want[1]
 
 
-def test_programs_as_weights_refuse_it_before_loading(hybrid, tmp_path):
-    directory, _, _ = hybrid
-    with pytest.raises(PawError, match=r"^programs as weights \(paw compile, paw_mlx.function\) does not run programs "
-                                       "with recurrent state"):
-        paw_mlx.compile("Answer yes.", base=directory, out_dir=tmp_path / "out")
+EXAMPLES = [{"input": "one", "output": "1"}, {"input": "two", "output": "2"}, {"input": "three", "output": "3"}]
+
+
+@pytest.fixture(scope="module")
+def fewshot(hybrid):
+    """A program compiled from examples on the hybrid base: its default candidates narrowed to
+    spec and fewshot, with a note saying so."""
+    return paw_mlx.compile("Write the number as digits.", base=hybrid[0], examples=EXAMPLES, max_new_tokens=6)
+
+
+def test_compiling_on_it_tries_only_the_untrained_candidates(fewshot):
+    assert [c["name"] for c in fewshot.selection["candidates"]] == ["spec", "fewshot"]
+    assert "recurrent state" in fewshot.selection["note"] and fewshot.tuning is None
+
+
+def test_a_program_call_equals_its_prompt_through_generate_and_calls_do_not_leak(hybrid, fewshot):
+    """Each call starts from a copy of the prefix's whole state (KV caches and recurrent states); a
+    list runs row by row; what one call fed never reaches the next."""
+    directory, prog = hybrid
+    f = paw_mlx.function(fewshot, base=directory)
+    inputs = ["seven", "x", "seven"]  # the first two give different replies on every tiny base
+    want = [prog.tokenizer.decode(list(paw_mlx.stream_tokens(prog, fewshot.prefix_ids + f.token_ids(text),
+                                                             max_tokens=6)), skip_special_tokens=True)
+            for text in inputs]
+    assert [f(text) for text in inputs] == want and want[0] != want[1]
+    assert f(inputs) == want
+
+
+@pytest.mark.parametrize("base", ["hybrid_program", "gated_delta_program"])
+def test_a_prefix_the_base_does_not_compute_is_refused(base, request):
+    """A tuned prefix's recurrent state is not stored and cannot be rebuilt: one line, not a wrong answer.
+    (Checked on the bases with attention layers, whose stored keys and values the base's run must give.)"""
+    from dataclasses import replace
+
+    from interp.errors import ArtifactError
+
+    directory = request.getfixturevalue(base)
+    program = paw_mlx.compile("Write the number as digits.", base=directory, examples=EXAMPLES, max_new_tokens=6)
+    tuned = replace(program, prefix=[(k + 0.5, v) for k, v in program.prefix])
+    with pytest.raises(ArtifactError, match="not its base model's own run .* --candidates spec,fewshot"):
+        paw_mlx.function(tuned, base=directory)("one")
+
+
+def test_trained_candidates_are_refused_before_loading(hybrid_program, tmp_path):
+    from paw_mlx.programs.select import SelectOptions
+
+    with pytest.raises(PawError, match=r"^candidate lora cannot be trained on .*key mask.* spec and fewshot work"):
+        paw_mlx.compile("Answer yes.", base=hybrid_program, out_dir=tmp_path / "out", examples=EXAMPLES,
+                        options=SelectOptions(candidates=("fewshot", "lora")))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_program_turn_equals_the_call(hybrid, fewshot, tmp_path):
+    from paw_mlx.programs.artifact import write_artifact
+
+    directory, prog = hybrid
+    path = write_artifact(fewshot, tmp_path / "digits")
+    session = ChatSession(prog, max_tokens=6)
+    session.use_program(path)
+    assert "".join(session.send("four five six")) == paw_mlx.function(path, base=directory)("four five six")
+
+
+def test_an_artifact_without_keys_and_values_round_trips(fewshot, tmp_path):
+    """A base whose every layer is recurrent (a pure state-space model) has no KV prefix: its
+    program's prefix.safetensors holds no tensors and reads back as such."""
+    from dataclasses import replace
+
+    from paw_mlx.programs.artifact import read_artifact, write_artifact
+
+    path = write_artifact(replace(fewshot, prefix=[]), tmp_path / "no-kv")
+    again = read_artifact(path, verify=True)
+    assert again.prefix == [] and again.prefix_ids == fewshot.prefix_ids
+
+
+def test_generate_batch_refuses_rows_together_on_a_recurrent_base(hybrid, fewshot):
+    from paw_mlx.programs.batch import generate_batch
+
+    with pytest.raises(ValueError, match="one row at a time"):
+        generate_batch(hybrid[1], fewshot.prefix, [[1, 2], [3]], max_new_tokens=2)
