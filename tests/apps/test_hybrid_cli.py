@@ -34,3 +34,10 @@ def test_run_and_inspect_a_gated_delta_program(gated_delta_program):
     assert "1 attention layers; 3 conv layers, 3 delta layers (recurrent state)" in text
     # conv: 3 layers of (K - 1 + depth) = 35 rows of 96 channels; delta: 3 layers of 4 heads x 16 x 8; float32
     assert "recurrent state │ float32 │ 46.5 KB" in text and "gated_delta_rule" in text
+
+
+def test_a_bad_delta_chunk_size_is_one_line(gated_delta_program, monkeypatch):
+    """PAW_DELTA_CHUNK (docs/speed.md) is read when a prompt reaches a Gated DeltaNet layer."""
+    monkeypatch.setenv("PAW_DELTA_CHUNK", "12")
+    assert_one_line_error(paw("run", str(gated_delta_program), "--prompt", "one two three", "--max-tokens", "2"),
+                          "PAW_DELTA_CHUNK must be 0 (the scan) or a power of two from 2 to 1024; got '12'")
