@@ -5,8 +5,9 @@ value by the delta rule and read by the query, one position after the other
 (``interp/delta_state.py`` keeps S between calls). Everything runs in float32, as
 transformers' and FLA's kernels accumulate the state. A call over L new positions is a
 sequential scan of L steps, each one fused step for every head at once (``_step``, an
-``mx.compile``d function); a decode step (L = 1) is a single step. Prefill cost per
-token: docs/speed.md.
+``mx.compile``d function); a decode step (L = 1) is a single step. Several positions take
+the chunked form instead (``interp/ops/delta_chunks.py``), which the
+scan stays the reference for. Prefill cost per token: docs/speed.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import mlx.core as mx
 
 from interp.delta_state import DeltaState
 from interp.errors import ProgramError
+from interp.ops.delta_chunks import chunk_size, chunked_delta_rule
 from interp.ops.registry import implementation
 
 
@@ -54,17 +56,28 @@ def gated_delta_rule(ctx, q, k, v, g, beta, *, layer, scale):
     group = heads // k.shape[2]  # each query/key head serves `group` consecutive value heads
     f32 = mx.float32
     q, k = (mx.repeat(x, group, axis=2) if group > 1 else x for x in (q.astype(f32) * scale, k.astype(f32)))
-    decay = mx.exp(g.astype(f32))
-    decay = decay[..., None, None] if g.ndim == 3 else decay[..., None]  # [B, L, H, 1 or Dk, 1]
-    beta = beta.astype(f32)[..., None]
     state = ctx.cache[layer] if ctx.cache is not None else DeltaState()
     if not isinstance(state, DeltaState):
         raise ProgramError(f"cache entry {layer} is a {type(state).__name__}, not a delta state")
     matrix = state.fetch((B, heads, k.shape[3], value_size))
-    outs = []
-    for t in range(L):
-        matrix, out = _step(matrix, q[:, t], k[:, t], v[:, t].astype(f32), decay[:, t], beta[:, t])
-        outs.append(out)
+    size = chunk_size(g.ndim == 4) if L > 1 else 0  # a decode step stays the one compiled step
+    if size:
+        matrix, out = chunked_delta_rule(matrix, q, k, v.astype(f32), g.astype(f32), beta.astype(f32), size)
+    else:
+        matrix, out = _scan(matrix, q, k, v.astype(f32), g, beta)
     if ctx.cache is not None:
         state.update(matrix, L)
-    return (outs[0][:, None] if L == 1 else mx.stack(outs, axis=1)).astype(v.dtype)  # [B, L, H, Dv]
+    return out.astype(v.dtype)  # [B, L, H, Dv]
+
+
+def _scan(matrix: mx.array, q: mx.array, k: mx.array, v: mx.array, g: mx.array,
+          beta: mx.array) -> tuple[mx.array, mx.array]:
+    """The rule one position after the other (``_step``): returns (state after, out [B, L, H, Dv])."""
+    decay = mx.exp(g.astype(mx.float32))
+    decay = decay[..., None, None] if g.ndim == 3 else decay[..., None]  # [B, L, H, 1 or Dk, 1]
+    beta = beta.astype(mx.float32)[..., None]
+    outs = []
+    for t in range(q.shape[1]):
+        matrix, out = _step(matrix, q[:, t], k[:, t], v[:, t], decay[:, t], beta[:, t])
+        outs.append(out)
+    return matrix, (outs[0][:, None] if len(outs) == 1 else mx.stack(outs, axis=1))

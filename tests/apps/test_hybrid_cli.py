@@ -58,3 +58,10 @@ def test_run_and_inspect_a_state_space_program(ssm_program):
     # 2 layers of [1, 8 heads, 16, 16] float32; the conv states: 2 layers of 35 rows of 192 channels
     assert "recurrent state │ float32 │ 70.1 KB" in text
     assert "ssm_scan" in text
+
+
+def test_a_bad_delta_chunk_size_is_one_line(gated_delta_program, monkeypatch):
+    """PAW_DELTA_CHUNK (docs/speed.md) is read when a prompt reaches a Gated DeltaNet layer."""
+    monkeypatch.setenv("PAW_DELTA_CHUNK", "12")
+    assert_one_line_error(paw("run", str(gated_delta_program), "--prompt", "one two three", "--max-tokens", "2"),
+                          "PAW_DELTA_CHUNK must be 0 (the scan) or a power of two from 2 to 1024; got '12'")
