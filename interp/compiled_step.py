@@ -57,7 +57,7 @@ class _Slot:
 
 
 #: the recurrent state kinds the step carries -> the attribute holding each one's array
-CARRIED: dict[type, str] = {ConvState: "rows", DeltaState: "matrix", SSMState: "ssm"}
+CARRIED: dict[type, str] = {ConvState: "rows", DeltaState: "array", SSMState: "array"}
 
 #: the longest input (tokens per row) that ``CompiledStep.prefill`` traces
 SHORT_PREFILL = 16

@@ -16,43 +16,10 @@ that list.
 
 from __future__ import annotations
 
-import mlx.core as mx
+from interp.folded_state import FoldedState
 
 
-class DeltaState:
-    """One gated-delta-rule layer's memory matrix, and how many positions it has seen."""
+class DeltaState(FoldedState):
+    """One gated-delta-rule layer's memory matrix [B, H, Dk, Dv], and how many positions it has seen."""
 
-    def __init__(self) -> None:
-        self.matrix: mx.array | None = None
-        self.offset = 0
-
-    def fetch(self, shape: tuple[int, int, int, int]) -> mx.array:
-        """The memory [B, H, Dk, Dv] = ``shape`` in float32: zeros before the first position."""
-        if self.matrix is None:
-            return mx.zeros(shape, mx.float32)
-        if tuple(self.matrix.shape) != tuple(shape):
-            raise ValueError(f"the delta state holds {tuple(self.matrix.shape)}; these positions need {tuple(shape)}")
-        return self.matrix
-
-    def update(self, matrix: mx.array, length: int) -> None:
-        """Hold ``matrix``, the memory after ``length`` more positions."""
-        self.matrix = matrix
-        self.offset += length
-
-    @property
-    def state(self) -> tuple[mx.array] | tuple[()]:
-        return () if self.matrix is None else (self.matrix,)
-
-    def trim(self, count: int) -> int:
-        """Going back is impossible (each position is folded into the matrix): forgets nothing, returns 0."""
-        return 0
-
-    def copy(self) -> DeltaState:
-        """An independent state holding the same matrix (arrays are immutable: shared)."""
-        clone = DeltaState()
-        clone.matrix, clone.offset = self.matrix, self.offset
-        return clone
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.matrix is None else self.matrix.nbytes
+    what = "delta state"

@@ -60,7 +60,7 @@ def time_per_token(args: list[mx.array], chunk: int, repeats: int) -> float:
     for _ in range(repeats + 1):  # the first call warms up
         ctx = RunContext(cache=[DeltaState()])
         start = time.perf_counter()
-        mx.eval(REGISTRY["gated_delta_rule"].fn(ctx, *args, layer=0, scale=scale), ctx.cache[0].matrix)
+        mx.eval(REGISTRY["gated_delta_rule"].fn(ctx, *args, layer=0, scale=scale), ctx.cache[0].array)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times[1:])) / args[0].shape[1]
 

@@ -75,9 +75,9 @@ def test_chunks_from_a_started_state_match_a_float64_reference(monkeypatch, per_
     monkeypatch.setenv("PAW_DELTA_CHUNK", str(CHUNK))
     inputs = _inputs(length, per_channel)
     state = _started_state()
-    out, final = _reference(inputs, np.array(state.matrix))
+    out, final = _reference(inputs, np.array(state.array))
     np.testing.assert_allclose(_run(inputs, state), out, atol=TOLERANCE)
-    np.testing.assert_allclose(np.array(state.matrix), final, atol=TOLERANCE)
+    np.testing.assert_allclose(np.array(state.array), final, atol=TOLERANCE)
     assert state.offset == 7 + length
 
 
@@ -90,7 +90,7 @@ def test_the_default_chunks_equal_the_scan(monkeypatch, per_channel):
     monkeypatch.setenv("PAW_DELTA_CHUNK", "0")
     scanned = _run(inputs, scanned_state)
     np.testing.assert_allclose(chunked, scanned, atol=TOLERANCE)
-    np.testing.assert_allclose(np.array(chunked_state.matrix), np.array(scanned_state.matrix), atol=TOLERANCE)
+    np.testing.assert_allclose(np.array(chunked_state.array), np.array(scanned_state.array), atol=TOLERANCE)
 
 
 def test_prompts_take_the_chunks_and_a_decode_step_the_scan(monkeypatch):

@@ -66,7 +66,7 @@ def test_pieces_through_the_state_equal_the_whole_sequence():
     pieces = [np.array(_rule(inputs, [state], a, b)) for a, b in bounds]
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, atol=1e-6)
     assert state.offset == L
-    assert state.matrix.shape == (B, HEADS, DK, DV) and state.matrix.dtype == mx.float32
+    assert state.array.shape == (B, HEADS, DK, DV) and state.array.dtype == mx.float32
     assert state.nbytes == B * HEADS * DK * DV * 4
 
 
@@ -74,13 +74,13 @@ def test_trim_forgets_nothing_and_a_copy_is_independent():
     inputs = _inputs(False)
     state = DeltaState()
     _rule(inputs, [state], 0, 5)
-    matrix = np.array(state.matrix)
+    matrix = np.array(state.array)
     assert state.trim(1) == 0 and state.offset == 5
-    np.testing.assert_array_equal(np.array(state.matrix), matrix)
+    np.testing.assert_array_equal(np.array(state.array), matrix)
     clone = state.copy()
     _rule(inputs, [clone], 5, 6)
     assert (clone.offset, state.offset) == (6, 5)
-    np.testing.assert_array_equal(np.array(state.matrix), matrix)
+    np.testing.assert_array_equal(np.array(state.array), matrix)
 
 
 def test_a_state_of_another_batch_is_refused():

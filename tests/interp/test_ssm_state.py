@@ -85,28 +85,28 @@ def test_pieces_through_the_state_equal_one_shot(data):
     pieces = [_scan(_positions(data, a, b), [state]) for a, b in zip(cuts, cuts[1:], strict=False)]
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, atol=1e-6, rtol=1e-6)
     assert state.offset == LENGTH
-    assert state.ssm.shape == (BATCH, HEADS, SIZE, STATE) and state.ssm.dtype == mx.float32
+    assert state.array.shape == (BATCH, HEADS, SIZE, STATE) and state.array.dtype == mx.float32
     assert state.nbytes == BATCH * HEADS * SIZE * STATE * 4
 
 
 def test_it_cannot_go_back_and_forgets_nothing(data):
     state = SSMState()
     _scan(_positions(data, 0, 6), [state])
-    kept = np.array(state.ssm)
+    kept = np.array(state.array)
     assert state.trim(1) == 0
     assert state.offset == 6
-    np.testing.assert_array_equal(np.array(state.ssm), kept)
+    np.testing.assert_array_equal(np.array(state.array), kept)
 
 
 def test_a_copy_continues_on_its_own(data):
     state = SSMState()
     _scan(_positions(data, 0, 6), [state])
-    kept = np.array(state.ssm)
+    kept = np.array(state.array)
     clone = state.copy()
     resumed = _scan(_positions(data, 6, LENGTH), [clone])
     np.testing.assert_allclose(resumed, _scan(data, None)[:, 6:], atol=1e-6, rtol=1e-6)
     assert clone.offset == LENGTH and state.offset == 6
-    np.testing.assert_array_equal(np.array(state.ssm), kept)
+    np.testing.assert_array_equal(np.array(state.array), kept)
 
 
 def test_a_state_of_another_shape_is_refused(data):
@@ -144,5 +144,5 @@ def test_the_compiled_step_carries_the_ssm_state(arch_cases):
     assert len(states) == model.program.ssm_layers == 2
     for got, want in zip(states, [c for c in plain_cache if isinstance(c, SSMState)], strict=True):
         assert got.offset == want.offset == 6
-        np.testing.assert_allclose(np.array(got.ssm), np.array(want.ssm), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.array(got.array), np.array(want.array), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.array(compiled_logits), np.array(plain_logits), atol=1e-4, rtol=0)
