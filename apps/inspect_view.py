@@ -45,7 +45,6 @@ def program_summary(path: str | Path, verify: bool = False, context: int | None 
         "tensors": sum(len(f.header) for f in program.consts_files),
         "consts_files": len(program.consts_files),
         "layers": program.num_layers,
-        "conv_layers": program.conv_layers,
         "recurrent_states": program.recurrent_states,
         "fingerprint": program.fingerprint or "(no manifest)",
     }

@@ -102,29 +102,17 @@ class Program:
     @property
     def num_layers(self) -> int:
         """KV cache slots (attention layers): the first entries of the program's cache list."""
-        return int(self.spec.get("state", {}).get("kv_cache", {}).get("layers", 0))
+        return self.state_layers("kv_cache")
 
-    @property
-    def conv_layers(self) -> int:
-        """Conv state slots (``causal_conv1d`` layers), after the KV caches in the cache list."""
-        return int(self.spec.get("state", {}).get("conv", {}).get("layers", 0))
-
-    @property
-    def delta_layers(self) -> int:
-        """Delta state slots (``gated_delta_rule`` layers), after the conv states in the cache list."""
-        return int(self.spec.get("state", {}).get("delta", {}).get("layers", 0))
-
-    @property
-    def ssm_layers(self) -> int:
-        """SSM state slots (``ssm_scan`` layers), after the delta states in the cache list."""
-        return int(self.spec.get("state", {}).get("ssm", {}).get("layers", 0))
+    def state_layers(self, kind: str) -> int:
+        """Slots of one kind of state (``kv_cache`` or a kind of ``RECURRENT_STATES``); 0 if not kept."""
+        return int(self.spec.get("state", {}).get(kind, {}).get("layers", 0))
 
     @property
     def recurrent_states(self) -> dict[str, int]:
         """The recurrent state kinds the program keeps beside its KV caches, with their slot counts, in the
-        cache list's order."""
-        state = self.spec.get("state", {})
-        counts = {kind: int(state.get(kind, {}).get("layers", 0)) for kind, _ in RECURRENT_STATES}
+        cache list's order (``RECURRENT_STATES``: conv, delta, ssm)."""
+        counts = {kind: self.state_layers(kind) for kind, _ in RECURRENT_STATES}
         return {kind: count for kind, count in counts.items() if count}
 
     @property

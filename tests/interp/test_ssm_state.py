@@ -141,7 +141,7 @@ def test_the_compiled_step_carries_the_ssm_state(arch_cases):
     (compiled_cache, compiled_logits), (plain_cache, plain_logits) = caches
     assert model._compiled_step is not None and model._compiled_step.accepts(compiled_cache)
     states = [c for c in compiled_cache if isinstance(c, SSMState)]
-    assert len(states) == model.program.ssm_layers == 2
+    assert len(states) == model.program.state_layers("ssm") == 2
     for got, want in zip(states, [c for c in plain_cache if isinstance(c, SSMState)], strict=True):
         assert got.offset == want.offset == 6
         np.testing.assert_allclose(np.array(got.array), np.array(want.array), atol=1e-5, rtol=1e-5)
