@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from interp.delta_state import DeltaState
+from interp.device import describe
 from interp.graph import RunContext
 from interp.ops import REGISTRY
 
@@ -83,7 +84,7 @@ def main() -> None:
                                           time_per_token(inputs[shape], engine, options.repeats))
     header = " | ".join(["scan", *(f"chunk {c}" for c in chunks)])
     lines = [f"gated_delta_rule prefill, {options.length} positions, ms per token ({platform.machine()}, "
-             f"{os.cpu_count()} CPUs, MLX {mx.__version__}, {mx.default_device()}; fastest of {options.rounds} "
+             f"{os.cpu_count()} CPUs, MLX {mx.__version__}, on {describe()}; fastest of {options.rounds} "
              f"rounds, median of {options.repeats} calls)", "",
              f"| layer | {header} | scan / best chunk |", "| --- |" + " ---: |" * (len(engines) + 1)]
     for shape, row in best.items():
