@@ -26,7 +26,7 @@ CHUNK = 8
 TOLERANCE = 1e-5
 
 
-def _inputs(length: int, per_channel: bool, seed: int = 0) -> dict:
+def delta_inputs(length: int, per_channel: bool, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
 
     def unit(*shape):
@@ -39,7 +39,7 @@ def _inputs(length: int, per_channel: bool, seed: int = 0) -> dict:
             "g": -rng.random(gate).astype(np.float32), "beta": rng.random((B, length, HEADS)).astype(np.float32)}
 
 
-def _reference(inputs: dict, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def delta_reference(inputs: dict, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(out, final state): the rule in float64 from the state ``start`` [B, H, Dk, Dv], as the schema writes it."""
     q, k, v, g, beta = (inputs[name].astype(np.float64) for name in ("q", "k", "v", "g", "beta"))
     states = start.astype(np.float64).copy()
@@ -73,9 +73,9 @@ def _started_state() -> DeltaState:
 @pytest.mark.parametrize("length", [5, 3 * CHUNK, 3 * CHUNK + 5], ids=["under a chunk", "whole chunks", "ragged"])
 def test_chunks_from_a_started_state_match_a_float64_reference(monkeypatch, per_channel, length):
     monkeypatch.setenv("PAW_DELTA_CHUNK", str(CHUNK))
-    inputs = _inputs(length, per_channel)
+    inputs = delta_inputs(length, per_channel)
     state = _started_state()
-    out, final = _reference(inputs, np.array(state.array))
+    out, final = delta_reference(inputs, np.array(state.array))
     np.testing.assert_allclose(_run(inputs, state), out, atol=TOLERANCE)
     np.testing.assert_allclose(np.array(state.array), final, atol=TOLERANCE)
     assert state.offset == 7 + length
@@ -84,7 +84,7 @@ def test_chunks_from_a_started_state_match_a_float64_reference(monkeypatch, per_
 @pytest.mark.parametrize("per_channel", [False, True], ids=["decay per head", "decay per key channel"])
 def test_the_default_chunks_equal_the_scan(monkeypatch, per_channel):
     """A prompt of several default chunks with a ragged end, chunked and scanned from the same state."""
-    inputs = _inputs(70, per_channel, seed=2)
+    inputs = delta_inputs(70, per_channel, seed=2)
     chunked_state, scanned_state = _started_state(), _started_state()
     chunked = _run(inputs, chunked_state)
     monkeypatch.setenv("PAW_DELTA_CHUNK", "0")
@@ -98,7 +98,7 @@ def test_prompts_take_the_chunks_and_a_decode_step_the_scan(monkeypatch):
     calls = []
     chunked = delta_rule.chunked_delta_rule
     monkeypatch.setattr(delta_rule, "chunked_delta_rule", lambda *a: calls.append(a[-1]) or chunked(*a))
-    inputs = _inputs(6, False)
+    inputs = delta_inputs(6, False)
     _run(inputs, DeltaState())
     assert calls == [16]
     _run({name: value[:, :1] for name, value in inputs.items()}, DeltaState())
@@ -111,7 +111,7 @@ def test_prompts_take_the_chunks_and_a_decode_step_the_scan(monkeypatch):
 def test_a_bad_chunk_size_is_one_clear_error(monkeypatch, value):
     monkeypatch.setenv("PAW_DELTA_CHUNK", value)
     with pytest.raises(ProgramError, match="PAW_DELTA_CHUNK must be 0 .* or a power of two from 2 to 1024"):
-        _run(_inputs(4, False), DeltaState())
+        _run(delta_inputs(4, False), DeltaState())
 
 
 @pytest.mark.parametrize("size", [1, 2, 8, 64])

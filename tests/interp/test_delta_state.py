@@ -11,9 +11,9 @@ from interp.delta_state import DeltaState
 from interp.errors import ProgramError
 from interp.graph import RunContext
 from interp.ops import REGISTRY
+from tests.interp.test_delta_chunks import DK, DV, HEADS, SCALE, B, delta_inputs, delta_reference
 
-B, L, KEY_HEADS, HEADS, DK, DV = 2, 12, 2, 4, 8, 6
-SCALE = DK**-0.5
+L = 12  # positions; the shapes are test_delta_chunks' (2 rows, 2 key heads, 4 value heads, 8 x 6)
 
 
 def _rule(inputs: dict, cache: list | None, start: int = 0, stop: int = L) -> mx.array:
@@ -22,33 +22,13 @@ def _rule(inputs: dict, cache: list | None, start: int = 0, stop: int = L) -> mx
     return REGISTRY["gated_delta_rule"].fn(ctx, q, k, v, g, beta, layer=0, scale=SCALE)
 
 
-def _reference(inputs: dict) -> np.ndarray:
-    """The rule in float64, head by head and position by position, as written in the schema."""
-    q, k, v, g, beta = (inputs[name].astype(np.float64) for name in ("q", "k", "v", "g", "beta"))
-    out = np.zeros((B, L, HEADS, DV))
-    for b in range(B):
-        for h in range(HEADS):
-            kh = h // (HEADS // KEY_HEADS)
-            state = np.zeros((DK, DV))
-            for t in range(L):
-                decay = np.exp(g[b, t, h])
-                state = state * (decay[:, None] if decay.ndim else decay)
-                state = state + np.outer(k[b, t, kh], beta[b, t, h] * (v[b, t, h] - k[b, t, kh] @ state))
-                out[b, t, h] = (SCALE * q[b, t, kh]) @ state
-    return out
-
-
 def _inputs(per_channel: bool) -> dict:
-    rng = np.random.default_rng(0)
+    return delta_inputs(L, per_channel)
 
-    def unit(*shape):
-        x = rng.standard_normal(shape)
-        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
-    gate = (B, L, HEADS, DK) if per_channel else (B, L, HEADS)
-    return {"q": unit(B, L, KEY_HEADS, DK), "k": unit(B, L, KEY_HEADS, DK),
-            "v": rng.standard_normal((B, L, HEADS, DV)).astype(np.float32),
-            "g": -rng.random(gate).astype(np.float32), "beta": rng.random((B, L, HEADS)).astype(np.float32)}
+def _reference(inputs: dict) -> np.ndarray:
+    """The rule in float64, head by head and position by position, as written in the schema, from zeros."""
+    return delta_reference(inputs, np.zeros((B, HEADS, DK, DV), np.float32))[0]
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["decay per head", "decay per key channel"])
