@@ -279,54 +279,29 @@ def test_a_missing_required_input_is_still_refused(program_copy):
         read_program(program_copy)
 
 
-@pytest.mark.parametrize("layer, state, message", [
-    (0, None, r"layer 0 is not a state.conv slot \(1 to 1 \+ state.conv.layers 3\)"),
-    (4, None, "layer 4 is not a state.conv slot"),
-    (1, {"kv_cache": {"layers": 1}}, r"state.conv.layers 0\)"),
+@pytest.mark.parametrize("program, op, layer, state, message", [
+    ("hybrid_program", "causal_conv1d", 0, None, r"layer 0 is not a state.conv slot \(1 to 1 \+ state.conv.layers 3\)"),
+    ("hybrid_program", "causal_conv1d", 4, None, "layer 4 is not a state.conv slot"),
+    ("hybrid_program", "causal_conv1d", 1, {"kv_cache": {"layers": 1}}, r"state.conv.layers 0\)"),
+    ("gated_delta_program", "gated_delta_rule", 3, None,
+     r"layer 3 is not a state.delta slot \(4 to 4 \+ state.delta.layers 3\)"),
+    ("gated_delta_program", "gated_delta_rule", 7, None, "layer 7 is not a state.delta slot"),
+    ("gated_delta_program", "gated_delta_rule", 4, {"kv_cache": {"layers": 1}, "conv": {"layers": 3}},
+     r"state.delta.layers 0\)"),
+    # the tiny Mamba2: no KV cache, slots 0 and 1 conv, 2 and 3 SSM
+    ("ssm_program", "ssm_scan", 1, None, r"layer 1 is not a state.ssm slot \(2 to 2 \+ state.ssm.layers 2\)"),
+    ("ssm_program", "ssm_scan", 4, None, "layer 4 is not a state.ssm slot"),
 ])
-def test_a_conv_node_must_name_a_conv_state_slot(hybrid_program, tmp_path, layer, state, message):
-    """The cache list holds the KV caches, then the conv states: a causal_conv1d node names one of the latter."""
+def test_a_stateful_node_must_name_a_slot_of_its_state(request, tmp_path, program, op, layer, state, message):
+    """The cache list holds the KV caches, then the conv, delta and SSM states: a causal_conv1d node names
+    a conv slot, a gated_delta_rule node a delta slot, an ssm_scan node an SSM slot."""
     target = tmp_path / "prog"
-    shutil.copytree(hybrid_program, target)
+    shutil.copytree(request.getfixturevalue(program), target)
 
     def change(spec):
-        spec["nodes"][node_index(spec, "causal_conv1d")]["attrs"]["layer"] = layer
+        spec["nodes"][node_index(spec, op)]["attrs"]["layer"] = layer
         if state is not None:
             spec["state"] = state
     edit_spec(target, change)
-    with pytest.raises(ProgramError, match=message):
-        read_program(target)
-
-
-@pytest.mark.parametrize("layer, state, message", [
-    (3, None, r"layer 3 is not a state.delta slot \(4 to 4 \+ state.delta.layers 3\)"),
-    (7, None, "layer 7 is not a state.delta slot"),
-    (4, {"kv_cache": {"layers": 1}, "conv": {"layers": 3}}, r"state.delta.layers 0\)"),
-])
-def test_a_delta_rule_node_must_name_a_delta_state_slot(gated_delta_program, tmp_path, layer, state, message):
-    """The cache list holds the KV caches, the conv states, then the delta states: a gated_delta_rule node
-    names one of the last."""
-    target = tmp_path / "prog"
-    shutil.copytree(gated_delta_program, target)
-
-    def change(spec):
-        spec["nodes"][node_index(spec, "gated_delta_rule")]["attrs"]["layer"] = layer
-        if state is not None:
-            spec["state"] = state
-    edit_spec(target, change)
-    with pytest.raises(ProgramError, match=message):
-        read_program(target)
-
-
-@pytest.mark.parametrize("layer, message", [
-    (1, r"layer 1 is not a state.ssm slot \(2 to 2 \+ state.ssm.layers 2\)"),
-    (4, "layer 4 is not a state.ssm slot"),
-])
-def test_an_ssm_node_must_name_an_ssm_state_slot(ssm_program, tmp_path, layer, message):
-    """The cache list holds the KV caches, the conv states, then the SSM states: an ssm_scan node names one
-    of the last (the tiny Mamba2: no KV cache, slots 0 and 1 conv, 2 and 3 SSM)."""
-    target = tmp_path / "prog"
-    shutil.copytree(ssm_program, target)
-    edit_spec(target, lambda spec: spec["nodes"][node_index(spec, "ssm_scan")]["attrs"].update(layer=layer))
     with pytest.raises(ProgramError, match=message):
         read_program(target)
