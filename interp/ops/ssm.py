@@ -29,7 +29,10 @@ CHUNK = 32
 def use_chunked_scan(length: int) -> bool:
     """Whether a scan over ``length`` new positions takes the matrix form (not for one position,
     nor under ``PAW_SSM_SCAN=sequential``)."""
-    return length > 1 and os.environ.get("PAW_SSM_SCAN", "chunked") != "sequential"
+    mode = os.environ.get("PAW_SSM_SCAN", "").strip() or "chunked"
+    if mode not in ("chunked", "sequential"):
+        raise ProgramError(f"PAW_SSM_SCAN must be chunked (the default) or sequential; got {mode!r}")
+    return length > 1 and mode == "chunked"
 
 
 def _sequential(state, decay, scaled, B, C):

@@ -65,3 +65,10 @@ def test_a_bad_delta_chunk_size_is_one_line(gated_delta_program, monkeypatch):
     monkeypatch.setenv("PAW_DELTA_CHUNK", "12")
     assert_one_line_error(paw("run", str(gated_delta_program), "--prompt", "one two three", "--max-tokens", "2"),
                           "PAW_DELTA_CHUNK must be 0 (the scan) or a power of two from 2 to 1024; got '12'")
+
+
+def test_a_bad_ssm_scan_mode_is_one_line(ssm_program, monkeypatch):
+    """PAW_SSM_SCAN (docs/speed.md) takes chunked or sequential; a typo is not silently the default."""
+    monkeypatch.setenv("PAW_SSM_SCAN", "seq")
+    assert_one_line_error(paw("run", str(ssm_program), "--prompt", "one two three", "--max-tokens", "2"),
+                          "PAW_SSM_SCAN must be chunked (the default) or sequential; got 'seq'")
