@@ -5,7 +5,7 @@ SSM state (``SSMState``, [B, H, P, N]) are such states: one float32 array per la
 sequence, read and replaced by their op at every call, the same shape from call to call (so
 the compiled decode step carries it, ``interp/compiled_step.py``). Unlike a KV cache or a conv
 state they keep nothing per position, so ``trim`` forgets nothing and returns 0, and a
-caller that must go back prefills again (``paw_mlx/chat.py``).
+caller that must go back restores a ``copy()`` it kept or prefills again (``paw_mlx/chat.py``).
 """
 
 from __future__ import annotations

@@ -6,8 +6,13 @@ rest. The rendered assistant message may tokenize differently from the ids that 
 generated; the common-prefix rule makes that harmless (the cache is simply cut back a
 little further). A hybrid program's conv states go back only as far as they keep inputs
 (``interp/conv_cache.py``), its delta states not at all (``interp/delta_state.py``); when a
-turn needs more, the cache starts empty and the whole conversation is prefilled again, which
-costs time, never exactness. Nothing here imports torch.
+turn needs more, the cache goes back to the latest *checkpoint* at or before the point needed:
+with recurrent state, each turn feeds its prompt but the last token itself and keeps a copy of
+the recurrent states there, at the start of the reply (the last ``CHECKPOINTS`` of them). A turn
+that cuts into the previous reply (a template that drops a reasoning block, a reply that
+tokenizes differently, ``/retry``, ``/undo``) so prefills from that reply's start, not from the
+beginning of the conversation; with no checkpoint early enough it prefills everything again.
+Either way it costs time, never exactness. Nothing here imports torch.
 
 A reasoning model's reply may be kept as its answer and its reasoning (``split_reply``,
 called by the app that read the markers): the template then gets ``reasoning_content``
@@ -25,20 +30,23 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
 
 from interp.atomic import atomic_write_text
-from interp.errors import ArtifactError, InputError, PawError
-from interp.generate import GenerationStats
+from interp.errors import ArtifactError, InputError, PawError, ProgramError, first_line
+from interp.generate import GenerationStats, prefill
 from interp.jsonfile import parse_json
 from paw_mlx.runtime import LoadedProgram, check_generation_options, stream_tokens
 
 CHAT_FORMAT = "paw-chat"
 CHAT_VERSION = 1
 ROLES = ("system", "user", "assistant")
+#: reply-start checkpoints of the recurrent states a chat keeps (each one copy of every state at one point)
+CHECKPOINTS = 4
 #: the chat template variable that turns a model's thinking on or off (Qwen3, SmolLM3)
 THINKING_SWITCH = "enable_thinking"
 
@@ -77,6 +85,9 @@ class ChatSession:
         self.template_variables = dict(template_variables or {})
         self.cache = prog.make_cache()
         self.cached_ids: list[int] = []  # the token ids whose keys and values the cache holds
+        #: where a recurrent program's cache can go back to: (offset, copies of its recurrent states), oldest first
+        self._checkpoints: list[tuple[int, list]] = []
+        self._kv_layers = prog.program.num_layers if prog.program.recurrent else None  # the states follow them
         self.stats: GenerationStats | None = None  # of the last turn
         self.prompt_tokens = 0  # the last turn's whole prompt (the conversation so far)
         self.prompt: list[int] = []  # its ids (a reply reader looks at their end)
@@ -165,6 +176,9 @@ class ChatSession:
         budget = min(self.max_tokens, self.context_size - len(ids))
         stats = self.stats
         produced: list[int] = []
+        early = GenerationStats()
+        if self._kv_layers is not None and keep < len(ids) - 1:
+            keep = self._checkpoint_at(ids, keep, early)
         tokens = stream_tokens(self.prog, ids[keep:], max_tokens=budget, temperature=self.temperature,
                                top_p=self.top_p, top_k=self.top_k, seed=self.seed, cache=self.cache,
                                stats=stats, stop=stop)
@@ -177,6 +191,8 @@ class ChatSession:
             raise
         finally:
             tokens.close()  # releases the program's lock before the cache is touched
+            stats.prompt_tokens += early.prompt_tokens  # the part fed before the checkpoint
+            stats.prompt_seconds += early.prompt_seconds
             if failed and not produced:
                 self.messages.pop()  # the turn never happened
             else:
@@ -269,6 +285,25 @@ class ChatSession:
                                   "content": reply.strip() if function.artifact.generation.strip else reply})
             self._turn_length = None
 
+    def _checkpoint_at(self, ids: list[int], keep: int, stats: GenerationStats) -> int:
+        """Feed ``ids[keep:-1]`` into the cache and keep a copy of the recurrent states there, the
+        start of the reply (where a later turn most often cuts back to); returns the new offset."""
+        end = len(ids) - 1
+        start = time.perf_counter()
+        with self.prog.lock:
+            try:
+                tokens = mx.array(self.prog.check_ids(ids[keep:end], "prompt ids"), dtype=mx.int32)[None]
+                self.prog.model(prefill(self.prog.model, tokens, self.cache), cache=self.cache)
+                mx.eval([c.state for c in self.cache])
+            except (RuntimeError, ValueError, MemoryError) as exc:  # MLX's errors while evaluating the graph
+                self.reset_cache()
+                raise ProgramError(f"running {self.prog.path} failed: {first_line(exc)}") from exc
+        stats.prompt_tokens, stats.prompt_seconds = end - keep, time.perf_counter() - start
+        self.cached_ids = ids[:end]
+        kept = [point for point in self._checkpoints if point[0] < end][-(CHECKPOINTS - 1):]
+        self._checkpoints = [*kept, (end, [state.copy() for state in self.cache[self._kv_layers:]])]
+        return end
+
     def _reuse_prefix(self, ids: list[int]) -> int:
         """Cut the cache back to its longest prefix shared with ``ids``, leaving one id to feed."""
         keep = 0
@@ -296,17 +331,35 @@ class ChatSession:
 
     def _trim_to(self, length: int) -> int:
         """Cut the cache back to ``length`` positions; returns the positions it then holds:
-        ``length``, or 0 when a layer cannot go back that far (a conv or delta state): it starts empty."""
-        for layer in self.cache:
+        ``length``; or, when a layer cannot go back that far (a conv, delta or SSM state), the
+        latest checkpoint's offset at or before ``length``, its states restored; else 0 (empty)."""
+        held = length if self._cut(length) else self._restore(length)
+        # a checkpoint past the cut holds positions that the next ids may replace
+        self._checkpoints = [point for point in self._checkpoints if point[0] <= held]
+        return held
+
+    def _restore(self, length: int) -> int:
+        """Go back to the latest checkpoint at or before ``length``; returns its offset, or 0 (empty cache)."""
+        for offset, states in reversed(self._checkpoints):
+            if offset <= length and self._cut(offset, kv_only=True):
+                self.cache[self._kv_layers:] = [state.copy() for state in states]  # copies: it may be used again
+                return offset
+        self.reset_cache()
+        return 0
+
+    def _cut(self, length: int, kv_only: bool = False) -> bool:
+        """Trim every layer (or only the KV caches) back to ``length``; False if one cannot go that far."""
+        layers = self.cache[:self._kv_layers] if kv_only else self.cache
+        for layer in layers:
             extra = layer.offset - length
             if extra > 0 and layer.trim(extra) < extra:
-                self.reset_cache()
-                return 0
-        return length
+                return False
+        return True
 
     def reset_cache(self) -> None:
         self.cache = self.prog.make_cache()
         self.cached_ids = []
+        self._checkpoints = []
 
     # ------------------------------------------------------------------ files
 

@@ -45,22 +45,59 @@ def test_generation_through_the_recurrent_states_is_greedy_over_the_whole_sequen
 @pytest.mark.parametrize("depth", [ConvState.depth, 0])
 def test_chat_turns_match_a_fresh_run(hybrid, monkeypatch, depth):
     """With the conv state's depth (and no delta or SSM state) the cache goes back to the common prefix;
-    with none, or a state that never goes back, the conversation is prefilled again unless the turn only
-    extends the cache: the replies are a fresh run's either way."""
+    with none, or a state that never goes back, the turn continues the cache where it only extends it, else
+    goes back to the checkpoint at the start of the last reply: the replies are a fresh run's either way."""
     _, prog = hybrid
     monkeypatch.setattr(ConvState, "depth", depth)
     session = ChatSession(prog, max_tokens=6)
     "".join(session.send("Hello there"))
-    cached = len(session.cached_ids)
+    cached, reply_start = len(session.cached_ids), len(session.prompt) - 1
     second = "".join(session.send("The capital of France is Paris."))
     expected, full = fresh_reply(prog, session.conversation()[:-1], 6)
     assert second == expected
     if depth and set(prog.program.recurrent_states) == {"conv"}:
         assert 0 < session.prefilled < full
-    else:  # a state that cannot go back: continued only where the turn extends the cache, else prefilled again
-        assert session.prefilled in (full, full - cached)
+    else:  # a state that cannot go back: continued where the turn extends the cache, else from the checkpoint
+        assert session.prefilled in (full - reply_start, full - cached)
     assert session.cache[0].offset == len(session.cached_ids)
     assert all(state.offset == len(session.cached_ids) for state in session.cache[prog.program.num_layers :])
+
+
+def test_a_turn_that_cuts_into_the_last_reply_prefills_from_its_start(hybrid, monkeypatch):
+    """Each turn keeps the recurrent states at the start of its reply: a reply recorded unlike the tokens
+    generated makes the next turn cut into it, and the cache goes back to that checkpoint instead of
+    prefilling the whole conversation; the reply is a fresh run's."""
+    _, prog = hybrid
+    monkeypatch.setattr(ConvState, "depth", 0)  # the conv state cannot go back either: only checkpoints can
+    session = ChatSession(prog, max_tokens=6)
+    "".join(session.send("Hello there"))
+    reply_start = len(session.prompt) - 1  # the last prompt id is fed by the first decoding step
+    session.split_reply("Hi.", "")  # the conversation now differs from the cache inside the reply
+    second = "".join(session.send("The capital of France is Paris."))
+    expected, full = fresh_reply(prog, session.conversation()[:-1], 6)
+    assert second == expected
+    assert session.prefilled == full - reply_start < full - 1
+    assert session.stats.prompt_tokens == session.prefilled
+    assert all(state.offset == len(session.cached_ids) for state in session.cache)
+
+
+def test_going_back_past_a_checkpoint_drops_it(hybrid, monkeypatch):
+    """Undoing a turn goes back to the checkpoint before it, and the later one (holding positions the new
+    turn replaces) is forgotten: every reply stays a fresh run's."""
+    _, prog = hybrid
+    monkeypatch.setattr(ConvState, "depth", 0)
+    session = ChatSession(prog, max_tokens=5)
+    "".join(session.send("Hello there"))
+    "".join(session.send("one two three"))
+    assert len(session._checkpoints) == 2
+    del session.messages[-2:]  # /undo
+    third = "".join(session.send("four five six"))
+    assert third == fresh_reply(prog, session.conversation()[:-1], 5)[0]
+    assert [offset for offset, _ in session._checkpoints][-1] == len(session.prompt) - 1
+    assert all(offset <= len(session.cached_ids) for offset, _ in session._checkpoints)
+    del session.messages[-2:]
+    fourth = "".join(session.send("seven eight"))
+    assert fourth == fresh_reply(prog, session.conversation()[:-1], 5)[0]
 
 
 def test_the_serving_engine_runs_it_solo_with_each_rows_own_state(hybrid):
