@@ -25,6 +25,11 @@ RecurrentState = ConvState | DeltaState | SSMState
 STATE_CLASSES: dict[str, type] = {"conv": ConvState, "delta": DeltaState, "ssm": SSMState}
 assert set(STATE_CLASSES) == {kind for kind, _ in RECURRENT_STATES}
 
+#: each recurrent state class -> the attribute holding its one array (batch axis 0), which the
+#: compiled step carries (``interp/compiled_step.py``) and a slot batch keeps a row of per slot
+#: (``interp/slot_states.py``)
+STATE_ARRAY: dict[type, str] = {ConvState: "rows", DeltaState: "array", SSMState: "array"}
+
 
 def make_state_cache(kv_layers: int, recurrent: dict[str, int] | None = None) -> list[KVCache | RecurrentState]:
     """``kv_layers`` KV caches, then ``recurrent[kind]`` states of each kind, in ``RECURRENT_STATES``' order."""
