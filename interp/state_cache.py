@@ -8,7 +8,8 @@ One list holds them all, KV caches first, then each recurrent kind in the order 
 hybrid model's mixed cache kinds in one list; each op's ``layer`` attribute indexes it.
 Every recurrent state has the same small interface (``state``, ``trim``, ``copy``,
 ``nbytes``), which is all the paths that carry one use (``paw_mlx/chat.py``, the server's
-solo rows, a program's prefix).
+prefills, a program's prefix); the compiled step and the server's batch of rows reach the
+one array inside through ``STATE_ARRAY``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The serving engine on programs with recurrent state: rows decoded solo against one batch.
+"""The serving engine on programs with recurrent state: each row's own pass against one batched step.
 
     python -m apps.benchmarks.recurrent_serve                       # both small configs, 1, 4, 8 streams
     python -m apps.benchmarks.recurrent_serve --models lfm2-real4 --streams 1,4 --rounds 1
