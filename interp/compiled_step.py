@@ -36,12 +36,9 @@ from typing import Any
 import mlx.core as mx
 
 from interp.cache import KVCache
-from interp.conv_cache import ConvState
-from interp.delta_state import DeltaState
 from interp.graph import GraphModel, RunContext, run_nodes
 from interp.slots import SlotLayer
-from interp.ssm_cache import SSMState
-from interp.state_cache import RecurrentState
+from interp.state_cache import STATE_ARRAY, RecurrentState
 
 
 class _Slot:
@@ -57,7 +54,7 @@ class _Slot:
 
 
 #: the recurrent state kinds the step carries -> the attribute holding each one's array
-CARRIED: dict[type, str] = {ConvState: "rows", DeltaState: "array", SSMState: "array"}
+CARRIED: dict[type, str] = STATE_ARRAY
 
 #: the longest input (tokens per row) that ``CompiledStep.prefill`` traces
 SHORT_PREFILL = 16

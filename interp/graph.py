@@ -244,7 +244,8 @@ class GraphModel:
         """Logits [rows, 1, vocab] for one new token per row of a slot batch (``interp/slots.py``).
 
         ``tokens`` is [rows, 1]; row r's token sits at position and cache column
-        ``columns[r]``. ``extra_inputs`` as for ``__call__`` (a LoRA rewrite's per-row
+        ``columns[r]``. ``layers``: the KV layers, then a hybrid program's recurrent states
+        with one row per slot. ``extra_inputs`` as for ``__call__`` (a LoRA rewrite's per-row
         ``adapter_index``). Compiled whole when ``compile_decode``.
         """
         release_on_thread_exit()
@@ -254,7 +255,7 @@ class GraphModel:
         for name in self.input_names:
             if name not in inputs:
                 inputs[name] = (extra_inputs or {}).get(name, mx.zeros((tokens.shape[0],), dtype=mx.int32))
-        for layer in layers:
+        for layer in layers[: self.num_layers]:  # the KV layers; recurrent states follow (interp/slots.py)
             layer.columns = columns
         if self.compile_decode:
             return self._compiled().run_rows(inputs, layers, columns)["logits"]

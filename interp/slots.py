@@ -12,7 +12,8 @@ common end, which re-lays the whole batch whenever a longer prompt joins.)
 Slots are allocated in buckets (``slot_bucket``) and columns in steps of 128, so the
 whole decode step compiles to few shapes (``interp/compiled_step.py``, ``run_rows``);
 free slots compute a throwaway token. Buffers shrink when the batch empties or its
-longest row drops far below the capacity.
+longest row drops far below the capacity. A hybrid program's recurrent states ride along,
+one row per slot (``interp/slot_states.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import mlx.core as mx
+
+from interp.slot_states import SlotStates
 
 #: columns are allocated in multiples of this: attention reads every allocated column, so a
 #: finer step wastes less (docs/serve.md), a coarser one compiles fewer shapes
@@ -58,11 +61,16 @@ class SlotLayer:
 
 
 class SlotBatch:
-    """Every layer's slot buffers plus each slot's length; the engine's batch KV cache."""
+    """Every layer's slot buffers plus each slot's length; the engine's batch KV cache.
 
-    def __init__(self, num_layers: int):
+    ``state_kinds``: the classes of a hybrid program's recurrent states after its KV layers
+    (``GraphModel.make_cache()[num_layers:]``), kept one row per slot beside the buffers.
+    """
+
+    def __init__(self, num_layers: int, state_kinds: Sequence[type] = ()):
         self.num_layers = num_layers
         self.layers: list[SlotLayer] = []
+        self.states = SlotStates(state_kinds)
         self.lengths: list[int] = []  # tokens held per slot (0 for a free slot)
         self.capacity = 0
 
@@ -72,7 +80,7 @@ class SlotBatch:
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers) + self.states.nbytes
 
     def reserve(self, slots: int, length: int, like: Sequence[tuple[mx.array, mx.array]]) -> None:
         """Make room for ``slots`` slots of ``length`` columns (buffers grow, nothing moves).
@@ -90,10 +98,11 @@ class SlotBatch:
 
         Rows must sit in the slots below ``slot_bucket(rows_in_use)`` (the caller packs them low).
         """
-        if not self.layers:
+        if not self.lengths:
             return False
         if rows_in_use == 0:
             self.layers, self.lengths, self.capacity = [], [], 0
+            self.states.resize(0)
             return True
         slots = slot_bucket(rows_in_use)
         capacity = column_bucket(max(self.lengths) + 1)
@@ -119,18 +128,31 @@ class SlotBatch:
         self.layers = layers
         self.lengths = (self.lengths + [0] * slots)[:slots]
         self.capacity = capacity
+        self.states.resize(slots)
         mx.eval(self.arrays())
 
     def arrays(self) -> list[mx.array]:
-        return [a for layer in self.layers for a in (layer.keys, layer.values)]
+        return [a for layer in self.layers for a in (layer.keys, layer.values)] + self.states.arrays()
 
-    def insert(self, slot: int, kv: Sequence[tuple[mx.array, mx.array]]) -> None:
-        """Copy one row's keys and values (per layer, each [1, kv_heads, length, dim]) into ``slot``."""
-        length = kv[0][0].shape[2]
+    @property
+    def caches(self) -> list:
+        """The cache list a step runs on: the KV layers, then the recurrent states."""
+        return self.layers + self.states.states
+
+    def insert(self, slot: int, kv: Sequence[tuple[mx.array, mx.array]], states: Sequence = (),
+               length: int | None = None) -> None:
+        """Copy one row's keys and values (per layer, each [1, kv_heads, length, dim]) into ``slot``,
+        and its recurrent states (a hybrid program's, each of batch one) into the slot's row of them.
+
+        ``length``: the row's tokens, needed only when there are no KV layers to tell (Mamba2).
+        """
+        length = kv[0][0].shape[2] if kv else length
         self.reserve(slot + 1, length + 1, kv)
         for layer, (k, v) in zip(self.layers, kv, strict=True):
             layer.keys[slot : slot + 1, :, :length] = k
             layer.values[slot : slot + 1, :, :length] = v
+        if states:
+            self.states.insert(slot, self.slots, states)
         self.lengths[slot] = length
 
     def extract(self, slot: int, length: int | None = None) -> list[tuple[mx.array, mx.array]]:
@@ -153,6 +175,7 @@ class SlotBatch:
         for layer in self.layers:
             layer.keys[target : target + 1, :, :length] = layer.keys[source : source + 1, :, :length]
             layer.values[target : target + 1, :, :length] = layer.values[source : source + 1, :, :length]
+        self.states.move(source, target)
         self.lengths[target], self.lengths[source] = length, 0
 
     def release(self, slot: int) -> None:
@@ -169,7 +192,7 @@ class SlotBatch:
         if need > self.capacity:
             self.reserve(self.slots, need, None)
         columns = mx.array([n if on else 0 for n, on in zip(self.lengths, active, strict=True)], dtype=mx.int32)
-        logits = model.step_rows(tokens.reshape(-1, 1).astype(mx.int32), self.layers, columns, extra_inputs)
+        logits = model.step_rows(tokens.reshape(-1, 1).astype(mx.int32), self.caches, columns, extra_inputs)
         for i, on in enumerate(active):
             if on:
                 self.lengths[i] += 1

@@ -8,7 +8,8 @@ One list holds them all, KV caches first, then each recurrent kind in the order 
 hybrid model's mixed cache kinds in one list; each op's ``layer`` attribute indexes it.
 Every recurrent state has the same small interface (``state``, ``trim``, ``copy``,
 ``nbytes``), which is all the paths that carry one use (``paw_mlx/chat.py``, the server's
-solo rows, a program's prefix).
+prefills, a program's prefix); the compiled step and the server's batch of rows reach the
+one array inside through ``STATE_ARRAY``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ RecurrentState = ConvState | DeltaState | SSMState
 #: each recurrent state kind's runtime object
 STATE_CLASSES: dict[str, type] = {"conv": ConvState, "delta": DeltaState, "ssm": SSMState}
 assert set(STATE_CLASSES) == {kind for kind, _ in RECURRENT_STATES}
+
+#: each recurrent state class -> the attribute holding its one array (batch axis 0), which the
+#: compiled step carries (``interp/compiled_step.py``) and a slot batch keeps a row of per slot
+#: (``interp/slot_states.py``)
+STATE_ARRAY: dict[type, str] = {ConvState: "rows", DeltaState: "array", SSMState: "array"}
 
 
 def make_state_cache(kv_layers: int, recurrent: dict[str, int] | None = None) -> list[KVCache | RecurrentState]:

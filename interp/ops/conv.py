@@ -12,15 +12,14 @@ import mlx.core as mx
 from interp.conv_cache import ConvState
 from interp.errors import ProgramError
 from interp.ops.registry import implementation
+from interp.recurrent import check_whole_rows
 
 
 @implementation("causal_conv1d", needs_context=True)
 def causal_conv1d(ctx, x, weight, bias=None, *, layer):
     if x.ndim != 3 or weight.ndim != 3 or weight.shape[0] != x.shape[2] or weight.shape[1] != 1:
         raise ProgramError(f"causal_conv1d needs x [B, L, C] and weight [C, 1, K]; got {x.shape}, {weight.shape}")
-    if ctx.key_mask is not None or ctx.query_columns is not None:
-        # padding or rows at their own lengths would enter every later row's state
-        raise ProgramError("causal_conv1d runs on whole, unpadded rows; padded and slot batches are not supported")
+    check_whole_rows(ctx, x.shape[1], "causal_conv1d")
     length, width = x.shape[1], weight.shape[2] - 1
     if ctx.cache is None:
         rows = mx.concatenate([mx.zeros((x.shape[0], width, x.shape[2]), x.dtype), x], axis=1)

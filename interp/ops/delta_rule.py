@@ -18,6 +18,7 @@ from interp.delta_state import DeltaState
 from interp.errors import ProgramError
 from interp.ops.delta_chunks import chunk_size, chunked_delta_rule
 from interp.ops.registry import implementation
+from interp.recurrent import check_whole_rows
 
 
 @mx.compile
@@ -49,9 +50,7 @@ def _check_shapes(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.a
 @implementation("gated_delta_rule", needs_context=True)
 def gated_delta_rule(ctx, q, k, v, g, beta, *, layer, scale):
     _check_shapes(q, k, v, g, beta)
-    if ctx.key_mask is not None or ctx.query_columns is not None:
-        # padding or rows at their own lengths would enter every later row's state
-        raise ProgramError("gated_delta_rule runs on whole, unpadded rows; padded and slot batches are not supported")
+    check_whole_rows(ctx, q.shape[1], "gated_delta_rule")
     B, L, heads, value_size = v.shape
     group = heads // k.shape[2]  # each query/key head serves `group` consecutive value heads
     f32 = mx.float32

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from interp.errors import ProgramError
 from interp.ops.registry import implementation
+from interp.recurrent import check_whole_rows
 from interp.ssm_cache import SSMState
 
 #: positions one matrix-form step of a prefill covers (its decay matrix is [B, H, CHUNK, CHUNK])
@@ -70,9 +71,7 @@ def ssm_scan(ctx, x, dt, A, B, C, *, layer):
     if tuple(dt.shape) != (batch, length, heads) or A.shape[0] != heads or B.shape[:2] != x.shape[:2] \
             or heads % groups:
         raise ProgramError(f"ssm_scan: x {x.shape}, dt {dt.shape}, A {A.shape} and B {B.shape} disagree")
-    if ctx.key_mask is not None or ctx.query_columns is not None:
-        # padding or rows at their own lengths would enter every later row's state
-        raise ProgramError("ssm_scan runs on whole, unpadded rows; padded and slot batches are not supported")
+    check_whole_rows(ctx, length, "ssm_scan")
     x, dt, A = x.astype(mx.float32), dt.astype(mx.float32), A.astype(mx.float32)
     B = mx.repeat(B.astype(mx.float32), heads // groups, axis=2)  # [B, L, H, N]: group g serves heads g*r .. g*r+r-1
     C = mx.repeat(C.astype(mx.float32), heads // groups, axis=2)

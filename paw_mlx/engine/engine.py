@@ -22,12 +22,14 @@ another request sharing the prompt's start, prefills only what is new. Requests 
 with ``OverloadedError``. Only the worker touches MLX; ``submit`` and ``cancel`` are
 safe from any thread.
 
-Two kinds of base take no slot batch and run *solo*: each row keeps its own cache list
-and runs its own forward pass each step, the rows stepped in turn and sampled together;
-no prompt cache, no prefills together. A model split over several processes takes only
-the plain call; a program with recurrent state (``interp/recurrent.py``: conv states beside
-the KV caches) keeps state no slot row or cached KV prefix holds, so each row's state is its
-own object, started from a copy of a compiled program's prefix state (``prefix_state``).
+A program with recurrent state (``interp/recurrent.py``: conv, delta or SSM states beside
+the KV caches) decodes in the same slot batch, its states one row per slot
+(``interp/slot_states.py``), but each prompt is prefilled alone on its own cache list (a
+padded prefill would feed the padding into the states), started from a copy of a compiled
+program's prefix state (``prefix_state``); no prompt cache, as a state cannot be cut back
+to a prefix. A model split over several processes takes no slot batch and runs *solo*:
+each row keeps its own cache list and runs its own forward pass each step, the rows
+stepped in turn and sampled together; no prompt cache, no prefills together.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from interp.cache import KVCache
 from interp.errors import ConstraintError, OverloadedError, RequestError
 from interp.sampling import BatchSampler, SampleResult, SamplingParams
 from interp.slots import SlotBatch, SlotLayer, slot_bucket
+from interp.state_cache import make_state_cache
 from paw_mlx.constrain import CONSTRAINT_FAILED
 from paw_mlx.engine.prompt_cache import PromptCache
 from paw_mlx.engine.requests import GenerationRequest, RequestHandle, TokenEvent
@@ -74,6 +77,8 @@ class EngineConfig:
     prefill_rows: int = 8  # short prompts prefilled together in one forward pass
     prompt_cache_bytes: int = 512 * 2**20
     timeout: float | None = 600.0  # seconds from submission to the last token
+    #: decode a recurrent program's rows in one batch (False: each row's own pass, the reference)
+    batch_recurrent: bool = True
 
 
 @dataclass
@@ -93,16 +98,29 @@ class _Row:
 class _Group:
     """The batch of one base model (with the adapters of the programs served on it)."""
 
-    def __init__(self, base: LoadedProgram, adapters=None):
+    def __init__(self, base: LoadedProgram, adapters=None, batch_recurrent: bool = True):
         self.base = base
         self.adapters = adapters  # paw_mlx.engine.models.AdapterStack, or None
-        self.batch = SlotBatch(base.model.num_layers)
+        self.batch_recurrent = batch_recurrent
+        self.batch = self.new_batch()
         self.sampler: BatchSampler | None = None
         self.rows: dict[int, _Row] = {}  # slot -> row
         self.waiting: collections.deque[_Row] = collections.deque()
         self.prefilling: _Row | None = None
         self.eos = frozenset(base.eos_token_ids)
         self._kv_like: list | None = None
+
+    def new_batch(self) -> SlotBatch:
+        """An empty slot batch for this base: its KV layers, and its recurrent states' kinds (read from
+        the program: a split model's ``make_cache`` would make a cache on every rank)."""
+        states = make_state_cache(0, self.base.program.recurrent_states)
+        return SlotBatch(self.base.model.num_layers, [type(state) for state in states])
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether the program keeps recurrent state: prompts are prefilled one at a time, on their
+        own states, and nothing goes to the prompt cache."""
+        return self.base.program.recurrent
 
     def kv_like(self) -> list:
         """Keys and values of one position per layer: the shapes and dtypes a cache needs."""
@@ -122,10 +140,9 @@ class _Group:
     def solo(self) -> bool:
         """Whether each row runs on its own cache, one forward pass per row and step: a model
         split over several processes (``interp.distributed``) takes no slot batch, only the
-        plain ``model(tokens, cache=...)`` call; a program with recurrent state (conv states
-        beside its KV caches, ``interp/recurrent.py``) has state a slot batch does not keep
-        per row, nor the prompt cache per position."""
-        return self.base.program.recurrent or not hasattr(self.model, "step_rows")
+        plain ``model(tokens, cache=...)`` call; a recurrent program, when ``batch_recurrent`` is
+        off (``EngineConfig``: the reference its batched rows are measured against)."""
+        return not hasattr(self.model, "step_rows") or (self.recurrent and not self.batch_recurrent)
 
     def free_solo_slot(self) -> int:
         return next(slot for slot in range(len(self.rows) + 1) if slot not in self.rows)
@@ -143,7 +160,7 @@ class _Group:
         recurrent states; a split model's caches live on the ranks and count nothing here)."""
         rows = list(self.rows.values())  # the worker may change the rows meanwhile; a copy is consistent
         held = sum(getattr(c, "nbytes", 0) for row in rows for c in (row.cache or []))
-        return held + (self.batch.nbytes if self.batch.layers else 0)
+        return held + self.batch.nbytes
 
     def free_slot(self) -> int | None:
         for slot in range(self.batch.slots):
@@ -173,6 +190,7 @@ class Engine:
         self.steps = 0  # decode steps run (for tests and /health)
         self.prefill_chunks = 0
         self.prefilled_together = 0  # rows whose prompts shared a forward pass
+        self.widest_step = 0  # the most rows one batched decode step has run
 
     # ------------------------------------------------------------------ control
 
@@ -206,7 +224,7 @@ class Engine:
             queued, running = self._queued, self._running
         return {"rows": running, "queued": queued, "max_rows": self.config.max_rows,
                 "max_queue": self.config.max_queue, "steps": self.steps, "prefill_chunks": self.prefill_chunks,
-                "prefilled_together": self.prefilled_together,
+                "prefilled_together": self.prefilled_together, "widest_step": self.widest_step,
                 "prompt_cache_entries": len(self.prompt_cache), "prompt_cache_bytes": self.prompt_cache.nbytes,
                 "prompt_cache_limit": self.config.prompt_cache_bytes,
                 "prompt_cache_hits": self.prompt_cache.hits,
@@ -309,7 +327,7 @@ class Engine:
             group.prefilling = None
             for row in rows:
                 self._end(row, "error", error=message)
-            group.batch = SlotBatch(group.base.model.num_layers)
+            group.batch = group.new_batch()
             group.sampler = None
 
     def _group(self, model) -> _Group:
@@ -317,7 +335,7 @@ class Engine:
         key = (id(model.base), id(adapters))
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(model.base, adapters)
+            group = self._groups[key] = _Group(model.base, adapters, self.config.batch_recurrent)
         return group
 
     def _admit(self) -> None:
@@ -365,6 +383,7 @@ class Engine:
         result = sampler.sample(logits, allowed=allowed or None)
         mx.eval(result.arrays(), batch.arrays())
         self.steps += 1
+        self.widest_step = max(self.widest_step, len(group.rows))
         choices = _Choices(result)
         for slot, row in list(group.rows.items()):
             row.fed.append(row.next_token)
@@ -428,7 +447,7 @@ class Engine:
             row.slot = row.cache = None  # a split model's cache is dropped on every rank with the next step
         elif slot is not None and group.rows.get(slot) is row:
             length = group.batch.lengths[slot]
-            if reason != "error" and length == len(row.fed) and length > 0:
+            if reason != "error" and length == len(row.fed) and length > 0 and not group.recurrent:
                 self.prompt_cache.insert(row.request.model.namespace, row.fed, group.batch.extract(slot, length))
             del group.rows[slot]
             group.batch.release(slot)
@@ -499,7 +518,7 @@ class Engine:
         cached); prefilling several in one pass reads the weights once for all of them.
         Returns at least two (row, cache hit) pairs, or none.
         """
-        if group.solo:
+        if group.solo or group.recurrent:  # right padding would enter a recurrent state
             return []
         picked: list[tuple[_Row, object]] = []
         total = 0
@@ -526,7 +545,7 @@ class Engine:
             self._running += 1
         request = row.request
         row.cache = group.base.make_cache()
-        if group.solo:  # the ranks hold the cache, or its recurrent state has no per-position prefix to copy
+        if group.solo or group.recurrent:  # the ranks hold the cache, or a state has no per-position prefix
             start = request.model.prefix_state  # a compiled program's on a recurrent base, copied
             skip = 0
             if start is not None and len(request.prompt) > start.length \
@@ -563,7 +582,8 @@ class Engine:
             self._join_solo(group, row, logits)
             return
         slot = group.free_slot()
-        kv = [c.state for c in row.cache]
+        layers = group.base.model.num_layers
+        kv, states = [c.state for c in row.cache[:layers]], row.cache[layers:]
         if slot is None:
             slot = group.batch.slots
         group.batch.reserve(slot + 1, len(row.request.prompt) + 1, kv)
@@ -574,7 +594,7 @@ class Engine:
         group.sampler.assign(slot, request.sampling, request.prompt)
         allowed = {slot: request.constraint.allowed()} if request.constraint is not None else None
         result = group.sampler.sample(logits[:, -1, :], rows=[slot], allowed=allowed)
-        group.batch.insert(slot, kv)
+        group.batch.insert(slot, kv, states, length=len(request.prompt))
         row.cache = None
         mx.eval(result.arrays(), group.batch.arrays())
         row.slot = slot

@@ -248,7 +248,8 @@ class ModelCatalog:
             self._aliases.pop(alias, None)
 
     def add_base(self, prog: LoadedProgram, name: str | None = None) -> ServedModel:
-        """Serve ``prog`` as ``name`` (one with recurrent state runs solo: ``paw_mlx/engine/engine.py``)."""
+        """Serve ``prog`` as ``name`` (one with recurrent state prefills each prompt alone:
+        ``paw_mlx/engine/engine.py``)."""
         name = name or prog.path.name
         aliases = tuple(a for a in {prog.name} if a != name)
         return self.add(ServedModel(name=name, base=prog, aliases=aliases))

@@ -1,8 +1,10 @@
-"""``paw serve`` on a hybrid program (tests/archs.py's tiny LFM2: conv states beside the KV cache).
+"""``paw serve`` on programs with recurrent state, one per kind (tests/archs.py's tiny LFM2: conv
+states beside the KV cache; Qwen3.5: conv and delta states; Mamba2: conv and SSM states, no attention).
 
-Its rows run solo, each on its own state (``paw_mlx/engine/engine.py``): concurrent requests
-get exactly what ``paw_mlx.generate`` gives each alone, and everything else the server does
-still holds. One loopback server for the module; every wait is bounded.
+Each prompt is prefilled alone on its own states, then its row decodes in the batch beside the
+others (``paw_mlx/engine/engine.py``): concurrent requests get exactly what ``paw_mlx.generate``
+gives each alone, and everything else the server does still holds. One loopback server per
+kind; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ WAIT = 60.0
 MAX = 12
 #: long enough that its prefill runs in several chunks (prefill_chunk below) through the conv states
 LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+
+
+def alone(base, text: str, max_tokens: int = MAX, **controls) -> str:
+    """A completion of ``text`` as the server writes it, from the plain generation path alone
+    (greedy; special tokens skipped, as the server's text skips them)."""
+    ids = paw_mlx.prompt_ids(base, text, raw=True)
+    tokens = list(paw_mlx.stream_tokens(base, ids, max_tokens=max_tokens, **controls))
+    return base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module", params=["hybrid_program", "gated_delta_program", "ssm_program"],
+                ids=["lfm2", "qwen3_5", "mamba2"])
+def hybrid_program(request):
+    """The recurrent program under test (this module's server runs once per state kind)."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +84,18 @@ def test_it_is_listed(client):
     assert sorted(m.id for m in client.models.list().data) == ["digits", "hybrid"]
 
 
-def test_two_concurrent_requests_each_get_what_generate_gives_alone(server, base, http):
-    prompts = [LONG, "Hello there, how are you?"]
-    want = [paw_mlx.generate(base, p, max_tokens=MAX, raw=True) for p in prompts]
-    assert want[0] != want[1]
-    got: list = [None, None]
+def test_concurrent_requests_of_different_lengths_each_get_what_generate_gives_alone(server, base, http):
+    prompts = [LONG, "Hello there, how are you?", "seven", "one two three four five six"]
+    want = [alone(base, p) for p in prompts]
+    assert len(set(want)) > 1
+    got: list = [None] * len(prompts)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=WAIT)
     steps = server.engine.steps
 
     def call(i: int) -> None:
         got[i] = client.completions.create(model="hybrid", prompt=prompts[i], max_tokens=MAX).choices[0].text
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
@@ -138,11 +155,48 @@ def test_a_disconnect_mid_stream_frees_the_engine_for_the_next_request(http, cli
     assert client.completions.create(model="hybrid", prompt="Hello", max_tokens=MAX).choices[0].text == want
 
 
+def test_requests_join_a_decoding_row_and_its_disconnect_frees_it(http, client, base, server):
+    """Rows join while another decodes, in one batch with it; each gets what it gets alone; the
+    decoding row's client leaves and its row is freed while the others' outputs are unchanged."""
+    bias = endless_bias(base)
+    first = alone(base, "Hello", 40, logit_bias=bias)
+    prompts = [LONG, "seven"]
+    want = [alone(base, p) for p in prompts]
+    widest = server.engine.widest_step
+    server.engine.widest_step = 0
+    body = {"model": "hybrid", "prompt": "Hello", "max_tokens": 200, "stream": True, "logit_bias": bias}
+    got: list = [None] * len(prompts)
+    try:
+        with http.stream("POST", "/v1/completions", json=body) as stream:
+            import json
+
+            lines = (line for line in stream.iter_lines() if line.startswith("data: {"))
+            streamed = "".join(json.loads(next(lines)[6:])["choices"][0]["text"] for _ in range(4))
+            assert http.get("/health").json()["rows"] == 1
+
+            def call(i: int) -> None:
+                got[i] = client.completions.create(model="hybrid", prompt=prompts[i], max_tokens=MAX).choices[0].text
+
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(WAIT)
+            streamed += json.loads(next(lines)[6:])["choices"][0]["text"]  # it still streams
+            joined = server.engine.widest_step
+    finally:
+        server.engine.widest_step = max(widest, server.engine.widest_step)
+    wait_for_rows(http, 0)
+    assert got == want
+    assert first.startswith(streamed) and len(streamed) > 0
+    assert joined >= 2  # the joining rows decoded in one step with the streaming one
+
+
 def test_a_compiled_program_answers_as_its_function_from_a_copy_of_its_prefix_state(server, digits, hybrid_program):
     """Requests start from copies of the program's prefix state (its tokens are cached ones), side
     by side, and each answer is the function's."""
     f = paw_mlx.function(digits, base=hybrid_program)
-    inputs = ["four five six", "seven", "eight"]
+    inputs = ["four five six", "The capital of France", "2024-01-05 is a date."]
     want = [f(text) for text in inputs]
     assert len(set(want)) > 1
     got: list = [None] * len(inputs)
@@ -171,3 +225,4 @@ def test_paw_serves_catalog_takes_the_hybrid_base_and_its_programs(hybrid_progra
     catalog = build_catalog([hybrid_program], [digits.parent], warn=skipped.append)
     assert sorted(m.name for m in catalog) == ["digits", hybrid_program.name] and skipped == []
     assert catalog.get("digits").prefix_state is not None
+

@@ -1,4 +1,4 @@
-"""The slot batch: rows at their own lengths decode exactly as they would alone."""
+"""The slot batch: rows at their own lengths decode exactly as they would alone (recurrent states too)."""
 
 from __future__ import annotations
 
@@ -27,23 +27,39 @@ def alone(model: GraphModel, prompt: list[int], steps: int) -> list[int]:
 
 
 def prefill(model: GraphModel, prompt: list[int]) -> list:
+    """A prompt's keys and values per KV layer (a program without recurrent state)."""
+    kv, _ = prefill_all(model, prompt)
+    return kv
+
+
+def prefill_all(model: GraphModel, prompt: list[int]) -> tuple[list, list]:
+    """A prompt's keys and values per KV layer, and its recurrent states (batches of one)."""
     cache = model.make_cache()
     model(mx.array([prompt]), cache=cache)
-    return [c.state for c in cache]
+    return [c.state for c in cache[: model.num_layers]], cache[model.num_layers :]
+
+
+def new_batch(model: GraphModel) -> SlotBatch:
+    return SlotBatch(model.num_layers, [type(s) for s in model.make_cache()[model.num_layers :]])
+
+
+def insert(model: GraphModel, batch: SlotBatch, slot: int, prompt: list[int]) -> None:
+    kv, states = prefill_all(model, prompt)
+    batch.insert(slot, kv, states, length=len(prompt))
 
 
 def batched(model: GraphModel, prompts: list[list[int]], steps: int, join_late: int | None = None) -> list[list[int]]:
     """Greedy tokens of every prompt in one slot batch; the row ``join_late`` joins after two steps."""
-    batch = SlotBatch(model.num_layers)
+    batch = new_batch(model)
     rows = {}
     for slot, prompt in enumerate(prompts):
         if slot != join_late:
-            batch.insert(slot, prefill(model, prompt[:-1]))
+            insert(model, batch, slot, prompt[:-1])
             rows[slot] = prompt[-1]
     out = {slot: [] for slot in range(len(prompts))}
     for step in range(steps + 2):
         if step == 2 and join_late is not None:
-            batch.insert(join_late, prefill(model, prompts[join_late][:-1]))
+            insert(model, batch, join_late, prompts[join_late][:-1])
             rows[join_late] = prompts[join_late][-1]
         active = [slot in rows for slot in range(batch.slots)]
         tokens = mx.array([rows.get(slot, 0) for slot in range(batch.slots)])
@@ -94,6 +110,33 @@ def test_special_attention_works_per_row(arch_models, arch):
     model = arch_models(arch)
     want = [alone(model, p, STEPS) for p in PROMPTS]
     assert batched(model, PROMPTS, STEPS, join_late=2) == want
+
+
+# conv states (LFM2), conv and delta states (Qwen3.5), conv and SSM states and no attention (Mamba2)
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("arch", ["lfm2", "qwen3_5_text", "mamba2"])
+def test_recurrent_states_decode_per_row_as_alone(arch_models, arch, compiled):
+    """Each row's states sit in its own row of the batched states: a free row's throwaway token,
+    a row joining late and rows moving down do not touch the others'."""
+    model = arch_models(arch)
+    model.compile_decode = compiled
+    try:
+        want = [alone(model, p, STEPS) for p in PROMPTS]
+        assert batched(model, PROMPTS, STEPS, join_late=1) == want
+        batch = new_batch(model)
+        insert(model, batch, 0, PROMPTS[0][:-1])
+        insert(model, batch, 5, PROMPTS[3][:-1])
+        batch.release(0)
+        batch.move(5, 0)
+        assert batch.fit(1) and batch.slots == 1
+        tokens, out = mx.array([PROMPTS[3][-1]]), []
+        for _ in range(STEPS):
+            tokens = mx.argmax(batch.step(model, tokens, [True]), axis=-1)
+            out.append(tokens.item())
+        assert out == want[3]
+        assert batch.fit(0) and batch.nbytes == 0 and batch.states.arrays() == []
+    finally:
+        model.compile_decode = True
 
 
 def test_rows_move_and_the_batch_shrinks(tiny_model):

@@ -100,19 +100,22 @@ def test_going_back_past_a_checkpoint_drops_it(hybrid, monkeypatch):
     assert fourth == fresh_reply(prog, session.conversation()[:-1], 5)[0]
 
 
-def test_the_serving_engine_runs_it_solo_with_each_rows_own_state(hybrid):
-    """Rows of a recurrent program take no slot batch: each prefills and decodes on its own
-    cache list, so two requests at once each get the plain generation path's tokens."""
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "solo"])
+def test_the_serving_engine_prefills_each_row_alone_and_decodes_them_together(hybrid, batch):
+    """Each prompt is prefilled on its own cache list, then its states join a row of the batch's
+    (``batch_recurrent``; off: each row's step its own pass, the reference): requests at once each
+    get the plain generation path's tokens."""
     from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog
 
     _, prog = hybrid
     model = ModelCatalog().add_base(prog)
-    prompts = [prog.tokenizer.encode(text) for text in ("one two three four five six", "Hello there")]
+    prompts = [prog.tokenizer.encode(text) for text in ("one two three four five six", "Hello there", "seven")]
     want = [list(paw_mlx.stream_tokens(prog, ids, max_tokens=8)) for ids in prompts]
-    with Engine(EngineConfig(prefill_chunk=4, idle_prefill_chunk=4)) as engine:
+    with Engine(EngineConfig(prefill_chunk=4, idle_prefill_chunk=4, batch_recurrent=batch)) as engine:
         handles = [engine.submit(GenerationRequest(model, ids, 8)) for ids in prompts]
         got = [[t for event in handle.events(timeout=60) for t in event.tokens] for handle in handles]
         assert engine.prompt_cache.hits == 0 and len(engine.prompt_cache) == 0
+        assert (engine.widest_step >= 2) == batch  # the rows overlap: 8 tokens each, prefills of 1-2 chunks
     assert got == want and want[0] != want[1]
 
 
