@@ -69,6 +69,12 @@ def test_a_lora_program_calls_as_the_merged_model(base, adapt_prefix):
     f = paw_mlx.function(program, base=directory)
     inputs = ["seven", "x", "four five"]
     assert [f(text) for text in inputs] == [reference(prog, program, text, adapt_prefix) for text in inputs]
+    # every state a call starts from (recurrent ones too, the only ones Mamba2 has) is that model's run
+    runner = merged(prog, program.adapter) if adapt_prefix else prog
+    want = runner.make_cache()
+    runner.model(mx.array([program.prefix_ids], dtype=mx.int32), cache=want)
+    for got, expected in zip(f.start_cache(), want, strict=True):
+        assert all(mx.allclose(a, b, atol=1e-5).item() for a, b in zip(got.state, expected.state, strict=True))
 
 
 def test_a_row_never_sees_its_own_demonstration(base):
