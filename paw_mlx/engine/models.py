@@ -287,7 +287,6 @@ class ModelCatalog:
 
 def _prefix_state(base: LoadedProgram, artifact):
     """A program's prefix on a recurrent base, run now (ArtifactError if it cannot be rebuilt)."""
-    from paw_mlx.programs.function import adapted
-    from paw_mlx.programs.recurrent_prefix import RecurrentPrefix
+    from paw_mlx.programs.recurrent_prefix import program_prefix
 
-    return RecurrentPrefix(adapted(base, artifact.adapter), artifact).build()
+    return program_prefix(base, artifact).build()

@@ -80,6 +80,14 @@ def demo_spans(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Seq
     return [(ends[i], ends[i + 1]) for i in range(len(demos))]
 
 
+def prefixes_without(tokenizer: Tokenizer, spec: str, demos: Sequence[dict]) -> list[list[int]]:
+    """The prefix ids of ``spec`` with ``demos`` but demo i, for each i (the others in order and
+    laid out as the kept prefix lays them out): what training on a base with recurrent state
+    runs demo i's own row behind, since no key mask can hide it there (``train.py``)."""
+    return [layout_prefix_ids(tokenizer, prompt_layout(tokenizer, spec, [*demos[:i], *demos[i + 1:]]))
+            for i in range(len(demos))]
+
+
 def layout_prefix_ids(tokenizer: Tokenizer, layout: PromptLayout) -> list[int]:
     # The chat template carries its own special tokens; raw prompts get the tokenizer's BOS.
     return tokenizer.encode(layout.prefix_text, add_special_tokens=layout.kind == "raw")

@@ -15,7 +15,7 @@ from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_
 from paw_mlx.programs.batch import ResidentPrefix, generate_batch, prefix_cache
 from paw_mlx.programs.compile import compile, input_ids
 from paw_mlx.programs.interpreter import interpreter
-from paw_mlx.programs.recurrent_prefix import RecurrentPrefix
+from paw_mlx.programs.recurrent_prefix import program_prefix
 from paw_mlx.runtime import LoadedProgram
 
 #: the most padded tokens (rows x longest row) one batch of a call feeds; a list of inputs
@@ -72,7 +72,8 @@ class ProgramFunction:
         self.recurrent = base.program.recurrent
         #: the prefix in a cache of its own, which one-input calls run in without copying it; on a
         #: recurrent base, the prefix's states, copied for each call (``recurrent_prefix.py``)
-        self._resident = RecurrentPrefix(self.runner, artifact) if self.recurrent else ResidentPrefix(artifact.prefix)
+        self._resident = (program_prefix(base, artifact, self.runner) if self.recurrent
+                          else ResidentPrefix(artifact.prefix))
         returns = returns if returns is not None else artifact.returns
         self.grammar = None
         if returns is not None:

@@ -5,10 +5,13 @@ An artifact keeps its prefix as each attention layer's keys and values
 states, or any state kind with ``state``, ``trim``, ``copy`` and ``nbytes``) also needs each
 recurrent layer's state after the prefix, which no file holds and no KV prefix implies. An
 untrained prefix (the ``spec`` and ``fewshot`` candidates) is the base's own run over the
-prefix ids, so that run, done once, gives every state exactly. Its keys and values are held
-to the stored ones: a prefix tuned by training (or made by another model) cannot be rebuilt
-so, and is refused rather than run wrong. Each call or request starts from a ``copy()`` of
-every state and never writes into the kept one, so no call sees another's input.
+prefix ids, so that run, done once, gives every state exactly. A LoRA program's prefix is
+the run of the model its adapter was trained behind (``adapter_on_prefix``): the base's,
+or the adapted base's with ``adapt_prefix`` and for a ``.paw`` bundle, as on a KV base.
+Its keys and values are held to the stored ones: a prefix tuned by training (or made by
+another model) cannot be rebuilt so, and is refused rather than run wrong. Each call or
+request starts from a ``copy()`` of every state and never writes into the kept one, so no
+call sees another's input.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from paw_mlx.runtime import LoadedProgram
 REBUILD_TOLERANCE = 1e-3
 
 
+def adapter_on_prefix(artifact) -> bool:
+    """Whether a program's adapter applies to its prefix too: as it was trained (its tuning's
+    ``adapt_prefix``); with no training record (a ``.paw`` bundle), yes, as llama.cpp runs one."""
+    options = (artifact.tuning or {}).get("options") or {}
+    return bool(options.get("adapt_prefix", True))
+
+
 class RecurrentPrefix:
-    """A program's prefix run once through ``prog`` (the base as the program runs it), kept as
-    the whole cache list; ``cache()`` hands out a copy for one row."""
+    """A program's prefix run once through ``prog`` (the base, or with ``adapter_on_prefix`` the
+    base with the program's adapter), kept as the whole cache list; ``cache()`` hands out a copy
+    for one row."""
 
     def __init__(self, prog: LoadedProgram, artifact):
         self.prog = prog
@@ -52,10 +63,22 @@ class RecurrentPrefix:
             raise ArtifactError(f"{where} has a prefix that is not its base model's own run over the prefix ids "
                                 "(tuned by training?); on a base with recurrent state only such a prefix runs, "
                                 "since the recurrent layers' state after it is not stored: compile it with "
-                                "--candidates spec,fewshot")
+                                "--candidates spec,fewshot,lora")
         self._states = states
         return self
 
     def cache(self) -> list:
         """A fresh cache list at the end of the prefix, ready for one row (copies: never written back)."""
         return [state.copy() for state in self.build()._states]
+
+
+def program_prefix(base: LoadedProgram, artifact, runner: LoadedProgram | None = None) -> RecurrentPrefix:
+    """The ``RecurrentPrefix`` of ``artifact`` on ``base``: run by the base, or by ``runner`` (the
+    base with the program's adapter; made here when not given) where ``adapter_on_prefix``."""
+    if artifact.adapter is None or not adapter_on_prefix(artifact):
+        return RecurrentPrefix(base, artifact)
+    if runner is None:
+        from paw_mlx.programs.function import adapted  # function.py imports this module
+
+        runner = adapted(base, artifact.adapter)
+    return RecurrentPrefix(runner, artifact)

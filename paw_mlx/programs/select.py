@@ -48,6 +48,7 @@ from paw_mlx.programs.compile import (
     demo_spans,
     layout_prefix_ids,
     longest_output,
+    prefixes_without,
     prompt_layout,
 )
 from paw_mlx.programs.demos import choose_demos, demo_budget
@@ -61,12 +62,12 @@ CANDIDATES = ("spec", "fewshot", "prefix", "lora", PREFIX_LORA)
 #: below the mean-adapter ``lora`` on the dev tasks, whose second training per fold would
 #: cost the most with leave-one-out folds (docs/programs.md)
 DEFAULT_CANDIDATES = ("spec", "fewshot", "prefix", "lora")
-#: candidates trained with each row's own demonstration hidden by a key mask (``Builder._train``)
+#: candidates trained with each row's own demonstration hidden from it (``Builder._train``)
 TRAINED = ("prefix", "lora", PREFIX_LORA)
-#: what a base with recurrent state is compiled into: a recurrent layer reads every position
-#: before it and cannot honour a key mask, and a tuned prefix's recurrent state is not stored
-#: (``recurrent_prefix.py``); its default candidates
-RECURRENT_CANDIDATES = ("spec", "fewshot")
+#: candidates with a tuned prefix, which a base with recurrent state does not run: a tuned prefix is
+#: attention layers' keys and values, and the recurrent layers' state after it would be neither the
+#: base's run over the prefix ids nor anything trained (docs/programs.md)
+TUNED_PREFIX = ("prefix", PREFIX_LORA)
 #: tie-break order: simpler first
 PREFERENCE = ("fewshot", "spec", "lora", "prefix", PREFIX_LORA)
 #: candidates whose kept program averages the folds' adapters instead of training again
@@ -107,27 +108,36 @@ class SelectOptions:
         self.prefix.check()
 
     def check_base(self, base: str | Path) -> str | None:
-        """Raise ``PawError`` if a candidate cannot be built on the base program at ``base`` (a
-        LoRA's rank wider than a layer it adapts; a trained candidate on a base with recurrent
-        state), read from ``prog.json`` before any weight loads. On a recurrent base the
-        default candidates become ``RECURRENT_CANDIDATES``; returns a note saying so, or None."""
+        """Raise ``PawError`` if a candidate asked for cannot be built on the base program at
+        ``base`` (a tuned prefix on a base with recurrent state, a LoRA with no layer to adapt or
+        a rank wider than a layer it adapts), read from ``prog.json`` before any weight loads.
+        The default candidates lose those the base cannot build instead; returns a note saying
+        so, or None."""
         program = read_program(base)
+        why: dict[str, str] = {}
         if program.recurrent:
-            trained = [name for name in self.candidates if name in TRAINED]
-            if trained and self.candidates == DEFAULT_CANDIDATES:
-                self.candidates = RECURRENT_CANDIDATES
-                return (f"the base keeps recurrent state, so only the {', '.join(RECURRENT_CANDIDATES)} candidates "
-                        f"are tried (not {', '.join(trained)}: docs/programs.md)")
-            if trained:
-                raise PawError(
-                    f"candidate {', '.join(trained)} cannot be trained on {program.directory}: it keeps recurrent "
-                    f"state ({program.model_info.get('model_type') or 'hybrid'}), and training hides each example's "
-                    "own demonstration with a key mask, which a recurrent layer, reading every position before it, "
-                    f"cannot honour; {' and '.join(RECURRENT_CANDIDATES)} work on it "
-                    f"(--candidates {','.join(RECURRENT_CANDIDATES)})")
-        if any(self.training(name) is self.lora for name in self.candidates):
-            lora_targets(program, self.lora)
-        return None
+            kind = program.model_info.get("model_type") or "hybrid"
+            for name in TUNED_PREFIX:
+                why[name] = (f"it keeps recurrent state ({kind}), and a tuned prefix is attention layers' keys and "
+                             "values, which the recurrent layers' state after the prefix does not follow")
+        lora_named = [name for name in self.candidates if self.training(name) is self.lora]
+        if lora_named:
+            try:
+                lora_targets(program, replace(self.lora, rank=1))  # is there a layer to adapt at all?
+            except PawError as exc:
+                for name in lora_named:
+                    why.setdefault(name, str(exc))
+        blocked = [name for name in self.candidates if name in why]
+        if blocked and self.candidates != DEFAULT_CANDIDATES:
+            kept = [name for name in CANDIDATES if name not in why]
+            raise PawError(f"candidate {blocked[0]} cannot be built on {program.directory}: {why[blocked[0]]}; "
+                           f"{', '.join(kept)} work on it (--candidates {','.join(kept)})")
+        if any(name not in why for name in lora_named):
+            lora_targets(program, self.lora)  # the rank against the layers it adapts
+        if not blocked:
+            return None
+        self.candidates = tuple(name for name in self.candidates if name not in why)
+        return "; ".join(f"candidate {name} is not tried: {why[name]} (docs/programs.md)" for name in blocked)
 
     def training(self, name: str) -> TrainOptions | None:
         """How candidate ``name`` is trained (for ``prefix+lora``: its second, LoRA stage)."""
@@ -247,11 +257,15 @@ class Builder:
                ) -> tuple[ProgramArtifact, TrainResult]:
         """``artifact`` trained on ``rows``, its own demonstration (if the prefix shows it)
         hidden from each row."""
-        spans = demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos)
-        span_of = {(d["input"], d["output"]): span for d, span in zip(artifact.demos, spans, strict=True)}
-        hidden = [span_of.get((r["input"], r["output"])) for r in rows]
-        result = train(self.prog, artifact, rows, options, hidden_spans=hidden, validation=validation,
-                       progress=progress)
+        key = [(d["input"], d["output"]) for d in artifact.demos]
+        if self.prog.program.recurrent:  # no key mask there: each row runs behind a prefix without it
+            own = dict(zip(key, prefixes_without(self.prog.tokenizer, self.spec, artifact.demos), strict=True))
+            hiding = {"own_prefixes": [own.get((r["input"], r["output"])) for r in rows]}
+        else:
+            spans = dict(zip(key, demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos),
+                             strict=True))
+            hiding = {"hidden_spans": [spans.get((r["input"], r["output"])) for r in rows]}
+        result = train(self.prog, artifact, rows, options, validation=validation, progress=progress, **hiding)
         trained = replace(artifact, tuning=result.report(options), directory=None)
         if result.adapter is not None:
             trained.adapter = result.adapter

@@ -10,8 +10,13 @@ which keeps a CPU step cheap:
 
 The loss is cross-entropy on the output tokens and the end-of-turn token. When the
 prefix holds the examples as demonstrations (a few-shot prefix), each training row is
-hidden its own demonstration with a key mask, so the model cannot learn to copy
-answers out of the prefix: what it learns must hold for inputs it has not seen.
+hidden its own demonstration, so the model cannot learn to copy answers out of the
+prefix: what it learns must hold for inputs it has not seen. On a KV base a key mask
+hides it; a base with recurrent state cannot honour one (its state has absorbed every
+token before), so there each row runs alone behind its own prefix, the kept prefix's
+layout without that demonstration (``own_prefixes``), as one sequence with no mask:
+the base's run over that prefix (every layer's cache, computed once per distinct prefix)
+is where the row's tokens start (``_prepare_rows``).
 With validation rows, training stops early: the validation loss is measured every
 ``eval_every`` steps and the parameters of the best measurement are kept.
 
@@ -42,7 +47,7 @@ from interp.ops import REGISTRY
 from interp.program import Program, names_in
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact
-from paw_mlx.programs.compile import input_ids
+from paw_mlx.programs.compile import compute_prefix, input_ids
 from paw_mlx.runtime import LoadedProgram
 
 Progress = Callable[[int, int, float], None]
@@ -187,7 +192,10 @@ class _Batch:
     targets: mx.array
     batch: int
     key_mask: mx.array | None  # [batch, prefix + length]: False on a row's own demonstration
-    key_positions: mx.array  # [1, prefix + length]: the hidden demonstration keeps its positions
+    key_positions: mx.array | None  # [1, prefix + length]: the hidden demonstration keeps its positions
+    #: a base with recurrent state (one row): the whole cache list after the row's own prefix, which
+    #: each step starts from a copy of; None with ``adapt_prefix`` (the prefix is in the row's tokens)
+    states: list | None = None
 
 
 def end_token(prog: LoadedProgram) -> int:
@@ -250,6 +258,48 @@ def _prepare(split: SplitModel, prog: LoadedProgram, artifact: ProgramArtifact, 
     return batches
 
 
+def _row_caches(states: list, layers: int) -> list:
+    """A cache list continuing ``states`` (a base run's cache list): each attention layer's keys and
+    values as a ``TrainableCache``, each recurrent state a copy (a run writes into it)."""
+    caches = [TrainableCache(*states[i].state) for i in range(layers)]
+    return caches + [state.copy() for state in states[layers:]]
+
+
+def _prepare_rows(split: SplitModel, prog: LoadedProgram, artifact: ProgramArtifact, rows: Sequence[dict],
+                  prefixes: Sequence[list[int] | None], adapt_prefix: bool) -> list[_Batch]:
+    """A base with recurrent state: one batch per row, the row behind its own prefix (the kept
+    prefix when None) as one sequence, and the frozen front run once over its tokens.
+
+    Without ``adapt_prefix`` the prefix is the base's: its run (every layer's KV cache and recurrent
+    state, once per distinct prefix) is where the row starts. With it, the adapter applies to the
+    prefix too, so the row's tokens are the prefix's and its own, and each step runs them all.
+    """
+    eos = end_token(prog)
+    layers = prog.program.num_layers
+    runs: dict[tuple[int, ...], list] = {}
+    batches = []
+    for row, own in zip(rows, prefixes, strict=True):
+        prefix = list(artifact.prefix_ids if own is None else own)
+        ids, n_prompt = _encode(prog, artifact, row, eos)
+        states, start = None, len(prefix)
+        if adapt_prefix:
+            ids, n_prompt, start = prefix + ids, len(prefix) + n_prompt, 0
+        else:
+            if tuple(prefix) not in runs:
+                runs[tuple(prefix)] = prog.make_cache()
+                prog.model(mx.array([prefix], dtype=mx.int32), cache=runs[tuple(prefix)])
+                mx.eval([state.state for state in runs[tuple(prefix)]])
+            states = runs[tuple(prefix)]
+        inputs = {"input_ids": mx.array([ids], dtype=mx.int32),
+                  "position_ids": mx.arange(start, start + len(ids), dtype=mx.int32)[None]}
+        frontier = split.front.run(inputs, cache=None if states is None else _row_caches(states, layers))
+        mx.eval([v for v in frontier.values() if isinstance(v, mx.array)])
+        scored = range(n_prompt - 1, len(ids) - 1)  # position t predicts token t + 1
+        batches.append(_Batch(frontier, mx.array(list(scored)), mx.array([ids[t + 1] for t in scored]), 1,
+                              None, None, states))
+    return batches
+
+
 def first_tuned_layer(layers: int, options: TrainOptions) -> int:
     """The lowest decoder layer training touches, of ``layers``: the top ``options.layers`` (0: all)."""
     return 0 if options.layers == 0 else max(0, layers - options.layers)
@@ -297,8 +347,10 @@ class _Problem:
             self.params = {"keys": [k for k, _ in artifact.prefix[self.first_tuned:]],
                            "values": [v for _, v in artifact.prefix[self.first_tuned:]]}
         self.split = SplitModel(model, self.first_tuned)
+        #: a base with recurrent state: each row runs behind its own prefix (``_prepare_rows``)
+        self.recurrent = prog.program.recurrent
         self.prefix_frontier = None
-        if options.method == "lora" and options.adapt_prefix:
+        if options.method == "lora" and options.adapt_prefix and not self.recurrent:
             ids = mx.array([artifact.prefix_ids], dtype=mx.int32)
             positions = mx.arange(ids.shape[1], dtype=mx.int32)[None]
             caches = [CaptureCache() for _ in range(layers)]
@@ -338,10 +390,23 @@ class _Problem:
         self.lora_nodes = names
         return GraphModel(program, consts, compile_decode=False), params
 
-    def loss(self, params: dict, batch: _Batch) -> mx.array:
+    def loss(self, params: dict, group: list[_Batch]) -> mx.array:
+        """The mean loss over the scored positions of ``group`` (one mini-batch: one batch on a KV
+        base, one batch per row on a base with recurrent state)."""
+        if len(group) == 1:
+            return self.batch_loss(params, group[0])
+        total = sum(len(b.targets) for b in group)
+        return sum(self.batch_loss(params, b) * (len(b.targets) / total) for b in group)
+
+    def batch_loss(self, params: dict, batch: _Batch) -> mx.array:
         split = self.split
         inputs = dict(batch.frontier)
-        if self.options.method == "lora":
+        if self.recurrent:  # the row's own prefix is in its states (or, adapt_prefix, in its tokens)
+            caches = None if batch.states is None else _row_caches(batch.states, self.layers)
+            scale = self.options.alpha / self.options.rank
+            for a_name, b_name in self.lora_nodes.values():
+                inputs[a_name], inputs[b_name] = params[a_name], params[b_name] * scale
+        elif self.options.method == "lora":
             scale = self.options.alpha / self.options.rank
             prefix = self.adapted_prefix(params) if self.prefix_frontier is not None else self.artifact.prefix
             caches = _caches(prefix, range(self.first_tuned, self.layers), batch.batch, self.layers)
@@ -360,7 +425,7 @@ class _Problem:
         return mx.mean(mx.logsumexp(logits, axis=-1) - picked)
 
     def mean_loss(self, params: dict, batches: list[_Batch]) -> float:
-        total = sum(self.loss(params, b).item() * len(b.targets) for b in batches)
+        total = sum(self.batch_loss(params, b).item() * len(b.targets) for b in batches)
         return total / max(1, sum(len(b.targets) for b in batches))
 
     def adapter(self, params: dict) -> LoraAdapter:
@@ -382,28 +447,44 @@ class _Problem:
 
 
 def train(prog: LoadedProgram, artifact: ProgramArtifact, rows: Sequence[dict], options: TrainOptions, *,
-          hidden_spans: Sequence[tuple[int, int] | None] | None = None, validation: Sequence[dict] = (),
+          hidden_spans: Sequence[tuple[int, int] | None] | None = None,
+          own_prefixes: Sequence[list[int] | None] | None = None, validation: Sequence[dict] = (),
           progress: Progress | None = None) -> TrainResult:
     """Train ``artifact`` (its layout and prefix) on ``rows``; see the module docstring.
 
-    ``hidden_spans[i]``: prefix positions hidden from row i (its own demonstration), or
-    None. With ``validation`` rows, stops early and returns the best parameters seen;
-    without, runs ``options.steps`` steps.
+    Row i's own demonstration is hidden from it: on a KV base ``hidden_spans[i]`` (its prefix
+    positions, or None); on a base with recurrent state ``own_prefixes[i]`` (the prefix ids
+    without it, or None: the kept prefix), and only a LoRA trains there. With ``validation``
+    rows, stops early and returns the best parameters seen; without, runs ``options.steps`` steps.
     """
     options.check()
     if not rows:
         raise PawError("training needs at least one example")
+    recurrent = prog.program.recurrent
+    if recurrent and options.method != "lora":
+        raise PawError(f"a {options.method} cannot be trained on a base with recurrent state (docs/programs.md)")
+    if recurrent and hidden_spans is not None and any(span is not None for span in hidden_spans):
+        raise ValueError("a base with recurrent state hides a row's demonstration with its own prefix, not a span")
     spans = list(hidden_spans) if hidden_spans is not None else [None] * len(rows)
+    own = list(own_prefixes) if own_prefixes is not None else [None] * len(rows)
     started = time.perf_counter()
     with prog.lock:
         problem = _Problem(prog, artifact, options)
         order = list(range(len(rows)))
         random.Random(options.seed).shuffle(order)
         order = order[: max(1, options.steps) * options.batch_size]  # the rows the steps reach, no others
-        train_batches = _prepare(problem.split, prog, artifact, [rows[i] for i in order], [spans[i] for i in order],
-                                 problem.first_tuned, options.batch_size)
-        val_batches = _prepare(problem.split, prog, artifact, list(validation), [None] * len(validation),
-                               problem.first_tuned, options.batch_size)
+        if recurrent:
+            fit = _prepare_rows(problem.split, prog, artifact, [rows[i] for i in order], [own[i] for i in order],
+                                options.adapt_prefix)
+            train_batches = [fit[i : i + options.batch_size] for i in range(0, len(fit), options.batch_size)]
+            val_batches = _prepare_rows(problem.split, prog, artifact, list(validation), [None] * len(validation),
+                                        options.adapt_prefix)
+        else:
+            fit = _prepare(problem.split, prog, artifact, [rows[i] for i in order], [spans[i] for i in order],
+                           problem.first_tuned, options.batch_size)
+            train_batches = [[batch] for batch in fit]
+            val_batches = _prepare(problem.split, prog, artifact, list(validation), [None] * len(validation),
+                                   problem.first_tuned, options.batch_size)
         params = problem.params
         optimizer = optim.Adam(learning_rate=options.learning_rate)
         step_fn = mx.value_and_grad(problem.loss)
@@ -437,5 +518,9 @@ def train(prog: LoadedProgram, artifact: ProgramArtifact, rows: Sequence[dict], 
         _, best_step, params = best
         adapter = problem.adapter(params) if options.method == "lora" else None
         prefix = problem.prefix(params) if options.method == "prefix" or problem.prefix_frontier is not None else None
+        if recurrent and options.adapt_prefix:
+            from paw_mlx.programs.function import adapted  # function.py imports what imports this module
+
+            prefix = compute_prefix(adapted(prog, adapter), artifact.prefix_ids)
     return TrainResult(prefix, adapter, best_step, step, history, time.perf_counter() - started,
                        list(range(problem.first_tuned, problem.layers)), losses)

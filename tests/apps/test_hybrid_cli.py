@@ -1,5 +1,5 @@
 """The CLI on hybrid programs (tests/archs.py's tiny LFM2, Qwen3.5 and Mamba2): ``paw run`` and ``paw inspect``
-work, ``paw compile`` builds the untrained candidates on them and refuses the trained ones in one line
+work, ``paw compile`` trains a LoRA on them and refuses a tuned prefix in one line
 (``paw serve``: tests/apps/test_serve_hybrid.py)."""
 
 from __future__ import annotations
@@ -20,17 +20,19 @@ def test_run_generates_and_inspect_shows_the_conv_state(hybrid_program):
     assert "recurrent state │ float32 │ 26.1 KB" in text and "causal_conv1d" in text
 
 
-def test_compile_tries_the_untrained_candidates_and_refuses_the_trained_in_one_line(hybrid_program, tmp_path):
+def test_compile_trains_a_lora_and_refuses_a_tuned_prefix_in_one_line(hybrid_program, tmp_path):
     examples = tmp_path / "examples.jsonl"
     examples.write_text("".join(json.dumps({"input": word, "output": digit}) + "\n"
                                 for word, digit in (("one", "1"), ("two", "2"), ("three", "3"))))
     common = ["compile", "Write the number as digits.", "--base", str(hybrid_program), "--examples", str(examples)]
-    assert_one_line_error(paw(*common, "--candidates", "lora", "-o", str(tmp_path / "refused")),
-                          "candidate lora cannot be trained on", "key mask", "--candidates spec,fewshot")
+    assert_one_line_error(paw(*common, "--candidates", "prefix", "-o", str(tmp_path / "refused")),
+                          "candidate prefix cannot be built on", "recurrent state", "--candidates spec,fewshot,lora")
     assert not (tmp_path / "refused").exists()
-    done = paw(*common, "-o", str(tmp_path / "digits"))
+    done = paw(*common, "--steps", "2", "--rank", "2", "-o", str(tmp_path / "digits"))
     assert done.returncode == 0, done.stderr
-    assert "paw: note: the base keeps recurrent state, so only the spec, fewshot candidates" in done.stderr
+    assert "paw: note: candidate prefix is not tried: it keeps recurrent state (lfm2)" in done.stderr
+    report = json.loads((tmp_path / "digits" / "program.json").read_text())["selection"]
+    assert [c["name"] for c in report["candidates"]] == ["spec", "fewshot", "lora"]
     called = paw("call", str(tmp_path / "digits"), "four", "--base", str(hybrid_program))
     assert called.returncode == 0, called.stderr
 

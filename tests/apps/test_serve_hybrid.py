@@ -19,6 +19,7 @@ import paw_mlx
 from apps.serve.app import ServeConfig, create_app
 from apps.serve.runner import BackgroundServer
 from paw_mlx.engine import Engine, EngineConfig, ModelCatalog
+from paw_mlx.programs.select import SelectOptions
 from tests.apps.test_serve import endless_bias, wait_for_rows
 
 WAIT = 60.0
@@ -53,7 +54,7 @@ def digits(hybrid_program, tmp_path_factory):
     out = tmp_path_factory.mktemp("hybrid-programs") / "digits"
     examples = [{"input": "one", "output": "1"}, {"input": "two", "output": "2"}, {"input": "three", "output": "3"}]
     paw_mlx.compile("Write the number as digits.", base=hybrid_program, out_dir=out, examples=examples,
-                    max_new_tokens=8)
+                    max_new_tokens=8, options=SelectOptions(candidates=("spec", "fewshot")))
     return out
 
 

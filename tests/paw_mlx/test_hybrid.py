@@ -1,7 +1,7 @@
 """Hybrid programs on every path that takes a program: tests/archs.py's tiny LFM2 (conv states beside
 the KV cache), Qwen3.5 (conv and delta states) and Mamba2 (conv and SSM states, no KV cache at all).
-Generation, chat, the serving engine and programs as weights run them exactly; a program's trained
-candidates, which need a key mask, are refused in one line."""
+Generation, chat, the serving engine and programs as weights run them exactly (trained programs on them:
+tests/paw_mlx/test_hybrid_training.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 import paw_mlx
 from interp.conv_cache import ConvState
-from interp.errors import PawError
 from paw_mlx.chat import ChatSession
 
 #: the fixtures of the hybrid programs (tests/conftest.py), one of each recurrent state kind
@@ -124,14 +123,11 @@ EXAMPLES = [{"input": "one", "output": "1"}, {"input": "two", "output": "2"}, {"
 
 @pytest.fixture(scope="module")
 def fewshot(hybrid):
-    """A program compiled from examples on the hybrid base: its default candidates narrowed to
-    spec and fewshot, with a note saying so."""
-    return paw_mlx.compile("Write the number as digits.", base=hybrid[0], examples=EXAMPLES, max_new_tokens=6)
+    """A few-shot program compiled from examples on the hybrid base."""
+    from paw_mlx.programs.select import SelectOptions
 
-
-def test_compiling_on_it_tries_only_the_untrained_candidates(fewshot):
-    assert [c["name"] for c in fewshot.selection["candidates"]] == ["spec", "fewshot"]
-    assert "recurrent state" in fewshot.selection["note"] and fewshot.tuning is None
+    return paw_mlx.compile("Write the number as digits.", base=hybrid[0], examples=EXAMPLES, max_new_tokens=6,
+                           options=SelectOptions(candidates=("spec", "fewshot")))
 
 
 def test_a_program_call_equals_its_prompt_through_generate_and_calls_do_not_leak(hybrid, fewshot):
@@ -154,21 +150,14 @@ def test_a_prefix_the_base_does_not_compute_is_refused(base, request):
     from dataclasses import replace
 
     from interp.errors import ArtifactError
-
-    directory = request.getfixturevalue(base)
-    program = paw_mlx.compile("Write the number as digits.", base=directory, examples=EXAMPLES, max_new_tokens=6)
-    tuned = replace(program, prefix=[(k + 0.5, v) for k, v in program.prefix])
-    with pytest.raises(ArtifactError, match="not its base model's own run .* --candidates spec,fewshot"):
-        paw_mlx.function(tuned, base=directory)("one")
-
-
-def test_trained_candidates_are_refused_before_loading(hybrid_program, tmp_path):
     from paw_mlx.programs.select import SelectOptions
 
-    with pytest.raises(PawError, match=r"^candidate lora cannot be trained on .*key mask.* spec and fewshot work"):
-        paw_mlx.compile("Answer yes.", base=hybrid_program, out_dir=tmp_path / "out", examples=EXAMPLES,
-                        options=SelectOptions(candidates=("fewshot", "lora")))
-    assert not (tmp_path / "out").exists()
+    directory = request.getfixturevalue(base)
+    program = paw_mlx.compile("Write the number as digits.", base=directory, examples=EXAMPLES, max_new_tokens=6,
+                              options=SelectOptions(candidates=("spec", "fewshot")))
+    tuned = replace(program, prefix=[(k + 0.5, v) for k, v in program.prefix])
+    with pytest.raises(ArtifactError, match="not its base model's own run .* --candidates spec,fewshot,lora"):
+        paw_mlx.function(tuned, base=directory)("one")
 
 
 def test_a_chat_program_turn_equals_the_call(hybrid, fewshot, tmp_path):
