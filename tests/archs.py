@@ -68,6 +68,10 @@ ARCHS: dict[str, dict] = {
     "bloom": dict(n_head=4, tie_word_embeddings=False),
     "helium": dict(head_dim=16),
     "gemma4_text": dict(_GEMMA4_TEXT, tie_word_embeddings=False),
+    # MiMo-V2-Flash: value heads narrower than query/key heads (scaled), sliding layers with twice the key
+    # heads and attention sinks, a third of each head rotated (8 of 24), routed experts after a dense layer
+    "mimo_v2_flash": dict(head_dim=24, v_head_dim=16, sliding_window=WINDOW, n_routed_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=32),
     # Command's North family: rotary per layer type, none on the global layers (NoPE); the text rotary is
     # interleaved M-RoPE written through strided slices (plain RoPE on text); logits scaled
     "cohere_compass_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
@@ -182,7 +186,7 @@ ARCHS: dict[str, dict] = {
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
 MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe",
        "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text",
-       "qwen3_next", "kimi_linear")
+       "qwen3_next", "kimi_linear", "mimo_v2_flash")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 mixers a conv and an SSM
 #: state (exporter/ssm.py)
