@@ -5,7 +5,8 @@
     python scripts/arch_sweep.py --all              # every model_type in MODEL_FOR_CAUSAL_LM_MAPPING not in ARCHS
 
 Each model_type is built tiny and random the way tests/archs.py builds its architectures
-(its ``_BASE`` config plus the overrides below), exported with paw, and checked as
+(its ``_BASE`` config plus the overrides below, and ``_TINY_FIELDS`` for the size fields
+those leave at their real value), exported with paw, and checked as
 tests/exporter/test_architectures.py checks: full-sequence logits, logits through the KV
 cache and greedy tokens against transformers. A model runs in its own subprocess with a
 timeout, so one crash or hang does not stop the sweep. It is a tool for finding what
