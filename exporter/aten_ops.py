@@ -766,22 +766,62 @@ def _new_filled(low: Lowering, node):
 
 @aten("aten.slice_scatter.default")
 def _slice_scatter(low: Lowering, node):
-    """x with x[start:end] along dim replaced by src (a slice written in place, functionalized): a cat."""
+    """x with x[start:end:step] along dim replaced by src (a slice written in place, functionalized): a cat,
+    or for a step over a static axis a take from cat(x, src) (interleaved M-RoPE writes every third frequency)."""
     x, src = node.args[:2]
     dim = _arg(node, 2, "dim", 0) % _rank(x)
     start, end, step = _arg(node, 3, "start", None) or 0, _arg(node, 4, "end", None), _arg(node, 5, "step", 1)
-    if step != 1:
-        raise ExportError(f"slice_scatter with step {step} (node {node.name}) is not supported")
     size = x.meta["val"].shape[dim]
     if end is None or (isinstance(end, int) and (end >= INT64_MAX // 2 or isinstance(size, int) and end >= size)):
         end = size
+    if isinstance(size, int):  # negative bounds count from the end, as in torch
+        start, end = (v + size if isinstance(v, int) and v < 0 else v for v in (start, end))
+    if step != 1:
+        return _strided_slice_scatter(low, node, dim, start, end, step)
+    return _write_slice(low, x, low.ref(src), dim, start, end)
+
+
+@aten("aten.select_scatter.default")
+def _select_scatter(low: Lowering, node):
+    """x with x.select(dim, index) replaced by src (a view of one row written in place, functionalized)."""
+    x, src, dim, index = node.args[:4]
+    dim %= _rank(x)
+    size = x.meta["val"].shape[dim]
+    if index < 0:
+        if not isinstance(size, int):
+            raise ExportError(f"select_scatter at a negative index of a dynamic axis (node {node.name}) "
+                              "is not supported")
+        index += size
+    row = low.emit("unsqueeze", [low.ref(src)], {"dim": dim})
+    return _write_slice(low, x, row, dim, index, index + 1)
+
+
+def _write_slice(low: Lowering, x, src, dim: int, start, end):
+    """x (a graph node) with [start, end) along dim replaced by the value src: a cat of the pieces."""
+    size = x.meta["val"].shape[dim]
     parts = []
     if start != 0:
         parts.append(low.emit("slice", [low.ref(x)], {"dim": dim, "start": 0, "end": low.ref(start), "step": 1}))
-    parts.append(low.ref(src))
+    parts.append(src)
     if not (isinstance(end, int) and isinstance(size, int) and end == size):
         parts.append(low.emit("slice", [low.ref(x)], {"dim": dim, "start": low.ref(end), "end": None, "step": 1}))
     return parts[0] if len(parts) == 1 else low.emit("cat", [parts], {"dim": dim})
+
+
+def _strided_slice_scatter(low: Lowering, node, dim: int, start, end, step: int):
+    """slice_scatter with a step: position i of the static axis reads src[(i - start) / step] where the slice
+    holds i and x[i] elsewhere, one take from cat(x, src) with a constant index."""
+    x, src = node.args[:2]
+    size = x.meta["val"].shape[dim]
+    if not all(isinstance(v, int) for v in (size, start, end)):
+        raise ExportError(f"slice_scatter with step {step} along a dynamic axis (node {node.name}) is not supported")
+    index = torch.arange(size)
+    written = torch.arange(start, end, step)
+    index[written] = size + torch.arange(len(written))
+    name = f"folded.{node.name}.index"
+    low.consts[name] = index
+    joined = low.emit("cat", [[low.ref(x), low.ref(src)]], {"dim": dim})
+    return low.emit("take", [joined, name], {"dim": dim})
 
 
 @aten("aten.copy.default")

@@ -191,6 +191,39 @@ def capture(model: torch.nn.Module, strict: bool | None = None, decompose: bool 
     blocks run, "sparse" (only the routed experts) or "dense" (exporter/experts.py).
     """
     check_layer_types(model)
+    with implementations_kept(model):
+        return _capture(model, strict, decompose, experts)
+
+
+#: a config's choice of attention and experts functions, as transformers stores it
+_IMPLEMENTATION_FIELDS = ("_attn_implementation_internal", "_experts_implementation_internal")
+
+
+@contextlib.contextmanager
+def implementations_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block the model may be switched to paw's attention and experts; after it, every config
+    of the model (sub-configs included) names the implementations it named before, so the caller's model
+    runs as it did (transformers' own attention, not a capture-only one that refuses to run eagerly)."""
+    configs, pending = {}, [m.config for m in model.modules() if hasattr(m, "config")]
+    while pending:
+        config = pending.pop()
+        if id(config) in configs or not hasattr(config, "__dict__"):
+            continue
+        configs[id(config)] = config
+        pending += [getattr(config, key, None) for key in getattr(config, "sub_configs", {})]
+    saved = [(config, {key: config.__dict__[key] for key in _IMPLEMENTATION_FIELDS if key in config.__dict__})
+             for config in configs.values() if config is not None]
+    training = model.training
+    try:
+        yield
+    finally:
+        for config, fields in saved:
+            config.__dict__.update(fields)
+        model.train(training)
+
+
+def _capture(model: torch.nn.Module, strict: bool | None, decompose: bool | None,
+             experts: str) -> torch.export.ExportedProgram:
     use_paw_attention(model)
     use_paw_experts(model)
     model.eval()

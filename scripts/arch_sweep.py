@@ -5,7 +5,8 @@
     python scripts/arch_sweep.py --all              # every model_type in MODEL_FOR_CAUSAL_LM_MAPPING not in ARCHS
 
 Each model_type is built tiny and random the way tests/archs.py builds its architectures
-(its ``_BASE`` config plus the overrides below), exported with paw, and checked as
+(its ``_BASE`` config plus the overrides below, and ``_TINY_FIELDS`` for the size fields
+those leave at their real value), exported with paw, and checked as
 tests/exporter/test_architectures.py checks: full-sequence logits, logits through the KV
 cache and greedy tokens against transformers. A model runs in its own subprocess with a
 timeout, so one crash or hang does not stop the sweep. It is a tool for finding what
@@ -133,6 +134,15 @@ CANDIDATES: dict[str, dict] = {
     "zamba": {},
     "recurrent_gemma": {},
     "rwkv": {},
+    # per-layer-type rotary, none on the global layers (NoPE, as Cohere 2's)
+    "cohere_compass_text": dict(sliding_window=4 + 1, layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+                                                     full_attention=None)),
+    # latent attention whose sliding layers' heads are qk_nope + qk_rope wide, with an indexer
+    "dots3_note_text": dict(_MLA, **_ROUTED, index_head_dim=16, index_n_heads=4),
+    # with a window of 5 transformers' own generate (through its cache) leaves its own full forward, which
+    # paw's logits match both ways (1.1e-05): the greedy check compares windows no longer than the test
+    "moshi": dict(sliding_window=256),
     # multimodal checkpoints: the overrides go to the text config (default: the text model_type's
     # entry); the vision tower is shrunk (tests/archs.py composite_config) and left out of the export
     "gemma3": {},
@@ -155,6 +165,52 @@ CANDIDATES: dict[str, dict] = {
 }
 
 
+#: Sizes a config keeps at its real value unless told, made tiny wherever a config has the field and the
+#: sweep's overrides leave it: expert counts and widths, head sizes (multi-head latent attention's
+#: together, as ``_MLA``), linear-attention heads, per-layer inputs, windows. Only fields a config
+#: declares are set, so each family keeps its own form (a latent rank it lacks is never added).
+_TINY_FIELDS = dict(
+    num_experts=4, n_routed_experts=4, num_local_experts=4, moe_num_experts=4,
+    num_experts_per_tok=2, num_experts_per_token=2, moe_topk=2, moe_k=2,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+    head_dim=16, swa_head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+    vocab_size_per_layer_input=384, hidden_size_per_layer_input=16, sliding_window=5,
+    index_head_dim=16, index_n_heads=4,
+)
+
+
+def tiny_defaults(model_type: str, overrides: dict) -> dict:
+    """``_TINY_FIELDS`` (and ``_MLA`` for latent attention) for the fields ``model_type``'s config declares
+    with a value larger than the tiny one and ``overrides`` does not set."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type)
+    except Exception:  # transformers raises anything: its own default is invalid, which the build reports
+        return {}
+    if getattr(config, "text_config", None) is not None:
+        config = config.text_config
+    declared = config.to_dict()
+    tiny = dict(_TINY_FIELDS, **_MLA) if declared.get("kv_lora_rank") else dict(_TINY_FIELDS)
+    if declared.get("q_lora_rank") is None:
+        tiny.pop("q_lora_rank", None)
+    picked = {key: value for key, value in tiny.items()
+              if isinstance(declared.get(key), int) and declared[key] > value and key not in overrides}
+    if isinstance(declared.get("n_group"), int) and declared["n_group"] > 1 and "n_group" not in overrides:
+        picked.update(n_group=2, topk_group=1)  # groups of two of the four experts
+    return picked
+
+
+#: composite model_type -> overrides of the composite config itself (tests/archs.py ``COMPOSITES`` form)
+COMPOSITE_EXTRAS: dict[str, dict] = {
+    # Emu3's image tokens live in its text vocabulary; the map names two of them
+    "emu3": dict(vocabulary_map={"<image>": 380, "<|extra_200|>": 381},
+                 vq_config=dict(model_type="emu3_vqgan", codebook_size=64, base_channels=32, channel_multiplier=[1, 2],
+                                num_res_blocks=1, attn_resolutions=[], hidden_size=32)),
+}
+
+
 def check_one(model_type: str, overrides: dict, out: Path) -> dict:
     """Build, export and compare one architecture; the outcome as a dict (status, detail, errors)."""
     sys.path.insert(0, str(ROOT))
@@ -166,7 +222,14 @@ def check_one(model_type: str, overrides: dict, out: Path) -> dict:
     from tests import archs
     from tests.exporter.test_architectures import PREFILL, TOLERANCE
 
-    composite = is_composite(AutoConfig.for_model(model_type))
+    try:
+        composite = is_composite(AutoConfig.for_model(model_type))
+    except Exception as exc:  # transformers raises anything: its default config is invalid on its own
+        return {"status": "transformers fails", "detail": _first_line(exc)}
+    if model_type in COMPOSITE_EXTRAS:
+        archs.COMPOSITES.setdefault(model_type, COMPOSITE_EXTRAS[model_type])
+    if not composite:
+        overrides = {**tiny_defaults(model_type, overrides), **overrides}
     archs.ARCHS[model_type] = overrides
     try:
         if composite:  # a multimodal checkpoint: its text model is what paw exports
@@ -184,6 +247,7 @@ def check_one(model_type: str, overrides: dict, out: Path) -> dict:
 
             reference = tiny_model(config, seed=0)
         reference.set_attn_implementation("eager")
+        _randomize_zero_matrices(reference, config)
         with torch.no_grad():
             reference(torch.randint(3, archs.VOCAB, (1, 4)), use_cache=False)
     except PawError as exc:
@@ -199,8 +263,13 @@ def check_one(model_type: str, overrides: dict, out: Path) -> dict:
             reference.save_pretrained(out.parent / "checkpoint")
             make_tokenizer().save_pretrained(out.parent / "checkpoint")
             export_source(str(out.parent / "checkpoint"), out)
-        else:
-            archs.export_arch(model_type, "float32", out)
+        else:  # a copy of the reference (its zero matrices made random): capture may patch what it exports
+            import copy
+
+            from exporter.export import export_model
+
+            export_model(copy.deepcopy(reference), None, out, dtype="float32",
+                         source_info={"id": f"tiny-{model_type}"})
     except PawError as exc:
         return {"status": "export error", "detail": _first_line(exc)}
     except Exception as exc:  # an exporter bug rather than a refusal: show the type too
@@ -219,6 +288,21 @@ def check_one(model_type: str, overrides: dict, out: Path) -> dict:
     return result
 
 
+def _randomize_zero_matrices(model, config) -> None:
+    """Give every all-zero weight matrix of ``model`` random values (seed 0, the config's initializer range).
+
+    Some families initialise a matrix to zero that training fills (AFMoE's router gate): untrained, every
+    expert ties, and which of equal scores a top-k picks is the library's choice, not the model's."""
+    import torch
+
+    std = getattr(getattr(config, "text_config", None) or config, "initializer_range", 0.02)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and param.is_floating_point() and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
 def _composite_text(model_type: str, overrides: dict) -> dict | None:
     """A composite's text-config overrides: the sweep's, else the defaults of tests/archs.py or of its text type."""
     from transformers import AutoConfig
@@ -230,7 +314,8 @@ def _composite_text(model_type: str, overrides: dict) -> dict | None:
     if "text" in COMPOSITES.get(model_type, {}):
         return None
     text_type = AutoConfig.for_model(model_type).text_config.model_type
-    return ARCHS.get(text_type, CANDIDATES.get(text_type, {}))
+    text = ARCHS.get(text_type, CANDIDATES.get(text_type, {}))
+    return {**tiny_defaults(model_type, text), **text}
 
 
 def _count_parameters(config, composite: bool) -> int:
@@ -247,7 +332,10 @@ def _count_parameters(config, composite: bool) -> int:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    first = text.splitlines()[0]
+    if first.endswith(":") and exc.__cause__ is not None:  # a config validator's wrapper: say what it found
+        first = f"{first} {_first_line(exc.__cause__)}"
+    return first[:200]
 
 
 def run_isolated(model_type: str, overrides: dict, timeout: float) -> dict:

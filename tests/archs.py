@@ -27,6 +27,12 @@ _GDN = dict(num_hidden_layers=4, head_dim=16,
             linear_conv_kernel_dim=4,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
 
+#: Gemma 4's text model: sliding and full layers, the full one with heads twice as wide (per_layer_config),
+#: per-layer token inputs
+_GEMMA4_TEXT = dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                    per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,
+                    vocab_size_per_layer_input=VOCAB)
+
 # Gemma and BLOOM untie their embeddings here: tied, these random models greedily repeat one
 # token, which makes the greedy comparison weak. Tied embeddings stay covered by gpt2, opt, ...
 ARCHS: dict[str, dict] = {
@@ -61,6 +67,16 @@ ARCHS: dict[str, dict] = {
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "bloom": dict(n_head=4, tie_word_embeddings=False),
     "helium": dict(head_dim=16),
+    "gemma4_text": dict(_GEMMA4_TEXT, tie_word_embeddings=False),
+    # MiMo-V2-Flash: value heads narrower than query/key heads (scaled), sliding layers with twice the key
+    # heads and attention sinks, a third of each head rotated (8 of 24), routed experts after a dense layer
+    "mimo_v2_flash": dict(head_dim=24, v_head_dim=16, sliding_window=WINDOW, n_routed_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=32),
+    # Command's North family: rotary per layer type, none on the global layers (NoPE); the text rotary is
+    # interleaved M-RoPE written through strided slices (plain RoPE on text); logits scaled
+    "cohere_compass_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+                                                     full_attention=None), logit_scale=0.5),
     "exaone4": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
     "smollm3": dict(no_rope_layers=[1, 0]),
     "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -170,7 +186,7 @@ ARCHS: dict[str, dict] = {
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
 MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe",
        "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text",
-       "qwen3_next", "kimi_linear")
+       "qwen3_next", "kimi_linear", "mimo_v2_flash")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 mixers a conv and an SSM
 #: state (exporter/ssm.py)
@@ -233,9 +249,7 @@ COMPOSITES: dict[str, dict] = {
     "qwen3_5": {},
     "qwen3_5_moe": {},
     "gemma4": dict(tie_word_embeddings=False, vision_config=dict(model_type="gemma4_vision"),
-                   text=dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
-                             per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,
-                             vocab_size_per_layer_input=VOCAB)),
+                   text=_GEMMA4_TEXT),
     # timm vision towers (stood in: ``timm_stood_in``), which paw leaves out without timm
     # gemma3n: the last two layers read the first two's keys and values (KV sharing), the first two's MLPs
     # are sparse (a normal quantile of the gate, as E2B's and E4B's first ten layers); an audio tower too

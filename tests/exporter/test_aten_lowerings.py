@@ -75,7 +75,28 @@ def _gaussian_gate(ids):
     return F.relu(x - (x.mean(-1, keepdim=True) + x.std(-1, keepdim=True, unbiased=False) * quantile))
 
 
+def _interleaved_mrope(ids):
+    """Cohere Compass's M-RoPE recomposition: every third frequency of row 0 overwritten from rows 1 and 2
+    through a view of row 0 (select_scatter of strided slice_scatters; the last slice runs past the axis)."""
+    freqs = torch.stack([_x(ids), _x(ids) * 2, _x(ids) - 1])  # [3, B, L, 6]
+    row = freqs[0]
+    row[..., 1:6:3] = freqs[1, ..., 1:6:3]
+    row[..., 2:60:3] = freqs[2, ..., 2:60:3]
+    return freqs
+
+
+def _rows_written(ids):
+    """Rows written through views: the last along a static axis, a negative one, a slice from the end."""
+    x = _x(ids).clone()
+    x[:, -1] = x[:, 0] * 3
+    x.select(2, -2).copy_(x[..., 0])
+    x[..., -2:] = x[..., :2] + 5
+    return x
+
+
 CASES = {
+    "strided slice_scatter and select_scatter (Cohere Compass's M-RoPE)": _interleaved_mrope,
+    "select_scatter at negative indices, slice_scatter from the end": _rows_written,
     "complex rotary (DeepSeek-V2)": _complex_rotary,
     "complex shapes and arithmetic": _complex_shapes,
     "a complex constant": _complex_table,

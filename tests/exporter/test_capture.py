@@ -79,3 +79,26 @@ def test_dynamic_ntk_rotary_exports_and_matches_within_the_context(tmp_path, mon
     np.testing.assert_allclose(got, case.logits, atol=1e-4)
     model = tiny_model(arch_config("llama"))
     assert model.model.rotary_emb.rope_type == "dynamic"  # only changed for the capture
+
+
+# llama: set_attn_implementation; mixtral: the experts interface too; bloom: hand-written attention (a recipe),
+# whose config is switched directly
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "bloom"])
+def test_capture_leaves_the_model_running_as_before(arch):
+    """A model captured (exported from Python) runs transformers' own attention and experts afterwards, in the
+    mode it was in: capture switches them to paw's only while it traces."""
+    model = tiny_model(arch_config(arch))
+    model.set_attn_implementation("eager")
+    model.train()
+    ids = torch.randint(3, 300, (1, 6))
+    implementations = model.config._attn_implementation, model.config._experts_implementation
+    capture(model)
+    assert (model.config._attn_implementation, model.config._experts_implementation) == implementations
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        got = model(ids).logits
+    want = tiny_model(arch_config(arch))
+    want.set_attn_implementation("eager")
+    with torch.no_grad():
+        torch.testing.assert_close(got, want(ids).logits)
