@@ -20,7 +20,7 @@ calls the paw op, for the duration of the capture only.
 | jetmoe | keys and values tiled once per attention expert slot | queries regrouped by key head: keys cached once |
 | phimoe | rotary picks its longrope mscale with a Python ``if`` on the positions | the same choice as a ``where`` |
 | llama4_text | NoPE query temperature counts the cache; every expert runs on every token | ``position_ids``; routed |
-| lfm2, lfm2_moe | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
+| lfm2, lfm2_moe, lfm3 | short convolutions keep their last inputs in a cache | ``paw::causal_conv1d`` (conv state) |
 | qwen3_5*, qwen3_next, olmo_hybrid, kimi_linear | Gated DeltaNet layers keep conv and delta states | two functions |
 | qwen3_5* | M-RoPE's strided frequency writes | plain RoPE, which M-RoPE is on text |
 | mamba2, nemotron_h, granitemoehybrid, bamba, zamba2 | Mamba2 mixers keep conv, SSM states | ``ssm_scan`` |
@@ -271,6 +271,8 @@ RECIPES: dict[str, Recipe] = {
                    layer_types=frozenset({"conv"})),
     "lfm2_moe": Recipe(why="short convolutions with state",
                        forwards={"Lfm2MoeShortConv": conv.lfm2_short_conv_forward}, layer_types=frozenset({"conv"})),
+    "lfm3": Recipe(why="short convolutions with state (LFM2's)",
+                   forwards={"Lfm3ShortConv": conv.lfm2_short_conv_forward}, layer_types=frozenset({"conv"})),
     **{model_type: Recipe(why="Mamba2 mixers with conv and SSM state", forwards={mixer: ssm.mamba2_mixer_forward},
                           layer_types=frozenset({"linear_attention"}))
        for model_type, mixer in (("mamba2", "Mamba2Mixer"), ("nemotron_h", "NemotronHMamba2Mixer"),

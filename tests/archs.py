@@ -131,6 +131,10 @@ ARCHS: dict[str, dict] = {
     "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
                      num_dense_layers=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      tie_word_embeddings=False),
+    # LFM2's short convolutions around gated, sandwich-normed attention: a full layer with proportional partial
+    # rotary, a sliding one with its own rotary
+    "lfm3": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "sliding_attention"],
+                 conv_L_cache=3, sliding_window=5, head_dim=16, tie_word_embeddings=False),
     # Gated DeltaNet hybrids (conv and delta states beside the KV cache): twice as many value heads as
     # query/key heads, a value size unlike the key size; gated attention with q/k norms, partial rotary
     "qwen3_5_text": dict(_GDN, tie_word_embeddings=False),
@@ -190,7 +194,7 @@ MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoeh
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 mixers a conv and an SSM
 #: state (exporter/ssm.py)
-RECURRENT = ("lfm2", "lfm2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear",
+RECURRENT = ("lfm2", "lfm2_moe", "lfm3", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear",
              "mamba2", "nemotron_h", "granitemoehybrid", "bamba", "zamba2", "falcon_h1")
 
 
