@@ -41,8 +41,14 @@ def stored_layers(names: list[str]) -> int | None:
 
 
 def check_config(config, names: list[str], location: str) -> None:
-    """SourceError when the config declares more layers than the checkpoint holds weights for,
-    before the model (all of its layers) is built."""
+    """SourceError when the config declares more layers than the checkpoint holds weights for
+    (before the model, all of its layers, is built), or names its architectures other than as a
+    list of class names (the program records the first)."""
+    architectures = getattr(config, "architectures", None)
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or not all(isinstance(name, str) for name in architectures)):
+        raise SourceError(f"{location}: the config's architectures must be a list of class names, "
+                          f"not {architectures!r:.60}")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     declared = getattr(text_config, "num_hidden_layers", None)
     stored = stored_layers(names)

@@ -72,3 +72,12 @@ def test_a_gguf_file_declaring_more_blocks_than_it_holds_is_refused(tmp_path, ti
         export_source(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
+
+def test_architectures_that_are_not_a_list_of_names_are_refused(hf_folder, tmp_path):
+    folder = copy_folder(hf_folder, tmp_path / "src")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = 5  # a TypeError at the end of the export before
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match="architectures must be a list of class names, not 5"):
+        export_source(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
