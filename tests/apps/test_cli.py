@@ -224,6 +224,16 @@ def test_export_of_a_missing_source(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--quantize", "\u00b2", "--quantize takes"),  # "²".isdigit() is true, int("²") a ValueError
+    ("--max-shard-size", "9" * 400 + "GB", "--max-shard-size is too large"),  # float('9' * 400) is inf
+])
+def test_export_options_out_of_any_range_are_one_line(tmp_path, option, value, fragment):
+    done = paw("export", "hf", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "out"), option, value)
+    assert_one_line_error(done, fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_of_a_folder_without_config(tmp_path):
     (tmp_path / "model").mkdir()
     done = paw("export", "llama", str(tmp_path / "model"), "-o", str(tmp_path / "out"))
