@@ -81,3 +81,15 @@ def test_architectures_that_are_not_a_list_of_names_are_refused(hf_folder, tmp_p
     with pytest.raises(SourceError, match="architectures must be a list of class names, not 5"):
         export_source(str(folder), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_context_longer_than_a_program_may_declare_is_refused_at_export(hf_folder, tmp_path):
+    from interp.errors import ExportError
+
+    folder = copy_folder(hf_folder, tmp_path / "src")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 10**12  # exported, then every load refused the program
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"max_position_embeddings is 1000000000000; a program holds at most"):
+        export_source(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
