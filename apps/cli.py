@@ -171,7 +171,7 @@ def _export(src: str, out: Path, quantize: str, max_shard_size: str, **options) 
     except ImportError as exc:
         fail(f"export needs torch and transformers ({exc.name} is missing): "
              "pip install -e '.[export]' in paw's checkout")
-    options["quantize"] = int(quantize) if quantize.strip().isdigit() else quantize.strip().lower()
+    options["quantize"] = int(quantize) if quantize.strip().isdecimal() else quantize.strip().lower()
     options["max_shard_bytes"] = parse_size(max_shard_size)
     reporter = StageReporter()
     try:

@@ -22,6 +22,7 @@ from exporter import recipes
 from exporter.attention_reference import attention_reference
 from exporter.experts import experts_mode, use_paw_experts
 from exporter.masks import AttentionPattern, paw_mask
+from interp import schema
 from interp.errors import ExportError
 
 ATTN_IMPLEMENTATION = "paw"
@@ -167,9 +168,14 @@ def _rope_within_context(model: torch.nn.Module) -> Iterator[None]:
 
 
 def context_length(config) -> int:
+    """The positions a program of ``config`` declares (4096 when the config names none); ExportError,
+    before the capture, for more than a program may declare (``interp/program.py`` refuses it at load)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
+            if value > schema.INT32_MAX:
+                raise ExportError(f"the config's {key} is {value}; a program holds at most {schema.INT32_MAX} "
+                                  "positions")
             return value
     return 4096
 

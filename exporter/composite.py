@@ -91,10 +91,9 @@ class TextModel:
 
     def check_loaded(self, missing: set[str], location: str) -> None:
         """SourceError when the checkpoint lacked weights of the text model (transformers would invent them)."""
-        if missing:
-            names = ", ".join(sorted(missing)[:3])
-            raise SourceError(f"{location}: the {self.composite_type} checkpoint has no weights for its text model's "
-                              f"{names}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        from exporter.source_checks import require_weights
+
+        require_weights(missing, location, f"the {self.composite_type} text model's")
 
 
 def is_composite(config) -> bool:

@@ -169,10 +169,12 @@ def write_consts(directory: Path, tensors: Consts, max_shard_bytes: int = DEFAUL
 
 def parse_size(text: str) -> int:
     """Bytes from '5GB', '500MB', '2GiB', '0' (never shard) or a plain number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE | re.ASCII)
     if not match:
         raise ExportError(f"cannot read {text!r} as a size: write it like 5GB, 500MB or 2GiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    if number * scale >= 2**63:  # a float of 309 digits or more is inf, which int() refuses
+        raise ExportError(f"--max-shard-size is too large: {text[:40]!r}")
     return int(number * scale)

@@ -18,7 +18,7 @@ from exporter.sources import Source, load_source, load_source_streaming, resolve
 from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
 from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
-from interp.atomic import check_writable
+from interp.atomic import check_not_reading, check_writable
 from interp.errors import ExportError
 from interp.program import RECURRENT_STATES
 
@@ -212,6 +212,8 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
         raise ExportError(f"{out} already exists; pass --force to replace it")
     check_writable(out, ExportError)
     source: Source = resolve_source(src, progress=progress is not None)
+    if source.kind != "hub":
+        check_not_reading(out, [Path(source.location, source.gguf_file or "")], ExportError)
     if options.get("quantize") == KEEP and source.kind != "gguf":
         raise ExportError(f"--quantize keep stores a GGUF file's blocks as they are; {src} is not a .gguf file")
     name = source.info.get("id") or source.info.get("file") or source.location

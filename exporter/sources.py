@@ -183,11 +183,11 @@ def load_source(source: Source, dtype: str, text_model=None):
     model_class, extra, loading = _loader(text_model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
+        _check_config(source, text_model)
         with loading:
             model, info = model_class.from_pretrained(source.location, dtype=getattr(torch, dtype),
                                                       output_loading_info=True, **extra, **_weights_kwargs(source))
-        if text_model is not None:
-            text_model.check_loaded(set(info["missing_keys"]), source.location)
+        _check_loaded(set(info["missing_keys"]), source, text_model)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer
 
@@ -206,13 +206,35 @@ def load_source_streaming(source: Source, dtype: str, text_model=None):
     model_class, extra, loading = _loader(text_model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
+        _check_config(source, text_model)
         with loading:
             model, weights = load_streaming(source.location, getattr(torch, dtype), model_class=model_class,
                                             **extra, **_weights_kwargs(source))
-        if text_model is not None:
-            text_model.check_loaded(weights.plan.info.missing_keys, source.location)
+        _check_loaded(set(weights.plan.info.missing_keys), source, text_model)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     return model, tokenizer, weights
+
+
+def _check_config(source: Source, text_model) -> None:
+    """Refuse a config that does not fit its checkpoint (``exporter.source_checks``), before the model is built."""
+    from transformers import AutoConfig
+
+    from exporter.source_checks import check_config, checkpoint_tensor_names
+
+    names = checkpoint_tensor_names(source.location, source.gguf_file) if source.kind != "hub" else []
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    config = text_model.config if text_model is not None else AutoConfig.from_pretrained(source.location, **kwargs)
+    check_config(config, names, source.location)
+
+
+def _check_loaded(missing: set[str], source: Source, text_model) -> None:
+    """Refuse a model some of whose weights the checkpoint lacked (transformers initialized them at random)."""
+    from exporter.source_checks import require_weights
+
+    if text_model is not None:
+        text_model.check_loaded(missing, source.location)
+    else:
+        require_weights(missing, source.location)
 
 
 def _loader(text_model):

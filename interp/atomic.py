@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,6 +116,21 @@ def check_writable(target: str | Path, error: type[PawError] = PawError) -> None
         os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=ancestor))
     except OSError as exc:
         raise error(f"cannot write {target}: {exc.strerror or exc} ({ancestor})") from exc
+
+
+def check_not_reading(target: str | Path, reads: Iterable[str | Path | None],
+                      error: type[PawError] = PawError) -> None:
+    """Raise ``error`` if ``target`` is one of the paths a command reads (its source model, its
+    base program, its examples), or a folder holding one: ``--force`` would replace it and so
+    delete what the output is made from."""
+    target = Path(target).expanduser().resolve()
+    for read in reads:
+        if read is None or not Path(read).expanduser().exists():
+            continue
+        read = Path(read).expanduser().resolve()
+        if read == target or target in read.parents:
+            raise error(f"cannot write {target}: it {'is' if read == target else 'holds'} {read}, which this "
+                        "command reads (replacing it would delete it); choose another output")
 
 
 @contextmanager

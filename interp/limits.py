@@ -41,9 +41,10 @@ def _parse_size(given: str) -> int:
         value = float(text[: len(text) - len(unit)])
     except ValueError:
         raise PawError(f"PAW_MEMORY_LIMIT={given!r} is not a size (bytes, or a number with K, M, G or T)") from None
-    if not value > 0:
-        raise PawError("PAW_MEMORY_LIMIT must be positive")
-    return int(value * _SUFFIXES[unit])
+    size = value * _SUFFIXES[unit]
+    if not 0 < size < 2**63:  # inf ("inf", "1e999") and nan are floats too
+        raise PawError(f"PAW_MEMORY_LIMIT must be a positive number of bytes below 2**63, not {given!r:.40}")
+    return int(size)
 
 
 def _physical_memory() -> int | None:

@@ -139,7 +139,7 @@ def connect(timeout: float | None = None) -> World | None:
 def _expected_size() -> int:
     """The number of ranks the launcher announced, or 0 when it does not say."""
     for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE"):
-        if os.environ.get(name, "").isdigit():
+        if os.environ.get(name, "").isdecimal():
             return int(os.environ[name])
     hostfile = os.environ.get("MLX_HOSTFILE")
     if hostfile and os.path.isfile(hostfile):

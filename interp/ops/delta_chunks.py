@@ -41,7 +41,7 @@ def chunk_size(per_channel: bool) -> int:
     value = os.environ.get("PAW_DELTA_CHUNK", "").strip()
     if not value:
         return CHUNK_PER_CHANNEL if per_channel else CHUNK_PER_HEAD
-    size = int(value) if value.isdigit() else -1
+    size = int(value) if value.isdecimal() else -1
     if size != 0 and not (2 <= size <= 1024 and size & (size - 1) == 0):
         raise ProgramError(f"PAW_DELTA_CHUNK must be 0 (the scan) or a power of two from 2 to 1024; got {value!r}")
     return size

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from interp.atomic import check_writable
+from interp.atomic import check_not_reading, check_writable
 from interp.errors import ArtifactError, PawError
 from interp.paths import DEFAULT_MODEL
 from interp.tokenizer import Tokenizer
@@ -232,6 +232,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
     if out_dir is not None:
         check_writable(out_dir, ArtifactError)
+        check_not_reading(out_dir, [base_path, examples if isinstance(examples, (str, Path)) else None],
+                          ArtifactError)
     note = None
     if examples is not None:
         options = options or SelectOptions()

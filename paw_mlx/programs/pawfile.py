@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from interp.atomic import atomic_write_bytes, check_writable
+from interp.atomic import atomic_write_bytes, check_not_reading, check_writable
 from interp.errors import ArtifactError
 from interp.lora import check_adapter, linear_sites
 from paw_mlx.programs.adapter import LoraAdapter
@@ -280,10 +280,12 @@ def load_bundle(path: str | Path, base: str | Path) -> ProgramArtifact:
 def export_bundle(src: str | Path, out_dir: str | Path, base: str | Path, force: bool = False) -> ProgramArtifact:
     """``paw export program FILE.paw -o DIR --base BASE``: the bundle as a paw program directory."""
     from paw_mlx.programs.artifact import write_artifact
+    from paw_mlx.programs.interpreter import resolve_base
 
     if Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
     check_writable(out_dir, ArtifactError)
+    check_not_reading(out_dir, [src, resolve_base(base)], ArtifactError)
     artifact = load_bundle(src, base)
     write_artifact(artifact, out_dir, force=force)
     return artifact
@@ -375,6 +377,8 @@ def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force
     if Path(out).exists() and not force:
         raise ArtifactError(f"{out} already exists (use --force to replace it)")
     check_writable(out, ArtifactError)
+    check_not_reading(out, [resolve_base(base), examples if isinstance(examples, (str, Path)) else None],
+                      ArtifactError)
     options.check()  # what the caller gave, before it becomes the one LoRA candidate a bundle holds
     options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True))
     options.check_base(resolve_base(base))  # the rank against the layers, before the weights load

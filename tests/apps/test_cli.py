@@ -224,6 +224,29 @@ def test_export_of_a_missing_source(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--quantize", "\u00b2", "--quantize takes"),  # "²".isdigit() is true, int("²") a ValueError
+    ("--max-shard-size", "9" * 400 + "GB", "--max-shard-size is too large"),  # float('9' * 400) is inf
+])
+def test_export_options_out_of_any_range_are_one_line(tmp_path, option, value, fragment):
+    done = paw("export", "hf", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "out"), option, value)
+    assert_one_line_error(done, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_or_holds_the_source_is_refused_even_with_force(tmp_path, program_copy):
+    # --force replaced the source model folder (or the base program) with the output
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    for out in (source, tmp_path):
+        done = paw("export", "hf", str(source), "-o", str(out), "--force")
+        assert_one_line_error(done, f"cannot write {out}: it ", f"{source}, which this command reads")
+    done = paw("compile", "Copy.", "-o", str(program_copy), "--base", str(program_copy), "--force")
+    assert_one_line_error(done, f"cannot write {program_copy}: it is {program_copy}")
+    assert (source / "config.json").read_text() == "{}" and (program_copy / "prog.json").is_file()
+
+
 def test_export_of_a_folder_without_config(tmp_path):
     (tmp_path / "model").mkdir()
     done = paw("export", "llama", str(tmp_path / "model"), "-o", str(tmp_path / "out"))

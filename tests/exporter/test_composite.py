@@ -194,7 +194,7 @@ def test_a_text_weight_missing_from_the_checkpoint_is_one_error(folders, tmp_pat
     missing = next(key for key in tensors if key.endswith("layers.1.mlp.down_proj.weight"))
     del tensors[missing]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(SourceError, match=r"the mistral3 checkpoint has no weights for its text model's "
+    with pytest.raises(SourceError, match=r"the checkpoint has no weights for the mistral3 text model's "
                                           r"model\.layers\.1\.mlp\.down_proj\.weight"):
         export_source(str(folder), tmp_path / "out", stream=stream)
     assert not (tmp_path / "out").exists()

@@ -107,7 +107,7 @@ def test_prompts_take_the_chunks_and_a_decode_step_the_scan(monkeypatch):
     assert calls == [16]
 
 
-@pytest.mark.parametrize("value", ["12", "1", "2048", "fast", "-4"])
+@pytest.mark.parametrize("value", ["12", "1", "2048", "fast", "-4", "\u00b2"])  # "²".isdigit(), int("²") fails
 def test_a_bad_chunk_size_is_one_clear_error(monkeypatch, value):
     monkeypatch.setenv("PAW_DELTA_CHUNK", value)
     with pytest.raises(ProgramError, match="PAW_DELTA_CHUNK must be 0 .* or a power of two from 2 to 1024"):

@@ -13,7 +13,7 @@ import pytest
 
 import paw_mlx
 from interp import limits, schema
-from interp.errors import ProgramError, WeightsError
+from interp.errors import PawError, ProgramError, WeightsError
 from interp.ops import REGISTRY
 from interp.program import read_program
 
@@ -69,6 +69,19 @@ def test_full_larger_than_the_memory_budget_is_refused_at_load(program_copy, mon
     try:
         with pytest.raises(ProgramError, match=r"needs 4\.3 GB, more than the 1\.1 GB"):
             read_program(program_copy)
+    finally:
+        monkeypatch.delenv("PAW_MEMORY_LIMIT")
+        limits.reset_budget()
+
+
+@pytest.mark.parametrize("given", ["inf", "1e999", "nan", "-1G", "0"])
+def test_a_memory_limit_that_is_no_byte_count_is_one_error(monkeypatch, given):
+    # "inf" and "1e999" read as float infinity, which int() refused with an OverflowError
+    monkeypatch.setenv("PAW_MEMORY_LIMIT", given)
+    limits.reset_budget()
+    try:
+        with pytest.raises(PawError, match="PAW_MEMORY_LIMIT must be a positive number of bytes"):
+            limits.memory_budget()
     finally:
         monkeypatch.delenv("PAW_MEMORY_LIMIT")
         limits.reset_budget()
