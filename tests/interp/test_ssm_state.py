@@ -142,10 +142,11 @@ def test_padded_and_slot_batches_are_refused_by_the_op(data):
             REGISTRY["ssm_scan"].fn(ctx, *data, layer=0)
 
 
-def test_the_compiled_step_carries_the_ssm_state(arch_cases):
-    """A decode step of the tiny Mamba2 (no attention at all) runs compiled and leaves each SSM state
-    holding what the plain interpreter's step leaves there."""
-    model = arch_cases("mamba2").model
+@pytest.mark.parametrize("arch", ["mamba2", "mamba"])
+def test_the_compiled_step_carries_the_ssm_state(arch_cases, arch):
+    """A decode step of the tiny Mamba2 or Mamba (no attention at all) runs compiled and leaves each SSM
+    state holding what the plain interpreter's step leaves there."""
+    model = arch_cases(arch).model
     plain = GraphModel(model.program, model.consts, compile_decode=False)
     prompt, token = mx.array([[5, 17, 42, 99, 7]]), mx.array([[11]])
     caches = []
