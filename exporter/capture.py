@@ -105,9 +105,10 @@ def use_paw_attention(model: torch.nn.Module) -> None:
 
 
 #: config.layer_types values (transformers 5's names) that programs express: attention with a KV
-#: cache, whole, windowed or chunked, and MLP-only layers (nemotron_h's "moe" and "mlp")
-SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "moe", "mlp", "dense",
-                                   "sparse"})
+#: cache, whole, windowed or chunked ("attention": Jamba's layers_block_type), and MLP-only layers
+#: (nemotron_h's "moe" and "mlp")
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention", "moe",
+                                   "mlp", "dense", "sparse"})
 #: layer types with recurrent state instead of (or beside) a KV cache (transformers' cache_utils:
 #: "linear-attention-shaped ... recurrent state only")
 RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
@@ -117,9 +118,9 @@ def check_layer_types(model: torch.nn.Module) -> None:
     """Refuse, by name and before any tracing, a model whose layers a program cannot express.
 
     A program's state is attention's KV cache plus the recurrent states of the layers a recipe
-    captures (``Recipe.layer_types``): LFM2's ``conv``, the Gated DeltaNet families' and Mamba2
-    mixers' ``linear_attention``; other recurrent and state-space layers (Mamba 1, Jamba) cannot
-    run through it, and neither can indexer-selected attention.
+    captures (``Recipe.layer_types``): LFM2's ``conv``, the Gated DeltaNet families', Mamba2 and
+    Mamba 1 mixers' ``linear_attention`` (Jamba's ``mamba``); other recurrent layers (RG-LRU,
+    RWKV) cannot run through it, and neither can indexer-selected attention.
     """
     config = model.config
     kinds = []
@@ -135,7 +136,7 @@ def check_layer_types(model: torch.nn.Module) -> None:
     if set(unsupported) & RECURRENT_LAYER_TYPES:
         raise ExportError(f"cannot export: {name} has recurrent layers ({', '.join(unsupported)}); a paw program's "
                           "state is attention's KV cache, short convolutions' conv state, gated delta rules' "
-                          "matrices and Mamba2 mixers' SSM state, so other recurrent and state-space layers are not "
+                          "matrices and Mamba mixers' SSM state, so other recurrent and state-space layers are not "
                           "supported")
     raise ExportError(f"cannot export: {name} has {', '.join(unsupported)} layers; paw's attention op is causal "
                       "attention over the whole cache, a sliding window or chunks")

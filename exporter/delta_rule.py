@@ -20,9 +20,8 @@ alone. The op's reference here is transformers' recurrent rule from a zero state
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from exporter import conv  # noqa: F401  (registers paw::causal_conv1d)
+from exporter.conv import causal_conv1d_fn
 from interp.errors import ExportError
 
 
@@ -73,16 +72,6 @@ def chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=64, initial_st
         query, key = _l2norm(query), _l2norm(key)
     out = torch.ops.paw.gated_delta_rule(query, key, value, g, beta, query.shape[-1] ** -0.5)
     return out.to(dtype), None
-
-
-def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
-    """transformers' ``causal_conv1d_fn`` (x [B, C, L], weight [C, K]) through ``paw::causal_conv1d``."""
-    if activation not in (None, "silu", "swish"):
-        raise ExportError(f"cannot export: a causal convolution followed by {activation!r}; paw knows silu")
-    x = hidden_states.transpose(1, 2).to(weight.dtype)
-    out = torch.ops.paw.causal_conv1d(x, weight.unsqueeze(1), bias)
-    out = out if activation is None else F.silu(out)
-    return out.transpose(1, 2).to(hidden_states.dtype)
 
 
 #: the module-level functions a Gated DeltaNet forward calls, and what the recipe puts in their place

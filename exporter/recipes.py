@@ -25,11 +25,13 @@ calls the paw op, for the duration of the capture only.
 | qwen3_5* | M-RoPE's strided frequency writes | plain RoPE, which M-RoPE is on text |
 | mamba2, nemotron_h, granitemoehybrid, bamba, zamba2 | Mamba2 mixers keep conv, SSM states | ``ssm_scan`` |
 | falcon_h1 | the same mixer with muP multipliers | ``ssm_scan`` and the multipliers |
+| mamba, falcon_mamba, jamba, zamba | Mamba 1 mixers keep conv, SSM states | two functions (``ssm_scan``, A per state) |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
 ``functions`` replace module-level functions of the model's modeling modules by name (the Gated
 DeltaNet families': ``causal_conv1d_fn`` -> ``paw::causal_conv1d``, ``torch_chunk_gated_delta_rule``
--> ``paw::gated_delta_rule``, ``exporter/delta_rule.py``). A recipe's
+-> ``paw::gated_delta_rule``, ``exporter/delta_rule.py``; the Mamba 1 families' ``causal_conv1d_fn``
+and ``mamba_selective_scan`` -> ``paw::ssm_scan``, ``exporter/mamba.py``). A recipe's
 ``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
 whose state the interpreter owns; capture refuses every other recurrent kind.
 """
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import conv, delta_rule, llama4, mrope, ssm
+from exporter import conv, delta_rule, llama4, mamba, mrope, ssm
 from interp.errors import ExportError
 
 
@@ -293,6 +295,12 @@ RECIPES.update({name: Recipe(why="Gated DeltaNet layers with conv and recurrent 
                              layer_types=frozenset({"linear_attention"}))
                 for name in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
                              "olmo_hybrid", "kimi_linear")})
+#: Mamba 1 families: their mixers call the same two functions (exporter/mamba.py; Zamba's once per Mamba head);
+#: Jamba's layers_block_type says "mamba" where layer_types says "linear_attention"; Zamba's "hybrid" layers run
+#: its shared attention block, then a Mamba 1 mixer
+RECIPES.update({name: Recipe(why="Mamba 1 mixers with conv and SSM state", functions=mamba.FUNCTIONS,
+                             layer_types=frozenset({"linear_attention", "mamba", "hybrid"}))
+                for name in ("mamba", "falcon_mamba", "jamba", "zamba")})
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Mamba2 state-space layers captured as ops whose state the interpreter owns.
+"""Mamba2 state-space layers captured as ops whose state the interpreter owns (Mamba 1's: exporter/mamba.py).
 
 A Mamba2 mixer (Mamba2, Nemotron-H, Granite 4, Bamba, Zamba2: one forward, line for line;
 Falcon-H1's adds muP multipliers) projects the input into a gate, x, B, C and a step dt;
@@ -24,17 +24,19 @@ import torch.nn.functional as F
 def paw_ssm_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Reference semantics of the program's ``ssm_scan`` op, from a zero state, in float32.
 
-    x [batch, L, H, P]; dt [batch, L, H] (softplus'd); A [H]; B, C [batch, L, G, N]; returns float32 [batch, L, H, P].
+    x [batch, L, H, P]; dt [batch, L, H] (softplus'd); A [H] (Mamba2) or [H, N] (Mamba 1: a decay per
+    state column); B, C [batch, L, G, N]; returns float32 [batch, L, H, P].
     """
     batch, length, heads, size = x.shape
-    x, dt, A = x.float(), dt.float(), A.float()
+    x, dt = x.float(), dt.float()
+    A = A.float() if A.dim() == 2 else A.float()[:, None]  # [H, N or 1]
     B = B.float().repeat_interleave(heads // B.shape[2], dim=2)  # [batch, L, H, N]
     C = C.float().repeat_interleave(heads // C.shape[2], dim=2)
     state = x.new_zeros(batch, heads, size, B.shape[-1])
     outputs = []
     for t in range(length):
         step = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]  # [batch, H, P, N]
-        state = state * torch.exp(dt[:, t] * A)[..., None, None] + step
+        state = state * torch.exp(dt[:, t, :, None] * A)[:, :, None, :] + step
         outputs.append(state @ C[:, t, :, :, None])
     return torch.stack(outputs, dim=1)[..., 0]
 

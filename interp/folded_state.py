@@ -1,6 +1,6 @@
 """A recurrent state that folds every position it has seen into one array: it cannot go back.
 
-A Gated DeltaNet layer's memory matrix (``DeltaState``, [B, H, Dk, Dv]) and a Mamba2 layer's
+A Gated DeltaNet layer's memory matrix (``DeltaState``, [B, H, Dk, Dv]) and a Mamba layer's
 SSM state (``SSMState``, [B, H, P, N]) are such states: one float32 array per layer and
 sequence, read and replaced by their op at every call, the same shape from call to call (so
 the compiled decode step carries it, ``interp/compiled_step.py``). Unlike a KV cache or a conv

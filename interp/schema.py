@@ -302,12 +302,15 @@ _op("gated_delta_rule", "nn",
      _attr("scale", FLOAT, "factor on the queries (Dk ** -0.5)")])
 _op("ssm_scan", "nn",
     "selective state-space scan with the interpreter's SSM state: the recurrence of Mamba2 layers "
-    "(Mamba2, Nemotron-H, Granite 4, Bamba, Zamba2, Falcon-H1). x: [B, L, H, P] for the L new positions only; dt: "
-    "[B, L, H] (the step, already softplus'd); A: [H] (negative); B, C: [B, L, G, N], group g serving heads "
+    "(Mamba2, Nemotron-H, Granite 4, Bamba, Zamba2, Falcon-H1) and Mamba 1 layers (Mamba, Falcon-Mamba, "
+    "Jamba, Zamba: a head per channel, P = 1, G = 1). x: [B, L, H, P] for the L new positions only; dt: "
+    "[B, L, H] (the step, already softplus'd); A: [H] or [H, N] (negative; a decay per head, or per head and "
+    "state column); B, C: [B, L, G, N], group g serving heads "
     "g * H/G .. (g + 1) * H/G - 1. In float32, per head h of group g and position t: "
-    "state = state * exp(dt[t, h] * A[h]) + dt[t, h] * outer(x[t, h], B[t, g]); y[t, h] = state @ C[t, g], "
-    "where state [H, P, N] is the SSM state of `layer` (zeros at the start of a sequence), which keeps the "
-    "last one. Output float32 [B, L, H, P]. Rows must be whole, unpadded sequences.",
+    "state = state * exp(dt[t, h] * A[h]) + dt[t, h] * outer(x[t, h], B[t, g]); y[t, h] = state @ C[t, g] "
+    "(with A [H, N], state column n decays by exp(dt[t, h] * A[h, n])), where state [H, P, N] is the SSM "
+    "state of `layer` (zeros at the start of a sequence), which keeps the last one. "
+    "Output float32 [B, L, H, P]. Rows must be whole, unpadded sequences.",
     [_t("x"), _t("dt"), _t("A"), _t("B"), _t("C")],
     [_attr("layer", INT, "SSM state slot, after the KV cache, conv and delta state slots (state.ssm.layers of them)",
            low=0)])

@@ -2,7 +2,7 @@
 
 Attention layers keep a KV cache (``interp/cache.py``); a hybrid model's other layers keep
 a fixed-size recurrent state: a short convolution its last inputs (``ConvState``), a gated
-delta rule its memory matrix (``DeltaState``), a Mamba2 layer its SSM state (``SSMState``).
+delta rule its memory matrix (``DeltaState``), a Mamba layer its SSM state (``SSMState``).
 One list holds them all, KV caches first, then each recurrent kind in the order of
 ``RECURRENT_STATES`` (``interp/program.py``), as mlx-lm's ``make_prompt_cache`` holds a
 hybrid model's mixed cache kinds in one list; each op's ``layer`` attribute indexes it.

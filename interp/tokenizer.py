@@ -183,8 +183,9 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, variables=variables),
                            add_special_tokens=False)
 
-    def detokenizer(self) -> StreamingDetokenizer:
-        return StreamingDetokenizer(self)
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        """A streaming detokenizer; ``skip_special_tokens`` leaves special tokens out of its text."""
+        return StreamingDetokenizer(self, skip_special_tokens)
 
 
 class StreamingDetokenizer:
@@ -199,8 +200,9 @@ class StreamingDetokenizer:
     streams as it comes. Decoding a few thousand ids takes well under a millisecond.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
         self._spelling = TokenText(tokenizer)
         self.tokens: list[int] = []
         self._whole = 0  # tokens before this decode to the text emitted: whole characters
@@ -209,7 +211,7 @@ class StreamingDetokenizer:
     def add_token(self, token: int) -> str:
         """Add one token; return the new printable text (possibly empty)."""
         self.tokens.append(token)
-        full = self._tokenizer.decode(self.tokens)
+        full = self._tokenizer.decode(self.tokens, skip_special_tokens=self._skip)
         if not full.startswith(self.text) or full.endswith("\ufffd") and self._half_character():
             return ""
         piece = full[len(self.text) :]
@@ -221,7 +223,7 @@ class StreamingDetokenizer:
         return ends_inside_character(b"".join(self._spelling.bytes(t) for t in self.tokens[self._whole :]))
 
     def finalize(self) -> str:
-        full = self._tokenizer.decode(self.tokens)
+        full = self._tokenizer.decode(self.tokens, skip_special_tokens=self._skip)
         piece = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text, self._whole = full, len(self.tokens)
         return piece

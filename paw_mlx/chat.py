@@ -217,9 +217,9 @@ class ChatSession:
         if reasoning:
             self._reply["reasoning_content"] = reasoning
 
-    def _pieces(self, tokens: Iterable[int], produced: list[int]) -> Iterator[str]:
+    def _pieces(self, tokens: Iterable[int], produced: list[int], skip_special_tokens: bool = False) -> Iterator[str]:
         """Text pieces of ``tokens`` as they decode; each token is appended to ``produced`` and counted."""
-        detok = self.prog.tokenizer.detokenizer()
+        detok = self.prog.tokenizer.detokenizer(skip_special_tokens)
         for token in tokens:
             produced.append(token)
             self.generated = len(produced)
@@ -278,7 +278,8 @@ class ChatSession:
                 tokens = stream_tokens(function.runner, ids, max_tokens=budget,
                                        temperature=function.artifact.generation.temperature,
                                        cache=function.start_cache(), stats=self.stats, stop=stop)
-            yield from self._pieces(tokens, produced)
+            # a program's reply is its call's output, without special tokens (paw_mlx/programs/function.py)
+            yield from self._pieces(tokens, produced, skip_special_tokens=True)
         finally:
             reply = self.prog.tokenizer.decode(produced, skip_special_tokens=True)
             self.messages.append({"role": "assistant",

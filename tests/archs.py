@@ -184,18 +184,32 @@ ARCHS: dict[str, dict] = {
                       ssm_in_multiplier=0.5, ssm_out_multiplier=2.0, attention_in_multiplier=0.5,
                       attention_out_multiplier=1.5, key_multiplier=0.5, mlp_multipliers=[0.5, 2.0],
                       embedding_multiplier=2.0, lm_head_multiplier=0.5, tie_word_embeddings=False),
+    # Mamba 1 (conv + SSM state, a decay per channel and state column): 128 channels, state 8
+    "mamba": dict(state_size=8, time_step_rank=8, tie_word_embeddings=False),
+    # the same mixer with RMS norms on dt, B and C
+    "falcon_mamba": dict(state_size=8, time_step_rank=8, tie_word_embeddings=False),
+    # Jamba: Mamba 1 layers around an attention layer, routed experts in the Mamba layers; float32 rounding
+    # moves its logits more than most (5.3e-05 from a float64 run for paw, 3.8e-05 for transformers)
+    "jamba": dict(num_hidden_layers=3, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=0, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8,
+                  tie_word_embeddings=False),
+    # Zamba: Mamba 1 mixers of two Mamba heads each (a scan per head), a hybrid layer last (the shared
+    # attention block, then a mixer)
+    "zamba": dict(num_hidden_layers=3, attn_layer_period=3, attn_layer_offset=1, n_mamba_heads=2, mamba_d_state=8,
+                  mamba_dt_rank=8, attention_head_dim=16, tie_word_embeddings=False),
 }
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
 MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe",
        "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text",
-       "qwen3_next", "kimi_linear", "mimo_v2_flash")
+       "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
-#: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 mixers a conv and an SSM
-#: state (exporter/ssm.py)
-RECURRENT = ("lfm2", "lfm2_moe", "lfm3", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear",
-             "mamba2", "nemotron_h", "granitemoehybrid", "bamba", "zamba2", "falcon_h1")
+#: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 and Mamba 1 mixers a conv
+#: and an SSM state (exporter/ssm.py, exporter/mamba.py)
+RECURRENT = ("lfm2", "lfm2_moe", "lfm3", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid",
+             "kimi_linear", "mamba2", "nemotron_h", "granitemoehybrid", "bamba", "zamba2", "falcon_h1", "mamba",
+             "falcon_mamba", "jamba", "zamba")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,

@@ -106,6 +106,17 @@ def ssm_program(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def jamba_program(tmp_path_factory, tiny_tokenizer):
+    """Directory of the tiny Jamba of tests/archs.py (Mamba 1 layers: conv and SSM states beside the KV cache,
+    routed experts) with tokenizer files."""
+    from tests.archs import arch_config
+    from tests.tiny import export_tiny
+
+    return export_tiny(arch_config("jamba"), tmp_path_factory.mktemp("programs") / "tiny-jamba",
+                       tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def arch_program(tmp_path_factory):
     """``arch_program(model_type, dtype="float32")``: the directory of that tiny architecture's
     program (tests/archs.py), exported once per session and shared by every test module."""

@@ -351,6 +351,9 @@ EXTRA_CASES = {
     "gated_delta_rule with a decay per key channel (Kimi's KDA), one head per key head": Case(
         _delta_rule_ref, [_unit_rows(1, 3, 2, 4), _unit_rows(1, 3, 2, 4), randn(1, 3, 2, 5), -positive(1, 3, 2, 4),
                           positive(1, 3, 2) - 0.5], {"layer": 0, "scale": 0.5}),
+    "ssm_scan with a decay per state column (Mamba 1): a head per channel, one group": Case(
+        _ssm_ref, [randn(2, 5, 6, 1), positive(2, 5, 6), -positive(6, 4), randn(2, 5, 1, 4), randn(2, 5, 1, 4)],
+        {"layer": 0}),
     "layer_norm without affine": Case(
         lambda x, w, b, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
         [randn(2, 8), None, None], {"normalized_shape": [8], "eps": 1e-5}),

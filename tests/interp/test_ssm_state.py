@@ -1,7 +1,7 @@
 """The SSM state beside the KV cache (interp/ssm_cache.py): the ssm_scan op against a float64
-recurrence (in its matrix form by chunks and position by position), run piece by piece through
-the state equal to one shot, a state that cannot go back, and the compiled decode step
-carrying it."""
+recurrence (in its matrix form by chunks and position by position; with a decay per head, as
+Mamba2's, and per head and state column, as Mamba 1's), run piece by piece through the state
+equal to one shot, a state that cannot go back, and the compiled decode step carrying it."""
 
 from __future__ import annotations
 
@@ -28,17 +28,24 @@ def _scan(inputs: list[mx.array], cache: list | None) -> np.ndarray:
     return np.array(REGISTRY["ssm_scan"].fn(RunContext(cache=cache), *inputs, layer=0))
 
 
-def _random(length: int, seed: int = 0) -> list[mx.array]:
+@pytest.fixture(params=["per head", "per state column"])
+def decay(request) -> str:
+    """A [H] (Mamba2) or A [H, N] (Mamba 1)."""
+    return request.param
+
+
+def _random(length: int, decay: str, seed: int = 0) -> list[mx.array]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((BATCH, length, HEADS, SIZE))
     dt = rng.random((BATCH, length, HEADS)) + 0.05  # a softplus'd step is positive
-    A = -(rng.random(HEADS) + 0.1)  # -exp(A_log) is negative
+    A = -(rng.random(HEADS if decay == "per head" else (HEADS, STATE)) + 0.1)  # -exp(A_log) is negative
     B, C = rng.standard_normal((2, BATCH, length, GROUPS, STATE))
     return [mx.array(a.astype(np.float32)) for a in (x, dt, A, B, C)]
 
 
 def _reference(x, dt, A, B, C) -> np.ndarray:
-    """The recurrence in float64, head by head and position by position, from a zero state."""
+    """The recurrence in float64, head by head and position by position, from a zero state (A[h] is a
+    number, or one decay per state column)."""
     x, dt, A, B, C = (np.asarray(a, dtype=np.float64) for a in (x, dt, A, B, C))
     out = np.zeros(x.shape)
     per_group = HEADS // GROUPS
@@ -53,8 +60,8 @@ def _reference(x, dt, A, B, C) -> np.ndarray:
 
 
 @pytest.fixture
-def data() -> list[mx.array]:
-    return _random(LENGTH)
+def data(decay) -> list[mx.array]:
+    return _random(LENGTH, decay)
 
 
 def _positions(data: list[mx.array], start: int, end: int) -> list[mx.array]:
@@ -68,10 +75,10 @@ def test_the_scan_is_the_float64_recurrence(data):
     np.testing.assert_allclose(got, _reference(*(np.array(a) for a in data)), atol=1e-5, rtol=1e-5)
 
 
-def test_a_prompt_of_several_chunks_is_the_float64_recurrence():
+def test_a_prompt_of_several_chunks_is_the_float64_recurrence(decay):
     """Across chunk boundaries the state carried from chunk to chunk is the recurrence's; small steps
     (slow decay) let early positions reach the last ones."""
-    x, dt, A, B, C = _random(2 * CHUNK + 11, seed=1)
+    x, dt, A, B, C = _random(2 * CHUNK + 11, decay, seed=1)
     inputs = [x, dt * 0.1, A, B, C]
     got = _scan(inputs, None)
     np.testing.assert_allclose(got, _reference(*(np.array(a) for a in inputs)), atol=1e-5, rtol=1e-5)
@@ -117,6 +124,14 @@ def test_a_state_of_another_shape_is_refused(data):
         _scan([x[:1], dt[:1], A, B[:1], C[:1]], [state])
 
 
+def test_a_decay_per_state_column_of_another_state_size_is_refused():
+    from interp.errors import ProgramError
+
+    x, dt, _, B, C = _random(3, "per head")
+    with pytest.raises(ProgramError, match=r"ssm_scan: .* A \(4, 4\) and B \(2, 3, 2, 5\) disagree"):
+        _scan([x, dt, -mx.ones((HEADS, STATE - 1)), B, C], None)
+
+
 def test_padded_and_slot_batches_are_refused_by_the_op(data):
     """Padding (a key mask) or rows at their own columns would enter every later row's state."""
     from interp.errors import ProgramError
@@ -127,10 +142,11 @@ def test_padded_and_slot_batches_are_refused_by_the_op(data):
             REGISTRY["ssm_scan"].fn(ctx, *data, layer=0)
 
 
-def test_the_compiled_step_carries_the_ssm_state(arch_cases):
-    """A decode step of the tiny Mamba2 (no attention at all) runs compiled and leaves each SSM state
-    holding what the plain interpreter's step leaves there."""
-    model = arch_cases("mamba2").model
+@pytest.mark.parametrize("arch", ["mamba2", "mamba"])
+def test_the_compiled_step_carries_the_ssm_state(arch_cases, arch):
+    """A decode step of the tiny Mamba2 or Mamba (no attention at all) runs compiled and leaves each SSM
+    state holding what the plain interpreter's step leaves there."""
+    model = arch_cases(arch).model
     plain = GraphModel(model.program, model.consts, compile_decode=False)
     prompt, token = mx.array([[5, 17, 42, 99, 7]]), mx.array([[11]])
     caches = []

@@ -51,3 +51,14 @@ def test_the_character_u_fffd_and_invalid_bytes_stream_as_they_come(tiny_program
     assert "".join(pieces) == tokenizer.decode(ids) == "ok " + "\ufffd" * 35 + " 日本 \U0001F600 end"
     assert max(piece.count("\ufffd") for piece in pieces) == 1  # each as it came, none held for the next
     assert sum(piece == "\ufffd" for piece in pieces) == 35 and "\U0001F600" in pieces
+
+
+def test_a_detokenizer_skipping_special_tokens_streams_the_text_decode_skipping_them_gives(tiny_program):
+    """A chat turn run by a program streams its call's output, which leaves special tokens out
+    (paw_mlx/chat.py); by default they stream, as `paw run` prints them."""
+    tokenizer = Tokenizer(tiny_program)
+    ids = tokenizer.encode("one <|im_start|>two<|im_end|> three", add_special_tokens=False)
+    for skip, want in ((True, "one two three"), (False, "one <|im_start|>two<|im_end|> three")):
+        detokenizer = tokenizer.detokenizer(skip_special_tokens=skip)
+        streamed = "".join(detokenizer.add_token(token) for token in ids) + detokenizer.finalize()
+        assert streamed == tokenizer.decode(ids, skip_special_tokens=skip) == want

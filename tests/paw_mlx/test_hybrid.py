@@ -1,5 +1,6 @@
 """Hybrid programs on every path that takes a program: tests/archs.py's tiny LFM2 (conv states beside
-the KV cache), Qwen3.5 (conv and delta states) and Mamba2 (conv and SSM states, no KV cache at all).
+the KV cache), Qwen3.5 (conv and delta states), Mamba2 (conv and SSM states, no KV cache at all) and
+Jamba (Mamba 1's conv and SSM states, a decay per state column, beside the KV cache).
 Generation, chat, the serving engine and programs as weights run them exactly (trained programs on them:
 tests/paw_mlx/test_hybrid_training.py)."""
 
@@ -12,8 +13,9 @@ import paw_mlx
 from interp.conv_cache import ConvState
 from paw_mlx.chat import ChatSession
 
-#: the fixtures of the hybrid programs (tests/conftest.py), one of each recurrent state kind
-HYBRIDS = ("hybrid_program", "gated_delta_program", "ssm_program")
+#: the fixtures of the hybrid programs (tests/conftest.py), one of each recurrent state kind, and the SSM
+#: state of Mamba 1 layers beside attention
+HYBRIDS = ("hybrid_program", "gated_delta_program", "ssm_program", "jamba_program")
 
 
 @pytest.fixture(scope="module", params=HYBRIDS)
@@ -143,7 +145,7 @@ def test_a_program_call_equals_its_prompt_through_generate_and_calls_do_not_leak
     assert f(inputs) == want
 
 
-@pytest.mark.parametrize("base", ["hybrid_program", "gated_delta_program"])
+@pytest.mark.parametrize("base", ["hybrid_program", "gated_delta_program", "jamba_program"])
 def test_a_prefix_the_base_does_not_compute_is_refused(base, request):
     """A tuned prefix's recurrent state is not stored and cannot be rebuilt: one line, not a wrong answer.
     (Checked on the bases with attention layers, whose stored keys and values the base's run must give.)"""

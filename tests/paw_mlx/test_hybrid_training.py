@@ -20,7 +20,8 @@ from tests.paw_mlx.test_hybrid import EXAMPLES, HYBRIDS
 
 SPEC = "Write the number as digits."
 #: Mamba2 has no attention projection to adapt: its LoRA targets every linear layer
-TARGETS = {"hybrid_program": "attention", "gated_delta_program": "attention", "ssm_program": "all"}
+TARGETS = {"hybrid_program": "attention", "gated_delta_program": "attention", "ssm_program": "all",
+           "jamba_program": "attention"}
 
 
 def quick(base: str, **lora) -> SelectOptions:
