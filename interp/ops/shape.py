@@ -125,10 +125,16 @@ def flip(x, *, dims):
     return x[tuple(index)]
 
 
+def _index(index: mx.array, size: int) -> mx.array:
+    """Clipped indices, outside any gradient: a router's chosen experts come from the values being
+    differentiated (training a LoRA on a mixture-of-experts base), and MLX refuses a VJP into indices."""
+    return mx.stop_gradient(clip_indices(index, size))
+
+
 @implementation("take")
 def take(x, index, *, dim):
     axis = axis_index(x, dim)
-    return mx.take(x, clip_indices(index, x.shape[axis]), axis=axis)
+    return mx.take(x, _index(index, x.shape[axis]), axis=axis)
 
 
 @implementation("gather")
@@ -136,7 +142,7 @@ def gather(x, index, *, dim):
     axis = axis_index(x, dim)
     if index.ndim != x.ndim:
         raise ProgramError(f"gather index has {index.ndim} dimensions, the tensor {x.ndim}")
-    return mx.take_along_axis(x, clip_indices(index, x.shape[axis]), axis=axis)
+    return mx.take_along_axis(x, _index(index, x.shape[axis]), axis=axis)
 
 
 @implementation("tril")
@@ -201,5 +207,5 @@ def topk(x, *, k, dim=-1, largest=True):
     order = mx.argsort(mx.contiguous(-x if largest else x), axis=dim)
     index = [slice(None)] * x.ndim
     index[dim] = slice(0, k)
-    indices = order[tuple(index)]
+    indices = mx.stop_gradient(order[tuple(index)])  # an integer path: differentiating x must not enter it
     return mx.take_along_axis(x, indices, axis=dim), indices.astype(mx.int64)

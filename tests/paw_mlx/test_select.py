@@ -520,3 +520,16 @@ def test_many_examples_compile_with_a_bounded_prefix(tiny_program, monkeypatch):
     assert all(c["total"] == 150 for c in info["candidates"])  # every example predicted held out
     assert hidden_seen and all(in_prefix == hidden for fit in hidden_seen for in_prefix, hidden in fit)
     assert any(not in_prefix for fit in hidden_seen for in_prefix, _ in fit)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_a_lora_trains_on_a_mixture_of_experts_base(arch, tiny_tokenizer, tmp_path_factory):
+    """A router's chosen experts (its top-k indices, and the gathers they drive) are integer paths: the
+    gradient of a LoRA behind them must not enter them (MLX refuses a VJP into indices)."""
+    from tests.archs import arch_config
+    from tests.tiny import export_tiny
+
+    base = export_tiny(arch_config(arch), tmp_path_factory.mktemp("moe") / arch, tokenizer=tiny_tokenizer)
+    moe = Builder(interpreter(base), SPEC, str(base), GenerationSettings(max_new_tokens=8))
+    _, result = moe.build("lora", ROWS, TrainOptions(steps=12, layers=0, rank=2, learning_rate=5e-2))
+    assert sum(result.losses[-4:]) < sum(result.losses[:4]), result.losses
