@@ -369,28 +369,40 @@ NEW_TOKENS = 32
 SEQ = 12
 
 
+def reference_results(arch: str, model=None):
+    """transformers' results for ``arch`` (``model``: default its tiny model, seed 0): the input ids
+    ([2, SEQ] int64), their eager full-sequence logits (float32) and the NEW_TOKENS greedy tokens
+    ``generate`` gives after the first row's PROMPT_LEN ids."""
+    import torch
+
+    from tests.tiny import tiny_model
+
+    model = model if model is not None else tiny_model(arch_config(arch), seed=0)
+    model.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, SEQ), generator=gen)
+    with torch.no_grad():
+        logits = model(ids).logits.float().numpy()
+        model.generation_config.eos_token_id = None
+        prompt = ids[:1, :PROMPT_LEN]
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, pad_token_id=0)
+    return ids.numpy(), logits, out[0, PROMPT_LEN:].tolist()
+
+
 class ArchCase:
     """One architecture: transformers' reference results and the exported program."""
 
-    def __init__(self, arch: str, program_dir: Path, model=None):
-        """``model``: the reference transformers model (default: ``arch``'s tiny model, seed 0)."""
+    def __init__(self, arch: str, program_dir: Path, model=None, reference=None):
+        """``model``: the reference transformers model (default: ``arch``'s tiny model, seed 0);
+        ``reference``: its ``reference_results``, when already computed (tests/prefetch.py)."""
         import torch
 
         from interp.graph import GraphModel
         from interp.program import read_program
-        from tests.tiny import tiny_model
 
-        model = model if model is not None else tiny_model(arch_config(arch), seed=0)
-        model.set_attn_implementation("eager")
-        gen = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(3, VOCAB, (2, SEQ), generator=gen)
-        with torch.no_grad():
-            self.logits = model(self.ids).logits.float().numpy()
-            model.generation_config.eos_token_id = None
-            prompt = self.ids[:1, :PROMPT_LEN]
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, pad_token_id=0)
-        self.greedy = out[0, PROMPT_LEN:].tolist()
+        ids, self.logits, self.greedy = reference if reference is not None else reference_results(arch, model)
+        self.ids = torch.from_numpy(ids)
         self.dir = program_dir  # export_arch's export of this same seed-0 model
         self.model = GraphModel.from_program(read_program(self.dir))
 

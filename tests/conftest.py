@@ -14,9 +14,11 @@ import pytest
 import interp  # noqa: F401  (first: the fast BLAS must load before any test imports MLX)
 from interp import device
 from tests.fake_mac import FAKE_MAC_RUN, device_path
+from tests.prefetch import REFERENCE_FILE, SMOLLM2, Prefetch, arch_build
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _fake_mac_path = None
+_prefetch = Prefetch()
 
 
 def pytest_configure(config):
@@ -27,6 +29,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    _prefetch.stop()
     if _fake_mac_path is not None:
         _fake_mac_path.__exit__(None, None, None)
 
@@ -50,6 +53,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cpu_path"):
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    # after every deselection (-k, -m, the passes above): only what the tests that run will ask for
+    _prefetch.start(_builds_wanted(session.items))
+
+
+def _builds_wanted(items) -> dict[str, bool]:
+    """The builds of tests/prefetch.py the selected tests will ask for, in the order they will (a tiny
+    architecture's program, with transformers' results where ``arch_cases`` wants them; the real SmolLM2)."""
+    from tests.archs import ARCHS
+
+    builds: dict[str, bool] = {}
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "smollm2_program" in fixtures and not os.environ.get("PAW_SMOLLM2_PROGRAM"):
+            builds.setdefault(SMOLLM2, False)
+        arch = params.get("arch")
+        if not isinstance(arch, str) or arch not in ARCHS:
+            continue
+        if "arch_cases" in fixtures:
+            builds[arch_build(arch)] = True
+        elif "arch_program" in fixtures:
+            builds.setdefault(arch_build(arch, params.get("dtype", "float32")), False)
+    return builds
 
 
 @pytest.fixture
@@ -119,7 +148,8 @@ def jamba_program(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def arch_program(tmp_path_factory):
     """``arch_program(model_type, dtype="float32")``: the directory of that tiny architecture's
-    program (tests/archs.py), exported once per session and shared by every test module."""
+    program (tests/archs.py), exported once per session (by tests/prefetch.py's worker where the
+    collected tests asked for it) and shared by every test module."""
     from tests.archs import export_arch
 
     root = tmp_path_factory.mktemp("arch-programs")
@@ -127,7 +157,9 @@ def arch_program(tmp_path_factory):
 
     def get(model_type: str, dtype: str = "float32"):
         if (model_type, dtype) not in made:
-            made[model_type, dtype] = export_arch(model_type, dtype, root / f"{model_type}-{dtype}")
+            built = _prefetch.take(arch_build(model_type, dtype))
+            made[model_type, dtype] = (built / "prog" if built is not None
+                                       else export_arch(model_type, dtype, root / f"{model_type}-{dtype}"))
         return made[model_type, dtype]
 
     return get
@@ -136,14 +168,22 @@ def arch_program(tmp_path_factory):
 @pytest.fixture(scope="session")
 def arch_cases(arch_program):
     """``get(arch)``: the tiny export of ``arch`` with transformers' results (tests/archs.py),
-    built once per session."""
+    built once per session (by tests/prefetch.py's worker where the collected tests asked for it)."""
     from tests.archs import ArchCase
 
     built: dict = {}
 
     def get(arch: str) -> ArchCase:
         if arch not in built:
-            built[arch] = ArchCase(arch, arch_program(arch))
+            program = arch_program(arch)
+            prefetched = _prefetch.take(arch_build(arch))
+            reference = None
+            if prefetched is not None and (prefetched / REFERENCE_FILE).exists():
+                import numpy as np
+
+                with np.load(prefetched / REFERENCE_FILE) as saved:
+                    reference = saved["ids"], saved["logits"], saved["greedy"].tolist()
+            built[arch] = ArchCase(arch, program, reference=reference)
         return built[arch]
 
     return get
@@ -151,12 +191,16 @@ def arch_cases(arch_program):
 
 @pytest.fixture(scope="session")
 def smollm2_program(tmp_path_factory):
-    """The real default model as a program: $PAW_SMOLLM2_PROGRAM, or exported here (about a minute)."""
+    """The real default model as a program: $PAW_SMOLLM2_PROGRAM, or exported here (about a minute; by
+    tests/prefetch.py's worker, beside the first tests)."""
     from pathlib import Path
 
     given = os.environ.get("PAW_SMOLLM2_PROGRAM")
     if given:
         return Path(given)
+    built = _prefetch.take(SMOLLM2)
+    if built is not None:
+        return built / "prog"
     from exporter.export import export_source
 
     return export_source("smollm2", tmp_path_factory.mktemp("smollm2") / "prog")

@@ -394,19 +394,23 @@ def classify(returncode: int, stderr: str) -> Outcome:
     return Outcome("raw", f"exit {returncode}: {stderr[-1500:]}")
 
 
-def fuzz_case(kind: str, program: Path, artifact: Path | None, workdir: Path, chooser: Chooser,
-              mutations: int) -> tuple[Case, Outcome, list[str]]:
-    """Copy, mutate and run one case in ``workdir``; returns what was done and how it ended."""
+def prepare_case(kind: str, program: Path, artifact: Path | None, workdir: Path, chooser: Chooser,
+                 mutations: int) -> tuple[Case, list[str]]:
+    """Copy and mutate one case in ``workdir``; returns what was done and the ``paw`` arguments that run it."""
     if kind == "program":
         target = workdir / "prog"
         shutil.copytree(program, target)
         case = mutate_program(target, chooser, mutations)
-        args = program_command(target, chooser)
-    else:
-        target = workdir / "art"
-        shutil.copytree(artifact, target)
-        case = mutate_artifact(target, chooser, mutations)
-        args = artifact_command(target, program)
+        return case, program_command(target, chooser)
+    target = workdir / "art"
+    shutil.copytree(artifact, target)
+    return mutate_artifact(target, chooser, mutations), artifact_command(target, program)
+
+
+def fuzz_case(kind: str, program: Path, artifact: Path | None, workdir: Path, chooser: Chooser,
+              mutations: int) -> tuple[Case, Outcome, list[str]]:
+    """Copy, mutate and run one case in ``workdir``; returns what was done and how it ended."""
+    case, args = prepare_case(kind, program, artifact, workdir, chooser, mutations)
     return case, run_paw(args), args
 
 

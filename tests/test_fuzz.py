@@ -4,20 +4,21 @@ Each example copies the tiny program (or a program compiled on it), applies up t
 mutations (tests/fuzzing.py) and runs ``paw`` on it in a subprocess with a timeout and an
 address-space cap, as a user's process would meet it. A traceback, a signal (segfault,
 abort), a hang or a multi-line error fails the test; hypothesis then shrinks the
-mutations. 96 cases here (about 40 s on two cores); ``scripts/fuzz.py`` runs
-thousands.
+mutations. 96 cases here, two to an example run side by side (each case's process mostly
+starts Python, on one core); ``scripts/fuzz.py`` runs thousands.
 """
 
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzzing import HypothesisChooser, compile_artifact, fuzz_case
+from tests.fuzzing import HypothesisChooser, compile_artifact, prepare_case, run_paw
 
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
                                                                       HealthCheck.function_scoped_fixture])
@@ -28,20 +29,32 @@ def compiled_on_tiny(tiny_program, tmp_path_factory) -> Path:
     return compile_artifact(tiny_program, tmp_path_factory.mktemp("fuzz") / "options")
 
 
-def check_case(kind: str, program: Path, artifact: Path | None, data) -> None:
+#: cases an example mutates (drawn one after the other) and then runs at the same time
+SIDE_BY_SIDE = 2
+
+
+def check_cases(kind: str, program: Path, artifact: Path | None, data) -> None:
     chooser = HypothesisChooser(data)
     with tempfile.TemporaryDirectory(prefix="paw-fuzz-") as work:
-        case, outcome, command = fuzz_case(kind, program, artifact, Path(work), chooser, 1 + chooser.below(3))
-    assert outcome.acceptable, f"paw {' '.join(command)}\nmutations: {case.notes}\n{outcome.verdict}: {outcome.detail}"
+        prepared = []
+        for index in range(SIDE_BY_SIDE):
+            (Path(work) / str(index)).mkdir()
+            prepared.append(prepare_case(kind, program, artifact, Path(work) / str(index), chooser,
+                                         1 + chooser.below(3)))
+        with ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
+            outcomes = list(pool.map(run_paw, [command for _, command in prepared]))
+    failed = [f"paw {' '.join(command)}\nmutations: {case.notes}\n{outcome.verdict}: {outcome.detail}"
+              for (case, command), outcome in zip(prepared, outcomes, strict=True) if not outcome.acceptable]
+    assert not failed, "\n\n".join(failed)
 
 
-@settings(FUZZ, max_examples=64)
+@settings(FUZZ, max_examples=64 // SIDE_BY_SIDE)
 @given(data=st.data())
 def test_mutated_programs_succeed_or_fail_with_one_paw_error(tiny_program, data):
-    check_case("program", tiny_program, None, data)
+    check_cases("program", tiny_program, None, data)
 
 
-@settings(FUZZ, max_examples=32)
+@settings(FUZZ, max_examples=32 // SIDE_BY_SIDE)
 @given(data=st.data())
 def test_mutated_compiled_programs_succeed_or_fail_with_one_paw_error(tiny_program, compiled_on_tiny, data):
-    check_case("artifact", tiny_program, compiled_on_tiny, data)
+    check_cases("artifact", tiny_program, compiled_on_tiny, data)

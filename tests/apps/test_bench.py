@@ -31,7 +31,7 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     results = tmp_path / "results"
     out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
                                    "paw,mlx-lm,mlx-lm-stock,ceiling,export", "--prompt-tokens", "8",
-                                   "--decode-tokens", "4", "--device", "cpu",
+                                   "--decode-tokens", "4", "--device", "cpu", "--rounds", "1",
                                    "--results", str(results), "--docs", str(docs)])
     assert out.exit_code == 0, out.output
     assert "paw bench" in out.output and "mlx-lm" in out.output  # the rich table
@@ -43,7 +43,7 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
         row = rows[engine]
         assert row["generated"] == 4 and row["decode_tps"] > 0 and row["ttft_s"] > 0
         assert row["peak_memory_gb"] > 0 and row["load_s"] > 0
-    assert [len(row["rounds"]) for row in rows.values()] == [2] * 5  # the default: two rounds each
+    assert [len(row["rounds"]) for row in rows.values()] == [1] * 5  # rounds: test_rounds_alternate_...
     assert rows["ceiling"]["weight_bytes"] > 0 and rows["ceiling"]["decode_tps"] > 0
     # The export row is a real `paw export` of the source, timed and then removed.
     assert rows["export"]["export_s"] > 0 and rows["export"]["program_gb"] > 0
@@ -61,6 +61,40 @@ def test_bench_smoke_writes_table_json_and_docs(tiny_hf_folder, tmp_path, monkey
     page = docs.read_text()
     assert "old" not in page and "| float32 | paw |" in page and page.endswith("after\n")
     assert (results / "latest.md").read_text().count("| float32 |") == 5
+
+
+def test_rounds_alternate_the_engine_order_and_rows_keep_every_round(tiny_hf_folder, tmp_path, monkeypatch):
+    """``paw bench`` runs two rounds by default, the second in reverse order, and each row is the best of
+    its engine's rounds (the workers stood in: the smoke run above starts real ones, for one round)."""
+    from typer.testing import CliRunner
+
+    from apps.benchmarks import harness
+    from apps.cli import app
+
+    monkeypatch.setenv("PAW_BENCH_CACHE", str(tmp_path / "cache"))
+    order = []
+
+    def engine(name, path, dtype, config):
+        order.append(name)
+        return {"ttft_s": 1.0 + len(order), "decode_tps": 10.0 * len(order), "load_s": 0.1,
+                "peak_memory_gb": len(order) / 8, "tokens": [1, 2]}
+
+    def export(variant, config, root):
+        order.append("export")
+        return {"export_s": float(len(order)), "program_gb": 0.01}
+
+    monkeypatch.setattr(harness, "run_engine", engine)
+    monkeypatch.setattr(harness, "run_export", export)
+    monkeypatch.setattr(harness, "_paths", lambda variant, engine, *rest: tmp_path)
+    results = tmp_path / "results"
+    out = CliRunner().invoke(app, ["bench", str(tiny_hf_folder), "--dtypes", "float32", "--engines",
+                                   "paw,mlx-lm,export", "--device", "cpu", "--results", str(results)])
+    assert out.exit_code == 0, out.output
+    assert order == ["paw", "mlx-lm", "export", "export", "mlx-lm", "paw"]
+    rows = {row["engine"]: row for row in json.loads((results / "latest.json").read_text())["rows"]}
+    assert [len(row["rounds"]) for row in rows.values()] == [2] * 3
+    assert (rows["paw"]["decode_tps"], rows["paw"]["ttft_s"], rows["paw"]["peak_memory_gb"]) == (60.0, 2.0, 0.75)
+    assert rows["export"]["export_s"] == 3.0
 
 
 def test_best_of_rounds_keeps_best_timings_and_worst_memory():

@@ -15,6 +15,10 @@ import pytest
 from interp import blas, device
 from tests.child_env import child_env
 
+# No test here reaches a device predicate (interp/device.py), checked by instrumenting them
+# (docs/devices.md): the fake-Mac pass would run the same branches again, so it leaves them out.
+pytestmark = pytest.mark.not_fake_mac_pass
+
 ROOT = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(not device.needs_blas_shim(), reason="the shim is for MLX's Linux CPU wheel")
 

@@ -20,6 +20,10 @@ from interp.graph import RunContext
 from interp.ops import REGISTRY
 from interp.ops.delta_chunks import _unit_lower_inverse
 
+# No test here reaches a device predicate (interp/device.py), checked by instrumenting them
+# (docs/devices.md): the fake-Mac pass would run the same branches again, so it leaves them out.
+pytestmark = pytest.mark.not_fake_mac_pass
+
 B, KEY_HEADS, HEADS, DK, DV = 2, 2, 4, 8, 6
 SCALE = DK**-0.5
 CHUNK = 8

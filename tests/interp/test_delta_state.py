@@ -13,6 +13,10 @@ from interp.graph import RunContext
 from interp.ops import REGISTRY
 from tests.interp.test_delta_chunks import DK, DV, HEADS, SCALE, B, delta_inputs, delta_reference
 
+# No test here reaches a device predicate (interp/device.py), checked by instrumenting them
+# (docs/devices.md): the fake-Mac pass would run the same branches again, so it leaves them out.
+pytestmark = pytest.mark.not_fake_mac_pass
+
 L = 12  # positions; the shapes are test_delta_chunks' (2 rows, 2 key heads, 4 value heads, 8 x 6)
 
 

@@ -32,6 +32,10 @@ from interp.kernels import ternary as tp
 from interp.kernels.ternary_mlx import KERNEL_ROWS, KERNEL_SOURCE, TernaryWeight, kernel_launch
 from tests.fake_mac import REAL_METAL
 
+# No test here reaches a device predicate (interp/device.py), checked by instrumenting them
+# (docs/devices.md): the fake-Mac pass would run the same branches again, so it leaves them out.
+pytestmark = pytest.mark.not_fake_mac_pass
+
 KERNELS = KERNEL_SOURCE.parent
 SHAPES = [(1, 64, 128), (1, 96, 576), (3, 40, 100), (5, 17, 1536), (2, 8, 3), (1, 1, 5)]  # (M tokens, N out, K in)
 PRESCALE = np.array([1.0, 0.25, 0.0625, 0.015625] * 4, dtype=np.float32)  # 4^-(i % 4)
