@@ -36,6 +36,27 @@ def alone(base, text: str, max_tokens: int = MAX, **controls) -> str:
     return base.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def together(call, items: list) -> list:
+    """``call(item)`` for every item at once, each in its own thread; the results in order."""
+    results: list = [None] * len(items)
+
+    def run(i: int) -> None:
+        results[i] = call(items[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    return results
+
+
+def complete_together(client, prompts: list[str]) -> list[str]:
+    """Each prompt's completion text, the requests sent at once."""
+    return together(lambda prompt: client.completions.create(model="hybrid", prompt=prompt,
+                                                               max_tokens=MAX).choices[0].text, prompts)
+
+
 @pytest.fixture(scope="module", params=["hybrid_program", "gated_delta_program", "ssm_program"],
                 ids=["lfm2", "qwen3_5", "mamba2"])
 def hybrid_program(request):
@@ -89,19 +110,9 @@ def test_concurrent_requests_of_different_lengths_each_get_what_generate_gives_a
     prompts = [LONG, "Hello there, how are you?", "seven", "one two three four five six"]
     want = [alone(base, p) for p in prompts]
     assert len(set(want)) > 1
-    got: list = [None] * len(prompts)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=WAIT)
     steps = server.engine.steps
-
-    def call(i: int) -> None:
-        got[i] = client.completions.create(model="hybrid", prompt=prompts[i], max_tokens=MAX).choices[0].text
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert got == want
+    assert complete_together(client, prompts) == want
     stats = http.get("/health").json()
     # no prompt cache for a recurrent program: nothing kept, nothing reused
     assert stats["prompt_cache_entries"] == 0 and stats["prompt_cache_hits"] == 0
@@ -166,7 +177,6 @@ def test_requests_join_a_decoding_row_and_its_disconnect_frees_it(http, client, 
     widest = server.engine.widest_step
     server.engine.widest_step = 0
     body = {"model": "hybrid", "prompt": "Hello", "max_tokens": 200, "stream": True, "logit_bias": bias}
-    got: list = [None] * len(prompts)
     try:
         with http.stream("POST", "/v1/completions", json=body) as stream:
             import json
@@ -174,15 +184,7 @@ def test_requests_join_a_decoding_row_and_its_disconnect_frees_it(http, client, 
             lines = (line for line in stream.iter_lines() if line.startswith("data: {"))
             streamed = "".join(json.loads(next(lines)[6:])["choices"][0]["text"] for _ in range(4))
             assert http.get("/health").json()["rows"] == 1
-
-            def call(i: int) -> None:
-                got[i] = client.completions.create(model="hybrid", prompt=prompts[i], max_tokens=MAX).choices[0].text
-
-            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(WAIT)
+            got = complete_together(client, prompts)
             streamed += json.loads(next(lines)[6:])["choices"][0]["text"]  # it still streams
             joined = server.engine.widest_step
     finally:
@@ -200,21 +202,11 @@ def test_a_compiled_program_answers_as_its_function_from_a_copy_of_its_prefix_st
     inputs = ["four five six", "The capital of France", "2024-01-05 is a date."]
     want = [f(text) for text in inputs]
     assert len(set(want)) > 1
-    got: list = [None] * len(inputs)
-    cached: list = [None] * len(inputs)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=WAIT)
-
-    def call(i: int) -> None:
-        reply = client.chat.completions.create(model="digits", messages=[{"role": "user", "content": inputs[i]}])
-        got[i], cached[i] = reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert got == want
-    assert cached == [f.artifact.prefix_length] * len(inputs)
+    replies = together(lambda text: client.chat.completions.create(
+        model="digits", messages=[{"role": "user", "content": text}]), inputs)
+    assert [reply.choices[0].message.content for reply in replies] == want
+    assert [reply.usage.prompt_tokens_details.cached_tokens for reply in replies] == [f.artifact.prefix_length] * 3
     assert client.completions.create(model="digits", prompt=inputs[0]).choices[0].text == want[0]
 
 
