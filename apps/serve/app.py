@@ -9,7 +9,6 @@ a thread), submits and writes.
 
 from __future__ import annotations
 
-import hmac
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from apps.serve import errors
+from apps.serve.auth import ApiKeyGuard
 from apps.serve.body import JsonBodyRoute
 from apps.serve.completions import Generation, run_to_end, stream_events
 from apps.serve.errors import ApiError
@@ -65,17 +65,9 @@ def create_app(catalog: ModelCatalog, engine: Engine, config: ServeConfig | None
         # any request header an allowed origin asks for: the openai JS client sends its X-Stainless-* headers
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
+    if config.api_key:  # outermost: a request without the key reaches nothing else
+        app.add_middleware(ApiKeyGuard, api_key=config.api_key)
     app.state.catalog, app.state.engine, app.state.config = catalog, engine, config
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                code="invalid_api_key").response()
-        return await call_next(request)
 
     def model_card(model) -> dict:
         return {"id": model.name, "object": "model", "created": model.created, "owned_by": "paw",

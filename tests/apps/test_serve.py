@@ -558,8 +558,11 @@ def test_a_client_that_disconnects_frees_its_row(http, base):
     wait_for_rows(http, 0)
 
 
-def test_cors_only_for_the_origins_allowed(base, programs):
-    app = create_app(make_catalog(base, programs), Engine(), ServeConfig(allow_origins=("http://localhost:3000",)))
+@pytest.mark.parametrize("api_key", [None, KEY])
+def test_cors_only_for_the_origins_allowed(base, programs, api_key):
+    """A browser's preflight carries no credentials (the Fetch standard): it is answered with a key set too."""
+    app = create_app(make_catalog(base, programs), Engine(),
+                     ServeConfig(allow_origins=("http://localhost:3000",), api_key=api_key))
     with BackgroundServer(app) as server:
         # what the openai JS client asks for in a browser: its X-Stainless-* headers too
         asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count,x-stainless-timeout"
@@ -634,6 +637,7 @@ def test_a_request_abandoned_while_queued_leaves_the_queue(base, programs):
         with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as running:
             lines = running.iter_lines()
             next(lines)
+            prefilled = http.get("/health").json()["prefill_chunks"]
             with pytest.raises(httpx.ReadTimeout):  # queued behind the running row, then given up
                 httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
             deadline = time.monotonic() + WAIT
@@ -641,6 +645,9 @@ def test_a_request_abandoned_while_queued_leaves_the_queue(base, programs):
                 assert time.monotonic() < deadline, "the abandoned request stayed queued"
                 time.sleep(0.02)
             assert health["rows"] == 1  # the running one goes on
+            # it left the queue as its client left, not when a row freed up for it: it never ran
+            assert health["prefill_chunks"] == prefilled
+            assert next(line for line in lines if line.startswith("data: {"))  # the running row still streams
 
 
 def test_requests_the_server_stops_end_with_an_error_not_a_finish(base, programs):
