@@ -15,11 +15,12 @@ def prog(ssm_program):
     return paw_mlx.load(ssm_program)
 
 
-def test_a_trim_prefills_the_whole_conversation_again(prog):
-    """Regenerating a reply cuts the cache back into the conversation: nothing can be kept."""
+def test_a_retry_goes_back_to_the_checkpoint_at_the_start_of_the_reply(prog):
+    """Regenerating a reply cuts the SSM states back into the conversation, which they cannot do: the
+    copy kept at the start of the reply is restored, and only the prompt's last token is fed again."""
     session = ChatSession(prog, max_tokens=6)
     first = "".join(session.send("Hello there"))
     session.messages = session.messages[:-2]  # take back the turn, as a retry does
     again = "".join(session.send("Hello there"))
     assert again == first
-    assert session.prefilled == len(prog.tokenizer.encode_chat(session.conversation()[:-1]))
+    assert session.prefilled == 1 < len(prog.tokenizer.encode_chat(session.conversation()[:-1]))
