@@ -103,7 +103,7 @@ def show_program(path: str | Path, verify: bool = False, context: int | None = N
                   f"dtype {model.get('dtype')}, "
                   f"context {model.get('context_length')}, vocab {model.get('vocab_size')}")
     shards = f" in {s['consts_files']} shards" if s["consts_files"] > 1 else ""
-    kinds = ", ".join(f"{count} {'SSM' if kind == 'ssm' else kind} layers"
+    kinds = ", ".join(f"{count} {kind.upper() if kind in ('ssm', 'lru') else kind} layers"
                       for kind, count in s["recurrent_states"].items())
     conv = f"{kinds} (recurrent state); " if kinds else ""
     console.print(f"parameters: {s['parameters']:,} in {s['tensors']} tensors{shards}; {s['layers']} attention layers; "

@@ -450,11 +450,17 @@ def _linear(low: Lowering, node):
     return low.emit("linear", [low.ref(node.args[0]), low.ref(node.args[1]), low.ref(bias)])
 
 
-@aten("aten.addmm.default")
+@aten("aten.addmm.default", "aten.baddbmm.default")
 def _addmm(low: Lowering, node):
+    """beta * bias + alpha * (x @ w): a linear's bias (addmm), RecurrentGemma's block-diagonal gates (baddbmm)."""
     bias, x, w = node.args[:3]
+    beta, alpha = _arg(node, 3, "beta", 1), _arg(node, 4, "alpha", 1)
     out = low.emit("matmul", [low.ref(x), low.ref(w)])
-    return low.emit("add", [out, low.ref(bias)])
+    if alpha != 1:
+        out = low.emit("mul", [out, alpha])
+    if beta == 0:  # torch ignores the bias then, NaN and all
+        return out
+    return low.emit("add", [out, low.ref(bias) if beta == 1 else low.emit("mul", [low.ref(bias), beta])])
 
 
 @aten("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
@@ -526,6 +532,14 @@ def _ssm_scan(low: Lowering, node):
     which ``build_spec`` moves past the KV cache and conv state slots."""
     layer = sum(1 for lowered in low.nodes if lowered["op"] == "ssm_scan")
     return low.emit("ssm_scan", [low.ref(a) for a in node.args[:5]], {"layer": layer})
+
+
+@aten("paw.lru_scan.default")
+def _lru_scan(low: Lowering, node):
+    """One RG-LRU recurrence (exporter/rg_lru.py); its LRU state slot is its rank among the graph's
+    recurrences, which ``build_spec`` moves past the KV cache, conv, delta and SSM state slots."""
+    layer = sum(1 for lowered in low.nodes if lowered["op"] == "lru_scan")
+    return low.emit("lru_scan", [low.ref(a) for a in node.args[:2]], {"layer": layer})
 
 
 @aten("paw.expert_linear.default")

@@ -119,8 +119,9 @@ def check_layer_types(model: torch.nn.Module) -> None:
 
     A program's state is attention's KV cache plus the recurrent states of the layers a recipe
     captures (``Recipe.layer_types``): LFM2's ``conv``, the Gated DeltaNet families', Mamba2 and
-    Mamba 1 mixers' ``linear_attention`` (Jamba's ``mamba``); other recurrent layers (RG-LRU,
-    RWKV) cannot run through it, and neither can indexer-selected attention.
+    Mamba 1 mixers' and RecurrentGemma's RG-LRU blocks' ``linear_attention`` (Jamba's ``mamba``);
+    other recurrent layers (MiniMax's lightning attention, RWKV) cannot run through it, and neither
+    can indexer-selected attention.
     """
     config = model.config
     kinds = []
@@ -136,8 +137,8 @@ def check_layer_types(model: torch.nn.Module) -> None:
     if set(unsupported) & RECURRENT_LAYER_TYPES:
         raise ExportError(f"cannot export: {name} has recurrent layers ({', '.join(unsupported)}); a paw program's "
                           "state is attention's KV cache, short convolutions' conv state, gated delta rules' "
-                          "matrices and Mamba mixers' SSM state, so other recurrent and state-space layers are not "
-                          "supported")
+                          "matrices, Mamba mixers' SSM state and RG-LRUs' state, so other recurrent and state-space "
+                          "layers are not supported")
     raise ExportError(f"cannot export: {name} has {', '.join(unsupported)} layers; paw's attention op is causal "
                       "attention over the whole cache, a sliding window or chunks")
 

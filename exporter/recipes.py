@@ -26,6 +26,7 @@ calls the paw op, for the duration of the capture only.
 | mamba2, nemotron_h, granitemoehybrid, bamba, zamba2 | Mamba2 mixers keep conv, SSM states | ``ssm_scan`` |
 | falcon_h1 | the same mixer with muP multipliers | ``ssm_scan`` and the multipliers |
 | mamba, falcon_mamba, jamba, zamba | Mamba 1 mixers keep conv, SSM states | two functions (``ssm_scan``, A per state) |
+| recurrent_gemma | RG-LRU blocks keep conv, recurrent states on the modules | ``causal_conv1d``, ``lru_scan`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
 ``functions`` replace module-level functions of the model's modeling modules by name (the Gated
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import conv, delta_rule, llama4, mamba, mrope, ssm
+from exporter import conv, delta_rule, llama4, mamba, mrope, rg_lru, ssm
 from interp.errors import ExportError
 
 
@@ -301,6 +302,10 @@ RECIPES.update({name: Recipe(why="Gated DeltaNet layers with conv and recurrent 
 RECIPES.update({name: Recipe(why="Mamba 1 mixers with conv and SSM state", functions=mamba.FUNCTIONS,
                              layer_types=frozenset({"linear_attention", "mamba", "hybrid"}))
                 for name in ("mamba", "falcon_mamba", "jamba", "zamba")})
+#: RecurrentGemma (Griffin): recurrent blocks beside local attention; its config's layers_block_type names them
+#: "linear_attention" (exporter/rg_lru.py)
+RECIPES["recurrent_gemma"] = Recipe(why="RG-LRU blocks with conv and LRU state", forwards=rg_lru.FORWARDS,
+                                    layer_types=frozenset({"linear_attention"}))
 
 
 @contextlib.contextmanager

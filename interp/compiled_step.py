@@ -9,7 +9,7 @@ capacity (they grow 256 positions at a time): the new keys and values are writte
 offset is an array, so a new position does not retrace; the step retraces only when the
 buffers grow or the batch changes.
 
-A hybrid program's recurrent states (``interp/state_cache.py``: conv, delta and SSM states)
+A hybrid program's recurrent states (``interp/state_cache.py``: conv, delta, SSM and LRU states)
 are fixed-size arrays: they go in and come out of the traced step beside the KV buffers,
 one each (``CARRIED`` names the attribute that holds each kind's array).
 

@@ -7,7 +7,7 @@ on lazily loaded consts, with a stand-in cache that records the keys and values 
 attention layer would store, and nothing is evaluated (only a ternary program's packed
 weights are read, by the layout the loader prepares for them). The interpreter's cache keeps
 every position and grows in steps of ``KVCache.step``, so the estimate rounds the
-context up to a whole step. A hybrid program's recurrent states (conv, delta and SSM states,
+context up to a whole step. A hybrid program's recurrent states (conv, delta, SSM and LRU states,
 ``interp/state_cache.py``) are recorded the same way; their size does not grow with the context.
 """
 
@@ -37,7 +37,7 @@ class MemoryEstimate:
     cache_by_dtype: dict[str, int]
     context: int  # positions the cache holds (a whole number of cache steps)
     batch: int
-    #: the recurrent states (conv, delta, SSM) of a hybrid program (whatever the context)
+    #: the recurrent states (conv, delta, SSM, LRU) of a hybrid program (whatever the context)
     recurrent_by_dtype: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -39,8 +39,9 @@ MAX_LAYERS = 100_000
 #: the kinds of ``state`` a program may declare: attention's KV caches, short convolutions' conv states,
 #: the recurrent states a program may keep after its KV caches, in the cache list's order, each with the op
 #: that reads and updates it: short convolutions' conv states, gated delta rules' matrices, state-space
-#: layers' SSM states
-RECURRENT_STATES = (("conv", "causal_conv1d"), ("delta", "gated_delta_rule"), ("ssm", "ssm_scan"))
+#: layers' SSM states, RG-LRU layers' LRU states
+RECURRENT_STATES = (("conv", "causal_conv1d"), ("delta", "gated_delta_rule"), ("ssm", "ssm_scan"),
+                    ("lru", "lru_scan"))
 STATE_KINDS = frozenset({"kv_cache", *(kind for kind, _ in RECURRENT_STATES)})
 #: safetensors' own bound on the JSON header
 MAX_HEADER_BYTES = 100 << 20
@@ -111,13 +112,13 @@ class Program:
     @property
     def recurrent_states(self) -> dict[str, int]:
         """The recurrent state kinds the program keeps beside its KV caches, with their slot counts, in the
-        cache list's order (``RECURRENT_STATES``: conv, delta, ssm)."""
+        cache list's order (``RECURRENT_STATES``: conv, delta, ssm, lru)."""
         counts = {kind: self.state_layers(kind) for kind, _ in RECURRENT_STATES}
         return {kind: count for kind, count in counts.items() if count}
 
     @property
     def recurrent(self) -> bool:
-        """Whether the program keeps state other than KV caches (conv, delta or SSM states), which the paths
+        """Whether the program keeps state other than KV caches (conv, delta, SSM or LRU states), which the paths
         that carry only KV caches (slot batches, KV prefixes, splits over ranks) refuse."""
         return bool(self.recurrent_states)
 

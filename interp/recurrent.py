@@ -1,6 +1,6 @@
 """One refusal for the paths that cannot run a program with recurrent state.
 
-A recurrent state (``interp/state_cache.py``: a conv, delta or SSM state) is one array per
+A recurrent state (``interp/state_cache.py``: a conv, delta, SSM or LRU state) is one array per
 layer, not one entry per position: it goes back a few positions or none, is not saved with
 a KV prefix or split over ranks by layer or head as the KV cache is, and a padded batch
 would feed its padding into it (``check_whole_rows``, which the stateful ops call). The
@@ -19,7 +19,7 @@ from interp.errors import PawError, ProgramError
 from interp.program import Program
 
 #: each recurrent state kind as the refusal names it
-_NAMED = {"conv": "a conv state", "delta": "a delta state", "ssm": "an SSM state"}
+_NAMED = {"conv": "a conv state", "delta": "a delta state", "ssm": "an SSM state", "lru": "an LRU state"}
 
 
 def refuse_recurrent(program: Program, what: str, error: type[PawError] = PawError) -> None:

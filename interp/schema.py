@@ -314,6 +314,15 @@ _op("ssm_scan", "nn",
     [_t("x"), _t("dt"), _t("A"), _t("B"), _t("C")],
     [_attr("layer", INT, "SSM state slot, after the KV cache, conv and delta state slots (state.ssm.layers of them)",
            low=0)])
+_op("lru_scan", "nn",
+    "diagonal linear recurrence with the interpreter's LRU state: the RG-LRU of RecurrentGemma's recurrent "
+    "blocks (its gates, decay and input normalisation are ordinary ops before it). a, x: [B, L, D] for the L "
+    "new positions only. In float32, per channel d and position t in order: h[d] = a[t, d] * h[d] + x[t, d]; "
+    "out[t, d] = h[d], where h [D] is the LRU state of `layer` (zeros at the start of a sequence), which keeps "
+    "the last one. Output float32 [B, L, D]. Rows must be whole, unpadded sequences.",
+    [_t("a"), _t("x")],
+    [_attr("layer", INT, "LRU state slot, after the KV cache, conv, delta and SSM state slots (state.lru.layers "
+           "of them)", low=0)])
 _op("rope", "nn",
     "rotate-half rotary position embedding (fused by the exporter from HF's pattern). x: [B, H, L, D] "
     "with D = 2 * len(inv_freq); positions: [B, L] integer positions; angle = positions * inv_freq; "

@@ -1,6 +1,6 @@
 """The recurrent states of a slot batch: one row of each recurrent layer's state per slot.
 
-A hybrid program's conv, delta and SSM states (``interp/state_cache.py``) are one array
+A hybrid program's conv, delta, SSM and LRU states (``interp/state_cache.py``) are one array
 per layer with the batch on axis 0, so a slot batch (``interp/slots.py``) keeps them as
 it keeps keys and values: one array of ``[slots, ...]`` per layer, row ``s`` belonging to
 the request in slot ``s``. A request is prefilled alone on its own states (a padded

@@ -2,7 +2,8 @@
 
 Attention layers keep a KV cache (``interp/cache.py``); a hybrid model's other layers keep
 a fixed-size recurrent state: a short convolution its last inputs (``ConvState``), a gated
-delta rule its memory matrix (``DeltaState``), a Mamba layer its SSM state (``SSMState``).
+delta rule its memory matrix (``DeltaState``), a Mamba layer its SSM state (``SSMState``), an
+RG-LRU layer its LRU state (``LRUState``).
 One list holds them all, KV caches first, then each recurrent kind in the order of
 ``RECURRENT_STATES`` (``interp/program.py``), as mlx-lm's ``make_prompt_cache`` holds a
 hybrid model's mixed cache kinds in one list; each op's ``layer`` attribute indexes it.
@@ -17,19 +18,22 @@ from __future__ import annotations
 from interp.cache import KVCache
 from interp.conv_cache import ConvState
 from interp.delta_state import DeltaState
+from interp.lru_state import LRUState
 from interp.program import RECURRENT_STATES
 from interp.ssm_cache import SSMState
 
-RecurrentState = ConvState | DeltaState | SSMState
+RecurrentState = ConvState | DeltaState | SSMState | LRUState
 
 #: each recurrent state kind's runtime object
-STATE_CLASSES: dict[str, type] = {"conv": ConvState, "delta": DeltaState, "ssm": SSMState}
+STATE_CLASSES: dict[str, type] = {"conv": ConvState, "delta": DeltaState, "ssm": SSMState,
+                                   "lru": LRUState}
 assert set(STATE_CLASSES) == {kind for kind, _ in RECURRENT_STATES}
 
 #: each recurrent state class -> the attribute holding its one array (batch axis 0), which the
 #: compiled step carries (``interp/compiled_step.py``) and a slot batch keeps a row of per slot
 #: (``interp/slot_states.py``)
-STATE_ARRAY: dict[type, str] = {ConvState: "rows", DeltaState: "array", SSMState: "array"}
+STATE_ARRAY: dict[type, str] = {ConvState: "rows", DeltaState: "array", SSMState: "array",
+                               LRUState: "array"}
 
 
 def make_state_cache(kv_layers: int, recurrent: dict[str, int] | None = None) -> list[KVCache | RecurrentState]:

@@ -197,6 +197,10 @@ ARCHS: dict[str, dict] = {
     # attention block, then a mixer)
     "zamba": dict(num_hidden_layers=3, attn_layer_period=3, attn_layer_offset=1, n_mamba_heads=2, mamba_d_state=8,
                   mamba_dt_rank=8, attention_head_dim=16, tie_word_embeddings=False),
+    # RecurrentGemma (Griffin): two RG-LRU blocks (conv + LRU state), then local attention over a short window;
+    # weights 10x wider than its default init (0.01 variance), which left replies blind to the input past the window
+    "recurrent_gemma": dict(num_hidden_layers=3, attention_window_size=WINDOW, w_init_variance_scale=1.0,
+                            tie_word_embeddings=False),
 }
 
 
@@ -206,10 +210,11 @@ MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoeh
        "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 and Mamba 1 mixers a conv
-#: and an SSM state (exporter/ssm.py, exporter/mamba.py)
+#: and an SSM state (exporter/ssm.py, exporter/mamba.py), RG-LRU blocks a conv and an LRU state
+#: (exporter/rg_lru.py)
 RECURRENT = ("lfm2", "lfm2_moe", "lfm3", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid",
              "kimi_linear", "mamba2", "nemotron_h", "granitemoehybrid", "bamba", "zamba2", "falcon_h1", "mamba",
-             "falcon_mamba", "jamba", "zamba")
+             "falcon_mamba", "jamba", "zamba", "recurrent_gemma")
 
 
 #: Sub-models of a multimodal (composite) config other than its text model (vision towers,

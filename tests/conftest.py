@@ -146,6 +146,17 @@ def jamba_program(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def recurrent_gemma_program(tmp_path_factory, tiny_tokenizer):
+    """Directory of the tiny RecurrentGemma of tests/archs.py (RG-LRU blocks: conv and LRU states beside
+    the KV cache of its local attention) with tokenizer files."""
+    from tests.archs import arch_config
+    from tests.tiny import export_tiny
+
+    return export_tiny(arch_config("recurrent_gemma"), tmp_path_factory.mktemp("programs") / "tiny-recurrent_gemma",
+                       tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def arch_program(tmp_path_factory):
     """``arch_program(model_type, dtype="float32")``: the directory of that tiny architecture's
     program (tests/archs.py), exported once per session (by tests/prefetch.py's worker where the

@@ -1,4 +1,5 @@
-"""The CLI on hybrid programs (tests/archs.py's tiny LFM2, Qwen3.5 and Mamba2): ``paw run`` and ``paw inspect``
+"""The CLI on hybrid programs (tests/archs.py's tiny LFM2, Qwen3.5, Mamba2 and RecurrentGemma): ``paw run`` and
+``paw inspect``
 work, ``paw compile`` trains a LoRA on them and refuses a tuned prefix in one line
 (``paw serve``: tests/apps/test_serve_hybrid.py)."""
 
@@ -60,6 +61,20 @@ def test_run_and_inspect_a_state_space_program(ssm_program):
     # 2 layers of [1, 8 heads, 16, 16] float32; the conv states: 2 layers of 35 rows of 192 channels
     assert "recurrent state │ float32 │ 70.1 KB" in text
     assert "ssm_scan" in text
+
+
+def test_run_and_inspect_a_recurrent_gemma_program(recurrent_gemma_program):
+    """The tiny RecurrentGemma: two RG-LRU blocks (a conv and an LRU state each), then windowed attention."""
+    done = paw("run", str(recurrent_gemma_program), "--prompt", "one two three", "--max-tokens", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    shown = paw("inspect", str(recurrent_gemma_program))
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "1 attention layers; 2 conv layers, 2 LRU layers (recurrent state)" in text
+    # conv: 2 layers of (K - 1 + depth) = 35 rows of 64 channels; LRU: 2 layers of 64; float32
+    assert "recurrent state │ float32 │ 18.4 KB" in text  # 18,432 bytes
+    assert "lru_scan" in text
 
 
 def test_a_bad_delta_chunk_size_is_one_line(gated_delta_program, monkeypatch):

@@ -94,7 +94,20 @@ def _rows_written(ids):
     return x
 
 
+_GATES = torch.linspace(-1, 1, 36).reshape(2, 6, 3)  # two blocks of a block-diagonal projection
+
+
+def _block_gates(ids):
+    """RecurrentGemma's gates (baddbmm of a bias per block), and both product ops scaled by beta and alpha."""
+    x = _x(ids)  # [B, L, 6] taken as 2 blocks of [L, 6]
+    bias = torch.tensor([[[0.5, -1.0, 2.0]], [[1.5, 0.0, -0.5]]])
+    return torch.stack([torch.baddbmm(bias, x, _GATES), torch.baddbmm(bias, x, _GATES, beta=0.5, alpha=2.0),
+                        torch.baddbmm(bias, x, _GATES, beta=0.0, alpha=-1.0),
+                        torch.addmm(bias[0], x[0], _GATES[0], beta=3.0, alpha=0.25).expand(2, 6, 3)])
+
+
 CASES = {
+    "baddbmm and addmm with beta and alpha (RecurrentGemma's gates)": _block_gates,
     "strided slice_scatter and select_scatter (Cohere Compass's M-RoPE)": _interleaved_mrope,
     "select_scatter at negative indices, slice_scatter from the end": _rows_written,
     "complex rotary (DeepSeek-V2)": _complex_rotary,

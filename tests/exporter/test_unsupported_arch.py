@@ -58,11 +58,11 @@ def test_cli_export_hf_reports_a_missing_mapping_in_one_line(tmp_path, monkeypat
 
 #: architectures paw refuses, the config overrides that make them tiny, and what the one line names
 REFUSED = {
-    # recurrent layers no recipe captures (LFM2's conv layers, the Gated DeltaNet and Mamba families'
-    # linear_attention layers are captured: exporter/conv.py, exporter/delta_rule.py, exporter/ssm.py,
-    # exporter/mamba.py); RecurrentGemma's RG-LRU has no op
-    "recurrent_gemma": (dict(lru_width=64),
-                        r"RecurrentGemmaForCausalLM has recurrent layers \(linear_attention\)"),
+    # recurrent layers no recipe captures (LFM2's conv layers, the Gated DeltaNet, Mamba and RecurrentGemma
+    # families' linear_attention layers are captured: exporter/conv.py, exporter/delta_rule.py,
+    # exporter/ssm.py, exporter/mamba.py, exporter/rg_lru.py); MiniMax's lightning attention has no op
+    "minimax": (dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+                r"MiniMaxForCausalLM has recurrent layers \(linear_attention\)"),
     # no layer_types to read: torch.export's failure is put in words
     "rwkv": ({}, r"torch.export could not capture RwkvForCausalLM: its forward fixes the sequence length"),
     # attention written by hand without a recipe: OpenAI GPT masks with its own buffer

@@ -81,6 +81,12 @@ def _ssm_ref(x, dt, A, B, C, *, layer):
     return paw_ssm_scan(x, dt, A, B, C)
 
 
+def _lru_ref(a, x, *, layer):
+    from exporter.rg_lru import paw_lru_scan
+
+    return paw_lru_scan(a, x)
+
+
 def _conv_ref(x, weight, bias=None, *, layer):
     from exporter.conv import paw_causal_conv1d
 
@@ -297,6 +303,10 @@ CASES["gated_delta_rule"] = Case(
 # 4 heads of 3 in 2 groups, state size 6; dt > 0 and A < 0 as softplus and -exp make them
 CASES["ssm_scan"] = Case(_ssm_ref, [randn(2, 5, 4, 3), positive(2, 5, 4), -positive(4), randn(2, 5, 2, 6),
                                     randn(2, 5, 2, 6)], {"layer": 0})
+# decays in (0, 1) as exp(-8 * r * softplus) makes them, one zero where a sequence restarts (RG-LRU's reset)
+_RESTART = np.arange(6)[:, None] == 3
+CASES["lru_scan"] = Case(_lru_ref, [np.where(_RESTART, 0.0, np.exp(-positive(2, 6, 5))).astype(np.float32),
+                                    randn(2, 6, 5)], {"layer": 0})
 EXTRA_CASES = {
     "attention with window, softcap and a cache-like longer key": Case(
         _attention_ref, [randn(1, 4, 3, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)],

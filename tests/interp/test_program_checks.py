@@ -123,7 +123,7 @@ def test_every_range_in_the_schema_is_enforced():
     (lambda s: s["model"].update(source="hub"), "source must be an object"),
     (lambda s: s.update(state={"kv_cache": {"layers": "two"}}), "state.kv_cache.layers"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "rwkv": {"layers": 1}}),
-     r"state.rwkv is not a kind of state this paw keeps \(conv, delta, kv_cache, ssm\)"),
+     r"state.rwkv is not a kind of state this paw keeps \(conv, delta, kv_cache, lru, ssm\)"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "conv": {"layers": -1}}), "state.conv.layers must be"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "delta": {"layers": "3"}}), "state.delta.layers must be"),
     (lambda s: s.update(state={"kv_cache": {"layers": 2}, "ssm": {"layers": "one"}}), "state.ssm.layers must be"),
@@ -304,10 +304,14 @@ def test_a_missing_required_input_is_still_refused(program_copy):
     # the tiny Mamba2: no KV cache, slots 0 and 1 conv, 2 and 3 SSM
     ("ssm_program", "ssm_scan", 1, None, r"layer 1 is not a state.ssm slot \(2 to 2 \+ state.ssm.layers 2\)"),
     ("ssm_program", "ssm_scan", 4, None, "layer 4 is not a state.ssm slot"),
+    # the tiny RecurrentGemma: slot 0 its attention's KV cache, 1 and 2 conv, 3 and 4 LRU
+    ("recurrent_gemma_program", "lru_scan", 2, None,
+     r"layer 2 is not a state.lru slot \(3 to 3 \+ state.lru.layers 2\)"),
 ])
 def test_a_stateful_node_must_name_a_slot_of_its_state(request, tmp_path, program, op, layer, state, message):
-    """The cache list holds the KV caches, then the conv, delta and SSM states: a causal_conv1d node names
-    a conv slot, a gated_delta_rule node a delta slot, an ssm_scan node an SSM slot."""
+    """The cache list holds the KV caches, then the conv, delta, SSM and LRU states: a causal_conv1d node
+    names a conv slot, a gated_delta_rule node a delta slot, an ssm_scan node an SSM slot, an lru_scan node
+    an LRU slot."""
     target = tmp_path / "prog"
     shutil.copytree(request.getfixturevalue(program), target)
 

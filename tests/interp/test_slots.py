@@ -112,9 +112,10 @@ def test_special_attention_works_per_row(arch_models, arch):
     assert batched(model, PROMPTS, STEPS, join_late=2) == want
 
 
-# conv states (LFM2), conv and delta states (Qwen3.5), conv and SSM states and no attention (Mamba2)
+# conv states (LFM2), conv and delta states (Qwen3.5), conv and SSM states and no attention (Mamba2), conv and
+# LRU states beside windowed attention (RecurrentGemma)
 @pytest.mark.parametrize("compiled", [True, False])
-@pytest.mark.parametrize("arch", ["lfm2", "qwen3_5_text", "mamba2"])
+@pytest.mark.parametrize("arch", ["lfm2", "qwen3_5_text", "mamba2", "recurrent_gemma"])
 def test_recurrent_states_decode_per_row_as_alone(arch_models, arch, compiled):
     """Each row's states sit in its own row of the batched states: a free row's throwaway token,
     a row joining late and rows moving down do not touch the others'."""

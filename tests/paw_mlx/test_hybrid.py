@@ -1,6 +1,7 @@
 """Hybrid programs on every path that takes a program: tests/archs.py's tiny LFM2 (conv states beside
-the KV cache), Qwen3.5 (conv and delta states), Mamba2 (conv and SSM states, no KV cache at all) and
-Jamba (Mamba 1's conv and SSM states, a decay per state column, beside the KV cache).
+the KV cache), Qwen3.5 (conv and delta states), Mamba2 (conv and SSM states, no KV cache at all),
+Jamba (Mamba 1's conv and SSM states, a decay per state column, beside the KV cache) and
+RecurrentGemma (conv and LRU states beside a windowed KV cache).
 Generation, chat, the serving engine and programs as weights run them exactly (trained programs on them:
 tests/paw_mlx/test_hybrid_training.py)."""
 
@@ -15,7 +16,7 @@ from paw_mlx.chat import ChatSession
 
 #: the fixtures of the hybrid programs (tests/conftest.py), one of each recurrent state kind, and the SSM
 #: state of Mamba 1 layers beside attention
-HYBRIDS = ("hybrid_program", "gated_delta_program", "ssm_program", "jamba_program")
+HYBRIDS = ("hybrid_program", "gated_delta_program", "ssm_program", "jamba_program", "recurrent_gemma_program")
 
 
 @pytest.fixture(scope="module", params=HYBRIDS)
