@@ -54,6 +54,14 @@ Progress = Callable[[int, int, float], None]
 
 #: module-name words that classify a linear layer for ``TrainOptions.targets``
 _ATTENTION_WORDS = ("attn", "attention")
+#: attention projections under a block whose name says nothing of attention (RecurrentGemma's
+#: ``temporal_block.q_proj``, beside its recurrent blocks' ``temporal_block.linear_x``)
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+
+
+def is_attention_projection(module: str) -> bool:
+    """Whether the linear layer ``module`` belongs to attention (what ``targets="attention"`` adapts)."""
+    return any(w in module for w in _ATTENTION_WORDS) or module.rsplit(".", 1)[-1] in _ATTENTION_PROJECTIONS
 
 
 @dataclass
@@ -315,7 +323,7 @@ def lora_targets(program: Program, options: TrainOptions) -> dict[int, list[Line
     first = first_tuned_layer(program.num_layers, options)
     nodes: dict[int, list[LinearSite]] = {}
     for site in linear_sites(program).values():
-        wanted = options.targets == "all" or any(w in site.module for w in _ATTENTION_WORDS)
+        wanted = options.targets == "all" or is_attention_projection(site.module)
         if site.layer is not None and site.layer >= first and wanted:
             nodes.setdefault(site.node, []).append(site)
     if not nodes:

@@ -1,4 +1,4 @@
-"""Trained programs on bases with recurrent state (tests/archs.py's tiny LFM2, Qwen3.5 and Mamba2):
+"""Trained programs on bases with recurrent state (tests/archs.py's tiny LFM2, Qwen3.5, Mamba2, Jamba and RecurrentGemma):
 a LoRA trains with each row behind a prefix without its own demonstration (no key mask, which a
 recurrent layer cannot honour), and the kept program's call equals the prompt through the model
 with the adapter merged into its weights. A tuned prefix is refused on such a base."""
@@ -21,7 +21,7 @@ from tests.paw_mlx.test_hybrid import EXAMPLES, HYBRIDS
 SPEC = "Write the number as digits."
 #: Mamba2 has no attention projection to adapt: its LoRA targets every linear layer
 TARGETS = {"hybrid_program": "attention", "gated_delta_program": "attention", "ssm_program": "all",
-           "jamba_program": "attention"}
+           "jamba_program": "attention", "recurrent_gemma_program": "attention"}
 
 
 def quick(base: str, **lora) -> SelectOptions:
