@@ -52,7 +52,7 @@ from interp.cache import KVCache
 from interp.errors import ConstraintError, OverloadedError, RequestError
 from interp.sampling import BatchSampler, SampleResult, SamplingParams
 from interp.slots import SlotBatch, SlotLayer, slot_bucket
-from interp.state_cache import make_state_cache
+from interp.state_cache import compact_copy, make_state_cache
 from paw_mlx.constrain import CONSTRAINT_FAILED
 from paw_mlx.engine.prompt_cache import PromptCache
 from paw_mlx.engine.requests import GenerationRequest, RequestHandle, TokenEvent
@@ -473,10 +473,10 @@ class Engine:
 
     def _snapshot(self, row: _Row, cache: list, ids: list[int]) -> None:
         """Keep a recurrent row's own cache list, which has run exactly ``ids``, as a prompt-cache
-        snapshot: copies of its keys (made now, see ``SlotBatch.extract``) and of its states."""
+        snapshot: compact copies of its keys and states, made now (see ``SlotBatch.extract``)."""
         layers = row.request.model.base.model.num_layers
         kv = [(mx.array(k), mx.array(v)) for k, v in (c.state for c in cache[:layers])]
-        states = [state.copy() for state in cache[layers:]]
+        states = [compact_copy(state) for state in cache[layers:]]
         mx.eval(kv, [state.state for state in states])
         self.prompt_cache.insert(row.request.model.namespace, list(ids), kv, states=states)
 
