@@ -3,8 +3,9 @@ states beside the KV cache; Qwen3.5: conv and delta states; Mamba2: conv and SSM
 
 Each prompt is prefilled alone on its own states, then its row decodes in the batch beside the
 others (``paw_mlx/engine/engine.py``): concurrent requests get exactly what ``paw_mlx.generate``
-gives each alone, and everything else the server does still holds. One loopback server per
-kind; every wait is bounded.
+gives each alone, and everything else the server does still holds. A conversation's next turn
+starts from the prompt cache's snapshot of the whole cache list after the previous reply and
+prefills only its new tokens. One loopback server per kind; every wait is bounded.
 """
 
 from __future__ import annotations
