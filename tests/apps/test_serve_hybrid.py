@@ -314,3 +314,19 @@ def test_snapshots_are_evicted_least_recently_used_first_within_the_budget(clien
         assert hit == 0 and prefilled == len(second)
     finally:
         cache.max_bytes = limit
+
+
+def test_a_chat_clients_second_turn_takes_at_least_the_first_prompt_from_the_cache(client, base):
+    """Through chat completions: the second turn's rendering starts with the first turn's prompt (and,
+    where the reply's text tokenizes back to its tokens, its reply), so it reuses that much, exactly."""
+    model = ModelCatalog().add_base(base, name="hybrid")
+    first = [{"role": "user", "content": "Where do the birds go in winter?"}]
+    reply = client.chat.completions.create(model="hybrid", messages=first, max_tokens=MAX)
+    second = [*first, {"role": "assistant", "content": reply.choices[0].message.content},
+              {"role": "user", "content": "And in summer?"}]
+    ids = model.chat_ids(second)
+    assert ids[: len(model.chat_ids(first))] == model.chat_ids(first)
+    again = client.chat.completions.create(model="hybrid", messages=second, max_tokens=MAX)
+    assert cached(again) >= len(model.chat_ids(first))
+    assert again.choices[0].message.content == base.tokenizer.decode(tokens_alone(base, ids),
+                                                                     skip_special_tokens=True)
