@@ -7,7 +7,8 @@ would feed its padding into it (``check_whole_rows``, which the stateful ops cal
 plain generation path runs such a program exactly; every other path either handles the
 state itself through its interface (``state``, ``trim``, ``copy``, ``nbytes``: ``paw chat``
 goes back where the states can, else prefills again; ``paw serve`` prefills each request on
-its own state, then decodes it in a row of batched states, ``interp/slot_states.py``; a
+its own state, from the longest whole snapshot its prompt cache holds, then decodes it in a
+row of batched states, ``interp/slot_states.py``; a
 compiled program's calls start from copies of its prefix's states,
 ``paw_mlx/programs/recurrent_prefix.py``) or calls ``refuse_recurrent`` before any work, as
 distributed execution does.

@@ -69,6 +69,23 @@ class SlotStates:
             array[slot : slot + 1] = value
             self._set(state, array)
 
+    def extract(self, slot: int, length: int) -> list[RecurrentState]:
+        """Copies of row ``slot``'s states, each a batch of one that has seen ``length`` positions.
+
+        Made and evaluated now, as ``SlotBatch.extract`` makes its keys: the batch's arrays keep
+        changing in place (a prompt-cache snapshot keeps these, ``paw_mlx/engine/prompt_cache.py``).
+        """
+        row = []
+        for state in self.states:
+            own = type(state)()
+            array = self._array(state)
+            if array is not None:
+                self._set(own, mx.array(array[slot : slot + 1]))
+            own.offset = length
+            row.append(own)
+        mx.eval([a for a in (self._array(s) for s in row) if a is not None])
+        return row
+
     def move(self, source: int, target: int) -> None:
         """Copy row ``source`` into row ``target`` (to pack rows low)."""
         for state in self.states:

@@ -15,6 +15,8 @@ one array inside through ``STATE_ARRAY``.
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from interp.cache import KVCache
 from interp.conv_cache import ConvState
 from interp.delta_state import DeltaState
@@ -34,6 +36,17 @@ assert set(STATE_CLASSES) == {kind for kind, _ in RECURRENT_STATES}
 #: (``interp/slot_states.py``)
 STATE_ARRAY: dict[type, str] = {ConvState: "rows", DeltaState: "array", SSMState: "array",
                                LRUState: "array"}
+
+
+def compact_copy(state: RecurrentState) -> RecurrentState:
+    """A copy of ``state`` whose array is a buffer of its own, not a view into a larger one (a conv
+    state's rows are a slice of its last call's inputs), which a kept copy would hold on to."""
+    clone = state.copy()
+    name = STATE_ARRAY[type(state)]
+    array = getattr(clone, name)
+    if array is not None:
+        setattr(clone, name, mx.array(array))
+    return clone
 
 
 def make_state_cache(kv_layers: int, recurrent: dict[str, int] | None = None) -> list[KVCache | RecurrentState]:

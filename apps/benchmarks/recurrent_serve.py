@@ -54,14 +54,14 @@ MODELS = {
 }
 
 
-def export(name: str, root: Path) -> Path:
-    """The random model ``name`` exported (float32) under ``root``."""
+def export(name: str, root: Path, models: dict | None = None) -> Path:
+    """The random model ``name`` of ``models`` (``MODELS`` by default) exported (float32) under ``root``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from exporter.export import export_model
 
-    model_type, params = MODELS[name]
+    model_type, params = (models or MODELS)[name]
     config = AutoConfig.for_model(model_type, **params, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()

@@ -25,9 +25,11 @@ safe from any thread.
 A program with recurrent state (``interp/recurrent.py``: conv, delta or SSM states beside
 the KV caches) decodes in the same slot batch, its states one row per slot
 (``interp/slot_states.py``), but each prompt is prefilled alone on its own cache list (a
-padded prefill would feed the padding into the states), started from a copy of a compiled
-program's prefix state (``prefix_state``); no prompt cache, as a state cannot be cut back
-to a prefix. A model split over several processes takes no slot batch and runs *solo*:
+padded prefill would feed the padding into the states), started from the prompt cache's
+longest *snapshot* that its prompt starts with (the whole cache list, KV and states, kept
+after a prompt and after a reply: a state cannot be cut back to a shorter prefix, so only
+whole snapshots are reused) or from a copy of a compiled program's prefix state
+(``prefix_state``). A model split over several processes takes no slot batch and runs *solo*:
 each row keeps its own cache list and runs its own forward pass each step, the rows
 stepped in turn and sampled together; no prompt cache, no prefills together.
 """
@@ -50,7 +52,7 @@ from interp.cache import KVCache
 from interp.errors import ConstraintError, OverloadedError, RequestError
 from interp.sampling import BatchSampler, SampleResult, SamplingParams
 from interp.slots import SlotBatch, SlotLayer, slot_bucket
-from interp.state_cache import make_state_cache
+from interp.state_cache import compact_copy, make_state_cache
 from paw_mlx.constrain import CONSTRAINT_FAILED
 from paw_mlx.engine.prompt_cache import PromptCache
 from paw_mlx.engine.requests import GenerationRequest, RequestHandle, TokenEvent
@@ -119,8 +121,14 @@ class _Group:
     @property
     def recurrent(self) -> bool:
         """Whether the program keeps recurrent state: prompts are prefilled one at a time, on their
-        own states, and nothing goes to the prompt cache."""
+        own states, and the prompt cache keeps whole snapshots (``prompt_cache.py``)."""
         return self.base.program.recurrent
+
+    @property
+    def split(self) -> bool:
+        """Whether the model runs over several processes (``interp.distributed``): its caches live on
+        the ranks, so it takes no slot batch and no prompt cache."""
+        return not hasattr(self.model, "step_rows")
 
     def kv_like(self) -> list:
         """Keys and values of one position per layer: the shapes and dtypes a cache needs."""
@@ -142,7 +150,7 @@ class _Group:
         split over several processes (``interp.distributed``) takes no slot batch, only the
         plain ``model(tokens, cache=...)`` call; a recurrent program, when ``batch_recurrent`` is
         off (``EngineConfig``: the reference its batched rows are measured against)."""
-        return not hasattr(self.model, "step_rows") or (self.recurrent and not self.batch_recurrent)
+        return self.split or (self.recurrent and not self.batch_recurrent)
 
     def free_solo_slot(self) -> int:
         return next(slot for slot in range(len(self.rows) + 1) if slot not in self.rows)
@@ -190,6 +198,7 @@ class Engine:
         self.steps = 0  # decode steps run (for tests and /health)
         self.prefill_chunks = 0
         self.prefilled_together = 0  # rows whose prompts shared a forward pass
+        self.prefilled_tokens = 0  # prompt tokens run through a model (not taken from a cache)
         self.widest_step = 0  # the most rows one batched decode step has run
 
     # ------------------------------------------------------------------ control
@@ -224,7 +233,8 @@ class Engine:
             queued, running = self._queued, self._running
         return {"rows": running, "queued": queued, "max_rows": self.config.max_rows,
                 "max_queue": self.config.max_queue, "steps": self.steps, "prefill_chunks": self.prefill_chunks,
-                "prefilled_together": self.prefilled_together, "widest_step": self.widest_step,
+                "prefilled_together": self.prefilled_together, "prefilled_tokens": self.prefilled_tokens,
+                "widest_step": self.widest_step,
                 "prompt_cache_entries": len(self.prompt_cache), "prompt_cache_bytes": self.prompt_cache.nbytes,
                 "prompt_cache_limit": self.config.prompt_cache_bytes,
                 "prompt_cache_hits": self.prompt_cache.hits,
@@ -441,20 +451,34 @@ class Engine:
                 error: str | None = None) -> None:
         """Free a row's slot, keep its KV in the prompt cache, send its last event."""
         slot = row.slot
+        keep = reason != "error" and len(row.fed) > 0 and not group.split
         if slot is not None and group.rows.get(slot) is row and group.solo:
+            if keep and group.recurrent:
+                self._snapshot(row, row.cache, row.fed)
             del group.rows[slot]
             group.sampler.release(slot)
             row.slot = row.cache = None  # a split model's cache is dropped on every rank with the next step
         elif slot is not None and group.rows.get(slot) is row:
             length = group.batch.lengths[slot]
-            if reason != "error" and length == len(row.fed) and length > 0 and not group.recurrent:
-                self.prompt_cache.insert(row.request.model.namespace, row.fed, group.batch.extract(slot, length))
+            if keep and length == len(row.fed):
+                states = group.batch.states.extract(slot, length) if group.recurrent else None
+                self.prompt_cache.insert(row.request.model.namespace, row.fed, group.batch.extract(slot, length),
+                                         states=states)
             del group.rows[slot]
             group.batch.release(slot)
             group.sampler.release(slot)
             row.slot = None
             self._pack(group)
         self._end(row, reason, delivered=delivered, error=error)
+
+    def _snapshot(self, row: _Row, cache: list, ids: list[int]) -> None:
+        """Keep a recurrent row's own cache list, which has run exactly ``ids``, as a prompt-cache
+        snapshot: compact copies of its keys and states, made now (see ``SlotBatch.extract``)."""
+        layers = row.request.model.base.model.num_layers
+        kv = [(mx.array(k), mx.array(v)) for k, v in (c.state for c in cache[:layers])]
+        states = [compact_copy(state) for state in cache[layers:]]
+        mx.eval(kv, [state.state for state in states])
+        self.prompt_cache.insert(row.request.model.namespace, list(ids), kv, states=states)
 
     def _end(self, row: _Row, reason: str, delivered: bool = False, started: bool = True,
              error: str | None = None) -> None:
@@ -551,7 +575,16 @@ class Engine:
             if start is not None and len(request.prompt) > start.length \
                     and request.prompt[: start.length] == list(start.artifact.prefix_ids):
                 skip = start.length
-            if skip:
+            hit = None
+            if group.recurrent and not group.split:  # a whole snapshot the prompt starts with
+                hit = self.prompt_cache.lookup(request.model.namespace, request.prompt, limit=len(request.prompt) - 1)
+            if hit is not None and hit.tokens > skip:
+                layers = group.base.model.num_layers
+                for layer, (k, v) in zip(row.cache[:layers], hit.kv, strict=True):
+                    layer.state = (k, v)
+                row.cache[layers:] = hit.states
+                skip = hit.tokens
+            elif skip:
                 row.cache = start.cache()
             row.handle.cached_tokens = skip
             row.todo = list(request.prompt[skip:])
@@ -570,6 +603,7 @@ class Engine:
     def _prefill_chunk(self, group: _Group, size: int) -> None:
         row = group.prefilling
         chunk, row.todo = row.todo[:size], row.todo[size:]
+        self.prefilled_tokens += len(chunk)
         extra = group.adapter_inputs([row])
         logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache, last_only=True,
                              **({"extra_inputs": extra} if extra else {}))
@@ -578,6 +612,8 @@ class Engine:
             mx.eval([c.state for c in row.cache])
             return
         group.prefilling = None
+        if group.recurrent and not group.split:  # the prompt's end: a snapshot a later prompt may start from
+            self._snapshot(row, row.cache, row.request.prompt)
         if group.solo:
             self._join_solo(group, row, logits)
             return
@@ -654,6 +690,7 @@ class Engine:
                                  last_index=last)["logits"][:, 0, :]  # [rows, vocab]
         self.prefill_chunks += 1
         self.prefilled_together += count
+        self.prefilled_tokens += sum(len(r.todo) for r in rows)
         slots = []
         for i, row in enumerate(rows):
             length = len(row.request.prompt)

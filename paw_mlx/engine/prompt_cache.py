@@ -7,6 +7,13 @@ same ids, so each served model has its own. The KV of position i depends only on
 (a chat's next turn shares the previous turn's prompt and reply). Pinned entries (a
 compiled program's prefix) are never evicted; the rest are dropped least recently used
 first when their bytes pass the budget.
+
+A program with recurrent state (``interp/state_cache.py``) keeps *snapshots*: entries that
+also hold every recurrent layer's state after exactly their ids. Such a state exists only
+at its snapshot point and cannot be cut back, so a snapshot serves only a prompt its whole
+ids start (never a shorter shared prefix), a lookup returns the longest such snapshot with
+copies of its states (a run writes into them), and a snapshot does not replace the shorter
+ones it extends: a branch that leaves the longer one still finds its own start there.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ KV = list[tuple[mx.array, mx.array]]  # per layer: keys, values, each [1, kv_hea
 class CacheHit:
     tokens: int  # how many leading prompt tokens the KV covers
     kv: KV | None  # per-layer views of the entry's first ``tokens`` positions
+    #: a snapshot's recurrent states after its ``tokens`` ids (copies, each a batch of one); None for KV only
+    states: list | None = None
 
 
 @dataclass
@@ -34,6 +43,15 @@ class _Entry:
     kv: KV
     nbytes: int
     pinned: bool = False
+    states: list | None = None  # a snapshot's recurrent states (interp/state_cache.py)
+
+    def covers(self, query: np.ndarray, limit: int) -> int:
+        """How many leading tokens of ``query`` (at most ``limit``) this entry can serve: any shared
+        prefix of a KV entry; all of a snapshot's ids, or nothing."""
+        shared = common_prefix(self.ids, query)
+        if self.states is None:
+            return min(shared, limit)
+        return len(self.ids) if shared == len(self.ids) <= limit else 0
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -69,8 +87,8 @@ class PromptCache:
         query = np.asarray(ids, dtype=np.int64)
         limit = len(query) if limit is None else min(limit, len(query))
         with self._lock:
-            return max((min(common_prefix(e.ids, query), limit) for key, e in self._entries.items()
-                        if key[0] == namespace), default=0)
+            return max((e.covers(query, limit) for key, e in self._entries.items() if key[0] == namespace),
+                       default=0)
 
     def lookup(self, namespace: str, ids: Sequence[int], limit: int | None = None) -> CacheHit:
         """The longest cached prefix of ``ids`` (at most ``limit`` tokens) in ``namespace``."""
@@ -81,7 +99,7 @@ class PromptCache:
             for key, entry in self._entries.items():
                 if key[0] != namespace:
                     continue
-                shared = min(common_prefix(entry.ids, query), limit)
+                shared = entry.covers(query, limit)
                 if shared > best:
                     best_key, best = key, shared
             if best_key is None:
@@ -90,14 +108,17 @@ class PromptCache:
             self._entries.move_to_end(best_key)
             self.hits += 1
             self.hit_tokens += best
-        return CacheHit(best, [(k[:, :, :best], v[:, :, :best]) for k, v in entry.kv])
+        states = [state.copy() for state in entry.states] if entry.states is not None else None
+        return CacheHit(best, [(k[:, :, :best], v[:, :, :best]) for k, v in entry.kv], states)
 
-    def insert(self, namespace: str, ids: Sequence[int], kv: KV, pinned: bool = False) -> None:
-        """Keep ``kv`` (covering ``ids``); entries it extends are dropped, then the LRU is trimmed."""
-        if not ids or kv[0][0].shape[2] != len(ids):
+    def insert(self, namespace: str, ids: Sequence[int], kv: KV, pinned: bool = False,
+               states: list | None = None) -> None:
+        """Keep ``kv`` (covering ``ids``; with ``states``, a snapshot: the recurrent states after
+        exactly ``ids``); KV entries it extends are dropped, then the LRU is trimmed."""
+        if not ids or (kv and kv[0][0].shape[2] != len(ids)) or (not kv and states is None):
             raise ValueError("the KV must cover exactly the ids")
         new_ids = np.asarray(ids, dtype=np.int64)
-        nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + sum(state.nbytes for state in states or ())
         if not pinned and nbytes > self.max_bytes:
             return
         with self._lock:
@@ -105,12 +126,16 @@ class PromptCache:
                 if key[0] != namespace or entry.pinned:
                     continue
                 shared = common_prefix(entry.ids, new_ids)
-                if shared == len(entry.ids):  # the new entry holds all of this one
+                if states is not None:  # a snapshot replaces only one at the same ids
+                    if shared == len(entry.ids) == len(new_ids):
+                        self._entries.move_to_end(key)
+                        return
+                elif shared == len(entry.ids):  # the new entry holds all of this one
                     del self._entries[key]
                 elif shared == len(new_ids):  # an entry already holds all of the new one
                     self._entries.move_to_end(key)
                     return
-            self._entries[(namespace, self._next)] = _Entry(new_ids, kv, nbytes, pinned)
+            self._entries[(namespace, self._next)] = _Entry(new_ids, kv, nbytes, pinned, states)
             self._next += 1
             self._trim()
 

@@ -3,8 +3,9 @@ states beside the KV cache; Qwen3.5: conv and delta states; Mamba2: conv and SSM
 
 Each prompt is prefilled alone on its own states, then its row decodes in the batch beside the
 others (``paw_mlx/engine/engine.py``): concurrent requests get exactly what ``paw_mlx.generate``
-gives each alone, and everything else the server does still holds. One loopback server per
-kind; every wait is bounded.
+gives each alone, and everything else the server does still holds. A conversation's next turn
+starts from the prompt cache's snapshot of the whole cache list after the previous reply and
+prefills only its new tokens. One loopback server per kind; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -113,9 +114,8 @@ def test_concurrent_requests_of_different_lengths_each_get_what_generate_gives_a
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=WAIT)
     steps = server.engine.steps
     assert complete_together(client, prompts) == want
-    stats = http.get("/health").json()
-    # no prompt cache for a recurrent program: nothing kept, nothing reused
-    assert stats["prompt_cache_entries"] == 0 and stats["prompt_cache_hits"] == 0
+    # each request left snapshots (after its prompt, after its reply) in the prompt cache
+    assert http.get("/health").json()["prompt_cache_entries"] >= len(prompts)
     assert server.engine.steps > steps
 
 
@@ -219,3 +219,114 @@ def test_paw_serves_catalog_takes_the_hybrid_base_and_its_programs(hybrid_progra
     assert sorted(m.name for m in catalog) == ["digits", hybrid_program.name] and skipped == []
     assert catalog.get("digits").prefix_state is not None
 
+
+
+# ---------------------------------------------------------------------- the prompt cache's snapshots
+
+
+def tokens_alone(base, ids: list[int], max_tokens: int = MAX, **controls) -> list[int]:
+    """The plain generation path's tokens for ``ids`` (greedy)."""
+    return list(paw_mlx.stream_tokens(base, ids, max_tokens=max_tokens, **controls))
+
+
+def cached(reply) -> int:
+    details = reply.usage.prompt_tokens_details
+    return 0 if details is None else details.cached_tokens or 0
+
+
+def turn(client, http, base, ids: list[int], **body) -> tuple[int, int, int, list[int]]:
+    """Complete ``ids`` and check its text against the plain path's; returns the tokens the row ran
+    (the prompt, and every generated token but a last one cut by length), the tokens its prefill
+    ran, its ``cached_tokens`` and the generated tokens."""
+    want = tokens_alone(base, ids, logit_bias=body.get("logit_bias"))
+    before = http.get("/health").json()["prefilled_tokens"]
+    reply = client.completions.create(model="hybrid", prompt=ids, max_tokens=MAX,
+                                      **({"extra_body": body} if body else {}))
+    assert reply.choices[0].text == base.tokenizer.decode(want, skip_special_tokens=True)
+    fed = len(ids) + len(want) - (reply.choices[0].finish_reason == "length")
+    return fed, http.get("/health").json()["prefilled_tokens"] - before, cached(reply), want
+
+
+def words(base, text: str) -> list[int]:
+    return base.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_a_conversations_next_turn_prefills_only_its_new_tokens(client, http, base):
+    """The second request resends the first's prompt and reply, then a new turn: it starts from the
+    snapshot kept after the reply and prefills only the new tokens, with the tokens generate gives."""
+    first = paw_mlx.prompt_ids(base, "Tell me a story about a cat and a dog", raw=True)
+    fed, prefilled, _, reply = turn(client, http, base, first)
+    assert prefilled == len(first)
+    second = first + reply + words(base, " And then what happened?")
+    _, prefilled, hit, _ = turn(client, http, base, second)
+    assert hit == fed and prefilled == len(second) - fed < len(second) - len(first)
+
+
+def test_a_prompt_that_leaves_a_snapshot_part_way_reuses_none_of_it(client, http, base):
+    """A recurrent state exists only at its snapshot's end: a prompt sharing half of one starts afresh."""
+    ids = paw_mlx.prompt_ids(base, "alpha beta gamma delta epsilon zeta eta theta", raw=True)
+    turn(client, http, base, ids)
+    branch = ids[: len(ids) // 2] + words(base, " iota kappa lambda")
+    _, prefilled, hit, _ = turn(client, http, base, branch)
+    assert hit == 0 and prefilled == len(branch)
+    # the branch's own snapshot now serves its next turn, and the first prompt's still serves its own
+    _, _, hit, _ = turn(client, http, base, ids + words(base, " mu nu"))
+    assert hit >= len(ids)
+
+
+def test_next_turns_sent_at_once_each_start_from_their_own_snapshot(client, http, base, server):
+    """Turn 2 of three conversations at once: each prefills only its new tokens, decodes in the batch
+    beside the others, and gets what generate gives it alone."""
+    starts = [paw_mlx.prompt_ids(base, text, raw=True)
+              for text in ("Where is the red house", "seven eight nine", "Hello, who are you?")]
+    firsts = [turn(client, http, base, ids) for ids in starts]
+    seconds = [ids + first[3] + words(base, " Go on.") for ids, first in zip(starts, firsts, strict=True)]
+    want = [base.tokenizer.decode(tokens_alone(base, ids), skip_special_tokens=True) for ids in seconds]
+    server.engine.widest_step = 0
+    before = http.get("/health").json()["prefilled_tokens"]
+    replies = together(lambda ids: client.completions.create(model="hybrid", prompt=ids, max_tokens=MAX), seconds)
+    assert [reply.choices[0].text for reply in replies] == want
+    assert [cached(reply) for reply in replies] == [first[0] for first in firsts]
+    assert http.get("/health").json()["prefilled_tokens"] - before == sum(
+        len(ids) - first[0] for ids, first in zip(seconds, firsts, strict=True))
+    assert server.engine.widest_step >= 2
+
+
+def test_snapshots_are_evicted_least_recently_used_first_within_the_budget(client, http, base, server):
+    """With room for one conversation's snapshots, the next conversation's push the older ones out:
+    its next turn prefills everything again (and is still exact); the newer one's reuses its own."""
+    bias = endless_bias(base)  # every reply MAX tokens long: both conversations' snapshots weigh the same
+    cache = server.engine.prompt_cache
+    a = paw_mlx.prompt_ids(base, "one plus one is two and two plus two is", raw=True)
+    b = a[:1] + a[:0:-1]
+    assert b[1] != a[1]
+    limit = cache.max_bytes
+    cache.clear()
+    try:
+        _, _, _, reply_a = turn(client, http, base, a, logit_bias=bias)
+        cache.max_bytes = cache.nbytes  # room for A's two snapshots, after its prompt and its reply
+        fed_b, _, _, reply_b = turn(client, http, base, b, logit_bias=bias)
+        assert 0 < cache.nbytes <= cache.max_bytes and len(cache) == 2
+        _, _, hit, _ = turn(client, http, base, b + reply_b + words(base, " Yes."), logit_bias=bias)
+        assert hit == fed_b
+        second = a + reply_a + words(base, " Yes.")
+        _, prefilled, hit, _ = turn(client, http, base, second, logit_bias=bias)
+        assert hit == 0 and prefilled == len(second)
+    finally:
+        cache.max_bytes = limit
+
+
+def test_a_chat_clients_second_turn_takes_at_least_the_first_prompt_from_the_cache(client, base):
+    """Through chat completions: the second turn's rendering starts with the first turn's prompt (and,
+    where the reply's text tokenizes back to its tokens, its reply), so it reuses that much, exactly."""
+    model = ModelCatalog().add_base(base, name="hybrid")
+    first = [{"role": "user", "content": "Where do the birds go in winter?"}]
+    reply = client.chat.completions.create(model="hybrid", messages=first, max_tokens=MAX)
+    second = [*first, {"role": "assistant", "content": reply.choices[0].message.content},
+              {"role": "user", "content": "And in summer?"}]
+    ids = model.chat_ids(second)
+    assert ids[: len(model.chat_ids(first))] == model.chat_ids(first)
+    again = client.chat.completions.create(model="hybrid", messages=second, max_tokens=MAX)
+    assert cached(again) >= len(model.chat_ids(first))
+    assert again.choices[0].message.content == base.tokenizer.decode(tokens_alone(base, ids),
+                                                                     skip_special_tokens=True)

@@ -106,19 +106,34 @@ def test_going_back_past_a_checkpoint_drops_it(hybrid, monkeypatch):
 def test_the_serving_engine_prefills_each_row_alone_and_decodes_them_together(hybrid, batch):
     """Each prompt is prefilled on its own cache list, then its states join a row of the batch's
     (``batch_recurrent``; off: each row's step its own pass, the reference): requests at once each
-    get the plain generation path's tokens."""
+    get the plain generation path's tokens. Each conversation's next turn then starts from the
+    snapshot its row left after its reply (the whole cache list) and prefills only the new tokens."""
     from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog
 
     _, prog = hybrid
     model = ModelCatalog().add_base(prog)
     prompts = [prog.tokenizer.encode(text) for text in ("one two three four five six", "Hello there", "seven")]
     want = [list(paw_mlx.stream_tokens(prog, ids, max_tokens=8)) for ids in prompts]
+    more = prog.tokenizer.encode(" and then", add_special_tokens=False)
     with Engine(EngineConfig(prefill_chunk=4, idle_prefill_chunk=4, batch_recurrent=batch)) as engine:
-        handles = [engine.submit(GenerationRequest(model, ids, 8)) for ids in prompts]
-        got = [[t for event in handle.events(timeout=60) for t in event.tokens] for handle in handles]
-        assert engine.prompt_cache.hits == 0 and len(engine.prompt_cache) == 0
+
+        def run(prompts: list) -> tuple[list, list]:
+            handles = [engine.submit(GenerationRequest(model, ids, 8)) for ids in prompts]
+            tokens = [[t for event in handle.events(timeout=60) for t in event.tokens] for handle in handles]
+            return tokens, [handle.cached_tokens for handle in handles]
+
+        got, _ = run(prompts)
+        assert engine.prompt_cache.hits == 0 and len(engine.prompt_cache) >= len(prompts)
         assert (engine.widest_step >= 2) == batch  # the rows overlap: 8 tokens each, prefills of 1-2 chunks
+        seconds = [ids + tokens + more for ids, tokens in zip(prompts, want, strict=True)]
+        before = engine.prefilled_tokens
+        again, hits = run(seconds)
+        prefilled = engine.prefilled_tokens - before
     assert got == want and want[0] != want[1]
+    assert again == [list(paw_mlx.stream_tokens(prog, ids, max_tokens=8)) for ids in seconds]
+    # a row ran its prompt and its tokens but the last (cut by length) or up to its EOS
+    fed = [len(ids) + len(tokens) - (len(tokens) == 8) for ids, tokens in zip(prompts, want, strict=True)]
+    assert hits == fed and prefilled == sum(len(ids) for ids in seconds) - sum(fed)
 
 
 EXAMPLES = [{"input": "one", "output": "1"}, {"input": "two", "output": "2"}, {"input": "three", "output": "3"}]
