@@ -1,5 +1,5 @@
-"""Trained programs on bases with recurrent state (tests/archs.py's tiny LFM2, Qwen3.5, Mamba2, Jamba and RecurrentGemma):
-a LoRA trains with each row behind a prefix without its own demonstration (no key mask, which a
+"""Trained programs on bases with recurrent state (tests/archs.py's tiny LFM2, Qwen3.5, Mamba2, Jamba
+and RecurrentGemma): a LoRA trains with each row behind a prefix without its own demonstration (no key mask, which a
 recurrent layer cannot honour), and the kept program's call equals the prompt through the model
 with the adapter merged into its weights. A tuned prefix is refused on such a base."""
 
