@@ -26,14 +26,16 @@ calls the paw op, for the duration of the capture only.
 | mamba2, nemotron_h, granitemoehybrid, bamba, zamba2 | Mamba2 mixers keep conv, SSM states | ``ssm_scan`` |
 | falcon_h1 | the same mixer with muP multipliers | ``ssm_scan`` and the multipliers |
 | mamba, falcon_mamba, jamba, zamba | Mamba 1 mixers keep conv, SSM states | two functions (``ssm_scan``, A per state) |
+| deepseek_v32, glm_moe_dsa | an indexer's top-k keys masked by hand; its keys cached | ``index_topk``, ``keep`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
 ``functions`` replace module-level functions of the model's modeling modules by name (the Gated
 DeltaNet families': ``causal_conv1d_fn`` -> ``paw::causal_conv1d``, ``torch_chunk_gated_delta_rule``
 -> ``paw::gated_delta_rule``, ``exporter/delta_rule.py``; the Mamba 1 families' ``causal_conv1d_fn``
 and ``mamba_selective_scan`` -> ``paw::ssm_scan``, ``exporter/mamba.py``). A recipe's
-``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
-whose state the interpreter owns; capture refuses every other recurrent kind.
+``layer_types`` are the layer kinds (``config.layer_types``) beyond plain attention it captures with an op
+whose state the interpreter owns (recurrent states; DSA's ``indexed_attention``, exporter/indexed.py);
+capture refuses every other kind.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import conv, delta_rule, llama4, mamba, mrope, ssm
+from exporter import conv, delta_rule, indexed, llama4, mamba, mrope, ssm
 from interp.errors import ExportError
 
 
@@ -285,6 +287,10 @@ RECIPES: dict[str, Recipe] = {
     "zamba2": Recipe(why="Mamba2 mixers with conv and SSM state",
                      forwards={"Zamba2MambaMixer": ssm.mamba2_mixer_forward},
                      layer_types=frozenset({"linear_attention", "hybrid"})),
+    **{model_type: Recipe(why="indexer-selected sparse attention (DSA), indexer keys cached",
+                          forwards={attention: indexed.dsa_attention_forward},
+                          layer_types=frozenset({"indexed_attention"}))
+       for model_type, attention in (("deepseek_v32", "DeepseekV32Attention"), ("glm_moe_dsa", "GlmMoeDsaAttention"))},
 }
 #: Gated DeltaNet hybrids: their forwards call the same two functions (exporter/delta_rule.py); Qwen3.5's
 #: text rotary embedding is M-RoPE, which on text is plain RoPE (exporter/mrope.py)

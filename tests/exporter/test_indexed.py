@@ -1,0 +1,87 @@
+"""DeepSeek Sparse Attention (deepseek_v32, glm_moe_dsa): the indexer's choice is in the program and matters.
+
+tests/exporter/test_architectures.py holds both families to transformers (logits, cached
+decoding, greedy tokens); these tests show that those checks exercise the indexer: its
+top-k drops keys in the test's sequences, each indexer caches its keys in a KV slot, and
+GLM-5's shared layers reuse the previous indexer's choice rather than run their own.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from tests.archs import SEQ, arch_config
+
+INDEXED = ("deepseek_v32", "glm_moe_dsa")
+
+
+def _nodes(case, op: str) -> list[dict]:
+    spec = json.loads((case.dir / "prog.json").read_text())
+    return [node for node in spec["nodes"] if node["op"] == op]
+
+
+@pytest.mark.parametrize("arch", INDEXED)
+def test_the_indexer_drops_keys_in_the_tested_sequences(arch_cases, arch):
+    """With every key kept the same weights give other logits: the tested top-k (4 of 12) really selects."""
+    from tests.tiny import tiny_model
+
+    config = arch_config(arch)
+    assert config.index_topk < SEQ
+    config.index_topk = SEQ
+    dense = tiny_model(config, seed=0)
+    dense.set_attn_implementation("eager")
+    with torch.no_grad():
+        logits = dense(arch_cases(arch).ids).logits.numpy()
+    assert np.max(np.abs(logits - arch_cases(arch).logits)) > 1e-2
+
+
+@pytest.mark.parametrize("arch", INDEXED)
+def test_indexers_keep_their_keys_in_kv_slots(arch_cases, arch):
+    case = arch_cases(arch)
+    config = arch_config(arch)
+    indexers, attention = _nodes(case, "index_topk"), _nodes(case, "attention")
+    full = [kind != "shared" for kind in getattr(config, "indexer_types", ["full"] * config.num_hidden_layers)]
+    assert len(indexers) == sum(full) and len(attention) == config.num_hidden_layers
+    assert {node["attrs"]["topk"] for node in indexers} == {config.index_topk}
+    slots = sorted(node["attrs"]["layer"] for node in indexers + attention)
+    assert slots == list(range(len(slots))) == list(range(case.model.program.num_layers))
+    # each attention reads the keep mask of the last indexer before it (GLM-5's shared layer: the previous one's)
+    masks = [node["outputs"][0] for node in indexers]
+    owners = [masks[sum(full[: layer + 1]) - 1] for layer in range(config.num_hidden_layers)]
+    assert [node["inputs"][4] for node in attention] == owners
+
+
+@pytest.mark.parametrize("arch", INDEXED)
+def test_cached_indexer_keys_are_trimmed_with_the_kv(arch_cases, arch):
+    """Going back in the cache (paw chat's retry) forgets the indexer's keys with the others: decoding again
+    from the trimmed cache gives the logits of a fresh cache."""
+    case = arch_cases(arch)
+    ids = mx.array(case.ids[:1].numpy())
+    cache = case.model.make_cache()
+    case.model(ids[:, :10], cache=cache)
+    for layer in cache:
+        assert layer.trim(3) == 3
+    again = case.model(ids[:, 7:SEQ], cache=cache)
+    fresh = case.model(ids[:, :SEQ])[:, 7:]
+    np.testing.assert_allclose(np.array(again), np.array(fresh), atol=1e-5)
+
+
+def test_an_indexer_slot_past_the_kv_cache_is_refused(arch_cases, tmp_path):
+    import shutil
+
+    from interp.errors import ProgramError
+    from interp.program import read_program
+
+    copy = tmp_path / "program"
+    shutil.copytree(arch_cases("deepseek_v32").dir, copy)
+    spec = json.loads((copy / "prog.json").read_text())
+    slots = spec["state"]["kv_cache"]["layers"]
+    next(node for node in spec["nodes"] if node["op"] == "index_topk")["attrs"]["layer"] = slots
+    (copy / "prog.json").write_text(json.dumps(spec))
+    with pytest.raises(ProgramError, match=rf"\(index_topk\): layer {slots} is not below state.kv_cache.layers"):
+        read_program(copy)
