@@ -1,6 +1,6 @@
 """DeepSeek Sparse Attention (DSA) captured as ``paw::index_topk`` feeding ``paw::attention``.
 
-DeepSeek-V3.2 and GLM-5 (``deepseek_v32``, ``glm_moe_dsa``) add a "lightning indexer" to
+DeepSeek-V3.2, GLM-5 and A.X-K2 (``deepseek_v32``, ``glm_moe_dsa``, ``axk2``) add a "lightning indexer" to
 multi-head latent attention: a small multi-head scorer that rates every earlier key for each
 query and keeps the ``index_topk`` best; attention then sees only those. transformers folds
 the choice into the attention mask as a tensor and keeps the indexer's keys in its cache
@@ -68,20 +68,36 @@ def index_keep(indexer: torch.nn.Module, hidden_states: torch.Tensor, q_resid: t
 
 
 #: each indexer class's rotary function, by name in its modeling module
-ROTARY = {"DeepseekV32Indexer": "apply_rotary_pos_emb", "GlmMoeDsaIndexer": "apply_rotary_pos_emb_interleave"}
+ROTARY = {"DeepseekV32Indexer": "apply_rotary_pos_emb", "AXK2Indexer": "apply_rotary_pos_emb",
+          "GlmMoeDsaIndexer": "apply_rotary_pos_emb_interleave"}
+
+
+def _queries(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The query LoRA's normed latent [B, L, q_lora_rank], the queries [B, H, L, qk_head_dim] and the output gate
+    [B, L, H * v_head_dim] (None but for A.X-K2, whose one projection of the latent and its unnormed self gives
+    both queries and gate)."""
+    batch, length = hidden_states.shape[:-1]
+    compressed = self.q_a_proj(hidden_states)
+    q_resid = self.q_a_layernorm(compressed)
+    if not hasattr(self, "q_gate_proj"):
+        return q_resid, self.q_b_proj(q_resid).view(batch, length, -1, self.qk_head_dim).transpose(1, 2), None
+    fused = self.q_gate_proj(torch.cat([q_resid, compressed], dim=-1)).view(batch, length, -1,
+                                                                            self.qk_head_dim + self.v_head_dim)
+    q, gate = torch.split(fused, [self.qk_head_dim, self.v_head_dim], dim=-1)
+    return q_resid, q.transpose(1, 2), gate.reshape(batch, length, -1)
 
 
 def dsa_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
                           position_ids=None, prev_topk_indices=None, **kwargs):
-    """DeepseekV32Attention / GlmMoeDsaAttention: MLA as transformers computes it, the indexer's choice as a
-    keep mask (``index_keep``, or the previous layer's for GLM-5's shared layers), attention as ``paw::attention``.
+    """DeepseekV32Attention / GlmMoeDsaAttention / AXK2Attention: MLA as transformers computes it, the indexer's
+    choice as a keep mask (``index_keep``, or the previous layer's for GLM-5's shared layers), attention as
+    ``paw::attention``.
 
     Returns what the family's forward returns: (output, None), and GLM-5's keep mask third, which its
     decoder hands to the next layer as ``prev_topk_indices``.
     """
     batch, length = hidden_states.shape[:-1]
-    q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
-    q = self.q_b_proj(q_resid).view(batch, length, -1, self.qk_head_dim).transpose(1, 2)
+    q_resid, q, gate = _queries(self, hidden_states)
     q_pass, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
     kv_pass, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim],
                                  dim=-1)
@@ -96,5 +112,8 @@ def dsa_attention_forward(self, hidden_states, position_embeddings, attention_ma
         else prev_topk_indices
     out = torch.ops.paw.attention(query, key, value, int(self.layer_idx), float(self.scaling), 0, 0.0, 0.0, None, 0,
                                   keep)
-    out = self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+    out = out.transpose(1, 2).reshape(batch, length, -1)
+    if gate is not None:  # A.X-K2's sigmoid gate on the attention output
+        out = (out * torch.sigmoid(gate.float())).to(out.dtype)
+    out = self.o_proj(out)
     return (out, None, keep) if hasattr(self, "skip_topk") else (out, None)

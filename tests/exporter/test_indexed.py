@@ -17,7 +17,7 @@ import torch
 
 from tests.archs import SEQ, arch_config
 
-INDEXED = ("deepseek_v32", "glm_moe_dsa")
+INDEXED = ("deepseek_v32", "glm_moe_dsa", "axk2")
 
 
 def _nodes(case, op: str) -> list[dict]:
