@@ -1,20 +1,21 @@
 """DeepSeek Sparse Attention (DSA) captured as ``paw::index_topk`` feeding ``paw::attention``.
 
-DeepSeek-V3.2, GLM-5 and A.X-K2 (``deepseek_v32``, ``glm_moe_dsa``, ``axk2``) add a "lightning indexer" to
-multi-head latent attention: a small multi-head scorer that rates every earlier key for each
-query and keeps the ``index_topk`` best; attention then sees only those. transformers folds
-the choice into the attention mask as a tensor and keeps the indexer's keys in its cache
-(``update_indexer``). A program keeps no cache in the graph, so the recipe
-(``exporter/recipes.py``) replaces the attention forward: the indexer's queries, keys and
-head weights go to ``paw::index_topk``, whose keys the interpreter caches in a KV slot of
-their own (``interp/ops/indexer.py``), and its keep mask goes to ``paw::attention``. GLM-5's
-"shared" layers reuse the previous indexer layer's choice: the mask is handed on as
-transformers hands on its top-k indices.
+DeepSeek-V3.2, GLM-5, A.X-K2 and HY-V4 (``deepseek_v32``, ``glm_moe_dsa``, ``axk2``, ``hy_v4``)
+add a "lightning indexer" to multi-head latent attention: a small multi-head scorer that
+rates every earlier key for each query and keeps the ``index_topk`` best; attention then
+sees only those. transformers folds the choice into the attention mask as a tensor and
+keeps the indexer's keys in its cache (``update_indexer``). A program keeps no cache in the
+graph, so the recipe (``exporter/recipes.py``) replaces the attention forward: the indexer's
+queries, keys and head weights go to ``paw::index_topk``, whose keys the interpreter caches
+in a KV slot of their own (``interp/ops/indexer.py``), and its keep mask goes to
+``paw::attention``. GLM-5's and HY-V4's "shared" layers reuse the previous indexer layer's
+choice: the mask is handed on as transformers hands on its top-k indices.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -44,32 +45,53 @@ def _paw_index_topk_fake(q, k, weights, layer, topk, scale):
     return torch.empty(q.shape[:2] + (k.shape[1],), dtype=torch.bool, device=q.device)
 
 
+@dataclass(frozen=True)
+class IndexerForm:
+    """How a family's indexer rotates and scales, where transformers' ``Indexer.forward`` differs by family."""
+
+    #: its rotary function, by name in its modeling module (DeepSeek-V3.2 rotates halves, GLM-5 neighbours)
+    rotate: str
+    #: the rotated channels are the last ``qk_rope_head_dim`` of a head (HY-V4), not the first
+    rope_last: bool = False
+    #: ``softmax_scale`` multiplies the head weights (HY-V4), not q . k
+    scale_weights: bool = False
+
+
+#: each indexer class's form
+INDEXERS = {"DeepseekV32Indexer": IndexerForm("apply_rotary_pos_emb"),
+            "AXK2Indexer": IndexerForm("apply_rotary_pos_emb"),
+            "GlmMoeDsaIndexer": IndexerForm("apply_rotary_pos_emb_interleave"),
+            "HYV4Indexer": IndexerForm("apply_rotary_pos_emb", rope_last=True, scale_weights=True)}
+
+
 def index_keep(indexer: torch.nn.Module, hidden_states: torch.Tensor, q_resid: torch.Tensor,
                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The indexer's keep mask [B, L, T] through ``paw::index_topk``: transformers' ``Indexer.forward`` up to its
-    scores, which the op computes against the cached keys.
-
-    DeepSeek-V3.2's indexer rotates halves (``apply_rotary_pos_emb``), GLM-5's neighbours
-    (``apply_rotary_pos_emb_interleave``); ``ROTARY`` names each indexer class's function.
-    """
+    scores (``INDEXERS`` holds what differs by family), which the op computes against the cached keys."""
+    form = INDEXERS[type(indexer).__name__]
     batch, length, _ = hidden_states.shape
     rope = indexer.qk_rope_head_dim
-    rotate = getattr(sys.modules[type(indexer).__module__], ROTARY[type(indexer).__name__])
-    q = indexer.wq_b(q_resid).view(batch, length, indexer.n_heads, indexer.head_dim)
-    q_rot, q_pass = torch.split(q, [rope, indexer.head_dim - rope], dim=-1)
-    k = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)  # [B, L, 1, D]
-    k_rot, k_pass = torch.split(k, [rope, indexer.head_dim - rope], dim=-1)
-    q_rot, k_rot = rotate(q_rot, k_rot, *position_embeddings, unsqueeze_dim=2)
-    q = torch.cat([q_rot, q_pass], dim=-1)
-    k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
+    sizes = [indexer.head_dim - rope, rope] if form.rope_last else [rope, indexer.head_dim - rope]
+    rotated = 1 if form.rope_last else 0
+
+    def rotary_parts(x: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(x, sizes, dim=-1))
+
+    q = rotary_parts(indexer.wq_b(q_resid).view(batch, length, indexer.n_heads, indexer.head_dim))
+    norm = indexer.k_norm
+    k = rotary_parts(norm(indexer.wk(hidden_states).to(norm.weight.dtype)).to(hidden_states.dtype).unsqueeze(2))
+    rotate = getattr(sys.modules[type(indexer).__module__], form.rotate)
+    q[rotated], k[rotated] = rotate(q[rotated], k[rotated], *position_embeddings, unsqueeze_dim=2)
     weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * indexer.n_heads**-0.5
-    return torch.ops.paw.index_topk(q, k, weights, int(indexer.layer_idx), int(indexer.index_topk),
-                                    float(indexer.softmax_scale))
+    scale = float(indexer.softmax_scale)
+    if form.scale_weights:
+        weights, scale = weights * scale, 1.0
+    return torch.ops.paw.index_topk(torch.cat(q, dim=-1), torch.cat(k, dim=-1).squeeze(2), weights,
+                                    int(indexer.layer_idx), int(indexer.index_topk), scale)
 
 
-#: each indexer class's rotary function, by name in its modeling module
-ROTARY = {"DeepseekV32Indexer": "apply_rotary_pos_emb", "AXK2Indexer": "apply_rotary_pos_emb",
-          "GlmMoeDsaIndexer": "apply_rotary_pos_emb_interleave"}
+#: the MLA rotary of the attention classes that rotate halves (the others rotate neighbours)
+MLA_ROTARY = {"HYV4Attention": "apply_rotary_pos_emb"}
 
 
 def _queries(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -89,12 +111,12 @@ def _queries(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def dsa_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
                           position_ids=None, prev_topk_indices=None, **kwargs):
-    """DeepseekV32Attention / GlmMoeDsaAttention / AXK2Attention: MLA as transformers computes it, the indexer's
-    choice as a keep mask (``index_keep``, or the previous layer's for GLM-5's shared layers), attention as
+    """DeepseekV32Attention, GlmMoeDsaAttention, AXK2Attention, HYV4Attention: MLA as transformers computes it,
+    the indexer's choice as a keep mask (``index_keep``, or the previous layer's for shared layers), attention as
     ``paw::attention``.
 
-    Returns what the family's forward returns: (output, None), and GLM-5's keep mask third, which its
-    decoder hands to the next layer as ``prev_topk_indices``.
+    Returns what the family's forward returns: (output, None), and GLM-5's and HY-V4's keep mask third,
+    which their decoders hand to the next layer as ``prev_topk_indices``.
     """
     batch, length = hidden_states.shape[:-1]
     q_resid, q, gate = _queries(self, hidden_states)
@@ -103,17 +125,21 @@ def dsa_attention_forward(self, hidden_states, position_embeddings, attention_ma
                                  dim=-1)
     k_pass = self.kv_a_layernorm(kv_pass).view(batch, 1, length, self.kv_lora_rank)
     k_rot = k_rot.view(batch, 1, length, self.qk_rope_head_dim)
-    rotate = sys.modules[type(self).__module__].apply_rotary_pos_emb_interleave
+    rotate = getattr(sys.modules[type(self).__module__], MLA_ROTARY.get(type(self).__name__,
+                                                                         "apply_rotary_pos_emb_interleave"))
     q_rot, k_rot = rotate(q_rot, k_rot, *position_embeddings)
     query = torch.cat((q_pass, q_rot), dim=-1)
     key, value = self.expand_kv(k_pass, k_rot)
     indexer = getattr(self, "indexer", None)
     keep = index_keep(indexer, hidden_states, q_resid, position_embeddings) if indexer is not None \
         else prev_topk_indices
-    out = torch.ops.paw.attention(query, key, value, int(self.layer_idx), float(self.scaling), 0, 0.0, 0.0, None, 0,
+    sinks = getattr(self, "sinks", None)  # HY-V4's, as gpt-oss's
+    out = torch.ops.paw.attention(query, key, value, int(self.layer_idx), float(self.scaling), 0, 0.0, 0.0, sinks, 0,
                                   keep)
     out = out.transpose(1, 2).reshape(batch, length, -1)
-    if gate is not None:  # A.X-K2's sigmoid gate on the attention output
+    if gate is not None:  # A.X-K2's sigmoid gate on the attention output, in float32
         out = (out * torch.sigmoid(gate.float())).to(out.dtype)
+    elif hasattr(self, "gate_proj"):  # HY-V4's, from the hidden states
+        out = out * torch.sigmoid(self.gate_proj(hidden_states))
     out = self.o_proj(out)
     return (out, None, keep) if hasattr(self, "skip_topk") else (out, None)

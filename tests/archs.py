@@ -100,6 +100,9 @@ ARCHS: dict[str, dict] = {
     "glm_moe_dsa": dict(_DSA, num_hidden_layers=3, indexer_types=["full", "shared", "full"]),
     # A.X-K2: DeepSeek-V3.2's indexer; queries and a sigmoid output gate from one projection, gated norms
     "axk2": dict(_DSA),
+    # HY-V4: the indexer rotates the last channels of its heads, attention has sinks and a gate, hyper-connections
+    # mix four residual streams; the second layer reuses the first's choice
+    "hy_v4": dict(_DSA, num_hidden_layers=3, indexer_types=["full", "shared", "full"], learnable_sink_init=0.5),
     # DeepSeek-V2-Lite's form: complex rotary (polar, a complex product) with yarn scaling, MLA without a
     # query LoRA, greedy routing
     "deepseek_v2": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
@@ -212,7 +215,7 @@ ARCHS: dict[str, dict] = {
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
-MOE = ("axk2", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "gpt_oss",
+MOE = ("axk2", "hy_v4", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "gpt_oss",
        "granitemoehybrid", "jetmoe", "lfm2_moe", "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
        "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),

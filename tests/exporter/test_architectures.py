@@ -132,6 +132,7 @@ WHOLE_ATTENTION = {"olmo2": "its q/k norms span every head", "olmoe": "its q/k n
                    "deepseek_v32": "its keys join per-head parts with one rotary part every head shares",
                    "glm_moe_dsa": "its keys join per-head parts with one rotary part every head shares",
                    "axk2": "its keys join per-head parts with one rotary part every head shares",
+                   "hy_v4": "its keys join per-head parts with one rotary part every head shares",
                    "falcon": "its fused qkv is regrouped: each group's queries beside the group's key and value",
                    "diffllama": "it tiles its value heads for its two attention calls",
                    "jetmoe": "its queries come from routed attention experts (expert_linear), which stay whole"}

@@ -17,7 +17,7 @@ import torch
 
 from tests.archs import SEQ, arch_config
 
-INDEXED = ("deepseek_v32", "glm_moe_dsa", "axk2")
+INDEXED = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4")
 
 
 def _nodes(case, op: str) -> list[dict]:
