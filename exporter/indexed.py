@@ -1,15 +1,16 @@
 """DeepSeek Sparse Attention (DSA) captured as ``paw::index_topk`` feeding ``paw::attention``.
 
-DeepSeek-V3.2, GLM-5, A.X-K2 and HY-V4 (``deepseek_v32``, ``glm_moe_dsa``, ``axk2``, ``hy_v4``)
-add a "lightning indexer" to multi-head latent attention: a small multi-head scorer that
-rates every earlier key for each query and keeps the ``index_topk`` best; attention then
-sees only those. transformers folds the choice into the attention mask as a tensor and
-keeps the indexer's keys in its cache (``update_indexer``). A program keeps no cache in the
-graph, so the recipe (``exporter/recipes.py``) replaces the attention forward: the indexer's
-queries, keys and head weights go to ``paw::index_topk``, whose keys the interpreter caches
-in a KV slot of their own (``interp/ops/indexer.py``), and its keep mask goes to
-``paw::attention``. GLM-5's and HY-V4's "shared" layers reuse the previous indexer layer's
-choice: the mask is handed on as transformers hands on its top-k indices.
+DeepSeek-V3.2, GLM-5, A.X-K2, HY-V4 and dots.3 Note (``deepseek_v32``, ``glm_moe_dsa``,
+``axk2``, ``hy_v4``, ``dots3_note_text``) add a "lightning indexer" to multi-head latent
+attention: a small multi-head scorer that rates every earlier key for each query and keeps
+the ``index_topk`` best; attention then sees only those. transformers folds the choice into
+the attention mask as a tensor and keeps the indexer's keys in its cache
+(``update_indexer``). A program keeps no cache in the graph, so the recipe
+(``exporter/recipes.py``) replaces the attention forward: the indexer's queries, keys and
+head weights go to ``paw::index_topk``, whose keys the interpreter caches in a KV slot of
+their own (``interp/ops/indexer.py``), and its keep mask goes to ``paw::attention``.
+GLM-5's and HY-V4's "shared" layers reuse the previous indexer layer's choice: the mask is
+handed on as transformers hands on its top-k indices.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class IndexerForm:
 INDEXERS = {"DeepseekV32Indexer": IndexerForm("apply_rotary_pos_emb"),
             "AXK2Indexer": IndexerForm("apply_rotary_pos_emb"),
             "GlmMoeDsaIndexer": IndexerForm("apply_rotary_pos_emb_interleave"),
+            "Dots3NoteTextIndexer": IndexerForm("apply_rotary_pos_emb_interleave"),
             "HYV4Indexer": IndexerForm("apply_rotary_pos_emb", rope_last=True, scale_weights=True)}
 
 
@@ -143,3 +145,32 @@ def dsa_attention_forward(self, hidden_states, position_embeddings, attention_ma
         out = out * torch.sigmoid(self.gate_proj(hidden_states))
     out = self.o_proj(out)
     return (out, None, keep) if hasattr(self, "skip_topk") else (out, None)
+
+
+def dots3_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
+                            **kwargs):
+    """Dots3NoteTextAttention: MLA with scaled latents and a normed rotary key, an indexer on its indexed layers
+    (``index_keep``; a sliding layer has none and slides through the attention op's window), a sigmoid gate per
+    head; attention as ``paw::attention``."""
+    from exporter.masks import AttentionPattern
+
+    batch, length = hidden_states.shape[:-1]
+    q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states)) * self.q_lora_scale
+    q = self.q_b_proj(q_resid).view(batch, length, -1, self.qk_head_dim).transpose(1, 2)
+    q_pass, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+    kv_pass, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim],
+                                 dim=-1)
+    k_pass = self.kv_a_layernorm(kv_pass).view(batch, 1, length, self.kv_lora_rank) * self.kv_lora_scale
+    k_rot = self.k_rope_only_layernorm(k_rot.view(batch, 1, length, self.qk_rope_head_dim))
+    rotate = sys.modules[type(self).__module__].apply_rotary_pos_emb_interleave
+    q_dtype, k_dtype = q_rot.dtype, k_rot.dtype
+    q_rot, k_rot = rotate(q_rot, k_rot, *position_embeddings)
+    query = torch.cat((q_pass, q_rot.to(q_dtype)), dim=-1)
+    key, value = self.expand_kv(k_pass, k_rot.to(k_dtype))
+    keep = None if self.indexer is None else index_keep(self.indexer, hidden_states, q_resid, position_embeddings)
+    window = attention_mask.window if isinstance(attention_mask, AttentionPattern) else 0
+    out = torch.ops.paw.attention(query, key, value, int(self.layer_idx), float(self.scaling), int(window), 0.0, 0.0,
+                                  None, 0, keep)
+    gate = self.g_proj(hidden_states).view(batch, length, -1, 1)
+    out = out.transpose(1, 2) * gate.sigmoid()
+    return self.o_proj(out.reshape(batch, length, -1)), None

@@ -26,7 +26,7 @@ calls the paw op, for the duration of the capture only.
 | mamba2, nemotron_h, granitemoehybrid, bamba, zamba2 | Mamba2 mixers keep conv, SSM states | ``ssm_scan`` |
 | falcon_h1 | the same mixer with muP multipliers | ``ssm_scan`` and the multipliers |
 | mamba, falcon_mamba, jamba, zamba | Mamba 1 mixers keep conv, SSM states | two functions (``ssm_scan``, A per state) |
-| deepseek_v32, glm_moe_dsa, axk2, hy_v4 | indexer top-k masked by hand, its keys cached | ``index_topk`` |
+| deepseek_v32, glm_moe_dsa, axk2, hy_v4, dots3_note_text | DSA: indexer top-k masked by hand | ``index_topk`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
 ``functions`` replace module-level functions of the model's modeling modules by name (the Gated
@@ -292,6 +292,9 @@ RECIPES: dict[str, Recipe] = {
                           layer_types=frozenset({"indexed_attention"}))
        for model_type, attention in (("deepseek_v32", "DeepseekV32Attention"), ("glm_moe_dsa", "GlmMoeDsaAttention"),
                                      ("axk2", "AXK2Attention"), ("hy_v4", "HYV4Attention"))},
+    "dots3_note_text": Recipe(why="indexer-selected sparse attention (DSA) beside sliding layers",
+                              forwards={"Dots3NoteTextAttention": indexed.dots3_attention_forward},
+                              layer_types=frozenset({"indexed_attention"})),
 }
 #: Gated DeltaNet hybrids: their forwards call the same two functions (exporter/delta_rule.py); Qwen3.5's
 #: text rotary embedding is M-RoPE, which on text is plain RoPE (exporter/mrope.py)

@@ -103,6 +103,11 @@ ARCHS: dict[str, dict] = {
     # HY-V4: the indexer rotates the last channels of its heads, attention has sinks and a gate, hyper-connections
     # mix four residual streams; the second layer reuses the first's choice
     "hy_v4": dict(_DSA, num_hidden_layers=3, indexer_types=["full", "shared", "full"], learnable_sink_init=0.5),
+    # dots.3 Note's text model: an indexed layer and a sliding one (its own, smaller MLA shapes, no indexer)
+    "dots3_note_text": dict(_DSA, n_group=2, topk_group=1, layer_types=["indexed_attention", "sliding_attention"],
+                            sliding_window=WINDOW, swa_num_attention_heads=4, swa_num_key_value_heads=4,
+                            swa_q_lora_rank=24, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8,
+                            swa_v_head_dim=16),
     # DeepSeek-V2-Lite's form: complex rotary (polar, a complex product) with yarn scaling, MLA without a
     # query LoRA, greedy routing
     "deepseek_v2": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
@@ -215,9 +220,9 @@ ARCHS: dict[str, dict] = {
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
-MOE = ("axk2", "hy_v4", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "gpt_oss",
-       "granitemoehybrid", "jetmoe", "lfm2_moe", "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
-       "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
+MOE = ("axk2", "hy_v4", "dots3_note_text", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa",
+       "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe", "llama4_text", "mixtral", "nemotron_h", "olmoe",
+       "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 and Mamba 1 mixers a conv
 #: and an SSM state (exporter/ssm.py, exporter/mamba.py)

@@ -17,7 +17,7 @@ import torch
 
 from tests.archs import SEQ, arch_config
 
-INDEXED = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4")
+INDEXED = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text")
 
 
 def _nodes(case, op: str) -> list[dict]:
@@ -40,20 +40,32 @@ def test_the_indexer_drops_keys_in_the_tested_sequences(arch_cases, arch):
     assert np.max(np.abs(logits - arch_cases(arch).logits)) > 1e-2
 
 
+def _indexer_kinds(config) -> list[str]:
+    """Per layer: "full" (an indexer of its own), "shared" (the previous indexer's choice) or "none" (dots.3's
+    sliding layers)."""
+    kinds = getattr(config, "indexer_types", None) or ["full"] * config.num_hidden_layers
+    return [kind if layer == "indexed_attention" else "none" for kind, layer in zip(kinds, config.layer_types,
+                                                                                    strict=True)]
+
+
 @pytest.mark.parametrize("arch", INDEXED)
 def test_indexers_keep_their_keys_in_kv_slots(arch_cases, arch):
     case = arch_cases(arch)
     config = arch_config(arch)
+    kinds = _indexer_kinds(config)
     indexers, attention = _nodes(case, "index_topk"), _nodes(case, "attention")
-    full = [kind != "shared" for kind in getattr(config, "indexer_types", ["full"] * config.num_hidden_layers)]
-    assert len(indexers) == sum(full) and len(attention) == config.num_hidden_layers
+    assert len(indexers) == kinds.count("full") and len(attention) == config.num_hidden_layers
     assert {node["attrs"]["topk"] for node in indexers} == {config.index_topk}
     slots = sorted(node["attrs"]["layer"] for node in indexers + attention)
     assert slots == list(range(len(slots))) == list(range(case.model.program.num_layers))
-    # each attention reads the keep mask of the last indexer before it (GLM-5's shared layer: the previous one's)
-    masks = [node["outputs"][0] for node in indexers]
-    owners = [masks[sum(full[: layer + 1]) - 1] for layer in range(config.num_hidden_layers)]
-    assert [node["inputs"][4] for node in attention] == owners
+    # each indexed layer's attention reads the keep mask of the last indexer up to it (a shared layer: the
+    # previous one's); a layer without an indexer reads none
+    masks = iter(node["outputs"][0] for node in indexers)
+    owners, last = [], None
+    for kind in kinds:
+        last = next(masks) if kind == "full" else last
+        owners.append(None if kind == "none" else last)
+    assert [(node["inputs"] + [None])[4] for node in attention] == owners
 
 
 @pytest.mark.parametrize("arch", INDEXED)
