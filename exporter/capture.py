@@ -120,7 +120,8 @@ def check_layer_types(model: torch.nn.Module) -> None:
     A program's state is attention's KV cache plus the recurrent states of the layers a recipe
     captures (``Recipe.layer_types``): LFM2's ``conv``, the Gated DeltaNet families', Mamba2 and
     Mamba 1 mixers' ``linear_attention`` (Jamba's ``mamba``); other recurrent layers (RG-LRU,
-    RWKV) cannot run through it, and neither can indexer-selected attention.
+    RWKV) cannot run through it. Indexer-selected attention (``indexed_attention``) runs where a recipe
+    captures its indexer (DeepSeek Sparse Attention, ``exporter/indexed.py``), and only there.
     """
     config = model.config
     kinds = []

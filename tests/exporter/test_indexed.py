@@ -97,3 +97,17 @@ def test_an_indexer_slot_past_the_kv_cache_is_refused(arch_cases, tmp_path):
     (copy / "prog.json").write_text(json.dumps(spec))
     with pytest.raises(ProgramError, match=rf"\(index_topk\): layer {slots} is not below state.kv_cache.layers"):
         read_program(copy)
+
+
+def test_indexed_layers_without_a_recipe_are_refused_by_name(monkeypatch):
+    """An indexed family no recipe captures (as a new one would be) stops before tracing, in one line."""
+    from exporter import recipes
+    from exporter.capture import check_layer_types
+    from interp.errors import ExportError
+    from tests.tiny import tiny_model
+
+    model = tiny_model(arch_config("deepseek_v32"), seed=0)
+    check_layer_types(model)
+    monkeypatch.delitem(recipes.RECIPES, "deepseek_v32")
+    with pytest.raises(ExportError, match=r"^cannot export: DeepseekV32ForCausalLM has indexed_attention layers"):
+        check_layer_types(model)
