@@ -111,3 +111,20 @@ def test_indexed_layers_without_a_recipe_are_refused_by_name(monkeypatch):
     monkeypatch.delitem(recipes.RECIPES, "deepseek_v32")
     with pytest.raises(ExportError, match=r"^cannot export: DeepseekV32ForCausalLM has indexed_attention layers"):
         check_layer_types(model)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_training_cuts_the_graph_between_layers_not_inside_one(arch_cases, layers):
+    """Tuning the top ``layers`` decoder layers of GLM-5's (an indexer, a shared layer, an indexer) cuts the graph
+    after a frozen attention: each tuned attention's indexer is tuned with it, every frozen one stays in front."""
+    from paw_mlx.programs.train import SplitModel, TrainOptions, first_tuned_layer, first_tuned_slot
+
+    model = arch_cases("glm_moe_dsa").model
+    options = TrainOptions(layers=layers)
+    first = first_tuned_slot(model.program, options)
+    split = SplitModel(model, first)
+    slots = [[node.attrs["layer"] for node in part.program.nodes if node.op in ("attention", "index_topk")]
+             for part in (split.front, split.back)]
+    assert all(slot < first for slot in slots[0]) and all(slot >= first for slot in slots[1])
+    tuned = [node for node in split.back.program.nodes if node.op == "attention"]
+    assert len(tuned) == layers == 3 - first_tuned_layer(model.program, options)
