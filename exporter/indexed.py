@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from interp.errors import ExportError
+
 
 @torch.library.custom_op("paw::index_topk", mutates_args=())
 def paw_index_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, layer: int, topk: int,
@@ -70,7 +72,10 @@ def index_keep(indexer: torch.nn.Module, hidden_states: torch.Tensor, q_resid: t
                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The indexer's keep mask [B, L, T] through ``paw::index_topk``: transformers' ``Indexer.forward`` up to its
     scores (``INDEXERS`` holds what differs by family), which the op computes against the cached keys."""
-    form = INDEXERS[type(indexer).__name__]
+    form = INDEXERS.get(type(indexer).__name__)
+    if form is None:  # a new family's indexer: its rotary and scaling are not known to be one of these
+        raise ExportError(f"cannot export: paw does not know how {type(indexer).__name__} rotates and scales "
+                          "(exporter/indexed.py INDEXERS)")
     batch, length, _ = hidden_states.shape
     rope = indexer.qk_rope_head_dim
     sizes = [indexer.head_dim - rope, rope] if form.rope_last else [rope, indexer.head_dim - rope]

@@ -128,3 +128,14 @@ def test_training_cuts_the_graph_between_layers_not_inside_one(arch_cases, layer
     assert all(slot < first for slot in slots[0]) and all(slot >= first for slot in slots[1])
     tuned = [node for node in split.back.program.nodes if node.op == "attention"]
     assert len(tuned) == layers == 3 - first_tuned_layer(model.program, options)
+
+
+def test_an_indexer_of_unknown_form_is_refused_by_name(monkeypatch):
+    from exporter import indexed
+    from exporter.capture import capture
+    from interp.errors import ExportError
+    from tests.tiny import tiny_model
+
+    monkeypatch.delitem(indexed.INDEXERS, "DeepseekV32Indexer")
+    with pytest.raises(ExportError, match=r"^cannot export: paw does not know how DeepseekV32Indexer rotates"):
+        capture(tiny_model(arch_config("deepseek_v32"), seed=0))
