@@ -16,6 +16,7 @@ import torch
 
 from exporter.lower import INT64_MAX, Lowering, dtype_name
 from interp.errors import ExportError
+from interp.schema import KV_CACHE_OPS
 
 ATEN: dict[str, Callable[[Lowering, torch.fx.Node], Any]] = {}
 
@@ -496,7 +497,7 @@ def _attention(low: Lowering, node):
     attends twice (DiffLlama's differential attention) a slot per call, each with its own k, v.
     """
     q, k, v, _, scale, window, softcap = node.args[:7]
-    layer = sum(1 for lowered in low.nodes if lowered["op"] == "attention")
+    layer = _kv_slots(low)
     attrs = {"layer": layer, "scale": float(scale), "window": int(window), "softcap": float(softcap)}
     alibi = float(_arg(node, 7, "alibi_max_bias", 0.0))
     if alibi > 0:
@@ -504,7 +505,24 @@ def _attention(low: Lowering, node):
     chunk = int(_arg(node, 9, "chunk", 0))
     if chunk > 0:  # written only when set: programs without chunks stay as they were
         attrs["chunk"] = chunk
-    return low.emit("attention", [low.ref(q), low.ref(k), low.ref(v), low.ref(_arg(node, 8, "sinks"))], attrs)
+    inputs = [low.ref(q), low.ref(k), low.ref(v), low.ref(_arg(node, 8, "sinks"))]
+    keep = _arg(node, 10, "keep")
+    if keep is not None:  # written only when set: programs without an indexer stay as they were
+        inputs.append(low.ref(keep))
+    return low.emit("attention", inputs, attrs)
+
+
+def _kv_slots(low: Lowering) -> int:
+    """The next KV cache slot: attention calls and indexers (``index_topk``) take one each, in graph order."""
+    return sum(1 for lowered in low.nodes if lowered["op"] in KV_CACHE_OPS)
+
+
+@aten("paw.index_topk.default")
+def _index_topk(low: Lowering, node):
+    """A DeepSeek Sparse Attention indexer (exporter/indexed.py); its keys take a KV cache slot."""
+    q, k, weights, _, topk, scale = node.args[:6]
+    return low.emit("index_topk", [low.ref(q), low.ref(k), low.ref(weights)],
+                    {"layer": _kv_slots(low), "topk": int(topk), "scale": float(scale)})
 
 
 @aten("paw.causal_conv1d.default")

@@ -14,13 +14,15 @@ import torch
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int = 0,
                         softcap: float = 0.0, alibi_max_bias: float = 0.0,
-                        sinks: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+                        sinks: torch.Tensor | None = None, chunk: int = 0,
+                        keep: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [B, Hq, L, D] over ``k``, ``v`` [B, Hkv, T, D], aligned to the end.
 
     Query i sits at key position ``T - L + i``. Scores and softmax in float32; the result
     has ``v``'s dtype. ``sinks`` [Hq] joins each head's softmax as a column with no value
     (gpt-oss's ``eager_attention_forward``). ``chunk`` > 0: a query sees only the keys whose
-    position ``// chunk`` equals its own (Llama 4's chunked attention).
+    position ``// chunk`` equals its own (Llama 4's chunked attention). ``keep`` (bool [B, L, T]) limits each
+    query to the keys it marks (an indexer's choice, ``index_topk``).
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -39,6 +41,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
         allowed = allowed & (cols > rows - window)
     if chunk > 0:
         allowed = allowed & (cols // chunk == rows // chunk)
+    if keep is not None:
+        allowed = allowed & keep[:, None]
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         column = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)

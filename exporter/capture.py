@@ -31,15 +31,15 @@ ATTN_IMPLEMENTATION = "paw"
 @torch.library.custom_op("paw::attention", mutates_args=())
 def paw_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, window: int, softcap: float,
-    alibi_max_bias: float = 0.0, sinks: torch.Tensor | None = None, chunk: int = 0,
+    alibi_max_bias: float = 0.0, sinks: torch.Tensor | None = None, chunk: int = 0, keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The program's ``attention`` op, without a cache (exporter/attention_reference.py)."""
     return attention_reference(q, k, v, scale=scale, window=window, softcap=softcap, alibi_max_bias=alibi_max_bias,
-                               sinks=sinks, chunk=chunk)
+                               sinks=sinks, chunk=chunk, keep=keep)
 
 
 @paw_attention.register_fake
-def _paw_attention_fake(q, k, v, layer, scale, window, softcap, alibi_max_bias=0.0, sinks=None, chunk=0):
+def _paw_attention_fake(q, k, v, layer, scale, window, softcap, alibi_max_bias=0.0, sinks=None, chunk=0, keep=None):
     return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
 
 
@@ -120,8 +120,9 @@ def check_layer_types(model: torch.nn.Module) -> None:
     A program's state is attention's KV cache plus the recurrent states of the layers a recipe
     captures (``Recipe.layer_types``): LFM2's ``conv``, the Gated DeltaNet families', Mamba2 and
     Mamba 1 mixers' and RecurrentGemma's RG-LRU blocks' ``linear_attention`` (Jamba's ``mamba``);
-    other recurrent layers (MiniMax's lightning attention, RWKV) cannot run through it, and neither
-    can indexer-selected attention.
+    other recurrent layers (MiniMax's lightning attention, RWKV) cannot run through it.
+    Indexer-selected attention (``indexed_attention``) runs where a recipe captures its indexer
+    (DeepSeek Sparse Attention, ``exporter/indexed.py``), and only there.
     """
     config = model.config
     kinds = []

@@ -50,7 +50,7 @@ def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_inf
     for node in low.nodes:
         if outputs[0] in node["outputs"]:
             node["outputs"] = ["logits" if o == outputs[0] else o for o in node["outputs"]]
-    layers = sorted({n["attrs"]["layer"] for n in low.nodes if n["op"] == "attention"})
+    layers = sorted({n["attrs"]["layer"] for n in low.nodes if n["op"] in schema.KV_CACHE_OPS})
     recurrent_ops = {op for _, op in RECURRENT_STATES}
     if not layers and not any(n["op"] in recurrent_ops for n in low.nodes):
         # attention written by hand and masked by the model itself: right on a whole sequence,

@@ -75,7 +75,9 @@ class Lowering:
         spec = schema.OPS.get(op)
         if spec is None:
             raise ExportError(f"internal: op {op!r} is not in the schema")
-        if len(inputs) != len(spec.inputs):
+        # trailing optional inputs may be left out, as programs written before they existed leave them
+        if len(inputs) > len(spec.inputs) or any(arg.kind != schema.OPTIONAL_TENSOR
+                                                 for arg in spec.inputs[len(inputs):]):
             raise ExportError(f"internal: op {op!r} takes {len(spec.inputs)} inputs, got {len(inputs)}")
         attrs = {k: v for k, v in (attrs or {}).items()}
         for key in attrs:

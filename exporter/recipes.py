@@ -27,14 +27,16 @@ calls the paw op, for the duration of the capture only.
 | falcon_h1 | the same mixer with muP multipliers | ``ssm_scan`` and the multipliers |
 | mamba, falcon_mamba, jamba, zamba | Mamba 1 mixers keep conv, SSM states | two functions (``ssm_scan``, A per state) |
 | recurrent_gemma | RG-LRU blocks keep conv, recurrent states on the modules | ``causal_conv1d``, ``lru_scan`` |
+| deepseek_v32, glm_moe_dsa, axk2, hy_v4, dots3_note_text | DSA: indexer top-k masked by hand | ``index_topk`` |
 
 A key names the module class, or ``Class.method`` for a method other than ``forward``; a recipe's
 ``functions`` replace module-level functions of the model's modeling modules by name (the Gated
 DeltaNet families': ``causal_conv1d_fn`` -> ``paw::causal_conv1d``, ``torch_chunk_gated_delta_rule``
 -> ``paw::gated_delta_rule``, ``exporter/delta_rule.py``; the Mamba 1 families' ``causal_conv1d_fn``
 and ``mamba_selective_scan`` -> ``paw::ssm_scan``, ``exporter/mamba.py``). A recipe's
-``layer_types`` are the recurrent layer kinds (``config.layer_types``) it captures with an op
-whose state the interpreter owns; capture refuses every other recurrent kind.
+``layer_types`` are the layer kinds (``config.layer_types``) beyond plain attention it captures with an op
+whose state the interpreter owns (recurrent states; DSA's ``indexed_attention``, exporter/indexed.py);
+capture refuses every other kind.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from exporter import conv, delta_rule, llama4, mamba, mrope, rg_lru, ssm
+from exporter import conv, delta_rule, indexed, llama4, mamba, mrope, rg_lru, ssm
 from interp.errors import ExportError
 
 
@@ -286,6 +288,14 @@ RECIPES: dict[str, Recipe] = {
     "zamba2": Recipe(why="Mamba2 mixers with conv and SSM state",
                      forwards={"Zamba2MambaMixer": ssm.mamba2_mixer_forward},
                      layer_types=frozenset({"linear_attention", "hybrid"})),
+    **{model_type: Recipe(why="indexer-selected sparse attention (DSA), indexer keys cached",
+                          forwards={attention: indexed.dsa_attention_forward},
+                          layer_types=frozenset({"indexed_attention"}))
+       for model_type, attention in (("deepseek_v32", "DeepseekV32Attention"), ("glm_moe_dsa", "GlmMoeDsaAttention"),
+                                     ("axk2", "AXK2Attention"), ("hy_v4", "HYV4Attention"))},
+    "dots3_note_text": Recipe(why="indexer-selected sparse attention (DSA) beside sliding layers",
+                              forwards={"Dots3NoteTextAttention": indexed.dots3_attention_forward},
+                              layer_types=frozenset({"indexed_attention"})),
 }
 #: Gated DeltaNet hybrids: their forwards call the same two functions (exporter/delta_rule.py); Qwen3.5's
 #: text rotary embedding is M-RoPE, which on text is plain RoPE (exporter/mrope.py)

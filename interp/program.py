@@ -325,7 +325,7 @@ def _check_node_attrs(op: str, attrs: dict, layers: dict[str, int], where: str) 
     ``layers`` holds each state kind's slot count (``kv_cache``, then ``RECURRENT_STATES``), the cache list's order.
     """
     kv = layers["kv_cache"]
-    if op == "attention" and _is_int(attrs.get("layer")) and attrs["layer"] >= kv:
+    if op in schema.KV_CACHE_OPS and _is_int(attrs.get("layer")) and attrs["layer"] >= kv:
         raise ProgramError(f"{where}: layer {attrs['layer']} is not below state.kv_cache.layers ({kv})")
     start = kv
     for kind, owner in RECURRENT_STATES:

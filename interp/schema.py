@@ -43,6 +43,10 @@ ATTR_KINDS = (INT, INTS, FLOAT, BOOL, DTYPE, STR)
 _NO_DEFAULT = object()
 
 
+#: The ops that keep a KV cache slot (its ``layer`` attribute), numbered together in graph order:
+#: attention's keys and values, an indexer's keys (``index_topk``).
+KV_CACHE_OPS = ("attention", "index_topk")
+
 #: The largest size, axis or index MLX takes (its shapes are 32-bit integers).
 INT32_MAX = 2**31 - 1
 
@@ -271,13 +275,26 @@ _op("attention", "nn",
     "ALiBi: slope_h * key_position to head h's scores, with slopes 2 ** (-alibi_max_bias * (h + 1) / Hq) "
     "(ALiBi's interleaving rule when Hq is not a power of two). sinks (float [Hq], or null; gpt-oss) adds "
     "exp(sinks[h]) to head h's softmax denominator, a key that takes weight but has no value. "
-    "Output [B, Hq, L, D]. A node may omit sinks (programs written before it existed).",
-    [_t("q"), _t("k"), _t("v"), _opt("sinks")],
+    "keep (bool [B, L, T] over the T cache columns after this call's keys, or null; an `index_topk` "
+    "output) limits each query further to the keys it marks: indexed sparse attention (DeepSeek-V3.2). "
+    "Output [B, Hq, L, D]. A node may omit sinks and keep (programs written before they existed).",
+    [_t("q"), _t("k"), _t("v"), _opt("sinks"), _opt("keep")],
     [_attr("layer", INT, "KV cache slot, below state.kv_cache.layers", low=0), _attr("scale", FLOAT, "score scale"),
      _attr("window", INT, "sliding window, 0 for none", 0, **_SIZE), _attr("softcap", FLOAT, "0 for none", 0.0, low=0),
      _attr("alibi_max_bias", FLOAT, "ALiBi's maximal bias (8 for BLOOM), 0 for none", 0.0, low=0),
      _attr("chunk", INT, "attention chunk size, 0 for none", 0, **_SIZE)])
 
+_op("index_topk", "nn",
+    "the keys an indexer keeps for each query: the lightning indexer of DeepSeek Sparse Attention "
+    "(DeepSeek-V3.2, GLM-5). q: [B, L, H, D] and k: [B, L, D] for the L new positions only; weights: [B, L, H]. "
+    "The interpreter appends k to KV cache slot `layer` (keys only, no values) and scores every query against "
+    "the T keys there: score[b, i, t] = sum_h weights[b, i, h] * relu(scale * q[b, i, h] . k[b, t]), in float32; "
+    "keys the query may not see (causally, as the attention op masks them) score -inf. Output bool [B, L, T]: "
+    "True at the keys whose score is among the query's `topk` largest (every key when T <= topk; a tie at the "
+    "k-th score keeps all tied keys), the `keep` input of the layer's `attention`.",
+    [_t("q"), _t("k"), _t("weights")],
+    [_attr("layer", INT, "KV cache slot of the indexer's keys, below state.kv_cache.layers", low=0),
+     _attr("topk", INT, "keys kept per query", low=1, high=INT32_MAX), _attr("scale", FLOAT, "factor on q . k")])
 _op("causal_conv1d", "nn",
     "depthwise causal 1-D convolution over the sequence, with the interpreter's conv state: the short "
     "convolutions of hybrid recurrent models (LFM2). x: [B, L, C] for the L new positions only; weight: "

@@ -100,6 +100,9 @@ CANDIDATES: dict[str, dict] = {
     "jamba": {},
     "cohere2_moe": {},
     "deepseek_v32": dict(_MLA, **_ROUTED),
+    "glm_moe_dsa": dict(_MLA, **_ROUTED),
+    "axk2": dict(_MLA, **_ROUTED),
+    "hy_v4": dict(_MLA, **_ROUTED),
     "glm4_moe_lite": dict(_MLA, **_ROUTED),
     "minimax_m2": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2),
     "ministral3": {},
@@ -176,7 +179,7 @@ _TINY_FIELDS = dict(
     head_dim=16, swa_head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
     vocab_size_per_layer_input=384, hidden_size_per_layer_input=16, sliding_window=5,
-    index_head_dim=16, index_n_heads=4,
+    index_head_dim=16, index_n_heads=4, index_topk=4,  # DSA's indexer keeps fewer keys than the test's 12
 )
 
 

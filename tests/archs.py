@@ -27,6 +27,11 @@ _GDN = dict(num_hidden_layers=4, head_dim=16,
             linear_conv_kernel_dim=4,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
 
+#: multi-head latent attention with a DSA indexer that keeps fewer keys than the test's sequences hold
+_DSA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            n_shared_experts=1, first_k_dense_replace=1, index_topk=4, index_n_heads=8, index_head_dim=16)
+
 #: Gemma 4's text model: sliding and full layers, the full one with heads twice as wide (per_layer_config),
 #: per-layer token inputs
 _GEMMA4_TEXT = dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
@@ -89,6 +94,20 @@ ARCHS: dict[str, dict] = {
                         qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                         moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
                         topk_group=1),
+    # DeepSeek Sparse Attention: MLA whose keys an indexer picks, top 4 of the test's 12 and more positions
+    "deepseek_v32": dict(_DSA, n_group=2, topk_group=1),
+    # GLM-5: the same, its indexer rotating neighbours; the second layer reuses the first's choice ("shared")
+    "glm_moe_dsa": dict(_DSA, num_hidden_layers=3, indexer_types=["full", "shared", "full"]),
+    # A.X-K2: DeepSeek-V3.2's indexer; queries and a sigmoid output gate from one projection, gated norms
+    "axk2": dict(_DSA),
+    # HY-V4: the indexer rotates the last channels of its heads, attention has sinks and a gate, hyper-connections
+    # mix four residual streams; the second layer reuses the first's choice
+    "hy_v4": dict(_DSA, num_hidden_layers=3, indexer_types=["full", "shared", "full"], learnable_sink_init=0.5),
+    # dots.3 Note's text model: an indexed layer and a sliding one (its own, smaller MLA shapes, no indexer)
+    "dots3_note_text": dict(_DSA, n_group=2, topk_group=1, layer_types=["indexed_attention", "sliding_attention"],
+                            sliding_window=WINDOW, swa_num_attention_heads=4, swa_num_key_value_heads=4,
+                            swa_q_lora_rank=24, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8,
+                            swa_v_head_dim=16),
     # DeepSeek-V2-Lite's form: complex rotary (polar, a complex product) with yarn scaling, MLA without a
     # query LoRA, greedy routing
     "deepseek_v2": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
@@ -205,9 +224,9 @@ ARCHS: dict[str, dict] = {
 
 
 #: the mixture-of-experts families above: their routed experts run as ``expert_linear``
-MOE = ("dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe",
-       "llama4_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text",
-       "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
+MOE = ("axk2", "hy_v4", "dots3_note_text", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa",
+       "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe", "llama4_text", "mixtral", "nemotron_h", "olmoe",
+       "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 and Mamba 1 mixers a conv
 #: and an SSM state (exporter/ssm.py, exporter/mamba.py), RG-LRU blocks a conv and an LRU state

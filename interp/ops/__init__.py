@@ -16,6 +16,7 @@ from interp.ops import (  # noqa: E402,F401  (fill the registry)
     elementwise,
     experts,
     fused,
+    indexer,
     lru,
     nn,
     reduction,

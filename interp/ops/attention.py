@@ -6,7 +6,8 @@ written out (``explicit_attention``): the scores as BLAS matmuls, the polynomial
 softmax of ``interp/ops/fastmath.py``, then the weighted values (docs/speed.md). The GPU
 takes the written-out form too for what ``mx.fast`` cannot do: sliding windows, chunks,
 logit soft-capping and ALiBi. Attention sinks (gpt-oss) go to ``mx.fast`` on a GPU and into the
-written-out softmax on the CPU.
+written-out softmax on the CPU. An indexer's ``keep`` mask (``interp/ops/indexer.py``) joins the
+causal mask: the query attends only to the keys it marks.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def check_attention_shapes(q: mx.array, k: mx.array, v: mx.array) -> None:
 
 
 @implementation("attention", needs_context=True)
-def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0, chunk=0):
+def attention(ctx, q, k, v, sinks=None, keep=None, *, layer, scale, window=0, softcap=0.0, alibi_max_bias=0.0,
+              chunk=0):
     check_attention_shapes(q, k, v)
     cache = ctx.cache[layer] if ctx.cache is not None else None
     if cache is not None:
@@ -49,7 +51,7 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
     # else the keys are whole buffers: the compiled step's (queries from query_start) or a
     # slot batch's (each row's queries at its own query_columns)
     end_aligned = ctx.query_start is None and ctx.query_columns is None
-    if not on_cpu and not special and ctx.key_mask is None and end_aligned:
+    if not on_cpu and not special and ctx.key_mask is None and end_aligned and keep is None:
         # mx.fast's "causal" aligns the mask to the end, which is what decoding with a
         # cache needs (torch's is_causal aligns to the start).
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if length > 1 else None,
@@ -58,19 +60,11 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
     # in a batch with a key mask, where the positions come with the mask (``key_positions``).
     counts = window > 0 or chunk > 0 or alibi_max_bias > 0
     positions = key_positions(ctx, q.shape[0], total) if ctx.key_mask is not None and counts else None
-    mask = None
-    if positions is not None:
-        columns = query_columns(ctx, length, total)  # [batch or 1, length]
-        rows = mx.take_along_axis(positions, mx.broadcast_to(columns, (positions.shape[0], length)), axis=-1)
-        causal = (mx.arange(total) <= columns[..., None])[:, None]  # [batch or 1, 1, length, total]
-        mask = limit_positions(causal, rows[:, None, :, None], positions[:, None, None, :], window, chunk)
-    elif ctx.query_columns is not None:
-        mask = row_causal_mask(ctx.query_columns, total, window, chunk)
-    elif length > 1 or window > 0 or chunk > 0 or not end_aligned:
-        mask = causal_mask(length, total, window, start=ctx.query_start, chunk=chunk)
-    if ctx.key_mask is not None:  # a padded batch
-        keys = ctx.key_mask[:, None, None, :]
-        mask = keys if mask is None else mask & keys
+    mask = visible_keys(ctx, length, total, window=window, chunk=chunk, positions=positions)
+    if keep is not None:  # an indexer's choice of keys (index_topk)
+        if keep.shape != (q.shape[0], length, total):
+            raise ProgramError(f"attention's keep mask has shape {keep.shape}; expected {(q.shape[0], length, total)}")
+        mask = keep[:, None] if mask is None else mask & keep[:, None]
     if not on_cpu and not special:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=_sinks_for(sinks, q))
     alibi = alibi_slopes(q.shape[1], alibi_max_bias) if alibi_max_bias > 0 else None
@@ -88,6 +82,32 @@ def attention(ctx, q, k, v, sinks=None, *, layer, scale, window=0, softcap=0.0, 
                                          mask=mask[..., start:stop, :seen], softcap=softcap, alibi=alibi,
                                          sinks=sinks, positions=None if positions is None else positions[:, :seen]))
     return mx.concatenate(blocks, axis=2)
+
+
+def visible_keys(ctx, length: int, total: int, *, window: int = 0, chunk: int = 0,
+                 positions: mx.array | None = None) -> mx.array | None:
+    """Boolean mask (True = may attend) of this call's ``length`` queries over ``total`` cache columns.
+
+    Causal, limited by ``window`` and ``chunk``, with a padded batch's key mask; it is
+    [length, total] or [batch, 1, length, total], or None when every query sees every key
+    (one end-aligned query with no window, chunk or key mask). ``positions`` ([batch, total],
+    ``key_positions``) places the keys of a batch with a key mask for windows and chunks.
+    """
+    end_aligned = ctx.query_start is None and ctx.query_columns is None
+    mask = None
+    if positions is not None:
+        columns = query_columns(ctx, length, total)  # [batch or 1, length]
+        rows = mx.take_along_axis(positions, mx.broadcast_to(columns, (positions.shape[0], length)), axis=-1)
+        causal = (mx.arange(total) <= columns[..., None])[:, None]  # [batch or 1, 1, length, total]
+        mask = limit_positions(causal, rows[:, None, :, None], positions[:, None, None, :], window, chunk)
+    elif ctx.query_columns is not None:
+        mask = row_causal_mask(ctx.query_columns, total, window, chunk)
+    elif length > 1 or window > 0 or chunk > 0 or not end_aligned:
+        mask = causal_mask(length, total, window, start=ctx.query_start, chunk=chunk)
+    if ctx.key_mask is not None:  # a padded batch
+        keys = ctx.key_mask[:, None, None, :]
+        mask = keys if mask is None else mask & keys
+    return mask
 
 
 def key_positions(ctx, batch: int, total: int) -> mx.array:

@@ -45,6 +45,7 @@ from interp.graph import GraphModel
 from interp.lora import LinearSite, linear_sites, model_dtype, rewrite_with_lora
 from interp.ops import REGISTRY
 from interp.program import Program, names_in
+from interp.schema import KV_CACHE_OPS
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact
 from paw_mlx.programs.compile import compute_prefix, input_ids
@@ -158,7 +159,7 @@ class SplitModel:
 
     def __init__(self, model: GraphModel, first_tuned_layer: int):
         nodes = model.program.nodes
-        frozen = [i for i, n in enumerate(nodes) if n.op == "attention" and n.attrs["layer"] < first_tuned_layer]
+        frozen = [i for i, n in enumerate(nodes) if n.op in KV_CACHE_OPS and n.attrs["layer"] < first_tuned_layer]
         cut = frozen[-1] + 1 if frozen else 0
         last = nodes[-1]
         self.head = None
@@ -308,9 +309,20 @@ def _prepare_rows(split: SplitModel, prog: LoadedProgram, artifact: ProgramArtif
     return batches
 
 
-def first_tuned_layer(layers: int, options: TrainOptions) -> int:
-    """The lowest decoder layer training touches, of ``layers``: the top ``options.layers`` (0: all)."""
-    return 0 if options.layers == 0 else max(0, layers - options.layers)
+def first_tuned_layer(program: Program, options: TrainOptions) -> int:
+    """The lowest decoder layer training touches: the top ``options.layers`` (0: all) of the program's
+    attention calls."""
+    calls = sum(1 for node in program.nodes if node.op == "attention")
+    return 0 if options.layers == 0 else max(0, calls - options.layers)
+
+
+def first_tuned_slot(program: Program, options: TrainOptions) -> int:
+    """The lowest KV cache slot training touches: the one after the last frozen attention call's. It is
+    ``first_tuned_layer`` but where an indexer (``index_topk``) takes a slot before its layer's attention,
+    which is then tuned with it (the cut never falls between an indexer and the attention it serves)."""
+    frozen = first_tuned_layer(program, options)
+    slots = sorted(node.attrs["layer"] for node in program.nodes if node.op == "attention")
+    return slots[frozen - 1] + 1 if frozen else 0
 
 
 def lora_targets(program: Program, options: TrainOptions) -> dict[int, list[LinearSite]]:
@@ -320,7 +332,7 @@ def lora_targets(program: Program, options: TrainOptions) -> dict[int, list[Line
     rank against the layers before the base model's weights load. Raises ``PawError`` when
     no layer qualifies, or the rank is more than the narrowest one's features.
     """
-    first = first_tuned_layer(program.num_layers, options)
+    first = first_tuned_layer(program, options)
     nodes: dict[int, list[LinearSite]] = {}
     for site in linear_sites(program).values():
         wanted = options.targets == "all" or is_attention_projection(site.module)
@@ -343,7 +355,7 @@ class _Problem:
 
     def __init__(self, prog: LoadedProgram, artifact: ProgramArtifact, options: TrainOptions):
         layers = len(artifact.prefix)
-        self.first_tuned = first_tuned_layer(layers, options)
+        self.first_tuned = first_tuned_slot(prog.program, options)
         self.layers = layers
         self.options = options
         self.artifact = artifact

@@ -71,8 +71,19 @@ class Case:
                 or self.attrs.get("dtype") == "float32")
 
 
-def _attention_ref(q, k, v, sinks=None, *, layer, **attrs):
-    return attention_reference(q, k, v, sinks=sinks, **attrs)
+def _attention_ref(q, k, v, sinks=None, keep=None, *, layer, **attrs):
+    return attention_reference(q, k, v, sinks=sinks, keep=keep, **attrs)
+
+
+def _index_topk_ref(q, k, weights, *, layer, topk, scale):
+    from exporter.indexed import paw_index_topk
+
+    return paw_index_topk(q, k, weights, layer, topk, scale)
+
+
+def _keep(batch, length):
+    """A random indexer choice [batch, length, length] that keeps at least each query's own key."""
+    return mask(batch, length, length) | np.eye(length, dtype=bool)
 
 
 def _ssm_ref(x, dt, A, B, C, *, layer):
@@ -186,6 +197,9 @@ CASES: dict[str, Case] = {
     "rms_norm": Case(lambda x, w, eps: F.rms_norm(x, [x.shape[-1]], w, eps), [randn(2, 3, 8), randn(8)], {"eps": 1e-6}),
     "attention": Case(_attention_ref, [randn(1, 4, 5, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8)],
                       {"layer": 0, "scale": 8**-0.5, "window": 0, "softcap": 0.0}),
+    # DSA's indexer: 3 of up to 7 earlier keys kept per query (the first 3 queries keep all they see)
+    "index_topk": Case(_index_topk_ref, [randn(2, 7, 4, 8), randn(2, 7, 8), randn(2, 7, 4)],
+                       {"layer": 0, "topk": 3, "scale": 8**-0.5}),
     # symbolic ints (plain Python)
     "sym_size": Case(lambda x, dim: x.shape[dim], [randn(2, 7)], {"dim": 1}),
     "sym_add": Case(lambda a, b: a + b, [3, 4]),
@@ -325,6 +339,11 @@ EXTRA_CASES = {
     "attention with sinks decoding one query": Case(
         _attention_ref, [randn(2, 4, 1, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(4)],
         {"layer": 0, "scale": 0.35}),
+    "attention with an indexer's keep mask": Case(
+        _attention_ref, [randn(2, 4, 6, 8), randn(2, 2, 6, 8), randn(2, 2, 6, 8), None, _keep(2, 6)],
+        {"layer": 0, "scale": 0.35}),
+    "index_topk keeping more keys than a short sequence has": Case(
+        _index_topk_ref, [randn(1, 3, 2, 8), randn(1, 3, 8), randn(1, 3, 2)], {"layer": 0, "topk": 4, "scale": 0.5}),
     "attention in chunks with fewer queries than keys": Case(
         _attention_ref, [randn(1, 4, 4, 8), randn(1, 2, 9, 8), randn(1, 2, 9, 8)],
         {"layer": 0, "scale": 0.3, "chunk": 3}),

@@ -265,7 +265,8 @@ def test_outputs_beyond_the_budget_stop_before_mlx_allocates(program_copy, monke
 
 
 def test_an_attention_node_written_without_sinks_still_loads_and_runs(tiny_program, program_copy):
-    """Programs exported before ``attention`` took its optional ``sinks`` input have three inputs."""
+    """Programs exported before ``attention`` took its optional ``sinks`` and ``keep`` inputs have three; the
+    reader fills in both as null."""
     from interp.graph import GraphModel
 
     def drop_sinks(spec):
@@ -276,7 +277,7 @@ def test_an_attention_node_written_without_sinks_still_loads_and_runs(tiny_progr
 
     edit_spec(program_copy, drop_sinks)
     nodes = [n for n in read_program(program_copy).nodes if n.op == "attention"]
-    assert nodes and all(len(n.inputs) == 4 and n.inputs[3] is None for n in nodes)
+    assert nodes and all(n.inputs[3:] == (None, None) for n in nodes)
     tokens = mx.array([[1, 5, 9, 3]])
     old, new = (GraphModel.from_program(read_program(d))(tokens) for d in (program_copy, tiny_program))
     assert mx.array_equal(old, new)
@@ -288,7 +289,7 @@ def test_a_missing_required_input_is_still_refused(program_copy):
         node["inputs"] = node["inputs"][:2]
 
     edit_spec(program_copy, drop_value)
-    with pytest.raises(ProgramError, match="has 2 inputs; op 'attention' takes 4"):
+    with pytest.raises(ProgramError, match="has 2 inputs; op 'attention' takes 5"):
         read_program(program_copy)
 
 

@@ -104,8 +104,9 @@ def arch_models(tmp_path_factory):
     return get
 
 
-# sliding windows shorter than the prompts (masks must slide per row), soft-capping, ALiBi, chunks of 4
-@pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom", "llama4_text"])
+# sliding windows shorter than the prompts (masks must slide per row), soft-capping, ALiBi, chunks of 4, an
+# indexer keeping 4 keys of prompts up to 27 long (its keys in a KV slot, its choice per row)
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom", "llama4_text", "deepseek_v32"])
 def test_special_attention_works_per_row(arch_models, arch):
     model = arch_models(arch)
     want = [alone(model, p, STEPS) for p in PROMPTS]

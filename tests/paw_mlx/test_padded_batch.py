@@ -1,5 +1,6 @@
 """A left-padded batch after a shared prefix (paw_mlx/programs/batch.py) gives every row the
-logits it gets alone, for attention that counts positions: chunks, sliding windows, ALiBi.
+logits it gets alone, for attention that counts positions (chunks, sliding windows, ALiBi) and
+for an indexer choosing keys (DeepSeek-V3.2).
 
 The pads sit between the prefix and a row's tokens, so a key's cache column is not its
 position there; attention must place chunks, windows and ALiBi's bias on positions.
@@ -51,8 +52,9 @@ def _logits(prog, prefix: list, rows: list[list[int]]) -> np.ndarray:
     return np.array(mx.stack(out, axis=1))
 
 
-# chunked attention (llama4_text), a sliding window of 5 (mistral), ALiBi (bloom), plain (llama)
-@pytest.mark.parametrize("arch", ["llama4_text", "mistral", "bloom", "llama"])
+# chunked attention (llama4_text), a sliding window of 5 (mistral), ALiBi (bloom), plain (llama), an indexer
+# keeping 4 keys (deepseek_v32: padding must never be among them)
+@pytest.mark.parametrize("arch", ["llama4_text", "mistral", "bloom", "llama", "deepseek_v32"])
 def test_padded_rows_get_the_logits_they_get_alone(arch_program, arch):
     prog = _program(arch_program, arch)
     prefix = _prefix(prog)
