@@ -27,8 +27,9 @@ the KV caches) decodes in the same slot batch, its states one row per slot
 (``interp/slot_states.py``), but each prompt is prefilled alone on its own cache list (a
 padded prefill would feed the padding into the states), started from the prompt cache's
 longest *snapshot* that its prompt starts with (the whole cache list, KV and states, kept
-after a prompt and after a reply: a state cannot be cut back to a shorter prefix, so only
-whole snapshots are reused) or from a copy of a compiled program's prefix state
+one token before a prompt's end, so the same prompt sent again has a token left to run, and
+after a reply: a state cannot be cut back to a shorter prefix, so only whole snapshots are
+reused) or from a copy of a compiled program's prefix state
 (``prefix_state``). A model split over several processes takes no slot batch and runs *solo*:
 each row keeps its own cache list and runs its own forward pass each step, the rows
 stepped in turn and sampled together; no prompt cache, no prefills together.
@@ -602,18 +603,19 @@ class Engine:
 
     def _prefill_chunk(self, group: _Group, size: int) -> None:
         row = group.prefilling
-        chunk, row.todo = row.todo[:size], row.todo[size:]
-        self.prefilled_tokens += len(chunk)
-        extra = group.adapter_inputs([row])
-        logits = group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache, last_only=True,
-                             **({"extra_inputs": extra} if extra else {}))
-        self.prefill_chunks += 1
+        # a recurrent prompt's snapshot is kept one token before its end (docs/serve.md, "Recurrent
+        # programs"): its chunks stop there, unless the prefill starts there (an identical prompt's hit)
+        snapshots = group.recurrent and not group.split and len(row.todo) > 1
+        take = min(size, len(row.todo) - 1) if snapshots else size
+        chunk, row.todo = row.todo[:take], row.todo[take:]
+        logits = self._prefill_run(group, row, chunk)
+        if snapshots and len(row.todo) == 1:  # the same prompt sent again starts here, with one token to run
+            self._snapshot(row, row.cache, row.request.prompt[:-1])
+            logits, row.todo = self._prefill_run(group, row, row.todo), []
         if row.todo:
             mx.eval([c.state for c in row.cache])
             return
         group.prefilling = None
-        if group.recurrent and not group.split:  # the prompt's end: a snapshot a later prompt may start from
-            self._snapshot(row, row.cache, row.request.prompt)
         if group.solo:
             self._join_solo(group, row, logits)
             return
@@ -637,6 +639,14 @@ class Engine:
         row.fed = list(request.prompt)
         group.rows[slot] = row
         self._accept(group, row, _Choices(result), 0)
+
+    def _prefill_run(self, group: _Group, row: _Row, chunk: list[int]) -> mx.array:
+        """Run ``chunk`` of a prefilling row's prompt on its own cache; its last position's logits (lazy)."""
+        self.prefilled_tokens += len(chunk)
+        self.prefill_chunks += 1
+        extra = group.adapter_inputs([row])
+        return group.model(mx.array([chunk], dtype=mx.int32), cache=row.cache, last_only=True,
+                           **({"extra_inputs": extra} if extra else {}))
 
     def _join_solo(self, group: _Group, row: _Row, logits: mx.array) -> None:
         """A prefilled row joins a solo group, keeping its own cache, with its first token."""

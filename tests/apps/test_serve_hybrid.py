@@ -114,7 +114,7 @@ def test_concurrent_requests_of_different_lengths_each_get_what_generate_gives_a
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=WAIT)
     steps = server.engine.steps
     assert complete_together(client, prompts) == want
-    # each request left snapshots (after its prompt, after its reply) in the prompt cache
+    # each request left snapshots (a token before its prompt's end, after its reply) in the prompt cache
     assert http.get("/health").json()["prompt_cache_entries"] >= len(prompts)
     assert server.engine.steps > steps
 
@@ -269,9 +269,10 @@ def test_a_prompt_that_leaves_a_snapshot_part_way_reuses_none_of_it(client, http
     branch = ids[: len(ids) // 2] + words(base, " iota kappa lambda")
     _, prefilled, hit, _ = turn(client, http, base, branch)
     assert hit == 0 and prefilled == len(branch)
-    # the branch's own snapshot now serves its next turn, and the first prompt's still serves its own
+    # the branch's own snapshot now serves its next turn, and the first prompt's (a token before its
+    # end) still serves its own
     _, _, hit, _ = turn(client, http, base, ids + words(base, " mu nu"))
-    assert hit >= len(ids)
+    assert hit >= len(ids) - 1
 
 
 def test_next_turns_sent_at_once_each_start_from_their_own_snapshot(client, http, base, server):
@@ -304,7 +305,7 @@ def test_snapshots_are_evicted_least_recently_used_first_within_the_budget(clien
     cache.clear()
     try:
         _, _, _, reply_a = turn(client, http, base, a, logit_bias=bias)
-        cache.max_bytes = cache.nbytes  # room for A's two snapshots, after its prompt and its reply
+        cache.max_bytes = cache.nbytes  # room for A's two snapshots, in its prompt and after its reply
         fed_b, _, _, reply_b = turn(client, http, base, b, logit_bias=bias)
         assert 0 < cache.nbytes <= cache.max_bytes and len(cache) == 2
         _, _, hit, _ = turn(client, http, base, b + reply_b + words(base, " Yes."), logit_bias=bias)
@@ -318,7 +319,8 @@ def test_snapshots_are_evicted_least_recently_used_first_within_the_budget(clien
 
 def test_a_chat_clients_second_turn_takes_at_least_the_first_prompt_from_the_cache(client, base):
     """Through chat completions: the second turn's rendering starts with the first turn's prompt (and,
-    where the reply's text tokenizes back to its tokens, its reply), so it reuses that much, exactly."""
+    where the reply's text tokenizes back to its tokens, its reply), so it reuses that much (the
+    prompt's snapshot is a token before its end), exactly."""
     model = ModelCatalog().add_base(base, name="hybrid")
     first = [{"role": "user", "content": "Where do the birds go in winter?"}]
     reply = client.chat.completions.create(model="hybrid", messages=first, max_tokens=MAX)
@@ -327,6 +329,31 @@ def test_a_chat_clients_second_turn_takes_at_least_the_first_prompt_from_the_cac
     ids = model.chat_ids(second)
     assert ids[: len(model.chat_ids(first))] == model.chat_ids(first)
     again = client.chat.completions.create(model="hybrid", messages=second, max_tokens=MAX)
-    assert cached(again) >= len(model.chat_ids(first))
+    assert cached(again) >= len(model.chat_ids(first)) - 1
     assert again.choices[0].message.content == base.tokenizer.decode(tokens_alone(base, ids),
                                                                      skip_special_tokens=True)
+
+
+def test_the_same_prompt_again_prefills_only_its_last_token(client, http, base):
+    """A retry, a regenerate, or one request's n choices: each starts from the snapshot kept a token
+    before the prompt's end and prefills only the last token, with generate's tokens and the
+    log-probabilities the whole prompt's prefill gave."""
+    ids = paw_mlx.prompt_ids(base, "Once more: what do the rivers carry to the sea", raw=True)
+    text = base.tokenizer.decode(tokens_alone(base, ids), skip_special_tokens=True)
+
+    def complete(**body) -> tuple[object, int]:
+        before = http.get("/health").json()["prefilled_tokens"]
+        reply = client.completions.create(model="hybrid", prompt=ids, max_tokens=MAX, logprobs=2, **body)
+        return reply, http.get("/health").json()["prefilled_tokens"] - before
+
+    first, prefilled = complete()
+    assert first.choices[0].text == text and cached(first) == 0 and prefilled == len(ids)
+    retry, prefilled = complete()
+    assert retry.choices[0].text == text and cached(retry) == len(ids) - 1 and prefilled == 1
+    choices, prefilled = complete(n=3)
+    assert [choice.text for choice in choices.choices] == [text] * 3
+    assert cached(choices) == len(ids) - 1 and prefilled == 3
+    whole = first.choices[0].logprobs.token_logprobs
+    for reply in (retry, choices):
+        for choice in reply.choices:
+            assert choice.logprobs.token_logprobs == pytest.approx(whole, abs=1e-4)

@@ -136,6 +136,35 @@ def test_the_serving_engine_prefills_each_row_alone_and_decodes_them_together(hy
     assert hits == fed and prefilled == sum(len(ids) for ids in seconds) - sum(fed)
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "solo"])
+def test_the_same_prompt_again_prefills_only_its_last_token(hybrid, batch):
+    """The engine keeps a prompt's snapshot one token before its end, so the same prompt sent again
+    (a retry, a regenerate, n choices at once) starts there and runs only its last token, with the
+    plain generation path's tokens; a prompt extending it starts there too."""
+    from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog
+
+    _, prog = hybrid
+    model = ModelCatalog().add_base(prog)
+    ids = prog.tokenizer.encode("one two three four five six seven")
+    want = list(paw_mlx.stream_tokens(prog, ids, max_tokens=6))
+    longer = ids + prog.tokenizer.encode(" eight", add_special_tokens=False)
+    with Engine(EngineConfig(prefill_chunk=4, idle_prefill_chunk=4, batch_recurrent=batch)) as engine:
+
+        def run(prompts: list) -> tuple[list, list, int]:
+            before = engine.prefilled_tokens
+            handles = [engine.submit(GenerationRequest(model, p, 6)) for p in prompts]
+            tokens = [[t for event in handle.events(timeout=60) for t in event.tokens] for handle in handles]
+            return tokens, [handle.cached_tokens for handle in handles], engine.prefilled_tokens - before
+
+        assert run([ids]) == ([want], [0], len(ids))
+        assert run([ids]) == ([want], [len(ids) - 1], 1)
+        # three at once (a request's n choices): the first prefills, the others start from its snapshot
+        assert run([ids, ids, ids]) == ([want] * 3, [len(ids) - 1] * 3, 3)
+        tokens, hits, prefilled = run([longer])
+    assert tokens == [list(paw_mlx.stream_tokens(prog, longer, max_tokens=6))]
+    assert hits == [len(ids) - 1] and prefilled == len(longer) - len(ids) + 1
+
+
 EXAMPLES = [{"input": "one", "output": "1"}, {"input": "two", "output": "2"}, {"input": "three", "output": "3"}]
 
 
