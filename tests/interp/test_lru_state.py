@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from interp.errors import ProgramError
-from interp.graph import GraphModel, RunContext
+from interp.graph import RunContext
 from interp.lru_state import LRUState
 from interp.ops import REGISTRY
+from tests.interp.test_ssm_state import check_compiled_step_carries
 
 # No test here reaches a device predicate (interp/device.py): the fake-Mac pass leaves them out.
 pytestmark = pytest.mark.not_fake_mac_pass
@@ -105,19 +106,4 @@ def test_padded_and_slot_batches_are_refused_by_the_op(data):
 def test_the_compiled_step_carries_the_lru_state(arch_cases):
     """A decode step of the tiny RecurrentGemma runs compiled and leaves each LRU state holding what the
     plain interpreter's step leaves there."""
-    model = arch_cases("recurrent_gemma").model
-    plain = GraphModel(model.program, model.consts, compile_decode=False)
-    prompt, token = mx.array([[5, 17, 42, 99, 7]]), mx.array([[11]])
-    caches = []
-    for runner in (model, plain):
-        cache = runner.make_cache()
-        mx.eval(runner(prompt, cache=cache))
-        caches.append((cache, runner(token, cache=cache)))
-    (compiled_cache, compiled_logits), (plain_cache, plain_logits) = caches
-    assert model._compiled_step is not None and model._compiled_step.accepts(compiled_cache)
-    states = [c for c in compiled_cache if isinstance(c, LRUState)]
-    assert len(states) == model.program.state_layers("lru") == 2
-    for got, want in zip(states, [c for c in plain_cache if isinstance(c, LRUState)], strict=True):
-        assert got.offset == want.offset == 6
-        np.testing.assert_allclose(np.array(got.array), np.array(want.array), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.array(compiled_logits), np.array(plain_logits), atol=1e-4, rtol=0)
+    check_compiled_step_carries(arch_cases, "recurrent_gemma", LRUState, "lru")

@@ -146,10 +146,9 @@ def test_padded_and_slot_batches_are_refused_by_the_op(data):
             REGISTRY["ssm_scan"].fn(ctx, *data, layer=0)
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "mamba"])
-def test_the_compiled_step_carries_the_ssm_state(arch_cases, arch):
-    """A decode step of the tiny Mamba2 or Mamba (no attention at all) runs compiled and leaves each SSM
-    state holding what the plain interpreter's step leaves there."""
+def check_compiled_step_carries(arch_cases, arch: str, state_class: type, kind: str) -> None:
+    """A decode step of the tiny ``arch`` runs compiled and leaves each ``state_class`` state (two of
+    kind ``kind``) holding what the plain interpreter's step leaves there."""
     model = arch_cases(arch).model
     plain = GraphModel(model.program, model.consts, compile_decode=False)
     prompt, token = mx.array([[5, 17, 42, 99, 7]]), mx.array([[11]])
@@ -160,9 +159,16 @@ def test_the_compiled_step_carries_the_ssm_state(arch_cases, arch):
         caches.append((cache, runner(token, cache=cache)))
     (compiled_cache, compiled_logits), (plain_cache, plain_logits) = caches
     assert model._compiled_step is not None and model._compiled_step.accepts(compiled_cache)
-    states = [c for c in compiled_cache if isinstance(c, SSMState)]
-    assert len(states) == model.program.state_layers("ssm") == 2
-    for got, want in zip(states, [c for c in plain_cache if isinstance(c, SSMState)], strict=True):
+    states = [c for c in compiled_cache if isinstance(c, state_class)]
+    assert len(states) == model.program.state_layers(kind) == 2
+    for got, want in zip(states, [c for c in plain_cache if isinstance(c, state_class)], strict=True):
         assert got.offset == want.offset == 6
         np.testing.assert_allclose(np.array(got.array), np.array(want.array), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.array(compiled_logits), np.array(plain_logits), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "mamba"])
+def test_the_compiled_step_carries_the_ssm_state(arch_cases, arch):
+    """A decode step of the tiny Mamba2 or Mamba (no attention at all) runs compiled and leaves each SSM
+    state holding what the plain interpreter's step leaves there."""
+    check_compiled_step_carries(arch_cases, arch, SSMState, "ssm")
