@@ -30,6 +30,7 @@ from pathlib import Path
 import interp  # noqa: F401  (before MLX: puts the fast BLAS under it)
 
 # isort: split
+from apps.benchmarks.args import emit_table, positive_int
 from interp.device import describe
 from interp.sampling import SamplingParams
 from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog
@@ -106,8 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lfm2-small,qwen3_5-small", help=f"of {', '.join(MODELS)}")
     parser.add_argument("--streams", default="1,4,8")
-    parser.add_argument("--tokens", type=int, default=64, help="generated per request")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=positive_int, default=64, help="generated per request")
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--out", type=Path, help="write the table here too")
     options = parser.parse_args()
     streams = [int(s) for s in options.streams.split(",")]
@@ -132,10 +133,7 @@ def main() -> None:
                 lines.append(f"| {name} | {count} | {solo:.1f} | {batched:.1f} | {batched / solo:.2f} | "
                              f"{solo_steady:.1f} | {batched_steady:.1f} | {steady} |")
                 print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if options.out:
-        options.out.write_text(table + "\n")
+    emit_table(lines, options.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import interp  # noqa: F401  (before MLX: puts the fast BLAS under it)
 
 # isort: split
 from apps.benchmarks import recurrent_serve
+from apps.benchmarks.args import emit_table, positive_int
 from interp.device import describe
 from interp.sampling import SamplingParams
 from paw_mlx.engine import Engine, EngineConfig, GenerationRequest, ModelCatalog
@@ -81,10 +82,10 @@ def second_turn_ttft(catalog: ModelCatalog, seed: int, history: int, reply: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"of {', '.join(MODELS)}")
-    parser.add_argument("--history", type=int, default=512, help="turn 1's prompt tokens")
-    parser.add_argument("--reply", type=int, default=64, help="turn 1's generated tokens")
-    parser.add_argument("--message", type=int, default=32, help="turn 2's new tokens")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--history", type=positive_int, default=512, help="turn 1's prompt tokens")
+    parser.add_argument("--reply", type=positive_int, default=64, help="turn 1's generated tokens")
+    parser.add_argument("--message", type=positive_int, default=32, help="turn 2's new tokens")
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--out", type=Path, help="write the table here too")
     options = parser.parse_args()
     sizes = (options.history, options.reply, options.message)
@@ -108,10 +109,7 @@ def main() -> None:
             lines.append(f"| {name} | {sum(sizes)} | {cached} | {best[False]:.3f} | {best[True]:.3f} | "
                          f"{best[False] / best[True]:.1f}x |")
             print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if options.out:
-        options.out.write_text(table + "\n")
+    emit_table(lines, options.out)
 
 
 if __name__ == "__main__":
