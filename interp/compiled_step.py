@@ -74,6 +74,8 @@ class CompiledStep:
         #: short-prefill shapes seen once (not traced yet) and those traced
         self._seen: set[tuple] = set()
         self._traced: set[tuple] = set()
+        #: (function, input shapes and dtypes) already called: MLX traces a function on a new one
+        self._signatures: set[tuple] = set()
 
     @staticmethod
     def accepts(cache: list | None) -> bool:
@@ -178,6 +180,15 @@ class CompiledStep:
         layers, states = caches[: self.model.num_layers], caches[self.model.num_layers :]
         buffers = ([c.keys for c in layers] + [c.values for c in layers]
                    + [getattr(s, CARRIED[type(s)]) for s in states])
+        signature = (id(fn), tuple((a.shape, a.dtype) for a in [where, *arrays, *buffers]))
+        if signature not in self._signatures:
+            # MLX traces ``fn`` for a signature it has not seen, and its graph simplification
+            # reads every evaluated 0-d array of the trace (a program's scalar constant) twice,
+            # trusting both reads: one still being computed by the previous call's async_eval
+            # can become ready in between, and MLX then crashes (a segmentation fault). So
+            # nothing is left in flight while it traces.
+            mx.synchronize()
+            self._signatures.add(signature)
         for c in layers:
             c.keys = c.values = None
         for s in states:

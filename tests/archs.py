@@ -227,6 +227,9 @@ ARCHS: dict[str, dict] = {
 MOE = ("axk2", "hy_v4", "dots3_note_text", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa",
        "glm4_moe", "gpt_oss", "granitemoehybrid", "jetmoe", "lfm2_moe", "llama4_text", "mixtral", "nemotron_h", "olmoe",
        "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "kimi_linear", "mimo_v2_flash", "jamba")
+#: DeepSeek Sparse Attention families (exporter/indexed.py): a lightning indexer picks the keys each
+#: query attends to; their experts are DeepSeek-V3's
+INDEXED = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text")
 #: the hybrid families above: short convolutions keep a conv state beside the KV cache (exporter/conv.py),
 #: Gated DeltaNet layers a conv and a delta state (exporter/delta_rule.py), Mamba2 and Mamba 1 mixers a conv
 #: and an SSM state (exporter/ssm.py, exporter/mamba.py), RG-LRU blocks a conv and an LRU state

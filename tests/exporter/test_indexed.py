@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.archs import SEQ, arch_config
-
-INDEXED = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text")
+from tests.archs import INDEXED, SEQ, arch_config
 
 
 def _nodes(case, op: str) -> list[dict]:

@@ -79,6 +79,19 @@ def test_whole_step_matches_eager_across_cache_growth(tiny_program, small_steps,
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"step {step}")
 
 
+def test_nothing_is_in_flight_while_mlx_traces_a_step(tiny_program, small_steps, compiled_calls, monkeypatch):
+    """MLX's trace reads a program's evaluated scalars twice and crashed when one became ready in
+    between (the previous step's async_eval): the step waits for pending work before each new trace
+    (a new cache capacity), and only then."""
+    waits: list[int] = []
+    synchronize = mx.synchronize
+    monkeypatch.setattr(mx, "synchronize", lambda *a, **k: (waits.append(len(compiled_calls)), synchronize(*a, **k)))
+    compiled, _ = _models(tiny_program)
+    _prefill_and_decode(compiled, mx.array(PROMPT), 13)
+    assert compiled_calls == list(range(5, 18))  # capacities 8 (offsets 5-7), 12, 16 and 20
+    assert waits == [1, 4, 8, 12]  # the first call at each capacity, counted when it is made
+
+
 def test_trimmed_and_copied_caches_stay_correct(tiny_program, small_steps, compiled_calls):
     """Positions past a trim are stale in the buffer but masked; a copy never writes into its source."""
     compiled, eager = _models(tiny_program)
