@@ -264,13 +264,19 @@ def test_cli_chat_without_default_model_exits_1(monkeypatch, tmp_path, capsys):
     assert f"paw export llama smollm2 -o {tmp_path / 'programs' / 'smollm2'}" in err[0]
 
 
+async def steady_cursor(pilot) -> None:
+    """The prompt's cursor drawn and not blinking: a blink before the picture is taken (a loaded
+    machine is slow to take it) would change the picture."""
+    pilot.app.query_one(PromptInput).cursor_blink = False
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_main_screen_snapshot(make_app, snap_compare, size):
-    assert snap_compare(make_app(), terminal_size=size)
+    assert snap_compare(make_app(), terminal_size=size, run_before=steady_cursor)
 
 
 def test_help_snapshot(make_app, snap_compare):
-    assert snap_compare(make_app(), terminal_size=(80, 24), press=[*"/help", "enter"])
+    assert snap_compare(make_app(), terminal_size=(80, 24), press=[*"/help", "enter"], run_before=steady_cursor)
 
 
 @pytest.fixture
