@@ -16,7 +16,7 @@ import torch
 
 from interp.graph import GraphModel
 from interp.program import load_consts, read_program
-from tests.archs import INDEXED, MOE, RECURRENT, VOCAB, arch_config
+from tests.archs import MOE, VOCAB, arch_config
 from tests.tiny import tiny_model
 
 IDS = np.random.default_rng(3).integers(3, VOCAB, (2, 70))  # 140 routed pairs: the grouped-by-expert path too
@@ -74,10 +74,36 @@ def test_quantized_experts_compute_with_their_dequantized_weights(mixtral):
     np.testing.assert_allclose(_logits(programs["q4"]), _logits(programs["sparse"], floats), atol=1e-4, rtol=0)
 
 
-# The hybrids' experts (Qwen3-Next's, Qwen3.5-MoE's, Kimi Linear's, Nemotron-H's, Granite 4's) are the
-# experts interface's, as their attention-only relatives' here, and the sparse-attention families' experts
-# are DeepSeek-V3's class under another name: an export each adds seconds, not coverage.
-@pytest.mark.parametrize("arch", [arch for arch in MOE if arch not in RECURRENT + INDEXED])
+#: One family per way transformers stores expert weights: the experts interface's fused parameters
+#: (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]; Mixtral alone, Qwen2-MoE beside a shared
+#: expert), its ungated form (Nemotron-H: ``up_proj`` [E, I, H]), gpt-oss's transposed ones with biases,
+#: DBRX's flat ones, JetMoE's and Llama 4's own classes.
+#: Every other family's experts are the experts interface's class under another name (checked below):
+#: two exports each would add seconds, not coverage.
+EXPERT_LAYOUTS = ("mixtral", "qwen2_moe", "nemotron_h", "gpt_oss", "dbrx", "jetmoe", "llama4_text")
+
+
+def _interface_experts(model) -> list:
+    """The modules holding experts in the experts interface's layout: 3-D ``gate_up_proj`` [E, 2I, H] and
+    ``down_proj`` [E, H, I] parameters."""
+    found = []
+    for module in model.modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.ndim == 3:
+            experts, twice_inner, hidden = gate_up.shape
+            assert tuple(down.shape) == (experts, hidden, twice_inner // 2), type(module).__name__
+            found.append(module)
+    return found
+
+
+@pytest.mark.parametrize("arch", [arch for arch in MOE if arch not in EXPERT_LAYOUTS])
+def test_the_other_families_store_experts_as_the_experts_interface(arch):
+    """What lets the quantization test below take one family per layout: a new family storing its
+    experts another way fails here, and joins ``EXPERT_LAYOUTS``."""
+    assert _interface_experts(tiny_model(arch_config(arch))), f"{arch}: no experts in the interface's layout"
+
+
+@pytest.mark.parametrize("arch", EXPERT_LAYOUTS)
 def test_every_expert_weight_is_quantized(tmp_path, arch):
     """gpt-oss and DBRX reach their experts through a transpose or reshape of the stored weight
     (exporter/fold.py folds it): in every family each expert weight ends up 4-bit, none in float."""
