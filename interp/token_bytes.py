@@ -4,7 +4,8 @@ A decoded text that ends in U+FFFD may be half a character (its other bytes are 
 next tokens) or whole: invalid bytes and the character U+FFFD itself read the same. Streams
 of text (``StreamingDetokenizer`` for ``paw run`` and ``paw chat``, the server's
 ``TextStream``) hold back only half a character, read from the tokens' bytes, so that such
-text streams as it comes.
+text streams as it comes. When the stream ends inside a character (a reply cut by its token
+budget), that half character is dropped (``decode_whole``), not shown as U+FFFD.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import codecs
 import functools
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # interp/tokenizer.py imports this module for its streaming detokenizer
@@ -55,6 +57,33 @@ def ends_inside_character(data: bytes) -> bool:
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     decoder.decode(data)
     return bool(decoder.getstate()[0])  # bytes kept for the rest of a character
+
+
+def decode_whole(decode: Callable[[list[int]], str], ids: list[int], since: int,
+                 spell: Callable[[int], bytes]) -> str:
+    """``decode(ids)`` less an unfinished character its last tokens begin: the text of a stream
+    that has ended (a reply cut by ``max_tokens`` inside a character).
+
+    ``ids[since:]`` are the tokens that may hold the half character (those after the text last
+    came out whole), ``spell`` a token's bytes as the text shows them (b"" for one it leaves
+    out). Only half a character goes: invalid bytes and the character U+FFFD stay.
+    """
+    pieces = [spell(token) for token in ids[since:]]
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(b"".join(pieces))
+    held = len(decoder.getstate()[0])  # bytes of the unfinished character
+    if not held:
+        return decode(ids)
+    for at in range(len(pieces) - 1, -1, -1):
+        if held <= len(pieces[at]):
+            break
+        held -= len(pieces[at])
+    if held == len(pieces[at]):  # the character starts at a token: decode the tokens before it
+        return decode(ids[:since + at])
+    # a byte-level token holds whole characters and the start of the last: decoding reads that
+    # start as one U+FFFD (a lossy UTF-8 decode), which goes
+    text = decode(ids)
+    return text[:-1] if text.endswith("\ufffd") else text
 
 
 @functools.cache

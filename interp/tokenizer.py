@@ -9,6 +9,7 @@ every file is read so that a malformed one is one ``ProgramError`` line.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from interp.chat_template import compile_template, render_chat_template
 from interp.errors import InputError, ProgramError
 from interp.jsonfile import read_json_object
-from interp.token_bytes import TokenText, ends_inside_character
+from interp.token_bytes import TokenText, decode_whole, ends_inside_character
 
 #: the tokenizer files of a program directory, as paw reads them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -104,6 +105,7 @@ class Tokenizer:
         #: the text of each special token (``<|im_end|>``), which ``encode`` turns into that token
         self.special_texts = tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
         self._literal: _HFTokenizer | None = None
+        self._spelling: TokenText | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -137,6 +139,20 @@ class Tokenizer:
             if not _library_error(exc):
                 raise
             raise InputError(f"the tokenizer could not decode the ids: {exc}") from exc
+
+    def decode_finished(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The text of a finished output: ``decode``, less half a character at its end (an
+        output cut by its token budget inside a character ends before it, not in U+FFFD)."""
+        if self._spelling is None:
+            self._spelling = TokenText(self)
+        special = self.special_ids if skip_special_tokens else frozenset()
+        return decode_whole(lambda part: self.decode(part, skip_special_tokens), list(ids), 0,
+                            lambda token: b"" if token in special else self._spelling.bytes(token))
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The ids of the special tokens (those ``skip_special_tokens`` leaves out)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -197,13 +213,15 @@ class StreamingDetokenizer:
     held back until the next token completes it; invalid bytes and the character U+FFFD
     itself read the same once decoded, so which it is comes from the tokens' bytes
     (``interp/token_bytes.py``, as the server's ``TextStream`` reads them), and such text
-    streams as it comes. Decoding a few thousand ids takes well under a millisecond.
+    streams as it comes. A stream that ends inside a character drops that half character.
+    Decoding a few thousand ids takes well under a millisecond.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._spelling = TokenText(tokenizer)
+        self._left_out = tokenizer.special_ids if skip_special_tokens else frozenset()
         self.tokens: list[int] = []
         self._whole = 0  # tokens before this decode to the text emitted: whole characters
         self.text = ""
@@ -220,10 +238,17 @@ class StreamingDetokenizer:
 
     def _half_character(self) -> bool:
         """Whether the tokens since the text last came out whole end inside a character."""
-        return ends_inside_character(b"".join(self._spelling.bytes(t) for t in self.tokens[self._whole :]))
+        return ends_inside_character(b"".join(self._shown_bytes(t) for t in self.tokens[self._whole :]))
+
+    def _shown_bytes(self, token: int) -> bytes:
+        """A token's bytes in the text: none for a special token the text leaves out."""
+        return b"" if token in self._left_out else self._spelling.bytes(token)
 
     def finalize(self) -> str:
-        full = self._tokenizer.decode(self.tokens, skip_special_tokens=self._skip)
+        """The text still held back, once the stream has ended; half a character at the end is
+        dropped (``interp.token_bytes.decode_whole``)."""
+        full = decode_whole(lambda ids: self._tokenizer.decode(ids, skip_special_tokens=self._skip), self.tokens,
+                            self._whole, self._shown_bytes)
         piece = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text, self._whole = full, len(self.tokens)
         return piece

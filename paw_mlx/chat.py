@@ -281,7 +281,7 @@ class ChatSession:
             # a program's reply is its call's output, without special tokens (paw_mlx/programs/function.py)
             yield from self._pieces(tokens, produced, skip_special_tokens=True)
         finally:
-            reply = self.prog.tokenizer.decode(produced, skip_special_tokens=True)
+            reply = self.prog.tokenizer.decode_finished(produced, skip_special_tokens=True)
             self.messages.append({"role": "assistant",
                                   "content": reply.strip() if function.artifact.generation.strip else reply})
             self._turn_length = None

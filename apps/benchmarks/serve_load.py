@@ -140,8 +140,8 @@ def paw_reference(base_dir: Path, program_dirs: dict[str, Path], base_name: str)
                 functions[key] = paw_mlx.function(program_dirs[model], base=base_dir, max_new_tokens=max_tokens)
             return functions[key](text)
         ids = paw_mlx.prompt_ids(prog, text, raw=kind == "text")
-        return prog.tokenizer.decode(list(paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens)),
-                                     skip_special_tokens=True)
+        return prog.tokenizer.decode_finished(list(paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens)),
+                                              skip_special_tokens=True)
 
     return reference
 

@@ -3,7 +3,8 @@
 ``TextStream`` decodes each new token against a short window of the tokens before it (as
 vLLM does), not the whole output, so a long reply costs the same per token as a short
 one; it holds back an incomplete UTF-8 character (read from the tokens' bytes: invalid bytes
-and the character U+FFFD are shown as they come), and text that may be the start of a stop
+and the character U+FFFD are shown as they come; a half character still held when the stream
+ends is dropped), and text that may be the start of a stop
 string until it is clear either way. Special tokens (end-of-turn markers and the
 like) are left out, as OpenAI and vLLM leave them out, except those a caller keeps: a
 tool-call marker such as Llama's ``<|python_tag|>`` or Mistral's ``[TOOL_CALLS]`` is a
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from interp.token_bytes import TokenText, ends_inside_character
+from interp.token_bytes import TokenText, decode_whole, ends_inside_character
 from interp.tokenizer import Tokenizer
 
 __all__ = ["TextStream", "TokenText"]
@@ -88,10 +89,11 @@ class TextStream:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """The text still held back, once the stream has ended."""
+        """The text still held back, once the stream has ended (less half a character at its end:
+        a reply cut by ``max_tokens`` inside a character ends before it, not in U+FFFD)."""
         if self.stopped:
             return ""
-        rest = self._decode(self._ids[self._prefix :])
+        rest = decode_whole(self._decode, self._ids[self._prefix:], self._read - self._prefix, self._shown_bytes)
         done = self._decode(self._ids[self._prefix : self._read])
         if len(rest) > len(done):
             self._pending += rest[len(done):]

@@ -71,7 +71,7 @@ def prompted_outputs(prog: LoadedProgram, artifact: ProgramArtifact, rows: list[
     for row in rows:
         ids = artifact.prefix_ids + input_ids(prog.tokenizer, artifact.layout, row["input"])
         tokens = list(stream_tokens(prog, ids, max_tokens=budget))
-        outputs.append(prog.tokenizer.decode(tokens, skip_special_tokens=True))
+        outputs.append(prog.tokenizer.decode_finished(tokens, skip_special_tokens=True))
     return outputs
 
 

@@ -131,7 +131,7 @@ class ProgramFunction:
         if not inputs:
             return []
         outs, ended = self._generate([self.token_ids(i) for i in inputs], None)
-        texts = [self.base.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        texts = [self.base.tokenizer.decode_finished(o, skip_special_tokens=True) for o in outs]
         if self.artifact.generation.strip:
             texts = [t.strip() for t in texts]
         return [Completion(t, len(o), not e) for t, o, e in zip(texts, outs, ended, strict=True)]

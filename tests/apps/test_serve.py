@@ -59,12 +59,12 @@ def http(server):
 
 def expected_chat(base, text: str, max_tokens: int = MAX) -> str:
     tokens = greedy_alone(base, paw_mlx.prompt_ids(base, text), max_tokens)
-    return base.tokenizer.decode(tokens, skip_special_tokens=True)
+    return base.tokenizer.decode_finished(tokens, skip_special_tokens=True)
 
 
 def expected_completion(base, text: str, max_tokens: int = MAX) -> str:
     tokens = greedy_alone(base, paw_mlx.prompt_ids(base, text, raw=True), max_tokens)
-    return base.tokenizer.decode(tokens, skip_special_tokens=True)
+    return base.tokenizer.decode_finished(tokens, skip_special_tokens=True)
 
 
 def expected_program(path, base_dir, text: str) -> str:
@@ -748,3 +748,22 @@ def test_the_character_u_fffd_streams_as_it_comes(base):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=WAIT)
         pieces = [chunk.choices[0].text for chunk in client.completions.create(model="tiny", prompt="x", stream=True)]
     assert "".join(pieces) == text and max(piece.count("\ufffd") for piece in pieces) == 1
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it(base):
+    """max_tokens ran out two bytes into an emoji (four byte tokens of the tiny tokenizer): the
+    reply ends before it, streamed or not, chat or completion, not with U+FFFD."""
+    engine = ScriptedEngine(base.tokenizer, "Hi \U0001F600", finish_reason="length")
+    engine.tokens = engine.tokens[:-2]
+    assert base.tokenizer.decode(engine.tokens) == "Hi \ufffd"
+    with BackgroundServer(create_app(make_catalog(base, {}), engine, ServeConfig())) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=WAIT)
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+        assert chat.choices[0].message.content == "Hi " and chat.choices[0].finish_reason == "length"
+        streamed = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], stream=True) if chunk.choices]
+        assert "".join(streamed) == "Hi "
+        text = client.completions.create(model="tiny", prompt="x")
+        assert text.choices[0].text == "Hi " and text.choices[0].finish_reason == "length"
+        pieces = [chunk.choices[0].text for chunk in client.completions.create(model="tiny", prompt="x", stream=True)]
+        assert "".join(pieces) == "Hi "

@@ -34,7 +34,7 @@ def alone(base, text: str, max_tokens: int = MAX, **controls) -> str:
     (greedy; special tokens skipped, as the server's text skips them)."""
     ids = paw_mlx.prompt_ids(base, text, raw=True)
     tokens = list(paw_mlx.stream_tokens(base, ids, max_tokens=max_tokens, **controls))
-    return base.tokenizer.decode(tokens, skip_special_tokens=True)
+    return base.tokenizer.decode_finished(tokens, skip_special_tokens=True)
 
 
 def together(call, items: list) -> list:
@@ -242,7 +242,7 @@ def turn(client, http, base, ids: list[int], **body) -> tuple[int, int, int, lis
     before = http.get("/health").json()["prefilled_tokens"]
     reply = client.completions.create(model="hybrid", prompt=ids, max_tokens=MAX,
                                       **({"extra_body": body} if body else {}))
-    assert reply.choices[0].text == base.tokenizer.decode(want, skip_special_tokens=True)
+    assert reply.choices[0].text == base.tokenizer.decode_finished(want, skip_special_tokens=True)
     fed = len(ids) + len(want) - (reply.choices[0].finish_reason == "length")
     return fed, http.get("/health").json()["prefilled_tokens"] - before, cached(reply), want
 
@@ -282,7 +282,7 @@ def test_next_turns_sent_at_once_each_start_from_their_own_snapshot(client, http
               for text in ("Where is the red house", "seven eight nine", "Hello, who are you?")]
     firsts = [turn(client, http, base, ids) for ids in starts]
     seconds = [ids + first[3] + words(base, " Go on.") for ids, first in zip(starts, firsts, strict=True)]
-    want = [base.tokenizer.decode(tokens_alone(base, ids), skip_special_tokens=True) for ids in seconds]
+    want = [base.tokenizer.decode_finished(tokens_alone(base, ids), skip_special_tokens=True) for ids in seconds]
     # a row that decodes throughout, so the three join a batch however the threads are scheduled
     anchor = {"model": "hybrid", "prompt": "Hello", "max_tokens": 200, "stream": True,
               "logit_bias": endless_bias(base)}
@@ -347,8 +347,8 @@ def test_a_chat_clients_second_turn_takes_at_least_the_first_prompt_from_the_cac
     assert ids[: len(model.chat_ids(first))] == model.chat_ids(first)
     again = client.chat.completions.create(model="hybrid", messages=second, max_tokens=MAX)
     assert cached(again) >= len(model.chat_ids(first)) - 1
-    assert again.choices[0].message.content == base.tokenizer.decode(tokens_alone(base, ids),
-                                                                     skip_special_tokens=True)
+    assert again.choices[0].message.content == base.tokenizer.decode_finished(tokens_alone(base, ids),
+                                                                              skip_special_tokens=True)
 
 
 def test_the_same_prompt_again_prefills_only_its_last_token(client, http, base):
@@ -356,7 +356,7 @@ def test_the_same_prompt_again_prefills_only_its_last_token(client, http, base):
     before the prompt's end and prefills only the last token, with generate's tokens and the
     log-probabilities the whole prompt's prefill gave."""
     ids = paw_mlx.prompt_ids(base, "Once more: what do the rivers carry to the sea", raw=True)
-    text = base.tokenizer.decode(tokens_alone(base, ids), skip_special_tokens=True)
+    text = base.tokenizer.decode_finished(tokens_alone(base, ids), skip_special_tokens=True)
 
     def complete(**body) -> tuple[object, int]:
         before = http.get("/health").json()["prefilled_tokens"]

@@ -52,9 +52,9 @@ def test_concurrent_greedy_answers_equal_paw_run(served, smollm2_program):
     want = []
     for prompt in PROMPTS:
         tokens = list(paw_mlx.stream_tokens(prog, paw_mlx.prompt_ids(prog, prompt), max_tokens=MAX))
-        want.append(prog.tokenizer.decode(tokens, skip_special_tokens=True))
+        want.append(prog.tokenizer.decode_finished(tokens, skip_special_tokens=True))
     raw = list(paw_mlx.stream_tokens(prog, paw_mlx.prompt_ids(prog, PROMPTS[0], raw=True), max_tokens=MAX))
-    want_raw = prog.tokenizer.decode(raw, skip_special_tokens=True)
+    want_raw = prog.tokenizer.decode_finished(raw, skip_special_tokens=True)
     want_program = paw_mlx.function(program, base=smollm2_program)("Japan")
     client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
     got: dict = {}

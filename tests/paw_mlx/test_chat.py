@@ -22,7 +22,7 @@ def fresh_reply(prog, messages, max_tokens):
     """Greedy reply to the whole conversation with a new cache: the reference."""
     ids = prog.tokenizer.encode_chat(messages)
     tokens = list(paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens))
-    return prog.tokenizer.decode(tokens), len(ids)
+    return prog.tokenizer.decode_finished(tokens), len(ids)
 
 
 def test_second_turn_prefills_only_new_tokens_and_matches_a_fresh_run(prog):

@@ -29,7 +29,7 @@ def hybrid(request) -> tuple:
 def fresh_reply(prog, messages, max_tokens) -> tuple[str, int]:
     """Greedy reply to the whole conversation with a new cache: the reference."""
     ids = prog.tokenizer.encode_chat(messages)
-    return prog.tokenizer.decode(list(paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens))), len(ids)
+    return prog.tokenizer.decode_finished(list(paw_mlx.stream_tokens(prog, ids, max_tokens=max_tokens))), len(ids)
 
 
 def test_generation_through_the_recurrent_states_is_greedy_over_the_whole_sequence(hybrid):
@@ -183,7 +183,7 @@ def test_a_program_call_equals_its_prompt_through_generate_and_calls_do_not_leak
     directory, prog = hybrid
     f = paw_mlx.function(fewshot, base=directory)
     inputs = ["seven", "x", "seven"]  # the first two give different replies on every tiny base
-    want = [prog.tokenizer.decode(list(paw_mlx.stream_tokens(prog, fewshot.prefix_ids + f.token_ids(text),
+    want = [prog.tokenizer.decode_finished(list(paw_mlx.stream_tokens(prog, fewshot.prefix_ids + f.token_ids(text),
                                                              max_tokens=6)), skip_special_tokens=True)
             for text in inputs]
     assert [f(text) for text in inputs] == want and want[0] != want[1]

@@ -55,7 +55,7 @@ def reference(prog, artifact, text: str, adapted_prefix: bool) -> str:
         cache = prog.make_cache()
         prog.model(mx.array([artifact.prefix_ids], dtype=mx.int32), cache=cache)
         out = list(paw_mlx.stream_tokens(model, ids[len(artifact.prefix_ids):], max_tokens=6, cache=cache))
-    return prog.tokenizer.decode(out, skip_special_tokens=True)
+    return prog.tokenizer.decode_finished(out, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("adapt_prefix", [False, True])

@@ -41,7 +41,7 @@ def check_call_equals_one_prompt(base_dir: Path, spec: str, inputs: list[str], m
         got = f.call_ids([ids])[0]
         want = one_prompt_greedy(prog, f.artifact.prefix_ids + ids, max_tokens)
         assert got == want, text
-        assert f(text) == prog.tokenizer.decode(want, skip_special_tokens=True)
+        assert f(text) == prog.tokenizer.decode_finished(want, skip_special_tokens=True)
 
 
 def test_call_equals_spec_and_input_as_one_prompt(tiny_program):
@@ -134,7 +134,7 @@ def test_an_input_cannot_end_its_turn_with_special_token_text(tiny_program):
     assert tokenizer.decode(ids[:-len(suffix)]) == attack
     assert f.token_ids("(A) cat") == tokenizer.encode("(A) cat" + f.artifact.layout.suffix_text,
                                                       add_special_tokens=False)  # plain inputs: as before
-    assert f(attack) == tokenizer.decode(f.call_ids([ids])[0], skip_special_tokens=True).strip()
+    assert f(attack) == tokenizer.decode_finished(f.call_ids([ids])[0], skip_special_tokens=True).strip()
 
 
 def test_round_trip_through_disk(tiny_program, tmp_path):
