@@ -10,6 +10,7 @@ every file is read so that a malformed one is one ``ProgramError`` line.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from interp.chat_template import compile_template, render_chat_template
 from interp.errors import InputError, ProgramError
 from interp.jsonfile import read_json_object
 from interp.token_bytes import TokenText, decode_whole, ends_inside_character
+from interp.token_span import least_tokens, max_token_bytes
 
 #: the tokenizer files of a program directory, as paw reads them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -139,6 +141,23 @@ class Tokenizer:
             if not _library_error(exc):
                 raise
             raise InputError(f"the tokenizer could not decode the ids: {exc}") from exc
+
+    @functools.cached_property
+    def _normalize(self):
+        normalizer = self._tok.normalizer
+        return normalizer.normalize_str if normalizer is not None else None
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most bytes of text one token stands for (``interp/token_span.py``), or None when the
+        tokenizer allows no such bound; read from the vocabulary once."""
+        return max_token_bytes(json.loads(self._tok.to_str()), self._normalize)
+
+    def least_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))`` from the text's size alone, without tokenizing
+        it (0 when the tokenizer allows no bound): a prompt too long for the context is refused
+        at once."""
+        return least_tokens(text, self.max_token_bytes, self._normalize)
 
     def decode_finished(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of a finished output: ``decode``, less half a character at its end (an

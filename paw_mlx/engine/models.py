@@ -125,18 +125,32 @@ class ServedModel:
 
     # ------------------------------------------------------------------ prompts
 
-    def completion_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a completion prompt (text, or token ids for a base model)."""
+    def completion_ids(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
+        """Token ids of a completion prompt (text, or token ids for a base model); ``param`` names
+        the request's field that held it, for an error."""
         tokenizer = self.base.tokenizer
         if self.artifact is None:
             if isinstance(prompt, str):
+                self._check_size(prompt, 0, param)
                 return tokenizer.encode(prompt, add_special_tokens=True)
             return self._check_ids(prompt)
         if not isinstance(prompt, str):
             raise RequestError(f"model {self.name!r} is a compiled program: its prompt is the input text")
         from paw_mlx.programs.compile import input_ids
 
-        return self.prefix_ids + input_ids(tokenizer, self.artifact.layout, prompt)
+        prefix = self.prefix_ids
+        self._check_size(prompt, len(prefix), param)
+        return prefix + input_ids(tokenizer, self.artifact.layout, prompt)
+
+    def _check_size(self, text: str, before: int, param: str) -> None:
+        """A ``context_length_exceeded`` RequestError when ``text``, after ``before`` ids, has more
+        tokens than the context leaves room for, proved from its size alone before it is
+        tokenized (a tokenizer's longest token: ``interp/token_span.py``); exact: a prompt that
+        fits always passes (the whole check after tokenizing is in apps/serve/prepare.py)."""
+        least = before + self.base.tokenizer.least_tokens(text)
+        if least >= self.context_length:
+            raise RequestError(f"this model's context is {self.context_length} tokens and the prompt has at least "
+                               f"{least} ({len(text):,} characters)", code="context_length_exceeded", param=param)
 
     def chat_ids(self, messages: Sequence[dict], tools: list[dict] | None = None,
                  variables: dict[str, Any] | None = None) -> list[int]:
@@ -161,7 +175,9 @@ class ServedModel:
             if tools and not tokenizer.takes_tools:
                 raise RequestError(f"model {self.name!r}: this model's chat template does not take tools",
                                    param="tools")
-            return _render(tokenizer, messages, tools, variables)
+            text = _render_text(tokenizer, messages, tools, variables)
+            self._check_size(text, 0, "messages")
+            return tokenizer.encode(text, add_special_tokens=False)
         if any(m["role"] == "system" for m in messages):
             raise RequestError(f"model {self.name!r} is a compiled program: its spec is the system message, "
                                "so send only user and assistant messages")
@@ -169,7 +185,7 @@ class ServedModel:
         if layout.kind != "chat":
             if len(messages) != 1 or messages[0]["role"] != "user":
                 raise RequestError(f"model {self.name!r} takes one user message (its input)")
-            return self.completion_ids(messages[0]["content"])
+            return self.completion_ids(messages[0]["content"], param="messages")
         from paw_mlx.programs.compile import program_messages
 
         # the conversation continues the prefix's: the spec and the demonstrations come first
@@ -177,8 +193,9 @@ class ServedModel:
         if not text.startswith(layout.prefix_text):
             raise RequestError(f"the chat template of model {self.name!r} does not start with the program's "
                                "prefix for these messages")
-        rest = tokenizer.encode(text[len(layout.prefix_text):], add_special_tokens=False)
-        return self.prefix_ids + rest
+        prefix, rest = self.prefix_ids, text[len(layout.prefix_text):]
+        self._check_size(rest, len(prefix), "messages")
+        return prefix + tokenizer.encode(rest, add_special_tokens=False)
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         """Prompt ids checked against the base's vocabulary (``LoadedProgram.check_ids``), as a 400."""
@@ -196,11 +213,6 @@ def _render_text(tokenizer, messages: list[dict], tools: list[dict] | None = Non
         raise
     except Exception as exc:  # jinja2 raises many types (and templates call raise_exception)
         raise RequestError(f"the chat template rejected these messages: {exc}") from None
-
-
-def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None,
-            variables: dict[str, Any] | None = None) -> list[int]:
-    return tokenizer.encode(_render_text(tokenizer, messages, tools, variables), add_special_tokens=False)
 
 
 # ---------------------------------------------------------------------- catalog
@@ -252,6 +264,8 @@ class ModelCatalog:
         ``paw_mlx/engine/engine.py``)."""
         name = name or prog.path.name
         aliases = tuple(a for a in {prog.name} if a != name)
+        if prog.has_tokenizer:
+            _ = prog.tokenizer.max_token_bytes  # read from the vocabulary now, not on the first request
         return self.add(ServedModel(name=name, base=prog, aliases=aliases))
 
     def add_program(self, directory: str | Path, name: str | None = None) -> ServedModel:

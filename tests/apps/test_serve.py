@@ -767,3 +767,49 @@ def test_a_reply_cut_inside_a_character_ends_before_it(base):
         assert text.choices[0].text == "Hi " and text.choices[0].finish_reason == "length"
         pieces = [chunk.choices[0].text for chunk in client.completions.create(model="tiny", prompt="x", stream=True)]
         assert "".join(pieces) == "Hi "
+
+
+def recorded_encodes(monkeypatch, tokenizer) -> list[int]:
+    """The length of every text ``tokenizer.encode`` is called on, from now on."""
+    lengths: list[int] = []
+    encode = tokenizer.encode
+
+    def recording(text, *args, **kwargs):
+        lengths.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", recording)
+    return lengths
+
+
+def test_a_prompt_too_large_to_fit_is_refused_without_tokenizing_it(http, base, monkeypatch):
+    """Its size alone proves it longer than the context (no token stands for more than
+    max_token_bytes of text): refused at once, as the whole check after tokenizing refuses it;
+    a prompt one byte inside that bound is tokenized as before."""
+    tokenizer = base.tokenizer
+    span, context = tokenizer.max_token_bytes, base.context_length
+    assert span and context
+    framing = len(tokenizer.apply_chat_template([{"role": "user", "content": ""}]).encode())
+    fits = (context - 1) * span  # bytes of text that may still be context - 1 tokens
+    encoded = recorded_encodes(monkeypatch, tokenizer)
+    for size, refused_at_once in ((fits - framing, False), (fits - framing + 1, True), (3_000_000, True)):
+        encoded.clear()
+        r = http.post("/v1/chat/completions",
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "a" * size}]})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        assert (max(encoded, default=0) < size) == refused_at_once, (size, encoded)
+    for prompt, model in ((["hi", "a" * (fits + 1)], "tiny"), ("a" * (fits + 1), "tiny"), ("a" * (fits + 1), "dates")):
+        encoded.clear()
+        r = http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+        assert max(encoded, default=0) < fits, encoded
+    encoded.clear()
+    r = http.post("/v1/chat/completions",
+                  json={"model": "dates", "messages": [{"role": "user", "content": "a" * fits}]})
+    assert r.json()["error"]["code"] == "context_length_exceeded" and max(encoded, default=0) < fits
+    monkeypatch.undo()
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200
