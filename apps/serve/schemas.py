@@ -15,11 +15,28 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.types import FailFast
 
 #: most stop strings, choices per request and prompts per completion request
 MAX_STOP = 16
 MAX_CHOICES = 16
 MAX_PROMPTS = 64
+
+
+
+class _FirstError(FailFast):
+    """Pydantic's ``FailFast``, hashable so that it may sit in a union (``str | list[str]``)."""
+
+    def __hash__(self) -> int:
+        return hash(FailFast)
+
+
+#: a list or dict stops at its first bad item: pydantic otherwise builds an error per item (and
+#: per form of a union), and a 3.6 MB prompt of a million mixed items took 42 s to refuse, with
+#: the event loop, which validates bodies, blocked meanwhile (docs/reliability.md)
+FIRST = _FirstError()
+Strings = Annotated[list[str], FIRST]
+Ids = Annotated[list[int], FIRST]
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -50,9 +67,9 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: legacy result
     # text parts are checked when the messages are rendered, to say which part is not text;
     # null only for an assistant message that carries tool_calls (or a legacy function message)
-    content: str | list[dict[str, Any]] | None = None
+    content: str | Annotated[list[dict[str, Any]], FIRST] | None = None
     name: str | None = None
-    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
+    tool_calls: Annotated[list[MessageToolCall], FIRST] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this message answers
     function_call: FunctionCall | None = None  # assistant: its call in the deprecated functions API
     reasoning_content: str | None = None  # assistant: its reasoning, as this server returned it
@@ -107,9 +124,9 @@ class SamplingFields(_Lenient):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], FIRST] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = None
+    stop: str | Strings | None = None
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -117,12 +134,12 @@ class SamplingFields(_Lenient):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], FIRST] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = Field(None, max_length=128)
+    tools: Annotated[list[Tool], FIRST] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     #: extra variables for the chat template (vLLM's and mlx-lm's field: Qwen3's enable_thinking, ...)
@@ -130,14 +147,14 @@ class ChatCompletionRequest(SamplingFields):
     #: OpenAI's reasoning effort; reaches the template as ``reasoning_effort`` (gpt-oss reads it)
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     #: the deprecated functions API, served as tools (apps/serve/legacy.py)
-    functions: list[FunctionDefinition] | None = Field(None, max_length=128)
+    functions: Annotated[list[FunctionDefinition], FIRST] | None = Field(None, max_length=128)
     function_call: Literal["none", "auto"] | NamedFunction | None = None
-    modalities: list[str] | None = None
+    modalities: Strings | None = None
     audio: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | Strings | Ids | Annotated[list[Ids], FIRST]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = False
     suffix: str | None = None
