@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,14 @@ Sampler = Callable[[mx.array], mx.array]
 MAX_TOP_LOGPROBS = 20
 #: bisection steps of the top-p threshold: it lands within 2^-24 of the top probability
 TOP_P_STEPS = 24
+
+
+def _token_id(key: int | str) -> int:
+    """A logit_bias key as a token id: an int, or its decimal digits (``int`` would also read
+    " 5", "+5", "1_0" and other scripts' digits such as "\u0663")."""
+    if isinstance(key, str) and not re.fullmatch(r"-?[0-9]+", key):
+        raise ValueError(key)
+    return int(key)
 
 
 @dataclass(frozen=True)
@@ -63,9 +72,12 @@ class SamplingParams:
         items = ()
         if logit_bias:
             try:
-                items = tuple(sorted((int(k), float(v)) for k, v in logit_bias.items()))
+                items = tuple(sorted((_token_id(k), float(v)) for k, v in logit_bias.items()))
             except (TypeError, ValueError):
                 raise ValueError("logit_bias maps token ids to numbers") from None
+            for (token, _), (following, _) in zip(items, items[1:], strict=False):
+                if token == following:  # "5" and "05": the biases would add up past the range
+                    raise ValueError(f"logit_bias names token {token} twice")
         return cls(logit_bias=items, **settings)
 
     def check(self, vocab_size: int | None = None) -> None:
