@@ -24,7 +24,8 @@ FIELDS = ["max_tokens", "n", "temperature", "top_p", "top_k", "min_p", "logprobs
           "functions", "function_call", "max_completion_tokens", "echo", "best_of", "suffix", "prompt", "messages"]
 HOSTILE_VALUES = [None, True, False, "", "x", "x" * 20000, "\ud800", "\x00", [], {}, [None], [[[[]]]], [1, "a"],
                   {"": None}, ["x"] * 300, {"type": "zzz"}, [{"type": "text"}], [{"role": "tool"}],
-                  float("nan"), float("inf"), -float("inf"), *NASTY_NUMBERS]
+                  float("nan"), float("inf"), -float("inf"), *NASTY_NUMBERS,
+                  [1, "a"] * 20000, [{"role": "x"}] * 20000]  # long lists of bad items (one error, not 40,000)
 #: whole values of structured fields: recursive and impossible schemas, unknown names, odd parts
 STRUCTURED = {
     "messages": [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
@@ -50,7 +51,7 @@ STRUCTURED = {
                             "properties": {f"k{i}": {"type": "integer", "minimum": 1e308} for i in range(300)}}}},
                         {"type": "json_schema"}, {"type": "json_object"}],
     "logit_bias": [{"-1": 5}, {"99999999999999999999": 1}, {"abc": 1}, {"1e3": 1}, {" 5": 1}, {"\u0663": 1},
-                   {str(i): 1 for i in range(3000)}, {"5": 1e-320}],
+                   {str(i): 1 for i in range(3000)}, {"5": 1e-320}, {"5": 100, "05": 100}, {"+5": 1}],
     "stop": [["x" * 100000], [""], [""] * 16, ["a"] * 17],
     "chat_template_kwargs": [{"messages": 5}, {"tools": 5}, {"add_generation_prompt": "x"}, {"bos_token": None}],
     "prompt": [[], [[]], [-1], [10**9], [[1], [2**63]], [1.5], [True], [""] * 65],
