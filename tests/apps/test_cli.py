@@ -301,3 +301,18 @@ def test_help_teaches():
     assert done.returncode == 0
     for command in ("export", "run", "decode", "inspect"):
         assert command in done.stdout
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it(tiny_program):
+    """The one token allowed is the first byte of a four-byte character: `paw run` and
+    `paw_mlx.generate` print nothing for it, not U+FFFD."""
+    from interp.token_bytes import _byte_level_decoder
+
+    prog = paw_mlx.load(tiny_program)
+    lead = prog.tokenizer.token_to_id({b: ch for ch, b in _byte_level_decoder().items()}[0xF0])
+    assert prog.tokenizer.decode([lead]) == "\ufffd"
+    assert paw_mlx.generate(prog, "Hello", raw=True, max_tokens=1, logit_bias={lead: 100}) == ""
+    done = paw("run", str(tiny_program), "--prompt", "Hello", "--raw", "--max-tokens", "1",
+               "--logit-bias", f"{lead}=100")
+    assert done.returncode == 0, done.stderr
+    assert "\ufffd" not in done.stdout and done.stdout.strip() == ""
