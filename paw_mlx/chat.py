@@ -279,9 +279,10 @@ class ChatSession:
                                        temperature=function.artifact.generation.temperature,
                                        cache=function.start_cache(), stats=self.stats, stop=stop)
             # a program's reply is its call's output, without special tokens (paw_mlx/programs/function.py)
-            yield from self._pieces(tokens, produced, skip_special_tokens=True)
+            yield from function.artifact.layout.output_pieces(self._pieces(tokens, produced, skip_special_tokens=True))
         finally:
-            reply = self.prog.tokenizer.decode_finished(produced, skip_special_tokens=True)
+            reply = function.artifact.layout.output_text(
+                self.prog.tokenizer.decode_finished(produced, skip_special_tokens=True))
             self.messages.append({"role": "assistant",
                                   "content": reply.strip() if function.artifact.generation.strip else reply})
             self._turn_length = None

@@ -257,15 +257,25 @@ class Constraint:
         return self._finished or self._matcher.is_stopped()
 
 
+def _after_lead(grammar: str, lead: str) -> str:
+    """``grammar`` with ``lead`` before what it matches: a compiled program's output lead
+    (``PromptLayout.output_lead``), which the program writes and the caller never sees."""
+    top = json.loads(grammar) if grammar.lstrip().startswith("{") else {"grammars": [{"lark_grammar": grammar}]}
+    top["grammars"][0]["name"] = "body"
+    top["grammars"].insert(0, {"name": "lead", "lark_grammar": f"start: {json.dumps(lead)} @body"})
+    return json.dumps(top)
+
+
 def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
-                    eos_token_ids: Sequence[int] | None = None) -> Grammar:
+                    eos_token_ids: Sequence[int] | None = None, lead: str = "") -> Grammar:
     """Compile an output constraint for ``tokenizer`` (paw's Tokenizer, a ``tokenizers.Tokenizer``
     or a tokenizer.json path) and a model of ``vocab_size`` logits.
 
     ``returns``: a list of choices, ``{"choices": [...]}``, ``{"regex": str}``,
     ``{"json_schema": dict}``, ``{"json_object": True}``, a bare JSON schema, or a string in
     the CLI's forms. EOS ids default to the tokenizer's. Raises ``ConstraintError`` (a
-    ``PawError``) on an invalid spec, regex or schema.
+    ``PawError``) on an invalid spec, regex or schema. ``lead`` is text every output starts
+    with before what ``returns`` describes (a compiled program's output lead).
     """
     import llguidance
 
@@ -275,6 +285,8 @@ def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
         raise ConstraintError("the model declares no end-of-sequence token, so a constrained output could not end")
     ll_tokenizer = _ll_tokenizer(_tokenizer_json(tokenizer), int(vocab_size), eos)
     grammar = _grammar_text(spec)
+    if lead:
+        grammar = _after_lead(grammar, lead)
     error = llguidance.LLMatcher.validate_grammar(grammar, ll_tokenizer)
     if error and not error.startswith("WARNING"):
         what = describe_returns(spec)
@@ -297,11 +309,11 @@ def _one_line(error: str) -> str:
     return f"{lines[0].rstrip(':')}: {reason}" if reason else lines[0]
 
 
-def grammar_for(prog, returns: Any) -> Grammar:
+def grammar_for(prog, returns: Any, lead: str = "") -> Grammar:
     """``compile_returns`` for a loaded program (``paw_mlx.load``): its tokenizer, logits width
-    and end-of-sequence ids."""
+    and end-of-sequence ids; ``lead``: a compiled program's output lead."""
     vocab = prog.program.model_info.get("vocab_size") or prog.tokenizer.vocab_size
-    return compile_returns(returns, prog.tokenizer, int(vocab), eos_token_ids=sorted(prog.eos_token_ids))
+    return compile_returns(returns, prog.tokenizer, int(vocab), eos_token_ids=sorted(prog.eos_token_ids), lead=lead)
 
 
 def mask_logits(logits, allowed: Sequence[np.ndarray | None]):

@@ -73,7 +73,8 @@ class Generation:
             for index, (prompt, request) in enumerate(requests):
                 reply = self.prepared.reply
                 choice = Choice(index, prompt, TextStream(self.tokenizer, self.prepared.stop,
-                                                          reply.keep if reply else None))
+                                                          reply.keep if reply else None,
+                                                          lead=self.prepared.model.output_lead))
                 if reply is not None:
                     choice.reader = reply.reader()
                 self.choices.append(choice)

@@ -226,4 +226,4 @@ def _grammar(model: ServedModel, spec: str):
 def _compile(model: ServedModel, spec: Any):
     from paw_mlx.constrain import grammar_for
 
-    return grammar_for(model.base, spec)
+    return grammar_for(model.base, spec, lead=model.output_lead)

@@ -45,12 +45,12 @@ def complete(engine: Engine, model: ServedModel, prompt: str | Sequence[int] | N
     if constraint is None and model.returns is not None:  # a compiled program's own output constraint
         from paw_mlx.constrain import grammar_for
 
-        constraint = grammar_for(model.base, model.returns).start()
+        constraint = grammar_for(model.base, model.returns, lead=model.output_lead).start()
     budget = max_tokens or model.default_max_tokens or 256
     if sampling is None:
         sampling = SamplingParams(temperature=model.default_temperature)
     handle = engine.submit(GenerationRequest(model, ids, budget, sampling, constraint=constraint))
-    stream = TextStream(model.base.tokenizer, stop)
+    stream = TextStream(model.base.tokenizer, stop, lead=model.output_lead)
     tokens: list[int] = []
     logprobs: list[float] | None = [] if sampling.logprobs else None
     reason = "stop"

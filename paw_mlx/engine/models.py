@@ -123,6 +123,11 @@ class ServedModel:
         """A compiled program's stored output constraint (``paw compile --returns``), if any."""
         return self.artifact.returns if self.artifact is not None else None
 
+    @property
+    def output_lead(self) -> str:
+        """What a compiled program's outputs start with and callers do not see (``PromptLayout``)."""
+        return self.artifact.layout.output_lead if self.artifact is not None else ""
+
     # ------------------------------------------------------------------ prompts
 
     def completion_ids(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
@@ -188,8 +193,13 @@ class ServedModel:
             return self.completion_ids(messages[0]["content"], param="messages")
         from paw_mlx.programs.compile import program_messages
 
-        # the conversation continues the prefix's: the spec and the demonstrations come first
-        text = _render_text(tokenizer, [*program_messages(self.artifact.spec, self.artifact.demos), *messages])
+        # the conversation continues the prefix's: the spec and the demonstrations come first,
+        # and its turns are laid out as theirs, each after its lead
+        leads = {"user": layout.input_lead, "assistant": layout.output_lead}
+        turns = [dict(m, content=leads.get(m["role"], "") + m["content"]) if isinstance(m.get("content"), str) else m
+                 for m in messages]
+        text = _render_text(tokenizer, [*program_messages(self.artifact.spec, self.artifact.demos,
+                                                          (layout.input_lead, layout.output_lead)), *turns])
         if not text.startswith(layout.prefix_text):
             raise RequestError(f"the chat template of model {self.name!r} does not start with the program's "
                                "prefix for these messages")

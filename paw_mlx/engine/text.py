@@ -24,8 +24,10 @@ __all__ = ["TextStream", "TokenText"]
 class TextStream:
     """Text pieces for a stream of tokens; ``stopped`` once a stop string is seen."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), keep: dict[int, str] | None = None):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), keep: dict[int, str] | None = None,
+                 lead: str = ""):
         self._tokenizer = tokenizer
+        self._lead = lead  # a compiled program's output lead (``PromptLayout.output_lead``): not shown
         self._keep = keep or {}  # special token id -> its text, kept in the output
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
@@ -101,6 +103,12 @@ class TextStream:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
+        if self._lead and (len(self._pending) >= len(self._lead) or final):
+            if self._pending.startswith(self._lead):
+                self._pending = self._pending[len(self._lead):]
+            self._lead = ""
+        elif self._lead:
+            return ""  # too short to tell yet
         for stop in self._stop:
             at = self._pending.find(stop)
             if at >= 0:

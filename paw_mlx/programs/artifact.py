@@ -18,6 +18,7 @@ it is run on: fingerprint, layers, KV heads, head sizes, dtype and vocabulary.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,12 @@ from interp.token_ids import check_token_ids
 from paw_mlx.programs.adapter import ADAPTER_FILE, LoraAdapter, read_adapter, write_adapter
 
 FORMAT = "paw.kvprogram"
-VERSION = 2  # 2 added the adapter, demonstrations and the selection report
-READABLE_VERSIONS = (1, 2)
+#: 2 added the adapter, demonstrations and the selection report; 3 the layout's leads (written
+#: only by a program that has one, so that a paw reading version 2 never runs it without them)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: the text a layout may put before an input or an output (``PromptLayout``)
+LEADS = ("", " ")
 ARTIFACT_FILE = "program.json"
 PREFIX_FILE = "prefix.safetensors"
 #: the files an artifact's fingerprint is made of
@@ -50,12 +55,37 @@ class PromptLayout:
     ``suffix_text`` what follows them (end of turn, assistant header). ``raw``: plain
     text ``spec + prefix_text ... input ... suffix_text`` for models without a template.
     The prefix is tokenized alone and the input together with the suffix, so the ids of
-    a call are always ``prefix_ids + encode(input + suffix_text)``.
+    a call are always ``prefix_ids + encode(input_lead + input + suffix_text)``.
+
+    ``input_lead`` and ``output_lead`` (a space, or nothing) go before every input and every
+    output, the demonstrations' and a call's, so that their words tokenize as in running text
+    (``compile.choose_leads``): a call's output is read without its lead (``output_text``).
     """
 
     kind: str
     prefix_text: str
     suffix_text: str
+    input_lead: str = ""
+    output_lead: str = ""
+
+    def output_text(self, text: str) -> str:
+        """A generated output as the caller sees it: without the output lead it starts with."""
+        return text[len(self.output_lead):] if self.output_lead and text.startswith(self.output_lead) else text
+
+    def output_pieces(self, pieces: Iterable[str]) -> Iterator[str]:
+        """``output_text`` of a streamed output, piece by piece."""
+        head = ""
+        for piece in pieces:
+            if head is None:
+                yield piece
+                continue
+            head += piece
+            if len(head) >= len(self.output_lead):
+                head, rest = None, self.output_text(head)
+                if rest:
+                    yield rest
+        if head:
+            yield self.output_text(head)
 
 
 @dataclass
@@ -96,7 +126,7 @@ class ProgramArtifact:
     def metadata(self) -> dict:
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.layout.input_lead or self.layout.output_lead else 2,
             "spec": self.spec,
             "base": {"fingerprint": self.base_fingerprint, "path_hint": self.base_hint},
             "layout": asdict(self.layout),
@@ -167,6 +197,8 @@ def _fields(meta: dict, meta_path: Path) -> dict:
     need(isinstance(layout, dict) and layout.get("kind") in LAYOUT_KINDS
          and isinstance(layout.get("prefix_text"), str) and isinstance(layout.get("suffix_text"), str),
          f"'layout' needs kind ({' or '.join(LAYOUT_KINDS)}), prefix_text and suffix_text")
+    need(all(layout.get(lead, "") in LEADS for lead in ("input_lead", "output_lead")),
+         "'layout.input_lead' and 'layout.output_lead' must be \"\" or \" \"")
     need(isinstance(meta.get("prefix_ids"), list), "'prefix_ids' must be a list of token ids")
     try:
         prefix_ids = check_token_ids(meta["prefix_ids"], None, what="'prefix_ids'")
@@ -193,7 +225,9 @@ def _fields(meta: dict, meta_path: Path) -> dict:
     need(meta.get("tuning") is None or isinstance(meta["tuning"], dict), "'tuning' must be an object or null")
     need(meta.get("selection") is None or isinstance(meta["selection"], dict), "'selection' must be an object or null")
     need(meta.get("adapter") is None or isinstance(meta["adapter"], dict), "'adapter' must be an object or null")
-    return {"spec": meta["spec"], "layout": PromptLayout(layout["kind"], layout["prefix_text"], layout["suffix_text"]),
+    leads = layout.get("input_lead", ""), layout.get("output_lead", "")
+    return {"spec": meta["spec"], "layout": PromptLayout(layout["kind"], layout["prefix_text"], layout["suffix_text"],
+                                                         *leads),
             "prefix_ids": prefix_ids, "num_layers": meta["num_layers"], "base_fingerprint": made_for,
             "base_hint": base.get("path_hint", ""), "tuning": meta.get("tuning"),
             "generation": GenerationSettings(max_new_tokens=max_new, temperature=float(temperature),

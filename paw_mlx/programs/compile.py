@@ -35,28 +35,79 @@ DEFAULT_MAX_NEW_TOKENS = 64
 OUTPUT_MARGIN = 8
 RAW_PREFIX_SEP = "\n\nInput: "
 RAW_SUFFIX = "\nOutput:"
+#: what ``choose_leads`` puts before inputs and outputs where it costs no tokens
+LEAD = " "
 
 
-def prompt_layout(tokenizer: Tokenizer, spec: str, demos: Sequence[dict] = ()) -> PromptLayout:
+def choose_leads(tokenizer: Tokenizer, rows: Sequence[dict]) -> tuple[str, str]:
+    """The (input, output) leads of a program compiled from ``rows``: a space before every input
+    (and every output) where the rows' inputs (outputs) take fewer tokens with it than without.
+
+    A chat turn starts a line, and at a line's start a byte-level BPE tokenizer spells a word
+    without the space it has everywhere in running text: for SmolLM2 ``Portugal`` is
+    ``Port|ug|al`` and ``Lisbon`` ``L|is|bon``, where `` Portugal`` and `` Lisbon`` are single
+    tokens, the ones the model knows the country and its capital by. With the space, a
+    program's inputs and outputs are spelled as the model read them in training. Where the
+    space changes nothing or would be a token of its own (digits split one per token; a
+    tokenizer that already adds one), it is left out. Measured in docs/programs.md ("Leads").
+    """
+    def saves_tokens(texts: list[str]) -> bool:
+        encode = tokenizer.encode
+        return (sum(len(encode(LEAD + t, add_special_tokens=False)) for t in texts)
+                < sum(len(encode(t, add_special_tokens=False)) for t in texts))
+
+    if not rows:
+        return "", ""
+    return (LEAD if saves_tokens([r["input"] for r in rows]) else "",
+            LEAD if saves_tokens([r["output"] for r in rows]) else "")
+
+
+def prompt_layout(tokenizer: Tokenizer, spec: str, demos: Sequence[dict] = (),
+                  leads: tuple[str, str] = ("", "")) -> PromptLayout:
     """Split the prompt around the input: the spec is the system message and each demo
-    ({"input", "output"}) a user turn answered by an assistant turn, before the input's."""
-    if not tokenizer.has_chat_template:
+    ({"input", "output"}) a user turn answered by an assistant turn, before the input's.
+
+    ``leads`` (``choose_leads``) go before each input and output. A chat template that trims
+    messages would drop them from the demonstrations, so there a lead it drops is not used."""
+    input_lead, output_lead = leads
+    if not tokenizer.has_chat_template:  # plain text: "Input: x\nOutput: y", the space before y always there
         shots = "".join(f"{RAW_PREFIX_SEP}{d['input']}{RAW_SUFFIX} {d['output']}" for d in demos)
-        return PromptLayout("raw", spec + shots + RAW_PREFIX_SEP, RAW_SUFFIX)
-    text = tokenizer.apply_chat_template(program_messages(spec, demos) + [{"role": "user", "content": _INPUT_MARK}])
+        return PromptLayout("raw", spec + shots + RAW_PREFIX_SEP[: len(RAW_PREFIX_SEP) - len(input_lead)],
+                            RAW_SUFFIX, input_lead, LEAD)
+    if input_lead or output_lead:
+        input_lead, output_lead = _kept_leads(tokenizer, spec, input_lead, output_lead)
+    leads = input_lead, output_lead
+    text = tokenizer.apply_chat_template(program_messages(spec, demos, leads)
+                                         + [{"role": "user", "content": _INPUT_MARK}])
     if text.count(_INPUT_MARK) != 1:
         raise PawError("the base model's chat template does not place the user message once")
     before, after = text.split(_INPUT_MARK)
-    return PromptLayout("chat", before, after)
+    return PromptLayout("chat", before, after, input_lead, output_lead)
 
 
-def program_messages(spec: str, demos: Sequence[dict]) -> list[dict]:
+def _kept_leads(tokenizer: Tokenizer, spec: str, input_lead: str, output_lead: str) -> tuple[str, str]:
+    """The leads the chat template keeps in a demonstration's turns (one that trims drops them)."""
+    marks = {"input": _INPUT_MARK + "i", "output": _INPUT_MARK + "o"}
+    text = tokenizer.apply_chat_template(program_messages(spec, [marks], (input_lead, output_lead)),
+                                         add_generation_prompt=False)
+    return (input_lead if input_lead + marks["input"] in text else "",
+            output_lead if output_lead + marks["output"] in text else "")
+
+
+def program_messages(spec: str, demos: Sequence[dict], leads: tuple[str, str] = ("", "")) -> list[dict]:
     """The chat messages a chat-layout program's prefix renders: the spec as the system
-    message, then each demonstration as a user turn answered by an assistant turn."""
+    message, then each demonstration as a user turn answered by an assistant turn, each
+    after its lead (``choose_leads``)."""
+    input_lead, output_lead = leads
     messages = [{"role": "system", "content": spec}]
     for demo in demos:
-        messages += [{"role": "user", "content": demo["input"]}, {"role": "assistant", "content": demo["output"]}]
+        messages += [{"role": "user", "content": input_lead + demo["input"]},
+                     {"role": "assistant", "content": output_lead + demo["output"]}]
     return messages
+
+
+def layout_leads(layout: PromptLayout) -> tuple[str, str]:
+    return layout.input_lead, layout.output_lead
 
 
 def demo_spans(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Sequence[dict]) -> list[tuple[int, int]]:
@@ -69,22 +120,25 @@ def demo_spans(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Seq
     if not demos:
         return []
     full = layout_prefix_ids(tokenizer, layout)
+    leads = layout_leads(layout)
     ends = []
     for i in range(len(demos) + 1):
         if layout.kind == "chat":
-            text = tokenizer.apply_chat_template(program_messages(spec, demos[:i]), add_generation_prompt=False)
+            text = tokenizer.apply_chat_template(program_messages(spec, demos[:i], leads), add_generation_prompt=False)
         else:
-            text = prompt_layout(tokenizer, spec, demos[:i]).prefix_text[: -len(RAW_PREFIX_SEP)]
+            text = prompt_layout(tokenizer, spec, demos[:i], leads).prefix_text
+            text = text[: text.rindex(RAW_PREFIX_SEP.rstrip(" "))]
         upto = len(tokenizer.encode(text, add_special_tokens=layout.kind == "raw"))
         ends.append(min(upto, len(full)))
     return [(ends[i], ends[i + 1]) for i in range(len(demos))]
 
 
-def prefixes_without(tokenizer: Tokenizer, spec: str, demos: Sequence[dict]) -> list[list[int]]:
+def prefixes_without(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Sequence[dict]) -> list[list[int]]:
     """The prefix ids of ``spec`` with ``demos`` but demo i, for each i (the others in order and
-    laid out as the kept prefix lays them out): what training on a base with recurrent state
-    runs demo i's own row behind, since no key mask can hide it there (``train.py``)."""
-    return [layout_prefix_ids(tokenizer, prompt_layout(tokenizer, spec, [*demos[:i], *demos[i + 1:]]))
+    laid out as the kept prefix ``layout`` lays them out): what training on a base with recurrent
+    state runs demo i's own row behind, since no key mask can hide it there (``train.py``)."""
+    leads = layout_leads(layout)
+    return [layout_prefix_ids(tokenizer, prompt_layout(tokenizer, spec, [*demos[:i], *demos[i + 1:]], leads))
             for i in range(len(demos))]
 
 
@@ -100,6 +154,7 @@ def input_ids(tokenizer: Tokenizer, layout: PromptLayout, text: str) -> list[int
     so an input cannot end its user turn and write the assistant's; such an input is
     encoded apart from the suffix, any other together with it, as it always was.
     """
+    text = layout.input_lead + text
     if not tokenizer.holds_special_text(text):
         return tokenizer.encode(text + layout.suffix_text, add_special_tokens=False)
     return tokenizer.encode_literal(text) + tokenizer.encode(layout.suffix_text, add_special_tokens=False)
@@ -171,17 +226,17 @@ def output_budget(prog: LoadedProgram, rows: Sequence[dict], asked: int | None) 
     return asked
 
 
-def _check_examples_fit(prog: LoadedProgram, spec: str, rows: Sequence[dict]) -> None:
+def _check_examples_fit(prog: LoadedProgram, spec: str, rows: Sequence[dict], leads: tuple[str, str]) -> None:
     """Every example must fit the base model's context after the spec's prefix, input and
     output and end-of-turn token together: else no program on this base could write its
     output (a call stops at the context's end), and as a demonstration it would not fit
     either. Checked before any training, so a compile does not spend minutes first."""
     tokenizer = prog.tokenizer
-    layout = prompt_layout(tokenizer, spec)
+    layout = prompt_layout(tokenizer, spec, (), leads)
     start = len(layout_prefix_ids(tokenizer, layout))
     room = prog.context_length - start
     needs = [(len(input_ids(tokenizer, layout, row["input"]))
-              + len(tokenizer.encode_literal(row["output"])) + 1, row["input"]) for row in rows]
+              + len(tokenizer.encode_literal(layout.output_lead + row["output"])) + 1, row["input"]) for row in rows]
     over = [(need, text) for need, text in needs if need > room]
     if over:
         need, text = max(over)
@@ -254,11 +309,12 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     test = [r for r in rows if r.get("split", "train") == "test"]
     if examples is not None and not train:
         raise PawError("no training examples (every row is marked \"split\": \"test\")")
-    _check_examples_fit(prog, spec, rows)
+    leads = choose_leads(prog.tokenizer, train)
+    _check_examples_fit(prog, spec, rows, leads)
     if grammar is not None:
         _check_outputs_fit(grammar, rows)
     max_new_tokens = output_budget(prog, rows, max_new_tokens)
-    builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns)
+    builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns, leads)
     if examples is None:
         artifact = builder.prompted([])
     else:

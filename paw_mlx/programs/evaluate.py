@@ -37,7 +37,7 @@ from interp.errors import PawError
 from interp.paths import DEFAULT_MODEL
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.batch import generate_batch
-from paw_mlx.programs.compile import input_ids, load_rows, output_budget
+from paw_mlx.programs.compile import choose_leads, input_ids, load_rows, output_budget
 from paw_mlx.programs.function import ProgramFunction
 from paw_mlx.programs.interpreter import interpreter, resolve_base
 from paw_mlx.programs.select import Builder, Selection, SelectOptions, exact
@@ -48,7 +48,7 @@ TTFT_SAMPLES = 12
 #: untimed passes over the timed rows first (see ``interleaved_ttft``)
 WARMUP_PASSES = 2
 #: part of the cache key: a change of how rows are measured invalidates cached tasks
-EVALUATION_METHOD = "ttft-interleaved-12-warm-2"
+EVALUATION_METHOD = "ttft-interleaved-12-warm-2-leads"
 BASELINES = ("spec prompt", "few-shot prompt")
 
 
@@ -71,7 +71,7 @@ def prompted_outputs(prog: LoadedProgram, artifact: ProgramArtifact, rows: list[
     for row in rows:
         ids = artifact.prefix_ids + input_ids(prog.tokenizer, artifact.layout, row["input"])
         tokens = list(stream_tokens(prog, ids, max_tokens=budget))
-        outputs.append(prog.tokenizer.decode_finished(tokens, skip_special_tokens=True))
+        outputs.append(artifact.layout.output_text(prog.tokenizer.decode_finished(tokens, skip_special_tokens=True)))
     return outputs
 
 
@@ -114,13 +114,15 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
     test = [r for r in rows if r.get("split", "train") == "test"]
     if len(train) < 2 or not test:
         raise PawError(f"{task}: needs at least 2 train rows and 1 test row")
-    builder = Builder(prog, spec, str(prog.path), GenerationSettings(max_new_tokens=output_budget(prog, rows, None)))
+    generation = GenerationSettings(max_new_tokens=output_budget(prog, rows, None))
+    plain = Builder(prog, spec, str(prog.path), generation)  # the prompts a user writes: no leads
+    builder = Builder(prog, spec, str(prog.path), generation, leads=choose_leads(prog.tokenizer, train))
     selection = Selection(prog, builder, train, options, progress)
     budget = selection.budget
     result: dict = {"task": task.name, "train": len(train), "test": len(test), "rows": {}}
     timers: dict[str, tuple] = {}
     for name, demos in zip(BASELINES, ([], train), strict=True):
-        prompted = builder.prompted(demos)
+        prompted = plain.prompted(demos)
         outputs = prompted_outputs(prog, prompted, test, budget)
         result["rows"][name] = {"exact_match": round(_score(outputs, test), 4), "prefix_tokens": 0,
                                 "prompt_tokens": len(prompted.prefix_ids), "outputs": outputs}

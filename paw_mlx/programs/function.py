@@ -77,7 +77,7 @@ class ProgramFunction:
         returns = returns if returns is not None else artifact.returns
         self.grammar = None
         if returns is not None:
-            self.grammar = grammar_for(base, returns)
+            self.grammar = grammar_for(base, returns, lead=artifact.layout.output_lead)
 
     @property
     def spec(self) -> str:
@@ -131,7 +131,8 @@ class ProgramFunction:
         if not inputs:
             return []
         outs, ended = self._generate([self.token_ids(i) for i in inputs], None)
-        texts = [self.base.tokenizer.decode_finished(o, skip_special_tokens=True) for o in outs]
+        texts = [self.artifact.layout.output_text(self.base.tokenizer.decode_finished(o, skip_special_tokens=True))
+                 for o in outs]
         if self.artifact.generation.strip:
             texts = [t.strip() for t in texts]
         return [Completion(t, len(o), not e) for t, o, e in zip(texts, outs, ended, strict=True)]

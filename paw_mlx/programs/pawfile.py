@@ -342,7 +342,7 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
     arch = gguf_arch(prog.program.model_info.get("model_type", ""))
     modules = {names[m]: ab for m, ab in artifact.adapter.modules.items()}
     adapter = gguf_lora_bytes(arch, artifact.adapter.alpha, modules)
-    template = artifact.layout.prefix_text + PLACEHOLDER + artifact.layout.suffix_text
+    template = artifact.layout.prefix_text + artifact.layout.input_lead + PLACEHOLDER + artifact.layout.suffix_text
     source = prog.program.model_info.get("source", {})
     meta = {
         "program_id": hashlib.sha256(template.encode("utf-8") + adapter).hexdigest()[:32],

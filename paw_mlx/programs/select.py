@@ -182,9 +182,10 @@ class Builder:
     """Builds candidate programs of one spec on one base model."""
 
     def __init__(self, prog: LoadedProgram, spec: str, base_hint: str, generation: GenerationSettings,
-                 returns: dict | None = None):
+                 returns: dict | None = None, leads: tuple[str, str] = ("", "")):
         self.prog, self.spec, self.base_hint = prog, spec, base_hint
         self.generation, self.returns = generation, returns
+        self.leads = leads  # before each input and output (``compile.choose_leads``): one layout for every candidate
         self._prefixes: dict[tuple, ProgramArtifact] = {}
         self._tuned: dict[tuple, tuple[ProgramArtifact, TrainResult]] = {}
         self._turn_tokens: int | None = None
@@ -202,7 +203,7 @@ class Builder:
         """Prefix tokens one demonstration takes: its input and output and the turns around them."""
         if self._turn_tokens is None:
             tokenizer, probe = self.prog.tokenizer, {"input": "a", "output": "b"}
-            one, none = (len(layout_prefix_ids(tokenizer, prompt_layout(tokenizer, self.spec, d)))
+            one, none = (len(layout_prefix_ids(tokenizer, prompt_layout(tokenizer, self.spec, d, self.leads)))
                          for d in ([probe], []))
             self._turn_tokens = max(0, one - none - 2)
         encode = self.prog.tokenizer.encode
@@ -216,7 +217,7 @@ class Builder:
         key = tuple((d["input"], d["output"]) for d in demos)
         if key not in self._prefixes:
             demos = [{"input": d["input"], "output": d["output"]} for d in demos]
-            layout = prompt_layout(self.prog.tokenizer, self.spec, demos)
+            layout = prompt_layout(self.prog.tokenizer, self.spec, demos, self.leads)
             ids = layout_prefix_ids(self.prog.tokenizer, layout)
             self._prefixes[key] = ProgramArtifact(
                 spec=self.spec, base_fingerprint=self.prog.fingerprint, base_hint=self.base_hint, layout=layout,
@@ -259,7 +260,8 @@ class Builder:
         hidden from each row."""
         key = [(d["input"], d["output"]) for d in artifact.demos]
         if self.prog.program.recurrent:  # no key mask there: each row runs behind a prefix without it
-            own = dict(zip(key, prefixes_without(self.prog.tokenizer, self.spec, artifact.demos), strict=True))
+            own = dict(zip(key, prefixes_without(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos),
+                           strict=True))
             hiding = {"own_prefixes": [own.get((r["input"], r["output"])) for r in rows]}
         else:
             spans = dict(zip(key, demo_spans(self.prog.tokenizer, artifact.layout, self.spec, artifact.demos),

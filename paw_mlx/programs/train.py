@@ -220,7 +220,7 @@ def end_token(prog: LoadedProgram) -> int:
 def _encode(prog: LoadedProgram, artifact: ProgramArtifact, row: dict, eos: int) -> tuple[list[int], int]:
     prompt = input_ids(prog.tokenizer, artifact.layout, row["input"])
     # literal, as a call can write it: a special token's text in an answer is text, not a stop
-    answer = prog.tokenizer.encode_literal(row["output"]) + [eos]
+    answer = prog.tokenizer.encode_literal(artifact.layout.output_lead + row["output"]) + [eos]
     return prompt + answer, len(prompt)
 
 

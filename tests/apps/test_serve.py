@@ -346,17 +346,26 @@ def test_a_programs_stored_returns_constrain_its_answers(server, tiny_program, t
         catalog.remove(model.name)
 
 
-@pytest.mark.parametrize("candidate", ["fewshot", "lora"])
-def test_a_program_compiled_from_examples_answers_chat_as_its_function(server, tiny_program, tmp_path, candidate):
-    """Its prefix holds the examples as demonstration turns: a chat request continues them."""
+#: (input, output) examples: outputs spelled alike with or without a space before them, and
+#: words the tiny tokenizer spells shorter after a space (so the program has both leads)
+EXAMPLE_SETS = {"upper": [(w, w.upper()) for w in ["cat", "dog", "sun", "red"]],
+                "animals": [("cat", "dog"), ("dog", "cat"), ("capital", "dog"), ("bird", "cat")]}
+
+
+@pytest.mark.parametrize(("candidate", "examples"), [("fewshot", "upper"), ("lora", "upper"), ("fewshot", "animals")])
+def test_a_program_compiled_from_examples_answers_chat_as_its_function(server, tiny_program, tmp_path, candidate,
+                                                                       examples):
+    """Its prefix holds the examples as demonstration turns: a chat request continues them, each
+    turn after its lead as the demonstrations' (``PromptLayout``), the reply read without it."""
     from paw_mlx.engine.models import ServedModel
     from paw_mlx.programs.select import SelectOptions
     from paw_mlx.programs.train import TrainOptions
 
-    rows = [{"input": w, "output": w.upper()} for w in ["cat", "dog", "sun", "red"]]
+    rows = [{"input": i, "output": o} for i, o in EXAMPLE_SETS[examples]]
     options = SelectOptions(candidates=(candidate,), folds=2, lora=TrainOptions(steps=2, layers=1, rank=2))
     art = paw_mlx.compile("Upper.", base=tiny_program, examples=rows, options=options, out_dir=tmp_path / "upper")
     assert len(art.demos) == 4 and (art.adapter is not None) == (candidate == "lora")
+    assert art.layout.output_lead == (" " if examples == "animals" else "")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
     catalog = server.app_catalog
     model = catalog.add(ServedModel("upper", catalog.get("tiny").base, artifact=art))

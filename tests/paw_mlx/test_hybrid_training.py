@@ -102,7 +102,7 @@ def test_a_row_never_sees_its_own_demonstration(base):
                 count += 1
         return total / count
 
-    hidden = loss(prefixes_without(prog.tokenizer, SPEC, kept.demos))
+    hidden = loss(prefixes_without(prog.tokenizer, kept.layout, SPEC, kept.demos))
     shown = loss([kept.prefix_ids] * len(EXAMPLES))
     assert abs(result.losses[0] - hidden) < 1e-4 * max(1.0, hidden)
     assert abs(hidden - shown) > 1e-3
