@@ -310,6 +310,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     if examples is not None and not train:
         raise PawError("no training examples (every row is marked \"split\": \"test\")")
     leads = choose_leads(prog.tokenizer, train)
+    if options is not None and not options.input_lead:
+        leads = "", leads[1]
     _check_examples_fit(prog, spec, rows, leads)
     if grammar is not None:
         _check_outputs_fit(grammar, rows)

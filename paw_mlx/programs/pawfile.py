@@ -332,6 +332,9 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
         raise ArtifactError("a .paw bundle holds a LoRA adapter and this program has none "
                             "(compile it with the lora candidate)")
     layout = artifact.layout
+    if layout.input_lead:  # the runtime appends a call's input as given: nothing can go before it
+        raise ArtifactError("this program puts a space before its inputs, which a .paw bundle cannot hold "
+                            "(compile it with `paw compile --format paw`)")
     if (PLACEHOLDER in layout.prefix_text + layout.suffix_text
             or prog.tokenizer.encode(layout.prefix_text, add_special_tokens=False) != list(artifact.prefix_ids)):
         raise ArtifactError(f"this program's prompt cannot be written as a template with one {PLACEHOLDER}")
@@ -342,7 +345,7 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
     arch = gguf_arch(prog.program.model_info.get("model_type", ""))
     modules = {names[m]: ab for m, ab in artifact.adapter.modules.items()}
     adapter = gguf_lora_bytes(arch, artifact.adapter.alpha, modules)
-    template = artifact.layout.prefix_text + artifact.layout.input_lead + PLACEHOLDER + artifact.layout.suffix_text
+    template = artifact.layout.prefix_text + PLACEHOLDER + artifact.layout.suffix_text
     source = prog.program.model_info.get("source", {})
     meta = {
         "program_id": hashlib.sha256(template.encode("utf-8") + adapter).hexdigest()[:32],
@@ -380,7 +383,9 @@ def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force
     check_not_reading(out, [resolve_base(base), examples if isinstance(examples, (str, Path)) else None],
                       ArtifactError)
     options.check()  # what the caller gave, before it becomes the one LoRA candidate a bundle holds
-    options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True))
+    # the runtime appends a call's input as given (no lead before it) and strips the output (so
+    # an output lead is read as the program writes it)
+    options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True), input_lead=False)
     options.check_base(resolve_base(base))  # the rank against the layers, before the weights load
     prog = interpreter(resolve_base(base))
     gguf_module_names(prog)  # an architecture llama.cpp cannot name fails here, before training

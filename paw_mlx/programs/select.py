@@ -90,6 +90,9 @@ class SelectOptions:
     lora: TrainOptions = field(default_factory=lambda: TrainOptions(method="lora"))
     prefix: TrainOptions = field(default_factory=lambda: TrainOptions(method="prefix", learning_rate=1e-2))
     seed: int = 0
+    #: False: a call's input is appended as given, never after a lead (``compile.choose_leads``),
+    #: as a ``.paw`` bundle's runtime appends it
+    input_lead: bool = True
 
     def check(self) -> None:
         unknown = [c for c in self.candidates if c not in CANDIDATES]

@@ -170,6 +170,26 @@ def test_export_program_writes_a_program_and_compile_writes_a_bundle(bases, tmp_
     assert reread(["cat", "bee"]) == [o.strip() for o in paw_mlx.function(made, max_new_tokens=6)(["cat", "bee"])]
 
 
+def test_a_bundle_holds_no_input_lead(bases, tmp_path):
+    """The runtime appends a call's input as given: a compiled bundle's inputs get no lead (its
+    outputs may: the runtime strips them), and a program with one is not written as a bundle."""
+    from paw_mlx.programs.pawfile import compile_bundle, write_bundle
+    from paw_mlx.programs.select import SelectOptions
+    from paw_mlx.programs.train import TrainOptions
+
+    rows = [{"input": i, "output": o} for i, o in [("cat", "dog"), ("dog", "cat"), ("capital", "dog"), ("bird", "cat")]]
+    options = SelectOptions(candidates=("lora",), folds=2, lora=TrainOptions(steps=2, layers=1, rank=2))
+    program = paw_mlx.compile("Animal.", base=bases["qwen3"], examples=rows, options=options)
+    assert program.layout.input_lead == " "  # these words are shorter after a space
+    with pytest.raises(ArtifactError, match="space before its inputs"):
+        write_bundle(program, paw_mlx.function(program).base, tmp_path / "no.paw")
+    assert not (tmp_path / "no.paw").exists()
+    made = compile_bundle("Animal.", tmp_path / "yes.paw", base=bases["qwen3"], examples=rows, options=options)
+    assert made.layout.input_lead == "" and made.layout.output_lead == " "
+    reread = paw_mlx.function(tmp_path / "yes.paw", base=bases["qwen3"], max_new_tokens=6)
+    assert reread(["cat", "bee"]) == [o.strip() for o in paw_mlx.function(made, max_new_tokens=6)(["cat", "bee"])]
+
+
 def paw_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "apps.cli", *map(str, args)], capture_output=True, text=True)
 
