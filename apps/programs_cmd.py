@@ -153,6 +153,9 @@ def print_selection(info: dict | None) -> None:
                       "(a spread of them within its budget, none holding a special token's text); every "
                       "example was used to choose the program "
                       "and to train a tuned one")
+    if info.get("leads"):
+        console.print(f"its {' and '.join(info['leads'])} follow a space, as words do in running text, where that "
+                      "spells them in fewer tokens (docs/programs.md, \"Leads\")")
     for line in selection_notes(info):
         console.print(f"note: {line}")
     if "test" in info:

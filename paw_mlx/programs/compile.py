@@ -327,6 +327,10 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
             info["note"] = note
         if conflicting := conflicting_inputs(train):
             info["conflicting_inputs"] = conflicting
+        led = [side for side, lead in (("inputs", artifact.layout.input_lead), ("outputs", artifact.layout.output_lead))
+               if lead]
+        if led:
+            info["leads"] = led
         if test:
             outputs = builder.outputs(artifact, [r["input"] for r in test], max_new_tokens)
             correct = sum(o.strip() == r["output"].strip() for o, r in zip(outputs, test, strict=True))

@@ -112,3 +112,17 @@ def test_a_stream_drops_the_output_lead_once(tiny_program):
     layout = replace(PromptLayout("chat", "", ""), output_lead=" ")
     assert "".join(layout.output_pieces(iter([" ", " cat", " dog"]))) == " cat dog"
     assert "".join(layout.output_pieces(iter(["cat"]))) == "cat"
+
+
+def test_paw_compile_says_where_it_put_a_lead(tiny_program, tmp_path):
+    import subprocess
+    import sys
+
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run = subprocess.run([sys.executable, "-m", "apps.cli", "compile", SPEC, "-o", str(tmp_path / "p"), "--base",
+                          str(tiny_program), "--examples", str(examples), "--candidates", "fewshot", "--folds", "2"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "its inputs and outputs follow a space" in run.stderr.replace("\n", " ")
+    assert json.loads((tmp_path / "p" / "program.json").read_text())["selection"]["leads"] == ["inputs", "outputs"]
