@@ -171,48 +171,52 @@ def _require_causal_lm(config) -> None:
     raise SourceError(f"transformers has no causal LM for {config.model_type}, so paw cannot export it")
 
 
-def load_source(source: Source, dtype: str, text_model=None):
+def load_tokenizer(source: Source):
+    """The source's transformers tokenizer; SourceError when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    with parse_gguf_once(), _loading_errors(source):
+        return AutoTokenizer.from_pretrained(source.location, **kwargs)
+
+
+def load_source(source: Source, dtype: str, text_model=None, tokenizer=None):
     """(model, tokenizer) from a resolved source, with transformers.
 
     ``text_model`` (``exporter.composite.TextModel``, from ``text_model_of``): load only
-    that text model of a multimodal checkpoint.
+    that text model of a multimodal checkpoint. ``tokenizer``: the source's, already loaded
+    (``load_tokenizer``), else it is loaded here.
     """
     import torch
-    from transformers import AutoTokenizer
 
     model_class, extra, loading = _loader(text_model)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
         _check_config(source, text_model)
         with loading:
             model, info = model_class.from_pretrained(source.location, dtype=getattr(torch, dtype),
                                                       output_loading_info=True, **extra, **_weights_kwargs(source))
         _check_loaded(set(info["missing_keys"]), source, text_model)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    return model, tokenizer
+        return model, tokenizer if tokenizer is not None else load_tokenizer(source)
 
 
-def load_source_streaming(source: Source, dtype: str, text_model=None):
+def load_source_streaming(source: Source, dtype: str, text_model=None, tokenizer=None):
     """(model whose weights stay in the checkpoint, tokenizer, CheckpointWeights) from a resolved source.
 
-    ``text_model`` as for ``load_source``. Raises ``exporter.checkpoint.NotStreamable``
+    ``text_model`` and ``tokenizer`` as for ``load_source``. Raises ``exporter.checkpoint.NotStreamable``
     when the source has to be loaded whole.
     """
     import torch
-    from transformers import AutoTokenizer
 
     from exporter.checkpoint import load_streaming
 
     model_class, extra, loading = _loader(text_model)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
         _check_config(source, text_model)
         with loading:
             model, weights = load_streaming(source.location, getattr(torch, dtype), model_class=model_class,
                                             **extra, **_weights_kwargs(source))
         _check_loaded(set(weights.plan.info.missing_keys), source, text_model)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    return model, tokenizer, weights
+        return model, tokenizer if tokenizer is not None else load_tokenizer(source), weights
 
 
 def _check_config(source: Source, text_model) -> None:
