@@ -86,3 +86,17 @@ def test_run_time_refuses_what_export_refuses(model_folder, tmp_path):
     folder = with_template(model_folder, tmp_path, "chat_template.jinja", BROKEN[3][1])
     with pytest.raises(TemplateError, match="drops the user's message"):
         Tokenizer(folder).apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_a_gguf_files_template_is_named_by_the_file(tmp_path, tiny_tokenizer, monkeypatch):
+    import copy
+
+    from tests.tiny_gguf import write_tiny_gguf
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = BROKEN[2][1]
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tokenizer)
+    monkeypatch.setattr(export_module, "_load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    with pytest.raises(SourceError, match=r"tiny.gguf \(tokenizer.chat_template\): .*roles must alternate"):
+        export_source(str(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
