@@ -207,10 +207,10 @@ def load_source_streaming(source: Source, dtype: str, text_model=None, tokenizer
     """
     import torch
 
-    from exporter.checkpoint import load_streaming
+    from exporter.checkpoint import NotStreamable, load_streaming
 
     model_class, extra, loading = _loader(text_model)
-    with parse_gguf_once(), _loading_errors(source):
+    with parse_gguf_once(), _loading_errors(source, passing=(NotStreamable,)):
         _check_config(source, text_model)
         with loading:
             model, weights = load_streaming(source.location, getattr(torch, dtype), model_class=model_class,
@@ -252,8 +252,9 @@ def _loader(text_model):
 
 
 @contextmanager
-def _loading_errors(source: Source) -> Iterator[None]:
-    """transformers' loading errors as one ``SourceError`` line.
+def _loading_errors(source: Source, passing: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """transformers' loading errors as one ``SourceError`` line (``passing``: exceptions left as they are,
+    such as ``NotStreamable``, which the exporter answers by loading the model whole).
 
     A model folder is the user's input, and transformers (and huggingface_hub's config
     validation) raise many types for a malformed one: every one of them is the source's
@@ -261,7 +262,7 @@ def _loading_errors(source: Source) -> Iterator[None]:
     """
     try:
         yield
-    except PawError:
+    except (PawError, *passing):
         raise
     except Exception as exc:
         raise SourceError(f"could not load {source.location}: {_gist(exc)}") from exc
