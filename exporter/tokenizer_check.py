@@ -44,7 +44,7 @@ def tokenizer_saver(tokenizer) -> SaveTokenizer | None:
 def template_origin(source: Source) -> str:
     """Where the source's chat template comes from, as the user would look for it."""
     if source.gguf_file:
-        return f"{Path(source.location, source.gguf_file)} (tokenizer.chat_template)"
+        return f"{source.name} (tokenizer.chat_template)"
     if source.kind == "hub":
         return f"{source.location} (its chat template)"
     folder = Path(source.location)
@@ -64,14 +64,14 @@ def check_tokenizer(tokenizer, source: Source, say: Callable[[str], None]) -> No
         try:
             save(Path(tmp))
         except Exception as exc:  # transformers raises many types; the tokenizer is the source's
-            raise SourceError(f"{source.location}: the tokenizer cannot be saved: {first_line(exc)}") from exc
+            raise SourceError(f"{source.name}: the tokenizer cannot be saved: {first_line(exc)}") from exc
         try:
             saved = Tokenizer(tmp)
             notes = saved.chat_template_notes()
         except TemplateError as exc:
             raise SourceError(f"{template_origin(source)}: {first_line(exc)}") from None
         except PawError as exc:  # the saved files do not read back: name the file, not the temporary folder
-            raise SourceError(f"{source.location}: {first_line(exc).replace(tmp, 'the saved tokenizer')}") from None
+            raise SourceError(f"{source.name}: {first_line(exc).replace(tmp, 'the saved tokenizer')}") from None
     for note in notes:
         say(f"note: the chat template {note}")
 
