@@ -27,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import re
 import stat
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -76,6 +78,12 @@ class Bundle:
 # ----------------------------------------------------------------------------- reading
 
 
+#: what reading a damaged member raises: corrupt (BadZipFile, EOFError, zlib's and lzma's errors),
+#: encrypted (RuntimeError), or needing a zip version or method zipfile lacks (NotImplementedError)
+_UNREADABLE_ZIP = (OSError, zipfile.BadZipFile, RuntimeError, EOFError, NotImplementedError, zlib.error,
+                      lzma.LZMAError, ValueError)
+
+
 def _check_member(info: zipfile.ZipInfo, path: Path) -> str:
     name = info.filename
     parts = PurePosixPath(name).parts
@@ -106,7 +114,7 @@ def read_bundle(path: str | Path) -> Bundle:
             raise ArtifactError(f"{path} is a legacy binary .paw (format 2); only GGUF zip bundles are supported")
     try:
         archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
+    except _UNREADABLE_ZIP as exc:  # a damaged central directory raises as a damaged member does
         raise ArtifactError(f"{path} is not a .paw bundle (not a zip archive: {exc})") from exc
     with archive:
         infos = archive.infolist()
@@ -120,7 +128,7 @@ def read_bundle(path: str | Path) -> Bundle:
             try:
                 with archive.open(info) as member:
                     content = member.read(MAX_MEMBER_BYTES[name] + 1)
-            except (OSError, zipfile.BadZipFile, RuntimeError, EOFError) as exc:  # corrupt or encrypted
+            except _UNREADABLE_ZIP as exc:
                 raise ArtifactError(f"{path}: cannot read member {name}: {exc}") from exc
             if len(content) > MAX_MEMBER_BYTES[name]:
                 raise ArtifactError(f"{path}: member {name} is larger than its header says")
