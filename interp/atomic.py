@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -176,8 +177,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``path`` through a temporary sibling and a rename (readers never see half a file)."""
+    """Write ``path`` through a temporary sibling and a rename (readers never see half a file).
+
+    A path that names a device, FIFO or socket (``/dev/null``, ``/dev/stdout``, ``<(cat)``) is
+    written through, never replaced (root could otherwise rename a file over ``/dev/null``);
+    a symbolic link to a file keeps the link and replaces the file it names."""
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # follows links: /dev/stdout is one
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        with path.open("wb") as fh:
+            fh.write(data)
+        return path
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -112,3 +112,20 @@ def test_atomic_write_text(tmp_path):
     path = atomic_write_text(tmp_path / "ids.txt", "1 2 3\n")
     assert path.read_text() == "1 2 3\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ids.txt"]
+
+
+def test_a_file_write_goes_through_a_fifo_and_a_link_instead_of_replacing_them(tmp_path):
+    """`paw run --output-ids /dev/stdout` (or a FIFO, or /dev/null as root) renamed a regular file over
+    the path: the reader got nothing, and /dev/null would have become a file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    atomic_write_text(fifo, "1 2 3\n")
+    reader.join(timeout=30)
+    assert received == [b"1 2 3\n"] and fifo.is_fifo()
+    (tmp_path / "target").write_text("old")
+    (tmp_path / "link").symlink_to("target")
+    atomic_write_text(tmp_path / "link", "new")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target").read_text() == "new"
