@@ -212,7 +212,7 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     out = Path(out_dir)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    check_writable(out, ExportError)
+    check_writable(out, ExportError, folder=True)
     source: Source = resolve_source(src, progress=progress is not None)
     if source.kind != "hub":
         check_not_reading(out, [Path(source.location, source.gguf_file or "")], ExportError)

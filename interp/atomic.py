@@ -101,13 +101,17 @@ def publish_permissions(directory: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
-def check_writable(target: str | Path, error: type[PawError] = PawError) -> None:
+def check_writable(target: str | Path, error: type[PawError] = PawError, folder: bool = False) -> None:
     """Raise ``error`` now if ``target`` could not be written later: its nearest existing
     ancestor is not a directory, or no directory can be made in it (read-only, no permission,
     ``/proc``). Tried, not guessed from permission bits, which root ignores. Commands call it
     before their long work (an export, a compile), so that the write at the end cannot fail.
+    ``folder``: ``target`` is to become a directory, which cannot replace a device, FIFO or
+    socket (the rename at the end failed with "Not a directory", after the work).
     """
     target = Path(target).expanduser()
+    if folder and target.exists() and not (target.is_symlink() or target.is_dir() or target.is_file()):
+        raise error(f"cannot write {target}: it is a device, FIFO or socket, which a folder cannot replace")
     ancestor = target.parent.absolute()
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -145,7 +149,7 @@ def atomic_directory(target: str | Path, *, replace: bool = False,
     target = Path(target)
     if _occupied(target) and not replace:
         raise error(f"{target} already exists; pass --force to replace it")
-    check_writable(target, error)
+    check_writable(target, error, folder=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

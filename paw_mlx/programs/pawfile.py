@@ -292,7 +292,7 @@ def export_bundle(src: str | Path, out_dir: str | Path, base: str | Path, force:
 
     if Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
-    check_writable(out_dir, ArtifactError)
+    check_writable(out_dir, ArtifactError, folder=True)
     check_not_reading(out_dir, [src, resolve_base(base)], ArtifactError)
     artifact = load_bundle(src, base)
     write_artifact(artifact, out_dir, force=force)

@@ -129,3 +129,16 @@ def test_a_file_write_goes_through_a_fifo_and_a_link_instead_of_replacing_them(t
     (tmp_path / "link").symlink_to("target")
     atomic_write_text(tmp_path / "link", "new")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target").read_text() == "new"
+
+
+def test_a_folder_output_over_a_fifo_is_refused_before_the_work(tmp_path):
+    """`paw export ... -o FIFO --force` exported, then failed renaming the folder over it ("Not a directory")."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ExportError, match="it is a device, FIFO or socket, which a folder cannot replace"):
+        check_writable(fifo, ExportError, folder=True)  # what the commands call before their work
+    with pytest.raises(ExportError, match="which a folder cannot replace"):
+        with atomic_directory(fifo, replace=True, error=ExportError) as tmp:
+            (tmp / "data.txt").write_text("x")
+    check_writable(fifo)  # a file output may go through it (atomic_write_bytes)
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
