@@ -16,6 +16,7 @@ from exporter.experts import EXPERT_MODES
 from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
 from exporter.sources import (
     Source,
+    check_gguf,
     load_source,
     load_source_streaming,
     load_tokenizer,
@@ -225,6 +226,7 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
         say(text_model.note())
         info["text_model_of"] = text_model.composite_type
     with parse_gguf_once():  # a GGUF file is parsed once for the tokenizer, the config and the weights
+        check_gguf(source)
         say(f"reading the tokenizer of {name} and checking its chat template")
         try:
             tokenizer = load_tokenizer(source)

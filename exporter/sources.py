@@ -176,6 +176,21 @@ def _require_causal_lm(config) -> None:
     raise SourceError(f"transformers has no causal LM for {config.model_type}, so paw cannot export it")
 
 
+def check_gguf(source: Source) -> None:
+    """SourceError when a GGUF source's header and tensor table cannot be read (a damaged or cut
+    file), before anything else reads it: transformers' own errors for it are numpy's ("index 0 is
+    out of bounds for axis 0 with size 0"). Within ``parse_gguf_once`` the parse is kept for them."""
+    if not source.gguf_file:
+        return
+    import gguf
+
+    try:
+        gguf.GGUFReader(Path(source.location, source.gguf_file))
+    except Exception as exc:  # gguf raises ValueError, IndexError, KeyError, ... for a damaged file
+        raise SourceError(f"{source.name} is not a readable GGUF file (damaged or cut short?): {_gist(exc)}") \
+            from exc
+
+
 def load_tokenizer(source: Source):
     """The source's transformers tokenizer; SourceError when it cannot be loaded."""
     from transformers import AutoTokenizer

@@ -130,6 +130,7 @@ def test_a_damaged_gguf_file_is_named_in_the_error(tmp_path, tiny_tokenizer, dam
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_tokenizer)
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(SourceError, match=f"could not load {re.escape(str(path))}: "):  # was its folder
+    # was "could not load FOLDER: index 0 is out of bounds for axis 0 with size 0": the folder, numpy's words
+    with pytest.raises(SourceError, match=f"^{re.escape(str(path))} is not a readable GGUF file"):
         export_source(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
