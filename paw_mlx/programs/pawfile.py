@@ -42,6 +42,7 @@ import numpy as np
 from interp.atomic import atomic_write_bytes, check_not_reading, check_writable
 from interp.errors import ArtifactError
 from interp.lora import check_adapter, linear_sites
+from interp.paths import require_file
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact, PromptLayout
 from paw_mlx.runtime import LoadedProgram
@@ -105,8 +106,7 @@ def _check_member(info: zipfile.ZipInfo, path: Path) -> str:
 def read_bundle(path: str | Path) -> Bundle:
     """The members of a ``.paw`` file, checked (see the module docstring); reads, never extracts."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ArtifactError(f"no such .paw file: {path}")
+    require_file(path, ".paw file", ArtifactError)
     if path.stat().st_size > MAX_ARCHIVE_BYTES:
         raise ArtifactError(f"{path} is larger than {MAX_ARCHIVE_BYTES >> 20} MiB")
     with path.open("rb") as handle:

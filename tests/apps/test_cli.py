@@ -301,3 +301,18 @@ def test_help_teaches():
     assert done.returncode == 0
     for command in ("export", "run", "decode", "inspect"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "{tiny}", "--prompt-ids", "/dev/null"], "/dev/null is a device, FIFO or socket; the ids file must be"),
+    (["compile", "x", "-o", "{out}", "--base", "{tiny}", "--examples", "{fifo}"],
+     "fifo is a device, FIFO or socket; the examples file must be a regular file"),
+    (["export", "program", "{fifo}", "-o", "{out}", "--base", "{tiny}"], "fifo is a device, FIFO or socket"),
+    (["decode", "{fifo}", "-p", "{tiny}"], "fifo is a device, FIFO or socket; the ids file must be"),
+])
+def test_a_device_or_fifo_where_a_file_is_read_is_named_as_such(tiny_program, tmp_path, args, fragment):
+    """These said "no such ids file: /dev/null" about a path that exists."""
+    os.mkfifo(tmp_path / "fifo")
+    args = [a.format(tiny=tiny_program, out=tmp_path / "out", fifo=tmp_path / "fifo") for a in args]
+    assert_one_line_error(paw(*args), fragment)
+    assert not (tmp_path / "out").exists()
