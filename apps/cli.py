@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
 from apps.serve.command import serve
+from apps.stdin_text import read_stdin
 from interp.errors import PawError, first_line
 from interp.paths import DEFAULT_MODEL, require_file
 
@@ -281,7 +282,7 @@ def run(
         if prompt is None:
             if sys.stdin.isatty():
                 fail("no prompt: pass --prompt TEXT, --prompt-ids FILE, or pipe text on stdin")
-            prompt = sys.stdin.read()
+            prompt = read_stdin("the prompt")
         source = prompt
     ids = paw_mlx.prompt_ids(prog, source, raw=raw, system=system)
     produced: list[int] = []

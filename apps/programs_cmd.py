@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from apps.stdin_text import read_stdin
 from interp.errors import PawError
 from interp.paths import DEFAULT_MODEL
 
@@ -206,7 +207,7 @@ def call_cmd(
         if sys.stdin.isatty():
             raise PawError("no inputs: pass them as arguments or pipe one per line on stdin")
         # "\n" only: str.splitlines would also cut an input at U+2028, U+0085, form feeds ...
-        inputs = [line for line in sys.stdin.read().split("\n") if line.strip()]
+        inputs = [line for line in read_stdin("the inputs").split("\n") if line.strip()]
     f = function(program, base=base, max_new_tokens=max_new_tokens, returns=returns)
     completions = f.complete(list(inputs))
     for completion in completions:
