@@ -75,6 +75,9 @@ class Tokenizer:
 
     def __init__(self, directory: str | Path, eos_token_ids: list[int] | None = None):
         directory = Path(directory)
+        for name in TOKENIZER_FILES:  # one that is there but unreadable as a file would be silently skipped
+            if (directory / name).exists() and not (directory / name).is_file():
+                raise ProgramError(f"{directory / name} is not a file")
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise ProgramError(f"{directory} has no tokenizer.json")
