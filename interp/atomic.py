@@ -14,6 +14,7 @@ converted weights) goes through ``atomic_directory``:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -191,7 +192,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         mode = os.stat(path).st_mode  # follows links: /dev/stdout is one
     except OSError:
         mode = None
-    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+    if mode is not None and stat.S_ISDIR(mode):  # the rename would fail later, and on "." as "busy"
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if mode is not None and not stat.S_ISREG(mode):
         with path.open("wb") as fh:
             fh.write(data)
         return path

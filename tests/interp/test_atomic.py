@@ -142,3 +142,12 @@ def test_a_folder_output_over_a_fifo_is_refused_before_the_work(tmp_path):
             (tmp / "data.txt").write_text("x")
     check_writable(fifo)  # a file output may go through it (atomic_write_bytes)
     assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+def test_a_file_write_over_a_folder_says_so(tmp_path, monkeypatch):
+    """`paw run --output-ids ""` (the path ".") said "cannot write .: Device or resource busy"."""
+    monkeypatch.chdir(tmp_path)
+    for target in (Path("."), tmp_path):
+        with pytest.raises(IsADirectoryError):
+            atomic_write_text(target, "1 2 3\n")
+    assert list(tmp_path.iterdir()) == []
