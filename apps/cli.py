@@ -19,8 +19,9 @@ from typer.core import TyperGroup
 from apps.bench_cmd import bench
 from apps.programs_cmd import register as register_program_commands
 from apps.serve.command import serve
+from apps.stdin_text import read_stdin
 from interp.errors import PawError, first_line
-from interp.paths import DEFAULT_MODEL
+from interp.paths import DEFAULT_MODEL, require_file
 
 #: `paw --help` lists the commands in the order a new user meets them (the README's "Using it")
 COMMAND_ORDER = ("export", "run", "chat", "inspect", "decode", "compile", "call", "eval-programs", "serve", "bench")
@@ -190,8 +191,7 @@ def read_ids_file(path: Path) -> list[int]:
     Only the syntax is checked here; the ids are checked against the program's
     vocabulary where they are used (``interp.token_ids``).
     """
-    if not path.is_file():
-        raise PawError(f"no such ids file: {path}")
+    require_file(path, "ids file")
     try:
         text = path.read_text(encoding="utf-8").replace(",", " ")
     except (OSError, UnicodeDecodeError) as exc:
@@ -282,7 +282,7 @@ def run(
         if prompt is None:
             if sys.stdin.isatty():
                 fail("no prompt: pass --prompt TEXT, --prompt-ids FILE, or pipe text on stdin")
-            prompt = sys.stdin.read()
+            prompt = read_stdin("the prompt")
         source = prompt
     ids = paw_mlx.prompt_ids(prog, source, raw=raw, system=system)
     produced: list[int] = []

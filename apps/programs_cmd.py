@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from apps.stdin_text import read_stdin
 from interp.errors import PawError
 from interp.paths import DEFAULT_MODEL
 
@@ -209,7 +210,7 @@ def call_cmd(
         if sys.stdin.isatty():
             raise PawError("no inputs: pass them as arguments or pipe one per line on stdin")
         # "\n" only: str.splitlines would also cut an input at U+2028, U+0085, form feeds ...
-        inputs = [line for line in sys.stdin.read().split("\n") if line.strip()]
+        inputs = [line for line in read_stdin("the inputs").split("\n") if line.strip()]
     f = function(program, base=base, max_new_tokens=max_new_tokens, returns=returns)
     completions = f.complete(list(inputs))
     for completion in completions:
@@ -264,19 +265,30 @@ def eval_cmd(
     import time
 
     if show is not None:
+        from interp.jsonfile import read_json_object
         from paw_mlx.programs.evaluate import markdown_tables
 
+        report = read_json_object(show, PawError)
         try:
-            typer.echo(markdown_tables(json.loads(show.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PawError(f"{show} is not a paw eval-programs report: {exc}") from exc
+            tables = markdown_tables(report)
+        except Exception as exc:  # any field of the wrong shape: KeyError, TypeError, AttributeError, ...
+            raise PawError(f"{show} is not a paw eval-programs report: {type(exc).__name__}: {exc}") from exc
+        typer.echo(tables)
         return
+    from interp.atomic import atomic_write_text, check_writable
     from paw_mlx.programs.evaluate import evaluate
 
-    report = evaluate(tasks, base, select_options(candidates, folds, steps, lr, layers, rank, repeats), only, cache)
     out = out or Path("apps/benchmarks/results") / f"programs-{time.strftime('%Y%m%d-%H%M')}.json"
+    # before the evaluation (minutes of training), not when its results are written
+    if out.is_dir():
+        raise PawError(f"--out {out} is a folder; the report is a file")
+    if cache.exists() and not cache.is_dir():
+        raise PawError(f"--cache {cache} is not a folder")
+    check_writable(out)
+    check_writable(cache / "entry")
+    report = evaluate(tasks, base, select_options(candidates, folds, steps, lr, layers, rank, repeats), only, cache)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     typer.echo(f"report -> {out}", err=True)
 
 

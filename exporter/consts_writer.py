@@ -14,6 +14,7 @@ mlx-lm shard checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -89,6 +90,7 @@ def write_safetensors(path: Path, tensors: Consts, metadata: dict[str, str] | No
                 tensor = ahead.result()
                 following = order[position + 1] if position + 1 < len(order) else None
                 ahead = worker.submit(materialize, tensors[following]) if following is not None else None
+                _refuse_nan(name, tensor)
                 promised = nbytes(tensors[name])
                 data = _raw_bytes(tensor)
                 if data.nbytes != promised:
@@ -102,6 +104,15 @@ def write_safetensors(path: Path, tensors: Consts, metadata: dict[str, str] | No
         if own:
             worker.shutdown(wait=True, cancel_futures=True)
     return written
+
+
+def _refuse_nan(name: str, tensor: torch.Tensor) -> None:
+    """ExportError when a floating-point const holds NaN: every load of the program would refuse it
+    (``interp.program.find_nan``). One sum finds candidates without a tensor-sized temporary; ``isnan``
+    confirms (a sum is NaN where +inf meets -inf too)."""
+    if tensor.is_floating_point() and math.isnan(tensor.sum(dtype=torch.float32).item()) \
+            and bool(torch.isnan(tensor).any()):
+        raise ExportError(f"the weight {name!r} holds NaN values: the source's weights are corrupted")
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import operator
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +14,22 @@ from exporter.capture import capture, context_length
 from exporter.consts_writer import DEFAULT_SHARD_BYTES
 from exporter.experts import EXPERT_MODES
 from exporter.lower import PROGRAM_INPUTS, eliminate_dead_code, lower
-from exporter.sources import Source, load_source, load_source_streaming, resolve_source, text_model_of
+from exporter.sources import (
+    Source,
+    check_gguf,
+    load_source,
+    load_source_streaming,
+    load_tokenizer,
+    parse_gguf_once,
+    resolve_source,
+    text_model_of,
+)
 from exporter.ternary import WEIGHT_MODES, ternarize_program, ternary_capture
+from exporter.tokenizer_check import check_tokenizer, tokenizer_saver
 from exporter.writer import atomic_directory, write_manifest, write_program
 from interp import schema
 from interp.atomic import check_not_reading, check_writable
-from interp.errors import ExportError
+from interp.errors import ExportError, SourceError
 from interp.program import RECURRENT_STATES
 
 EXPORTER_VERSION = "paw-exporter 0.1.0"
@@ -30,16 +40,27 @@ Progress = Callable[[str], None]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config):
+    """The ids that end generation, from the generation config, the config and the tokenizer;
+    ExportError for one no program may hold (negative, past 2**31: ``interp/program.py`` refuses
+    such a program at load), so the export stops before the capture instead."""
+    found: list[tuple[str, object]] = []
+    configs = (("generation config's", getattr(model, "generation_config", None)), ("config's", model.config))
+    for what, source in configs:
         value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.append(value)
-        elif isinstance(value, (list, tuple)):
-            ids.extend(int(v) for v in value)
+        values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        found += [(f"the {what} eos_token_id", v) for v in values]
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    return sorted(set(ids))
+        found.append(("the tokenizer's eos token id", tokenizer.eos_token_id))
+    ids = set()
+    for what, value in found:
+        try:
+            token = operator.index(value)
+        except TypeError:
+            token = -1
+        if isinstance(value, bool) or not 0 <= token <= schema.INT32_MAX:
+            raise ExportError(f"{what} is {value!r:.40}, which is no token id (an integer in [0, 2**31))")
+        ids.add(token)
+    return sorted(ids)
 
 
 def build_spec(model, tokenizer, low, outputs: list[str], dtype: str, source_info: dict) -> dict:
@@ -100,25 +121,6 @@ def _dtype_name(t: torch.Tensor) -> str:
     return dtype_name(t.dtype)
 
 
-def _tokenizer_saver(tokenizer) -> Callable[[Path], None] | None:
-    if tokenizer is None:
-        return None
-
-    def save(directory: Path) -> None:
-        tokenizer.save_pretrained(str(directory))
-        # Drop the keys that record where the tokenizer came from (a temp path makes
-        # the export non-deterministic and leaks local paths).
-        config_path = directory / "tokenizer_config.json"
-        if config_path.is_file():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            for key in ("name_or_path", "_name_or_path", "tokenizer_file"):
-                config.pop(key, None)
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
-
-    return save
-
-
 def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = None, source_info: dict | None = None,
                  force: bool = False, progress: Progress | None = None, weights: str = "float",
                  fuse: bool = True, quantize: int | str = 0, group_size: int = 64, checkpoint=None,
@@ -148,6 +150,7 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model = model.to(getattr(torch, dtype))
+    _eos_ids(model, tokenizer)  # refused before the capture, not when the program is loaded
     say("capturing the graph with torch.export")
     placeholders = checkpoint.placeholders(model) if checkpoint is not None else contextlib.nullcontext()
     with ternary_capture(model, weights) as ternary_plan, placeholders:
@@ -180,7 +183,7 @@ def export_model(model, tokenizer, out_dir: str | Path, *, dtype: str | None = N
     out = Path(out_dir)
     say(f"writing {out}")
     with atomic_directory(out, force=force) as tmp:
-        write_program(tmp, spec, low.consts, _tokenizer_saver(tokenizer), max_shard_bytes,
+        write_program(tmp, spec, low.consts, tokenizer_saver(tokenizer), max_shard_bytes,
                       _byte_progress(progress, f"writing {out}"))
         write_manifest(tmp, {
             "exporter": EXPORTER_VERSION,
@@ -210,7 +213,7 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     out = Path(out_dir)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    check_writable(out, ExportError)
+    check_writable(out, ExportError, folder=True)
     source: Source = resolve_source(src, progress=progress is not None)
     if source.kind != "hub":
         check_not_reading(out, [Path(source.location, source.gguf_file or "")], ExportError)
@@ -222,26 +225,39 @@ def export_source(src: str, out_dir: str | Path, *, dtype: str = "float32", forc
     if text_model is not None:
         say(text_model.note())
         info["text_model_of"] = text_model.composite_type
-    checkpoint = None
-    if stream:
-        from exporter.checkpoint import NotStreamable
-
-        say(f"reading {name} (weights stay on disk until written)")
+    with parse_gguf_once():  # a GGUF file is parsed once for the tokenizer, the config and the weights
+        check_gguf(source)
+        say(f"reading the tokenizer of {name} and checking its chat template")
         try:
-            model, tokenizer, checkpoint = load_source_streaming(source, dtype, text_model)
-        except NotStreamable as why:
-            say(f"loading {name} whole: {why}")
-    if checkpoint is None:
-        if not stream:
-            say(f"loading {name}")
-        model, tokenizer = load_source(source, dtype, text_model)
-    elif not options.get("quantize") and weights == "float":
+            tokenizer = load_tokenizer(source)
+        except SourceError:  # none, or unreadable: the loader reports it where it always has, after the config
+            tokenizer = None
+        else:
+            check_tokenizer(tokenizer, source, say)  # a chat template run time would refuse, before the weights
+        model, tokenizer, checkpoint = _load_model(source, name, dtype, text_model, tokenizer, stream, say)
+    if checkpoint is not None and not options.get("quantize") and weights == "float":
         _hint_keep(checkpoint, say)
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
         info["revision"] = revision
     return export_model(model, tokenizer, out, dtype=dtype, source_info=info, force=force, progress=progress,
                         weights=weights, checkpoint=checkpoint, **options)
+
+
+def _load_model(source: Source, name: str, dtype: str, text_model, tokenizer, stream: bool, say: Progress):
+    """(model, tokenizer, CheckpointWeights or None): streamed from the checkpoint when ``stream`` and the
+    source allows it, else loaded whole."""
+    if stream:
+        from exporter.checkpoint import NotStreamable
+
+        say(f"reading {name} (weights stay on disk until written)")
+        try:
+            return load_source_streaming(source, dtype, text_model, tokenizer)
+        except NotStreamable as why:
+            say(f"loading {name} whole: {why}")
+    else:
+        say(f"loading {name}")
+    return (*load_source(source, dtype, text_model, tokenizer), None)
 
 
 def check_options(*, weights: str = "float", quantize: int | str = 0, group_size: int = 64,

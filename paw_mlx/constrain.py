@@ -32,6 +32,7 @@ import numpy as np
 
 from interp.errors import ConstraintError
 from interp.jsonfile import parse_json
+from interp.paths import require_file
 
 #: how the error of a row whose constraint failed while generating begins
 CONSTRAINT_FAILED = "the output constraint failed"
@@ -98,8 +99,7 @@ def parse_returns_option(text: str) -> dict:
     text = text.strip()
     if text.startswith("@"):
         path = Path(text[1:]).expanduser()
-        if not path.is_file():
-            raise ConstraintError(f"no such returns file: {path}")
+        require_file(path, "returns file", ConstraintError)
         return normalize_returns(parse_json(path.read_bytes(), str(path), ConstraintError))
     if text == "json":
         return {"json_object": True}

@@ -149,7 +149,7 @@ def load(path: str | Path, *, compile: bool = True, verify: bool = False,  # noq
         if corrupt is not None:
             raise WeightsError(f"{program.directory}: const {corrupt!r} holds NaN values; the weights are corrupted")
     tokenizer = None
-    if (program.directory / "tokenizer.json").is_file():
+    if (program.directory / "tokenizer.json").exists():
         tokenizer = Tokenizer(program.directory, eos_token_ids=program.model_info.get("eos_token_ids", []))
     return LoadedProgram(program=program, model=model, _tokenizer=tokenizer)
 

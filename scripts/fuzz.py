@@ -1,14 +1,15 @@
 """Fuzz paw with many mutated programs and compiled programs (the long run of tests/test_fuzz.py).
 
     python scripts/fuzz.py --cases 2000 --jobs 2 --keep failures/
-    python scripts/fuzz.py --surface requests --cases 5000     # or bundles, examples, cli
+    python scripts/fuzz.py --surface requests --cases 5000     # or bundles, examples, cli, sources
 
 Each case is a copy of a tiny exported program (or a program compiled on it) with a few
 random mutations, run with ``paw`` in a subprocess under a timeout and a memory cap
 (tests/fuzzing.py). Prints how the cases ended; a case that ends in anything but success
 or one ``paw: error:`` line is kept (with the command to rerun it) and makes the exit
 code 1. ``--surface`` fuzzes another input instead (tests/hostile.py): ``paw serve`` request
-bodies, ``.paw`` bundles, ``--examples`` files, or every hostile CLI argument list. Heavy: run
+bodies, ``.paw`` bundles, ``--examples`` files, every hostile CLI argument list, or damaged model
+folders exported with ``paw export``. Heavy: run
 it under ``flock /work/heavy.lock`` on a shared machine.
 """
 
@@ -142,6 +143,20 @@ def fuzz_cli(args) -> int:
     return report("cli", len(cases), failures)
 
 
+def fuzz_sources(args) -> int:
+    """Damaged copies of a tiny Hugging Face model folder, exported in this process."""
+    from tests.hostile import source_campaign
+    from tests.tiny import make_tokenizer, tiny_llama_config, tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="paw-fuzz-") as tmp:
+        folder, work = Path(tmp) / "model", Path(tmp) / "work"
+        tiny_model(tiny_llama_config()).save_pretrained(folder)
+        make_tokenizer().save_pretrained(folder)
+        work.mkdir()
+        failures = source_campaign(folder, work, RandomChooser(args.seed), args.cases)
+    return report("sources", args.cases, failures)
+
+
 def report(surface: str, cases: int, failures: list[str]) -> int:
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
@@ -149,7 +164,8 @@ def report(surface: str, cases: int, failures: list[str]) -> int:
     return 1 if failures else 0
 
 
-SURFACES = {"requests": fuzz_requests, "bundles": fuzz_bundles, "examples": fuzz_examples, "cli": fuzz_cli}
+SURFACES = {"requests": fuzz_requests, "bundles": fuzz_bundles, "examples": fuzz_examples, "cli": fuzz_cli,
+            "sources": fuzz_sources}
 
 
 if __name__ == "__main__":

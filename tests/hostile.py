@@ -1,5 +1,5 @@
 """Hostile inputs for the surfaces tests/fuzzing.py does not reach: HTTP bodies of ``paw serve``,
-``.paw`` bundles, ``--examples`` files and CLI arguments.
+``.paw`` bundles, ``--examples`` files, CLI arguments and model sources of ``paw export``.
 
 Each generator draws from a ``Chooser`` (tests/fuzzing.py), so the suite (tests/test_hostile.py)
 runs a few seeded cases per surface and ``scripts/fuzz.py --surface ...`` runs thousands. The
@@ -13,7 +13,7 @@ import copy
 import json
 from pathlib import Path
 
-from tests.fuzzing import NASTY_NUMBERS, Chooser
+from tests.fuzzing import NASTY_NUMBERS, NASTY_TEMPLATES, Chooser, mutate_file, mutate_json
 
 GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 GOOD_COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
@@ -197,6 +197,41 @@ def cli_cases(program: Path, tmp: Path) -> list[list[str]]:
     ]
 
 
+# ----------------------------------------------------------------------------- model sources
+
+#: chat templates beyond tests/fuzzing.py's: ones run time refuses, ones it runs (Gemma's raise on system)
+SOURCE_TEMPLATES = NASTY_TEMPLATES + [
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}",  # drops the user's text
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    "{% for m in messages %}{{ m['content'] }}", "{{ messages[0]['content'] }}", b"\xff\xfe{{ x }}"]
+#: the JSON files of a model folder a mutation may edit
+SOURCE_JSON = ["config.json", "generation_config.json", "tokenizer_config.json"]
+
+
+def mutate_source(folder: Path, chooser: Chooser) -> str:
+    """Damage one part of a Hugging Face model folder: a field of a JSON file, the weights'
+    safetensors header or bytes, the tokenizer, the chat template; returns what was done."""
+    kind = chooser.below(4)
+    if kind == 0:
+        path = folder / chooser.pick(SOURCE_JSON)
+        try:
+            tree = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # damaged by an earlier mutation
+            tree = None
+        if isinstance(tree, dict) and tree:
+            note = mutate_json(tree, chooser, [(100, [])])
+            path.write_text(json.dumps(tree), encoding="utf-8")
+            return f"{path.name}: {note}"
+    if kind <= 1:
+        return mutate_file(folder / "model.safetensors", chooser)
+    if kind == 2:
+        template = chooser.pick(SOURCE_TEMPLATES)
+        (folder / "chat_template.jinja").write_bytes(template if isinstance(template, bytes) else template.encode())
+        return f"template {template[:40]!r}"
+    return mutate_file(folder / chooser.pick(["tokenizer.json", "config.json"]), chooser)
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -292,6 +327,40 @@ def examples_campaign(work: Path, chooser: Chooser, cases: int) -> list[str]:
         problem = check_paw_call(load_examples, path)
         if problem:
             failures.append(f"case {case} {data[:200]!r}: {problem}")
+    return failures
+
+
+def source_campaign(folder: Path, work: Path, chooser: Chooser, cases: int) -> list[str]:
+    """Export ``cases`` damaged copies of the model folder ``folder`` (in process); the failures, described.
+
+    An export ends in a program the loader takes and whose chat template renders a prompt, or in
+    one PawError line with nothing written (no output, no partial directory).
+    """
+    import shutil
+
+    import paw_mlx
+    from exporter.export import export_source
+
+    def refused_at_run(out: Path) -> str | None:
+        try:
+            paw_mlx.prompt_ids(paw_mlx.load(out), "hi")
+        except Exception as exc:  # a PawError too: what paw export accepts, paw run must take
+            return f"exported, then {type(exc).__name__}: {exc}"
+        return None
+
+    failures = []
+    for case in range(cases):
+        source, out = work / f"source-{case}", work / f"out-{case}"
+        shutil.copytree(folder, source)
+        notes = [mutate_source(source, chooser) for _ in range(1 + chooser.below(2))]
+        problem = check_paw_call(export_source, str(source), out)
+        if problem is None and out.exists():
+            problem = refused_at_run(out)
+        leftovers = sorted(p.name for p in work.iterdir() if p.name.startswith(f".out-{case}."))
+        if problem or leftovers:
+            failures.append(f"case {case} {notes}: {problem or f'left {leftovers}'}")
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     return failures
 
 

@@ -2,7 +2,8 @@
 
 ``paw serve`` bodies: below 500, 4xx with OpenAI's error object, and the server answers a
 good request afterwards. ``.paw`` bundles and ``--examples`` files: read, or one PawError
-line. CLI arguments: success, one ``paw: error:`` line, or click's usage error (exit 2).
+line. CLI arguments: success, one ``paw: error:`` line, or click's usage error (exit 2). Model
+folders for ``paw export``: a program ``paw run`` takes, or one PawError line and nothing written.
 ``scripts/fuzz.py --surface ...`` runs the same generators for thousands of cases.
 """
 
@@ -16,7 +17,15 @@ import httpx
 import pytest
 
 from tests.fuzzing import RandomChooser
-from tests.hostile import GOOD_CHAT, bundle_campaign, cli_campaign, cli_cases, examples_campaign, request_campaign
+from tests.hostile import (
+    GOOD_CHAT,
+    bundle_campaign,
+    cli_campaign,
+    cli_cases,
+    examples_campaign,
+    request_campaign,
+    source_campaign,
+)
 
 SEED = 20261201
 
@@ -71,4 +80,15 @@ def test_hostile_examples_files_are_read_or_one_error(tmp_path):
 def test_hostile_cli_arguments_end_in_one_line_or_a_usage_error(tiny_program):
     with tempfile.TemporaryDirectory(prefix="paw-hostile-") as tmp:
         failures = cli_campaign(random.Random(SEED).sample(cli_cases(tiny_program, Path(tmp)), 6))
+    assert not failures, "\n".join(failures)
+
+
+def test_damaged_model_folders_export_or_are_one_error(tmp_path, tiny_tokenizer):
+    from tests.tiny import tiny_llama_config, tiny_model
+
+    folder = tmp_path / "model"
+    tiny_model(tiny_llama_config()).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    (tmp_path / "work").mkdir()
+    failures = source_campaign(folder, tmp_path / "work", RandomChooser(SEED), 24)
     assert not failures, "\n".join(failures)

@@ -61,6 +61,8 @@ def serve(
     except ImportError as exc:
         raise PawError(f"paw serve needs FastAPI and uvicorn ({exc.name} is missing): "
                        "pip install -e '.[serve]' in paw's checkout") from exc
+    if not host.strip():  # an unset variable in `--host "$HOST"`: the socket would answer every interface
+        raise PawError("--host is empty: name an address (127.0.0.1 for this machine, 0.0.0.0 for every interface)")
     if log_level not in ("debug", "info", "warning", "error"):
         raise PawError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     import logging

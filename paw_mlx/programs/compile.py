@@ -286,7 +286,7 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     if out_dir is not None and Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
     if out_dir is not None:
-        check_writable(out_dir, ArtifactError)
+        check_writable(out_dir, ArtifactError, folder=True)
         check_not_reading(out_dir, [base_path, examples if isinstance(examples, (str, Path)) else None],
                           ArtifactError)
     note = None

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from interp.atomic import atomic_write_text
 from interp.errors import PawError
+from interp.jsonfile import parse_json
 from interp.paths import DEFAULT_MODEL
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact
 from paw_mlx.programs.batch import generate_batch
@@ -157,6 +159,18 @@ def _cache_key(task: Path, prog: LoadedProgram, options: SelectOptions) -> str:
     return digest.hexdigest()[:16]
 
 
+def _read_cached(path: Path | None) -> dict | None:
+    """A task's cached result, or None: no cache, no entry, or one that cannot be read (a damaged
+    entry is run again, never fatal)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        result = parse_json(path.read_bytes(), str(path), PawError)
+    except (OSError, PawError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("rows"), dict) else None
+
+
 def evaluate(tasks: Path, base: str | Path = DEFAULT_MODEL, options: SelectOptions | None = None,
              only: list[str] | None = None, cache: Path | None = None) -> dict:
     """Run every task (resuming from ``cache``); returns the JSON-able report."""
@@ -178,8 +192,9 @@ def evaluate(tasks: Path, base: str | Path = DEFAULT_MODEL, options: SelectOptio
                   transient=True) as bar:
         for task in dirs:
             path = cache / f"{task.name}-{_cache_key(task, prog, options)}.json" if cache else None
-            if path is not None and path.is_file():
-                results.append(json.loads(path.read_text(encoding="utf-8")))
+            cached = _read_cached(path)
+            if cached is not None:
+                results.append(cached)
                 console.log(f"{task.name}: from the cache ({path})")
                 continue
             tid = bar.add_task(task.name, total=1)
@@ -195,7 +210,7 @@ def evaluate(tasks: Path, base: str | Path = DEFAULT_MODEL, options: SelectOptio
                         f"kept {result['kept']} {rows[result['kept']]['exact_match']:.2f}")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(result, ensure_ascii=False) + "\n", encoding="utf-8")
+                atomic_write_text(path, json.dumps(result, ensure_ascii=False) + "\n")
     report = {
         "base": prog.name, "base_fingerprint": prog.fingerprint, "options": asdict(options),
         "machine": f"{platform.machine()} {platform.system()}", "mlx": mx.__version__,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from interp.errors import PawError
+from interp.paths import require_file
 
 #: byte-order marks of UTF-16 (little- and big-endian)
 _UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
@@ -17,10 +18,7 @@ def read_task_file(path: str | Path, what: str) -> str:
     """The text of a task's file (``what``: "spec", "examples"; UTF-8, or UTF-16 with a byte-order
     mark), with newlines as ``\\n``; or one PawError line naming it."""
     path = Path(path)
-    if path.is_dir():
-        raise PawError(f"{path} is a folder; the {what} must be a file")
-    if not path.is_file():
-        raise PawError(f"no such {what} file: {path}")
+    require_file(path, f"{what} file")
     try:
         data = path.read_bytes()
         # UTF-16 with its byte-order mark is what Windows PowerShell's `>` writes; UTF-8's mark

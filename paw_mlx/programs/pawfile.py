@@ -27,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import re
 import stat
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -40,6 +42,7 @@ import numpy as np
 from interp.atomic import atomic_write_bytes, check_not_reading, check_writable
 from interp.errors import ArtifactError
 from interp.lora import check_adapter, linear_sites
+from interp.paths import require_file
 from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import GenerationSettings, ProgramArtifact, PromptLayout
 from paw_mlx.runtime import LoadedProgram
@@ -76,6 +79,12 @@ class Bundle:
 # ----------------------------------------------------------------------------- reading
 
 
+#: what reading a damaged member raises: corrupt (BadZipFile, EOFError, zlib's and lzma's errors),
+#: encrypted (RuntimeError), or needing a zip version or method zipfile lacks (NotImplementedError)
+_UNREADABLE_ZIP = (OSError, zipfile.BadZipFile, RuntimeError, EOFError, NotImplementedError, zlib.error,
+                      lzma.LZMAError, ValueError)
+
+
 def _check_member(info: zipfile.ZipInfo, path: Path) -> str:
     name = info.filename
     parts = PurePosixPath(name).parts
@@ -97,8 +106,7 @@ def _check_member(info: zipfile.ZipInfo, path: Path) -> str:
 def read_bundle(path: str | Path) -> Bundle:
     """The members of a ``.paw`` file, checked (see the module docstring); reads, never extracts."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ArtifactError(f"no such .paw file: {path}")
+    require_file(path, ".paw file", ArtifactError)
     if path.stat().st_size > MAX_ARCHIVE_BYTES:
         raise ArtifactError(f"{path} is larger than {MAX_ARCHIVE_BYTES >> 20} MiB")
     with path.open("rb") as handle:
@@ -106,7 +114,7 @@ def read_bundle(path: str | Path) -> Bundle:
             raise ArtifactError(f"{path} is a legacy binary .paw (format 2); only GGUF zip bundles are supported")
     try:
         archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
+    except _UNREADABLE_ZIP as exc:  # a damaged central directory raises as a damaged member does
         raise ArtifactError(f"{path} is not a .paw bundle (not a zip archive: {exc})") from exc
     with archive:
         infos = archive.infolist()
@@ -120,7 +128,7 @@ def read_bundle(path: str | Path) -> Bundle:
             try:
                 with archive.open(info) as member:
                     content = member.read(MAX_MEMBER_BYTES[name] + 1)
-            except (OSError, zipfile.BadZipFile, RuntimeError, EOFError) as exc:  # corrupt or encrypted
+            except _UNREADABLE_ZIP as exc:
                 raise ArtifactError(f"{path}: cannot read member {name}: {exc}") from exc
             if len(content) > MAX_MEMBER_BYTES[name]:
                 raise ArtifactError(f"{path}: member {name} is larger than its header says")
@@ -284,7 +292,7 @@ def export_bundle(src: str | Path, out_dir: str | Path, base: str | Path, force:
 
     if Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists (use --force to replace it)")
-    check_writable(out_dir, ArtifactError)
+    check_writable(out_dir, ArtifactError, folder=True)
     check_not_reading(out_dir, [src, resolve_base(base)], ArtifactError)
     artifact = load_bundle(src, base)
     write_artifact(artifact, out_dir, force=force)

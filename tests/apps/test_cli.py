@@ -316,3 +316,30 @@ def test_a_reply_cut_inside_a_character_ends_before_it(tiny_program):
                "--logit-bias", f"{lead}=100")
     assert done.returncode == 0, done.stderr
     assert "\ufffd" not in done.stdout and done.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "{tiny}", "--prompt-ids", "/dev/null"], "/dev/null is a device, FIFO or socket; the ids file must be"),
+    (["compile", "x", "-o", "{out}", "--base", "{tiny}", "--examples", "{fifo}"],
+     "fifo is a device, FIFO or socket; the examples file must be a regular file"),
+    (["export", "program", "{fifo}", "-o", "{out}", "--base", "{tiny}"], "fifo is a device, FIFO or socket"),
+    (["decode", "{fifo}", "-p", "{tiny}"], "fifo is a device, FIFO or socket; the ids file must be"),
+])
+def test_a_device_or_fifo_where_a_file_is_read_is_named_as_such(tiny_program, tmp_path, args, fragment):
+    """These said "no such ids file: /dev/null" about a path that exists."""
+    os.mkfifo(tmp_path / "fifo")
+    args = [a.format(tiny=tiny_program, out=tmp_path / "out", fifo=tmp_path / "fifo") for a in args]
+    assert_one_line_error(paw(*args), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["run", "{tiny}", "-n", "1"], ["call", "{tiny}"]])
+def test_stdin_without_end_is_refused_not_read_until_memory_runs_out(tiny_program, command):
+    """`paw run PROGRAM < /dev/zero` read until the machine ran out of memory (here: the 4 GB cap)."""
+    from tests.fuzzing import _limit_resources
+
+    with open("/dev/zero", "rb") as zeros:
+        args = [a.format(tiny=tiny_program) for a in command]
+        outcome = subprocess.run([sys.executable, "-m", "apps.cli", *args], stdin=zeros, capture_output=True,
+                                 text=True, cwd=ROOT, timeout=120, preexec_fn=_limit_resources)
+    assert_one_line_error(outcome, "on stdin is longer than 64 Mi characters")

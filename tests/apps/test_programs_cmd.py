@@ -262,3 +262,40 @@ def test_compile_report_notes_inputs_given_with_different_outputs(capsys):
     print_selection(dict(_selection(6, 8, 8), conflicting_inputs=2))
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("note:") == 1 and "note: 2 input(s) are given with different outputs" in err
+
+
+@pytest.mark.parametrize("report, fragment", [
+    ("[" * 100_000, "nested too deeply"),  # RecursionError escaped as a traceback
+    ('{"options": []}', "not a paw eval-programs report: AttributeError"),  # AttributeError escaped too
+    ("[]", "must hold a JSON object"),
+], ids=["deep", "options-list", "list"])
+def test_eval_show_of_a_malformed_report_is_one_line(tmp_path, report, fragment):
+    from tests.apps.test_cli import assert_one_line_error, paw
+
+    (tmp_path / "report.json").write_text(report)
+    assert_one_line_error(paw("eval-programs", "--show", str(tmp_path / "report.json")), fragment)
+
+
+@pytest.mark.parametrize("option, fragment", [("--out", "is a folder; the report is a file"),
+                                              ("--cache", "is not a folder")])
+def test_eval_outputs_that_cannot_be_written_are_refused_before_the_evaluation(tiny_program, tmp_path, monkeypatch,
+                                                                              option, fragment):
+    """The report was written, and the cache's first entry, after minutes of training."""
+    from paw_mlx.programs import evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    (tmp_path / "a-file").write_text("x")
+    target = {"--out": tmp_path, "--cache": tmp_path / "a-file"}[option]
+    result = runner.invoke(app, ["eval-programs", "--tasks", str(tmp_path), "--base", str(tiny_program),
+                                 option, str(target)])
+    assert isinstance(result.exception, PawError) and fragment in str(result.exception)
+
+
+def test_a_damaged_cache_entry_is_run_again_not_fatal(tmp_path):
+    """A run killed while it wrote an entry left half a JSON file, and every later run failed on it."""
+    from paw_mlx.programs.evaluate import _read_cached
+
+    (tmp_path / "half.json").write_text('{"rows": {"spec": ')
+    (tmp_path / "good.json").write_text('{"task": "t", "rows": {}}')
+    assert _read_cached(tmp_path / "half.json") is None and _read_cached(tmp_path / "missing.json") is None
+    assert _read_cached(tmp_path / "good.json") == {"task": "t", "rows": {}}

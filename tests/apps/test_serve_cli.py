@@ -28,6 +28,8 @@ def test_run_takes_every_sampling_control(tiny_program):
 def test_serve_refuses_what_it_cannot_serve(tmp_path):
     assert_one_line_error(paw("serve", str(tmp_path / "missing")), "missing")
     assert_one_line_error(paw("serve", "--programs", str(tmp_path / "nope"), str(tmp_path)), "prog.json")
+    # an empty host (`--host "$UNSET"`) listened on every interface, not on this machine only
+    assert_one_line_error(paw("serve", str(tmp_path / "missing"), "--host", " "), "--host is empty")
 
 
 def test_serve_answers_an_openai_client_and_stops_on_sigterm(tiny_program):

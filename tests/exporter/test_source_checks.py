@@ -4,6 +4,7 @@ or after it is filled: transformers would build every declared layer and invent 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -92,4 +93,44 @@ def test_a_context_longer_than_a_program_may_declare_is_refused_at_export(hf_fol
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"max_position_embeddings is 1000000000000; a program holds at most"):
         export_source(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("file, value", [("config.json", 10**30), ("config.json", -5),
+                                         ("generation_config.json", [2**40])])
+def test_an_eos_id_no_program_may_hold_is_refused_before_the_capture(hf_folder, tmp_path, monkeypatch, file, value):
+    import exporter.export as export_module
+    from interp.errors import ExportError
+
+    folder = copy_folder(hf_folder, tmp_path / "src")
+    config = json.loads((folder / file).read_text())
+    config["eos_token_id"] = value  # exported, then every load refused the program
+    (folder / file).write_text(json.dumps(config))
+    monkeypatch.setattr(export_module, "capture", lambda *a, **k: pytest.fail("captured"))
+    with pytest.raises(ExportError, match=r"eos_token_id is .*, which is no token id"):
+        export_source(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_refused_at_export_not_at_every_load(hf_folder, tmp_path):
+    from interp.errors import ExportError
+
+    folder = copy_folder(hf_folder, tmp_path / "src")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")  # exported; paw run then refused it
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"model\.layers\.1\.mlp\..*up_proj\.weight' holds NaN values"):
+        export_source(str(folder), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, not even a partial one
+
+
+@pytest.mark.parametrize("damage", [lambda data: b"garbage" * 100, lambda data: data[:1000]])
+def test_a_damaged_gguf_file_is_named_in_the_error(tmp_path, tiny_tokenizer, damage):
+    from tests.tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_tokenizer)
+    path.write_bytes(damage(path.read_bytes()))
+    # was "could not load FOLDER: index 0 is out of bounds for axis 0 with size 0": the folder, numpy's words
+    with pytest.raises(SourceError, match=f"^{re.escape(str(path))} is not a readable GGUF file"):
+        export_source(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()

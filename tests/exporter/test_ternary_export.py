@@ -124,6 +124,18 @@ def test_packed_bitnet_checkpoint_imports_exactly(tmp_path, linear_class):
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == expected_class
 
 
+def test_a_bitnet_folder_is_loaded_whole_by_paw_export(tmp_path, tiny_tokenizer):
+    """Library-quantized weights cannot stream: the exporter loads them whole (NotStreamable was turned
+    into a SourceError by the loader's error wrapper, so `paw export` of a BitNet folder failed)."""
+    _bitnet_checkpoint(tmp_path / "ckpt", "autobitlinear")
+    tiny_tokenizer.save_pretrained(tmp_path / "ckpt")
+    said: list[str] = []
+    out = export_source(str(tmp_path / "ckpt"), tmp_path / "prog", progress=said.append)
+    assert f"loading {tmp_path / 'ckpt'} whole: its weights are quantized by a library (bitnet)" in said
+    ops = [n["op"] for n in json.loads((out / "prog.json").read_text())["nodes"]]
+    assert ops.count("ternary_linear") == 14
+
+
 def test_unknown_weights_mode_is_refused_before_loading(tmp_path):
     with pytest.raises(ExportError, match="ternary-base3"):
         export_source("no-such-model-anywhere", tmp_path / "x", weights="ternary4")

@@ -112,3 +112,42 @@ def test_atomic_write_text(tmp_path):
     path = atomic_write_text(tmp_path / "ids.txt", "1 2 3\n")
     assert path.read_text() == "1 2 3\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ids.txt"]
+
+
+def test_a_file_write_goes_through_a_fifo_and_a_link_instead_of_replacing_them(tmp_path):
+    """`paw run --output-ids /dev/stdout` (or a FIFO, or /dev/null as root) renamed a regular file over
+    the path: the reader got nothing, and /dev/null would have become a file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    atomic_write_text(fifo, "1 2 3\n")
+    reader.join(timeout=30)
+    assert received == [b"1 2 3\n"] and fifo.is_fifo()
+    (tmp_path / "target").write_text("old")
+    (tmp_path / "link").symlink_to("target")
+    atomic_write_text(tmp_path / "link", "new")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target").read_text() == "new"
+
+
+def test_a_folder_output_over_a_fifo_is_refused_before_the_work(tmp_path):
+    """`paw export ... -o FIFO --force` exported, then failed renaming the folder over it ("Not a directory")."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ExportError, match="it is a device, FIFO or socket, which a folder cannot replace"):
+        check_writable(fifo, ExportError, folder=True)  # what the commands call before their work
+    with pytest.raises(ExportError, match="which a folder cannot replace"):
+        with atomic_directory(fifo, replace=True, error=ExportError) as tmp:
+            (tmp / "data.txt").write_text("x")
+    check_writable(fifo)  # a file output may go through it (atomic_write_bytes)
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+def test_a_file_write_over_a_folder_says_so(tmp_path, monkeypatch):
+    """`paw run --output-ids ""` (the path ".") said "cannot write .: Device or resource busy"."""
+    monkeypatch.chdir(tmp_path)
+    for target in (Path("."), tmp_path):
+        with pytest.raises(IsADirectoryError):
+            atomic_write_text(target, "1 2 3\n")
+    assert list(tmp_path.iterdir()) == []

@@ -67,3 +67,19 @@ def test_a_detokenizer_skipping_special_tokens_streams_the_text_decode_skipping_
         detokenizer = tokenizer.detokenizer(skip_special_tokens=skip)
         streamed = "".join(detokenizer.add_token(token) for token in ids) + detokenizer.finalize()
         assert streamed == tokenizer.decode(ids, skip_special_tokens=skip) == want
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "tokenizer.json"])
+def test_a_tokenizer_file_that_is_a_folder_is_refused_not_skipped(tiny_program, tmp_path, name):
+    """A chat_template.jinja (or tokenizer_config.json) that was a folder was skipped: the prompt went
+    to the model without its chat template; a tokenizer.json folder made the program token-ids-only."""
+    import shutil
+
+    import paw_mlx
+    from interp.errors import ProgramError
+
+    copy = shutil.copytree(tiny_program, tmp_path / "prog")
+    (copy / name).unlink()
+    (copy / name).mkdir()
+    with pytest.raises(ProgramError, match=f"{name} is not a file"):
+        paw_mlx.prompt_ids(paw_mlx.load(copy), "hi")

@@ -249,3 +249,34 @@ def test_cli_reports_a_bad_bundle_in_one_line(bases, tmp_path):
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0] == f"paw: error: {tmp_path / 'bad.paw'}: unsafe member path '../meta.json' in the .paw archive"
     assert not (tmp_path / "out").exists()
+
+
+def _damage_deflate(data: bytearray) -> None:
+    """meta.json's deflated stream opens with a block of the reserved type 3 (zlib: 'invalid block type')."""
+    name_length, extra_length = int.from_bytes(data[26:28], "little"), int.from_bytes(data[28:30], "little")
+    data[30 + name_length + extra_length] = 0x07
+
+
+def _damage_version(data: bytearray) -> None:
+    """The central directory says meta.json needs zip version 25.5 to extract."""
+    data[data.find(b"PK\x01\x02") + 6] = 255
+
+
+@pytest.mark.parametrize("damage, fragment", [(_damage_deflate, "cannot read member meta.json"),
+                                              (_damage_version, "not a zip archive: zip file version 25.5")],
+                         ids=["deflate", "version"])
+def test_a_damaged_zip_is_one_artifact_error(tmp_path, damage, fragment):
+    """zlib.error and NotImplementedError escaped read_bundle (a traceback with PAW_DEBUG=1, and no PawError
+    for the API)."""
+    path = tmp_path / "bundle.paw"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members(b"GGUF" + bytes(64)).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr, info.compress_type = (stat.S_IFREG | 0o644) << 16, zipfile.ZIP_DEFLATED
+            archive.writestr(info, content)
+    data = bytearray(path.read_bytes())
+    damage(data)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=fragment) as error:
+        read_bundle(path)
+    assert "\n" not in str(error.value)

@@ -378,7 +378,7 @@ def test_bad_options_and_examples(tiny_program, tmp_path):
         load_examples(bad)
     with pytest.raises(PawError, match="no such examples file"):
         load_examples(tmp_path / "none.jsonl")
-    with pytest.raises(PawError, match="is a folder; the examples must be a file"):
+    with pytest.raises(PawError, match="is a folder; the examples file must be a file"):
         load_examples(tmp_path)
 
 
