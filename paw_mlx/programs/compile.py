@@ -35,7 +35,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 OUTPUT_MARGIN = 8
 RAW_PREFIX_SEP = "\n\nInput: "
 RAW_SUFFIX = "\nOutput:"
-#: what ``choose_leads`` puts before inputs and outputs where it costs no tokens
+#: what ``choose_leads`` puts before inputs and outputs where it saves tokens
 LEAD = " "
 
 
@@ -106,10 +106,6 @@ def program_messages(spec: str, demos: Sequence[dict], leads: tuple[str, str] = 
     return messages
 
 
-def layout_leads(layout: PromptLayout) -> tuple[str, str]:
-    return layout.input_lead, layout.output_lead
-
-
 def demo_spans(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Sequence[dict]) -> list[tuple[int, int]]:
     """Token positions [start, end) of each demo's turns in the prefix ids of ``layout``.
 
@@ -120,7 +116,7 @@ def demo_spans(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demos: Seq
     if not demos:
         return []
     full = layout_prefix_ids(tokenizer, layout)
-    leads = layout_leads(layout)
+    leads = layout.input_lead, layout.output_lead
     ends = []
     for i in range(len(demos) + 1):
         if layout.kind == "chat":
@@ -137,7 +133,7 @@ def prefixes_without(tokenizer: Tokenizer, layout: PromptLayout, spec: str, demo
     """The prefix ids of ``spec`` with ``demos`` but demo i, for each i (the others in order and
     laid out as the kept prefix ``layout`` lays them out): what training on a base with recurrent
     state runs demo i's own row behind, since no key mask can hide it there (``train.py``)."""
-    leads = layout_leads(layout)
+    leads = layout.input_lead, layout.output_lead
     return [layout_prefix_ids(tokenizer, prompt_layout(tokenizer, spec, [*demos[:i], *demos[i + 1:]], leads))
             for i in range(len(demos))]
 
