@@ -197,7 +197,8 @@ class ChatSession:
             if failed and not produced:
                 self.messages.pop()  # the turn never happened
             else:
-                self._reply = {"role": "assistant", "content": self.prog.tokenizer.decode(produced)}
+                # as it was shown: a reply cut inside a character ends before it (``decode_finished``)
+                self._reply = {"role": "assistant", "content": self.prog.tokenizer.decode_finished(produced)}
                 self.messages.append(self._reply)
             if failed:
                 self.reset_cache()
