@@ -96,6 +96,18 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_folder(tmp_path_factory, tiny_tokenizer):
+    """A Hugging Face folder (weights, config, tokenizer) of a tiny random Llama: tests copy it
+    before changing anything."""
+    from tests.tiny import tiny_llama_config, tiny_model
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    tiny_model(tiny_llama_config()).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_program(tmp_path_factory, tiny_tokenizer):
     """Directory of an exported tiny random Llama (float32) with tokenizer files."""
     from tests.tiny import export_tiny, tiny_llama_config

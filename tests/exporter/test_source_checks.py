@@ -13,15 +13,11 @@ from safetensors.numpy import load_file, save_file
 from exporter.export import export_source
 from exporter.source_checks import stored_layers
 from interp.errors import SourceError
-from tests.tiny import tiny_llama_config, tiny_model
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory, tiny_tokenizer):
-    folder = tmp_path_factory.mktemp("hf") / "tiny"
-    tiny_model(tiny_llama_config()).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def hf_folder(tiny_hf_folder):
+    return tiny_hf_folder
 
 
 def copy_folder(source, target):

@@ -12,7 +12,6 @@ import exporter.export as export_module
 from exporter.export import export_source
 from interp.errors import SourceError, TemplateError
 from interp.tokenizer import Tokenizer
-from tests.tiny import tiny_llama_config, tiny_model
 
 #: Gemma's way: a system message raises
 GEMMA_LIKE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
@@ -34,12 +33,9 @@ BROKEN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tiny_tokenizer):
-    folder = tmp_path_factory.mktemp("source") / "model"
-    tiny_model(tiny_llama_config()).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model_folder(tiny_hf_folder):
+    return tiny_hf_folder
 
 
 def with_template(model_folder, tmp_path, where: str, template: str):
