@@ -103,6 +103,8 @@ class SelectOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise PawError(f"cross-validation {name} must be a whole number, not {value!r:.40}")
+        if not isinstance(self.input_lead, bool):
+            raise PawError(f"input_lead must be true or false, not {self.input_lead!r:.40}")
         if self.folds < 2:
             raise PawError("cross-validation needs at least 2 folds")
         if not 1 <= self.repeats <= MAX_REPEATS:

@@ -126,3 +126,14 @@ def test_paw_compile_says_where_it_put_a_lead(tiny_program, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "its inputs and outputs follow a space" in run.stderr.replace("\n", " ")
     assert json.loads((tmp_path / "p" / "program.json").read_text())["selection"]["leads"] == ["inputs", "outputs"]
+
+
+def test_input_lead_option_must_be_true_or_false(tiny_program, tmp_path):
+    from interp.errors import PawError
+
+    with pytest.raises(PawError, match="input_lead must be true or false"):
+        paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=replace(FEWSHOT, input_lead="no"),
+                        out_dir=tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    art = paw_mlx.compile(SPEC, base=tiny_program, examples=ROWS, options=replace(FEWSHOT, input_lead=False))
+    assert (art.layout.input_lead, art.layout.output_lead) == ("", " ")
