@@ -77,6 +77,7 @@ def artifact_summary(path: str | Path, verify: bool = False) -> dict:
         "tuning": (artifact.tuning or {}).get("method", "none"),
         "adapter": artifact.adapter.summary() if artifact.adapter is not None else None,
         "returns": artifact.returns,
+        "copy_rule": artifact.copy_rule.metadata() if artifact.copy_rule is not None else None,
         "kept": (artifact.selection or {}).get("kept"),
     }
     if verify:
@@ -160,5 +161,8 @@ def describe_contents(summary: dict) -> str:
              f"tuning: {summary['tuning']}",
              f"adapter: LoRA rank {adapter['rank']} on {adapter['modules']} modules" if adapter else "adapter: none",
              f"output constraint: {json.dumps(returns)}" if returns else "output constraint: none"]
+    if rule := summary.get("copy_rule"):
+        parts.append("outputs held to words of the input" + (" in any case" if rule["ignore_case"] else "")
+                     + (f" and {', '.join(rule['shared'])}" if rule["shared"] else "") + " (copy rule)")
     kept = f"kept candidate: {summary['kept']}; " if summary["kept"] else ""
     return kept + "; ".join(parts)

@@ -40,14 +40,20 @@ REPEATS_HELP = ("Cross-validate over this many shuffles of the examples into fol
                 "the dev tasks (docs/programs.md).")
 
 
-def select_options(candidates: str, folds: int, steps: int, lr: float, layers: int, rank: int, repeats: int = 1):
+COPY_RULE_HELP = ("When every example answers with words of its input (extraction, reordering, a change of "
+                  "case), hold every call's output to words of its own input too, token by token "
+                  "(docs/programs.md, 'The copy rule'). --no-copy-rule: never.")
+
+
+def select_options(candidates: str, folds: int, steps: int, lr: float, layers: int, rank: int, repeats: int = 1,
+                   copy_rule: bool = True):
     """The compiler's options from the flags ``paw compile`` and ``paw eval-programs`` share
     (``--steps`` and ``--layers`` bound both trained candidates; ``--lr``, ``--rank`` are LoRA's)."""
     from paw_mlx.programs.select import SelectOptions
     from paw_mlx.programs.train import TrainOptions
 
     names = tuple(c.strip() for c in candidates.split(",") if c.strip())
-    options = SelectOptions(candidates=names, folds=folds, repeats=repeats,
+    options = SelectOptions(candidates=names, folds=folds, repeats=repeats, copy_rule=copy_rule,
                             lora=TrainOptions(method="lora", steps=steps, learning_rate=lr, layers=layers, rank=rank))
     options.prefix.steps, options.prefix.layers = min(options.prefix.steps, steps), layers
     return options
@@ -69,6 +75,7 @@ def compile_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    copy_rule: Annotated[bool, typer.Option("--copy-rule/--no-copy-rule", help=COPY_RULE_HELP)] = True,
     max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens", "-n", min=1,
         help="Default output budget of a call, in tokens (default: 64, or more to fit the longest "
@@ -85,7 +92,7 @@ def compile_cmd(
 
     if output_format not in ("dir", "paw"):
         raise PawError(f"--format is 'dir' or 'paw', not {output_format!r}")
-    options = select_options(candidates, folds, steps, lr, layers, rank, repeats)
+    options = select_options(candidates, folds, steps, lr, layers, rank, repeats, copy_rule)
     if output_format == "paw":
         from paw_mlx.programs.pawfile import compile_bundle
 
@@ -157,6 +164,12 @@ def print_selection(info: dict | None) -> None:
     if info.get("leads"):
         console.print(f"its {' and '.join(info['leads'])} follow a space, as words do in running text, where that "
                       "spells them in fewer tokens (docs/programs.md, \"Leads\")")
+    if isinstance(rule := info.get("copy_rule"), dict):
+        case = " in any case" if rule.get("ignore_case") else ""
+        shared = f" (and {', '.join(map(str, rule.get('shared') or []))})" if rule.get("shared") else ""
+        console.print(f"every example answers with words of its input{case}, so every call's output is held to "
+                      f"words of its own input{case}{shared} (docs/programs.md, \"The copy rule\"; "
+                      "--no-copy-rule: never)")
     for line in selection_notes(info):
         console.print(f"note: {line}")
     if "test" in info:
@@ -252,6 +265,7 @@ def eval_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the LoRA candidate.")] = 1e-3,
     layers: Annotated[int, typer.Option(help="Train this many top layers (0: all).")] = 12,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    copy_rule: Annotated[bool, typer.Option("--copy-rule/--no-copy-rule", help=COPY_RULE_HELP)] = True,
     out: Annotated[Path | None, typer.Option(
         "--out", help="JSON report (default: apps/benchmarks/results/programs-DATE.json).")] = None,
     cache: Annotated[Path, typer.Option("--cache", help="Finished tasks are kept here, so a rerun resumes.")] = Path(
@@ -286,7 +300,8 @@ def eval_cmd(
         raise PawError(f"--cache {cache} is not a folder")
     check_writable(out)
     check_writable(cache / "entry")
-    report = evaluate(tasks, base, select_options(candidates, folds, steps, lr, layers, rank, repeats), only, cache)
+    options = select_options(candidates, folds, steps, lr, layers, rank, repeats, copy_rule)
+    report = evaluate(tasks, base, options, only, cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     typer.echo(f"report -> {out}", err=True)

@@ -78,6 +78,7 @@ class Tokenizer:
 
     def __init__(self, directory: str | Path, eos_token_ids: list[int] | None = None):
         directory = Path(directory)
+        self._json: str | None = None  # to_json's text, made on first use
         for name in TOKENIZER_FILES:  # one that is there but unreadable as a file would be silently skipped
             if (directory / name).exists() and not (directory / name).is_file():
                 raise ProgramError(f"{directory / name} is not a file")
@@ -185,8 +186,11 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def to_json(self) -> str:
-        """The tokenizer.json text (what grammar engines build their token tables from)."""
-        return self._tok.to_str()
+        """The tokenizer.json text (what grammar engines build their token tables from); made once
+        (a program's copy rule compiles a grammar per call)."""
+        if self._json is None:
+            self._json = self._tok.to_str()
+        return self._json
 
     @property
     def has_chat_template(self) -> bool:

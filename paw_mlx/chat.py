@@ -274,8 +274,8 @@ class ChatSession:
         budget = min(function.max_new_tokens, self.max_tokens, self.context_size - self._turn_length)
         produced: list[int] = []
         try:
-            if function.grammar is not None:  # constrained: one whole call (every output must parse)
-                tokens: Iterator[int] = iter(function.call_ids([ids])[0])
+            if function.grammar is not None or function.copy_rule is not None:  # constrained: one whole call
+                tokens: Iterator[int] = iter(function.call_ids([ids], texts=[self.messages[-1]["content"]])[0])
             else:
                 tokens = stream_tokens(function.runner, ids, max_tokens=budget,
                                        temperature=function.artifact.generation.temperature,

@@ -156,7 +156,7 @@ def _tokenizer_json(tokenizer: Any) -> str:
     """The Hugging Face tokenizer.json text of paw's Tokenizer, a ``tokenizers.Tokenizer``,
     or a path to a tokenizer.json / a program directory."""
     if hasattr(tokenizer, "to_json"):
-        return tokenizer.to_json()
+        return tokenizer.to_json()  # paw's Tokenizer serialises once and keeps the text
     if hasattr(tokenizer, "to_str"):
         return tokenizer.to_str()
     path = Path(tokenizer)
@@ -193,14 +193,16 @@ class Grammar:
         self._grammar = grammar
         self._tokenizer = ll_tokenizer
 
-    def start(self) -> Constraint:
-        """A fresh constraint for one generated row."""
+    def start(self, *, required: bool = True) -> Constraint:
+        """A fresh constraint for one generated row. ``required=False``: a row that reaches its
+        token budget before the grammar accepts ends truncated, as an unconstrained row would,
+        not as an error (a compiled program's copy rule, which no caller asked to parse)."""
         import llguidance
 
         matcher = llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(f"cannot start the output constraint: {matcher.get_error()}")
-        return Constraint(matcher, self.vocab_size, self.eos_token_ids)
+        return Constraint(matcher, self.vocab_size, self.eos_token_ids, required=required)
 
     def matches(self, text: str) -> bool:
         """Whether ``text`` is a complete output the grammar accepts (for checks and tests)."""
@@ -212,11 +214,13 @@ class Grammar:
 class Constraint:
     """The state of one row under a grammar: which tokens may come next, and whether it is done."""
 
-    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
+    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int], *, required: bool = True):
         self._matcher = matcher
         self._vocab_size = vocab_size
         self._eos = eos_token_ids
         self._finished = False
+        #: whether an output that stops short of the grammar is an error (``Grammar.start``)
+        self.required = required
 
     def allowed(self) -> np.ndarray:
         """Boolean mask [vocab_size] of the tokens allowed next (EOS only where the output is complete)."""
@@ -267,7 +271,7 @@ def _after_lead(grammar: str, lead: str) -> str:
 
 
 def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
-                    eos_token_ids: Sequence[int] | None = None, lead: str = "") -> Grammar:
+                    eos_token_ids: Sequence[int] | None = None, lead: str = "", checked: bool = True) -> Grammar:
     """Compile an output constraint for ``tokenizer`` (paw's Tokenizer, a ``tokenizers.Tokenizer``
     or a tokenizer.json path) and a model of ``vocab_size`` logits.
 
@@ -275,7 +279,9 @@ def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
     ``{"json_schema": dict}``, ``{"json_object": True}``, a bare JSON schema, or a string in
     the CLI's forms. EOS ids default to the tokenizer's. Raises ``ConstraintError`` (a
     ``PawError``) on an invalid spec, regex or schema. ``lead`` is text every output starts
-    with before what ``returns`` describes (a compiled program's output lead).
+    with before what ``returns`` describes (a compiled program's output lead). ``checked=False``
+    skips validating the grammar and checking that it admits an output (half the cost), for a
+    grammar paw writes itself for every call (a program's copy rule).
     """
     import llguidance
 
@@ -287,6 +293,8 @@ def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
     grammar = _grammar_text(spec)
     if lead:
         grammar = _after_lead(grammar, lead)
+    if not checked:
+        return Grammar(spec, grammar, ll_tokenizer, int(vocab_size), eos)
     error = llguidance.LLMatcher.validate_grammar(grammar, ll_tokenizer)
     if error and not error.startswith("WARNING"):
         what = describe_returns(spec)
@@ -309,11 +317,12 @@ def _one_line(error: str) -> str:
     return f"{lines[0].rstrip(':')}: {reason}" if reason else lines[0]
 
 
-def grammar_for(prog, returns: Any, lead: str = "") -> Grammar:
+def grammar_for(prog, returns: Any, lead: str = "", checked: bool = True) -> Grammar:
     """``compile_returns`` for a loaded program (``paw_mlx.load``): its tokenizer, logits width
     and end-of-sequence ids; ``lead``: a compiled program's output lead."""
     vocab = prog.program.model_info.get("vocab_size") or prog.tokenizer.vocab_size
-    return compile_returns(returns, prog.tokenizer, int(vocab), eos_token_ids=sorted(prog.eos_token_ids), lead=lead)
+    return compile_returns(returns, prog.tokenizer, int(vocab), eos_token_ids=sorted(prog.eos_token_ids), lead=lead,
+                           checked=checked)
 
 
 def mask_logits(logits, allowed: Sequence[np.ndarray | None]):

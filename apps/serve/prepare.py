@@ -46,6 +46,8 @@ class Prepared:
     reply: ReplyPlan | None = None  # chat: how the reply is read (reasoning, calls)
     legacy: bool = False  # chat with the deprecated functions: a call is answered as function_call
     budget_field: str = "max_tokens"  # the field that set max_tokens (max_completion_tokens when sent)
+    #: each prompt's input texts, where a compiled program's copy rule holds its output to their words
+    copy_inputs: list[list[str]] | None = None
 
     def requests(self) -> list[tuple[int, GenerationRequest]]:
         """(prompt index, request) for every choice, prompt-major as OpenAI numbers choices."""
@@ -56,6 +58,8 @@ class Prepared:
                 if sampling.seed is not None and c:
                     sampling = _replace_seed(sampling, sampling.seed + c)
                 constraint = self.make_constraint() if self.make_constraint is not None else None
+                if constraint is None and self.copy_inputs is not None:
+                    constraint = self.model.copy_constraint(self.copy_inputs[p])
                 out.append((p, GenerationRequest(self.model, ids, self.max_tokens[p], sampling, constraint)))
         return out
 
@@ -125,10 +129,14 @@ def _prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel
     sampling = _sampling(body, model, logprobs)
     forced = {"lark": tools.grammar} if tools is not None and tools.grammar else None
     make_constraint = _constraint(body.response_format, model, forced)
+    copy_inputs = None
+    if make_constraint is None and model.is_program and model.artifact.copy_rule is not None:
+        copy_inputs = ([[m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]]
+                       if chat else [[t] for t in texts])
     reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
                     echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply,
-                    legacy=legacy, budget_field=budget)
+                    legacy=legacy, budget_field=budget, copy_inputs=copy_inputs)
 
 
 def _template_variables(body: ChatCompletionRequest) -> dict[str, Any] | None:

@@ -46,6 +46,10 @@ def complete(engine: Engine, model: ServedModel, prompt: str | Sequence[int] | N
         from paw_mlx.constrain import grammar_for
 
         constraint = grammar_for(model.base, model.returns, lead=model.output_lead).start()
+    elif constraint is None and model.is_program:  # its copy rule, if it has one, on this request's input
+        inputs = ([m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
+                  if messages is not None else [prompt] if isinstance(prompt, str) else [])
+        constraint = model.copy_constraint(inputs)
     budget = max_tokens or model.default_max_tokens or 256
     if sampling is None:
         sampling = SamplingParams(temperature=model.default_temperature)

@@ -123,6 +123,18 @@ class ServedModel:
         """A compiled program's stored output constraint (``paw compile --returns``), if any."""
         return self.artifact.returns if self.artifact is not None else None
 
+    def copy_constraint(self, inputs: Sequence[str]):
+        """A compiled program's copy rule (``paw_mlx/programs/copy_rule.py``) for a request whose
+        input texts are ``inputs`` (a completion's prompt, a conversation's user turns): a fresh
+        per-row constraint, or None (no rule, or inputs too large to constrain)."""
+        rule = self.artifact.copy_rule if self.artifact is not None and self.returns is None else None
+        regex = rule.regex("\n".join(inputs)) if rule is not None else None
+        if regex is None:
+            return None
+        from paw_mlx.constrain import grammar_for
+
+        return grammar_for(self.base, {"regex": regex}, lead=self.output_lead, checked=False).start(required=False)
+
     @property
     def output_lead(self) -> str:
         """What a compiled program's outputs start with and callers do not see (``PromptLayout``)."""

@@ -31,10 +31,11 @@ from interp.manifest import file_hashes, fingerprint, verify_manifest
 from interp.program import MANIFEST_FILE, MAX_LAYERS, find_nan, read_manifest, read_safetensors_header
 from interp.token_ids import check_token_ids
 from paw_mlx.programs.adapter import ADAPTER_FILE, LoraAdapter, read_adapter, write_adapter
+from paw_mlx.programs.copy_rule import CopyRule
 
 FORMAT = "paw.kvprogram"
-#: 2 added the adapter, demonstrations and the selection report; 3 the layout's leads (written
-#: only by a program that has one, so that a paw reading version 2 never runs it without them)
+#: 2 added the adapter, demonstrations and the selection report; 3 the layout's leads and the copy
+#: rule (written only by a program that has one, so that a paw reading version 2 never runs it without them)
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 #: the text a layout may put before an input or an output (``PromptLayout``)
@@ -118,15 +119,18 @@ class ProgramArtifact:
     demos: list[dict] = field(default_factory=list)
     #: the compiler's report: candidates, their held-out scores, which was kept and why
     selection: dict | None = None
+    #: outputs are held to words of their input (``copy_rule.py``), or None
+    copy_rule: CopyRule | None = None
 
     @property
     def prefix_length(self) -> int:
         return len(self.prefix_ids)
 
     def metadata(self) -> dict:
-        return {
+        newer = self.layout.input_lead or self.layout.output_lead or self.copy_rule is not None
+        meta = {
             "format": FORMAT,
-            "version": VERSION if self.layout.input_lead or self.layout.output_lead else 2,
+            "version": VERSION if newer else 2,
             "spec": self.spec,
             "base": {"fingerprint": self.base_fingerprint, "path_hint": self.base_hint},
             "layout": asdict(self.layout),
@@ -140,6 +144,9 @@ class ProgramArtifact:
             "demos": list(self.demos),
             "selection": self.selection,
         }
+        if self.copy_rule is not None:
+            meta["copy_rule"] = self.copy_rule.metadata()
+        return meta
 
 
 def write_artifact(artifact: ProgramArtifact, out_dir: str | Path, force: bool = False) -> Path:
@@ -233,7 +240,9 @@ def _fields(meta: dict, meta_path: Path) -> dict:
             "generation": GenerationSettings(max_new_tokens=max_new, temperature=float(temperature),
                                              strip=generation.get("strip", False)),
             "returns": _read_returns(meta, meta_path), "demos": _read_demos(meta, need),
-            "selection": meta.get("selection"), "has_adapter": bool(meta.get("adapter"))}
+            "selection": meta.get("selection"), "has_adapter": bool(meta.get("adapter")),
+            "copy_rule": (CopyRule.from_metadata(meta["copy_rule"], str(meta_path))
+                          if meta.get("copy_rule") is not None else None)}
 
 
 def _read_demos(meta: dict, need) -> list[dict]:

@@ -109,7 +109,7 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
     """New token ids (EOS excluded) for each row of ``rows``, all continuing ``prefix``.
 
     ``constraints`` (one per row, or None) restrict each row's tokens to its grammar; a
-    constrained row that has not completed its output within the budget raises
+    constrained row (``required``) that has not completed its output within the budget raises
     ``ConstraintError`` (an output that stops early would not parse), naming the row by
     its number from 1 (from its index in ``row_numbers``, the caller's, when ``rows`` is
     part of a larger call).
@@ -163,7 +163,7 @@ def generate_batch(prog: LoadedProgram, prefix: Sequence[tuple[mx.array, mx.arra
         ended[:] = done
     if constraints is not None:
         for i, constraint in enumerate(constraints):
-            if constraint is not None and not constraint.accepting:
+            if constraint is not None and constraint.required and not constraint.accepting:
                 number = (row_numbers[i] if row_numbers is not None else i) + 1
                 remedy = ("raise max_new_tokens" if budget == max_new_tokens else
                           f"the base model's context of {prog.context_length} tokens left room for no more: "

@@ -312,7 +312,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
     if grammar is not None:
         _check_outputs_fit(grammar, rows)
     max_new_tokens = output_budget(prog, rows, max_new_tokens)
-    builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns, leads)
+    builder = Builder(prog, spec, str(base_path), GenerationSettings(max_new_tokens=max_new_tokens), returns, leads,
+                      copy_rule=(options or SelectOptions()).copy_rule)
     if examples is None:
         artifact = builder.prompted([])
     else:
@@ -327,6 +328,8 @@ def compile(spec: str, base: str | Path = DEFAULT_MODEL, out_dir: str | Path | N
                if lead]
         if led:
             info["leads"] = led
+        if artifact.copy_rule is not None:
+            info["copy_rule"] = artifact.copy_rule.metadata()
         if test:
             outputs = builder.outputs(artifact, [r["input"] for r in test], max_new_tokens)
             correct = sum(o.strip() == r["output"].strip() for o, r in zip(outputs, test, strict=True))

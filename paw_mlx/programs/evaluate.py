@@ -50,7 +50,7 @@ TTFT_SAMPLES = 12
 #: untimed passes over the timed rows first (see ``interleaved_ttft``)
 WARMUP_PASSES = 2
 #: part of the cache key: a change of how rows are measured invalidates cached tasks
-EVALUATION_METHOD = "ttft-interleaved-12-warm-2-leads"
+EVALUATION_METHOD = "ttft-interleaved-12-warm-2-leads-copy-rule"
 BASELINES = ("spec prompt", "few-shot prompt")
 
 
@@ -118,7 +118,8 @@ def evaluate_task(prog: LoadedProgram, task: Path, options: SelectOptions, progr
         raise PawError(f"{task}: needs at least 2 train rows and 1 test row")
     generation = GenerationSettings(max_new_tokens=output_budget(prog, rows, None))
     plain = Builder(prog, spec, str(prog.path), generation)  # the prompts a user writes: no leads
-    builder = Builder(prog, spec, str(prog.path), generation, leads=choose_leads(prog.tokenizer, train))
+    builder = Builder(prog, spec, str(prog.path), generation, leads=choose_leads(prog.tokenizer, train),
+                      copy_rule=options.copy_rule)
     selection = Selection(prog, builder, train, options, progress)
     budget = selection.budget
     result: dict = {"task": task.name, "train": len(train), "test": len(test), "rows": {}}

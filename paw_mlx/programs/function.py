@@ -78,6 +78,8 @@ class ProgramFunction:
         self.grammar = None
         if returns is not None:
             self.grammar = grammar_for(base, returns, lead=artifact.layout.output_lead)
+        #: the program's copy rule (``copy_rule.py``), enforced per input where no ``returns`` is
+        self.copy_rule = artifact.copy_rule if self.grammar is None else None
 
     @property
     def spec(self) -> str:
@@ -93,12 +95,23 @@ class ProgramFunction:
         """The ids a call feeds after the prefix."""
         return input_ids(self.base.tokenizer, self.artifact.layout, text)
 
-    def call_ids(self, rows: list[list[int]], max_new_tokens: int | None = None) -> list[list[int]]:
+    def call_ids(self, rows: list[list[int]], max_new_tokens: int | None = None,
+                 texts: list[str] | None = None) -> list[list[int]]:
         """Output ids for each row of input ids (each checked against the vocabulary and context);
-        ``max_new_tokens`` overrides the function's own budget for this call."""
-        return self._generate(rows, max_new_tokens)[0]
+        ``max_new_tokens`` overrides the function's own budget for this call. ``texts``: each
+        row's input text, which a copy rule holds outputs to (else read back from the ids)."""
+        return self._generate(rows, max_new_tokens, texts)[0]
 
-    def _generate(self, rows: list[list[int]], max_new_tokens: int | None) -> tuple[list[list[int]], list[bool]]:
+    def _row_constraint(self, text: str):
+        """The copy rule's constraint for one input, or None (no rule, or an input too large)."""
+        regex = self.copy_rule.regex(text) if self.copy_rule is not None else None
+        if regex is None:
+            return None
+        grammar = grammar_for(self.base, {"regex": regex}, lead=self.artifact.layout.output_lead, checked=False)
+        return grammar.start(required=False)
+
+    def _generate(self, rows: list[list[int]], max_new_tokens: int | None,
+                  texts: list[str] | None = None) -> tuple[list[list[int]], list[bool]]:
         """``call_ids``'s outputs, and whether each ended by itself (not at the budget)."""
         _check_budget(max_new_tokens)
         rows = [self.base.check_ids(row, f"input {i} ids") for i, row in enumerate(rows)]
@@ -110,8 +123,14 @@ class ProgramFunction:
         ended = [True] * len(rows)
         batches = ([[i] for i in range(len(rows))] if self.recurrent
                    else length_batches([len(row) for row in rows], BATCH_TOKENS))
+        if self.copy_rule is not None and texts is None:
+            texts = [self.base.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
         for batch in batches:
-            constraints = [self.grammar.start() for _ in batch] if self.grammar is not None else None
+            constraints = None
+            if self.grammar is not None:
+                constraints = [self.grammar.start() for _ in batch]
+            elif self.copy_rule is not None:
+                constraints = [self._row_constraint(texts[i]) for i in batch]
             batch_ended: list[bool] = []
             done = generate_batch(self.runner, self.artifact.prefix, [rows[i] for i in batch],
                                   max_new_tokens=max_new_tokens or self.max_new_tokens,
@@ -130,7 +149,7 @@ class ProgramFunction:
             raise PawError("a program takes a string or a list of strings")
         if not inputs:
             return []
-        outs, ended = self._generate([self.token_ids(i) for i in inputs], None)
+        outs, ended = self._generate([self.token_ids(i) for i in inputs], None, list(inputs))
         texts = [self.artifact.layout.output_text(self.base.tokenizer.decode_finished(o, skip_special_tokens=True))
                  for o in outs]
         if self.artifact.generation.strip:

@@ -336,6 +336,9 @@ def write_bundle(artifact: ProgramArtifact, prog: LoadedProgram, out: str | Path
     if out.exists() and not force:
         raise ArtifactError(f"{out} already exists (use --force to replace it)")
     check_writable(out, ArtifactError)
+    if artifact.copy_rule is not None:  # nor does it hold outputs to words of the input
+        raise ArtifactError("this program holds its outputs to words of its input (a copy rule), which a .paw "
+                            "bundle cannot hold (compile it with `paw compile --format paw`)")
     if artifact.adapter is None:
         raise ArtifactError("a .paw bundle holds a LoRA adapter and this program has none "
                             "(compile it with the lora candidate)")
@@ -392,8 +395,9 @@ def compile_bundle(spec: str, out: str | Path, *, base, examples, options, force
                       ArtifactError)
     options.check()  # what the caller gave, before it becomes the one LoRA candidate a bundle holds
     # the runtime appends a call's input as given (no lead before it) and strips the output (so
-    # an output lead is read as the program writes it)
-    options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True), input_lead=False)
+    # an output lead is read as the program writes it); it enforces no copy rule
+    options = replace(options, candidates=("lora",), lora=replace(options.lora, adapt_prefix=True), input_lead=False,
+                      copy_rule=False)
     options.check_base(resolve_base(base))  # the rank against the layers, before the weights load
     prog = interpreter(resolve_base(base))
     gguf_module_names(prog)  # an architecture llama.cpp cannot name fails here, before training

@@ -51,6 +51,7 @@ from paw_mlx.programs.compile import (
     prefixes_without,
     prompt_layout,
 )
+from paw_mlx.programs.copy_rule import infer_copy_rule
 from paw_mlx.programs.demos import choose_demos, demo_budget
 from paw_mlx.programs.examples import partitions
 from paw_mlx.programs.train import TrainOptions, TrainResult, lora_targets, train
@@ -93,6 +94,9 @@ class SelectOptions:
     #: False: a call's input is appended as given, never after a lead (``compile.choose_leads``),
     #: as a ``.paw`` bundle's runtime appends it
     input_lead: bool = True
+    #: infer the copy rule from the examples (``copy_rule.py``): when every example answers with
+    #: words of its input, so must every call; False: never (nor does a ``.paw`` bundle's runtime)
+    copy_rule: bool = True
 
     def check(self) -> None:
         unknown = [c for c in self.candidates if c not in CANDIDATES]
@@ -103,8 +107,9 @@ class SelectOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise PawError(f"cross-validation {name} must be a whole number, not {value!r:.40}")
-        if not isinstance(self.input_lead, bool):
-            raise PawError(f"input_lead must be true or false, not {self.input_lead!r:.40}")
+        for name in ("input_lead", "copy_rule"):
+            if not isinstance(getattr(self, name), bool):
+                raise PawError(f"{name} must be true or false, not {getattr(self, name)!r:.40}")
         if self.folds < 2:
             raise PawError("cross-validation needs at least 2 folds")
         if not 1 <= self.repeats <= MAX_REPEATS:
@@ -187,9 +192,11 @@ class Builder:
     """Builds candidate programs of one spec on one base model."""
 
     def __init__(self, prog: LoadedProgram, spec: str, base_hint: str, generation: GenerationSettings,
-                 returns: dict | None = None, leads: tuple[str, str] = ("", "")):
+                 returns: dict | None = None, leads: tuple[str, str] = ("", ""), copy_rule: bool = False):
         self.prog, self.spec, self.base_hint = prog, spec, base_hint
         self.generation, self.returns = generation, returns
+        #: infer each candidate's copy rule from the rows it is fitted on (never with ``returns``)
+        self.copy_rule = copy_rule and returns is None
         self.leads = leads  # before each input and output (``compile.choose_leads``): one layout for every candidate
         self._prefixes: dict[tuple, ProgramArtifact] = {}
         self._tuned: dict[tuple, tuple[ProgramArtifact, TrainResult]] = {}
@@ -219,7 +226,8 @@ class Builder:
         """The untrained program whose prefix shows ``rows`` (or a spread of them, ``demos``)
         as demonstrations (cached: folds share them)."""
         demos = self.demos(rows)
-        key = tuple((d["input"], d["output"]) for d in demos)
+        rule = infer_copy_rule(rows) if self.copy_rule else None
+        key = (tuple((d["input"], d["output"]) for d in demos), rule)
         if key not in self._prefixes:
             demos = [{"input": d["input"], "output": d["output"]} for d in demos]
             layout = prompt_layout(self.prog.tokenizer, self.spec, demos, self.leads)
@@ -227,7 +235,7 @@ class Builder:
             self._prefixes[key] = ProgramArtifact(
                 spec=self.spec, base_fingerprint=self.prog.fingerprint, base_hint=self.base_hint, layout=layout,
                 prefix_ids=ids, prefix=compute_prefix(self.prog, ids), generation=self.generation,
-                returns=self.returns, demos=demos)
+                returns=self.returns, demos=demos, copy_rule=rule)
         return self._prefixes[key]
 
     def build(self, name: str, rows: Sequence[dict], options: TrainOptions | None, *,

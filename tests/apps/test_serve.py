@@ -366,6 +366,7 @@ def test_a_program_compiled_from_examples_answers_chat_as_its_function(server, t
     art = paw_mlx.compile("Upper.", base=tiny_program, examples=rows, options=options, out_dir=tmp_path / "upper")
     assert len(art.demos) == 4 and (art.adapter is not None) == (candidate == "lora")
     assert art.layout.output_lead == (" " if examples == "animals" else "")
+    assert (art.copy_rule is not None) == (examples == "upper")  # its outputs are its inputs, in capitals
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
     catalog = server.app_catalog
     model = catalog.add(ServedModel("upper", catalog.get("tiny").base, artifact=art))
@@ -375,6 +376,7 @@ def test_a_program_compiled_from_examples_answers_chat_as_its_function(server, t
             got = client.chat.completions.create(model="upper", messages=[{"role": "user", "content": text}])
             assert got.choices[0].message.content == f(text)
             assert got.usage.prompt_tokens_details.cached_tokens >= art.prefix_length
+            assert client.completions.create(model="upper", prompt=text).choices[0].text == f(text)
     finally:
         catalog.remove(model.name)
 
