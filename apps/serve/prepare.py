@@ -131,8 +131,11 @@ def _prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel
     make_constraint = _constraint(body.response_format, model, forced)
     copy_inputs = None
     if make_constraint is None and model.is_program and model.artifact.copy_rule is not None:
-        users = [[m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]]
-        copy_inputs = users if chat else [[t] for t in texts]
+        if chat:
+            copy_inputs = [[m["content"] for m in messages
+                            if m.get("role") == "user" and isinstance(m["content"], str)]]
+        else:
+            copy_inputs = [[t] for t in texts]
     reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
                     echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply,
