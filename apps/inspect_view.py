@@ -153,6 +153,10 @@ def show_artifact(path: str | Path, verify: bool = False) -> None:
         console.print("verified: every file matches manifest.json")
 
 
+#: how a copy rule's case reads in a sentence (``paw_mlx/programs/copy_rule.py``)
+CASE_WORDS = {"exact": "", "any": " in any case", "upper": " in capitals", "lower": " in small letters"}
+
+
 def describe_contents(summary: dict) -> str:
     """One line of what a compiled program holds beside its spec: the candidate the compiler
     kept, its demonstrations, tuning, adapter and output constraint."""
@@ -162,7 +166,7 @@ def describe_contents(summary: dict) -> str:
              f"adapter: LoRA rank {adapter['rank']} on {adapter['modules']} modules" if adapter else "adapter: none",
              f"output constraint: {json.dumps(returns)}" if returns else "output constraint: none"]
     if rule := summary.get("copy_rule"):
-        parts.append("outputs held to words of the input" + (" in any case" if rule["ignore_case"] else "")
+        parts.append("outputs held to words of the input" + CASE_WORDS.get(rule["case"], "")
                      + (f" and {', '.join(rule['shared'])}" if rule["shared"] else "") + " (copy rule)")
     kept = f"kept candidate: {summary['kept']}; " if summary["kept"] else ""
     return kept + "; ".join(parts)

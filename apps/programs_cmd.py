@@ -165,9 +165,11 @@ def print_selection(info: dict | None) -> None:
         console.print(f"its {' and '.join(info['leads'])} follow a space, as words do in running text, where that "
                       "spells them in fewer tokens (docs/programs.md, \"Leads\")")
     if isinstance(rule := info.get("copy_rule"), dict):
-        case = " in any case" if rule.get("ignore_case") else ""
+        from apps.inspect_view import CASE_WORDS
+
+        case = CASE_WORDS.get(str(rule.get("case")), "")
         shared = f" (and {', '.join(map(str, rule.get('shared') or []))})" if rule.get("shared") else ""
-        console.print(f"every example answers with words of its input{case}, so every call's output is held to "
+        console.print(f"every example answers with words of its input, so every call's output is held to "
                       f"words of its own input{case}{shared} (docs/programs.md, \"The copy rule\"; "
                       "--no-copy-rule: never)")
     for line in selection_notes(info):

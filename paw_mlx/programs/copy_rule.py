@@ -8,9 +8,9 @@ the input, and a small base model copies badly: ``hoo.com`` for ``ann@yahoo.com`
 When all the training examples copy, the compiler infers the rule (``infer_copy_rule``)
 and every call enforces it token by token (``CopyRule.regex``, an llguidance regular
 expression built from the call's own input): each run of letters and each run of digits
-in the output must be one of the input's (ignoring case when the examples change case),
-or one of the few words most examples' outputs share (``name`` and ``age`` in
-``{"name": "Ann", "age": 41}``). Everything else (spaces, punctuation, other scripts) is
+in the output must be one of the input's (in the case the examples' outputs use, when they
+change case), or one of the few words most examples' outputs share (``name`` and ``age``
+in ``{"name": "Ann", "age": 41}``). Everything else (spaces, punctuation, other scripts) is
 free, and so is the order. The rule is inferred per fold in cross-validation, so the
 held-out scores a program is chosen by are scores with it. See docs/programs.md.
 """
@@ -41,42 +41,49 @@ def runs(text: str) -> list[str]:
     return RUN.findall(text)
 
 
+#: how an output's runs may be cased: as the input's (exact), or any case of them (any), or
+#: only in capitals (upper) or only in small letters (lower), when the examples change case
+CASES = ("exact", "any", "upper", "lower")
+
+
 @dataclass(frozen=True)
 class CopyRule:
-    """Outputs are made of the input's runs (``runs``) and ``shared`` ones."""
+    """Outputs are made of the input's runs (``runs``) and ``shared`` ones, cased as ``case`` says."""
 
-    #: whether a run matches an input run in any case (the examples change case: ``bridge`` ->
-    #: ``BRIDGE``); the output may then use any case of it
-    ignore_case: bool = False
+    #: one of ``CASES``: ``exact`` unless the examples change case (``bridge`` -> ``BRIDGE``: upper)
+    case: str = "exact"
     #: runs allowed in every output: those most training outputs hold without their input
-    #: holding them (the keys of a JSON answer), sorted
+    #: holding them (the keys of a JSON answer), sorted (lowercased unless the case is exact)
     shared: tuple[str, ...] = ()
 
     def metadata(self) -> dict:
-        return {"ignore_case": self.ignore_case, "shared": list(self.shared)}
+        return {"case": self.case, "shared": list(self.shared)}
 
     @classmethod
     def from_metadata(cls, meta: object, where: str) -> CopyRule:
         """The rule ``metadata`` wrote; an ``ArtifactError`` naming ``where`` if it is malformed."""
-        if (not isinstance(meta, dict) or set(meta) != {"ignore_case", "shared"}
-                or not isinstance(meta["ignore_case"], bool) or not isinstance(meta["shared"], list)
+        if (not isinstance(meta, dict) or set(meta) != {"case", "shared"} or meta["case"] not in CASES
+                or not isinstance(meta["shared"], list)
                 or not all(isinstance(r, str) and RUN.fullmatch(r) for r in meta["shared"])):
-            raise ArtifactError(f"{where}: 'copy_rule' must be {{\"ignore_case\": bool, \"shared\": [letter or "
-                                "digit runs]}")
-        return cls(meta["ignore_case"], tuple(meta["shared"]))
+            raise ArtifactError(f"{where}: 'copy_rule' must be {{\"case\": {' or '.join(CASES)}, \"shared\": "
+                                "[letter or digit runs]}")
+        return cls(meta["case"], tuple(meta["shared"]))
 
     def _key(self, run: str) -> str:
-        return run.lower() if self.ignore_case else run
+        return run if self.case == "exact" else run.lower()
+
+    def _cased(self, run: str) -> bool:
+        return (self.case != "upper" or run == run.upper()) and (self.case != "lower" or run == run.lower())
 
     def allows(self, input_text: str, output: str) -> bool:
         """Whether ``output`` keeps the rule for ``input_text``."""
         allowed = {self._key(r) for r in runs(input_text)} | {self._key(r) for r in self.shared}
-        return all(self._key(r) in allowed for r in runs(output))
+        return all(self._key(r) in allowed and self._cased(r) for r in runs(output))
 
     def regex(self, input_text: str) -> str | None:
         """The regular expression a call's output on ``input_text`` must match, or None when the
         input has too many distinct runs to constrain (``MAX_INPUT_RUNS``)."""
-        allowed = {self._key(r): r for r in (*runs(input_text), *self.shared)}
+        allowed = {self._key(r) for r in (*runs(input_text), *self.shared)}
         if len(allowed) > MAX_INPUT_RUNS:
             return None
         words = sorted(k for k in allowed if k[0].isalpha())
@@ -95,9 +102,13 @@ class CopyRule:
         return f"{_SEP}*(?:{chunk}(?:{_SEP}+{chunk})*)?{_SEP}*"
 
     def _spelled(self, word: str) -> str:
-        if not self.ignore_case:
+        if self.case == "exact":
             return word
-        return "".join(f"[{c.lower()}{c.upper()}]" for c in word)
+        if self.case == "upper":
+            return word.upper()
+        if self.case == "lower":
+            return word
+        return "".join(f"[{c}{c.upper()}]" for c in word)
 
 
 def infer_copy_rule(rows: Sequence[dict]) -> CopyRule | None:
@@ -106,13 +117,14 @@ def infer_copy_rule(rows: Sequence[dict]) -> CopyRule | None:
     It holds when every output's runs are its input's, or among a few *shared* runs: those
     at least half of the outputs hold (and at least two) without their inputs holding them;
     and at least half of the outputs copy a run from their input (a task that answers with
-    labels alone is left to ``returns``). Exact case is tried first, then any case. Fewer
-    than ``MIN_EXAMPLES`` examples give no rule.
+    labels alone is left to ``returns``). Exact case is tried first, then any case; then, if
+    every output's letters are capitals (small letters), outputs are held to capitals (small
+    letters). Fewer than ``MIN_EXAMPLES`` examples give no rule.
     """
     if len(rows) < MIN_EXAMPLES:
         return None
-    for ignore_case in (False, True):
-        key = str.lower if ignore_case else str
+    for exact in (True, False):
+        key = str if exact else str.lower
         novel: list[set[str]] = []
         copying = 0
         for row in rows:
@@ -121,7 +133,17 @@ def infer_copy_rule(rows: Sequence[dict]) -> CopyRule | None:
             novel.append({r for r in said if r not in given})
             copying += any(r in given for r in said)
         counts = Counter(r for new in novel for r in new)
-        shared = {r for r, count in counts.items() if count >= 2 and 2 * count >= len(rows)}
-        if copying * 2 >= len(rows) and all(new <= shared for new in novel):
-            return CopyRule(ignore_case, tuple(sorted(shared)))
+        shared = tuple(sorted(r for r, count in counts.items() if count >= 2 and 2 * count >= len(rows)))
+        if copying * 2 >= len(rows) and all(new <= set(shared) for new in novel):
+            return CopyRule("exact" if exact else _case_of(rows), shared)
     return None
+
+
+def _case_of(rows: Sequence[dict]) -> str:
+    """``upper`` or ``lower`` when every output's letters are in that case, else ``any``."""
+    letters = "".join(c for row in rows for c in row["output"] if c.isascii() and c.isalpha())
+    if letters and letters == letters.upper():
+        return "upper"
+    if letters and letters == letters.lower():
+        return "lower"
+    return "any"

@@ -38,16 +38,18 @@ def test_runs_are_letter_runs_and_digit_runs():
 
 
 def test_the_rule_is_inferred_where_every_example_copies():
-    assert infer_copy_rule(LAST_WORD) == CopyRule(False, ())
+    assert infer_copy_rule(LAST_WORD) == CopyRule("exact", ())
     emails = rows([("mail ann@yahoo.com", "yahoo.com"), ("bob@gmail.com here", "gmail.com"),
                    ("ceo@bigcorp.com", "bigcorp.com"), ("x@a.org now", "a.org")])
-    assert infer_copy_rule(emails) == CopyRule(False, ())
-    # a change of case: matched in any case
-    assert infer_copy_rule(rows([(w, w.upper()) for w in ["cat", "dog", "sun", "red"]])) == CopyRule(True, ())
+    assert infer_copy_rule(emails) == CopyRule("exact", ())
+    # a change of case: matched in any case, written in the case the outputs use
+    assert infer_copy_rule(rows([(w, w.upper()) for w in ["cat", "dog", "sun", "red"]])) == CopyRule("upper", ())
+    assert infer_copy_rule(rows([(w, w.lower()) for w in ["Cat", "DOG", "Sun", "rEd"]])) == CopyRule("lower", ())
+    assert infer_copy_rule(rows([(w, w.title()) for w in ["cat", "dog", "sun", "red"]])) == CopyRule("any", ())
     # JSON keys every output holds: shared runs
     people = rows([(f"{n} is {a}.", json.dumps({"name": n, "age": a})) for n, a in
                    [("Ann", 30), ("Bob", 45), ("Cy", 7), ("Di", 9)]])
-    assert infer_copy_rule(people) == CopyRule(False, ("age", "name"))
+    assert infer_copy_rule(people) == CopyRule("exact", ("age", "name"))
 
 
 def test_no_rule_where_an_example_answers_with_a_word_its_input_lacks():
@@ -64,9 +66,11 @@ def test_the_grammar_is_the_rule():
     """The regular expression a call is held to accepts an output exactly where the rule allows it
     (random outputs over the input's pieces), in Python and in the grammar engine alike."""
     rng = random.Random(0)
-    for rule, text in [(CopyRule(False, ()), "ann@yahoo.com and 15 kg"), (CopyRule(True, ("age",)), "Bridge 7x"),
-                       (CopyRule(False, ()), "...")]:
-        pieces = [*runs(text), "yah", "hoo", "YAHOO", "age", "1", "5", "x7", " ", ".", "@", ", ", "é"]
+    for rule, text in [(CopyRule("exact", ()), "ann@yahoo.com and 15 kg"), (CopyRule("any", ("age",)), "Bridge 7x"),
+                       (CopyRule("upper", ("age",)), "Bridge 7x"), (CopyRule("lower"), "Bridge 7x"),
+                       (CopyRule("exact", ()), "...")]:
+        pieces = [*runs(text), "yah", "hoo", "YAHOO", "age", "AGE", "BRIDGE", "bridge", "1", "5", "x7", " ", ".", "@",
+                  ", ", "é"]
         pattern = re.compile(rule.regex(text))
         for _ in range(400):
             out = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 5)))
@@ -75,11 +79,13 @@ def test_the_grammar_is_the_rule():
 
 def test_the_grammar_engine_agrees(tiny_program):
     prog = interpreter(tiny_program)
-    rule = CopyRule(True, ())
-    grammar = grammar_for(prog, {"regex": rule.regex("the bridge, 50th")})
-    for out, ok in [("BRIDGE", True), ("bridge 50 th", True), ("the50th", True), ("BRIDGEMBUS", False),
-                    ("brid", False), ("5", False), ("", True)]:
-        assert grammar.matches(out) == ok, out
+    for case, cases in [("any", [("BRIDGE", True), ("bridge 50 th", True), ("the50th", True), ("BriDge", True)]),
+                        ("upper", [("BRIDGE", True), ("bridge", False), ("THE50TH", True), ("BriDge", False)]),
+                        ("lower", [("BRIDGE", False), ("bridge 50 th", True)]), ("exact", [("BRIDGE", False)])]:
+        grammar = grammar_for(prog, {"regex": CopyRule(case).regex("the bridge, 50th")})
+        for out, ok in [*cases, ("BRIDGEMBUS", False), ("brid", False), ("5", False), ("", True)]:
+            assert grammar.matches(out) == ok, (case, out)
+            assert CopyRule(case).allows("the bridge, 50th", out) == ok, (case, out)
 
 
 def test_an_input_with_too_many_words_is_not_constrained():
@@ -90,7 +96,7 @@ def test_an_input_with_too_many_words_is_not_constrained():
 def test_a_compiled_program_answers_with_words_of_its_input(tiny_program, tmp_path):
     art = paw_mlx.compile("Say the last word.", base=tiny_program, examples=LAST_WORD, options=FEWSHOT,
                           out_dir=tmp_path / "p")
-    assert art.copy_rule == CopyRule(False, ()) and art.selection["copy_rule"] == {"ignore_case": False, "shared": []}
+    assert art.copy_rule == CopyRule("exact", ()) and art.selection["copy_rule"] == {"case": "exact", "shared": []}
     f = paw_mlx.function(tmp_path / "p", base=tiny_program)
     assert f.copy_rule == art.copy_rule
     outputs = f(NEW)
@@ -120,9 +126,10 @@ def test_the_rule_is_written_and_read_back(tiny_program, tmp_path):
                     out_dir=tmp_path / "p")
     path = tmp_path / "p" / "program.json"
     meta = json.loads(path.read_text())
-    assert meta["version"] == 3 and meta["copy_rule"] == {"ignore_case": False, "shared": []}
-    assert read_artifact(tmp_path / "p").copy_rule == CopyRule(False, ())
-    for bad in ({"ignore_case": "no", "shared": []}, {"ignore_case": False, "shared": ["a b"]}, [], {"shared": []}):
+    assert meta["version"] == 3 and meta["copy_rule"] == {"case": "exact", "shared": []}
+    assert read_artifact(tmp_path / "p").copy_rule == CopyRule("exact", ())
+    for bad in ({"case": "title", "shared": []}, {"case": "exact", "shared": ["a b"]}, [], {"shared": []},
+                {"case": "any", "shared": [], "more": 1}):
         path.write_text(json.dumps(dict(meta, copy_rule=bad)))
         with pytest.raises(ArtifactError, match="copy_rule"):
             read_artifact(tmp_path / "p")
@@ -155,3 +162,16 @@ def test_paw_compile_says_when_it_holds_outputs_to_the_input(tiny_program, tmp_p
     said = "held to words of its own input" in run.stderr.replace("\n", " ")
     assert said == (flag is None)
     assert ("copy_rule" in json.loads((tmp_path / "p" / "program.json").read_text())) == (flag is None)
+
+
+def test_paw_chat_holds_a_program_reply_to_the_message_words(tiny_program, tmp_path):
+    from paw_mlx.chat import ChatSession
+
+    art = paw_mlx.compile("Say the last word.", base=tiny_program, examples=LAST_WORD, options=FEWSHOT,
+                          out_dir=tmp_path / "p")
+    session = ChatSession(interpreter(tiny_program), max_tokens=64)
+    session.use_program(tmp_path / "p")
+    for text in NEW:
+        reply = "".join(session.send(text))
+        assert reply == paw_mlx.function(tmp_path / "p", base=tiny_program)(text)
+        assert art.copy_rule.allows(text, reply)
