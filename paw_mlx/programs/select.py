@@ -26,8 +26,10 @@ of the folds' adapters (a bagged adapter: each was validated at its own best ste
 their mean generalized better on the dev tasks than one adapter retrained on all the
 examples); the other trained candidates train again on all the examples, for the mean of
 the folds' best step counts. The kept candidate has the highest held-out exact
-match; on a tie the untrained one wins (``PREFERENCE``): a trained candidate must beat
-the few-shot prefix, not equal it.
+match. On a tie a bagged LoRA wins (its program averages adapters fitted on every example
+between them, so its cross-validated score, each fold's adapter alone, understates it: kept
+on ties, the dev tasks' kept programs scored as well or better in every run since bagging),
+else the simpler candidate (``PREFERENCE``).
 """
 
 from __future__ import annotations
@@ -411,8 +413,8 @@ class Selection:
 
     @property
     def kept(self) -> str:
-        """The candidate with the highest held-out exact match (ties: ``PREFERENCE``)."""
-        return max(self.scores, key=lambda c: (self.scores[c].rate, -PREFERENCE.index(c)))
+        """The candidate with the highest held-out exact match (ties: a bagged LoRA, then ``PREFERENCE``)."""
+        return max(self.scores, key=lambda c: (self.scores[c].rate, self.bagged(c), -PREFERENCE.index(c)))
 
     def final_training(self, name: str) -> TrainOptions | None:
         """Training options for the rebuild: the folds' mean best step count (a bagged
@@ -519,7 +521,10 @@ def _reason(kept: str, scores: dict[str, CandidateScore]) -> str:
     others = [s for s in scores.values() if s.name != kept]
     text = f"{kept} has the most held-out exact matches ({best.correct}/{best.total})"
     ties = [s.name for s in others if s.rate == best.rate]
-    if ties:
+    if ties and best.adapters and kept in BAGGED:
+        text += (f"; tied with {', '.join(ties)}, the LoRA is kept: it is the mean of the folds' adapters, "
+                 "which scores above each fold's adapter alone")
+    elif ties:
         text += f"; tied with {', '.join(ties)}, the simpler candidate is kept"
     elif others:
         runner = max(others, key=lambda s: s.rate)

@@ -299,6 +299,19 @@ def test_ties_keep_the_simpler_candidate(builder):
     assert "next best fewshot (4/6)" in selection.report()["reason"]
 
 
+def test_a_tie_keeps_a_bagged_lora(builder):
+    """The mean of the folds' adapters is fitted on every example between them, so its
+    cross-validated score (each fold's adapter alone) understates it: it wins a tie."""
+    selection = Selection(builder.prog, builder, ROWS, QUICK)
+    one = LoraAdapter({"q": (np.zeros((2, 4), np.float32), np.zeros((4, 2), np.float32))}, 4.0)
+    selection.scores = {"fewshot": CandidateScore("fewshot", 4, 6),
+                        "lora": CandidateScore("lora", 4, 6, best_steps=[2, 4], adapters=[one, one])}
+    assert selection.kept == "lora"
+    assert "tied with fewshot, the LoRA is kept" in selection.report()["reason"]
+    selection.scores["lora"].adapters = []  # not bagged: the simpler candidate wins the tie
+    assert selection.kept == "fewshot"
+
+
 def test_compile_reports_candidates_and_scores_test_rows_last(tiny_program, tmp_path):
     rows = [dict(r, split="train") for r in ROWS[:4]] + [dict(r, split="test") for r in ROWS[4:]]
     seen = []
