@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interp.errors import ArtifactError, InputError, PawError, RequestError
+from interp.errors import ArtifactError, ConstraintError, InputError, PawError, RequestError
 from paw_mlx.engine.messages import normalize_messages
 from paw_mlx.runtime import LoadedProgram
 
@@ -133,7 +133,10 @@ class ServedModel:
             return None
         from paw_mlx.constrain import grammar_for
 
-        return grammar_for(self.base, {"regex": regex}, lead=self.output_lead, checked=False).start(required=False)
+        try:
+            return grammar_for(self.base, {"regex": regex}, lead=self.output_lead, checked=False).start(required=False)
+        except ConstraintError:  # a grammar the engine will not build: the request runs as without the rule
+            return None
 
     @property
     def output_lead(self) -> str:

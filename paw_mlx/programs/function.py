@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from interp.errors import ArtifactError, InputError, PawError
+from interp.errors import ArtifactError, ConstraintError, InputError, PawError
 from interp.lora import merged_model, with_adapters
 from interp.paths import DEFAULT_MODEL
 from paw_mlx.constrain import grammar_for
@@ -107,8 +107,11 @@ class ProgramFunction:
         regex = self.copy_rule.regex(text) if self.copy_rule is not None else None
         if regex is None:
             return None
-        grammar = grammar_for(self.base, {"regex": regex}, lead=self.artifact.layout.output_lead, checked=False)
-        return grammar.start(required=False)
+        try:
+            grammar = grammar_for(self.base, {"regex": regex}, lead=self.artifact.layout.output_lead, checked=False)
+            return grammar.start(required=False)
+        except ConstraintError:  # a grammar the engine will not build: the call runs as without the rule
+            return None
 
     def _generate(self, rows: list[list[int]], max_new_tokens: int | None,
                   texts: list[str] | None = None) -> tuple[list[list[int]], list[bool]]:
