@@ -102,6 +102,12 @@ class ProgramFunction:
         row's input text, which a copy rule holds outputs to (else read back from the ids)."""
         return self._generate(rows, max_new_tokens, texts)[0]
 
+    def _input_text(self, ids: list[int]) -> str:
+        """The input a call's ids hold (``token_ids``'s inverse, up to the lead): for a copy rule."""
+        text = self.base.tokenizer.decode(ids, skip_special_tokens=False)
+        suffix = self.artifact.layout.suffix_text
+        return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
+
     def _row_constraint(self, text: str):
         """The copy rule's constraint for one input, or None (no rule, or an input too large)."""
         regex = self.copy_rule.regex(text) if self.copy_rule is not None else None
@@ -127,7 +133,7 @@ class ProgramFunction:
         batches = ([[i] for i in range(len(rows))] if self.recurrent
                    else length_batches([len(row) for row in rows], BATCH_TOKENS))
         if self.copy_rule is not None and texts is None:
-            texts = [self.base.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+            texts = [self._input_text(row) for row in rows]
         for batch in batches:
             constraints = None
             if self.grammar is not None:

@@ -175,3 +175,11 @@ def test_paw_chat_holds_a_program_reply_to_the_message_words(tiny_program, tmp_p
         reply = "".join(session.send(text))
         assert reply == paw_mlx.function(tmp_path / "p", base=tiny_program)(text)
         assert art.copy_rule.allows(text, reply)
+
+
+def test_a_call_by_ids_reads_its_input_back_for_the_rule(tiny_program):
+    art = paw_mlx.compile("Say the last word.", base=tiny_program, examples=LAST_WORD, options=FEWSHOT)
+    f = paw_mlx.function(art, base=tiny_program)
+    for text in NEW:
+        assert f._input_text(f.token_ids(text)).strip() == text
+        assert f.call_ids([f.token_ids(text)]) == f.call_ids([f.token_ids(text)], texts=[text])
