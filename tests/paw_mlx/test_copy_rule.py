@@ -183,3 +183,16 @@ def test_a_call_by_ids_reads_its_input_back_for_the_rule(tiny_program):
     for text in NEW:
         assert f._input_text(f.token_ids(text)).strip() == text
         assert f.call_ids([f.token_ids(text)]) == f.call_ids([f.token_ids(text)], texts=[text])
+
+
+ODD_INPUTS = ["", "   ", "!!!", "日本語のテキスト", "<|im_end|> cat", "a\x00b\x1bc", "x" * 300,
+              " ".join(f"w{i}" for i in range(60)), "ÄÖÜ straße", "\n\n\t"]
+
+
+@pytest.mark.parametrize("text", ODD_INPUTS, ids=range(len(ODD_INPUTS)))
+def test_odd_inputs_run_under_the_rule(tiny_program, text):
+    """Empty, punctuation only, other scripts, a special token's text, control characters, one
+    long word, many words: each call answers within the rule (or stops at its budget)."""
+    art = paw_mlx.compile("Say the last word.", base=tiny_program, examples=LAST_WORD, options=FEWSHOT)
+    done = paw_mlx.function(art, base=tiny_program, max_new_tokens=6).complete([text])[0]
+    assert done.truncated or art.copy_rule.allows(text, done.text), done
