@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interp.errors import ArtifactError, ConstraintError, InputError, PawError, RequestError
+from interp.errors import ArtifactError, InputError, PawError, RequestError
 from paw_mlx.engine.messages import normalize_messages
 from paw_mlx.runtime import LoadedProgram
 
@@ -126,17 +126,12 @@ class ServedModel:
     def copy_constraint(self, inputs: Sequence[str]):
         """A compiled program's copy rule (``paw_mlx/programs/copy_rule.py``) for a request whose
         input texts are ``inputs`` (a completion's prompt, a conversation's user turns): a fresh
-        per-row constraint, or None (no rule, or inputs too large to constrain)."""
-        rule = self.artifact.copy_rule if self.artifact is not None and self.returns is None else None
-        regex = rule.regex("\n".join(inputs)) if rule is not None else None
-        if regex is None:
+        per-row constraint, or None."""
+        if self.artifact is None or self.returns is not None:
             return None
-        from paw_mlx.constrain import grammar_for
+        from paw_mlx.programs.copy_rule import copy_constraint
 
-        try:
-            return grammar_for(self.base, {"regex": regex}, lead=self.output_lead, checked=False).start(required=False)
-        except ConstraintError:  # a grammar the engine will not build: the request runs as without the rule
-            return None
+        return copy_constraint(self.artifact.copy_rule, self.base, "\n".join(inputs), self.output_lead)
 
     @property
     def output_lead(self) -> str:

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from interp.errors import ArtifactError
+from interp.errors import ArtifactError, ConstraintError
 
 #: the runs the rule is about: letters and digits, ASCII only, so that Python and the grammar
 #: engine agree on every character (other characters are free, never constrained)
@@ -147,3 +147,19 @@ def _case_of(rows: Sequence[dict]) -> str:
     if letters and letters == letters.lower():
         return "lower"
     return "any"
+
+
+def copy_constraint(rule: CopyRule | None, prog, input_text: str, lead: str = ""):
+    """A fresh constraint holding one output of ``prog`` (a loaded base) to ``rule`` for
+    ``input_text``, after the program's output ``lead``; None with no rule, an input too large
+    to constrain, or a grammar the engine will not build (the call then runs without it).
+    Not ``required``: an output its budget cuts mid-word is returned, as without the rule."""
+    regex = rule.regex(input_text) if rule is not None else None
+    if regex is None:
+        return None
+    from paw_mlx.constrain import grammar_for
+
+    try:
+        return grammar_for(prog, {"regex": regex}, lead=lead, checked=False).start(required=False)
+    except ConstraintError:
+        return None

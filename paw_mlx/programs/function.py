@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from interp.errors import ArtifactError, ConstraintError, InputError, PawError
+from interp.errors import ArtifactError, InputError, PawError
 from interp.lora import merged_model, with_adapters
 from interp.paths import DEFAULT_MODEL
 from paw_mlx.constrain import grammar_for
@@ -14,6 +14,7 @@ from paw_mlx.programs.adapter import LoraAdapter
 from paw_mlx.programs.artifact import ProgramArtifact, check_against_base, read_artifact
 from paw_mlx.programs.batch import ResidentPrefix, generate_batch, prefix_cache
 from paw_mlx.programs.compile import compile, input_ids
+from paw_mlx.programs.copy_rule import copy_constraint
 from paw_mlx.programs.interpreter import interpreter
 from paw_mlx.programs.recurrent_prefix import program_prefix
 from paw_mlx.runtime import LoadedProgram
@@ -108,17 +109,6 @@ class ProgramFunction:
         suffix = self.artifact.layout.suffix_text
         return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
 
-    def _row_constraint(self, text: str):
-        """The copy rule's constraint for one input, or None (no rule, or an input too large)."""
-        regex = self.copy_rule.regex(text) if self.copy_rule is not None else None
-        if regex is None:
-            return None
-        try:
-            grammar = grammar_for(self.base, {"regex": regex}, lead=self.artifact.layout.output_lead, checked=False)
-            return grammar.start(required=False)
-        except ConstraintError:  # a grammar the engine will not build: the call runs as without the rule
-            return None
-
     def _generate(self, rows: list[list[int]], max_new_tokens: int | None,
                   texts: list[str] | None = None) -> tuple[list[list[int]], list[bool]]:
         """``call_ids``'s outputs, and whether each ended by itself (not at the budget)."""
@@ -139,7 +129,8 @@ class ProgramFunction:
             if self.grammar is not None:
                 constraints = [self.grammar.start() for _ in batch]
             elif self.copy_rule is not None:
-                constraints = [self._row_constraint(texts[i]) for i in batch]
+                lead = self.artifact.layout.output_lead
+                constraints = [copy_constraint(self.copy_rule, self.base, texts[i], lead) for i in batch]
             batch_ended: list[bool] = []
             done = generate_batch(self.runner, self.artifact.prefix, [rows[i] for i in batch],
                                   max_new_tokens=max_new_tokens or self.max_new_tokens,
