@@ -77,7 +77,7 @@ def artifact_summary(path: str | Path, verify: bool = False) -> dict:
         "tuning": (artifact.tuning or {}).get("method", "none"),
         "adapter": artifact.adapter.summary() if artifact.adapter is not None else None,
         "returns": artifact.returns,
-        "copy_rule": artifact.copy_rule.metadata() if artifact.copy_rule is not None else None,
+        "copy_rule": artifact.copy_rule.describe() if artifact.copy_rule is not None else None,
         "kept": (artifact.selection or {}).get("kept"),
     }
     if verify:
@@ -153,10 +153,6 @@ def show_artifact(path: str | Path, verify: bool = False) -> None:
         console.print("verified: every file matches manifest.json")
 
 
-#: how a copy rule's case reads in a sentence (``paw_mlx/programs/copy_rule.py``)
-CASE_WORDS = {"exact": "", "any": " in any case", "upper": " in capitals", "lower": " in small letters"}
-
-
 def describe_contents(summary: dict) -> str:
     """One line of what a compiled program holds beside its spec: the candidate the compiler
     kept, its demonstrations, tuning, adapter and output constraint."""
@@ -165,8 +161,7 @@ def describe_contents(summary: dict) -> str:
              f"tuning: {summary['tuning']}",
              f"adapter: LoRA rank {adapter['rank']} on {adapter['modules']} modules" if adapter else "adapter: none",
              f"output constraint: {json.dumps(returns)}" if returns else "output constraint: none"]
-    if rule := summary.get("copy_rule"):
-        parts.append("outputs held to words of the input" + CASE_WORDS.get(rule["case"], "")
-                     + (f" and {', '.join(rule['shared'])}" if rule["shared"] else "") + " (copy rule)")
+    if summary.get("copy_rule"):
+        parts.append(f"each output {summary['copy_rule']} (copy rule)")
     kept = f"kept candidate: {summary['kept']}; " if summary["kept"] else ""
     return kept + "; ".join(parts)

@@ -164,14 +164,12 @@ def print_selection(info: dict | None) -> None:
     if info.get("leads"):
         console.print(f"its {' and '.join(info['leads'])} follow a space, as words do in running text, where that "
                       "spells them in fewer tokens (docs/programs.md, \"Leads\")")
-    if isinstance(rule := info.get("copy_rule"), dict):
-        from apps.inspect_view import CASE_WORDS
+    if info.get("copy_rule"):
+        from paw_mlx.programs.copy_rule import CopyRule
 
-        case = CASE_WORDS.get(str(rule.get("case")), "")
-        shared = f" (and {', '.join(map(str, rule.get('shared') or []))})" if rule.get("shared") else ""
-        console.print(f"every example answers with words of its input, so every call's output is held to "
-                      f"words of its own input{case}{shared} (docs/programs.md, \"The copy rule\"; "
-                      "--no-copy-rule: never)")
+        rule = CopyRule.from_metadata(info["copy_rule"], "the compile report")
+        console.print(f"every example answers with words of its input, so every call's output is {rule.describe()} "
+                      "(docs/programs.md, \"The copy rule\"; --no-copy-rule: never)")
     for line in selection_notes(info):
         console.print(f"note: {line}")
     if "test" in info:

@@ -268,14 +268,14 @@ class ChatSession:
         self.stats = GenerationStats()
         self.prompt_tokens, self.prefilled, self.generated = total, len(ids), 0
         self._turn_length = total
-        return self._program_stream(function, ids, stop)
+        return self._program_stream(function, ids, text, stop)
 
-    def _program_stream(self, function, ids: list[int], stop: threading.Event | None) -> Iterator[str]:
+    def _program_stream(self, function, ids: list[int], text: str, stop: threading.Event | None) -> Iterator[str]:
         budget = min(function.max_new_tokens, self.max_tokens, self.context_size - self._turn_length)
         produced: list[int] = []
         try:
             if function.grammar is not None or function.copy_rule is not None:  # constrained: one whole call
-                tokens: Iterator[int] = iter(function.call_ids([ids], texts=[self.messages[-1]["content"]])[0])
+                tokens: Iterator[int] = iter(function.call_ids([ids], texts=[text])[0])
             else:
                 tokens = stream_tokens(function.runner, ids, max_tokens=budget,
                                        temperature=function.artifact.generation.temperature,

@@ -27,6 +27,7 @@ from interp.errors import PawError
 from interp.sampling import SamplingParams
 from interp.tokenizer import TEMPLATE_RESERVED
 from paw_mlx.engine import GenerationRequest, ServedModel
+from paw_mlx.engine.models import user_texts
 
 
 @dataclass
@@ -130,12 +131,8 @@ def _prepare(body: ChatCompletionRequest | CompletionRequest, model: ServedModel
     forced = {"lark": tools.grammar} if tools is not None and tools.grammar else None
     make_constraint = _constraint(body.response_format, model, forced)
     copy_inputs = None
-    if make_constraint is None and model.is_program and model.artifact.copy_rule is not None:
-        if chat:
-            copy_inputs = [[m["content"] for m in messages
-                            if m.get("role") == "user" and isinstance(m["content"], str)]]
-        else:
-            copy_inputs = [[t] for t in texts]
+    if make_constraint is None and model.copy_rule is not None:
+        copy_inputs = [user_texts(messages)] if chat else [[t] for t in texts]
     reply = plan_reply(tools, model.base.tokenizer, prompts[0], make_constraint is not None) if chat else None
     return Prepared(model, prompts, budgets, sampling, body.n or 1, stop, logprobs, make_constraint=make_constraint,
                     echo=texts if (not chat and body.echo) else None, tools=tools, reply=reply,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from interp.sampling import SamplingParams
 from paw_mlx.engine.engine import Engine, EngineConfig
-from paw_mlx.engine.models import ModelCatalog, ServedModel
+from paw_mlx.engine.models import ModelCatalog, ServedModel, user_texts
 from paw_mlx.engine.requests import GenerationRequest, RequestHandle, TokenEvent
 from paw_mlx.engine.text import TextStream
 
@@ -46,10 +46,8 @@ def complete(engine: Engine, model: ServedModel, prompt: str | Sequence[int] | N
         from paw_mlx.constrain import grammar_for
 
         constraint = grammar_for(model.base, model.returns, lead=model.output_lead).start()
-    elif constraint is None and model.is_program:  # its copy rule, if it has one, on this request's input
-        inputs = ([m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
-                  if messages is not None else [prompt] if isinstance(prompt, str) else [])
-        constraint = model.copy_constraint(inputs)
+    elif constraint is None and model.copy_rule is not None:  # a compiled program's copy rule, on this input
+        constraint = model.copy_constraint(user_texts(messages) if messages is not None else [str(prompt)])
     budget = max_tokens or model.default_max_tokens or 256
     if sampling is None:
         sampling = SamplingParams(temperature=model.default_temperature)

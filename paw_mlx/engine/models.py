@@ -123,15 +123,18 @@ class ServedModel:
         """A compiled program's stored output constraint (``paw compile --returns``), if any."""
         return self.artifact.returns if self.artifact is not None else None
 
+    @property
+    def copy_rule(self):
+        """A compiled program's copy rule (``paw_mlx/programs/copy_rule.py``), where its stored
+        ``returns`` does not replace it; else None."""
+        return self.artifact.copy_rule if self.artifact is not None and self.returns is None else None
+
     def copy_constraint(self, inputs: Sequence[str]):
-        """A compiled program's copy rule (``paw_mlx/programs/copy_rule.py``) for a request whose
-        input texts are ``inputs`` (a completion's prompt, a conversation's user turns): a fresh
-        per-row constraint, or None."""
-        if self.artifact is None or self.returns is not None:
-            return None
+        """The copy rule's fresh per-row constraint for a request whose input texts are ``inputs``
+        (a completion's prompt, a conversation's user turns: ``user_texts``), or None."""
         from paw_mlx.programs.copy_rule import copy_constraint
 
-        return copy_constraint(self.artifact.copy_rule, self.base, "\n".join(inputs), self.output_lead)
+        return copy_constraint(self.copy_rule, self.base, "\n".join(inputs), self.output_lead)
 
     @property
     def output_lead(self) -> str:
@@ -324,3 +327,9 @@ def _prefix_state(base: LoadedProgram, artifact):
     from paw_mlx.programs.recurrent_prefix import program_prefix
 
     return program_prefix(base, artifact).build()
+
+
+def user_texts(messages: Sequence[dict]) -> list[str]:
+    """The text of a conversation's user turns: a compiled program's inputs, which its copy rule
+    holds a reply to."""
+    return [m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]

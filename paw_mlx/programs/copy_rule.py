@@ -69,6 +69,12 @@ class CopyRule:
                                 "[letter or digit runs]}")
         return cls(meta["case"], tuple(meta["shared"]))
 
+    def describe(self) -> str:
+        """What the rule does to an output, in words (``paw compile`` and ``paw inspect`` say it)."""
+        case = {"exact": "", "any": " in any case", "upper": " in capitals", "lower": " in small letters"}[self.case]
+        shared = f" (and {', '.join(self.shared)})" if self.shared else ""
+        return f"held to words of its own input{case}{shared}"
+
     def _key(self, run: str) -> str:
         return run if self.case == "exact" else run.lower()
 

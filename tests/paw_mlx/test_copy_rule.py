@@ -196,3 +196,12 @@ def test_odd_inputs_run_under_the_rule(tiny_program, text):
     art = paw_mlx.compile("Say the last word.", base=tiny_program, examples=LAST_WORD, options=FEWSHOT)
     done = paw_mlx.function(art, base=tiny_program, max_new_tokens=6).complete([text])[0]
     assert done.truncated or art.copy_rule.allows(text, done.text), done
+
+
+def test_paw_inspect_shows_the_rule(tiny_program, tmp_path):
+    paw_mlx.compile("Upper.", base=tiny_program, examples=rows([(w, w.upper()) for w in ["cat", "dog", "sun", "red"]]),
+                    options=FEWSHOT, out_dir=tmp_path / "p")
+    run = subprocess.run([sys.executable, "-m", "apps.cli", "inspect", str(tmp_path / "p")], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert "each output held to words of its own input in capitals (copy rule)" in " ".join(run.stdout.split())
