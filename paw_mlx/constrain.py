@@ -280,7 +280,7 @@ def compile_returns(returns: Any, tokenizer: Any, vocab_size: int, *,
     the CLI's forms. EOS ids default to the tokenizer's. Raises ``ConstraintError`` (a
     ``PawError``) on an invalid spec, regex or schema. ``lead`` is text every output starts
     with before what ``returns`` describes (a compiled program's output lead). ``checked=False``
-    skips validating the grammar and checking that it admits an output (half the cost), for a
+    skips validating the grammar and checking that it admits an output, for a
     grammar paw writes itself for every call (a program's copy rule).
     """
     import llguidance

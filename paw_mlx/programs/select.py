@@ -27,9 +27,9 @@ their mean generalized better on the dev tasks than one adapter retrained on all
 examples); the other trained candidates train again on all the examples, for the mean of
 the folds' best step counts. The kept candidate has the highest held-out exact
 match. On a tie a bagged LoRA wins (its program averages adapters fitted on every example
-between them, so its cross-validated score, each fold's adapter alone, understates it: kept
-on ties, the dev tasks' kept programs scored as well or better in every run since bagging),
-else the simpler candidate (``PREFERENCE``).
+between them, so its cross-validated score, each fold's adapter alone, understates it;
+measured in docs/programs.md, "Choosing the defaults"), else the simpler candidate
+(``PREFERENCE``).
 """
 
 from __future__ import annotations
